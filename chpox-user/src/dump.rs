@@ -1,0 +1,260 @@
+//! `chpox dump`: freeze a process, write its image, let it go.
+//!
+//! Order matters for three promises:
+//! - nothing is touched before every check that can fail cheaply has passed
+//!   (the PID, the output path, unsupported descriptors);
+//! - the target is frozen only while its state is read: the image is
+//!   finished (fsync, rename) after it runs again, unless it is to be killed;
+//! - a target is killed only once its image is safely on disk.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, info};
+
+use crate::error::{Error, Result};
+use crate::fds::{self, UnsupportedFd};
+use crate::files::FileTable;
+use crate::image::model::{AfterDump, HostInfo, Metadata, SignalState, Vma, VmaKind};
+use crate::image::{ImageWriter, WriteOptions};
+use crate::memory::{self, PAGE_SIZE, PageDumper};
+use crate::ptrace::Frozen;
+use crate::remote::{self, RemoteThread};
+use crate::{process, registers, signals, threads};
+
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub output: PathBuf,
+    pub after: AfterDump,
+    pub compress: bool,
+    pub embed_exe: bool,
+    pub embed_libs: Vec<PathBuf>,
+    pub embed_all_libs: bool,
+    pub unsupported_fd: UnsupportedFd,
+}
+
+impl DumpOptions {
+    pub fn new(output: impl Into<PathBuf>) -> Self {
+        DumpOptions {
+            output: output.into(),
+            after: AfterDump::LeaveRunning,
+            compress: false,
+            embed_exe: false,
+            embed_libs: Vec::new(),
+            embed_all_libs: false,
+            unsupported_fd: UnsupportedFd::Fail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DumpReport {
+    pub pid: i32,
+    pub comm: String,
+    pub image: PathBuf,
+    pub image_bytes: u64,
+    pub pages_stored: u64,
+    pub threads: usize,
+    pub vmas: usize,
+    /// Resident memory of the process at dump time (sum of present pages).
+    pub resident_bytes: u64,
+    pub frozen: Duration,
+    pub total: Duration,
+}
+
+/// Dump `pid` to `opts.output`.
+pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
+    let started = Instant::now();
+    process::check_dumpable(pid)?;
+    for lib in &opts.embed_libs {
+        std::fs::metadata(lib).map_err(|source| Error::File {
+            path: lib.display().to_string(),
+            source,
+        })?;
+    }
+    let owner = process::owner(pid)?;
+    let mut writer = ImageWriter::create(
+        &opts.output,
+        WriteOptions {
+            compress: opts.compress,
+            owner: Some(owner),
+        },
+    )?;
+
+    let frozen = Frozen::freeze(pid)?;
+    let frozen_at = Instant::now();
+    let captured = capture(&frozen, opts, &mut writer)?;
+    let meta = captured.meta;
+
+    let (image_bytes, frozen_for) = match opts.after {
+        AfterDump::LeaveRunning => {
+            frozen.resume();
+            let frozen_for = frozen_at.elapsed();
+            (writer.finish(&meta)?, frozen_for)
+        }
+        AfterDump::LeaveStopped => {
+            frozen.leave_stopped();
+            let frozen_for = frozen_at.elapsed();
+            (writer.finish(&meta)?, frozen_for)
+        }
+        AfterDump::Kill => {
+            // If finishing fails, `frozen` is dropped on the error path and
+            // the process runs on: no checkpoint, but nothing lost.
+            let bytes = writer.finish(&meta)?;
+            frozen.kill();
+            (bytes, frozen_at.elapsed())
+        }
+    };
+    let report = DumpReport {
+        pid,
+        comm: meta.process.comm.clone(),
+        image: opts.output.clone(),
+        image_bytes,
+        pages_stored: captured.pages_stored,
+        threads: meta.threads.len(),
+        vmas: meta.vmas.len(),
+        resident_bytes: captured.resident_pages * PAGE_SIZE,
+        frozen: frozen_for,
+        total: started.elapsed(),
+    };
+    info!(
+        pid,
+        image = %report.image.display(),
+        bytes = report.image_bytes,
+        frozen_ms = report.frozen.as_secs_f64() * 1e3,
+        total_ms = report.total.as_secs_f64() * 1e3,
+        "checkpoint written"
+    );
+    Ok(report)
+}
+
+struct Captured {
+    meta: Metadata,
+    pages_stored: u64,
+    resident_pages: u64,
+}
+
+/// Read everything while the process is frozen; bulk data goes to `writer`.
+fn capture(frozen: &Frozen, opts: &DumpOptions, writer: &mut ImageWriter) -> Result<Captured> {
+    let pid = frozen.pid();
+    // Descriptors first: an unsupported one fails the dump before the
+    // expensive part.
+    let fds = fds::dump_fds(pid, opts.unsupported_fd, writer)?;
+    let mut info = process::dump_proc_info(pid)?;
+    let tids = frozen.tids();
+    let mut thread_states = tids
+        .iter()
+        .map(|&tid| threads::dump_thread(pid, tid))
+        .collect::<Result<Vec<_>>>()?;
+    let shared_pending = signals::dump_shared_pending(pid)?;
+
+    // Remote syscalls: dispositions, brk, rlimits, personality in the
+    // leader; the alternate stack in every thread.
+    let syscall_ip = remote::find_syscall_insn(pid)?;
+    let actions = {
+        let mut leader = RemoteThread::borrow(frozen, pid, syscall_ip)?;
+        let scratch_len = PAGE_SIZE;
+        let scratch = leader.map_scratch(scratch_len)?;
+        let actions = signals::dump_actions(&mut leader, scratch)?;
+        process::dump_remote_state(&mut info, &mut leader, scratch)?;
+        for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
+            state.sigaltstack = if *tid == pid {
+                signals::dump_altstack(&mut leader, scratch)?
+            } else {
+                let mut thread = RemoteThread::borrow(frozen, *tid, syscall_ip)?;
+                let stack = signals::dump_altstack(&mut thread, scratch)?;
+                thread.give_back()?;
+                stack
+            };
+        }
+        leader.unmap(scratch, scratch_len)?;
+        leader.give_back()?;
+        actions
+    };
+
+    // The address space, now that our scratch page is gone again.
+    let maps = memory::read_maps(pid)?;
+    let mut files = FileTable::new(pid);
+    info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
+    info.exe_file = Some(files.add_exe(&info.exe)?);
+    let mut pages = PageDumper::new(pid)?;
+    let mut vmas = Vec::with_capacity(maps.len());
+    let mut resident_pages = 0u64;
+    for map in &maps {
+        let kind = map.kind();
+        let file = match kind {
+            VmaKind::PrivateFile | VmaKind::SharedFile => Some(files.add_mapping(map)?),
+            _ => None,
+        };
+        let stored = if kind.is_special() || map.is_device_memory() {
+            Vec::new()
+        } else {
+            let pagemap = pages.pagemap(map.start, map.end)?;
+            resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
+            let runs = memory::select_runs(kind, map.start, &pagemap);
+            pages.dump_runs(&runs, writer)?
+        };
+        debug!(
+            start = map.start,
+            end = map.end,
+            ?kind,
+            runs = stored.len(),
+            "vma"
+        );
+        vmas.push(Vma {
+            start: map.start,
+            end: map.end,
+            read: map.read,
+            write: map.write,
+            exec: map.exec,
+            shared: map.shared,
+            offset: map.offset,
+            name: map.display_name(),
+            kind,
+            file,
+            vm_flags: map.vm_flags.clone(),
+            pages: stored,
+        });
+    }
+
+    for lib in &opts.embed_libs {
+        let index = match files.find(lib) {
+            Some(i) => i,
+            None => files.add_library(lib)?,
+        };
+        files.embed(index, writer)?;
+    }
+    files.embed_requested(writer, opts.embed_exe, opts.embed_all_libs)?;
+
+    let (xfeatures, xsave_size) = registers::host_xfeatures();
+    let meta = Metadata {
+        chpox_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+        host: HostInfo {
+            hostname: process::hostname(),
+            kernel_release: process::kernel_release(),
+            cpu_model: process::cpu_model(),
+            xfeatures,
+            xsave_size,
+            page_size: PAGE_SIZE,
+        },
+        process: info,
+        threads: thread_states,
+        vmas,
+        files: files.files,
+        fds,
+        signals: SignalState {
+            actions,
+            shared_pending,
+        },
+        after_dump: opts.after,
+    };
+    Ok(Captured {
+        meta,
+        pages_stored: pages.pages_stored,
+        resident_pages,
+    })
+}

@@ -1,0 +1,189 @@
+//! Open file descriptors: regular files (path, flags, offset; content too if
+//! deleted), directories, character devices, terminals.
+//!
+//! Kinds chpox cannot restore yet (pipes, sockets, eventfd, epoll, …) fail
+//! the dump, naming each one, unless the user asks for them to come back as
+//! /dev/null. A checkpoint that silently drops a pipe is worse than none.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use crate::error::{Error, Result, parse_err, read_proc};
+use crate::image::ImageWriter;
+use crate::image::model::{FdEntry, FdKind};
+
+/// What to do with a descriptor of a kind chpox cannot restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnsupportedFd {
+    #[default]
+    Fail,
+    /// Record it, and restore /dev/null in its place.
+    Null,
+}
+
+/// The `pos:` and `flags:` lines of /proc/PID/fdinfo/N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdInfo {
+    pub pos: u64,
+    pub flags: u32,
+}
+
+pub fn parse_fdinfo(text: &str, path: &str) -> Result<FdInfo> {
+    let mut pos = None;
+    let mut flags = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("pos:") {
+            pos = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("flags:") {
+            // Octal, as open(2) flags are usually written.
+            flags = u32::from_str_radix(v.trim(), 8).ok();
+        }
+    }
+    match (pos, flags) {
+        (Some(pos), Some(flags)) => Ok(FdInfo { pos, flags }),
+        _ => Err(parse_err(path, "missing pos: or flags:")),
+    }
+}
+
+/// Terminal character devices by major number: the ones restore must hand
+/// to the restorer's terminal rather than reopen by path.
+pub fn is_terminal_major(major: u32) -> bool {
+    // 4: tty0.. and ttyS; 5: /dev/tty, /dev/console, /dev/ptmx; 136–143: pts.
+    major == 4 || major == 5 || (136..=143).contains(&major)
+}
+
+fn open_fd_numbers(pid: i32) -> Result<Vec<i32>> {
+    let path = format!("/proc/{pid}/fd");
+    let dir = std::fs::read_dir(&path).map_err(|source| Error::Proc {
+        path: path.clone(),
+        source,
+    })?;
+    let mut fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    Ok(fds)
+}
+
+/// Every descriptor of `pid`. Deleted regular files get their content
+/// written to `writer`.
+pub fn dump_fds(pid: i32, policy: UnsupportedFd, writer: &mut ImageWriter) -> Result<Vec<FdEntry>> {
+    let mut entries = Vec::new();
+    let mut unsupported = Vec::new();
+    for fd in open_fd_numbers(pid)? {
+        let link_path = format!("/proc/{pid}/fd/{fd}");
+        let Ok(target) = std::fs::read_link(&link_path) else {
+            // Closed since we listed the directory: not part of the state.
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let info_path = format!("/proc/{pid}/fdinfo/{fd}");
+        let info = parse_fdinfo(&read_proc(&info_path)?, &info_path)?;
+        let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
+        let meta = std::fs::metadata(&link_path).ok();
+        let kind = match &meta {
+            Some(m) if m.file_type().is_file() => {
+                let deleted = target.ends_with(" (deleted)") || m.nlink() == 0;
+                let embedded = if deleted {
+                    Some(embed_open_file(&link_path, writer)?)
+                } else {
+                    None
+                };
+                Some(FdKind::RegularFile {
+                    path: target.trim_end_matches(" (deleted)").to_string(),
+                    pos: info.pos,
+                    embedded,
+                    dev: m.dev(),
+                    ino: m.ino(),
+                })
+            }
+            Some(m) if m.file_type().is_dir() => Some(FdKind::Directory {
+                path: target.clone(),
+            }),
+            Some(m) if m.file_type().is_char_device() => {
+                let rdev = m.rdev();
+                if is_terminal_major(libc::major(rdev)) {
+                    Some(FdKind::Terminal {
+                        path: target.clone(),
+                        rdev,
+                    })
+                } else {
+                    Some(FdKind::CharDevice {
+                        path: target.clone(),
+                        rdev,
+                    })
+                }
+            }
+            _ => None,
+        };
+        let kind = match (kind, policy) {
+            (Some(k), _) => k,
+            (None, UnsupportedFd::Null) => FdKind::ReplacedByNull { was: target },
+            (None, UnsupportedFd::Fail) => {
+                unsupported.push(format!("fd {fd} ({target})"));
+                continue;
+            }
+        };
+        entries.push(FdEntry {
+            fd,
+            flags: info.flags,
+            cloexec,
+            kind,
+        });
+    }
+    if !unsupported.is_empty() {
+        return Err(Error::UnsupportedFds(unsupported.join(", ")));
+    }
+    Ok(entries)
+}
+
+/// Copy a deleted-but-open file's content, through the process's own
+/// descriptor (the only name the file still has).
+fn embed_open_file(
+    link_path: &str,
+    writer: &mut ImageWriter,
+) -> Result<crate::image::model::DataRef> {
+    let err = |source| Error::File {
+        path: link_path.to_string(),
+        source,
+    };
+    let mut f = File::open(link_path).map_err(err)?;
+    let mut buf = vec![0u8; 1 << 20];
+    writer.begin_data()?;
+    loop {
+        let n = f.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        writer.write_data(&buf[..n])?;
+    }
+    Ok(writer.end_data()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fdinfo_is_parsed() {
+        let text = "pos:\t123\nflags:\t02100002\nmnt_id:\t25\nino:\t42\n";
+        let info = parse_fdinfo(text, "t").expect("parses");
+        assert_eq!(info.pos, 123);
+        assert_eq!(info.flags, 0o2100002);
+        assert!(info.flags & libc::O_CLOEXEC as u32 != 0);
+        assert!(info.flags & libc::O_RDWR as u32 != 0);
+    }
+
+    #[test]
+    fn fdinfo_without_pos_is_an_error() {
+        assert!(parse_fdinfo("flags: 0\n", "t").is_err());
+    }
+
+    #[test]
+    fn pts_and_console_are_terminals() {
+        assert!(is_terminal_major(136));
+        assert!(is_terminal_major(5));
+        assert!(!is_terminal_major(1)); // /dev/null, /dev/zero
+    }
+}

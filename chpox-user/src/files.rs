@@ -1,0 +1,215 @@
+//! Files the memory depends on: the executable and every mapped file (the
+//! "libraries" of old chpox).
+//!
+//! Each gets an identity (device, inode, size, mtime, BLAKE3 of the content)
+//! so restore can refuse a file that changed since the checkpoint, naming
+//! it. A file can also be embedded whole, so the image restores on a host
+//! whose files differ; deleted files are always embedded, since nothing else
+//! holds their content.
+//!
+//! Content is read through `/proc/PID/map_files/` when we may (it reaches the
+//! very file mapped, even deleted or in another mount namespace), else by
+//! path.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use crate::error::{Error, Result};
+use crate::image::ImageWriter;
+use crate::image::model::{FileRef, FileRole};
+use crate::memory::MapEntry;
+
+/// What identifies a file's content without reading it: if all of these
+/// match, the cached hash is still right.
+type ContentKey = (u64, u64, u64, i64, i64);
+
+/// Hashes of files seen before. The agent checkpoints the same process
+/// again and again, and its libraries do not change between checkpoints.
+fn hash_cache() -> &'static Mutex<HashMap<ContentKey, String>> {
+    static CACHE: OnceLock<Mutex<HashMap<ContentKey, String>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn file_err(path: &Path, source: std::io::Error) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The content hash recorded for files (BLAKE3, hex).
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    );
+    if let Ok(cache) = hash_cache().lock()
+        && let Some(h) = cache.get(&key)
+    {
+        return Ok(h.clone());
+    }
+    let mut file = File::open(path).map_err(|e| file_err(path, e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| file_err(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hex = hasher.finalize().to_hex().to_string();
+    if let Ok(mut cache) = hash_cache().lock() {
+        cache.insert(key, hex.clone());
+    }
+    Ok(hex)
+}
+
+/// The files of one process, deduplicated by (device, inode).
+pub struct FileTable {
+    pid: i32,
+    pub files: Vec<FileRef>,
+    /// Where to read each file's content from (a map_files link or a path).
+    sources: Vec<PathBuf>,
+    by_id: HashMap<(u64, u64), usize>,
+}
+
+impl FileTable {
+    pub fn new(pid: i32) -> Self {
+        FileTable {
+            pid,
+            files: Vec::new(),
+            sources: Vec::new(),
+            by_id: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, path: &str, source: PathBuf, role: FileRole, deleted: bool) -> Result<usize> {
+        let meta = std::fs::metadata(&source).map_err(|e| file_err(&source, e))?;
+        if let Some(&i) = self.by_id.get(&(meta.dev(), meta.ino())) {
+            // The executable is also mapped; the stronger role wins.
+            if role == FileRole::Executable {
+                self.files[i].role = role;
+            }
+            return Ok(i);
+        }
+        let blake3 = hash_file(&source, &meta)?;
+        self.files.push(FileRef {
+            path: path.to_string(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            mode: meta.mode(),
+            blake3,
+            deleted,
+            role,
+            embedded: None,
+        });
+        self.sources.push(source);
+        self.by_id
+            .insert((meta.dev(), meta.ino()), self.files.len() - 1);
+        Ok(self.files.len() - 1)
+    }
+
+    /// Register the file behind a file-backed mapping; returns its index.
+    pub fn add_mapping(&mut self, map: &MapEntry) -> Result<usize> {
+        let link = PathBuf::from(format!(
+            "/proc/{}/map_files/{:x}-{:x}",
+            self.pid, map.start, map.end
+        ));
+        // map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE; a user
+        // dumping their own process reads by path instead.
+        let source = if std::fs::metadata(&link).is_ok() {
+            link
+        } else {
+            PathBuf::from(&map.path)
+        };
+        self.add(&map.path, source, FileRole::Mapped, map.deleted)
+    }
+
+    /// Register the executable (`/proc/PID/exe`).
+    pub fn add_exe(&mut self, exe_path: &str) -> Result<usize> {
+        let deleted = exe_path.ends_with(" (deleted)");
+        let path = exe_path.trim_end_matches(" (deleted)");
+        let source = PathBuf::from(format!("/proc/{}/exe", self.pid));
+        self.add(path, source, FileRole::Executable, deleted)
+    }
+
+    /// Register a file named for embedding that the process may not map.
+    pub fn add_library(&mut self, path: &Path) -> Result<usize> {
+        let canonical = std::fs::canonicalize(path).map_err(|e| file_err(path, e))?;
+        let shown = canonical.to_string_lossy().into_owned();
+        self.add(&shown, canonical, FileRole::Library, false)
+    }
+
+    /// Index of the file at `path` (by identity), if registered.
+    pub fn find(&self, path: &Path) -> Option<usize> {
+        let meta = std::fs::metadata(path).ok()?;
+        self.by_id.get(&(meta.dev(), meta.ino())).copied()
+    }
+
+    /// Put the content of file `index` into the image.
+    pub fn embed(&mut self, index: usize, writer: &mut ImageWriter) -> Result<()> {
+        let (Some(file), Some(source)) = (self.files.get_mut(index), self.sources.get(index))
+        else {
+            return Ok(());
+        };
+        if file.embedded.is_some() {
+            return Ok(());
+        }
+        let mut f = File::open(source).map_err(|e| file_err(source, e))?;
+        let mut buf = vec![0u8; 4 << 20];
+        writer.begin_data()?;
+        let mut total = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| file_err(source, e))?;
+            if n == 0 {
+                break;
+            }
+            writer.write_data(&buf[..n])?;
+            total += n as u64;
+        }
+        let data = writer.end_data()?;
+        if total != file.size {
+            return Err(Error::Other(format!(
+                "{} changed size while being embedded ({} → {total} bytes); retry the dump",
+                file.path, file.size
+            )));
+        }
+        file.embedded = Some(data);
+        Ok(())
+    }
+
+    /// Embed every file that must be: deleted ones always; the executable,
+    /// listed libraries or all mapped files when asked.
+    pub fn embed_requested(
+        &mut self,
+        writer: &mut ImageWriter,
+        embed_exe: bool,
+        embed_all: bool,
+    ) -> Result<()> {
+        for i in 0..self.files.len() {
+            let f = &self.files[i];
+            let wanted = f.deleted
+                || embed_all
+                || f.role == FileRole::Library
+                || (embed_exe && f.role == FileRole::Executable);
+            if wanted {
+                self.embed(i, writer)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,379 @@
+//! What a checkpoint image says about a process.
+//!
+//! These structs are serialized as CBOR with named fields. To keep old images
+//! readable as the schema grows: add fields only with `#[serde(default)]`,
+//! never rename or repurpose a field, and add enum variants only at the end.
+//! Unknown fields written by a newer chpox are ignored on read.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a piece of bulk data (pages, an embedded file) lies in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRef {
+    /// Byte offset from the start of the image; always a multiple of 4096.
+    pub offset: u64,
+    /// Bytes as stored (after compression, if any).
+    pub stored_len: u64,
+    /// Bytes once decompressed.
+    pub raw_len: u64,
+    /// CRC-32C of the stored bytes.
+    pub crc32c: u32,
+    pub compression: Compression,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+/// Everything except bulk data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metadata {
+    pub chpox_version: String,
+    /// Wall-clock time of the checkpoint, nanoseconds since the Unix epoch.
+    pub created_unix_ns: u64,
+    pub host: HostInfo,
+    pub process: ProcessInfo,
+    pub threads: Vec<ThreadState>,
+    pub vmas: Vec<Vma>,
+    /// Files the memory and the process depend on; `Vma::file` and
+    /// `ProcessInfo::exe_file` index into this.
+    pub files: Vec<FileRef>,
+    pub fds: Vec<FdEntry>,
+    pub signals: SignalState,
+    /// How the dump left the process: running, stopped or killed.
+    pub after_dump: AfterDump,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AfterDump {
+    LeaveRunning,
+    LeaveStopped,
+    Kill,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub kernel_release: String,
+    pub cpu_model: String,
+    /// XCR0 of the dumping CPU: which XSAVE state components were enabled.
+    /// A restoring CPU must enable at least the components the threads use.
+    pub xfeatures: u64,
+    /// Size in bytes of the XSAVE area for `xfeatures` (CPUID 0xD.0:EBX).
+    pub xsave_size: u32,
+    pub page_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+    /// Path of the executable as the kernel names it (`/proc/PID/exe`).
+    pub exe: String,
+    /// Index into `Metadata::files` of the executable.
+    pub exe_file: Option<usize>,
+    pub cwd: String,
+    pub umask: u32,
+    pub personality: u32,
+    pub creds: Credentials,
+    pub rlimits: Vec<Rlimit>,
+    pub sched: Scheduling,
+    pub mm: MmFields,
+    /// The ELF auxiliary vector as (type, value) pairs, without the AT_NULL end.
+    pub auxv: Vec<(u64, u64)>,
+    /// Process start time in clock ticks since boot; with the PID this
+    /// identifies one incarnation of the process.
+    pub start_time_ticks: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credentials {
+    /// real, effective, saved, filesystem
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// `RLIMIT_*` number.
+    pub resource: u32,
+    pub name: String,
+    /// `u64::MAX` is RLIM_INFINITY.
+    pub soft: u64,
+    pub hard: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scheduling {
+    pub nice: i32,
+    pub policy: i32,
+    pub priority: i32,
+}
+
+/// The memory-map fields the kernel keeps per process; `PR_SET_MM_MAP` sets
+/// them back on restore.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThreadState {
+    pub tid: i32,
+    pub regs: GpRegs,
+    /// The XSAVE area from `PTRACE_GETREGSET NT_X86_XSTATE`, exactly as the
+    /// kernel gave it (legacy FXSAVE region, header, extended components).
+    #[serde(with = "serde_bytes")]
+    pub xsave: Vec<u8>,
+    /// Blocked signals, bit N-1 for signal N.
+    pub sigmask: u64,
+    pub syscall: SyscallState,
+    pub sigaltstack: Option<AltStack>,
+    /// Signals queued for this thread alone, as raw 128-byte siginfo.
+    pub pending: Vec<PendingSignal>,
+    pub rseq: Option<Rseq>,
+    pub comm: String,
+}
+
+/// The general registers, in the kernel's `user_regs_struct` order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpRegs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+/// Whether a thread was stopped inside a system call, and how the kernel
+/// would have continued it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyscallState {
+    /// Stopped in user code.
+    None,
+    /// Inside syscall `nr`, which the kernel would restart on resume.
+    /// `restart` is the `-ERESTART*` code found in rax.
+    Restartable { nr: u64, restart: RestartKind },
+    /// Inside syscall `nr` that already has its result in rax.
+    Completed { nr: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartKind {
+    /// -ERESTARTSYS (512): restart unless a handler without SA_RESTART ran.
+    Sys,
+    /// -ERESTARTNOINTR (513): always restart.
+    NoIntr,
+    /// -ERESTARTNOHAND (514): restart if no handler ran.
+    NoHand,
+    /// -ERESTART_RESTARTBLOCK (516): continue through `restart_syscall`
+    /// (sleeps that track their remaining time: nanosleep, poll, futex…).
+    RestartBlock,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSignal {
+    pub signo: i32,
+    pub code: i32,
+    #[serde(with = "serde_bytes")]
+    pub siginfo: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u32,
+    pub signature: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignalState {
+    /// One entry per signal 1..=64 except SIGKILL and SIGSTOP.
+    pub actions: Vec<SigAction>,
+    /// Signals queued for the whole process.
+    pub shared_pending: Vec<PendingSignal>,
+}
+
+/// A `struct sigaction` as the kernel holds it (`kernel_sigaction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    pub signo: i32,
+    /// 0 = SIG_DFL, 1 = SIG_IGN, else a handler address.
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    /// MAP_SHARED rather than MAP_PRIVATE.
+    pub shared: bool,
+    /// Offset into the backing file (0 for anonymous memory).
+    pub offset: u64,
+    /// The path column of `/proc/PID/maps` (`[heap]`, `/usr/lib/…`, empty).
+    pub name: String,
+    pub kind: VmaKind,
+    /// Index into `Metadata::files` for file-backed mappings.
+    pub file: Option<usize>,
+    /// `VmFlags` from smaps (`rd wr mr mw me ac sd gd …`).
+    pub vm_flags: Vec<String>,
+    /// Pages whose content is in the image. Pages not covered were never
+    /// touched (read back as zero), or are clean pages of the backing file.
+    pub pages: Vec<PageRun>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Private anonymous memory (includes `[heap]` and `[stack]`).
+    Anonymous,
+    /// MAP_SHARED anonymous memory (or SysV shm / memfd-backed shared map).
+    SharedAnonymous,
+    /// MAP_PRIVATE of a file: clean pages come from the file, pages the
+    /// process wrote (copy-on-write) are in the image.
+    PrivateFile,
+    /// MAP_SHARED of a file: the content lives in the file.
+    SharedFile,
+    /// Kernel-provided: `[vdso]`, `[vvar]`, `[vvar_vclock]`. Recorded, not copied;
+    /// restore moves the new kernel's copies here.
+    Vdso,
+    Vvar,
+    VvarVclock,
+    /// `[vsyscall]`: fixed by the kernel, nothing to restore.
+    Vsyscall,
+}
+
+impl VmaKind {
+    /// Kernel-provided mappings whose content is never stored.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            Self::Vdso | Self::Vvar | Self::VvarVclock | Self::Vsyscall
+        )
+    }
+}
+
+/// A run of consecutive pages stored contiguously in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub addr: u64,
+    pub npages: u64,
+    pub data: DataRef,
+}
+
+/// A file the process depends on, with enough identity to notice if it
+/// changed after the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRef {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    /// BLAKE3 of the content, hex.
+    pub blake3: String,
+    /// The file had been deleted at dump time (its content is then embedded).
+    pub deleted: bool,
+    pub role: FileRole,
+    /// The whole content, when embedded in the image.
+    pub embedded: Option<DataRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileRole {
+    Executable,
+    /// Mapped into memory (shared library, mapped data file).
+    Mapped,
+    /// Named explicitly to embed (`--embed-lib`, `chpoxctl addlib`) but not
+    /// mapped at dump time.
+    Library,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FdEntry {
+    pub fd: i32,
+    /// `flags` from fdinfo: the open(2) flags (O_APPEND, O_RDWR…), octal in procfs.
+    pub flags: u32,
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FdKind {
+    RegularFile {
+        path: String,
+        pos: u64,
+        /// Set when the file was deleted but still open: the content is here.
+        embedded: Option<DataRef>,
+        dev: u64,
+        ino: u64,
+    },
+    Directory {
+        path: String,
+    },
+    CharDevice {
+        path: String,
+        rdev: u64,
+    },
+    /// A terminal; restore attaches the restorer's terminal in its place.
+    Terminal {
+        path: String,
+        rdev: u64,
+    },
+    /// A kind chpox cannot save yet, replaced by /dev/null at the user's
+    /// request (`--unsupported-fd=null`).
+    ReplacedByNull {
+        was: String,
+    },
+}

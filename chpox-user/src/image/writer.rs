@@ -1,0 +1,533 @@
+//! Writing an image: blobs are streamed into a temporary file next to the
+//! final path, the metadata and header go last, and a rename publishes the
+//! complete image atomically.
+//!
+//! Nothing but a complete image ever appears at the final path, and an image
+//! already there stays intact until the rename replaces it: if the writer is
+//! dropped before [`ImageWriter::finish`] (an error, a panic), the temporary
+//! file is removed.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
+
+use super::error::ImageError;
+use super::format::{self, ALIGN, HEADER_SIZE, Header};
+use super::model::{Compression, DataRef, Metadata};
+
+/// zstd level for blobs and metadata. Page data is large and restore speed
+/// matters more than the last few percent of size; level 1 compresses at
+/// hundreds of MB/s per core and still shrinks typical heaps a lot.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Zeros to pad with; one ALIGN is the most padding ever needed at once.
+static ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
+
+/// Distinguishes temporary files of several writers in one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Longest part of the final name kept in the temporary name, so that the
+/// temporary name stays under NAME_MAX (255) with its prefix and suffix.
+const MAX_NAME_IN_TEMP: usize = 180;
+
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// zstd-compress every blob and the metadata.
+    pub compress: bool,
+    /// uid and gid to give the image file to (e.g. the user who asked for a
+    /// dump run as root).
+    pub owner: Option<(u32, u32)>,
+}
+
+/// Writes one image; see the module documentation.
+pub struct ImageWriter {
+    final_path: PathBuf,
+    /// The directory of the final path, opened once: the temporary file is
+    /// created, renamed and (on failure) removed relative to it, so a rename
+    /// of a path component in the meantime cannot make us touch another
+    /// directory.
+    dir: File,
+    final_name: OsString,
+    temp_name: OsString,
+    /// Shared with a blob's zstd encoder, which needs to own its output.
+    file: Arc<File>,
+    compress: bool,
+    /// Bytes written so far, which is also the file offset of the next
+    /// write: the file is only ever appended to (the header is pwritten).
+    pos: u64,
+    state: State,
+    /// Set once the temporary file has been renamed to the final path, after
+    /// which there is nothing to clean up.
+    published: bool,
+}
+
+enum State {
+    /// Between blobs.
+    Idle,
+    /// Inside `begin_data` .. `end_data`.
+    Blob(Blob),
+    /// An operation failed midway; the file's content is unknown, so the
+    /// writer refuses to go on (dropping it removes the temporary file).
+    Broken,
+}
+
+enum Blob {
+    Plain {
+        start: u64,
+        len: u64,
+        crc: u32,
+    },
+    Zstd {
+        start: u64,
+        raw_len: u64,
+        encoder: zstd::stream::write::Encoder<'static, StoredOut>,
+    },
+}
+
+/// Where a zstd encoder writes: the image file, counting and checksumming
+/// the compressed bytes on their way.
+struct StoredOut {
+    file: Arc<File>,
+    written: u64,
+    crc: u32,
+}
+
+impl Write for StoredOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (&*self.file).write(buf)?;
+        let done = buf.get(..n).unwrap_or(buf);
+        self.crc = crc32c::crc32c_append(self.crc, done);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ImageWriter {
+    /// Starts an image that [`finish`](Self::finish) will put at
+    /// `final_path`. The parent directory must exist; an existing regular
+    /// file at `final_path` is replaced only when `finish` succeeds.
+    pub fn create(final_path: &Path, opts: WriteOptions) -> Result<ImageWriter, ImageError> {
+        let (dir_path, final_name) = split_path(final_path)?;
+
+        // Refuse to replace a symlink or a non-file. (`finish` renames over
+        // the final path, which replaces a symlink itself rather than
+        // following it, so a link planted after this check still cannot
+        // redirect the write; the check is there so the user learns about
+        // an unexpected link instead of losing it silently.)
+        match std::fs::symlink_metadata(final_path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ImageError::Symlink {
+                    path: final_path.to_path_buf(),
+                });
+            }
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(ImageError::NotRegular {
+                    path: final_path.to_path_buf(),
+                });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ImageError::writing(final_path, e)),
+        }
+
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&dir_path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => ImageError::NoDirectory {
+                    path: final_path.to_path_buf(),
+                    dir: dir_path.clone(),
+                },
+                _ => ImageError::writing(final_path, e),
+            })?;
+
+        let (file, temp_name) =
+            create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?;
+        // From here on the writer owns the temporary file, so any early
+        // return below removes it through Drop.
+        let mut w = ImageWriter {
+            final_path: final_path.to_path_buf(),
+            dir,
+            final_name,
+            temp_name,
+            file: Arc::new(file),
+            compress: opts.compress,
+            pos: 0,
+            state: State::Broken,
+            published: false,
+        };
+
+        if let Some((uid, gid)) = opts.owner {
+            w.chown(uid, gid)?;
+        }
+
+        // Reserve the header region; the real header is written last, so a
+        // crash midway leaves a file without magic that no reader accepts.
+        (&*w.file)
+            .write_all(&ZEROS[..HEADER_SIZE])
+            .map_err(|e| ImageError::writing(final_path, e))?;
+        w.pos = HEADER_SIZE as u64;
+        w.state = State::Idle;
+        Ok(w)
+    }
+
+    fn chown(&self, uid: u32, gid: u32) -> Result<(), ImageError> {
+        match nix::unistd::fchown(
+            &*self.file,
+            Some(Uid::from_raw(uid)),
+            Some(Gid::from_raw(gid)),
+        ) {
+            Ok(()) => Ok(()),
+            // Giving the file to ourselves needs no privilege in principle,
+            // but some filesystems refuse any chown to non-root; the file is
+            // ours already, so that refusal changes nothing.
+            Err(Errno::EPERM)
+                if uid == nix::unistd::geteuid().as_raw()
+                    && gid == nix::unistd::getegid().as_raw() =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(ImageError::Chown {
+                path: self.final_path.clone(),
+                uid,
+                gid,
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Starts a blob at the next 4096-aligned offset.
+    pub fn begin_data(&mut self) -> Result<(), ImageError> {
+        match std::mem::replace(&mut self.state, State::Broken) {
+            State::Idle => {}
+            State::Blob(b) => {
+                self.state = State::Blob(b);
+                return Err(ImageError::WriterState {
+                    reason: "begin_data while a blob is open",
+                });
+            }
+            State::Broken => return Err(broken()),
+        }
+        self.pad_to_alignment()?;
+        let start = self.pos;
+        let blob = if self.compress {
+            let out = StoredOut {
+                file: Arc::clone(&self.file),
+                written: 0,
+                crc: 0,
+            };
+            // Each blob is its own zstd frame so that it decodes alone.
+            let encoder =
+                zstd::stream::write::Encoder::new(out, ZSTD_LEVEL).map_err(|e| self.err(e))?;
+            Blob::Zstd {
+                start,
+                raw_len: 0,
+                encoder,
+            }
+        } else {
+            Blob::Plain {
+                start,
+                len: 0,
+                crc: 0,
+            }
+        };
+        self.state = State::Blob(blob);
+        Ok(())
+    }
+
+    /// Appends `bytes` to the open blob.
+    pub fn write_data(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
+        let mut blob = match std::mem::replace(&mut self.state, State::Broken) {
+            State::Blob(b) => b,
+            State::Idle => {
+                self.state = State::Idle;
+                return Err(ImageError::WriterState {
+                    reason: "write_data without begin_data",
+                });
+            }
+            State::Broken => return Err(broken()),
+        };
+        let n = bytes.len() as u64;
+        match &mut blob {
+            Blob::Plain { len, crc, .. } => {
+                check_blob_len(*len, n)?;
+                // Straight from the caller's buffer to the file: no copy.
+                (&*self.file).write_all(bytes).map_err(|e| self.err(e))?;
+                *crc = crc32c::crc32c_append(*crc, bytes);
+                *len += n;
+                self.pos += n;
+            }
+            Blob::Zstd {
+                raw_len, encoder, ..
+            } => {
+                check_blob_len(*raw_len, n)?;
+                encoder.write_all(bytes).map_err(|e| self.err(e))?;
+                *raw_len += n;
+            }
+        }
+        self.state = State::Blob(blob);
+        Ok(())
+    }
+
+    /// Closes the open blob and says where it lies.
+    pub fn end_data(&mut self) -> Result<DataRef, ImageError> {
+        let blob = match std::mem::replace(&mut self.state, State::Broken) {
+            State::Blob(b) => b,
+            State::Idle => {
+                self.state = State::Idle;
+                return Err(ImageError::WriterState {
+                    reason: "end_data without begin_data",
+                });
+            }
+            State::Broken => return Err(broken()),
+        };
+        let r = match blob {
+            Blob::Plain { start, len, crc } => DataRef {
+                offset: start,
+                stored_len: len,
+                raw_len: len,
+                crc32c: crc,
+                compression: Compression::None,
+            },
+            Blob::Zstd {
+                start,
+                raw_len,
+                encoder,
+            } => {
+                let out = encoder.finish().map_err(|e| self.err(e))?;
+                self.pos += out.written;
+                DataRef {
+                    offset: start,
+                    stored_len: out.written,
+                    raw_len,
+                    crc32c: out.crc,
+                    compression: Compression::Zstd,
+                }
+            }
+        };
+        self.state = State::Idle;
+        Ok(r)
+    }
+
+    /// Writes `bytes` as one blob.
+    pub fn add_data(&mut self, bytes: &[u8]) -> Result<DataRef, ImageError> {
+        self.begin_data()?;
+        self.write_data(bytes)?;
+        self.end_data()
+    }
+
+    /// Writes the metadata and the header, makes the file durable, and
+    /// renames it to the final path. Returns the image's size in bytes.
+    pub fn finish(mut self, meta: &Metadata) -> Result<u64, ImageError> {
+        match std::mem::replace(&mut self.state, State::Broken) {
+            State::Idle => {}
+            State::Blob(_) => {
+                return Err(ImageError::WriterState {
+                    reason: "finish while a blob is open",
+                });
+            }
+            State::Broken => return Err(broken()),
+        }
+        let data_offset = HEADER_SIZE as u64;
+        let data_len = self.pos - data_offset;
+
+        let mut raw = Vec::new();
+        ciborium::into_writer(meta, &mut raw).map_err(|e| ImageError::Encode {
+            section: "metadata".into(),
+            reason: super::error::one_line(&e.to_string()).into_owned(),
+        })?;
+        let meta_raw_len = raw.len() as u64;
+        if meta_raw_len > format::MAX_META_RAW_LEN {
+            return Err(ImageError::Encode {
+                section: "metadata".into(),
+                reason: format!("{meta_raw_len} bytes is over the 1 GiB limit"),
+            });
+        }
+        let (stored, meta_compression) = if self.compress {
+            // Bulk compression records the content size in the frame, which
+            // lets the reader reject a lying header before allocating.
+            let z = zstd::bulk::compress(&raw, ZSTD_LEVEL).map_err(|e| self.err(e))?;
+            (z, Compression::Zstd)
+        } else {
+            (raw, Compression::None)
+        };
+
+        self.pad_to_alignment()?;
+        let meta_offset = self.pos;
+        (&*self.file).write_all(&stored).map_err(|e| self.err(e))?;
+        let meta_len = stored.len() as u64;
+        self.pos += meta_len;
+
+        let header = Header {
+            format_version: format::FORMAT_VERSION,
+            flags: 0,
+            meta_offset,
+            meta_len,
+            meta_raw_len,
+            meta_crc32c: crc32c::crc32c(&stored),
+            meta_compression,
+            data_offset,
+            data_len,
+        };
+        self.file
+            .write_all_at(&header.encode(), 0)
+            .map_err(|e| self.err(e))?;
+        // Durable content before the rename: otherwise a crash could leave
+        // the final name pointing at a file whose blocks never hit the disk.
+        self.file.sync_all().map_err(|e| self.err(e))?;
+
+        nix::fcntl::renameat(
+            &self.dir,
+            self.temp_name.as_os_str(),
+            &self.dir,
+            self.final_name.as_os_str(),
+        )
+        .map_err(|e| self.err(e.into()))?;
+        self.published = true;
+        // Make the rename itself durable. Some filesystems cannot fsync a
+        // directory (EINVAL); the image is in place regardless.
+        match self.dir.sync_all() {
+            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => return Err(self.err(e)),
+            _ => {}
+        }
+        Ok(self.pos)
+    }
+
+    /// Pads the file with zeros up to the next multiple of ALIGN.
+    fn pad_to_alignment(&mut self) -> Result<(), ImageError> {
+        let target = format::align_up(self.pos).ok_or_else(broken)?;
+        let pad = (target - self.pos) as usize;
+        if pad > 0 {
+            let zeros = ZEROS.get(..pad).ok_or_else(broken)?;
+            (&*self.file).write_all(zeros).map_err(|e| self.err(e))?;
+            self.pos = target;
+        }
+        Ok(())
+    }
+
+    fn err(&self, e: io::Error) -> ImageError {
+        ImageError::writing(&self.final_path, e)
+    }
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        if self.published {
+            return;
+        }
+        if let Err(e) = nix::unistd::unlinkat(
+            &self.dir,
+            self.temp_name.as_os_str(),
+            UnlinkatFlags::NoRemoveDir,
+        ) {
+            tracing::warn!(
+                "cannot remove temporary file {:?} next to {}: {e}",
+                self.temp_name,
+                self.final_path.display()
+            );
+        }
+    }
+}
+
+/// The directory to create the image in and the image's name there.
+fn split_path(final_path: &Path) -> Result<(PathBuf, OsString), ImageError> {
+    // `file_name` is None for "/", "..", "x/..": no file to create.
+    let Some(name) = final_path.file_name() else {
+        return Err(ImageError::InvalidPath {
+            path: final_path.to_path_buf(),
+        });
+    };
+    let dir = match final_path.parent() {
+        // A bare name ("img") has an empty parent: the current directory.
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name.to_os_string()))
+}
+
+fn broken() -> ImageError {
+    ImageError::WriterState {
+        reason: "an earlier error left the image unusable; start a new one",
+    }
+}
+
+fn check_blob_len(have: u64, more: u64) -> Result<(), ImageError> {
+    match have.checked_add(more) {
+        Some(total) if total <= format::MAX_BLOB_RAW_LEN => Ok(()),
+        _ => Err(ImageError::Encode {
+            section: "data".into(),
+            reason: "a blob may hold at most 64 GiB; split it".into(),
+        }),
+    }
+}
+
+/// Creates `.<name>.chpox-tmp.<pid>.<n>` in `dir`.
+///
+/// O_EXCL|O_NOFOLLOW: an existing file or a link planted under the temporary
+/// name makes the open fail instead of redirecting our writes; we then try
+/// the next name.
+fn create_temp(dir: &File, final_name: &OsStr) -> io::Result<(File, OsString)> {
+    let name_bytes = final_name.as_bytes();
+    let short = name_bytes.get(..MAX_NAME_IN_TEMP).unwrap_or(name_bytes);
+    let pid = std::process::id();
+    let mut last_err = io::Error::from(io::ErrorKind::AlreadyExists);
+    for _ in 0..64 {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut temp = b".".to_vec();
+        temp.extend_from_slice(short);
+        temp.extend_from_slice(format!(".chpox-tmp.{pid}.{n}").as_bytes());
+        let temp = OsString::from_vec(temp);
+        match nix::fcntl::openat(
+            dir,
+            temp.as_os_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        ) {
+            Ok(fd) => return Ok((File::from(fd), temp)),
+            Err(Errno::EEXIST) => last_err = Errno::EEXIST.into(),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_paths() {
+        let split = |p: &str| split_path(Path::new(p)).ok();
+        assert_eq!(split("img"), Some((".".into(), "img".into())));
+        assert_eq!(split("./img"), Some((".".into(), "img".into())));
+        assert_eq!(split("/a/b/img"), Some(("/a/b".into(), "img".into())));
+        assert_eq!(split("/img"), Some(("/".into(), "img".into())));
+        assert_eq!(split("/"), None);
+        assert_eq!(split("a/.."), None);
+    }
+
+    #[test]
+    fn temp_name_fits_name_max() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = File::open(dir.path()).unwrap();
+        let long = OsString::from("x".repeat(255));
+        let (_f, name) = create_temp(&d, &long).unwrap();
+        assert!(name.len() <= 255, "{}", name.len());
+        assert!(name.as_bytes().starts_with(b".xxx"));
+    }
+}

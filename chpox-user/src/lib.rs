@@ -1,0 +1,22 @@
+//! chpox: checkpoint and restore of Linux processes.
+//!
+//! One module per kind of state, as in CRIU: find "where are fds dumped?" in
+//! `fds`, "where are registers read?" in `registers`, and so on. `dump`
+//! orchestrates them; `image` is the on-disk format; `ptrace` freezes a
+//! process and `remote` runs syscalls inside it.
+
+pub mod dump;
+pub mod error;
+pub mod fds;
+pub mod files;
+pub mod image;
+pub mod inspect;
+pub mod memory;
+pub mod process;
+pub mod ptrace;
+pub mod registers;
+pub mod remote;
+pub mod signals;
+pub mod threads;
+
+pub use error::{Error, Result};

@@ -1,0 +1,479 @@
+//! The address space: which mappings exist (`/proc/PID/smaps`) and which of
+//! their pages must be stored (`/proc/PID/pagemap`).
+//!
+//! Only pages that cannot be recovered otherwise go into the image:
+//! - private anonymous memory: pages present or swapped (never-touched pages
+//!   read back as zero);
+//! - private file mappings: only the copy-on-write pages (pagemap says
+//!   "anonymous"); clean pages come back from the file;
+//! - shared anonymous memory: pages present or swapped;
+//! - shared file mappings and the kernel's own `[vdso]`/`[vvar]`/… : nothing.
+//!
+//! Pages are copied with `process_vm_readv`, many ranges per call, into one
+//! reused buffer that goes straight to the image writer: one copy out of the
+//! target, one into the file.
+
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::unix::fs::FileExt;
+
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result, parse_err};
+use crate::image::ImageWriter;
+use crate::image::model::{PageRun, VmaKind};
+
+pub const PAGE_SIZE: u64 = 4096;
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+/// Set for page-cache pages and shared anonymous (shmem) pages.
+const PM_FILE: u64 = 1 << 61;
+/// A stored run never exceeds this, so one corrupt checksum costs at most
+/// this much, and a reader can verify a run in bounded memory.
+const MAX_RUN_PAGES: u64 = 16 * 1024;
+/// Copy buffer: large enough to amortise syscalls, small enough to stay in
+/// cache-friendly territory and not double the dumper's footprint.
+const COPY_BUF_BYTES: usize = 8 << 20;
+/// Kernel limit on iovecs per process_vm_readv call (UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
+
+/// One line of /proc/PID/smaps with its VmFlags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub offset: u64,
+    /// Device as the kernel prints it, `major:minor` in hex.
+    pub dev: (u32, u32),
+    pub inode: u64,
+    /// Path column without a " (deleted)" suffix.
+    pub path: String,
+    pub deleted: bool,
+    pub vm_flags: Vec<String>,
+}
+
+impl MapEntry {
+    pub fn kind(&self) -> VmaKind {
+        match self.path.as_str() {
+            "[vdso]" => return VmaKind::Vdso,
+            "[vvar]" => return VmaKind::Vvar,
+            "[vvar_vclock]" => return VmaKind::VvarVclock,
+            "[vsyscall]" => return VmaKind::Vsyscall,
+            _ => {}
+        }
+        if self.inode == 0 {
+            return if self.shared {
+                VmaKind::SharedAnonymous
+            } else {
+                VmaKind::Anonymous
+            };
+        }
+        // MAP_SHARED|MAP_ANONYMOUS shows up as a deleted /dev/zero, SysV shm
+        // as /SYSV…; both are shmem whose only copy is in memory.
+        if self.shared && self.is_shmem_object() {
+            return VmaKind::SharedAnonymous;
+        }
+        if self.shared {
+            VmaKind::SharedFile
+        } else {
+            VmaKind::PrivateFile
+        }
+    }
+
+    fn is_shmem_object(&self) -> bool {
+        (self.path == "/dev/zero" && self.deleted) || self.path.starts_with("/SYSV")
+    }
+
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// The maps column, as printed by the kernel (for the image's `name`).
+    pub fn display_name(&self) -> String {
+        if self.deleted {
+            format!("{} (deleted)", self.path)
+        } else {
+            self.path.clone()
+        }
+    }
+
+    /// Device and I/O memory mappings (VM_IO, VM_PFNMAP) have no pages we
+    /// could read or write back.
+    pub fn is_device_memory(&self) -> bool {
+        self.vm_flags.iter().any(|f| f == "io" || f == "pf")
+    }
+}
+
+/// Parse /proc/PID/smaps (or maps: then `vm_flags` stay empty).
+pub fn parse_smaps(text: &str, path_for_errors: &str) -> Result<Vec<MapEntry>> {
+    let mut entries: Vec<MapEntry> = Vec::new();
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(last) = entries.last_mut() {
+                last.vm_flags = flags.split_whitespace().map(str::to_string).collect();
+            }
+            continue;
+        }
+        // Header lines start with a hex range; detail lines with "Name:".
+        let Some(first) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !first.contains('-') || first.ends_with(':') {
+            continue;
+        }
+        entries.push(parse_map_header(line).ok_or_else(|| {
+            parse_err(path_for_errors, format!("unexpected mapping line {line:?}"))
+        })?);
+    }
+    Ok(entries)
+}
+
+fn parse_map_header(line: &str) -> Option<MapEntry> {
+    // start-end perms offset dev inode [path, which may contain spaces]
+    let mut rest = line;
+    let mut field = || {
+        rest = rest.trim_start();
+        let end = rest.find(' ').unwrap_or(rest.len());
+        let (f, r) = rest.split_at(end);
+        rest = r;
+        f
+    };
+    let range = field();
+    let perms = field().as_bytes().to_vec();
+    let offset = u64::from_str_radix(field(), 16).ok()?;
+    let dev = field();
+    let inode: u64 = field().parse().ok()?;
+    let path_col = rest.trim_start();
+    let (start, end) = range.split_once('-')?;
+    let (major, minor) = dev.split_once(':')?;
+    if perms.len() != 4 {
+        return None;
+    }
+    let (path, deleted) = match path_col.strip_suffix(" (deleted)") {
+        Some(p) => (p.to_string(), true),
+        None => (path_col.to_string(), false),
+    };
+    Some(MapEntry {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        read: perms[0] == b'r',
+        write: perms[1] == b'w',
+        exec: perms[2] == b'x',
+        shared: perms[3] == b's',
+        offset,
+        dev: (
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        ),
+        inode,
+        path,
+        deleted,
+        vm_flags: Vec::new(),
+    })
+}
+
+pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>> {
+    let path = format!("/proc/{pid}/smaps");
+    parse_smaps(&crate::error::read_proc(&path)?, &path)
+}
+
+/// Should a page with this pagemap entry be stored, in a mapping of `kind`?
+pub fn page_needs_storing(kind: VmaKind, entry: u64) -> bool {
+    let present = entry & PM_PRESENT != 0;
+    let swapped = entry & PM_SWAP != 0;
+    match kind {
+        VmaKind::Anonymous | VmaKind::SharedAnonymous => present || swapped,
+        // A present page that is not a page-cache page is our own
+        // copy-on-write copy; swapped pages are always anonymous.
+        VmaKind::PrivateFile => (present && entry & PM_FILE == 0) || swapped,
+        VmaKind::SharedFile
+        | VmaKind::Vdso
+        | VmaKind::Vvar
+        | VmaKind::VvarVclock
+        | VmaKind::Vsyscall => false,
+    }
+}
+
+/// Runs of pages to store, as (address, page count), each at most
+/// `MAX_RUN_PAGES` long, from the pagemap entries of a mapping starting at
+/// `start`.
+pub fn select_runs(kind: VmaKind, start: u64, pagemap: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
+    for (i, &entry) in pagemap.iter().enumerate() {
+        let addr = start + i as u64 * PAGE_SIZE;
+        if page_needs_storing(kind, entry) {
+            current = match current {
+                Some((a, n)) if n < MAX_RUN_PAGES => Some((a, n + 1)),
+                Some(run) => {
+                    runs.push(run);
+                    Some((addr, 1))
+                }
+                None => Some((addr, 1)),
+            };
+        } else if let Some(run) = current.take() {
+            runs.push(run);
+        }
+    }
+    runs.extend(current);
+    runs
+}
+
+/// Copies a process's pages into an image.
+pub struct PageDumper {
+    pid: i32,
+    pagemap: File,
+    /// /proc/PID/mem reads pages process_vm_readv refuses (PROT_NONE,
+    /// write-only), because it reads with FOLL_FORCE like a debugger.
+    mem: File,
+    buf: Vec<u8>,
+    pagemap_buf: Vec<u8>,
+    pub pages_stored: u64,
+}
+
+fn open_proc(pid: i32, what: &str) -> Result<File> {
+    let path = format!("/proc/{pid}/{what}");
+    File::open(&path).map_err(|source| Error::Proc { path, source })
+}
+
+/// A piece of a run placed in the copy buffer.
+struct Piece {
+    addr: u64,
+    len: usize,
+    first_of_run: bool,
+    last_of_run: bool,
+    run_addr: u64,
+    run_pages: u64,
+}
+
+impl PageDumper {
+    pub fn new(pid: i32) -> Result<Self> {
+        Ok(PageDumper {
+            pid,
+            pagemap: open_proc(pid, "pagemap")?,
+            mem: open_proc(pid, "mem")?,
+            buf: Vec::new(),
+            pagemap_buf: Vec::new(),
+            pages_stored: 0,
+        })
+    }
+
+    /// The pagemap entries for [start, end).
+    pub fn pagemap(&mut self, start: u64, end: u64) -> Result<Vec<u64>> {
+        let npages = ((end - start) / PAGE_SIZE) as usize;
+        let mut out = Vec::with_capacity(npages);
+        // 64 Ki entries (512 KiB) per read keeps memory flat for huge, sparse
+        // mappings.
+        const CHUNK: usize = 64 * 1024;
+        let mut done = 0usize;
+        while done < npages {
+            let n = (npages - done).min(CHUNK);
+            self.pagemap_buf.resize(n * 8, 0);
+            let offset = (start / PAGE_SIZE + done as u64) * 8;
+            self.pagemap
+                .read_exact_at(&mut self.pagemap_buf, offset)
+                .map_err(|source| Error::Proc {
+                    path: format!("/proc/{}/pagemap", self.pid),
+                    source,
+                })?;
+            out.extend(self.pagemap_buf.chunks_exact(8).map(|c| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                u64::from_ne_bytes(w)
+            }));
+            done += n;
+        }
+        Ok(out)
+    }
+
+    /// Store the given runs (from `select_runs`) in the image.
+    pub fn dump_runs(
+        &mut self,
+        runs: &[(u64, u64)],
+        writer: &mut ImageWriter,
+    ) -> Result<Vec<PageRun>> {
+        if self.buf.len() < COPY_BUF_BYTES {
+            self.buf.resize(COPY_BUF_BYTES, 0);
+        }
+        let mut stored = Vec::with_capacity(runs.len());
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut filled = 0usize;
+        for &(run_addr, run_pages) in runs {
+            let run_len = (run_pages * PAGE_SIZE) as usize;
+            let mut done = 0usize;
+            while done < run_len {
+                if filled == self.buf.len() || pieces.len() == MAX_IOVECS {
+                    self.flush(&pieces, writer, &mut stored)?;
+                    pieces.clear();
+                    filled = 0;
+                }
+                let len = (run_len - done).min(self.buf.len() - filled);
+                pieces.push(Piece {
+                    addr: run_addr + done as u64,
+                    len,
+                    first_of_run: done == 0,
+                    last_of_run: done + len == run_len,
+                    run_addr,
+                    run_pages,
+                });
+                filled += len;
+                done += len;
+            }
+        }
+        self.flush(&pieces, writer, &mut stored)?;
+        self.pages_stored += runs.iter().map(|r| r.1).sum::<u64>();
+        Ok(stored)
+    }
+
+    /// Copy the pieces out of the target in one call, then hand them to the
+    /// writer run by run.
+    fn flush(
+        &mut self,
+        pieces: &[Piece],
+        writer: &mut ImageWriter,
+        stored: &mut Vec<PageRun>,
+    ) -> Result<()> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        let total: usize = pieces.iter().map(|p| p.len).sum();
+        let remote: Vec<RemoteIoVec> = pieces
+            .iter()
+            .map(|p| RemoteIoVec {
+                base: p.addr as usize,
+                len: p.len,
+            })
+            .collect();
+        let got = {
+            let mut local = [IoSliceMut::new(&mut self.buf[..total])];
+            process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote).unwrap_or(0)
+        };
+        if got < total {
+            self.read_rest_forced(pieces, got)?;
+        }
+        let mut at = 0usize;
+        for p in pieces {
+            if p.first_of_run {
+                writer.begin_data()?;
+            }
+            writer.write_data(&self.buf[at..at + p.len])?;
+            at += p.len;
+            if p.last_of_run {
+                stored.push(PageRun {
+                    addr: p.run_addr,
+                    npages: p.run_pages,
+                    data: writer.end_data()?,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// process_vm_readv stops at the first range it may not read; read from
+    /// there on through /proc/PID/mem, which may.
+    fn read_rest_forced(&mut self, pieces: &[Piece], mut from: usize) -> Result<()> {
+        let total: usize = pieces.iter().map(|p| p.len).sum();
+        let mut piece_start = 0usize;
+        for p in pieces {
+            let piece_end = piece_start + p.len;
+            if piece_end > from {
+                let skip = from - piece_start;
+                let addr = p.addr + skip as u64;
+                self.mem
+                    .read_exact_at(&mut self.buf[from..piece_end], addr)
+                    .map_err(|source| Error::Memory {
+                        pid: self.pid,
+                        addr,
+                        source,
+                    })?;
+                from = piece_end;
+            }
+            piece_start = piece_end;
+        }
+        debug_assert_eq!(from, total);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c8a00000-55d0c8a02000 r--p 00000000 fe:00 1315038                    /usr/bin/cat
+Size:                  8 kB
+VmFlags: rd mr mw me dw sd
+7f1e4c000000-7f1e4c021000 rw-p 00000000 00:00 0 
+Size:                132 kB
+VmFlags: rd wr mr mw me nr sd
+7f1e4d000000-7f1e4d100000 rw-s 00000000 00:01 2049                       /dev/zero (deleted)
+VmFlags: rd wr sh mr mw me ms sd
+7f1e4e000000-7f1e4e001000 r--p 00000000 fe:00 42                         /tmp/a file with spaces (deleted)
+VmFlags: rd mr mw me sd
+7ffd1a5f0000-7ffd1a5f4000 r--p 00000000 00:00 0                          [vvar]
+7ffd1a5f4000-7ffd1a5f6000 r--p 00000000 00:00 0                          [vvar_vclock]
+7ffd1a5f6000-7ffd1a5f8000 r-xp 00000000 00:00 0                          [vdso]
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
+VmFlags: ex
+";
+
+    #[test]
+    fn smaps_lines_parse_with_flags_and_kinds() {
+        let maps = parse_smaps(SMAPS, "test").expect("parses");
+        assert_eq!(maps.len(), 8);
+        assert_eq!(maps[0].path, "/usr/bin/cat");
+        assert_eq!(maps[0].kind(), VmaKind::PrivateFile);
+        assert_eq!(maps[0].dev, (0xfe, 0));
+        assert_eq!(maps[0].vm_flags, ["rd", "mr", "mw", "me", "dw", "sd"]);
+        assert_eq!(maps[1].kind(), VmaKind::Anonymous);
+        assert_eq!(maps[1].path, "");
+        assert_eq!(maps[2].kind(), VmaKind::SharedAnonymous);
+        assert_eq!(maps[3].path, "/tmp/a file with spaces");
+        assert!(maps[3].deleted);
+        assert_eq!(maps[4].kind(), VmaKind::Vvar);
+        assert_eq!(maps[5].kind(), VmaKind::VvarVclock);
+        assert_eq!(maps[6].kind(), VmaKind::Vdso);
+        assert_eq!(maps[7].kind(), VmaKind::Vsyscall);
+        assert_eq!(maps[7].start, 0xffff_ffff_ff60_0000);
+    }
+
+    #[test]
+    fn garbage_header_is_an_error() {
+        assert!(parse_smaps("1000-zz r--p 0 0:0 0\n", "t").is_err());
+    }
+
+    #[test]
+    fn only_unrecoverable_pages_are_selected() {
+        let file_page = PM_PRESENT | PM_FILE;
+        let cow_page = PM_PRESENT;
+        assert!(!page_needs_storing(VmaKind::PrivateFile, file_page));
+        assert!(page_needs_storing(VmaKind::PrivateFile, cow_page));
+        assert!(page_needs_storing(VmaKind::PrivateFile, PM_SWAP));
+        assert!(!page_needs_storing(VmaKind::Anonymous, 0));
+        assert!(page_needs_storing(VmaKind::SharedAnonymous, file_page));
+        assert!(!page_needs_storing(VmaKind::SharedFile, cow_page));
+        assert!(!page_needs_storing(VmaKind::Vdso, cow_page));
+    }
+
+    #[test]
+    fn runs_merge_neighbours_and_split_when_long() {
+        let p = PM_PRESENT;
+        let runs = select_runs(VmaKind::Anonymous, 0x1000, &[p, p, 0, p, 0, 0]);
+        assert_eq!(runs, vec![(0x1000, 2), (0x4000, 1)]);
+        let long = vec![p; (MAX_RUN_PAGES + 3) as usize];
+        let runs = select_runs(VmaKind::Anonymous, 0, &long);
+        assert_eq!(
+            runs,
+            vec![(0, MAX_RUN_PAGES), (MAX_RUN_PAGES * PAGE_SIZE, 3)]
+        );
+    }
+}

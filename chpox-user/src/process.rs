@@ -1,0 +1,261 @@
+//! Process-wide state: identity, credentials, mm fields, auxv, rlimits,
+//! personality, scheduling, cwd, umask.
+//!
+//! Most of it comes from /proc. Three things are read with remote syscalls
+//! instead: the current `brk` (not in /proc at all), the rlimits (reading
+//! another process's limits needs CAP_SYS_RESOURCE, which root lacks in
+//! some containers; the process may always read its own), and the
+//! personality.
+
+use procfs::process::Process;
+
+use crate::error::{Error, Result, read_proc, read_proc_bytes};
+use crate::image::model::{Credentials, MmFields, ProcessInfo, Rlimit, Scheduling};
+use crate::remote::{RemoteThread, read_memory};
+
+/// PF_KTHREAD in /proc/PID/stat's flags.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+const RLIMIT_NAMES: [&str; 16] = [
+    "cpu",
+    "fsize",
+    "data",
+    "stack",
+    "core",
+    "rss",
+    "nproc",
+    "nofile",
+    "memlock",
+    "as",
+    "locks",
+    "sigpending",
+    "msgqueue",
+    "nice",
+    "rtprio",
+    "rttime",
+];
+
+fn proc_err(pid: i32, e: procfs::ProcError) -> Error {
+    match e {
+        procfs::ProcError::NotFound(_) => Error::NoSuchProcess(pid),
+        procfs::ProcError::PermissionDenied(_) => Error::PermissionDenied { pid, hint: "" },
+        other => Error::Other(format!("reading /proc/{pid}: {other}")),
+    }
+}
+
+/// Refuse, with a clear reason, a PID that cannot be checkpointed, before
+/// touching it.
+pub fn check_dumpable(pid: i32) -> Result<()> {
+    if pid <= 0 {
+        return Err(Error::NoSuchProcess(pid));
+    }
+    if pid == std::process::id() as i32 {
+        return Err(Error::SelfDump(pid));
+    }
+    let proc = Process::new(pid).map_err(|e| proc_err(pid, e))?;
+    let stat = proc.stat().map_err(|e| proc_err(pid, e))?;
+    if stat.flags & PF_KTHREAD != 0 {
+        return Err(Error::KernelThread(pid));
+    }
+    if stat.state == 'Z' || stat.state == 'X' {
+        return Err(Error::Zombie(pid));
+    }
+    // /proc/PID/task lists threads of a process; a TID of another thread
+    // resolves too, but is not a process we can dump alone.
+    let status = proc.status().map_err(|e| proc_err(pid, e))?;
+    if status.tgid != pid {
+        return Err(Error::Other(format!(
+            "{pid} is a thread of process {}; checkpoint the process",
+            status.tgid
+        )));
+    }
+    let euid = nix::unistd::geteuid();
+    if !euid.is_root() && status.ruid != euid.as_raw() {
+        return Err(Error::PermissionDenied {
+            pid,
+            hint: "; run as root (sudo) or dump a process you own",
+        });
+    }
+    Ok(())
+}
+
+/// Owner (real uid, real gid) of a process: the owner of its image.
+pub fn owner(pid: i32) -> Result<(u32, u32)> {
+    let status = Process::new(pid)
+        .and_then(|p| p.status())
+        .map_err(|e| proc_err(pid, e))?;
+    Ok((status.ruid, status.rgid))
+}
+
+/// What /proc tells about the process. `brk`, rlimits and personality are
+/// filled in by `dump_remote_state`.
+pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
+    let proc = Process::new(pid).map_err(|e| proc_err(pid, e))?;
+    let stat = proc.stat().map_err(|e| proc_err(pid, e))?;
+    let status = proc.status().map_err(|e| proc_err(pid, e))?;
+    let cmdline = proc.cmdline().map_err(|e| proc_err(pid, e))?;
+    let exe = read_link(&format!("/proc/{pid}/exe"))?;
+    let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
+    let auxv = parse_auxv(&read_proc_bytes(&format!("/proc/{pid}/auxv"))?);
+    let mut sched_param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_getparam writes one sched_param into the struct we own.
+    let priority = if unsafe { libc::sched_getparam(pid, &mut sched_param) } == 0 {
+        sched_param.sched_priority
+    } else {
+        0
+    };
+    Ok(ProcessInfo {
+        pid,
+        ppid: stat.ppid,
+        comm: stat.comm.clone(),
+        cmdline,
+        exe,
+        exe_file: None,
+        cwd,
+        umask: status.umask.unwrap_or(0o022),
+        personality: 0,
+        creds: Credentials {
+            uid: [status.ruid, status.euid, status.suid, status.fuid],
+            gid: [status.rgid, status.egid, status.sgid, status.fgid],
+            groups: status.groups.iter().map(|&g| g as u32).collect(),
+        },
+        rlimits: Vec::new(),
+        sched: Scheduling {
+            nice: stat.nice as i32,
+            policy: stat.policy.unwrap_or(0) as i32,
+            priority,
+        },
+        mm: MmFields {
+            start_code: stat.startcode,
+            end_code: stat.endcode,
+            start_data: stat.start_data.unwrap_or(0),
+            end_data: stat.end_data.unwrap_or(0),
+            start_brk: stat.start_brk.unwrap_or(0),
+            brk: 0,
+            start_stack: stat.startstack,
+            arg_start: stat.arg_start.unwrap_or(0),
+            arg_end: stat.arg_end.unwrap_or(0),
+            env_start: stat.env_start.unwrap_or(0),
+            env_end: stat.env_end.unwrap_or(0),
+        },
+        auxv,
+        start_time_ticks: stat.starttime,
+    })
+}
+
+/// Fill in what only the process itself can tell: brk, rlimits, personality.
+pub fn dump_remote_state(
+    info: &mut ProcessInfo,
+    thread: &mut RemoteThread<'_>,
+    scratch: u64,
+) -> Result<()> {
+    // brk(0) cannot succeed in moving the break, so it just reports it.
+    info.mm.brk = thread.checked("brk", libc::SYS_brk, [0; 6])?;
+    // personality(0xffffffff) queries without changing.
+    info.personality = thread.checked(
+        "personality",
+        libc::SYS_personality,
+        [0xffff_ffff, 0, 0, 0, 0, 0],
+    )? as u32;
+    let mut buf = [0u8; 16];
+    for (resource, name) in RLIMIT_NAMES.iter().enumerate() {
+        thread.checked(
+            "prlimit64",
+            libc::SYS_prlimit64,
+            [0, resource as u64, 0, scratch, 0, 0],
+        )?;
+        read_memory(thread.pid(), scratch, &mut buf)?;
+        let mut soft = [0u8; 8];
+        let mut hard = [0u8; 8];
+        soft.copy_from_slice(&buf[..8]);
+        hard.copy_from_slice(&buf[8..]);
+        info.rlimits.push(Rlimit {
+            resource: resource as u32,
+            name: (*name).to_string(),
+            soft: u64::from_ne_bytes(soft),
+            hard: u64::from_ne_bytes(hard),
+        });
+    }
+    Ok(())
+}
+
+pub fn read_link(path: &str) -> Result<String> {
+    std::fs::read_link(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| Error::Proc {
+            path: path.to_string(),
+            source,
+        })
+}
+
+/// The auxv as (type, value) pairs, up to AT_NULL.
+pub fn parse_auxv(bytes: &[u8]) -> Vec<(u64, u64)> {
+    let word = |c: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        u64::from_ne_bytes(w)
+    };
+    bytes
+        .chunks_exact(16)
+        .map(|pair| (word(&pair[..8]), word(&pair[8..])))
+        .take_while(|&(kind, _)| kind != 0)
+        .collect()
+}
+
+/// Name of each thread (`/proc/PID/task/TID/comm`).
+pub fn thread_comm(pid: i32, tid: i32) -> Result<String> {
+    Ok(read_proc(&format!("/proc/{pid}/task/{tid}/comm"))?
+        .trim_end_matches('\n')
+        .to_string())
+}
+
+/// Best-effort host description for the image header.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auxv_stops_at_at_null() {
+        let mut bytes = Vec::new();
+        for (k, v) in [(6u64, 4096u64), (25, 0x7ffd_0000), (0, 0), (7, 7)] {
+            bytes.extend_from_slice(&k.to_ne_bytes());
+            bytes.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(parse_auxv(&bytes), vec![(6, 4096), (25, 0x7ffd_0000)]);
+    }
+
+    #[test]
+    fn own_process_is_refused() {
+        let me = std::process::id() as i32;
+        assert!(matches!(check_dumpable(me), Err(Error::SelfDump(_))));
+    }
+
+    #[test]
+    fn kernel_threads_are_refused() {
+        // PID 2 is kthreadd on every Linux system.
+        assert!(matches!(check_dumpable(2), Err(Error::KernelThread(2))));
+    }
+}

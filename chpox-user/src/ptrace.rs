@@ -1,0 +1,506 @@
+//! Freezing a process with ptrace, and the ptrace requests nix does not wrap.
+//!
+//! We seize (`PTRACE_SEIZE` + `PTRACE_INTERRUPT`) rather than send SIGSTOP: a
+//! job-control stop is visible to the target's parent shell, a ptrace
+//! interrupt is not. If the tracer dies, the kernel detaches every tracee and
+//! it runs on.
+//!
+//! ptrace binds a tracee to the *thread* that attached it: every call for a
+//! `Frozen` process must come from the thread that froze it. `Frozen` is
+//! therefore `!Send`.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::image::model::{GpRegs, PendingSignal, Rseq};
+
+const PTRACE_GETREGSET: libc::c_uint = 0x4204;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+const NT_X86_XSTATE: libc::c_ulong = 0x202;
+const SIGINFO_SIZE: usize = 128;
+
+/// The stops a thread can report while we hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `PTRACE_EVENT_STOP`: our interrupt, or a group-stop.
+    Event,
+    /// A syscall entry or exit (with `PTRACE_O_TRACESYSGOOD`).
+    Syscall,
+    /// Signal-delivery-stop for this signal.
+    Signal(Signal),
+    /// The thread (or the whole process) is gone.
+    Exited,
+}
+
+/// Wait for the next stop of one traced thread.
+pub fn wait_stop(tid: i32) -> Result<Stop> {
+    loop {
+        match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)) => return Ok(Stop::Event),
+            Ok(WaitStatus::PtraceEvent(_, _, event)) => {
+                debug!(tid, event, "ignoring ptrace event");
+                ptrace::cont(Pid::from_raw(tid), None).map_err(|source| Error::Ptrace {
+                    op: "cont",
+                    tid,
+                    source,
+                })?;
+            }
+            Ok(WaitStatus::PtraceSyscall(_)) => return Ok(Stop::Syscall),
+            Ok(WaitStatus::Stopped(_, sig)) => return Ok(Stop::Signal(sig)),
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(Stop::Exited),
+            Ok(WaitStatus::Continued(_) | WaitStatus::StillAlive) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::ECHILD) => return Ok(Stop::Exited),
+            Err(source) => {
+                return Err(Error::Ptrace {
+                    op: "waitpid",
+                    tid,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// A process with every thread held in a ptrace stop.
+///
+/// Dropping it releases every thread, so an error anywhere in a dump leaves
+/// the target running as it was.
+pub struct Frozen {
+    pid: i32,
+    /// Threads we hold, by tid.
+    tids: Vec<i32>,
+    /// The process was in a job-control stop before we came; it must be in
+    /// one again when we leave.
+    was_stopped: bool,
+    released: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+fn list_threads(pid: i32) -> Result<Vec<i32>> {
+    let path = format!("/proc/{pid}/task");
+    let entries = std::fs::read_dir(&path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::Exited(pid)
+        } else {
+            Error::Proc {
+                path: path.clone(),
+                source,
+            }
+        }
+    })?;
+    let mut tids: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+fn tracer_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&t| t != 0)
+}
+
+impl Frozen {
+    /// Seize and stop every thread of `pid`, re-reading the thread list until
+    /// no new thread appears: a thread we have not stopped yet may be
+    /// cloning another one, and a stopped thread cannot.
+    pub fn freeze(pid: i32) -> Result<Frozen> {
+        let was_stopped = process_state(pid)? == 'T';
+        let mut frozen = Frozen {
+            pid,
+            tids: Vec::new(),
+            was_stopped,
+            released: false,
+            _not_send: PhantomData,
+        };
+        let mut held: BTreeMap<i32, ()> = BTreeMap::new();
+        loop {
+            let current = list_threads(pid)?;
+            let new: Vec<i32> = current
+                .into_iter()
+                .filter(|t| !held.contains_key(t))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            for &tid in &new {
+                match ptrace::seize(Pid::from_raw(tid), ptrace::Options::PTRACE_O_TRACESYSGOOD) {
+                    Ok(()) => {}
+                    // The thread exited between listing and seizing.
+                    Err(Errno::ESRCH) => continue,
+                    Err(Errno::EPERM) => {
+                        if let Some(tracer) = tracer_of(pid) {
+                            return Err(Error::AlreadyTraced { pid, tracer });
+                        }
+                        return Err(Error::PermissionDenied {
+                            pid,
+                            hint: if nix::unistd::geteuid().is_root() {
+                                ""
+                            } else {
+                                "; run as root (sudo) or dump a process you own"
+                            },
+                        });
+                    }
+                    Err(source) => {
+                        return Err(Error::Ptrace {
+                            op: "seize",
+                            tid,
+                            source,
+                        });
+                    }
+                }
+                frozen.tids.push(tid);
+                held.insert(tid, ());
+                match ptrace::interrupt(Pid::from_raw(tid)) {
+                    // Exited after the seize; the wait below sees it go.
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(source) => {
+                        return Err(Error::Ptrace {
+                            op: "interrupt",
+                            tid,
+                            source,
+                        });
+                    }
+                }
+            }
+            for &tid in &new {
+                if held.contains_key(&tid) {
+                    frozen.wait_for_interrupt(tid)?;
+                }
+            }
+            frozen.tids.retain(|t| held.contains_key(t));
+        }
+        if !frozen.tids.contains(&pid) {
+            return Err(Error::Exited(pid));
+        }
+        frozen.tids.sort_unstable();
+        debug!(pid, threads = frozen.tids.len(), was_stopped, "frozen");
+        Ok(frozen)
+    }
+
+    /// Wait until `tid` sits in the stop our interrupt asked for. A signal
+    /// that reaches the thread first is delivered as it would have been
+    /// without us; the interrupt stop follows.
+    fn wait_for_interrupt(&mut self, tid: i32) -> Result<()> {
+        loop {
+            match wait_stop(tid)? {
+                Stop::Event => return Ok(()),
+                Stop::Syscall => {
+                    ptrace::cont(Pid::from_raw(tid), None).map_err(|source| Error::Ptrace {
+                        op: "cont",
+                        tid,
+                        source,
+                    })?;
+                }
+                Stop::Signal(sig) => {
+                    debug!(tid, ?sig, "passing signal through while freezing");
+                    ptrace::cont(Pid::from_raw(tid), Some(sig)).map_err(|source| {
+                        Error::Ptrace {
+                            op: "cont",
+                            tid,
+                            source,
+                        }
+                    })?;
+                }
+                Stop::Exited => {
+                    if tid == self.pid {
+                        return Err(Error::Exited(self.pid));
+                    }
+                    self.tids.retain(|&t| t != tid);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Thread ids, leader first.
+    pub fn tids(&self) -> Vec<i32> {
+        let mut tids = self.tids.clone();
+        tids.sort_by_key(|&t| (t != self.pid, t));
+        tids
+    }
+
+    pub fn was_stopped(&self) -> bool {
+        self.was_stopped
+    }
+
+    /// Let every thread run on from where it was.
+    pub fn resume(mut self) {
+        self.release(false);
+    }
+
+    /// Leave the process in a job-control stop (as if by SIGSTOP), for a
+    /// debugger or a later `kill -CONT`.
+    pub fn leave_stopped(mut self) {
+        self.release(true);
+    }
+
+    /// Kill the process, and reap our ptrace hold on each thread.
+    pub fn kill(mut self) {
+        self.released = true;
+        let _ = nix::sys::signal::kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        for &tid in &self.tids {
+            // A SIGKILLed tracee leaves its stop at once; waiting lets the
+            // kernel release the thread instead of holding it for us.
+            while !matches!(wait_stop(tid), Ok(Stop::Exited) | Err(_)) {
+                let _ = ptrace::cont(Pid::from_raw(tid), None);
+            }
+        }
+    }
+
+    fn release(&mut self, stopped: bool) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        if stopped || self.was_stopped {
+            // Queued before detaching, so the process stops as soon as the
+            // first thread runs, and the parent sees an ordinary stop.
+            let _ = nix::sys::signal::kill(Pid::from_raw(self.pid), Signal::SIGSTOP);
+        }
+        for &tid in &self.tids {
+            if let Err(e) = ptrace::detach(Pid::from_raw(tid), None) {
+                // ESRCH: the thread died (e.g. SIGKILL from someone else).
+                if e != Errno::ESRCH {
+                    warn!(tid, error = %e, "detach failed");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.release(false);
+    }
+}
+
+/// The one-letter state from /proc/PID/stat (R, S, D, T, t, Z, X, I).
+pub fn process_state(pid: i32) -> Result<char> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::NoSuchProcess(pid)
+        } else {
+            Error::Proc {
+                path: path.clone(),
+                source,
+            }
+        }
+    })?;
+    // The command name may contain spaces and parentheses; the state is the
+    // first field after the *last* ')'.
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .and_then(|s| s.chars().next())
+        .ok_or_else(|| crate::error::parse_err(&path, "no state field"))
+}
+
+pub fn get_regs(tid: i32) -> Result<libc::user_regs_struct> {
+    ptrace::getregs(Pid::from_raw(tid)).map_err(|source| Error::Ptrace {
+        op: "getregs",
+        tid,
+        source,
+    })
+}
+
+pub fn set_regs(tid: i32, regs: libc::user_regs_struct) -> Result<()> {
+    ptrace::setregs(Pid::from_raw(tid), regs).map_err(|source| Error::Ptrace {
+        op: "setregs",
+        tid,
+        source,
+    })
+}
+
+/// Raw `ptrace(2)` for the requests nix does not wrap.
+fn raw_ptrace(
+    op: &'static str,
+    request: libc::c_uint,
+    tid: i32,
+    addr: usize,
+    data: *mut libc::c_void,
+) -> Result<libc::c_long> {
+    // SAFETY: every caller passes `data` pointing to a live buffer at least
+    // as large as the kernel writes for `request` (checked at each call).
+    let ret = unsafe { libc::ptrace(request, tid, addr, data) };
+    if ret == -1 {
+        Err(Error::Ptrace {
+            op,
+            tid,
+            source: Errno::last(),
+        })
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The XSAVE area of a stopped thread, exactly as the kernel lays it out.
+pub fn get_xstate(tid: i32) -> Result<Vec<u8>> {
+    // Larger than any XSAVE layout (AMX tiles included: ~11 KiB).
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // The kernel writes at most iov_len bytes into iov_base and shrinks
+    // iov_len to the size it wrote.
+    raw_ptrace(
+        "getregset(NT_X86_XSTATE)",
+        PTRACE_GETREGSET,
+        tid,
+        NT_X86_XSTATE as usize,
+        (&raw mut iov).cast(),
+    )?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+pub fn get_sigmask(tid: i32) -> Result<u64> {
+    let mut mask = 0u64;
+    // addr is the size of the mask; the kernel writes exactly 8 bytes.
+    raw_ptrace(
+        "getsigmask",
+        PTRACE_GETSIGMASK,
+        tid,
+        8,
+        (&raw mut mask).cast(),
+    )?;
+    Ok(mask)
+}
+
+pub fn set_sigmask(tid: i32, mask: u64) -> Result<()> {
+    let mut mask = mask;
+    // The kernel reads exactly 8 bytes and never writes.
+    raw_ptrace(
+        "setsigmask",
+        PTRACE_SETSIGMASK,
+        tid,
+        8,
+        (&raw mut mask).cast(),
+    )?;
+    Ok(())
+}
+
+#[repr(C)]
+struct PeekSiginfoArgs {
+    off: u64,
+    flags: u32,
+    nr: i32,
+}
+
+/// Queued signals of one thread (`shared = false`) or of the whole process.
+pub fn pending_signals(tid: i32, shared: bool) -> Result<Vec<PendingSignal>> {
+    const BATCH: usize = 32;
+    let mut out = Vec::new();
+    loop {
+        let mut buf = vec![0u8; BATCH * SIGINFO_SIZE];
+        let mut args = PeekSiginfoArgs {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: BATCH as i32,
+        };
+        // The kernel copies at most `nr` siginfos of 128 bytes into `buf`,
+        // which holds exactly BATCH of them.
+        let n = raw_ptrace(
+            "peeksiginfo",
+            PTRACE_PEEKSIGINFO,
+            tid,
+            (&raw mut args) as usize,
+            buf.as_mut_ptr().cast(),
+        )? as usize;
+        for info in buf.chunks_exact(SIGINFO_SIZE).take(n) {
+            let word =
+                |i: usize| i32::from_ne_bytes([info[i], info[i + 1], info[i + 2], info[i + 3]]);
+            out.push(PendingSignal {
+                signo: word(0),
+                code: word(8),
+                siginfo: info.to_vec(),
+            });
+        }
+        if n < BATCH {
+            return Ok(out);
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct RseqConfiguration {
+    rseq_abi_pointer: u64,
+    rseq_abi_size: u32,
+    signature: u32,
+    flags: u32,
+    pad: u32,
+}
+
+/// The thread's rseq registration (glibc registers one for every thread).
+pub fn rseq_config(tid: i32) -> Result<Option<Rseq>> {
+    let mut conf = RseqConfiguration::default();
+    // addr is the size of our struct; the kernel writes at most that much.
+    raw_ptrace(
+        "get_rseq_configuration",
+        PTRACE_GET_RSEQ_CONFIGURATION,
+        tid,
+        std::mem::size_of::<RseqConfiguration>(),
+        (&raw mut conf).cast(),
+    )?;
+    Ok((conf.rseq_abi_pointer != 0).then_some(Rseq {
+        addr: conf.rseq_abi_pointer,
+        len: conf.rseq_abi_size,
+        flags: conf.flags,
+        signature: conf.signature,
+    }))
+}
+
+pub fn gp_regs_from(r: &libc::user_regs_struct) -> GpRegs {
+    GpRegs {
+        r15: r.r15,
+        r14: r.r14,
+        r13: r.r13,
+        r12: r.r12,
+        rbp: r.rbp,
+        rbx: r.rbx,
+        r11: r.r11,
+        r10: r.r10,
+        r9: r.r9,
+        r8: r.r8,
+        rax: r.rax,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        orig_rax: r.orig_rax,
+        rip: r.rip,
+        cs: r.cs,
+        eflags: r.eflags,
+        rsp: r.rsp,
+        ss: r.ss,
+        fs_base: r.fs_base,
+        gs_base: r.gs_base,
+        ds: r.ds,
+        es: r.es,
+        fs: r.fs,
+        gs: r.gs,
+    }
+}

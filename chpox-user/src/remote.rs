@@ -1,0 +1,275 @@
+//! Running system calls inside a frozen process.
+//!
+//! Some state is only visible from inside the target: signal dispositions
+//! (`rt_sigaction`), alternate signal stacks (`sigaltstack`), the current
+//! program break (`brk`). We borrow a stopped thread: point its instruction
+//! pointer at a `syscall` instruction already present in its address space
+//! (the vdso has some), load the arguments, let it run exactly that syscall
+//! under `PTRACE_SYSCALL`, read the result at syscall exit, and put every
+//! register back. No code is written into the target.
+//!
+//! All signals are blocked in the borrowed thread while it runs for us, so a
+//! signal arriving meanwhile stays pending instead of running a handler on
+//! our borrowed registers.
+
+use std::io::{IoSlice, IoSliceMut};
+
+use nix::sys::ptrace;
+use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
+use nix::unistd::Pid;
+use tracing::warn;
+
+use crate::error::{Error, Result};
+use crate::ptrace::{Frozen, Stop, get_regs, get_sigmask, set_regs, set_sigmask, wait_stop};
+use crate::registers;
+
+/// Every signal blocked (the kernel ignores the SIGKILL/SIGSTOP bits).
+const ALL_SIGNALS: u64 = u64::MAX;
+
+/// The address of a `syscall` instruction (0f 05) in the target, searched in
+/// the vdso first and then in any executable mapping.
+pub fn find_syscall_insn(pid: i32) -> Result<u64> {
+    let maps = crate::error::read_proc(&format!("/proc/{pid}/maps"))?;
+    let mut candidates: Vec<(u64, u64, bool)> = Vec::new();
+    for line in maps.lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(range), Some(perms)) = (cols.next(), cols.next()) else {
+            continue;
+        };
+        let name = cols.nth(3).unwrap_or("");
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        // Readable (so we can search it) and executable.
+        if perms.starts_with('r') && perms.get(2..3) == Some("x") {
+            candidates.push((start, end, name == "[vdso]"));
+        }
+    }
+    // vdso first: it is always there and always has syscall fallbacks.
+    candidates.sort_by_key(|&(_, _, vdso)| !vdso);
+    for (start, end, _) in candidates {
+        let len = (end - start).min(1 << 20) as usize;
+        let mut buf = vec![0u8; len];
+        if read_memory(pid, start, &mut buf).is_err() {
+            continue;
+        }
+        if let Some(i) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
+            return Ok(start + i as u64);
+        }
+    }
+    Err(Error::NoSyscallInsn(pid))
+}
+
+/// Read `buf.len()` bytes of the target's memory at `addr`.
+pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
+    let len = buf.len();
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    let n = process_vm_readv(Pid::from_raw(pid), &mut [IoSliceMut::new(buf)], &remote).map_err(
+        |e| Error::Memory {
+            pid,
+            addr,
+            source: e.into(),
+        },
+    )?;
+    if n != len {
+        return Err(Error::Memory {
+            pid,
+            addr,
+            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read"),
+        });
+    }
+    Ok(())
+}
+
+pub fn write_memory(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+    let remote = [RemoteIoVec {
+        base: addr as usize,
+        len: data.len(),
+    }];
+    let n = process_vm_writev(Pid::from_raw(pid), &[IoSlice::new(data)], &remote).map_err(|e| {
+        Error::Memory {
+            pid,
+            addr,
+            source: e.into(),
+        }
+    })?;
+    if n != data.len() {
+        return Err(Error::Memory {
+            pid,
+            addr,
+            source: std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"),
+        });
+    }
+    Ok(())
+}
+
+/// One thread of a frozen process, borrowed to run syscalls.
+///
+/// Its registers and signal mask are saved when borrowed and put back by
+/// `give_back` (or on drop, so an error path cannot leave the thread with
+/// our registers).
+pub struct RemoteThread<'f> {
+    frozen: &'f Frozen,
+    tid: i32,
+    syscall_ip: u64,
+    saved_regs: libc::user_regs_struct,
+    saved_mask: u64,
+    /// We changed registers; they must be restored, with the interrupted
+    /// syscall's restart applied by hand.
+    ran: bool,
+    returned: bool,
+}
+
+impl<'f> RemoteThread<'f> {
+    pub fn borrow(frozen: &'f Frozen, tid: i32, syscall_ip: u64) -> Result<Self> {
+        let saved_regs = get_regs(tid)?;
+        let saved_mask = get_sigmask(tid)?;
+        set_sigmask(tid, ALL_SIGNALS)?;
+        Ok(RemoteThread {
+            frozen,
+            tid,
+            syscall_ip,
+            saved_regs,
+            saved_mask,
+            ran: false,
+            returned: false,
+        })
+    }
+
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.frozen.pid()
+    }
+
+    /// The thread's signal mask as it was before we borrowed it.
+    pub fn saved_sigmask(&self) -> u64 {
+        self.saved_mask
+    }
+
+    /// Run syscall `nr` with `args`; returns the raw result (a negative
+    /// errno on failure), as the kernel put it in rax.
+    pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let tid = self.tid;
+        let mut regs = self.saved_regs;
+        regs.rip = self.syscall_ip;
+        regs.rax = nr as u64;
+        // Not inside a syscall: the kernel must not "restart" one onto our
+        // instruction pointer when the thread leaves its current stop.
+        regs.orig_rax = u64::MAX;
+        regs.rdi = args[0];
+        regs.rsi = args[1];
+        regs.rdx = args[2];
+        regs.r10 = args[3];
+        regs.r8 = args[4];
+        regs.r9 = args[5];
+        set_regs(tid, regs)?;
+        self.ran = true;
+        self.step_to_syscall_stop("entry")?;
+        let at_entry = get_regs(tid)?;
+        if at_entry.orig_rax != nr as u64 {
+            return Err(Error::RemoteProtocol {
+                tid,
+                what: format!(
+                    "entered syscall {} instead of {nr}",
+                    at_entry.orig_rax as i64
+                ),
+            });
+        }
+        self.step_to_syscall_stop("exit")?;
+        Ok(get_regs(tid)?.rax as i64)
+    }
+
+    /// Like `syscall`, turning a negative result into an error naming `call`.
+    pub fn checked(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        let ret = self.syscall(nr, args)?;
+        if (-4095..0).contains(&ret) {
+            return Err(Error::RemoteSyscall {
+                call,
+                tid: self.tid,
+                errno: nix::errno::Errno::from_raw(-ret as i32),
+            });
+        }
+        Ok(ret as u64)
+    }
+
+    fn step_to_syscall_stop(&mut self, what: &str) -> Result<()> {
+        let tid = self.tid;
+        loop {
+            ptrace::syscall(Pid::from_raw(tid), None).map_err(|source| Error::Ptrace {
+                op: "syscall",
+                tid,
+                source,
+            })?;
+            match wait_stop(tid)? {
+                Stop::Syscall => return Ok(()),
+                // A group-stop (someone sent SIGSTOP): carry on, it is
+                // re-established when we release the process.
+                Stop::Event => continue,
+                Stop::Exited => return Err(Error::Exited(self.frozen.pid())),
+                Stop::Signal(sig) => {
+                    return Err(Error::RemoteProtocol {
+                        tid,
+                        what: format!("signal {sig} at syscall {what} despite a full signal mask"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Map `len` bytes of read-write anonymous scratch memory in the target.
+    pub fn map_scratch(&mut self, len: u64) -> Result<u64> {
+        self.checked(
+            "mmap",
+            libc::SYS_mmap,
+            [
+                0,
+                len,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+    }
+
+    pub fn unmap(&mut self, addr: u64, len: u64) -> Result<()> {
+        self.checked("munmap", libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+        Ok(())
+    }
+
+    /// Put the thread back as it was.
+    pub fn give_back(mut self) -> Result<()> {
+        self.restore()
+    }
+
+    fn restore(&mut self) -> Result<()> {
+        if self.returned {
+            return Ok(());
+        }
+        self.returned = true;
+        if self.ran {
+            // We leave from a syscall-exit stop, whose return path does not
+            // restart the syscall our interrupt cut short; do it by hand.
+            set_regs(self.tid, registers::restarted(&self.saved_regs))?;
+        }
+        set_sigmask(self.tid, self.saved_mask)
+    }
+}
+
+impl Drop for RemoteThread<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            warn!(tid = self.tid, error = %e, "could not restore a thread after remote syscalls");
+        }
+    }
+}

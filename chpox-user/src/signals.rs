@@ -1,0 +1,80 @@
+//! Signal state: dispositions (process-wide), and per thread the blocked
+//! mask, the alternate signal stack and queued signals.
+//!
+//! Dispositions and alternate stacks are not exposed by /proc or ptrace, so
+//! they are read with remote syscalls inside the target.
+
+use crate::error::Result;
+use crate::image::model::{AltStack, PendingSignal, SigAction};
+use crate::ptrace;
+use crate::remote::{RemoteThread, read_memory};
+
+/// `struct kernel_sigaction` on x86-64: handler, flags, restorer, mask.
+const KERNEL_SIGACTION_SIZE: usize = 32;
+/// `stack_t`: ss_sp, ss_flags (+4 bytes padding), ss_size.
+const STACK_T_SIZE: usize = 24;
+
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&buf[at..at + 8]);
+    u64::from_ne_bytes(word)
+}
+
+/// The disposition of every signal that has one (all but SIGKILL, SIGSTOP).
+pub fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<SigAction>> {
+    let mut actions = Vec::with_capacity(62);
+    let mut buf = [0u8; KERNEL_SIGACTION_SIZE];
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        thread.checked(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            [signo as u64, 0, scratch, 8, 0, 0],
+        )?;
+        read_memory(thread.pid(), scratch, &mut buf)?;
+        actions.push(SigAction {
+            signo,
+            handler: u64_at(&buf, 0),
+            flags: u64_at(&buf, 8),
+            restorer: u64_at(&buf, 16),
+            mask: u64_at(&buf, 24),
+        });
+    }
+    Ok(actions)
+}
+
+/// The thread's alternate signal stack, if it set one.
+pub fn dump_altstack(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Option<AltStack>> {
+    thread.checked(
+        "sigaltstack",
+        libc::SYS_sigaltstack,
+        [0, scratch, 0, 0, 0, 0],
+    )?;
+    let mut buf = [0u8; STACK_T_SIZE];
+    read_memory(thread.pid(), scratch, &mut buf)?;
+    let flags = i32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]);
+    let stack = AltStack {
+        sp: u64_at(&buf, 0),
+        flags,
+        size: u64_at(&buf, 16),
+    };
+    // SS_DISABLE means "none"; the other fields are then meaningless.
+    Ok((flags & libc::SS_DISABLE == 0).then_some(stack))
+}
+
+/// Signals queued for one thread alone.
+pub fn dump_thread_pending(tid: i32) -> Result<Vec<PendingSignal>> {
+    ptrace::pending_signals(tid, false)
+}
+
+/// Signals queued for the whole process.
+pub fn dump_shared_pending(tid: i32) -> Result<Vec<PendingSignal>> {
+    ptrace::pending_signals(tid, true)
+}
+
+/// Whether the process has its own handler for `signo` (not default, not ignored).
+pub fn has_handler(actions: &[SigAction], signo: i32) -> bool {
+    actions.iter().any(|a| a.signo == signo && a.handler > 1)
+}

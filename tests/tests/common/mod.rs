@@ -1,0 +1,323 @@
+//! Helpers for the integration tests: finding the programs, running a
+//! target program until it is `READY`, signalling it, reading its output,
+//! and running `chpox`.
+//!
+//! Use from a test file with `mod common;`.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long [`Target::spawn`] waits for the `READY` line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often output files and exit status are polled.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The profile directory the test executable was built into, e.g.
+/// `target/debug` (tests run from `target/debug/deps/<test>-<hash>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe
+        .parent()
+        .expect("test executable has a parent directory");
+    let dir = if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().expect("deps has a parent directory")
+    } else {
+        deps
+    };
+    dir.to_path_buf()
+}
+
+/// Path of the `chpox-tests` program `name` (`tests/src/bin/<name>.rs`).
+///
+/// Cargo builds a package's binaries before its integration tests, so
+/// these are always there under `cargo test -p chpox-tests`.
+pub fn bin(name: &str) -> PathBuf {
+    let p = profile_dir().join(name);
+    assert!(
+        p.is_file(),
+        "test program {} not found; build it with `cargo build -p chpox-tests --bins`",
+        p.display()
+    );
+    p
+}
+
+/// Path of the `chpox` binary: `$CHPOX_BIN` if set, else `chpox` next to
+/// the test programs. `cargo test -p chpox-tests` does not build it (it is
+/// a binary of another package); `cargo test --workspace` or
+/// `cargo build -p chpox-user` does.
+pub fn chpox_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHPOX_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = profile_dir().join("chpox");
+    assert!(
+        p.is_file(),
+        "chpox binary {} not found; build it with `cargo build -p chpox-user` \
+         (or run `cargo test --workspace`), or set CHPOX_BIN",
+        p.display()
+    );
+    p
+}
+
+/// Runs `chpox` with `args` and returns its output (stdin is /dev/null).
+pub fn run_chpox(args: &[&str]) -> Output {
+    Command::new(chpox_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chpox")
+}
+
+/// Runs `chpox` with `args`, panics (showing stdout and stderr) unless it
+/// succeeds, and returns its stdout.
+pub fn chpox_ok(args: &[&str]) -> String {
+    let out = run_chpox(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        panic!(
+            "chpox {args:?} failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+}
+
+/// Parses `key=value` tokens of a line (tokens without `=` are skipped).
+pub fn parse_kv(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|tok| tok.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Parses `0x`-prefixed (or bare) hex.
+pub fn parse_hex(s: &str) -> u64 {
+    let t = s.strip_prefix("0x").unwrap_or(s);
+    u64::from_str_radix(t, 16).unwrap_or_else(|e| panic!("{s:?} is not hex: {e}"))
+}
+
+/// A running target program whose stdout and stderr go to files.
+pub struct Target {
+    pub child: Child,
+    pub pid: i32,
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
+    /// The `key=value` pairs of the `READY` line.
+    pub ready: HashMap<String, String>,
+    /// The whole `READY` line.
+    pub ready_line: String,
+}
+
+static SPAWNED: AtomicUsize = AtomicUsize::new(0);
+
+impl Target {
+    /// Starts program `name` with `args` (stdin /dev/null, stdout and
+    /// stderr to fresh files in `dir`) and waits up to [`READY_TIMEOUT`]
+    /// for its `READY` line. Panics, showing its output, if it exits or
+    /// times out first.
+    pub fn spawn(name: &str, args: &[&str], dir: &Path) -> Target {
+        let n = SPAWNED.fetch_add(1, Ordering::SeqCst);
+        let stdout_path = dir.join(format!("{name}.{n}.stdout"));
+        let stderr_path = dir.join(format!("{name}.{n}.stderr"));
+        let child = Command::new(bin(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout_path).expect("create stdout file"))
+            .stderr(File::create(&stderr_path).expect("create stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let pid = child.id() as i32;
+        let mut t = Target {
+            child,
+            pid,
+            stdout_path,
+            stderr_path,
+            ready: HashMap::new(),
+            ready_line: String::new(),
+        };
+        let line = t.wait_for_line("READY", READY_TIMEOUT);
+        t.ready = parse_kv(&line);
+        t.ready_line = line;
+        t
+    }
+
+    /// A `READY` value; panics if the key is missing.
+    pub fn ready_value(&self, key: &str) -> &str {
+        self.ready
+            .get(key)
+            .unwrap_or_else(|| panic!("READY line {:?} has no key {key:?}", self.ready_line))
+    }
+
+    /// A `READY` value as hex (`0x...`).
+    pub fn ready_hex(&self, key: &str) -> u64 {
+        parse_hex(self.ready_value(key))
+    }
+
+    /// A `READY` value as a decimal number.
+    pub fn ready_u64(&self, key: &str) -> u64 {
+        let v = self.ready_value(key);
+        v.parse()
+            .unwrap_or_else(|e| panic!("READY {key}={v:?} is not a number: {e}"))
+    }
+
+    /// Everything written to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The complete (newline-terminated) stdout lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        let out = self.stdout();
+        let complete = match out.rfind('\n') {
+            Some(i) => &out[..=i],
+            None => "",
+        };
+        complete.lines().map(str::to_string).collect()
+    }
+
+    /// The complete stdout lines after the `READY` line: the part of the
+    /// output that must be the same for every run.
+    pub fn lines_after_ready(&self) -> Vec<String> {
+        let lines = self.lines();
+        match lines.iter().position(|l| l.starts_with("READY")) {
+            Some(i) => lines[i + 1..].to_vec(),
+            None => Vec::new(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "pid {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.pid,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+
+    /// Waits up to `timeout` for a complete stdout line starting with
+    /// `prefix` and returns the first such line. Panics, showing the
+    /// output, on timeout or if the program exits without printing it.
+    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| l.starts_with(prefix)) {
+                return l;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // It may have printed the line just before exiting.
+                if let Some(l) = self.lines().into_iter().find(|l| l.starts_with(prefix)) {
+                    return l;
+                }
+                panic!(
+                    "exited ({status}) without a line starting with {prefix:?}; {}",
+                    self.describe()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no line starting with {prefix:?} within {timeout:?}; {}",
+                    self.describe()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Sends signal `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.pid, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid,
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits up to `timeout` until `sig` is pending neither process-wide
+    /// nor for any thread, i.e. it has been dequeued for delivery. Standard
+    /// signals do not queue, so wait for this between two sends of the
+    /// same signal. (A signal the target blocks stays pending: timeout.)
+    pub fn wait_not_pending(&self, sig: i32, timeout: Duration) {
+        let bit = 1u64 << (sig - 1);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.pending_mask().is_none_or(|m| m & bit == 0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "signal {sig} still pending after {timeout:?}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Union of `SigPnd` of all threads and `ShdPnd`, from `/proc`; `None`
+    /// if the process is gone.
+    pub fn pending_mask(&self) -> Option<u64> {
+        let mut mask = 0u64;
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            for line in status.lines() {
+                if let Some(v) = line
+                    .strip_prefix("SigPnd:")
+                    .or_else(|| line.strip_prefix("ShdPnd:"))
+                {
+                    mask |= parse_hex(v.trim());
+                }
+            }
+        }
+        Some(mask)
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its
+    /// status. Panics, showing the output, on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("did not exit within {timeout:?}; {}", self.describe());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits for exit like [`Target::wait_exit`] and asserts exit code 0.
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let status = self.wait_exit(timeout);
+        assert!(
+            status.success(),
+            "exited with {status}; {}",
+            self.describe()
+        );
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
