@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::fds::{self, UnsupportedFd};
 use crate::files::FileTable;
 use crate::image::model::{AfterDump, HostInfo, Metadata, SignalState, Vma, VmaKind};
-use crate::image::{ImageWriter, WriteOptions};
+use crate::image::{ImageWriter, MappedArea, WriteOptions};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
@@ -81,9 +81,16 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         },
     )?;
 
+    // Allocate and map the image's page area while the process still runs:
+    // on tmpfs, allocating pages costs more than filling them, and the
+    // frozen phase is then one copy per page. A little headroom covers
+    // memory the process touches between now and the freeze.
+    let estimate = memory::estimate_stored_bytes(pid);
+    let area = writer.map_area(estimate + estimate / 16 + (4 << 20))?;
+
     let frozen = Frozen::freeze(pid)?;
     let frozen_at = Instant::now();
-    let captured = capture(&frozen, opts, &mut writer)?;
+    let captured = capture(&frozen, opts, &mut writer, area)?;
     let meta = captured.meta;
 
     let (image_bytes, frozen_for) = match opts.after {
@@ -135,11 +142,17 @@ struct Captured {
 }
 
 /// Read everything while the process is frozen; bulk data goes to `writer`.
-fn capture(frozen: &Frozen, opts: &DumpOptions, writer: &mut ImageWriter) -> Result<Captured> {
+fn capture(
+    frozen: &Frozen,
+    opts: &DumpOptions,
+    writer: &mut ImageWriter,
+    area: Option<MappedArea>,
+) -> Result<Captured> {
     let pid = frozen.pid();
     // Descriptors first: an unsupported one fails the dump before the
-    // expensive part.
-    let fds = fds::dump_fds(pid, opts.unsupported_fd, writer)?;
+    // expensive part. Content of deleted files is copied after the pages,
+    // once the writer streams again.
+    let mut fds = fds::scan_fds(pid, opts.unsupported_fd)?;
     let mut info = process::dump_proc_info(pid)?;
     let tids = frozen.tids();
     let mut thread_states = tids
@@ -177,7 +190,7 @@ fn capture(frozen: &Frozen, opts: &DumpOptions, writer: &mut ImageWriter) -> Res
     let mut files = FileTable::new(pid);
     info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
     info.exe_file = Some(files.add_exe(&info.exe)?);
-    let mut pages = PageDumper::new(pid)?;
+    let mut pages = PageDumper::new(pid, area)?;
     let mut vmas = Vec::with_capacity(maps.len());
     let mut resident_pages = 0u64;
     for map in &maps {
@@ -192,7 +205,7 @@ fn capture(frozen: &Frozen, opts: &DumpOptions, writer: &mut ImageWriter) -> Res
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
             let runs = memory::select_runs(kind, map.start, &pagemap);
-            pages.dump_runs(&runs, writer)?
+            pages.dump_runs(vmas.len(), &runs, writer)?
         };
         debug!(
             start = map.start,
@@ -216,6 +229,10 @@ fn capture(frozen: &Frozen, opts: &DumpOptions, writer: &mut ImageWriter) -> Res
             pages: stored,
         });
     }
+
+    let pages_stored = pages.pages_stored;
+    pages.finish(writer, &mut vmas)?;
+    fds::embed_deleted(pid, &mut fds, writer)?;
 
     for lib in &opts.embed_libs {
         let index = match files.find(lib) {
@@ -254,7 +271,7 @@ fn capture(frozen: &Frozen, opts: &DumpOptions, writer: &mut ImageWriter) -> Res
     };
     Ok(Captured {
         meta,
-        pages_stored: pages.pages_stored,
+        pages_stored,
         resident_pages,
     })
 }

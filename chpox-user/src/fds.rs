@@ -66,9 +66,9 @@ fn open_fd_numbers(pid: i32) -> Result<Vec<i32>> {
     Ok(fds)
 }
 
-/// Every descriptor of `pid`. Deleted regular files get their content
-/// written to `writer`.
-pub fn dump_fds(pid: i32, policy: UnsupportedFd, writer: &mut ImageWriter) -> Result<Vec<FdEntry>> {
+/// Every descriptor of `pid`. The content of deleted regular files is not
+/// read yet; `embed_deleted` does that.
+pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
     let mut entries = Vec::new();
     let mut unsupported = Vec::new();
     for fd in open_fd_numbers(pid)? {
@@ -83,21 +83,13 @@ pub fn dump_fds(pid: i32, policy: UnsupportedFd, writer: &mut ImageWriter) -> Re
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let meta = std::fs::metadata(&link_path).ok();
         let kind = match &meta {
-            Some(m) if m.file_type().is_file() => {
-                let deleted = target.ends_with(" (deleted)") || m.nlink() == 0;
-                let embedded = if deleted {
-                    Some(embed_open_file(&link_path, writer)?)
-                } else {
-                    None
-                };
-                Some(FdKind::RegularFile {
-                    path: target.trim_end_matches(" (deleted)").to_string(),
-                    pos: info.pos,
-                    embedded,
-                    dev: m.dev(),
-                    ino: m.ino(),
-                })
-            }
+            Some(m) if m.file_type().is_file() => Some(FdKind::RegularFile {
+                path: target.clone(),
+                pos: info.pos,
+                embedded: None,
+                dev: m.dev(),
+                ino: m.ino(),
+            }),
             Some(m) if m.file_type().is_dir() => Some(FdKind::Directory {
                 path: target.clone(),
             }),
@@ -136,6 +128,26 @@ pub fn dump_fds(pid: i32, policy: UnsupportedFd, writer: &mut ImageWriter) -> Re
         return Err(Error::UnsupportedFds(unsupported.join(", ")));
     }
     Ok(entries)
+}
+
+/// Put the content of every deleted-but-open regular file into the image:
+/// nothing else holds it.
+pub fn embed_deleted(pid: i32, fds: &mut [FdEntry], writer: &mut ImageWriter) -> Result<()> {
+    for entry in fds.iter_mut() {
+        if let FdKind::RegularFile { path, embedded, .. } = &mut entry.kind {
+            let link_path = format!("/proc/{pid}/fd/{}", entry.fd);
+            let nlink = std::fs::metadata(&link_path)
+                .map(|m| m.nlink())
+                .unwrap_or(1);
+            if let Some(stripped) = path.strip_suffix(" (deleted)") {
+                *path = stripped.to_string();
+            } else if nlink != 0 {
+                continue;
+            }
+            *embedded = Some(embed_open_file(&link_path, writer)?);
+        }
+    }
+    Ok(())
 }
 
 /// Copy a deleted-but-open file's content, through the process's own

@@ -14,7 +14,7 @@ use crate::registers;
 pub struct InspectJson<'a> {
     pub format_version: u32,
     pub image_bytes: u64,
-    pub checksums: ChecksumStatus,
+    pub checksums: &'a ChecksumStatus,
     #[serde(flatten)]
     pub meta: &'a Metadata,
 }
@@ -44,11 +44,11 @@ pub fn checksum_status(reader: &ImageReader) -> ChecksumStatus {
     }
 }
 
-pub fn to_json(reader: &ImageReader) -> Result<String> {
+pub fn to_json(reader: &ImageReader, checks: &ChecksumStatus) -> Result<String> {
     let out = InspectJson {
         format_version: reader.header().format_version,
         image_bytes: reader.file_len(),
-        checksums: checksum_status(reader),
+        checksums: checks,
         meta: reader.metadata(),
     };
     serde_json::to_string_pretty(&out).map_err(|e| crate::Error::Other(e.to_string()))
@@ -83,11 +83,10 @@ fn kind_label(kind: VmaKind) -> &'static str {
 }
 
 /// The human-readable summary.
-pub fn summary(reader: &ImageReader) -> String {
+pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
     let m = reader.metadata();
     let p = &m.process;
     let mut s = String::new();
-    let checks = checksum_status(reader);
     let _ = writeln!(
         s,
         "chpox image, format {}, written by chpox {}, {}",

@@ -21,8 +21,8 @@ use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result, parse_err};
-use crate::image::ImageWriter;
-use crate::image::model::{PageRun, VmaKind};
+use crate::image::model::{Compression, DataRef, PageRun, Vma, VmaKind};
+use crate::image::{ImageWriter, MappedArea};
 
 pub const PAGE_SIZE: u64 = 4096;
 const PM_PRESENT: u64 = 1 << 63;
@@ -186,6 +186,23 @@ pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>> {
     parse_smaps(&crate::error::read_proc(&path)?, &path)
 }
 
+/// About how many bytes of pages a dump of `pid` will store: its anonymous
+/// and swapped-out memory (`/proc/PID/smaps_rollup`), read before the freeze
+/// so the image file can be allocated while the process still runs. Zero
+/// when unknown; this is only a hint.
+pub fn estimate_stored_bytes(pid: i32) -> u64 {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+        return 0;
+    };
+    let kb = |key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (kb("Anonymous:") + kb("Swap:")) * 1024
+}
+
 /// Should a page with this pagemap entry be stored, in a mapping of `kind`?
 pub fn page_needs_storing(kind: VmaKind, entry: u64) -> bool {
     let present = entry & PM_PRESENT != 0;
@@ -229,6 +246,11 @@ pub fn select_runs(kind: VmaKind, start: u64, pagemap: &[u64]) -> Vec<(u64, u64)
 }
 
 /// Copies a process's pages into an image.
+///
+/// Runs go into the writer's mapped area (see `ImageWriter::map_area`) while
+/// it has room: `process_vm_readv` copies them straight into the image's
+/// page cache. Runs that do not fit, and all runs of compressed images, are
+/// copied into a buffer and streamed.
 pub struct PageDumper {
     pid: i32,
     pagemap: File,
@@ -237,6 +259,12 @@ pub struct PageDumper {
     mem: File,
     buf: Vec<u8>,
     pagemap_buf: Vec<u8>,
+    area: Option<MappedArea>,
+    area_used: u64,
+    /// Runs placed in the area: (vma index, run index, offset in area, length).
+    in_area: Vec<(usize, usize, u64, u64)>,
+    /// DataRefs known only once the area is closed.
+    resolved: Vec<(usize, usize, DataRef)>,
     pub pages_stored: u64,
 }
 
@@ -245,7 +273,7 @@ fn open_proc(pid: i32, what: &str) -> Result<File> {
     File::open(&path).map_err(|source| Error::Proc { path, source })
 }
 
-/// A piece of a run placed in the copy buffer.
+/// A piece of a run placed in a copy destination.
 struct Piece {
     addr: u64,
     len: usize,
@@ -255,14 +283,27 @@ struct Piece {
     run_pages: u64,
 }
 
+/// Stand-in until the mapped area is closed and checksummed.
+const PENDING: DataRef = DataRef {
+    offset: 0,
+    stored_len: 0,
+    raw_len: 0,
+    crc32c: 0,
+    compression: Compression::None,
+};
+
 impl PageDumper {
-    pub fn new(pid: i32) -> Result<Self> {
+    pub fn new(pid: i32, area: Option<MappedArea>) -> Result<Self> {
         Ok(PageDumper {
             pid,
             pagemap: open_proc(pid, "pagemap")?,
             mem: open_proc(pid, "mem")?,
             buf: Vec::new(),
             pagemap_buf: Vec::new(),
+            area,
+            area_used: 0,
+            in_area: Vec::new(),
+            resolved: Vec::new(),
             pages_stored: 0,
         })
     }
@@ -295,12 +336,68 @@ impl PageDumper {
         Ok(out)
     }
 
-    /// Store the given runs (from `select_runs`) in the image.
+    /// Store the runs (from `select_runs`) of VMA number `vma_index`.
+    /// Returned runs placed in the mapped area carry their final `DataRef`
+    /// only after `finish`.
     pub fn dump_runs(
         &mut self,
+        vma_index: usize,
         runs: &[(u64, u64)],
         writer: &mut ImageWriter,
     ) -> Result<Vec<PageRun>> {
+        self.pages_stored += runs.iter().map(|r| r.1).sum::<u64>();
+        let total: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
+        let fits = self
+            .area
+            .as_ref()
+            .is_some_and(|a| self.area_used + total <= a.len() as u64);
+        if fits {
+            return self.copy_into_area(vma_index, runs);
+        }
+        // Out of reserved room (the estimate was low): streaming needs the
+        // writer back.
+        self.close_area(writer)?;
+        self.stream(runs, writer)
+    }
+
+    fn copy_into_area(&mut self, vma_index: usize, runs: &[(u64, u64)]) -> Result<Vec<PageRun>> {
+        let mut pieces = Vec::new();
+        let first_offset = self.area_used;
+        let mut offset = first_offset;
+        let mut out = Vec::with_capacity(runs.len());
+        for (i, &(addr, npages)) in runs.iter().enumerate() {
+            let len = npages * PAGE_SIZE;
+            self.in_area.push((vma_index, i, offset, len));
+            out.push(PageRun {
+                addr,
+                npages,
+                data: PENDING,
+            });
+            pieces.push(Piece {
+                addr,
+                len: len as usize,
+                first_of_run: true,
+                last_of_run: true,
+                run_addr: addr,
+                run_pages: npages,
+            });
+            offset += len;
+        }
+        let Some(area) = self.area.as_mut() else {
+            return Ok(out);
+        };
+        let mut dest = &mut area.as_mut_slice()[first_offset as usize..offset as usize];
+        for batch in pieces.chunks(MAX_IOVECS) {
+            let batch_len: usize = batch.iter().map(|p| p.len).sum();
+            let (head, rest) = std::mem::take(&mut dest).split_at_mut(batch_len);
+            copy_pieces(self.pid, &self.mem, head, batch)?;
+            dest = rest;
+        }
+        self.area_used = offset;
+        Ok(out)
+    }
+
+    fn stream(&mut self, runs: &[(u64, u64)], writer: &mut ImageWriter) -> Result<Vec<PageRun>> {
         if self.buf.len() < COPY_BUF_BYTES {
             self.buf.resize(COPY_BUF_BYTES, 0);
         }
@@ -312,7 +409,7 @@ impl PageDumper {
             let mut done = 0usize;
             while done < run_len {
                 if filled == self.buf.len() || pieces.len() == MAX_IOVECS {
-                    self.flush(&pieces, writer, &mut stored)?;
+                    self.flush(&pieces, filled, writer, &mut stored)?;
                     pieces.clear();
                     filled = 0;
                 }
@@ -329,37 +426,23 @@ impl PageDumper {
                 done += len;
             }
         }
-        self.flush(&pieces, writer, &mut stored)?;
-        self.pages_stored += runs.iter().map(|r| r.1).sum::<u64>();
+        self.flush(&pieces, filled, writer, &mut stored)?;
         Ok(stored)
     }
 
-    /// Copy the pieces out of the target in one call, then hand them to the
-    /// writer run by run.
+    /// Copy the pieces out of the target, then hand them to the writer run
+    /// by run.
     fn flush(
         &mut self,
         pieces: &[Piece],
+        filled: usize,
         writer: &mut ImageWriter,
         stored: &mut Vec<PageRun>,
     ) -> Result<()> {
         if pieces.is_empty() {
             return Ok(());
         }
-        let total: usize = pieces.iter().map(|p| p.len).sum();
-        let remote: Vec<RemoteIoVec> = pieces
-            .iter()
-            .map(|p| RemoteIoVec {
-                base: p.addr as usize,
-                len: p.len,
-            })
-            .collect();
-        let got = {
-            let mut local = [IoSliceMut::new(&mut self.buf[..total])];
-            process_vm_readv(Pid::from_raw(self.pid), &mut local, &remote).unwrap_or(0)
-        };
-        if got < total {
-            self.read_rest_forced(pieces, got)?;
-        }
+        copy_pieces(self.pid, &self.mem, &mut self.buf[..filled], pieces)?;
         let mut at = 0usize;
         for p in pieces {
             if p.first_of_run {
@@ -378,30 +461,63 @@ impl PageDumper {
         Ok(())
     }
 
-    /// process_vm_readv stops at the first range it may not read; read from
-    /// there on through /proc/PID/mem, which may.
-    fn read_rest_forced(&mut self, pieces: &[Piece], mut from: usize) -> Result<()> {
-        let total: usize = pieces.iter().map(|p| p.len).sum();
-        let mut piece_start = 0usize;
-        for p in pieces {
-            let piece_end = piece_start + p.len;
-            if piece_end > from {
-                let skip = from - piece_start;
-                let addr = p.addr + skip as u64;
-                self.mem
-                    .read_exact_at(&mut self.buf[from..piece_end], addr)
-                    .map_err(|source| Error::Memory {
-                        pid: self.pid,
-                        addr,
-                        source,
-                    })?;
-                from = piece_end;
-            }
-            piece_start = piece_end;
+    fn close_area(&mut self, writer: &mut ImageWriter) -> Result<()> {
+        let Some(area) = self.area.take() else {
+            return Ok(());
+        };
+        let blobs: Vec<(u64, u64)> = self.in_area.iter().map(|r| (r.2, r.3)).collect();
+        let refs = writer.close_area(area, &blobs)?;
+        for (&(vma, run, _, _), data) in self.in_area.iter().zip(refs) {
+            self.resolved.push((vma, run, data));
         }
-        debug_assert_eq!(from, total);
+        self.in_area.clear();
         Ok(())
     }
+
+    /// Close the mapped area and give every stored run its final `DataRef`.
+    pub fn finish(mut self, writer: &mut ImageWriter, vmas: &mut [Vma]) -> Result<()> {
+        self.close_area(writer)?;
+        for (vma, run, data) in self.resolved {
+            if let Some(r) = vmas.get_mut(vma).and_then(|v| v.pages.get_mut(run)) {
+                r.data = data;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copy `pieces` of the target's memory into `dest` (laid out in order):
+/// one process_vm_readv for all of them, and /proc/PID/mem for whatever it
+/// refuses (it stops at the first range it may not read).
+fn copy_pieces(pid: i32, mem: &File, dest: &mut [u8], pieces: &[Piece]) -> Result<()> {
+    let total: usize = pieces.iter().map(|p| p.len).sum();
+    let remote: Vec<RemoteIoVec> = pieces
+        .iter()
+        .map(|p| RemoteIoVec {
+            base: p.addr as usize,
+            len: p.len,
+        })
+        .collect();
+    let got = {
+        let mut local = [IoSliceMut::new(&mut dest[..total])];
+        process_vm_readv(Pid::from_raw(pid), &mut local, &remote).unwrap_or(0)
+    };
+    if got == total {
+        return Ok(());
+    }
+    let mut from = got;
+    let mut piece_start = 0usize;
+    for p in pieces {
+        let piece_end = piece_start + p.len;
+        if piece_end > from {
+            let addr = p.addr + (from - piece_start) as u64;
+            mem.read_exact_at(&mut dest[from..piece_end], addr)
+                .map_err(|source| Error::Memory { pid, addr, source })?;
+            from = piece_end;
+        }
+        piece_start = piece_end;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -462,6 +578,62 @@ VmFlags: ex
         assert!(page_needs_storing(VmaKind::SharedAnonymous, file_page));
         assert!(!page_needs_storing(VmaKind::SharedFile, cow_page));
         assert!(!page_needs_storing(VmaKind::Vdso, cow_page));
+    }
+
+    /// Runs that fit go through the mapped area, the rest streams after
+    /// the area closes; all of it reads back exactly.
+    #[test]
+    fn pages_overflowing_the_mapped_area_are_streamed() {
+        use crate::image::testutil::sample_metadata;
+        use crate::image::{ImageReader, WriteOptions};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        let mut writer = ImageWriter::create(&path, WriteOptions::default()).expect("create");
+        let area = writer
+            .map_area(2 * PAGE_SIZE)
+            .expect("map")
+            .expect("tmp maps");
+        // Our own memory stands in for a target: 5 pages of a known pattern.
+        let source: Vec<u8> = (0..5 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        let base = source.as_ptr() as u64;
+        let aligned = base.next_multiple_of(PAGE_SIZE);
+        let runs_a = [(aligned, 1)]; // fits the 2-page area
+        let runs_b = [(aligned + PAGE_SIZE, 2)]; // does not fit what is left
+        let pid = std::process::id() as i32;
+        let mut dumper = PageDumper::new(pid, Some(area)).expect("dumper");
+        let mut meta = sample_metadata();
+        meta.vmas.clear();
+        for (i, runs) in [&runs_a[..], &runs_b[..]].into_iter().enumerate() {
+            let pages = dumper.dump_runs(i, runs, &mut writer).expect("dump");
+            meta.vmas.push(Vma {
+                start: runs[0].0,
+                end: runs[0].0 + runs[0].1 * PAGE_SIZE,
+                read: true,
+                write: true,
+                exec: false,
+                shared: false,
+                offset: 0,
+                name: String::new(),
+                kind: VmaKind::Anonymous,
+                file: None,
+                vm_flags: Vec::new(),
+                pages,
+            });
+        }
+        dumper
+            .finish(&mut writer, &mut meta.vmas)
+            .expect("finish pages");
+        writer.finish(&meta).expect("finish image");
+
+        let reader = ImageReader::open(&path).expect("open");
+        reader.verify_all().expect("checksums");
+        let got = reader
+            .read_memory(aligned, 3 * PAGE_SIZE as usize)
+            .expect("read")
+            .expect("stored");
+        let offset = (aligned - base) as usize;
+        assert_eq!(got, &source[offset..offset + 3 * PAGE_SIZE as usize]);
     }
 
     #[test]

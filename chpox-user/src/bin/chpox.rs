@@ -147,14 +147,34 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { file, json } => {
             let reader = ImageReader::open(&file)
                 .with_context(|| format!("cannot read image {}", file.display()))?;
+            let status = inspect::checksum_status(&reader);
             if json {
-                println!("{}", inspect::to_json(&reader)?);
+                println!("{}", inspect::to_json(&reader, &status)?);
             } else {
-                print!("{}", inspect::summary(&reader));
+                print!("{}", inspect::summary(&reader, &status));
+            }
+            // The summary is printed either way, but a script must be able
+            // to tell a damaged image from a good one.
+            if let Some(e) = status.error {
+                anyhow::bail!("image {} is damaged: {e}", file.display());
             }
         }
     }
     Ok(())
+}
+
+/// The context, then each cause that adds something: library errors already
+/// quote their source in their own message, so a cause whose text the
+/// previous part contains is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|prev| prev.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
 }
 
 fn main() -> ExitCode {
@@ -163,8 +183,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the context, then each cause.
-            eprintln!("chpox: {e:#}");
+            eprintln!("chpox: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

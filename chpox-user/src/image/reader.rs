@@ -226,6 +226,16 @@ impl ImageReader {
         file_len: u64,
     ) -> Result<ImageReader, ImageError> {
         let src = Source { src, origin };
+        // The magic first: a short file that is not an image at all should
+        // say so, not that it is a truncated one.
+        let mut magic = [0u8; 8];
+        if file_len < magic.len() as u64 {
+            return Err(ImageError::BadMagic);
+        }
+        src.read_at(&mut magic, 0, &|| "header".into())?;
+        if magic != super::format::MAGIC {
+            return Err(ImageError::BadMagic);
+        }
         if file_len < HEADER_SIZE as u64 {
             return Err(ImageError::Truncated {
                 section: "header".into(),

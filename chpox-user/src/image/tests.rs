@@ -563,3 +563,118 @@ fn flipped_bytes_are_detected() {
         assert!(rejected > 500, "only {rejected} flips hit checked bytes");
     }
 }
+
+/// `bytes` (an image) with its metadata replaced by `raw` (uncompressed
+/// CBOR) and both checksums fixed, so corruption reaches past them.
+fn with_metadata(bytes: &[u8], raw: &[u8]) -> Vec<u8> {
+    let r = ImageReader::from_bytes(bytes.to_vec()).unwrap();
+    let mut h = *r.header();
+    let mut out = bytes[..h.meta_offset as usize].to_vec();
+    out.extend_from_slice(raw);
+    h.meta_len = raw.len() as u64;
+    h.meta_raw_len = raw.len() as u64;
+    h.meta_crc32c = crc32c::crc32c(raw);
+    h.meta_compression = Compression::None;
+    out[..HEADER_SIZE].copy_from_slice(&h.encode());
+    out
+}
+
+#[test]
+fn corrupt_but_checksummed_metadata_never_panics() {
+    for compress in [false, true] {
+        let (bytes, meta) = sample_image_bytes(compress);
+        let raw = cbor(&meta);
+        assert!(check(with_metadata(&bytes, &raw)).is_ok());
+        let mut rng = Rng(0xfeed_f00d ^ compress as u64);
+        for _ in 0..1500 {
+            let mut m = raw.clone();
+            for _ in 0..=rng.next() % 3 {
+                let at = (rng.next() % m.len() as u64) as usize;
+                m[at] ^= (rng.next() % 255 + 1) as u8;
+            }
+            if let Err(e) = check(with_metadata(&bytes, &m)) {
+                assert_one_line(&e);
+            }
+        }
+    }
+}
+
+#[test]
+fn tampered_data_refs_never_panic() {
+    for compress in [false, true] {
+        let (bytes, meta) = sample_image_bytes(compress);
+        let mut rng = Rng(0xdead_beef ^ compress as u64);
+        for i in 0..600 {
+            let mut m = meta.clone();
+            let first_offset = m.vmas[3].pages[0].data.offset;
+            let vma = &mut m.vmas[3];
+            let run = &mut vma.pages[(i % 3) as usize];
+            let d = &mut run.data;
+            match rng.next() % 6 {
+                0 => d.offset = rng.next() % (bytes.len() as u64 + 8192),
+                1 => d.stored_len = rng.next() % 20_000,
+                2 => {
+                    d.raw_len = rng.next() % 20_000;
+                    run.npages = d.raw_len / PAGE;
+                }
+                3 => {
+                    d.compression = match d.compression {
+                        Compression::None => Compression::Zstd,
+                        Compression::Zstd => Compression::None,
+                    }
+                }
+                4 => d.offset = ALIGN * (rng.next() % 16),
+                _ => {
+                    // Point at another blob, keeping our own lengths.
+                    d.offset = first_offset;
+                }
+            }
+            // Sometimes make the checksum match whatever it now covers,
+            // to get past it into decompression.
+            let d = m.vmas[3].pages[(i % 3) as usize].data;
+            if rng.next() & 1 == 0 {
+                let end = d
+                    .offset
+                    .saturating_add(d.stored_len)
+                    .min(bytes.len() as u64);
+                let start = d.offset.min(end);
+                m.vmas[3].pages[(i % 3) as usize].data.crc32c =
+                    crc32c::crc32c(&bytes[start as usize..end as usize]);
+            }
+            if let Err(e) = check(with_metadata(&bytes, &cbor(&m))) {
+                assert_one_line(&e);
+            }
+        }
+    }
+}
+
+#[test]
+fn corrupt_zstd_frame_with_matching_checksum() {
+    let (bytes, meta) = sample_image_bytes(true);
+    let d = meta.vmas[3].pages[1].data;
+    let mut rng = Rng(42);
+    let mut decode_errors = 0;
+    for _ in 0..300 {
+        let mut b = bytes.clone();
+        let at = d.offset + rng.next() % d.stored_len;
+        b[at as usize] ^= (rng.next() % 255 + 1) as u8;
+        let mut m = meta.clone();
+        let stored = &b[d.offset as usize..(d.offset + d.stored_len) as usize];
+        m.vmas[3].pages[1].data.crc32c = crc32c::crc32c(stored);
+        match check(with_metadata(&b, &cbor(&m))) {
+            Ok(()) => {}
+            Err(ImageError::Decode { .. }) => decode_errors += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(decode_errors > 0);
+}
+
+#[test]
+fn reader_and_writer_can_cross_threads() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<ImageWriter>();
+    send_sync::<ImageReader>();
+    send_sync::<ImageError>();
+}

@@ -9,7 +9,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -69,6 +69,31 @@ pub struct ImageWriter {
     /// Set once the temporary file has been renamed to the final path, after
     /// which there is nothing to clean up.
     published: bool,
+    /// The file was extended by `preallocate`; `finish` cuts it back to
+    /// what was written.
+    preallocated: bool,
+}
+
+/// Part of the image file mapped for direct copies; see
+/// [`ImageWriter::map_area`].
+pub struct MappedArea {
+    map: memmap2::MmapMut,
+    /// File offset of the area's first byte.
+    start: u64,
+}
+
+impl MappedArea {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
 }
 
 enum State {
@@ -76,6 +101,8 @@ enum State {
     Idle,
     /// Inside `begin_data` .. `end_data`.
     Blob(Blob),
+    /// A mapped area is out (`map_area`); no other writes until it closes.
+    Mapped,
     /// An operation failed midway; the file's content is unknown, so the
     /// writer refuses to go on (dropping it removes the temporary file).
     Broken,
@@ -170,6 +197,7 @@ impl ImageWriter {
             pos: 0,
             state: State::Broken,
             published: false,
+            preallocated: false,
         };
 
         if let Some((uid, gid)) = opts.owner {
@@ -222,6 +250,12 @@ impl ImageWriter {
                 });
             }
             State::Broken => return Err(broken()),
+            State::Mapped => {
+                self.state = State::Mapped;
+                return Err(ImageError::WriterState {
+                    reason: "write while a mapped area is open",
+                });
+            }
         }
         self.pad_to_alignment()?;
         let start = self.pos;
@@ -261,6 +295,12 @@ impl ImageWriter {
                 });
             }
             State::Broken => return Err(broken()),
+            State::Mapped => {
+                self.state = State::Mapped;
+                return Err(ImageError::WriterState {
+                    reason: "write while a mapped area is open",
+                });
+            }
         };
         let n = bytes.len() as u64;
         match &mut blob {
@@ -295,6 +335,12 @@ impl ImageWriter {
                 });
             }
             State::Broken => return Err(broken()),
+            State::Mapped => {
+                self.state = State::Mapped;
+                return Err(ImageError::WriterState {
+                    reason: "write while a mapped area is open",
+                });
+            }
         };
         let r = match blob {
             Blob::Plain { start, len, crc } => DataRef {
@@ -331,6 +377,106 @@ impl ImageWriter {
         self.end_data()
     }
 
+    /// Reserves the next `len` bytes of the data area and maps them into
+    /// memory, already allocated and faulted in, for the caller to copy
+    /// blobs into directly (the page dump's `process_vm_readv` writes
+    /// straight into the page cache this way: one copy, no write(2)).
+    ///
+    /// Everything costly — allocating file space, faulting in the mapping —
+    /// happens here, so the dump calls this before it freezes the process.
+    /// Returns `None` when compressing (compressed sizes are unknown in
+    /// advance) or when the filesystem cannot preallocate or map; the
+    /// caller then streams with `begin_data`/`write_data`.
+    pub fn map_area(&mut self, len: u64) -> Result<Option<MappedArea>, ImageError> {
+        if self.compress || len == 0 || !matches!(self.state, State::Idle) {
+            return Ok(None);
+        }
+        self.pad_to_alignment()?;
+        let start = self.pos;
+        let (Ok(offset), Ok(ilen), Ok(ulen)) = (
+            i64::try_from(start),
+            i64::try_from(len),
+            usize::try_from(len),
+        ) else {
+            return Ok(None);
+        };
+        match nix::fcntl::fallocate(
+            &*self.file,
+            nix::fcntl::FallocateFlags::empty(),
+            offset,
+            ilen,
+        ) {
+            Ok(()) => {}
+            Err(Errno::EOPNOTSUPP | Errno::ENOSYS) => return Ok(None),
+            Err(e) => return Err(self.err(e.into())),
+        }
+        self.preallocated = true;
+        // SAFETY: the mapping covers our own temporary file, created O_EXCL
+        // with mode 0600 and reachable by no other name until `finish`, so
+        // nothing else truncates or writes it while mapped; the range was
+        // just allocated above, so no access can hit a hole past EOF.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(start)
+                .len(ulen)
+                .populate()
+                .map_mut(&*self.file)
+        };
+        let map = match map {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot map the image; streaming instead");
+                return Ok(None);
+            }
+        };
+        self.state = State::Mapped;
+        Ok(Some(MappedArea { map, start }))
+    }
+
+    /// Ends a mapped area: each `(offset, len)` in `blobs` (relative to the
+    /// area, in order, 4 KiB-aligned offsets) becomes a blob; the writer
+    /// continues after the last one.
+    pub fn close_area(
+        &mut self,
+        area: MappedArea,
+        blobs: &[(u64, u64)],
+    ) -> Result<Vec<DataRef>, ImageError> {
+        if !matches!(self.state, State::Mapped) {
+            return Err(ImageError::WriterState {
+                reason: "close_area without map_area",
+            });
+        }
+        let mut refs = Vec::with_capacity(blobs.len());
+        let mut end = 0u64;
+        for &(offset, len) in blobs {
+            let slice = usize::try_from(offset)
+                .ok()
+                .zip(usize::try_from(offset + len).ok())
+                .and_then(|(a, b)| area.map.get(a..b))
+                .ok_or(ImageError::WriterState {
+                    reason: "blob outside its mapped area",
+                })?;
+            refs.push(DataRef {
+                offset: area.start + offset,
+                stored_len: len,
+                raw_len: len,
+                crc32c: crc32c::crc32c(slice),
+                compression: Compression::None,
+            });
+            end = end.max(offset + len);
+        }
+        // Data written through the mapping reaches the file with the
+        // page cache; `finish`'s fsync makes it durable like the rest.
+        self.pos = area.start + end;
+        drop(area);
+        // Subsequent writes go through the file position.
+        (&*self.file)
+            .seek(io::SeekFrom::Start(self.pos))
+            .map_err(|e| self.err(e))?;
+        self.state = State::Idle;
+        Ok(refs)
+    }
+
     /// Writes the metadata and the header, makes the file durable, and
     /// renames it to the final path. Returns the image's size in bytes.
     pub fn finish(mut self, meta: &Metadata) -> Result<u64, ImageError> {
@@ -342,6 +488,12 @@ impl ImageWriter {
                 });
             }
             State::Broken => return Err(broken()),
+            State::Mapped => {
+                self.state = State::Mapped;
+                return Err(ImageError::WriterState {
+                    reason: "write while a mapped area is open",
+                });
+            }
         }
         let data_offset = HEADER_SIZE as u64;
         let data_len = self.pos - data_offset;
@@ -373,6 +525,10 @@ impl ImageWriter {
         let meta_len = stored.len() as u64;
         self.pos += meta_len;
 
+        if self.preallocated {
+            // Drop the reserved space the data did not use.
+            self.file.set_len(self.pos).map_err(|e| self.err(e))?;
+        }
         let header = Header {
             format_version: format::FORMAT_VERSION,
             flags: 0,
@@ -495,7 +651,7 @@ fn create_temp(dir: &File, final_name: &OsStr) -> io::Result<(File, OsString)> {
         match nix::fcntl::openat(
             dir,
             temp.as_os_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         ) {
             Ok(fd) => return Ok((File::from(fd), temp)),
