@@ -87,31 +87,40 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // memory the process touches between now and the freeze.
     let estimate = memory::estimate_stored_bytes(pid);
     let area = writer.map_area(estimate + estimate / 16 + (4 << 20))?;
+    debug!(
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        estimate, "image area mapped"
+    );
 
     let frozen = Frozen::freeze(pid)?;
     let frozen_at = Instant::now();
     let captured = capture(&frozen, opts, &mut writer, area)?;
-    let meta = captured.meta;
+    let mut meta = captured.meta;
+    let checksums = captured.checksums;
 
     let (image_bytes, frozen_for) = match opts.after {
         AfterDump::LeaveRunning => {
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
+            checksums.apply(&mut meta.vmas);
             (writer.finish(&meta)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
+            checksums.apply(&mut meta.vmas);
             (writer.finish(&meta)?, frozen_for)
         }
         AfterDump::Kill => {
             // If finishing fails, `frozen` is dropped on the error path and
             // the process runs on: no checkpoint, but nothing lost.
+            checksums.apply(&mut meta.vmas);
             let bytes = writer.finish(&meta)?;
             frozen.kill();
             (bytes, frozen_at.elapsed())
         }
     };
+    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "image finished");
     let report = DumpReport {
         pid,
         comm: meta.process.comm.clone(),
@@ -135,8 +144,27 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     Ok(report)
 }
 
+/// Debug-level timing of the frozen phase, to see where a freeze goes.
+struct Phases(Instant);
+
+impl Phases {
+    fn start() -> Self {
+        Phases(Instant::now())
+    }
+
+    fn done(&mut self, what: &str) {
+        debug!(
+            phase = what,
+            ms = self.0.elapsed().as_secs_f64() * 1e3,
+            "frozen phase"
+        );
+        self.0 = Instant::now();
+    }
+}
+
 struct Captured {
     meta: Metadata,
+    checksums: memory::PageChecksums,
     pages_stored: u64,
     resident_pages: u64,
 }
@@ -149,6 +177,7 @@ fn capture(
     area: Option<MappedArea>,
 ) -> Result<Captured> {
     let pid = frozen.pid();
+    let mut phase = Phases::start();
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part. Content of deleted files is copied after the pages,
     // once the writer streams again.
@@ -160,6 +189,7 @@ fn capture(
         .map(|&tid| threads::dump_thread(pid, tid))
         .collect::<Result<Vec<_>>>()?;
     let shared_pending = signals::dump_shared_pending(pid)?;
+    phase.done("fds, /proc, threads");
 
     // Remote syscalls: dispositions, brk, rlimits, personality in the
     // leader; the alternate stack in every thread.
@@ -185,8 +215,10 @@ fn capture(
         actions
     };
 
+    phase.done("remote syscalls");
     // The address space, now that our scratch page is gone again.
     let maps = memory::read_maps(pid)?;
+    phase.done("smaps");
     let mut files = FileTable::new(pid);
     info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
     info.exe_file = Some(files.add_exe(&info.exe)?);
@@ -230,8 +262,9 @@ fn capture(
         });
     }
 
+    phase.done("pagemap, files, page copy");
     let pages_stored = pages.pages_stored;
-    pages.finish(writer, &mut vmas)?;
+    let checksums = pages.finish(writer)?;
     fds::embed_deleted(pid, &mut fds, writer)?;
 
     for lib in &opts.embed_libs {
@@ -242,6 +275,7 @@ fn capture(
         files.embed(index, writer)?;
     }
     files.embed_requested(writer, opts.embed_exe, opts.embed_all_libs)?;
+    phase.done("embedded files");
 
     let (xfeatures, xsave_size) = registers::host_xfeatures();
     let meta = Metadata {
@@ -271,6 +305,7 @@ fn capture(
     };
     Ok(Captured {
         meta,
+        checksums,
         pages_stored,
         resident_pages,
     })

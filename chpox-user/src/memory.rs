@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 
 use crate::error::{Error, Result, parse_err};
 use crate::image::model::{Compression, DataRef, PageRun, Vma, VmaKind};
-use crate::image::{ImageWriter, MappedArea};
+use crate::image::{ClosedArea, ImageWriter, MappedArea};
 
 pub const PAGE_SIZE: u64 = 4096;
 const PM_PRESENT: u64 = 1 << 63;
@@ -263,8 +263,8 @@ pub struct PageDumper {
     area_used: u64,
     /// Runs placed in the area: (vma index, run index, offset in area, length).
     in_area: Vec<(usize, usize, u64, u64)>,
-    /// DataRefs known only once the area is closed.
-    resolved: Vec<(usize, usize, DataRef)>,
+    /// The area once closed, with the (vma index, run index) of each blob.
+    closed: Option<(ClosedArea, Vec<(usize, usize)>)>,
     pub pages_stored: u64,
 }
 
@@ -303,7 +303,7 @@ impl PageDumper {
             area,
             area_used: 0,
             in_area: Vec::new(),
-            resolved: Vec::new(),
+            closed: None,
             pages_stored: 0,
         })
     }
@@ -386,13 +386,8 @@ impl PageDumper {
         let Some(area) = self.area.as_mut() else {
             return Ok(out);
         };
-        let mut dest = &mut area.as_mut_slice()[first_offset as usize..offset as usize];
-        for batch in pieces.chunks(MAX_IOVECS) {
-            let batch_len: usize = batch.iter().map(|p| p.len).sum();
-            let (head, rest) = std::mem::take(&mut dest).split_at_mut(batch_len);
-            copy_pieces(self.pid, &self.mem, head, batch)?;
-            dest = rest;
-        }
+        let dest = &mut area.as_mut_slice()[first_offset as usize..offset as usize];
+        copy_parallel(self.pid, &self.mem, dest, &pieces)?;
         self.area_used = offset;
         Ok(out)
     }
@@ -466,24 +461,97 @@ impl PageDumper {
             return Ok(());
         };
         let blobs: Vec<(u64, u64)> = self.in_area.iter().map(|r| (r.2, r.3)).collect();
-        let refs = writer.close_area(area, &blobs)?;
-        for (&(vma, run, _, _), data) in self.in_area.iter().zip(refs) {
-            self.resolved.push((vma, run, data));
-        }
-        self.in_area.clear();
+        let closed = writer.close_area(area, blobs)?;
+        let placed = self.in_area.drain(..).map(|r| (r.0, r.1)).collect();
+        self.closed = Some((closed, placed));
         Ok(())
     }
 
-    /// Close the mapped area and give every stored run its final `DataRef`.
-    pub fn finish(mut self, writer: &mut ImageWriter, vmas: &mut [Vma]) -> Result<()> {
+    /// Close the mapped area (the writer streams again); the runs copied
+    /// into it get their `DataRef`s from `PageChecksums::apply`.
+    pub fn finish(mut self, writer: &mut ImageWriter) -> Result<PageChecksums> {
         self.close_area(writer)?;
-        for (vma, run, data) in self.resolved {
+        Ok(PageChecksums {
+            closed: self.closed,
+        })
+    }
+}
+
+/// Checksums of the pages copied into the mapped area, still to compute.
+/// They need the copy, not the process: the dump computes them after the
+/// process runs again.
+pub struct PageChecksums {
+    closed: Option<(ClosedArea, Vec<(usize, usize)>)>,
+}
+
+impl PageChecksums {
+    /// Give every run copied into the mapped area its final `DataRef`.
+    pub fn apply(self, vmas: &mut [Vma]) {
+        let Some((closed, placed)) = self.closed else {
+            return;
+        };
+        for ((vma, run), data) in placed.into_iter().zip(closed.data_refs()) {
             if let Some(r) = vmas.get_mut(vma).and_then(|v| v.pages.get_mut(run)) {
                 r.data = data;
             }
         }
-        Ok(())
     }
+}
+
+/// Copy `pieces` into `dest` (laid out in order) on several threads.
+///
+/// Copying out of another process is bound by the kernel pinning each page
+/// as much as by memcpy itself; with the target frozen, every core we have
+/// shortens the freeze. Pieces are split into byte-balanced shares at piece
+/// boundaries (runs are at most MAX_RUN_PAGES, so shares stay even).
+fn copy_parallel(pid: i32, mem: &File, dest: &mut [u8], pieces: &[Piece]) -> Result<()> {
+    let total: usize = pieces.iter().map(|p| p.len).sum();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    // Below a few MiB, thread start-up costs more than it saves.
+    if threads == 1 || total < (8 << 20) {
+        return copy_batches(pid, mem, dest, pieces);
+    }
+    let share = total.div_ceil(threads);
+    let mut jobs: Vec<(&mut [u8], &[Piece])> = Vec::with_capacity(threads);
+    let mut rest_dest = dest;
+    let mut rest_pieces = pieces;
+    while !rest_pieces.is_empty() {
+        let mut bytes = 0usize;
+        let mut n = 0usize;
+        while n < rest_pieces.len() && (bytes < share || n == 0) {
+            bytes += rest_pieces[n].len;
+            n += 1;
+        }
+        let (d, dr) = std::mem::take(&mut rest_dest).split_at_mut(bytes);
+        let (p, pr) = rest_pieces.split_at(n);
+        jobs.push((d, p));
+        rest_dest = dr;
+        rest_pieces = pr;
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|(d, p)| scope.spawn(move || copy_batches(pid, mem, d, p)))
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::Other("page copy thread panicked".into())))
+        })
+    })
+}
+
+/// `copy_pieces` in batches of at most MAX_IOVECS pieces.
+fn copy_batches(pid: i32, mem: &File, mut dest: &mut [u8], pieces: &[Piece]) -> Result<()> {
+    for batch in pieces.chunks(MAX_IOVECS) {
+        let batch_len: usize = batch.iter().map(|p| p.len).sum();
+        let (head, rest) = std::mem::take(&mut dest).split_at_mut(batch_len);
+        copy_pieces(pid, mem, head, batch)?;
+        dest = rest;
+    }
+    Ok(())
 }
 
 /// Copy `pieces` of the target's memory into `dest` (laid out in order):
@@ -622,8 +690,9 @@ VmFlags: ex
             });
         }
         dumper
-            .finish(&mut writer, &mut meta.vmas)
-            .expect("finish pages");
+            .finish(&mut writer)
+            .expect("finish pages")
+            .apply(&mut meta.vmas);
         writer.finish(&meta).expect("finish image");
 
         let reader = ImageReader::open(&path).expect("open");

@@ -87,6 +87,52 @@ pub struct Frozen {
     was_stopped: bool,
     released: bool,
     _not_send: PhantomData<*const ()>,
+    /// Declared last so it is dropped after `Drop::drop` released the
+    /// process.
+    _signals: HoldTerminalSignals,
+}
+
+/// Holds back, in the calling thread, the signals a user sends to stop a
+/// program (Ctrl-C, Ctrl-\\, Ctrl-Z, SIGTERM, SIGHUP) while it holds a process
+/// frozen. Dying or stopping mid-remote-syscall would leave the target with
+/// our borrowed registers; held back, the signal takes effect the moment
+/// the target is released. (SIGKILL cannot be held back; ptrace then
+/// detaches the target itself.)
+struct HoldTerminalSignals {
+    previous: Option<nix::sys::signal::SigSet>,
+}
+
+impl HoldTerminalSignals {
+    fn new() -> Self {
+        use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+        let mut set = SigSet::empty();
+        for sig in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+            Signal::SIGTSTP,
+        ] {
+            set.add(sig);
+        }
+        let mut previous = SigSet::empty();
+        let ok = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut previous)).is_ok();
+        HoldTerminalSignals {
+            previous: ok.then_some(previous),
+        }
+    }
+}
+
+impl Drop for HoldTerminalSignals {
+    fn drop(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&previous),
+                None,
+            );
+        }
+    }
 }
 
 fn list_threads(pid: i32) -> Result<Vec<i32>> {
@@ -129,6 +175,7 @@ impl Frozen {
             was_stopped,
             released: false,
             _not_send: PhantomData,
+            _signals: HoldTerminalSignals::new(),
         };
         let mut held: BTreeMap<i32, ()> = BTreeMap::new();
         loop {

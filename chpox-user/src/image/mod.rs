@@ -15,4 +15,4 @@ pub(crate) mod testutil;
 pub use error::ImageError;
 pub use format::Header;
 pub use reader::{ImageReader, VerifyReport};
-pub use writer::{ImageWriter, MappedArea, WriteOptions};
+pub use writer::{ClosedArea, ImageWriter, MappedArea, WriteOptions};

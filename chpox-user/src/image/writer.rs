@@ -74,6 +74,48 @@ pub struct ImageWriter {
     preallocated: bool,
 }
 
+/// CRC-32C of each slice, spread over the available cores: the page dump
+/// checksums a whole process's memory while the process is frozen.
+fn parallel_crc32c(slices: &[&[u8]]) -> Vec<u32> {
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    if threads == 1 || total < (8 << 20) {
+        return slices.iter().map(|s| crc32c::crc32c(s)).collect();
+    }
+    // Contiguous groups of slices with about total/threads bytes each.
+    let share = total.div_ceil(threads);
+    let mut groups: Vec<&[&[u8]]> = Vec::new();
+    let mut rest = slices;
+    while !rest.is_empty() {
+        let mut bytes = 0usize;
+        let mut n = 0usize;
+        while n < rest.len() && (bytes < share || n == 0) {
+            bytes += rest[n].len();
+            n += 1;
+        }
+        let (group, r) = rest.split_at(n);
+        groups.push(group);
+        rest = r;
+    }
+    let crc_all = |g: &[&[u8]]| g.iter().map(|s| crc32c::crc32c(s)).collect::<Vec<u32>>();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .iter()
+            .map(|&g| scope.spawn(move || crc_all(g)))
+            .collect();
+        let mut out = Vec::with_capacity(slices.len());
+        for (handle, group) in handles.into_iter().zip(&groups) {
+            // A checksum thread cannot panic short of a bug in crc32c;
+            // should one, recompute its share here rather than lose it.
+            out.extend(handle.join().unwrap_or_else(|_| crc_all(group)));
+        }
+        out
+    })
+}
+
 /// Part of the image file mapped for direct copies; see
 /// [`ImageWriter::map_area`].
 pub struct MappedArea {
@@ -93,6 +135,42 @@ impl MappedArea {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+/// A mapped area whose blobs are written but not yet checksummed.
+///
+/// Its mapping stays alive until `data_refs`; the writer may meanwhile
+/// write past the blobs' end (the area's unused tail), which the blobs
+/// never cover. `data_refs` must come before [`ImageWriter::finish`], which
+/// needs the checksums in the metadata.
+pub struct ClosedArea {
+    map: memmap2::MmapMut,
+    start: u64,
+    blobs: Vec<(u64, u64)>,
+}
+
+impl ClosedArea {
+    /// The blobs' `DataRef`s, in the order given to `close_area`.
+    pub fn data_refs(self) -> Vec<DataRef> {
+        // close_area checked every blob lies within the map.
+        let slices: Vec<&[u8]> = self
+            .blobs
+            .iter()
+            .map(|&(o, l)| self.map.get(o as usize..(o + l) as usize).unwrap_or(&[]))
+            .collect();
+        let crcs = parallel_crc32c(&slices);
+        self.blobs
+            .iter()
+            .zip(crcs)
+            .map(|(&(offset, len), crc)| DataRef {
+                offset: self.start + offset,
+                stored_len: len,
+                raw_len: len,
+                crc32c: crc,
+                compression: Compression::None,
+            })
+            .collect()
     }
 }
 
@@ -183,8 +261,10 @@ impl ImageWriter {
                 _ => ImageError::writing(final_path, e),
             })?;
 
-        let (file, temp_name) =
-            create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?;
+        let (file, temp_name) = {
+            remove_stale_temps(&dir, &dir_path, &final_name);
+            create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?
+        };
         // From here on the writer owns the temporary file, so any early
         // return below removes it through Drop.
         let mut w = ImageWriter {
@@ -434,47 +514,43 @@ impl ImageWriter {
     }
 
     /// Ends a mapped area: each `(offset, len)` in `blobs` (relative to the
-    /// area, in order, 4 KiB-aligned offsets) becomes a blob; the writer
-    /// continues after the last one.
+    /// area, in order, 4 KiB-aligned offsets) becomes a blob, and the writer
+    /// continues after the last one. The blobs' checksums are computed by
+    /// [`ClosedArea::data_refs`], which the dump calls after the process
+    /// runs again: checksumming needs the copy, not the process.
     pub fn close_area(
         &mut self,
         area: MappedArea,
-        blobs: &[(u64, u64)],
-    ) -> Result<Vec<DataRef>, ImageError> {
+        blobs: Vec<(u64, u64)>,
+    ) -> Result<ClosedArea, ImageError> {
         if !matches!(self.state, State::Mapped) {
             return Err(ImageError::WriterState {
                 reason: "close_area without map_area",
             });
         }
-        let mut refs = Vec::with_capacity(blobs.len());
         let mut end = 0u64;
-        for &(offset, len) in blobs {
-            let slice = usize::try_from(offset)
-                .ok()
-                .zip(usize::try_from(offset + len).ok())
-                .and_then(|(a, b)| area.map.get(a..b))
-                .ok_or(ImageError::WriterState {
+        for &(offset, len) in &blobs {
+            if offset
+                .checked_add(len)
+                .is_none_or(|e| e > area.map.len() as u64)
+            {
+                return Err(ImageError::WriterState {
                     reason: "blob outside its mapped area",
-                })?;
-            refs.push(DataRef {
-                offset: area.start + offset,
-                stored_len: len,
-                raw_len: len,
-                crc32c: crc32c::crc32c(slice),
-                compression: Compression::None,
-            });
+                });
+            }
             end = end.max(offset + len);
         }
-        // Data written through the mapping reaches the file with the
-        // page cache; `finish`'s fsync makes it durable like the rest.
         self.pos = area.start + end;
-        drop(area);
         // Subsequent writes go through the file position.
         (&*self.file)
             .seek(io::SeekFrom::Start(self.pos))
             .map_err(|e| self.err(e))?;
         self.state = State::Idle;
-        Ok(refs)
+        Ok(ClosedArea {
+            map: area.map,
+            start: area.start,
+            blobs,
+        })
     }
 
     /// Writes the metadata and the header, makes the file durable, and
@@ -629,6 +705,39 @@ fn check_blob_len(have: u64, more: u64) -> Result<(), ImageError> {
             section: "data".into(),
             reason: "a blob may hold at most 64 GiB; split it".into(),
         }),
+    }
+}
+
+/// Removes temporary files of earlier dumps to the same name whose writer
+/// died without cleaning up (SIGKILL, power loss): `.<name>.chpox-tmp.<pid>.*`
+/// where no process `<pid>` exists any more. Best effort; a failure here
+/// never fails the dump.
+fn remove_stale_temps(dir: &File, dir_path: &Path, final_name: &OsStr) {
+    let name_bytes = final_name.as_bytes();
+    let short = name_bytes.get(..MAX_NAME_IN_TEMP).unwrap_or(name_bytes);
+    let mut prefix = b".".to_vec();
+    prefix.extend_from_slice(short);
+    prefix.extend_from_slice(b".chpox-tmp.");
+    let Ok(entries) = std::fs::read_dir(dir_path) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.as_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        let pid = rest
+            .split(|&b| b == b'.')
+            .next()
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if nix::unistd::unlinkat(dir, name.as_os_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
+            tracing::info!(file = ?name, "removed a temporary file left by an interrupted dump");
+        }
     }
 }
 

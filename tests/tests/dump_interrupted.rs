@@ -1,0 +1,144 @@
+//! chpox itself dying in the middle of a dump, while the target is frozen:
+//! the target must run on untouched, and no image may appear at the final
+//! path. The next dump to the same path cleans up what the dead one left.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Target, chpox_bin, chpox_ok};
+
+fn tracer_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn start_dump(pid: i32, image: &Path) -> Child {
+    Command::new(chpox_bin())
+        .args(["dump", &pid.to_string(), "-o"])
+        .arg(image)
+        .args(["--unsupported-fd", "null"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chpox")
+}
+
+/// Wait until `dumper` holds `target` frozen (it is the tracer).
+fn wait_until_frozen(target: i32, dumper: &Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tracer_of(target) != Some(dumper.id() as i32) {
+        assert!(Instant::now() < deadline, "chpox never seized the target");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The target is released (not traced, not stopped) within a few seconds.
+fn assert_released(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("target alive");
+        let state = status
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string();
+        if tracer_of(pid) == Some(0) && (state.starts_with('S') || state.starts_with('R')) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "target not released: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn interrupted_dump_leaves_target_running(signal: i32) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).expect("mkdir");
+    // Large enough that the freeze lasts long enough to be hit.
+    let mut target = Target::spawn(
+        "mempattern",
+        &["512", "--finish-after-rounds", "40"],
+        dir.path(),
+    );
+    let image = images.join("img");
+
+    let mut dumper = start_dump(target.pid, &image);
+    wait_until_frozen(target.pid, &dumper);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dumper.id() as i32),
+        nix::sys::signal::Signal::try_from(signal).expect("signal"),
+    )
+    .expect("signal chpox");
+    if signal != libc::SIGKILL {
+        // Held back: chpox is still alive and still holds the target a
+        // moment later (copying 512 MiB takes far longer than this). An
+        // unheld Ctrl-C would have ended chpox, and its hold, at once.
+        std::thread::sleep(Duration::from_millis(3));
+        assert_eq!(
+            tracer_of(target.pid),
+            Some(dumper.id() as i32),
+            "the signal interrupted chpox while the target was frozen"
+        );
+    }
+    let status = dumper.wait().expect("wait chpox");
+
+    assert_released(target.pid);
+    if signal == libc::SIGKILL {
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(!image.exists(), "no image after chpox was killed");
+    } else {
+        // Held back while the target was frozen, the signal ends chpox only
+        // once the target is released: there is either no image, or a
+        // complete one.
+        if image.exists() {
+            chpox_ok(&["inspect", image.to_str().expect("utf-8")]);
+        }
+    }
+
+    // The target's memory is intact: it verifies it as it goes, and sums it.
+    target.wait_success(Duration::from_secs(60));
+    let out = target.lines_after_ready();
+    assert!(
+        out.last().is_some_and(|l| l.starts_with("DONE sum=")),
+        "{out:?}"
+    );
+
+    // A later dump to the same path works and leaves only the image.
+    let again = Target::spawn("mempattern", &["4"], dir.path());
+    chpox_ok(&[
+        "dump",
+        &again.pid.to_string(),
+        "-o",
+        image.to_str().expect("utf-8"),
+        "--unsupported-fd",
+        "null",
+    ]);
+    assert_eq!(dir_entries(&images), ["img"]);
+}
+
+#[test]
+fn chpox_killed_while_the_target_is_frozen() {
+    interrupted_dump_leaves_target_running(libc::SIGKILL);
+}
+
+#[test]
+fn ctrl_c_while_the_target_is_frozen() {
+    interrupted_dump_leaves_target_running(libc::SIGINT);
+}
