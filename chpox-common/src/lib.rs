@@ -8,6 +8,9 @@
 /// 31 is SIGSYS on x86-64, the signal old chpox used.
 pub const DEFAULT_TRIGGER_SIGNAL: u32 = 31;
 
+/// How many processes can be registered at once (size of the BPF maps).
+pub const MAX_REGISTRATIONS: u32 = 4096;
+
 /// The FLAGS field of the old `PID:SIG:FLAGS:FILE` register line.
 ///
 /// Old chpox gave these bits meaning; we keep them so existing scripts keep
@@ -25,6 +28,140 @@ pub mod flags {
     pub const KNOWN: u32 = REGISTERED | EMBED_EXE | EMBED_LIBS | INCLUDE_CHILDREN;
 }
 
+/// Names of the maps and programs in the eBPF object.
+pub mod names {
+    pub const REGISTRY: &str = "REGISTRY";
+    pub const STATES: &str = "STATES";
+    pub const EVENTS: &str = "EVENTS";
+    pub const SIGNAL_PROGRAM: &str = "chpox_signal_generate";
+    pub const EXIT_PROGRAM: &str = "chpox_process_exit";
+    /// Globals set at load time from the tracepoints' format files.
+    pub const GLOBAL_SIGNAL_OFFSETS: &str = "SIGNAL_OFFSETS";
+    pub const GLOBAL_EXIT_OFFSETS: &str = "EXIT_OFFSETS";
+}
+
+/// Value of the `REGISTRY` hash map, keyed by the registered process's
+/// tgid (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Registration {
+    /// The signal that asks for a checkpoint.
+    pub signal: u32,
+    /// FLAGS of the old register line (see [`flags`]).
+    pub flags: u32,
+    /// Index into the `STATES` array for this registration.
+    pub slot: u32,
+    pub _pad: u32,
+    /// Start time of the process (clock ticks since boot, field 22 of
+    /// /proc/PID/stat): with the PID, it names one incarnation of the
+    /// process, so a recycled PID is never checkpointed by mistake.
+    pub start_time: u64,
+}
+
+/// Checkpoint state of one registration, in the `STATES` array.
+///
+/// The array is memory-mapped by the agent (`BPF_F_MMAPABLE`) so both sides
+/// change `state` with real atomic compare-and-swap; a map update from user
+/// space would race with the eBPF program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SlotState {
+    /// One of the `STATE_*` values.
+    pub state: u32,
+    pub _pad: u32,
+    /// Trigger signals seen for this registration, in all.
+    pub signals: u64,
+    /// Trigger signals that arrived while a checkpoint was already asked for
+    /// and were folded into it.
+    pub coalesced: u64,
+}
+
+/// Nothing asked for; the next trigger signal asks for a checkpoint.
+pub const STATE_IDLE: u32 = 0;
+/// The eBPF program asked for a checkpoint (and sent an event).
+pub const STATE_REQUESTED: u32 = 1;
+/// The agent is writing the checkpoint.
+pub const STATE_RUNNING: u32 = 2;
+/// A trigger signal came while the agent was writing: one more checkpoint
+/// follows the current one.
+pub const STATE_RUNNING_AGAIN: u32 = 3;
+
+/// A checkpoint was asked for.
+pub const EVENT_CHECKPOINT: u32 = 1;
+/// A registered process exited (its entry is already gone from `REGISTRY`).
+pub const EVENT_EXIT: u32 = 2;
+
+/// A record in the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event {
+    /// `EVENT_CHECKPOINT` or `EVENT_EXIT`.
+    pub kind: u32,
+    /// The registered process.
+    pub tgid: u32,
+    /// The task the signal was aimed at (a thread id for thread-directed signals).
+    pub target_pid: u32,
+    pub signal: u32,
+    /// `si_code` of the signal (SI_USER for kill(1)).
+    pub code: i32,
+    /// What the kernel did with the signal (1 = ignored, as for SIG_IGN).
+    pub result: i32,
+    /// Process and thread that sent the signal.
+    pub sender_tgid: u32,
+    pub sender_pid: u32,
+    pub sender_uid: u32,
+    /// `STATES` slot of the registration.
+    pub slot: u32,
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) when the tracepoint fired.
+    pub timestamp_ns: u64,
+}
+
+/// Byte offsets of the `signal/signal_generate` tracepoint fields the
+/// program reads, taken from the tracepoint's format file at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalOffsets {
+    pub sig: u32,
+    pub code: u32,
+    pub pid: u32,
+    pub result: u32,
+}
+
+impl SignalOffsets {
+    /// The layout of Linux 6.x; the agent checks it against the format file.
+    pub const DEFAULT: SignalOffsets = SignalOffsets {
+        sig: 8,
+        code: 16,
+        pid: 36,
+        result: 44,
+    };
+}
+
+/// Byte offsets in `sched/sched_process_exit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitOffsets {
+    /// `group_dead` (bool): the last thread of the process is exiting.
+    /// `u32::MAX` when the kernel does not have the field: then the leader
+    /// thread's exit counts.
+    pub group_dead: u32,
+}
+
+impl ExitOffsets {
+    pub const DEFAULT: ExitOffsets = ExitOffsets { group_dead: 32 };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] structs of plain integers with
+    // explicit padding fields, valid for any bit pattern.
+    unsafe impl aya::Pod for super::Registration {}
+    unsafe impl aya::Pod for super::SlotState {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SignalOffsets {}
+    unsafe impl aya::Pod for super::ExitOffsets {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,5 +169,13 @@ mod tests {
     #[test]
     fn known_flags_cover_every_bit_old_chpox_defined() {
         assert_eq!(flags::KNOWN, 0b1111);
+    }
+
+    #[test]
+    fn shared_structs_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<Registration>(), 24);
+        assert_eq!(core::mem::size_of::<SlotState>(), 24);
+        assert_eq!(core::mem::size_of::<Event>(), 48);
+        assert_eq!(core::mem::size_of::<SignalOffsets>(), 16);
     }
 }

@@ -31,6 +31,8 @@ pub struct DumpOptions {
     pub embed_libs: Vec<PathBuf>,
     pub embed_all_libs: bool,
     pub unsupported_fd: UnsupportedFd,
+    /// Keep this many earlier images as `FILE.1` … `FILE.N`.
+    pub keep_previous: u32,
 }
 
 impl DumpOptions {
@@ -43,6 +45,7 @@ impl DumpOptions {
             embed_libs: Vec::new(),
             embed_all_libs: false,
             unsupported_fd: UnsupportedFd::Fail,
+            keep_previous: 0,
         }
     }
 }
@@ -78,6 +81,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         WriteOptions {
             compress: opts.compress,
             owner: Some(owner),
+            keep_previous: opts.keep_previous,
         },
     )?;
 

@@ -5,6 +5,10 @@
 //! orchestrates them; `image` is the on-disk format; `ptrace` freezes a
 //! process and `remote` runs syscalls inside it.
 
+pub mod agent;
+pub mod bpf;
+pub mod cli;
+pub mod control;
 pub mod dump;
 pub mod error;
 pub mod fds;

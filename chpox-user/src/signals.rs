@@ -78,3 +78,84 @@ pub fn dump_shared_pending(tid: i32) -> Result<Vec<PendingSignal>> {
 pub fn has_handler(actions: &[SigAction], signo: i32) -> bool {
     actions.iter().any(|a| a.signo == signo && a.handler > 1)
 }
+
+/// Set the disposition of `signo` inside the running process `pid` and
+/// return the one it replaces. The process is frozen for the moment of one
+/// remote `rt_sigaction`, then runs on.
+///
+/// This is how `chpox register` makes the trigger signal harmless: with
+/// SIG_IGN the kernel drops the signal at generation, so the target never
+/// sees it, while the tracepoint still fires for the eBPF program.
+pub fn set_action(pid: i32, action: SigAction) -> Result<SigAction> {
+    let frozen = crate::ptrace::Frozen::freeze(pid)?;
+    let syscall_ip = crate::remote::find_syscall_insn(pid)?;
+    let mut leader = RemoteThread::borrow(&frozen, pid, syscall_ip)?;
+    let scratch_len = 4096;
+    let scratch = leader.map_scratch(scratch_len)?;
+    let mut new = [0u8; KERNEL_SIGACTION_SIZE];
+    for (i, word) in [action.handler, action.flags, action.restorer, action.mask]
+        .into_iter()
+        .enumerate()
+    {
+        new[i * 8..i * 8 + 8].copy_from_slice(&word.to_ne_bytes());
+    }
+    crate::remote::write_memory(pid, scratch, &new)?;
+    let old_at = scratch + KERNEL_SIGACTION_SIZE as u64;
+    let result = leader.checked(
+        "rt_sigaction",
+        libc::SYS_rt_sigaction,
+        [action.signo as u64, scratch, old_at, 8, 0, 0],
+    );
+    let mut old = [0u8; KERNEL_SIGACTION_SIZE];
+    let read = result.and_then(|_| read_memory(pid, old_at, &mut old));
+    leader.unmap(scratch, scratch_len)?;
+    leader.give_back()?;
+    frozen.resume();
+    read?;
+    Ok(SigAction {
+        signo: action.signo,
+        handler: u64_at(&old, 0),
+        flags: u64_at(&old, 8),
+        restorer: u64_at(&old, 16),
+        mask: u64_at(&old, 24),
+    })
+}
+
+/// SIG_IGN for `signo`, as `set_action` takes it.
+pub fn ignore(signo: i32) -> SigAction {
+    SigAction {
+        signo,
+        handler: libc::SIG_IGN as u64,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    }
+}
+
+/// What /proc/PID/status says about `signo` without stopping the process:
+/// ignored (SigIgn), caught by a handler (SigCgt), or default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Default,
+    Ignored,
+    Handled,
+}
+
+pub fn disposition(pid: i32, signo: i32) -> Result<Disposition> {
+    let status = crate::error::read_proc(&format!("/proc/{pid}/status"))?;
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let bit = 1u64 << (signo - 1);
+    Ok(if mask("SigIgn:") & bit != 0 {
+        Disposition::Ignored
+    } else if mask("SigCgt:") & bit != 0 {
+        Disposition::Handled
+    } else {
+        Disposition::Default
+    })
+}

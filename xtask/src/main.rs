@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod ebpf;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -37,6 +38,15 @@ enum Task {
         /// Directory for images and the dd comparison (tmpfs by default).
         #[arg(long, default_value = "/dev/shm")]
         dir: PathBuf,
+    },
+    /// Install what building the eBPF program needs (LLVM 22, nightly Rust
+    /// with rust-src, bpf-linker); skips whatever is there.
+    InstallEbpfPrerequisites,
+    /// Build the eBPF program (chpox-ebpf) and copy it to target/chpox-ebpf.o.
+    BuildEbpf {
+        /// Build the dev profile instead of release.
+        #[arg(long)]
+        debug: bool,
     },
 }
 
@@ -103,6 +113,16 @@ fn main() -> Result<()> {
                 "--bins",
             ]))?;
             bench::run(mib, rounds.max(1), &dir)
+        }
+        Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
+        Task::BuildEbpf { debug } => {
+            let object = ebpf::build_ebpf(!debug)?;
+            println!("{}", object.display());
+            eprintln!(
+                "xtask: eBPF object copied to {}",
+                ebpf::object_copy_path().display()
+            );
+            Ok(())
         }
     }
 }

@@ -69,6 +69,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command registered with chpox-agent from its first instruction:
+    /// its trigger signal then checkpoints it instead of killing it.
+    Run {
+        /// The trigger signal.
+        #[arg(long, default_value_t = chpox_common::DEFAULT_TRIGGER_SIGNAL)]
+        signal: u32,
+        /// Image file (default: chosen by the agent; `chpox list` shows it).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// FLAGS of old chpox: 2 embeds the executable, 4 the libraries of `chpoxctl addlib`.
+        #[arg(long, default_value_t = 1)]
+        flags: u32,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Register a running process with chpox-agent.
+    #[command(visible_alias = "add")]
+    Register {
+        pid: i32,
+        #[arg(long, default_value_t = chpox_common::DEFAULT_TRIGGER_SIGNAL)]
+        signal: u32,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        flags: u32,
+        /// Take the signal over even if the process handles it itself.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop checkpointing a process and give it back its old signal disposition.
+    #[command(visible_alias = "del")]
+    Unregister { pid: i32 },
+    /// Registered processes, their images and checkpoint counts.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the trigger signal and wait until that checkpoint is written;
+    /// prints the image path.
+    Checkpoint {
+        pid: i32,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Describe an image: process, threads, memory, files, checksums.
     Inspect {
         file: PathBuf,
@@ -125,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
                     FdPolicy::Fail => UnsupportedFd::Fail,
                     FdPolicy::Null => UnsupportedFd::Null,
                 },
+                keep_previous: 0,
             };
             let report =
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?;
@@ -144,6 +191,22 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::Run {
+            signal,
+            output,
+            flags,
+            command,
+        } => return run_registered(signal, output, flags, command),
+        Command::Register {
+            pid,
+            signal,
+            output,
+            flags,
+            force,
+        } => chpox::cli::register(pid, signal, flags, output.as_deref(), force)?,
+        Command::Unregister { pid } => chpox::cli::unregister(pid)?,
+        Command::List { json } => chpox::cli::list(json)?,
+        Command::Checkpoint { pid, timeout } => chpox::cli::checkpoint(pid, timeout)?,
         Command::Inspect { file, json } => {
             let reader = ImageReader::open(&file)
                 .with_context(|| format!("cannot read image {}", file.display()))?;
@@ -161,6 +224,48 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `chpox run`: ignore the trigger signal (SIG_IGN survives execve), register
+/// this very process, then become the command, like `env` or `nohup`: the
+/// PID the caller sees is the command's, registered before its first
+/// instruction runs.
+fn run_registered(
+    signal: u32,
+    output: Option<PathBuf>,
+    flags: u32,
+    command: Vec<std::ffi::OsString>,
+) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+
+    let sig = nix::sys::signal::Signal::try_from(signal as i32)
+        .with_context(|| format!("{signal} is not a signal"))?;
+    // SAFETY: SIG_IGN installs no handler, so nothing runs in signal
+    // context; this process is single-threaded here.
+    unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }
+        .with_context(|| format!("cannot ignore signal {signal}"))?;
+    let output = output.as_deref().map(chpox::cli::absolute).transpose()?;
+    let reply = chpox::cli::ask(chpox::control::Request::Register {
+        pid: std::process::id() as i32,
+        signal,
+        flags,
+        output,
+        force: false,
+        self_ignored: true,
+    })
+    .context("cannot register with chpox-agent")?;
+    tracing::info!(?reply, "registered");
+    let (program, args) = command.split_first().context("no command to run")?;
+    let err = std::process::Command::new(program).args(args).exec();
+    // Still us: the command did not start. Do not leave a registration
+    // behind for a process that is about to exit.
+    let _ = chpox::cli::ask(chpox::control::Request::Unregister {
+        pid: std::process::id() as i32,
+    });
+    Err(anyhow::anyhow!(
+        "cannot run {}: {err}",
+        std::path::Path::new(program).display()
+    ))
 }
 
 /// The context, then each cause that adds something: library errors already

@@ -47,6 +47,8 @@ pub struct WriteOptions {
     /// uid and gid to give the image file to (e.g. the user who asked for a
     /// dump run as root).
     pub owner: Option<(u32, u32)>,
+    /// Keep this many earlier images as `FILE.1` (the newest) … `FILE.N`.
+    pub keep_previous: u32,
 }
 
 /// Writes one image; see the module documentation.
@@ -72,6 +74,7 @@ pub struct ImageWriter {
     /// The file was extended by `preallocate`; `finish` cuts it back to
     /// what was written.
     preallocated: bool,
+    keep_previous: u32,
 }
 
 /// CRC-32C of each slice, spread over the available cores: the page dump
@@ -278,6 +281,7 @@ impl ImageWriter {
             state: State::Broken,
             published: false,
             preallocated: false,
+            keep_previous: opts.keep_previous,
         };
 
         if let Some((uid, gid)) = opts.owner {
@@ -623,6 +627,7 @@ impl ImageWriter {
         // the final name pointing at a file whose blocks never hit the disk.
         self.file.sync_all().map_err(|e| self.err(e))?;
 
+        self.rotate_generations();
         nix::fcntl::renameat(
             &self.dir,
             self.temp_name.as_os_str(),
@@ -638,6 +643,44 @@ impl ImageWriter {
             _ => {}
         }
         Ok(self.pos)
+    }
+
+    /// Shift `FILE.1..` up by one and hard-link the current `FILE` as
+    /// `FILE.1`, so the rename that follows replaces `FILE` while its
+    /// previous content stays reachable. Best effort: losing an old
+    /// generation must not lose the new checkpoint.
+    fn rotate_generations(&self) {
+        if self.keep_previous == 0 {
+            return;
+        }
+        let generation = |n: u32| {
+            let mut name = self.final_name.clone();
+            name.push(format!(".{n}"));
+            name
+        };
+        for n in (1..self.keep_previous).rev() {
+            let _ = nix::fcntl::renameat(
+                &self.dir,
+                generation(n).as_os_str(),
+                &self.dir,
+                generation(n + 1).as_os_str(),
+            );
+        }
+        let _ = nix::unistd::unlinkat(
+            &self.dir,
+            generation(1).as_os_str(),
+            UnlinkatFlags::NoRemoveDir,
+        );
+        if let Err(e) = nix::unistd::linkat(
+            &self.dir,
+            self.final_name.as_os_str(),
+            &self.dir,
+            generation(1).as_os_str(),
+            nix::fcntl::AtFlags::empty(),
+        ) && e != Errno::ENOENT
+        {
+            tracing::warn!(error = %e, "could not keep the previous image");
+        }
     }
 
     /// Pads the file with zeros up to the next multiple of ALIGN.

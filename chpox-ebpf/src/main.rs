@@ -1,0 +1,256 @@
+//! The eBPF half of chpox.
+//!
+//! `chpox_signal_generate` watches `signal/signal_generate`: when a registered
+//! process is sent its trigger signal, it moves the registration's `STATES`
+//! slot from IDLE to REQUESTED and tells the agent through `EVENTS`. The
+//! tracepoint fires even for signals the target ignores (result 1), which is
+//! how a process with SIG_IGN for the trigger signal still gets checkpointed.
+//!
+//! `chpox_process_exit` watches `sched/sched_process_exit`: when the last
+//! thread of a registered process exits, it drops the `REGISTRY` entry and
+//! tells the agent, which frees the `STATES` slot.
+//!
+//! Field offsets of both tracepoints come from their format files: the agent
+//! sets `SIGNAL_OFFSETS` and `EXIT_OFFSETS` at load time.
+#![no_std]
+#![no_main]
+// `core::sync::atomic`'s types are not available on BPF targets (rustc sets
+// `atomic-cas: false` and min-atomic-width 64 for them), but LLVM's BPF backend
+// lowers the atomic intrinsics to BPF_ATOMIC instructions (cpu v3).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::ptr::{addr_of_mut, read_volatile};
+
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::{debug, info, warn};
+use chpox_common::{
+    EVENT_CHECKPOINT, EVENT_EXIT, Event, ExitOffsets, MAX_REGISTRATIONS, Registration,
+    STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, SignalOffsets, SlotState,
+};
+
+/// Registered processes, by tgid.
+#[map(name = "REGISTRY")]
+static REGISTRY: HashMap<u32, Registration> =
+    HashMap::with_max_entries(MAX_REGISTRATIONS, 0);
+
+/// Checkpoint state per registration slot; the agent mmaps it and changes
+/// `state` with atomic compare-and-swap, as this program does.
+#[map(name = "STATES")]
+static STATES: Array<SlotState> = Array::with_max_entries(MAX_REGISTRATIONS, BPF_F_MMAPABLE);
+
+/// Events for the agent (`chpox_common::Event` records).
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Offsets in `signal/signal_generate`, set by the agent at load time. Read
+/// only with `read_volatile` so the compiler cannot fold the defaults in.
+#[unsafe(no_mangle)]
+static SIGNAL_OFFSETS: SignalOffsets = SignalOffsets::DEFAULT;
+
+/// Offsets in `sched/sched_process_exit`, set by the agent at load time.
+#[unsafe(no_mangle)]
+static EXIT_OFFSETS: ExitOffsets = ExitOffsets::DEFAULT;
+
+/// How often a lost compare-and-swap on `state` is retried. Only the agent
+/// and other CPUs' signals change the state, so two tries nearly always do.
+const CAS_TRIES: u32 = 4;
+
+#[tracepoint(category = "signal", name = "signal_generate")]
+pub fn chpox_signal_generate(ctx: TracePointContext) -> u32 {
+    try_signal_generate(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
+    // SAFETY: a plain read of our own read-only global.
+    let off = unsafe { read_volatile(&SIGNAL_OFFSETS) };
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
+    let pid: i32 = unsafe { ctx.read_at(off.pid as usize)? };
+    let pid = pid as u32;
+    let Some(reg) = REGISTRY.get_ptr(pid) else {
+        return Ok(0);
+    };
+    // SAFETY: the pointer is a live map value; copy it out at once.
+    let reg = unsafe { *reg };
+    // SAFETY: as above.
+    let sig: i32 = unsafe { ctx.read_at(off.sig as usize)? };
+    let sig = sig as u32;
+    if sig != reg.signal {
+        return Ok(0);
+    }
+    let Some(slot) = STATES.get_ptr_mut(reg.slot) else {
+        warn!(ctx, "chpox: pid {} has slot {} outside STATES", pid, reg.slot);
+        return Ok(0);
+    };
+    // SAFETY: slot points into an array map value, which stays valid for the
+    // whole program run; the fields are naturally aligned for atomics.
+    let (state, signals, coalesced) = unsafe {
+        (
+            addr_of_mut!((*slot).state),
+            addr_of_mut!((*slot).signals),
+            addr_of_mut!((*slot).coalesced),
+        )
+    };
+    // SAFETY: the three pointers are valid and aligned (see above).
+    unsafe { atomic::add_u64(signals) };
+
+    // Guess IDLE first; a failed CAS hands back the state it found.
+    let mut expected = STATE_IDLE;
+    for _ in 0..CAS_TRIES {
+        let desired = match expected {
+            STATE_IDLE => STATE_REQUESTED,
+            STATE_RUNNING => STATE_RUNNING_AGAIN,
+            // REQUESTED or RUNNING_AGAIN: a checkpoint is already coming.
+            _ => {
+                // SAFETY: as above.
+                unsafe { atomic::add_u64(coalesced) };
+                debug!(ctx, "chpox: signal {} to pid {} coalesced", sig, pid);
+                return Ok(0);
+            }
+        };
+        // SAFETY: as above.
+        match unsafe { atomic::cas_u32(state, expected, desired) } {
+            Ok(_) if expected == STATE_IDLE => {
+                request_checkpoint(ctx, &off, pid, sig, reg.slot);
+                return Ok(0);
+            }
+            // RUNNING -> RUNNING_AGAIN: the agent does one more checkpoint
+            // when it finishes this one; no event needed.
+            Ok(_) => {
+                debug!(ctx, "chpox: signal {} to pid {} queued after the running checkpoint", sig, pid);
+                return Ok(0);
+            }
+            Err(actual) => expected = actual,
+        }
+    }
+    // The state kept changing under us, so the agent is working on this
+    // slot right now and will look at it again: count the signal as folded.
+    // SAFETY: as above.
+    unsafe { atomic::add_u64(coalesced) };
+    warn!(ctx, "chpox: signal {} to pid {} coalesced after {} lost CAS", sig, pid, CAS_TRIES);
+    Ok(0)
+}
+
+/// The slot is REQUESTED now: tell the agent.
+#[inline(always)]
+fn request_checkpoint(ctx: &TracePointContext, off: &SignalOffsets, pid: u32, sig: u32, slot: u32) {
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
+    let code: i32 = unsafe { ctx.read_at(off.code as usize) }.unwrap_or(0);
+    // SAFETY: as above.
+    let result: i32 = unsafe { ctx.read_at(off.result as usize) }.unwrap_or(0);
+    let sender = bpf_get_current_pid_tgid();
+    let event = Event {
+        kind: EVENT_CHECKPOINT,
+        tgid: pid,
+        target_pid: pid,
+        signal: sig,
+        code,
+        result,
+        sender_tgid: (sender >> 32) as u32,
+        sender_pid: sender as u32,
+        sender_uid: bpf_get_current_uid_gid() as u32,
+        slot,
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let sender_tgid = event.sender_tgid;
+    if EVENTS.output::<Event>(&event, 0).is_err() {
+        // STATES still says REQUESTED, so the agent finds it when it scans.
+        warn!(ctx, "chpox: EVENTS full; checkpoint of pid {} (signal {}) recorded in STATES only", pid, sig);
+    }
+    info!(ctx, "chpox: checkpoint of pid {} requested by signal {} from pid {}", pid, sig, sender_tgid);
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn chpox_process_exit(ctx: TracePointContext) -> u32 {
+    try_process_exit(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn try_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
+    let current = bpf_get_current_pid_tgid();
+    let tgid = (current >> 32) as u32;
+    let tid = current as u32;
+    let Some(reg) = REGISTRY.get_ptr(tgid) else {
+        return Ok(0);
+    };
+    // SAFETY: the pointer is a live map value; copy the slot out at once.
+    let slot = unsafe { (*reg).slot };
+    // SAFETY: a plain read of our own read-only global.
+    let off = unsafe { read_volatile(&EXIT_OFFSETS) };
+    let last_thread = if off.group_dead == u32::MAX {
+        tid == tgid
+    } else {
+        // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
+        let group_dead: u8 = unsafe { ctx.read_at(off.group_dead as usize)? };
+        group_dead != 0
+    };
+    if !last_thread {
+        return Ok(0);
+    }
+    // Another CPU may have removed it already (the agent unregistering):
+    // then that side owns the cleanup and no event is due.
+    if REGISTRY.remove(tgid).is_err() {
+        return Ok(0);
+    }
+    let event = Event {
+        kind: EVENT_EXIT,
+        tgid,
+        target_pid: tid,
+        slot,
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        ..Event::default()
+    };
+    if EVENTS.output::<Event>(&event, 0).is_err() {
+        warn!(ctx, "chpox: EVENTS full; exit of pid {} (slot {}) not reported", tgid, slot);
+    }
+    Ok(0)
+}
+
+/// The few atomic operations the program needs, on raw pointers into map
+/// values (which the agent also changes through its mmap of `STATES`).
+mod atomic {
+    use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+
+    /// Atomically add 1 (BPF_ATOMIC | BPF_ADD on a double word).
+    ///
+    /// # Safety
+    /// `p` must be valid and 8-byte aligned.
+    #[inline(always)]
+    pub unsafe fn add_u64(p: *mut u64) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, 1) };
+    }
+
+    /// Compare-and-swap (BPF_CMPXCHG on a word, a full barrier): `Ok` with
+    /// the old value if it was `old`, else `Err` with the value found.
+    ///
+    /// # Safety
+    /// `p` must be valid and 4-byte aligned.
+    #[inline(always)]
+    pub unsafe fn cas_u32(p: *mut u32, old: u32, new: u32) -> Result<u32, u32> {
+        // SAFETY: guaranteed by the caller.
+        let (found, ok) = unsafe {
+            atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+        };
+        if ok { Ok(found) } else { Err(found) }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,826 @@
+//! `chpox-agent`: turns trigger signals into checkpoints.
+//!
+//! The eBPF program marks a registration "requested" and sends an event;
+//! the agent moves it to "running", writes the image (freeze, dump, resume:
+//! the target keeps running), and back to "idle" — or, if another trigger
+//! came meanwhile, writes one more. Requests come over a Unix socket
+//! (`chpox`, `chpoxctl`) and over the old-style register FIFO.
+//!
+//! Registrations are saved to `registrations.json` in the run directory
+//! after every change; a restarted agent takes back those whose process is
+//! still the same incarnation and still ignores its trigger signal, and
+//! logs the others as lost. Between the two, a trigger signal is ignored by
+//! the target (SIG_IGN), so it is harmless, but writes no checkpoint.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chpox_common::{
+    EVENT_CHECKPOINT, EVENT_EXIT, Event, MAX_REGISTRATIONS, Registration, STATE_IDLE,
+    STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, flags,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{error, info, warn};
+
+use crate::bpf::{Bpf, StatesMap, parse_event};
+use crate::control::{
+    FIFO_NAME, ListEntry, Request, Response, SOCKET_NAME, STATE_NAME, parse_register_line,
+};
+use crate::dump::{DumpOptions, dump};
+use crate::image::model::SigAction;
+use crate::signals::{self, Disposition};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub run_dir: PathBuf,
+    pub ebpf_object: Option<PathBuf>,
+    /// Earlier images kept per registration (`FILE.1` … `FILE.N`).
+    pub keep: u32,
+    /// Where images go when a registration names no file.
+    pub image_dir: PathBuf,
+}
+
+/// Who sent a request, from the socket's credentials.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<i32>,
+}
+
+impl Caller {
+    const ROOT: Caller = Caller { uid: 0, pid: None };
+}
+
+/// One registered process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    pid: i32,
+    start_time: u64,
+    uid: u32,
+    comm: String,
+    signal: u32,
+    flags: u32,
+    output: PathBuf,
+    /// The disposition we replaced with SIG_IGN, put back on unregister.
+    /// None when the process ignored the signal already.
+    previous_action: Option<SigAction>,
+    #[serde(skip)]
+    slot: u32,
+    #[serde(skip)]
+    checkpoints: u64,
+    #[serde(skip)]
+    last_checkpoint: Option<u64>,
+    #[serde(skip)]
+    last_error: Option<String>,
+}
+
+/// The outcome of one checkpoint, for `chpox checkpoint` waiters.
+type Outcome = Result<(PathBuf, u64, u64), String>;
+
+struct State {
+    entries: HashMap<i32, Entry>,
+    free_slots: Vec<u32>,
+    /// Libraries to embed for FLAGS 4, per user (`chpoxctl addlib`).
+    libs: HashMap<u32, Vec<PathBuf>>,
+    /// `chpox checkpoint` callers waiting for the next checkpoint of a PID.
+    waiters: HashMap<i32, Vec<mpsc::Sender<Outcome>>>,
+    bpf: Bpf,
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    state: Mutex<State>,
+    states: Arc<StatesMap>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .ok()
+        .filter(|s| s.state != 'Z')
+        .map(|s| s.starttime)
+}
+
+fn state_name(state: u32) -> &'static str {
+    match state {
+        STATE_IDLE => "idle",
+        STATE_REQUESTED => "requested",
+        STATE_RUNNING => "running",
+        STATE_RUNNING_AGAIN => "running+again",
+        _ => "unknown",
+    }
+}
+
+impl Agent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; carry on.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, state: &State) {
+        let entries: Vec<&Entry> = state.entries.values().collect();
+        let path = self.config.run_dir.join(STATE_NAME);
+        let tmp = self.config.run_dir.join(format!(".{STATE_NAME}.tmp"));
+        let result = serde_json::to_vec_pretty(&entries)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            warn!(error = %e, path = %path.display(), "could not save registrations");
+        }
+    }
+
+    /// Handle one request. Blocking: may freeze a process or wait for a
+    /// checkpoint; call from a blocking thread.
+    pub fn handle(&self, caller: Caller, req: Request) -> Response {
+        let result = match req {
+            Request::Register {
+                pid,
+                signal,
+                flags,
+                output,
+                force,
+                self_ignored,
+            } => self.register(caller, pid, signal, flags, output, force, self_ignored),
+            Request::Unregister { pid } => self.unregister(caller, pid),
+            Request::List => Ok(self.list(caller)),
+            Request::Checkpoint { pid, timeout_secs } => {
+                self.checkpoint(caller, pid, Duration::from_secs(timeout_secs))
+            }
+            Request::AddLib { path } => self.edit_libs(caller, |libs| {
+                if !path.is_absolute() || !path.exists() {
+                    return Err(format!(
+                        "{} does not exist; give the library's absolute path",
+                        path.display()
+                    ));
+                }
+                if !libs.contains(&path) {
+                    libs.push(path.clone());
+                }
+                Ok(())
+            }),
+            Request::DelLib { path } => self.edit_libs(caller, |libs| {
+                let before = libs.len();
+                libs.retain(|l| l != &path);
+                if libs.len() == before {
+                    return Err(format!("{} is not in your library list", path.display()));
+                }
+                Ok(())
+            }),
+            Request::ClearLibs => self.edit_libs(caller, |libs| {
+                libs.clear();
+                Ok(())
+            }),
+            Request::ListLibs => Ok(Response::Libs {
+                libs: self
+                    .lock()
+                    .libs
+                    .get(&caller.uid)
+                    .cloned()
+                    .unwrap_or_default(),
+            }),
+        };
+        result.unwrap_or_else(|message| Response::Error { message })
+    }
+
+    fn edit_libs(
+        &self,
+        caller: Caller,
+        edit: impl FnOnce(&mut Vec<PathBuf>) -> Result<(), String>,
+    ) -> Result<Response, String> {
+        let mut state = self.lock();
+        edit(state.libs.entry(caller.uid).or_default())?;
+        Ok(Response::Ok)
+    }
+
+    fn check_owner(caller: Caller, pid: i32) -> Result<u32, String> {
+        let uid = crate::process::owner(pid)
+            .map_err(|_| format!("no process with PID {pid}"))?
+            .0;
+        if caller.uid != 0 && caller.uid != uid {
+            return Err(format!(
+                "permission denied: PID {pid} belongs to uid {uid}; only root or its owner may register it"
+            ));
+        }
+        Ok(uid)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &self,
+        caller: Caller,
+        pid: i32,
+        signal: u32,
+        flags: u32,
+        output: Option<PathBuf>,
+        force: bool,
+        self_ignored: bool,
+    ) -> Result<Response, String> {
+        if !(1..=64).contains(&signal) || signal == 9 || signal == 19 {
+            return Err(format!(
+                "signal {signal} cannot trigger checkpoints (1–64, not KILL or STOP)"
+            ));
+        }
+        if flags & !flags::KNOWN != 0 {
+            return Err(format!("unknown FLAGS bits in {flags}"));
+        }
+        crate::process::check_dumpable(pid).map_err(|e| e.to_string())?;
+        let uid = Self::check_owner(caller, pid)?;
+        if self.lock().entries.contains_key(&pid) {
+            return Err(format!(
+                "PID {pid} is registered already; `chpox unregister {pid}` first to change it"
+            ));
+        }
+        let start = start_time(pid).ok_or_else(|| format!("no process with PID {pid}"))?;
+        let comm = crate::process::thread_comm(pid, pid).unwrap_or_default();
+        let output = match output {
+            Some(p) if p.is_absolute() => p,
+            Some(p) => return Err(format!("output {} must be an absolute path", p.display())),
+            None => self.config.image_dir.join(format!("{comm}-{pid}.chpox")),
+        };
+        let signo = signal as i32;
+
+        // Make the trigger harmless: SIG_IGN drops it at generation, after
+        // the tracepoint has seen it.
+        let previous_action = match signals::disposition(pid, signo).map_err(|e| e.to_string())? {
+            Disposition::Ignored => None,
+            _ if self_ignored => {
+                return Err(format!(
+                    "PID {pid} was to ignore signal {signal} itself but does not"
+                ));
+            }
+            Disposition::Handled if !force => {
+                return Err(format!(
+                    "PID {pid} handles signal {signal} itself; register it with another --signal, or --force to take the signal over"
+                ));
+            }
+            _ => Some(
+                signals::set_action(pid, signals::ignore(signo)).map_err(|e| {
+                    format!("cannot make signal {signal} harmless in PID {pid}: {e}")
+                })?,
+            ),
+        };
+
+        let mut state = self.lock();
+        let Some(slot) = state.free_slots.pop() else {
+            drop(state);
+            self.put_back(pid, previous_action);
+            return Err(format!(
+                "{MAX_REGISTRATIONS} processes are registered already"
+            ));
+        };
+        let reg = Registration {
+            signal,
+            flags,
+            slot,
+            _pad: 0,
+            start_time: start,
+        };
+        if let Err(e) = state.bpf.register(pid as u32, reg) {
+            state.free_slots.push(slot);
+            drop(state);
+            self.put_back(pid, previous_action);
+            return Err(e.to_string());
+        }
+        // The process may have exited between our checks and the insert; the
+        // exit tracepoint would then have found nothing to remove.
+        if start_time(pid) != Some(start) {
+            state.bpf.unregister(pid as u32);
+            state.free_slots.push(slot);
+            return Err(format!("PID {pid} exited while being registered"));
+        }
+        state.entries.insert(
+            pid,
+            Entry {
+                pid,
+                start_time: start,
+                uid,
+                comm: comm.clone(),
+                signal,
+                flags,
+                output: output.clone(),
+                previous_action,
+                slot,
+                checkpoints: 0,
+                last_checkpoint: None,
+                last_error: None,
+            },
+        );
+        self.save(&state);
+        info!(pid, comm, signal, flags, output = %output.display(), "registered");
+        Ok(Response::Registered {
+            pid,
+            signal,
+            output,
+        })
+    }
+
+    /// Restore a disposition we changed, best effort.
+    fn put_back(&self, pid: i32, previous: Option<SigAction>) {
+        if let Some(action) = previous
+            && let Err(e) = signals::set_action(pid, action)
+        {
+            warn!(pid, error = %e, "could not restore the signal disposition");
+        }
+    }
+
+    fn unregister(&self, caller: Caller, pid: i32) -> Result<Response, String> {
+        let entry = {
+            let mut state = self.lock();
+            let Some(entry) = state.entries.get(&pid) else {
+                return Err(format!("PID {pid} is not registered"));
+            };
+            if caller.uid != 0 && caller.uid != entry.uid {
+                return Err(format!(
+                    "permission denied: PID {pid} belongs to uid {}",
+                    entry.uid
+                ));
+            }
+            let entry = state.entries.remove(&pid).ok_or("vanished")?;
+            state.bpf.unregister(pid as u32);
+            state.free_slots.push(entry.slot);
+            fail_waiters(&mut state, pid, "the process was unregistered");
+            self.save(&state);
+            entry
+        };
+        if start_time(pid) == Some(entry.start_time) {
+            self.put_back(pid, entry.previous_action);
+        }
+        info!(pid, "unregistered");
+        Ok(Response::Ok)
+    }
+
+    fn list(&self, caller: Caller) -> Response {
+        let state = self.lock();
+        let mut entries: Vec<ListEntry> = state
+            .entries
+            .values()
+            .filter(|e| caller.uid == 0 || caller.uid == e.uid)
+            .map(|e| {
+                let slot = self.states.load(e.slot);
+                ListEntry {
+                    pid: e.pid,
+                    comm: e.comm.clone(),
+                    uid: e.uid,
+                    signal: e.signal,
+                    flags: e.flags,
+                    output: e.output.clone(),
+                    checkpoints: e.checkpoints,
+                    last_checkpoint: e.last_checkpoint,
+                    state: state_name(slot.state).to_string(),
+                    signals: slot.signals,
+                    coalesced: slot.coalesced,
+                    last_error: e.last_error.clone(),
+                }
+            })
+            .collect();
+        entries.sort_by_key(|e| e.pid);
+        Response::List { entries }
+    }
+
+    fn checkpoint(&self, caller: Caller, pid: i32, timeout: Duration) -> Result<Response, String> {
+        let (tx, rx) = mpsc::channel();
+        let signal = {
+            let mut state = self.lock();
+            let Some(entry) = state.entries.get(&pid) else {
+                return Err(format!(
+                    "PID {pid} is not registered; `chpox register {pid}` first"
+                ));
+            };
+            if caller.uid != 0 && caller.uid != entry.uid {
+                return Err(format!(
+                    "permission denied: PID {pid} belongs to uid {}",
+                    entry.uid
+                ));
+            }
+            let signal = entry.signal;
+            state.waiters.entry(pid).or_default().push(tx);
+            signal
+        };
+        // The same signal a user would send: the whole path is exercised.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::try_from(signal as i32).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("cannot signal PID {pid}: {e}"))?;
+        match rx.recv_timeout(timeout) {
+            Ok(Ok((image, generation, bytes))) => Ok(Response::Checkpointed {
+                pid,
+                image,
+                generation,
+                bytes,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!(
+                "no checkpoint of PID {pid} within {} s",
+                timeout.as_secs()
+            )),
+        }
+    }
+
+    /// Write the checkpoint(s) an event asked for. Blocking.
+    fn run_checkpoints(&self, event: Event) {
+        let pid = event.tgid as i32;
+        let Some(entry) = self.lock().entries.get(&pid).cloned() else {
+            // Unregistered meanwhile: nothing to do but free the state.
+            self.states
+                .transition(event.slot, STATE_REQUESTED, STATE_IDLE);
+            return;
+        };
+        if !self
+            .states
+            .transition(entry.slot, STATE_REQUESTED, STATE_RUNNING)
+        {
+            warn!(
+                pid,
+                "checkpoint event for a registration that is not requested"
+            );
+            return;
+        }
+        loop {
+            let outcome = self.checkpoint_once(&entry, &event);
+            {
+                let mut state = self.lock();
+                if let Some(e) = state.entries.get_mut(&pid) {
+                    match &outcome {
+                        Ok(_) => {
+                            e.checkpoints += 1;
+                            e.last_checkpoint = Some(unix_now());
+                            e.last_error = None;
+                        }
+                        Err(msg) => e.last_error = Some(msg.clone()),
+                    }
+                }
+                let outcome = outcome.map(|(image, bytes)| {
+                    let generation = state.entries.get(&pid).map(|e| e.checkpoints).unwrap_or(0);
+                    (image, generation, bytes)
+                });
+                for w in state.waiters.remove(&pid).unwrap_or_default() {
+                    let _ = w.send(outcome.clone());
+                }
+            }
+            if self
+                .states
+                .transition(entry.slot, STATE_RUNNING, STATE_IDLE)
+            {
+                return;
+            }
+            // A trigger came while we were writing: one more, as asked.
+            if !self
+                .states
+                .transition(entry.slot, STATE_RUNNING_AGAIN, STATE_RUNNING)
+            {
+                return;
+            }
+        }
+    }
+
+    fn checkpoint_once(&self, entry: &Entry, event: &Event) -> Result<(PathBuf, u64), String> {
+        let pid = entry.pid;
+        if start_time(pid) != Some(entry.start_time) {
+            return Err(format!("PID {pid} is no longer the registered process"));
+        }
+        let mut opts = DumpOptions::new(&entry.output);
+        opts.keep_previous = self.config.keep;
+        opts.embed_exe = entry.flags & flags::EMBED_EXE != 0;
+        if entry.flags & flags::EMBED_LIBS != 0 {
+            opts.embed_libs = self
+                .lock()
+                .libs
+                .get(&entry.uid)
+                .cloned()
+                .unwrap_or_default();
+        }
+        // Descriptors chpox cannot restore yet must not cost a long-running
+        // job its checkpoints: they are recorded and come back as /dev/null.
+        opts.unsupported_fd = crate::fds::UnsupportedFd::Null;
+        let latency_ms = monotonic_ns().saturating_sub(event.timestamp_ns) as f64 / 1e6;
+        match dump(pid, &opts) {
+            Ok(report) => {
+                info!(
+                    pid,
+                    comm = %report.comm,
+                    image = %report.image.display(),
+                    bytes = report.image_bytes,
+                    frozen_ms = format!("{:.1}", report.frozen.as_secs_f64() * 1e3),
+                    total_ms = format!("{:.1}", report.total.as_secs_f64() * 1e3),
+                    since_signal_ms = format!("{latency_ms:.1}"),
+                    "checkpoint written"
+                );
+                Ok((report.image, report.image_bytes))
+            }
+            Err(e) => {
+                error!(pid, error = %e, "checkpoint failed");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn on_exit(&self, event: Event) {
+        let pid = event.tgid as i32;
+        let mut state = self.lock();
+        if let Some(entry) = state.entries.remove(&pid) {
+            state.free_slots.push(entry.slot);
+            fail_waiters(&mut state, pid, "the process exited");
+            self.save(&state);
+            info!(pid, comm = %entry.comm, checkpoints = entry.checkpoints, "registered process exited");
+        }
+    }
+
+    /// Take back the registrations a previous agent saved.
+    fn restore_registrations(&self) {
+        let path = self.config.run_dir.join(STATE_NAME);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let saved: Vec<Entry> = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, path = %path.display(), "ignoring unreadable saved registrations");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        for mut entry in saved {
+            let alive = start_time(entry.pid) == Some(entry.start_time);
+            let ignored = signals::disposition(entry.pid, entry.signal as i32)
+                .is_ok_and(|d| d == Disposition::Ignored);
+            if !alive || !ignored {
+                warn!(pid = entry.pid, comm = %entry.comm, "registration lost: the process is gone or no longer ignores its signal");
+                continue;
+            }
+            let Some(slot) = state.free_slots.pop() else {
+                break;
+            };
+            entry.slot = slot;
+            let reg = Registration {
+                signal: entry.signal,
+                flags: entry.flags,
+                slot,
+                _pad: 0,
+                start_time: entry.start_time,
+            };
+            if let Err(e) = state.bpf.register(entry.pid as u32, reg) {
+                warn!(pid = entry.pid, error = %e, "registration lost");
+                state.free_slots.push(slot);
+                continue;
+            }
+            info!(pid = entry.pid, comm = %entry.comm, "registration taken back after restart");
+            state.entries.insert(entry.pid, entry);
+        }
+        self.save(&state);
+    }
+}
+
+fn fail_waiters(state: &mut State, pid: i32, why: &str) {
+    for w in state.waiters.remove(&pid).unwrap_or_default() {
+        let _ = w.send(Err(format!("PID {pid}: {why}")));
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn prepare_run_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let socket = dir.join(SOCKET_NAME);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        anyhow::bail!(
+            "another chpox-agent is already serving {}; stop it first",
+            socket.display()
+        );
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Run the agent until SIGINT or SIGTERM.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "chpox-agent must run as root (it loads eBPF and traces processes); use sudo"
+        );
+    }
+    prepare_run_dir(&config.run_dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&config.image_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", config.image_dir.display()))?;
+
+    let mut bpf = Bpf::load(config.ebpf_object.as_deref())?;
+    let events = bpf
+        .events
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("event ring buffer missing"))?;
+    let logger = bpf.logger.take();
+    let states = bpf.states();
+    let agent = Arc::new(Agent {
+        config: config.clone(),
+        state: Mutex::new(State {
+            entries: HashMap::new(),
+            free_slots: (0..MAX_REGISTRATIONS).rev().collect(),
+            libs: HashMap::new(),
+            waiters: HashMap::new(),
+            bpf,
+        }),
+        states,
+    });
+    agent.restore_registrations();
+
+    let socket_path = config.run_dir.join(SOCKET_NAME);
+    let listener = UnixListener::bind(&socket_path)?;
+    // Anyone may connect; the agent checks each caller's credentials.
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o666))?;
+    start_fifo(Arc::clone(&agent), &config.run_dir)?;
+
+    let event_task = tokio::spawn(serve_events(Arc::clone(&agent), events));
+    if let Some(logger) = logger {
+        tokio::spawn(serve_logger(logger));
+    }
+    info!(socket = %socket_path.display(), "chpox-agent ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(serve_client(Arc::clone(&agent), stream)); }
+                Err(e) => warn!(error = %e, "accept failed"),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    info!("chpox-agent stopping; registrations are kept for the next start");
+    event_task.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    let _ = std::fs::remove_file(config.run_dir.join(FIFO_NAME));
+    Ok(())
+}
+
+async fn serve_client(agent: Arc<Agent>, stream: UnixStream) {
+    let caller = match stream.peer_cred() {
+        Ok(c) => Caller {
+            uid: c.uid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            warn!(error = %e, "no credentials on control connection");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let agent = Arc::clone(&agent);
+                tokio::task::spawn_blocking(move || agent.handle(caller, req))
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        message: format!("internal error: {e}"),
+                    })
+            }
+            Err(e) => Response::Error {
+                message: format!("malformed request: {e}"),
+            },
+        };
+        let Ok(mut text) = serde_json::to_string(&response) else {
+            return;
+        };
+        text.push('\n');
+        if write.write_all(text.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn serve_events(agent: Arc<Agent>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    let mut fd = match readable_fd(ring) {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!(error = %e, "cannot poll the event ring buffer");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some(event) = parse_event(&item) else {
+                continue;
+            };
+            drop(item);
+            let agent = Arc::clone(&agent);
+            match event.kind {
+                EVENT_CHECKPOINT => {
+                    tokio::task::spawn_blocking(move || agent.run_checkpoints(event));
+                }
+                EVENT_EXIT => agent.on_exit(event),
+                other => warn!(kind = other, "unknown event"),
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Register a ring buffer (events or logs) with tokio for readability.
+fn readable_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` is a ring buffer that owns its map's descriptor for
+    // as long as it lives, and returns that same descriptor from
+    // as_raw_fd() every time; the AsyncFd owns `inner`, so the descriptor
+    // outlives the registration.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+async fn serve_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(mut fd) = readable_fd(logger) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// The old-style register FIFO: `echo PID:SIG:FLAGS:FILE > /run/chpox/register`.
+/// Root-only (mode 0600), so each line is handled as root's request.
+fn start_fifo(agent: Arc<Agent>, run_dir: &Path) -> anyhow::Result<()> {
+    let path = run_dir.join(FIFO_NAME);
+    let _ = std::fs::remove_file(&path);
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    std::thread::Builder::new()
+        .name("register-fifo".into())
+        .spawn(move || {
+            loop {
+                // Blocks until a writer opens it; EOF when the writer closes.
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        error!(error = %e, path = %path.display(), "register FIFO unusable");
+                        return;
+                    }
+                };
+                for line in BufReader::new(file).lines() {
+                    let Ok(line) = line else { break };
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    handle_register_line(&agent, &line);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn handle_register_line(agent: &Agent, line: &str) {
+    match parse_register_line(line) {
+        Err(reason) => warn!(line, reason, "register line rejected"),
+        Ok(reg) => {
+            let response = agent.handle(
+                Caller::ROOT,
+                Request::Register {
+                    pid: reg.pid,
+                    signal: reg.signal,
+                    flags: reg.flags,
+                    output: Some(reg.output),
+                    force: false,
+                    self_ignored: false,
+                },
+            );
+            if let Response::Error { message } = response {
+                warn!(line, reason = message, "register line rejected");
+            }
+        }
+    }
+}

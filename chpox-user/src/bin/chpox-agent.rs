@@ -1,0 +1,63 @@
+//! `chpox-agent`: the root daemon that turns `kill -31 PID` into a
+//! checkpoint of a registered process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use chpox::agent::{AgentConfig, run};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "chpox-agent",
+    version,
+    about = "Checkpoint registered processes when they are sent their trigger signal"
+)]
+struct Args {
+    /// Directory of the control socket, the register FIFO and saved registrations.
+    #[arg(long, env = "CHPOX_RUN_DIR", default_value = chpox::control::RUN_DIR)]
+    run_dir: PathBuf,
+    /// The eBPF object (default: next to this binary, or target/chpox-ebpf.o).
+    #[arg(long)]
+    ebpf_object: Option<PathBuf>,
+    /// Earlier images to keep per process, as FILE.1 … FILE.N.
+    #[arg(long, default_value_t = 1)]
+    keep: u32,
+    /// Where images go for registrations that name no file.
+    #[arg(long, default_value = "/var/lib/chpox")]
+    image_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHPOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chpox-agent: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = AgentConfig {
+        run_dir: args.run_dir,
+        ebpf_object: args.ebpf_object,
+        keep: args.keep,
+        image_dir: args.image_dir,
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chpox-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

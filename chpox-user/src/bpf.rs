@@ -1,0 +1,431 @@
+//! The link to the eBPF program: mounting tracefs and bpffs, loading the
+//! object with the tracepoint field offsets of this kernel, attaching, and
+//! the maps: `REGISTRY` (who is registered), `STATES` (each registration's
+//! checkpoint state, shared with the program through a memory mapping so
+//! both sides can compare-and-swap it) and `EVENTS` (the ring buffer).
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::programs::TracePoint;
+use aya::{Ebpf, EbpfLoader};
+use chpox_common::{
+    Event, ExitOffsets, MAX_REGISTRATIONS, Registration, SignalOffsets, SlotState, names,
+};
+use tracing::{debug, info};
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("cannot mount {fs} at {path}: {source}; are you root?")]
+    Mount {
+        fs: &'static str,
+        path: &'static str,
+        source: nix::Error,
+    },
+    #[error(
+        "eBPF object not found (looked in {0}); build it with `cargo xtask build-ebpf` or name it with --ebpf-object"
+    )]
+    ObjectMissing(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("tracepoint {tracepoint}: field {field} missing from its format file")]
+    FormatField {
+        tracepoint: &'static str,
+        field: &'static str,
+    },
+    #[error("loading the eBPF program: {0}")]
+    Load(String),
+    #[error("eBPF map {0} missing from the object")]
+    MapMissing(&'static str),
+    #[error("eBPF map {map}: {reason}")]
+    Map { map: &'static str, reason: String },
+    #[error("memory-mapping the STATES map: {0}")]
+    Mmap(nix::Error),
+}
+
+fn is_mounted(path: &str, fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let mut cols = l.split_whitespace();
+                cols.nth(1) == Some(path) && cols.next() == Some(fstype)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Mount tracefs and bpffs where the kernel documents them, if missing.
+/// (Some VMs boot without them; attaching tracepoints needs tracefs.)
+pub fn mount_filesystems() -> Result<(), BpfError> {
+    for (fs, path) in [("tracefs", TRACEFS), ("bpf", BPFFS)] {
+        if is_mounted(path, fs) {
+            continue;
+        }
+        info!(path, "mounting {fs}");
+        nix::mount::mount(
+            Some("none"),
+            path,
+            Some(fs),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| BpfError::Mount { fs, path, source })?;
+    }
+    Ok(())
+}
+
+/// Offset of `field` in a tracepoint format file.
+pub fn field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?;
+        let (decl, rest) = decl.split_once(';')?;
+        // "int sig", "char comm[16]": the name is the last word, minus [N].
+        let name = decl.split_whitespace().last()?.split('[').next()?;
+        if name != field {
+            return None;
+        }
+        rest.split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+fn read_format(tracepoint: &str) -> Result<String, BpfError> {
+    let path = format!("{TRACEFS}/events/{tracepoint}/format");
+    std::fs::read_to_string(&path).map_err(|source| BpfError::Read { path, source })
+}
+
+/// Field offsets of this kernel's tracepoints, from their format files.
+pub fn tracepoint_offsets() -> Result<(SignalOffsets, ExitOffsets), BpfError> {
+    let signal = read_format("signal/signal_generate")?;
+    let field = |name: &'static str| {
+        field_offset(&signal, name).ok_or(BpfError::FormatField {
+            tracepoint: "signal/signal_generate",
+            field: name,
+        })
+    };
+    let signal_offsets = SignalOffsets {
+        sig: field("sig")?,
+        code: field("code")?,
+        pid: field("pid")?,
+        result: field("result")?,
+    };
+    let exit = read_format("sched/sched_process_exit")?;
+    let exit_offsets = ExitOffsets {
+        // Older kernels lack group_dead; the program then watches the leader.
+        group_dead: field_offset(&exit, "group_dead").unwrap_or(u32::MAX),
+    };
+    if signal_offsets != SignalOffsets::DEFAULT {
+        info!(
+            ?signal_offsets,
+            "this kernel lays out signal_generate differently; using its offsets"
+        );
+    }
+    Ok((signal_offsets, exit_offsets))
+}
+
+/// Where to look for the eBPF object when none is named.
+pub fn default_object_paths() -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        paths.push(dir.join("chpox-ebpf.o"));
+        // target/{debug,release}/chpox-agent → target/chpox-ebpf.o
+        if let Some(target) = dir.parent() {
+            paths.push(target.join("chpox-ebpf.o"));
+        }
+    }
+    paths.push(PathBuf::from("/usr/lib/chpox/chpox-ebpf.o"));
+    paths
+}
+
+/// The loaded and attached program with its maps.
+pub struct Bpf {
+    /// Keeps programs and links alive.
+    _ebpf: Ebpf,
+    registry: BpfHashMap<MapData, u32, Registration>,
+    states: Arc<StatesMap>,
+    /// The agent takes these to poll them.
+    pub events: Option<RingBuf<MapData>>,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Bpf {
+    pub fn load(object: Option<&Path>) -> Result<Bpf, BpfError> {
+        mount_filesystems()?;
+        let candidates = match object {
+            Some(p) => vec![p.to_path_buf()],
+            None => default_object_paths(),
+        };
+        let path = candidates.iter().find(|p| p.exists()).ok_or_else(|| {
+            BpfError::ObjectMissing(
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })?;
+        let bytes = std::fs::read(path).map_err(|source| BpfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let (signal_offsets, exit_offsets) = tracepoint_offsets()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GLOBAL_SIGNAL_OFFSETS, &signal_offsets, true)
+            .override_global(names::GLOBAL_EXIT_OFFSETS, &exit_offsets, true)
+            .load(&bytes)
+            .map_err(|e| BpfError::Load(e.to_string()))?;
+        // The logger must exist before the programs load (they reference
+        // its map) and live as long as they do.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                debug!(error = %e, "eBPF logging unavailable");
+                None
+            }
+        };
+        for (program, category, name) in [
+            (names::SIGNAL_PROGRAM, "signal", "signal_generate"),
+            (names::EXIT_PROGRAM, "sched", "sched_process_exit"),
+        ] {
+            let tp: &mut TracePoint = ebpf
+                .program_mut(program)
+                .ok_or_else(|| BpfError::Load(format!("program {program} missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| BpfError::Load(e.to_string()))?;
+            tp.load()
+                .map_err(|e| BpfError::Load(format!("{program}: {e}")))?;
+            tp.attach(category, name)
+                .map_err(|e| BpfError::Load(format!("attaching {category}/{name}: {e}")))?;
+        }
+        let map_err = |map: &'static str| {
+            move |e: aya::maps::MapError| BpfError::Map {
+                map,
+                reason: e.to_string(),
+            }
+        };
+        let registry = BpfHashMap::try_from(
+            ebpf.take_map(names::REGISTRY)
+                .ok_or(BpfError::MapMissing(names::REGISTRY))?,
+        )
+        .map_err(map_err(names::REGISTRY))?;
+        let events = RingBuf::try_from(
+            ebpf.take_map(names::EVENTS)
+                .ok_or(BpfError::MapMissing(names::EVENTS))?,
+        )
+        .map_err(map_err(names::EVENTS))?;
+        let states_map = ebpf
+            .take_map(names::STATES)
+            .ok_or(BpfError::MapMissing(names::STATES))?;
+        let states = Arc::new(StatesMap::new(states_map)?);
+        info!(object = %path.display(), "eBPF program loaded and attached");
+        Ok(Bpf {
+            _ebpf: ebpf,
+            registry,
+            states,
+            events: Some(events),
+            logger,
+        })
+    }
+
+    pub fn register(&mut self, tgid: u32, reg: Registration) -> Result<(), BpfError> {
+        self.states.reset(reg.slot);
+        self.registry
+            .insert(tgid, reg, 0)
+            .map_err(|e| BpfError::Map {
+                map: names::REGISTRY,
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn unregister(&mut self, tgid: u32) {
+        // Absent already when the program saw the process exit.
+        let _ = self.registry.remove(&tgid);
+    }
+
+    pub fn states(&self) -> Arc<StatesMap> {
+        Arc::clone(&self.states)
+    }
+}
+
+/// The `STATES` array, memory-mapped so that the agent changes a slot's
+/// state with the same atomic compare-and-swap the eBPF program uses. (A
+/// map update syscall would overwrite the value wholesale and could lose a
+/// request the program recorded in between.)
+pub struct StatesMap {
+    /// Keeps the map (and so the mapping's backing) alive.
+    _map: aya::maps::Map,
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics.
+unsafe impl Send for StatesMap {}
+// SAFETY: as above; every access is an atomic operation.
+unsafe impl Sync for StatesMap {}
+
+const SLOT_SIZE: usize = std::mem::size_of::<SlotState>();
+
+impl StatesMap {
+    fn new(map: aya::maps::Map) -> Result<StatesMap, BpfError> {
+        let len = (SLOT_SIZE * MAX_REGISTRATIONS as usize).next_multiple_of(4096);
+        let fd = match &map {
+            aya::maps::Map::Array(data) => data.fd().as_fd().try_clone_to_owned(),
+            _ => {
+                return Err(BpfError::Map {
+                    map: names::STATES,
+                    reason: "is not an array".into(),
+                });
+            }
+        }
+        .map_err(|e| BpfError::Map {
+            map: names::STATES,
+            reason: e.to_string(),
+        })?;
+        // SAFETY: mapping a BPF_F_MMAPABLE array map shared, read-write,
+        // from offset 0 for at most its size: the kernel's documented way
+        // to share array values with user space. The fd is kept alive by
+        // `map`, and the mapping by `self` until Drop unmaps it.
+        let base = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(len).ok_or(BpfError::Mmap(nix::Error::EINVAL))?,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(BpfError::Mmap)?;
+        Ok(StatesMap {
+            _map: map,
+            base: base.as_ptr().cast(),
+            len,
+        })
+    }
+
+    fn slot_ptr(&self, slot: u32) -> Option<*mut u8> {
+        let offset = slot as usize * SLOT_SIZE;
+        (offset + SLOT_SIZE <= self.len).then(|| self.base.wrapping_add(offset))
+    }
+
+    fn state(&self, slot: u32) -> Option<&AtomicU32> {
+        // SAFETY: slot_ptr is in bounds of our live mapping and 8-aligned
+        // (SLOT_SIZE is 24 and the base is page-aligned); `state` is the
+        // first field of the #[repr(C)] SlotState.
+        self.slot_ptr(slot)
+            .map(|p| unsafe { AtomicU32::from_ptr(p.cast()) })
+    }
+
+    fn counter(&self, slot: u32, field_offset: usize) -> u64 {
+        self.slot_ptr(slot)
+            .map(|p| {
+                // SAFETY: as in `state`; the counters are the u64 fields at
+                // offsets 8 and 16, 8-aligned.
+                unsafe { AtomicU64::from_ptr(p.wrapping_add(field_offset).cast()) }
+                    .load(Ordering::Acquire)
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn load(&self, slot: u32) -> SlotState {
+        SlotState {
+            state: self
+                .state(slot)
+                .map(|s| s.load(Ordering::Acquire))
+                .unwrap_or(0),
+            _pad: 0,
+            signals: self.counter(slot, 8),
+            coalesced: self.counter(slot, 16),
+        }
+    }
+
+    /// Atomically move `slot` from `from` to `to`; false if it was not `from`.
+    pub fn transition(&self, slot: u32, from: u32, to: u32) -> bool {
+        self.state(slot).is_some_and(|s| {
+            s.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+    }
+
+    /// Start a new registration in `slot` with clean counters.
+    pub fn reset(&self, slot: u32) {
+        if let Some(p) = self.slot_ptr(slot) {
+            // SAFETY: in bounds of the mapping, as in `state`; the slot is not
+            // in REGISTRY yet, so the program does not touch it.
+            unsafe {
+                AtomicU32::from_ptr(p.cast()).store(chpox_common::STATE_IDLE, Ordering::Release);
+                AtomicU64::from_ptr(p.wrapping_add(8).cast()).store(0, Ordering::Release);
+                AtomicU64::from_ptr(p.wrapping_add(16).cast()).store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Drop for StatesMap {
+    fn drop(&mut self) {
+        if let Some(ptr) = std::ptr::NonNull::new(self.base.cast()) {
+            // SAFETY: unmapping exactly the mapping `new` created; no
+            // reference into it outlives `self`.
+            let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
+        }
+    }
+}
+
+/// Decode a ring buffer record.
+pub fn parse_event(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: the length is checked above, read_unaligned copes with any
+    // alignment, and Event is #[repr(C)] plain integers valid for any bits.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: signal_generate
+ID: 261
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int sig;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:int errno;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:int code;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:char comm[16];\toffset:20;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:36;\tsize:4;\tsigned:1;
+\tfield:int group;\toffset:40;\tsize:4;\tsigned:1;
+\tfield:int result;\toffset:44;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn offsets_come_from_the_format_file() {
+        assert_eq!(field_offset(FORMAT, "sig"), Some(8));
+        assert_eq!(field_offset(FORMAT, "pid"), Some(36));
+        assert_eq!(field_offset(FORMAT, "comm"), Some(20));
+        assert_eq!(field_offset(FORMAT, "result"), Some(44));
+        assert_eq!(field_offset(FORMAT, "common_pid"), Some(4));
+        assert_eq!(field_offset(FORMAT, "nope"), None);
+    }
+
+    #[test]
+    fn short_records_are_not_events() {
+        assert!(parse_event(&[0u8; 10]).is_none());
+        let e = parse_event(&[0u8; 48]).expect("full record");
+        assert_eq!(e.kind, 0);
+    }
+}

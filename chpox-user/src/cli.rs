@@ -1,0 +1,143 @@
+//! What `chpox` and `chpoxctl` share: talking to the agent and printing
+//! its answers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::control::{self, ListEntry, Request, Response};
+
+/// Most requests answer at once; `register` may freeze a process briefly.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn ask(req: Request) -> Result<Response> {
+    let timeout = match &req {
+        Request::Checkpoint { timeout_secs, .. } => Duration::from_secs(timeout_secs + 5),
+        _ => TIMEOUT,
+    };
+    Ok(control::request(&control::run_dir(), &req, timeout)?)
+}
+
+/// An output path as the agent needs it: absolute, relative to our cwd.
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .context("cannot resolve the output path: no current directory")?
+        .join(path))
+}
+
+pub fn register(
+    pid: i32,
+    signal: u32,
+    flags: u32,
+    output: Option<&Path>,
+    force: bool,
+) -> Result<()> {
+    let output = output.map(absolute).transpose()?;
+    match ask(Request::Register {
+        pid,
+        signal,
+        flags,
+        output,
+        force,
+        self_ignored: false,
+    })? {
+        Response::Registered {
+            pid,
+            signal,
+            output,
+        } => {
+            println!(
+                "registered PID {pid}: `kill -{signal} {pid}` checkpoints it to {}",
+                output.display()
+            );
+            Ok(())
+        }
+        other => bail!("unexpected reply from chpox-agent: {other:?}"),
+    }
+}
+
+pub fn unregister(pid: i32) -> Result<()> {
+    ask(Request::Unregister { pid })?;
+    println!("unregistered PID {pid}");
+    Ok(())
+}
+
+pub fn checkpoint(pid: i32, timeout_secs: u64) -> Result<()> {
+    match ask(Request::Checkpoint { pid, timeout_secs })? {
+        Response::Checkpointed { image, .. } => {
+            println!("{}", image.display());
+            Ok(())
+        }
+        other => bail!("unexpected reply from chpox-agent: {other:?}"),
+    }
+}
+
+fn format_time(unix: Option<u64>) -> String {
+    let Some(t) = unix else {
+        return "-".into();
+    };
+    let ago = crate::agent::unix_now().saturating_sub(t);
+    match ago {
+        0..60 => format!("{ago}s ago"),
+        60..3600 => format!("{}m ago", ago / 60),
+        3600..86400 => format!("{}h ago", ago / 3600),
+        _ => format!("{}d ago", ago / 86400),
+    }
+}
+
+pub fn list(json: bool) -> Result<()> {
+    let Response::List { entries } = ask(Request::List)? else {
+        bail!("unexpected reply from chpox-agent");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    print_list(&entries);
+    Ok(())
+}
+
+pub fn print_list(entries: &[ListEntry]) {
+    if entries.is_empty() {
+        println!("no registered processes");
+        return;
+    }
+    println!(
+        "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:<13} FILE",
+        "PID", "COMMAND", "SIG", "FLAGS", "CHECKPOINTS", "LAST", "STATE"
+    );
+    for e in entries {
+        println!(
+            "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:<13} {}{}",
+            e.pid,
+            e.comm,
+            e.signal,
+            e.flags,
+            e.checkpoints,
+            format_time(e.last_checkpoint),
+            e.state,
+            e.output.display(),
+            e.last_error
+                .as_ref()
+                .map(|m| format!("  (last attempt failed: {m})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+pub fn libs(req: Request) -> Result<()> {
+    match ask(req)? {
+        Response::Libs { libs } => {
+            for l in libs {
+                println!("{}", l.display());
+            }
+        }
+        Response::Ok => {}
+        other => bail!("unexpected reply from chpox-agent: {other:?}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The agent's control protocol: one JSON request per line on a Unix
+//! socket, one JSON response per line back. The agent learns who asks from
+//! the socket (SO_PEERCRED), never from the request.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default directory of the agent's socket, FIFO and state.
+pub const RUN_DIR: &str = "/run/chpox";
+pub const SOCKET_NAME: &str = "agent.sock";
+pub const FIFO_NAME: &str = "register";
+pub const STATE_NAME: &str = "registrations.json";
+
+/// The run directory: `CHPOX_RUN_DIR` (tests run private agents) or /run/chpox.
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("CHPOX_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Register a process: from now on its trigger signal checkpoints it.
+    Register {
+        pid: i32,
+        signal: u32,
+        flags: u32,
+        output: Option<PathBuf>,
+        /// Take over a signal the process handles itself.
+        force: bool,
+        /// The process set SIG_IGN for the signal itself (`chpox run`).
+        self_ignored: bool,
+    },
+    Unregister {
+        pid: i32,
+    },
+    List,
+    /// Send the trigger signal and answer once that checkpoint is written.
+    Checkpoint {
+        pid: i32,
+        timeout_secs: u64,
+    },
+    AddLib {
+        path: PathBuf,
+    },
+    DelLib {
+        path: PathBuf,
+    },
+    ClearLibs,
+    ListLibs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Ok,
+    Registered {
+        pid: i32,
+        signal: u32,
+        output: PathBuf,
+    },
+    List {
+        entries: Vec<ListEntry>,
+    },
+    Checkpointed {
+        pid: i32,
+        image: PathBuf,
+        generation: u64,
+        bytes: u64,
+    },
+    Libs {
+        libs: Vec<PathBuf>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ListEntry {
+    pub pid: i32,
+    pub comm: String,
+    pub uid: u32,
+    pub signal: u32,
+    pub flags: u32,
+    pub output: PathBuf,
+    /// Checkpoints written so far.
+    pub checkpoints: u64,
+    /// Unix time (seconds) of the last checkpoint written.
+    pub last_checkpoint: Option<u64>,
+    /// idle, requested, running, running+again.
+    pub state: String,
+    /// Trigger signals seen, and how many were folded into another checkpoint.
+    pub signals: u64,
+    pub coalesced: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach chpox-agent at {path}: {source}; start it with `sudo chpox-agent` (or `cargo xtask start`)"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to chpox-agent: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("chpox-agent sent a reply this chpox does not understand: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    Agent(String),
+}
+
+/// Send one request and wait for its response (at most `timeout`).
+pub fn request(run_dir: &Path, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    let path = run_dir.join(SOCKET_NAME);
+    let mut stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    let response: Response =
+        serde_json::from_str(&reply).map_err(|e| ClientError::Decode(e.to_string()))?;
+    match response {
+        Response::Error { message } => Err(ClientError::Agent(message)),
+        other => Ok(other),
+    }
+}
+
+/// One old-style register line, `PID:SIG:FLAGS:FILE`, as written to
+/// /proc/chpox/register under old chpox and to /run/chpox/register now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterLine {
+    pub pid: i32,
+    pub signal: u32,
+    pub flags: u32,
+    pub output: PathBuf,
+}
+
+/// Parse a register line; the error says what is wrong with it.
+pub fn parse_register_line(line: &str) -> Result<RegisterLine, String> {
+    let line = line.trim();
+    // FILE may itself contain ':'; it is everything after the third one.
+    let mut parts = line.splitn(4, ':');
+    let (Some(pid), Some(sig), Some(flags), Some(file)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("{line:?} is not PID:SIG:FLAGS:FILE"));
+    };
+    let pid: i32 = pid
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| format!("PID {pid:?} is not a process id"))?;
+    let signal: u32 = sig
+        .trim()
+        .parse()
+        .ok()
+        .filter(|s| (1..=64).contains(s) && *s != 9 && *s != 19)
+        .ok_or_else(|| {
+            format!("SIG {sig:?} is not a signal chpox can use (1–64, not KILL or STOP)")
+        })?;
+    let flags: u32 = flags
+        .trim()
+        .parse()
+        .map_err(|_| format!("FLAGS {flags:?} is not a number"))?;
+    if flags & !chpox_common::flags::KNOWN != 0 {
+        return Err(format!(
+            "FLAGS {flags} has bits chpox does not know (known: 1, 2 = embed executable, 4 = embed libraries, 8 = children)"
+        ));
+    }
+    let file = file.trim();
+    if file.is_empty() || !file.starts_with('/') {
+        return Err(format!("FILE {file:?} must be an absolute path"));
+    }
+    Ok(RegisterLine {
+        pid,
+        signal,
+        flags,
+        output: PathBuf::from(file),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_old_register_line_parses() {
+        assert_eq!(
+            parse_register_line("1234:31:1:/tmp/proc-dump\n"),
+            Ok(RegisterLine {
+                pid: 1234,
+                signal: 31,
+                flags: 1,
+                output: "/tmp/proc-dump".into()
+            })
+        );
+        let with_colon = parse_register_line("7:12:6:/tmp/a:b").expect("colon in file");
+        assert_eq!(with_colon.output, PathBuf::from("/tmp/a:b"));
+        assert_eq!(with_colon.flags, 6);
+    }
+
+    #[test]
+    fn garbage_lines_are_rejected_with_a_reason() {
+        for bad in [
+            "",
+            "hello",
+            "1234:31:1",
+            "x:31:1:/tmp/f",
+            "-5:31:1:/tmp/f",
+            "1234:9:1:/tmp/f",
+            "1234:99:1:/tmp/f",
+            "1234:31:16:/tmp/f",
+            "1234:31:1:relative",
+            "1234:31:1:",
+        ] {
+            assert!(parse_register_line(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_as_json() {
+        let req = Request::Register {
+            pid: 1,
+            signal: 31,
+            flags: 1,
+            output: None,
+            force: false,
+            self_ignored: true,
+        };
+        let text = serde_json::to_string(&req).expect("encode");
+        assert!(text.contains("\"op\":\"register\""), "{text}");
+        assert_eq!(serde_json::from_str::<Request>(&text).expect("decode"), req);
+    }
+}
