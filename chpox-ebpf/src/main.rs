@@ -31,14 +31,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info, warn};
 use chpox_common::{
-    EVENT_CHECKPOINT, EVENT_EXIT, Event, ExitOffsets, MAX_REGISTRATIONS, Registration,
-    STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, SignalOffsets, SlotState,
+    EVENT_CHECKPOINT, EVENT_EXIT, Event, ExitOffsets, MAX_REGISTRATIONS, Registration, STATE_IDLE,
+    STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, SignalOffsets, SlotState,
 };
 
 /// Registered processes, by tgid.
 #[map(name = "REGISTRY")]
-static REGISTRY: HashMap<u32, Registration> =
-    HashMap::with_max_entries(MAX_REGISTRATIONS, 0);
+static REGISTRY: HashMap<u32, Registration> = HashMap::with_max_entries(MAX_REGISTRATIONS, 0);
 
 /// Checkpoint state per registration slot; the agent mmaps it and changes
 /// `state` with atomic compare-and-swap, as this program does.
@@ -86,7 +85,10 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
         return Ok(0);
     }
     let Some(slot) = STATES.get_ptr_mut(reg.slot) else {
-        warn!(ctx, "chpox: pid {} has slot {} outside STATES", pid, reg.slot);
+        warn!(
+            ctx,
+            "chpox: pid {} has slot {} outside STATES", pid, reg.slot
+        );
         return Ok(0);
     };
     // SAFETY: slot points into an array map value, which stays valid for the
@@ -124,7 +126,10 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
             // RUNNING -> RUNNING_AGAIN: the agent does one more checkpoint
             // when it finishes this one; no event needed.
             Ok(_) => {
-                debug!(ctx, "chpox: signal {} to pid {} queued after the running checkpoint", sig, pid);
+                debug!(
+                    ctx,
+                    "chpox: signal {} to pid {} queued after the running checkpoint", sig, pid
+                );
                 return Ok(0);
             }
             Err(actual) => expected = actual,
@@ -134,7 +139,10 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
     // slot right now and will look at it again: count the signal as folded.
     // SAFETY: as above.
     unsafe { atomic::add_u64(coalesced) };
-    warn!(ctx, "chpox: signal {} to pid {} coalesced after {} lost CAS", sig, pid, CAS_TRIES);
+    warn!(
+        ctx,
+        "chpox: signal {} to pid {} coalesced after {} lost CAS", sig, pid, CAS_TRIES
+    );
     Ok(0)
 }
 
@@ -163,9 +171,17 @@ fn request_checkpoint(ctx: &TracePointContext, off: &SignalOffsets, pid: u32, si
     let sender_tgid = event.sender_tgid;
     if EVENTS.output::<Event>(&event, 0).is_err() {
         // STATES still says REQUESTED, so the agent finds it when it scans.
-        warn!(ctx, "chpox: EVENTS full; checkpoint of pid {} (signal {}) recorded in STATES only", pid, sig);
+        warn!(
+            ctx,
+            "chpox: EVENTS full; checkpoint of pid {} (signal {}) recorded in STATES only",
+            pid,
+            sig
+        );
     }
-    info!(ctx, "chpox: checkpoint of pid {} requested by signal {} from pid {}", pid, sig, sender_tgid);
+    info!(
+        ctx,
+        "chpox: checkpoint of pid {} requested by signal {} from pid {}", pid, sig, sender_tgid
+    );
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
@@ -210,7 +226,10 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
         ..Event::default()
     };
     if EVENTS.output::<Event>(&event, 0).is_err() {
-        warn!(ctx, "chpox: EVENTS full; exit of pid {} (slot {}) not reported", tgid, slot);
+        warn!(
+            ctx,
+            "chpox: EVENTS full; exit of pid {} (slot {}) not reported", tgid, slot
+        );
     }
     Ok(0)
 }

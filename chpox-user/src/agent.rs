@@ -81,8 +81,17 @@ struct Entry {
     last_error: Option<String>,
 }
 
-/// The outcome of one checkpoint, for `chpox checkpoint` waiters.
-type Outcome = Result<(PathBuf, u64, u64), String>;
+/// One checkpoint written, for `chpox checkpoint` waiters.
+#[derive(Debug, Clone)]
+struct Written {
+    image: PathBuf,
+    bytes: u64,
+    /// From the tracepoint firing to every thread stopped.
+    signal_to_frozen_us: u64,
+    frozen_us: u64,
+}
+
+type Outcome = Result<(Written, u64), String>;
 
 struct State {
     entries: HashMap<i32, Entry>,
@@ -156,7 +165,17 @@ impl Agent {
                 output,
                 force,
                 self_ignored,
-            } => self.register(caller, pid, signal, flags, output, force, self_ignored),
+                name,
+            } => self.register(
+                caller,
+                pid,
+                signal,
+                flags,
+                output,
+                force,
+                self_ignored,
+                name,
+            ),
             Request::Unregister { pid } => self.unregister(caller, pid),
             Request::List => Ok(self.list(caller)),
             Request::Checkpoint { pid, timeout_secs } => {
@@ -230,6 +249,7 @@ impl Agent {
         output: Option<PathBuf>,
         force: bool,
         self_ignored: bool,
+        name: Option<String>,
     ) -> Result<Response, String> {
         if !(1..=64).contains(&signal) || signal == 9 || signal == 19 {
             return Err(format!(
@@ -247,7 +267,10 @@ impl Agent {
             ));
         }
         let start = start_time(pid).ok_or_else(|| format!("no process with PID {pid}"))?;
-        let comm = crate::process::thread_comm(pid, pid).unwrap_or_default();
+        // `chpox run` registers before exec: it names the program to come.
+        let comm = name
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .unwrap_or_else(|| crate::process::thread_comm(pid, pid).unwrap_or_default());
         let output = match output {
             Some(p) if p.is_absolute() => p,
             Some(p) => return Err(format!("output {} must be an absolute path", p.display())),
@@ -375,7 +398,9 @@ impl Agent {
                 let slot = self.states.load(e.slot);
                 ListEntry {
                     pid: e.pid,
-                    comm: e.comm.clone(),
+                    // The name changes on exec (`chpox run` registers first).
+                    comm: crate::process::thread_comm(e.pid, e.pid)
+                        .unwrap_or_else(|_| e.comm.clone()),
                     uid: e.uid,
                     signal: e.signal,
                     flags: e.flags,
@@ -419,11 +444,13 @@ impl Agent {
         )
         .map_err(|e| format!("cannot signal PID {pid}: {e}"))?;
         match rx.recv_timeout(timeout) {
-            Ok(Ok((image, generation, bytes))) => Ok(Response::Checkpointed {
+            Ok(Ok((w, generation))) => Ok(Response::Checkpointed {
                 pid,
-                image,
+                image: w.image,
                 generation,
-                bytes,
+                bytes: w.bytes,
+                signal_to_frozen_us: w.signal_to_frozen_us,
+                frozen_us: w.frozen_us,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(format!(
@@ -466,9 +493,9 @@ impl Agent {
                         Err(msg) => e.last_error = Some(msg.clone()),
                     }
                 }
-                let outcome = outcome.map(|(image, bytes)| {
+                let outcome = outcome.map(|written| {
                     let generation = state.entries.get(&pid).map(|e| e.checkpoints).unwrap_or(0);
-                    (image, generation, bytes)
+                    (written, generation)
                 });
                 for w in state.waiters.remove(&pid).unwrap_or_default() {
                     let _ = w.send(outcome.clone());
@@ -490,7 +517,7 @@ impl Agent {
         }
     }
 
-    fn checkpoint_once(&self, entry: &Entry, event: &Event) -> Result<(PathBuf, u64), String> {
+    fn checkpoint_once(&self, entry: &Entry, event: &Event) -> Result<Written, String> {
         let pid = entry.pid;
         if start_time(pid) != Some(entry.start_time) {
             return Err(format!("PID {pid} is no longer the registered process"));
@@ -509,9 +536,11 @@ impl Agent {
         // Descriptors chpox cannot restore yet must not cost a long-running
         // job its checkpoints: they are recorded and come back as /dev/null.
         opts.unsupported_fd = crate::fds::UnsupportedFd::Null;
-        let latency_ms = monotonic_ns().saturating_sub(event.timestamp_ns) as f64 / 1e6;
         match dump(pid, &opts) {
             Ok(report) => {
+                let latency_ns = report
+                    .frozen_at_monotonic_ns
+                    .saturating_sub(event.timestamp_ns);
                 info!(
                     pid,
                     comm = %report.comm,
@@ -519,16 +548,64 @@ impl Agent {
                     bytes = report.image_bytes,
                     frozen_ms = format!("{:.1}", report.frozen.as_secs_f64() * 1e3),
                     total_ms = format!("{:.1}", report.total.as_secs_f64() * 1e3),
-                    since_signal_ms = format!("{latency_ms:.1}"),
+                    signal_to_frozen_ms = format!("{:.2}", latency_ns as f64 / 1e6),
                     "checkpoint written"
                 );
-                Ok((report.image, report.image_bytes))
+                Ok(Written {
+                    image: report.image,
+                    bytes: report.image_bytes,
+                    signal_to_frozen_us: latency_ns / 1000,
+                    frozen_us: report.frozen.as_micros() as u64,
+                })
             }
             Err(e) => {
                 error!(pid, error = %e, "checkpoint failed");
                 Err(e.to_string())
             }
         }
+    }
+
+    /// What events may have missed: a request the program could only record
+    /// in STATES (ring buffer full), and processes that died without an exit
+    /// event. Returns the requests to serve.
+    fn rescan(&self) -> Vec<Event> {
+        let mut state = self.lock();
+        let gone: Vec<i32> = state
+            .entries
+            .values()
+            .filter(|e| start_time(e.pid) != Some(e.start_time))
+            .map(|e| e.pid)
+            .collect();
+        if !gone.is_empty() {
+            self.forget(&mut state, &gone);
+        }
+        state
+            .entries
+            .values()
+            .filter(|e| self.states.load(e.slot).state == STATE_REQUESTED)
+            .map(|e| Event {
+                kind: EVENT_CHECKPOINT,
+                tgid: e.pid as u32,
+                target_pid: e.pid as u32,
+                signal: e.signal,
+                slot: e.slot,
+                // Unknown: the tracepoint's time was in the lost event.
+                timestamp_ns: monotonic_ns(),
+                ..Event::default()
+            })
+            .collect()
+    }
+
+    fn forget(&self, state: &mut State, gone: &[i32]) {
+        for &pid in gone {
+            if let Some(entry) = state.entries.remove(&pid) {
+                state.bpf.unregister(pid as u32);
+                state.free_slots.push(entry.slot);
+                fail_waiters(state, pid, "the process exited");
+                info!(pid, comm = %entry.comm, "registered process is gone");
+            }
+        }
+        self.save(state);
     }
 
     fn on_exit(&self, event: Event) {
@@ -658,6 +735,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     start_fifo(Arc::clone(&agent), &config.run_dir)?;
 
     let event_task = tokio::spawn(serve_events(Arc::clone(&agent), events));
+    tokio::spawn(rescan_periodically(Arc::clone(&agent)));
     if let Some(logger) = logger {
         tokio::spawn(serve_logger(logger));
     }
@@ -679,6 +757,22 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket_path);
     let _ = std::fs::remove_file(config.run_dir.join(FIFO_NAME));
     Ok(())
+}
+
+/// Catch what a full ring buffer made us miss.
+async fn rescan_periodically(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let scanning = Arc::clone(&agent);
+        let Ok(missed) = tokio::task::spawn_blocking(move || scanning.rescan()).await else {
+            continue;
+        };
+        for event in missed {
+            let agent = Arc::clone(&agent);
+            tokio::task::spawn_blocking(move || agent.run_checkpoints(event));
+        }
+    }
 }
 
 async fn serve_client(agent: Arc<Agent>, stream: UnixStream) {
@@ -816,6 +910,7 @@ fn handle_register_line(agent: &Agent, line: &str) {
                     output: Some(reg.output),
                     force: false,
                     self_ignored: false,
+                    name: None,
                 },
             );
             if let Response::Error { message } = response {

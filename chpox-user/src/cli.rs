@@ -44,6 +44,7 @@ pub fn register(
         output,
         force,
         self_ignored: false,
+        name: None,
     })? {
         Response::Registered {
             pid,
@@ -66,8 +67,12 @@ pub fn unregister(pid: i32) -> Result<()> {
     Ok(())
 }
 
-pub fn checkpoint(pid: i32, timeout_secs: u64) -> Result<()> {
+pub fn checkpoint(pid: i32, timeout_secs: u64, json: bool) -> Result<()> {
     match ask(Request::Checkpoint { pid, timeout_secs })? {
+        reply @ Response::Checkpointed { .. } if json => {
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            Ok(())
+        }
         Response::Checkpointed { image, .. } => {
             println!("{}", image.display());
             Ok(())

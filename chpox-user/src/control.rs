@@ -35,6 +35,10 @@ pub enum Request {
         force: bool,
         /// The process set SIG_IGN for the signal itself (`chpox run`).
         self_ignored: bool,
+        /// Name for the default image file (`chpox run`: the program about
+        /// to be executed); else the process's current name.
+        #[serde(default)]
+        name: Option<String>,
     },
     Unregister {
         pid: i32,
@@ -72,6 +76,10 @@ pub enum Response {
         image: PathBuf,
         generation: u64,
         bytes: u64,
+        /// From the tracepoint firing to every thread stopped.
+        signal_to_frozen_us: u64,
+        /// How long the process was stopped.
+        frozen_us: u64,
     },
     Libs {
         libs: Vec<PathBuf>,
@@ -241,6 +249,7 @@ mod tests {
             output: None,
             force: false,
             self_ignored: true,
+            name: None,
         };
         let text = serde_json::to_string(&req).expect("encode");
         assert!(text.contains("\"op\":\"register\""), "{text}");

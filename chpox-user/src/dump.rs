@@ -63,6 +63,9 @@ pub struct DumpReport {
     pub resident_bytes: u64,
     pub frozen: Duration,
     pub total: Duration,
+    /// CLOCK_MONOTONIC (ns) when every thread was stopped: with the
+    /// tracepoint's timestamp, the latency from signal to freeze.
+    pub frozen_at_monotonic_ns: u64,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -98,6 +101,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
 
     let frozen = Frozen::freeze(pid)?;
     let frozen_at = Instant::now();
+    let frozen_at_monotonic_ns = crate::agent::monotonic_ns();
     let captured = capture(&frozen, opts, &mut writer, area)?;
     let mut meta = captured.meta;
     let checksums = captured.checksums;
@@ -136,6 +140,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         resident_bytes: captured.resident_pages * PAGE_SIZE,
         frozen: frozen_for,
         total: started.elapsed(),
+        frozen_at_monotonic_ns,
     };
     info!(
         pid,

@@ -228,3 +228,97 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// Kills and reaps a helper process when the benchmark ends, however it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // SIGTERM first so the agent removes its socket.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Latency from the trigger signal to a frozen target, over `triggers`
+/// checkpoints of a small registered process, through the real agent and
+/// eBPF program. `chpox checkpoint` has the agent send the signal and
+/// reports the tracepoint-to-frozen time the agent measured.
+pub fn trigger_latency(triggers: usize) -> Result<()> {
+    let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}", std::process::id()));
+    let images = Path::new("/dev/shm").join(format!("chpox-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&images)?;
+    let log = std::fs::File::create(run_dir.with_extension("log"))?;
+    let _agent = Reaped(
+        Command::new(release_bin("chpox-agent"))
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .arg("--image-dir")
+            .arg(&images)
+            .stderr(log)
+            .spawn()
+            .context("cannot start chpox-agent")?,
+    );
+    let socket = run_dir.join("agent.sock");
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "chpox-agent did not start; see {}",
+                run_dir.with_extension("log").display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let target = Reaped(
+        Command::new(release_bin("chpox"))
+            .env("CHPOX_RUN_DIR", &run_dir)
+            .args(["run", "--"])
+            .arg(release_bin("mempattern"))
+            .arg("16")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("cannot start chpox run")?,
+    );
+    let pid = target.0.id().to_string();
+    let (mut latency, mut frozen) = (Vec::new(), Vec::new());
+    for _ in 0..triggers {
+        let out = Command::new(release_bin("chpox"))
+            .env("CHPOX_RUN_DIR", &run_dir)
+            .args(["checkpoint", &pid, "--json", "--timeout", "30"])
+            .output()?;
+        if !out.status.success() {
+            // The target may not be registered yet on the first round.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        latency.push(reply["signal_to_frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
+        frozen.push(reply["frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
+    }
+    let _ = std::fs::remove_dir_all(&images);
+    if latency.is_empty() {
+        bail!(
+            "no checkpoint succeeded; see {}",
+            run_dir.with_extension("log").display()
+        );
+    }
+    println!(
+        "trigger latency: {} checkpoints of a 16 MiB process through chpox-agent",
+        latency.len()
+    );
+    println!(
+        "  tracepoint → frozen   median {:7.2} ms   p99 {:7.2} ms",
+        median(latency.clone()),
+        percentile(latency, 0.99)
+    );
+    println!(
+        "  frozen for            median {:7.2} ms   p99 {:7.2} ms",
+        median(frozen.clone()),
+        percentile(frozen, 0.99)
+    );
+    Ok(())
+}

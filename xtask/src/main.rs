@@ -21,13 +21,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build every host binary in release mode.
+    /// Install what is missing, build the eBPF object and every binary
+    /// (release) into target/release.
     Build,
-    /// Run the whole test suite (must be root: tests trace real processes).
+    /// `build`, then run chpox-agent in the foreground (needs root).
+    Start {
+        /// Extra arguments for chpox-agent.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite (must be root: tests trace real processes
+    /// and load eBPF).
     Test,
     /// Formatting and lints, as CI checks them.
     Lint,
-    /// Measure dump throughput and freeze time against dd and memcpy.
+    /// Measure dump throughput and freeze time against dd and memcpy, and
+    /// the latency from `kill -31` to a frozen target.
     Bench {
         /// MiB of dirty anonymous memory in the benchmarked process.
         #[arg(long, default_value_t = 1024)]
@@ -38,13 +47,15 @@ enum Task {
         /// Directory for images and the dd comparison (tmpfs by default).
         #[arg(long, default_value = "/dev/shm")]
         dir: PathBuf,
+        /// Checkpoints triggered for the latency measurement.
+        #[arg(long, default_value_t = 50)]
+        triggers: usize,
     },
-    /// Install what building the eBPF program needs (LLVM 22, nightly Rust
-    /// with rust-src, bpf-linker); skips whatever is there.
+    /// Install LLVM 22, bpf-linker and nightly rust-src if missing.
     InstallEbpfPrerequisites,
-    /// Build the eBPF program (chpox-ebpf) and copy it to target/chpox-ebpf.o.
+    /// Build the eBPF object (installing its prerequisites first).
     BuildEbpf {
-        /// Build the dev profile instead of release.
+        /// Debug profile instead of release.
         #[arg(long)]
         debug: bool,
     },
@@ -82,13 +93,80 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Build the eBPF object and the release binaries, and put the object
+/// next to chpox-agent, where the agent looks for it.
+fn build_all() -> Result<PathBuf> {
+    let object = ebpf::build_ebpf(true)?;
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let release = workspace_root().join("target/release");
+    std::fs::copy(&object, release.join("chpox-ebpf.o"))
+        .with_context(|| format!("cannot copy {} to {}", object.display(), release.display()))?;
+    Ok(release)
+}
+
+/// Run `cargo test`, passing its output through, and end with one line
+/// that totals every test binary's result.
+fn test_all() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cargo()
+        .args([
+            "test",
+            "--workspace",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--no-fail-fast",
+        ])
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(what))
+                    .and_then(|n| n.trim().rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        bail!("some tests failed");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Task::Build => run(cargo().args(["build", "--release", "--workspace", "--bins"])),
+        Task::Build => {
+            let release = build_all()?;
+            eprintln!(
+                "xtask: binaries and eBPF object are in {}",
+                release.display()
+            );
+            Ok(())
+        }
+        Task::Start { args } => {
+            require_root("chpox-agent")?;
+            let release = build_all()?;
+            run(Command::new(release.join("chpox-agent")).args(args))
+        }
         Task::Test => {
             require_root("the test suite")?;
+            ebpf::build_ebpf(true)?;
             run(cargo().args(["build", "--workspace", "--bins"]))?;
-            run(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+            test_all()
         }
         Task::Lint => {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -101,18 +179,16 @@ fn main() -> Result<()> {
                 "warnings",
             ]))
         }
-        Task::Bench { mib, rounds, dir } => {
+        Task::Bench {
+            mib,
+            rounds,
+            dir,
+            triggers,
+        } => {
             require_root("the benchmark")?;
-            run(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "chpox-user",
-                "-p",
-                "chpox-tests",
-                "--bins",
-            ]))?;
-            bench::run(mib, rounds.max(1), &dir)
+            build_all()?;
+            bench::run(mib, rounds.max(1), &dir)?;
+            bench::trigger_latency(triggers.max(1))
         }
         Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
         Task::BuildEbpf { debug } => {

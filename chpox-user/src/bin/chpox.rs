@@ -114,6 +114,9 @@ enum Command {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Print the agent's report (image, generation, latency) as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Describe an image: process, threads, memory, files, checksums.
     Inspect {
@@ -206,7 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         } => chpox::cli::register(pid, signal, flags, output.as_deref(), force)?,
         Command::Unregister { pid } => chpox::cli::unregister(pid)?,
         Command::List { json } => chpox::cli::list(json)?,
-        Command::Checkpoint { pid, timeout } => chpox::cli::checkpoint(pid, timeout)?,
+        Command::Checkpoint { pid, timeout, json } => chpox::cli::checkpoint(pid, timeout, json)?,
         Command::Inspect { file, json } => {
             let reader = ImageReader::open(&file)
                 .with_context(|| format!("cannot read image {}", file.display()))?;
@@ -252,6 +255,10 @@ fn run_registered(
         output,
         force: false,
         self_ignored: true,
+        name: command
+            .first()
+            .and_then(|c| std::path::Path::new(c).file_name())
+            .map(|n| n.to_string_lossy().into_owned()),
     })
     .context("cannot register with chpox-agent")?;
     tracing::info!(?reply, "registered");

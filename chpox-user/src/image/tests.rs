@@ -24,6 +24,7 @@ fn opts(compress: bool) -> WriteOptions {
     WriteOptions {
         compress,
         owner: None,
+        keep_previous: 0,
     }
 }
 
@@ -282,6 +283,7 @@ fn owner_can_be_ourselves() {
         WriteOptions {
             compress: false,
             owner: Some(me),
+            keep_previous: 0,
         },
     )
     .unwrap();

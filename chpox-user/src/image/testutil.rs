@@ -75,6 +75,7 @@ pub(crate) fn write_sample_image_with(
         WriteOptions {
             compress,
             owner: None,
+            keep_previous: 0,
         },
     )
     .expect("create sample image");

@@ -321,3 +321,35 @@ impl Drop for Target {
         let _ = self.child.wait();
     }
 }
+
+impl Target {
+    /// Like [`Target::spawn`], but runs `cmd` as given (its program,
+    /// arguments, credentials, `pre_exec` hooks…) and only sets stdin to
+    /// /dev/null and stdout and stderr to fresh files in `dir` named after
+    /// `name`. For a wrapper that execs the program in place (`chpox run --
+    /// <program>`), so that the child's PID is the program's.
+    pub fn spawn_command(mut cmd: Command, name: &str, dir: &Path) -> Target {
+        let n = SPAWNED.fetch_add(1, Ordering::SeqCst);
+        let stdout_path = dir.join(format!("{name}.{n}.stdout"));
+        let stderr_path = dir.join(format!("{name}.{n}.stderr"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout_path).expect("create stdout file"))
+            .stderr(File::create(&stderr_path).expect("create stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let pid = child.id() as i32;
+        let mut t = Target {
+            child,
+            pid,
+            stdout_path,
+            stderr_path,
+            ready: HashMap::new(),
+            ready_line: String::new(),
+        };
+        let line = t.wait_for_line("READY", READY_TIMEOUT);
+        t.ready = parse_kv(&line);
+        t.ready_line = line;
+        t
+    }
+}

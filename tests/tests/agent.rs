@@ -1,0 +1,1360 @@
+//! The trigger path, end to end: a real `chpox-agent` with its real eBPF
+//! program turns trigger signals sent to real processes into checkpoints.
+//!
+//! Every test starts its own agent (own run directory, image directory and
+//! BPF maps), so the tests run in parallel. Waits are bounded polls of
+//! `chpox list --json`, the agent's log or `/proc`, never bare sleeps.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use chpox::image::ImageReader;
+use common::{Target, bin, chpox_bin, parse_hex, parse_kv, run_chpox};
+use serde_json::Value;
+
+/// The default trigger signal (SIGSYS on x86-64).
+const SIGSYS: i32 = 31;
+/// uid and gid of `nobody`, the unprivileged user of these tests.
+const NOBODY: u32 = 65534;
+
+/// How long the agent may take to load its eBPF program and serve.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a checkpoint may take from the signal to `chpox list` counting it.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent may take to notice a change (exit, FIFO line).
+const STATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a target may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------
+// Scratch space, tools, small helpers
+
+/// A test's scratch space, traversable by everyone (so `nobody` reaches the
+/// agent's socket): `run` is the agent's run directory, `images` its
+/// default image directory (both created by the agent), `logs` holds the
+/// output of the agent and of the targets.
+struct Scratch {
+    tmp: tempfile::TempDir,
+    run: PathBuf,
+    images: PathBuf,
+    logs: PathBuf,
+}
+
+fn scratch() -> Scratch {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    chmod(tmp.path(), 0o755);
+    let logs = tmp.path().join("logs");
+    fs::create_dir(&logs).expect("mkdir logs");
+    chmod(&logs, 0o755);
+    Scratch {
+        run: tmp.path().join("run"),
+        images: tmp.path().join("images"),
+        logs,
+        tmp,
+    }
+}
+
+impl Scratch {
+    /// A new directory `name` in the scratch space with `mode`.
+    fn dir(&self, name: &str, mode: u32) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        chmod(&d, mode);
+        d
+    }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A binary of `chpox-user` (`chpox-agent`, `chpoxctl`), next to `chpox`.
+fn tool(name: &str) -> PathBuf {
+    let p = chpox_bin().with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} not found; build it with `cargo build -p chpox-user`",
+        p.display()
+    );
+    p
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout_ok(what: &str, out: Output) -> String {
+    assert!(out.status.success(), "{what} failed {}", show(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that a client command failed and said `phrase` on stderr.
+fn assert_refused(what: &str, out: &Output, phrase: &str) {
+    assert!(
+        !out.status.success(),
+        "{what} succeeded but should have been refused {}",
+        show(out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(phrase),
+        "{what}: stderr does not say {phrase:?} {}",
+        show(out)
+    );
+}
+
+/// The tracing output without colour escapes (in case NO_COLOR is ignored).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Polls `f` every [`POLL`] until it returns `Some`, for at most `timeout`;
+/// on timeout panics with `what` and `context()`.
+fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The bit of signal `sig` in a /proc signal mask.
+fn bit(sig: i32) -> u64 {
+    1u64 << (sig - 1)
+}
+
+/// A signal mask (`SigIgn`, `SigCgt`, …) from /proc/PID/status.
+fn sig_mask(pid: i32, key: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    let v = status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"));
+    parse_hex(v.trim())
+}
+
+fn ignores(pid: i32, sig: i32) -> bool {
+    sig_mask(pid, "SigIgn:") & bit(sig) != 0
+}
+
+fn catches(pid: i32, sig: i32) -> bool {
+    sig_mask(pid, "SigCgt:") & bit(sig) != 0
+}
+
+fn send(pid: i32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A PID no process has: that of a child we started and reaped.
+fn free_pid() -> i32 {
+    let mut child = Command::new("true").spawn().expect("spawn true");
+    let pid = child.id() as i32;
+    child.wait().expect("wait true");
+    pid
+}
+
+/// Panics unless the target is still running.
+fn assert_running(t: &mut Target) {
+    if let Some(status) = t.child.try_wait().expect("try_wait") {
+        panic!(
+            "pid {} exited ({status}) but should run on\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            t.pid,
+            t.stdout(),
+            t.stderr()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Targets
+
+/// No core files from targets killed by SIGSYS (its default action dumps
+/// core), and none in the source tree either: targets run in `dir`.
+fn no_core(cmd: &mut Command, dir: &Path) {
+    cmd.current_dir(dir);
+    // SAFETY: the hook only calls setrlimit, which is async-signal-safe
+    // and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Test program `name` started directly (not registered), as root.
+fn plain_target(s: &Scratch, name: &str, args: &[&str]) -> Target {
+    let mut cmd = Command::new(bin(name));
+    cmd.args(args);
+    no_core(&mut cmd, &s.logs);
+    Target::spawn_command(cmd, name, &s.logs)
+}
+
+/// Test program `name` started directly as `nobody`.
+fn nobody_target(s: &Scratch, name: &str, args: &[&str]) -> Target {
+    let mut cmd = Command::new(bin(name));
+    cmd.args(args).uid(NOBODY).gid(NOBODY);
+    no_core(&mut cmd, &s.logs);
+    let t = Target::spawn_command(cmd, name, &s.logs);
+    assert_eq!(
+        fs::metadata(format!("/proc/{}", t.pid)).unwrap().uid(),
+        NOBODY
+    );
+    t
+}
+
+// ---------------------------------------------------------------------------
+// The agent
+
+static AGENTS: AtomicUsize = AtomicUsize::new(0);
+
+/// A running `chpox-agent`, stopped with SIGTERM when dropped.
+struct Agent {
+    child: Child,
+    run_dir: PathBuf,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Agent {
+    /// An agent for the scratch space, with default options.
+    fn start(s: &Scratch) -> Agent {
+        Agent::start_with(s, &[])
+    }
+
+    fn start_with(s: &Scratch, extra: &[&str]) -> Agent {
+        let n = AGENTS.fetch_add(1, Ordering::SeqCst);
+        let log = s.logs.join(format!("agent.{n}.log"));
+        let child = Command::new(tool("chpox-agent"))
+            .arg("--run-dir")
+            .arg(&s.run)
+            .arg("--image-dir")
+            .arg(&s.images)
+            .args(extra)
+            .env("CHPOX_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("CHPOX_RUN_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create agent log"))
+            .spawn()
+            .expect("spawn chpox-agent");
+        let mut agent = Agent {
+            child,
+            run_dir: s.run.clone(),
+            log,
+            stopped: false,
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if agent.log_text().contains("chpox-agent ready")
+                && agent.run_dir.join("agent.sock").exists()
+            {
+                return agent;
+            }
+            if let Some(status) = agent.child.try_wait().expect("try_wait agent") {
+                agent.stopped = true;
+                panic!(
+                    "chpox-agent exited ({status}) before serving\n{}",
+                    agent.describe()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chpox-agent not ready within {STARTUP_TIMEOUT:?}\n{}",
+                agent.describe()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn log_text(&self) -> String {
+        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    fn describe(&self) -> String {
+        format!("--- agent log ---\n{}", self.log_text())
+    }
+
+    /// The `key=value` fields of the agent's own log lines with `message`.
+    fn events(&self, message: &str) -> Vec<HashMap<String, String>> {
+        let needle = format!("chpox::agent: {message}");
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(parse_kv)
+            .collect()
+    }
+
+    /// Log lines with `message` about `pid`.
+    fn events_for(&self, message: &str, pid: i32) -> usize {
+        let pid = pid.to_string();
+        self.events(message)
+            .iter()
+            .filter(|kv| kv.get("pid") == Some(&pid))
+            .count()
+    }
+
+    /// A client program talking to this agent.
+    fn client(&self, program: PathBuf) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("CHPOX_RUN_DIR", &self.run_dir)
+            .env_remove("CHPOX_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn chpox(&self, args: &[&str]) -> Output {
+        self.client(chpox_bin())
+            .args(args)
+            .output()
+            .expect("run chpox")
+    }
+
+    fn chpox_ok(&self, args: &[&str]) -> String {
+        stdout_ok(&format!("chpox {args:?}"), self.chpox(args))
+    }
+
+    fn chpox_as(&self, uid: u32, args: &[&str]) -> Output {
+        self.client(chpox_bin())
+            .args(args)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("run chpox")
+    }
+
+    fn chpoxctl_as(&self, uid: u32, args: &[&str]) -> Output {
+        self.client(tool("chpoxctl"))
+            .args(args)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("run chpoxctl")
+    }
+
+    fn chpoxctl(&self, args: &[&str]) -> Output {
+        self.client(tool("chpoxctl"))
+            .args(args)
+            .output()
+            .expect("run chpoxctl")
+    }
+
+    fn chpoxctl_ok(&self, args: &[&str]) -> String {
+        stdout_ok(&format!("chpoxctl {args:?}"), self.chpoxctl(args))
+    }
+
+    fn parse_list(&self, stdout: &str) -> Vec<Value> {
+        match serde_json::from_str(stdout) {
+            Ok(Value::Array(entries)) => entries,
+            other => panic!(
+                "chpox list --json printed {stdout:?} ({other:?})\n{}",
+                self.describe()
+            ),
+        }
+    }
+
+    /// `chpox list --json` as root.
+    fn list(&self) -> Vec<Value> {
+        let out = self.chpox(&["list", "--json"]);
+        if !out.status.success() {
+            panic!("chpox list failed {}\n{}", show(&out), self.describe());
+        }
+        self.parse_list(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn entry(&self, pid: i32) -> Option<Value> {
+        self.list().into_iter().find(|e| e["pid"] == pid)
+    }
+
+    fn wait_for<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+        poll(what, timeout, || self.describe(), f)
+    }
+
+    /// Waits until `pid` has at least `n` checkpoints; returns its entry.
+    fn wait_checkpoints(&self, pid: i32, n: u64) -> Value {
+        self.wait_for(
+            &format!("{n} checkpoint(s) of PID {pid}"),
+            CHECKPOINT_TIMEOUT,
+            || {
+                let e = self.entry(pid)?;
+                (e["checkpoints"].as_u64()? >= n).then_some(e)
+            },
+        )
+    }
+
+    /// Waits until `pid` is no longer listed.
+    fn wait_gone(&self, pid: i32) {
+        self.wait_for(
+            &format!("PID {pid} to leave `chpox list`"),
+            STATE_TIMEOUT,
+            || self.entry(pid).is_none().then_some(()),
+        );
+    }
+
+    /// Waits until `pid`'s entry is idle and has not changed for a second.
+    fn settled(&self, pid: i32) -> Value {
+        let mut last: Option<Value> = None;
+        let mut since = Instant::now();
+        self.wait_for(&format!("PID {pid} to settle"), CHECKPOINT_TIMEOUT, || {
+            let e = self
+                .entry(pid)
+                .unwrap_or_else(|| panic!("PID {pid} left the list\n{}", self.describe()));
+            if last.as_ref() != Some(&e) {
+                last = Some(e);
+                since = Instant::now();
+                return None;
+            }
+            (e["state"] == "idle" && since.elapsed() >= Duration::from_secs(1)).then_some(e)
+        })
+    }
+
+    /// Panics unless the agent process is still running.
+    fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait agent") {
+            self.stopped = true;
+            panic!("chpox-agent exited ({status})\n{}", self.describe());
+        }
+    }
+
+    /// SIGTERM, and the agent must exit cleanly.
+    fn stop(&mut self) {
+        send(self.child.id() as i32, libc::SIGTERM);
+        let log = self.log.clone();
+        let child = &mut self.child;
+        let status = poll(
+            "chpox-agent to exit after SIGTERM",
+            STATE_TIMEOUT,
+            || strip_ansi(&fs::read_to_string(&log).unwrap_or_default()),
+            || child.try_wait().expect("try_wait agent"),
+        );
+        self.stopped = true;
+        assert!(
+            status.success(),
+            "chpox-agent exited with {status}\n{}",
+            self.describe()
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        // SAFETY: kill has no memory-safety preconditions; the PID is our
+        // unreaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Test program `name` started with `chpox run CHPOX_ARGS -- PROGRAM ARGS`:
+/// registered before its first instruction, under the PID of our child.
+fn run_target(
+    agent: &Agent,
+    s: &Scratch,
+    name: &str,
+    args: &[&str],
+    chpox_args: &[&str],
+) -> Target {
+    let mut cmd = agent.client(chpox_bin());
+    cmd.arg("run")
+        .args(chpox_args)
+        .arg("--")
+        .arg(bin(name))
+        .args(args);
+    no_core(&mut cmd, &s.logs);
+    Target::spawn_command(cmd, name, &s.logs)
+}
+
+// ---------------------------------------------------------------------------
+// Images
+
+/// `chpox inspect` accepts the image, its checksums verify, and it is of `pid`.
+fn check_image(path: &Path, pid: i32) -> ImageReader {
+    let out = run_chpox(&["inspect", path_str(path)]);
+    assert!(
+        out.status.success(),
+        "chpox inspect {} failed {}",
+        path.display(),
+        show(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("checksums: ok"),
+        "{}",
+        show(&out)
+    );
+    let reader =
+        ImageReader::open(path).unwrap_or_else(|e| panic!("open image {}: {e}", path.display()));
+    reader
+        .verify_all()
+        .unwrap_or_else(|e| panic!("verify image {}: {e}", path.display()));
+    assert_eq!(reader.metadata().process.pid, pid, "image of the wrong PID");
+    reader
+}
+
+/// The image holds exactly `mempattern`'s pattern at `addr..addr+len`.
+fn check_pattern(reader: &ImageReader, addr: u64, len: u64) {
+    let bytes = reader
+        .read_memory(addr, len as usize)
+        .expect("read memory")
+        .expect("every page of the pattern is stored");
+    for (i, word) in bytes.chunks_exact(8).enumerate() {
+        let got = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
+        let offset = i as u64 * 8;
+        assert_eq!(
+            got,
+            chpox_tests::pattern_word(offset),
+            "pattern word at offset {offset} differs"
+        );
+    }
+}
+
+/// The image at the `output` of a list entry.
+fn output_of(entry: &Value) -> PathBuf {
+    PathBuf::from(entry["output"].as_str().expect("output is a string"))
+}
+
+// ---------------------------------------------------------------------------
+// 1. chpox run + kill -31
+
+#[test]
+fn run_and_kill_31_writes_a_valid_image_while_the_target_runs_on() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = run_target(
+        &agent,
+        &s,
+        "mempattern",
+        &["16", "--finish-after-rounds", "50"],
+        &[],
+    );
+    let (addr, len) = (t.ready_hex("addr"), t.ready_u64("len"));
+
+    // Registered before its first instruction, with SIGSYS ignored.
+    let e = agent.entry(t.pid).expect("registered by chpox run");
+    assert_eq!(e["signal"], 31, "{e}");
+    assert_eq!(e["uid"], 0, "{e}");
+    assert_eq!(e["checkpoints"], 0, "{e}");
+    assert_eq!(e["state"], "idle", "{e}");
+    assert!(ignores(t.pid, SIGSYS), "SIGSYS is not ignored");
+
+    t.signal(SIGSYS);
+    let e = agent.wait_checkpoints(t.pid, 1);
+    assert_eq!(e["last_error"], Value::Null, "{e}");
+    assert_eq!(e["signals"], 1, "{e}");
+    let image = output_of(&e);
+    assert!(
+        image.starts_with(&s.images),
+        "default image {} is not in the image directory",
+        image.display()
+    );
+    assert_eq!(agent.events_for("checkpoint written", t.pid), 1);
+    let reader = check_image(&image, t.pid);
+    check_pattern(&reader, addr, len);
+    assert_running(&mut t);
+
+    t.wait_success(EXIT_TIMEOUT);
+    assert_eq!(
+        t.lines_after_ready(),
+        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
+    );
+    agent.wait_gone(t.pid);
+}
+
+// ---------------------------------------------------------------------------
+// 2. chpox register / unregister on a running process
+
+#[test]
+fn register_makes_31_harmless_and_unregister_makes_it_fatal_again() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = plain_target(&s, "mempattern", &["8"]);
+    let (addr, len) = (t.ready_hex("addr"), t.ready_u64("len"));
+    let pid = t.pid.to_string();
+    assert!(!ignores(t.pid, SIGSYS), "SIGSYS ignored from the start");
+
+    let out = agent.chpox_ok(&["register", &pid]);
+    assert!(out.contains(&format!("registered PID {pid}")), "{out}");
+    assert!(ignores(t.pid, SIGSYS), "register did not set SIG_IGN");
+    assert!(!catches(t.pid, SIGSYS));
+
+    t.signal(SIGSYS);
+    let e = agent.wait_checkpoints(t.pid, 1);
+    assert_running(&mut t);
+    check_pattern(&check_image(&output_of(&e), t.pid), addr, len);
+
+    let out = agent.chpox_ok(&["unregister", &pid]);
+    assert!(out.contains(&format!("unregistered PID {pid}")), "{out}");
+    assert!(!ignores(t.pid, SIGSYS), "unregister left SIGSYS ignored");
+    assert!(agent.entry(t.pid).is_none(), "still listed");
+
+    t.signal(SIGSYS);
+    let status = t.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.signal(), Some(SIGSYS), "exited with {status}");
+    // No checkpoint came of the fatal signal.
+    assert_eq!(agent.events_for("checkpoint written", t.pid), 1);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Unregistered processes are not affected
+
+#[test]
+fn an_unregistered_process_still_dies_from_31() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    // A registered process next to it, so the program has work to skip.
+    let mut registered = run_target(&agent, &s, "mempattern", &["4"], &[]);
+    let mut t = plain_target(&s, "mempattern", &["4"]);
+    assert!(!ignores(t.pid, SIGSYS));
+
+    t.signal(SIGSYS);
+    let status = t.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.signal(), Some(SIGSYS), "exited with {status}");
+
+    assert_eq!(agent.events_for("checkpoint written", t.pid), 0);
+    let e = agent.entry(registered.pid).expect("registered");
+    assert_eq!(e["signals"], 0, "another PID's signal was counted: {e}");
+    assert_eq!(e["checkpoints"], 0, "{e}");
+    assert_running(&mut registered);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Signals are coalesced
+
+#[test]
+fn a_burst_of_100_signals_makes_one_or_two_checkpoints() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = run_target(&agent, &s, "mempattern", &["64"], &[]);
+    let (addr, len) = (t.ready_hex("addr"), t.ready_u64("len"));
+
+    let started = Instant::now();
+    for _ in 0..100 {
+        send(t.pid, SIGSYS);
+    }
+    let burst = started.elapsed();
+    let e = agent.settled(t.pid);
+    let checkpoints = e["checkpoints"].as_u64().expect("checkpoints");
+    assert!(
+        (1..=2).contains(&checkpoints),
+        "{checkpoints} checkpoints for a burst of 100 signals sent in {burst:?}: {e}\n{}",
+        agent.describe()
+    );
+    assert_eq!(e["signals"], 100, "{e}");
+    assert_eq!(e["last_error"], Value::Null, "{e}");
+    // Every signal either asked for a checkpoint or was folded into one.
+    let coalesced = e["coalesced"].as_u64().expect("coalesced");
+    assert_eq!(100 - coalesced, checkpoints, "{e}");
+    assert_eq!(
+        agent.events_for("checkpoint written", t.pid) as u64,
+        checkpoints,
+        "{}",
+        agent.describe()
+    );
+    assert_running(&mut t);
+    check_pattern(&check_image(&output_of(&e), t.pid), addr, len);
+
+    // Back to idle: the next signal makes exactly one more.
+    t.signal(SIGSYS);
+    let e = agent.wait_checkpoints(t.pid, checkpoints + 1);
+    let e = if e["state"] == "idle" {
+        e
+    } else {
+        agent.settled(t.pid)
+    };
+    assert_eq!(e["checkpoints"].as_u64(), Some(checkpoints + 1), "{e}");
+    assert_eq!(e["signals"], 101, "{e}");
+    assert_running(&mut t);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Exit
+
+#[test]
+fn a_registered_process_that_exits_leaves_the_list() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+
+    // Exits by itself.
+    let mut t = run_target(&agent, &s, "sleeper", &[], &[]);
+    assert!(agent.entry(t.pid).is_some(), "sleeper not registered");
+    t.wait_success(EXIT_TIMEOUT);
+    assert_eq!(t.lines_after_ready(), ["DONE slept"]);
+    agent.wait_gone(t.pid);
+    agent.wait_for("the exit in the log", STATE_TIMEOUT, || {
+        (agent.events_for("registered process exited", t.pid) == 1).then_some(())
+    });
+
+    // Killed, with several threads.
+    let mut m = plain_target(&s, "threads", &["4"]);
+    agent.chpox_ok(&["register", &m.pid.to_string()]);
+    assert!(agent.entry(m.pid).is_some(), "threads not registered");
+    m.signal(libc::SIGKILL);
+    let status = m.wait_exit(EXIT_TIMEOUT);
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    agent.wait_gone(m.pid);
+    assert!(agent.list().is_empty(), "{:?}", agent.list());
+}
+
+// ---------------------------------------------------------------------------
+// 6. Users
+
+#[test]
+fn users_register_their_own_processes_only() {
+    let s = scratch();
+    let out_dir = s.dir("out", 0o777);
+    let agent = Agent::start(&s);
+
+    // Root's process: refused to nobody.
+    let mut roots = plain_target(&s, "mempattern", &["4"]);
+    let root_pid = roots.pid.to_string();
+    let img = out_dir.join("stolen");
+    let out = agent.chpox_as(NOBODY, &["register", &root_pid, "-o", path_str(&img)]);
+    assert_refused(
+        "register of root's process by nobody",
+        &out,
+        "permission denied",
+    );
+    assert!(agent.entry(roots.pid).is_none(), "registered anyway");
+    assert!(!ignores(roots.pid, SIGSYS), "its SIGSYS was changed anyway");
+
+    // Nobody's own process.
+    let mut mine = nobody_target(&s, "mempattern", &["4"]);
+    let (addr, len) = (mine.ready_hex("addr"), mine.ready_u64("len"));
+    let my_pid = mine.pid.to_string();
+    let my_img = out_dir.join("mine.chpox");
+    let out = agent.chpox_as(NOBODY, &["register", &my_pid, "-o", path_str(&my_img)]);
+    assert!(
+        out.status.success(),
+        "nobody registering its own process {}",
+        show(&out)
+    );
+    assert!(ignores(mine.pid, SIGSYS));
+
+    // Root registers its own; each user lists only theirs, root all.
+    agent.chpox_ok(&["register", &root_pid]);
+    let theirs = agent.parse_list(&stdout_ok(
+        "chpox list as nobody",
+        agent.chpox_as(NOBODY, &["list", "--json"]),
+    ));
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    assert_eq!(theirs[0]["pid"], mine.pid);
+    assert_eq!(theirs[0]["uid"], NOBODY);
+    assert_eq!(agent.list().len(), 2);
+
+    // Nobody cannot touch root's registration.
+    let out = agent.chpox_as(NOBODY, &["unregister", &root_pid]);
+    assert_refused(
+        "unregister of root's process by nobody",
+        &out,
+        "permission denied",
+    );
+    let out = agent.chpox_as(NOBODY, &["checkpoint", &root_pid, "--timeout", "5"]);
+    assert_refused(
+        "checkpoint of root's process by nobody",
+        &out,
+        "permission denied",
+    );
+    assert!(ignores(roots.pid, SIGSYS));
+    assert_eq!(agent.entry(roots.pid).expect("listed")["signals"], 0);
+
+    // Nobody's checkpoint is nobody's file.
+    mine.signal(SIGSYS);
+    agent.wait_checkpoints(mine.pid, 1);
+    let meta = fs::metadata(&my_img).expect("image written");
+    assert_eq!((meta.uid(), meta.gid()), (NOBODY, NOBODY));
+    check_pattern(&check_image(&my_img, mine.pid), addr, len);
+
+    let out = agent.chpox_as(NOBODY, &["unregister", &my_pid]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(!ignores(mine.pid, SIGSYS));
+    assert_running(&mut mine);
+    assert_running(&mut roots);
+}
+
+/// The agent writes images as root, so it must not write one where the
+/// user who registered the process could not: here, over a root-owned file
+/// in a root-owned directory.
+#[test]
+fn a_user_cannot_have_the_agent_replace_a_root_file() {
+    let s = scratch();
+    let protected = s.dir("protected", 0o755);
+    let victim = protected.join("victim");
+    fs::write(&victim, "root's file\n").expect("write victim");
+    chmod(&victim, 0o644);
+    let agent = Agent::start(&s);
+
+    let mine = nobody_target(&s, "mempattern", &["4"]);
+    let pid = mine.pid.to_string();
+    let reg = agent.chpox_as(NOBODY, &["register", &pid, "-o", path_str(&victim)]);
+    let mut attempt = None;
+    if reg.status.success() {
+        attempt = Some(agent.chpox_as(NOBODY, &["checkpoint", &pid, "--timeout", "30"]));
+    }
+    let meta = fs::metadata(&victim).expect("victim still there");
+    let content = fs::read(&victim).expect("read victim");
+    assert!(
+        content == b"root's file\n" && meta.uid() == 0,
+        "uid {NOBODY} had chpox-agent replace root's {} (now uid {}, {} bytes)\n\
+         register: {}\ncheckpoint: {}",
+        victim.display(),
+        meta.uid(),
+        content.len(),
+        show(&reg),
+        attempt.as_ref().map(show).unwrap_or_default()
+    );
+}
+
+/// `chpoxctl addlib` files are read by the agent as root and embedded in
+/// an image the user owns: a user must not get a file they cannot read.
+#[test]
+fn a_user_cannot_have_a_root_only_file_embedded() {
+    let s = scratch();
+    let out_dir = s.dir("out", 0o777);
+    let secret = s.tmp.path().join("secret");
+    let marker = format!("chpox-secret-{}-{}", std::process::id(), free_pid());
+    fs::write(&secret, &marker).expect("write secret");
+    chmod(&secret, 0o600);
+    let agent = Agent::start(&s);
+
+    let mine = nobody_target(&s, "mempattern", &["4"]);
+    let pid = mine.pid.to_string();
+    let add = agent.chpoxctl_as(NOBODY, &["addlib", path_str(&secret)]);
+    if !add.status.success() {
+        return; // refused up front: fine
+    }
+    let img = out_dir.join("img");
+    let reg = agent.chpox_as(
+        NOBODY,
+        &["register", &pid, "-o", path_str(&img), "--flags", "4"],
+    );
+    assert!(reg.status.success(), "{}", show(&reg));
+    let attempt = agent.chpox_as(NOBODY, &["checkpoint", &pid, "--timeout", "30"]);
+    let Ok(bytes) = fs::read(&img) else {
+        return; // the checkpoint was refused: fine
+    };
+    let leaked = bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
+    let owner = fs::metadata(&img).expect("image").uid();
+    assert!(
+        !leaked,
+        "uid {NOBODY} got root-only {} (mode 0600) embedded in its image {} (owned by uid {owner})\n\
+         addlib: {}\ncheckpoint: {}",
+        secret.display(),
+        img.display(),
+        show(&add),
+        show(&attempt)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 7. The register FIFO
+
+/// Writes `data` to the agent's register FIFO in one write (as root).
+fn write_fifo(agent: &Agent, data: &[u8]) {
+    let path = agent.run_dir.join("register");
+    // Non-blocking: with no reader (agent gone) this fails instead of hanging.
+    let mut f = poll(
+        "the agent to open its register FIFO",
+        STATE_TIMEOUT,
+        || agent.describe(),
+        || match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => Some(f),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => None,
+            Err(e) => panic!("open {}: {e}", path.display()),
+        },
+    );
+    f.write_all(data).expect("write to the FIFO");
+}
+
+#[test]
+fn the_register_fifo_takes_good_lines_and_rejects_garbage() {
+    let s = scratch();
+    let mut agent = Agent::start(&s);
+    let fifo = agent.run_dir.join("register");
+    let meta = fs::metadata(&fifo).expect("register FIFO");
+    assert!(
+        meta.file_type().is_fifo(),
+        "{} is not a FIFO",
+        fifo.display()
+    );
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), 0);
+
+    let mut t = plain_target(&s, "mempattern", &["4"]);
+    let (addr, len) = (t.ready_hex("addr"), t.ready_u64("len"));
+    let img = s.tmp.path().join("from-fifo.chpox");
+    write_fifo(
+        &agent,
+        format!("{}:31:1:{}\n", t.pid, img.display()).as_bytes(),
+    );
+    let e = agent.wait_for("the FIFO registration", STATE_TIMEOUT, || {
+        agent.entry(t.pid)
+    });
+    assert_eq!(e["signal"], 31);
+    assert_eq!(e["flags"], 1);
+    assert_eq!(output_of(&e), img);
+    assert!(ignores(t.pid, SIGSYS));
+    t.signal(SIGSYS);
+    agent.wait_checkpoints(t.pid, 1);
+    check_pattern(&check_image(&img, t.pid), addr, len);
+
+    let before = agent.list();
+    let nowhere = s.tmp.path().join("nowhere.chpox");
+    let bad = [
+        "hello".to_string(),
+        "1:2:3".to_string(),
+        "12:31:99:/tmp/x".to_string(),
+        format!("{}:31:1:{}", free_pid(), nowhere.display()),
+        format!("{}:31:1:relative/path", t.pid),
+    ];
+    for (i, line) in bad.iter().enumerate() {
+        write_fifo(&agent, format!("{line}\n").as_bytes());
+        agent.wait_for(
+            &format!("the agent to reject {line:?}"),
+            STATE_TIMEOUT,
+            || (agent.events("register line rejected").len() > i).then_some(()),
+        );
+        let last = agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("chpox::agent: register line rejected"))
+            .nth(i)
+            .map(str::to_string)
+            .unwrap_or_default();
+        assert!(last.contains(line.as_str()), "{line:?} not in {last:?}");
+        assert!(last.contains("reason="), "no reason given: {last}");
+        agent.assert_alive();
+    }
+    assert_eq!(agent.list(), before, "garbage changed the registrations");
+    assert!(!nowhere.exists(), "{} appeared", nowhere.display());
+
+    // Still serving, the FIFO included.
+    let mut u = plain_target(&s, "mempattern", &["4"]);
+    let img2 = s.tmp.path().join("second.chpox");
+    write_fifo(
+        &agent,
+        format!("{}:31:1:{}\n", u.pid, img2.display()).as_bytes(),
+    );
+    agent.wait_for("the second FIFO registration", STATE_TIMEOUT, || {
+        agent.entry(u.pid)
+    });
+    u.signal(SIGSYS);
+    agent.wait_checkpoints(u.pid, 1);
+    check_image(&img2, u.pid);
+    agent.assert_alive();
+    assert_running(&mut t);
+    assert_running(&mut u);
+}
+
+/// A line that is not UTF-8 is garbage like any other: logged as rejected,
+/// and the lines after it in the same write still count.
+#[test]
+fn a_non_utf8_fifo_line_is_rejected_without_losing_the_next_line() {
+    let s = scratch();
+    let mut agent = Agent::start(&s);
+    let t = plain_target(&s, "mempattern", &["4"]);
+    let img = s.tmp.path().join("after-garbage.chpox");
+    let mut data = b"\xff\xfe not utf-8\n".to_vec();
+    data.extend_from_slice(format!("{}:31:1:{}\n", t.pid, img.display()).as_bytes());
+    write_fifo(&agent, &data);
+    agent.wait_for(
+        "the good line after a non-UTF-8 line to register",
+        STATE_TIMEOUT,
+        || agent.entry(t.pid),
+    );
+    agent.wait_for(
+        "the non-UTF-8 line to be logged as rejected",
+        STATE_TIMEOUT,
+        || (!agent.events("register line rejected").is_empty()).then_some(()),
+    );
+    agent.assert_alive();
+}
+
+// ---------------------------------------------------------------------------
+// 8. chpox checkpoint
+
+#[test]
+fn checkpoint_waits_for_the_image_and_keeps_the_previous_one() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let img_dir = s.dir("out", 0o755);
+    let img = img_dir.join("ck.chpox");
+    let mut t = run_target(&agent, &s, "mempattern", &["8"], &["-o", path_str(&img)]);
+    let (addr, len) = (t.ready_hex("addr"), t.ready_u64("len"));
+    let pid = t.pid.to_string();
+    let generation1 = img_dir.join("ck.chpox.1");
+    let generation2 = img_dir.join("ck.chpox.2");
+
+    let printed = agent.chpox_ok(&["checkpoint", &pid, "--timeout", "60"]);
+    assert_eq!(printed.trim(), path_str(&img));
+    let first = check_image(&img, t.pid);
+    check_pattern(&first, addr, len);
+    let first_created = first.metadata().created_unix_ns;
+    assert!(!generation1.exists(), "FILE.1 after the first checkpoint");
+
+    let printed = agent.chpox_ok(&["checkpoint", &pid, "--timeout", "60"]);
+    assert_eq!(printed.trim(), path_str(&img));
+    let second = check_image(&img, t.pid);
+    let kept = check_image(&generation1, t.pid);
+    assert_eq!(
+        kept.metadata().created_unix_ns,
+        first_created,
+        "FILE.1 is not the first image"
+    );
+    assert!(second.metadata().created_unix_ns > first_created);
+    let second_created = second.metadata().created_unix_ns;
+
+    // --keep 1: only one earlier image.
+    agent.chpox_ok(&["checkpoint", &pid]);
+    assert_eq!(
+        check_image(&generation1, t.pid).metadata().created_unix_ns,
+        second_created
+    );
+    assert!(!generation2.exists(), "FILE.2 kept with --keep 1");
+    assert_eq!(agent.entry(t.pid).expect("listed")["checkpoints"], 3);
+    assert_running(&mut t);
+
+    // Only registered processes.
+    let other = plain_target(&s, "mempattern", &["4"]);
+    let out = agent.chpox(&["checkpoint", &other.pid.to_string(), "--timeout", "5"]);
+    assert_refused(
+        "checkpoint of an unregistered process",
+        &out,
+        "not registered",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 9. A process that handles the signal itself
+
+#[test]
+fn a_process_handling_the_signal_is_refused_unless_forced() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = plain_target(&s, "sighandler", &[]);
+    let pid = t.pid.to_string();
+    let usr1 = libc::SIGUSR1;
+    assert!(catches(t.pid, usr1));
+
+    let out = agent.chpox(&["register", &pid, "--signal", "10"]);
+    assert_refused("register over a handled signal", &out, "handles signal");
+    assert!(agent.entry(t.pid).is_none());
+    assert!(
+        catches(t.pid, usr1) && !ignores(t.pid, usr1),
+        "handler changed anyway"
+    );
+
+    agent.chpox_ok(&["register", &pid, "--signal", "10", "--force"]);
+    assert!(
+        ignores(t.pid, usr1) && !catches(t.pid, usr1),
+        "not taken over"
+    );
+    assert_eq!(agent.entry(t.pid).expect("listed")["signal"], 10);
+    t.signal(usr1);
+    let e = agent.wait_checkpoints(t.pid, 1);
+    check_image(&output_of(&e), t.pid);
+    assert_running(&mut t);
+
+    agent.chpox_ok(&["unregister", &pid]);
+    assert!(
+        catches(t.pid, usr1) && !ignores(t.pid, usr1),
+        "handler not restored"
+    );
+    // The handler counts from here: the SIGUSR1 that checkpointed did not run it.
+    t.signal(usr1);
+    t.wait_not_pending(usr1, STATE_TIMEOUT);
+    t.signal(libc::SIGUSR2);
+    t.wait_success(EXIT_TIMEOUT);
+    assert_eq!(t.lines_after_ready(), ["COUNT=1"]);
+}
+
+// ---------------------------------------------------------------------------
+// 10. chpoxctl
+
+const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+
+#[test]
+fn chpoxctl_registers_and_manages_libraries() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let img_dir = s.dir("out", 0o755);
+    let mut t = plain_target(&s, "mempattern", &["4"]);
+    let pid = t.pid.to_string();
+
+    let plain = img_dir.join("plain.chpox");
+    agent.chpoxctl_ok(&["add", &pid, "31", "1", path_str(&plain)]);
+    let e = agent.entry(t.pid).expect("registered by chpoxctl add");
+    assert_eq!(
+        (e["signal"].as_u64(), e["flags"].as_u64()),
+        (Some(31), Some(1))
+    );
+    assert_eq!(output_of(&e), plain);
+    assert!(ignores(t.pid, SIGSYS));
+    let listed = agent.chpoxctl_ok(&["list"]);
+    assert!(
+        listed.contains(&pid) && listed.contains(path_str(&plain)),
+        "{listed}"
+    );
+    t.signal(SIGSYS);
+    agent.wait_checkpoints(t.pid, 1);
+    let reader = check_image(&plain, t.pid);
+    let libc_file = reader
+        .metadata()
+        .files
+        .iter()
+        .find(|f| f.path == LIBC)
+        .unwrap_or_else(|| panic!("{LIBC} not among the image's files"));
+    assert!(libc_file.embedded.is_none(), "FLAGS 1 embedded {LIBC}");
+
+    agent.chpoxctl_ok(&["del", &pid]);
+    assert!(agent.entry(t.pid).is_none());
+    assert!(!ignores(t.pid, SIGSYS), "del did not restore SIGSYS");
+
+    // The library list.
+    assert_eq!(agent.chpoxctl_ok(&["listlibs"]), "");
+    agent.chpoxctl_ok(&["addlib", LIBC]);
+    agent.chpoxctl_ok(&["addlib", LIBC]);
+    assert_eq!(
+        agent.chpoxctl_ok(&["listlibs"]).lines().collect::<Vec<_>>(),
+        [LIBC]
+    );
+    agent.chpoxctl_ok(&["dellib", LIBC]);
+    assert_eq!(agent.chpoxctl_ok(&["listlibs"]), "");
+    let out = agent.chpoxctl(&["dellib", LIBC]);
+    assert!(
+        !out.status.success(),
+        "dellib of a library not listed {}",
+        show(&out)
+    );
+    let out = agent.chpoxctl(&["addlib", "/no/such/lib.so"]);
+    assert!(
+        !out.status.success(),
+        "addlib of a missing file {}",
+        show(&out)
+    );
+    agent.chpoxctl_ok(&["addlib", LIBC]);
+
+    // FLAGS 4 embeds them.
+    let with_libs = img_dir.join("libs.chpox");
+    agent.chpoxctl_ok(&["add", &pid, "31", "4", path_str(&with_libs)]);
+    t.signal(SIGSYS);
+    agent.wait_checkpoints(t.pid, 1);
+    let reader = check_image(&with_libs, t.pid);
+    let libc_file = reader
+        .metadata()
+        .files
+        .iter()
+        .find(|f| f.path == LIBC)
+        .unwrap_or_else(|| panic!("{LIBC} not among the image's files"));
+    let data = libc_file
+        .embedded
+        .as_ref()
+        .unwrap_or_else(|| panic!("FLAGS 4 did not embed {LIBC}"));
+    let embedded = reader.read_data(data).expect("read embedded libc");
+    assert!(
+        embedded == fs::read(LIBC).expect("read libc"),
+        "embedded {LIBC} differs from the file"
+    );
+
+    agent.chpoxctl_ok(&["clearlibs"]);
+    assert_eq!(agent.chpoxctl_ok(&["listlibs"]), "");
+    agent.chpoxctl_ok(&["del", &pid]);
+    assert!(!ignores(t.pid, SIGSYS));
+    assert_running(&mut t);
+}
+
+// ---------------------------------------------------------------------------
+// 11. Agent restart
+
+#[test]
+fn a_restarted_agent_takes_its_registrations_back() {
+    let s = scratch();
+    let img_dir = s.dir("out", 0o755);
+    let mut first = Agent::start(&s);
+    let mut t = plain_target(&s, "mempattern", &["8"]);
+    let (addr, len) = (t.ready_hex("addr"), t.ready_u64("len"));
+    let pid = t.pid.to_string();
+    let img = img_dir.join("kept.chpox");
+    first.chpox_ok(&["register", &pid, "-o", path_str(&img)]);
+    let mut lost = plain_target(&s, "mempattern", &["4"]);
+    first.chpox_ok(&["register", &lost.pid.to_string()]);
+    assert_eq!(first.list().len(), 2);
+
+    first.stop();
+    let saved = fs::read_to_string(s.run.join("registrations.json")).expect("saved registrations");
+    assert!(saved.contains(&pid), "{saved}");
+
+    // Between agents: SIGSYS is still harmless.
+    assert!(ignores(t.pid, SIGSYS));
+    t.signal(SIGSYS);
+    t.wait_not_pending(SIGSYS, STATE_TIMEOUT);
+    assert_running(&mut t);
+    // One registration does not survive: its process is gone.
+    lost.signal(libc::SIGKILL);
+    lost.wait_exit(EXIT_TIMEOUT);
+
+    let second = Agent::start(&s);
+    let e = second
+        .entry(t.pid)
+        .unwrap_or_else(|| panic!("registration not taken back\n{}", second.describe()));
+    assert_eq!(output_of(&e), img);
+    assert_eq!(e["signal"], 31);
+    assert!(second.entry(lost.pid).is_none(), "dead process taken back");
+    assert_eq!(second.list().len(), 1);
+    assert_eq!(
+        second.events_for("registration taken back after restart", t.pid),
+        1
+    );
+
+    t.signal(SIGSYS);
+    second.wait_checkpoints(t.pid, 1);
+    check_pattern(&check_image(&img, t.pid), addr, len);
+    assert_running(&mut t);
+
+    // The disposition from before the first agent comes back.
+    second.chpox_ok(&["unregister", &pid]);
+    assert!(
+        !ignores(t.pid, SIGSYS),
+        "SIG_DFL not restored after a restart"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// More of the trigger path
+
+#[test]
+fn chpox_run_of_a_missing_command_leaves_no_registration() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let missing = s.tmp.path().join("no-such-program");
+    let out = agent
+        .client(chpox_bin())
+        .arg("run")
+        .arg("--")
+        .arg(&missing)
+        .output()
+        .expect("run chpox");
+    assert_refused("chpox run of a missing program", &out, "cannot run");
+    assert!(agent.list().is_empty(), "{:?}", agent.list());
+}
+
+#[test]
+fn agents_keep_their_registrations_apart() {
+    let s = scratch();
+    let other_scratch = scratch();
+    let agent = Agent::start(&s);
+    let other = Agent::start(&other_scratch);
+    let mut t = run_target(&agent, &s, "mempattern", &["4"], &[]);
+    assert!(other.list().is_empty(), "{:?}", other.list());
+    t.signal(SIGSYS);
+    agent.wait_checkpoints(t.pid, 1);
+    assert!(other.list().is_empty());
+    assert_eq!(other.events("checkpoint written").len(), 0);
+    assert_running(&mut t);
+}
+
+/// A trigger sent to one thread of a registered process (`tgkill`,
+/// `pthread_kill`, `kill -31 TID`) is swallowed by SIG_IGN like any other;
+/// it must checkpoint the process like one sent to the PID.
+#[test]
+fn a_trigger_aimed_at_a_thread_checkpoints_its_process() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = plain_target(&s, "threads", &["2"]);
+    agent.chpox_ok(&["register", &t.pid.to_string()]);
+    let worker: i32 = t
+        .ready_value("tids")
+        .split(',')
+        .map(|v| v.parse().expect("tid"))
+        .find(|&tid| tid != t.pid)
+        .expect("a worker thread");
+    // SAFETY: tgkill has no memory-safety preconditions.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, t.pid, worker, SIGSYS) };
+    assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
+    assert_running(&mut t);
+    let seen = poll(
+        "the thread-directed trigger to be counted",
+        STATE_TIMEOUT,
+        || format!("entry {:?}\n{}", agent.entry(t.pid), agent.describe()),
+        || {
+            let e = agent.entry(t.pid)?;
+            (e["checkpoints"].as_u64()? >= 1).then_some(e)
+        },
+    );
+    assert_eq!(seen["signals"], 1, "{seen}");
+    check_image(&output_of(&seen), t.pid);
+}
