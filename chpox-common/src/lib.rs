@@ -11,6 +11,13 @@ pub const DEFAULT_TRIGGER_SIGNAL: u32 = 31;
 /// How many processes can be registered at once (size of the BPF maps).
 pub const MAX_REGISTRATIONS: u32 = 4096;
 
+/// How many threads (other than leaders) of registered processes the
+/// `THREADS` map (thread id → process id) can hold.
+pub const MAX_THREADS: u32 = 65536;
+
+/// `CLONE_THREAD`: a new task that is a thread of its creator's process.
+pub const CLONE_THREAD: u64 = 0x0001_0000;
+
 /// The FLAGS field of the old `PID:SIG:FLAGS:FILE` register line.
 ///
 /// Old chpox gave these bits meaning; we keep them so existing scripts keep
@@ -31,13 +38,16 @@ pub mod flags {
 /// Names of the maps and programs in the eBPF object.
 pub mod names {
     pub const REGISTRY: &str = "REGISTRY";
+    pub const THREADS: &str = "THREADS";
     pub const STATES: &str = "STATES";
     pub const EVENTS: &str = "EVENTS";
     pub const SIGNAL_PROGRAM: &str = "chpox_signal_generate";
     pub const EXIT_PROGRAM: &str = "chpox_process_exit";
+    pub const NEWTASK_PROGRAM: &str = "chpox_task_newtask";
     /// Globals set at load time from the tracepoints' format files.
     pub const GLOBAL_SIGNAL_OFFSETS: &str = "SIGNAL_OFFSETS";
     pub const GLOBAL_EXIT_OFFSETS: &str = "EXIT_OFFSETS";
+    pub const GLOBAL_NEWTASK_OFFSETS: &str = "NEWTASK_OFFSETS";
 }
 
 /// Value of the `REGISTRY` hash map, keyed by the registered process's
@@ -151,6 +161,23 @@ impl ExitOffsets {
     pub const DEFAULT: ExitOffsets = ExitOffsets { group_dead: 32 };
 }
 
+/// Byte offsets in `task/task_newtask`, which tells the program about new
+/// threads of registered processes, so a trigger aimed at any thread of a
+/// process (tgkill, or `kill` of a thread id) checkpoints the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewTaskOffsets {
+    pub pid: u32,
+    pub clone_flags: u32,
+}
+
+impl NewTaskOffsets {
+    pub const DEFAULT: NewTaskOffsets = NewTaskOffsets {
+        pid: 8,
+        clone_flags: 32,
+    };
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)] structs of plain integers with
@@ -160,6 +187,7 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SignalOffsets {}
     unsafe impl aya::Pod for super::ExitOffsets {}
+    unsafe impl aya::Pod for super::NewTaskOffsets {}
 }
 
 #[cfg(test)]

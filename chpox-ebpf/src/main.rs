@@ -31,13 +31,20 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info, warn};
 use chpox_common::{
-    EVENT_CHECKPOINT, EVENT_EXIT, Event, ExitOffsets, MAX_REGISTRATIONS, Registration, STATE_IDLE,
-    STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, SignalOffsets, SlotState,
+    CLONE_THREAD, EVENT_CHECKPOINT, EVENT_EXIT, Event, ExitOffsets, MAX_REGISTRATIONS, MAX_THREADS,
+    NewTaskOffsets, Registration, STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN,
+    SignalOffsets, SlotState,
 };
 
 /// Registered processes, by tgid.
 #[map(name = "REGISTRY")]
 static REGISTRY: HashMap<u32, Registration> = HashMap::with_max_entries(MAX_REGISTRATIONS, 0);
+
+/// Threads of registered processes other than their leaders: thread id →
+/// process id. The agent fills it at registration, `chpox_task_newtask`
+/// as threads are created, `chpox_process_exit` empties it as they exit.
+#[map(name = "THREADS")]
+static THREADS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// Checkpoint state per registration slot; the agent mmaps it and changes
 /// `state` with atomic compare-and-swap, as this program does.
@@ -57,6 +64,10 @@ static SIGNAL_OFFSETS: SignalOffsets = SignalOffsets::DEFAULT;
 #[unsafe(no_mangle)]
 static EXIT_OFFSETS: ExitOffsets = ExitOffsets::DEFAULT;
 
+/// Offsets in `task/task_newtask`, set by the agent at load time.
+#[unsafe(no_mangle)]
+static NEWTASK_OFFSETS: NewTaskOffsets = NewTaskOffsets::DEFAULT;
+
 /// How often a lost compare-and-swap on `state` is retried. Only the agent
 /// and other CPUs' signals change the state, so two tries nearly always do.
 const CAS_TRIES: u32 = 4;
@@ -72,7 +83,16 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
     let off = unsafe { read_volatile(&SIGNAL_OFFSETS) };
     // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
     let pid: i32 = unsafe { ctx.read_at(off.pid as usize)? };
-    let pid = pid as u32;
+    let target = pid as u32;
+    // Aimed at the process (or its leader), or at another of its threads.
+    let pid = match REGISTRY.get_ptr(target) {
+        Some(_) => target,
+        // SAFETY: a live map value, copied out at once.
+        None => match unsafe { THREADS.get(&target) } {
+            Some(&tgid) => tgid,
+            None => return Ok(0),
+        },
+    };
     let Some(reg) = REGISTRY.get_ptr(pid) else {
         return Ok(0);
     };
@@ -120,7 +140,7 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
         // SAFETY: as above.
         match unsafe { atomic::cas_u32(state, expected, desired) } {
             Ok(_) if expected == STATE_IDLE => {
-                request_checkpoint(ctx, &off, pid, sig, reg.slot);
+                request_checkpoint(ctx, &off, pid, target, sig, reg.slot);
                 return Ok(0);
             }
             // RUNNING -> RUNNING_AGAIN: the agent does one more checkpoint
@@ -148,7 +168,14 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
 
 /// The slot is REQUESTED now: tell the agent.
 #[inline(always)]
-fn request_checkpoint(ctx: &TracePointContext, off: &SignalOffsets, pid: u32, sig: u32, slot: u32) {
+fn request_checkpoint(
+    ctx: &TracePointContext,
+    off: &SignalOffsets,
+    pid: u32,
+    target: u32,
+    sig: u32,
+    slot: u32,
+) {
     // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
     let code: i32 = unsafe { ctx.read_at(off.code as usize) }.unwrap_or(0);
     // SAFETY: as above.
@@ -157,7 +184,7 @@ fn request_checkpoint(ctx: &TracePointContext, off: &SignalOffsets, pid: u32, si
     let event = Event {
         kind: EVENT_CHECKPOINT,
         tgid: pid,
-        target_pid: pid,
+        target_pid: target,
         signal: sig,
         code,
         result,
@@ -194,6 +221,12 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
     let current = bpf_get_current_pid_tgid();
     let tgid = (current >> 32) as u32;
     let tid = current as u32;
+    if tid != tgid {
+        // A thread of a registered process leaves THREADS as it exits, so a
+        // recycled thread id never points at the old process. (Absent is
+        // fine: most exiting threads were never there.)
+        let _ = THREADS.remove(&tid);
+    }
     let Some(reg) = REGISTRY.get_ptr(tgid) else {
         return Ok(0);
     };
@@ -229,6 +262,37 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
         warn!(
             ctx,
             "chpox: EVENTS full; exit of pid {} (slot {}) not reported", tgid, slot
+        );
+    }
+    Ok(0)
+}
+
+#[tracepoint(category = "task", name = "task_newtask")]
+pub fn chpox_task_newtask(ctx: TracePointContext) -> u32 {
+    try_task_newtask(&ctx).unwrap_or(0)
+}
+
+/// A new task: if it is a thread of a registered process, remember which.
+#[inline(always)]
+fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i32> {
+    // The creator is current; a CLONE_THREAD child joins its process.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if REGISTRY.get_ptr(tgid).is_none() {
+        return Ok(0);
+    }
+    // SAFETY: a plain read of our own read-only global.
+    let off = unsafe { read_volatile(&NEWTASK_OFFSETS) };
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
+    let clone_flags: u64 = unsafe { ctx.read_at(off.clone_flags as usize)? };
+    if clone_flags & CLONE_THREAD == 0 {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let tid: i32 = unsafe { ctx.read_at(off.pid as usize)? };
+    if THREADS.insert(&(tid as u32), &tgid, 0).is_err() {
+        warn!(
+            ctx,
+            "chpox: THREADS full; signals aimed at thread {} of pid {} will not trigger", tid, tgid
         );
     }
     Ok(0)

@@ -58,6 +58,10 @@ impl Caller {
     const ROOT: Caller = Caller { uid: 0, pid: None };
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// One registered process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
@@ -71,10 +75,17 @@ struct Entry {
     /// The disposition we replaced with SIG_IGN, put back on unregister.
     /// None when the process ignored the signal already.
     previous_action: Option<SigAction>,
+    /// Registered by its (non-root) owner: images are written with the
+    /// owner's file rights, never ours.
+    #[serde(default = "yes")]
+    as_owner: bool,
     #[serde(skip)]
     slot: u32,
     #[serde(skip)]
     checkpoints: u64,
+    /// Checkpoints begun, counting the one in progress.
+    #[serde(skip)]
+    started: u64,
     #[serde(skip)]
     last_checkpoint: Option<u64>,
     #[serde(skip)]
@@ -98,8 +109,9 @@ struct State {
     free_slots: Vec<u32>,
     /// Libraries to embed for FLAGS 4, per user (`chpoxctl addlib`).
     libs: HashMap<u32, Vec<PathBuf>>,
-    /// `chpox checkpoint` callers waiting for the next checkpoint of a PID.
-    waiters: HashMap<i32, Vec<mpsc::Sender<Outcome>>>,
+    /// `chpox checkpoint` callers waiting, per PID: each is answered by the
+    /// first checkpoint that starts after its request (number given here).
+    waiters: HashMap<i32, Vec<(u64, mpsc::Sender<Outcome>)>>,
     bpf: Bpf,
 }
 
@@ -182,12 +194,17 @@ impl Agent {
                 self.checkpoint(caller, pid, Duration::from_secs(timeout_secs))
             }
             Request::AddLib { path } => self.edit_libs(caller, |libs| {
-                if !path.is_absolute() || !path.exists() {
+                if !path.is_absolute() {
                     return Err(format!(
-                        "{} does not exist; give the library's absolute path",
+                        "{} is not an absolute path; give the library's full path",
                         path.display()
                     ));
                 }
+                // Readable by the caller, by the kernel's own checks: the
+                // agent must not become a way to read other users' files.
+                crate::creds::as_user(&Self::caller_creds(caller), || std::fs::File::open(&path))
+                    .and_then(|r| r)
+                    .map_err(|e| format!("cannot add {}: {e}", path.display()))?;
                 if !libs.contains(&path) {
                     libs.push(path.clone());
                 }
@@ -239,6 +256,57 @@ impl Agent {
         Ok(uid)
     }
 
+    /// The identity of a caller for file access: its process's groups too.
+    fn caller_creds(caller: Caller) -> crate::creds::UserCreds {
+        caller
+            .pid
+            .and_then(|pid| crate::creds::UserCreds::of_process(pid).ok())
+            .filter(|c| c.uid == caller.uid)
+            .unwrap_or(crate::creds::UserCreds {
+                uid: caller.uid,
+                gid: caller.uid,
+                groups: Vec::new(),
+            })
+    }
+
+    /// Where a user's images go by default: a directory of their own.
+    fn default_image_dir(&self, creds: &crate::creds::UserCreds) -> Result<PathBuf, String> {
+        if creds.is_root() {
+            return Ok(self.config.image_dir.clone());
+        }
+        let dir = self.config.image_dir.join(creds.uid.to_string());
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .and_then(|()| std::os::unix::fs::chown(&dir, Some(creds.uid), Some(creds.gid)))
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        Ok(dir)
+    }
+
+    /// Check, with the user's own rights, that they may create files where
+    /// their images are to go.
+    fn check_writable(creds: &crate::creds::UserCreds, output: &Path) -> Result<(), String> {
+        let dir = output.parent().unwrap_or(Path::new("/"));
+        let probe = dir.join(format!(".chpox-probe.{}", std::process::id()));
+        crate::creds::as_user(creds, || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .and_then(|_| std::fs::remove_file(&probe))
+        })
+        .and_then(|r| r)
+        .map_err(|e| {
+            format!(
+                "uid {} may not write images to {}: {e}; choose a directory you can write with -o",
+                creds.uid,
+                dir.display()
+            )
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn register(
         &self,
@@ -271,11 +339,26 @@ impl Agent {
         let comm = name
             .filter(|n| !n.is_empty() && !n.contains('/'))
             .unwrap_or_else(|| crate::process::thread_comm(pid, pid).unwrap_or_default());
+        let as_owner = caller.uid != 0;
+        let owner_creds = if as_owner {
+            Self::caller_creds(caller)
+        } else {
+            crate::creds::UserCreds {
+                uid: 0,
+                gid: 0,
+                groups: Vec::new(),
+            }
+        };
         let output = match output {
             Some(p) if p.is_absolute() => p,
             Some(p) => return Err(format!("output {} must be an absolute path", p.display())),
-            None => self.config.image_dir.join(format!("{comm}-{pid}.chpox")),
+            None => self
+                .default_image_dir(&owner_creds)?
+                .join(format!("{comm}-{pid}.chpox")),
         };
+        if as_owner {
+            Self::check_writable(&owner_creds, &output)?;
+        }
         let signo = signal as i32;
 
         // Make the trigger harmless: SIG_IGN drops it at generation, after
@@ -338,8 +421,10 @@ impl Agent {
                 flags,
                 output: output.clone(),
                 previous_action,
+                as_owner,
                 slot,
                 checkpoints: 0,
+                started: 0,
                 last_checkpoint: None,
                 last_error: None,
             },
@@ -434,7 +519,13 @@ impl Agent {
                 ));
             }
             let signal = entry.signal;
-            state.waiters.entry(pid).or_default().push(tx);
+            // A checkpoint already running began before this request.
+            let first_acceptable = entry.started + 1;
+            state
+                .waiters
+                .entry(pid)
+                .or_default()
+                .push((first_acceptable, tx));
             signal
         };
         // The same signal a user would send: the whole path is exercised.
@@ -480,6 +571,16 @@ impl Agent {
             return;
         }
         loop {
+            let number = {
+                let mut state = self.lock();
+                match state.entries.get_mut(&pid) {
+                    Some(e) => {
+                        e.started += 1;
+                        e.started
+                    }
+                    None => 0,
+                }
+            };
             let outcome = self.checkpoint_once(&entry, &event);
             {
                 let mut state = self.lock();
@@ -497,8 +598,14 @@ impl Agent {
                     let generation = state.entries.get(&pid).map(|e| e.checkpoints).unwrap_or(0);
                     (written, generation)
                 });
-                for w in state.waiters.remove(&pid).unwrap_or_default() {
+                let waiting = state.waiters.remove(&pid).unwrap_or_default();
+                let (answered, still): (Vec<_>, Vec<_>) =
+                    waiting.into_iter().partition(|(first, _)| *first <= number);
+                for (_, w) in answered {
                     let _ = w.send(outcome.clone());
+                }
+                if !still.is_empty() {
+                    state.waiters.insert(pid, still);
                 }
             }
             if self
@@ -524,6 +631,12 @@ impl Agent {
         }
         let mut opts = DumpOptions::new(&entry.output);
         opts.keep_previous = self.config.keep;
+        if entry.as_owner {
+            opts.as_user = Some(
+                crate::creds::UserCreds::of_process(pid)
+                    .map_err(|e| format!("cannot read the credentials of PID {pid}: {e}"))?,
+            );
+        }
         opts.embed_exe = entry.flags & flags::EMBED_EXE != 0;
         if entry.flags & flags::EMBED_LIBS != 0 {
             opts.embed_libs = self
@@ -665,7 +778,7 @@ impl Agent {
 }
 
 fn fail_waiters(state: &mut State, pid: i32, why: &str) {
-    for w in state.waiters.remove(&pid).unwrap_or_default() {
+    for (_, w) in state.waiters.remove(&pid).unwrap_or_default() {
         let _ = w.send(Err(format!("PID {pid}: {why}")));
     }
 }
@@ -885,12 +998,19 @@ fn start_fifo(agent: Arc<Agent>, run_dir: &Path) -> anyhow::Result<()> {
                         return;
                     }
                 };
-                for line in BufReader::new(file).lines() {
-                    let Ok(line) = line else { break };
-                    if line.trim().is_empty() {
-                        continue;
+                // Bytes, not lines of text: one line that is not UTF-8 is
+                // rejected alone and the lines after it still count.
+                for line in BufReader::new(file).split(b'\n') {
+                    let Ok(bytes) = line else { break };
+                    match String::from_utf8(bytes) {
+                        Ok(line) if line.trim().is_empty() => {}
+                        Ok(line) => handle_register_line(&agent, &line),
+                        Err(e) => warn!(
+                            line = %String::from_utf8_lossy(e.as_bytes()),
+                            reason = "not text",
+                            "register line rejected"
+                        ),
                     }
-                    handle_register_line(&agent, &line);
                 }
             }
         })?;

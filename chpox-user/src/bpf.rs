@@ -13,7 +13,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use chpox_common::{
-    Event, ExitOffsets, MAX_REGISTRATIONS, Registration, SignalOffsets, SlotState, names,
+    Event, ExitOffsets, MAX_REGISTRATIONS, NewTaskOffsets, Registration, SignalOffsets, SlotState,
+    names,
 };
 use tracing::{debug, info};
 
@@ -105,7 +106,7 @@ fn read_format(tracepoint: &str) -> Result<String, BpfError> {
 }
 
 /// Field offsets of this kernel's tracepoints, from their format files.
-pub fn tracepoint_offsets() -> Result<(SignalOffsets, ExitOffsets), BpfError> {
+pub fn tracepoint_offsets() -> Result<(SignalOffsets, ExitOffsets, NewTaskOffsets), BpfError> {
     let signal = read_format("signal/signal_generate")?;
     let field = |name: &'static str| {
         field_offset(&signal, name).ok_or(BpfError::FormatField {
@@ -124,13 +125,24 @@ pub fn tracepoint_offsets() -> Result<(SignalOffsets, ExitOffsets), BpfError> {
         // Older kernels lack group_dead; the program then watches the leader.
         group_dead: field_offset(&exit, "group_dead").unwrap_or(u32::MAX),
     };
+    let newtask = read_format("task/task_newtask")?;
+    let newtask_field = |name: &'static str| {
+        field_offset(&newtask, name).ok_or(BpfError::FormatField {
+            tracepoint: "task/task_newtask",
+            field: name,
+        })
+    };
+    let newtask_offsets = NewTaskOffsets {
+        pid: newtask_field("pid")?,
+        clone_flags: newtask_field("clone_flags")?,
+    };
     if signal_offsets != SignalOffsets::DEFAULT {
         info!(
             ?signal_offsets,
             "this kernel lays out signal_generate differently; using its offsets"
         );
     }
-    Ok((signal_offsets, exit_offsets))
+    Ok((signal_offsets, exit_offsets, newtask_offsets))
 }
 
 /// Where to look for the eBPF object when none is named.
@@ -154,6 +166,9 @@ pub struct Bpf {
     /// Keeps programs and links alive.
     _ebpf: Ebpf,
     registry: BpfHashMap<MapData, u32, Registration>,
+    /// Thread id → process id for the non-leader threads of registered
+    /// processes, so a trigger aimed at a thread counts for its process.
+    threads: BpfHashMap<MapData, u32, u32>,
     states: Arc<StatesMap>,
     /// The agent takes these to poll them.
     pub events: Option<RingBuf<MapData>>,
@@ -180,10 +195,11 @@ impl Bpf {
             path: path.display().to_string(),
             source,
         })?;
-        let (signal_offsets, exit_offsets) = tracepoint_offsets()?;
+        let (signal_offsets, exit_offsets, newtask_offsets) = tracepoint_offsets()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_SIGNAL_OFFSETS, &signal_offsets, true)
             .override_global(names::GLOBAL_EXIT_OFFSETS, &exit_offsets, true)
+            .override_global(names::GLOBAL_NEWTASK_OFFSETS, &newtask_offsets, true)
             .load(&bytes)
             .map_err(|e| BpfError::Load(e.to_string()))?;
         // The logger must exist before the programs load (they reference
@@ -198,6 +214,7 @@ impl Bpf {
         for (program, category, name) in [
             (names::SIGNAL_PROGRAM, "signal", "signal_generate"),
             (names::EXIT_PROGRAM, "sched", "sched_process_exit"),
+            (names::NEWTASK_PROGRAM, "task", "task_newtask"),
         ] {
             let tp: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -220,6 +237,11 @@ impl Bpf {
                 .ok_or(BpfError::MapMissing(names::REGISTRY))?,
         )
         .map_err(map_err(names::REGISTRY))?;
+        let threads = BpfHashMap::try_from(
+            ebpf.take_map(names::THREADS)
+                .ok_or(BpfError::MapMissing(names::THREADS))?,
+        )
+        .map_err(map_err(names::THREADS))?;
         let events = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
                 .ok_or(BpfError::MapMissing(names::EVENTS))?,
@@ -233,6 +255,7 @@ impl Bpf {
         Ok(Bpf {
             _ebpf: ebpf,
             registry,
+            threads,
             states,
             events: Some(events),
             logger,
@@ -246,12 +269,23 @@ impl Bpf {
             .map_err(|e| BpfError::Map {
                 map: names::REGISTRY,
                 reason: e.to_string(),
-            })
+            })?;
+        // The threads that exist already; from now on the program adds new
+        // ones itself (it watches thread creation in registered processes).
+        for tid in threads_of(tgid) {
+            if let Err(e) = self.threads.insert(tid, tgid, 0) {
+                tracing::warn!(tgid, tid, error = %e, "a trigger aimed at this thread will not count");
+            }
+        }
+        Ok(())
     }
 
     pub fn unregister(&mut self, tgid: u32) {
         // Absent already when the program saw the process exit.
         let _ = self.registry.remove(&tgid);
+        for tid in threads_of(tgid) {
+            let _ = self.threads.remove(&tid);
+        }
     }
 
     pub fn states(&self) -> Arc<StatesMap> {
@@ -381,6 +415,17 @@ impl Drop for StatesMap {
             let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
         }
     }
+}
+
+/// The thread ids of process `tgid` other than its leader.
+fn threads_of(tgid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{tgid}/task"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|&tid| tid != tgid)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Decode a ring buffer record.

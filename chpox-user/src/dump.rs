@@ -33,6 +33,9 @@ pub struct DumpOptions {
     pub unsupported_fd: UnsupportedFd,
     /// Keep this many earlier images as `FILE.1` … `FILE.N`.
     pub keep_previous: u32,
+    /// Write the image, and read the libraries to embed, with this user's
+    /// file rights (an agent acting for a user).
+    pub as_user: Option<crate::creds::UserCreds>,
 }
 
 impl DumpOptions {
@@ -46,6 +49,7 @@ impl DumpOptions {
             embed_all_libs: false,
             unsupported_fd: UnsupportedFd::Fail,
             keep_previous: 0,
+            as_user: None,
         }
     }
 }
@@ -85,6 +89,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             compress: opts.compress,
             owner: Some(owner),
             keep_previous: opts.keep_previous,
+            as_user: opts.as_user.clone(),
         },
     )?;
 
@@ -279,7 +284,7 @@ fn capture(
     for lib in &opts.embed_libs {
         let index = match files.find(lib) {
             Some(i) => i,
-            None => files.add_library(lib)?,
+            None => files.add_library(lib, opts.as_user.as_ref())?,
         };
         files.embed(index, writer)?;
     }

@@ -83,6 +83,8 @@ pub struct FileTable {
     /// Where to read each file's content from (a map_files link or a path).
     sources: Vec<PathBuf>,
     by_id: HashMap<(u64, u64), usize>,
+    /// Descriptors that `sources` name through /proc/self/fd.
+    held: Vec<File>,
 }
 
 impl FileTable {
@@ -92,6 +94,7 @@ impl FileTable {
             files: Vec::new(),
             sources: Vec::new(),
             by_id: HashMap::new(),
+            held: Vec::new(),
         }
     }
 
@@ -148,10 +151,29 @@ impl FileTable {
     }
 
     /// Register a file named for embedding that the process may not map.
-    pub fn add_library(&mut self, path: &Path) -> Result<usize> {
-        let canonical = std::fs::canonicalize(path).map_err(|e| file_err(path, e))?;
-        let shown = canonical.to_string_lossy().into_owned();
-        self.add(&shown, canonical, FileRole::Library, false)
+    /// With `as_user`, the file is opened with that user's rights, so a user
+    /// cannot have the agent read a file they may not; the content is then
+    /// read through the descriptor so opened.
+    pub fn add_library(
+        &mut self,
+        path: &Path,
+        as_user: Option<&crate::creds::UserCreds>,
+    ) -> Result<usize> {
+        let open = || File::open(path);
+        let file = match as_user {
+            Some(user) => crate::creds::as_user(user, open).and_then(|r| r),
+            None => open(),
+        }
+        .map_err(|e| file_err(path, e))?;
+        use std::os::fd::AsRawFd;
+        let source = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let shown = std::fs::read_link(&source)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .to_string_lossy()
+            .into_owned();
+        let index = self.add(&shown, source, FileRole::Library, false)?;
+        self.held.push(file);
+        Ok(index)
     }
 
     /// Index of the file at `path` (by identity), if registered.

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod control;
+pub mod creds;
 pub mod dump;
 pub mod error;
 pub mod fds;

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::image::model::{GpRegs, PendingSignal, Rseq};
 
 const PTRACE_GETREGSET: libc::c_uint = 0x4204;
+const PTRACE_SETREGSET: libc::c_uint = 0x4205;
 const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
 const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
@@ -277,6 +278,21 @@ impl Frozen {
         }
     }
 
+    /// Take charge of threads the caller already holds in a ptrace stop
+    /// (seized and interrupted by this thread), e.g. a process the
+    /// restorer created itself. The result behaves like a `freeze` result:
+    /// `resume` detaches, `kill` kills, dropping it detaches.
+    pub fn adopt(pid: i32, tids: Vec<i32>) -> Frozen {
+        Frozen {
+            pid,
+            tids,
+            was_stopped: false,
+            released: false,
+            _not_send: PhantomData,
+            _signals: HoldTerminalSignals::new(),
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }
@@ -421,6 +437,26 @@ pub fn get_xstate(tid: i32) -> Result<Vec<u8>> {
     )?;
     buf.truncate(iov.iov_len);
     Ok(buf)
+}
+
+/// Load a thread's XSAVE area (`PTRACE_SETREGSET NT_X86_XSTATE`). The
+/// kernel takes only a whole standard-format area of exactly this CPU's
+/// size, as `get_xstate` returns it.
+pub fn set_xstate(tid: i32, xsave: &[u8]) -> Result<()> {
+    let mut buf = xsave.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // The kernel reads iov_len bytes from iov_base, which is `buf`.
+    raw_ptrace(
+        "setregset(NT_X86_XSTATE)",
+        PTRACE_SETREGSET,
+        tid,
+        NT_X86_XSTATE as usize,
+        (&raw mut iov).cast(),
+    )?;
+    Ok(())
 }
 
 pub fn get_sigmask(tid: i32) -> Result<u64> {

@@ -1358,3 +1358,34 @@ fn a_trigger_aimed_at_a_thread_checkpoints_its_process() {
     assert_eq!(seen["signals"], 1, "{seen}");
     check_image(&output_of(&seen), t.pid);
 }
+
+/// Threads created after registration (`chpox run` registers before the
+/// program's first instruction): the eBPF program learns of them itself, at
+/// thread creation, so a trigger aimed at one still checkpoints the process.
+#[test]
+fn a_trigger_aimed_at_a_thread_created_after_registration_checkpoints_its_process() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = run_target(&agent, &s, "threads", &["2"], &[]);
+    let worker: i32 = t
+        .ready_value("tids")
+        .split(',')
+        .map(|v| v.parse().expect("tid"))
+        .find(|&tid| tid != t.pid)
+        .expect("a worker thread");
+    // SAFETY: tgkill has no memory-safety preconditions.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, t.pid, worker, SIGSYS) };
+    assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
+    assert_running(&mut t);
+    let seen = poll(
+        "the trigger aimed at a new thread to be counted",
+        STATE_TIMEOUT,
+        || format!("entry {:?}\n{}", agent.entry(t.pid), agent.describe()),
+        || {
+            let e = agent.entry(t.pid)?;
+            (e["checkpoints"].as_u64()? >= 1).then_some(e)
+        },
+    );
+    assert_eq!(seen["signals"], 1, "{seen}");
+    check_image(&output_of(&seen), t.pid);
+}

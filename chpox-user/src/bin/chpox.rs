@@ -175,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
                     FdPolicy::Null => UnsupportedFd::Null,
                 },
                 keep_previous: 0,
+                as_user: None,
             };
             let report =
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?;

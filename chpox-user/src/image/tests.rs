@@ -25,6 +25,7 @@ fn opts(compress: bool) -> WriteOptions {
         compress,
         owner: None,
         keep_previous: 0,
+        as_user: None,
     }
 }
 
@@ -284,6 +285,7 @@ fn owner_can_be_ourselves() {
             compress: false,
             owner: Some(me),
             keep_previous: 0,
+            as_user: None,
         },
     )
     .unwrap();

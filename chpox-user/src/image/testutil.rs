@@ -76,6 +76,7 @@ pub(crate) fn write_sample_image_with(
             compress,
             owner: None,
             keep_previous: 0,
+            as_user: None,
         },
     )
     .expect("create sample image");

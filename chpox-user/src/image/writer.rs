@@ -49,6 +49,10 @@ pub struct WriteOptions {
     pub owner: Option<(u32, u32)>,
     /// Keep this many earlier images as `FILE.1` (the newest) … `FILE.N`.
     pub keep_previous: u32,
+    /// Create, replace and rotate the image with this user's file rights
+    /// rather than ours (see `crate::creds`): a root agent writing for a
+    /// user must not reach where the user may not.
+    pub as_user: Option<crate::creds::UserCreds>,
 }
 
 /// Writes one image; see the module documentation.
@@ -75,6 +79,7 @@ pub struct ImageWriter {
     /// what was written.
     preallocated: bool,
     keep_previous: u32,
+    as_user: Option<crate::creds::UserCreds>,
 }
 
 /// CRC-32C of each slice, spread over the available cores: the page dump
@@ -252,21 +257,27 @@ impl ImageWriter {
             Err(e) => return Err(ImageError::writing(final_path, e)),
         }
 
-        let dir = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(&dir_path)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => ImageError::NoDirectory {
-                    path: final_path.to_path_buf(),
-                    dir: dir_path.clone(),
-                },
-                _ => ImageError::writing(final_path, e),
-            })?;
-
-        let (file, temp_name) = {
+        let open_and_create = || -> Result<(File, File, OsString), ImageError> {
+            let dir = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(&dir_path)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => ImageError::NoDirectory {
+                        path: final_path.to_path_buf(),
+                        dir: dir_path.clone(),
+                    },
+                    _ => ImageError::writing(final_path, e),
+                })?;
             remove_stale_temps(&dir, &dir_path, &final_name);
-            create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?
+            let (file, temp_name) =
+                create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?;
+            Ok((dir, file, temp_name))
+        };
+        let (dir, file, temp_name) = match &opts.as_user {
+            Some(user) => crate::creds::as_user(user, open_and_create)
+                .map_err(|e| ImageError::writing(final_path, e))??,
+            None => open_and_create()?,
         };
         // From here on the writer owns the temporary file, so any early
         // return below removes it through Drop.
@@ -282,6 +293,7 @@ impl ImageWriter {
             published: false,
             preallocated: false,
             keep_previous: opts.keep_previous,
+            as_user: opts.as_user.clone(),
         };
 
         if let Some((uid, gid)) = opts.owner {
@@ -627,14 +639,20 @@ impl ImageWriter {
         // the final name pointing at a file whose blocks never hit the disk.
         self.file.sync_all().map_err(|e| self.err(e))?;
 
-        self.rotate_generations();
-        nix::fcntl::renameat(
-            &self.dir,
-            self.temp_name.as_os_str(),
-            &self.dir,
-            self.final_name.as_os_str(),
-        )
-        .map_err(|e| self.err(e.into()))?;
+        let publish = || {
+            self.rotate_generations();
+            nix::fcntl::renameat(
+                &self.dir,
+                self.temp_name.as_os_str(),
+                &self.dir,
+                self.final_name.as_os_str(),
+            )
+        };
+        let renamed = match &self.as_user {
+            Some(user) => crate::creds::as_user(user, publish).map_err(|e| self.err(e))?,
+            None => publish(),
+        };
+        renamed.map_err(|e| self.err(e.into()))?;
         self.published = true;
         // Make the rename itself durable. Some filesystems cannot fsync a
         // directory (EINVAL); the image is in place regardless.
