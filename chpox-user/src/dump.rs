@@ -110,24 +110,28 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let captured = capture(&frozen, opts, &mut writer, area)?;
     let mut meta = captured.meta;
     let checksums = captured.checksums;
+    let files = captured.files;
 
     let (image_bytes, frozen_for) = match opts.after {
         AfterDump::LeaveRunning => {
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
             checksums.apply(&mut meta.vmas);
+            finish_files(files, opts, &mut writer, &mut meta)?;
             (writer.finish(&meta)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
             checksums.apply(&mut meta.vmas);
+            finish_files(files, opts, &mut writer, &mut meta)?;
             (writer.finish(&meta)?, frozen_for)
         }
         AfterDump::Kill => {
             // If finishing fails, `frozen` is dropped on the error path and
             // the process runs on: no checkpoint, but nothing lost.
             checksums.apply(&mut meta.vmas);
+            finish_files(files, opts, &mut writer, &mut meta)?;
             let bytes = writer.finish(&meta)?;
             frozen.kill();
             (bytes, frozen_at.elapsed())
@@ -158,6 +162,27 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     Ok(report)
 }
 
+/// What needs the files but not the frozen process: content hashes, and
+/// the files to embed (read through descriptors opened while frozen).
+fn finish_files(
+    mut files: FileTable,
+    opts: &DumpOptions,
+    writer: &mut ImageWriter,
+    meta: &mut Metadata,
+) -> Result<()> {
+    for lib in &opts.embed_libs {
+        let index = match files.find(lib) {
+            Some(i) => i,
+            None => files.add_library(lib, opts.as_user.as_ref())?,
+        };
+        files.embed(index, writer)?;
+    }
+    files.embed_requested(writer, opts.embed_exe, opts.embed_all_libs)?;
+    files.hash_all()?;
+    meta.files = files.files;
+    Ok(())
+}
+
 /// Debug-level timing of the frozen phase, to see where a freeze goes.
 struct Phases(Instant);
 
@@ -178,6 +203,7 @@ impl Phases {
 
 struct Captured {
     meta: Metadata,
+    files: FileTable,
     checksums: memory::PageChecksums,
     pages_stored: u64,
     resident_pages: u64,
@@ -281,15 +307,7 @@ fn capture(
     let checksums = pages.finish(writer)?;
     fds::embed_deleted(pid, &mut fds, writer)?;
 
-    for lib in &opts.embed_libs {
-        let index = match files.find(lib) {
-            Some(i) => i,
-            None => files.add_library(lib, opts.as_user.as_ref())?,
-        };
-        files.embed(index, writer)?;
-    }
-    files.embed_requested(writer, opts.embed_exe, opts.embed_all_libs)?;
-    phase.done("embedded files");
+    phase.done("deleted files");
 
     let (xfeatures, xsave_size) = registers::host_xfeatures();
     let meta = Metadata {
@@ -309,7 +327,8 @@ fn capture(
         process: info,
         threads: thread_states,
         vmas,
-        files: files.files,
+        // Filled in by `finish_files`, after the process runs again.
+        files: Vec::new(),
         fds,
         signals: SignalState {
             actions,
@@ -319,6 +338,7 @@ fn capture(
     };
     Ok(Captured {
         meta,
+        files,
         checksums,
         pages_stored,
         resident_pages,

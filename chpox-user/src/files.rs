@@ -80,10 +80,10 @@ fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
 pub struct FileTable {
     pid: i32,
     pub files: Vec<FileRef>,
-    /// Where to read each file's content from (a map_files link or a path).
+    /// Where to read each file's content from: /proc/self/fd/N of `held`.
     sources: Vec<PathBuf>,
     by_id: HashMap<(u64, u64), usize>,
-    /// Descriptors that `sources` name through /proc/self/fd.
+    /// The files, open: `sources` name them through /proc/self/fd.
     held: Vec<File>,
 }
 
@@ -98,8 +98,19 @@ impl FileTable {
         }
     }
 
+    /// Record a file's identity and keep it open. Hashing waits for
+    /// `finish`: it needs the file, not the frozen process, and reads
+    /// through the descriptor kept here, so it sees this very file even if
+    /// the process unmaps it meanwhile.
     fn add(&mut self, path: &str, source: PathBuf, role: FileRole, deleted: bool) -> Result<usize> {
-        let meta = std::fs::metadata(&source).map_err(|e| file_err(&source, e))?;
+        let file = File::open(&source).map_err(|e| file_err(&source, e))?;
+        self.add_open(path, file, role, deleted)
+    }
+
+    fn add_open(&mut self, path: &str, file: File, role: FileRole, deleted: bool) -> Result<usize> {
+        use std::os::fd::AsRawFd;
+        let source = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let meta = file.metadata().map_err(|e| file_err(&source, e))?;
         if let Some(&i) = self.by_id.get(&(meta.dev(), meta.ino())) {
             // The executable is also mapped; the stronger role wins.
             if role == FileRole::Executable {
@@ -107,7 +118,6 @@ impl FileTable {
             }
             return Ok(i);
         }
-        let blake3 = hash_file(&source, &meta)?;
         self.files.push(FileRef {
             path: path.to_string(),
             dev: meta.dev(),
@@ -115,15 +125,36 @@ impl FileTable {
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
             mode: meta.mode(),
-            blake3,
+            blake3: String::new(),
             deleted,
             role,
             embedded: None,
         });
         self.sources.push(source);
+        self.held.push(file);
         self.by_id
             .insert((meta.dev(), meta.ino()), self.files.len() - 1);
         Ok(self.files.len() - 1)
+    }
+
+    /// Hash every file recorded, and refuse one that changed since it was
+    /// recorded (its hash would not describe what the process mapped).
+    pub fn hash_all(&mut self) -> Result<()> {
+        for (file, source) in self.files.iter_mut().zip(&self.sources) {
+            if !file.blake3.is_empty() {
+                continue;
+            }
+            let meta = std::fs::metadata(source).map_err(|e| file_err(source, e))?;
+            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            if meta.size() != file.size || mtime_ns != file.mtime_ns {
+                return Err(Error::Other(format!(
+                    "{} changed while being checkpointed; retry the checkpoint",
+                    file.path
+                )));
+            }
+            file.blake3 = hash_file(source, &meta)?;
+        }
+        Ok(())
     }
 
     /// Register the file behind a file-backed mapping; returns its index.
@@ -166,14 +197,11 @@ impl FileTable {
         }
         .map_err(|e| file_err(path, e))?;
         use std::os::fd::AsRawFd;
-        let source = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        let shown = std::fs::read_link(&source)
+        let shown = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .unwrap_or_else(|_| path.to_path_buf())
             .to_string_lossy()
             .into_owned();
-        let index = self.add(&shown, source, FileRole::Library, false)?;
-        self.held.push(file);
-        Ok(index)
+        self.add_open(&shown, file, FileRole::Library, false)
     }
 
     /// Index of the file at `path` (by identity), if registered.
