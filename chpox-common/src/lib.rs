@@ -8,6 +8,12 @@
 /// 31 is SIGSYS on x86-64, the signal old chpox used.
 pub const DEFAULT_TRIGGER_SIGNAL: u32 = 31;
 
+/// Whether `signal` can trigger checkpoints: a real signal (1–64) that a
+/// process can ignore, so not SIGKILL (9) or SIGSTOP (19).
+pub const fn is_trigger_signal(signal: u32) -> bool {
+    signal >= 1 && signal <= 64 && signal != 9 && signal != 19
+}
+
 /// How many processes can be registered at once (size of the BPF maps).
 pub const MAX_REGISTRATIONS: u32 = 4096;
 

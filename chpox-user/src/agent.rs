@@ -31,7 +31,8 @@ use tracing::{error, info, warn};
 
 use crate::bpf::{Bpf, StatesMap, parse_event};
 use crate::control::{
-    FIFO_NAME, ListEntry, Request, Response, SOCKET_NAME, STATE_NAME, parse_register_line,
+    FIFO_NAME, ListEntry, RegisterRequest, Request, Response, SOCKET_NAME, STATE_NAME,
+    parse_register_line,
 };
 use crate::dump::{DumpOptions, dump};
 use crate::image::model::SigAction;
@@ -170,24 +171,7 @@ impl Agent {
     /// checkpoint; call from a blocking thread.
     pub fn handle(&self, caller: Caller, req: Request) -> Response {
         let result = match req {
-            Request::Register {
-                pid,
-                signal,
-                flags,
-                output,
-                force,
-                self_ignored,
-                name,
-            } => self.register(
-                caller,
-                pid,
-                signal,
-                flags,
-                output,
-                force,
-                self_ignored,
-                name,
-            ),
+            Request::Register(req) => self.register(caller, req),
             Request::Unregister { pid } => self.unregister(caller, pid),
             Request::List => Ok(self.list(caller)),
             Request::Checkpoint { pid, timeout_secs } => {
@@ -307,19 +291,17 @@ impl Agent {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn register(
-        &self,
-        caller: Caller,
-        pid: i32,
-        signal: u32,
-        flags: u32,
-        output: Option<PathBuf>,
-        force: bool,
-        self_ignored: bool,
-        name: Option<String>,
-    ) -> Result<Response, String> {
-        if !(1..=64).contains(&signal) || signal == 9 || signal == 19 {
+    fn register(&self, caller: Caller, req: RegisterRequest) -> Result<Response, String> {
+        let RegisterRequest {
+            pid,
+            signal,
+            flags,
+            output,
+            force,
+            self_ignored,
+            name,
+        } = req;
+        if !chpox_common::is_trigger_signal(signal) {
             return Err(format!(
                 "signal {signal} cannot trigger checkpoints (1–64, not KILL or STOP)"
             ));
@@ -1023,15 +1005,12 @@ fn handle_register_line(agent: &Agent, line: &str) {
         Ok(reg) => {
             let response = agent.handle(
                 Caller::ROOT,
-                Request::Register {
-                    pid: reg.pid,
+                Request::Register(RegisterRequest {
                     signal: reg.signal,
                     flags: reg.flags,
                     output: Some(reg.output),
-                    force: false,
-                    self_ignored: false,
-                    name: None,
-                },
+                    ..RegisterRequest::new(reg.pid)
+                }),
             );
             if let Response::Error { message } = response {
                 warn!(line, reason = message, "register line rejected");

@@ -100,6 +100,14 @@ pub fn field_offset(format: &str, field: &str) -> Option<u32> {
     })
 }
 
+fn required_offset(
+    format: &str,
+    tracepoint: &'static str,
+    field: &'static str,
+) -> Result<u32, BpfError> {
+    field_offset(format, field).ok_or(BpfError::FormatField { tracepoint, field })
+}
+
 fn read_format(tracepoint: &str) -> Result<String, BpfError> {
     let path = format!("{TRACEFS}/events/{tracepoint}/format");
     std::fs::read_to_string(&path).map_err(|source| BpfError::Read { path, source })
@@ -108,12 +116,7 @@ fn read_format(tracepoint: &str) -> Result<String, BpfError> {
 /// Field offsets of this kernel's tracepoints, from their format files.
 pub fn tracepoint_offsets() -> Result<(SignalOffsets, ExitOffsets, NewTaskOffsets), BpfError> {
     let signal = read_format("signal/signal_generate")?;
-    let field = |name: &'static str| {
-        field_offset(&signal, name).ok_or(BpfError::FormatField {
-            tracepoint: "signal/signal_generate",
-            field: name,
-        })
-    };
+    let field = |name| required_offset(&signal, "signal/signal_generate", name);
     let signal_offsets = SignalOffsets {
         sig: field("sig")?,
         code: field("code")?,
@@ -126,12 +129,7 @@ pub fn tracepoint_offsets() -> Result<(SignalOffsets, ExitOffsets, NewTaskOffset
         group_dead: field_offset(&exit, "group_dead").unwrap_or(u32::MAX),
     };
     let newtask = read_format("task/task_newtask")?;
-    let newtask_field = |name: &'static str| {
-        field_offset(&newtask, name).ok_or(BpfError::FormatField {
-            tracepoint: "task/task_newtask",
-            field: name,
-        })
-    };
+    let newtask_field = |name| required_offset(&newtask, "task/task_newtask", name);
     let newtask_offsets = NewTaskOffsets {
         pid: newtask_field("pid")?,
         clone_flags: newtask_field("clone_flags")?,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::control::{self, ListEntry, Request, Response};
+use crate::control::{self, ListEntry, RegisterRequest, Request, Response};
 
 /// Most requests answer at once; `register` may freeze a process briefly.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,15 +37,13 @@ pub fn register(
     force: bool,
 ) -> Result<()> {
     let output = output.map(absolute).transpose()?;
-    match ask(Request::Register {
-        pid,
+    match ask(Request::Register(RegisterRequest {
         signal,
         flags,
         output,
         force,
-        self_ignored: false,
-        name: None,
-    })? {
+        ..RegisterRequest::new(pid)
+    }))? {
         Response::Registered {
             pid,
             signal,

@@ -26,20 +26,7 @@ pub fn run_dir() -> PathBuf {
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     /// Register a process: from now on its trigger signal checkpoints it.
-    Register {
-        pid: i32,
-        signal: u32,
-        flags: u32,
-        output: Option<PathBuf>,
-        /// Take over a signal the process handles itself.
-        force: bool,
-        /// The process set SIG_IGN for the signal itself (`chpox run`).
-        self_ignored: bool,
-        /// Name for the default image file (`chpox run`: the program about
-        /// to be executed); else the process's current name.
-        #[serde(default)]
-        name: Option<String>,
-    },
+    Register(RegisterRequest),
     Unregister {
         pid: i32,
     },
@@ -57,6 +44,38 @@ pub enum Request {
     },
     ClearLibs,
     ListLibs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegisterRequest {
+    pub pid: i32,
+    pub signal: u32,
+    pub flags: u32,
+    /// Image file; the agent picks one when absent.
+    pub output: Option<PathBuf>,
+    /// Take over a signal the process handles itself.
+    pub force: bool,
+    /// The process set SIG_IGN for the signal itself (`chpox run`).
+    pub self_ignored: bool,
+    /// Name for the default image file (`chpox run`: the program about
+    /// to be executed); else the process's current name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl RegisterRequest {
+    /// A plain registration of `pid` with the defaults of old chpox.
+    pub fn new(pid: i32) -> Self {
+        RegisterRequest {
+            pid,
+            signal: chpox_common::DEFAULT_TRIGGER_SIGNAL,
+            flags: chpox_common::flags::REGISTERED,
+            output: None,
+            force: false,
+            self_ignored: false,
+            name: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -177,7 +196,7 @@ pub fn parse_register_line(line: &str) -> Result<RegisterLine, String> {
         .trim()
         .parse()
         .ok()
-        .filter(|s| (1..=64).contains(s) && *s != 9 && *s != 19)
+        .filter(|&s| chpox_common::is_trigger_signal(s))
         .ok_or_else(|| {
             format!("SIG {sig:?} is not a signal chpox can use (1–64, not KILL or STOP)")
         })?;
@@ -242,15 +261,10 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_json() {
-        let req = Request::Register {
-            pid: 1,
-            signal: 31,
-            flags: 1,
-            output: None,
-            force: false,
+        let req = Request::Register(RegisterRequest {
             self_ignored: true,
-            name: None,
-        };
+            ..RegisterRequest::new(1)
+        });
         let text = serde_json::to_string(&req).expect("encode");
         assert!(text.contains("\"op\":\"register\""), "{text}");
         assert_eq!(serde_json::from_str::<Request>(&text).expect("decode"), req);

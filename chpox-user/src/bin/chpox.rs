@@ -249,18 +249,19 @@ fn run_registered(
     unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) }
         .with_context(|| format!("cannot ignore signal {signal}"))?;
     let output = output.as_deref().map(chpox::cli::absolute).transpose()?;
-    let reply = chpox::cli::ask(chpox::control::Request::Register {
-        pid: std::process::id() as i32,
-        signal,
-        flags,
-        output,
-        force: false,
-        self_ignored: true,
-        name: command
-            .first()
-            .and_then(|c| std::path::Path::new(c).file_name())
-            .map(|n| n.to_string_lossy().into_owned()),
-    })
+    let reply = chpox::cli::ask(chpox::control::Request::Register(
+        chpox::control::RegisterRequest {
+            signal,
+            flags,
+            output,
+            self_ignored: true,
+            name: command
+                .first()
+                .and_then(|c| std::path::Path::new(c).file_name())
+                .map(|n| n.to_string_lossy().into_owned()),
+            ..chpox::control::RegisterRequest::new(std::process::id() as i32)
+        },
+    ))
     .context("cannot register with chpox-agent")?;
     tracing::info!(?reply, "registered");
     let (program, args) = command.split_first().context("no command to run")?;
