@@ -563,7 +563,7 @@ impl Agent {
                     None => 0,
                 }
             };
-            let outcome = self.checkpoint_once(&entry, &event);
+            let outcome = self.checkpoint_once(&entry, &event, number);
             {
                 let mut state = self.lock();
                 if let Some(e) = state.entries.get_mut(&pid) {
@@ -576,10 +576,7 @@ impl Agent {
                         Err(msg) => e.last_error = Some(msg.clone()),
                     }
                 }
-                let outcome = outcome.map(|written| {
-                    let generation = state.entries.get(&pid).map(|e| e.checkpoints).unwrap_or(0);
-                    (written, generation)
-                });
+                let outcome = outcome.map(|written| (written, number));
                 let waiting = state.waiters.remove(&pid).unwrap_or_default();
                 let (answered, still): (Vec<_>, Vec<_>) =
                     waiting.into_iter().partition(|(first, _)| *first <= number);
@@ -606,7 +603,13 @@ impl Agent {
         }
     }
 
-    fn checkpoint_once(&self, entry: &Entry, event: &Event) -> Result<Written, String> {
+    /// Write checkpoint number `generation` (counting since registration).
+    fn checkpoint_once(
+        &self,
+        entry: &Entry,
+        event: &Event,
+        generation: u64,
+    ) -> Result<Written, String> {
         let pid = entry.pid;
         if start_time(pid) != Some(entry.start_time) {
             return Err(format!("PID {pid} is no longer the registered process"));
@@ -639,6 +642,7 @@ impl Agent {
                 info!(
                     pid,
                     comm = %report.comm,
+                    generation,
                     image = %report.image.display(),
                     bytes = report.image_bytes,
                     frozen_ms = format!("{:.1}", report.frozen.as_secs_f64() * 1e3),
