@@ -88,7 +88,7 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
     let pid = match REGISTRY.get_ptr(target) {
         Some(_) => target,
         // SAFETY: a live map value, copied out at once.
-        None => match unsafe { THREADS.get(&target) } {
+        None => match unsafe { THREADS.get(target) } {
             Some(&tgid) => tgid,
             None => return Ok(0),
         },
@@ -225,7 +225,7 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
         // A thread of a registered process leaves THREADS as it exits, so a
         // recycled thread id never points at the old process. (Absent is
         // fine: most exiting threads were never there.)
-        let _ = THREADS.remove(&tid);
+        let _ = THREADS.remove(tid);
     }
     let Some(reg) = REGISTRY.get_ptr(tgid) else {
         return Ok(0);
@@ -289,7 +289,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i32> {
     }
     // SAFETY: as above.
     let tid: i32 = unsafe { ctx.read_at(off.pid as usize)? };
-    if THREADS.insert(&(tid as u32), &tgid, 0).is_err() {
+    if THREADS.insert(tid as u32, tgid, 0).is_err() {
         warn!(
             ctx,
             "chpox: THREADS full; signals aimed at thread {} of pid {} will not trigger", tid, tgid

@@ -169,22 +169,7 @@ pub fn install_prerequisites() -> Result<()> {
             "install it by hand with `rustup toolchain install nightly --profile minimal`",
         )?;
     }
-    let components =
-        output_of(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))
-            .unwrap_or_default();
-    let has_src = components
-        .lines()
-        .any(|line| line.trim().starts_with("rust-src"));
-    eprintln!(
-        "xtask: checking the rust-src component of nightly: {}",
-        if has_src { "installed" } else { "missing" }
-    );
-    if !has_src {
-        run_step(
-            rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]),
-            "add it by hand with `rustup component add rust-src --toolchain nightly`",
-        )?;
-    }
+    ensure_nightly_component("rust-src")?;
 
     // 3. bpf-linker, built against LLVM 22.
     match find_bpf_linker() {
@@ -234,6 +219,63 @@ pub fn object_copy_path() -> PathBuf {
 
 /// Build chpox-ebpf; returns the object's path in chpox-ebpf/target and
 /// copies it to `target/chpox-ebpf.o` in the workspace.
+/// Install a component of the nightly toolchain if it is missing.
+fn ensure_nightly_component(name: &str) -> Result<()> {
+    let components =
+        output_of(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))
+            .unwrap_or_default();
+    let has = components.lines().any(|line| line.trim().starts_with(name));
+    eprintln!(
+        "xtask: checking the {name} component of nightly: {}",
+        if has { "installed" } else { "missing" }
+    );
+    if !has {
+        run_step(
+            rustup().args(["component", "add", name, "--toolchain", "nightly"]),
+            &format!("add it by hand with `rustup component add {name} --toolchain nightly`"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `cargo fmt --check` and `cargo clippy -D warnings` for the eBPF crate,
+/// which the host workspace's lint does not reach.
+pub fn lint_ebpf() -> Result<()> {
+    install_prerequisites()?;
+    ensure_nightly_component("clippy")?;
+    ensure_nightly_component("rustfmt")?;
+    let crate_dir = workspace_root().join("chpox-ebpf");
+    run_step(
+        clean_cargo()
+            .current_dir(&crate_dir)
+            .args(["+nightly", "fmt", "--", "--check"]),
+        "run `cargo +nightly fmt` in chpox-ebpf",
+    )?;
+    let mut clippy = clean_cargo();
+    if let (Some(bin), Some(path)) = (cargo_home_bin(), std::env::var_os("PATH")) {
+        let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        if !dirs.contains(&bin) {
+            dirs.push(bin);
+            clippy.env("PATH", std::env::join_paths(dirs)?);
+        }
+    }
+    run_step(
+        clippy.current_dir(&crate_dir).args([
+            "+nightly",
+            "clippy",
+            "-Z",
+            "build-std=core",
+            "--target",
+            BPF_TARGET,
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "fix the warnings clippy names in chpox-ebpf",
+    )
+}
+
 pub fn build_ebpf(release: bool) -> Result<PathBuf> {
     install_prerequisites()?;
     let crate_dir = workspace_root().join("chpox-ebpf");

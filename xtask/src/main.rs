@@ -177,7 +177,8 @@ fn main() -> Result<()> {
                 "--",
                 "-D",
                 "warnings",
-            ]))
+            ]))?;
+            ebpf::lint_ebpf()
         }
         Task::Bench {
             mib,
