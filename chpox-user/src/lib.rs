@@ -21,6 +21,7 @@ pub mod process;
 pub mod ptrace;
 pub mod registers;
 pub mod remote;
+pub mod restore;
 pub mod signals;
 pub mod threads;
 

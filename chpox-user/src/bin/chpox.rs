@@ -33,6 +33,12 @@ enum FdPolicy {
     Null,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum PidChoice {
+    Same,
+    Any,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Checkpoint a running process to an image file.
@@ -117,6 +123,18 @@ enum Command {
         /// Print the agent's report (image, generation, latency) as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Restore a checkpointed process from its image; wait for it and exit
+    /// with its exit status (128 + N if killed by signal N).
+    Restore {
+        file: PathBuf,
+        /// `same`: the saved PID, or fail if taken; `any`: a new PID.
+        /// Default: the saved PID if free, else a new one.
+        #[arg(long, value_enum)]
+        pid: Option<PidChoice>,
+        /// Print the restored PID and return instead of waiting.
+        #[arg(long)]
+        detach: bool,
     },
     /// Describe an image: process, threads, memory, files, checksums.
     Inspect {
@@ -211,6 +229,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Unregister { pid } => chpox::cli::unregister(pid)?,
         Command::List { json } => chpox::cli::list(json)?,
         Command::Checkpoint { pid, timeout, json } => chpox::cli::checkpoint(pid, timeout, json)?,
+        Command::Restore { file, pid, detach } => {
+            let opts = chpox::restore::RestoreOptions {
+                pid: match pid {
+                    Some(PidChoice::Same) => chpox::restore::PidMode::Same,
+                    Some(PidChoice::Any) => chpox::restore::PidMode::Any,
+                    None => chpox::restore::PidMode::Prefer,
+                },
+            };
+            let code = chpox::restore::run_cli(&file, &opts, detach)
+                .with_context(|| format!("cannot restore {}", file.display()))?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
         Command::Inspect { file, json } => {
             let reader = ImageReader::open(&file)
                 .with_context(|| format!("cannot read image {}", file.display()))?;

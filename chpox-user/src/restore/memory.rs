@@ -1,0 +1,451 @@
+//! The address space: trampoline and scratch first, then everything the
+//! child inherited goes, then each of the image's mappings comes back at
+//! its address with its stored pages.
+//!
+//! Stored pages are read by the child itself, `pread64` from the image file
+//! (which it inherited from us) into the freshly mapped range: the kernel
+//! copies the page cache straight into its memory. Only compressed runs
+//! pass through chpox (decompressed here, written with process_vm_writev).
+//! Mappings are made read-write while they are filled, then get their
+//! saved protection.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use tracing::debug;
+
+use super::Context;
+use super::child::{Child, errno_of};
+use super::validate::FileSource;
+use crate::error::{Error, Result};
+use crate::image::model::{Compression, DataRef, Vma, VmaKind};
+use crate::memory::{MapEntry, PAGE_SIZE, parse_smaps};
+use crate::remote::{self, RemoteThread};
+
+/// Scratch for syscall arguments: a path, an auxv, a few structs.
+pub const SCRATCH_LEN: u64 = 16 * PAGE_SIZE;
+/// Room to park the vdso mappings while they move (they are a few pages).
+const TEMP_LEN: u64 = 4 << 20;
+/// `syscall`, then `pause; jmp .-2`: where threads created by a remote
+/// clone start, spinning until the restorer seizes them.
+const TRAMPOLINE_CODE: [u8; 6] = [0x0f, 0x05, 0xf3, 0x90, 0xeb, 0xfc];
+/// Largest count one read/sendfile moves (MAX_RW_COUNT).
+const MAX_RW: u64 = 0x7fff_f000;
+
+/// Where the restore's own helpers live in the child.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// The trampoline page and the scratch area after it.
+    pub base: u64,
+    pub len: u64,
+    pub trampoline: u64,
+    pub scratch: u64,
+    pub scratch_len: u64,
+    /// A free range (in both layouts) to park the vdso on its way.
+    pub temp: u64,
+}
+
+/// The child's mappings now.
+pub fn child_maps(pid: i32) -> Result<Vec<MapEntry>> {
+    let path = format!("/proc/{pid}/maps");
+    parse_smaps(&crate::error::read_proc(&path)?, &path)
+}
+
+/// The lowest address from `from` where `len` bytes (plus a margin) touch
+/// none of `busy`.
+fn find_gap(busy: &[(u64, u64)], from: u64, len: u64) -> Option<u64> {
+    const MARGIN: u64 = 1 << 20;
+    const STEP: u64 = 1 << 30;
+    let mut at = from;
+    // User space on x86-64 (4-level paging) ends at 2^47.
+    while at + len < (1u64 << 47) - STEP {
+        let (lo, hi) = (at.saturating_sub(MARGIN), at + len + MARGIN);
+        if busy.iter().all(|&(s, e)| e <= lo || s >= hi) {
+            return Some(at);
+        }
+        at += STEP;
+    }
+    None
+}
+
+/// Map the trampoline and scratch area where neither the child's present
+/// layout nor the image's has anything, and find a parking range for the
+/// vdso. Runs on a syscall instruction of the inherited vdso.
+pub fn make_trampoline(thread: &mut RemoteThread<'_>, image: &[Vma]) -> Result<Layout> {
+    let pid = thread.pid();
+    let mut busy: Vec<(u64, u64)> = child_maps(pid)?.iter().map(|m| (m.start, m.end)).collect();
+    busy.extend(image.iter().map(|v| (v.start, v.end)));
+    let len = PAGE_SIZE + SCRATCH_LEN;
+    // Far from where programs and the kernel put things (executables near
+    // 0x5555…, mmaps and stacks near 0x7fff…), so a free spot is found at
+    // once.
+    let from = 0x10_0000_0000;
+    let no_room = || Error::Other("no free address range for the restore trampoline".into());
+    let base = find_gap(&busy, from, len).ok_or_else(no_room)?;
+    busy.push((base, base + len));
+    let temp = find_gap(&busy, base, TEMP_LEN).ok_or_else(no_room)?;
+    let got = thread.checked(
+        "mmap(trampoline)",
+        libc::SYS_mmap,
+        [
+            base,
+            len,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    if got != base {
+        return Err(Error::Other(format!(
+            "the kernel placed the restore trampoline at {got:#x}, not {base:#x}"
+        )));
+    }
+    remote::write_memory(pid, base, &TRAMPOLINE_CODE)?;
+    thread.checked(
+        "mprotect(trampoline)",
+        libc::SYS_mprotect,
+        [
+            base,
+            PAGE_SIZE,
+            (libc::PROT_READ | libc::PROT_EXEC) as u64,
+            0,
+            0,
+            0,
+        ],
+    )?;
+    debug!(base, temp, "trampoline mapped");
+    Ok(Layout {
+        base,
+        len,
+        trampoline: base,
+        scratch: base + PAGE_SIZE,
+        scratch_len: SCRATCH_LEN,
+        temp,
+    })
+}
+
+/// Unmap everything the child inherited from chpox: all but our
+/// trampoline and scratch, and the kernel's vdso mappings (already moved
+/// to the image's addresses).
+pub fn unmap_inherited(c: &mut Child<'_>, layout: &Layout) -> Result<()> {
+    let maps = child_maps(c.pid())?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for m in &maps {
+        let ours = m.start < layout.base + layout.len && m.end > layout.base;
+        if ours || m.kind().is_special() {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(last) if last.1 == m.start => last.1 = m.end,
+            _ => ranges.push((m.start, m.end)),
+        }
+    }
+    for (start, end) in ranges {
+        c.call("munmap", libc::SYS_munmap, [start, end - start, 0, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+/// Descriptors the mapping stage opened in the child.
+pub struct Mapped {
+    /// Per file index, its descriptor in the child.
+    files: HashMap<usize, i32>,
+    /// The executable's descriptor, for `PR_SET_MM_MAP`.
+    pub exe_fd: Option<i32>,
+}
+
+impl Mapped {
+    /// Close the descriptors: the mappings keep their files.
+    pub fn close(self, c: &mut Child<'_>) -> Result<()> {
+        let mut fds: Vec<i32> = self.files.into_values().collect();
+        fds.extend(self.exe_fd);
+        fds.sort_unstable();
+        fds.dedup();
+        for fd in fds {
+            c.close(fd)?;
+        }
+        Ok(())
+    }
+}
+
+fn prot_of(v: &Vma) -> u64 {
+    let mut p = 0;
+    if v.read {
+        p |= libc::PROT_READ;
+    }
+    if v.write {
+        p |= libc::PROT_WRITE;
+    }
+    if v.exec {
+        p |= libc::PROT_EXEC;
+    }
+    p as u64
+}
+
+fn has_flag(v: &Vma, flag: &str) -> bool {
+    v.vm_flags.iter().any(|f| f == flag)
+}
+
+/// Map every mapping of the image and fill its stored pages.
+pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
+    let meta = ctx.reader.metadata();
+    let mut mapped = Mapped {
+        files: HashMap::new(),
+        exe_fd: None,
+    };
+    // Files mapped shared and writable must be opened for writing.
+    let mut writable: Vec<usize> = meta
+        .vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::SharedFile && v.write)
+        .filter_map(|v| v.file)
+        .collect();
+    writable.sort_unstable();
+    for vma in &meta.vmas {
+        if vma.kind.is_special() {
+            continue;
+        }
+        let fd = match (vma.kind, vma.file) {
+            (VmaKind::PrivateFile | VmaKind::SharedFile, Some(i)) => Some(file_fd(
+                c,
+                ctx,
+                &mut mapped,
+                i,
+                writable.binary_search(&i).is_ok(),
+            )?),
+            (VmaKind::PrivateFile | VmaKind::SharedFile, None) => {
+                return Err(Error::Other(format!(
+                    "the image's mapping at {:#x} names no file",
+                    vma.start
+                )));
+            }
+            _ => None,
+        };
+        map_one(c, ctx, vma, fd)?;
+    }
+    if let Some(i) = meta.process.exe_file {
+        mapped.exe_fd = Some(file_fd(c, ctx, &mut mapped, i, false)?);
+    }
+    Ok(mapped)
+}
+
+/// The child's descriptor for file `index`, opened on first use.
+fn file_fd(
+    c: &mut Child<'_>,
+    ctx: &Context<'_>,
+    mapped: &mut Mapped,
+    index: usize,
+    write: bool,
+) -> Result<i32> {
+    if let Some(&fd) = mapped.files.get(&index) {
+        return Ok(fd);
+    }
+    let meta = ctx.reader.metadata();
+    let file = meta
+        .files
+        .get(index)
+        .ok_or_else(|| Error::Other(format!("the image names file {index}, which it lacks")))?;
+    let source = ctx
+        .plan
+        .files
+        .get(index)
+        .copied()
+        .unwrap_or(FileSource::Unused);
+    let fd = match source {
+        FileSource::Embedded(data) => {
+            let name = std::path::Path::new(&file.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "chpox".into());
+            let fd = memfd(c, &name)?;
+            fill_fd(c, ctx, ctx.image_fd, fd, &data)?;
+            fd
+        }
+        FileSource::Disk | FileSource::Unused => {
+            let mode = if write { libc::O_RDWR } else { libc::O_RDONLY };
+            c.open(&file.path, mode | libc::O_CLOEXEC, 0)?
+        }
+    };
+    mapped.files.insert(index, fd);
+    Ok(fd)
+}
+
+/// A new memfd in the child.
+pub fn memfd(c: &mut Child<'_>, name: &str) -> Result<i32> {
+    // memfd names are at most 249 bytes.
+    let name: String = name.chars().filter(|&ch| ch != '\0').take(200).collect();
+    let addr = c.put_path(&name)?;
+    let fd = c.call(
+        "memfd_create",
+        libc::SYS_memfd_create,
+        [addr, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0],
+    )?;
+    Ok(fd as i32)
+}
+
+/// Fill the child's descriptor `fd` (a fresh memfd) with blob `data`.
+/// Uncompressed blobs are copied by the child itself (`sendfile` from the
+/// image, descriptor `image_fd` in the child); compressed ones are
+/// decompressed here and written through `/proc/PID/fd`.
+pub fn fill_fd(
+    c: &mut Child<'_>,
+    ctx: &Context<'_>,
+    image_fd: i32,
+    fd: i32,
+    data: &DataRef,
+) -> Result<()> {
+    if data.compression == Compression::None {
+        // The offset sendfile advances lives in the scratch area, after the
+        // path.
+        const OFF_AT: u64 = 8192;
+        let off_addr = c.put(OFF_AT, &data.offset.to_ne_bytes())?;
+        let mut left = data.raw_len;
+        while left > 0 {
+            let n = c.call(
+                "sendfile",
+                libc::SYS_sendfile,
+                [fd as u64, image_fd as u64, off_addr, left.min(MAX_RW), 0, 0],
+            )?;
+            if n == 0 {
+                return Err(Error::Other(
+                    "the image file ended while copying an embedded file".into(),
+                ));
+            }
+            left -= n;
+        }
+        return Ok(());
+    }
+    let bytes = ctx.reader.read_data(data)?;
+    let path = format!("/proc/{}/fd/{fd}", c.pid());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::File {
+            path: path.clone(),
+            source,
+        })?;
+    f.write_all(&bytes)
+        .map_err(|source| Error::File { path, source })
+}
+
+fn map_one(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma, fd: Option<i32>) -> Result<()> {
+    let len = vma.end - vma.start;
+    let prot = prot_of(vma);
+    let fill = !vma.pages.is_empty();
+    let map_prot = if fill {
+        prot | (libc::PROT_READ | libc::PROT_WRITE) as u64
+    } else {
+        prot
+    };
+    let mut flags = libc::MAP_FIXED;
+    flags |= if vma.shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    if fd.is_none() {
+        flags |= libc::MAP_ANONYMOUS;
+    }
+    if has_flag(vma, "gd") {
+        flags |= libc::MAP_GROWSDOWN;
+    }
+    if has_flag(vma, "nr") {
+        flags |= libc::MAP_NORESERVE;
+    }
+    let (fd_arg, offset) = match fd {
+        Some(fd) => (fd as u64, vma.offset),
+        None => (u64::MAX, 0),
+    };
+    let got = c.raw(
+        libc::SYS_mmap,
+        [vma.start, len, map_prot, flags as u64, fd_arg, offset],
+    )?;
+    if got < 0 || got as u64 != vma.start {
+        return Err(Error::Other(format!(
+            "cannot map {:#x}-{:#x} {}: {}",
+            vma.start,
+            vma.end,
+            crate::image::error::one_line(&vma.name),
+            if got < 0 {
+                errno_of(got).to_string()
+            } else {
+                format!("placed at {got:#x}")
+            }
+        )));
+    }
+    for run in &vma.pages {
+        fill_run(c, ctx, run.addr, &run.data)?;
+    }
+    if map_prot != prot {
+        c.call(
+            "mprotect",
+            libc::SYS_mprotect,
+            [vma.start, len, prot, 0, 0, 0],
+        )?;
+    }
+    for (flag, advice) in [
+        ("dd", libc::MADV_DONTDUMP),
+        ("dc", libc::MADV_DONTFORK),
+        ("wf", libc::MADV_WIPEONFORK),
+        ("hg", libc::MADV_HUGEPAGE),
+        ("nh", libc::MADV_NOHUGEPAGE),
+    ] {
+        if has_flag(vma, flag) {
+            // Advice only: a kernel that refuses it changes nothing that
+            // matters to the program.
+            let _ = c.raw(libc::SYS_madvise, [vma.start, len, advice as u64, 0, 0, 0])?;
+        }
+    }
+    Ok(())
+}
+
+/// Put one stored run into the child's memory at `addr`.
+fn fill_run(c: &mut Child<'_>, ctx: &Context<'_>, addr: u64, data: &DataRef) -> Result<()> {
+    if data.compression != Compression::None {
+        let bytes = ctx.reader.read_data(data)?;
+        return remote::write_memory(c.pid(), addr, &bytes);
+    }
+    let mut done = 0u64;
+    while done < data.raw_len {
+        let n = (data.raw_len - done).min(MAX_RW);
+        let got = c.raw(
+            libc::SYS_pread64,
+            [
+                ctx.image_fd as u64,
+                addr + done,
+                n,
+                data.offset + done,
+                0,
+                0,
+            ],
+        )?;
+        if got <= 0 {
+            return Err(Error::Other(format!(
+                "reading pages for {:#x} from the image: {}",
+                addr + done,
+                if got == 0 {
+                    "unexpected end of file".to_string()
+                } else {
+                    errno_of(got).to_string()
+                }
+            )));
+        }
+        done += got as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gap_avoids_busy_ranges() {
+        let from = 0x10_0000_0000;
+        let busy = [(from - 4096, from + 4096)];
+        let at = find_gap(&busy, from, 8192).expect("gap");
+        assert!(at >= from + (1 << 30));
+        assert_eq!(find_gap(&[], from, 8192), Some(from));
+    }
+}

@@ -1,0 +1,308 @@
+//! `chpox restore`: bring a checkpointed process back where it was.
+//!
+//! # How
+//!
+//! The restorer creates a child process (`clone3`, with the saved PID when
+//! it is free), holds it in a ptrace stop, and then rebuilds it *from
+//! inside* with remote system calls, exactly as the dump reads state it
+//! cannot see from outside (`crate::remote`): the child unmaps everything
+//! it inherited from chpox, maps the image's memory at the image's
+//! addresses and reads the stored pages into it straight from the image
+//! file, reopens files, re-installs signal handlers, sets the mm fields
+//! with `PR_SET_MM_MAP`, and so on. Finally the saved registers, XSAVE area
+//! and signal mask are loaded with ptrace, and the restorer detaches.
+//!
+//! # Why not a restorer blob
+//!
+//! CRIU does the last part differently: it maps a position-independent
+//! "restorer blob" into the new process, jumps into it, and the blob
+//! unmaps the old memory, maps the new one and ends with `rt_sigreturn`
+//! onto a forged signal frame. That avoids a ptrace round trip per
+//! operation, but needs a second, freestanding program and its own
+//! protocol. We reuse the dump's remote-syscall engine instead: one
+//! engine, tested by every dump, and no blob. The cost is a few
+//! microseconds of ptrace round trip per syscall, which for the hundreds of
+//! mappings of a normal process is a few milliseconds. Page contents do not
+//! bounce through chpox: the child `pread`s each stored run from the image
+//! file, so the kernel copies the page cache straight into its memory.
+//!
+//! Remote syscalls need a `syscall` instruction in the child that survives
+//! the rebuild: the first thing we map is a one-page trampoline
+//! (`syscall`, then a spin loop where threads made by a remote `clone3`
+//! wait to be seized) at an address that is free both in the child's
+//! current layout and in the image's, next to a scratch area for
+//! arguments (paths, structs). Both are unmapped last.
+//!
+//! # Order
+//!
+//! 1. [`validate`]: image checksums, CPU features, files the memory needs,
+//!    credentials. Nothing is started when this fails.
+//! 2. [`spawn`]: create the child and hold it.
+//! 3. [`vdso`], [`memory`]: the address space, then `PR_SET_MM_MAP`
+//!    ([`process`]).
+//! 4. [`process`], [`signals`], [`fds`]: cwd, umask, name, dispositions,
+//!    alternate stack, descriptors, pending signals; resource limits once
+//!    the threads exist.
+//! 5. [`threads`]: the other threads, created by the main thread; each
+//!    gets its name, alternate stack, rseq, `clear_child_tid`, and
+//!    credentials (last: per thread in Linux, and dropping root ends what
+//!    a thread may do for us).
+//! 6. [`registers`]: registers, XSAVE area, signal mask of every thread;
+//!    detach.
+//!
+//! # Known limits
+//!
+//! - A thread interrupted in a sleep that the kernel would continue through
+//!   `restart_syscall` (nanosleep, poll, futex waits with a timeout…) has
+//!   no restart block in the new process: the *original* syscall is run
+//!   again with its original arguments, so a relative sleep starts over
+//!   with its full length.
+//! - With a new PID (`--pid any`), the process's own cached idea of its
+//!   thread ids (glibc's `raise`, `pthread_kill`) still holds the old ones.
+//! - Threads' robust-futex lists are not restored; `clear_child_tid` is
+//!   found by looking for each thread's TID in its thread-control block
+//!   (see [`threads`]), as the image does not record it.
+
+pub mod child;
+pub mod fds;
+pub mod memory;
+pub mod process;
+pub mod registers;
+pub mod signals;
+pub mod spawn;
+pub mod threads;
+pub mod validate;
+pub mod vdso;
+
+use std::fs::File;
+use std::path::Path;
+
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::image::ImageReader;
+use crate::ptrace::Frozen;
+use crate::remote::{self, RemoteThread};
+
+pub use spawn::PidMode;
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub pid: PidMode,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            pid: PidMode::Prefer,
+        }
+    }
+}
+
+/// A restored process, running, a child of the calling process.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub pid: i32,
+    /// Whether it got the PID it had at checkpoint time.
+    pub same_pid: bool,
+    /// Things that could not be restored exactly (each also logged).
+    pub warnings: Vec<String>,
+}
+
+/// Restore the process in `image`. On success it runs, as a child of the
+/// calling process; reap it with [`wait`] (or let it be reparented by
+/// exiting).
+///
+/// Must be called from the thread that will wait for the process (ptrace
+/// binds a tracee to the thread that attached it).
+pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
+    // Image errors say what they are about; no "image:" prefix.
+    let reader = ImageReader::open(image).map_err(|e| Error::Other(e.to_string()))?;
+    let plan = validate::validate(&reader)?;
+    let mut warnings = plan.warnings.clone();
+    for w in &warnings {
+        warn!("{w}");
+    }
+    // The child inherits this descriptor (fork copies the table), so it
+    // reads pages from the very file we validated, whatever the path
+    // resolves to later.
+    let image_file = File::open(image).map_err(|source| Error::File {
+        path: image.display().to_string(),
+        source,
+    })?;
+    let meta = reader.metadata();
+    let spawned = spawn::spawn(meta.process.pid, opts.pid)?;
+    if !spawned.same_pid && opts.pid != PidMode::Any {
+        let w = format!(
+            "PID {} is taken; the process is restored as PID {}",
+            meta.process.pid, spawned.pid
+        );
+        warn!("{w}");
+        warnings.push(w);
+    }
+    let frozen = Frozen::adopt(spawned.pid, vec![spawned.pid]);
+    let ctx = Context {
+        reader: &reader,
+        plan: &plan,
+        image_fd: std::os::fd::AsRawFd::as_raw_fd(&image_file),
+        pid_mode: opts.pid,
+        same_pid: spawned.same_pid,
+    };
+    // Threads after the first, held by us as soon as they exist.
+    let mut held = Vec::new();
+    match build(&frozen, &ctx, &mut held, &mut warnings) {
+        Ok(()) => {
+            threads::release(&held);
+            frozen.resume();
+            drop(image_file);
+            info!(pid = spawned.pid, "restored");
+            Ok(Restored {
+                pid: spawned.pid,
+                same_pid: spawned.same_pid,
+                warnings,
+            })
+        }
+        Err(e) => {
+            debug!(error = %e, "restore failed; killing the half-built process");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(spawned.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            threads::reap(&held);
+            frozen.kill();
+            Err(e)
+        }
+    }
+}
+
+/// What every stage needs.
+pub struct Context<'a> {
+    pub reader: &'a ImageReader,
+    pub plan: &'a validate::Plan,
+    /// The image file's descriptor number, the same in the child.
+    pub image_fd: i32,
+    pub pid_mode: PidMode,
+    /// The process got its saved PID.
+    pub same_pid: bool,
+}
+
+/// Everything between creating the child and letting it go.
+fn build(
+    frozen: &Frozen,
+    ctx: &Context<'_>,
+    held: &mut Vec<i32>,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let pid = frozen.pid();
+    let meta = ctx.reader.metadata();
+    // Until our trampoline exists, the syscall instruction comes from the
+    // vdso we inherited.
+    let vdso_ip = remote::find_syscall_insn(pid)?;
+    let layout = {
+        let mut first = RemoteThread::borrow(frozen, pid, vdso_ip)?;
+        // glibc registered rseq for chpox's thread, in chpox's TLS, which
+        // is about to go: the kernel would write into unmapped memory and
+        // kill the task.
+        if let Some(rseq) = crate::ptrace::rseq_config(pid)? {
+            first.checked(
+                "rseq(unregister)",
+                libc::SYS_rseq,
+                [
+                    rseq.addr,
+                    u64::from(rseq.len),
+                    1, // RSEQ_FLAG_UNREGISTER
+                    u64::from(rseq.signature),
+                    0,
+                    0,
+                ],
+            )?;
+        }
+        let layout = memory::make_trampoline(&mut first, &meta.vmas)?;
+        first.give_back()?;
+        layout
+    };
+    let thread = RemoteThread::borrow(frozen, pid, layout.trampoline)?;
+    let mut c = child::Child::new(thread, layout.scratch, layout.scratch_len);
+
+    vdso::move_vdso(&mut c, &meta.vmas, layout.temp)?;
+    memory::unmap_inherited(&mut c, &layout)?;
+    let mapped = memory::map_all(&mut c, ctx)?;
+    process::set_mm(&mut c, ctx, mapped.exe_fd, warnings)?;
+    mapped.close(&mut c)?;
+    process::restore_state(&mut c, ctx, warnings)?;
+    signals::restore_actions(&mut c, &meta.signals.actions)?;
+    let (main, others) = meta
+        .threads
+        .split_first()
+        .ok_or_else(|| Error::Other("the image holds no thread".into()))?;
+    signals::restore_altstack(&mut c, main.sigaltstack.as_ref())?;
+    fds::restore_fds(&mut c, ctx, warnings)?;
+    signals::restore_pending(&mut c, meta, warnings)?;
+
+    // The other threads: created while the main thread still has the
+    // privileges to choose their TIDs, each then drops its own.
+    threads::create(&mut c, others, ctx.pid_mode, ctx.same_pid, held, warnings)?;
+    threads::queue_pending(&mut c, held, others, warnings)?;
+    process::restore_rlimits(&mut c, &meta.process.rlimits, warnings)?;
+    let tid_offset = threads::tid_offset(pid, &meta.threads);
+    if tid_offset.is_none() && !others.is_empty() {
+        let w = "cannot tell where the threads keep their IDs; a pthread_join may never return"
+            .to_string();
+        warn!("{w}");
+        warnings.push(w);
+    }
+    let creds = &meta.process.creds;
+    threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
+    threads::setup(&mut c, main, tid_offset, Some(creds))?;
+
+    // Last remote call: the trampoline goes too. The thread stops at the
+    // syscall exit, and never runs on the unmapped page: its registers are
+    // replaced below.
+    c.call(
+        "munmap(trampoline)",
+        libc::SYS_munmap,
+        [layout.base, layout.len, 0, 0, 0, 0],
+    )?;
+    c.into_thread().give_back()?;
+    registers::load(pid, main)?;
+    Ok(())
+}
+
+/// Wait for a restored process to end. Returns the shell-style exit
+/// status: its exit code, or 128 + the signal that killed it.
+pub fn wait(pid: i32) -> Result<i32> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(source) => {
+                return Err(Error::Ptrace {
+                    op: "waitpid",
+                    tid: pid,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// `chpox restore` and `ld-chpox`: restore, then either print the PID and
+/// return 0 (`detach`), or wait for the process and return its exit status.
+pub fn run_cli(image: &Path, opts: &RestoreOptions, detach: bool) -> Result<i32> {
+    let restored = restore(image, opts)?;
+    if detach {
+        println!("{}", restored.pid);
+        return Ok(0);
+    }
+    // Like a shell waiting for a foreground job: the terminal's Ctrl-C and
+    // Ctrl-\ are for the restored process (same process group), not for us.
+    // SAFETY: SIG_IGN installs no handler.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+    wait(restored.pid)
+}

@@ -1,0 +1,95 @@
+//! Signal state: dispositions, the alternate stack, queued signals. (The
+//! blocked mask is loaded with ptrace at the very end: until then every
+//! signal stays blocked while the child runs our syscalls.)
+
+use tracing::warn;
+
+use super::child::{Child, errno_of};
+use crate::error::Result;
+use crate::image::model::{AltStack, Metadata, PendingSignal, SigAction};
+
+const AT: u64 = 4096;
+const SS_DISABLE: i32 = 2;
+const SS_AUTODISARM: i32 = 1 << 31;
+
+/// `rt_sigaction` for every saved disposition.
+pub fn restore_actions(c: &mut Child<'_>, actions: &[SigAction]) -> Result<()> {
+    for a in actions {
+        let mut k = [0u8; 32];
+        for (i, word) in [a.handler, a.flags, a.restorer, a.mask]
+            .into_iter()
+            .enumerate()
+        {
+            k[i * 8..i * 8 + 8].copy_from_slice(&word.to_ne_bytes());
+        }
+        let addr = c.put(AT, &k)?;
+        c.call(
+            "rt_sigaction",
+            libc::SYS_rt_sigaction,
+            [a.signo as u64, addr, 0, 8, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// The saved alternate stack, or none: the child inherited chpox's (Rust
+/// installs one for stack-overflow reports), which is unmapped now.
+pub fn restore_altstack(c: &mut Child<'_>, stack: Option<&AltStack>) -> Result<()> {
+    let (sp, flags, size) = match stack {
+        // SS_ONSTACK is not a setting, only what the kernel reports while
+        // the thread runs on it.
+        Some(s) => (s.sp, s.flags & SS_AUTODISARM, s.size),
+        None => (0, SS_DISABLE, 0),
+    };
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&sp.to_ne_bytes());
+    b[8..12].copy_from_slice(&flags.to_ne_bytes());
+    b[16..].copy_from_slice(&size.to_ne_bytes());
+    let addr = c.put(AT, &b)?;
+    c.call("sigaltstack", libc::SYS_sigaltstack, [addr, 0, 0, 0, 0, 0])?;
+    Ok(())
+}
+
+/// Queue the saved pending signals again, with their siginfo. The child
+/// queues them to itself, which the kernel allows for any siginfo.
+pub fn restore_pending(
+    c: &mut Child<'_>,
+    meta: &Metadata,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let pid = c.pid() as u64;
+    let thread = meta.threads.first().map(|t| t.pending.as_slice());
+    let queues: [(&[PendingSignal], bool); 2] = [
+        (&meta.signals.shared_pending, true),
+        (thread.unwrap_or_default(), false),
+    ];
+    for (list, shared) in queues {
+        for p in list {
+            if p.signo == libc::SIGKILL || p.signo == libc::SIGSTOP || p.siginfo.len() != 128 {
+                continue;
+            }
+            let info = c.put(AT, &p.siginfo)?;
+            let ret = if shared {
+                c.raw(
+                    libc::SYS_rt_sigqueueinfo,
+                    [pid, p.signo as u64, info, 0, 0, 0],
+                )?
+            } else {
+                c.raw(
+                    libc::SYS_rt_tgsigqueueinfo,
+                    [pid, pid, p.signo as u64, info, 0, 0],
+                )?
+            };
+            if ret < 0 {
+                let w = format!(
+                    "could not queue pending signal {} again: {}",
+                    p.signo,
+                    errno_of(ret)
+                );
+                warn!("{w}");
+                warnings.push(w);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,283 @@
+//! Threads after the first: created by the restored main thread itself
+//! (a remote `clone3` with `CLONE_THREAD`, `set_tid` = the saved TID when
+//! the PID is ours), then held and set up like the main thread.
+//!
+//! A new thread starts on the instruction after the trampoline's
+//! `syscall`, a `pause; jmp` spin loop, with the creating thread's
+//! all-blocked signal mask, no alternate stack and no rseq. The restorer
+//! seizes and interrupts it there; nothing of the program runs before its
+//! registers are loaded.
+//!
+//! Per-thread kernel state set here: name, alternate stack, rseq,
+//! credentials (per thread in Linux), the `clear_child_tid` address
+//! (`set_tid_address`) that `pthread_join` relies on, and queued signals.
+//! The image does not record `clear_child_tid`; for glibc it is the `tid`
+//! field of the thread's `struct pthread`, which sits at the thread
+//! pointer (`fs_base`): we look for the offset at which every thread's
+//! memory holds its own TID (glibc 2.26+ on x86-64: 0x2d0). Robust-futex
+//! lists (`set_robust_list`) are not restored.
+
+use nix::sys::ptrace;
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use super::child::{Child, errno_of};
+use super::memory::Layout;
+use super::spawn::PidMode;
+use crate::error::{Error, Result};
+use crate::image::model::{Credentials, ThreadState};
+use crate::ptrace::{Frozen, Stop, wait_stop};
+use crate::remote::{RemoteThread, read_memory};
+
+/// Scratch offsets of clone3's arguments.
+const ARGS_AT: u64 = 12288;
+const TIDS_AT: u64 = 12288 + 128;
+/// glibc's `offsetof(struct pthread, tid)` on x86-64.
+const GLIBC_TID_OFFSET: u64 = 0x2d0;
+
+/// Create a thread for each state in `threads` (the image's threads after
+/// the first) and hold it, seized. Their TIDs are pushed to `held` as soon
+/// as they are ours, so an error path can reap them.
+pub fn create(
+    c: &mut Child<'_>,
+    threads: &[ThreadState],
+    mode: PidMode,
+    same_pid: bool,
+    held: &mut Vec<i32>,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let flags = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    let mut taken = Vec::new();
+    for state in threads {
+        let want = match mode {
+            PidMode::Any => None,
+            _ if !same_pid => None,
+            _ => Some(state.tid),
+        };
+        let mut tid = clone_thread(c, flags, want)?;
+        if tid == -(libc::EEXIST as i64) && mode == PidMode::Prefer {
+            taken.push(state.tid);
+            tid = clone_thread(c, flags, None)?;
+        }
+        if tid < 0 {
+            return Err(Error::Other(format!(
+                "cannot create thread {}: {}{}",
+                state.tid,
+                errno_of(tid),
+                if tid == -(libc::EEXIST as i64) {
+                    " (its TID is in use)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let tid = tid as i32;
+        hold(tid)?;
+        held.push(tid);
+        debug!(saved = state.tid, tid, "thread created");
+    }
+    if !taken.is_empty() {
+        let w = format!(
+            "thread IDs {taken:?} are taken; those threads got new ones (the program's own record of them is stale)"
+        );
+        warn!("{w}");
+        warnings.push(w);
+    }
+    Ok(())
+}
+
+/// Remote clone3 in the child's main thread; the raw result.
+fn clone_thread(c: &mut Child<'_>, flags: u64, tid: Option<i32>) -> Result<i64> {
+    let tids_addr = c.put(TIDS_AT, &(tid.unwrap_or(0) as u64).to_ne_bytes())?;
+    let mut args = Vec::with_capacity(80);
+    // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
+    // tls, set_tid, set_tid_size
+    for w in [
+        flags,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        if tid.is_some() { tids_addr } else { 0 },
+        u64::from(tid.is_some()),
+    ] {
+        args.extend_from_slice(&w.to_ne_bytes());
+    }
+    let addr = c.put(ARGS_AT, &args)?;
+    c.raw(libc::SYS_clone3, [addr, args.len() as u64, 0, 0, 0, 0])
+}
+
+/// Seize a new thread and stop it.
+fn hold(tid: i32) -> Result<()> {
+    let p = Pid::from_raw(tid);
+    let options = ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL;
+    let err = |op| move |source| Error::Ptrace { op, tid, source };
+    ptrace::seize(p, options).map_err(err("seize"))?;
+    ptrace::interrupt(p).map_err(err("interrupt"))?;
+    loop {
+        match wait_stop(tid)? {
+            Stop::Event => return Ok(()),
+            Stop::Signal(_) | Stop::Syscall => ptrace::cont(p, None).map_err(err("cont"))?,
+            Stop::Exited => return Err(Error::Exited(tid)),
+        }
+    }
+}
+
+/// Where each thread's `clear_child_tid` points: `fs_base + offset`, the
+/// offset at which every thread's thread-control block holds its TID.
+pub fn tid_offset(pid: i32, threads: &[ThreadState]) -> Option<u64> {
+    let mut blocks = Vec::with_capacity(threads.len());
+    for t in threads {
+        if t.regs.fs_base == 0 {
+            return None;
+        }
+        // The thread-control block of a thread glibc made sits at the very
+        // top of its stack mapping: read as much of it as there is.
+        let buf = [4096usize, 2048, 1024].into_iter().find_map(|len| {
+            let mut buf = vec![0u8; len];
+            read_memory(pid, t.regs.fs_base, &mut buf)
+                .ok()
+                .map(|()| buf)
+        })?;
+        blocks.push((t.tid, buf));
+    }
+    let holds = |off: u64| {
+        blocks.iter().all(|(tid, b)| {
+            let o = off as usize;
+            b.get(o..o + 4)
+                .is_some_and(|w| i32::from_ne_bytes([w[0], w[1], w[2], w[3]]) == *tid)
+        })
+    };
+    if holds(GLIBC_TID_OFFSET) {
+        return Some(GLIBC_TID_OFFSET);
+    }
+    // One thread's TID could appear anywhere by chance; all of them at
+    // the same offset cannot.
+    if threads.len() < 2 {
+        return None;
+    }
+    (0..1024 - 4).step_by(4).find(|&o| holds(o))
+}
+
+/// What one thread needs besides registers, run in that thread.
+pub fn setup(
+    c: &mut Child<'_>,
+    state: &ThreadState,
+    tid_offset: Option<u64>,
+    creds: Option<&Credentials>,
+) -> Result<()> {
+    let name: String = state.comm.chars().filter(|&ch| ch != '\0').collect();
+    let addr = c.put_path(&name)?;
+    c.call(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        [libc::PR_SET_NAME as u64, addr, 0, 0, 0, 0],
+    )?;
+    if let Some(off) = tid_offset {
+        c.call(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            [state.regs.fs_base + off, 0, 0, 0, 0, 0],
+        )?;
+    }
+    if let Some(creds) = creds {
+        super::process::restore_creds(c, creds)?;
+    }
+    if let Some(rseq) = state.rseq {
+        c.call(
+            "rseq",
+            libc::SYS_rseq,
+            [
+                rseq.addr,
+                u64::from(rseq.len),
+                0,
+                u64::from(rseq.signature),
+                0,
+                0,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Set up each created thread (in itself) and load its registers.
+pub fn finish(
+    frozen: &Frozen,
+    layout: &Layout,
+    held: &[i32],
+    states: &[ThreadState],
+    tid_offset: Option<u64>,
+    creds: &Credentials,
+) -> Result<()> {
+    for (&tid, state) in held.iter().zip(states) {
+        let thread = RemoteThread::borrow(frozen, tid, layout.trampoline)?;
+        let mut c = Child::new(thread, layout.scratch, layout.scratch_len);
+        super::signals::restore_altstack(&mut c, state.sigaltstack.as_ref())?;
+        setup(&mut c, state, tid_offset, Some(creds))?;
+        c.into_thread().give_back()?;
+        super::registers::load(tid, state)?;
+    }
+    Ok(())
+}
+
+/// Queue each thread's own pending signals (from the main thread: the
+/// kernel lets a process queue any siginfo to its own threads).
+pub fn queue_pending(
+    c: &mut Child<'_>,
+    held: &[i32],
+    states: &[ThreadState],
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let pid = c.pid() as u64;
+    for (&tid, state) in held.iter().zip(states) {
+        for p in &state.pending {
+            if p.signo == libc::SIGKILL || p.signo == libc::SIGSTOP || p.siginfo.len() != 128 {
+                continue;
+            }
+            let info = c.put(4096, &p.siginfo)?;
+            let ret = c.raw(
+                libc::SYS_rt_tgsigqueueinfo,
+                [pid, tid as u64, p.signo as u64, info, 0, 0],
+            )?;
+            if ret < 0 {
+                let w = format!(
+                    "could not queue pending signal {} of thread {} again: {}",
+                    p.signo,
+                    state.tid,
+                    errno_of(ret)
+                );
+                warn!("{w}");
+                warnings.push(w);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Let the created threads go (the main thread goes last, with `Frozen`).
+pub fn release(held: &[i32]) {
+    for &tid in held {
+        if let Err(e) = ptrace::detach(Pid::from_raw(tid), None) {
+            warn!(tid, error = %e, "detach failed");
+        }
+    }
+}
+
+/// After SIGKILL: reap our hold on the created threads, so the main
+/// thread's exit can be reported (a thread-group leader is reported only
+/// after every other thread is gone).
+pub fn reap(held: &[i32]) {
+    for &tid in held {
+        while !matches!(wait_stop(tid), Ok(Stop::Exited) | Err(_)) {
+            let _ = ptrace::cont(Pid::from_raw(tid), None);
+        }
+    }
+}
