@@ -323,7 +323,11 @@ impl Frozen {
     pub fn kill(mut self) {
         self.released = true;
         let _ = nix::sys::signal::kill(Pid::from_raw(self.pid), Signal::SIGKILL);
-        for &tid in &self.tids {
+        // The kernel reports the leader's exit only once every other thread
+        // is reaped, so the leader comes last.
+        let mut order = self.tids.clone();
+        order.sort_by_key(|&t| t == self.pid);
+        for &tid in &order {
             // A SIGKILLed tracee leaves its stop at once; waiting lets the
             // kernel release the thread instead of holding it for us.
             while !matches!(wait_stop(tid), Ok(Stop::Exited) | Err(_)) {

@@ -471,3 +471,14 @@ fn blake3_hex(path: &Path) -> String {
     let bytes = std::fs::read(path).expect("read");
     chpox::files::hash_bytes(&bytes)
 }
+
+#[test]
+fn kill_after_dump_ends_a_multithreaded_process() {
+    let dir = tempdir();
+    let mut target = Target::spawn("threads", &["3"], dir.path());
+    let reader = dump(target.pid, dir.path(), "kill.img", &["--kill"]);
+    assert_eq!(reader.metadata().threads.len(), 4);
+    let status = target.wait_exit(EXIT_TIMEOUT);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+}
