@@ -241,14 +241,17 @@ fn capture(
         let actions = signals::dump_actions(&mut leader, scratch)?;
         process::dump_remote_state(&mut info, &mut leader, scratch)?;
         for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
-            state.sigaltstack = if *tid == pid {
-                signals::dump_altstack(&mut leader, scratch)?
+            // What only the thread itself can say: its alternate signal
+            // stack and its clear_child_tid.
+            if *tid == pid {
+                state.sigaltstack = signals::dump_altstack(&mut leader, scratch)?;
+                state.clear_child_tid = threads::dump_clear_child_tid(&mut leader, scratch)?;
             } else {
                 let mut thread = RemoteThread::borrow(frozen, *tid, syscall_ip)?;
-                let stack = signals::dump_altstack(&mut thread, scratch)?;
+                state.sigaltstack = signals::dump_altstack(&mut thread, scratch)?;
+                state.clear_child_tid = threads::dump_clear_child_tid(&mut thread, scratch)?;
                 thread.give_back()?;
-                stack
-            };
+            }
         }
         leader.unmap(scratch, scratch_len)?;
         leader.give_back()?;

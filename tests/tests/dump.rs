@@ -304,6 +304,14 @@ fn every_thread_is_captured_with_its_own_state() {
             .unwrap_or_else(|| panic!("thread {tid} missing"));
         assert_eq!(state.comm, format!("worker-{t}"));
         assert!(!state.xsave.is_empty());
+        // The kernel clears this word when the thread exits (pthread_join
+        // waits on it); the thread library keeps the thread's TID there.
+        let tid_word = state.clear_child_tid.expect("clear_child_tid recorded");
+        let bytes = reader
+            .read_memory(tid_word, 4)
+            .expect("read")
+            .expect("the thread block is stored");
+        assert_eq!(i32::from_ne_bytes(bytes.try_into().expect("4")), *tid);
     }
     let mut bases: Vec<u64> = meta.threads.iter().map(|t| t.regs.fs_base).collect();
     bases.sort_unstable();

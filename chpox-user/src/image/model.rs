@@ -148,6 +148,12 @@ pub struct ThreadState {
     pub pending: Vec<PendingSignal>,
     pub rseq: Option<Rseq>,
     pub comm: String,
+    /// The thread's `clear_child_tid` (set_tid_address): the kernel zeroes
+    /// this word and wakes its futex when the thread exits, which is how
+    /// `pthread_join` learns of it. Absent in images of chpox 0.1.0 early
+    /// builds.
+    #[serde(default)]
+    pub clear_child_tid: Option<u64>,
 }
 
 /// The general registers, in the kernel's `user_regs_struct` order.

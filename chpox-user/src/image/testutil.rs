@@ -186,6 +186,7 @@ fn thread(tid: i32, rip: u64) -> ThreadState {
             signature: 0x5305_3053,
         }),
         comm: "sleeper".into(),
+        clear_child_tid: Some(0x7fff_f7d7_e9d0 + tid as u64),
     }
 }
 

@@ -99,6 +99,7 @@ mod tests {
             pending: Vec::new(),
             rseq: None,
             comm: String::new(),
+            clear_child_tid: None,
         }
     }
 

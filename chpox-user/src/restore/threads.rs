@@ -181,11 +181,16 @@ pub fn setup(
         libc::SYS_prctl,
         [libc::PR_SET_NAME as u64, addr, 0, 0, 0, 0],
     )?;
-    if let Some(off) = tid_offset {
+    // Recorded by the dump; images without it fall back to where glibc
+    // keeps the TID.
+    let clear_child_tid = state
+        .clear_child_tid
+        .or_else(|| tid_offset.map(|off| state.regs.fs_base + off));
+    if let Some(addr) = clear_child_tid {
         c.call(
             "set_tid_address",
             libc::SYS_set_tid_address,
-            [state.regs.fs_base + off, 0, 0, 0, 0, 0],
+            [addr, 0, 0, 0, 0, 0],
         )?;
     }
     if let Some(creds) = creds {

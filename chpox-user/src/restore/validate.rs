@@ -263,6 +263,7 @@ mod tests {
             pending: Vec::new(),
             rseq: None,
             comm: "t".into(),
+            clear_child_tid: None,
         }
     }
 
