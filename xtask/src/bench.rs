@@ -126,6 +126,31 @@ struct DumpSample {
     stored_bytes: u64,
 }
 
+/// Restore `image` as a new process and return the wall time until it runs
+/// (validation with every checksum, address space, pages, threads). The
+/// restored copy is killed right after.
+fn restore_once(image: &Path) -> Result<f64> {
+    let t = Instant::now();
+    let out = Command::new(release_bin("chpox"))
+        .args(["restore", "--pid", "any", "--detach"])
+        .arg(image)
+        .output()
+        .context("cannot run chpox restore")?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "chpox restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find_map(|w| w.parse::<i32>().ok())
+        .context("chpox restore --detach printed no PID")?;
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    Ok(secs)
+}
+
 fn dump_once(pid: i32, image: &Path) -> Result<DumpSample> {
     let _ = std::fs::remove_file(image);
     let out = Command::new(release_bin("chpox"))
@@ -135,8 +160,8 @@ fn dump_once(pid: i32, image: &Path) -> Result<DumpSample> {
         .args(["--json", "--unsupported-fd", "null"])
         .output()
         .context("cannot run chpox")?;
-    let _ = std::fs::remove_file(image);
     if !out.status.success() {
+        let _ = std::fs::remove_file(image);
         bail!(
             "chpox dump failed: {}",
             String::from_utf8_lossy(&out.stderr)
@@ -181,6 +206,14 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
             dd[round]
         );
     }
+    // Restore the last image, alternating with first-touch measurements:
+    // restoring is mostly filling fresh anonymous memory.
+    let mut restores = Vec::new();
+    for _ in 0..rounds {
+        restores.push(restore_once(&image)?);
+        touch.push(first_touch_gbps(bytes as usize));
+    }
+    let _ = std::fs::remove_file(&image);
     let total = median(dumps.iter().map(|d| d.total).collect());
     let frozen_med = median(dumps.iter().map(|d| d.frozen).collect());
     let frozen_p99 = percentile(dumps.iter().map(|d| d.frozen).collect(), 0.99);
@@ -227,6 +260,17 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
         "  frozen-phase copy {:6.2} GB/s; ratio to memcpy {:6.2}",
         frozen_gbps,
         frozen_gbps / memcpy_med
+    );
+    let restore_med = median(restores);
+    let restore_gbps = stored / restore_med / 1e9;
+    println!(
+        "  restore (to running) {:7.3} s   {:6.2} GB/s of stored pages",
+        restore_med, restore_gbps
+    );
+    println!(
+        "  ratio restore rate / first-touch {:6.2}; / memcpy {:6.2}",
+        restore_gbps / touch_med,
+        restore_gbps / memcpy_med
     );
     println!(
         "  image size / resident memory        {:6.3} ({} / {} bytes)",
