@@ -59,9 +59,9 @@
 //!   with its full length.
 //! - With a new PID (`--pid any`), the process's own cached idea of its
 //!   thread ids (glibc's `raise`, `pthread_kill`) still holds the old ones.
-//! - Threads' robust-futex lists are not restored; `clear_child_tid` is
-//!   found by looking for each thread's TID in its thread-control block
-//!   (see [`threads`]), as the image does not record it.
+//! - Threads' robust-futex lists are not restored. `clear_child_tid` comes
+//!   from the image; for images that lack it, it is found by looking for
+//!   each thread's TID in its thread-control block (see [`threads`]).
 
 pub mod child;
 pub mod fds;
