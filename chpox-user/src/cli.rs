@@ -8,6 +8,44 @@ use anyhow::{Context, Result, bail};
 
 use crate::control::{self, ListEntry, RegisterRequest, Request, Response};
 
+/// Log to stderr: warnings by default, more with each `-v`; `CHPOX_LOG`
+/// (an env-filter) overrides.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHPOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// `--pid` of `chpox restore` and `ld-chpox`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PidChoice {
+    /// The saved PID, or fail if it is taken.
+    Same,
+    /// A new PID.
+    Any,
+}
+
+/// Restore options from `--pid` (absent: the saved PID if free, else a new one).
+pub fn restore_options(pid: Option<PidChoice>) -> crate::restore::RestoreOptions {
+    use crate::restore::PidMode;
+    crate::restore::RestoreOptions {
+        pid: match pid {
+            Some(PidChoice::Same) => PidMode::Same,
+            Some(PidChoice::Any) => PidMode::Any,
+            None => PidMode::Prefer,
+        },
+    }
+}
+
 /// Most requests answer at once; `register` may freeze a process briefly.
 const TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -33,12 +33,6 @@ enum FdPolicy {
     Null,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum PidChoice {
-    Same,
-    Any,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Checkpoint a running process to an image file.
@@ -131,7 +125,7 @@ enum Command {
         /// `same`: the saved PID, or fail if taken; `any`: a new PID.
         /// Default: the saved PID if free, else a new one.
         #[arg(long, value_enum)]
-        pid: Option<PidChoice>,
+        pid: Option<chpox::cli::PidChoice>,
         /// Print the restored PID and return instead of waiting.
         #[arg(long)]
         detach: bool,
@@ -143,21 +137,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CHPOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -230,13 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::List { json } => chpox::cli::list(json)?,
         Command::Checkpoint { pid, timeout, json } => chpox::cli::checkpoint(pid, timeout, json)?,
         Command::Restore { file, pid, detach } => {
-            let opts = chpox::restore::RestoreOptions {
-                pid: match pid {
-                    Some(PidChoice::Same) => chpox::restore::PidMode::Same,
-                    Some(PidChoice::Any) => chpox::restore::PidMode::Any,
-                    None => chpox::restore::PidMode::Prefer,
-                },
-            };
+            let opts = chpox::cli::restore_options(pid);
             let code = chpox::restore::run_cli(&file, &opts, detach)
                 .with_context(|| format!("cannot restore {}", file.display()))?;
             if code != 0 {
@@ -325,7 +298,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    chpox::cli::init_logging(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,13 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PidChoice {
-    Same,
-    Any,
-}
+use chpox::cli::PidChoice;
+use clap::Parser;
 
 /// Restore a checkpointed process from its image; wait for it and exit with
 /// its exit status (128 + N if killed by signal N).
@@ -32,25 +27,8 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CHPOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let opts = chpox::restore::RestoreOptions {
-        pid: match cli.pid {
-            Some(PidChoice::Same) => chpox::restore::PidMode::Same,
-            Some(PidChoice::Any) => chpox::restore::PidMode::Any,
-            None => chpox::restore::PidMode::Prefer,
-        },
-    };
+    chpox::cli::init_logging(cli.verbose);
+    let opts = chpox::cli::restore_options(cli.pid);
     match chpox::restore::run_cli(&cli.file, &opts, cli.detach) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
