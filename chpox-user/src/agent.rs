@@ -35,7 +35,7 @@ use crate::control::{
     parse_register_line,
 };
 use crate::dump::{DumpOptions, dump};
-use crate::image::model::SigAction;
+use crate::image::model::{SavedRegistration, SigAction};
 use crate::signals::{self, Disposition};
 
 #[derive(Debug, Clone)]
@@ -616,6 +616,10 @@ impl Agent {
         }
         let mut opts = DumpOptions::new(&entry.output);
         opts.keep_previous = self.config.keep;
+        opts.registration = Some(SavedRegistration {
+            signal: entry.signal,
+            flags: entry.flags,
+        });
         if entry.as_owner {
             opts.as_user = Some(
                 crate::creds::UserCreds::of_process(pid)

@@ -34,16 +34,98 @@ pub enum PidChoice {
     Any,
 }
 
-/// Restore options from `--pid` (absent: the saved PID if free, else a new one).
-pub fn restore_options(pid: Option<PidChoice>) -> crate::restore::RestoreOptions {
-    use crate::restore::PidMode;
-    crate::restore::RestoreOptions {
-        pid: match pid {
-            Some(PidChoice::Same) => PidMode::Same,
-            Some(PidChoice::Any) => PidMode::Any,
-            None => PidMode::Prefer,
-        },
+/// The arguments of `chpox restore` and `ld-chpox`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The image to restore.
+    pub file: PathBuf,
+    /// `same`: the saved PID, or fail if taken; `any`: a new PID.
+    /// Default: the saved PID if free, else a new one.
+    #[arg(long, value_enum)]
+    pub pid: Option<PidChoice>,
+    /// Print the restored PID and return instead of waiting.
+    #[arg(long)]
+    pub detach: bool,
+    /// Register the restored process with chpox-agent, so its trigger
+    /// signal checkpoints it again: with the signal and FLAGS it was
+    /// registered with (default 31 and 1), to FILE unless --output says
+    /// otherwise.
+    #[arg(long)]
+    pub register: bool,
+    /// With --register: where its checkpoints go (default: FILE).
+    #[arg(short, long, requires = "register")]
+    pub output: Option<PathBuf>,
+}
+
+impl RestoreArgs {
+    fn options(&self) -> crate::restore::RestoreOptions {
+        use crate::restore::PidMode;
+        crate::restore::RestoreOptions {
+            pid: match self.pid {
+                Some(PidChoice::Same) => PidMode::Same,
+                Some(PidChoice::Any) => PidMode::Any,
+                None => PidMode::Prefer,
+            },
+        }
     }
+}
+
+/// `chpox restore` and `ld-chpox`: restore, register if asked, then either
+/// print the PID and return 0 (`--detach`), or wait for the process and
+/// return its shell-style exit status.
+pub fn restore(args: &RestoreArgs) -> Result<i32> {
+    let image = &args.file;
+    // Ask the agent before anything is started: a restore the user wanted
+    // registered must not run unprotected because the agent is down.
+    let output = if args.register {
+        ask(Request::List).context("nothing restored: --register needs chpox-agent")?;
+        Some(absolute(args.output.as_deref().unwrap_or(image))?)
+    } else {
+        None
+    };
+    let restored = crate::restore::restore(image, &args.options())
+        .with_context(|| format!("cannot restore {}", image.display()))?;
+    if let Some(output) = output {
+        let saved = restored.registration;
+        let req = RegisterRequest {
+            signal: saved.map_or(chpox_common::DEFAULT_TRIGGER_SIGNAL, |r| r.signal),
+            flags: saved.map_or(chpox_common::flags::REGISTERED, |r| r.flags),
+            output: Some(output),
+            ..RegisterRequest::new(restored.pid)
+        };
+        // The process runs already: a failed registration must not cost
+        // it its life, only its future checkpoints.
+        match ask(Request::Register(req)) {
+            Ok(Response::Registered {
+                pid,
+                signal,
+                output,
+            }) => eprintln!(
+                "chpox: registered restored PID {pid}: `kill -{signal} {pid}` checkpoints it to {}",
+                output.display()
+            ),
+            Ok(other) => eprintln!(
+                "chpox: warning: restored PID {} runs unregistered: unexpected reply from chpox-agent: {other:?}",
+                restored.pid
+            ),
+            Err(e) => eprintln!(
+                "chpox: warning: restored PID {} runs unregistered: {e:#}; try `chpox register {}`",
+                restored.pid, restored.pid
+            ),
+        }
+    }
+    if args.detach {
+        println!("{}", restored.pid);
+        return Ok(0);
+    }
+    // Like a shell waiting for a foreground job: the terminal's Ctrl-C and
+    // Ctrl-\ are for the restored process (same process group), not for us.
+    // SAFETY: SIG_IGN installs no handler.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+    Ok(crate::restore::wait(restored.pid)?)
 }
 
 /// Most requests answer at once; `register` may freeze a process briefly.

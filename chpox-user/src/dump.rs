@@ -15,7 +15,9 @@ use tracing::{debug, info};
 use crate::error::{Error, Result};
 use crate::fds::{self, UnsupportedFd};
 use crate::files::FileTable;
-use crate::image::model::{AfterDump, HostInfo, Metadata, SignalState, Vma, VmaKind};
+use crate::image::model::{
+    AfterDump, HostInfo, Metadata, SavedRegistration, SignalState, Vma, VmaKind,
+};
 use crate::image::{ImageWriter, MappedArea, WriteOptions};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
@@ -36,6 +38,8 @@ pub struct DumpOptions {
     /// Write the image, and read the libraries to embed, with this user's
     /// file rights (an agent acting for a user).
     pub as_user: Option<crate::creds::UserCreds>,
+    /// Recorded in the image for `chpox restore --register`.
+    pub registration: Option<SavedRegistration>,
 }
 
 impl DumpOptions {
@@ -50,6 +54,7 @@ impl DumpOptions {
             unsupported_fd: UnsupportedFd::Fail,
             keep_previous: 0,
             as_user: None,
+            registration: None,
         }
     }
 }
@@ -338,6 +343,7 @@ fn capture(
             shared_pending,
         },
         after_dump: opts.after,
+        registration: opts.registration,
     };
     Ok(Captured {
         meta,

@@ -118,6 +118,13 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
     );
     let _ = writeln!(s, "cmdline: {}", p.cmdline.join(" "));
     let _ = writeln!(s, "after dump: {:?}", m.after_dump);
+    if let Some(r) = m.registration {
+        let _ = writeln!(
+            s,
+            "taken by chpox-agent: signal {}, flags {} (`chpox restore --register` registers the restored process the same way)",
+            r.signal, r.flags
+        );
+    }
 
     let _ = writeln!(s, "threads: {}", m.threads.len());
     for t in &m.threads {

@@ -1389,3 +1389,133 @@ fn a_trigger_aimed_at_a_thread_created_after_registration_checkpoints_its_proces
     assert_eq!(seen["signals"], 1, "{seen}");
     check_image(&output_of(&seen), t.pid);
 }
+
+// ---------------------------------------------------------------------------
+// 13. The whole loop: chpox run, kill -31, the crash, chpox restore --register,
+//     kill -31 again, the crash again, chpox restore
+
+/// `chpox restore IMAGE ARGS` talking to `agent`, waiting for the restored
+/// process; its stderr goes to a file in the logs.
+fn spawn_restore(agent: &Agent, s: &Scratch, image: &Path, args: &[&str]) -> Child {
+    let n = AGENTS.fetch_add(1, Ordering::SeqCst);
+    let mut cmd = agent.client(chpox_bin());
+    cmd.arg("restore")
+        .args(args)
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(File::create(s.logs.join(format!("restore.{n}.stderr"))).expect("stderr file"));
+    cmd.spawn().expect("spawn chpox restore")
+}
+
+/// Kills `pid` (the program, crashing) and waits until its PID is free.
+fn crash(pid: i32) {
+    send(pid, libc::SIGKILL);
+    common::wait_pid_free(pid);
+}
+
+#[test]
+fn the_whole_loop_run_kill31_crash_restore_register_and_again() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = run_target(
+        &agent,
+        &s,
+        "mempattern",
+        &["16", "--finish-after-rounds", "60"],
+        &["--signal", "12", "--flags", "2"],
+    );
+    let len = t.ready_u64("len");
+    let pid = t.pid;
+
+    t.signal(12);
+    let image = output_of(&agent.wait_checkpoints(pid, 1));
+    assert_running(&mut t);
+    t.child.kill().expect("kill -9");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    assert!(t.lines_after_ready().is_empty(), "{:?}", t.lines());
+
+    // Back under its PID, registered as it was: signal 12, FLAGS 2, same file.
+    let mut restore = spawn_restore(&agent, &s, &image, &["--register", "--pid", "same"]);
+    let e = agent.wait_for(
+        "the restored process to be registered",
+        STATE_TIMEOUT,
+        || agent.entry(pid),
+    );
+    assert_eq!(
+        (e["signal"].as_u64(), e["flags"].as_u64()),
+        (Some(12), Some(2)),
+        "{e}"
+    );
+    assert_eq!(output_of(&e), image, "{e}");
+    assert!(ignores(pid, 12), "signal 12 is not ignored after restore");
+
+    // Its trigger checkpoints it again, with the executable embedded.
+    send(pid, 12);
+    let e = agent.wait_checkpoints(pid, 1);
+    assert_eq!(e["last_error"], Value::Null, "{e}");
+    let reader = check_image(&image, pid);
+    assert!(
+        reader.metadata().files.iter().any(|f| f.embedded.is_some()),
+        "FLAGS 2 did not embed the executable"
+    );
+
+    // chpox restore exits as the restored process did: killed by 9.
+    crash(pid);
+    let status = restore.wait().expect("wait chpox restore");
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status}");
+    assert!(t.lines_after_ready().is_empty(), "{:?}", t.lines());
+
+    // From the second-generation image, to the end.
+    let mut restore = spawn_restore(&agent, &s, &image, &[]);
+    let status = poll(
+        "the twice-restored process to finish",
+        EXIT_TIMEOUT,
+        || format!("{:?}\n{}", t.lines(), agent.describe()),
+        || restore.try_wait().expect("try_wait chpox restore"),
+    );
+    assert!(status.success(), "{status}; {:?}", t.lines());
+    assert_eq!(
+        t.lines_after_ready(),
+        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
+    );
+}
+
+/// `--register` without an agent: one line saying so, and nothing restored.
+#[test]
+fn restore_register_without_an_agent_starts_nothing() {
+    let s = scratch();
+    let mut t = plain_target(&s, "sleeper", &[]);
+    let pid = t.pid;
+    let image = s.logs.join("sleeper.img");
+    let pid_s = pid.to_string();
+    common::chpox_ok(&[
+        "dump",
+        &pid_s,
+        "-o",
+        path_str(&image),
+        "--kill",
+        "--unsupported-fd",
+        "null",
+    ]);
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+
+    let out = Command::new(chpox_bin())
+        .args(["restore", "--register", path_str(&image)])
+        .env("CHPOX_RUN_DIR", s.tmp.path().join("no-agent-here"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chpox restore");
+    assert_refused("restore --register without an agent", &out, "chpox-agent");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().count(),
+        1,
+        "{}",
+        show(&out)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "PID {pid} was restored although registering it was bound to fail"
+    );
+}

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chpox::image::model::FdKind;
 use chpox::image::{ImageReader, ImageWriter, WriteOptions};
-use common::{Target, chpox_bin, chpox_ok, profile_dir, run_chpox};
+use common::{Target, chpox_bin, chpox_ok, profile_dir, run_chpox, wait_pid_free};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -36,15 +36,6 @@ fn become_subreaper() {
     // SAFETY: plain prctl with integer arguments.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
-}
-
-/// Waits until `/proc/PID` is gone (the PID is free again).
-fn wait_gone(pid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(Instant::now() < deadline, "PID {pid} still exists");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// `chpox dump PID -o IMAGE --unsupported-fd null --kill [extra]`.
@@ -67,7 +58,7 @@ fn dump_kill(pid: i32, image: &Path, extra: &[&str]) {
 fn checkpoint(t: &mut Target, image: &Path, extra: &[&str]) {
     dump_kill(t.pid, image, extra);
     t.child.wait().expect("reap the original");
-    wait_gone(t.pid);
+    wait_pid_free(t.pid);
 }
 
 /// Waits for our child (or adopted orphan) `pid` to exit; returns its exit
@@ -395,7 +386,7 @@ fn checkpoint_restore_twice() {
     let second = dir.path().join("second.img");
     dump_kill(pid, &second, &[]);
     assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 128 + libc::SIGKILL);
-    wait_gone(pid);
+    wait_pid_free(pid);
     let (code, stderr) = restore_and_wait(&second, &[], dir.path());
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
@@ -561,7 +552,7 @@ fn threads_come_back_with_their_tids_names_and_state() {
     ]);
     t.child.kill().expect("kill");
     t.child.wait().expect("reap");
-    wait_gone(t.pid);
+    wait_pid_free(t.pid);
     let pid = restore_detached(&image, &["--pid", "same"]);
     assert_eq!(pid, t.pid);
     for (i, tid) in tids.iter().enumerate() {
@@ -681,7 +672,7 @@ fn checkpoint_spawned(child: &mut Spawned, image: &Path) {
         Some(libc::SIGKILL),
         "the original was not killed by the dump: {status}"
     );
-    wait_gone(pid);
+    wait_pid_free(pid);
 }
 
 const PRIMES_SCRIPT: &str = r#"import time
@@ -951,164 +942,4 @@ fn a_process_blocked_in_read_restores_and_reads_on() {
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
     assert_eq!(code, 0, "{stderr}\n{:?}", t.lines());
     assert_eq!(lines_after_ready(&t), ["GOT "]);
-}
-
-// ---------------------------------------------------------------------------
-// The whole loop with the agent: chpox run, kill -31, kill -9, restore
-
-/// A private `chpox-agent` (own run and image directories), stopped with
-/// SIGTERM (then SIGKILL) when dropped.
-struct PrivateAgent {
-    child: std::process::Child,
-    run_dir: PathBuf,
-    log: PathBuf,
-}
-
-impl PrivateAgent {
-    fn start(dir: &Path) -> PrivateAgent {
-        let run_dir = dir.join("run");
-        let log = dir.join("agent.log");
-        let agent_bin = chpox_bin().with_file_name("chpox-agent");
-        assert!(agent_bin.is_file(), "{} not found", agent_bin.display());
-        let child = Command::new(agent_bin)
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .arg("--image-dir")
-            .arg(dir.join("images"))
-            .env("CHPOX_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("CHPOX_RUN_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("create agent log"))
-            .spawn()
-            .expect("spawn chpox-agent");
-        let mut agent = PrivateAgent {
-            child,
-            run_dir,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if agent.log_text().contains("chpox-agent ready")
-                && agent.run_dir.join("agent.sock").exists()
-            {
-                return agent;
-            }
-            if let Some(status) = agent.child.try_wait().expect("try_wait agent") {
-                panic!("chpox-agent exited ({status})\n{}", agent.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chpox-agent not ready\n{}",
-                agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `chpox ARGS` talking to this agent.
-    fn chpox(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(chpox_bin());
-        cmd.args(args)
-            .env("CHPOX_RUN_DIR", &self.run_dir)
-            .env_remove("CHPOX_LOG")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// This agent's `chpox list --json` entry for `pid`.
-    fn entry(&self, pid: i32) -> Option<serde_json::Value> {
-        let out = self
-            .chpox(&["list", "--json"])
-            .output()
-            .expect("run chpox list");
-        assert!(
-            out.status.success(),
-            "chpox list failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log_text()
-        );
-        let list: Vec<serde_json::Value> =
-            serde_json::from_slice(&out.stdout).expect("chpox list --json is a JSON array");
-        list.into_iter().find(|e| e["pid"] == pid)
-    }
-}
-
-impl Drop for PrivateAgent {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions; the PID is our
-        // unreaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[test]
-fn the_whole_loop_run_kill31_kill_restore() {
-    let dir = tempdir();
-    let agent = PrivateAgent::start(dir.path());
-    let image = dir.path().join("loop.img");
-    let mut cmd = agent.chpox(&["run", "-o", s(&image), "--"]);
-    cmd.arg(common::bin("mempattern"))
-        .args(["16", "--finish-after-rounds", "40"])
-        .current_dir(dir.path());
-    let mut t = Target::spawn_command(cmd, "mempattern", dir.path());
-    let len = t.ready_u64("len");
-    assert!(agent.entry(t.pid).is_some(), "not registered by chpox run");
-
-    t.signal(31);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let e = loop {
-        if let Some(e) = agent.entry(t.pid)
-            && e["checkpoints"].as_u64().is_some_and(|n| n >= 1)
-        {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint of PID {}\n{}",
-            t.pid,
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(e["last_error"], serde_json::Value::Null, "{e}");
-    assert_eq!(e["output"].as_str(), Some(s(&image)), "{e}");
-    // Still running after the checkpoint: the trigger did not kill it.
-    assert!(
-        t.child.try_wait().expect("try_wait").is_none(),
-        "exited after kill -31: {:?}",
-        t.lines()
-    );
-
-    t.child.kill().expect("kill -9");
-    let status = t.child.wait().expect("reap");
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL),
-        "{status}; {:?}",
-        t.lines()
-    );
-    wait_gone(t.pid);
-    assert!(lines_after_ready(&t).is_empty(), "{:?}", t.lines());
-
-    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
-    assert_eq!(code, 0, "{stderr}\n{:?}", t.lines());
-    assert_eq!(
-        lines_after_ready(&t),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
 }

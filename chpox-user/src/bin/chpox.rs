@@ -120,16 +120,7 @@ enum Command {
     },
     /// Restore a checkpointed process from its image; wait for it and exit
     /// with its exit status (128 + N if killed by signal N).
-    Restore {
-        file: PathBuf,
-        /// `same`: the saved PID, or fail if taken; `any`: a new PID.
-        /// Default: the saved PID if free, else a new one.
-        #[arg(long, value_enum)]
-        pid: Option<chpox::cli::PidChoice>,
-        /// Print the restored PID and return instead of waiting.
-        #[arg(long)]
-        detach: bool,
-    },
+    Restore(chpox::cli::RestoreArgs),
     /// Describe an image: process, threads, memory, files, checksums.
     Inspect {
         file: PathBuf,
@@ -173,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 keep_previous: 0,
                 as_user: None,
+                registration: None,
             };
             let report =
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?;
@@ -208,10 +200,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Unregister { pid } => chpox::cli::unregister(pid)?,
         Command::List { json } => chpox::cli::list(json)?,
         Command::Checkpoint { pid, timeout, json } => chpox::cli::checkpoint(pid, timeout, json)?,
-        Command::Restore { file, pid, detach } => {
-            let opts = chpox::cli::restore_options(pid);
-            let code = chpox::restore::run_cli(&file, &opts, detach)
-                .with_context(|| format!("cannot restore {}", file.display()))?;
+        Command::Restore(args) => {
+            let code = chpox::cli::restore(&args)?;
             if code != 0 {
                 std::process::exit(code);
             }

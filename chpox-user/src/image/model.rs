@@ -44,6 +44,19 @@ pub struct Metadata {
     pub signals: SignalState,
     /// How the dump left the process: running, stopped or killed.
     pub after_dump: AfterDump,
+    /// The agent registration this checkpoint was taken under, so
+    /// `chpox restore --register` can register the restored process the
+    /// same way. Absent in images of `chpox dump` and of older versions.
+    #[serde(default)]
+    pub registration: Option<SavedRegistration>,
+}
+
+/// How a process was registered with the agent when it was checkpointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRegistration {
+    pub signal: u32,
+    /// The FLAGS of the register line (`chpox_common::flags`).
+    pub flags: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

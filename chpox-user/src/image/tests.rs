@@ -682,3 +682,27 @@ fn reader_and_writer_can_cross_threads() {
     send_sync::<ImageReader>();
     send_sync::<ImageError>();
 }
+
+/// Metadata written before a field existed still decodes: the schema only
+/// grows by defaulted fields.
+#[test]
+fn metadata_without_later_fields_still_decodes() {
+    let mut meta = sample_metadata();
+    meta.registration = Some(SavedRegistration {
+        signal: 12,
+        flags: 2,
+    });
+    let mut value: ciborium::Value =
+        ciborium::de::from_reader(cbor(&meta).as_slice()).expect("decode as a CBOR value");
+    let ciborium::Value::Map(fields) = &mut value else {
+        panic!("metadata is not a CBOR map");
+    };
+    let before = fields.len();
+    fields.retain(|(k, _)| k.as_text() != Some("registration"));
+    assert_eq!(fields.len(), before - 1, "no registration field to drop");
+    let mut old = Vec::new();
+    ciborium::ser::into_writer(&value, &mut old).expect("encode");
+    let decoded: Metadata = ciborium::de::from_reader(old.as_slice()).expect("old metadata");
+    assert_eq!(decoded.registration, None);
+    assert_eq!(decoded.process.pid, meta.process.pid);
+}

@@ -469,5 +469,6 @@ pub(crate) fn sample_metadata() -> Metadata {
             }],
         },
         after_dump: AfterDump::LeaveRunning,
+        registration: None,
     }
 }

@@ -107,6 +107,8 @@ pub struct Restored {
     pub same_pid: bool,
     /// Things that could not be restored exactly (each also logged).
     pub warnings: Vec<String>,
+    /// The agent registration the image was taken under, if any.
+    pub registration: Option<crate::image::model::SavedRegistration>,
 }
 
 /// Restore the process in `image`. On success it runs, as a child of the
@@ -160,6 +162,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 pid: spawned.pid,
                 same_pid: spawned.same_pid,
                 warnings,
+                registration: meta.registration,
             })
         }
         Err(e) => {
@@ -287,22 +290,4 @@ pub fn wait(pid: i32) -> Result<i32> {
             }
         }
     }
-}
-
-/// `chpox restore` and `ld-chpox`: restore, then either print the PID and
-/// return 0 (`detach`), or wait for the process and return its exit status.
-pub fn run_cli(image: &Path, opts: &RestoreOptions, detach: bool) -> Result<i32> {
-    let restored = restore(image, opts)?;
-    if detach {
-        println!("{}", restored.pid);
-        return Ok(0);
-    }
-    // Like a shell waiting for a foreground job: the terminal's Ctrl-C and
-    // Ctrl-\ are for the restored process (same process group), not for us.
-    // SAFETY: SIG_IGN installs no handler.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-    }
-    wait(restored.pid)
 }

@@ -353,3 +353,13 @@ impl Target {
         t
     }
 }
+
+/// Waits until `/proc/PID` is gone, so the PID is free for a restore that
+/// wants it back (PID 1 here reaps orphans about a second late).
+pub fn wait_pid_free(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "PID {pid} still exists");
+        std::thread::sleep(POLL);
+    }
+}
