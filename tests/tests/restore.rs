@@ -177,6 +177,34 @@ fn sleeper_restarts_its_sleep() {
     assert_eq!(lines_after_ready(&t), ["DONE slept"]);
 }
 
+/// A sleep cut by the checkpoint goes on with the time that was left, not
+/// from the start, when the program let the kernel say what was left
+/// (`nanosleep(&ts, &ts)`, as `sleep()` and `thread::sleep` do). Measured
+/// by the kernel itself: a signal cuts the restored sleep short and the
+/// program prints the whole seconds still left. A full 30 s restart would
+/// leave 29; after 2 s slept before the checkpoint, at most 28 may remain.
+#[test]
+fn an_interrupted_sleep_goes_on_with_the_time_left() {
+    become_subreaper();
+    let dir = tempdir();
+    let mut t = Target::spawn("sleeper", &["--report-left", "30"], dir.path());
+    std::thread::sleep(Duration::from_secs(2));
+    let image = dir.path().join("sleeper.img");
+    checkpoint(&mut t, &image, &[]);
+    let pid = restore_detached(&image, &[]);
+    signal(pid, libc::SIGUSR1);
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
+    let lines = lines_after_ready(&t);
+    let left: u64 = match lines.as_slice() {
+        [line] => common::parse_kv(line)
+            .get("secs")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("not a LEFT line: {line:?}")),
+        other => panic!("expected one LEFT line, got {other:?}"),
+    };
+    assert!(left <= 28, "{left} s left: the sleep started over");
+}
+
 #[test]
 fn ld_chpox_restores_like_chpox_restore() {
     let dir = tempdir();

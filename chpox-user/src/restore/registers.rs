@@ -6,7 +6,14 @@
 //! call again instead of returning an error. For calls the kernel would
 //! have continued through `restart_syscall`, the new process has no
 //! restart block: the *original* syscall runs again with its original
-//! arguments (a relative sleep starts over with its full length).
+//! arguments. For a relative sleep that is the time left whenever the
+//! program passed its timespec as the remainder too (glibc `sleep()`, Rust
+//! `thread::sleep`): the kernel wrote the time left into it when the freeze
+//! interrupted the sleep, and the dump saved that memory. With no remainder
+//! pointer the sleep starts over; an absolute one wakes at its deadline.
+//! Pointing the call at a separate remainder instead would change argument
+//! registers the kernel promises to preserve, which compiled code may rely
+//! on after the call.
 
 use crate::error::Result;
 use crate::image::model::{GpRegs, SyscallState, ThreadState};
