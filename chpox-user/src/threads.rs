@@ -1,12 +1,14 @@
 //! Per-thread state that ptrace can read directly: registers, XSAVE area,
-//! blocked mask, queued signals, rseq, name. (The alternate signal stack
-//! needs a remote syscall; `dump` adds it.)
+//! blocked mask, queued signals, rseq, robust-futex list, name. (The
+//! alternate signal stack and `clear_child_tid` need a remote syscall;
+//! `dump` adds them.)
 //!
 //! Read this before borrowing a thread for remote syscalls: afterwards its
 //! registers show our restart fix-up, not the state it was stopped in.
 
+use crate::error::Error;
 use crate::error::Result;
-use crate::image::model::ThreadState;
+use crate::image::model::{RobustList, ThreadState};
 use crate::{process, ptrace, registers, signals};
 
 pub fn dump_thread(pid: i32, tid: i32) -> Result<ThreadState> {
@@ -22,7 +24,29 @@ pub fn dump_thread(pid: i32, tid: i32) -> Result<ThreadState> {
         rseq: ptrace::rseq_config(tid)?,
         comm: process::thread_comm(pid, tid)?,
         clear_child_tid: None,
+        robust_list: robust_list(tid)?,
     })
+}
+
+/// The robust-futex list the thread registered, if any. Another process
+/// may ask for it with the rights of a tracer, which the dumper is.
+fn robust_list(tid: i32) -> Result<Option<RobustList>> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: get_robust_list writes one pointer to `head` and one size_t
+    // to `len`, both live locals of exactly those sizes.
+    let rc = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &raw mut head, &raw mut len) };
+    if rc != 0 {
+        return Err(Error::Ptrace {
+            op: "get_robust_list",
+            tid,
+            source: nix::errno::Errno::last(),
+        });
+    }
+    Ok((head != 0).then_some(RobustList {
+        head,
+        len: len as u64,
+    }))
 }
 
 /// The thread's `clear_child_tid`, which only the thread itself can ask

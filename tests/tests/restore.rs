@@ -556,6 +556,21 @@ fn missing_cpu_features_are_refused() {
     );
 }
 
+/// Thread `tid`'s robust-futex list: (head, length).
+fn robust_list(tid: i32) -> (u64, usize) {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: the kernel writes one pointer and one size_t to our locals.
+    let rc = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &raw mut head, &raw mut len) };
+    assert_eq!(
+        rc,
+        0,
+        "get_robust_list({tid}): {}",
+        std::io::Error::last_os_error()
+    );
+    (head, len)
+}
+
 #[test]
 fn threads_come_back_with_their_tids_names_and_state() {
     become_subreaper();
@@ -566,6 +581,12 @@ fn threads_come_back_with_their_tids_names_and_state() {
         .split(',')
         .map(|s| s.parse().expect("tid"))
         .collect();
+    let all_tids: Vec<i32> = std::iter::once(t.pid).chain(tids.iter().copied()).collect();
+    let robust_before: Vec<(u64, usize)> = all_tids.iter().map(|&tid| robust_list(tid)).collect();
+    assert!(
+        robust_before.iter().all(|&(head, _)| head != 0),
+        "glibc registers a robust list for every thread: {robust_before:?}"
+    );
     let image = dir.path().join("threads.img");
     // Killing from the dump would wait for the leader before the other
     // threads; kill and reap here instead.
@@ -588,6 +609,8 @@ fn threads_come_back_with_their_tids_names_and_state() {
             std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).expect("thread comm");
         assert_eq!(comm.trim_end(), format!("worker-{i}"));
     }
+    let robust_after: Vec<(u64, usize)> = all_tids.iter().map(|&tid| robust_list(tid)).collect();
+    assert_eq!(robust_after, robust_before, "robust-futex lists");
     // Let the workers count a little in their new life.
     std::thread::sleep(Duration::from_millis(100));
     signal(pid, libc::SIGUSR1);

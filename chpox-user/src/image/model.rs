@@ -167,6 +167,17 @@ pub struct ThreadState {
     /// builds.
     #[serde(default)]
     pub clear_child_tid: Option<u64>,
+    /// The thread's robust-futex list (`set_robust_list`): how the kernel
+    /// marks the robust mutexes a dying thread held as owner-died. Absent
+    /// in older images.
+    #[serde(default)]
+    pub robust_list: Option<RobustList>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RobustList {
+    pub head: u64,
+    pub len: u64,
 }
 
 /// The general registers, in the kernel's `user_regs_struct` order.

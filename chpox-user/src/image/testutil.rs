@@ -187,6 +187,10 @@ fn thread(tid: i32, rip: u64) -> ThreadState {
         }),
         comm: "sleeper".into(),
         clear_child_tid: Some(0x7fff_f7d7_e9d0 + tid as u64),
+        robust_list: Some(RobustList {
+            head: 0x7fff_f7d7_e9e0 + tid as u64,
+            len: 24,
+        }),
     }
 }
 

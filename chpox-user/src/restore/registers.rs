@@ -107,6 +107,7 @@ mod tests {
             rseq: None,
             comm: String::new(),
             clear_child_tid: None,
+            robust_list: None,
         }
     }
 

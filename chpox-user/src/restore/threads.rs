@@ -193,6 +193,13 @@ pub fn setup(
             [addr, 0, 0, 0, 0, 0],
         )?;
     }
+    if let Some(list) = state.robust_list {
+        c.call(
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            [list.head, list.len, 0, 0, 0, 0],
+        )?;
+    }
     if let Some(creds) = creds {
         super::process::restore_creds(c, creds)?;
     }

@@ -264,6 +264,7 @@ mod tests {
             rseq: None,
             comm: "t".into(),
             clear_child_tid: None,
+            robust_list: None,
         }
     }
 
