@@ -254,6 +254,10 @@ fn build(
         warn!("{w}");
         warnings.push(w);
     }
+    if let Some(offset) = tid_offset {
+        let new_tids = std::iter::once(pid).chain(held.iter().copied());
+        threads::renumber(pid, new_tids.zip(&meta.threads), offset)?;
+    }
     let creds = &meta.process.creds;
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
     threads::setup(&mut c, main, tid_offset, Some(creds))?;

@@ -27,7 +27,7 @@ use super::spawn::PidMode;
 use crate::error::{Error, Result};
 use crate::image::model::{Credentials, ThreadState};
 use crate::ptrace::{Frozen, Stop, wait_stop};
-use crate::remote::{RemoteThread, read_memory};
+use crate::remote::{RemoteThread, read_memory, write_memory};
 
 /// Scratch offsets of clone3's arguments.
 const ARGS_AT: u64 = 12288;
@@ -165,6 +165,20 @@ pub fn tid_offset(pid: i32, threads: &[ThreadState]) -> Option<u64> {
         return None;
     }
     (0..1024 - 4).step_by(4).find(|&o| holds(o))
+}
+
+/// glibc addresses a thread by the TID it keeps in the thread's control
+/// block (`pthread_kill`, `raise`, owners of error-checking mutexes): a
+/// thread that comes back with a new TID gets the new one written there.
+pub fn renumber<'a>(
+    pid: i32,
+    threads: impl Iterator<Item = (i32, &'a ThreadState)>,
+    offset: u64,
+) -> Result<()> {
+    for (new_tid, state) in threads.filter(|(new_tid, s)| *new_tid != s.tid) {
+        write_memory(pid, state.regs.fs_base + offset, &new_tid.to_ne_bytes())?;
+    }
+    Ok(())
 }
 
 /// What one thread needs besides registers, run in that thread.

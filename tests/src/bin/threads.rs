@@ -8,11 +8,14 @@
 //!
 //! Prints `READY tids=<tid0>,<tid1>,... counters=0x<addr of COUNTERS>`
 //! (tids in thread order). On SIGUSR1 it stops and joins the workers and
-//! prints `DONE` then one line per thread, `T<t>=ok` (counter > 0 and its
-//! thread-local intact) or `T<t>=bad`; exits 0 if all are ok, else 1.
+//! prints `DONE` then one line per thread, `T<t>=ok` (counter > 0, its
+//! thread-local intact, and `pthread_kill(thread, 0)` finds it: glibc
+//! addresses a thread by the TID it keeps in the thread's control block)
+//! or `T<t>=bad`; exits 0 if all are ok, else 1.
 
 use std::cell::Cell;
 use std::ffi::CString;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -83,10 +86,17 @@ fn main() {
 
     wait_for_stop(Duration::from_millis(100));
 
+    let reachable: Vec<bool> = handles
+        .iter()
+        // SAFETY: the handle's thread has not been joined, so its pthread_t
+        // is valid; signal 0 only checks that the thread exists.
+        .map(|h| unsafe { libc::pthread_kill(h.as_pthread_t(), 0) } == 0)
+        .collect();
     WORKERS_STOP.store(true, Ordering::SeqCst);
     let intact: Vec<bool> = handles
         .into_iter()
-        .map(|h| h.join().expect("worker panicked"))
+        .zip(reachable)
+        .map(|(h, reachable)| h.join().expect("worker panicked") && reachable)
         .collect();
     say("DONE");
     let mut all_ok = true;
