@@ -6,7 +6,10 @@
 //!   read back as zero);
 //! - private file mappings: only the copy-on-write pages (pagemap says
 //!   "anonymous"); clean pages come back from the file;
-//! - shared anonymous memory: pages present or swapped;
+//! - shared anonymous memory: every page the shared memory object holds,
+//!   including pages another sharer (a forked child) wrote that this
+//!   process never touched; from the pagemap alone (present or swapped)
+//!   where the object cannot be opened;
 //! - shared file mappings and the kernel's own `[vdso]`/`[vvar]`/… : nothing.
 //!
 //! Pages are copied with `process_vm_readv`, many ranges per call, into one
@@ -218,6 +221,45 @@ pub fn page_needs_storing(kind: VmaKind, entry: u64) -> bool {
         | VmaKind::VvarVclock
         | VmaKind::Vsyscall => false,
     }
+}
+
+/// Marks, in the pagemap entries of shared anonymous mapping `map`, the
+/// pages its shared memory object holds, as if present: pages written
+/// through another process's mapping of the object are not in this
+/// process's page tables, yet they are its memory. Reads the object's
+/// holes and data through `/proc/PID/map_files` (which takes
+/// CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE); returns false, leaving the
+/// entries as they are, where it cannot be opened.
+pub fn mark_shmem_data(pid: i32, map: &MapEntry, pagemap: &mut [u64]) -> bool {
+    use nix::unistd::{Whence, lseek};
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", map.start, map.end);
+    let Ok(object) = File::open(&path) else {
+        return false;
+    };
+    let first = map.offset;
+    let end = first + map.len();
+    let mut pos = first;
+    while pos < end {
+        // ENXIO: no data at or after pos.
+        let Ok(data) = lseek(&object, pos as i64, Whence::SeekData) else {
+            break;
+        };
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        let hole =
+            lseek(&object, data as i64, Whence::SeekHole).map_or(end, |h| (h as u64).min(end));
+        let (from, to) = (
+            (data - first) / PAGE_SIZE,
+            (hole - first).div_ceil(PAGE_SIZE),
+        );
+        for entry in &mut pagemap[from as usize..to as usize] {
+            *entry |= PM_PRESENT;
+        }
+        pos = hole.max(data + PAGE_SIZE);
+    }
+    true
 }
 
 /// Runs of pages to store, as (address, page count), each at most

@@ -120,6 +120,33 @@ fn memory_pattern_is_stored_exactly_and_the_process_runs_on() {
     );
 }
 
+/// Shared anonymous memory is stored whole: the pages a forked child wrote
+/// and the dumped process never touched are part of its memory too.
+#[test]
+fn shared_memory_written_by_a_child_is_stored() {
+    let dir = tempdir();
+    let mut target = Target::spawn("sharedanon", &["8"], dir.path());
+    let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+    let reader = dump(target.pid, dir.path(), "shared.img", &[]);
+    let vma = vma_at(reader.metadata(), addr);
+    assert_eq!(vma.kind, VmaKind::SharedAnonymous);
+    let bytes = reader
+        .read_memory(addr, len as usize)
+        .expect("read")
+        .unwrap_or_else(|| panic!("not every page is stored: {:?}", vma.pages));
+    for (p, page) in bytes.chunks_exact(4096).enumerate() {
+        assert_eq!(&page[..8], &(p as u64).to_le_bytes(), "page {p} index word");
+        assert!(
+            page[8..].iter().all(|&b| b == (p as u8) ^ 0x5a),
+            "page {p} content"
+        );
+    }
+    assert_running_untraced(target.pid);
+    target.signal(libc::SIGUSR1);
+    target.wait_success(EXIT_TIMEOUT);
+    assert_eq!(target.lines_after_ready(), ["DONE ok"]);
+}
+
 #[test]
 fn untouched_pages_of_a_large_allocation_are_not_stored() {
     let dir = tempdir();

@@ -269,6 +269,21 @@ fn sparse_gigabytes_come_back_sparse() {
     assert_eq!(lines_after_ready(&t), ["DONE ok"]);
 }
 
+/// Shared anonymous memory comes back whole, with the pages a forked
+/// child wrote before the checkpoint.
+#[test]
+fn shared_memory_comes_back() {
+    become_subreaper();
+    let dir = tempdir();
+    let mut t = Target::spawn("sharedanon", &["8"], dir.path());
+    let image = dir.path().join("shared.img");
+    checkpoint(&mut t, &image, &[]);
+    let pid = restore_detached(&image, &[]);
+    signal(pid, libc::SIGUSR1);
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
+    assert_eq!(lines_after_ready(&t), ["DONE ok"]);
+}
+
 #[test]
 fn compressed_image_restores_with_a_new_pid() {
     become_subreaper();
