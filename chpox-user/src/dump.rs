@@ -321,6 +321,7 @@ fn capture(
     let pages_stored = pages.pages_stored;
     let checksums = pages.finish(writer)?;
     fds::embed_deleted(pid, &mut fds, writer)?;
+    fds::embed_pipe_data(pid, &mut fds, writer)?;
 
     phase.done("deleted files");
 

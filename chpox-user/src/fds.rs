@@ -1,9 +1,13 @@
 //! Open file descriptors: regular files (path, flags, offset; content too if
-//! deleted), directories, character devices, terminals.
+//! deleted), directories, character devices, terminals, and pipes: those
+//! whose both ends the process holds (with their unread bytes), and those on
+//! fd 0, 1 or 2 whose other end is another process's (`job | tee log`),
+//! which restore connects to the restorer's own fd 0, 1 or 2.
 //!
-//! Kinds chpox cannot restore yet (pipes, sockets, eventfd, epoll, …) fail
-//! the dump, naming each one, unless the user asks for them to come back as
-//! /dev/null. A checkpoint that silently drops a pipe is worse than none.
+//! Kinds chpox cannot restore yet (other pipes to other processes, named
+//! FIFOs, sockets, eventfd, epoll, …) fail the dump, naming each one,
+//! unless the user asks for them to come back as /dev/null. A checkpoint
+//! that silently drops a pipe is worse than none.
 
 use std::fs::File;
 use std::io::Read;
@@ -93,6 +97,14 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
             Some(m) if m.file_type().is_dir() => Some(FdKind::Directory {
                 path: target.clone(),
             }),
+            Some(m) if m.file_type().is_fifo() && target.starts_with("pipe:[") => {
+                Some(FdKind::Pipe {
+                    inode: m.ino(),
+                    internal: false,
+                    capacity: 0,
+                    data: None,
+                })
+            }
             Some(m) if m.file_type().is_char_device() => {
                 let rdev = m.rdev();
                 if is_terminal_major(libc::major(rdev)) {
@@ -124,10 +136,145 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
             kind,
         });
     }
+    let mut entries = classify_pipes(pid, entries, policy, &mut unsupported)?;
     if !unsupported.is_empty() {
         return Err(Error::UnsupportedFds(unsupported.join(", ")));
     }
+    entries.sort_by_key(|e| e.fd);
     Ok(entries)
+}
+
+fn is_read_end(flags: u32) -> bool {
+    flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
+}
+
+/// Marks the pipes whose both ends the process holds as internal (with
+/// their capacity); a pipe to another process is kept only on fd 0, 1 or
+/// 2, and is otherwise unsupported.
+fn classify_pipes(
+    pid: i32,
+    entries: Vec<FdEntry>,
+    policy: UnsupportedFd,
+    unsupported: &mut Vec<String>,
+) -> Result<Vec<FdEntry>> {
+    use std::collections::HashMap;
+    // inode -> (holds a read end, holds a write end)
+    let mut ends: HashMap<u64, (bool, bool)> = HashMap::new();
+    for e in &entries {
+        if let FdKind::Pipe { inode, .. } = e.kind {
+            let held = ends.entry(inode).or_default();
+            if is_read_end(e.flags) {
+                held.0 = true;
+            } else {
+                held.1 = true;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for mut e in entries {
+        if let FdKind::Pipe {
+            inode,
+            internal,
+            capacity,
+            ..
+        } = &mut e.kind
+        {
+            *internal = ends.get(inode) == Some(&(true, true));
+            if *internal {
+                *capacity = pipe_capacity(&open_pipe(pid, e.fd)?, pid, e.fd)?;
+            } else if e.fd > 2 {
+                let was = format!("pipe:[{inode}]");
+                match policy {
+                    UnsupportedFd::Null => e.kind = FdKind::ReplacedByNull { was },
+                    UnsupportedFd::Fail => {
+                        unsupported.push(format!(
+                            "fd {} ({was}, whose other end another process holds)",
+                            e.fd
+                        ));
+                        continue;
+                    }
+                }
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// A read descriptor of our own on the pipe behind the process's fd `fd`
+/// (non-blocking: it must never wait for a writer).
+fn open_pipe(pid: i32, fd: i32) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/{pid}/fd/{fd}");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|source| Error::File { path, source })
+}
+
+fn pipe_capacity(pipe: &File, pid: i32, fd: i32) -> Result<u64> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    fcntl(pipe, FcntlArg::F_GETPIPE_SZ)
+        .map(|n| n as u64)
+        .map_err(|e| Error::File {
+            path: format!("/proc/{pid}/fd/{fd}"),
+            source: e.into(),
+        })
+}
+
+/// Put the unread bytes of every internal pipe into the image, with its
+/// first read-end entry. They are copied with `tee`, which leaves them in
+/// the pipe: the process, if it runs on, reads them as if nothing happened.
+pub fn embed_pipe_data(pid: i32, fds: &mut [FdEntry], writer: &mut ImageWriter) -> Result<()> {
+    use std::collections::HashSet;
+    let mut done = HashSet::new();
+    for entry in fds.iter_mut() {
+        let FdKind::Pipe {
+            inode,
+            internal: true,
+            capacity,
+            data,
+        } = &mut entry.kind
+        else {
+            continue;
+        };
+        if !is_read_end(entry.flags) || !done.insert(*inode) {
+            continue;
+        }
+        let bytes =
+            pipe_content(&open_pipe(pid, entry.fd)?, *capacity).map_err(|source| Error::File {
+                path: format!("/proc/{pid}/fd/{} (pipe:[{inode}])", entry.fd),
+                source,
+            })?;
+        if !bytes.is_empty() {
+            writer.begin_data()?;
+            writer.write_data(&bytes)?;
+            *data = Some(writer.end_data()?);
+        }
+    }
+    Ok(())
+}
+
+/// A copy of what `pipe` holds, without consuming it: `tee` into a pipe of
+/// ours at least as large, in one call (a second would copy the same
+/// bytes again), then read that.
+fn pipe_content(pipe: &File, capacity: u64) -> std::io::Result<Vec<u8>> {
+    use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, tee};
+    let (copy_out, copy_in) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let wanted = i32::try_from(capacity).unwrap_or(i32::MAX);
+    if fcntl(&copy_in, FcntlArg::F_GETPIPE_SZ)? < wanted {
+        fcntl(&copy_in, FcntlArg::F_SETPIPE_SZ(wanted))?;
+    }
+    let n = match tee(pipe, &copy_in, usize::MAX, SpliceFFlags::SPLICE_F_NONBLOCK) {
+        Ok(n) => n,
+        // Empty pipe.
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    let mut bytes = vec![0u8; n];
+    File::from(copy_out).read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Put the content of every deleted-but-open regular file into the image:

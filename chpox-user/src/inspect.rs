@@ -82,6 +82,15 @@ fn kind_label(kind: VmaKind) -> &'static str {
     }
 }
 
+/// Which end of a pipe a descriptor with open flags `flags` is.
+fn pipe_end(flags: u32) -> &'static str {
+    if flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+        "read"
+    } else {
+        "write"
+    }
+}
+
 /// The human-readable summary.
 pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
     let m = reader.metadata();
@@ -224,6 +233,21 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
             FdKind::Directory { path } => format!("directory {path}"),
             FdKind::CharDevice { path, .. } => format!("device {path}"),
             FdKind::Terminal { path, .. } => format!("terminal {path}"),
+            FdKind::Pipe {
+                inode,
+                internal: true,
+                data,
+                ..
+            } => format!(
+                "pipe:[{inode}] {} end, both ends held, {} unread bytes stored",
+                pipe_end(fd.flags),
+                data.as_ref().map_or(0, |d| d.raw_len)
+            ),
+            FdKind::Pipe { inode, .. } => format!(
+                "pipe:[{inode}] {} end to another process; restored as the restorer's fd {}",
+                pipe_end(fd.flags),
+                fd.fd
+            ),
             FdKind::ReplacedByNull { was } => format!("{was}, restored as /dev/null"),
         };
         let _ = writeln!(

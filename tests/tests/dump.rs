@@ -304,6 +304,7 @@ impl KindName for chpox::image::model::FdEntry {
             FdKind::Directory { .. } => "Directory",
             FdKind::CharDevice { .. } => "CharDevice",
             FdKind::Terminal { .. } => "Terminal",
+            FdKind::Pipe { .. } => "Pipe",
             FdKind::ReplacedByNull { .. } => "ReplacedByNull",
         }
     }

@@ -415,27 +415,52 @@ impl Drop for Reaped {
     }
 }
 
-/// `sleeper` with its stdout a pipe we hold: a descriptor chpox cannot
-/// restore. Returns the child (its `READY` line read), the pipe's read end,
-/// and the fd 1 link target (`pipe:[N]`).
-fn sleeper_with_pipe() -> (Reaped, BufReader<std::process::ChildStdout>, String) {
-    let mut child = Reaped(
-        Command::new(bin("sleeper"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sleeper"),
-    );
+/// `sleeper` with its stdout a pipe we hold, and the write end of another
+/// pipe of ours on its fd 3: a pipe to another process that is not stdio,
+/// which chpox cannot restore. Returns the child (its `READY` line read),
+/// the stdout pipe's read end, the fd 3 link target (`pipe:[N]`), and the
+/// fd 3 pipe's read end.
+fn sleeper_with_pipe() -> (
+    Reaped,
+    BufReader<std::process::ChildStdout>,
+    String,
+    std::os::fd::OwnedFd,
+) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let (extra_read, extra_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
+    let w = extra_write.as_raw_fd();
+    let mut cmd = Command::new(bin("sleeper"));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: the hook only calls dup2/fcntl, async-signal-safe, on
+    // descriptors the child inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if w == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(w, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = Reaped(cmd.spawn().expect("spawn sleeper"));
+    drop(extra_write);
     let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout pipe"));
     let mut line = String::new();
     stdout.read_line(&mut line).expect("read READY");
     assert_eq!(line, "READY\n");
     let pid = child.0.id();
-    let link = fs::read_link(format!("/proc/{pid}/fd/1")).expect("readlink fd 1");
+    let link = fs::read_link(format!("/proc/{pid}/fd/3")).expect("readlink fd 3");
     let link = link.to_string_lossy().into_owned();
-    assert!(link.starts_with("pipe:["), "fd 1 is {link}");
-    (child, stdout, link)
+    assert!(link.starts_with("pipe:["), "fd 3 is {link}");
+    (child, stdout, link, extra_read)
 }
 
 /// Reads the rest of the pipe-holding sleeper's output and checks it
@@ -641,7 +666,7 @@ fn dump_into_unwritable_directory_fails() {
 #[test]
 fn dump_with_pipe_fd_fails_naming_it_unless_replaced_by_null() {
     let s = scratch();
-    let (child, stdout, pipe) = sleeper_with_pipe();
+    let (child, stdout, pipe, _extra) = sleeper_with_pipe();
     let pid = child.0.id() as i32;
     let image = s.out.join("img");
 
@@ -651,7 +676,7 @@ fn dump_with_pipe_fd_fails_naming_it_unless_replaced_by_null() {
         pid,
         &[
             "cannot checkpoint file descriptors of kinds chpox does not support",
-            &format!("fd 1 ({pipe})"),
+            &format!("fd 3 ({pipe}, whose other end another process holds)"),
             "--unsupported-fd=null",
         ],
     );
@@ -664,19 +689,19 @@ fn dump_with_pipe_fd_fails_naming_it_unless_replaced_by_null() {
         serde_json::from_str(&chpox_ok(&["inspect", path_str(&image), "--json"]))
             .expect("inspect --json is JSON");
     assert_eq!(json["checksums"]["ok"], true, "{json}");
-    let fd1 = json["fds"]
+    let fd3 = json["fds"]
         .as_array()
         .expect("fds array")
         .iter()
-        .find(|f| f["fd"] == 1)
-        .unwrap_or_else(|| panic!("no fd 1 in {}", json["fds"]));
+        .find(|f| f["fd"] == 3)
+        .unwrap_or_else(|| panic!("no fd 3 in {}", json["fds"]));
     assert_eq!(
-        fd1["kind"],
+        fd3["kind"],
         serde_json::json!({ "ReplacedByNull": { "was": pipe } }),
-        "{fd1}"
+        "{fd3}"
     );
     let meta = open_image(&image);
-    let entry = meta.fds.iter().find(|f| f.fd == 1).expect("fd 1 in image");
+    let entry = meta.fds.iter().find(|f| f.fd == 3).expect("fd 3 in image");
     assert!(
         matches!(&entry.kind, FdKind::ReplacedByNull { was } if *was == pipe),
         "{:?}",
@@ -692,7 +717,7 @@ fn dump_with_pipe_fd_fails_naming_it_unless_replaced_by_null() {
 #[test]
 fn failed_dump_keeps_previous_image_and_leaves_no_temporary_file() {
     let s = scratch();
-    let (child, stdout, pipe) = sleeper_with_pipe();
+    let (child, stdout, pipe, _extra) = sleeper_with_pipe();
     let pid = child.0.id() as i32;
     let image = s.out.join("img");
 
@@ -703,7 +728,7 @@ fn failed_dump_keeps_previous_image_and_leaves_no_temporary_file() {
     // Without --unsupported-fd null the pipe fails the dump, after chpox has
     // started writing the new image.
     let out = dump(pid, &image, &[]);
-    assert_dump_error(&out, pid, &[&format!("fd 1 ({pipe})")]);
+    assert_dump_error(&out, pid, &[&format!("fd 3 ({pipe}")]);
     assert_eq!(
         fs::read(&image).expect("read image"),
         first,

@@ -1009,3 +1009,130 @@ fn a_process_blocked_in_read_restores_and_reads_on() {
     assert_eq!(code, 0, "{stderr}\n{:?}", t.lines());
     assert_eq!(lines_after_ready(&t), ["GOT "]);
 }
+
+// ---------------------------------------------------------------------------
+// Pipes
+
+/// `pipes` with its stdin and stdout pipes to this test and no other
+/// descriptor from us; returns it with its `READY` line read.
+fn spawn_pipes() -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(common::bin("pipes"));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::close_range(3, u32::MAX, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn pipes");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read READY");
+    assert_eq!(line, "READY\n");
+    (child, out)
+}
+
+/// Pipes the process held both ends of come back with their unread bytes,
+/// capacity and flags (and a dump that lets the process run on takes none
+/// of the bytes away); pipes to another process on stdin and stdout become
+/// the restorer's stdin and stdout. No `--unsupported-fd`: all of it is
+/// supported.
+#[test]
+fn pipes_come_back_with_their_bytes_and_stdio_pipes_join_the_restorer() {
+    use std::io::{Read, Write};
+    let dir = tempdir();
+    let (mut child, _out) = spawn_pipes();
+    let pid = child.id() as i32;
+    let image = dir.path().join("pipes.img");
+    chpox_ok(&["dump", &pid.to_string(), "-o", s(&image)]);
+    chpox_ok(&["dump", &pid.to_string(), "-o", s(&image), "--kill"]);
+    child.wait().expect("reap");
+    wait_pid_free(pid);
+
+    let meta = ImageReader::open(&image)
+        .expect("open image")
+        .metadata()
+        .clone();
+    let kind_of = |fd: i32| {
+        &meta
+            .fds
+            .iter()
+            .find(|e| e.fd == fd)
+            .unwrap_or_else(|| panic!("fd {fd} not in {:?}", meta.fds))
+            .kind
+    };
+    for fd in [0, 1] {
+        assert!(
+            matches!(
+                kind_of(fd),
+                FdKind::Pipe {
+                    internal: false,
+                    ..
+                }
+            ),
+            "fd {fd}: {:?}",
+            kind_of(fd)
+        );
+    }
+    let stored: Vec<u64> = meta
+        .fds
+        .iter()
+        .filter_map(|e| match &e.kind {
+            FdKind::Pipe { data: Some(d), .. } => Some(d.raw_len),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored, [100_000], "unread bytes stored: {:?}", meta.fds);
+
+    let mut restore = Command::new(chpox_bin())
+        .args(["restore", s(&image)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(File::create(dir.path().join("restore.stderr")).expect("stderr file"))
+        .spawn()
+        .expect("run chpox restore");
+    let mut stdin = restore.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("write stdin");
+    drop(stdin);
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let status = loop {
+        if let Some(status) = restore.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = restore.kill();
+            panic!("restored pipes did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    restore
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read restored output");
+    let stderr = std::fs::read_to_string(dir.path().join("restore.stderr")).unwrap_or_default();
+    assert!(status.success(), "{status}: {stderr}\n{out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "STDIN go",
+            "KEPT ok",
+            "CAPACITY 131072",
+            "ROUNDTRIP ok",
+            "EOF ok"
+        ],
+        "{stderr}"
+    );
+}

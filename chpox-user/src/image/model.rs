@@ -401,6 +401,22 @@ pub enum FdKind {
         path: String,
         rdev: u64,
     },
+    /// An anonymous pipe end; the access mode in the entry's flags says
+    /// which end.
+    Pipe {
+        /// The pipe's inode: entries with the same one share the pipe.
+        inode: u64,
+        /// The process held both ends: restore recreates the pipe with its
+        /// unread bytes. Otherwise (only ever on fd 0, 1 or 2) the
+        /// restorer's own descriptor of that number takes its place, as
+        /// the restorer's terminal does for a terminal.
+        internal: bool,
+        /// The pipe's capacity in bytes (`F_GETPIPE_SZ`) of an internal pipe.
+        capacity: u64,
+        /// Bytes written to an internal pipe and not read yet, stored with
+        /// one of its read-end entries.
+        data: Option<DataRef>,
+    },
     /// A kind chpox cannot save yet, replaced by /dev/null at the user's
     /// request (`--unsupported-fd=null`).
     ReplacedByNull {

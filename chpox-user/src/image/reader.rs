@@ -732,6 +732,15 @@ fn for_each_ref<'a, E>(
         {
             f(Site::Fd { entry, path }, r)?;
         }
+        if let FdKind::Pipe { data: Some(r), .. } = &entry.kind {
+            f(
+                Site::Fd {
+                    entry,
+                    path: "pipe",
+                },
+                r,
+            )?;
+        }
     }
     Ok(())
 }

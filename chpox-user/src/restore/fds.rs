@@ -8,6 +8,11 @@
 //! - directories and character devices by path;
 //! - terminals: the restorer's own terminal (fd 0, 1 or 2 if one is a tty,
 //!   else /dev/tty) takes their place;
+//! - pipes whose both ends the process held: a new pipe of the saved
+//!   capacity, holding the saved unread bytes, each descriptor on its end;
+//! - a pipe on fd 0, 1 or 2 to another process: the restorer's own fd 0, 1
+//!   or 2 (so `chpox restore IMAGE | tee -a log` carries on where
+//!   `job | tee log` was);
 //! - descriptors replaced at dump time: /dev/null.
 
 use tracing::warn;
@@ -62,8 +67,10 @@ pub fn restore_fds(c: &mut Child<'_>, ctx: &Context<'_>, warnings: &mut Vec<Stri
     } else {
         None
     };
+    let stdio = inherited_stdio(c, &entries, top, warnings)?;
     let mut keep: Vec<u64> = vec![image_fd as u64];
     keep.extend(tty.map(|t| t as u64));
+    keep.extend(stdio.iter().flatten().map(|&d| d as u64));
     keep.sort_unstable();
     let mut from = 0u64;
     for &k in &keep {
@@ -73,6 +80,7 @@ pub fn restore_fds(c: &mut Child<'_>, ctx: &Context<'_>, warnings: &mut Vec<Stri
         from = k + 1;
     }
     close_range(c, from, u64::from(u32::MAX))?;
+    let pipes = create_pipes(c, ctx, &entries, image_fd, top, warnings)?;
 
     for e in entries {
         let opened = match &e.kind {
@@ -135,6 +143,28 @@ pub fn restore_fds(c: &mut Child<'_>, ctx: &Context<'_>, warnings: &mut Vec<Stri
                     c.open("/dev/null", libc::O_RDWR, 0)?
                 }
             },
+            FdKind::Pipe {
+                internal: true,
+                inode,
+                ..
+            } => {
+                let (read, write) = pipes
+                    .iter()
+                    .find(|p| p.0 == *inode)
+                    .map(|p| (p.1, p.2))
+                    .ok_or_else(|| Error::Other(format!("pipe:[{inode}] was not created")))?;
+                let end = if is_read_end(e.flags) { read } else { write };
+                install(c, end, e)?;
+                set_status_flags(c, e)?;
+                continue;
+            }
+            FdKind::Pipe { .. } => match stdio.get(e.fd as usize).copied().flatten() {
+                Some(d) => {
+                    install(c, d, e)?;
+                    continue;
+                }
+                None => c.open("/dev/null", open_flags(e.flags, e.cloexec), 0)?,
+            },
             FdKind::ReplacedByNull { .. } => c.open("/dev/null", open_flags(e.flags, false), 0)?,
         };
         // Opened right at its number, it has the saved O_CLOEXEC already.
@@ -147,6 +177,161 @@ pub fn restore_fds(c: &mut Child<'_>, ctx: &Context<'_>, warnings: &mut Vec<Stri
     if let Some(t) = tty {
         c.close(t)?;
     }
+    for (_, read, write) in pipes {
+        c.close(read)?;
+        c.close(write)?;
+    }
+    for d in stdio.into_iter().flatten() {
+        c.close(d)?;
+    }
+    Ok(())
+}
+
+fn is_read_end(flags: u32) -> bool {
+    flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
+}
+
+/// For each of fd 0, 1 and 2 that was a pipe to another process, a copy
+/// (numbered `top` or above) of the restorer's own descriptor of that
+/// number, which the child inherited.
+fn inherited_stdio(
+    c: &mut Child<'_>,
+    entries: &[&FdEntry],
+    top: u64,
+    warnings: &mut Vec<String>,
+) -> Result<[Option<i32>; 3]> {
+    let mut out = [None; 3];
+    for e in entries {
+        if !matches!(
+            e.kind,
+            FdKind::Pipe {
+                internal: false,
+                ..
+            }
+        ) || e.fd > 2
+        {
+            continue;
+        }
+        let ret = c.raw(
+            libc::SYS_fcntl,
+            [e.fd as u64, libc::F_DUPFD_CLOEXEC as u64, top, 0, 0, 0],
+        )?;
+        if ret < 0 {
+            note(
+                warnings,
+                format!(
+                    "descriptor {} was a pipe to another process and the restorer has no fd {} to give instead ({}); it is /dev/null",
+                    e.fd,
+                    e.fd,
+                    errno_of(ret)
+                ),
+            );
+            continue;
+        }
+        out[e.fd as usize] = Some(ret as i32);
+    }
+    Ok(out)
+}
+
+/// Scratch offset of the `int[2]` pipe2 fills (after the path and the
+/// sendfile offset).
+const PIPE_FDS_AT: u64 = 8192 + 64;
+
+/// The pipes whose both ends the process held, made anew: (inode, read
+/// end, write end), numbered `top` or above, of the saved capacity and
+/// holding the saved unread bytes.
+fn create_pipes(
+    c: &mut Child<'_>,
+    ctx: &Context<'_>,
+    entries: &[&FdEntry],
+    image_fd: i32,
+    top: u64,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(u64, i32, i32)>> {
+    let mut pipes: Vec<(u64, i32, i32)> = Vec::new();
+    for e in entries {
+        let FdKind::Pipe {
+            inode,
+            internal: true,
+            capacity,
+            ..
+        } = e.kind
+        else {
+            continue;
+        };
+        if pipes.iter().any(|p| p.0 == inode) {
+            continue;
+        }
+        // Non-blocking while we fill it: more bytes than it holds must be
+        // an error, not a restorer stuck forever.
+        let addr = c.put(PIPE_FDS_AT, &[0u8; 8])?;
+        c.call(
+            "pipe2",
+            libc::SYS_pipe2,
+            [
+                addr,
+                (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )?;
+        let mut raw = [0u8; 8];
+        c.get(PIPE_FDS_AT, &mut raw)?;
+        let low = [
+            i32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]),
+            i32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]),
+        ];
+        // Above every number to restore, so no dup3 closes them early.
+        let mut high = [0i32; 2];
+        for (h, l) in high.iter_mut().zip(low) {
+            *h = c.call(
+                "fcntl(F_DUPFD_CLOEXEC)",
+                libc::SYS_fcntl,
+                [l as u64, libc::F_DUPFD_CLOEXEC as u64, top, 0, 0, 0],
+            )? as i32;
+            c.close(l)?;
+        }
+        let [read, write] = high;
+        pipes.push((inode, read, write));
+        let ret = c.raw(
+            libc::SYS_fcntl,
+            [write as u64, libc::F_SETPIPE_SZ as u64, capacity, 0, 0, 0],
+        )?;
+        if ret < 0 {
+            note(
+                warnings,
+                format!(
+                    "pipe:[{inode}] comes back with the default capacity, not {capacity} bytes ({})",
+                    errno_of(ret)
+                ),
+            );
+        }
+        let data = entries.iter().find_map(|other| match &other.kind {
+            FdKind::Pipe {
+                inode: i,
+                data: Some(d),
+                ..
+            } if *i == inode => Some(d),
+            _ => None,
+        });
+        if let Some(data) = data {
+            fill_fd(c, ctx, image_fd, write, data)?;
+        }
+    }
+    Ok(pipes)
+}
+
+/// The saved status flags that matter on a pipe (O_NONBLOCK, O_DIRECT for
+/// packet mode) on the open file description of entry `e`.
+fn set_status_flags(c: &mut Child<'_>, e: &FdEntry) -> Result<()> {
+    let flags = e.flags & (libc::O_NONBLOCK | libc::O_DIRECT) as u32;
+    c.call(
+        "fcntl(F_SETFL)",
+        libc::SYS_fcntl,
+        [e.fd as u64, libc::F_SETFL as u64, u64::from(flags), 0, 0, 0],
+    )?;
     Ok(())
 }
 

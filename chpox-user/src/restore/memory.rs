@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 
 use tracing::debug;
 
@@ -318,8 +319,10 @@ pub fn fill_fd(
     }
     let bytes = ctx.reader.read_data(data)?;
     let path = format!("/proc/{}/fd/{fd}", c.pid());
+    // Non-blocking: a pipe too small for the bytes must fail, not hang.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(&path)
         .map_err(|source| Error::File {
             path: path.clone(),
