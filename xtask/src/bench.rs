@@ -156,7 +156,8 @@ fn dump_once(pid: i32, image: &Path) -> Result<DumpSample> {
     let out = Command::new(release_bin("chpox"))
         .args(["dump", &pid.to_string(), "-o"])
         .arg(image)
-        // The target's stdout is our pipe, which chpox cannot restore yet.
+        // Descriptors the target inherited from cargo (its jobserver pipe)
+        // are not what is measured.
         .args(["--json", "--unsupported-fd", "null"])
         .output()
         .context("cannot run chpox")?;
