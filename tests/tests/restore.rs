@@ -177,6 +177,23 @@ fn sleeper_restarts_its_sleep() {
     assert_eq!(lines_after_ready(&t), ["DONE slept"]);
 }
 
+/// Waits until `pid` sleeps in `nanosleep` or `clock_nanosleep`.
+fn wait_asleep_in_nanosleep(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        let nr = syscall.split_whitespace().next().unwrap_or("");
+        if nr == libc::SYS_nanosleep.to_string() || nr == libc::SYS_clock_nanosleep.to_string() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PID {pid} is not asleep: /proc/{pid}/syscall says {syscall:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A sleep cut by the checkpoint goes on with the time that was left, not
 /// from the start, when the program let the kernel say what was left
 /// (`nanosleep(&ts, &ts)`, as `sleep()` and `thread::sleep` do). Measured
@@ -192,6 +209,9 @@ fn an_interrupted_sleep_goes_on_with_the_time_left() {
     let image = dir.path().join("sleeper.img");
     checkpoint(&mut t, &image, &[]);
     let pid = restore_detached(&image, &[]);
+    // A signal that came before the sleep began again would run the
+    // handler first and leave the sleep whole.
+    wait_asleep_in_nanosleep(pid);
     signal(pid, libc::SIGUSR1);
     assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     let lines = lines_after_ready(&t);
