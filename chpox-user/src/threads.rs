@@ -30,7 +30,7 @@ pub fn dump_thread(pid: i32, tid: i32) -> Result<ThreadState> {
 
 /// The robust-futex list the thread registered, if any. Another process
 /// may ask for it with the rights of a tracer, which the dumper is.
-fn robust_list(tid: i32) -> Result<Option<RobustList>> {
+pub fn robust_list(tid: i32) -> Result<Option<RobustList>> {
     let mut head: u64 = 0;
     let mut len: libc::size_t = 0;
     // SAFETY: get_robust_list writes one pointer to `head` and one size_t

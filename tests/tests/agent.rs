@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,7 +18,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chpox::image::ImageReader;
-use common::{Target, bin, chpox_bin, parse_hex, parse_kv, run_chpox};
+use common::{
+    Target, bin, check_pattern, chmod, chpox_bin, free_pid, parse_hex, parse_kv, path_str,
+    run_chpox, show,
+};
 use serde_json::Value;
 
 /// The default trigger signal (SIGSYS on x86-64).
@@ -74,15 +77,6 @@ impl Scratch {
     }
 }
 
-fn chmod(path: &Path, mode: u32) {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// A binary of `chpox-user` (`chpox-agent`, `chpoxctl`), next to `chpox`.
 fn tool(name: &str) -> PathBuf {
     let p = chpox_bin().with_file_name(name);
@@ -92,15 +86,6 @@ fn tool(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn stdout_ok(what: &str, out: Output) -> String {
@@ -197,14 +182,6 @@ fn send(pid: i32, sig: i32) {
         "kill({pid}, {sig}): {}",
         std::io::Error::last_os_error()
     );
-}
-
-/// A PID no process has: that of a child we started and reaped.
-fn free_pid() -> i32 {
-    let mut child = Command::new("true").spawn().expect("spawn true");
-    let pid = child.id() as i32;
-    child.wait().expect("wait true");
-    pid
 }
 
 /// Panics unless the target is still running.
@@ -562,23 +539,6 @@ fn check_image(path: &Path, pid: i32) -> ImageReader {
     reader
 }
 
-/// The image holds exactly `mempattern`'s pattern at `addr..addr+len`.
-fn check_pattern(reader: &ImageReader, addr: u64, len: u64) {
-    let bytes = reader
-        .read_memory(addr, len as usize)
-        .expect("read memory")
-        .expect("every page of the pattern is stored");
-    for (i, word) in bytes.chunks_exact(8).enumerate() {
-        let got = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
-        let offset = i as u64 * 8;
-        assert_eq!(
-            got,
-            chpox_tests::pattern_word(offset),
-            "pattern word at offset {offset} differs"
-        );
-    }
-}
-
 /// The image at the `output` of a list entry.
 fn output_of(entry: &Value) -> PathBuf {
     PathBuf::from(entry["output"].as_str().expect("output is a string"))
@@ -624,10 +584,7 @@ fn run_and_kill_31_writes_a_valid_image_while_the_target_runs_on() {
     assert_running(&mut t);
 
     t.wait_success(EXIT_TIMEOUT);
-    assert_eq!(
-        t.lines_after_ready(),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
+    assert_eq!(t.lines_after_ready(), [common::mempattern_done(len)]);
     agent.wait_gone(t.pid);
 }
 
@@ -1327,15 +1284,9 @@ fn agents_keep_their_registrations_apart() {
     assert_running(&mut t);
 }
 
-/// A trigger sent to one thread of a registered process (`tgkill`,
-/// `pthread_kill`, `kill -31 TID`) is swallowed by SIG_IGN like any other;
-/// it must checkpoint the process like one sent to the PID.
-#[test]
-fn a_trigger_aimed_at_a_thread_checkpoints_its_process() {
-    let s = scratch();
-    let agent = Agent::start(&s);
-    let mut t = plain_target(&s, "threads", &["2"]);
-    agent.chpox_ok(&["register", &t.pid.to_string()]);
+/// Sends the trigger to a worker thread of registered `threads` target `t`
+/// (not to its PID); the process must run on and be checkpointed once.
+fn trigger_a_worker_and_expect_a_checkpoint(agent: &Agent, t: &mut Target) {
     let worker: i32 = t
         .ready_value("tids")
         .split(',')
@@ -1345,9 +1296,9 @@ fn a_trigger_aimed_at_a_thread_checkpoints_its_process() {
     // SAFETY: tgkill has no memory-safety preconditions.
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, t.pid, worker, SIGSYS) };
     assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
-    assert_running(&mut t);
+    assert_running(t);
     let seen = poll(
-        "the thread-directed trigger to be counted",
+        "the trigger aimed at a thread to be counted",
         STATE_TIMEOUT,
         || format!("entry {:?}\n{}", agent.entry(t.pid), agent.describe()),
         || {
@@ -1359,6 +1310,18 @@ fn a_trigger_aimed_at_a_thread_checkpoints_its_process() {
     check_image(&output_of(&seen), t.pid);
 }
 
+/// A trigger sent to one thread of a registered process (`tgkill`,
+/// `pthread_kill`, `kill -31 TID`) is swallowed by SIG_IGN like any other;
+/// it must checkpoint the process like one sent to the PID.
+#[test]
+fn a_trigger_aimed_at_a_thread_checkpoints_its_process() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let mut t = plain_target(&s, "threads", &["2"]);
+    agent.chpox_ok(&["register", &t.pid.to_string()]);
+    trigger_a_worker_and_expect_a_checkpoint(&agent, &mut t);
+}
+
 /// Threads created after registration (`chpox run` registers before the
 /// program's first instruction): the eBPF program learns of them itself, at
 /// thread creation, so a trigger aimed at one still checkpoints the process.
@@ -1367,27 +1330,7 @@ fn a_trigger_aimed_at_a_thread_created_after_registration_checkpoints_its_proces
     let s = scratch();
     let agent = Agent::start(&s);
     let mut t = run_target(&agent, &s, "threads", &["2"], &[]);
-    let worker: i32 = t
-        .ready_value("tids")
-        .split(',')
-        .map(|v| v.parse().expect("tid"))
-        .find(|&tid| tid != t.pid)
-        .expect("a worker thread");
-    // SAFETY: tgkill has no memory-safety preconditions.
-    let rc = unsafe { libc::syscall(libc::SYS_tgkill, t.pid, worker, SIGSYS) };
-    assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
-    assert_running(&mut t);
-    let seen = poll(
-        "the trigger aimed at a new thread to be counted",
-        STATE_TIMEOUT,
-        || format!("entry {:?}\n{}", agent.entry(t.pid), agent.describe()),
-        || {
-            let e = agent.entry(t.pid)?;
-            (e["checkpoints"].as_u64()? >= 1).then_some(e)
-        },
-    );
-    assert_eq!(seen["signals"], 1, "{seen}");
-    check_image(&output_of(&seen), t.pid);
+    trigger_a_worker_and_expect_a_checkpoint(&agent, &mut t);
 }
 
 // ---------------------------------------------------------------------------
@@ -1475,10 +1418,7 @@ fn the_whole_loop_run_kill31_crash_restore_register_and_again() {
         || restore.try_wait().expect("try_wait chpox restore"),
     );
     assert!(status.success(), "{status}; {:?}", t.lines());
-    assert_eq!(
-        t.lines_after_ready(),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
+    assert_eq!(t.lines_after_ready(), [common::mempattern_done(len)]);
 }
 
 /// `--register` without an agent: one line saying so, and nothing restored.

@@ -10,13 +10,9 @@ use std::time::Duration;
 use chpox::image::ImageReader;
 use chpox::image::model::{FdKind, Metadata, RestartKind, SyscallState, VmaKind};
 use chpox::registers::{self, component};
-use common::{Target, chpox_ok};
+use common::{Target, check_pattern, chpox_ok, tempdir};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
-}
 
 /// Dump `pid` into `dir/name`, check `inspect` (text and JSON) accepts the
 /// image with good checksums, and open it.
@@ -72,18 +68,6 @@ fn vma_at(meta: &Metadata, addr: u64) -> &chpox::image::model::Vma {
         .unwrap_or_else(|| panic!("no VMA at {addr:#x}"))
 }
 
-fn check_pattern(reader: &ImageReader, addr: u64, len: u64) {
-    let bytes = reader
-        .read_memory(addr, len as usize)
-        .expect("read memory")
-        .expect("every page of the pattern is stored");
-    for (i, word) in bytes.chunks_exact(8).enumerate() {
-        let want = chpox_tests::pattern_word(i as u64 * 8);
-        let got = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        assert_eq!(got, want, "word at offset {}", i * 8);
-    }
-}
-
 #[test]
 fn memory_pattern_is_stored_exactly_and_the_process_runs_on() {
     let dir = tempdir();
@@ -115,7 +99,7 @@ fn memory_pattern_is_stored_exactly_and_the_process_runs_on() {
     let last = target.lines_after_ready();
     assert_eq!(
         last.last().map(String::as_str),
-        Some(format!("DONE sum={:#x}", chpox_tests::pattern_sum(len)).as_str()),
+        Some(common::mempattern_done(len).as_str()),
         "{last:?}"
     );
 }

@@ -11,10 +11,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -22,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use chpox::image::model::{AfterDump, FdKind, Metadata};
 use chpox::image::{ImageError, ImageReader};
-use common::{Target, bin, chpox_bin, chpox_ok, run_chpox};
+use common::{
+    Target, bin, chmod, chpox_bin, chpox_ok, free_pid, path_str, run_chpox, show, spawn_retrying,
+};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a process may take to reach an expected state.
@@ -63,11 +64,6 @@ fn scratch_for_nobody() -> Scratch {
     s
 }
 
-fn chmod(path: &Path, mode: u32) {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
-}
-
 /// Names in `dir`, sorted.
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
@@ -89,10 +85,6 @@ fn assert_absent(path: &Path) {
         Ok(m) => panic!("{} exists ({:?})", path.display(), m.file_type()),
         Err(e) => panic!("lstat {}: {e}", path.display()),
     }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// Whether a user other than the owner can run the file at `path`: every
@@ -120,21 +112,6 @@ fn runnable_by_nobody(path: &Path, dir: &Path) -> PathBuf {
         copy.display()
     );
     copy
-}
-
-/// Spawns `cmd`, retrying while another test's fork holds a freshly copied
-/// binary open for writing (ETXTBSY).
-fn spawn_retrying(cmd: &mut Command) -> Child {
-    let deadline = Instant::now() + STATE_TIMEOUT;
-    loop {
-        match cmd.spawn() {
-            Ok(c) => return c,
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
-                std::thread::sleep(POLL);
-            }
-            Err(e) => panic!("spawn {cmd:?}: {e}"),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -183,15 +160,6 @@ fn run_chpox_as_nobody(args: &[String], dir: &Path) -> Output {
             .stderr(Stdio::piped()),
     );
     child.wait_with_output().expect("wait for chpox")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Asserts chpox failed with exit code 1, printed nothing on stdout and
@@ -264,20 +232,7 @@ fn open_image(image: &Path) -> Metadata {
 /// The image holds `mempattern`'s region `[addr, addr + len)` intact.
 fn check_pattern(image: &Path, addr: u64, len: u64) {
     let reader = ImageReader::open(image).expect("image opens");
-    let bytes = reader
-        .read_memory(addr, len as usize)
-        .expect("read memory")
-        .expect("every page of the pattern is stored");
-    for (i, word) in bytes.chunks_exact(8).enumerate() {
-        let off = i as u64 * 8;
-        let got = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
-        assert_eq!(
-            got,
-            chpox_tests::pattern_word(off),
-            "pattern word at offset {off} in {}",
-            image.display()
-        );
-    }
+    common::check_pattern(&reader, addr, len);
 }
 
 // ---------------------------------------------------------------------------
@@ -365,39 +320,17 @@ fn assert_sleeper_finishes(t: &mut Target) {
 fn assert_mempattern_finishes(t: &mut Target) {
     let len = t.ready_u64("len");
     t.wait_success(EXIT_TIMEOUT);
-    assert_eq!(
-        t.lines_after_ready(),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
+    assert_eq!(t.lines_after_ready(), [common::mempattern_done(len)]);
 }
 
 /// Starts program `name` as `nobody`, stdout and stderr to files in `logs`,
 /// and waits for its `READY` line.
 fn spawn_as_nobody(name: &str, args: &[&str], logs: &Path) -> Target {
     let prog = runnable_by_nobody(&bin(name), logs);
-    let stdout_path = logs.join(format!("{name}.nobody.stdout"));
-    let stderr_path = logs.join(format!("{name}.nobody.stderr"));
-    let child = spawn_retrying(
-        Command::new(prog)
-            .args(args)
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("create stdout file"))
-            .stderr(File::create(&stderr_path).expect("create stderr file")),
-    );
-    let pid = child.id() as i32;
-    let mut t = Target {
-        child,
-        pid,
-        stdout_path,
-        stderr_path,
-        ready: HashMap::new(),
-        ready_line: String::new(),
-    };
-    let line = t.wait_for_line("READY", common::READY_TIMEOUT);
-    t.ready = common::parse_kv(&line);
-    t.ready_line = line;
+    let mut cmd = Command::new(prog);
+    cmd.args(args).uid(NOBODY).gid(NOBODY);
+    let t = Target::spawn_command(cmd, &format!("{name}.nobody"), logs);
+    let pid = t.pid;
     assert_eq!(
         status_field(pid, "Uid:").as_deref(),
         Some("65534\t65534\t65534\t65534")
@@ -476,19 +409,6 @@ fn assert_piped_sleeper_finishes(
     let status = child.0.wait().expect("wait sleeper");
     assert!(status.success(), "sleeper exited with {status}: {rest:?}");
     assert_eq!(rest, "DONE slept\n");
-}
-
-/// A PID no process has: that of a child we started and reaped (PIDs are
-/// handed out in increasing order, so it is not reused this soon).
-fn free_pid() -> i32 {
-    let mut child = Command::new("true").spawn().expect("spawn true");
-    let pid = child.id() as i32;
-    child.wait().expect("wait true");
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "PID {pid} still exists"
-    );
-    pid
 }
 
 // ---------------------------------------------------------------------------

@@ -7,13 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Target, parse_hex};
+use common::{Target, parse_hex, tempdir};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
-}
 
 /// The `Rss:` of the mapping starting at `addr`, in kB, from smaps.
 fn rss_kb(pid: i32, addr: u64) -> u64 {
@@ -65,10 +61,7 @@ fn mempattern_finishes_with_sum() {
     let addr = t.ready_hex("addr");
     assert_vma(t.pid, addr, len);
     t.wait_success(EXIT_TIMEOUT);
-    assert_eq!(
-        t.lines_after_ready(),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
+    assert_eq!(t.lines_after_ready(), [common::mempattern_done(len)]);
 }
 
 #[test]
@@ -142,17 +135,7 @@ fn openfiles_fds_and_offsets() {
 
     t.signal(libc::SIGUSR1);
     t.wait_success(EXIT_TIMEOUT);
-    assert_eq!(
-        t.lines_after_ready(),
-        [
-            "A=tuvwxyzabc",
-            "POS=133",
-            "B_POS=78",
-            "C_POS=4096",
-            "D=here\\nstill",
-            "D_POS=60"
-        ]
-    );
+    assert_eq!(t.lines_after_ready(), common::OPENFILES_OUTPUT);
     let b = std::fs::read(dir.path().join("b.log")).expect("read b.log");
     assert_eq!(b.len(), 78);
     assert_eq!(b.last(), Some(&b'X'));

@@ -15,19 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chpox::image::model::FdKind;
+use chpox::image::model::{FdKind, RobustList};
 use chpox::image::{ImageReader, ImageWriter, WriteOptions};
-use common::{Target, chpox_bin, chpox_ok, profile_dir, run_chpox, wait_pid_free};
+use common::{
+    Target, chpox_bin, chpox_ok, path_str, profile_dir, run_chpox, tempdir, wait_pid_free,
+};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Orphans are reparented to this test process instead of PID 1: a
 /// `--detach`ed restored process becomes our child once chpox exits, so we
@@ -40,15 +34,19 @@ fn become_subreaper() {
 
 /// `chpox dump PID -o IMAGE --unsupported-fd null --kill [extra]`.
 fn dump_kill(pid: i32, image: &Path, extra: &[&str]) {
+    dump(pid, image, &[&["--kill"], extra].concat());
+}
+
+/// `chpox dump PID -o IMAGE --unsupported-fd null [extra]`.
+fn dump(pid: i32, image: &Path, extra: &[&str]) {
     let pid_s = pid.to_string();
     let mut args = vec![
         "dump",
         &pid_s,
         "-o",
-        s(image),
+        path_str(image),
         "--unsupported-fd",
         "null",
-        "--kill",
     ];
     args.extend_from_slice(extra);
     chpox_ok(&args);
@@ -83,7 +81,7 @@ fn wait_pid(pid: i32, timeout: Duration) -> i32 {
 
 /// `chpox restore --detach IMAGE [extra]`; returns the restored PID.
 fn restore_detached(image: &Path, extra: &[&str]) -> i32 {
-    let mut args = vec!["restore", "--detach", s(image)];
+    let mut args = vec!["restore", "--detach", path_str(image)];
     args.extend_from_slice(extra);
     let out = chpox_ok(&args);
     out.trim()
@@ -119,7 +117,7 @@ fn run_waiting(program: &Path, args: &[&str], dir: &Path) -> (i32, String) {
 
 /// `chpox restore IMAGE [extra]`, waiting for the restored process.
 fn restore_and_wait(image: &Path, extra: &[&str], dir: &Path) -> (i32, String) {
-    let mut args = vec!["restore", s(image)];
+    let mut args = vec!["restore", path_str(image)];
     args.extend_from_slice(extra);
     run_waiting(&chpox_bin(), &args, dir)
 }
@@ -150,8 +148,11 @@ fn wait_not_pending(pid: i32, sig: i32) {
     }
 }
 
-/// The stdout lines of `t` after its READY line.
-fn lines_after_ready(t: &Target) -> Vec<String> {
+/// Sends SIGUSR1 to restored `pid`, which must then exit 0; returns the
+/// stdout lines of `t` (the original) after its READY line.
+fn finish_on_usr1(pid: i32, t: &Target) -> Vec<String> {
+    signal(pid, libc::SIGUSR1);
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     t.lines_after_ready()
 }
 
@@ -174,7 +175,7 @@ fn sleeper_restarts_its_sleep() {
     checkpoint(&mut t, &image, &[]);
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(lines_after_ready(&t), ["DONE slept"]);
+    assert_eq!(t.lines_after_ready(), ["DONE slept"]);
 }
 
 /// Waits until `pid` sleeps in `nanosleep` or `clock_nanosleep`.
@@ -212,9 +213,7 @@ fn an_interrupted_sleep_goes_on_with_the_time_left() {
     // A signal that came before the sleep began again would run the
     // handler first and leave the sleep whole.
     wait_asleep_in_nanosleep(pid);
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    let lines = lines_after_ready(&t);
+    let lines = finish_on_usr1(pid, &t);
     let left: u64 = match lines.as_slice() {
         [line] => common::parse_kv(line)
             .get("secs")
@@ -232,9 +231,9 @@ fn ld_chpox_restores_like_chpox_restore() {
     let image = dir.path().join("sleeper.img");
     checkpoint(&mut t, &image, &[]);
     let ld = profile_dir().join("ld-chpox");
-    let (code, stderr) = run_waiting(&ld, &[s(&image)], dir.path());
+    let (code, stderr) = run_waiting(&ld, &[path_str(&image)], dir.path());
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(lines_after_ready(&t), ["DONE slept"]);
+    assert_eq!(t.lines_after_ready(), ["DONE slept"]);
 }
 
 #[test]
@@ -250,10 +249,7 @@ fn mempattern_memory_comes_back() {
     checkpoint(&mut t, &image, &[]);
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(
-        lines_after_ready(&t),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
+    assert_eq!(t.lines_after_ready(), [common::mempattern_done(len)]);
 }
 
 /// Resident anonymous memory of `pid`, in bytes (`RssAnon`).
@@ -284,9 +280,7 @@ fn sparse_gigabytes_come_back_sparse() {
         "restored process has {rss} bytes of anonymous memory resident; \
          the image holds 64 pages"
     );
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    assert_eq!(lines_after_ready(&t), ["DONE ok"]);
+    assert_eq!(finish_on_usr1(pid, &t), ["DONE ok"]);
 }
 
 /// Shared anonymous memory comes back whole, with the pages a forked
@@ -299,9 +293,7 @@ fn shared_memory_comes_back() {
     let image = dir.path().join("shared.img");
     checkpoint(&mut t, &image, &[]);
     let pid = restore_detached(&image, &[]);
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    assert_eq!(lines_after_ready(&t), ["DONE ok"]);
+    assert_eq!(finish_on_usr1(pid, &t), ["DONE ok"]);
 }
 
 #[test]
@@ -319,10 +311,7 @@ fn compressed_image_restores_with_a_new_pid() {
     let pid = restore_detached(&image, &["--pid", "any"]);
     assert_ne!(pid, t.pid);
     assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0);
-    assert_eq!(
-        lines_after_ready(&t),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
+    assert_eq!(t.lines_after_ready(), [common::mempattern_done(len)]);
 }
 
 #[test]
@@ -336,9 +325,7 @@ fn avxregs_keeps_its_registers() {
     checkpoint(&mut t, &image, &[]);
     let pid = restore_detached(&image, &[]);
     std::thread::sleep(Duration::from_millis(100));
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    assert_eq!(lines_after_ready(&t), ["REGS OK"]);
+    assert_eq!(finish_on_usr1(pid, &t), ["REGS OK"]);
 }
 
 #[test]
@@ -370,7 +357,7 @@ fn signal_handlers_fire_after_restore_with_the_same_pid() {
     }
     signal(pid, libc::SIGUSR2);
     assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0);
-    assert_eq!(lines_after_ready(&t), ["COUNT=3"]);
+    assert_eq!(t.lines_after_ready(), ["COUNT=3"]);
 }
 
 #[test]
@@ -383,7 +370,7 @@ fn busy_pid_is_refused_with_pid_same() {
         "dump",
         &t.pid.to_string(),
         "-o",
-        s(&image),
+        path_str(&image),
         "--unsupported-fd",
         "null",
     ]);
@@ -401,33 +388,19 @@ fn proc_self_exe_cmdline_and_comm_come_back() {
     let image = dir.path().join("self.img");
     checkpoint(&mut t, &image, &[]);
     let pid = restore_detached(&image, &[]);
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    assert_eq!(lines_after_ready(&t), ["EXE OK", "CMDLINE OK", "COMM OK"]);
+    assert_eq!(finish_on_usr1(pid, &t), ["EXE OK", "CMDLINE OK", "COMM OK"]);
 }
 
 #[test]
 fn files_and_offsets_come_back() {
     become_subreaper();
     let dir = tempdir();
-    let d = s(dir.path()).to_string();
+    let d = path_str(dir.path()).to_string();
     let mut t = Target::spawn("openfiles", &[&d], dir.path());
     let image = dir.path().join("files.img");
     checkpoint(&mut t, &image, &[]);
     let pid = restore_detached(&image, &[]);
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    assert_eq!(
-        lines_after_ready(&t),
-        [
-            "A=tuvwxyzabc",
-            "POS=133",
-            "B_POS=78",
-            "C_POS=4096",
-            "D=here\\nstill",
-            "D_POS=60"
-        ]
-    );
+    assert_eq!(finish_on_usr1(pid, &t), common::OPENFILES_OUTPUT);
     let b = std::fs::read(dir.path().join("b.log")).expect("read b.log");
     assert_eq!(b.len(), 78);
 }
@@ -452,10 +425,7 @@ fn checkpoint_restore_twice() {
     wait_pid_free(pid);
     let (code, stderr) = restore_and_wait(&second, &[], dir.path());
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(
-        lines_after_ready(&t),
-        [format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))]
-    );
+    assert_eq!(t.lines_after_ready(), [common::mempattern_done(len)]);
 }
 
 /// A copy of test program `name` in `dir`, to change behind a checkpoint's back.
@@ -495,7 +465,7 @@ fn changed_executable_is_refused_by_name() {
     assert!(err.contains("--embed-exe"), "{err}");
     // Nothing ran: the program's output stops at READY.
     std::thread::sleep(Duration::from_millis(200));
-    assert!(lines_after_ready(&t).is_empty());
+    assert!(t.lines_after_ready().is_empty());
 }
 
 #[test]
@@ -508,7 +478,7 @@ fn changed_executable_restores_from_its_embedded_copy() {
     append_byte(&copy);
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(lines_after_ready(&t), ["DONE slept"]);
+    assert_eq!(t.lines_after_ready(), ["DONE slept"]);
 }
 
 #[test]
@@ -534,7 +504,7 @@ fn corrupt_image_is_refused() {
     std::fs::write(&image, &bytes).expect("write image");
     let err = expect_failure(&image, &[], dir.path());
     assert!(err.contains("checksum mismatch"), "{err}");
-    assert!(lines_after_ready(&t).is_empty());
+    assert!(t.lines_after_ready().is_empty());
 }
 
 #[test]
@@ -591,19 +561,19 @@ fn missing_cpu_features_are_refused() {
     );
 }
 
-/// Thread `tid`'s robust-futex list: (head, length).
-fn robust_list(tid: i32) -> (u64, usize) {
-    let mut head: u64 = 0;
-    let mut len: libc::size_t = 0;
-    // SAFETY: the kernel writes one pointer and one size_t to our locals.
-    let rc = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &raw mut head, &raw mut len) };
-    assert_eq!(
-        rc,
-        0,
-        "get_robust_list({tid}): {}",
-        std::io::Error::last_os_error()
-    );
-    (head, len)
+/// Checkpoint multi-threaded `t` into `image` leaving it stopped, then
+/// kill and reap it here: killing from the dump would wait for the leader
+/// before the other threads.
+fn checkpoint_stopped(t: &mut Target, image: &Path) {
+    dump(t.pid, image, &["--leave-stopped"]);
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    wait_pid_free(t.pid);
+}
+
+/// Thread `tid`'s robust-futex list.
+fn robust_list(tid: i32) -> Option<RobustList> {
+    chpox::threads::robust_list(tid).unwrap_or_else(|e| panic!("robust list of {tid}: {e}"))
 }
 
 #[test]
@@ -617,26 +587,14 @@ fn threads_come_back_with_their_tids_names_and_state() {
         .map(|s| s.parse().expect("tid"))
         .collect();
     let all_tids: Vec<i32> = std::iter::once(t.pid).chain(tids.iter().copied()).collect();
-    let robust_before: Vec<(u64, usize)> = all_tids.iter().map(|&tid| robust_list(tid)).collect();
+    let robust_before: Vec<Option<RobustList>> =
+        all_tids.iter().map(|&tid| robust_list(tid)).collect();
     assert!(
-        robust_before.iter().all(|&(head, _)| head != 0),
+        robust_before.iter().all(Option::is_some),
         "glibc registers a robust list for every thread: {robust_before:?}"
     );
     let image = dir.path().join("threads.img");
-    // Killing from the dump would wait for the leader before the other
-    // threads; kill and reap here instead.
-    chpox_ok(&[
-        "dump",
-        &t.pid.to_string(),
-        "-o",
-        s(&image),
-        "--unsupported-fd",
-        "null",
-        "--leave-stopped",
-    ]);
-    t.child.kill().expect("kill");
-    t.child.wait().expect("reap");
-    wait_pid_free(t.pid);
+    checkpoint_stopped(&mut t, &image);
     let pid = restore_detached(&image, &["--pid", "same"]);
     assert_eq!(pid, t.pid);
     for (i, tid) in tids.iter().enumerate() {
@@ -644,13 +602,12 @@ fn threads_come_back_with_their_tids_names_and_state() {
             std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).expect("thread comm");
         assert_eq!(comm.trim_end(), format!("worker-{i}"));
     }
-    let robust_after: Vec<(u64, usize)> = all_tids.iter().map(|&tid| robust_list(tid)).collect();
+    let robust_after: Vec<Option<RobustList>> =
+        all_tids.iter().map(|&tid| robust_list(tid)).collect();
     assert_eq!(robust_after, robust_before, "robust-futex lists");
     // Let the workers count a little in their new life.
     std::thread::sleep(Duration::from_millis(100));
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    assert_eq!(lines_after_ready(&t), ["DONE", "T0=ok", "T1=ok", "T2=ok"]);
+    assert_eq!(finish_on_usr1(pid, &t), ["DONE", "T0=ok", "T1=ok", "T2=ok"]);
 }
 
 #[test]
@@ -659,27 +616,15 @@ fn threads_come_back_with_new_tids() {
     let dir = tempdir();
     let mut t = Target::spawn("threads", &["2"], dir.path());
     let image = dir.path().join("threads.img");
-    chpox_ok(&[
-        "dump",
-        &t.pid.to_string(),
-        "-o",
-        s(&image),
-        "--unsupported-fd",
-        "null",
-        "--leave-stopped",
-    ]);
-    t.child.kill().expect("kill");
-    t.child.wait().expect("reap");
+    checkpoint_stopped(&mut t, &image);
     let pid = restore_detached(&image, &["--pid", "any"]);
-    signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
-    assert_eq!(lines_after_ready(&t), ["DONE", "T0=ok", "T1=ok"]);
+    assert_eq!(finish_on_usr1(pid, &t), ["DONE", "T0=ok", "T1=ok"]);
 }
 
 #[test]
 fn restore_of_a_missing_image_fails_cleanly() {
     let dir = tempdir();
-    let out = run_chpox(&["restore", s(&dir.path().join("nope.img"))]);
+    let out = run_chpox(&["restore", path_str(&dir.path().join("nope.img"))]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not exist"), "{err}");
@@ -1000,7 +945,7 @@ fn a_process_blocked_in_read_restores_and_reads_on() {
     let dir = tempdir();
     let fifo = dir.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
-    let mut t = Target::spawn("reader", &[s(&fifo)], dir.path());
+    let mut t = Target::spawn("reader", &[path_str(&fifo)], dir.path());
     let fd: i32 = t.ready_value("fd").parse().expect("fd number");
     poll_until(
         "reader to block in read(2)",
@@ -1027,7 +972,7 @@ fn a_process_blocked_in_read_restores_and_reads_on() {
 
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
     assert_eq!(code, 0, "{stderr}\n{:?}", t.lines());
-    assert_eq!(lines_after_ready(&t), ["GOT "]);
+    assert_eq!(t.lines_after_ready(), ["GOT "]);
 }
 
 // ---------------------------------------------------------------------------
@@ -1074,8 +1019,8 @@ fn pipes_come_back_with_their_bytes_and_stdio_pipes_join_the_restorer() {
     let (mut child, _out) = spawn_pipes();
     let pid = child.id() as i32;
     let image = dir.path().join("pipes.img");
-    chpox_ok(&["dump", &pid.to_string(), "-o", s(&image)]);
-    chpox_ok(&["dump", &pid.to_string(), "-o", s(&image), "--kill"]);
+    chpox_ok(&["dump", &pid.to_string(), "-o", path_str(&image)]);
+    chpox_ok(&["dump", &pid.to_string(), "-o", path_str(&image), "--kill"]);
     child.wait().expect("reap");
     wait_pid_free(pid);
 
@@ -1115,7 +1060,7 @@ fn pipes_come_back_with_their_bytes_and_stdio_pipes_join_the_restorer() {
     assert_eq!(stored, [100_000], "unread bytes stored: {:?}", meta.fds);
 
     let mut restore = Command::new(chpox_bin())
-        .args(["restore", s(&image)])
+        .args(["restore", path_str(&image)])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(File::create(dir.path().join("restore.stderr")).expect("stderr file"))

@@ -124,29 +124,9 @@ impl Target {
     /// for its `READY` line. Panics, showing its output, if it exits or
     /// times out first.
     pub fn spawn(name: &str, args: &[&str], dir: &Path) -> Target {
-        let n = SPAWNED.fetch_add(1, Ordering::SeqCst);
-        let stdout_path = dir.join(format!("{name}.{n}.stdout"));
-        let stderr_path = dir.join(format!("{name}.{n}.stderr"));
-        let child = Command::new(bin(name))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("create stdout file"))
-            .stderr(File::create(&stderr_path).expect("create stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let pid = child.id() as i32;
-        let mut t = Target {
-            child,
-            pid,
-            stdout_path,
-            stderr_path,
-            ready: HashMap::new(),
-            ready_line: String::new(),
-        };
-        let line = t.wait_for_line("READY", READY_TIMEOUT);
-        t.ready = parse_kv(&line);
-        t.ready_line = line;
-        t
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args);
+        Target::spawn_command(cmd, name, dir)
     }
 
     /// A `READY` value; panics if the key is missing.
@@ -332,12 +312,11 @@ impl Target {
         let n = SPAWNED.fetch_add(1, Ordering::SeqCst);
         let stdout_path = dir.join(format!("{name}.{n}.stdout"));
         let stderr_path = dir.join(format!("{name}.{n}.stderr"));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("create stdout file"))
-            .stderr(File::create(&stderr_path).expect("create stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let child = spawn_retrying(
+            cmd.stdin(Stdio::null())
+                .stdout(File::create(&stdout_path).expect("create stdout file"))
+                .stderr(File::create(&stderr_path).expect("create stderr file")),
+        );
         let pid = child.id() as i32;
         let mut t = Target {
             child,
@@ -362,4 +341,90 @@ pub fn wait_pid_free(pid: i32) {
         assert!(Instant::now() < deadline, "PID {pid} still exists");
         std::thread::sleep(POLL);
     }
+}
+
+/// Spawns `cmd`, retrying while another test's fork holds a freshly copied
+/// binary open for writing (ETXTBSY).
+pub fn spawn_retrying(cmd: &mut Command) -> Child {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cmd.spawn() {
+            Ok(c) => return c,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                std::thread::sleep(POLL);
+            }
+            Err(e) => panic!("spawn {cmd:?}: {e}"),
+        }
+    }
+}
+
+/// What `openfiles` prints after `READY` when it finishes correctly.
+pub const OPENFILES_OUTPUT: [&str; 6] = [
+    "A=tuvwxyzabc",
+    "POS=133",
+    "B_POS=78",
+    "C_POS=4096",
+    "D=here\\nstill",
+    "D_POS=60",
+];
+
+/// A fresh temporary directory, removed when dropped.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// An exit status with both outputs, for failure messages.
+pub fn show(out: &Output) -> String {
+    format!(
+        "({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A PID no process has: that of a child we started and reaped (PIDs are
+/// handed out in increasing order, so it is not reused this soon).
+pub fn free_pid() -> i32 {
+    let mut child = Command::new("true").spawn().expect("spawn true");
+    let pid = child.id() as i32;
+    child.wait().expect("wait true");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "PID {pid} still exists"
+    );
+    pid
+}
+
+/// The image holds exactly `mempattern`'s pattern at `addr..addr+len`.
+pub fn check_pattern(reader: &chpox::image::ImageReader, addr: u64, len: u64) {
+    let bytes = reader
+        .read_memory(addr, len as usize)
+        .expect("read memory")
+        .expect("every page of the pattern is stored");
+    for (i, word) in bytes.chunks_exact(8).enumerate() {
+        let offset = i as u64 * 8;
+        let got = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
+        assert_eq!(
+            got,
+            chpox_tests::pattern_word(offset),
+            "pattern word at offset {offset} differs"
+        );
+    }
+}
+
+/// The line `mempattern --finish-after-rounds` ends with when the `len`
+/// bytes of its pattern stayed intact.
+pub fn mempattern_done(len: u64) -> String {
+    format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))
 }
