@@ -282,16 +282,9 @@ fn capture(
         let stored = if kind.is_special() || map.is_device_memory() {
             Vec::new()
         } else {
-            let mut pagemap = pages.pagemap(map.start, map.end)?;
+            let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
-            if kind == VmaKind::SharedAnonymous && !memory::mark_shmem_data(pid, map, &mut pagemap)
-            {
-                debug!(
-                    start = map.start,
-                    "shared memory object not readable; storing only the pages this process touched"
-                );
-            }
-            let runs = memory::select_runs(kind, map.start, &pagemap);
+            let runs = memory::select_runs(pid, map, kind, &pagemap);
             pages.dump_runs(vmas.len(), &runs, writer)?
         };
         debug!(

@@ -136,7 +136,7 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
             kind,
         });
     }
-    let mut entries = classify_pipes(pid, entries, policy, &mut unsupported)?;
+    let mut entries = classify_pipes(entries, policy, &mut unsupported);
     if !unsupported.is_empty() {
         return Err(Error::UnsupportedFds(unsupported.join(", ")));
     }
@@ -144,19 +144,19 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
     Ok(entries)
 }
 
-fn is_read_end(flags: u32) -> bool {
+/// Whether a descriptor with open flags `flags` is the read end of a pipe.
+pub fn is_read_end(flags: u32) -> bool {
     flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
 }
 
-/// Marks the pipes whose both ends the process holds as internal (with
-/// their capacity); a pipe to another process is kept only on fd 0, 1 or
-/// 2, and is otherwise unsupported.
+/// Marks the pipes whose both ends the process holds as internal; a pipe
+/// to another process is kept only on fd 0, 1 or 2, and is otherwise
+/// unsupported.
 fn classify_pipes(
-    pid: i32,
     entries: Vec<FdEntry>,
     policy: UnsupportedFd,
     unsupported: &mut Vec<String>,
-) -> Result<Vec<FdEntry>> {
+) -> Vec<FdEntry> {
     use std::collections::HashMap;
     // inode -> (holds a read end, holds a write end)
     let mut ends: HashMap<u64, (bool, bool)> = HashMap::new();
@@ -173,16 +173,11 @@ fn classify_pipes(
     let mut out = Vec::with_capacity(entries.len());
     for mut e in entries {
         if let FdKind::Pipe {
-            inode,
-            internal,
-            capacity,
-            ..
+            inode, internal, ..
         } = &mut e.kind
         {
             *internal = ends.get(inode) == Some(&(true, true));
-            if *internal {
-                *capacity = pipe_capacity(&open_pipe(pid, e.fd)?, pid, e.fd)?;
-            } else if e.fd > 2 {
+            if !*internal && e.fd > 2 {
                 let was = format!("pipe:[{inode}]");
                 match policy {
                     UnsupportedFd::Null => e.kind = FdKind::ReplacedByNull { was },
@@ -198,73 +193,74 @@ fn classify_pipes(
         }
         out.push(e);
     }
-    Ok(out)
+    out
 }
 
-/// A read descriptor of our own on the pipe behind the process's fd `fd`
-/// (non-blocking: it must never wait for a writer).
-fn open_pipe(pid: i32, fd: i32) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = format!("/proc/{pid}/fd/{fd}");
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|source| Error::File { path, source })
-}
-
-fn pipe_capacity(pipe: &File, pid: i32, fd: i32) -> Result<u64> {
-    use nix::fcntl::{FcntlArg, fcntl};
-    fcntl(pipe, FcntlArg::F_GETPIPE_SZ)
-        .map(|n| n as u64)
-        .map_err(|e| Error::File {
-            path: format!("/proc/{pid}/fd/{fd}"),
-            source: e.into(),
-        })
-}
-
-/// Put the unread bytes of every internal pipe into the image, with its
-/// first read-end entry. They are copied with `tee`, which leaves them in
-/// the pipe: the process, if it runs on, reads them as if nothing happened.
+/// Put the capacity of every internal pipe into each of its entries, and
+/// its unread bytes into the image, with its first read-end entry. One
+/// descriptor of our own per pipe, on a read end: the bytes are copied
+/// with `tee`, which leaves them in the pipe, so the process, if it runs
+/// on, reads them as if nothing happened.
 pub fn embed_pipe_data(pid: i32, fds: &mut [FdEntry], writer: &mut ImageWriter) -> Result<()> {
-    use std::collections::HashSet;
-    let mut done = HashSet::new();
+    use std::collections::HashMap;
+    use std::os::unix::fs::OpenOptionsExt;
+    // inode -> capacity
+    let mut seen: HashMap<u64, u64> = HashMap::new();
     for entry in fds.iter_mut() {
         let FdKind::Pipe {
             inode,
             internal: true,
-            capacity,
-            data,
-        } = &mut entry.kind
+            ..
+        } = entry.kind
         else {
             continue;
         };
-        if !is_read_end(entry.flags) || !done.insert(*inode) {
+        if !is_read_end(entry.flags) || seen.contains_key(&inode) {
             continue;
         }
-        let bytes =
-            pipe_content(&open_pipe(pid, entry.fd)?, *capacity).map_err(|source| Error::File {
-                path: format!("/proc/{pid}/fd/{} (pipe:[{inode}])", entry.fd),
-                source,
-            })?;
-        if !bytes.is_empty() {
-            writer.begin_data()?;
-            writer.write_data(&bytes)?;
-            *data = Some(writer.end_data()?);
+        let path = format!("/proc/{pid}/fd/{}", entry.fd);
+        let err = |source| Error::File {
+            path: format!("{path} (pipe:[{inode}])"),
+            source,
+        };
+        // Non-blocking: it must never wait for a writer.
+        let pipe = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(err)?;
+        let (capacity, bytes) = pipe_content(&pipe).map_err(err)?;
+        seen.insert(inode, capacity);
+        if !bytes.is_empty()
+            && let FdKind::Pipe { data, .. } = &mut entry.kind
+        {
+            *data = Some(writer.add_data(&bytes)?);
+        }
+    }
+    for entry in fds.iter_mut() {
+        if let FdKind::Pipe {
+            inode,
+            internal: true,
+            capacity,
+            ..
+        } = &mut entry.kind
+            && let Some(&c) = seen.get(inode)
+        {
+            *capacity = c;
         }
     }
     Ok(())
 }
 
-/// A copy of what `pipe` holds, without consuming it: `tee` into a pipe of
-/// ours at least as large, in one call (a second would copy the same
-/// bytes again), then read that.
-fn pipe_content(pipe: &File, capacity: u64) -> std::io::Result<Vec<u8>> {
+/// The capacity of `pipe` and a copy of what it holds, without consuming
+/// it: `tee` into a pipe of ours at least as large, in one call (a second
+/// would copy the same bytes again), then read that.
+fn pipe_content(pipe: &File) -> std::io::Result<(u64, Vec<u8>)> {
     use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, tee};
+    let capacity = fcntl(pipe, FcntlArg::F_GETPIPE_SZ)?;
     let (copy_out, copy_in) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    let wanted = i32::try_from(capacity).unwrap_or(i32::MAX);
-    if fcntl(&copy_in, FcntlArg::F_GETPIPE_SZ)? < wanted {
-        fcntl(&copy_in, FcntlArg::F_SETPIPE_SZ(wanted))?;
+    if fcntl(&copy_in, FcntlArg::F_GETPIPE_SZ)? < capacity {
+        fcntl(&copy_in, FcntlArg::F_SETPIPE_SZ(capacity))?;
     }
     let n = match tee(pipe, &copy_in, usize::MAX, SpliceFFlags::SPLICE_F_NONBLOCK) {
         Ok(n) => n,
@@ -274,7 +270,7 @@ fn pipe_content(pipe: &File, capacity: u64) -> std::io::Result<Vec<u8>> {
     };
     let mut bytes = vec![0u8; n];
     File::from(copy_out).read_exact(&mut bytes)?;
-    Ok(bytes)
+    Ok((capacity as u64, bytes))
 }
 
 /// Put the content of every deleted-but-open regular file into the image:

@@ -84,7 +84,7 @@ fn kind_label(kind: VmaKind) -> &'static str {
 
 /// Which end of a pipe a descriptor with open flags `flags` is.
 fn pipe_end(flags: u32) -> &'static str {
-    if flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+    if crate::fds::is_read_end(flags) {
         "read"
     } else {
         "write"

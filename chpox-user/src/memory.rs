@@ -223,19 +223,16 @@ pub fn page_needs_storing(kind: VmaKind, entry: u64) -> bool {
     }
 }
 
-/// Marks, in the pagemap entries of shared anonymous mapping `map`, the
-/// pages its shared memory object holds, as if present: pages written
-/// through another process's mapping of the object are not in this
-/// process's page tables, yet they are its memory. Reads the object's
-/// holes and data through `/proc/PID/map_files` (which takes
-/// CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE); returns false, leaving the
-/// entries as they are, where it cannot be opened.
-pub fn mark_shmem_data(pid: i32, map: &MapEntry, pagemap: &mut [u64]) -> bool {
+/// Which pages of shared anonymous mapping `map` its shared memory object
+/// holds: pages written through another process's mapping of the object
+/// are not in this process's page tables, yet they are its memory. Reads
+/// the object's holes and data through `/proc/PID/map_files` (which takes
+/// CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE); None where it cannot be opened.
+fn shmem_object_pages(pid: i32, map: &MapEntry) -> Option<Vec<bool>> {
     use nix::unistd::{Whence, lseek};
     let path = format!("/proc/{pid}/map_files/{:x}-{:x}", map.start, map.end);
-    let Ok(object) = File::open(&path) else {
-        return false;
-    };
+    let object = File::open(&path).ok()?;
+    let mut held = vec![false; (map.len() / PAGE_SIZE) as usize];
     let first = map.offset;
     let end = first + map.len();
     let mut pos = first;
@@ -254,23 +251,35 @@ pub fn mark_shmem_data(pid: i32, map: &MapEntry, pagemap: &mut [u64]) -> bool {
             (data - first) / PAGE_SIZE,
             (hole - first).div_ceil(PAGE_SIZE),
         );
-        for entry in &mut pagemap[from as usize..to as usize] {
-            *entry |= PM_PRESENT;
-        }
+        held[from as usize..to as usize].fill(true);
         pos = hole.max(data + PAGE_SIZE);
     }
-    true
+    Some(held)
 }
 
 /// Runs of pages to store, as (address, page count), each at most
-/// `MAX_RUN_PAGES` long, from the pagemap entries of a mapping starting at
-/// `start`.
-pub fn select_runs(kind: VmaKind, start: u64, pagemap: &[u64]) -> Vec<(u64, u64)> {
+/// `MAX_RUN_PAGES` long, from the pagemap entries of mapping `map`. A
+/// shared anonymous mapping also stores every page its shared memory
+/// object holds, where that object can be read.
+pub fn select_runs(pid: i32, map: &MapEntry, kind: VmaKind, pagemap: &[u64]) -> Vec<(u64, u64)> {
+    let needed = pagemap.iter().map(|&e| page_needs_storing(kind, e));
+    let object = (kind == VmaKind::SharedAnonymous)
+        .then(|| shmem_object_pages(pid, map))
+        .flatten();
+    match object {
+        Some(held) => runs_of(map.start, needed.zip(held).map(|(a, b)| a || b)),
+        None => runs_of(map.start, needed),
+    }
+}
+
+/// Runs of consecutive needed pages, as (address, page count), each at
+/// most `MAX_RUN_PAGES` long, for pages from `start` on.
+fn runs_of(start: u64, needed: impl Iterator<Item = bool>) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut current: Option<(u64, u64)> = None;
-    for (i, &entry) in pagemap.iter().enumerate() {
+    for (i, needed) in needed.enumerate() {
         let addr = start + i as u64 * PAGE_SIZE;
-        if page_needs_storing(kind, entry) {
+        if needed {
             current = match current {
                 Some((a, n)) if n < MAX_RUN_PAGES => Some((a, n + 1)),
                 Some(run) => {
@@ -745,6 +754,10 @@ VmFlags: ex
             .expect("stored");
         let offset = (aligned - base) as usize;
         assert_eq!(got, &source[offset..offset + 3 * PAGE_SIZE as usize]);
+    }
+
+    fn select_runs(kind: VmaKind, start: u64, pagemap: &[u64]) -> Vec<(u64, u64)> {
+        runs_of(start, pagemap.iter().map(|&e| page_needs_storing(kind, e)))
     }
 
     #[test]

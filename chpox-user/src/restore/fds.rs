@@ -21,6 +21,7 @@ use super::Context;
 use super::child::{Child, errno_of};
 use super::memory::{fill_fd, memfd};
 use crate::error::{Error, Result};
+use crate::fds::is_read_end;
 use crate::image::model::{FdEntry, FdKind};
 
 fn note(warnings: &mut Vec<String>, w: String) {
@@ -185,10 +186,6 @@ pub fn restore_fds(c: &mut Child<'_>, ctx: &Context<'_>, warnings: &mut Vec<Stri
         c.close(d)?;
     }
     Ok(())
-}
-
-fn is_read_end(flags: u32) -> bool {
-    flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
 }
 
 /// For each of fd 0, 1 and 2 that was a pipe to another process, a copy
