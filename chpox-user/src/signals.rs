@@ -20,6 +20,29 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(word)
 }
 
+/// `action` as the kernel's `struct kernel_sigaction`.
+pub fn to_kernel(action: &SigAction) -> [u8; KERNEL_SIGACTION_SIZE] {
+    let mut k = [0u8; KERNEL_SIGACTION_SIZE];
+    for (i, word) in [action.handler, action.flags, action.restorer, action.mask]
+        .into_iter()
+        .enumerate()
+    {
+        k[i * 8..i * 8 + 8].copy_from_slice(&word.to_ne_bytes());
+    }
+    k
+}
+
+/// The disposition of `signo` from the kernel's `struct kernel_sigaction`.
+fn from_kernel(signo: i32, k: &[u8; KERNEL_SIGACTION_SIZE]) -> SigAction {
+    SigAction {
+        signo,
+        handler: u64_at(k, 0),
+        flags: u64_at(k, 8),
+        restorer: u64_at(k, 16),
+        mask: u64_at(k, 24),
+    }
+}
+
 /// The disposition of every signal that has one (all but SIGKILL, SIGSTOP).
 pub fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<SigAction>> {
     let mut actions = Vec::with_capacity(62);
@@ -34,13 +57,7 @@ pub fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<S
             [signo as u64, 0, scratch, 8, 0, 0],
         )?;
         read_memory(thread.pid(), scratch, &mut buf)?;
-        actions.push(SigAction {
-            signo,
-            handler: u64_at(&buf, 0),
-            flags: u64_at(&buf, 8),
-            restorer: u64_at(&buf, 16),
-            mask: u64_at(&buf, 24),
-        });
+        actions.push(from_kernel(signo, &buf));
     }
     Ok(actions)
 }
@@ -92,14 +109,7 @@ pub fn set_action(pid: i32, action: SigAction) -> Result<SigAction> {
     let mut leader = RemoteThread::borrow(&frozen, pid, syscall_ip)?;
     let scratch_len = 4096;
     let scratch = leader.map_scratch(scratch_len)?;
-    let mut new = [0u8; KERNEL_SIGACTION_SIZE];
-    for (i, word) in [action.handler, action.flags, action.restorer, action.mask]
-        .into_iter()
-        .enumerate()
-    {
-        new[i * 8..i * 8 + 8].copy_from_slice(&word.to_ne_bytes());
-    }
-    crate::remote::write_memory(pid, scratch, &new)?;
+    crate::remote::write_memory(pid, scratch, &to_kernel(&action))?;
     let old_at = scratch + KERNEL_SIGACTION_SIZE as u64;
     let result = leader.checked(
         "rt_sigaction",
@@ -112,13 +122,7 @@ pub fn set_action(pid: i32, action: SigAction) -> Result<SigAction> {
     leader.give_back()?;
     frozen.resume();
     read?;
-    Ok(SigAction {
-        signo: action.signo,
-        handler: u64_at(&old, 0),
-        flags: u64_at(&old, 8),
-        restorer: u64_at(&old, 16),
-        mask: u64_at(&old, 24),
-    })
+    Ok(from_kernel(action.signo, &old))
 }
 
 /// SIG_IGN for `signo`, as `set_action` takes it.

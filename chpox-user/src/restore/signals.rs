@@ -9,20 +9,12 @@ use crate::error::Result;
 use crate::image::model::{AltStack, Metadata, PendingSignal, SigAction};
 
 const AT: u64 = 4096;
-const SS_DISABLE: i32 = 2;
 const SS_AUTODISARM: i32 = 1 << 31;
 
 /// `rt_sigaction` for every saved disposition.
 pub fn restore_actions(c: &mut Child<'_>, actions: &[SigAction]) -> Result<()> {
     for a in actions {
-        let mut k = [0u8; 32];
-        for (i, word) in [a.handler, a.flags, a.restorer, a.mask]
-            .into_iter()
-            .enumerate()
-        {
-            k[i * 8..i * 8 + 8].copy_from_slice(&word.to_ne_bytes());
-        }
-        let addr = c.put(AT, &k)?;
+        let addr = c.put(AT, &crate::signals::to_kernel(a))?;
         c.call(
             "rt_sigaction",
             libc::SYS_rt_sigaction,
@@ -39,7 +31,7 @@ pub fn restore_altstack(c: &mut Child<'_>, stack: Option<&AltStack>) -> Result<(
         // SS_ONSTACK is not a setting, only what the kernel reports while
         // the thread runs on it.
         Some(s) => (s.sp, s.flags & SS_AUTODISARM, s.size),
-        None => (0, SS_DISABLE, 0),
+        None => (0, libc::SS_DISABLE, 0),
     };
     let mut b = [0u8; 24];
     b[..8].copy_from_slice(&sp.to_ne_bytes());
