@@ -297,6 +297,13 @@ impl Frozen {
         self.pid
     }
 
+    /// Take over the hold on threads seized by the caller (a restore's new
+    /// threads), to be released or killed with the rest. They go before
+    /// the leader, which is released last.
+    pub fn add_tids(&mut self, tids: &[i32]) {
+        self.tids.splice(0..0, tids.iter().copied());
+    }
+
     /// Thread ids, leader first.
     pub fn tids(&self) -> Vec<i32> {
         let mut tids = self.tids.clone();

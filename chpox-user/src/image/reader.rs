@@ -85,6 +85,13 @@ struct RunSpan {
 impl ImageReader {
     /// Opens and checks the image at `path` (see the module documentation).
     pub fn open(path: &Path) -> Result<ImageReader, ImageError> {
+        Self::open_file(path).map(|(reader, _)| reader)
+    }
+
+    /// Like [`ImageReader::open`], and also hands back a descriptor of the
+    /// very file read, for reading its data directly (not through the path,
+    /// which may name another file by then).
+    pub fn open_file(path: &Path) -> Result<(ImageReader, File), ImageError> {
         let file = File::open(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => ImageError::NotFound {
                 path: path.to_path_buf(),
@@ -103,7 +110,14 @@ impl ImageReader {
                 path: path.to_path_buf(),
             });
         }
-        Self::parse(Box::new(file), path.to_path_buf(), md.len())
+        let kept = file.try_clone().map_err(|e| ImageError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Ok((
+            Self::parse(Box::new(file), path.to_path_buf(), md.len())?,
+            kept,
+        ))
     }
 
     /// Parses an image held in memory (for tests and fuzzing).

@@ -74,7 +74,6 @@ pub mod threads;
 pub mod validate;
 pub mod vdso;
 
-use std::fs::File;
 use std::path::Path;
 
 use tracing::{debug, info, warn};
@@ -119,19 +118,16 @@ pub struct Restored {
 /// binds a tracee to the thread that attached it).
 pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     // Image errors say what they are about; no "image:" prefix.
-    let reader = ImageReader::open(image).map_err(|e| Error::Other(e.to_string()))?;
+    // The child inherits `image_file` (fork copies the table), so it reads
+    // pages from the very file we validated, whatever the path resolves to
+    // later.
+    let (reader, image_file) =
+        ImageReader::open_file(image).map_err(|e| Error::Other(e.to_string()))?;
     let plan = validate::validate(&reader)?;
     let mut warnings = plan.warnings.clone();
     for w in &warnings {
         warn!("{w}");
     }
-    // The child inherits this descriptor (fork copies the table), so it
-    // reads pages from the very file we validated, whatever the path
-    // resolves to later.
-    let image_file = File::open(image).map_err(|source| Error::File {
-        path: image.display().to_string(),
-        source,
-    })?;
     let meta = reader.metadata();
     let spawned = spawn::spawn(meta.process.pid, opts.pid)?;
     if !spawned.same_pid && opts.pid != PidMode::Any {
@@ -142,7 +138,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         warn!("{w}");
         warnings.push(w);
     }
-    let frozen = Frozen::adopt(spawned.pid, vec![spawned.pid]);
+    let mut frozen = Frozen::adopt(spawned.pid, vec![spawned.pid]);
     let ctx = Context {
         reader: &reader,
         plan: &plan,
@@ -152,9 +148,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     };
     // Threads after the first, held by us as soon as they exist.
     let mut held = Vec::new();
-    match build(&frozen, &ctx, &mut held, &mut warnings) {
+    let built = build(&frozen, &ctx, &mut held, &mut warnings);
+    frozen.add_tids(&held);
+    match built {
         Ok(()) => {
-            threads::release(&held);
             frozen.resume();
             drop(image_file);
             info!(pid = spawned.pid, "restored");
@@ -167,11 +164,6 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         Err(e) => {
             debug!(error = %e, "restore failed; killing the half-built process");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(spawned.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            threads::reap(&held);
             frozen.kill();
             Err(e)
         }

@@ -104,32 +104,20 @@ fn clone_any() -> Result<i32> {
     clone_child(None).map_err(|e| Error::Other(format!("cannot create a process: {e}")))
 }
 
-fn seize(pid: i32) -> Result<()> {
-    let p = Pid::from_raw(pid);
+/// Seize a new task of ours (the child, or a thread it made) and stop it.
+pub(super) fn seize(tid: i32) -> Result<()> {
+    let p = Pid::from_raw(tid);
     let options = ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL;
-    ptrace::seize(p, options).map_err(|source| Error::Ptrace {
-        op: "seize",
-        tid: pid,
-        source,
-    })?;
-    ptrace::interrupt(p).map_err(|source| Error::Ptrace {
-        op: "interrupt",
-        tid: pid,
-        source,
-    })?;
+    let err = |op| move |source| Error::Ptrace { op, tid, source };
+    ptrace::seize(p, options).map_err(err("seize"))?;
+    ptrace::interrupt(p).map_err(err("interrupt"))?;
     loop {
-        match wait_stop(pid)? {
+        match wait_stop(tid)? {
             Stop::Event => return Ok(()),
             // Every signal is blocked in the child; only a signal sent
             // before it could block them would show here. Drop it.
-            Stop::Signal(_) | Stop::Syscall => {
-                ptrace::cont(p, None).map_err(|source| Error::Ptrace {
-                    op: "cont",
-                    tid: pid,
-                    source,
-                })?;
-            }
-            Stop::Exited => return Err(Error::Exited(pid)),
+            Stop::Signal(_) | Stop::Syscall => ptrace::cont(p, None).map_err(err("cont"))?,
+            Stop::Exited => return Err(Error::Exited(tid)),
         }
     }
 }

@@ -17,8 +17,6 @@
 //! memory holds its own TID (glibc 2.26+ on x86-64: 0x2d0). Robust-futex
 //! lists (`set_robust_list`) are not restored.
 
-use nix::sys::ptrace;
-use nix::unistd::Pid;
 use tracing::{debug, warn};
 
 use super::child::{Child, errno_of};
@@ -26,7 +24,7 @@ use super::memory::Layout;
 use super::spawn::PidMode;
 use crate::error::{Error, Result};
 use crate::image::model::{Credentials, ThreadState};
-use crate::ptrace::{Frozen, Stop, wait_stop};
+use crate::ptrace::Frozen;
 use crate::remote::{RemoteThread, read_memory, write_memory};
 
 /// Scratch offsets of clone3's arguments.
@@ -77,7 +75,7 @@ pub fn create(
             )));
         }
         let tid = tid as i32;
-        hold(tid)?;
+        super::spawn::seize(tid)?;
         held.push(tid);
         debug!(saved = state.tid, tid, "thread created");
     }
@@ -113,22 +111,6 @@ fn clone_thread(c: &mut Child<'_>, flags: u64, tid: Option<i32>) -> Result<i64> 
     }
     let addr = c.put(ARGS_AT, &args)?;
     c.raw(libc::SYS_clone3, [addr, args.len() as u64, 0, 0, 0, 0])
-}
-
-/// Seize a new thread and stop it.
-fn hold(tid: i32) -> Result<()> {
-    let p = Pid::from_raw(tid);
-    let options = ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL;
-    let err = |op| move |source| Error::Ptrace { op, tid, source };
-    ptrace::seize(p, options).map_err(err("seize"))?;
-    ptrace::interrupt(p).map_err(err("interrupt"))?;
-    loop {
-        match wait_stop(tid)? {
-            Stop::Event => return Ok(()),
-            Stop::Signal(_) | Stop::Syscall => ptrace::cont(p, None).map_err(err("cont"))?,
-            Stop::Exited => return Err(Error::Exited(tid)),
-        }
-    }
 }
 
 /// Where each thread's `clear_child_tid` points: `fs_base + offset`, the
@@ -288,22 +270,3 @@ pub fn queue_pending(
     Ok(())
 }
 
-/// Let the created threads go (the main thread goes last, with `Frozen`).
-pub fn release(held: &[i32]) {
-    for &tid in held {
-        if let Err(e) = ptrace::detach(Pid::from_raw(tid), None) {
-            warn!(tid, error = %e, "detach failed");
-        }
-    }
-}
-
-/// After SIGKILL: reap our hold on the created threads, so the main
-/// thread's exit can be reported (a thread-group leader is reported only
-/// after every other thread is gone).
-pub fn reap(held: &[i32]) {
-    for &tid in held {
-        while !matches!(wait_stop(tid), Ok(Stop::Exited) | Err(_)) {
-            let _ = ptrace::cont(Pid::from_raw(tid), None);
-        }
-    }
-}
