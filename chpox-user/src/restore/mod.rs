@@ -232,12 +232,13 @@ fn build(
         .ok_or_else(|| Error::Other("the image holds no thread".into()))?;
     signals::restore_altstack(&mut c, main.sigaltstack.as_ref())?;
     fds::restore_fds(&mut c, ctx, warnings)?;
-    signals::restore_pending(&mut c, meta, warnings)?;
 
     // The other threads: created while the main thread still has the
     // privileges to choose their TIDs, each then drops its own.
     threads::create(&mut c, others, ctx.pid_mode, ctx.same_pid, held, warnings)?;
-    threads::queue_pending(&mut c, held, others, warnings)?;
+    // New TIDs, in the image's thread order.
+    let tids: Vec<i32> = std::iter::once(pid).chain(held.iter().copied()).collect();
+    signals::restore_pending(&mut c, meta, tids.iter().copied(), warnings)?;
     process::restore_rlimits(&mut c, &meta.process.rlimits, warnings)?;
     let tid_offset = threads::tid_offset(pid, &meta.threads);
     if tid_offset.is_none() && !others.is_empty() {
@@ -247,8 +248,7 @@ fn build(
         warnings.push(w);
     }
     if let Some(offset) = tid_offset {
-        let new_tids = std::iter::once(pid).chain(held.iter().copied());
-        threads::renumber(pid, new_tids.zip(&meta.threads), offset)?;
+        threads::renumber(pid, tids.iter().copied().zip(&meta.threads), offset)?;
     }
     let creds = &meta.process.creds;
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;

@@ -1,7 +1,7 @@
 //! Process-wide state: the mm fields and auxv (`PR_SET_MM_MAP`, with the
 //! executable), working directory, umask, resource limits, personality,
-//! name, nice value, and credentials (last: dropping root ends what the
-//! child may do for us).
+//! nice value, and credentials (last: dropping root ends what the child may
+//! do for us). Names are per thread: `threads::setup`.
 
 use tracing::{debug, warn};
 
@@ -112,7 +112,7 @@ pub fn set_mm(
     )))
 }
 
-/// cwd, umask, personality, name, nice; and the restorer's parent-death
+/// cwd, umask, personality, nice; and the restorer's parent-death
 /// signal goes.
 pub fn restore_state(
     c: &mut Child<'_>,
@@ -147,13 +147,6 @@ pub fn restore_state(
             ),
         );
     }
-    let name: String = info.comm.chars().filter(|&ch| ch != '\0').collect();
-    let addr = c.put_path(&name)?;
-    c.call(
-        "prctl(PR_SET_NAME)",
-        libc::SYS_prctl,
-        [libc::PR_SET_NAME as u64, addr, 0, 0, 0, 0],
-    )?;
     let ret = c.raw(
         libc::SYS_setpriority,
         [

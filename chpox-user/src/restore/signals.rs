@@ -42,45 +42,55 @@ pub fn restore_altstack(c: &mut Child<'_>, stack: Option<&AltStack>) -> Result<(
     Ok(())
 }
 
-/// Queue the saved pending signals again, with their siginfo. The child
-/// queues them to itself, which the kernel allows for any siginfo.
+/// Queue the saved pending signals again, with their siginfo: the
+/// process-wide ones, then each thread's own (`tids`: the new TIDs, in the
+/// image's thread order). The child queues them to itself, which the
+/// kernel allows for any siginfo; every signal is still blocked.
 pub fn restore_pending(
     c: &mut Child<'_>,
     meta: &Metadata,
+    tids: impl Iterator<Item = i32>,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    queue(c, None, &meta.signals.shared_pending, warnings)?;
+    for (tid, state) in tids.zip(&meta.threads) {
+        queue(c, Some((tid, state.tid)), &state.pending, warnings)?;
+    }
+    Ok(())
+}
+
+/// Queue `list` to the process, or to thread `(new tid, saved tid)`.
+fn queue(
+    c: &mut Child<'_>,
+    thread: Option<(i32, i32)>,
+    list: &[PendingSignal],
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     let pid = c.pid() as u64;
-    let thread = meta.threads.first().map(|t| t.pending.as_slice());
-    let queues: [(&[PendingSignal], bool); 2] = [
-        (&meta.signals.shared_pending, true),
-        (thread.unwrap_or_default(), false),
-    ];
-    for (list, shared) in queues {
-        for p in list {
-            if p.signo == libc::SIGKILL || p.signo == libc::SIGSTOP || p.siginfo.len() != 128 {
-                continue;
-            }
-            let info = c.put(AT, &p.siginfo)?;
-            let ret = if shared {
-                c.raw(
-                    libc::SYS_rt_sigqueueinfo,
-                    [pid, p.signo as u64, info, 0, 0, 0],
-                )?
-            } else {
-                c.raw(
-                    libc::SYS_rt_tgsigqueueinfo,
-                    [pid, pid, p.signo as u64, info, 0, 0],
-                )?
-            };
-            if ret < 0 {
-                let w = format!(
-                    "could not queue pending signal {} again: {}",
-                    p.signo,
-                    errno_of(ret)
-                );
-                warn!("{w}");
-                warnings.push(w);
-            }
+    for p in list {
+        if p.signo == libc::SIGKILL || p.signo == libc::SIGSTOP || p.siginfo.len() != 128 {
+            continue;
+        }
+        let info = c.put(AT, &p.siginfo)?;
+        let ret = match thread {
+            None => c.raw(
+                libc::SYS_rt_sigqueueinfo,
+                [pid, p.signo as u64, info, 0, 0, 0],
+            )?,
+            Some((tid, _)) => c.raw(
+                libc::SYS_rt_tgsigqueueinfo,
+                [pid, tid as u64, p.signo as u64, info, 0, 0],
+            )?,
+        };
+        if ret < 0 {
+            let whose = thread.map_or(String::new(), |(_, saved)| format!(" of thread {saved}"));
+            let w = format!(
+                "could not queue pending signal {}{whose} again: {}",
+                p.signo,
+                errno_of(ret)
+            );
+            warn!("{w}");
+            warnings.push(w);
         }
     }
     Ok(())

@@ -236,37 +236,3 @@ pub fn finish(
     Ok(())
 }
 
-/// Queue each thread's own pending signals (from the main thread: the
-/// kernel lets a process queue any siginfo to its own threads).
-pub fn queue_pending(
-    c: &mut Child<'_>,
-    held: &[i32],
-    states: &[ThreadState],
-    warnings: &mut Vec<String>,
-) -> Result<()> {
-    let pid = c.pid() as u64;
-    for (&tid, state) in held.iter().zip(states) {
-        for p in &state.pending {
-            if p.signo == libc::SIGKILL || p.signo == libc::SIGSTOP || p.siginfo.len() != 128 {
-                continue;
-            }
-            let info = c.put(4096, &p.siginfo)?;
-            let ret = c.raw(
-                libc::SYS_rt_tgsigqueueinfo,
-                [pid, tid as u64, p.signo as u64, info, 0, 0],
-            )?;
-            if ret < 0 {
-                let w = format!(
-                    "could not queue pending signal {} of thread {} again: {}",
-                    p.signo,
-                    state.tid,
-                    errno_of(ret)
-                );
-                warn!("{w}");
-                warnings.push(w);
-            }
-        }
-    }
-    Ok(())
-}
-
