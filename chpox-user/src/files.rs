@@ -46,6 +46,25 @@ pub fn hash_bytes(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
+/// The BLAKE3 hash, in hex, of everything `reader` yields.
+pub fn hash_reader(mut reader: impl Read) -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Modification time in nanoseconds since the epoch, as images record it.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
 fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
     let key = (
         meta.dev(),
@@ -59,17 +78,9 @@ fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
     {
         return Ok(h.clone());
     }
-    let mut file = File::open(path).map_err(|e| file_err(path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| file_err(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let hex = hasher.finalize().to_hex().to_string();
+    let hex = File::open(path)
+        .and_then(hash_reader)
+        .map_err(|e| file_err(path, e))?;
     if let Ok(mut cache) = hash_cache().lock() {
         cache.insert(key, hex.clone());
     }
@@ -123,7 +134,7 @@ impl FileTable {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            mtime_ns: mtime_ns(&meta),
             mode: meta.mode(),
             blake3: String::new(),
             deleted,
@@ -145,7 +156,7 @@ impl FileTable {
                 continue;
             }
             let meta = std::fs::metadata(source).map_err(|e| file_err(source, e))?;
-            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            let mtime_ns = mtime_ns(&meta);
             if meta.size() != file.size || mtime_ns != file.mtime_ns {
                 return Err(Error::Other(format!(
                     "{} changed while being checkpointed; retry the checkpoint",

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 
 use crate::error::{Error, Result};
@@ -188,7 +187,7 @@ fn check_file(f: &FileRef, warnings: &mut Vec<String>) -> Result<()> {
             "changed since the checkpoint (same size, different content)".into(),
         ));
     }
-    let mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    let mtime_ns = crate::files::mtime_ns(&md);
     if mtime_ns != f.mtime_ns {
         // Same bytes (the hash says so), touched or copied since: the memory
         // it backs is the same.
@@ -201,17 +200,7 @@ fn check_file(f: &FileRef, warnings: &mut Vec<String>) -> Result<()> {
 }
 
 fn hash_path(path: &str) -> std::io::Result<String> {
-    let mut file = File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().to_hex().to_string())
+    File::open(path).and_then(crate::files::hash_reader)
 }
 
 /// The working directory and the files descriptors name must exist.
