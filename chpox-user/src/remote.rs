@@ -143,17 +143,8 @@ impl<'f> RemoteThread<'f> {
         })
     }
 
-    pub fn tid(&self) -> i32 {
-        self.tid
-    }
-
     pub fn pid(&self) -> i32 {
         self.frozen.pid()
-    }
-
-    /// The thread's signal mask as it was before we borrowed it.
-    pub fn saved_sigmask(&self) -> u64 {
-        self.saved_mask
     }
 
     /// Run syscall `nr` with `args`; returns the raw result (a negative

@@ -7,6 +7,17 @@ use crate::remote::{self, RemoteThread};
 /// Longest path we pass (PATH_MAX, with its NUL).
 pub const PATH_MAX: usize = 4096;
 
+// The scratch area, one region per kind of use, so that no caller needs to
+// know another's offsets. A path (`put_path`) takes [0, 4096).
+/// A syscall's structured argument: a sigaction, a stack_t, a siginfo, the
+/// mm map and auxv, rlimits, the group list.
+pub const ARGS_AT: u64 = 4096;
+/// Small values the kernel reads and writes back: sendfile's offset, the
+/// descriptors pipe2 makes.
+pub const INOUT_AT: u64 = 8192;
+/// clone3's arguments and TID array, alive while a thread is created.
+pub const CLONE_AT: u64 = 12288;
+
 pub struct Child<'f> {
     thread: RemoteThread<'f>,
     scratch: u64,

@@ -18,7 +18,7 @@
 use tracing::warn;
 
 use super::Context;
-use super::child::{Child, errno_of};
+use super::child::{Child, INOUT_AT, errno_of};
 use super::memory::{fill_fd, memfd};
 use crate::error::{Error, Result};
 use crate::fds::is_read_end;
@@ -230,9 +230,8 @@ fn inherited_stdio(
     Ok(out)
 }
 
-/// Scratch offset of the `int[2]` pipe2 fills (after the path and the
-/// sendfile offset).
-const PIPE_FDS_AT: u64 = 8192 + 64;
+/// Where pipe2 puts the two descriptors (past sendfile's offset).
+const PIPE_FDS_AT: u64 = INOUT_AT + 64;
 
 /// The pipes whose both ends the process held, made anew: (inode, read
 /// end, write end), numbered `top` or above, of the saved capacity and

@@ -159,11 +159,8 @@ pub struct Mapped {
 impl Mapped {
     /// Close the descriptors: the mappings keep their files.
     pub fn close(self, c: &mut Child<'_>) -> Result<()> {
-        let mut fds: Vec<i32> = self.files.into_values().collect();
-        fds.extend(self.exe_fd);
-        fds.sort_unstable();
-        fds.dedup();
-        for fd in fds {
+        // The executable's descriptor is among them (`file_fd` made it).
+        for fd in self.files.into_values() {
             c.close(fd)?;
         }
         Ok(())
@@ -297,10 +294,8 @@ pub fn fill_fd(
     data: &DataRef,
 ) -> Result<()> {
     if data.compression == Compression::None {
-        // The offset sendfile advances lives in the scratch area, after the
-        // path.
-        const OFF_AT: u64 = 8192;
-        let off_addr = c.put(OFF_AT, &data.offset.to_ne_bytes())?;
+        // The offset sendfile advances lives in the child's memory.
+        let off_addr = c.put(super::child::INOUT_AT, &data.offset.to_ne_bytes())?;
         let mut left = data.raw_len;
         while left > 0 {
             let n = c.call(

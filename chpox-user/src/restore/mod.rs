@@ -55,13 +55,13 @@
 //! - A thread interrupted in a sleep that the kernel would continue through
 //!   `restart_syscall` (nanosleep, poll, futex waits with a timeout…) has
 //!   no restart block in the new process: the *original* syscall is run
-//!   again with its original arguments, so a relative sleep starts over
-//!   with its full length.
-//! - With a new PID (`--pid any`), the process's own cached idea of its
-//!   thread ids (glibc's `raise`, `pthread_kill`) still holds the old ones.
-//! - Threads' robust-futex lists are not restored. `clear_child_tid` comes
-//!   from the image; for images that lack it, it is found by looking for
-//!   each thread's TID in its thread-control block (see [`threads`]).
+//!   again with its original arguments (see [`registers`]), so a relative
+//!   sleep without a remainder pointer starts over with its full length.
+//! - With new TIDs, glibc's record of each thread's TID is rewritten, but a
+//!   mutex locked at the checkpoint still names its owner by the old one.
+//!   `clear_child_tid` comes from the image; for images that lack it, it is
+//!   found by looking for each thread's TID in its thread-control block
+//!   (see [`threads`]).
 
 pub mod child;
 pub mod fds;
@@ -123,8 +123,8 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     // later.
     let (reader, image_file) =
         ImageReader::open_file(image).map_err(|e| Error::Other(e.to_string()))?;
-    let plan = validate::validate(&reader)?;
-    let mut warnings = plan.warnings.clone();
+    let mut plan = validate::validate(&reader)?;
+    let mut warnings = std::mem::take(&mut plan.warnings);
     for w in &warnings {
         warn!("{w}");
     }
@@ -252,7 +252,7 @@ fn build(
     }
     let creds = &meta.process.creds;
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
-    threads::setup(&mut c, main, tid_offset, Some(creds))?;
+    threads::setup(&mut c, main, tid_offset, creds)?;
 
     // Last remote call: the trampoline goes too. The thread stops at the
     // syscall exit, and never runs on the unmapped page: its registers are

@@ -6,7 +6,7 @@
 use tracing::{debug, warn};
 
 use super::Context;
-use super::child::{Child, errno_of};
+use super::child::{ARGS_AT, Child, errno_of};
 use crate::error::{Error, Result};
 use crate::image::model::Credentials;
 
@@ -19,8 +19,8 @@ const PRCTL_MM_MAP_SIZE: usize = 104;
 const MAX_AUXV_BYTES: usize = 2 * (3 + 22 + 1) * 8;
 
 /// Scratch offsets: the struct after the path area, the auxv after it.
-const MM_MAP_AT: u64 = 4096;
-const AUXV_AT: u64 = 4096 + 256;
+const MM_MAP_AT: u64 = ARGS_AT;
+const AUXV_AT: u64 = ARGS_AT + 256;
 
 fn note(warnings: &mut Vec<String>, w: String) {
     warn!("{w}");
@@ -184,8 +184,8 @@ pub fn restore_rlimits(
     limits: &[crate::image::model::Rlimit],
     warnings: &mut Vec<String>,
 ) -> Result<()> {
-    const NEW_AT: u64 = 4096;
-    const OLD_AT: u64 = 4096 + 16;
+    const NEW_AT: u64 = ARGS_AT;
+    const OLD_AT: u64 = ARGS_AT + 16;
     for l in limits {
         let mut new = [0u8; 16];
         new[..8].copy_from_slice(&l.soft.to_ne_bytes());
@@ -277,30 +277,31 @@ pub fn restore_creds(c: &mut Child<'_>, creds: &Credentials) -> Result<()> {
         for g in &creds.groups {
             bytes.extend_from_slice(&g.to_ne_bytes());
         }
-        let addr = c.put(4096, &bytes)?;
+        let addr = c.put(ARGS_AT, &bytes)?;
         c.call(
             "setgroups",
             libc::SYS_setgroups,
             [creds.groups.len() as u64, addr, 0, 0, 0, 0],
         )?;
     }
-    let [r, e, s, fs] = creds.gid;
-    c.call(
-        "setresgid",
-        libc::SYS_setresgid,
-        [r.into(), e.into(), s.into(), 0, 0, 0],
-    )?;
-    if fs != e {
-        c.call("setfsgid", libc::SYS_setfsgid, [fs.into(), 0, 0, 0, 0, 0])?;
-    }
-    let [r, e, s, fs] = creds.uid;
-    c.call(
-        "setresuid",
-        libc::SYS_setresuid,
-        [r.into(), e.into(), s.into(), 0, 0, 0],
-    )?;
-    if fs != e {
-        c.call("setfsuid", libc::SYS_setfsuid, [fs.into(), 0, 0, 0, 0, 0])?;
+    // Groups before users: setresuid ends the right to change either.
+    let steps = [
+        (
+            creds.gid,
+            ("setresgid", libc::SYS_setresgid),
+            ("setfsgid", libc::SYS_setfsgid),
+        ),
+        (
+            creds.uid,
+            ("setresuid", libc::SYS_setresuid),
+            ("setfsuid", libc::SYS_setfsuid),
+        ),
+    ];
+    for ([r, e, s, fs], (set_res, set_res_nr), (set_fs, set_fs_nr)) in steps {
+        c.call(set_res, set_res_nr, [r.into(), e.into(), s.into(), 0, 0, 0])?;
+        if fs != e {
+            c.call(set_fs, set_fs_nr, [fs.into(), 0, 0, 0, 0, 0])?;
+        }
     }
     c.call(
         "prctl(PR_SET_DUMPABLE)",

@@ -4,17 +4,16 @@
 
 use tracing::warn;
 
-use super::child::{Child, errno_of};
+use super::child::{ARGS_AT, Child, errno_of};
 use crate::error::Result;
 use crate::image::model::{AltStack, Metadata, PendingSignal, SigAction};
 
-const AT: u64 = 4096;
 const SS_AUTODISARM: i32 = 1 << 31;
 
 /// `rt_sigaction` for every saved disposition.
 pub fn restore_actions(c: &mut Child<'_>, actions: &[SigAction]) -> Result<()> {
     for a in actions {
-        let addr = c.put(AT, &crate::signals::to_kernel(a))?;
+        let addr = c.put(ARGS_AT, &crate::signals::to_kernel(a))?;
         c.call(
             "rt_sigaction",
             libc::SYS_rt_sigaction,
@@ -37,7 +36,7 @@ pub fn restore_altstack(c: &mut Child<'_>, stack: Option<&AltStack>) -> Result<(
     b[..8].copy_from_slice(&sp.to_ne_bytes());
     b[8..12].copy_from_slice(&flags.to_ne_bytes());
     b[16..].copy_from_slice(&size.to_ne_bytes());
-    let addr = c.put(AT, &b)?;
+    let addr = c.put(ARGS_AT, &b)?;
     c.call("sigaltstack", libc::SYS_sigaltstack, [addr, 0, 0, 0, 0, 0])?;
     Ok(())
 }
@@ -71,7 +70,7 @@ fn queue(
         if p.signo == libc::SIGKILL || p.signo == libc::SIGSTOP || p.siginfo.len() != 128 {
             continue;
         }
-        let info = c.put(AT, &p.siginfo)?;
+        let info = c.put(ARGS_AT, &p.siginfo)?;
         let ret = match thread {
             None => c.raw(
                 libc::SYS_rt_sigqueueinfo,

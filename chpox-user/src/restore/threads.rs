@@ -9,17 +9,17 @@
 //! registers are loaded.
 //!
 //! Per-thread kernel state set here: name, alternate stack, rseq,
-//! credentials (per thread in Linux), the `clear_child_tid` address
-//! (`set_tid_address`) that `pthread_join` relies on, and queued signals.
-//! The image does not record `clear_child_tid`; for glibc it is the `tid`
-//! field of the thread's `struct pthread`, which sits at the thread
-//! pointer (`fs_base`): we look for the offset at which every thread's
-//! memory holds its own TID (glibc 2.26+ on x86-64: 0x2d0). Robust-futex
-//! lists (`set_robust_list`) are not restored.
+//! robust-futex list, credentials (per thread in Linux), and the
+//! `clear_child_tid` address (`set_tid_address`) that `pthread_join` relies
+//! on. Images record `clear_child_tid`; for older ones, and to rewrite
+//! glibc's record of each TID when TIDs change, we look for the offset from
+//! the thread pointer (`fs_base`) at which every thread's memory holds its
+//! own TID: the `tid` field of glibc's `struct pthread` (glibc 2.26+ on
+//! x86-64: 0x2d0).
 
 use tracing::{debug, warn};
 
-use super::child::{Child, errno_of};
+use super::child::{CLONE_AT, Child, errno_of};
 use super::memory::Layout;
 use super::spawn::PidMode;
 use crate::error::{Error, Result};
@@ -28,8 +28,8 @@ use crate::ptrace::Frozen;
 use crate::remote::{RemoteThread, read_memory, write_memory};
 
 /// Scratch offsets of clone3's arguments.
-const ARGS_AT: u64 = 12288;
-const TIDS_AT: u64 = 12288 + 128;
+const CLONE_ARGS_AT: u64 = CLONE_AT;
+const TIDS_AT: u64 = CLONE_AT + 128;
 /// glibc's `offsetof(struct pthread, tid)` on x86-64.
 const GLIBC_TID_OFFSET: u64 = 0x2d0;
 
@@ -52,11 +52,8 @@ pub fn create(
         | libc::CLONE_SYSVSEM) as u64;
     let mut taken = Vec::new();
     for state in threads {
-        let want = match mode {
-            PidMode::Any => None,
-            _ if !same_pid => None,
-            _ => Some(state.tid),
-        };
+        // Never the saved TIDs under `--pid any`: same_pid is false then.
+        let want = same_pid.then_some(state.tid);
         let mut tid = clone_thread(c, flags, want)?;
         if tid == -(libc::EEXIST as i64) && mode == PidMode::Prefer {
             taken.push(state.tid);
@@ -80,9 +77,7 @@ pub fn create(
         debug!(saved = state.tid, tid, "thread created");
     }
     if !taken.is_empty() {
-        let w = format!(
-            "thread IDs {taken:?} are taken; those threads got new ones (the program's own record of them is stale)"
-        );
+        let w = format!("thread IDs {taken:?} are taken; those threads got new ones");
         warn!("{w}");
         warnings.push(w);
     }
@@ -109,7 +104,7 @@ fn clone_thread(c: &mut Child<'_>, flags: u64, tid: Option<i32>) -> Result<i64> 
     ] {
         args.extend_from_slice(&w.to_ne_bytes());
     }
-    let addr = c.put(ARGS_AT, &args)?;
+    let addr = c.put(CLONE_ARGS_AT, &args)?;
     c.raw(libc::SYS_clone3, [addr, args.len() as u64, 0, 0, 0, 0])
 }
 
@@ -168,7 +163,7 @@ pub fn setup(
     c: &mut Child<'_>,
     state: &ThreadState,
     tid_offset: Option<u64>,
-    creds: Option<&Credentials>,
+    creds: &Credentials,
 ) -> Result<()> {
     let name: String = state.comm.chars().filter(|&ch| ch != '\0').collect();
     let addr = c.put_path(&name)?;
@@ -196,9 +191,7 @@ pub fn setup(
             [list.head, list.len, 0, 0, 0, 0],
         )?;
     }
-    if let Some(creds) = creds {
-        super::process::restore_creds(c, creds)?;
-    }
+    super::process::restore_creds(c, creds)?;
     if let Some(rseq) = state.rseq {
         c.call(
             "rseq",
@@ -229,10 +222,9 @@ pub fn finish(
         let thread = RemoteThread::borrow(frozen, tid, layout.trampoline)?;
         let mut c = Child::new(thread, layout.scratch, layout.scratch_len);
         super::signals::restore_altstack(&mut c, state.sigaltstack.as_ref())?;
-        setup(&mut c, state, tid_offset, Some(creds))?;
+        setup(&mut c, state, tid_offset, creds)?;
         c.into_thread().give_back()?;
         super::registers::load(tid, state)?;
     }
     Ok(())
 }
-
