@@ -85,16 +85,16 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
     let pid: i32 = unsafe { ctx.read_at(off.pid as usize)? };
     let target = pid as u32;
     // Aimed at the process (or its leader), or at another of its threads.
-    let pid = match REGISTRY.get_ptr(target) {
-        Some(_) => target,
+    let (pid, reg) = match REGISTRY.get_ptr(target) {
+        Some(reg) => (target, reg),
         // SAFETY: a live map value, copied out at once.
         None => match unsafe { THREADS.get(target) } {
-            Some(&tgid) => tgid,
+            Some(&tgid) => match REGISTRY.get_ptr(tgid) {
+                Some(reg) => (tgid, reg),
+                None => return Ok(0),
+            },
             None => return Ok(0),
         },
-    };
-    let Some(reg) = REGISTRY.get_ptr(pid) else {
-        return Ok(0);
     };
     // SAFETY: the pointer is a live map value; copy it out at once.
     let reg = unsafe { *reg };

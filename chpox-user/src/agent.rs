@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chpox_common::{
     EVENT_CHECKPOINT, EVENT_EXIT, Event, MAX_REGISTRATIONS, Registration, STATE_IDLE,
@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::bpf::{Bpf, StatesMap, parse_event};
 use crate::control::{
@@ -36,6 +36,7 @@ use crate::control::{
 };
 use crate::dump::{DumpOptions, dump};
 use crate::image::model::{SavedRegistration, SigAction};
+use crate::process::{monotonic_ns, unix_now};
 use crate::signals::{self, Disposition};
 
 #[derive(Debug, Clone)]
@@ -120,14 +121,6 @@ pub struct Agent {
     config: AgentConfig,
     state: Mutex<State>,
     states: Arc<StatesMap>,
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn start_time(pid: i32) -> Option<u64> {
@@ -441,10 +434,9 @@ impl Agent {
                     entry.uid
                 ));
             }
-            let entry = state.entries.remove(&pid).ok_or("vanished")?;
-            state.bpf.unregister(pid as u32);
-            state.free_slots.push(entry.slot);
-            fail_waiters(&mut state, pid, "the process was unregistered");
+            let entry = state
+                .release(pid, "the process was unregistered", true)
+                .ok_or("vanished")?;
             self.save(&state);
             entry
         };
@@ -536,6 +528,18 @@ impl Agent {
     /// Write the checkpoint(s) an event asked for. Blocking.
     fn run_checkpoints(&self, event: Event) {
         let pid = event.tgid as i32;
+        // Who asked, for an operator wondering where a checkpoint came from.
+        debug!(
+            pid,
+            target = event.target_pid,
+            signal = event.signal,
+            si_code = event.code,
+            result = event.result,
+            sender_pid = event.sender_tgid,
+            sender_tid = event.sender_pid,
+            sender_uid = event.sender_uid,
+            "checkpoint requested"
+        );
         let Some(entry) = self.lock().entries.get(&pid).cloned() else {
             // Unregistered meanwhile: nothing to do but free the state.
             self.states
@@ -611,10 +615,10 @@ impl Agent {
         generation: u64,
     ) -> Result<Written, String> {
         let pid = entry.pid;
-        if start_time(pid) != Some(entry.start_time) {
-            return Err(format!("PID {pid} is no longer the registered process"));
-        }
         let mut opts = DumpOptions::new(&entry.output);
+        // Checked by the dump once the process is frozen: a recycled PID
+        // is refused, not checkpointed.
+        opts.expect_start_time = Some(entry.start_time);
         opts.keep_previous = self.config.keep;
         opts.registration = Some(SavedRegistration {
             signal: entry.signal,
@@ -701,10 +705,7 @@ impl Agent {
 
     fn forget(&self, state: &mut State, gone: &[i32]) {
         for &pid in gone {
-            if let Some(entry) = state.entries.remove(&pid) {
-                state.bpf.unregister(pid as u32);
-                state.free_slots.push(entry.slot);
-                fail_waiters(state, pid, "the process exited");
+            if let Some(entry) = state.release(pid, "the process exited", true) {
                 info!(pid, comm = %entry.comm, "registered process is gone");
             }
         }
@@ -714,9 +715,8 @@ impl Agent {
     fn on_exit(&self, event: Event) {
         let pid = event.tgid as i32;
         let mut state = self.lock();
-        if let Some(entry) = state.entries.remove(&pid) {
-            state.free_slots.push(entry.slot);
-            fail_waiters(&mut state, pid, "the process exited");
+        // The eBPF program dropped it from the map already, at the exit.
+        if let Some(entry) = state.release(pid, "the process exited", false) {
             self.save(&state);
             info!(pid, comm = %entry.comm, checkpoints = entry.checkpoints, "registered process exited");
         }
@@ -767,17 +767,21 @@ impl Agent {
     }
 }
 
-fn fail_waiters(state: &mut State, pid: i32, why: &str) {
-    for (_, w) in state.waiters.remove(&pid).unwrap_or_default() {
-        let _ = w.send(Err(format!("PID {pid}: {why}")));
+impl State {
+    /// Drop `pid`'s registration: its entry, its slot, its map entries
+    /// (`in_map`: unless the eBPF program removed them already), and tell
+    /// whoever waits for its checkpoint `why`.
+    fn release(&mut self, pid: i32, why: &str, in_map: bool) -> Option<Entry> {
+        let entry = self.entries.remove(&pid)?;
+        if in_map {
+            self.bpf.unregister(pid as u32);
+        }
+        self.free_slots.push(entry.slot);
+        for (_, w) in self.waiters.remove(&pid).unwrap_or_default() {
+            let _ = w.send(Err(format!("PID {pid}: {why}")));
+        }
+        Some(entry)
     }
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 fn prepare_run_dir(dir: &Path) -> anyhow::Result<()> {
@@ -938,7 +942,10 @@ async fn serve_events(agent: Arc<Agent>, ring: aya::maps::RingBuf<aya::maps::Map
                 EVENT_CHECKPOINT => {
                     tokio::task::spawn_blocking(move || agent.run_checkpoints(event));
                 }
-                EVENT_EXIT => agent.on_exit(event),
+                // It saves the registrations to a file: not on this task.
+                EVENT_EXIT => {
+                    tokio::task::spawn_blocking(move || agent.on_exit(event));
+                }
                 other => warn!(kind = other, "unknown event"),
             }
         }

@@ -415,15 +415,14 @@ impl Drop for StatesMap {
     }
 }
 
-/// The thread ids of process `tgid` other than its leader.
+/// The threads of `tgid` other than its leader (none if it is gone).
 fn threads_of(tgid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{tgid}/task"))
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|&tid| tid != tgid)
-                .collect()
-        })
+    crate::ptrace::list_threads(tgid as i32)
         .unwrap_or_default()
+        .into_iter()
+        .map(|tid| tid as u32)
+        .filter(|&tid| tid != tgid)
+        .collect()
 }
 
 /// Decode a ring buffer record.

@@ -203,7 +203,7 @@ fn format_time(unix: Option<u64>) -> String {
     let Some(t) = unix else {
         return "-".into();
     };
-    let ago = crate::agent::unix_now().saturating_sub(t);
+    let ago = crate::process::unix_now().saturating_sub(t);
     match ago {
         0..60 => format!("{ago}s ago"),
         60..3600 => format!("{}m ago", ago / 60),

@@ -40,6 +40,9 @@ pub struct DumpOptions {
     pub as_user: Option<crate::creds::UserCreds>,
     /// Recorded in the image for `chpox restore --register`.
     pub registration: Option<SavedRegistration>,
+    /// Refuse the process unless it started at this time (clock ticks since
+    /// boot, as in /proc/PID/stat): the PID may have been reused.
+    pub expect_start_time: Option<u64>,
 }
 
 impl DumpOptions {
@@ -55,6 +58,7 @@ impl DumpOptions {
             keep_previous: 0,
             as_user: None,
             registration: None,
+            expect_start_time: None,
         }
     }
 }
@@ -111,7 +115,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
 
     let frozen = Frozen::freeze(pid)?;
     let frozen_at = Instant::now();
-    let frozen_at_monotonic_ns = crate::agent::monotonic_ns();
+    let frozen_at_monotonic_ns = crate::process::monotonic_ns();
     let captured = capture(&frozen, opts, &mut writer, area)?;
     let mut meta = captured.meta;
     let checksums = captured.checksums;
@@ -228,6 +232,14 @@ fn capture(
     // once the writer streams again.
     let mut fds = fds::scan_fds(pid, opts.unsupported_fd)?;
     let mut info = process::dump_proc_info(pid)?;
+    if opts
+        .expect_start_time
+        .is_some_and(|t| t != info.start_time_ticks)
+    {
+        return Err(Error::Other(format!(
+            "PID {pid} is no longer the registered process"
+        )));
+    }
     let tids = frozen.tids();
     let mut thread_states = tids
         .iter()

@@ -136,7 +136,7 @@ impl Drop for HoldTerminalSignals {
     }
 }
 
-fn list_threads(pid: i32) -> Result<Vec<i32>> {
+pub(crate) fn list_threads(pid: i32) -> Result<Vec<i32>> {
     let path = format!("/proc/{pid}/task");
     let entries = std::fs::read_dir(&path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {

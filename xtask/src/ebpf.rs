@@ -61,7 +61,7 @@ fn clean_cargo() -> Command {
     cmd
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
@@ -217,8 +217,6 @@ pub fn object_copy_path() -> PathBuf {
     workspace_root().join("target").join("chpox-ebpf.o")
 }
 
-/// Build chpox-ebpf; returns the object's path in chpox-ebpf/target and
-/// copies it to `target/chpox-ebpf.o` in the workspace.
 /// Install a component of the nightly toolchain if it is missing.
 fn ensure_nightly_component(name: &str) -> Result<()> {
     let components =
@@ -251,16 +249,8 @@ pub fn lint_ebpf() -> Result<()> {
             .args(["+nightly", "fmt", "--", "--check"]),
         "run `cargo +nightly fmt` in chpox-ebpf",
     )?;
-    let mut clippy = clean_cargo();
-    if let (Some(bin), Some(path)) = (cargo_home_bin(), std::env::var_os("PATH")) {
-        let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-        if !dirs.contains(&bin) {
-            dirs.push(bin);
-            clippy.env("PATH", std::env::join_paths(dirs)?);
-        }
-    }
     run_step(
-        clippy.current_dir(&crate_dir).args([
+        ebpf_cargo()?.current_dir(&crate_dir).args([
             "+nightly",
             "clippy",
             "-Z",
@@ -276,11 +266,10 @@ pub fn lint_ebpf() -> Result<()> {
     )
 }
 
-pub fn build_ebpf(release: bool) -> Result<PathBuf> {
-    install_prerequisites()?;
-    let crate_dir = workspace_root().join("chpox-ebpf");
+/// A clean cargo that finds bpf-linker even when ~/.cargo/bin is not on
+/// PATH.
+fn ebpf_cargo() -> Result<Command> {
     let mut cmd = clean_cargo();
-    // cargo must find bpf-linker even when ~/.cargo/bin is not on PATH.
     if let (Some(bin), Some(path)) = (cargo_home_bin(), std::env::var_os("PATH")) {
         let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
         if !dirs.contains(&bin) {
@@ -288,6 +277,15 @@ pub fn build_ebpf(release: bool) -> Result<PathBuf> {
             cmd.env("PATH", std::env::join_paths(dirs)?);
         }
     }
+    Ok(cmd)
+}
+
+/// Build chpox-ebpf; returns the object's path in chpox-ebpf/target and
+/// copies it to `target/chpox-ebpf.o` in the workspace.
+pub fn build_ebpf(release: bool) -> Result<PathBuf> {
+    install_prerequisites()?;
+    let crate_dir = workspace_root().join("chpox-ebpf");
+    let mut cmd = ebpf_cargo()?;
     cmd.current_dir(&crate_dir).args([
         "+nightly",
         "build",

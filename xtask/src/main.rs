@@ -86,8 +86,7 @@ fn cargo() -> Command {
 }
 
 fn require_root(what: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !ebpf::is_root() {
         bail!("{what} needs root (it ptraces real processes); rerun with sudo");
     }
     Ok(())

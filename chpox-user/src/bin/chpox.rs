@@ -165,6 +165,7 @@ fn run(cli: Cli) -> Result<()> {
                 keep_previous: 0,
                 as_user: None,
                 registration: None,
+                expect_start_time: None,
             };
             let report =
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?;
