@@ -280,8 +280,10 @@ fn capture(
     let maps = memory::read_maps(pid)?;
     phase.done("smaps");
     let mut files = FileTable::new(pid);
-    info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
+    // add_exe learns from the " (deleted)" mark that the file must be
+    // embedded; the image records the name without it.
     info.exe_file = Some(files.add_exe(&info.exe)?);
+    info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
     let mut pages = PageDumper::new(pid, area)?;
     let mut vmas = Vec::with_capacity(maps.len());
     let mut resident_pages = 0u64;

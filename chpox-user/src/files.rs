@@ -123,10 +123,12 @@ impl FileTable {
         let source = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let meta = file.metadata().map_err(|e| file_err(&source, e))?;
         if let Some(&i) = self.by_id.get(&(meta.dev(), meta.ino())) {
-            // The executable is also mapped; the stronger role wins.
+            // The executable is also mapped; the stronger role wins, and
+            // any name that says the file is deleted is believed.
             if role == FileRole::Executable {
                 self.files[i].role = role;
             }
+            self.files[i].deleted |= deleted;
             return Ok(i);
         }
         self.files.push(FileRef {

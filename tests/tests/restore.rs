@@ -481,6 +481,21 @@ fn changed_executable_restores_from_its_embedded_copy() {
     assert_eq!(t.lines_after_ready(), ["DONE slept"]);
 }
 
+/// An executable deleted while its process runs has no name left to
+/// reopen: the dump embeds it without being asked, and restore uses that.
+#[test]
+fn a_deleted_executable_is_embedded_and_restores() {
+    let dir = tempdir();
+    let copy = copy_program("sleeper", dir.path());
+    let mut t = Target::spawn_command(Command::new(&copy), "sleeper", dir.path());
+    std::fs::remove_file(&copy).expect("delete the executable");
+    let image = dir.path().join("deleted.img");
+    checkpoint(&mut t, &image, &[]);
+    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(t.lines_after_ready(), ["DONE slept"]);
+}
+
 #[test]
 fn corrupt_image_is_refused() {
     let dir = tempdir();
