@@ -1372,6 +1372,11 @@ fn the_whole_loop_run_kill31_crash_restore_register_and_again() {
 
     t.signal(12);
     let image = output_of(&agent.wait_checkpoints(pid, 1));
+    let summary = common::chpox_ok(&["inspect", path_str(&image)]);
+    assert!(
+        summary.contains("taken by chpox-agent: signal 12, flags 2"),
+        "{summary}"
+    );
     assert_running(&mut t);
     t.child.kill().expect("kill -9");
     t.child.wait().expect("reap");
