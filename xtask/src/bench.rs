@@ -130,10 +130,17 @@ struct DumpSample {
 /// (validation with every checksum, address space, pages, threads). The
 /// restored copy is killed right after.
 fn restore_once(image: &Path) -> Result<f64> {
+    // The target's stdout was a pipe to us, so the restored copy is handed
+    // chpox restore's own stdout: a file, not a pipe whose end would never
+    // come while the copy runs.
+    let printed = image.with_extension("restore-out");
+    let stdout = std::fs::File::create(&printed)
+        .with_context(|| format!("cannot create {}", printed.display()))?;
     let t = Instant::now();
     let out = Command::new(release_bin("chpox"))
         .args(["restore", "--pid", "any", "--detach"])
         .arg(image)
+        .stdout(stdout)
         .output()
         .context("cannot run chpox restore")?;
     let secs = t.elapsed().as_secs_f64();
@@ -143,7 +150,9 @@ fn restore_once(image: &Path) -> Result<f64> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let pid = String::from_utf8_lossy(&out.stdout)
+    let printed_text = std::fs::read_to_string(&printed).unwrap_or_default();
+    let _ = std::fs::remove_file(&printed);
+    let pid = printed_text
         .split_whitespace()
         .find_map(|w| w.parse::<i32>().ok())
         .context("chpox restore --detach printed no PID")?;
