@@ -631,6 +631,7 @@ impl Agent {
             );
         }
         opts.embed_exe = entry.flags & flags::EMBED_EXE != 0;
+        opts.children = entry.flags & flags::INCLUDE_CHILDREN != 0;
         if entry.flags & flags::EMBED_LIBS != 0 {
             opts.embed_libs = self
                 .lock()

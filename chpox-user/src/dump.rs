@@ -10,18 +10,19 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::fds::{self, UnsupportedFd};
 use crate::files::FileTable;
 use crate::image::model::{
-    AfterDump, HostInfo, Metadata, SavedRegistration, SignalState, Vma, VmaKind,
+    AfterDump, HostInfo, Metadata, ProcessImage, SavedRegistration, SignalState, Vma, VmaKind,
 };
 use crate::image::{ImageWriter, MappedArea, WriteOptions};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
+use crate::tree::{self, FrozenTree};
 use crate::{process, registers, signals, threads};
 
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub struct DumpOptions {
     /// Refuse the process unless it started at this time (clock ticks since
     /// boot, as in /proc/PID/stat): the PID may have been reused.
     pub expect_start_time: Option<u64>,
+    /// The process and all its descendants (the default), or the process
+    /// alone.
+    pub children: bool,
 }
 
 impl DumpOptions {
@@ -59,6 +63,7 @@ impl DumpOptions {
             as_user: None,
             registration: None,
             expect_start_time: None,
+            children: true,
         }
     }
 }
@@ -72,6 +77,11 @@ pub struct DumpReport {
     pub pages_stored: u64,
     pub threads: usize,
     pub vmas: usize,
+    /// Processes in the image (the root and its descendants, zombies not
+    /// counted).
+    pub processes: usize,
+    /// Children of the process a single-process checkpoint left out.
+    pub children_not_saved: Vec<i32>,
     /// Resident memory of the process at dump time (sum of present pages).
     pub resident_bytes: u64,
     pub frozen: Duration,
@@ -106,42 +116,48 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // on tmpfs, allocating pages costs more than filling them, and the
     // frozen phase is then one copy per page. A little headroom covers
     // memory the process touches between now and the freeze.
-    let estimate = memory::estimate_stored_bytes(pid);
+    let estimate: u64 = if opts.children {
+        tree::descendants_now(pid)
+            .into_iter()
+            .map(memory::estimate_stored_bytes)
+            .sum()
+    } else {
+        memory::estimate_stored_bytes(pid)
+    };
     let area = writer.map_area(estimate + estimate / 16 + (4 << 20))?;
     debug!(
         ms = started.elapsed().as_secs_f64() * 1e3,
         estimate, "image area mapped"
     );
 
-    let frozen = Frozen::freeze(pid)?;
+    let frozen = FrozenTree::freeze(pid, opts.children)?;
     let frozen_at = Instant::now();
     let frozen_at_monotonic_ns = crate::process::monotonic_ns();
-    let captured = capture(&frozen, opts, &mut writer, area)?;
+    let captured = capture_tree(&frozen, opts, &mut writer, area)?;
     let mut meta = captured.meta;
-    let checksums = captured.checksums;
     let files = captured.files;
+    let checksums = captured.checksums;
+    let finish = move |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
+        checksums.apply(&mut meta.root.vmas);
+        finish_files(files, opts, &mut writer, meta)?;
+        Ok(writer.finish(meta)?)
+    };
 
     let (image_bytes, frozen_for) = match opts.after {
         AfterDump::LeaveRunning => {
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
-            checksums.apply(&mut meta.vmas);
-            finish_files(files, opts, &mut writer, &mut meta)?;
-            (writer.finish(&meta)?, frozen_for)
+            (finish(&mut meta, writer)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
-            checksums.apply(&mut meta.vmas);
-            finish_files(files, opts, &mut writer, &mut meta)?;
-            (writer.finish(&meta)?, frozen_for)
+            (finish(&mut meta, writer)?, frozen_for)
         }
         AfterDump::Kill => {
             // If finishing fails, `frozen` is dropped on the error path and
-            // the process runs on: no checkpoint, but nothing lost.
-            checksums.apply(&mut meta.vmas);
-            finish_files(files, opts, &mut writer, &mut meta)?;
-            let bytes = writer.finish(&meta)?;
+            // the processes run on: no checkpoint, but nothing lost.
+            let bytes = finish(&mut meta, writer)?;
             frozen.kill();
             (bytes, frozen_at.elapsed())
         }
@@ -149,20 +165,30 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     debug!(ms = started.elapsed().as_secs_f64() * 1e3, "image finished");
     let report = DumpReport {
         pid,
-        comm: meta.process.comm.clone(),
+        comm: meta.root.process.comm.clone(),
         image: opts.output.clone(),
         image_bytes,
         pages_stored: captured.pages_stored,
-        threads: meta.threads.len(),
-        vmas: meta.vmas.len(),
+        threads: meta.processes().map(|p| p.threads.len()).sum(),
+        vmas: meta.processes().map(|p| p.vmas.len()).sum(),
+        processes: 1 + meta.descendants.len(),
+        children_not_saved: meta.children_not_saved.clone(),
         resident_bytes: captured.resident_pages * PAGE_SIZE,
         frozen: frozen_for,
         total: started.elapsed(),
         frozen_at_monotonic_ns,
     };
+    if !report.children_not_saved.is_empty() {
+        warn!(
+            pid,
+            children = ?report.children_not_saved,
+            "checkpoint of the process alone: its children are not in the image"
+        );
+    }
     info!(
         pid,
         image = %report.image.display(),
+        processes = report.processes,
         bytes = report.image_bytes,
         frozen_ms = report.frozen.as_secs_f64() * 1e3,
         total_ms = report.total.as_secs_f64() * 1e3,
@@ -213,29 +239,134 @@ impl Phases {
 struct Captured {
     meta: Metadata,
     files: FileTable,
+    /// For the root's pages, the only ones copied into the mapped area.
     checksums: memory::PageChecksums,
     pages_stored: u64,
     resident_pages: u64,
 }
 
-/// Read everything while the process is frozen; bulk data goes to `writer`.
-fn capture(
-    frozen: &Frozen,
+/// Read everything while the tree is frozen; bulk data goes to `writer`.
+fn capture_tree(
+    tree: &FrozenTree,
     opts: &DumpOptions,
     writer: &mut ImageWriter,
-    area: Option<MappedArea>,
+    mut area: Option<MappedArea>,
 ) -> Result<Captured> {
-    let pid = frozen.pid();
     let mut phase = Phases::start();
     // Descriptors first: an unsupported one fails the dump before the
-    // expensive part. Content of deleted files is copied after the pages,
-    // once the writer streams again.
-    let mut fds = fds::scan_fds(pid, opts.unsupported_fd)?;
+    // expensive part.
+    let mut fds = Vec::with_capacity(tree.members().len());
+    for frozen in tree.members() {
+        fds.push(fds::scan_fds(frozen.pid(), opts.unsupported_fd)?);
+    }
+    phase.done("descriptors");
+    let mut files = FileTable::new();
+    let mut shmem = memory::SharedObjects::default();
+    let mut procs = Vec::with_capacity(fds.len());
+    let mut root_checksums = None;
+    let (mut pages_stored, mut resident_pages) = (0, 0);
+    for (frozen, fds) in tree.members().iter().zip(fds) {
+        // Only the root's start time is known to the caller.
+        let expect_start = if procs.is_empty() {
+            opts.expect_start_time
+        } else {
+            None
+        };
+        let area = area.take();
+        let CapturedProcess {
+            mut image,
+            checksums,
+            pages_stored: stored,
+            resident_pages: resident,
+        } = capture_process(
+            frozen,
+            expect_start,
+            writer,
+            area,
+            fds,
+            &mut files,
+            &mut shmem,
+        )?;
+        pages_stored += stored;
+        resident_pages += resident;
+        if root_checksums.is_none() {
+            // Applied once the processes run again.
+            root_checksums = Some(checksums);
+        } else {
+            checksums.apply(&mut image.vmas);
+        }
+        procs.push(image);
+    }
+    phase.done("processes");
+    fds::classify_pipes(&mut procs, opts.unsupported_fd)?;
+    tree::link_descriptions(&mut procs);
+    fds::embed_pipe_data(&mut procs, writer)?;
+    for p in &mut procs {
+        fds::embed_deleted(p.process.pid, &mut p.fds, writer)?;
+    }
+    phase.done("pipes, shared descriptions, deleted files");
+
+    let mut procs = procs.into_iter();
+    let root = procs
+        .next()
+        .ok_or_else(|| Error::Other("internal: a frozen tree without its root".into()))?;
+    let (xfeatures, xsave_size) = registers::host_xfeatures();
+    let meta = Metadata {
+        chpox_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+        host: HostInfo {
+            hostname: process::hostname(),
+            kernel_release: process::kernel_release(),
+            cpu_model: process::cpu_model(),
+            xfeatures,
+            xsave_size,
+            page_size: PAGE_SIZE,
+        },
+        root,
+        descendants: procs.collect(),
+        zombies: tree.zombies.clone(),
+        children_not_saved: tree.children_left_out.clone(),
+        // Filled in by `finish_files`, after the processes run again.
+        files: Vec::new(),
+        after_dump: opts.after,
+        registration: opts.registration,
+    };
+    Ok(Captured {
+        meta,
+        files,
+        checksums: root_checksums
+            .ok_or_else(|| Error::Other("internal: a frozen tree without its root".into()))?,
+        pages_stored,
+        resident_pages,
+    })
+}
+
+struct CapturedProcess {
+    image: ProcessImage,
+    checksums: memory::PageChecksums,
+    pages_stored: u64,
+    resident_pages: u64,
+}
+
+/// Read one frozen process: /proc, threads, what only it can tell
+/// (remote syscalls), then its memory.
+fn capture_process(
+    frozen: &Frozen,
+    expect_start_time: Option<u64>,
+    writer: &mut ImageWriter,
+    area: Option<MappedArea>,
+    fds: Vec<crate::image::model::FdEntry>,
+    files: &mut FileTable,
+    shmem: &mut memory::SharedObjects,
+) -> Result<CapturedProcess> {
+    let pid = frozen.pid();
+    let mut phase = Phases::start();
     let mut info = process::dump_proc_info(pid)?;
-    if opts
-        .expect_start_time
-        .is_some_and(|t| t != info.start_time_ticks)
-    {
+    info.stopped = frozen.was_stopped();
+    if expect_start_time.is_some_and(|t| t != info.start_time_ticks) {
         return Err(Error::Other(format!(
             "PID {pid} is no longer the registered process"
         )));
@@ -246,7 +377,7 @@ fn capture(
         .map(|&tid| threads::dump_thread(pid, tid))
         .collect::<Result<Vec<_>>>()?;
     let shared_pending = signals::dump_shared_pending(pid)?;
-    phase.done("fds, /proc, threads");
+    phase.done("/proc, threads");
 
     // Remote syscalls: dispositions, brk, rlimits, personality in the
     // leader; the alternate stack in every thread.
@@ -279,10 +410,9 @@ fn capture(
     // The address space, now that our scratch page is gone again.
     let maps = memory::read_maps(pid)?;
     phase.done("smaps");
-    let mut files = FileTable::new(pid);
     // add_exe learns from the " (deleted)" mark that the file must be
     // embedded; the image records the name without it.
-    info.exe_file = Some(files.add_exe(&info.exe)?);
+    info.exe_file = Some(files.add_exe(pid, &info.exe)?);
     info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
     let mut pages = PageDumper::new(pid, area)?;
     let mut vmas = Vec::with_capacity(maps.len());
@@ -290,10 +420,14 @@ fn capture(
     for map in &maps {
         let kind = map.kind();
         let file = match kind {
-            VmaKind::PrivateFile | VmaKind::SharedFile => Some(files.add_mapping(map)?),
+            VmaKind::PrivateFile | VmaKind::SharedFile => Some(files.add_mapping(pid, map)?),
             _ => None,
         };
+        let shmem_id = (kind == VmaKind::SharedAnonymous).then_some(map.inode);
         let stored = if kind.is_special() || map.is_device_memory() {
+            Vec::new()
+        } else if shmem.stored_already(map) {
+            // Another mapping of the tree holds these pages of the object.
             Vec::new()
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
@@ -301,6 +435,9 @@ fn capture(
             let runs = memory::select_runs(pid, map, kind, &pagemap);
             pages.dump_runs(vmas.len(), &runs, writer)?
         };
+        if kind == VmaKind::SharedAnonymous {
+            shmem.record(map);
+        }
         debug!(
             start = map.start,
             end = map.end,
@@ -321,48 +458,24 @@ fn capture(
             file,
             vm_flags: map.vm_flags.clone(),
             pages: stored,
+            shmem_id,
         });
     }
 
     phase.done("pagemap, files, page copy");
     let pages_stored = pages.pages_stored;
     let checksums = pages.finish(writer)?;
-    fds::embed_deleted(pid, &mut fds, writer)?;
-    fds::embed_pipe_data(pid, &mut fds, writer)?;
-
-    phase.done("deleted files");
-
-    let (xfeatures, xsave_size) = registers::host_xfeatures();
-    let meta = Metadata {
-        chpox_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix_ns: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
-        host: HostInfo {
-            hostname: process::hostname(),
-            kernel_release: process::kernel_release(),
-            cpu_model: process::cpu_model(),
-            xfeatures,
-            xsave_size,
-            page_size: PAGE_SIZE,
+    Ok(CapturedProcess {
+        image: ProcessImage {
+            process: info,
+            threads: thread_states,
+            vmas,
+            fds,
+            signals: SignalState {
+                actions,
+                shared_pending,
+            },
         },
-        process: info,
-        threads: thread_states,
-        vmas,
-        // Filled in by `finish_files`, after the process runs again.
-        files: Vec::new(),
-        fds,
-        signals: SignalState {
-            actions,
-            shared_pending,
-        },
-        after_dump: opts.after,
-        registration: opts.registration,
-    };
-    Ok(Captured {
-        meta,
-        files,
         checksums,
         pages_stored,
         resident_pages,

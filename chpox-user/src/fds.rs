@@ -4,6 +4,9 @@
 //! fd 0, 1 or 2 whose other end is another process's (`job | tee log`),
 //! which restore connects to the restorer's own fd 0, 1 or 2.
 //!
+//! In a tree, "the process" is the checkpointed processes together: a pipe
+//! between two of them is internal.
+//!
 //! Kinds chpox cannot restore yet (other pipes to other processes, named
 //! FIFOs, sockets, eventfd, epoll, …) fail the dump, naming each one,
 //! unless the user asks for them to come back as /dev/null. A checkpoint
@@ -15,7 +18,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use crate::error::{Error, Result, parse_err, read_proc};
 use crate::image::ImageWriter;
-use crate::image::model::{FdEntry, FdKind};
+use crate::image::model::{FdEntry, FdKind, ProcessImage};
 
 /// What to do with a descriptor of a kind chpox cannot restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -134,9 +137,9 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
             flags: info.flags,
             cloexec,
             kind,
+            description: 0,
         });
     }
-    let mut entries = classify_pipes(entries, policy, &mut unsupported);
     if !unsupported.is_empty() {
         return Err(Error::UnsupportedFds(unsupported.join(", ")));
     }
@@ -149,18 +152,15 @@ pub fn is_read_end(flags: u32) -> bool {
     flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
 }
 
-/// Marks the pipes whose both ends the process holds as internal; a pipe
-/// to another process is kept only on fd 0, 1 or 2, and is otherwise
-/// unsupported.
-fn classify_pipes(
-    entries: Vec<FdEntry>,
-    policy: UnsupportedFd,
-    unsupported: &mut Vec<String>,
-) -> Vec<FdEntry> {
+/// Marks the pipes whose both ends the checkpointed processes hold as
+/// internal; a pipe to a process outside them is kept only on fd 0, 1 or
+/// 2 (restore hands over the restorer's own), and is otherwise
+/// unsupported: replaced by /dev/null by request, or named in the error.
+pub fn classify_pipes(procs: &mut [ProcessImage], policy: UnsupportedFd) -> Result<()> {
     use std::collections::HashMap;
-    // inode -> (holds a read end, holds a write end)
+    // inode -> (a read end is held, a write end is held)
     let mut ends: HashMap<u64, (bool, bool)> = HashMap::new();
-    for e in &entries {
+    for e in procs.iter().flat_map(|p| &p.fds) {
         if let FdKind::Pipe { inode, .. } = e.kind {
             let held = ends.entry(inode).or_default();
             if is_read_end(e.flags) {
@@ -170,74 +170,88 @@ fn classify_pipes(
             }
         }
     }
-    let mut out = Vec::with_capacity(entries.len());
-    for mut e in entries {
-        if let FdKind::Pipe {
-            inode, internal, ..
-        } = &mut e.kind
-        {
+    let several = procs.len() > 1;
+    let mut unsupported = Vec::new();
+    for p in procs.iter_mut() {
+        let pid = p.process.pid;
+        for e in &mut p.fds {
+            let FdKind::Pipe {
+                inode, internal, ..
+            } = &mut e.kind
+            else {
+                continue;
+            };
             *internal = ends.get(inode) == Some(&(true, true));
-            if !*internal && e.fd > 2 {
-                let was = format!("pipe:[{inode}]");
-                match policy {
-                    UnsupportedFd::Null => e.kind = FdKind::ReplacedByNull { was },
-                    UnsupportedFd::Fail => {
-                        unsupported.push(format!(
-                            "fd {} ({was}, whose other end another process holds)",
-                            e.fd
-                        ));
-                        continue;
-                    }
-                }
+            if *internal || e.fd <= 2 {
+                continue;
+            }
+            let was = format!("pipe:[{inode}]");
+            match policy {
+                UnsupportedFd::Null => e.kind = FdKind::ReplacedByNull { was },
+                UnsupportedFd::Fail => unsupported.push(format!(
+                    "{}fd {} ({was}, whose other end a process outside the checkpoint holds)",
+                    if several {
+                        format!("PID {pid} ")
+                    } else {
+                        String::new()
+                    },
+                    e.fd
+                )),
             }
         }
-        out.push(e);
     }
-    out
+    if unsupported.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedFds(unsupported.join(", ")))
+    }
 }
 
 /// Put the capacity of every internal pipe into each of its entries, and
-/// its unread bytes into the image, with its first read-end entry. One
-/// descriptor of our own per pipe, on a read end: the bytes are copied
-/// with `tee`, which leaves them in the pipe, so the process, if it runs
-/// on, reads them as if nothing happened.
-pub fn embed_pipe_data(pid: i32, fds: &mut [FdEntry], writer: &mut ImageWriter) -> Result<()> {
+/// its unread bytes into the image, with the first read-end entry of the
+/// tree. One descriptor of our own per pipe, on a read end: the bytes are
+/// copied with `tee`, which leaves them in the pipe, so the processes, if
+/// they run on, read them as if nothing happened.
+pub fn embed_pipe_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Result<()> {
     use std::collections::HashMap;
     use std::os::unix::fs::OpenOptionsExt;
     // inode -> capacity
     let mut seen: HashMap<u64, u64> = HashMap::new();
-    for entry in fds.iter_mut() {
-        let FdKind::Pipe {
-            inode,
-            internal: true,
-            ..
-        } = entry.kind
-        else {
-            continue;
-        };
-        if !is_read_end(entry.flags) || seen.contains_key(&inode) {
-            continue;
-        }
-        let path = format!("/proc/{pid}/fd/{}", entry.fd);
-        let err = |source| Error::File {
-            path: format!("{path} (pipe:[{inode}])"),
-            source,
-        };
-        // Non-blocking: it must never wait for a writer.
-        let pipe = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(err)?;
-        let (capacity, bytes) = pipe_content(&pipe).map_err(err)?;
-        seen.insert(inode, capacity);
-        if !bytes.is_empty()
-            && let FdKind::Pipe { data, .. } = &mut entry.kind
-        {
-            *data = Some(writer.add_data(&bytes)?);
+    for p in procs.iter_mut() {
+        let pid = p.process.pid;
+        for entry in p.fds.iter_mut() {
+            let FdKind::Pipe {
+                inode,
+                internal: true,
+                ..
+            } = entry.kind
+            else {
+                continue;
+            };
+            if !is_read_end(entry.flags) || seen.contains_key(&inode) {
+                continue;
+            }
+            let path = format!("/proc/{pid}/fd/{}", entry.fd);
+            let err = |source| Error::File {
+                path: format!("{path} (pipe:[{inode}])"),
+                source,
+            };
+            // Non-blocking: it must never wait for a writer.
+            let pipe = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(err)?;
+            let (capacity, bytes) = pipe_content(&pipe).map_err(err)?;
+            seen.insert(inode, capacity);
+            if !bytes.is_empty()
+                && let FdKind::Pipe { data, .. } = &mut entry.kind
+            {
+                *data = Some(writer.add_data(&bytes)?);
+            }
         }
     }
-    for entry in fds.iter_mut() {
+    for entry in procs.iter_mut().flat_map(|p| p.fds.iter_mut()) {
         if let FdKind::Pipe {
             inode,
             internal: true,

@@ -87,9 +87,9 @@ fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
     Ok(hex)
 }
 
-/// The files of one process, deduplicated by (device, inode).
+/// The files of the checkpointed processes, deduplicated by (device, inode).
+#[derive(Default)]
 pub struct FileTable {
-    pid: i32,
     pub files: Vec<FileRef>,
     /// Where to read each file's content from: /proc/self/fd/N of `held`.
     sources: Vec<PathBuf>,
@@ -99,14 +99,8 @@ pub struct FileTable {
 }
 
 impl FileTable {
-    pub fn new(pid: i32) -> Self {
-        FileTable {
-            pid,
-            files: Vec::new(),
-            sources: Vec::new(),
-            by_id: HashMap::new(),
-            held: Vec::new(),
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Record a file's identity and keep it open. Hashing waits for
@@ -171,10 +165,10 @@ impl FileTable {
     }
 
     /// Register the file behind a file-backed mapping; returns its index.
-    pub fn add_mapping(&mut self, map: &MapEntry) -> Result<usize> {
+    pub fn add_mapping(&mut self, pid: i32, map: &MapEntry) -> Result<usize> {
         let link = PathBuf::from(format!(
-            "/proc/{}/map_files/{:x}-{:x}",
-            self.pid, map.start, map.end
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            map.start, map.end
         ));
         // map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE; a user
         // dumping their own process reads by path instead.
@@ -186,11 +180,11 @@ impl FileTable {
         self.add(&map.path, source, FileRole::Mapped, map.deleted)
     }
 
-    /// Register the executable (`/proc/PID/exe`).
-    pub fn add_exe(&mut self, exe_path: &str) -> Result<usize> {
+    /// Register the executable of process `pid` (`/proc/PID/exe`).
+    pub fn add_exe(&mut self, pid: i32, exe_path: &str) -> Result<usize> {
         let deleted = exe_path.ends_with(" (deleted)");
         let path = exe_path.trim_end_matches(" (deleted)");
-        let source = PathBuf::from(format!("/proc/{}/exe", self.pid));
+        let source = PathBuf::from(format!("/proc/{pid}/exe"));
         self.add(path, source, FileRole::Executable, deleted)
     }
 

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::image::ImageReader;
-use crate::image::model::{FdKind, Metadata, SyscallState, VmaKind};
+use crate::image::model::{FdKind, Metadata, ProcessImage, SyscallState, VmaKind};
 use crate::registers;
 
 /// Everything `inspect --json` prints: the metadata plus what was checked.
@@ -94,7 +94,6 @@ fn pipe_end(flags: u32) -> &'static str {
 /// The human-readable summary.
 pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
     let m = reader.metadata();
-    let p = &m.process;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -120,12 +119,6 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         "host: {} kernel {}, CPU {} (xfeatures {:#x})",
         m.host.hostname, m.host.kernel_release, m.host.cpu_model, m.host.xfeatures
     );
-    let _ = writeln!(
-        s,
-        "process: PID {} ({}) uid {} gid {}, exe {}, cwd {}",
-        p.pid, p.comm, p.creds.uid[0], p.creds.gid[0], p.exe, p.cwd
-    );
-    let _ = writeln!(s, "cmdline: {}", p.cmdline.join(" "));
     let _ = writeln!(s, "after dump: {:?}", m.after_dump);
     if let Some(r) = m.registration {
         let _ = writeln!(
@@ -134,9 +127,82 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
             r.signal, r.flags
         );
     }
+    if !m.children_not_saved.is_empty() {
+        let _ = writeln!(
+            s,
+            "children not saved: {:?} (a checkpoint of the process alone; restore brings back PID {} without them)",
+            m.children_not_saved, m.root.process.pid
+        );
+    }
+    tree(&mut s, m);
+    for pi in m.processes() {
+        process_summary(&mut s, m, pi);
+    }
+    s
+}
 
-    let _ = writeln!(s, "threads: {}", m.threads.len());
-    for t in &m.threads {
+/// The tree, `pstree`-like: each process with its command, state, group
+/// and session, and its descriptors; zombies with their status.
+fn tree(s: &mut String, m: &Metadata) {
+    let _ = writeln!(
+        s,
+        "process tree: {} process(es){}",
+        1 + m.descendants.len(),
+        if m.zombies.is_empty() {
+            String::new()
+        } else {
+            format!(", {} zombie(s)", m.zombies.len())
+        }
+    );
+    fn walk(s: &mut String, m: &Metadata, pid: i32, depth: usize) {
+        let indent = "  ".repeat(depth + 1);
+        if let Some(pi) = m.processes().find(|p| p.process.pid == pid) {
+            let p = &pi.process;
+            let fds: Vec<String> = pi.fds.iter().map(|f| f.fd.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "{indent}{} {} [{}] pgid {} sid {}, {} thread(s), fds {}",
+                p.pid,
+                p.comm,
+                if p.stopped { "stopped" } else { "running" },
+                p.pgid,
+                p.sid,
+                pi.threads.len(),
+                fds.join(",")
+            );
+        }
+        for z in m.zombies.iter().filter(|z| z.ppid == pid) {
+            let _ = writeln!(
+                s,
+                "{indent}  {} [zombie] status {:#x} pgid {} sid {}",
+                z.pid, z.status, z.pgid, z.sid
+            );
+        }
+        let children: Vec<i32> = m
+            .descendants
+            .iter()
+            .filter(|c| c.process.ppid == pid)
+            .map(|c| c.process.pid)
+            .collect();
+        for c in children {
+            walk(s, m, c, depth + 1);
+        }
+    }
+    walk(s, m, m.root.process.pid, 0);
+}
+
+/// Everything about one process.
+fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
+    let p = &pi.process;
+    let _ = writeln!(
+        *s,
+        "process: PID {} ({}) parent {} uid {} gid {}, exe {}, cwd {}",
+        p.pid, p.comm, p.ppid, p.creds.uid[0], p.creds.gid[0], p.exe, p.cwd
+    );
+    let _ = writeln!(*s, "cmdline: {}", p.cmdline.join(" "));
+
+    let _ = writeln!(*s, "threads: {}", pi.threads.len());
+    for t in &pi.threads {
         let syscall = match t.syscall {
             SyscallState::None => "in user code".to_string(),
             SyscallState::Restartable { nr, restart } => {
@@ -158,14 +224,19 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         );
     }
 
-    let stored: u64 = m.vmas.iter().flat_map(|v| &v.pages).map(|r| r.npages).sum();
+    let stored: u64 = pi
+        .vmas
+        .iter()
+        .flat_map(|v| &v.pages)
+        .map(|r| r.npages)
+        .sum();
     let _ = writeln!(
-        s,
+        *s,
         "memory: {} mappings, {} stored",
-        m.vmas.len(),
+        pi.vmas.len(),
         human(stored * m.host.page_size)
     );
-    for v in &m.vmas {
+    for v in &pi.vmas {
         let pages: u64 = v.pages.iter().map(|r| r.npages).sum();
         let what = if v.kind.is_special() {
             "recorded, not copied".to_string()
@@ -196,7 +267,7 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         );
     }
 
-    let _ = writeln!(s, "files: {}", m.files.len());
+    let _ = writeln!(*s, "files: {}", m.files.len());
     for f in &m.files {
         let _ = writeln!(
             s,
@@ -214,8 +285,8 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         );
     }
 
-    let _ = writeln!(s, "fds: {}", m.fds.len());
-    for fd in &m.fds {
+    let _ = writeln!(*s, "fds: {}", pi.fds.len());
+    for fd in &pi.fds {
         let desc = match &fd.kind {
             FdKind::RegularFile {
                 path,
@@ -259,7 +330,7 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
             desc
         );
     }
-    let handled: Vec<String> = m
+    let handled: Vec<String> = pi
         .signals
         .actions
         .iter()
@@ -273,17 +344,17 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         })
         .collect();
     let _ = writeln!(
-        s,
+        *s,
         "signals: non-default {}; pending (process) {}",
         if handled.is_empty() {
             "none".to_string()
         } else {
             handled.join(" ")
         },
-        m.signals.shared_pending.len()
+        pi.signals.shared_pending.len()
     );
     let _ = writeln!(
-        s,
+        *s,
         "mm: code {:#x}-{:#x} data {:#x}-{:#x} brk {:#x}-{:#x} stack {:#x}",
         p.mm.start_code,
         p.mm.end_code,
@@ -293,5 +364,4 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         p.mm.brk,
         p.mm.start_stack
     );
-    s
 }

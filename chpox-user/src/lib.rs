@@ -24,5 +24,6 @@ pub mod remote;
 pub mod restore;
 pub mod signals;
 pub mod threads;
+pub mod tree;
 
 pub use error::{Error, Result};

@@ -257,6 +257,35 @@ fn shmem_object_pages(pid: i32, map: &MapEntry) -> Option<Vec<bool>> {
     Some(held)
 }
 
+/// The shared memory objects (shared anonymous memory) met so far in a
+/// tree, with the ranges of each whose pages are stored: one object mapped
+/// by a parent and its child is stored once.
+#[derive(Debug, Default)]
+pub struct SharedObjects {
+    /// inode -> (offset, length) of each mapping stored
+    stored: std::collections::HashMap<u64, Vec<(u64, u64)>>,
+}
+
+impl SharedObjects {
+    /// Whether an earlier mapping of the same object covered all of `map`.
+    pub fn stored_already(&self, map: &MapEntry) -> bool {
+        let Some(ranges) = self.stored.get(&map.inode) else {
+            return false;
+        };
+        let (from, to) = (map.offset, map.offset + map.len());
+        ranges
+            .iter()
+            .any(|&(off, len)| off <= from && to <= off + len)
+    }
+
+    pub fn record(&mut self, map: &MapEntry) {
+        self.stored
+            .entry(map.inode)
+            .or_default()
+            .push((map.offset, map.len()));
+    }
+}
+
 /// Runs of pages to store, as (address, page count), each at most
 /// `MAX_RUN_PAGES` long, from the pagemap entries of mapping `map`. A
 /// shared anonymous mapping also stores every page its shared memory
@@ -722,10 +751,10 @@ VmFlags: ex
         let pid = std::process::id() as i32;
         let mut dumper = PageDumper::new(pid, Some(area)).expect("dumper");
         let mut meta = sample_metadata();
-        meta.vmas.clear();
+        meta.root.vmas.clear();
         for (i, runs) in [&runs_a[..], &runs_b[..]].into_iter().enumerate() {
             let pages = dumper.dump_runs(i, runs, &mut writer).expect("dump");
-            meta.vmas.push(Vma {
+            meta.root.vmas.push(Vma {
                 start: runs[0].0,
                 end: runs[0].0 + runs[0].1 * PAGE_SIZE,
                 read: true,
@@ -738,12 +767,13 @@ VmFlags: ex
                 file: None,
                 vm_flags: Vec::new(),
                 pages,
+                shmem_id: None,
             });
         }
         dumper
             .finish(&mut writer)
             .expect("finish pages")
-            .apply(&mut meta.vmas);
+            .apply(&mut meta.root.vmas);
         writer.finish(&meta).expect("finish image");
 
         let reader = ImageReader::open(&path).expect("open");

@@ -140,15 +140,39 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
         },
         auxv,
         start_time_ticks: stat.starttime,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        stopped: false,
+        exit_signal: stat.exit_signal.unwrap_or(libc::SIGCHLD),
+        pdeath_signal: 0,
+        child_subreaper: false,
     })
 }
 
-/// Fill in what only the process itself can tell: brk, rlimits, personality.
+/// Fill in what only the process itself can tell: brk, rlimits,
+/// personality, parent-death signal, subreaper flag.
 pub fn dump_remote_state(
     info: &mut ProcessInfo,
     thread: &mut RemoteThread<'_>,
     scratch: u64,
 ) -> Result<()> {
+    let mut word = [0u8; 4];
+    for (option, name) in [
+        (libc::PR_GET_PDEATHSIG, "prctl(PR_GET_PDEATHSIG)"),
+        (
+            libc::PR_GET_CHILD_SUBREAPER,
+            "prctl(PR_GET_CHILD_SUBREAPER)",
+        ),
+    ] {
+        thread.checked(name, libc::SYS_prctl, [option as u64, scratch, 0, 0, 0, 0])?;
+        read_memory(thread.pid(), scratch, &mut word)?;
+        let value = i32::from_ne_bytes(word);
+        if option == libc::PR_GET_PDEATHSIG {
+            info.pdeath_signal = value;
+        } else {
+            info.child_subreaper = value != 0;
+        }
+    }
     // brk(0) cannot succeed in moving the break, so it just reports it.
     info.mm.brk = thread.checked("brk", libc::SYS_brk, [0; 6])?;
     // personality(0xffffffff) queries without changing.

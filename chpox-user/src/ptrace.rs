@@ -315,6 +315,12 @@ impl Frozen {
         self.was_stopped
     }
 
+    /// Leave the process in a job-control stop when it is released, as it
+    /// was when checkpointed.
+    pub fn stop_on_release(&mut self) {
+        self.was_stopped = true;
+    }
+
     /// Let every thread run on from where it was.
     pub fn resume(mut self) {
         self.release(false);

@@ -11,6 +11,18 @@ use chpox::image::model::AfterDump;
 use chpox::inspect;
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// `chpox run` and `chpox register` checkpoint the whole tree unless told
+/// otherwise; `chpoxctl` and the register line keep old chpox's meaning.
+const DEFAULT_FLAGS: u32 = chpox_common::flags::REGISTERED | chpox_common::flags::INCLUDE_CHILDREN;
+
+fn with_children(flags: u32, no_children: bool) -> u32 {
+    if no_children {
+        flags & !chpox_common::flags::INCLUDE_CHILDREN
+    } else {
+        flags
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "chpox",
@@ -65,6 +77,9 @@ enum Command {
         /// What to do with descriptors chpox cannot restore (pipes, sockets…).
         #[arg(long, value_enum, default_value = "fail")]
         unsupported_fd: FdPolicy,
+        /// Checkpoint the process alone, not its descendants.
+        #[arg(long)]
+        no_children: bool,
         /// Print the dump report as JSON.
         #[arg(long)]
         json: bool,
@@ -78,9 +93,13 @@ enum Command {
         /// Image file (default: chosen by the agent; `chpox list` shows it).
         #[arg(short, long)]
         output: Option<PathBuf>,
-        /// FLAGS of old chpox: 2 embeds the executable, 4 the libraries of `chpoxctl addlib`.
-        #[arg(long, default_value_t = 1)]
+        /// FLAGS of old chpox: 2 embeds the executable, 4 the libraries of
+        /// `chpoxctl addlib`, 8 the descendants (the default: 9).
+        #[arg(long, default_value_t = DEFAULT_FLAGS)]
         flags: u32,
+        /// Checkpoint the process alone, not its descendants (clears 8).
+        #[arg(long)]
+        no_children: bool,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
@@ -93,8 +112,12 @@ enum Command {
         signal: u32,
         #[arg(short, long)]
         output: Option<PathBuf>,
-        #[arg(long, default_value_t = 1)]
+        /// FLAGS of old chpox (see `run`; the default 9 includes descendants).
+        #[arg(long, default_value_t = DEFAULT_FLAGS)]
         flags: u32,
+        /// Checkpoint the process alone, not its descendants (clears 8).
+        #[arg(long)]
+        no_children: bool,
         /// Take the signal over even if the process handles it itself.
         #[arg(long)]
         force: bool,
@@ -143,6 +166,7 @@ fn run(cli: Cli) -> Result<()> {
             embed_lib,
             embed_all_libs,
             unsupported_fd,
+            no_children,
             json,
         } => {
             let opts = DumpOptions {
@@ -166,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
                 as_user: None,
                 registration: None,
                 expect_start_time: None,
+                children: !no_children,
             };
             let report =
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?;
@@ -189,15 +214,23 @@ fn run(cli: Cli) -> Result<()> {
             signal,
             output,
             flags,
+            no_children,
             command,
-        } => return run_registered(signal, output, flags, command),
+        } => return run_registered(signal, output, with_children(flags, no_children), command),
         Command::Register {
             pid,
             signal,
             output,
             flags,
+            no_children,
             force,
-        } => chpox::cli::register(pid, signal, flags, output.as_deref(), force)?,
+        } => chpox::cli::register(
+            pid,
+            signal,
+            with_children(flags, no_children),
+            output.as_deref(),
+            force,
+        )?,
         Command::Unregister { pid } => chpox::cli::unregister(pid)?,
         Command::List { json } => chpox::cli::list(json)?,
         Command::Checkpoint { pid, timeout, json } => chpox::cli::checkpoint(pid, timeout, json)?,

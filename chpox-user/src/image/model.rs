@@ -28,27 +28,79 @@ pub enum Compression {
 }
 
 /// Everything except bulk data.
+///
+/// A checkpoint holds a tree of processes: `root` (whose fields sit at the
+/// top level, where single-process images of earlier versions have them),
+/// then its `descendants`, each after its parent, and the `zombies` among
+/// them. Kernel objects that several processes share are named by ids in
+/// their entries (an open file description, a pipe's inode, a shared
+/// memory object), so restore makes each once and hands it to all.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metadata {
     pub chpox_version: String,
     /// Wall-clock time of the checkpoint, nanoseconds since the Unix epoch.
     pub created_unix_ns: u64,
     pub host: HostInfo,
-    pub process: ProcessInfo,
-    pub threads: Vec<ThreadState>,
-    pub vmas: Vec<Vma>,
-    /// Files the memory and the process depend on; `Vma::file` and
+    #[serde(flatten)]
+    pub root: ProcessImage,
+    /// Every process below the root, parents before their children.
+    #[serde(default)]
+    pub descendants: Vec<ProcessImage>,
+    /// Children that had exited and were not reaped yet.
+    #[serde(default)]
+    pub zombies: Vec<Zombie>,
+    /// Children of the root that a single-process checkpoint left out
+    /// (their PIDs): restore says so.
+    #[serde(default)]
+    pub children_not_saved: Vec<i32>,
+    /// Files the memory and the processes depend on; `Vma::file` and
     /// `ProcessInfo::exe_file` index into this.
     pub files: Vec<FileRef>,
-    pub fds: Vec<FdEntry>,
-    pub signals: SignalState,
-    /// How the dump left the process: running, stopped or killed.
+    /// How the dump left the processes: running, stopped or killed.
     pub after_dump: AfterDump,
     /// The agent registration this checkpoint was taken under, so
     /// `chpox restore --register` can register the restored process the
     /// same way. Absent in images of `chpox dump` and of older versions.
     #[serde(default)]
     pub registration: Option<SavedRegistration>,
+}
+
+impl Metadata {
+    /// The root, then every descendant, parents first.
+    pub fn processes(&self) -> impl Iterator<Item = &ProcessImage> {
+        std::iter::once(&self.root).chain(self.descendants.iter())
+    }
+
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut ProcessImage> {
+        std::iter::once(&mut self.root).chain(self.descendants.iter_mut())
+    }
+
+    /// Whether this is an image of more than one process.
+    pub fn is_tree(&self) -> bool {
+        !self.descendants.is_empty() || !self.zombies.is_empty()
+    }
+}
+
+/// One live process of the checkpointed tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub process: ProcessInfo,
+    pub threads: Vec<ThreadState>,
+    pub vmas: Vec<Vma>,
+    pub fds: Vec<FdEntry>,
+    pub signals: SignalState,
+}
+
+/// A child that had exited and was not reaped yet: restored as a zombie, so
+/// its parent's `wait` still gets `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zombie {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// The wait status the parent will read (`exit_code` of /proc/PID/stat).
+    pub status: i32,
 }
 
 /// How a process was registered with the agent when it was checkpointed.
@@ -101,6 +153,28 @@ pub struct ProcessInfo {
     /// Process start time in clock ticks since boot; with the PID this
     /// identifies one incarnation of the process.
     pub start_time_ticks: u64,
+    /// Process group and session (0 in images of earlier versions: the
+    /// restored process then joins the restorer's).
+    #[serde(default)]
+    pub pgid: i32,
+    #[serde(default)]
+    pub sid: i32,
+    /// The process was in a job-control stop (state T): it is left in one.
+    #[serde(default)]
+    pub stopped: bool,
+    /// The signal its parent gets when it exits (SIGCHLD for a fork).
+    #[serde(default = "default_exit_signal")]
+    pub exit_signal: i32,
+    /// `PR_SET_PDEATHSIG`: the signal it gets when its parent dies.
+    #[serde(default)]
+    pub pdeath_signal: i32,
+    /// `PR_SET_CHILD_SUBREAPER`.
+    #[serde(default)]
+    pub child_subreaper: bool,
+}
+
+fn default_exit_signal() -> i32 {
+    libc::SIGCHLD
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -301,6 +375,11 @@ pub struct Vma {
     /// Pages whose content is in the image. Pages not covered were never
     /// touched (read back as zero), or are clean pages of the backing file.
     pub pages: Vec<PageRun>,
+    /// Of shared anonymous memory: the shared memory object (its inode).
+    /// Mappings with the same id are one object: restore maps it once and
+    /// shares it, and its pages are stored with the first mapping only.
+    #[serde(default)]
+    pub shmem_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,6 +456,11 @@ pub struct FdEntry {
     pub flags: u32,
     pub cloexec: bool,
     pub kind: FdKind,
+    /// The open file description: entries of the tree with the same id
+    /// share one (`dup`, or inherited through `fork`: one offset, one set
+    /// of flags). Unique per entry in images of earlier versions (0).
+    #[serde(default)]
+    pub description: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -406,10 +490,10 @@ pub enum FdKind {
     Pipe {
         /// The pipe's inode: entries with the same one share the pipe.
         inode: u64,
-        /// The process held both ends: restore recreates the pipe with its
-        /// unread bytes. Otherwise (only ever on fd 0, 1 or 2) the
-        /// restorer's own descriptor of that number takes its place, as
-        /// the restorer's terminal does for a terminal.
+        /// The checkpointed processes held both ends: restore recreates
+        /// the pipe with its unread bytes. Otherwise (only ever on fd 0,
+        /// 1 or 2) the restorer's own descriptor of that number takes its
+        /// place, as the restorer's terminal does for a terminal.
         internal: bool,
         /// The pipe's capacity in bytes (`F_GETPIPE_SZ`) of an internal pipe.
         capacity: u64,

@@ -206,7 +206,7 @@ impl ImageReader {
 
         let mut out = try_alloc(len as u64, &|| format!("memory at {addr:#x}"))?;
         for span in cover {
-            let vma = self.meta.vmas.get(span.vma);
+            let vma = self.meta.root.vmas.get(span.vma);
             let Some((vma, run)) = vma.and_then(|v| Some((v, v.pages.get(span.run)?))) else {
                 // Spans were built from these vectors; cannot happen.
                 return Err(ImageError::OutOfBounds {
@@ -727,7 +727,7 @@ fn for_each_ref<'a, E>(
     meta: &'a Metadata,
     mut f: impl FnMut(Site<'a>, &'a DataRef) -> Result<(), E>,
 ) -> Result<(), E> {
-    for vma in &meta.vmas {
+    for vma in &meta.root.vmas {
         for run in &vma.pages {
             f(Site::Page { vma, run }, &run.data)?;
         }
@@ -737,7 +737,7 @@ fn for_each_ref<'a, E>(
             f(Site::File { index, file }, r)?;
         }
     }
-    for entry in &meta.fds {
+    for entry in &meta.root.fds {
         if let FdKind::RegularFile {
             path,
             embedded: Some(r),
@@ -806,7 +806,7 @@ fn validate(meta: &Metadata, data_start: u64, data_end: u64) -> Result<Vec<RunSp
         reason,
     };
     let nfiles = meta.files.len();
-    if let Some(i) = meta.process.exe_file
+    if let Some(i) = meta.root.process.exe_file
         && i >= nfiles
     {
         return Err(bad_meta(format!(
@@ -816,7 +816,7 @@ fn validate(meta: &Metadata, data_start: u64, data_end: u64) -> Result<Vec<RunSp
 
     let page_size = meta.host.page_size;
     let mut runs = Vec::new();
-    for (vi, vma) in meta.vmas.iter().enumerate() {
+    for (vi, vma) in meta.root.vmas.iter().enumerate() {
         if let Some(i) = vma.file
             && i >= nfiles
         {

@@ -32,7 +32,7 @@ fn opts(compress: bool) -> WriteOptions {
 /// Every DataRef in `meta` with the bytes it must read back as.
 fn expected_blobs(meta: &Metadata) -> Vec<(DataRef, Vec<u8>)> {
     let mut out = Vec::new();
-    for vma in &meta.vmas {
+    for vma in &meta.root.vmas {
         for run in &vma.pages {
             out.push((run.data, memory(run.addr, run.npages * PAGE)));
         }
@@ -47,7 +47,7 @@ fn expected_blobs(meta: &Metadata) -> Vec<(DataRef, Vec<u8>)> {
             out.push((r, content));
         }
     }
-    for fd in &meta.fds {
+    for fd in &meta.root.fds {
         if let FdKind::RegularFile {
             embedded: Some(r), ..
         } = fd.kind
@@ -83,7 +83,7 @@ fn write_full_image(path: &Path, compress: bool) -> SampleImage {
             }
         }
         let data = w.end_data().unwrap();
-        let mut v = meta.vmas[4].clone();
+        let mut v = meta.root.vmas[4].clone();
         v.start = BIG_VMA;
         v.end = BIG_VMA + (BIG_PAGES + 16) * PAGE;
         v.pages = vec![PageRun {
@@ -91,7 +91,7 @@ fn write_full_image(path: &Path, compress: bool) -> SampleImage {
             npages: BIG_PAGES,
             data,
         }];
-        meta.vmas.insert(4, v);
+        meta.root.vmas.insert(4, v);
     })
 }
 
@@ -347,7 +347,7 @@ fn data_ref_outside_data_area_is_rejected_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img");
     write_sample_image_with(&path, false, |_, meta| {
-        let vma = &mut meta.vmas[3];
+        let vma = &mut meta.root.vmas[3];
         let run = &mut vma.pages[0];
         run.data.offset += 1 << 30;
     });
@@ -366,17 +366,17 @@ fn data_ref_outside_data_area_is_rejected_at_open() {
 fn inconsistent_page_runs_are_rejected_at_open() {
     let cases: [fn(&mut Metadata); 4] = [
         // More pages than data.
-        |m| m.vmas[3].pages[0].npages += 1,
+        |m| m.root.vmas[3].pages[0].npages += 1,
         // Outside its VMA.
-        |m| m.vmas[2].pages[0].addr -= PAGE,
+        |m| m.root.vmas[2].pages[0].addr -= PAGE,
         // Overlapping another run.
         |m| {
-            let mut r = m.vmas[3].pages[1];
+            let mut r = m.root.vmas[3].pages[1];
             r.addr = HEAP_VMA.0 + PAGE;
-            m.vmas[3].pages.push(r);
+            m.root.vmas[3].pages.push(r);
         },
         // A file index out of range.
-        |m| m.vmas[0].file = Some(99),
+        |m| m.root.vmas[0].file = Some(99),
     ];
     for (i, change) in cases.into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
@@ -394,7 +394,7 @@ fn inconsistent_page_runs_are_rejected_at_open() {
 fn read_data_checks_caller_refs() {
     let (bytes, meta) = sample_image_bytes(false);
     let r = ImageReader::from_bytes(bytes).unwrap();
-    let good = meta.vmas[3].pages[0].data;
+    let good = meta.root.vmas[3].pages[0].data;
 
     let mut far = good;
     far.offset = 1 << 40;
@@ -427,7 +427,7 @@ fn read_data_checks_caller_refs() {
 fn compressed_blob_with_wrong_raw_len_is_rejected() {
     let (bytes, meta) = sample_image_bytes(true);
     let r = ImageReader::from_bytes(bytes).unwrap();
-    let good = meta.vmas[3].pages[0].data;
+    let good = meta.root.vmas[3].pages[0].data;
     for delta in [-1i64, 1] {
         let mut d = good;
         d.raw_len = (d.raw_len as i64 + delta) as u64;
@@ -610,8 +610,8 @@ fn tampered_data_refs_never_panic() {
         let mut rng = Rng(0xdead_beef ^ compress as u64);
         for i in 0..600 {
             let mut m = meta.clone();
-            let first_offset = m.vmas[3].pages[0].data.offset;
-            let vma = &mut m.vmas[3];
+            let first_offset = m.root.vmas[3].pages[0].data.offset;
+            let vma = &mut m.root.vmas[3];
             let run = &mut vma.pages[(i % 3) as usize];
             let d = &mut run.data;
             match rng.next() % 6 {
@@ -635,14 +635,14 @@ fn tampered_data_refs_never_panic() {
             }
             // Sometimes make the checksum match whatever it now covers,
             // to get past it into decompression.
-            let d = m.vmas[3].pages[(i % 3) as usize].data;
+            let d = m.root.vmas[3].pages[(i % 3) as usize].data;
             if rng.next() & 1 == 0 {
                 let end = d
                     .offset
                     .saturating_add(d.stored_len)
                     .min(bytes.len() as u64);
                 let start = d.offset.min(end);
-                m.vmas[3].pages[(i % 3) as usize].data.crc32c =
+                m.root.vmas[3].pages[(i % 3) as usize].data.crc32c =
                     crc32c::crc32c(&bytes[start as usize..end as usize]);
             }
             if let Err(e) = check(with_metadata(&bytes, &cbor(&m))) {
@@ -655,7 +655,7 @@ fn tampered_data_refs_never_panic() {
 #[test]
 fn corrupt_zstd_frame_with_matching_checksum() {
     let (bytes, meta) = sample_image_bytes(true);
-    let d = meta.vmas[3].pages[1].data;
+    let d = meta.root.vmas[3].pages[1].data;
     let mut rng = Rng(42);
     let mut decode_errors = 0;
     for _ in 0..300 {
@@ -664,7 +664,7 @@ fn corrupt_zstd_frame_with_matching_checksum() {
         b[at as usize] ^= (rng.next() % 255 + 1) as u8;
         let mut m = meta.clone();
         let stored = &b[d.offset as usize..(d.offset + d.stored_len) as usize];
-        m.vmas[3].pages[1].data.crc32c = crc32c::crc32c(stored);
+        m.root.vmas[3].pages[1].data.crc32c = crc32c::crc32c(stored);
         match check(with_metadata(&b, &cbor(&m))) {
             Ok(()) => {}
             Err(ImageError::Decode { .. }) => decode_errors += 1,
@@ -704,5 +704,5 @@ fn metadata_without_later_fields_still_decodes() {
     ciborium::ser::into_writer(&value, &mut old).expect("encode");
     let decoded: Metadata = ciborium::de::from_reader(old.as_slice()).expect("old metadata");
     assert_eq!(decoded.registration, None);
-    assert_eq!(decoded.process.pid, meta.process.pid);
+    assert_eq!(decoded.root.process.pid, meta.root.process.pid);
 }

@@ -85,6 +85,7 @@ pub(crate) fn write_sample_image_with(
             .add_data(&memory(addr, npages * PAGE))
             .expect("write page run");
         let vma = meta
+            .root
             .vmas
             .iter_mut()
             .find(|v| v.start <= addr && addr < v.end)
@@ -94,7 +95,7 @@ pub(crate) fn write_sample_image_with(
     let file = w.add_data(EMBEDDED_FILE).expect("write embedded file");
     meta.files[2].embedded = Some(file);
     let fd = w.add_data(FD_CONTENT).expect("write fd content");
-    if let FdKind::RegularFile { embedded, .. } = &mut meta.fds[3].kind {
+    if let FdKind::RegularFile { embedded, .. } = &mut meta.root.fds[3].kind {
         *embedded = Some(fd);
     }
     extra(&mut w, &mut meta);
@@ -135,6 +136,7 @@ fn vma(start: u64, end: u64, perms: &str, name: &str, kind: VmaKind, file: Optio
             .map(|s| s.to_string())
             .collect(),
         pages: Vec::new(),
+        shmem_id: None,
     }
 }
 
@@ -334,66 +336,151 @@ pub(crate) fn sample_metadata() -> Metadata {
             xsave_size: 832,
             page_size: PAGE,
         },
-        process: ProcessInfo {
-            pid: 4242,
-            ppid: 4200,
-            comm: "sleeper".into(),
-            cmdline: vec![exe.into(), "--interval".into(), "1".into()],
-            exe: exe.into(),
-            exe_file: Some(0),
-            cwd: "/home/user".into(),
-            umask: 0o022,
-            personality: 0,
-            creds: Credentials {
-                uid: [1000; 4],
-                gid: [1000; 4],
-                groups: vec![4, 24, 27, 1000],
-            },
-            rlimits: vec![
-                Rlimit {
-                    resource: libc::RLIMIT_NOFILE,
-                    name: "RLIMIT_NOFILE".into(),
-                    soft: 1024,
-                    hard: 524_288,
+        root: ProcessImage {
+            process: ProcessInfo {
+                pid: 4242,
+                ppid: 4200,
+                comm: "sleeper".into(),
+                cmdline: vec![exe.into(), "--interval".into(), "1".into()],
+                exe: exe.into(),
+                exe_file: Some(0),
+                cwd: "/home/user".into(),
+                umask: 0o022,
+                personality: 0,
+                creds: Credentials {
+                    uid: [1000; 4],
+                    gid: [1000; 4],
+                    groups: vec![4, 24, 27, 1000],
                 },
-                Rlimit {
-                    resource: libc::RLIMIT_STACK,
-                    name: "RLIMIT_STACK".into(),
-                    soft: 8 << 20,
-                    hard: u64::MAX,
+                rlimits: vec![
+                    Rlimit {
+                        resource: libc::RLIMIT_NOFILE,
+                        name: "RLIMIT_NOFILE".into(),
+                        soft: 1024,
+                        hard: 524_288,
+                    },
+                    Rlimit {
+                        resource: libc::RLIMIT_STACK,
+                        name: "RLIMIT_STACK".into(),
+                        soft: 8 << 20,
+                        hard: u64::MAX,
+                    },
+                ],
+                sched: Scheduling {
+                    nice: 0,
+                    policy: libc::SCHED_OTHER,
+                    priority: 0,
+                },
+                mm: MmFields {
+                    start_code: 0x5555_5555_6000,
+                    end_code: 0x5555_5555_9f3d,
+                    start_data: DATA_VMA.0,
+                    end_data: DATA_VMA.0 + 0x6a0,
+                    start_brk: HEAP_VMA.0,
+                    brk: HEAP_VMA.1,
+                    start_stack: STACK_VMA.1 - 0x1000,
+                    arg_start: STACK_VMA.1 - 0x600,
+                    arg_end: STACK_VMA.1 - 0x5d0,
+                    env_start: STACK_VMA.1 - 0x5d0,
+                    env_end: STACK_VMA.1 - 0x20,
+                },
+                auxv: vec![
+                    (33, 0x7fff_f7fc_5000),
+                    (6, PAGE),
+                    (9, 0x5555_5555_7040),
+                    (23, 0),
+                ],
+                start_time_ticks: 987_654,
+                pgid: 4242,
+                sid: 4200,
+                stopped: false,
+                exit_signal: libc::SIGCHLD,
+                pdeath_signal: 0,
+                child_subreaper: false,
+            },
+            threads: vec![
+                thread(4242, 0x7fff_f7e0_a8b5),
+                thread(4243, 0x7fff_f7e0_a8b5),
+            ],
+            vmas,
+            fds: vec![
+                FdEntry {
+                    fd: 0,
+                    flags: libc::O_RDWR as u32,
+                    cloexec: false,
+                    kind: FdKind::Terminal {
+                        path: "/dev/pts/3".into(),
+                        rdev: 0x8803,
+                    },
+                    description: 0,
+                },
+                FdEntry {
+                    fd: 1,
+                    flags: (libc::O_WRONLY | libc::O_APPEND) as u32,
+                    cloexec: false,
+                    kind: FdKind::RegularFile {
+                        path: "/home/user/out.log".into(),
+                        pos: 4096,
+                        embedded: None,
+                        dev: 0xfd01,
+                        ino: 777,
+                    },
+                    description: 0,
+                },
+                FdEntry {
+                    fd: 2,
+                    flags: libc::O_WRONLY as u32,
+                    cloexec: false,
+                    kind: FdKind::CharDevice {
+                        path: "/dev/null".into(),
+                        rdev: 0x103,
+                    },
+                    description: 0,
+                },
+                FdEntry {
+                    fd: 3,
+                    flags: libc::O_RDWR as u32,
+                    cloexec: true,
+                    kind: FdKind::RegularFile {
+                        path: "/tmp/log (deleted)".into(),
+                        pos: FD_CONTENT.len() as u64,
+                        embedded: None,
+                        dev: 0xfd01,
+                        ino: 778,
+                    },
+                    description: 0,
+                },
+                FdEntry {
+                    fd: 4,
+                    flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
+                    cloexec: true,
+                    kind: FdKind::Directory {
+                        path: "/home/user".into(),
+                    },
+                    description: 0,
+                },
+                FdEntry {
+                    fd: 5,
+                    flags: libc::O_RDWR as u32,
+                    cloexec: true,
+                    kind: FdKind::ReplacedByNull {
+                        was: "socket:[123456]".into(),
+                    },
+                    description: 0,
                 },
             ],
-            sched: Scheduling {
-                nice: 0,
-                policy: libc::SCHED_OTHER,
-                priority: 0,
+            signals: SignalState {
+                actions,
+                shared_pending: vec![PendingSignal {
+                    signo: libc::SIGTERM,
+                    code: 0,
+                    siginfo: vec![0x5a; 128],
+                }],
             },
-            mm: MmFields {
-                start_code: 0x5555_5555_6000,
-                end_code: 0x5555_5555_9f3d,
-                start_data: DATA_VMA.0,
-                end_data: DATA_VMA.0 + 0x6a0,
-                start_brk: HEAP_VMA.0,
-                brk: HEAP_VMA.1,
-                start_stack: STACK_VMA.1 - 0x1000,
-                arg_start: STACK_VMA.1 - 0x600,
-                arg_end: STACK_VMA.1 - 0x5d0,
-                env_start: STACK_VMA.1 - 0x5d0,
-                env_end: STACK_VMA.1 - 0x20,
-            },
-            auxv: vec![
-                (33, 0x7fff_f7fc_5000),
-                (6, PAGE),
-                (9, 0x5555_5555_7040),
-                (23, 0),
-            ],
-            start_time_ticks: 987_654,
         },
-        threads: vec![
-            thread(4242, 0x7fff_f7e0_a8b5),
-            thread(4243, 0x7fff_f7e0_a8b5),
-        ],
-        vmas,
+        descendants: Vec::new(),
+        zombies: Vec::new(),
+        children_not_saved: Vec::new(),
         files: vec![
             file(exe, FileRole::Executable, 36_864, false),
             file(libc_path, FileRole::Mapped, 2_125_328, false),
@@ -404,74 +491,6 @@ pub(crate) fn sample_metadata() -> Metadata {
                 true,
             ),
         ],
-        fds: vec![
-            FdEntry {
-                fd: 0,
-                flags: libc::O_RDWR as u32,
-                cloexec: false,
-                kind: FdKind::Terminal {
-                    path: "/dev/pts/3".into(),
-                    rdev: 0x8803,
-                },
-            },
-            FdEntry {
-                fd: 1,
-                flags: (libc::O_WRONLY | libc::O_APPEND) as u32,
-                cloexec: false,
-                kind: FdKind::RegularFile {
-                    path: "/home/user/out.log".into(),
-                    pos: 4096,
-                    embedded: None,
-                    dev: 0xfd01,
-                    ino: 777,
-                },
-            },
-            FdEntry {
-                fd: 2,
-                flags: libc::O_WRONLY as u32,
-                cloexec: false,
-                kind: FdKind::CharDevice {
-                    path: "/dev/null".into(),
-                    rdev: 0x103,
-                },
-            },
-            FdEntry {
-                fd: 3,
-                flags: libc::O_RDWR as u32,
-                cloexec: true,
-                kind: FdKind::RegularFile {
-                    path: "/tmp/log (deleted)".into(),
-                    pos: FD_CONTENT.len() as u64,
-                    embedded: None,
-                    dev: 0xfd01,
-                    ino: 778,
-                },
-            },
-            FdEntry {
-                fd: 4,
-                flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
-                cloexec: true,
-                kind: FdKind::Directory {
-                    path: "/home/user".into(),
-                },
-            },
-            FdEntry {
-                fd: 5,
-                flags: libc::O_RDWR as u32,
-                cloexec: true,
-                kind: FdKind::ReplacedByNull {
-                    was: "socket:[123456]".into(),
-                },
-            },
-        ],
-        signals: SignalState {
-            actions,
-            shared_pending: vec![PendingSignal {
-                signo: libc::SIGTERM,
-                code: 0,
-                siginfo: vec![0x5a; 128],
-            }],
-        },
         after_dump: AfterDump::LeaveRunning,
         registration: None,
     }

@@ -17,6 +17,9 @@ pub const ARGS_AT: u64 = 4096;
 pub const INOUT_AT: u64 = 8192;
 /// clone3's arguments and TID array, alive while a thread is created.
 pub const CLONE_AT: u64 = 12288;
+/// recvmsg's header, buffer and control message, while a descriptor is
+/// handed over (`inject`).
+pub const INJECT_AT: u64 = 16384;
 
 pub struct Child<'f> {
     thread: RemoteThread<'f>,

@@ -187,7 +187,7 @@ fn has_flag(v: &Vma, flag: &str) -> bool {
 
 /// Map every mapping of the image and fill its stored pages.
 pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
-    let meta = ctx.reader.metadata();
+    let meta = ctx.image;
     let mut mapped = Mapped {
         files: HashMap::new(),
         exe_fd: None,
@@ -219,13 +219,61 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
                 )));
             }
             _ => None,
-        };
+        }
+        .map(|fd| (fd, vma.offset));
+        if let Some(object) = shared_object(c, ctx, vma)? {
+            map_one(c, ctx, vma, Some(object))?;
+            c.close(object.0)?;
+            continue;
+        }
         map_one(c, ctx, vma, fd)?;
+        if let (VmaKind::SharedAnonymous, Some(id)) = (vma.kind, vma.shmem_id) {
+            ctx.shmem
+                .borrow_mut()
+                .entry(id)
+                .or_insert((c.pid(), vma.start, vma.end, vma.offset));
+        }
     }
     if let Some(i) = meta.process.exe_file {
         mapped.exe_fd = Some(file_fd(c, ctx, &mut mapped, i, false)?);
     }
     Ok(mapped)
+}
+
+/// For a mapping of a shared memory object that an earlier mapping of the
+/// image (in this process or another) has brought back already: that
+/// object, reached through the earlier mapping (`/proc/PID/map_files`,
+/// which takes root) and handed to the child, with the offset to map it
+/// at. None for the first mapping of an object.
+fn shared_object(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<Option<(i32, u64)>> {
+    let (VmaKind::SharedAnonymous, Some(id)) = (vma.kind, vma.shmem_id) else {
+        return Ok(None);
+    };
+    let Some((pid, start, end, first_offset)) = ctx.shmem.borrow().get(&id).copied() else {
+        return Ok(None);
+    };
+    let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+    let object = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|source| Error::File {
+            path: format!("{path} (shared memory of {:#x}-{:#x}, which needs root to share between processes)", vma.start, vma.end),
+            source,
+        })?;
+    let offset = vma.offset.checked_sub(first_offset).ok_or_else(|| {
+        Error::Other(format!(
+            "shared memory at {:#x}-{:#x} lies before the part of its object restored first; chpox cannot share it",
+            vma.start, vma.end
+        ))
+    })?;
+    let fd = ctx.injector.give(
+        c,
+        ctx.injector.receive_fd(),
+        std::os::fd::AsFd::as_fd(&object),
+    )?;
+    Ok(Some((fd, offset)))
 }
 
 /// The child's descriptor for file `index`, opened on first use.
@@ -327,7 +375,8 @@ pub fn fill_fd(
         .map_err(|source| Error::File { path, source })
 }
 
-fn map_one(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma, fd: Option<i32>) -> Result<()> {
+/// Map `vma`, from descriptor and offset `fd` if given, and fill its pages.
+fn map_one(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma, fd: Option<(i32, u64)>) -> Result<()> {
     let len = vma.end - vma.start;
     let prot = prot_of(vma);
     let fill = !vma.pages.is_empty();
@@ -352,7 +401,7 @@ fn map_one(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma, fd: Option<i32>) -> 
         flags |= libc::MAP_NORESERVE;
     }
     let (fd_arg, offset) = match fd {
-        Some(fd) => (fd as u64, vma.offset),
+        Some((fd, offset)) => (fd as u64, offset),
         None => (u64::MAX, 0),
     };
     let got = c.raw(

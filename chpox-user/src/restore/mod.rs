@@ -65,21 +65,26 @@
 
 pub mod child;
 pub mod fds;
+pub mod inject;
 pub mod memory;
 pub mod process;
 pub mod registers;
 pub mod signals;
 pub mod spawn;
 pub mod threads;
+pub mod tree;
 pub mod validate;
 pub mod vdso;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::Path;
 
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::image::ImageReader;
+use crate::image::model::{Metadata, ProcessImage};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
 
@@ -129,32 +134,86 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         warn!("{w}");
     }
     let meta = reader.metadata();
-    let spawned = spawn::spawn(meta.process.pid, opts.pid)?;
-    if !spawned.same_pid && opts.pid != PidMode::Any {
+    if !meta.children_not_saved.is_empty() {
         let w = format!(
-            "PID {} is taken; the process is restored as PID {}",
-            meta.process.pid, spawned.pid
+            "the image holds PID {} alone: its children {:?} were not saved and do not come back",
+            meta.root.process.pid, meta.children_not_saved
         );
         warn!("{w}");
         warnings.push(w);
     }
-    let mut frozen = Frozen::adopt(spawned.pid, vec![spawned.pid]);
-    let ctx = Context {
-        reader: &reader,
-        plan: &plan,
-        image_fd: std::os::fd::AsRawFd::as_raw_fd(&image_file),
-        pid_mode: opts.pid,
-        same_pid: spawned.same_pid,
-    };
-    // Threads after the first, held by us as soon as they exist.
-    let mut held = Vec::new();
-    let built = build(&frozen, &ctx, &mut held, &mut warnings);
-    frozen.add_tids(&held);
+    let tree = meta.is_tree();
+    if tree {
+        // PIDs are part of a tree's state (a shell's job table, waitpid,
+        // pidfiles): all of them, or none.
+        if opts.pid == PidMode::Any {
+            return Err(Error::Other(
+                "a tree of processes cannot be restored with new PIDs (its processes know each other's); restore with --pid-ns".into(),
+            ));
+        }
+        validate::check_pids_free(meta)?;
+    }
+    // Every description, made before any process exists: a file that cannot
+    // be opened fails here.
+    let descriptions = fds::Descriptions::prepare(meta, &reader, &mut warnings)?;
+    let injector = inject::Injector::new()?;
+    let pid_mode = if tree { PidMode::Same } else { opts.pid };
+    let spawned = spawn::spawn(meta.root.process.pid, pid_mode)?;
+    if !spawned.same_pid && opts.pid != PidMode::Any {
+        let w = format!(
+            "PID {} is taken; the process is restored as PID {}",
+            meta.root.process.pid, spawned.pid
+        );
+        warn!("{w}");
+        warnings.push(w);
+    }
+    let mut members = vec![Frozen::adopt(spawned.pid, vec![spawned.pid])];
+    let shmem = RefCell::new(HashMap::new());
+    let built = (|| -> Result<()> {
+        let layout = prepare_root(&members[0], meta)?;
+        tree::create(&mut members, meta, &layout)?;
+        tree::join_groups(&members, meta, &layout)?;
+        for (i, image) in meta.processes().enumerate() {
+            let ctx = Context {
+                reader: &reader,
+                plan: &plan,
+                image_fd: std::os::fd::AsRawFd::as_raw_fd(&image_file),
+                pid_mode,
+                same_pid: spawned.same_pid,
+                image,
+                descriptions: &descriptions,
+                injector: &injector,
+                shmem: &shmem,
+            };
+            // Threads after the first, held by us as soon as they exist.
+            let mut held = Vec::new();
+            let built = build(&members[i], &ctx, &layout, &mut held, &mut warnings);
+            members[i].add_tids(&held);
+            if image.process.stopped {
+                members[i].stop_on_release();
+            }
+            built.map_err(|e| {
+                if tree {
+                    Error::Other(format!("PID {}: {e}", image.process.pid))
+                } else {
+                    e
+                }
+            })?;
+        }
+        Ok(())
+    })();
     match built {
         Ok(()) => {
-            frozen.resume();
+            // Children first, the root last (see `FrozenTree::resume`).
+            while let Some(f) = members.pop() {
+                f.resume();
+            }
             drop(image_file);
-            info!(pid = spawned.pid, "restored");
+            info!(
+                pid = spawned.pid,
+                processes = 1 + meta.descendants.len(),
+                "restored"
+            );
             Ok(Restored {
                 pid: spawned.pid,
                 same_pid: spawned.same_pid,
@@ -163,8 +222,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
             })
         }
         Err(e) => {
-            debug!(error = %e, "restore failed; killing the half-built process");
-            frozen.kill();
+            debug!(error = %e, "restore failed; killing the half-built processes");
+            while let Some(f) = members.pop() {
+                f.kill();
+            }
             Err(e)
         }
     }
@@ -179,68 +240,93 @@ pub struct Context<'a> {
     pub pid_mode: PidMode,
     /// The process got its saved PID.
     pub same_pid: bool,
+    /// The process being rebuilt.
+    pub image: &'a ProcessImage,
+    pub descriptions: &'a fds::Descriptions,
+    pub injector: &'a inject::Injector,
+    /// Shared memory objects mapped so far: id -> (PID, start, end, saved
+    /// offset) of their first mapping, for the next to share.
+    pub shmem: &'a RefCell<HashMap<u64, (i32, u64, u64, u64)>>,
 }
 
-/// Everything between creating the child and letting it go.
+/// The root, still a copy of the restorer: forget its rseq, and map the
+/// trampoline where no process of the image has anything (every other
+/// process is forked from it and inherits the trampoline).
+fn prepare_root(root: &Frozen, meta: &Metadata) -> Result<memory::Layout> {
+    let pid = root.pid();
+    // Until our trampoline exists, the syscall instruction comes from the
+    // vdso we inherited.
+    let vdso_ip = remote::find_syscall_insn(pid)?;
+    let mut first = RemoteThread::borrow(root, pid, vdso_ip)?;
+    // glibc registered rseq for chpox's thread, in chpox's TLS, which
+    // is about to go: the kernel would write into unmapped memory and
+    // kill the task.
+    if let Some(rseq) = crate::ptrace::rseq_config(pid)? {
+        first.checked(
+            "rseq(unregister)",
+            libc::SYS_rseq,
+            [
+                rseq.addr,
+                u64::from(rseq.len),
+                1, // RSEQ_FLAG_UNREGISTER
+                u64::from(rseq.signature),
+                0,
+                0,
+            ],
+        )?;
+    }
+    let all_vmas: Vec<_> = meta
+        .processes()
+        .flat_map(|p| p.vmas.iter().cloned())
+        .collect();
+    let layout = memory::make_trampoline(&mut first, &all_vmas)?;
+    first.give_back()?;
+    Ok(layout)
+}
+
+/// Everything between creating a process and letting it go.
 fn build(
     frozen: &Frozen,
     ctx: &Context<'_>,
+    layout: &memory::Layout,
     held: &mut Vec<i32>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     let pid = frozen.pid();
-    let meta = ctx.reader.metadata();
-    // Until our trampoline exists, the syscall instruction comes from the
-    // vdso we inherited.
-    let vdso_ip = remote::find_syscall_insn(pid)?;
-    let layout = {
-        let mut first = RemoteThread::borrow(frozen, pid, vdso_ip)?;
-        // glibc registered rseq for chpox's thread, in chpox's TLS, which
-        // is about to go: the kernel would write into unmapped memory and
-        // kill the task.
-        if let Some(rseq) = crate::ptrace::rseq_config(pid)? {
-            first.checked(
-                "rseq(unregister)",
-                libc::SYS_rseq,
-                [
-                    rseq.addr,
-                    u64::from(rseq.len),
-                    1, // RSEQ_FLAG_UNREGISTER
-                    u64::from(rseq.signature),
-                    0,
-                    0,
-                ],
-            )?;
-        }
-        let layout = memory::make_trampoline(&mut first, &meta.vmas)?;
-        first.give_back()?;
-        layout
-    };
+    let image = ctx.image;
+    let layout = *layout;
     let thread = RemoteThread::borrow(frozen, pid, layout.trampoline)?;
     let mut c = child::Child::new(thread, layout.scratch, layout.scratch_len);
 
-    vdso::move_vdso(&mut c, &meta.vmas, layout.temp)?;
+    vdso::move_vdso(&mut c, &image.vmas, layout.temp)?;
     memory::unmap_inherited(&mut c, &layout)?;
     let mapped = memory::map_all(&mut c, ctx)?;
     process::set_mm(&mut c, ctx, mapped.exe_fd, warnings)?;
     mapped.close(&mut c)?;
     process::restore_state(&mut c, ctx, warnings)?;
-    signals::restore_actions(&mut c, &meta.signals.actions)?;
-    let (main, others) = meta
+    signals::restore_actions(&mut c, &image.signals.actions)?;
+    let (main, others) = image
         .threads
         .split_first()
         .ok_or_else(|| Error::Other("the image holds no thread".into()))?;
     signals::restore_altstack(&mut c, main.sigaltstack.as_ref())?;
-    fds::restore_fds(&mut c, ctx, warnings)?;
+    fds::restore_fds(
+        &mut c,
+        image.process.pid,
+        &image.fds,
+        ctx.image_fd,
+        ctx.descriptions,
+        ctx.injector,
+    )?;
 
     // The other threads: created while the main thread still has the
     // privileges to choose their TIDs, each then drops its own.
     threads::create(&mut c, others, ctx.pid_mode, ctx.same_pid, held, warnings)?;
     // New TIDs, in the image's thread order.
     let tids: Vec<i32> = std::iter::once(pid).chain(held.iter().copied()).collect();
-    signals::restore_pending(&mut c, meta, tids.iter().copied(), warnings)?;
-    process::restore_rlimits(&mut c, &meta.process.rlimits, warnings)?;
-    let tid_offset = threads::tid_offset(pid, &meta.threads);
+    signals::restore_pending(&mut c, image, tids.iter().copied(), warnings)?;
+    process::restore_rlimits(&mut c, &image.process.rlimits, warnings)?;
+    let tid_offset = threads::tid_offset(pid, &image.threads);
     if tid_offset.is_none() && !others.is_empty() {
         let w = "cannot tell where the threads keep their IDs; a pthread_join may never return"
             .to_string();
@@ -248,9 +334,9 @@ fn build(
         warnings.push(w);
     }
     if let Some(offset) = tid_offset {
-        threads::renumber(pid, tids.iter().copied().zip(&meta.threads), offset)?;
+        threads::renumber(pid, tids.iter().copied().zip(&image.threads), offset)?;
     }
-    let creds = &meta.process.creds;
+    let creds = &image.process.creds;
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
     threads::setup(&mut c, main, tid_offset, creds)?;
 

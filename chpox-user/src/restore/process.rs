@@ -35,7 +35,7 @@ pub fn set_mm(
     exe_fd: Option<i32>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
-    let info = &ctx.reader.metadata().process;
+    let info = &ctx.image.process;
     let mut auxv: Vec<u8> = Vec::new();
     for &(k, v) in &info.auxv {
         auxv.extend_from_slice(&k.to_ne_bytes());
@@ -112,14 +112,13 @@ pub fn set_mm(
     )))
 }
 
-/// cwd, umask, personality, nice; and the restorer's parent-death
-/// signal goes.
+/// cwd, umask, personality, nice, parent-death signal, subreaper flag.
 pub fn restore_state(
     c: &mut Child<'_>,
     ctx: &Context<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
-    let info = &ctx.reader.metadata().process;
+    let info = &ctx.image.process;
     let cwd = c.put_path(&info.cwd)?;
     let ret = c.raw(libc::SYS_chdir, [cwd, 0, 0, 0, 0, 0])?;
     if ret < 0 {
@@ -168,11 +167,26 @@ pub fn restore_state(
             ),
         );
     }
+    // The restorer's parent-death signal goes; the process's own comes back.
     c.call(
         "prctl(PR_SET_PDEATHSIG)",
         libc::SYS_prctl,
-        [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
+        [
+            libc::PR_SET_PDEATHSIG as u64,
+            info.pdeath_signal.max(0) as u64,
+            0,
+            0,
+            0,
+            0,
+        ],
     )?;
+    if info.child_subreaper {
+        c.call(
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+            libc::SYS_prctl,
+            [libc::PR_SET_CHILD_SUBREAPER as u64, 1, 0, 0, 0, 0],
+        )?;
+    }
     Ok(())
 }
 

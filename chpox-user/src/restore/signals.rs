@@ -6,7 +6,7 @@ use tracing::warn;
 
 use super::child::{ARGS_AT, Child, errno_of};
 use crate::error::Result;
-use crate::image::model::{AltStack, Metadata, PendingSignal, SigAction};
+use crate::image::model::{AltStack, PendingSignal, ProcessImage, SigAction};
 
 const SS_AUTODISARM: i32 = 1 << 31;
 
@@ -47,12 +47,12 @@ pub fn restore_altstack(c: &mut Child<'_>, stack: Option<&AltStack>) -> Result<(
 /// kernel allows for any siginfo; every signal is still blocked.
 pub fn restore_pending(
     c: &mut Child<'_>,
-    meta: &Metadata,
+    image: &ProcessImage,
     tids: impl Iterator<Item = i32>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
-    queue(c, None, &meta.signals.shared_pending, warnings)?;
-    for (tid, state) in tids.zip(&meta.threads) {
+    queue(c, None, &image.signals.shared_pending, warnings)?;
+    for (tid, state) in tids.zip(&image.threads) {
         queue(c, Some((tid, state.tid)), &state.pending, warnings)?;
     }
     Ok(())

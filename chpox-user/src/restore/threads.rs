@@ -54,10 +54,10 @@ pub fn create(
     for state in threads {
         // Never the saved TIDs under `--pid any`: same_pid is false then.
         let want = same_pid.then_some(state.tid);
-        let mut tid = clone_thread(c, flags, want)?;
+        let mut tid = clone3(c, flags, 0, want)?;
         if tid == -(libc::EEXIST as i64) && mode == PidMode::Prefer {
             taken.push(state.tid);
-            tid = clone_thread(c, flags, None)?;
+            tid = clone3(c, flags, 0, None)?;
         }
         if tid < 0 {
             return Err(Error::Other(format!(
@@ -84,8 +84,15 @@ pub fn create(
     Ok(())
 }
 
-/// Remote clone3 in the child's main thread; the raw result.
-fn clone_thread(c: &mut Child<'_>, flags: u64, tid: Option<i32>) -> Result<i64> {
+/// Remote clone3 in the child's main thread, making a thread or (without
+/// CLONE_VM) a child process that reports its exit with `exit_signal`; the
+/// raw result. Either starts in the trampoline's spin loop.
+pub(super) fn clone3(
+    c: &mut Child<'_>,
+    flags: u64,
+    exit_signal: u64,
+    tid: Option<i32>,
+) -> Result<i64> {
     let tids_addr = c.put(TIDS_AT, &(tid.unwrap_or(0) as u64).to_ne_bytes())?;
     let mut args = Vec::with_capacity(80);
     // flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
@@ -95,7 +102,7 @@ fn clone_thread(c: &mut Child<'_>, flags: u64, tid: Option<i32>) -> Result<i64> 
         0,
         0,
         0,
-        0,
+        exit_signal,
         0,
         0,
         0,

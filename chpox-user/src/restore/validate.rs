@@ -36,8 +36,10 @@ pub fn validate(reader: &ImageReader) -> Result<Plan> {
         .verify_all()
         .map_err(|e| Error::Other(e.to_string()))?;
     let meta = reader.metadata();
-    check_threads(&meta.threads)?;
-    check_cpu(&meta.threads, registers::host_xfeatures().0)?;
+    for p in meta.processes() {
+        check_threads(&p.threads)?;
+        check_cpu(&p.threads, registers::host_xfeatures().0)?;
+    }
     check_creds(meta, nix::unistd::geteuid().as_raw())?;
     let mut warnings = Vec::new();
     let files = check_files(meta, &mut warnings)?;
@@ -101,19 +103,42 @@ pub fn check_cpu(threads: &[ThreadState], host_xcr0: u64) -> Result<()> {
 
 /// A user may restore only their own processes; root, any.
 pub fn check_creds(meta: &Metadata, euid: u32) -> Result<()> {
-    let uid = meta.process.creds.uid[0];
-    if euid != 0 && euid != uid {
-        return Err(Error::Other(format!(
-            "the image is of a process of uid {uid}; only root or uid {uid} may restore it"
-        )));
+    for p in meta.processes() {
+        let uid = p.process.creds.uid[0];
+        if euid != 0 && euid != uid {
+            return Err(Error::Other(format!(
+                "the image holds a process of uid {uid} (PID {}); only root or uid {uid} may restore it",
+                p.process.pid
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every PID and TID of a tree must be free: they come back as they were.
+pub fn check_pids_free(meta: &Metadata) -> Result<()> {
+    let ids = meta
+        .processes()
+        .flat_map(|p| p.threads.iter().map(|t| t.tid))
+        .chain(meta.zombies.iter().map(|z| z.pid));
+    for id in ids {
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{id}/comm")) {
+            return Err(Error::Other(format!(
+                "PID {id} of the tree is in use (by {}); stop that process, or restore with --pid-ns",
+                comm.trim_end()
+            )));
+        }
     }
     Ok(())
 }
 
 /// Indices of the files the restored memory needs.
 fn referenced_files(meta: &Metadata) -> BTreeSet<usize> {
-    let mut used: BTreeSet<usize> = meta.vmas.iter().filter_map(|v| v.file).collect();
-    used.extend(meta.process.exe_file);
+    let mut used = BTreeSet::new();
+    for p in meta.processes() {
+        used.extend(p.vmas.iter().filter_map(|v| v.file));
+        used.extend(p.process.exe_file);
+    }
     used
 }
 
@@ -205,14 +230,16 @@ fn hash_path(path: &str) -> std::io::Result<String> {
 
 /// The working directory and the files descriptors name must exist.
 fn check_paths(meta: &Metadata) -> Result<()> {
-    let cwd = &meta.process.cwd;
-    if !std::path::Path::new(cwd).is_dir() {
-        return Err(Error::Other(format!(
-            "the working directory {} no longer exists",
-            crate::image::error::one_line(cwd)
-        )));
+    for p in meta.processes() {
+        let cwd = &p.process.cwd;
+        if !std::path::Path::new(cwd).is_dir() {
+            return Err(Error::Other(format!(
+                "the working directory {} no longer exists",
+                crate::image::error::one_line(cwd)
+            )));
+        }
     }
-    for fd in &meta.fds {
+    for fd in meta.processes().flat_map(|p| &p.fds) {
         let (path, what) = match &fd.kind {
             FdKind::RegularFile {
                 path,

@@ -1,0 +1,247 @@
+//! Process trees: finding a process's descendants, freezing every one of
+//! them before any state is read, the zombies among them, and which open
+//! file descriptions they share.
+//!
+//! Freezing follows CRIU: stop the root, then its children, then theirs,
+//! and scan again until a scan finds nobody new. A stopped process cannot
+//! fork, so a child forked while the freeze was under way is found by the
+//! next scan; a process that exits meanwhile is simply not in the image
+//! (or is, as a zombie, if its parent has not reaped it).
+
+use std::collections::{HashMap, HashSet};
+
+use tracing::debug;
+
+use crate::error::{Error, Result};
+use crate::image::model::{ProcessImage, Zombie};
+use crate::ptrace::Frozen;
+
+/// What /proc says of one process, for the tree.
+#[derive(Debug, Clone, Copy)]
+struct ProcEntry {
+    pid: i32,
+    ppid: i32,
+    state: char,
+    pgid: i32,
+    sid: i32,
+    exit_code: i32,
+}
+
+/// Every process on the machine (a snapshot; processes come and go).
+fn scan_all() -> Vec<ProcEntry> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.filter_map(|p| {
+        let stat = p.ok()?.stat().ok()?;
+        Some(ProcEntry {
+            pid: stat.pid,
+            ppid: stat.ppid,
+            state: stat.state,
+            pgid: stat.pgrp,
+            sid: stat.session,
+            exit_code: stat.exit_code.unwrap_or(0),
+        })
+    })
+    .collect()
+}
+
+/// The PIDs of `pid`'s children now.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut kids: Vec<i32> = scan_all()
+        .into_iter()
+        .filter(|e| e.ppid == pid)
+        .map(|e| e.pid)
+        .collect();
+    kids.sort_unstable();
+    kids
+}
+
+/// `pid` and every live descendant, for an estimate made before freezing.
+pub fn descendants_now(pid: i32) -> Vec<i32> {
+    let table = scan_all();
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(
+            table
+                .iter()
+                .filter(|e| e.ppid == parent && e.state != 'Z')
+                .map(|e| e.pid),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// A tree of processes, every thread of every live one held in a ptrace
+/// stop by the calling thread.
+pub struct FrozenTree {
+    /// The root first, then every descendant, parents before children.
+    members: Vec<Frozen>,
+    pub zombies: Vec<Zombie>,
+    /// Children of the root a single-process freeze left out.
+    pub children_left_out: Vec<i32>,
+}
+
+impl FrozenTree {
+    /// Freeze `root` and, with `children`, all its descendants.
+    pub fn freeze(root: i32, children: bool) -> Result<FrozenTree> {
+        let mut tree = FrozenTree {
+            members: vec![Frozen::freeze(root)?],
+            zombies: Vec::new(),
+            children_left_out: Vec::new(),
+        };
+        if !children {
+            tree.children_left_out = children_of(root);
+            return Ok(tree);
+        }
+        // PIDs already frozen, recorded as zombies, or seen to vanish.
+        let mut known: HashSet<i32> = HashSet::from([root]);
+        loop {
+            let table = scan_all();
+            let mut by_parent: HashMap<i32, Vec<&ProcEntry>> = HashMap::new();
+            for e in &table {
+                by_parent.entry(e.ppid).or_default().push(e);
+            }
+            // Parents first: walk down from the frozen members in order.
+            let frozen_pids: Vec<i32> = tree.members.iter().map(Frozen::pid).collect();
+            let mut new: Vec<ProcEntry> = Vec::new();
+            for parent in frozen_pids {
+                for e in by_parent.get(&parent).into_iter().flatten() {
+                    if !known.contains(&e.pid) {
+                        new.push(**e);
+                    }
+                }
+            }
+            if new.is_empty() {
+                break;
+            }
+            for e in new {
+                known.insert(e.pid);
+                if e.state == 'Z' {
+                    tree.zombies.push(Zombie {
+                        pid: e.pid,
+                        ppid: e.ppid,
+                        pgid: e.pgid,
+                        sid: e.sid,
+                        status: e.exit_code,
+                    });
+                    continue;
+                }
+                match Frozen::freeze(e.pid) {
+                    Ok(f) => tree.members.push(f),
+                    // Exited since the scan: a zombie now, which the next
+                    // scan records, or reaped and gone.
+                    Err(Error::Exited(_) | Error::NoSuchProcess(_)) => {
+                        known.remove(&e.pid);
+                        if !std::path::Path::new(&format!("/proc/{}", e.pid)).exists() {
+                            known.insert(e.pid);
+                        }
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        debug!(
+            root,
+            processes = tree.members.len(),
+            zombies = tree.zombies.len(),
+            "tree frozen"
+        );
+        Ok(tree)
+    }
+
+    pub fn root(&self) -> i32 {
+        self.members[0].pid()
+    }
+
+    pub fn members(&self) -> &[Frozen] {
+        &self.members
+    }
+
+    /// Let every process run on. Children go first and the root last: each
+    /// `Frozen` blocks terminal signals in this thread while it lives and
+    /// unblocks them as it goes, so they must go in the reverse of the
+    /// order they came.
+    pub fn resume(mut self) {
+        while let Some(f) = self.members.pop() {
+            f.resume();
+        }
+    }
+
+    /// Leave every process in a job-control stop.
+    pub fn leave_stopped(mut self) {
+        while let Some(f) = self.members.pop() {
+            f.leave_stopped();
+        }
+    }
+
+    /// Kill every process of the tree.
+    pub fn kill(mut self) {
+        while let Some(f) = self.members.pop() {
+            f.kill();
+        }
+    }
+}
+
+impl Drop for FrozenTree {
+    fn drop(&mut self) {
+        while let Some(f) = self.members.pop() {
+            drop(f);
+        }
+    }
+}
+
+/// `kcmp(KCMP_FILE)`: whether fd `a` of `pa` and fd `b` of `pb` are the same
+/// open file description.
+fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes integers only and touches no memory of ours.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pa as libc::c_long,
+            pb as libc::c_long,
+            KCMP_FILE,
+            a as libc::c_long,
+            b as libc::c_long,
+        )
+    };
+    ret == 0
+}
+
+/// Give every descriptor of the tree the id of its open file description:
+/// descriptors that share one (`dup`, inherited through `fork`) get the
+/// same id, so restore makes one description for all of them (one offset,
+/// one set of status flags). Candidates are the descriptors of the same
+/// file (device, inode); the kernel says which of them are one description.
+pub fn link_descriptions(procs: &mut [ProcessImage]) {
+    use std::os::unix::fs::MetadataExt;
+    // (dev, ino) -> (pid, fd, id) of each description seen so far
+    let mut seen: HashMap<(u64, u64), Vec<(i32, i32, u64)>> = HashMap::new();
+    let mut next_id = 1u64;
+    for p in procs.iter_mut() {
+        let pid = p.process.pid;
+        for e in &mut p.fds {
+            let id = std::fs::metadata(format!("/proc/{pid}/fd/{}", e.fd))
+                .ok()
+                .and_then(|m| {
+                    let same_file = seen.entry((m.dev(), m.ino())).or_default();
+                    let found = same_file
+                        .iter()
+                        .find(|&&(op, ofd, _)| same_description(pid, e.fd, op, ofd))
+                        .map(|&(_, _, id)| id);
+                    found.or_else(|| {
+                        same_file.push((pid, e.fd, next_id));
+                        None
+                    })
+                });
+            e.description = id.unwrap_or_else(|| {
+                next_id += 1;
+                next_id - 1
+            });
+        }
+    }
+}
