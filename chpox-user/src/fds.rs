@@ -170,6 +170,19 @@ pub fn classify_pipes(procs: &mut [ProcessImage], policy: UnsupportedFd) -> Resu
             }
         }
     }
+    // A pipe whose other end nobody holds any more (make gives its jobs a
+    // pipe without a writer as stdin) is the processes' alone too.
+    for p in procs.iter() {
+        for e in &p.fds {
+            if let FdKind::Pipe { inode, .. } = e.kind
+                && let Some(held) = ends.get_mut(&inode)
+                && *held != (true, true)
+                && other_end_closed(p.process.pid, e.fd, is_read_end(e.flags))
+            {
+                *held = (true, true);
+            }
+        }
+    }
     let several = procs.len() > 1;
     let mut unsupported = Vec::new();
     for p in procs.iter_mut() {
@@ -204,6 +217,36 @@ pub fn classify_pipes(procs: &mut [ProcessImage], policy: UnsupportedFd) -> Resu
         Ok(())
     } else {
         Err(Error::UnsupportedFds(unsupported.join(", ")))
+    }
+}
+
+/// Whether the pipe end at fd `fd` of `pid` has no peer anywhere: no
+/// writer for a read end (a copy of it polls as hung up), no reader for a
+/// write end (opening one more writer without a reader fails with ENXIO).
+fn other_end_closed(pid: i32, fd: i32, read_end: bool) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let mut open = std::fs::OpenOptions::new();
+    open.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
+    if read_end {
+        let Ok(copy) = open.read(true).open(&path) else {
+            return false;
+        };
+        let mut poll = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&copy),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(
+            nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO),
+            Ok(1)
+        ) && poll[0]
+            .revents()
+            .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLHUP))
+    } else {
+        matches!(
+            open.write(true).open(&path),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO)
+        )
     }
 }
 

@@ -178,10 +178,22 @@ impl FrozenTree {
         }
     }
 
-    /// Kill every process of the tree.
+    /// Kill every process of the tree, and wait (a few seconds at most)
+    /// until the descendants' PIDs are free again: orphans are reaped by
+    /// init a moment later, and a restore right after must find the PIDs
+    /// free. (The root is its own parent's to reap.)
     pub fn kill(mut self) {
+        let pids: Vec<i32> = self.members.iter().skip(1).map(Frozen::pid).collect();
         while let Some(f) = self.members.pop() {
             f.kill();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while pids
+            .iter()
+            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }

@@ -535,7 +535,11 @@ fn check_image(path: &Path, pid: i32) -> ImageReader {
     reader
         .verify_all()
         .unwrap_or_else(|e| panic!("verify image {}: {e}", path.display()));
-    assert_eq!(reader.metadata().process.pid, pid, "image of the wrong PID");
+    assert_eq!(
+        reader.metadata().root.process.pid,
+        pid,
+        "image of the wrong PID"
+    );
     reader
 }
 

@@ -62,7 +62,8 @@ fn assert_running_untraced(pid: i32) {
 }
 
 fn vma_at(meta: &Metadata, addr: u64) -> &chpox::image::model::Vma {
-    meta.vmas
+    meta.root
+        .vmas
         .iter()
         .find(|v| v.start <= addr && addr < v.end)
         .unwrap_or_else(|| panic!("no VMA at {addr:#x}"))
@@ -184,7 +185,7 @@ fn vector_registers_are_captured_and_survive_the_dump() {
     std::thread::sleep(Duration::from_millis(300));
     let reader = dump(target.pid, dir.path(), "avx.img", &[]);
     let meta = reader.metadata();
-    let thread = &meta.threads[0];
+    let thread = &meta.root.threads[0];
     assert_eq!(thread.regs.r12, 0x1234_5678_9ABC_DEF0);
     assert_eq!(thread.regs.r13, 0x0FED_CBA9_8765_4321);
     assert_eq!(thread.syscall, SyscallState::None, "spinning in user code");
@@ -229,7 +230,8 @@ fn open_files_are_recorded_with_offsets_and_flags() {
     let reader = dump(target.pid, dir.path(), "fds.img", &[]);
     let meta = reader.metadata();
     let fd = |n: i32| {
-        meta.fds
+        meta.root
+            .fds
             .iter()
             .find(|f| f.fd == n)
             .unwrap_or_else(|| panic!("fd {n} missing"))
@@ -306,10 +308,11 @@ fn every_thread_is_captured_with_its_own_state() {
     let counters = target.ready_hex("counters");
     let reader = dump(target.pid, dir.path(), "threads.img", &[]);
     let meta = reader.metadata();
-    assert_eq!(meta.threads.len(), 5, "main + 4 workers");
-    assert_eq!(meta.threads[0].tid, target.pid, "leader first");
+    assert_eq!(meta.root.threads.len(), 5, "main + 4 workers");
+    assert_eq!(meta.root.threads[0].tid, target.pid, "leader first");
     for (t, tid) in tids.iter().enumerate() {
         let state = meta
+            .root
             .threads
             .iter()
             .find(|s| s.tid == *tid)
@@ -325,7 +328,7 @@ fn every_thread_is_captured_with_its_own_state() {
             .expect("the thread block is stored");
         assert_eq!(i32::from_ne_bytes(bytes.try_into().expect("4")), *tid);
     }
-    let mut bases: Vec<u64> = meta.threads.iter().map(|t| t.regs.fs_base).collect();
+    let mut bases: Vec<u64> = meta.root.threads.iter().map(|t| t.regs.fs_base).collect();
     bases.sort_unstable();
     bases.dedup();
     assert_eq!(bases.len(), 5, "each thread has its own TLS");
@@ -355,6 +358,7 @@ fn signal_handlers_masks_and_altstack_are_recorded() {
     let meta = reader.metadata();
     let action = |sig: i32| {
         *meta
+            .root
             .signals
             .actions
             .iter()
@@ -372,8 +376,8 @@ fn signal_handlers_masks_and_altstack_are_recorded() {
     );
     assert_eq!(action(libc::SIGPIPE).handler, 1, "SIGPIPE ignored");
     assert_eq!(action(libc::SIGTERM).handler, 0, "SIGTERM default");
-    assert_eq!(meta.signals.actions.len(), 62, "all but KILL and STOP");
-    let main = &meta.threads[0];
+    assert_eq!(meta.root.signals.actions.len(), 62, "all but KILL and STOP");
+    let main = &meta.root.threads[0];
     assert_ne!(
         main.sigmask & (1 << (libc::SIGHUP - 1)),
         0,
@@ -402,7 +406,7 @@ fn a_sleeping_process_is_recorded_mid_syscall_and_sleeps_on() {
     let mut target = Target::spawn("sleeper", &[], dir.path());
     std::thread::sleep(Duration::from_millis(300));
     let reader = dump(target.pid, dir.path(), "sleep.img", &[]);
-    match reader.metadata().threads[0].syscall {
+    match reader.metadata().root.threads[0].syscall {
         SyscallState::Restartable {
             nr,
             restart: RestartKind::RestartBlock,
@@ -426,7 +430,7 @@ fn a_process_blocked_in_read_is_recorded_and_reads_on() {
     let mut target = Target::spawn("reader", &[fifo.to_str().expect("utf-8")], dir.path());
     std::thread::sleep(Duration::from_millis(300));
     let reader = dump(target.pid, dir.path(), "read.img", &[]);
-    match reader.metadata().threads[0].syscall {
+    match reader.metadata().root.threads[0].syscall {
         SyscallState::Restartable { nr, .. } => assert_eq!(nr, libc::SYS_read as u64),
         other => panic!("reader is in {other:?}"),
     }
@@ -441,7 +445,7 @@ fn mapped_files_are_identified_and_embedded_on_request() {
     let target = Target::spawn("mempattern", &["4"], dir.path());
     let plain = dump(target.pid, dir.path(), "plain.img", &[]);
     let meta = plain.metadata();
-    let exe = &meta.files[meta.process.exe_file.expect("exe recorded")];
+    let exe = &meta.files[meta.root.process.exe_file.expect("exe recorded")];
     assert!(exe.path.ends_with("/mempattern"), "{}", exe.path);
     assert_eq!(
         exe.blake3,
@@ -467,7 +471,7 @@ fn mapped_files_are_identified_and_embedded_on_request() {
         &["--embed-exe", "--embed-lib", &libc_path],
     );
     let meta = embedded.metadata();
-    let exe = &meta.files[meta.process.exe_file.expect("exe")];
+    let exe = &meta.files[meta.root.process.exe_file.expect("exe")];
     let data = embedded
         .read_data(&exe.embedded.expect("exe embedded"))
         .expect("read");
@@ -497,7 +501,7 @@ fn kill_after_dump_ends_a_multithreaded_process() {
     let dir = tempdir();
     let mut target = Target::spawn("threads", &["3"], dir.path());
     let reader = dump(target.pid, dir.path(), "kill.img", &["--kill"]);
-    assert_eq!(reader.metadata().threads.len(), 4);
+    assert_eq!(reader.metadata().root.threads.len(), 4);
     let status = target.wait_exit(EXIT_TIMEOUT);
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");

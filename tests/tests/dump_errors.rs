@@ -596,7 +596,7 @@ fn dump_with_pipe_fd_fails_naming_it_unless_replaced_by_null() {
         pid,
         &[
             "cannot checkpoint file descriptors of kinds chpox does not support",
-            &format!("fd 3 ({pipe}, whose other end another process holds)"),
+            &format!("fd 3 ({pipe}, whose other end a process outside the checkpoint holds)"),
             "--unsupported-fd=null",
         ],
     );
@@ -621,7 +621,12 @@ fn dump_with_pipe_fd_fails_naming_it_unless_replaced_by_null() {
         "{fd3}"
     );
     let meta = open_image(&image);
-    let entry = meta.fds.iter().find(|f| f.fd == 3).expect("fd 3 in image");
+    let entry = meta
+        .root
+        .fds
+        .iter()
+        .find(|f| f.fd == 3)
+        .expect("fd 3 in image");
     assert!(
         matches!(&entry.kind, FdKind::ReplacedByNull { was } if *was == pipe),
         "{:?}",
@@ -702,8 +707,8 @@ fn image_is_private_and_owned_by_the_process_owner() {
     dump_ok(t.pid, &by_root, &[]);
     assert_image_file(&by_root, NOBODY, NOBODY);
     let meta = open_image(&by_root);
-    assert_eq!(meta.process.creds.uid, [NOBODY; 4]);
-    assert_eq!(meta.process.creds.gid, [NOBODY; 4]);
+    assert_eq!(meta.root.process.creds.uid, [NOBODY; 4]);
+    assert_eq!(meta.root.process.creds.gid, [NOBODY; 4]);
     check_pattern(&by_root, addr, len);
     assert_running_untraced(t.pid);
 
@@ -744,7 +749,7 @@ fn dump_kill_writes_a_valid_image_then_kills() {
     );
     let meta = open_image(&image);
     assert_eq!(meta.after_dump, AfterDump::Kill);
-    assert_eq!(meta.process.pid, t.pid);
+    assert_eq!(meta.root.process.pid, t.pid);
     check_pattern(&image, addr, len);
     assert!(t.lines_after_ready().is_empty(), "{:?}", t.lines());
     assert_eq!(entries(&s.out), ["img"]);
@@ -815,9 +820,12 @@ fn dump_twice_in_a_row() {
     assert_running_untraced(t.pid);
 
     let (m1, m2) = (open_image(&first), open_image(&second));
-    assert_eq!(m1.process.pid, t.pid);
-    assert_eq!(m2.process.pid, t.pid);
-    assert_eq!(m1.process.start_time_ticks, m2.process.start_time_ticks);
+    assert_eq!(m1.root.process.pid, t.pid);
+    assert_eq!(m2.root.process.pid, t.pid);
+    assert_eq!(
+        m1.root.process.start_time_ticks,
+        m2.root.process.start_time_ticks
+    );
     assert!(m2.created_unix_ns > m1.created_unix_ns);
     check_pattern(&first, addr, len);
     check_pattern(&second, addr, len);
@@ -844,6 +852,7 @@ fn inspect_rejects_corrupt_images() {
     // The middle of the stored pattern: a byte some checksum covers.
     let pattern_run = reader
         .metadata()
+        .root
         .vmas
         .iter()
         .find(|v| v.start == addr)

@@ -506,6 +506,7 @@ fn corrupt_image_is_refused() {
         let reader = ImageReader::open(&image).expect("open");
         reader
             .metadata()
+            .root
             .vmas
             .iter()
             .flat_map(|v| v.pages.iter())
@@ -552,16 +553,16 @@ fn missing_cpu_features_are_refused() {
     let bit = (17..63).find(|b| xcr0 & (1u64 << b) == 0).expect("a bit");
     let mut meta = ImageReader::open(&image).expect("open").metadata().clone();
     let bv_at = 512..520;
-    let xsave = &mut meta.threads[0].xsave;
+    let xsave = &mut meta.root.threads[0].xsave;
     let bv = u64::from_le_bytes(xsave[bv_at.clone()].try_into().expect("8 bytes")) | (1 << bit);
     xsave[bv_at].copy_from_slice(&bv.to_le_bytes());
-    for v in &mut meta.vmas {
+    for v in &mut meta.root.vmas {
         v.pages.clear();
     }
     for f in &mut meta.files {
         f.embedded = None;
     }
-    for fd in &mut meta.fds {
+    for fd in &mut meta.root.fds {
         if let FdKind::RegularFile { embedded, .. } = &mut fd.kind {
             *embedded = None;
         }
@@ -975,10 +976,11 @@ fn a_process_blocked_in_read_restores_and_reads_on() {
         .metadata()
         .clone();
     let entry = meta
+        .root
         .fds
         .iter()
         .find(|e| e.fd == fd)
-        .unwrap_or_else(|| panic!("fd {fd} not in the image: {:?}", meta.fds));
+        .unwrap_or_else(|| panic!("fd {fd} not in the image: {:?}", meta.root.fds));
     assert!(
         matches!(entry.kind, FdKind::ReplacedByNull { .. }),
         "fd {fd} saved as {:?}",
@@ -1045,10 +1047,11 @@ fn pipes_come_back_with_their_bytes_and_stdio_pipes_join_the_restorer() {
         .clone();
     let kind_of = |fd: i32| {
         &meta
+            .root
             .fds
             .iter()
             .find(|e| e.fd == fd)
-            .unwrap_or_else(|| panic!("fd {fd} not in {:?}", meta.fds))
+            .unwrap_or_else(|| panic!("fd {fd} not in {:?}", meta.root.fds))
             .kind
     };
     for fd in [0, 1] {
@@ -1065,6 +1068,7 @@ fn pipes_come_back_with_their_bytes_and_stdio_pipes_join_the_restorer() {
         );
     }
     let stored: Vec<u64> = meta
+        .root
         .fds
         .iter()
         .filter_map(|e| match &e.kind {
@@ -1072,7 +1076,12 @@ fn pipes_come_back_with_their_bytes_and_stdio_pipes_join_the_restorer() {
             _ => None,
         })
         .collect();
-    assert_eq!(stored, [100_000], "unread bytes stored: {:?}", meta.fds);
+    assert_eq!(
+        stored,
+        [100_000],
+        "unread bytes stored: {:?}",
+        meta.root.fds
+    );
 
     let mut restore = Command::new(chpox_bin())
         .args(["restore", path_str(&image)])
