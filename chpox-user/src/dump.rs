@@ -253,6 +253,7 @@ fn capture_tree(
     mut area: Option<MappedArea>,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
+    tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
     let mut fds = Vec::with_capacity(tree.members().len());

@@ -298,3 +298,45 @@ mod tests {
         assert!(matches!(check_dumpable(2), Err(Error::KernelThread(2))));
     }
 }
+
+/// The PID by which we know a task that a process of ours created inside a
+/// PID namespace and was told to be `id` there: its last NSpid entry is
+/// `id`. `candidates` are the PIDs (or TIDs) that may be it. Outside any
+/// namespace of its own, the task is known by `id` itself.
+fn host_id_among(
+    id: i32,
+    candidates: impl Iterator<Item = i32>,
+    path: impl Fn(i32) -> String,
+) -> Option<i32> {
+    candidates.into_iter().find(|&c| {
+        std::fs::read_to_string(path(c)).is_ok_and(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok())
+                == Some(id)
+        })
+    })
+}
+
+/// Our PID of the child that `parent` (our PID of it) made as `id` in its
+/// namespace.
+pub fn host_pid_of_child(parent: i32, id: i32) -> Option<i32> {
+    let children = procfs::process::all_processes()
+        .ok()?
+        .filter_map(|p| {
+            let stat = p.ok()?.stat().ok()?;
+            (stat.ppid == parent).then_some(stat.pid)
+        })
+        .collect::<Vec<_>>();
+    host_id_among(id, children.into_iter(), |c| format!("/proc/{c}/status"))
+}
+
+/// Our TID of the thread of process `pid` (our PID) that is `id` in its
+/// namespace.
+pub fn host_tid_in(pid: i32, id: i32) -> Option<i32> {
+    let tids = crate::ptrace::list_threads(pid).ok()?;
+    host_id_among(id, tids.into_iter(), |t| {
+        format!("/proc/{pid}/task/{t}/status")
+    })
+}

@@ -206,22 +206,61 @@ impl Drop for FrozenTree {
     }
 }
 
-/// `kcmp(KCMP_FILE)`: whether fd `a` of `pa` and fd `b` of `pb` are the same
-/// open file description.
-fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
-    const KCMP_FILE: libc::c_long = 0;
+const KCMP_FILE: libc::c_long = 0;
+const KCMP_VM: libc::c_long = 1;
+const KCMP_FILES: libc::c_long = 2;
+const KCMP_FS: libc::c_long = 3;
+
+/// `kcmp`: whether the kernel objects of kind `what` (index `a` of `pa`,
+/// `b` of `pb` for descriptors) are one.
+fn kcmp_same(pa: i32, pb: i32, what: libc::c_long, a: i32, b: i32) -> bool {
     // SAFETY: kcmp takes integers only and touches no memory of ours.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_kcmp,
             pa as libc::c_long,
             pb as libc::c_long,
-            KCMP_FILE,
+            what,
             a as libc::c_long,
             b as libc::c_long,
         )
     };
     ret == 0
+}
+
+/// Whether fd `a` of `pa` and fd `b` of `pb` are one open file description.
+fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    kcmp_same(pa, pb, KCMP_FILE, a, b)
+}
+
+/// Processes that share their memory, descriptor table or filesystem
+/// context (`clone` with CLONE_VM, CLONE_FILES or CLONE_FS, but not as
+/// threads) cannot be brought back sharing them yet: refuse by name rather
+/// than restore copies that no longer see each other's changes.
+pub fn check_unshared(tree: &FrozenTree) -> Result<()> {
+    let pids: Vec<i32> = tree.members.iter().map(Frozen::pid).collect();
+    let mut shared = Vec::new();
+    for (i, &a) in pids.iter().enumerate() {
+        for &b in &pids[i + 1..] {
+            for (what, name) in [
+                (KCMP_VM, "memory (CLONE_VM)"),
+                (KCMP_FILES, "descriptor table (CLONE_FILES)"),
+                (KCMP_FS, "working directory and umask (CLONE_FS)"),
+            ] {
+                if kcmp_same(a, b, what, 0, 0) {
+                    shared.push(format!("PID {a} and PID {b} share their {name}"));
+                }
+            }
+        }
+    }
+    if shared.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Other(format!(
+            "{}; chpox cannot restore processes that share these yet (checkpoint the process alone with --no-children)",
+            shared.join(", ")
+        )))
+    }
 }
 
 /// Give every descriptor of the tree the id of its open file description:

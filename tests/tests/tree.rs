@@ -1254,7 +1254,6 @@ fn ns_pid(pid: i32) -> Option<(i32, usize)> {
 /// With `--pid-ns` the tree comes back in a new PID namespace under its
 /// original PIDs, while the original tree still holds those PIDs outside.
 #[test]
-#[ignore = "pid-ns not yet"]
 fn pid_ns_restores_the_tree_while_the_original_pids_are_taken() {
     let dir = tempdir();
     let d = path_str(dir.path()).to_string();

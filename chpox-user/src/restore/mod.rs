@@ -93,12 +93,15 @@ pub use spawn::PidMode;
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub pid: PidMode,
+    /// Restore into a new PID namespace, where every saved PID is free.
+    pub pid_ns: bool,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
         RestoreOptions {
             pid: PidMode::Prefer,
+            pid_ns: false,
         }
     }
 }
@@ -113,6 +116,13 @@ pub struct Restored {
     pub warnings: Vec<String>,
     /// The agent registration the image was taken under, if any.
     pub registration: Option<crate::image::model::SavedRegistration>,
+    /// Our child to wait for, whose exit status is the root's: the root,
+    /// or the init of its PID namespace.
+    pub wait_pid: i32,
+    /// Restored in a new PID namespace, where the root has its saved PID.
+    pub in_namespace: bool,
+    /// The root's PID at checkpoint time.
+    pub saved_pid: i32,
 }
 
 /// Restore the process in `image`. On success it runs, as a child of the
@@ -143,34 +153,55 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         warnings.push(w);
     }
     let tree = meta.is_tree();
-    if tree {
-        // PIDs are part of a tree's state (a shell's job table, waitpid,
-        // pidfiles): all of them, or none.
-        if opts.pid == PidMode::Any {
-            return Err(Error::Other(
-                "a tree of processes cannot be restored with new PIDs (its processes know each other's); restore with --pid-ns".into(),
-            ));
-        }
+    // PIDs are part of a tree's state (a shell's job table, waitpid,
+    // pidfiles): all of them, or a namespace where all of them are free.
+    let pid_ns = opts.pid_ns || (tree && opts.pid == PidMode::Any);
+    if tree && !pid_ns {
         validate::check_pids_free(meta)?;
     }
     // Every description, made before any process exists: a file that cannot
     // be opened fails here.
     let descriptions = fds::Descriptions::prepare(meta, &reader, &mut warnings)?;
     let injector = inject::Injector::new()?;
-    let pid_mode = if tree { PidMode::Same } else { opts.pid };
-    let spawned = spawn::spawn(meta.root.process.pid, pid_mode)?;
-    if !spawned.same_pid && opts.pid != PidMode::Any {
-        let w = format!(
-            "PID {} is taken; the process is restored as PID {}",
-            meta.root.process.pid, spawned.pid
-        );
-        warn!("{w}");
-        warnings.push(w);
-    }
-    let mut members = vec![Frozen::adopt(spawned.pid, vec![spawned.pid])];
+    let pid_mode = if tree || pid_ns {
+        PidMode::Same
+    } else {
+        opts.pid
+    };
+    let root_pid = meta.root.process.pid;
+    // In a namespace, its init is made first and the root forked from it.
+    let init = if pid_ns {
+        Some(spawn::spawn_namespace_init()?)
+    } else {
+        None
+    };
+    let init_frozen = init.as_ref().map(|i| Frozen::adopt(i.pid, vec![i.pid]));
+    let mut members: Vec<Frozen> = Vec::new();
+    let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
     let built = (|| -> Result<()> {
-        let layout = prepare_root(&members[0], meta)?;
+        let layout = match &init_frozen {
+            Some(init) => {
+                let layout = prepare_root(init, meta)?;
+                tree::private_proc(init, &layout)?;
+                members.push(tree::fork_from(init, &layout, root_pid, libc::SIGCHLD)?);
+                layout
+            }
+            None => {
+                let spawned = spawn::spawn(root_pid, pid_mode)?;
+                members.push(Frozen::adopt(spawned.pid, vec![spawned.pid]));
+                same_pid = spawned.same_pid;
+                if !same_pid && opts.pid != PidMode::Any {
+                    let w = format!(
+                        "PID {root_pid} is taken; the process is restored as PID {}",
+                        spawned.pid
+                    );
+                    warn!("{w}");
+                    warnings.push(w);
+                }
+                prepare_root(&members[0], meta)?
+            }
+        };
         tree::create(&mut members, meta, &layout)?;
         tree::join_groups(&members, meta, &layout)?;
         for (i, image) in meta.processes().enumerate() {
@@ -179,7 +210,8 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 plan: &plan,
                 image_fd: std::os::fd::AsRawFd::as_raw_fd(&image_file),
                 pid_mode,
-                same_pid: spawned.same_pid,
+                same_pid,
+                pid_ns,
                 image,
                 descriptions: &descriptions,
                 injector: &injector,
@@ -202,33 +234,46 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         Ok(())
     })();
-    match built {
-        Ok(()) => {
-            // Children first, the root last (see `FrozenTree::resume`).
-            while let Some(f) = members.pop() {
-                f.resume();
-            }
-            drop(image_file);
-            info!(
-                pid = spawned.pid,
-                processes = 1 + meta.descendants.len(),
-                "restored"
-            );
-            Ok(Restored {
-                pid: spawned.pid,
-                same_pid: spawned.same_pid,
-                warnings,
-                registration: meta.registration,
-            })
+    if let Err(e) = built {
+        debug!(error = %e, "restore failed; killing the half-built processes");
+        while let Some(f) = members.pop() {
+            f.kill();
         }
-        Err(e) => {
-            debug!(error = %e, "restore failed; killing the half-built processes");
-            while let Some(f) = members.pop() {
-                f.kill();
-            }
-            Err(e)
+        if let Some(init) = init_frozen {
+            init.kill();
         }
+        return Err(e);
     }
+    let pid = members[0].pid();
+    // Children first, the root last (see `FrozenTree::resume`).
+    while let Some(f) = members.pop() {
+        f.resume();
+    }
+    let wait_pid = match (init, init_frozen) {
+        (Some(init), Some(frozen)) => {
+            let init_pid = init.pid;
+            frozen.resume();
+            spawn::start_init(init, root_pid)?;
+            init_pid
+        }
+        _ => pid,
+    };
+    drop(image_file);
+    info!(
+        pid,
+        processes = 1 + meta.descendants.len(),
+        pid_ns,
+        "restored"
+    );
+    Ok(Restored {
+        pid,
+        same_pid,
+        warnings,
+        registration: meta.registration,
+        wait_pid,
+        in_namespace: pid_ns,
+        saved_pid: root_pid,
+    })
 }
 
 /// What every stage needs.
@@ -240,6 +285,9 @@ pub struct Context<'a> {
     pub pid_mode: PidMode,
     /// The process got its saved PID.
     pub same_pid: bool,
+    /// In a new PID namespace: the process sees its saved PID and TIDs,
+    /// which differ from the ones we see.
+    pub pid_ns: bool,
     /// The process being rebuilt.
     pub image: &'a ProcessImage,
     pub descriptions: &'a fds::Descriptions,
@@ -321,10 +369,22 @@ fn build(
 
     // The other threads: created while the main thread still has the
     // privileges to choose their TIDs, each then drops its own.
-    threads::create(&mut c, others, ctx.pid_mode, ctx.same_pid, held, warnings)?;
-    // New TIDs, in the image's thread order.
-    let tids: Vec<i32> = std::iter::once(pid).chain(held.iter().copied()).collect();
-    signals::restore_pending(&mut c, image, tids.iter().copied(), warnings)?;
+    threads::create(
+        &mut c,
+        others,
+        ctx.pid_mode,
+        ctx.same_pid,
+        ctx.pid_ns,
+        held,
+        warnings,
+    )?;
+    // New TIDs, in the image's thread order, as the process sees them.
+    let tids: Vec<i32> = if ctx.pid_ns {
+        image.threads.iter().map(|t| t.tid).collect()
+    } else {
+        std::iter::once(pid).chain(held.iter().copied()).collect()
+    };
+    signals::restore_pending(&mut c, image, &tids, warnings)?;
     process::restore_rlimits(&mut c, &image.process.rlimits, warnings)?;
     let tid_offset = threads::tid_offset(pid, &image.threads);
     if tid_offset.is_none() && !others.is_empty() {

@@ -48,12 +48,14 @@ pub fn restore_altstack(c: &mut Child<'_>, stack: Option<&AltStack>) -> Result<(
 pub fn restore_pending(
     c: &mut Child<'_>,
     image: &ProcessImage,
-    tids: impl Iterator<Item = i32>,
+    tids: &[i32],
     warnings: &mut Vec<String>,
 ) -> Result<()> {
-    queue(c, None, &image.signals.shared_pending, warnings)?;
-    for (tid, state) in tids.zip(&image.threads) {
-        queue(c, Some((tid, state.tid)), &state.pending, warnings)?;
+    // As the process numbers itself: the main thread's TID is its PID.
+    let pid = tids.first().copied().unwrap_or(c.pid());
+    queue(c, pid, None, &image.signals.shared_pending, warnings)?;
+    for (&tid, state) in tids.iter().zip(&image.threads) {
+        queue(c, pid, Some((tid, state.tid)), &state.pending, warnings)?;
     }
     Ok(())
 }
@@ -61,11 +63,12 @@ pub fn restore_pending(
 /// Queue `list` to the process, or to thread `(new tid, saved tid)`.
 fn queue(
     c: &mut Child<'_>,
+    pid: i32,
     thread: Option<(i32, i32)>,
     list: &[PendingSignal],
     warnings: &mut Vec<String>,
 ) -> Result<()> {
-    let pid = c.pid() as u64;
+    let pid = pid as u64;
     for p in list {
         if p.signo == libc::SIGKILL || p.signo == libc::SIGSTOP || p.siginfo.len() != 128 {
             continue;

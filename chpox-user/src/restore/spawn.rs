@@ -65,7 +65,7 @@ pub struct Spawned {
 pub fn spawn(saved_pid: i32, mode: PidMode) -> Result<Spawned> {
     let (pid, same_pid) = match mode {
         PidMode::Any => (clone_any()?, false),
-        PidMode::Same => match clone_child(Some(saved_pid)) {
+        PidMode::Same => match clone_child(Some(saved_pid), 0, Entry::Stub) {
             Ok(pid) => (pid, true),
             Err(Errno::EEXIST) => {
                 return Err(Error::Other(format!(
@@ -83,7 +83,7 @@ pub fn spawn(saved_pid: i32, mode: PidMode) -> Result<Spawned> {
                 )));
             }
         },
-        PidMode::Prefer => match clone_child(Some(saved_pid)) {
+        PidMode::Prefer => match clone_child(Some(saved_pid), 0, Entry::Stub) {
             Ok(pid) => (pid, true),
             Err(e) => {
                 debug!(saved_pid, error = %e, "saved PID not available");
@@ -101,7 +101,8 @@ pub fn spawn(saved_pid: i32, mode: PidMode) -> Result<Spawned> {
 }
 
 fn clone_any() -> Result<i32> {
-    clone_child(None).map_err(|e| Error::Other(format!("cannot create a process: {e}")))
+    clone_child(None, 0, Entry::Stub)
+        .map_err(|e| Error::Other(format!("cannot create a process: {e}")))
 }
 
 /// Seize a new task of ours (the child, or a thread it made) and stop it.
@@ -122,11 +123,70 @@ pub(super) fn seize(tid: i32) -> Result<()> {
     }
 }
 
-/// Fork with clone3, the child running [`child_main`]. Returns the
-/// child's PID, or the errno of clone3 (EEXIST: `pid` is taken).
-fn clone_child(pid: Option<i32>) -> std::result::Result<i32, Errno> {
+/// What a child of ours runs until the restorer takes it over.
+#[derive(Clone, Copy)]
+enum Entry {
+    /// [`child_main`]: held by us, rebuilt into the restored process.
+    Stub,
+    /// [`init_main`]: PID 1 of a new PID namespace, told the root's PID
+    /// through pipe `go` (whose write end `go_write` it closes).
+    Init { go: i32, go_write: i32 },
+}
+
+/// The init of a new PID namespace for a restored tree, held by us like a
+/// spawned child: the tree's root is forked from it, so that every
+/// original PID is free. Once released and told the root's PID through
+/// `go` (see [`start_init`]), it reaps whatever ends in the namespace and
+/// exits with the root's exit status (128 + N if signal N killed it); its
+/// exit ends every process left in the namespace.
+pub struct NamespaceInit {
+    pub pid: i32,
+    go: std::os::fd::OwnedFd,
+}
+
+pub fn spawn_namespace_init() -> Result<NamespaceInit> {
+    use std::os::fd::AsRawFd;
+    let (go_read, go) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::Other(format!("cannot create a pipe: {e}")))?;
+    let entry = Entry::Init {
+        go: go_read.as_raw_fd(),
+        go_write: go.as_raw_fd(),
+    };
+    let pid = clone_child(None, libc::CLONE_NEWPID as u64, entry).map_err(|e| {
+        Error::Other(format!(
+            "cannot create a PID namespace: {e}{}",
+            if e == Errno::EPERM {
+                " (it needs root or CAP_SYS_ADMIN)"
+            } else {
+                ""
+            }
+        ))
+    })?;
+    drop(go_read);
+    if let Err(e) = seize(pid) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        return Err(e);
+    }
+    debug!(pid, "namespace init created and held");
+    Ok(NamespaceInit { pid, go })
+}
+
+/// Let the init (released by now) go on: it learns the root's PID as the
+/// namespace numbers it, and reaps from then on.
+pub fn start_init(init: NamespaceInit, root_pid_in_namespace: i32) -> Result<()> {
+    use std::io::Write;
+    std::fs::File::from(init.go)
+        .write_all(&i64::from(root_pid_in_namespace).to_ne_bytes())
+        .map_err(|e| Error::Other(format!("cannot start the namespace's init: {e}")))
+}
+
+/// Fork with clone3, the child running `entry`. Returns the child's PID,
+/// or the errno of clone3 (EEXIST: `pid` is taken).
+fn clone_child(pid: Option<i32>, flags: u64, entry: Entry) -> std::result::Result<i32, Errno> {
     let tids = [pid.unwrap_or(0)];
     let args = CloneArgs {
+        flags,
         exit_signal: libc::SIGCHLD as u64,
         set_tid: if pid.is_some() {
             tids.as_ptr() as u64
@@ -155,7 +215,10 @@ fn clone_child(pid: Option<i32>) -> std::result::Result<i32, Errno> {
         )
     };
     if ret == 0 {
-        child_main(parent);
+        match entry {
+            Entry::Stub => child_main(parent),
+            Entry::Init { go, go_write } => init_main(go, go_write),
+        }
     }
     let err = Errno::last();
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
@@ -182,6 +245,51 @@ fn child_main(parent: i64) -> ! {
         if libc::syscall(libc::SYS_getppid) != parent {
             libc::syscall(libc::SYS_exit_group, 127);
         }
+        loop {
+            libc::syscall(libc::SYS_pause);
+        }
+    }
+}
+
+/// PID 1 of a restored tree's namespace: raw syscalls only, every signal
+/// blocked (PID 1 gets no signal it does not handle anyway).
+fn init_main(go: i32, go_write: i32) -> ! {
+    // SAFETY: plain syscalls; the only memory they touch is on this
+    // function's stack.
+    unsafe {
+        libc::syscall(libc::SYS_close, go_write);
+        // Held by the restorer until then: if it dies first, the pipe ends
+        // without a PID and so do we.
+        let mut root: i64 = 0;
+        let n = libc::syscall(libc::SYS_read, go, &raw mut root, 8);
+        if n != 8 {
+            libc::syscall(libc::SYS_exit_group, 127);
+        }
+        libc::syscall(libc::SYS_close, go);
+        let mut root_status: i32 = 1 << 8;
+        loop {
+            let mut status: i32 = 0;
+            let got = libc::syscall(
+                libc::SYS_wait4,
+                -1 as libc::c_long,
+                &raw mut status,
+                libc::__WALL,
+                0,
+            );
+            if got == root {
+                root_status = status;
+            }
+            // ECHILD: nobody is left.
+            if got < 0 && *libc::__errno_location() != libc::EINTR {
+                break;
+            }
+        }
+        let code = if libc::WIFSIGNALED(root_status) {
+            128 + libc::WTERMSIG(root_status)
+        } else {
+            libc::WEXITSTATUS(root_status)
+        };
+        libc::syscall(libc::SYS_exit_group, code);
         loop {
             libc::syscall(libc::SYS_pause);
         }

@@ -41,6 +41,7 @@ pub fn create(
     threads: &[ThreadState],
     mode: PidMode,
     same_pid: bool,
+    in_namespace: bool,
     held: &mut Vec<i32>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
@@ -71,7 +72,16 @@ pub fn create(
                 }
             )));
         }
-        let tid = tid as i32;
+        // In a PID namespace of its own (--pid-ns), the process was told
+        // the TID it has there; we know the thread by another.
+        let pid = c.pid();
+        let tid = if in_namespace {
+            crate::process::host_tid_in(pid, tid as i32).ok_or_else(|| {
+                Error::Other(format!("cannot find thread {} of PID {pid}", state.tid))
+            })?
+        } else {
+            tid as i32
+        };
         super::spawn::seize(tid)?;
         held.push(tid);
         debug!(saved = state.tid, tid, "thread created");

@@ -53,7 +53,7 @@ fn lead(c: &mut Child<'_>, pid: i32, pgid: i32, sid: i32) -> Result<()> {
 
 /// Fork `pid` from the process held in `parent`; the new process is held
 /// too, in the trampoline's spin loop.
-fn fork_from(parent: &Frozen, layout: &Layout, pid: i32, exit_signal: i32) -> Result<Frozen> {
+pub fn fork_from(parent: &Frozen, layout: &Layout, pid: i32, exit_signal: i32) -> Result<Frozen> {
     let ret = in_process(parent, layout, |c| {
         clone3(c, 0, exit_signal as u64, Some(pid))
     })?;
@@ -68,17 +68,72 @@ fn fork_from(parent: &Frozen, layout: &Layout, pid: i32, exit_signal: i32) -> Re
             super::child::errno_of(ret)
         )));
     }
-    let got = ret as i32;
+    // The PID the parent was told is ours too, unless the parent lives in
+    // a PID namespace of its own (--pid-ns).
+    let got = if !in_own_namespace(parent) {
+        ret as i32
+    } else {
+        crate::process::host_pid_of_child(parent.pid(), ret as i32).ok_or_else(|| {
+            Error::Other(format!("cannot find process {pid} in its PID namespace"))
+        })?
+    };
     seize(got)?;
     debug!(pid = got, parent = parent.pid(), "process created");
     Ok(Frozen::adopt(got, vec![got]))
 }
 
-fn index_of(members: &[Frozen], pid: i32) -> Result<usize> {
-    members
-        .iter()
-        .position(|f| f.pid() == pid)
+/// Where the process the image calls `pid` is in `members` (which follow
+/// the image's order; in a PID namespace their PIDs are not the image's).
+/// Whether `frozen`'s process lives in a PID namespace below ours: it
+/// has more than one PID (NSpid).
+fn in_own_namespace(frozen: &Frozen) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/status", frozen.pid())).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|v| v.split_whitespace().count() > 1)
+    })
+}
+
+fn index_of(members: &[Frozen], meta: &Metadata, pid: i32) -> Result<usize> {
+    meta.processes()
+        .take(members.len())
+        .position(|p| p.process.pid == pid)
         .ok_or_else(|| Error::Other(format!("the image names parent {pid}, which it lacks")))
+}
+
+/// In the namespace's init, before the tree is forked from it: a mount
+/// namespace of its own with a /proc of the new PID namespace, so that the
+/// restored processes find themselves at /proc/PID under their own PIDs.
+pub fn private_proc(init: &Frozen, layout: &Layout) -> Result<()> {
+    in_process(init, layout, |c| {
+        c.call(
+            "unshare(CLONE_NEWNS)",
+            libc::SYS_unshare,
+            [libc::CLONE_NEWNS as u64, 0, 0, 0, 0, 0],
+        )?;
+        let root = c.put(ARGS_AT, b"/\0")?;
+        let proc_type = c.put(ARGS_AT + 16, b"proc\0")?;
+        let proc_dir = c.put(ARGS_AT + 32, b"/proc\0")?;
+        // Nothing we mount may leak back into the restorer's namespace.
+        c.call(
+            "mount(/, MS_REC|MS_PRIVATE)",
+            libc::SYS_mount,
+            [0, root, 0, (libc::MS_REC | libc::MS_PRIVATE) as u64, 0, 0],
+        )?;
+        c.call(
+            "mount(proc)",
+            libc::SYS_mount,
+            [
+                proc_type,
+                proc_dir,
+                proc_type,
+                (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) as u64,
+                0,
+                0,
+            ],
+        )?;
+        Ok(())
+    })
 }
 
 /// Make every descendant of the image (after the root, `members[0]`),
@@ -92,7 +147,7 @@ pub fn create(members: &mut Vec<Frozen>, meta: &Metadata, layout: &Layout) -> Re
     })?;
     for d in &meta.descendants {
         let p = &d.process;
-        let parent = index_of(members, p.ppid)?;
+        let parent = index_of(members, meta, p.ppid)?;
         let exit_signal = if p.exit_signal > 0 {
             p.exit_signal
         } else {
@@ -103,7 +158,7 @@ pub fn create(members: &mut Vec<Frozen>, meta: &Metadata, layout: &Layout) -> Re
         members.push(made);
     }
     for z in &meta.zombies {
-        let parent = index_of(members, z.ppid)?;
+        let parent = index_of(members, meta, z.ppid)?;
         let made = fork_from(&members[parent], layout, z.pid, libc::SIGCHLD)?;
         become_zombie(made, layout, z, meta)?;
     }
