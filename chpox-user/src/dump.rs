@@ -158,8 +158,11 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             // If finishing fails, `frozen` is dropped on the error path and
             // the processes run on: no checkpoint, but nothing lost.
             let bytes = finish(&mut meta, writer)?;
-            frozen.kill();
-            (bytes, frozen_at.elapsed())
+            let killed = frozen.kill();
+            let frozen_for = frozen_at.elapsed();
+            // The root is its parent's to reap.
+            tree::wait_until_gone(&killed);
+            (bytes, frozen_for)
         }
     };
     debug!(ms = started.elapsed().as_secs_f64() * 1e3, "image finished");

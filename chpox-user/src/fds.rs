@@ -100,6 +100,17 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
             Some(m) if m.file_type().is_dir() => Some(FdKind::Directory {
                 path: target.clone(),
             }),
+            Some(m)
+                if m.file_type().is_fifo()
+                    && target.starts_with('/')
+                    && !target.ends_with(" (deleted)") =>
+            {
+                Some(FdKind::Fifo {
+                    path: target.clone(),
+                    capacity: 0,
+                    data: None,
+                })
+            }
             Some(m) if m.file_type().is_fifo() && target.starts_with("pipe:[") => {
                 Some(FdKind::Pipe {
                     inode: m.ino(),
@@ -304,6 +315,44 @@ pub fn embed_pipe_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> 
             && let Some(&c) = seen.get(inode)
         {
             *capacity = c;
+        }
+    }
+    embed_fifo_data(procs, writer)
+}
+
+/// The same for named FIFOs: capacity and unread bytes, once per FIFO,
+/// copied through a reading descriptor of our own (opening a FIFO to read,
+/// non-blocking, never waits).
+fn embed_fifo_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Result<()> {
+    use std::collections::HashSet;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut seen: HashSet<String> = HashSet::new();
+    for p in procs.iter_mut() {
+        let pid = p.process.pid;
+        for entry in p.fds.iter_mut() {
+            let FdKind::Fifo {
+                path,
+                capacity,
+                data,
+            } = &mut entry.kind
+            else {
+                continue;
+            };
+            let link = format!("/proc/{pid}/fd/{}", entry.fd);
+            let err = |source| Error::File {
+                path: format!("{link} ({path})"),
+                source,
+            };
+            let fifo = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&link)
+                .map_err(err)?;
+            let (c, bytes) = pipe_content(&fifo).map_err(err)?;
+            *capacity = c;
+            if seen.insert(path.clone()) && !bytes.is_empty() {
+                *data = Some(writer.add_data(&bytes)?);
+            }
         }
     }
     Ok(())

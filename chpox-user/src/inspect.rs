@@ -320,6 +320,10 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
                 fd.fd
             ),
             FdKind::ReplacedByNull { was } => format!("{was}, restored as /dev/null"),
+            FdKind::Fifo { path, data, .. } => format!(
+                "FIFO {path}{}",
+                data.map_or(String::new(), |d| format!(", {} unread bytes", d.raw_len))
+            ),
         };
         let _ = writeln!(
             s,

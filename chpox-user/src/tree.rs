@@ -178,23 +178,28 @@ impl FrozenTree {
         }
     }
 
-    /// Kill every process of the tree, and wait (a few seconds at most)
-    /// until the descendants' PIDs are free again: orphans are reaped by
-    /// init a moment later, and a restore right after must find the PIDs
-    /// free. (The root is its own parent's to reap.)
-    pub fn kill(mut self) {
+    /// Kill every process of the tree. Returns the descendants' PIDs, for
+    /// [`wait_until_gone`].
+    pub fn kill(mut self) -> Vec<i32> {
         let pids: Vec<i32> = self.members.iter().skip(1).map(Frozen::pid).collect();
         while let Some(f) = self.members.pop() {
             f.kill();
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while pids
-            .iter()
-            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        pids
+    }
+}
+
+/// Wait (a few seconds at most) until `pids` are free again: killed
+/// orphans are reaped by init a moment later, and a restore right after
+/// must find their PIDs free.
+pub fn wait_until_gone(pids: &[i32]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

@@ -1305,3 +1305,195 @@ fn pid_ns_restores_the_tree_while_the_original_pids_are_taken() {
     );
     assert_eq!(t.lines_after_ready(), SHARED_OK, "{}", t.stderr());
 }
+
+// ---------------------------------------------------------------------------
+// `make -j2` building a C project, checkpointed mid-build
+
+/// A project of 24 C files (each slow enough to compile that the build
+/// takes seconds) and a main that prints a sum over all of them.
+fn write_c_project(dir: &Path) {
+    use std::fmt::Write as _;
+    for i in 1..=24 {
+        let mut src = String::new();
+        for k in 1..=120 {
+            let _ = writeln!(
+                src,
+                "static int g{k}(int x) {{ int s = 0; for (int i = 0; i < x; i++) s += (i * {k}) ^ (x >> ({k} % 7)); return s; }}"
+            );
+        }
+        let _ = write!(src, "int f{i}(int x) {{ int s = {i};");
+        for k in 1..=120 {
+            let _ = write!(src, " s += g{k}(x);");
+        }
+        src.push_str(" return s; }\n");
+        std::fs::write(dir.join(format!("f{i}.c")), src).expect("write a C file");
+    }
+    let mut main = String::from("#include <stdio.h>\n");
+    for i in 1..=24 {
+        let _ = writeln!(main, "int f{i}(int);");
+    }
+    main.push_str("int main(void) { long t = 0;");
+    for i in 1..=24 {
+        let _ = write!(main, " t += f{i}(100);");
+    }
+    main.push_str(" printf(\"%ld\\n\", t); return 0; }\n");
+    std::fs::write(dir.join("main.c"), main).expect("write main.c");
+    std::fs::write(
+        dir.join("Makefile"),
+        "OBJS := $(patsubst %.c,%.o,$(wildcard *.c))\nprog: $(OBJS)\n\tgcc -o $@ $^\n%.o: %.c\n\tgcc -O2 -c $< -o $@\n",
+    )
+    .expect("write the Makefile");
+}
+
+fn start_make(dir: &Path) -> Job {
+    let mut cmd = Command::new("make");
+    cmd.args(["-j2"]).current_dir(dir);
+    Job::spawn(cmd, "make", dir)
+}
+
+/// The program a finished build prints, built without chpox alongside.
+fn prog_output(dir: &Path) -> String {
+    let out = Command::new(dir.join("prog"))
+        .output()
+        .expect("run the built program");
+    assert!(out.status.success(), "prog: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn make_resume(how: Dump) {
+    let dir = tempdir();
+    let (baseline_dir, build_dir) = (dir.path().join("baseline"), dir.path().join("build"));
+    for d in [&baseline_dir, &build_dir] {
+        std::fs::create_dir(d).expect("mkdir");
+        write_c_project(d);
+    }
+    let mut job = start_make(&build_dir);
+    let mut guard = Guard::default();
+    guard.watch_tree(job.pid);
+    let root = job.pid;
+    // Mid-build: some objects exist, compilers are running.
+    poll_until(
+        "make halfway, compiling",
+        TIMEOUT,
+        || describe_tree(root),
+        || {
+            let objects = std::fs::read_dir(&build_dir)
+                .map(|d| {
+                    d.filter(|e| {
+                        e.as_ref()
+                            .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".o"))
+                    })
+                    .count()
+                })
+                .unwrap_or(0);
+            let compiling = tree(root).iter().any(|s| s.comm == "cc1");
+            (objects >= 4 && compiling).then_some(())
+        },
+    );
+    let image = dir.path().join("make.img");
+    let pids = dump(root, &image, how, &[]);
+    assert!(pids.len() >= 3, "make and its compilers: {pids:?}");
+    let img = Image::inspect(&image);
+    assert!(
+        img.processes()
+            .iter()
+            .any(|p| p["process"]["comm"].as_str() == Some("cc1")),
+        "no compiler in the image: {}",
+        img.summary()
+    );
+    finish_original(&mut job.child, how, &pids);
+    // What the original wrote after the checkpoint must not count: the
+    // restored make finds the build directory as it was then, give or
+    // take objects it rewrites.
+    let _ = std::fs::remove_file(build_dir.join("prog"));
+
+    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    assert_eq!(code, 0, "chpox stderr: {stderr}\n{}", job.describe());
+    let mut baseline = start_make(&baseline_dir);
+    let status = baseline.wait(TIMEOUT);
+    assert!(status.success(), "{}", baseline.describe());
+    assert_eq!(prog_output(&build_dir), prog_output(&baseline_dir));
+}
+
+#[test]
+fn make_j2_finishes_the_build_after_dump_kill() {
+    make_resume(Dump::Kill);
+}
+
+#[test]
+fn make_j2_finishes_the_build_after_dump_leaving_it_running() {
+    make_resume(Dump::LeaveRunning);
+}
+
+// ---------------------------------------------------------------------------
+// A named FIFO between two processes of the tree, with unread bytes
+
+const FIFO_SCRIPT: &str = r#"fifo="$1"
+(sleep 2; wc -c < "$fifo") &
+exec 3<>"$fifo"
+seq 1 1000 >&3
+echo written
+sleep 3
+exec 3>&-
+wait
+"#;
+
+fn fifo_resume(how: Dump) {
+    let dir = tempdir();
+    let fifo = dir.path().join("f");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let script = dir.path().join("fifo.sh");
+    std::fs::write(&script, FIFO_SCRIPT).expect("write the script");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg(&fifo).current_dir(dir.path());
+    let mut job = Job::spawn(cmd, "fifo", dir.path());
+    let mut guard = Guard::default();
+    guard.watch_tree(job.pid);
+    let root = job.pid;
+    // The writer is done, the reader still asleep: the bytes are in the FIFO.
+    poll_until(
+        "bytes written into the FIFO",
+        TIMEOUT,
+        || job.describe(),
+        || job.stdout().contains("written").then_some(()),
+    );
+    let image = dir.path().join("fifo.img");
+    let pids = dump(root, &image, how, &[]);
+    let img = Image::inspect(&image);
+    let stored = img
+        .processes()
+        .iter()
+        .flat_map(|p| p["fds"].as_array().into_iter().flatten())
+        .filter(|e| !e["kind"]["Fifo"]["data"].is_null())
+        .count();
+    assert_eq!(
+        stored,
+        1,
+        "the FIFO's bytes, stored once: {}",
+        img.summary()
+    );
+    finish_original(&mut job.child, how, &pids);
+
+    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    assert_eq!(code, 0, "chpox stderr: {stderr}\n{}", job.describe());
+    // The job's stdout is its file, reopened at the saved offset.
+    let expected = (1..=1000)
+        .map(|i| format!("{i}\n"))
+        .collect::<String>()
+        .len();
+    assert_eq!(
+        job.stdout(),
+        format!("written\n{expected}\n"),
+        "the reader got every byte"
+    );
+}
+
+#[test]
+fn fifo_bytes_reach_the_reader_after_dump_kill() {
+    fifo_resume(Dump::Kill);
+}
+
+#[test]
+fn fifo_bytes_reach_the_reader_after_dump_leaving_it_running() {
+    fifo_resume(Dump::LeaveRunning);
+}

@@ -506,4 +506,13 @@ pub enum FdKind {
     ReplacedByNull {
         was: String,
     },
+    /// A named FIFO, reopened by path with the entry's access mode.
+    Fifo {
+        path: String,
+        /// Its capacity in bytes (`F_GETPIPE_SZ`).
+        capacity: u64,
+        /// Bytes written and not read yet, stored with one entry of the
+        /// FIFO (the first of the tree).
+        data: Option<DataRef>,
+    },
 }

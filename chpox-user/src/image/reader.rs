@@ -727,7 +727,7 @@ fn for_each_ref<'a, E>(
     meta: &'a Metadata,
     mut f: impl FnMut(Site<'a>, &'a DataRef) -> Result<(), E>,
 ) -> Result<(), E> {
-    for vma in &meta.root.vmas {
+    for vma in meta.processes().flat_map(|p| &p.vmas) {
         for run in &vma.pages {
             f(Site::Page { vma, run }, &run.data)?;
         }
@@ -737,7 +737,15 @@ fn for_each_ref<'a, E>(
             f(Site::File { index, file }, r)?;
         }
     }
-    for entry in &meta.root.fds {
+    for entry in meta.processes().flat_map(|p| &p.fds) {
+        if let FdKind::Fifo {
+            path,
+            data: Some(r),
+            ..
+        } = &entry.kind
+        {
+            f(Site::Fd { entry, path }, r)?;
+        }
         if let FdKind::RegularFile {
             path,
             embedded: Some(r),
@@ -806,73 +814,83 @@ fn validate(meta: &Metadata, data_start: u64, data_end: u64) -> Result<Vec<RunSp
         reason,
     };
     let nfiles = meta.files.len();
-    if let Some(i) = meta.root.process.exe_file
-        && i >= nfiles
-    {
-        return Err(bad_meta(format!(
-            "the executable is file #{i} but the image lists {nfiles} files"
-        )));
-    }
-
-    let page_size = meta.host.page_size;
-    let mut runs = Vec::new();
-    for (vi, vma) in meta.root.vmas.iter().enumerate() {
-        if let Some(i) = vma.file
+    for p in meta.processes() {
+        if let Some(i) = p.process.exe_file
             && i >= nfiles
         {
             return Err(bad_meta(format!(
-                "VMA {:x}-{:x} maps file #{i} but the image lists {nfiles} files",
-                vma.start, vma.end
+                "the executable of PID {} is file #{i} but the image lists {nfiles} files",
+                p.process.pid
             )));
-        }
-        for (ri, run) in vma.pages.iter().enumerate() {
-            let site = Site::Page { vma, run };
-            let bad = |reason: String| ImageError::Decode {
-                section: site.to_string(),
-                reason,
-            };
-            if !page_size.is_power_of_two() {
-                return Err(bad_meta(format!(
-                    "page size {page_size} is not a power of two"
-                )));
-            }
-            if !run.addr.is_multiple_of(page_size) {
-                return Err(bad("run address is not page-aligned".into()));
-            }
-            if run.npages.checked_mul(page_size) != Some(run.data.raw_len) {
-                return Err(bad(format!(
-                    "{} pages of {page_size} bytes but {} bytes of data",
-                    run.npages, run.data.raw_len
-                )));
-            }
-            let inside = run.addr >= vma.start
-                && run
-                    .addr
-                    .checked_add(run.data.raw_len)
-                    .is_some_and(|end| end <= vma.end);
-            if !inside {
-                return Err(bad("the run lies outside its VMA".into()));
-            }
-            if run.npages > 0 {
-                runs.push(RunSpan {
-                    start: run.addr,
-                    end: run.addr + run.data.raw_len,
-                    vma: vi,
-                    run: ri,
-                });
-            }
         }
     }
-    // Two runs for the same address would make memory content ambiguous.
-    runs.sort_unstable_by_key(|s| s.start);
-    for pair in runs.windows(2) {
-        if let [a, b] = pair
-            && b.start < a.end
-        {
-            return Err(bad_meta(format!(
-                "page runs at {:x} and {:x} overlap",
-                a.start, b.start
-            )));
+
+    let page_size = meta.host.page_size;
+    // The root's runs, for `read_memory`; every process's are checked.
+    let mut runs = Vec::new();
+    for (pi, p) in meta.processes().enumerate() {
+        let mut process_runs = Vec::new();
+        for (vi, vma) in p.vmas.iter().enumerate() {
+            if let Some(i) = vma.file
+                && i >= nfiles
+            {
+                return Err(bad_meta(format!(
+                    "VMA {:x}-{:x} maps file #{i} but the image lists {nfiles} files",
+                    vma.start, vma.end
+                )));
+            }
+            for (ri, run) in vma.pages.iter().enumerate() {
+                let site = Site::Page { vma, run };
+                let bad = |reason: String| ImageError::Decode {
+                    section: site.to_string(),
+                    reason,
+                };
+                if !page_size.is_power_of_two() {
+                    return Err(bad_meta(format!(
+                        "page size {page_size} is not a power of two"
+                    )));
+                }
+                if !run.addr.is_multiple_of(page_size) {
+                    return Err(bad("run address is not page-aligned".into()));
+                }
+                if run.npages.checked_mul(page_size) != Some(run.data.raw_len) {
+                    return Err(bad(format!(
+                        "{} pages of {page_size} bytes but {} bytes of data",
+                        run.npages, run.data.raw_len
+                    )));
+                }
+                let inside = run.addr >= vma.start
+                    && run
+                        .addr
+                        .checked_add(run.data.raw_len)
+                        .is_some_and(|end| end <= vma.end);
+                if !inside {
+                    return Err(bad("the run lies outside its VMA".into()));
+                }
+                if run.npages > 0 {
+                    process_runs.push(RunSpan {
+                        start: run.addr,
+                        end: run.addr + run.data.raw_len,
+                        vma: vi,
+                        run: ri,
+                    });
+                }
+            }
+        }
+        // Two runs for the same address would make memory content ambiguous.
+        process_runs.sort_unstable_by_key(|s| s.start);
+        for pair in process_runs.windows(2) {
+            if let [a, b] = pair
+                && b.start < a.end
+            {
+                return Err(bad_meta(format!(
+                    "page runs at {:x} and {:x} of PID {} overlap",
+                    a.start, b.start, p.process.pid
+                )));
+            }
+        }
+        if pi == 0 {
+            runs = process_runs;
         }
     }
     Ok(runs)

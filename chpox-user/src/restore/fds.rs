@@ -13,6 +13,7 @@
 //! - a pipe on fd 0, 1 or 2 to a process outside the image: the
 //!   restorer's own fd 0, 1 or 2 (so `chpox restore IMAGE | tee -a log`
 //!   carries on where `job | tee log` was);
+//! - named FIFOs by path, with the saved unread bytes;
 //! - descriptors replaced at dump time: /dev/null.
 //!
 //! A process first closes every descriptor it inherited from the restorer
@@ -83,6 +84,10 @@ fn key(pid: i32, e: &FdEntry) -> Key {
 /// The restorer's copies of every description the image's processes hold.
 pub struct Descriptions {
     by_key: HashMap<Key, OwnedFd>,
+    /// A read-write descriptor of each named FIFO, by path: it holds the
+    /// saved bytes and lets the processes' ends open without blocking,
+    /// until every process has its own.
+    fifos: HashMap<String, OwnedFd>,
 }
 
 fn file_err(path: &str) -> impl FnOnce(nix::errno::Errno) -> Error + '_ {
@@ -114,6 +119,7 @@ impl Descriptions {
     ) -> Result<Descriptions> {
         let mut d = Descriptions {
             by_key: HashMap::new(),
+            fifos: HashMap::new(),
         };
         for p in meta.processes() {
             for e in &p.fds {
@@ -123,6 +129,17 @@ impl Descriptions {
                 }
                 if let Key::PipeEnd { inode, .. } = k {
                     d.make_pipe(meta, inode, reader, warnings)?;
+                    continue;
+                }
+                if let FdKind::Fifo {
+                    path,
+                    capacity,
+                    data,
+                } = &e.kind
+                {
+                    let fd =
+                        d.open_fifo(path, *capacity, data.as_ref(), e.flags, reader, warnings)?;
+                    d.by_key.insert(k, fd);
                     continue;
                 }
                 let fd = make(e, reader, warnings)?;
@@ -199,6 +216,58 @@ impl Descriptions {
             );
         }
         Ok(())
+    }
+
+    /// An end of named FIFO `path` with open flags `flags`. The first open
+    /// of a FIFO makes its keeper (read-write, so neither side waits for
+    /// the other) and puts the saved bytes in.
+    fn open_fifo(
+        &mut self,
+        path: &str,
+        capacity: u64,
+        data: Option<&crate::image::model::DataRef>,
+        flags: u32,
+        reader: &ImageReader,
+        warnings: &mut Vec<String>,
+    ) -> Result<OwnedFd> {
+        if !self.fifos.contains_key(path) {
+            let keeper = nix::fcntl::open(
+                path,
+                OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(file_err(path))?;
+            if capacity > 0
+                && let Err(e) = fcntl(&keeper, FcntlArg::F_SETPIPE_SZ(capacity as i32))
+            {
+                note(
+                    warnings,
+                    format!(
+                        "FIFO {path} comes back with its default capacity, not {capacity} bytes ({e})"
+                    ),
+                );
+            }
+            self.fifos.insert(path.to_string(), keeper);
+        }
+        let keeper = &self.fifos[path];
+        if let Some(data) = data {
+            let bytes = reader.read_data(data)?;
+            std::fs::File::from(keeper.try_clone().map_err(|source| Error::File {
+                path: path.to_string(),
+                source,
+            })?)
+            .write_all(&bytes)
+            .map_err(|source| Error::File {
+                path: format!("{path} ({} unread bytes)", bytes.len()),
+                source,
+            })?;
+        }
+        let fd = nix::fcntl::open(path, open_flags(flags) | OFlag::O_NONBLOCK, Mode::empty())
+            .map_err(file_err(path))?;
+        // Back to the saved status flags (O_NONBLOCK or not).
+        let status = flags as i32 & (libc::O_NONBLOCK | libc::O_APPEND | libc::O_DIRECT);
+        fcntl(&fd, FcntlArg::F_SETFL(OFlag::from_bits_retain(status))).map_err(file_err(path))?;
+        Ok(fd)
     }
 
     fn get(&self, pid: i32, e: &FdEntry) -> Result<&OwnedFd> {
@@ -295,6 +364,11 @@ fn make(e: &FdEntry, reader: &ImageReader, warnings: &mut Vec<String>) -> Result
             }
         },
         FdKind::ReplacedByNull { .. } => dev_null(e.flags)?,
+        FdKind::Fifo { path, .. } => {
+            return Err(Error::Other(format!(
+                "internal: FIFO {path} is opened by `Descriptions::open_fifo`"
+            )));
+        }
     })
 }
 

@@ -248,6 +248,7 @@ fn check_paths(meta: &Metadata) -> Result<()> {
             } => (path, "file"),
             FdKind::Directory { path } => (path, "directory"),
             FdKind::CharDevice { path, .. } => (path, "device"),
+            FdKind::Fifo { path, .. } => (path, "FIFO"),
             _ => continue,
         };
         if std::fs::metadata(path).is_err() {
