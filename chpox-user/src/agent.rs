@@ -92,6 +92,12 @@ struct Entry {
     last_checkpoint: Option<u64>,
     #[serde(skip)]
     last_error: Option<String>,
+    /// Children the last checkpoint left out (FLAGS without 8).
+    #[serde(skip)]
+    children_not_saved: Vec<i32>,
+    /// Whether the log has said so for this registration already.
+    #[serde(skip)]
+    warned_children: bool,
 }
 
 /// One checkpoint written, for `chpox checkpoint` waiters.
@@ -102,6 +108,10 @@ struct Written {
     /// From the tracepoint firing to every thread stopped.
     signal_to_frozen_us: u64,
     frozen_us: u64,
+    /// Processes in the image.
+    processes: usize,
+    /// Children of the process left out (a single-process checkpoint).
+    children_not_saved: Vec<i32>,
 }
 
 type Outcome = Result<(Written, u64), String>;
@@ -402,6 +412,8 @@ impl Agent {
                 started: 0,
                 last_checkpoint: None,
                 last_error: None,
+                children_not_saved: Vec::new(),
+                warned_children: false,
             },
         );
         self.save(&state);
@@ -470,6 +482,7 @@ impl Agent {
                     signals: slot.signals,
                     coalesced: slot.coalesced,
                     last_error: e.last_error.clone(),
+                    children_not_saved: e.children_not_saved.clone(),
                 }
             })
             .collect();
@@ -516,6 +529,8 @@ impl Agent {
                 bytes: w.bytes,
                 signal_to_frozen_us: w.signal_to_frozen_us,
                 frozen_us: w.frozen_us,
+                processes: w.processes,
+                children_not_saved: w.children_not_saved,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(format!(
@@ -572,10 +587,23 @@ impl Agent {
                 let mut state = self.lock();
                 if let Some(e) = state.entries.get_mut(&pid) {
                     match &outcome {
-                        Ok(_) => {
+                        Ok(written) => {
                             e.checkpoints += 1;
                             e.last_checkpoint = Some(unix_now());
                             e.last_error = None;
+                            e.children_not_saved = written.children_not_saved.clone();
+                            // Once per registration: the same children are
+                            // left out of every checkpoint it takes.
+                            if !e.children_not_saved.is_empty() && !e.warned_children {
+                                e.warned_children = true;
+                                warn!(
+                                    pid,
+                                    comm = %e.comm,
+                                    flags = e.flags,
+                                    children = ?e.children_not_saved,
+                                    "children not in the checkpoint: registered without FLAGS 8, the process is saved alone"
+                                );
+                            }
                         }
                         Err(msg) => e.last_error = Some(msg.clone()),
                     }
@@ -653,6 +681,7 @@ impl Agent {
                     comm = %report.comm,
                     generation,
                     image = %report.image.display(),
+                    processes = report.processes,
                     bytes = report.image_bytes,
                     frozen_ms = format!("{:.1}", report.frozen.as_secs_f64() * 1e3),
                     total_ms = format!("{:.1}", report.total.as_secs_f64() * 1e3),
@@ -664,6 +693,8 @@ impl Agent {
                     bytes: report.image_bytes,
                     signal_to_frozen_us: latency_ns / 1000,
                     frozen_us: report.frozen.as_micros() as u64,
+                    processes: report.processes,
+                    children_not_saved: report.children_not_saved,
                 })
             }
             Err(e) => {

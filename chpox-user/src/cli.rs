@@ -39,10 +39,16 @@ pub enum PidChoice {
 pub struct RestoreArgs {
     /// The image to restore.
     pub file: PathBuf,
-    /// `same`: the saved PID, or fail if taken; `any`: a new PID.
-    /// Default: the saved PID if free, else a new one.
+    /// `same`: the saved PID, or fail if taken; `any`: a new PID (for a
+    /// tree: a new PID namespace, as --pid-ns). Default: the saved PID if
+    /// free, else a new one (for a tree: all saved PIDs, or fail naming
+    /// the one taken).
     #[arg(long, value_enum)]
     pub pid: Option<PidChoice>,
+    /// Restore into a new PID namespace (with chpox's own init as its PID
+    /// 1), where every saved PID is free: for when one is taken.
+    #[arg(long)]
+    pub pid_ns: bool,
     /// Print the restored PID and return instead of waiting.
     #[arg(long)]
     pub detach: bool,
@@ -66,6 +72,7 @@ impl RestoreArgs {
                 Some(PidChoice::Any) => PidMode::Any,
                 None => PidMode::Prefer,
             },
+            pid_ns: self.pid_ns,
         }
     }
 }
@@ -114,6 +121,12 @@ pub fn restore(args: &RestoreArgs) -> Result<i32> {
             ),
         }
     }
+    if restored.in_namespace {
+        eprintln!(
+            "chpox: restored in a new PID namespace: PID {} here is PID {} inside, under init PID {}",
+            restored.pid, restored.saved_pid, restored.wait_pid
+        );
+    }
     if args.detach {
         println!("{}", restored.pid);
         return Ok(0);
@@ -125,7 +138,7 @@ pub fn restore(args: &RestoreArgs) -> Result<i32> {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
-    Ok(crate::restore::wait(restored.pid)?)
+    Ok(crate::restore::wait(restored.wait_pid)?)
 }
 
 /// Most requests answer at once; `register` may freeze a process briefly.
@@ -191,7 +204,17 @@ pub fn checkpoint(pid: i32, timeout_secs: u64, json: bool) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&reply)?);
             Ok(())
         }
-        Response::Checkpointed { image, .. } => {
+        Response::Checkpointed {
+            image,
+            children_not_saved,
+            ..
+        } => {
+            if !children_not_saved.is_empty() {
+                eprintln!(
+                    "chpox: warning: {}",
+                    children_left_out(pid, &children_not_saved)
+                );
+            }
             println!("{}", image.display());
             Ok(())
         }
@@ -250,6 +273,27 @@ pub fn print_list(entries: &[ListEntry]) {
                 .unwrap_or_default()
         );
     }
+    for e in entries.iter().filter(|e| !e.children_not_saved.is_empty()) {
+        println!(
+            "note: {} (FLAGS {} without 8)",
+            children_left_out(e.pid, &e.children_not_saved),
+            e.flags
+        );
+    }
+}
+
+/// What a single-process checkpoint of `pid` left out, in one sentence.
+fn children_left_out(pid: i32, children: &[i32]) -> String {
+    let list: Vec<String> = children.iter().map(i32::to_string).collect();
+    let (noun, verb) = if children.len() == 1 {
+        ("child", "is")
+    } else {
+        ("children", "are")
+    };
+    format!(
+        "PID {pid} was checkpointed alone: its {noun} {} {verb} not in the image",
+        list.join(", ")
+    )
 }
 
 pub fn libs(req: Request) -> Result<()> {

@@ -99,6 +99,13 @@ pub enum Response {
         signal_to_frozen_us: u64,
         /// How long the process was stopped.
         frozen_us: u64,
+        /// Processes in the image (the process and its descendants).
+        #[serde(default)]
+        processes: usize,
+        /// Children of the process the checkpoint left out (registered
+        /// without FLAGS 8).
+        #[serde(default)]
+        children_not_saved: Vec<i32>,
     },
     Libs {
         libs: Vec<PathBuf>,
@@ -126,6 +133,10 @@ pub struct ListEntry {
     pub signals: u64,
     pub coalesced: u64,
     pub last_error: Option<String>,
+    /// Children of the process the last checkpoint left out: registered
+    /// without FLAGS 8, it saves the process alone.
+    #[serde(default)]
+    pub children_not_saved: Vec<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +268,15 @@ mod tests {
         ] {
             assert!(parse_register_line(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn list_entries_of_an_agent_without_children_not_saved_still_parse() {
+        let old = r#"{"pid":7,"comm":"job","uid":0,"signal":31,"flags":1,
+            "output":"/tmp/img","checkpoints":1,"last_checkpoint":5,"state":"idle",
+            "signals":1,"coalesced":0,"last_error":null}"#;
+        let entry: ListEntry = serde_json::from_str(old).expect("decode");
+        assert!(entry.children_not_saved.is_empty());
     }
 
     #[test]

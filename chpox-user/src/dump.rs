@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::error::{Error, Result};
 use crate::fds::{self, UnsupportedFd};
@@ -23,7 +23,7 @@ use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
 use crate::tree::{self, FrozenTree};
-use crate::{process, registers, signals, threads};
+use crate::{process, registers, signals, threads, unix_sockets};
 
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
@@ -181,17 +181,13 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         total: started.elapsed(),
         frozen_at_monotonic_ns,
     };
-    if !report.children_not_saved.is_empty() {
-        warn!(
-            pid,
-            children = ?report.children_not_saved,
-            "checkpoint of the process alone: its children are not in the image"
-        );
-    }
-    info!(
+    // Callers warn about children left out, once (the agent per
+    // registration, the CLI per dump).
+    debug!(
         pid,
         image = %report.image.display(),
         processes = report.processes,
+        children_not_saved = ?report.children_not_saved,
         bytes = report.image_bytes,
         frozen_ms = report.frozen.as_secs_f64() * 1e3,
         total_ms = report.total.as_secs_f64() * 1e3,
@@ -259,9 +255,10 @@ fn capture_tree(
     tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
+    let unix = unix_sockets::query()?;
     let mut fds = Vec::with_capacity(tree.members().len());
     for frozen in tree.members() {
-        fds.push(fds::scan_fds(frozen.pid(), opts.unsupported_fd)?);
+        fds.push(fds::scan_fds(frozen.pid(), opts.unsupported_fd, &unix)?);
     }
     phase.done("descriptors");
     let mut files = FileTable::new();
@@ -303,8 +300,10 @@ fn capture_tree(
     }
     phase.done("processes");
     fds::classify_pipes(&mut procs, opts.unsupported_fd)?;
+    unix_sockets::classify(&mut procs, opts.unsupported_fd)?;
     tree::link_descriptions(&mut procs);
     fds::embed_pipe_data(&mut procs, writer)?;
+    unix_sockets::embed_queues(&mut procs, writer)?;
     for p in &mut procs {
         fds::embed_deleted(p.process.pid, &mut p.fds, writer)?;
     }

@@ -75,7 +75,11 @@ fn open_fd_numbers(pid: i32) -> Result<Vec<i32>> {
 
 /// Every descriptor of `pid`. The content of deleted regular files is not
 /// read yet; `embed_deleted` does that.
-pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
+pub fn scan_fds(
+    pid: i32,
+    policy: UnsupportedFd,
+    unix: &crate::unix_sockets::UnixTable,
+) -> Result<Vec<FdEntry>> {
     let mut entries = Vec::new();
     let mut unsupported = Vec::new();
     for fd in open_fd_numbers(pid)? {
@@ -119,6 +123,7 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd) -> Result<Vec<FdEntry>> {
                     data: None,
                 })
             }
+            Some(m) if m.file_type().is_socket() => crate::unix_sockets::kind_of(unix, m.ino()),
             Some(m) if m.file_type().is_char_device() => {
                 let rdev = m.rdev();
                 if is_terminal_major(libc::major(rdev)) {

@@ -320,6 +320,16 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
                 fd.fd
             ),
             FdKind::ReplacedByNull { was } => format!("{was}, restored as /dev/null"),
+            FdKind::UnixPair {
+                inode,
+                peer,
+                sock_type,
+                queued,
+                ..
+            } => format!(
+                "UNIX socket pair socket:[{inode}] (type {sock_type}) to socket:[{peer}]{}",
+                queued.map_or(String::new(), |d| format!(", {} unread bytes", d.raw_len))
+            ),
             FdKind::Fifo { path, data, .. } => format!(
                 "FIFO {path}{}",
                 data.map_or(String::new(), |d| format!(", {} unread bytes", d.raw_len))

@@ -25,5 +25,6 @@ pub mod restore;
 pub mod signals;
 pub mod threads;
 pub mod tree;
+pub mod unix_sockets;
 
 pub use error::{Error, Result};

@@ -272,33 +272,6 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auxv_stops_at_at_null() {
-        let mut bytes = Vec::new();
-        for (k, v) in [(6u64, 4096u64), (25, 0x7ffd_0000), (0, 0), (7, 7)] {
-            bytes.extend_from_slice(&k.to_ne_bytes());
-            bytes.extend_from_slice(&v.to_ne_bytes());
-        }
-        assert_eq!(parse_auxv(&bytes), vec![(6, 4096), (25, 0x7ffd_0000)]);
-    }
-
-    #[test]
-    fn own_process_is_refused() {
-        let me = std::process::id() as i32;
-        assert!(matches!(check_dumpable(me), Err(Error::SelfDump(_))));
-    }
-
-    #[test]
-    fn kernel_threads_are_refused() {
-        // PID 2 is kthreadd on every Linux system.
-        assert!(matches!(check_dumpable(2), Err(Error::KernelThread(2))));
-    }
-}
-
 /// The PID by which we know a task that a process of ours created inside a
 /// PID namespace and was told to be `id` there: its last NSpid entry is
 /// `id`. `candidates` are the PIDs (or TIDs) that may be it. Outside any
@@ -339,4 +312,31 @@ pub fn host_tid_in(pid: i32, id: i32) -> Option<i32> {
     host_id_among(id, tids.into_iter(), |t| {
         format!("/proc/{pid}/task/{t}/status")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auxv_stops_at_at_null() {
+        let mut bytes = Vec::new();
+        for (k, v) in [(6u64, 4096u64), (25, 0x7ffd_0000), (0, 0), (7, 7)] {
+            bytes.extend_from_slice(&k.to_ne_bytes());
+            bytes.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(parse_auxv(&bytes), vec![(6, 4096), (25, 0x7ffd_0000)]);
+    }
+
+    #[test]
+    fn own_process_is_refused() {
+        let me = std::process::id() as i32;
+        assert!(matches!(check_dumpable(me), Err(Error::SelfDump(_))));
+    }
+
+    #[test]
+    fn kernel_threads_are_refused() {
+        // PID 2 is kthreadd on every Linux system.
+        assert!(matches!(check_dumpable(2), Err(Error::KernelThread(2))));
+    }
 }

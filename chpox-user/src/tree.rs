@@ -275,8 +275,10 @@ pub fn check_unshared(tree: &FrozenTree) -> Result<()> {
 /// file (device, inode); the kernel says which of them are one description.
 pub fn link_descriptions(procs: &mut [ProcessImage]) {
     use std::os::unix::fs::MetadataExt;
-    // (dev, ino) -> (pid, fd, id) of each description seen so far
-    let mut seen: HashMap<(u64, u64), Vec<(i32, i32, u64)>> = HashMap::new();
+    /// A descriptor that stands for its description: (PID, fd, id).
+    type Seen = (i32, i32, u64);
+    // (dev, ino) -> each description of that file seen so far
+    let mut seen: HashMap<(u64, u64), Vec<Seen>> = HashMap::new();
     let mut next_id = 1u64;
     for p in procs.iter_mut() {
         let pid = p.process.pid;

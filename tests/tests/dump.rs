@@ -292,6 +292,8 @@ impl KindName for chpox::image::model::FdEntry {
             FdKind::Terminal { .. } => "Terminal",
             FdKind::Pipe { .. } => "Pipe",
             FdKind::ReplacedByNull { .. } => "ReplacedByNull",
+            FdKind::Fifo { .. } => "Fifo",
+            FdKind::UnixPair { .. } => "UnixPair",
         }
     }
 }

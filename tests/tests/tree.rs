@@ -1497,3 +1497,95 @@ fn fifo_bytes_reach_the_reader_after_dump_kill() {
 fn fifo_bytes_reach_the_reader_after_dump_leaving_it_running() {
     fifo_resume(Dump::LeaveRunning);
 }
+
+// ---------------------------------------------------------------------------
+// UNIX socket pairs between a parent and its child, with queued data
+
+/// Python: stream, datagram and seqpacket pairs; each side sends before
+/// the checkpoint, the child reads after it.
+const SOCKETPAIR_SCRIPT: &str = r#"import os, socket, time
+s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+q1, q2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+pid = os.fork()
+if pid == 0:
+    s1.close(); d1.close(); q1.close()
+    s2.sendall(b"child-to-parent " * 100)
+    while not os.path.exists("go"):
+        time.sleep(0.02)
+    s2.setblocking(False)
+    data = b""
+    try:
+        while True:
+            chunk = s2.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    msgs = [d2.recv(100) for _ in range(3)]
+    packets = [q2.recv(100) for _ in range(2)]
+    print("child", len(data), data == bytes(range(256)) * 20, msgs, packets, flush=True)
+    os._exit(0)
+s2.close(); d2.close(); q2.close()
+s1.sendall(bytes(range(256)) * 20)
+for m in (b"one", b"two", b"three"):
+    d1.send(m)
+for m in (b"p1", b"p2-longer"):
+    q1.send(m)
+print("sent", flush=True)
+_, status = os.waitpid(pid, 0)
+s1.setblocking(False)
+got = s1.recv(100000)
+print("parent", len(got), got == b"child-to-parent " * 100, status, flush=True)
+"#;
+
+fn socketpair_resume(how: Dump) {
+    let dir = tempdir();
+    let script = dir.path().join("pairs.py");
+    std::fs::write(&script, SOCKETPAIR_SCRIPT).expect("write the script");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script).current_dir(dir.path());
+    let mut job = Job::spawn(cmd, "pairs", dir.path());
+    let mut guard = Guard::default();
+    guard.watch_tree(job.pid);
+    let root = job.pid;
+    poll_until(
+        "both sides sent",
+        TIMEOUT,
+        || format!("{}\n{}", job.describe(), describe_tree(root)),
+        || (job.stdout().contains("sent") && tree_pids(root).len() == 2).then_some(()),
+    );
+    // Let the child's send land too.
+    std::thread::sleep(Duration::from_millis(200));
+    let image = dir.path().join("pairs.img");
+    let pids = dump(root, &image, how, &[]);
+    let img = Image::inspect(&image);
+    let queued = img
+        .processes()
+        .iter()
+        .flat_map(|p| p["fds"].as_array().into_iter().flatten())
+        .filter(|e| !e["kind"]["UnixPair"]["queued"].is_null())
+        .count();
+    assert_eq!(queued, 4, "ends holding unread data: {}", img.summary());
+    finish_original(&mut job.child, how, &pids);
+    std::fs::write(dir.path().join("go"), "").expect("create go");
+    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    assert_eq!(code, 0, "chpox stderr: {stderr}\n{}", job.describe());
+    assert_eq!(
+        job.stdout(),
+        "sent\nchild 5120 True [b'one', b'two', b'three'] [b'p1', b'p2-longer']\nparent 1600 True 0\n",
+        "{}",
+        job.stderr()
+    );
+}
+
+#[test]
+fn socket_pairs_keep_their_queued_data_after_dump_kill() {
+    socketpair_resume(Dump::Kill);
+}
+
+#[test]
+fn socket_pairs_keep_their_queued_data_after_dump_leaving_them_running() {
+    socketpair_resume(Dump::LeaveRunning);
+}

@@ -198,15 +198,22 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "checkpointed PID {} ({}) to {}: {} threads, {} pages stored, image {} bytes, frozen {:.1} ms, total {:.1} ms",
+                    "checkpointed PID {} ({}) to {}: {} process(es), {} threads, {} pages stored, image {} bytes, frozen {:.1} ms, total {:.1} ms",
                     report.pid,
                     report.comm,
                     report.image.display(),
+                    report.processes,
                     report.threads,
                     report.pages_stored,
                     report.image_bytes,
                     report.frozen.as_secs_f64() * 1e3,
                     report.total.as_secs_f64() * 1e3
+                );
+            }
+            if !report.children_not_saved.is_empty() {
+                eprintln!(
+                    "chpox: warning: PID {pid} was checkpointed alone (--no-children): its children {:?} are not in the image",
+                    report.children_not_saved
                 );
             }
         }

@@ -22,7 +22,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Register PID: signal SIG checkpoints it to FILE (FLAGS: 1 plain,
-    /// 2 embed the executable, 4 embed the libraries added with addlib).
+    /// 2 embed the executable, 4 embed the libraries added with addlib,
+    /// 8 its descendants too; without 8 the process alone).
     Add {
         pid: i32,
         sig: u32,

@@ -515,4 +515,19 @@ pub enum FdKind {
         /// FIFO (the first of the tree).
         data: Option<DataRef>,
     },
+    /// One end of a connected pair of unnamed UNIX sockets (`socketpair`)
+    /// whose other end the checkpointed processes hold too.
+    UnixPair {
+        /// The socket's inode; `peer` is the other end's.
+        inode: u64,
+        peer: u64,
+        /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+        sock_type: i32,
+        /// Shutdowns done: 1 receiving, 2 sending.
+        shutdown: u8,
+        /// What this end would read next (sent by the peer), stored once.
+        queued: Option<DataRef>,
+        /// The lengths of the messages in `queued` (not for a stream).
+        messages: Vec<u64>,
+    },
 }

@@ -746,6 +746,18 @@ fn for_each_ref<'a, E>(
         {
             f(Site::Fd { entry, path }, r)?;
         }
+        if let FdKind::UnixPair {
+            queued: Some(r), ..
+        } = &entry.kind
+        {
+            f(
+                Site::Fd {
+                    entry,
+                    path: "socket",
+                },
+                r,
+            )?;
+        }
         if let FdKind::RegularFile {
             path,
             embedded: Some(r),

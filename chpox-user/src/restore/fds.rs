@@ -14,6 +14,8 @@
 //!   restorer's own fd 0, 1 or 2 (so `chpox restore IMAGE | tee -a log`
 //!   carries on where `job | tee log` was);
 //! - named FIFOs by path, with the saved unread bytes;
+//! - UNIX socket pairs: a new pair, with each end's unread data
+//!   (`unix_sockets`);
 //! - descriptors replaced at dump time: /dev/null.
 //!
 //! A process first closes every descriptor it inherited from the restorer
@@ -58,6 +60,8 @@ enum Key {
     Terminal,
     /// The restorer's own fd 0, 1 or 2, for a pipe to the outside there.
     Stdio(i32),
+    /// One end of a UNIX socket pair, by the saved socket's inode.
+    Socket(u64),
     /// Images of earlier versions: one description per descriptor.
     Alone { pid: i32, fd: i32 },
 }
@@ -76,6 +80,7 @@ fn key(pid: i32, e: &FdEntry) -> Key {
             internal: false, ..
         } => Key::Stdio(e.fd),
         FdKind::Terminal { .. } => Key::Terminal,
+        FdKind::UnixPair { inode, .. } => Key::Socket(inode),
         _ if e.description != 0 => Key::Description(e.description),
         _ => Key::Alone { pid, fd: e.fd },
     }
@@ -129,6 +134,16 @@ impl Descriptions {
                 }
                 if let Key::PipeEnd { inode, .. } = k {
                     d.make_pipe(meta, inode, reader, warnings)?;
+                    continue;
+                }
+                if let FdKind::UnixPair {
+                    inode,
+                    peer,
+                    sock_type,
+                    ..
+                } = e.kind
+                {
+                    d.make_socket_pair(meta, inode, peer, sock_type, reader)?;
                     continue;
                 }
                 if let FdKind::Fifo {
@@ -214,6 +229,37 @@ impl Descriptions {
                 },
                 end,
             );
+        }
+        Ok(())
+    }
+
+    /// A new pair for the saved pair (`inode`, `peer`), each end holding
+    /// its saved queue, with its saved shutdowns and status flags.
+    fn make_socket_pair(
+        &mut self,
+        meta: &Metadata,
+        inode: u64,
+        peer: u64,
+        sock_type: i32,
+        reader: &ImageReader,
+    ) -> Result<()> {
+        let entry_of = |ino: u64| {
+            meta.processes()
+                .flat_map(|p| &p.fds)
+                .find(|e| matches!(e.kind, FdKind::UnixPair { inode: i, .. } if i == ino))
+        };
+        let (this, other) = crate::unix_sockets::make_pair(sock_type)?;
+        let ends = [(inode, &this, &other), (peer, &other, &this)];
+        for (ino, end, from) in ends {
+            if let Some(e) = entry_of(ino) {
+                crate::unix_sockets::refill(end, from, &e.kind, reader)?;
+            }
+        }
+        for (ino, end) in [(inode, this), (peer, other)] {
+            let nonblock = entry_of(ino).map_or(0, |e| e.flags as i32 & libc::O_NONBLOCK);
+            fcntl(&end, FcntlArg::F_SETFL(OFlag::from_bits_retain(nonblock)))
+                .map_err(file_err(&format!("socket:[{ino}]")))?;
+            self.by_key.insert(Key::Socket(ino), end);
         }
         Ok(())
     }
@@ -364,9 +410,10 @@ fn make(e: &FdEntry, reader: &ImageReader, warnings: &mut Vec<String>) -> Result
             }
         },
         FdKind::ReplacedByNull { .. } => dev_null(e.flags)?,
-        FdKind::Fifo { path, .. } => {
+        FdKind::Fifo { .. } | FdKind::UnixPair { .. } => {
             return Err(Error::Other(format!(
-                "internal: FIFO {path} is opened by `Descriptions::open_fifo`"
+                "internal: fd {} is made with its peers, not alone",
+                e.fd
             )));
         }
     })

@@ -228,16 +228,29 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
         }
         map_one(c, ctx, vma, fd)?;
         if let (VmaKind::SharedAnonymous, Some(id)) = (vma.kind, vma.shmem_id) {
-            ctx.shmem
-                .borrow_mut()
-                .entry(id)
-                .or_insert((c.pid(), vma.start, vma.end, vma.offset));
+            ctx.shmem.borrow_mut().entry(id).or_insert(FirstMapping {
+                pid: c.pid(),
+                start: vma.start,
+                end: vma.end,
+                saved_offset: vma.offset,
+            });
         }
     }
     if let Some(i) = meta.process.exe_file {
         mapped.exe_fd = Some(file_fd(c, ctx, &mut mapped, i, false)?);
     }
     Ok(mapped)
+}
+
+/// Where a shared memory object was mapped first in the restored tree.
+#[derive(Debug, Clone, Copy)]
+pub struct FirstMapping {
+    /// Our PID of the process that maps it.
+    pub pid: i32,
+    pub start: u64,
+    pub end: u64,
+    /// The offset into the object the image gives that mapping.
+    pub saved_offset: u64,
 }
 
 /// For a mapping of a shared memory object that an earlier mapping of the
@@ -249,7 +262,13 @@ fn shared_object(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<Opti
     let (VmaKind::SharedAnonymous, Some(id)) = (vma.kind, vma.shmem_id) else {
         return Ok(None);
     };
-    let Some((pid, start, end, first_offset)) = ctx.shmem.borrow().get(&id).copied() else {
+    let Some(FirstMapping {
+        pid,
+        start,
+        end,
+        saved_offset: first_offset,
+    }) = ctx.shmem.borrow().get(&id).copied()
+    else {
         return Ok(None);
     };
     let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");

@@ -292,9 +292,8 @@ pub struct Context<'a> {
     pub image: &'a ProcessImage,
     pub descriptions: &'a fds::Descriptions,
     pub injector: &'a inject::Injector,
-    /// Shared memory objects mapped so far: id -> (PID, start, end, saved
-    /// offset) of their first mapping, for the next to share.
-    pub shmem: &'a RefCell<HashMap<u64, (i32, u64, u64, u64)>>,
+    /// Shared memory objects mapped so far, for the next to share.
+    pub shmem: &'a RefCell<HashMap<u64, memory::FirstMapping>>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the

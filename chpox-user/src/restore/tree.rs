@@ -118,7 +118,7 @@ pub fn private_proc(init: &Frozen, layout: &Layout) -> Result<()> {
         c.call(
             "mount(/, MS_REC|MS_PRIVATE)",
             libc::SYS_mount,
-            [0, root, 0, (libc::MS_REC | libc::MS_PRIVATE) as u64, 0, 0],
+            [0, root, 0, libc::MS_REC | libc::MS_PRIVATE, 0, 0],
         )?;
         c.call(
             "mount(proc)",
@@ -127,7 +127,7 @@ pub fn private_proc(init: &Frozen, layout: &Layout) -> Result<()> {
                 proc_type,
                 proc_dir,
                 proc_type,
-                (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) as u64,
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 0,
                 0,
             ],
