@@ -252,6 +252,9 @@ fn capture_tree(
     mut area: Option<MappedArea>,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
+    if let Some(user) = &opts.as_user {
+        tree::check_owned_by(tree, user)?;
+    }
     tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.

@@ -2024,3 +2024,61 @@ fn flags_without_8_checkpoint_the_process_alone_and_say_so() {
         "the child's parent"
     );
 }
+
+/// A user's registered job must not carry a process the user could not
+/// trace into the user's image: here a setuid-root child (euid 0) of the
+/// user's shell. The checkpoint fails by name; no image appears.
+#[test]
+fn a_users_tree_with_a_setuid_child_is_not_checkpointed() {
+    let s = scratch();
+    let out_dir = s.dir("out", 0o777);
+    let bin_dir = s.dir("bin", 0o755);
+    let suid = bin_dir.join("suid-sleep");
+    fs::copy("/bin/sleep", &suid).expect("copy sleep");
+    chmod(&suid, 0o4755);
+    let agent = Agent::start(&s);
+
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", "\"$0\" 600 & echo READY; wait"])
+        .arg(&suid)
+        .uid(NOBODY)
+        .gid(NOBODY);
+    no_core(&mut cmd, &s.logs);
+    let mut shell = Target::spawn_command(cmd, "suid-parent", &s.logs);
+    let child = poll(
+        "the setuid child to run as root",
+        Duration::from_secs(10),
+        String::new,
+        || {
+            let parent = shell.pid;
+            fs::read_dir("/proc").ok()?.find_map(|e| {
+                let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let field = |key: &str, n: usize| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))?
+                        .split_whitespace()
+                        .nth(n)?
+                        .parse::<i32>()
+                        .ok()
+                };
+                (field("PPid:", 0) == Some(parent) && field("Uid:", 1) == Some(0)).then_some(pid)
+            })
+        },
+    );
+    let pid = shell.pid.to_string();
+    let img = out_dir.join("job.chpox");
+    let out = agent.chpox_as(NOBODY, &["register", &pid, "-o", path_str(&img)]);
+    assert!(out.status.success(), "register: {}", show(&out));
+    let out = agent.chpox_as(NOBODY, &["checkpoint", &pid, "--timeout", "10"]);
+    assert_refused(
+        "checkpoint of a tree with a setuid child",
+        &out,
+        &format!("permission denied for PID {child}"),
+    );
+    assert!(!img.exists(), "an image was written: {}", img.display());
+    assert_running(&mut shell);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+}

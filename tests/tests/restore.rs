@@ -947,15 +947,10 @@ fn blocked_syscall(pid: i32) -> Option<i64> {
     s.split_whitespace().next()?.parse().ok()
 }
 
-/// `reader` blocked in read(2) on a FIFO. A FIFO is a pipe to chpox, which
-/// it cannot restore, so the dump (with `--unsupported-fd null`) records it
-/// as replaced by /dev/null. (A read that blocks on a kind chpox restores
-/// is hard to come by: regular files and /dev/null never block, and
-/// terminals are out of scope here.) What this checks is the interrupted
-/// system call: the restored process must re-issue its read rather than
-/// see it fail with EINTR (`reader` would print `EINTR` and exit 2), and
-/// that read now returns EOF from /dev/null, so it prints `GOT ` with
-/// nothing after it and exits 0.
+/// `reader` blocked in read(2) on a FIFO it opened read-write. The restored
+/// process must re-issue its read rather than see it fail with EINTR
+/// (`reader` would print `EINTR` and exit 2), on the FIFO reopened by
+/// path: what we write into the FIFO after the restore is what it reads.
 #[test]
 fn a_process_blocked_in_read_restores_and_reads_on() {
     let dir = tempdir();
@@ -982,14 +977,29 @@ fn a_process_blocked_in_read_restores_and_reads_on() {
         .find(|e| e.fd == fd)
         .unwrap_or_else(|| panic!("fd {fd} not in the image: {:?}", meta.root.fds));
     assert!(
-        matches!(entry.kind, FdKind::ReplacedByNull { .. }),
+        matches!(&entry.kind, FdKind::Fifo { path, .. } if Path::new(path) == fifo),
         "fd {fd} saved as {:?}",
         entry.kind
     );
 
-    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
-    assert_eq!(code, 0, "{stderr}\n{:?}", t.lines());
-    assert_eq!(t.lines_after_ready(), ["GOT "]);
+    let mut restore = Command::new(chpox_bin())
+        .args(["restore", path_str(&image)])
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chpox restore");
+    poll_until(
+        "the restored reader to block in read(2) again",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(format!("/proc/{}/syscall", t.pid)).unwrap_or_default(),
+        || blocked_syscall(t.pid) == Some(libc::SYS_read),
+    );
+    // The restored process holds the FIFO read-write: opening it to write
+    // does not wait.
+    std::fs::write(&fifo, "hi\n").expect("write into the FIFO");
+    let status = restore.wait().expect("wait for chpox restore");
+    assert!(status.success(), "restore: {status}; {:?}", t.lines());
+    assert_eq!(t.lines_after_ready(), ["GOT hi\\n"]);
 }
 
 // ---------------------------------------------------------------------------

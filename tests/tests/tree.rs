@@ -1310,8 +1310,9 @@ fn pid_ns_restores_the_tree_while_the_original_pids_are_taken() {
 // `make -j2` building a C project, checkpointed mid-build
 
 /// A project of 24 C files (each slow enough to compile that the build
-/// takes seconds) and a main that prints a sum over all of them.
-fn write_c_project(dir: &Path) {
+/// takes seconds) and a main that prints a sum over all of them, compiled
+/// with `cflags`.
+fn write_c_project(dir: &Path, cflags: &str) {
     use std::fmt::Write as _;
     for i in 1..=24 {
         let mut src = String::new();
@@ -1340,7 +1341,7 @@ fn write_c_project(dir: &Path) {
     std::fs::write(dir.join("main.c"), main).expect("write main.c");
     std::fs::write(
         dir.join("Makefile"),
-        "OBJS := $(patsubst %.c,%.o,$(wildcard *.c))\nprog: $(OBJS)\n\tgcc -o $@ $^\n%.o: %.c\n\tgcc -O2 -c $< -o $@\n",
+        format!("OBJS := $(patsubst %.c,%.o,$(wildcard *.c))\nprog: $(OBJS)\n\tgcc -o $@ $^\n%.o: %.c\n\tgcc {cflags} -c $< -o $@\n"),
     )
     .expect("write the Makefile");
 }
@@ -1363,9 +1364,18 @@ fn prog_output(dir: &Path) -> String {
 fn make_resume(how: Dump) {
     let dir = tempdir();
     let (baseline_dir, build_dir) = (dir.path().join("baseline"), dir.path().join("build"));
+    // gcc writes its assembly to a temporary file that it deletes once
+    // the object is made. A tree left running goes past the checkpoint
+    // and may delete it, and a restore cannot bring back a file deleted
+    // after the checkpoint (it refuses, naming it): that run pipes its
+    // assembly from cc1 to as instead, through a pipe inside the tree.
+    let cflags = match how {
+        Dump::Kill => "-O2",
+        Dump::LeaveRunning => "-O2 -pipe",
+    };
     for d in [&baseline_dir, &build_dir] {
         std::fs::create_dir(d).expect("mkdir");
-        write_c_project(d);
+        write_c_project(d, cflags);
     }
     let mut job = start_make(&build_dir);
     let mut guard = Guard::default();

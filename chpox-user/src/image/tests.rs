@@ -706,3 +706,64 @@ fn metadata_without_later_fields_still_decodes() {
     assert_eq!(decoded.registration, None);
     assert_eq!(decoded.root.process.pid, meta.root.process.pid);
 }
+
+/// A single-process image of a chpox from before process trees: none of
+/// the tree's fields (descendants, zombies, groups, description ids,
+/// shared memory ids…) is there. It decodes as a tree of one process with
+/// the defaults restore expects.
+#[test]
+fn single_process_metadata_from_before_trees_decodes() {
+    fn strip(value: &mut ciborium::Value, fields: &[&str]) {
+        if let ciborium::Value::Map(map) = value {
+            map.retain(|(k, _)| !k.as_text().is_some_and(|k| fields.contains(&k)));
+        }
+    }
+    fn field<'v>(value: &'v mut ciborium::Value, name: &str) -> &'v mut ciborium::Value {
+        let ciborium::Value::Map(map) = value else {
+            panic!("not a map");
+        };
+        &mut map
+            .iter_mut()
+            .find(|(k, _)| k.as_text() == Some(name))
+            .unwrap_or_else(|| panic!("no field {name}"))
+            .1
+    }
+    let meta = sample_metadata();
+    let mut value: ciborium::Value =
+        ciborium::de::from_reader(cbor(&meta).as_slice()).expect("decode as a CBOR value");
+    strip(
+        &mut value,
+        &["descendants", "zombies", "children_not_saved"],
+    );
+    strip(
+        field(&mut value, "process"),
+        &[
+            "pgid",
+            "sid",
+            "stopped",
+            "exit_signal",
+            "pdeath_signal",
+            "child_subreaper",
+        ],
+    );
+    for list in ["fds", "vmas"] {
+        let ciborium::Value::Array(items) = field(&mut value, list) else {
+            panic!("{list} is not an array");
+        };
+        for item in items {
+            strip(item, &["description", "shmem_id"]);
+        }
+    }
+    let mut old = Vec::new();
+    ciborium::ser::into_writer(&value, &mut old).expect("encode");
+    let decoded: Metadata = ciborium::de::from_reader(old.as_slice()).expect("old metadata");
+    assert!(!decoded.is_tree());
+    assert_eq!(decoded.processes().count(), 1);
+    let p = &decoded.root.process;
+    assert_eq!(p.pid, meta.root.process.pid);
+    assert_eq!((p.pgid, p.sid, p.stopped), (0, 0, false));
+    assert_eq!(p.exit_signal, libc::SIGCHLD);
+    assert!(decoded.root.fds.iter().all(|f| f.description == 0));
+    assert!(decoded.root.vmas.iter().all(|v| v.shmem_id.is_none()));
+    assert_eq!(decoded.root.vmas.len(), meta.root.vmas.len());
+}
