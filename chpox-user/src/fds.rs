@@ -273,7 +273,6 @@ fn other_end_closed(pid: i32, fd: i32, read_end: bool) -> bool {
 /// they run on, read them as if nothing happened.
 pub fn embed_pipe_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Result<()> {
     use std::collections::HashMap;
-    use std::os::unix::fs::OpenOptionsExt;
     // inode -> capacity
     let mut seen: HashMap<u64, u64> = HashMap::new();
     for p in procs.iter_mut() {
@@ -290,18 +289,7 @@ pub fn embed_pipe_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> 
             if !is_read_end(entry.flags) || seen.contains_key(&inode) {
                 continue;
             }
-            let path = format!("/proc/{pid}/fd/{}", entry.fd);
-            let err = |source| Error::File {
-                path: format!("{path} (pipe:[{inode}])"),
-                source,
-            };
-            // Non-blocking: it must never wait for a writer.
-            let pipe = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(err)?;
-            let (capacity, bytes) = pipe_content(&pipe).map_err(err)?;
+            let (capacity, bytes) = peek_pipe(pid, entry.fd, &format!("pipe:[{inode}]"))?;
             seen.insert(inode, capacity);
             if !bytes.is_empty()
                 && let FdKind::Pipe { data, .. } = &mut entry.kind
@@ -330,7 +318,6 @@ pub fn embed_pipe_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> 
 /// non-blocking, never waits).
 fn embed_fifo_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Result<()> {
     use std::collections::HashSet;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut seen: HashSet<String> = HashSet::new();
     for p in procs.iter_mut() {
         let pid = p.process.pid;
@@ -343,17 +330,7 @@ fn embed_fifo_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Resu
             else {
                 continue;
             };
-            let link = format!("/proc/{pid}/fd/{}", entry.fd);
-            let err = |source| Error::File {
-                path: format!("{link} ({path})"),
-                source,
-            };
-            let fifo = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open(&link)
-                .map_err(err)?;
-            let (c, bytes) = pipe_content(&fifo).map_err(err)?;
+            let (c, bytes) = peek_pipe(pid, entry.fd, path)?;
             *capacity = c;
             if seen.insert(path.clone()) && !bytes.is_empty() {
                 *data = Some(writer.add_data(&bytes)?);
@@ -361,6 +338,24 @@ fn embed_fifo_data(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Resu
         }
     }
     Ok(())
+}
+
+/// The capacity and unread bytes of the pipe or FIFO at fd `fd` of
+/// `pid` (`what` names it), read through a reading descriptor of our own,
+/// non-blocking: it must never wait for a writer.
+fn peek_pipe(pid: i32, fd: i32, what: &str) -> Result<(u64, Vec<u8>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let link = format!("/proc/{pid}/fd/{fd}");
+    let err = |source| Error::File {
+        path: format!("{link} ({what})"),
+        source,
+    };
+    let pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&link)
+        .map_err(err)?;
+    pipe_content(&pipe).map_err(err)
 }
 
 /// The capacity of `pipe` and a copy of what it holds, without consuming

@@ -272,24 +272,33 @@ pub fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// The PIDs a task has, outermost (ours) first, innermost (its own
+/// namespace's) last: the NSpid line of the status file at `path`.
+pub fn ns_pids(path: &str) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            Some(
+                line.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
+}
+
 /// The PID by which we know a task that a process of ours created inside a
-/// PID namespace and was told to be `id` there: its last NSpid entry is
-/// `id`. `candidates` are the PIDs (or TIDs) that may be it. Outside any
-/// namespace of its own, the task is known by `id` itself.
+/// PID namespace and was told to be `id` there: its innermost PID is `id`.
+/// `candidates` are the PIDs (or TIDs) that may be it.
 fn host_id_among(
     id: i32,
     candidates: impl Iterator<Item = i32>,
     path: impl Fn(i32) -> String,
 ) -> Option<i32> {
-    candidates.into_iter().find(|&c| {
-        std::fs::read_to_string(path(c)).is_ok_and(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok())
-                == Some(id)
-        })
-    })
+    candidates
+        .into_iter()
+        .find(|&c| ns_pids(&path(c)).last() == Some(&id))
 }
 
 /// Our PID of the child that `parent` (our PID of it) made as `id` in its

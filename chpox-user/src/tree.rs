@@ -132,14 +132,14 @@ impl FrozenTree {
                 }
                 match Frozen::freeze(e.pid) {
                     Ok(f) => tree.members.push(f),
-                    // Exited since the scan: a zombie now, which the next
-                    // scan records, or reaped and gone.
-                    Err(Error::Exited(_) | Error::NoSuchProcess(_)) => {
+                    // Exited since the scan: still there (a zombie now),
+                    // the next scan records it; reaped, it is gone.
+                    Err(Error::Exited(_) | Error::NoSuchProcess(_))
+                        if std::path::Path::new(&format!("/proc/{}", e.pid)).exists() =>
+                    {
                         known.remove(&e.pid);
-                        if !std::path::Path::new(&format!("/proc/{}", e.pid)).exists() {
-                            known.insert(e.pid);
-                        }
                     }
+                    Err(Error::Exited(_) | Error::NoSuchProcess(_)) => {}
                     Err(err) => return Err(err),
                 }
             }

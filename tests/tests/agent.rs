@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chpox::image::ImageReader;
+use common::procs::{Guard, cmdline, kill_tree, stat, tree_pids};
 use common::{
     Target, bin, check_pattern, chmod, chpox_bin, free_pid, parse_hex, parse_kv, path_str,
     run_chpox, show,
@@ -1474,92 +1475,6 @@ fn restore_register_without_an_agent_starts_nothing() {
 //     register`) checkpoints the process and its descendants; without it,
 //     the process alone, and the agent says what was left out.
 
-/// The fields of `/proc/PID/stat` these tests need: (state, ppid, start time).
-fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
-    Some((
-        rest.first()?.chars().next()?,
-        rest.get(1)?.parse().ok()?,
-        rest.get(19)?.parse().ok()?,
-    ))
-}
-
-fn cmdline(pid: i32) -> Vec<String> {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
-}
-
-/// Every process that exists among `roots`, and all their descendants.
-fn descendants_of(roots: &BTreeSet<i32>) -> BTreeSet<i32> {
-    let parents: Vec<(i32, i32)> = fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter_map(|pid| Some((pid, proc_stat(pid)?.1)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut found: BTreeSet<i32> = parents
-        .iter()
-        .map(|&(pid, _)| pid)
-        .filter(|pid| roots.contains(pid))
-        .collect();
-    loop {
-        let before = found.len();
-        for &(pid, ppid) in &parents {
-            if found.contains(&ppid) {
-                found.insert(pid);
-            }
-        }
-        if found.len() == before {
-            return found;
-        }
-    }
-}
-
-fn tree_pids(root: i32) -> BTreeSet<i32> {
-    descendants_of(&BTreeSet::from([root]))
-}
-
-/// Kills `root` and every descendant with SIGKILL, stopping them first
-/// (walking down until nothing new turns up) so that none forks behind
-/// our back; returns their PIDs. Does not wait.
-fn kill_tree(root: i32) -> BTreeSet<i32> {
-    let mut seen = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let mut roots = seen.clone();
-        roots.insert(root);
-        let new: Vec<i32> = descendants_of(&roots).difference(&seen).copied().collect();
-        for &pid in &new {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-            seen.insert(pid);
-        }
-        // A stopped (or dead) process forks no more.
-        while Instant::now() < deadline
-            && seen.iter().any(|&p| {
-                proc_stat(p).is_some_and(|(state, _, _)| !matches!(state, 'T' | 't' | 'Z' | 'X'))
-            })
-        {
-            std::thread::sleep(POLL);
-        }
-        if new.is_empty() {
-            break;
-        }
-    }
-    for &pid in &seen {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    seen
-}
-
 /// Waits until none of `pids` exists (PID 1 reaps orphans about a second
 /// late here), so a restore can have them back.
 fn wait_all_gone(pids: &BTreeSet<i32>, context: &str) {
@@ -1569,7 +1484,7 @@ fn wait_all_gone(pids: &BTreeSet<i32>, context: &str) {
         || {
             let left: Vec<_> = pids
                 .iter()
-                .filter_map(|&p| Some((p, proc_stat(p)?, cmdline(p))))
+                .filter_map(|&p| Some((p, stat(p)?, cmdline(p))))
                 .collect();
             format!("still there: {left:?}")
         },
@@ -1579,29 +1494,6 @@ fn wait_all_gone(pids: &BTreeSet<i32>, context: &str) {
                 .then_some(())
         },
     );
-}
-
-/// Kills, when dropped (a test failed or left them), the trees of the
-/// processes it watches that are still the same processes.
-#[derive(Default)]
-struct TreeGuard(Vec<(i32, u64)>);
-
-impl TreeGuard {
-    fn watch(&mut self, pid: i32) {
-        if let Some((_, _, start)) = proc_stat(pid) {
-            self.0.push((pid, start));
-        }
-    }
-}
-
-impl Drop for TreeGuard {
-    fn drop(&mut self) {
-        for &(pid, start) in &self.0 {
-            if proc_stat(pid).is_some_and(|(_, _, s)| s == start) {
-                kill_tree(pid);
-            }
-        }
-    }
 }
 
 /// A shell script started with `chpox run CHPOX_ARGS -- bash SCRIPT ARGS`;
@@ -1749,7 +1641,7 @@ fn a_registered_tree_is_checkpointed_restored_registered_and_checkpointed_again(
     let img_dir = s.dir("out", 0o755);
     let image = img_dir.join("tree.chpox");
     let out = s.logs.join("steps.out");
-    let mut guard = TreeGuard::default();
+    let mut guard = Guard::default();
     let mut t = run_script_target(
         &agent,
         &s,
@@ -1759,7 +1651,7 @@ fn a_registered_tree_is_checkpointed_restored_registered_and_checkpointed_again(
         &["-o", path_str(&image)],
     );
     let root = t.pid;
-    guard.watch(root);
+    guard.watch_tree(root);
     let job_stderr = t.stderr_path.clone();
     let context = || {
         format!(
@@ -1819,7 +1711,7 @@ fn a_registered_tree_is_checkpointed_restored_registered_and_checkpointed_again(
         STATE_TIMEOUT,
         || agent.entry(root),
     );
-    guard.watch(root);
+    guard.watch_tree(root);
     assert_eq!(e["flags"], 9, "{e}");
     assert_eq!(output_of(&e), image, "{e}");
     assert!(ignores(root, SIGSYS), "SIGSYS is not ignored after restore");
@@ -1905,17 +1797,13 @@ fn flags_without_8_checkpoint_the_process_alone_and_say_so() {
     cmd.arg(&script);
     no_core(&mut cmd, &s.logs);
     let mut t = Target::spawn_command(cmd, "parent", &s.logs);
-    let mut guard = TreeGuard::default();
-    guard.watch(t.pid);
+    let mut guard = Guard::default();
+    guard.watch_tree(t.pid);
     let pid = t.pid;
     let pid_s = pid.to_string();
     let child: i32 = t.ready_value("child").parse().expect("child PID");
-    guard.watch(child);
-    assert_eq!(
-        proc_stat(child).map(|s| s.1),
-        Some(pid),
-        "the child's parent"
-    );
+    guard.watch_tree(child);
+    assert_eq!(stat(child).map(|s| s.ppid), Some(pid), "the child's parent");
 
     // chpoxctl keeps old chpox's FLAGS: 1 is the process alone.
     let alone = img_dir.join("alone.chpox");
@@ -2018,11 +1906,7 @@ fn flags_without_8_checkpoint_the_process_alone_and_say_so() {
 
     // The checkpoints left both running.
     assert_running(&mut t);
-    assert_eq!(
-        proc_stat(child).map(|s| s.1),
-        Some(pid),
-        "the child's parent"
-    );
+    assert_eq!(stat(child).map(|s| s.ppid), Some(pid), "the child's parent");
 }
 
 /// A user's registered job must not carry a process the user could not

@@ -22,7 +22,6 @@
 //! but the image and the receiving socket, then takes its own.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -203,14 +202,8 @@ impl Descriptions {
         });
         if let Some(data) = data {
             let bytes = reader.read_data(&data)?;
-            std::fs::File::from(write.try_clone().map_err(|e| Error::File {
-                path: name.clone(),
-                source: e,
-            })?)
-            .write_all(&bytes)
-            .map_err(|source| Error::File {
-                path: format!("{name} ({} unread bytes)", bytes.len()),
-                source,
+            write_bytes(&write, &bytes, || {
+                format!("{name} ({} unread bytes)", bytes.len())
             })?;
         }
         for (end, is_read) in [(read, true), (write, false)] {
@@ -298,14 +291,8 @@ impl Descriptions {
         let keeper = &self.fifos[path];
         if let Some(data) = data {
             let bytes = reader.read_data(data)?;
-            std::fs::File::from(keeper.try_clone().map_err(|source| Error::File {
-                path: path.to_string(),
-                source,
-            })?)
-            .write_all(&bytes)
-            .map_err(|source| Error::File {
-                path: format!("{path} ({} unread bytes)", bytes.len()),
-                source,
+            write_bytes(keeper, &bytes, || {
+                format!("{path} ({} unread bytes)", bytes.len())
             })?;
         }
         let fd = nix::fcntl::open(path, open_flags(flags) | OFlag::O_NONBLOCK, Mode::empty())
@@ -357,15 +344,7 @@ fn make(e: &FdEntry, reader: &ImageReader, warnings: &mut Vec<String>) -> Result
             )
             .map_err(file_err(path))?;
             let bytes = reader.read_data(data)?;
-            std::fs::File::from(memfd.try_clone().map_err(|source| Error::File {
-                path: path.clone(),
-                source,
-            })?)
-            .write_all(&bytes)
-            .map_err(|source| Error::File {
-                path: path.clone(),
-                source,
-            })?;
+            write_bytes(&memfd, &bytes, || path.clone())?;
             // A new open file description with the saved access mode.
             let again = format!("/proc/self/fd/{}", memfd.as_raw_fd());
             let fd = nix::fcntl::open(again.as_str(), open_flags(e.flags), Mode::empty())
@@ -417,6 +396,20 @@ fn make(e: &FdEntry, reader: &ImageReader, warnings: &mut Vec<String>) -> Result
             )));
         }
     })
+}
+
+/// Write `bytes` into `fd` (a pipe, FIFO or memfd of ours); errors name
+/// `what()`. Pipes are non-blocking here: bytes that do not fit are an
+/// error, not a restorer stuck forever.
+fn write_bytes(fd: &OwnedFd, bytes: &[u8], what: impl Fn() -> String) -> Result<()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        written += nix::unistd::write(fd, &bytes[written..]).map_err(|e| Error::File {
+            path: what(),
+            source: std::io::Error::from(e),
+        })?;
+    }
+    Ok(())
 }
 
 /// A copy of the restorer's own descriptor `fd` (0, 1 or 2), if it has one.

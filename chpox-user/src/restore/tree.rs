@@ -87,11 +87,7 @@ pub fn fork_from(parent: &Frozen, layout: &Layout, pid: i32, exit_signal: i32) -
 /// Whether `frozen`'s process lives in a PID namespace below ours: it
 /// has more than one PID (NSpid).
 fn in_own_namespace(frozen: &Frozen) -> bool {
-    std::fs::read_to_string(format!("/proc/{}/status", frozen.pid())).is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .is_some_and(|v| v.split_whitespace().count() > 1)
-    })
+    crate::process::ns_pids(&format!("/proc/{}/status", frozen.pid())).len() > 1
 }
 
 fn index_of(members: &[Frozen], meta: &Metadata, pid: i32) -> Result<usize> {

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,163 @@
+//! Processes as /proc shows them, and whole trees of them: for tests that
+//! start process trees and must leave none behind.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const POLL: Duration = Duration::from_millis(10);
+
+/// The fields of `/proc/PID/stat` the tests look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub pid: i32,
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+    /// Start time in clock ticks since boot: with the PID, one incarnation.
+    pub start: u64,
+}
+
+pub fn parse_stat(pid: i32, text: &str) -> Option<Stat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    Some(Stat {
+        pid,
+        comm: text[open + 1..close].to_string(),
+        state: rest.first()?.chars().next()?,
+        ppid: rest.get(1)?.parse().ok()?,
+        pgrp: rest.get(2)?.parse().ok()?,
+        session: rest.get(3)?.parse().ok()?,
+        start: rest.get(19)?.parse().ok()?,
+    })
+}
+
+/// `/proc/PID/stat`, or `None` if there is no such process.
+pub fn stat(pid: i32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(pid, &text)
+}
+
+pub fn exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every process now.
+pub fn all_stats() -> Vec<Stat> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(stat)
+        .collect()
+}
+
+/// The processes among `roots` that exist, and all their descendants.
+pub fn descendants_of(roots: &BTreeSet<i32>) -> BTreeSet<i32> {
+    let all = all_stats();
+    let mut found: BTreeSet<i32> = all
+        .iter()
+        .map(|s| s.pid)
+        .filter(|p| roots.contains(p))
+        .collect();
+    loop {
+        let before = found.len();
+        for s in &all {
+            if found.contains(&s.ppid) {
+                found.insert(s.pid);
+            }
+        }
+        if found.len() == before {
+            return found;
+        }
+    }
+}
+
+/// `root` and all its descendants now.
+pub fn tree_pids(root: i32) -> BTreeSet<i32> {
+    descendants_of(&BTreeSet::from([root]))
+}
+
+/// `root` and its descendants, as `/proc` shows them now.
+pub fn tree(root: i32) -> Vec<Stat> {
+    tree_pids(root).into_iter().filter_map(stat).collect()
+}
+
+pub fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Sends `sig` to `pid` (a negative `pid`: a process group); whether it
+/// went out.
+pub fn signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+/// Kills `root` and all its descendants with SIGKILL and returns their
+/// PIDs. They are stopped first, walking down again until the walk finds
+/// nothing new, so that none forks behind our back. Does not wait.
+pub fn kill_tree(root: i32) -> BTreeSet<i32> {
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut roots = seen.clone();
+        roots.insert(root);
+        let new: Vec<i32> = descendants_of(&roots).difference(&seen).copied().collect();
+        for &pid in &new {
+            signal(pid, libc::SIGSTOP);
+            seen.insert(pid);
+        }
+        // A process that is stopped (or dead) forks no more.
+        while Instant::now() < deadline
+            && seen
+                .iter()
+                .any(|&p| stat(p).is_some_and(|s| !matches!(s.state, 'T' | 't' | 'Z' | 'X')))
+        {
+            std::thread::sleep(POLL);
+        }
+        if new.is_empty() {
+            break;
+        }
+    }
+    for &pid in &seen {
+        signal(pid, libc::SIGKILL);
+    }
+    seen
+}
+
+/// Kills, when dropped, the trees of processes it watches that are still
+/// the same processes (PID and start time): the restored trees and what
+/// the original roots left below them.
+#[derive(Default)]
+pub struct Guard(Vec<(i32, u64)>);
+
+impl Guard {
+    /// Watch `root` and all its descendants as they are now.
+    pub fn watch_tree(&mut self, root: i32) {
+        for s in tree(root) {
+            self.0.push((s.pid, s.start));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut killed = BTreeSet::new();
+        for &(pid, start) in &self.0 {
+            if !killed.contains(&pid) && stat(pid).is_some_and(|s| s.start == start) {
+                killed.extend(kill_tree(pid));
+            }
+        }
+    }
+}
