@@ -22,6 +22,7 @@ pub mod ptrace;
 pub mod registers;
 pub mod remote;
 pub mod restore;
+pub mod safe_return;
 pub mod signals;
 pub mod threads;
 pub mod tree;

@@ -17,11 +17,12 @@ use std::io::{IoSlice, IoSliceMut};
 use nix::sys::ptrace;
 use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
 use nix::unistd::Pid;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 use crate::ptrace::{Frozen, Stop, get_regs, get_sigmask, set_regs, set_sigmask, wait_stop};
 use crate::registers;
+use crate::safe_return::{self, Gadgets};
 
 /// Every signal blocked (the kernel ignores the SIGKILL/SIGSTOP bits).
 const ALL_SIGNALS: u64 = u64::MAX;
@@ -125,6 +126,9 @@ pub struct RemoteThread<'f> {
     /// syscall's restart applied by hand.
     ran: bool,
     returned: bool,
+    /// The way back if we die while holding the thread (`safe_return`):
+    /// the frame its stack pointer points at while it runs for us.
+    frame: Option<u64>,
 }
 
 impl<'f> RemoteThread<'f> {
@@ -140,17 +144,64 @@ impl<'f> RemoteThread<'f> {
             saved_mask,
             ran: false,
             returned: false,
+            frame: None,
         })
     }
 
-    pub fn pid(&self) -> i32 {
-        self.frozen.pid()
+    /// Borrow a thread of a process that must survive our death at any
+    /// moment (a dump): with `gadgets`, the thread is never left with our
+    /// registers without a way back to its own (see `safe_return`).
+    /// Without them, or if the frame cannot be written below its stack
+    /// pointer, as [`borrow`](Self::borrow) on `fallback_ip`.
+    pub fn borrow_guarded(
+        frozen: &'f Frozen,
+        tid: i32,
+        gadgets: Option<Gadgets>,
+        fallback_ip: u64,
+    ) -> Result<Self> {
+        let Some(gadgets) = gadgets else {
+            return Self::borrow(frozen, tid, fallback_ip);
+        };
+        let saved_regs = get_regs(tid)?;
+        let saved_mask = get_sigmask(tid)?;
+        let xsave = crate::ptrace::get_xstate(tid)?;
+        let resume = registers::restarted(&saved_regs);
+        let frame =
+            match safe_return::write_frame(frozen.pid(), &resume, saved_mask, &xsave, gadgets) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    debug!(tid, error = %e, "no room for a return frame; borrowing unguarded");
+                    return Self::borrow(frozen, tid, fallback_ip);
+                }
+            };
+        let mut thread = RemoteThread {
+            frozen,
+            tid,
+            syscall_ip: gadgets.syscall_ret,
+            saved_regs,
+            saved_mask,
+            ran: true,
+            returned: false,
+            frame: Some(frame),
+        };
+        // Parked on a harmless getpid, with the frame as its way back,
+        // before its mask changes: from here, released at any moment, it
+        // goes back to its own state.
+        set_regs(tid, thread.call_regs(libc::SYS_getpid, [0; 6]))?;
+        set_sigmask(tid, ALL_SIGNALS)?;
+        // Its alternate stack, for the frame: the one thing a release
+        // during this first call would get wrong.
+        thread.checked(
+            "sigaltstack",
+            libc::SYS_sigaltstack,
+            [0, frame + safe_return::FRAME_SCRATCH_AT, 0, 0, 0, 0],
+        )?;
+        safe_return::fill_altstack(frozen.pid(), frame)?;
+        Ok(thread)
     }
 
-    /// Run syscall `nr` with `args`; returns the raw result (a negative
-    /// errno on failure), as the kernel put it in rax.
-    pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
-        let tid = self.tid;
+    /// The registers that run syscall `nr` with `args` on our `syscall`.
+    fn call_regs(&self, nr: i64, args: [u64; 6]) -> libc::user_regs_struct {
         let mut regs = self.saved_regs;
         regs.rip = self.syscall_ip;
         regs.rax = nr as u64;
@@ -163,7 +214,23 @@ impl<'f> RemoteThread<'f> {
         regs.r10 = args[3];
         regs.r8 = args[4];
         regs.r9 = args[5];
-        set_regs(tid, regs)?;
+        if let Some(frame) = self.frame {
+            // `ret` after the syscall takes the frame's first word, the
+            // address of rt_sigreturn, which finds the frame below.
+            regs.rsp = frame;
+        }
+        regs
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.frozen.pid()
+    }
+
+    /// Run syscall `nr` with `args`; returns the raw result (a negative
+    /// errno on failure), as the kernel put it in rax.
+    pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let tid = self.tid;
+        set_regs(tid, self.call_regs(nr, args))?;
         self.ran = true;
         self.step_to_syscall_stop("entry")?;
         let at_entry = get_regs(tid)?;
@@ -248,12 +315,15 @@ impl<'f> RemoteThread<'f> {
             return Ok(());
         }
         self.returned = true;
+        // The mask first: until the registers are the thread's own again,
+        // a release finds it still parked on its way back.
+        set_sigmask(self.tid, self.saved_mask)?;
         if self.ran {
             // We leave from a syscall-exit stop, whose return path does not
             // restart the syscall our interrupt cut short; do it by hand.
             set_regs(self.tid, registers::restarted(&self.saved_regs))?;
         }
-        set_sigmask(self.tid, self.saved_mask)
+        Ok(())
     }
 }
 

@@ -142,3 +142,50 @@ fn chpox_killed_while_the_target_is_frozen() {
 fn ctrl_c_while_the_target_is_frozen() {
     interrupted_dump_leaves_target_running(libc::SIGINT);
 }
+
+/// A 200-thread process whose dump is killed at many points of the freeze,
+/// in particular while chpox runs system calls inside its threads: the
+/// process must run on as if nothing happened (its threads check their own
+/// arithmetic), never crash.
+#[test]
+fn chpox_killed_at_many_points_of_a_freeze() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut target = Target::spawn("busythreads", &["200"], dir.path());
+    let image = dir.path().join("img");
+    for round in 0..40u64 {
+        let mut dumper = start_dump(target.pid, &image);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tracer_of(target.pid) != Some(dumper.id() as i32) {
+            if let Some(status) = target.child.try_wait().expect("try_wait") {
+                panic!(
+                    "the target ended ({status}) before round {round}: {:?}",
+                    target.lines()
+                );
+            }
+            assert!(Instant::now() < deadline, "chpox never seized the target");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // From at once to well into the remote system calls of the
+        // threads (a few hundred microseconds per thread in a debug build).
+        std::thread::sleep(Duration::from_micros(round * round * 100));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(dumper.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        dumper.wait().expect("wait chpox");
+        assert!(
+            target.child.try_wait().expect("try_wait").is_none(),
+            "the target died when chpox was killed {}µs into round {round}: {:?}",
+            round * round * 100,
+            target.lines()
+        );
+        assert_released(target.pid);
+    }
+    target.signal(libc::SIGUSR1);
+    target.wait_success(Duration::from_secs(30));
+    let out = target.lines_after_ready();
+    assert!(
+        out.last().is_some_and(|l| l.starts_with("DONE rounds=")),
+        "{out:?}"
+    );
+}
