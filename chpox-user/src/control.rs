@@ -14,6 +14,9 @@ pub const RUN_DIR: &str = "/run/chpox";
 pub const SOCKET_NAME: &str = "agent.sock";
 pub const FIFO_NAME: &str = "register";
 pub const STATE_NAME: &str = "registrations.json";
+/// The longest request line the agent reads (64 KiB); it closes a
+/// connection that sends a longer one.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 
 /// The run directory: `CHPOX_RUN_DIR` (tests run private agents) or /run/chpox.
 pub fn run_dir() -> PathBuf {
@@ -165,6 +168,13 @@ pub fn request(run_dir: &Path, req: &Request, timeout: Duration) -> Result<Respo
     })?;
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+    if line.len() > MAX_REQUEST_LINE {
+        return Err(ClientError::Agent(format!(
+            "request too long ({} bytes; chpox-agent reads at most {} KiB): a path that long?",
+            line.len(),
+            MAX_REQUEST_LINE / 1024
+        )));
+    }
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut reply = String::new();

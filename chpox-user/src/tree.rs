@@ -217,34 +217,9 @@ impl Drop for FrozenTree {
 /// or its memory would land in a file the user owns. Checked while
 /// frozen, so a process cannot change credentials between check and dump.
 pub fn check_owned_by(tree: &FrozenTree, user: &crate::creds::UserCreds) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if user.is_root() {
-        return Ok(());
-    }
-    for f in &tree.members {
-        let pid = f.pid();
-        let proc_err = |e: procfs::ProcError| Error::Other(format!("cannot read /proc/{pid}: {e}"));
-        let status = procfs::process::Process::new(pid)
-            .and_then(|p| p.status())
-            .map_err(proc_err)?;
-        let uids = [status.ruid, status.euid, status.suid, status.fuid];
-        let gids = [status.rgid, status.egid, status.sgid, status.fgid];
-        // A process that is not dumpable has its /proc directory owned by
-        // root.
-        let dumpable = std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == user.uid);
-        let capable = status.capeff != 0 || status.capprm != 0;
-        if uids.iter().any(|&u| u != user.uid)
-            || gids.iter().any(|&g| g != user.gid)
-            || !dumpable
-            || capable
-        {
-            return Err(Error::PermissionDenied {
-                pid,
-                hint: " (it runs with other credentials, privileges or as not dumpable: a setuid program, say; uid 0 may checkpoint it, its user may not)",
-            });
-        }
-    }
-    Ok(())
+    tree.members
+        .iter()
+        .try_for_each(|f| crate::creds::may_checkpoint(f.pid(), user))
 }
 
 const KCMP_FILE: libc::c_long = 0;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use chpox::agent::{AgentConfig, run};
 use clap::Parser;
@@ -26,10 +27,30 @@ struct Args {
     /// Where images go for registrations that name no file.
     #[arg(long, default_value = "/var/lib/chpox")]
     image_dir: PathBuf,
+    /// Close a connection that sends no complete request for this many seconds.
+    #[arg(long, default_value_t = AgentConfig::DEFAULT_IDLE_TIMEOUT.as_secs_f64())]
+    idle_timeout: f64,
+    /// Connections open at once, all users together (lowered to what the
+    /// descriptor limit allows; some are kept for root).
+    #[arg(long, default_value_t = AgentConfig::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Connections open at once for one user other than root.
+    #[arg(long, default_value_t = AgentConfig::DEFAULT_MAX_CONNECTIONS_PER_USER)]
+    max_connections_per_user: usize,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let idle_timeout = match Duration::try_from_secs_f64(args.idle_timeout) {
+        Ok(d) if !d.is_zero() => d,
+        _ => {
+            eprintln!(
+                "chpox-agent: --idle-timeout {} is not a number of seconds above 0",
+                args.idle_timeout
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     // Info by default: one line per checkpoint; CHPOX_LOG overrides.
     chpox::cli::init_logging(1);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -48,6 +69,9 @@ fn main() -> ExitCode {
         ebpf_object: args.ebpf_object,
         keep: args.keep,
         image_dir: args.image_dir,
+        idle_timeout,
+        max_connections: args.max_connections,
+        max_connections_per_user: args.max_connections_per_user,
     };
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,1176 @@
+//! `chpox-agent` against a hostile local user (issue 10): each test runs
+//! an attack as `nobody` (uid 65534) against a real agent with its real
+//! eBPF program, and checks that the attack fails and that the agent goes
+//! on serving everybody else.
+//!
+//! Every test starts its own agent (own run directory and image directory),
+//! with the soft descriptor limit of a systemd service (1024). Attacks that
+//! need nobody's credentials on a socket run on a thread of this process
+//! that took them (credentials are per thread in the kernel); processes
+//! that must start as root and drop to nobody without exec are forked.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::procs::{Guard, stat};
+use common::{Target, bin, chmod, chpox_bin, free_pid, path_str, show};
+use serde_json::Value;
+
+/// uid and gid of `nobody`, the hostile user of these tests.
+const NOBODY: u32 = 65534;
+/// The default trigger signal (SIGSYS on x86-64).
+const SIGSYS: i32 = 31;
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long root's `chpox list` may take while an attack goes on: it
+/// answers in milliseconds when nothing holds the agent up.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------
+// Scratch space and the agent
+
+/// A test's scratch space, traversable by everyone (so `nobody` reaches the
+/// agent's socket): `run` is the agent's run directory, `logs` holds the
+/// output of the agent and of the targets, `out` is writable by all.
+struct Scratch {
+    tmp: tempfile::TempDir,
+    run: PathBuf,
+    logs: PathBuf,
+    out: PathBuf,
+}
+
+fn scratch() -> Scratch {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    chmod(tmp.path(), 0o755);
+    let s = Scratch {
+        run: tmp.path().join("run"),
+        logs: tmp.path().join("logs"),
+        out: tmp.path().join("out"),
+        tmp,
+    };
+    for (d, mode) in [(&s.logs, 0o755), (&s.out, 0o1777)] {
+        fs::create_dir(d).expect("mkdir");
+        chmod(d, mode);
+    }
+    s
+}
+
+impl Scratch {
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// A new directory `name` (with its parents) with `mode`.
+    fn dir(&self, name: &str, mode: u32) -> PathBuf {
+        let d = self.path(name);
+        fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        chmod(&d, mode);
+        d
+    }
+}
+
+/// A binary of `chpox-user` (`chpox-agent`, `chpoxctl`), next to `chpox`.
+fn tool(name: &str) -> PathBuf {
+    let p = chpox_bin().with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} not found; build it with `cargo build -p chpox-user`",
+        p.display()
+    );
+    p
+}
+
+/// The tracing output without colour escapes (in case NO_COLOR is ignored).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Polls `f` until it returns `Some`, for at most `timeout`.
+fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+static AGENTS: AtomicUsize = AtomicUsize::new(0);
+
+/// A running `chpox-agent`, stopped with SIGTERM when dropped.
+struct Agent {
+    child: Child,
+    run_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// An agent serving the scratch space's run directory, with default
+    /// images going to `images`.
+    fn start(s: &Scratch, images: &Path, extra: &[&str]) -> Agent {
+        let n = AGENTS.fetch_add(1, Ordering::SeqCst);
+        let log = s.logs.join(format!("agent.{n}.log"));
+        let mut cmd = Command::new(tool("chpox-agent"));
+        cmd.arg("--run-dir")
+            .arg(&s.run)
+            .arg("--image-dir")
+            .arg(images)
+            .args(extra)
+            .env("CHPOX_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("CHPOX_RUN_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create agent log"));
+        // SAFETY: the hook only calls getrlimit and setrlimit, which are
+        // async-signal-safe and touch no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // As a systemd service starts it: soft limit 1024.
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                lim.rlim_cur = lim.rlim_max.min(1024);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn chpox-agent");
+        let mut agent = Agent {
+            child,
+            run_dir: s.run.clone(),
+            log,
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if agent.log_text().contains("chpox-agent ready")
+                && agent.run_dir.join("agent.sock").exists()
+            {
+                return agent;
+            }
+            if let Some(status) = agent.child.try_wait().expect("try_wait agent") {
+                panic!(
+                    "chpox-agent exited ({status}) before serving\n{}",
+                    agent.describe()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chpox-agent not ready within {STARTUP_TIMEOUT:?}\n{}",
+                agent.describe()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+
+    fn log_text(&self) -> String {
+        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    fn log_len(&self) -> u64 {
+        fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn describe(&self) -> String {
+        let text = self.log_text();
+        // The end of a log that exploded is what tells.
+        let tail = &text[text.len().saturating_sub(8000)..];
+        format!("--- agent log (last 8000 bytes) ---\n{tail}")
+    }
+
+    /// Panics unless the agent still runs.
+    fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait agent") {
+            panic!("chpox-agent exited ({status})\n{}", self.describe());
+        }
+    }
+
+    /// A client program talking to this agent, as `uid` (root: `None`).
+    fn client(&self, program: PathBuf, uid: Option<u32>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("CHPOX_RUN_DIR", &self.run_dir)
+            .env_remove("CHPOX_LOG")
+            .stdin(Stdio::null());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        cmd
+    }
+
+    fn chpox_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        self.client(chpox_bin(), uid)
+            .args(args)
+            .output()
+            .expect("run chpox")
+    }
+
+    fn chpoxctl_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        self.client(tool("chpoxctl"), uid)
+            .args(args)
+            .output()
+            .expect("run chpoxctl")
+    }
+
+    /// `chpox list --json` as root, which must answer within `timeout`;
+    /// `Err` says what went wrong.
+    fn try_list(&self, timeout: Duration) -> Result<Vec<Value>, String> {
+        let mut child = self
+            .client(chpox_bin(), None)
+            .args(["list", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn chpox list");
+        let deadline = Instant::now() + timeout;
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "root's `chpox list` got no answer within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+        let out = child.wait_with_output().expect("chpox list output");
+        if !out.status.success() {
+            return Err(format!("root's `chpox list` failed {}", show(&out)));
+        }
+        match serde_json::from_slice(&out.stdout) {
+            Ok(Value::Array(entries)) => Ok(entries),
+            other => Err(format!("chpox list --json printed {other:?}")),
+        }
+    }
+
+    /// `chpox list --json` as root; panics unless it answers in time.
+    fn list(&self) -> Vec<Value> {
+        self.try_list(ANSWER_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.describe()))
+    }
+
+    fn entry(&self, pid: i32) -> Option<Value> {
+        self.list().into_iter().find(|e| e["pid"] == pid)
+    }
+
+    /// A field of the agent's /proc/PID/status, in kB (`VmRSS:`, `VmHWM:`).
+    fn status_kb(&self, key: &str) -> u64 {
+        proc_status(self.pid(), key)
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} for the agent"))
+    }
+
+    /// User and system CPU time the agent used, in seconds.
+    fn cpu_secs(&self) -> f64 {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+        self.cpu_ticks() as f64 / hz as f64
+    }
+
+    /// User and system CPU time the agent used, in clock ticks.
+    fn cpu_ticks(&self) -> u64 {
+        let text = fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("agent stat");
+        let fields: Vec<&str> = text[text.rfind(')').expect("stat") + 1..]
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the PID is our
+        // unreaped child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts that a client command failed and said `phrase` on stderr.
+fn assert_refused(what: &str, out: &Output, phrase: &str) {
+    assert!(
+        !out.status.success(),
+        "{what} succeeded but should have been refused {}",
+        show(out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(phrase),
+        "{what}: stderr does not say {phrase:?} {}",
+        show(out)
+    );
+}
+
+fn assert_ok(what: &str, out: &Output) {
+    assert!(out.status.success(), "{what} failed {}", show(out));
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+fn proc_status(pid: i32, key: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+}
+
+/// The four uids of /proc/PID/status: real, effective, saved, filesystem.
+fn uids(pid: i32) -> Vec<u32> {
+    proc_status(pid, "Uid:")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|u| u.parse().ok())
+        .collect()
+}
+
+fn ignores(pid: i32, sig: i32) -> bool {
+    let mask = proc_status(pid, "SigIgn:").expect("SigIgn");
+    u64::from_str_radix(&mask, 16).expect("hex") & (1u64 << (sig - 1)) != 0
+}
+
+/// No core files from targets killed by SIGSYS; targets run in `dir`.
+fn no_core(cmd: &mut Command, dir: &Path) {
+    cmd.current_dir(dir);
+    // SAFETY: the hook only calls setrlimit, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A command run by `nobody`, its output in `s.logs`, started once it
+/// printed READY.
+fn nobody_command(s: &Scratch, mut cmd: Command, name: &str) -> Target {
+    cmd.uid(NOBODY).gid(NOBODY);
+    no_core(&mut cmd, &s.logs);
+    Target::spawn_command(cmd, name, &s.logs)
+}
+
+/// A copy of `program` in the scratch space, setuid root (mode 4755).
+fn setuid_root_copy(s: &Scratch, program: &str, name: &str) -> PathBuf {
+    let dir = s.dir("bin", 0o755);
+    let copy = dir.join(name);
+    fs::copy(program, &copy).unwrap_or_else(|e| panic!("copy {program}: {e}"));
+    chmod(&copy, 0o4755);
+    copy
+}
+
+/// Waits until process `pid` runs with effective uid 0.
+fn wait_euid_root(pid: i32) {
+    poll(
+        &format!("PID {pid} to run with euid 0"),
+        Duration::from_secs(10),
+        || format!("uids {:?}", uids(pid)),
+        || (uids(pid).get(1) == Some(&0)).then_some(()),
+    );
+}
+
+/// How a [`Forked`] process starts.
+enum Start {
+    /// As root: read `secret`, then drop to nobody (every uid and gid),
+    /// which leaves it not dumpable.
+    RootReadsThenDrops(CString),
+    /// As nobody, dumpable.
+    Nobody,
+}
+
+/// A process forked from this test, without exec (which would make a
+/// process that changed its credentials dumpable again), driven through a
+/// pipe: each `N` byte makes it not dumpable; it answers on another pipe.
+struct Forked {
+    pid: i32,
+    commands: File,
+    answers: File,
+}
+
+/// Raw syscalls, valid between fork and exit in a child of a
+/// multi-threaded process: no allocation, no lock.
+fn set_ids_nobody() -> bool {
+    let n = NOBODY as libc::c_long;
+    // SAFETY: integer arguments only; setgroups with size 0 reads nothing.
+    unsafe {
+        libc::syscall(
+            libc::SYS_setgroups,
+            0 as libc::c_long,
+            std::ptr::null::<u32>(),
+        ) == 0
+            && libc::syscall(libc::SYS_setresgid, n, n, n) == 0
+            && libc::syscall(libc::SYS_setresuid, n, n, n) == 0
+    }
+}
+
+impl Forked {
+    fn start(how: Start) -> Forked {
+        let (cmd_r, cmd_w) = nix::unistd::pipe().expect("pipe");
+        let (ans_r, ans_w) = nix::unistd::pipe().expect("pipe");
+        let devnull = CString::new("/dev/null").expect("path");
+        // SAFETY: the child runs only async-signal-safe system calls on
+        // memory prepared before the fork, then exits with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: see above.
+            unsafe { forked_child(&how, cmd_r.as_raw_fd(), ans_w.as_raw_fd(), &devnull) }
+        }
+        drop((cmd_r, ans_w));
+        let mut f = Forked {
+            pid,
+            commands: File::from(cmd_w),
+            answers: File::from(ans_r),
+        };
+        f.expect_answer(b'R');
+        f
+    }
+
+    fn expect_answer(&mut self, want: u8) {
+        let mut fds = [libc::pollfd {
+            fd: self.answers.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: poll reads and writes the one pollfd we own.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 10_000) };
+        assert_eq!(ready, 1, "forked process {} did not answer", self.pid);
+        let mut got = [0u8];
+        self.answers.read_exact(&mut got).expect("answer");
+        assert_eq!(got[0], want, "forked process {} failed", self.pid);
+    }
+
+    /// Make it not dumpable (`prctl(PR_SET_DUMPABLE, 0)`).
+    fn make_undumpable(&mut self) {
+        self.commands.write_all(b"N").expect("command");
+        self.expect_answer(b'N');
+    }
+}
+
+/// The forked process: see [`Forked`].
+///
+/// # Safety
+///
+/// Only in the child right after fork.
+unsafe fn forked_child(how: &Start, commands: i32, answers: i32, devnull: &CString) -> ! {
+    // SAFETY (whole function): async-signal-safe system calls on our own
+    // stack and on memory prepared before the fork.
+    unsafe {
+        // Not a single descriptor of this test process stays open in here
+        // (another test waits for EOF on some pipe), nor its stdout.
+        let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+        let (lo, hi) = (commands.min(answers), commands.max(answers));
+        for (first, last) in [(3, lo - 1), (lo + 1, hi - 1), (hi + 1, i32::MAX)] {
+            if first <= last {
+                libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32);
+            }
+        }
+        let mut secret = [0u8; 256];
+        let ok = match how {
+            Start::RootReadsThenDrops(path) => {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+                let read = fd >= 0 && libc::read(fd, secret.as_mut_ptr().cast(), secret.len()) > 0;
+                libc::close(fd);
+                read && set_ids_nobody()
+            }
+            Start::Nobody => set_ids_nobody() && libc::prctl(libc::PR_SET_DUMPABLE, 1) == 0,
+        };
+        std::hint::black_box(&secret);
+        let answer: u8 = if ok { b'R' } else { b'E' };
+        libc::write(answers, (&answer as *const u8).cast(), 1);
+        loop {
+            let mut c = 0u8;
+            if libc::read(commands, (&mut c as *mut u8).cast(), 1) != 1 {
+                libc::_exit(0);
+            }
+            if c == b'N' {
+                libc::prctl(libc::PR_SET_DUMPABLE, 0);
+                libc::write(answers, (&c as *const u8).cast(), 1);
+            }
+        }
+    }
+}
+
+impl Drop for Forked {
+    fn drop(&mut self) {
+        // SAFETY: kill and waitpid on our own unreaped child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// Whether `pid` is dumpable, as the kernel shows it: the files of a
+/// process that is not belong to root (its /proc/PID directory does not).
+fn dumpable_as(pid: i32, uid: u32) -> bool {
+    fs::metadata(format!("/proc/{pid}/mem")).is_ok_and(|m| m.uid() == uid)
+}
+
+// ---------------------------------------------------------------------------
+// Sockets as nobody
+
+/// Runs `f` on a thread with nobody's credentials. The kernel keeps
+/// credentials per thread, and the raw system calls change only the
+/// calling thread's (glibc's wrappers would change every thread's), so the
+/// rest of this process stays root; sockets the thread connects carry
+/// nobody's credentials (SO_PEERCRED).
+fn as_nobody<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                assert!(set_ids_nobody(), "{}", io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("nobody's thread")
+    })
+}
+
+/// A connection to the agent that never waits: `Err` if the listen queue
+/// is full.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let fd: OwnedFd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    // SAFETY: we own the descriptor and hand it over.
+    Ok(unsafe { UnixStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) })
+}
+
+/// Whether the agent closed this (non-blocking) connection: EOF after
+/// whatever it said, or an error.
+fn closed_by_peer(stream: &mut UnixStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Raise this test process's soft descriptor limit to its hard one.
+fn raise_own_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    lim.rlim_cur
+}
+
+// ---------------------------------------------------------------------------
+// Defect 1: only what the user could trace
+
+/// A setuid-root program started by the user (uids 65534/0/0/0) holds
+/// what root gave it; a checkpoint would hand it to the user. Refused at
+/// registration, by every way to register; started registered through
+/// `chpox run`, it is refused at the checkpoint.
+#[test]
+fn a_setuid_root_program_started_by_a_user_is_not_the_users_to_checkpoint() {
+    let s = scratch();
+    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let suid = setuid_root_copy(&s, "/bin/sleep", "suid-sleep");
+
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", "echo READY; exec \"$0\" 600"]).arg(&suid);
+    let t = nobody_command(&s, cmd, "suid-sleep");
+    wait_euid_root(t.pid);
+    assert_eq!(uids(t.pid), [NOBODY, 0, 0, 0]);
+    let pid = t.pid.to_string();
+    let img = s.out.join("stolen.chpox");
+
+    let out = agent.chpox_as(Some(NOBODY), &["register", &pid, "-o", path_str(&img)]);
+    assert_refused(
+        "chpox register of a setuid-root process",
+        &out,
+        "permission denied",
+    );
+    let out = agent.chpoxctl_as(Some(NOBODY), &["add", &pid, "31", "1", path_str(&img)]);
+    assert_refused(
+        "chpoxctl add of a setuid-root process",
+        &out,
+        "permission denied",
+    );
+    assert!(agent.entry(t.pid).is_none(), "registered anyway");
+    assert!(!ignores(t.pid, SIGSYS), "its SIGSYS was changed anyway");
+
+    // Registered as itself (`chpox run` registers before exec), then the
+    // setuid program: the checkpoint is refused, by name.
+    let run_img = s.out.join("run.chpox");
+    let mut cmd = agent.client(chpox_bin(), None);
+    cmd.args(["run", "-o", path_str(&run_img), "--", "bash", "-c"])
+        .arg("echo READY; exec \"$0\" 600")
+        .arg(&suid);
+    let run = nobody_command(&s, cmd, "run-suid-sleep");
+    wait_euid_root(run.pid);
+    let run_pid = run.pid.to_string();
+    let out = agent.chpox_as(Some(NOBODY), &["checkpoint", &run_pid, "--timeout", "20"]);
+    assert_refused(
+        "checkpoint of a registered process that ran a setuid program",
+        &out,
+        &format!("permission denied for PID {run_pid}"),
+    );
+    assert!(
+        !run_img.exists(),
+        "an image was written: {}",
+        run_img.display()
+    );
+    let entry = agent.entry(run.pid).expect("still registered");
+    assert!(
+        entry["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("permission denied")),
+        "chpox list does not say why: {entry}"
+    );
+}
+
+/// A root process that read a secret and then dropped to the user's uid
+/// has every uid the user's, but the kernel made it not dumpable: the user
+/// may not trace it, so may not register it.
+#[test]
+fn a_root_process_that_dropped_to_a_user_is_not_the_users_to_checkpoint() {
+    let s = scratch();
+    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let secret = s.path("secret");
+    fs::write(&secret, format!("chpox-secret-{}", free_pid())).expect("write secret");
+    chmod(&secret, 0o600);
+
+    let f = Forked::start(Start::RootReadsThenDrops(
+        CString::new(path_str(&secret)).expect("path"),
+    ));
+    assert_eq!(uids(f.pid), [NOBODY; 4]);
+    assert!(
+        !dumpable_as(f.pid, NOBODY),
+        "the dropped process is dumpable"
+    );
+    let pid = f.pid.to_string();
+    let img = s.out.join("stolen.chpox");
+
+    let out = agent.chpox_as(Some(NOBODY), &["register", &pid, "-o", path_str(&img)]);
+    assert_refused(
+        "chpox register of a non-dumpable process",
+        &out,
+        "not dumpable",
+    );
+    let out = agent.chpoxctl_as(Some(NOBODY), &["add", &pid, "31", "9", path_str(&img)]);
+    assert_refused(
+        "chpoxctl add of a non-dumpable process",
+        &out,
+        "not dumpable",
+    );
+    assert!(agent.entry(f.pid).is_none(), "registered anyway");
+    assert!(!ignores(f.pid, SIGSYS), "its SIGSYS was changed anyway");
+    assert!(!img.exists());
+}
+
+/// A registered process can stop being one the user could trace: make
+/// itself not dumpable, or run a setuid program that makes itself root
+/// (every uid 0). Its checkpoints are refused while it is frozen, the log
+/// says so, and `chpox list` shows why.
+#[test]
+fn a_process_that_stops_being_traceable_after_registration_is_not_checkpointed() {
+    let s = scratch();
+    let agent = Agent::start(&s, &s.path("images"), &[]);
+
+    // Not dumpable after registration.
+    let mut f = Forked::start(Start::Nobody);
+    assert!(dumpable_as(f.pid, NOBODY));
+    let pid = f.pid.to_string();
+    let img = s.out.join("undumpable.chpox");
+    let out = agent.chpox_as(Some(NOBODY), &["register", &pid, "-o", path_str(&img)]);
+    assert_ok("nobody registering its own process", &out);
+    f.make_undumpable();
+    assert!(!dumpable_as(f.pid, NOBODY));
+    let out = agent.chpox_as(Some(NOBODY), &["checkpoint", &pid, "--timeout", "20"]);
+    assert_refused(
+        "checkpoint of a process now not dumpable",
+        &out,
+        "not dumpable",
+    );
+    assert!(!img.exists(), "an image was written: {}", img.display());
+    let listed = agent.chpox_as(Some(NOBODY), &["list"]);
+    assert_ok("chpox list", &listed);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains(&pid)
+            && text.contains("last attempt failed")
+            && text.contains("not dumpable"),
+        "chpox list does not say why: {text}"
+    );
+    let logged = agent
+        .log_text()
+        .lines()
+        .any(|l| l.contains("checkpoint failed") && l.contains(&format!("pid={pid}")));
+    assert!(logged, "the log does not say so\n{}", agent.describe());
+
+    // Root after registration: a setuid-root setpriv makes every id 0.
+    let setpriv = setuid_root_copy(&s, "/usr/bin/setpriv", "suid-setpriv");
+    let root_img = s.out.join("became-root.chpox");
+    let mut cmd = agent.client(chpox_bin(), None);
+    cmd.args(["run", "-o", path_str(&root_img), "--"])
+        .arg(&setpriv)
+        .args(["--reuid=0", "--regid=0", "--clear-groups", "bash", "-c"])
+        .arg("echo READY; exec sleep 600");
+    let t = nobody_command(&s, cmd, "became-root");
+    poll(
+        "the registered process to become root",
+        Duration::from_secs(10),
+        || format!("uids {:?}", uids(t.pid)),
+        || (uids(t.pid) == [0; 4]).then_some(()),
+    );
+    let pid = t.pid.to_string();
+    let out = agent.chpox_as(Some(NOBODY), &["checkpoint", &pid, "--timeout", "20"]);
+    assert_refused(
+        "checkpoint of a registered process that became root",
+        &out,
+        &format!("permission denied for PID {pid}"),
+    );
+    assert!(
+        !root_img.exists(),
+        "a root process's image was written for uid {NOBODY}: {}",
+        root_img.display()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Defect 3: nothing a user names can block the agent
+
+/// `chpoxctl addlib FIFO`: opened blocking, the agent would wait for a
+/// writer, holding its lock. It is refused at once, and root's `chpox list`
+/// answers meanwhile.
+#[test]
+fn a_fifo_given_to_addlib_stalls_nobody() {
+    let s = scratch();
+    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let home = s.dir("home", 0o755);
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).expect("chown home");
+    let fifo = home.join("f");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    std::os::unix::fs::chown(&fifo, Some(NOBODY), Some(NOBODY)).expect("chown fifo");
+
+    let mut addlib = agent
+        .client(tool("chpoxctl"), Some(NOBODY))
+        .args(["addlib", path_str(&fifo)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chpoxctl addlib");
+    // Give it time to reach the agent (it answers at once when fixed).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while addlib.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(POLL);
+    }
+    let listed = agent.try_list(ANSWER_TIMEOUT);
+    let finished = addlib.try_wait().expect("try_wait").is_some();
+    if !finished {
+        // Let a stuck agent go: a writer opens the FIFO.
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
+        let _ = addlib.kill();
+    }
+    let out = addlib.wait_with_output().expect("chpoxctl addlib");
+    if let Err(e) = listed {
+        panic!(
+            "while nobody's addlib of a FIFO was pending: {e}\n{}",
+            agent.describe()
+        );
+    }
+    assert!(finished, "chpoxctl addlib of a FIFO did not return");
+    assert_refused("chpoxctl addlib of a FIFO", &out, "not a regular file");
+    let libs = agent.chpoxctl_as(Some(NOBODY), &["listlibs"]);
+    assert_ok("chpoxctl listlibs", &libs);
+    assert!(libs.stdout.is_empty(), "{}", show(&libs));
+}
+
+// ---------------------------------------------------------------------------
+// Defect 4: a flood of connections
+
+/// 1100 idle connections from nobody against an agent started with a soft
+/// limit of 1024 descriptors: root's `chpox list` still answers, the
+/// registrations survive the agent's rescans, a checkpoint is written, the
+/// agent neither spins nor floods its log, and it closes nobody's idle
+/// connections, after which nobody is served again.
+#[test]
+fn a_thousand_idle_connections_from_one_user_starve_nobody_else() {
+    let s = scratch();
+    let mut agent = Agent::start(&s, &s.path("images"), &[]);
+    assert!(
+        raise_own_fd_limit() > 1500,
+        "this test needs 1500 descriptors"
+    );
+
+    let mut roots = Command::new(bin("mempattern"));
+    roots.arg("4");
+    no_core(&mut roots, &s.logs);
+    let roots = Target::spawn_command(roots, "mempattern", &s.logs);
+    let mut mine = Command::new(bin("mempattern"));
+    mine.arg("4");
+    let mine = nobody_command(&s, mine, "mempattern");
+    let out = agent.chpox_as(None, &["register", &roots.pid.to_string()]);
+    assert_ok("root registering its process", &out);
+    let my_img = s.out.join("mine.chpox");
+    let out = agent.chpox_as(
+        Some(NOBODY),
+        &["register", &mine.pid.to_string(), "-o", path_str(&my_img)],
+    );
+    assert_ok("nobody registering its process", &out);
+
+    let socket = agent.socket();
+    let mut flood: Vec<UnixStream> = as_nobody(|| {
+        (0..1100)
+            .filter_map(|_| connect_nonblocking(&socket).ok())
+            .collect()
+    });
+    assert!(flood.len() >= 1000, "only {} connections", flood.len());
+    let (cpu0, log0, t0) = (agent.cpu_secs(), agent.log_len(), Instant::now());
+
+    // Three rescans (every 2 s) with the connections open; root is served
+    // throughout.
+    while t0.elapsed() < Duration::from_secs(7) {
+        let listed = agent.try_list(ANSWER_TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "with {} connections of nobody open: {e}\n{}",
+                flood.len(),
+                agent.describe()
+            )
+        });
+        let pids: Vec<i64> = listed.iter().filter_map(|e| e["pid"].as_i64()).collect();
+        for t in [&roots, &mine] {
+            assert!(
+                pids.contains(&(t.pid as i64)),
+                "the registration of PID {} was dropped: {pids:?}\n{}",
+                t.pid,
+                agent.describe()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = agent.chpox_as(
+        None,
+        &["checkpoint", &roots.pid.to_string(), "--timeout", "30"],
+    );
+    assert_ok("root's checkpoint during the flood", &out);
+    let image = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(image.is_file(), "no image at {}", image.display());
+
+    let cpu_s = agent.cpu_secs() - cpu0;
+    let wall_s = t0.elapsed().as_secs_f64();
+    assert!(
+        cpu_s < wall_s * 0.5,
+        "the agent used {cpu_s:.1} s of CPU in {wall_s:.1} s\n{}",
+        agent.describe()
+    );
+    let grown = agent.log_len() - log0;
+    assert!(
+        grown < 256 * 1024,
+        "the agent's log grew by {grown} bytes\n{}",
+        agent.describe()
+    );
+
+    // Idle connections are closed (10 s idle timeout by default).
+    poll(
+        "the agent to close nobody's idle connections",
+        Duration::from_secs(30),
+        || agent.describe(),
+        || {
+            flood.retain_mut(|c| !closed_by_peer(c));
+            flood.is_empty().then_some(())
+        },
+    );
+    let out = agent.chpox_as(Some(NOBODY), &["list"]);
+    assert_ok("nobody's chpox list after the flood", &out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&mine.pid.to_string()));
+    agent.assert_alive();
+}
+
+// ---------------------------------------------------------------------------
+// Defect 5: a request line without end
+
+/// nobody sends a request line that never ends: the agent stops reading
+/// it at 64 KiB and closes the connection; it does not grow, and it keeps
+/// answering.
+#[test]
+fn an_endless_request_line_is_cut_off_and_costs_the_agent_no_memory() {
+    let s = scratch();
+    let mut agent = Agent::start(&s, &s.path("images"), &[]);
+    let peak_before = agent.status_kb("VmHWM:");
+
+    let socket = agent.socket();
+    const MAX_SENT: usize = 256 << 20;
+    let (sent, error) = as_nobody(|| {
+        let mut stream = UnixStream::connect(&socket).expect("connect");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0;
+        while sent < MAX_SENT {
+            match stream.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) => return (sent, Some(e)),
+            }
+        }
+        (sent, None)
+    });
+    let hwm = agent.status_kb("VmHWM:");
+    assert!(
+        sent < 16 << 20,
+        "the agent took {sent} bytes of one request line (last error {error:?}); peak RSS {hwm} kB\n{}",
+        agent.describe()
+    );
+    assert!(
+        hwm < peak_before + 32 * 1024,
+        "the agent's peak RSS went from {peak_before} kB to {hwm} kB\n{}",
+        agent.describe()
+    );
+    agent.list();
+    let out = agent.chpox_as(Some(NOBODY), &["list"]);
+    assert_ok("nobody's chpox list afterwards", &out);
+    let logged = agent.log_text().contains("request line too long");
+    assert!(logged, "the log does not say so\n{}", agent.describe());
+    agent.assert_alive();
+}
+
+// ---------------------------------------------------------------------------
+// Defect 7: paths from process names
+
+/// A process that named itself `../../../etc/pw` (PR_SET_NAME, here by
+/// writing /proc/self/comm) registered without `-o`, by root and by its
+/// user: its images go to the image directory (the user's own directory
+/// in it), under a safe name, never where the name points.
+#[test]
+fn a_process_name_cannot_steer_its_image_out_of_the_image_directory() {
+    let s = scratch();
+    // ../../../etc from images is the scratch space's etc.
+    let images = s.path("a/b/images");
+    let etc = s.dir("etc", 0o777);
+    let agent = Agent::start(&s, &images, &[]);
+    let mut guard = Guard::default();
+
+    let mut renamed = |name: &str| {
+        let mut cmd = Command::new("bash");
+        cmd.args([
+            "-c",
+            "sleep 600 & printf %s \"$1\" > /proc/$$/comm && echo READY; wait",
+            "renamed",
+            "../../../etc/pw",
+        ]);
+        let t = nobody_command(&s, cmd, name);
+        guard.watch_tree(t.pid);
+        assert_eq!(
+            stat(t.pid).expect("stat").comm,
+            "../../../etc/pw",
+            "the process did not rename itself"
+        );
+        t
+    };
+
+    for (who, uid, dir) in [
+        ("root", None, images.clone()),
+        ("nobody", Some(NOBODY), images.join(NOBODY.to_string())),
+    ] {
+        let t = renamed(who);
+        let pid = t.pid.to_string();
+        let out = agent.chpox_as(uid, &["register", &pid]);
+        assert_ok(&format!("{who} registering a renamed process"), &out);
+        let entry = agent.entry(t.pid).expect("registered");
+        let output = PathBuf::from(entry["output"].as_str().expect("output"));
+        assert_eq!(
+            output.parent(),
+            Some(dir.as_path()),
+            "{who}'s default image is not in {}: {}",
+            dir.display(),
+            output.display()
+        );
+        let name = output.file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(
+            !name.starts_with('.')
+                && name.ends_with(&format!("-{pid}.chpox"))
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c)),
+            "unsafe image name {name:?}"
+        );
+        let out = agent.chpox_as(uid, &["checkpoint", &pid, "--timeout", "30"]);
+        assert_ok(&format!("{who}'s checkpoint of the renamed process"), &out);
+        assert!(output.is_file(), "no image at {}", output.display());
+    }
+    let strays: Vec<_> = fs::read_dir(&etc).expect("etc").flatten().collect();
+    assert!(
+        strays.is_empty(),
+        "images escaped into {}: {strays:?}",
+        etc.display()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Risks: private registrations, stale temporary files
+
+/// `registrations.json` lists every user's PIDs and image paths: 0600,
+/// also when an older agent left it readable by all.
+#[test]
+fn the_saved_registrations_are_readable_by_root_only() {
+    let s = scratch();
+    fs::create_dir(&s.run).expect("mkdir run");
+    let saved = s.run.join("registrations.json");
+    fs::write(&saved, "[]").expect("write");
+    chmod(&saved, 0o644);
+    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let mode = |p: &Path| {
+        fs::metadata(p)
+            .expect("registrations.json")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&saved), 0o600, "after start");
+
+    let mut cmd = Command::new(bin("mempattern"));
+    cmd.arg("4");
+    let t = nobody_command(&s, cmd, "mempattern");
+    let out = agent.chpox_as(
+        Some(NOBODY),
+        &[
+            "register",
+            &t.pid.to_string(),
+            "-o",
+            path_str(&s.out.join("m")),
+        ],
+    );
+    assert_ok("register", &out);
+    assert_eq!(mode(&saved), 0o600, "after a registration");
+    let read = as_nobody(|| fs::read(&saved).map(|_| ()));
+    assert!(read.is_err(), "nobody can read {}", saved.display());
+}
+
+/// Temporary images of interrupted dumps (`.NAME.chpox-tmp.PID.N`, as the
+/// image writer names them) whose writer is gone are removed at start, in
+/// the image directory and in its per-user directories; anything else is
+/// left alone: other names, links, directories, and a temporary file a
+/// live process may still be writing.
+#[test]
+fn stale_temporary_images_are_removed_at_start() {
+    let s = scratch();
+    let images = s.dir("images", 0o755);
+    let user_dir = s.dir(&format!("images/{NOBODY}"), 0o700);
+    std::os::unix::fs::chown(&user_dir, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let other_dir = s.dir("images/notauid", 0o755);
+    let dead = free_pid();
+    // A live writer: started before its temporary file was last written.
+    let mut live = Command::new("sleep").arg("600").spawn().expect("sleep");
+    let live_pid = live.id();
+
+    let stale = [
+        images.join(format!(".job-1.chpox.chpox-tmp.{dead}.0")),
+        user_dir.join(format!(".mine-2.chpox.chpox-tmp.{dead}.7")),
+    ];
+    let kept = [
+        images.join(format!(".job-3.chpox.chpox-tmp.{live_pid}.0")),
+        images.join(format!("job.chpox.chpox-tmp.{dead}.0")),
+        images.join(format!(".job.chpox.chpox-tmp.{dead}.0.bak")),
+        images.join(format!(".job.chpox.chpox-tmp.{dead}")),
+        images.join(format!(".job.chpox.chpox-tmp.x{dead}.0")),
+        images.join(format!(".chpox-tmp.{dead}.0")),
+        other_dir.join(format!(".job.chpox.chpox-tmp.{dead}.0")),
+    ];
+    for f in stale.iter().chain(&kept) {
+        fs::write(f, vec![0u8; 4096]).expect("write temp");
+    }
+    let link = images.join(format!(".link.chpox-tmp.{dead}.0"));
+    std::os::unix::fs::symlink(stale[0].clone(), &link).expect("symlink");
+    let dir = images.join(format!(".dir.chpox-tmp.{dead}.0"));
+    fs::create_dir(&dir).expect("mkdir");
+
+    let _agent = Agent::start(&s, &images, &[]);
+    for f in &stale {
+        assert!(!f.exists(), "stale {} was kept", f.display());
+    }
+    for f in &kept {
+        assert!(f.exists(), "{} was removed", f.display());
+    }
+    assert!(fs::symlink_metadata(&link).is_ok(), "a link was removed");
+    assert!(dir.is_dir(), "a directory was removed");
+    let _ = live.kill();
+    let _ = live.wait();
+}
