@@ -132,6 +132,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
 
     let frozen = FrozenTree::freeze(pid, opts.children)?;
     let frozen_at = Instant::now();
+    keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
     let frozen_at_monotonic_ns = crate::process::monotonic_ns();
     let captured = capture_tree(&frozen, opts, &mut writer, area)?;
     let mut meta = captured.meta;
@@ -196,6 +197,43 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     Ok(report)
 }
 
+/// Root's checkpoint of a user's process goes to that user (the image is
+/// created theirs) only if the user could have checkpointed every process
+/// of the tree: a setuid child's memory must not land in the user's file.
+/// Otherwise the image stays root's. Checked while frozen, so no process
+/// changes credentials in between.
+fn keep_from_user_unless_theirs(
+    tree: &FrozenTree,
+    owner: (u32, u32),
+    opts: &DumpOptions,
+    writer: &ImageWriter,
+) -> Result<()> {
+    if opts.as_user.is_some() || owner.0 == 0 || !nix::unistd::geteuid().is_root() {
+        // A user's own checkpoint is refused outright by `capture_tree`;
+        // a non-root dumper could not have frozen a privileged process.
+        return Ok(());
+    }
+    let user = crate::creds::UserCreds {
+        uid: owner.0,
+        gid: owner.1,
+        groups: Vec::new(),
+    };
+    if let Some(pid) = tree
+        .members()
+        .iter()
+        .map(Frozen::pid)
+        .find(|&p| crate::creds::may_checkpoint(p, &user).is_err())
+    {
+        tracing::warn!(
+            pid,
+            uid = owner.0,
+            "a process of the tree runs with more privileges than its user: the image stays root's"
+        );
+        writer.set_owner(0, 0)?;
+    }
+    Ok(())
+}
+
 /// What needs the files but not the frozen process: content hashes, and
 /// the files to embed (read through descriptors opened while frozen).
 fn finish_files(
@@ -204,14 +242,16 @@ fn finish_files(
     writer: &mut ImageWriter,
     meta: &mut Metadata,
 ) -> Result<()> {
+    // Embedded content goes to the image's user: read with their rights.
+    let reader = crate::files::embed_reader(opts.as_user.as_ref(), Some(&meta.root.process));
     for lib in &opts.embed_libs {
         let index = match files.find(lib) {
             Some(i) => i,
-            None => files.add_library(lib, opts.as_user.as_ref())?,
+            None => files.add_library(lib, reader.as_ref())?,
         };
-        files.embed(index, writer)?;
+        files.embed(index, writer, reader.as_ref())?;
     }
-    files.embed_requested(writer, opts.embed_exe, opts.embed_all_libs)?;
+    files.embed_requested(writer, opts.embed_exe, opts.embed_all_libs, reader.as_ref())?;
     files.hash_all()?;
     meta.files = files.files;
     Ok(())
@@ -307,8 +347,10 @@ fn capture_tree(
     tree::link_descriptions(&mut procs);
     fds::embed_pipe_data(&mut procs, writer)?;
     unix_sockets::embed_queues(&mut procs, writer)?;
+    let reader =
+        crate::files::embed_reader(opts.as_user.as_ref(), procs.first().map(|p| &p.process));
     for p in &mut procs {
-        fds::embed_deleted(p.process.pid, &mut p.fds, writer)?;
+        fds::embed_deleted(p.process.pid, &mut p.fds, writer, reader.as_ref())?;
     }
     phase.done("pipes, shared descriptions, deleted files");
 

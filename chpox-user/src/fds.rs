@@ -380,10 +380,18 @@ fn pipe_content(pipe: &File) -> std::io::Result<(u64, Vec<u8>)> {
 }
 
 /// Put the content of every deleted-but-open regular file into the image:
-/// nothing else holds it.
-pub fn embed_deleted(pid: i32, fds: &mut [FdEntry], writer: &mut ImageWriter) -> Result<()> {
-    for entry in fds.iter_mut() {
-        if let FdKind::RegularFile { path, embedded, .. } = &mut entry.kind {
+/// nothing else holds it. The content goes to the image's user, so it is
+/// read with `reader`'s file rights (see `files::embed_reader`): a file
+/// they may not read fails the dump, named.
+pub fn embed_deleted(
+    pid: i32,
+    fds: &mut [FdEntry],
+    writer: &mut ImageWriter,
+    reader: Option<&crate::creds::UserCreds>,
+) -> Result<()> {
+    let mut wanted = Vec::new();
+    for (i, entry) in fds.iter_mut().enumerate() {
+        if let FdKind::RegularFile { path, .. } = &mut entry.kind {
             let link_path = format!("/proc/{pid}/fd/{}", entry.fd);
             let nlink = std::fs::metadata(&link_path)
                 .map(|m| m.nlink())
@@ -393,23 +401,41 @@ pub fn embed_deleted(pid: i32, fds: &mut [FdEntry], writer: &mut ImageWriter) ->
             } else if nlink != 0 {
                 continue;
             }
-            *embedded = Some(embed_open_file(&link_path, writer)?);
+            wanted.push((i, std::path::PathBuf::from(link_path)));
         }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let links: Vec<std::path::PathBuf> = wanted.iter().map(|(_, l)| l.clone()).collect();
+    let opened = crate::files::open_all_as(reader, &links).map_err(|e| {
+        Error::Other(format!(
+            "cannot take the file rights to embed the deleted files PID {pid} holds open: {e}"
+        ))
+    })?;
+    for ((i, link), file) in wanted.into_iter().zip(opened) {
+        let entry = &mut fds[i];
+        let FdKind::RegularFile { path, embedded, .. } = &mut entry.kind else {
+            continue;
+        };
+        let shown = format!("{path} (deleted, open as fd {} of PID {pid})", entry.fd);
+        let file = file.map_err(|e| crate::files::embed_err(&shown, reader, e))?;
+        *embedded = Some(embed_open_file(file, &link, writer)?);
     }
     Ok(())
 }
 
-/// Copy a deleted-but-open file's content, through the process's own
-/// descriptor (the only name the file still has).
+/// Copy a deleted-but-open file's content from `f`, a descriptor opened
+/// through the process's own (the only name the file still has).
 fn embed_open_file(
-    link_path: &str,
+    mut f: File,
+    link_path: &std::path::Path,
     writer: &mut ImageWriter,
 ) -> Result<crate::image::model::DataRef> {
     let err = |source| Error::File {
-        path: link_path.to_string(),
+        path: link_path.display().to_string(),
         source,
     };
-    let mut f = File::open(link_path).map_err(err)?;
     let mut buf = vec![0u8; 1 << 20];
     writer.begin_data()?;
     loop {

@@ -10,6 +10,14 @@
 //! Content is read through `/proc/PID/map_files/` when we may (it reaches the
 //! very file mapped, even deleted or in another mount namespace), else by
 //! path.
+//!
+//! An embedded file ends up in an image its user owns, so its content is
+//! read with that user's file rights ([`embed_reader`]): the descriptor we
+//! hold is reopened, through `/proc/self/fd`, on a thread with the user's
+//! identity, and the kernel checks their read permission on that very
+//! inode. A file they may not read (an execute-only binary, a root-only
+//! file a process held open before dropping privileges) fails the
+//! checkpoint, named, rather than being copied or silently left out.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,9 +26,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use crate::creds::UserCreds;
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
-use crate::image::model::{FileRef, FileRole};
+use crate::image::error::one_line;
+use crate::image::model::{FileRef, FileRole, ProcessInfo};
 use crate::memory::MapEntry;
 
 /// What identifies a file's content without reading it: if all of these
@@ -38,6 +48,49 @@ fn file_err(path: &Path, source: std::io::Error) -> Error {
     Error::File {
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// Whose file rights embedded content is read with: the user the dump acts
+/// for, else the owner the image is given to (the real uid of the root
+/// process, as `process::owner`), unless that is root.
+pub fn embed_reader(as_user: Option<&UserCreds>, root: Option<&ProcessInfo>) -> Option<UserCreds> {
+    if let Some(user) = as_user {
+        return Some(user.clone());
+    }
+    let creds = &root?.creds;
+    (creds.uid[0] != 0).then(|| UserCreds {
+        uid: creds.uid[0],
+        gid: creds.gid[0],
+        groups: creds.groups.clone(),
+    })
+}
+
+/// Opens each of `paths` for reading with `reader`'s file rights (ours
+/// without one), all on one thread.
+pub fn open_all_as(
+    reader: Option<&UserCreds>,
+    paths: &[PathBuf],
+) -> std::io::Result<Vec<std::io::Result<File>>> {
+    let open = || paths.iter().map(File::open).collect();
+    match reader {
+        Some(user) => crate::creds::as_user(user, open),
+        None => Ok(open()),
+    }
+}
+
+/// The error for a file that cannot be embedded: one line naming it, and
+/// saying so when the reason is that the image's user may not read it.
+pub fn embed_err(path: &str, reader: Option<&UserCreds>, source: std::io::Error) -> Error {
+    let path = one_line(path);
+    match reader {
+        Some(user) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            Error::Other(format!(
+                "cannot embed {path}: uid {} may not read it ({source}), and the image would give it to them",
+                user.uid
+            ))
+        }
+        _ => Error::Other(format!("cannot embed {path}: {source}")),
     }
 }
 
@@ -191,18 +244,18 @@ impl FileTable {
     /// Register a file named for embedding that the process may not map.
     /// With `as_user`, the file is opened with that user's rights, so a user
     /// cannot have the agent read a file they may not; the content is then
-    /// read through the descriptor so opened.
-    pub fn add_library(
-        &mut self,
-        path: &Path,
-        as_user: Option<&crate::creds::UserCreds>,
-    ) -> Result<usize> {
-        let open = || File::open(path);
-        let file = match as_user {
-            Some(user) => crate::creds::as_user(user, open).and_then(|r| r),
-            None => open(),
-        }
-        .map_err(|e| file_err(path, e))?;
+    /// read through the descriptor so opened. The open never waits (a FIFO
+    /// named here must not stall the dump) and only a regular file is
+    /// taken.
+    pub fn add_library(&mut self, path: &Path, as_user: Option<&UserCreds>) -> Result<usize> {
+        // Without a user, our own rights: `as_user` runs root's work in place.
+        let ours = UserCreds {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        };
+        let file = crate::creds::open_regular(as_user.unwrap_or(&ours), path)
+            .map_err(|e| embed_err(&path.to_string_lossy(), as_user, e))?;
         use std::os::fd::AsRawFd;
         let shown = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .unwrap_or_else(|_| path.to_path_buf())
@@ -217,16 +270,75 @@ impl FileTable {
         self.by_id.get(&(meta.dev(), meta.ino())).copied()
     }
 
-    /// Put the content of file `index` into the image.
-    pub fn embed(&mut self, index: usize, writer: &mut ImageWriter) -> Result<()> {
+    /// Put the content of file `index` into the image, read with
+    /// `reader`'s file rights (see the module documentation).
+    pub fn embed(
+        &mut self,
+        index: usize,
+        writer: &mut ImageWriter,
+        reader: Option<&UserCreds>,
+    ) -> Result<()> {
+        self.embed_each(&[index], writer, reader)
+    }
+
+    /// Embed every file that must be: deleted ones always; the executable,
+    /// listed libraries or all mapped files when asked. Read with
+    /// `reader`'s file rights.
+    pub fn embed_requested(
+        &mut self,
+        writer: &mut ImageWriter,
+        embed_exe: bool,
+        embed_all: bool,
+        reader: Option<&UserCreds>,
+    ) -> Result<()> {
+        let wanted: Vec<usize> = (0..self.files.len())
+            .filter(|&i| {
+                let f = &self.files[i];
+                f.deleted
+                    || embed_all
+                    || f.role == FileRole::Library
+                    || (embed_exe && f.role == FileRole::Executable)
+            })
+            .collect();
+        self.embed_each(&wanted, writer, reader)
+    }
+
+    /// Embed the files at `indices` not embedded yet: all opened first,
+    /// with `reader`'s rights on one thread, then copied.
+    fn embed_each(
+        &mut self,
+        indices: &[usize],
+        writer: &mut ImageWriter,
+        reader: Option<&UserCreds>,
+    ) -> Result<()> {
+        let todo: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|&i| self.files.get(i).is_some_and(|f| f.embedded.is_none()))
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let sources: Vec<PathBuf> = todo.iter().map(|&i| self.sources[i].clone()).collect();
+        let opened = open_all_as(reader, &sources).map_err(|e| {
+            Error::Other(format!(
+                "cannot take the file rights to embed {}: {e}",
+                one_line(&self.files[todo[0]].path)
+            ))
+        })?;
+        for (&i, f) in todo.iter().zip(opened) {
+            let f = f.map_err(|e| embed_err(&self.files[i].path, reader, e))?;
+            self.embed_open(i, f, writer)?;
+        }
+        Ok(())
+    }
+
+    /// Copy the content of file `index`, open as `f`, into the image.
+    fn embed_open(&mut self, index: usize, mut f: File, writer: &mut ImageWriter) -> Result<()> {
         let (Some(file), Some(source)) = (self.files.get_mut(index), self.sources.get(index))
         else {
             return Ok(());
         };
-        if file.embedded.is_some() {
-            return Ok(());
-        }
-        let mut f = File::open(source).map_err(|e| file_err(source, e))?;
         let mut buf = vec![0u8; 4 << 20];
         writer.begin_data()?;
         let mut total = 0u64;
@@ -248,25 +360,52 @@ impl FileTable {
         file.embedded = Some(data);
         Ok(())
     }
+}
 
-    /// Embed every file that must be: deleted ones always; the executable,
-    /// listed libraries or all mapped files when asked.
-    pub fn embed_requested(
-        &mut self,
-        writer: &mut ImageWriter,
-        embed_exe: bool,
-        embed_all: bool,
-    ) -> Result<()> {
-        for i in 0..self.files.len() {
-            let f = &self.files[i];
-            let wanted = f.deleted
-                || embed_all
-                || f.role == FileRole::Library
-                || (embed_exe && f.role == FileRole::Executable);
-            if wanted {
-                self.embed(i, writer)?;
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::WriteOptions;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn embedded_content_is_read_with_the_readers_rights() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // taking another identity needs root
         }
-        Ok(())
+        let nobody = UserCreds {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![],
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root only").expect("write");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let mut table = FileTable::new();
+        let i = table.add_library(&secret, None).expect("root opens it");
+        let mut writer =
+            ImageWriter::create(&dir.path().join("img"), WriteOptions::default()).expect("writer");
+        let e = table
+            .embed(i, &mut writer, Some(&nobody))
+            .expect_err("nobody may not read it");
+        let e = e.to_string();
+        assert!(e.contains("uid 65534 may not read it"), "{e}");
+        assert!(e.contains(&secret.display().to_string()), "{e}");
+        assert!(table.files[i].embedded.is_none());
+        table.embed(i, &mut writer, None).expect("root may");
+        assert!(table.files[i].embedded.is_some());
+    }
+
+    #[test]
+    fn a_library_that_is_not_a_regular_file_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let mut table = FileTable::new();
+        let e = table.add_library(&fifo, None).expect_err("a FIFO");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(table.add_library(dir.path(), None).is_err(), "a directory");
     }
 }

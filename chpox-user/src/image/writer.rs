@@ -58,10 +58,11 @@ pub struct WriteOptions {
 /// Writes one image; see the module documentation.
 pub struct ImageWriter {
     final_path: PathBuf,
-    /// The directory of the final path, opened once: the temporary file is
-    /// created, renamed and (on failure) removed relative to it, so a rename
-    /// of a path component in the meantime cannot make us touch another
-    /// directory.
+    /// The directory of the final path, resolved and opened once (see
+    /// `open_dir`): the temporary file is created, renamed, given to its
+    /// owner, and (on failure) removed, and earlier images are rotated,
+    /// relative to it, so a rename of a path component in the meantime
+    /// cannot make us touch another directory.
     dir: File,
     final_name: OsString,
     temp_name: OsString,
@@ -235,41 +236,47 @@ impl ImageWriter {
     /// file at `final_path` is replaced only when `finish` succeeds.
     pub fn create(final_path: &Path, opts: WriteOptions) -> Result<ImageWriter, ImageError> {
         let (dir_path, final_name) = split_path(final_path)?;
-
-        // Refuse to replace a symlink or a non-file. (`finish` renames over
-        // the final path, which replaces a symlink itself rather than
-        // following it, so a link planted after this check still cannot
-        // redirect the write; the check is there so the user learns about
-        // an unexpected link instead of losing it silently.)
-        match std::fs::symlink_metadata(final_path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(ImageError::Symlink {
-                    path: final_path.to_path_buf(),
-                });
-            }
-            Ok(m) if !m.file_type().is_file() => {
-                return Err(ImageError::NotRegular {
-                    path: final_path.to_path_buf(),
-                });
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ImageError::writing(final_path, e)),
-        }
+        // Whose file rights apply: symbolic links are followed only where
+        // nobody else could have planted them (see `open_dir`).
+        let acting_uid = match &opts.as_user {
+            Some(user) => user.uid,
+            None => nix::unistd::geteuid().as_raw(),
+        };
 
         let open_and_create = || -> Result<(File, File, OsString), ImageError> {
-            let dir = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-                .open(&dir_path)
-                .map_err(|e| match e.kind() {
-                    io::ErrorKind::NotFound => ImageError::NoDirectory {
+            let dir = open_dir(&dir_path, acting_uid).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => ImageError::NoDirectory {
+                    path: final_path.to_path_buf(),
+                    dir: dir_path.clone(),
+                },
+                _ => ImageError::writing(final_path, e),
+            })?;
+            // Refuse to replace a symlink or a non-file. (`finish` renames
+            // over the final name, which replaces a symlink itself rather
+            // than following it, so a link planted after this check still
+            // cannot redirect the write; the check is there so the user
+            // learns about an unexpected link instead of losing it
+            // silently.) Looked up in the directory opened above, like
+            // everything that follows: the path is never resolved again.
+            match nix::sys::stat::fstatat(
+                &dir,
+                final_name.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
+                    return Err(ImageError::Symlink {
                         path: final_path.to_path_buf(),
-                        dir: dir_path.clone(),
-                    },
-                    _ => ImageError::writing(final_path, e),
-                })?;
-            remove_stale_temps(&dir, &dir_path, &final_name);
+                    });
+                }
+                Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => {
+                    return Err(ImageError::NotRegular {
+                        path: final_path.to_path_buf(),
+                    });
+                }
+                Ok(_) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(ImageError::writing(final_path, e.into())),
+            }
+            remove_stale_temps(&dir, &final_name);
             let (file, temp_name) =
                 create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?;
             Ok((dir, file, temp_name))
@@ -308,6 +315,12 @@ impl ImageWriter {
         w.pos = HEADER_SIZE as u64;
         w.state = State::Idle;
         Ok(w)
+    }
+
+    /// Give the image to another owner than the one it was created for
+    /// (before it is finished: the rename publishes the file as it is).
+    pub fn set_owner(&self, uid: u32, gid: u32) -> Result<(), ImageError> {
+        self.chown(uid, gid)
     }
 
     fn chown(&self, uid: u32, gid: u32) -> Result<(), ImageError> {
@@ -772,18 +785,28 @@ fn check_blob_len(have: u64, more: u64) -> Result<(), ImageError> {
 /// Removes temporary files of earlier dumps to the same name whose writer
 /// died without cleaning up (SIGKILL, power loss): `.<name>.chpox-tmp.<pid>.*`
 /// where no process `<pid>` exists any more. Best effort; a failure here
-/// never fails the dump.
-fn remove_stale_temps(dir: &File, dir_path: &Path, final_name: &OsStr) {
+/// never fails the dump. Lists and unlinks in `dir` itself, never by path.
+fn remove_stale_temps(dir: &File, final_name: &OsStr) {
     let name_bytes = final_name.as_bytes();
     let short = name_bytes.get(..MAX_NAME_IN_TEMP).unwrap_or(name_bytes);
     let mut prefix = b".".to_vec();
     prefix.extend_from_slice(short);
     prefix.extend_from_slice(b".chpox-tmp.");
-    let Ok(entries) = std::fs::read_dir(dir_path) else {
+    let Ok(mut listing) = nix::dir::Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
         return;
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    let names: Vec<OsString> = listing
+        .iter()
+        .flatten()
+        .map(|entry| OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string())
+        .filter(|name| name.as_bytes().starts_with(&prefix))
+        .collect();
+    for name in names {
         let Some(rest) = name.as_bytes().strip_prefix(prefix.as_slice()) else {
             continue;
         };
@@ -800,6 +823,142 @@ fn remove_stale_temps(dir: &File, dir_path: &Path, final_name: &OsStr) {
             tracing::info!(file = ?name, "removed a temporary file left by an interrupted dump");
         }
     }
+}
+
+/// Most symbolic links followed while resolving one path (the kernel's
+/// MAXSYMLINKS).
+const MAX_SYMLINKS: u32 = 40;
+
+/// Opens the directory `path` to write an image in, as `acting_uid` (the
+/// caller's file identity), one component at a time, and follows a
+/// symbolic link only where nobody but `acting_uid` and root could have put
+/// it there ([`may_follow`]).
+///
+/// Root writing a user's image under a directory that user controls must
+/// not be led elsewhere (`/etc`) by a link the user swaps in for a path
+/// component between registration and checkpoint. Every step opens one
+/// name relative to the directory reached so far, with `O_NOFOLLOW`, and
+/// the link's own target is walked the same way, so each directory is the
+/// one the previous step found; the caller then acts only relative to the
+/// descriptor returned.
+fn open_dir(path: &Path, acting_uid: u32) -> io::Result<File> {
+    use std::collections::VecDeque;
+    use std::os::unix::ffi::OsStringExt as _;
+    use std::path::Component;
+
+    let open_start = |p: &str| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(p)
+    };
+    let push = |queue: &mut VecDeque<OsString>, p: &Path, front: bool| -> bool {
+        let mut names: Vec<OsString> = Vec::new();
+        let mut absolute = false;
+        for c in p.components() {
+            match c {
+                Component::RootDir => absolute = true,
+                Component::ParentDir => names.push("..".into()),
+                Component::Normal(n) => names.push(n.to_os_string()),
+                Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+        if front {
+            for n in names.into_iter().rev() {
+                queue.push_front(n);
+            }
+        } else {
+            queue.extend(names);
+        }
+        absolute
+    };
+
+    let mut queue = VecDeque::new();
+    let mut cur = if push(&mut queue, path, false) {
+        open_start("/")?
+    } else {
+        open_start(".")?
+    };
+    // The path walked so far, for messages.
+    let mut shown = if path.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        PathBuf::from(".")
+    };
+    let mut links = 0u32;
+    while let Some(name) = queue.pop_front() {
+        let next = File::from(nix::fcntl::openat(
+            &cur,
+            name.as_os_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?);
+        let st = nix::sys::stat::fstat(&next)?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                cur = next;
+                shown.push(&name);
+            }
+            libc::S_IFLNK => {
+                let dir = nix::sys::stat::fstat(&cur)?;
+                shown.push(&name);
+                if let Err(why) = may_follow(&dir, &st, acting_uid) {
+                    return Err(io::Error::other(format!(
+                        "{} is a symbolic link in a directory {why}; chpox does not follow it \
+                         (a link there may be changed to point anywhere): name the real directory",
+                        shown.display()
+                    )));
+                }
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Err(Errno::ELOOP.into());
+                }
+                // Empty name: the link this O_PATH descriptor is open on.
+                let target = nix::fcntl::readlinkat(&next, "")?;
+                let target = PathBuf::from(OsString::from_vec(target.into_vec()));
+                shown.pop();
+                if push(&mut queue, &target, true) {
+                    cur = open_start("/")?;
+                    shown = PathBuf::from("/");
+                }
+            }
+            _ => return Err(Errno::ENOTDIR.into()),
+        }
+    }
+    Ok(File::from(nix::fcntl::openat(
+        &cur,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?))
+}
+
+/// Whether a symbolic link `link` in directory `dir` may be followed by
+/// `acting_uid`: only if nobody else could have put it there or replaced
+/// it. The directory must belong to root or to `acting_uid` and be
+/// writable by nobody else; in a sticky directory others may write to
+/// (`/tmp`), the link must belong to `acting_uid` or to the directory's
+/// owner, whose entries others cannot replace (the kernel's own rule for
+/// `fs.protected_symlinks`). Otherwise says who controls the directory.
+fn may_follow(
+    dir: &nix::sys::stat::FileStat,
+    link: &nix::sys::stat::FileStat,
+    acting_uid: u32,
+) -> Result<(), String> {
+    if dir.st_uid != 0 && dir.st_uid != acting_uid {
+        return Err(format!("uid {} controls", dir.st_uid));
+    }
+    if dir.st_mode & 0o022 == 0 {
+        return Ok(());
+    }
+    if dir.st_mode & libc::S_ISVTX != 0 && (link.st_uid == acting_uid || link.st_uid == dir.st_uid)
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "others may write to, owned by uid {} (the link by uid {})",
+        dir.st_uid, link.st_uid
+    ))
 }
 
 /// Creates `.<name>.chpox-tmp.<pid>.<n>` in `dir`.
@@ -845,6 +1004,77 @@ mod tests {
         assert_eq!(split("/img"), Some(("/".into(), "img".into())));
         assert_eq!(split("/"), None);
         assert_eq!(split("a/.."), None);
+    }
+
+    fn same_dir(a: &File, b: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (a.metadata().unwrap(), std::fs::metadata(b).unwrap());
+        (a.dev(), a.ino()) == (b.dev(), b.ino())
+    }
+
+    #[test]
+    fn links_where_only_we_write_are_followed() {
+        let me = nix::unistd::geteuid().as_raw();
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir_all(real.join("deeper")).unwrap();
+        std::os::unix::fs::symlink(&real, tmp.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("real/deeper/..", tmp.path().join("rel")).unwrap();
+        std::os::unix::fs::symlink("loop", tmp.path().join("loop")).unwrap();
+        for via in ["abs", "rel", "abs/deeper/..", "./rel/."] {
+            let dir = open_dir(&tmp.path().join(via), me).unwrap();
+            assert!(same_dir(&dir, &real), "{via}");
+        }
+        let e = open_dir(&tmp.path().join("loop"), me).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        std::fs::write(tmp.path().join("file"), "x").unwrap();
+        let e = open_dir(&tmp.path().join("file"), me).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
+        let e = open_dir(&tmp.path().join("none"), me).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn links_others_could_have_planted_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            return; // giving files to another uid needs root
+        }
+        let nobody = 65534;
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let dir_with_link = |name: &str, mode: u32, owner: u32, link_owner: u32| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(&d, Some(owner), Some(owner)).unwrap();
+            std::os::unix::fs::symlink(&real, d.join("link")).unwrap();
+            std::os::unix::fs::lchown(d.join("link"), Some(link_owner), Some(link_owner)).unwrap();
+            d.join("link")
+        };
+        // Another user's directory: refused to root, followed for its owner.
+        let theirs = dir_with_link("theirs", 0o755, nobody, 0);
+        let e = open_dir(&theirs.join("."), 0).unwrap_err();
+        assert!(e.to_string().contains("uid 65534 controls"), "{e}");
+        assert!(e.to_string().contains("theirs/link"), "{e}");
+        assert!(same_dir(&open_dir(&theirs, nobody).unwrap(), &real));
+        // Root's directory others may write to, not sticky: refused.
+        let open = dir_with_link("open", 0o777, 0, 0);
+        let e = open_dir(&open, 0).unwrap_err();
+        assert!(e.to_string().contains("others may write"), "{e}");
+        // Sticky (/tmp): a link of the directory's owner or our own is
+        // followed, another user's is not.
+        let sticky_root = dir_with_link("sticky-root", 0o1777, 0, 0);
+        assert!(same_dir(&open_dir(&sticky_root, 0).unwrap(), &real));
+        let sticky_theirs = dir_with_link("sticky-theirs", 0o1777, 0, nobody);
+        assert!(open_dir(&sticky_theirs, 0).is_err());
+        assert!(same_dir(&open_dir(&sticky_theirs, nobody).unwrap(), &real));
+        // A real directory under another user's is fine: only links are
+        // refused.
+        let plain = tmp.path().join("theirs/plain");
+        std::fs::create_dir(&plain).unwrap();
+        assert!(same_dir(&open_dir(&plain, 0).unwrap(), &plain));
     }
 
     #[test]
