@@ -61,6 +61,12 @@ pub struct RestoreArgs {
     /// With --register: where its checkpoints go (default: FILE).
     #[arg(short, long, requires = "register")]
     pub output: Option<PathBuf>,
+    /// As root, restore an image another user owns (or others may write)
+    /// as saved: credentials, files, limits. Without it, root restores
+    /// another user's image with that user's rights only, and refuses one
+    /// others may write: whoever can write an image can put anything in it.
+    #[arg(long)]
+    pub trust_image: bool,
 }
 
 impl RestoreArgs {
@@ -73,6 +79,7 @@ impl RestoreArgs {
                 None => PidMode::Prefer,
             },
             pid_ns: self.pid_ns,
+            trust_image: self.trust_image,
         }
     }
 }
@@ -146,7 +153,9 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn ask(req: Request) -> Result<Response> {
     let timeout = match &req {
-        Request::Checkpoint { timeout_secs, .. } => Duration::from_secs(timeout_secs + 5),
+        Request::Checkpoint { timeout_secs, .. } => {
+            Duration::from_secs(timeout_secs.saturating_add(5))
+        }
         _ => TIMEOUT,
     };
     Ok(control::request(&control::run_dir(), &req, timeout)?)

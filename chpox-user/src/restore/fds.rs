@@ -20,6 +20,16 @@
 //!
 //! A process first closes every descriptor it inherited from the restorer
 //! but the image and the receiving socket, then takes its own.
+//!
+//! Restoring another user's image as root (`validate::Trust::Owner`),
+//! every file, directory, device and FIFO is opened by path with the file
+//! rights of the process that held it, which are its owner's (a thread of
+//! the restorer takes them: `crate::creds::as_user`). What that user may
+//! not open is refused before any process exists, naming the descriptor,
+//! and `--trust-image`. Copies of deleted files (from the image), pipes,
+//! socket pairs and /dev/null are made, not opened, and carry nothing the
+//! owner did not put in the image; the restorer's own terminal and fds
+//! 0-2 are handed over as the restorer's, as for any image.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -30,6 +40,7 @@ use tracing::warn;
 
 use super::child::Child;
 use super::inject::Injector;
+use super::validate::Owner;
 use crate::error::{Error, Result};
 use crate::fds::is_read_end;
 use crate::image::ImageReader;
@@ -85,6 +96,91 @@ fn key(pid: i32, e: &FdEntry) -> Key {
     }
 }
 
+/// How many descriptors the restorer holds at once to restore `meta`: one
+/// per description, both ends of each pipe and socket pair, a keeper per
+/// named FIFO.
+pub fn descriptions_needed(meta: &Metadata) -> usize {
+    let mut keys = std::collections::HashSet::new();
+    let mut fifos = std::collections::HashSet::new();
+    let mut n = 0;
+    for p in meta.processes() {
+        for e in &p.fds {
+            let k = match key(p.process.pid, e) {
+                // Both ends are made at once.
+                Key::PipeEnd { inode, .. } => Key::PipeEnd { inode, read: true },
+                Key::Socket(inode) => match e.kind {
+                    FdKind::UnixPair { peer, .. } => Key::Socket(inode.min(peer)),
+                    _ => Key::Socket(inode),
+                },
+                k => k,
+            };
+            if !keys.insert(k) {
+                continue;
+            }
+            n += match k {
+                Key::PipeEnd { .. } | Key::Socket(_) => 2,
+                _ => 1,
+            };
+            if let FdKind::Fifo { path, .. } = &e.kind
+                && fifos.insert(path.as_str())
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Whose rights open the files of a process: the restorer's, or (restoring
+/// another user's image as root) the process's own, which are its owner's.
+#[derive(Clone, Copy)]
+struct Opener<'a> {
+    owner: Option<&'a Owner>,
+    pid: i32,
+    creds: &'a crate::image::model::Credentials,
+}
+
+impl Opener<'_> {
+    /// `open(path, flags)` with the right rights; `number` is the
+    /// descriptor it is for, named in a refusal.
+    fn open(&self, path: &str, flags: OFlag, number: i32) -> Result<OwnedFd> {
+        let Some(owner) = self.owner else {
+            return nix::fcntl::open(path, flags, Mode::empty()).map_err(file_err(path));
+        };
+        let creds = Owner::creds_of(self.creds);
+        let opened = crate::creds::as_user(&creds, || nix::fcntl::open(path, flags, Mode::empty()))
+            .map_err(|e| Error::File {
+                path: path.to_string(),
+                source: e,
+            })?;
+        match opened {
+            Ok(fd) => Ok(fd),
+            Err(e @ (nix::errno::Errno::EACCES | nix::errno::Errno::EPERM)) => {
+                Err(super::validate::beyond_owner(
+                    owner,
+                    &format!(
+                        "descriptor {number} of PID {} opens {} {} ({})",
+                        self.pid,
+                        crate::image::error::one_line(path),
+                        access_of(flags),
+                        e.desc()
+                    ),
+                ))
+            }
+            Err(e) => Err(file_err(path)(e)),
+        }
+    }
+}
+
+/// The access an open asks for, for messages.
+fn access_of(flags: OFlag) -> &'static str {
+    match flags.bits() & libc::O_ACCMODE {
+        libc::O_RDONLY => "for reading",
+        libc::O_WRONLY => "for writing",
+        _ => "for reading and writing",
+    }
+}
+
 /// The restorer's copies of every description the image's processes hold.
 pub struct Descriptions {
     by_key: HashMap<Key, OwnedFd>,
@@ -116,9 +212,13 @@ impl Descriptions {
     /// Make every description of `meta`'s processes. Nothing here runs in
     /// a process of the image: a file that cannot be opened fails the
     /// restore before any process exists.
+    ///
+    /// With `owner` (root restoring another user's image), files are
+    /// opened with the rights of the process that holds them.
     pub fn prepare(
         meta: &Metadata,
         reader: &ImageReader,
+        owner: Option<&Owner>,
         warnings: &mut Vec<String>,
     ) -> Result<Descriptions> {
         let mut d = Descriptions {
@@ -126,6 +226,11 @@ impl Descriptions {
             fifos: HashMap::new(),
         };
         for p in meta.processes() {
+            let opener = Opener {
+                owner,
+                pid: p.process.pid,
+                creds: &p.process.creds,
+            };
             for e in &p.fds {
                 let k = key(p.process.pid, e);
                 if d.by_key.contains_key(&k) {
@@ -151,12 +256,16 @@ impl Descriptions {
                     data,
                 } = &e.kind
                 {
-                    let fd =
-                        d.open_fifo(path, *capacity, data.as_ref(), e.flags, reader, warnings)?;
+                    let fifo = Fifo {
+                        path,
+                        capacity: *capacity,
+                        data: data.as_ref(),
+                    };
+                    let fd = d.open_fifo(&fifo, e, opener, reader, warnings)?;
                     d.by_key.insert(k, fd);
                     continue;
                 }
-                let fd = make(e, reader, warnings)?;
+                let fd = make(e, opener, reader, warnings)?;
                 d.by_key.insert(k, fd);
             }
         }
@@ -257,25 +366,25 @@ impl Descriptions {
         Ok(())
     }
 
-    /// An end of named FIFO `path` with open flags `flags`. The first open
-    /// of a FIFO makes its keeper (read-write, so neither side waits for
-    /// the other) and puts the saved bytes in.
+    /// An end of a named FIFO for entry `e`. The first open of a FIFO
+    /// makes its keeper (read-write, so neither side waits for the other)
+    /// and puts the saved bytes in.
     fn open_fifo(
         &mut self,
-        path: &str,
-        capacity: u64,
-        data: Option<&crate::image::model::DataRef>,
-        flags: u32,
+        fifo: &Fifo<'_>,
+        e: &FdEntry,
+        opener: Opener<'_>,
         reader: &ImageReader,
         warnings: &mut Vec<String>,
     ) -> Result<OwnedFd> {
+        let path = fifo.path;
+        let capacity = fifo.capacity;
         if !self.fifos.contains_key(path) {
-            let keeper = nix::fcntl::open(
+            let keeper = opener.open(
                 path,
                 OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(file_err(path))?;
+                e.fd,
+            )?;
             if capacity > 0
                 && let Err(e) = fcntl(&keeper, FcntlArg::F_SETPIPE_SZ(capacity as i32))
             {
@@ -289,16 +398,15 @@ impl Descriptions {
             self.fifos.insert(path.to_string(), keeper);
         }
         let keeper = &self.fifos[path];
-        if let Some(data) = data {
+        if let Some(data) = fifo.data {
             let bytes = reader.read_data(data)?;
             write_bytes(keeper, &bytes, || {
                 format!("{path} ({} unread bytes)", bytes.len())
             })?;
         }
-        let fd = nix::fcntl::open(path, open_flags(flags) | OFlag::O_NONBLOCK, Mode::empty())
-            .map_err(file_err(path))?;
+        let fd = opener.open(path, open_flags(e.flags) | OFlag::O_NONBLOCK, e.fd)?;
         // Back to the saved status flags (O_NONBLOCK or not).
-        let status = flags as i32 & (libc::O_NONBLOCK | libc::O_APPEND | libc::O_DIRECT);
+        let status = e.flags as i32 & (libc::O_NONBLOCK | libc::O_APPEND | libc::O_DIRECT);
         fcntl(&fd, FcntlArg::F_SETFL(OFlag::from_bits_retain(status))).map_err(file_err(path))?;
         Ok(fd)
     }
@@ -313,8 +421,21 @@ impl Descriptions {
     }
 }
 
-/// The description for entry `e`, made by the restorer.
-fn make(e: &FdEntry, reader: &ImageReader, warnings: &mut Vec<String>) -> Result<OwnedFd> {
+/// A named FIFO of the image.
+struct Fifo<'a> {
+    path: &'a str,
+    capacity: u64,
+    data: Option<&'a crate::image::model::DataRef>,
+}
+
+/// The description for entry `e`, made by the restorer; files are opened
+/// with `opener`'s rights.
+fn make(
+    e: &FdEntry,
+    opener: Opener<'_>,
+    reader: &ImageReader,
+    warnings: &mut Vec<String>,
+) -> Result<OwnedFd> {
     Ok(match &e.kind {
         FdKind::RegularFile {
             path,
@@ -322,8 +443,7 @@ fn make(e: &FdEntry, reader: &ImageReader, warnings: &mut Vec<String>) -> Result
             embedded: None,
             ..
         } => {
-            let fd = nix::fcntl::open(path.as_str(), open_flags(e.flags), Mode::empty())
-                .map_err(file_err(path))?;
+            let fd = opener.open(path, open_flags(e.flags), e.fd)?;
             seek(&fd, *pos, path)?;
             fd
         }
@@ -352,16 +472,12 @@ fn make(e: &FdEntry, reader: &ImageReader, warnings: &mut Vec<String>) -> Result
             seek(&fd, *pos, path)?;
             fd
         }
-        FdKind::Directory { path } => nix::fcntl::open(
-            path.as_str(),
+        FdKind::Directory { path } => opener.open(
+            path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(file_err(path))?,
-        FdKind::CharDevice { path, .. } => {
-            nix::fcntl::open(path.as_str(), open_flags(e.flags), Mode::empty())
-                .map_err(file_err(path))?
-        }
+            e.fd,
+        )?,
+        FdKind::CharDevice { path, .. } => opener.open(path, open_flags(e.flags), e.fd)?,
         FdKind::Terminal { path, .. } => match terminal()? {
             Some(t) => t,
             None => {

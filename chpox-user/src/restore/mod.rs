@@ -35,8 +35,10 @@
 //!
 //! # Order
 //!
-//! 1. [`validate`]: image checksums, CPU features, files the memory needs,
-//!    credentials. Nothing is started when this fails.
+//! 1. [`validate`]: how far the image is trusted (its file's owner), the
+//!    counts it asks for against this system's limits, image checksums,
+//!    CPU features, credentials, files the memory needs. Nothing is
+//!    started when this fails.
 //! 2. [`spawn`]: create the child and hold it.
 //! 3. [`vdso`], [`memory`]: the address space, then `PR_SET_MM_MAP`
 //!    ([`process`]).
@@ -95,6 +97,9 @@ pub struct RestoreOptions {
     pub pid: PidMode,
     /// Restore into a new PID namespace, where every saved PID is free.
     pub pid_ns: bool,
+    /// Root restores an image another user owns as saved, not with that
+    /// user's rights (see [`validate`]).
+    pub trust_image: bool,
 }
 
 impl Default for RestoreOptions {
@@ -102,6 +107,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             pid: PidMode::Prefer,
             pid_ns: false,
+            trust_image: false,
         }
     }
 }
@@ -138,7 +144,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     // later.
     let (reader, image_file) =
         ImageReader::open_file(image).map_err(|e| Error::Other(e.to_string()))?;
-    let mut plan = validate::validate(&reader)?;
+    let trust = validate::trust(&image_file, opts.trust_image)?;
+    let owner = trust.owner();
+    let mut plan = validate::validate(&reader, &trust)?;
     let mut warnings = std::mem::take(&mut plan.warnings);
     for w in &warnings {
         warn!("{w}");
@@ -161,7 +169,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     // Every description, made before any process exists: a file that cannot
     // be opened fails here.
-    let descriptions = fds::Descriptions::prepare(meta, &reader, &mut warnings)?;
+    let descriptions = fds::Descriptions::prepare(meta, &reader, owner, &mut warnings)?;
     let injector = inject::Injector::new()?;
     let pid_mode = if tree || pid_ns {
         PidMode::Same
@@ -216,6 +224,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 descriptions: &descriptions,
                 injector: &injector,
                 shmem: &shmem,
+                owner,
             };
             // Threads after the first, held by us as soon as they exist.
             let mut held = Vec::new();
@@ -294,6 +303,9 @@ pub struct Context<'a> {
     pub injector: &'a inject::Injector,
     /// Shared memory objects mapped so far, for the next to share.
     pub shmem: &'a RefCell<HashMap<u64, memory::FirstMapping>>,
+    /// Root restoring another user's image: the processes get only that
+    /// user's rights.
+    pub owner: Option<&'a validate::Owner>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the
@@ -344,6 +356,10 @@ fn build(
     let layout = *layout;
     let thread = RemoteThread::borrow(frozen, pid, layout.trampoline)?;
     let mut c = child::Child::new(thread, layout.scratch, layout.scratch_len);
+    if ctx.owner.is_some() {
+        // Before it opens or maps anything.
+        process::enter_fs_identity(&mut c, &image.process.creds)?;
+    }
 
     vdso::move_vdso(&mut c, &image.vmas, layout.temp)?;
     memory::unmap_inherited(&mut c, &layout)?;
@@ -384,7 +400,7 @@ fn build(
         std::iter::once(pid).chain(held.iter().copied()).collect()
     };
     signals::restore_pending(&mut c, image, &tids, warnings)?;
-    process::restore_rlimits(&mut c, &image.process.rlimits, warnings)?;
+    process::restore_rlimits(&mut c, &image.process.rlimits, ctx.owner, warnings)?;
     let tid_offset = threads::tid_offset(pid, &image.threads);
     if tid_offset.is_none() && !others.is_empty() {
         let w = "cannot tell where the threads keep their IDs; a pthread_join may never return"

@@ -2,13 +2,22 @@
 //! executable), working directory, umask, resource limits, personality,
 //! nice value, and credentials (last: dropping root ends what the child may
 //! do for us). Names are per thread: `threads::setup`.
+//!
+//! Restoring another user's image as root (`validate::Trust::Owner`, see
+//! `validate` for the rules), a process takes its filesystem identity
+//! first ([`enter_fs_identity`]: every file it opens, maps or enters is
+//! then checked by the kernel against the owner's rights, while it keeps
+//! the privileges the restore needs — choosing TIDs, `PR_SET_MM_MAP`); its
+//! limits and nice value are held to what that user could set without
+//! privileges ([`owner_nice`], [`owner_limit`]); and it ends without
+//! capabilities ([`restore_creds`]).
 
 use tracing::{debug, warn};
 
 use super::Context;
 use super::child::{ARGS_AT, Child, errno_of};
 use crate::error::{Error, Result};
-use crate::image::model::Credentials;
+use crate::image::model::{Credentials, Rlimit};
 
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
@@ -146,25 +155,30 @@ pub fn restore_state(
             ),
         );
     }
+    let nice = match ctx.owner {
+        None => info.sched.nice,
+        Some(owner) => {
+            let nice = owner_nice(info.sched.nice, nice_limit(&info.rlimits));
+            if nice != info.sched.nice {
+                note(
+                    warnings,
+                    format!(
+                        "nice value {} needs a privilege uid {}, the owner of the image, lacks; the process runs at nice {nice}",
+                        info.sched.nice, owner.uid
+                    ),
+                );
+            }
+            nice
+        }
+    };
     let ret = c.raw(
         libc::SYS_setpriority,
-        [
-            libc::PRIO_PROCESS as u64,
-            0,
-            info.sched.nice as i64 as u64,
-            0,
-            0,
-            0,
-        ],
+        [libc::PRIO_PROCESS as u64, 0, nice as i64 as u64, 0, 0, 0],
     )?;
     if ret < 0 {
         note(
             warnings,
-            format!(
-                "cannot set nice value {}: {}",
-                info.sched.nice,
-                errno_of(ret)
-            ),
+            format!("cannot set nice value {nice}: {}", errno_of(ret)),
         );
     }
     // The restorer's parent-death signal goes; the process's own comes back.
@@ -190,23 +204,70 @@ pub fn restore_state(
     Ok(())
 }
 
+/// The nice value a process of an unprivileged user gets for its `saved`
+/// one: no lower than its `RLIMIT_NICE` lets it go (`20 - limit`, the
+/// kernel's `can_nice`), but never forced above 0, where a login starts.
+pub fn owner_nice(saved: i32, rlimit_nice: u64) -> i32 {
+    let floor = 20 - rlimit_nice.min(40) as i32;
+    saved.max(floor.min(0)).clamp(-20, 19)
+}
+
+/// The `RLIMIT_NICE` (soft) the process will have, its saved one held
+/// below the restorer's hard limit (see [`owner_limit`]).
+fn nice_limit(limits: &[Rlimit]) -> u64 {
+    let ours =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE).unwrap_or((0, 0));
+    limits
+        .iter()
+        .find(|l| l.resource == libc::RLIMIT_NICE)
+        .map_or(ours.0, |l| owner_limit(l.soft, l.hard, ours.1).0)
+}
+
+/// A saved limit (`soft`, `hard`) as an unprivileged process that inherited
+/// hard limit `current_hard` may set it: the hard limit may only go down,
+/// the soft one stays within it.
+pub fn owner_limit(soft: u64, hard: u64, current_hard: u64) -> (u64, u64) {
+    let hard = hard.min(current_hard);
+    (soft.min(hard), hard)
+}
+
 /// Resource limits, once every descriptor, mapping and thread exists (a
 /// lowered limit could refuse them: the process got them before lowering
-/// it).
+/// it). With `owner` (root restoring another user's image), no hard limit
+/// is raised above what the process inherited.
 pub fn restore_rlimits(
     c: &mut Child<'_>,
-    limits: &[crate::image::model::Rlimit],
+    limits: &[Rlimit],
+    owner: Option<&super::validate::Owner>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     const NEW_AT: u64 = ARGS_AT;
-    const OLD_AT: u64 = ARGS_AT + 16;
+    let pair = |soft: u64, hard: u64| {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&soft.to_ne_bytes());
+        b[8..].copy_from_slice(&hard.to_ne_bytes());
+        b
+    };
     for l in limits {
-        let mut new = [0u8; 16];
-        new[..8].copy_from_slice(&l.soft.to_ne_bytes());
-        new[8..].copy_from_slice(&l.hard.to_ne_bytes());
-        let new_addr = c.put(NEW_AT, &new)?;
-        let old_addr = c.put(OLD_AT, &[0u8; 16])?;
-        let args = [0, u64::from(l.resource), new_addr, old_addr, 0, 0];
+        let (mut soft, mut hard) = (l.soft, l.hard);
+        if let Some(owner) = owner {
+            let current = current_hard(c, l.resource)?;
+            (soft, hard) = owner_limit(l.soft, l.hard, current);
+            if hard != l.hard {
+                note(
+                    warnings,
+                    format!(
+                        "uid {}, the owner of the image, may not raise the hard limit {} to {}; keeping {}",
+                        owner.uid,
+                        l.name,
+                        show_limit(l.hard),
+                        show_limit(hard)
+                    ),
+                );
+            }
+        }
+        let new_addr = c.put(NEW_AT, &pair(soft, hard))?;
+        let args = [0, u64::from(l.resource), new_addr, 0, 0, 0];
         let ret = c.raw(libc::SYS_prlimit64, args)?;
         if ret == 0 {
             continue;
@@ -220,19 +281,8 @@ pub fn restore_rlimits(
         }
         // Raising a hard limit needs CAP_SYS_RESOURCE: keep the current
         // hard limit, and the soft one within it.
-        c.call(
-            "prlimit64",
-            libc::SYS_prlimit64,
-            [0, u64::from(l.resource), 0, old_addr, 0, 0],
-        )?;
-        let mut old = [0u8; 16];
-        c.get(OLD_AT, &mut old)?;
-        let mut hard = [0u8; 8];
-        hard.copy_from_slice(&old[8..]);
-        let hard = u64::from_ne_bytes(hard);
-        new[..8].copy_from_slice(&l.soft.min(hard).to_ne_bytes());
-        new[8..].copy_from_slice(&hard.to_ne_bytes());
-        c.put(NEW_AT, &new)?;
+        let current = current_hard(c, l.resource)?;
+        c.put(NEW_AT, &pair(soft.min(current), current))?;
         let ret = c.raw(
             libc::SYS_prlimit64,
             [0, u64::from(l.resource), new_addr, 0, 0, 0],
@@ -242,8 +292,8 @@ pub fn restore_rlimits(
             format!(
                 "cannot raise the hard limit {} to {} (no CAP_SYS_RESOURCE); keeping {}{}",
                 l.name,
-                show_limit(l.hard),
                 show_limit(hard),
+                show_limit(current),
                 if ret < 0 {
                     format!(" (and setting the soft limit failed: {})", errno_of(ret))
                 } else {
@@ -255,6 +305,22 @@ pub fn restore_rlimits(
     Ok(())
 }
 
+/// The hard limit `resource` of the process now.
+fn current_hard(c: &mut Child<'_>, resource: u32) -> Result<u64> {
+    const OLD_AT: u64 = ARGS_AT + 16;
+    let old_addr = c.put(OLD_AT, &[0u8; 16])?;
+    c.call(
+        "prlimit64",
+        libc::SYS_prlimit64,
+        [0, u64::from(resource), 0, old_addr, 0, 0],
+    )?;
+    let mut old = [0u8; 16];
+    c.get(OLD_AT, &mut old)?;
+    let mut hard = [0u8; 8];
+    hard.copy_from_slice(&old[8..]);
+    Ok(u64::from_ne_bytes(hard))
+}
+
 fn show_limit(v: u64) -> String {
     if v == u64::MAX {
         "unlimited".into()
@@ -263,9 +329,44 @@ fn show_limit(v: u64) -> String {
     }
 }
 
+/// Take the filesystem identity of `creds` (fsuid, fsgid, supplementary
+/// groups) in the calling thread of the child, before it opens anything:
+/// from then on the kernel checks every path it opens, maps or enters
+/// against that user's rights. The thread keeps its other privileges, and
+/// the threads it makes inherit the identity.
+pub fn enter_fs_identity(c: &mut Child<'_>, creds: &Credentials) -> Result<()> {
+    let mut bytes = Vec::with_capacity(creds.groups.len() * 4);
+    for g in &creds.groups {
+        bytes.extend_from_slice(&g.to_ne_bytes());
+    }
+    let addr = c.put(ARGS_AT, &bytes)?;
+    c.call(
+        "setgroups",
+        libc::SYS_setgroups,
+        [creds.groups.len() as u64, addr, 0, 0, 0, 0],
+    )?;
+    let [_, _, _, fsuid] = creds.uid;
+    let [_, _, _, fsgid] = creds.gid;
+    // setfsuid and setfsgid return the previous id, never an error; -1
+    // changes nothing and tells the current one.
+    c.raw(libc::SYS_setfsgid, [fsgid.into(), 0, 0, 0, 0, 0])?;
+    c.raw(libc::SYS_setfsuid, [fsuid.into(), 0, 0, 0, 0, 0])?;
+    let now_gid = c.raw(libc::SYS_setfsgid, [u64::from(u32::MAX), 0, 0, 0, 0, 0])?;
+    let now_uid = c.raw(libc::SYS_setfsuid, [u64::from(u32::MAX), 0, 0, 0, 0, 0])?;
+    if now_uid != i64::from(fsuid) || now_gid != i64::from(fsgid) {
+        return Err(Error::Other(format!(
+            "the restored process cannot take the file identity of uid {fsuid} gid {fsgid}"
+        )));
+    }
+    Ok(())
+}
+
 /// Groups, gids, uids as saved, if they differ from the child's (the
 /// restorer's). Then the process is made dumpable again (a uid change
-/// clears it), as an ordinary process of that user is.
+/// clears it), as an ordinary process of that user is. A process that
+/// keeps no uid 0 keeps no capability either: the kernel drops them with
+/// the uids, and the inheritable ones (and any a `SECBIT_KEEP_CAPS`
+/// restorer would keep) are cleared here.
 pub fn restore_creds(c: &mut Child<'_>, creds: &Credentials) -> Result<()> {
     let (mut ruid, mut euid, mut suid) = (0, 0, 0);
     let (mut rgid, mut egid, mut sgid) = (0, 0, 0);
@@ -317,10 +418,60 @@ pub fn restore_creds(c: &mut Child<'_>, creds: &Credentials) -> Result<()> {
             c.call(set_fs, set_fs_nr, [fs.into(), 0, 0, 0, 0, 0])?;
         }
     }
+    if creds.uid.iter().all(|&u| u != 0) {
+        drop_capabilities(c)?;
+    }
     c.call(
         "prctl(PR_SET_DUMPABLE)",
         libc::SYS_prctl,
         [libc::PR_SET_DUMPABLE as u64, 1, 0, 0, 0, 0],
     )?;
     Ok(())
+}
+
+/// `capset` with every set empty (which needs no privilege): the thread
+/// ends with no permitted, effective, inheritable or ambient capability.
+fn drop_capabilities(c: &mut Child<'_>) -> Result<()> {
+    /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = [0u8; 8];
+    header[..4].copy_from_slice(&VERSION_3.to_ne_bytes());
+    // pid 0: the calling thread.
+    let header_addr = c.put(ARGS_AT, &header)?;
+    let data_addr = c.put(ARGS_AT + 8, &[0u8; 24])?;
+    c.call(
+        "capset",
+        libc::SYS_capset,
+        [header_addr, data_addr, 0, 0, 0, 0],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_gets_no_nice_value_below_what_rlimit_nice_allows() {
+        // The usual RLIMIT_NICE of 0: nothing below 0.
+        assert_eq!(owner_nice(-20, 0), 0);
+        assert_eq!(owner_nice(-1, 0), 0);
+        assert_eq!(owner_nice(0, 0), 0);
+        assert_eq!(owner_nice(10, 0), 10);
+        // RLIMIT_NICE 25 allows down to 20 - 25 = -5.
+        assert_eq!(owner_nice(-20, 25), -5);
+        assert_eq!(owner_nice(-3, 25), -3);
+        // 40 and more allow everything.
+        assert_eq!(owner_nice(-20, 40), -20);
+        assert_eq!(owner_nice(-20, u64::MAX), -20);
+    }
+
+    #[test]
+    fn a_user_may_lower_hard_limits_but_not_raise_them() {
+        let inf = u64::MAX;
+        assert_eq!(owner_limit(inf, inf, 8 << 20), (8 << 20, 8 << 20));
+        assert_eq!(owner_limit(1024, 4096, 1 << 20), (1024, 4096));
+        assert_eq!(owner_limit(4096, 4096, 1024), (1024, 1024));
+        assert_eq!(owner_limit(10, inf, inf), (10, inf));
+    }
 }
