@@ -1,12 +1,13 @@
 //! `chpox inspect`: a readable summary of an image, or all of it as JSON.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::image::ImageReader;
-use crate::image::model::{FdKind, Metadata, ProcessImage, SyscallState, VmaKind};
+use crate::image::model::{FdKind, Metadata, ProcessImage, SyscallState, VmaKind, Zombie};
 use crate::registers;
 
 /// Everything `inspect --json` prints: the metadata plus what was checked.
@@ -135,14 +136,25 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         );
     }
     tree(&mut s, m);
+    files_summary(&mut s, m);
     for pi in m.processes() {
         process_summary(&mut s, m, pi);
     }
     s
 }
 
+/// Deepest indentation of the tree; a deeper process is shown at this
+/// depth with its depth said, so a long chain of processes cannot make the
+/// summary grow with the square of its length.
+const MAX_INDENT: usize = 32;
+
 /// The tree, `pstree`-like: each process with its command, state, group
 /// and session, and its descriptors; zombies with their status.
+///
+/// Walked without recursion, each process once: an image may claim any
+/// parent for any process (a cycle, a chain as long as the image), and
+/// this must still end, in bounded stack. Processes whose parent is not in
+/// the tree are listed after it.
 fn tree(s: &mut String, m: &Metadata) {
     let _ = writeln!(
         s,
@@ -154,41 +166,120 @@ fn tree(s: &mut String, m: &Metadata) {
             format!(", {} zombie(s)", m.zombies.len())
         }
     );
-    fn walk(s: &mut String, m: &Metadata, pid: i32, depth: usize) {
-        let indent = "  ".repeat(depth + 1);
-        if let Some(pi) = m.processes().find(|p| p.process.pid == pid) {
+    let all: Vec<&ProcessImage> = m.processes().collect();
+    let mut children: HashMap<i32, Vec<usize>> = HashMap::new();
+    for (i, p) in all.iter().enumerate().skip(1) {
+        children.entry(p.process.ppid).or_default().push(i);
+    }
+    let mut zombies: HashMap<i32, Vec<&Zombie>> = HashMap::new();
+    for z in &m.zombies {
+        zombies.entry(z.ppid).or_default().push(z);
+    }
+    let mut shown = vec![false; all.len()];
+    let mut apart = false;
+    let line = |s: &mut String, depth: usize, text: String| {
+        let indent = "  ".repeat(depth.min(MAX_INDENT) + 1);
+        let deep = if depth > MAX_INDENT {
+            format!(" (depth {depth})")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "{indent}{text}{deep}");
+    };
+    // The root first, then whatever a walk from it does not reach.
+    for start in 0..all.len() {
+        if shown[start] {
+            continue;
+        }
+        if start > 0 && !std::mem::replace(&mut apart, true) {
+            let _ = writeln!(s, "  not under the root:");
+        }
+        let mut stack = vec![(start, 0usize)];
+        while let Some((i, depth)) = stack.pop() {
+            if std::mem::replace(&mut shown[i], true) {
+                continue;
+            }
+            let pi = all[i];
             let p = &pi.process;
             let fds: Vec<String> = pi.fds.iter().map(|f| f.fd.to_string()).collect();
-            let _ = writeln!(
+            line(
                 s,
-                "{indent}{} {} [{}] pgid {} sid {}, {} thread(s), fds {}",
-                p.pid,
-                p.comm,
-                if p.stopped { "stopped" } else { "running" },
-                p.pgid,
-                p.sid,
-                pi.threads.len(),
-                fds.join(",")
+                depth,
+                format!(
+                    "{} {} [{}] pgid {} sid {}, {} thread(s), fds {}",
+                    p.pid,
+                    p.comm,
+                    if p.stopped { "stopped" } else { "running" },
+                    p.pgid,
+                    p.sid,
+                    pi.threads.len(),
+                    fds.join(",")
+                ),
             );
-        }
-        for z in m.zombies.iter().filter(|z| z.ppid == pid) {
-            let _ = writeln!(
-                s,
-                "{indent}  {} [zombie] status {:#x} pgid {} sid {}",
-                z.pid, z.status, z.pgid, z.sid
-            );
-        }
-        let children: Vec<i32> = m
-            .descendants
-            .iter()
-            .filter(|c| c.process.ppid == pid)
-            .map(|c| c.process.pid)
-            .collect();
-        for c in children {
-            walk(s, m, c, depth + 1);
+            // Zombies of a PID are shown under its first process only.
+            for z in zombies.remove(&p.pid).unwrap_or_default() {
+                line(
+                    s,
+                    depth + 1,
+                    format!(
+                        "{} [zombie] status {:#x} pgid {} sid {}",
+                        z.pid, z.status, z.pgid, z.sid
+                    ),
+                );
+            }
+            if let Some(kids) = children.get(&p.pid) {
+                stack.extend(kids.iter().rev().map(|&c| (c, depth + 1)));
+            }
         }
     }
-    walk(s, m, m.root.process.pid, 0);
+    let mut orphans: Vec<&Zombie> = zombies.into_values().flatten().collect();
+    if !orphans.is_empty() {
+        orphans.sort_by_key(|z| (z.ppid, z.pid));
+        let _ = writeln!(s, "  zombies whose parent is not in the image:");
+        for z in orphans {
+            line(
+                s,
+                1,
+                format!(
+                    "{} [zombie] parent {} status {:#x} pgid {} sid {}",
+                    z.pid, z.ppid, z.status, z.pgid, z.sid
+                ),
+            );
+        }
+    }
+}
+
+/// `uid 1000` when the real, effective, saved and filesystem ids are the
+/// same, else all four by name: a setuid process must not pass for its
+/// real user's.
+fn ids(kind: &str, ids: [u32; 4]) -> String {
+    let [real, effective, saved, fs] = ids;
+    if ids.iter().all(|&id| id == real) {
+        format!("{kind} {real}")
+    } else {
+        format!("{kind}s real {real} effective {effective} saved {saved} fs {fs}")
+    }
+}
+
+/// The files the tree depends on (one table for all its processes).
+fn files_summary(s: &mut String, m: &Metadata) {
+    let _ = writeln!(*s, "files: {}", m.files.len());
+    for f in &m.files {
+        let _ = writeln!(
+            s,
+            "  {:<50} {:?} {} blake3 {}…{}{}",
+            f.path,
+            f.role,
+            human(f.size),
+            &f.blake3.get(..12).unwrap_or(""),
+            if f.deleted { " (deleted)" } else { "" },
+            if f.embedded.is_some() {
+                " [embedded]"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// Everything about one process.
@@ -196,8 +287,14 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
     let p = &pi.process;
     let _ = writeln!(
         *s,
-        "process: PID {} ({}) parent {} uid {} gid {}, exe {}, cwd {}",
-        p.pid, p.comm, p.ppid, p.creds.uid[0], p.creds.gid[0], p.exe, p.cwd
+        "process: PID {} ({}) parent {} {} {}, exe {}, cwd {}",
+        p.pid,
+        p.comm,
+        p.ppid,
+        ids("uid", p.creds.uid),
+        ids("gid", p.creds.gid),
+        p.exe,
+        p.cwd
     );
     let _ = writeln!(*s, "cmdline: {}", p.cmdline.join(" "));
 
@@ -264,24 +361,6 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
             kind_label(v.kind),
             v.name,
             what
-        );
-    }
-
-    let _ = writeln!(*s, "files: {}", m.files.len());
-    for f in &m.files {
-        let _ = writeln!(
-            s,
-            "  {:<50} {:?} {} blake3 {}…{}{}",
-            f.path,
-            f.role,
-            human(f.size),
-            &f.blake3.get(..12).unwrap_or(""),
-            if f.deleted { " (deleted)" } else { "" },
-            if f.embedded.is_some() {
-                " [embedded]"
-            } else {
-                ""
-            }
         );
     }
 
@@ -378,4 +457,153 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
         p.mm.brk,
         p.mm.start_stack
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::model::ProcessImage;
+    use crate::image::testutil::write_sample_image_with;
+
+    /// The summary of the sample image after `change` (a sample process
+    /// whose pages are not stored is a cheap descendant).
+    fn summary_of(change: impl FnOnce(&mut Metadata, &ProcessImage)) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.img");
+        write_sample_image_with(&path, false, |_, meta| {
+            let mut bare = meta.root.clone();
+            for v in &mut bare.vmas {
+                v.pages.clear();
+            }
+            for fd in &mut bare.fds {
+                if let FdKind::RegularFile { embedded, .. } = &mut fd.kind {
+                    *embedded = None;
+                }
+            }
+            change(meta, &bare);
+        });
+        let reader = ImageReader::open(&path).expect("open");
+        let checks = checksum_status(&reader);
+        assert!(checks.ok, "{:?}", checks.error);
+        summary(&reader, &checks)
+    }
+
+    fn child(bare: &ProcessImage, pid: i32, ppid: i32) -> ProcessImage {
+        let mut p = bare.clone();
+        p.process.pid = pid;
+        p.process.ppid = ppid;
+        p
+    }
+
+    fn process_lines(s: &str) -> Vec<&str> {
+        s.lines().filter(|l| l.starts_with("process: ")).collect()
+    }
+
+    #[test]
+    fn ids_show_all_four_when_they_differ() {
+        assert_eq!(ids("uid", [1001; 4]), "uid 1001");
+        assert_eq!(
+            ids("uid", [1001, 0, 0, 0]),
+            "uids real 1001 effective 0 saved 0 fs 0"
+        );
+        assert_eq!(
+            ids("gid", [5, 5, 5, 6]),
+            "gids real 5 effective 5 saved 5 fs 6"
+        );
+    }
+
+    /// A setuid-root process of uid 1001 (1001/0/0/0) does not pass for
+    /// uid 1001's, in every process of the tree.
+    #[test]
+    fn every_process_shows_its_real_effective_saved_and_fs_ids() {
+        let s = summary_of(|meta, bare| {
+            meta.root.process.creds.uid = [1001, 0, 0, 0];
+            meta.root.process.creds.gid = [1001; 4];
+            let mut c = child(bare, 5000, meta.root.process.pid);
+            c.process.creds.uid = [1002; 4];
+            c.process.creds.gid = [1002, 1002, 0, 1002];
+            meta.descendants.push(c);
+            let mut c = child(bare, 5001, 5000);
+            c.process.creds.uid = [1003, 1003, 1003, 0];
+            meta.descendants.push(c);
+        });
+        let lines = process_lines(&s);
+        assert_eq!(lines.len(), 3, "{s}");
+        assert!(
+            lines[0].contains(" uids real 1001 effective 0 saved 0 fs 0 gid 1001,"),
+            "{s}"
+        );
+        assert!(
+            lines[1].contains(" uid 1002 gids real 1002 effective 1002 saved 0 fs 1002,"),
+            "{s}"
+        );
+        assert!(
+            lines[2].contains(" uids real 1003 effective 1003 saved 1003 fs 0 gid 1000,"),
+            "{s}"
+        );
+    }
+
+    /// The file table is the tree's, printed once, not once per process.
+    #[test]
+    fn files_are_listed_once() {
+        let s = summary_of(|meta, bare| {
+            for pid in 5000..5010 {
+                meta.descendants
+                    .push(child(bare, pid, meta.root.process.pid));
+            }
+        });
+        assert_eq!(
+            s.lines().filter(|l| l.starts_with("files: ")).count(),
+            1,
+            "{s}"
+        );
+        assert_eq!(process_lines(&s).len(), 11, "{s}");
+    }
+
+    /// An image may claim any parent for any process: a cycle through the
+    /// root's PID, a process whose parent is not in the image, a chain
+    /// longer than any indentation. The tree is still printed, each process
+    /// once, in bounded width.
+    #[test]
+    fn any_claimed_parenthood_prints_in_bounded_space() {
+        let root = 4242;
+        let s = summary_of(|meta, bare| {
+            assert_eq!(meta.root.process.pid, root);
+            // 5000 under the root, and a second "4242" under 5000: the
+            // children of 4242 include 5000 again.
+            meta.descendants.push(child(bare, 5000, root));
+            meta.descendants.push(child(bare, root, 5000));
+            meta.descendants.push(child(bare, 6000, 999_999));
+            // A chain of 200 below 5000.
+            let mut parent = 5000;
+            for pid in 7000..7200 {
+                meta.descendants.push(child(bare, pid, parent));
+                parent = pid;
+            }
+        });
+        let tree: Vec<&str> = s
+            .lines()
+            .skip_while(|l| !l.starts_with("process tree: "))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .collect();
+        let shown = |pid: i32| {
+            tree.iter()
+                .filter(|l| l.trim_start().starts_with(&format!("{pid} ")))
+                .count()
+        };
+        assert_eq!(shown(5000), 1, "{s}");
+        assert_eq!(shown(root), 2, "{s}");
+        assert_eq!(shown(7199), 1, "{s}");
+        assert_eq!(shown(6000), 1, "{s}");
+        assert!(s.contains("  not under the root:\n"), "{s}");
+        let widest = tree.iter().map(|l| l.len() - l.trim_start().len()).max();
+        assert_eq!(widest, Some(2 * (MAX_INDENT + 1)), "{s}");
+        assert!(
+            tree.iter()
+                .any(|l| l.trim_start().starts_with("7199 ") && l.ends_with("(depth 201)")),
+            "{s}"
+        );
+        assert_eq!(process_lines(&s).len(), 204);
+    }
 }

@@ -44,10 +44,32 @@ pub const HEADER_SIZE: usize = 4096;
 /// later be read (or mapped) with page-aligned, direct I/O-friendly offsets.
 pub const ALIGN: u64 = 4096;
 
-/// Largest decompressed metadata a reader accepts. Real metadata is a few MiB
-/// at most; the bound keeps a corrupt or hostile header from making us
-/// allocate without limit.
-pub const MAX_META_RAW_LEN: u64 = 1 << 30;
+/// Largest metadata a reader accepts (and a writer produces), in bytes once
+/// decompressed. A process with one thread and a few dozen mappings takes
+/// about 15 KiB, each further thread about 3.5 KiB (its XSAVE area), each
+/// mapping about 300 bytes: 16 MiB is a tree of some thousand small
+/// processes or four thousand threads, about what the decoding budget
+/// below allows. It is what a reader allocates for the decompressed bytes,
+/// which must stay small whatever the image, since zstd makes 128 KiB of
+/// four bytes: a 100 KiB image can claim this much.
+pub const MAX_META_RAW_LEN: u64 = 16 << 20;
+/// Largest memory the decoded metadata may take, as the reader counts it
+/// while decoding (see `reader::budget`): each element, map entry and string
+/// is counted before it is stored, and decoding fails once the count would
+/// pass this. Decoded, a small process takes about 50 KiB (the root, whose
+/// fields serde buffers, about 200 KiB), a thread about 3.5 KiB, a mapping
+/// about 1 KiB: 64 MiB is a tree of some 1300 small processes, or 18 000
+/// threads, where chpox's jobs are tens. One byte of CBOR can become a
+/// 24-byte string or a 32-byte buffered value, so this bound, not the byte
+/// count above, is what keeps a small image from exhausting memory.
+/// Counting the decompressed bytes and what serde builds from buffered
+/// values, decoding the metadata of any image takes less than about
+/// 150 MiB.
+pub const MAX_META_DECODED: u64 = 64 << 20;
+/// Deepest nesting of CBOR arrays and maps the reader accepts in metadata.
+/// The model nests about ten deep; the bound keeps a crafted image from
+/// exhausting the stack.
+pub const MAX_META_DEPTH: usize = 64;
 /// Largest decompressed blob a reader accepts (and a writer produces).
 pub const MAX_BLOB_RAW_LEN: u64 = 64 << 30;
 
