@@ -7,11 +7,18 @@
 //! anonymous memory, and memcpy over memory already touched. Rounds
 //! alternate the measurements and medians are reported, because timings
 //! here scatter 2–3x between runs.
+//!
+//! The same is measured for a process tree (`memtree`: by default 8
+//! processes × 128 MiB, as many bytes as the single 1 GiB process), which
+//! `chpox dump` saves whole and `chpox restore` brings back whole: the
+//! difference between the two is what the extra processes cost, in the
+//! dump and while frozen. Each case is held against the bounds measured in
+//! its own rounds, and the two are printed side by side at the end.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -46,6 +53,121 @@ fn spawn_mempattern(mib: u64) -> Result<(Target, i32)> {
         bail!("mempattern did not get ready: {line:?}");
     }
     Ok((target, pid))
+}
+
+/// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22):
+/// with the PID, one process. `None` if there is no such process.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: count from the last
+    // ')'. Field 3 (state) comes first after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The processes of a tree, each known by PID and start time, so that a PID
+/// another process has taken meanwhile is never signalled. Killed on drop.
+struct Tree {
+    /// The root while it is our child: nobody else reaps it.
+    root: Option<Child>,
+    members: Vec<(i32, u64)>,
+}
+
+impl Tree {
+    /// The processes `pids` as they are now, every one of which must exist.
+    fn identify(root: Option<Child>, pids: &[i32]) -> Result<Tree> {
+        let mut tree = Tree {
+            root,
+            members: Vec::with_capacity(pids.len()),
+        };
+        for &pid in pids {
+            let start =
+                start_time(pid).with_context(|| format!("PID {pid} of the tree is gone"))?;
+            tree.members.push((pid, start));
+        }
+        Ok(tree)
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        self.members.iter().map(|&(pid, _)| pid).collect()
+    }
+
+    /// SIGKILL to every member that is still the same process, and reap the
+    /// root if it is ours. Does not wait for the others.
+    fn signal(&mut self) {
+        for &(pid, start) in &self.members {
+            if start_time(pid) == Some(start) {
+                // SAFETY: kill has no memory-safety preconditions. Failure
+                // (ESRCH) means it went in the meantime, which is the goal.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Some(mut root) = self.root.take() {
+            let _ = root.kill();
+            let _ = root.wait();
+        }
+    }
+
+    /// Kill the tree and wait until every PID of it is free: a tree is
+    /// restored under its own PIDs only. The orphans are reaped by PID 1,
+    /// which may take a second.
+    fn kill(&mut self) -> Result<()> {
+        self.signal();
+        let members = std::mem::take(&mut self.members);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left: Vec<i32> = members
+                .iter()
+                .map(|&(pid, _)| pid)
+                .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+                .collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("PIDs {left:?} of a killed tree are still in use after 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        self.signal();
+    }
+}
+
+/// `memtree`: `procs` processes with `mib` MiB of their own dirty memory
+/// each, ready to be dumped.
+fn spawn_memtree(procs: usize, mib: u64) -> Result<Tree> {
+    let mut child = Command::new(release_bin("memtree"))
+        .args([procs.to_string(), mib.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start memtree; run `cargo build --release -p chpox-tests`")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    // Until the PIDs are known, the root alone is ours to kill; its children
+    // exit by themselves once it is gone.
+    let mut tree = Tree {
+        root: Some(child),
+        members: Vec::new(),
+    };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let pids: Vec<i32> = line
+        .strip_prefix("READY pids=")
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|list| list.split(',').filter_map(|p| p.parse().ok()).collect())
+        .with_context(|| format!("memtree did not get ready: {line:?}"))?;
+    if pids.len() != procs {
+        bail!(
+            "memtree reported {} processes, not {procs}: {line:?}",
+            pids.len()
+        );
+    }
+    Tree::identify(tree.root.take(), &pids)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -124,39 +246,77 @@ struct DumpSample {
     image_bytes: u64,
     resident_bytes: u64,
     stored_bytes: u64,
+    processes: usize,
 }
 
-/// Restore `image` as a new process and return the wall time until it runs
-/// (validation with every checksum, address space, pages, threads). The
-/// restored copy is killed right after.
-fn restore_once(image: &Path) -> Result<f64> {
-    // The target's stdout was a pipe to us, so the restored copy is handed
-    // chpox restore's own stdout: a file, not a pipe whose end would never
-    // come while the copy runs.
+/// Run `chpox restore --detach image` with `args` and return the wall time
+/// until it runs (validation with every checksum, address space, pages,
+/// threads; for a tree, every process of it) and the PID it printed.
+fn restore_image(image: &Path, args: &[&str]) -> Result<(f64, i32)> {
+    // Where the target's stdout or stderr was a pipe to another process
+    // (its stdout is one to us; its stderr is ours, a pipe under `| tee`),
+    // the restored copy is handed chpox restore's own: files, not pipes
+    // whose end would never come while the copy runs.
     let printed = image.with_extension("restore-out");
-    let stdout = std::fs::File::create(&printed)
-        .with_context(|| format!("cannot create {}", printed.display()))?;
+    let errors = image.with_extension("restore-err");
+    let create = |p: &Path| {
+        std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))
+    };
+    let (stdout, stderr) = (create(&printed)?, create(&errors)?);
     let t = Instant::now();
-    let out = Command::new(release_bin("chpox"))
-        .args(["restore", "--pid", "any", "--detach"])
+    let status = Command::new(release_bin("chpox"))
+        .args(["restore", "--detach"])
+        .args(args)
         .arg(image)
+        .stdin(Stdio::null())
         .stdout(stdout)
-        .output()
+        .stderr(stderr)
+        .status()
         .context("cannot run chpox restore")?;
     let secs = t.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "chpox restore failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
     let printed_text = std::fs::read_to_string(&printed).unwrap_or_default();
+    let error_text = std::fs::read_to_string(&errors).unwrap_or_default();
     let _ = std::fs::remove_file(&printed);
+    let _ = std::fs::remove_file(&errors);
+    if !status.success() {
+        bail!("chpox restore failed: {error_text}");
+    }
     let pid = printed_text
         .split_whitespace()
         .find_map(|w| w.parse::<i32>().ok())
         .context("chpox restore --detach printed no PID")?;
+    Ok((secs, pid))
+}
+
+/// Restore `image` as a new process and return the wall time until it runs.
+/// The restored copy is killed right after.
+fn restore_once(image: &Path) -> Result<f64> {
+    let (secs, pid) = restore_image(image, &["--pid", "any"])?;
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    Ok(secs)
+}
+
+/// Restore the tree in `image` under its PIDs `pids` (root first), which
+/// must be free, and return the wall time until the whole tree runs. The
+/// restored tree is killed, and its PIDs free again, on return.
+fn restore_tree(image: &Path, pids: &[i32]) -> Result<f64> {
+    let (secs, root) = restore_image(image, &[])?;
+    // Whatever of the tree came back, so that it is killed also when the
+    // check below fails.
+    let mut restored = Tree {
+        root: None,
+        members: pids
+            .iter()
+            .filter_map(|&pid| Some((pid, start_time(pid)?)))
+            .collect(),
+    };
+    if root != pids[0] || restored.members.len() != pids.len() {
+        bail!(
+            "chpox restore brought back root {root} and {:?}, not the tree {pids:?}",
+            restored.pids()
+        );
+    }
+    restored.kill()?;
     Ok(secs)
 }
 
@@ -189,106 +349,284 @@ fn dump_once(pid: i32, image: &Path) -> Result<DumpSample> {
         image_bytes: num("image_bytes"),
         resident_bytes: num("resident_bytes"),
         stored_bytes: num("pages_stored") * 4096,
+        processes: num("processes") as usize,
     })
 }
 
-pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
-    let bytes = mib << 20;
-    let (_target, pid) = spawn_mempattern(mib)?;
-    let image = dir.join("chpox-bench.img");
-    let (mut memcpy, mut touch, mut dd, mut dumps) = (vec![], vec![], vec![], vec![]);
-    for round in 0..rounds {
-        // Alternate the order so drift in the VM does not favour one side.
-        if round % 2 == 0 {
-            dumps.push(dump_once(pid, &image)?);
-            dd.push(dd_secs(dir, bytes)?);
-        } else {
-            dd.push(dd_secs(dir, bytes)?);
-            dumps.push(dump_once(pid, &image)?);
+/// Every sample of one case: a single process or a tree.
+pub struct Case {
+    /// `PROCESSES × MiB MiB`, the column head in [`compare`].
+    label: String,
+    /// Dirty bytes of all its processes together: what dd writes and
+    /// first-touch fills next to it.
+    bytes: u64,
+    processes: usize,
+    dumps: Vec<DumpSample>,
+    restores: Vec<f64>,
+    dd: Vec<f64>,
+    memcpy: Vec<f64>,
+    touch: Vec<f64>,
+}
+
+/// A case's medians, and the rates the ratios are made of.
+struct Summary {
+    processes: usize,
+    total: f64,
+    frozen: f64,
+    frozen_p99: f64,
+    restore: f64,
+    stored: f64,
+    dd: f64,
+    memcpy: f64,
+    touch: f64,
+}
+
+impl Summary {
+    fn dump_gbps(&self) -> f64 {
+        self.stored / self.total / 1e9
+    }
+
+    /// While frozen, the dump only copies pages into the image's page
+    /// cache, allocated beforehand: that is the rate to hold against memcpy.
+    fn frozen_gbps(&self) -> f64 {
+        self.stored / self.frozen / 1e9
+    }
+
+    fn restore_gbps(&self) -> f64 {
+        self.stored / self.restore / 1e9
+    }
+
+    /// What each process adds to the freeze, on average.
+    fn frozen_per_process(&self) -> f64 {
+        self.frozen / self.processes.max(1) as f64
+    }
+}
+
+impl Case {
+    fn new(processes: usize, mib: u64) -> Case {
+        Case {
+            label: format!("{processes} × {mib} MiB"),
+            bytes: processes as u64 * (mib << 20),
+            processes,
+            dumps: Vec::new(),
+            restores: Vec::new(),
+            dd: Vec::new(),
+            memcpy: Vec::new(),
+            touch: Vec::new(),
         }
-        memcpy.push(memcpy_gbps());
-        touch.push(first_touch_gbps(bytes as usize));
-        eprintln!(
-            "round {}: dump {:.3} s (frozen {:.3} s), dd {:.3} s",
-            round + 1,
-            dumps[round].total,
-            dumps[round].frozen,
-            dd[round]
+    }
+
+    /// `rounds` dumps of the process at `pid` (with its descendants), each
+    /// next to a dd of the same bytes, a memcpy and a first-touch
+    /// measurement.
+    fn dump_rounds(&mut self, pid: i32, image: &Path, dir: &Path, rounds: usize) -> Result<()> {
+        for round in 0..rounds {
+            // Alternate the order so drift in the VM does not favour one side.
+            let dump = if round % 2 == 0 {
+                let dump = dump_once(pid, image)?;
+                self.dd.push(dd_secs(dir, self.bytes)?);
+                dump
+            } else {
+                self.dd.push(dd_secs(dir, self.bytes)?);
+                dump_once(pid, image)?
+            };
+            // Fewer would be a dump of something else than measured here.
+            if dump.processes != self.processes {
+                bail!(
+                    "the dump of PID {pid} saved {} processes, not {}",
+                    dump.processes,
+                    self.processes
+                );
+            }
+            self.memcpy.push(memcpy_gbps());
+            self.touch.push(first_touch_gbps(self.bytes as usize));
+            eprintln!(
+                "round {}: dump {:.3} s (frozen {:.3} s), dd {:.3} s",
+                round + 1,
+                dump.total,
+                dump.frozen,
+                self.dd[round]
+            );
+            self.dumps.push(dump);
+        }
+        Ok(())
+    }
+
+    /// Restore `rounds` times with `restore`, alternating with first-touch
+    /// measurements: restoring is mostly filling fresh anonymous memory.
+    fn restore_rounds(
+        &mut self,
+        rounds: usize,
+        mut restore: impl FnMut() -> Result<f64>,
+    ) -> Result<()> {
+        for _ in 0..rounds {
+            self.restores.push(restore()?);
+            self.touch.push(first_touch_gbps(self.bytes as usize));
+        }
+        Ok(())
+    }
+
+    fn summary(&self) -> Summary {
+        let frozen: Vec<f64> = self.dumps.iter().map(|d| d.frozen).collect();
+        Summary {
+            processes: self.processes,
+            total: median(self.dumps.iter().map(|d| d.total).collect()),
+            frozen: median(frozen.clone()),
+            frozen_p99: percentile(frozen, 0.99),
+            restore: median(self.restores.clone()),
+            stored: self.dumps[0].stored_bytes as f64,
+            dd: median(self.dd.clone()),
+            memcpy: median(self.memcpy.clone()),
+            touch: median(self.touch.clone()),
+        }
+    }
+
+    /// The case's own report, under `heading`.
+    fn print(&self, heading: &str) {
+        let s = self.summary();
+        println!("{heading}");
+        println!(
+            "  dump total          {:8.3} s   {:6.2} GB/s of stored pages",
+            s.total,
+            s.dump_gbps()
+        );
+        println!(
+            "  target frozen       {:8.3} s   (max {:.3} s)",
+            s.frozen, s.frozen_p99
+        );
+        if self.processes > 1 {
+            println!(
+                "  frozen per process  {:8.2} ms  ({} processes)",
+                s.frozen_per_process() * 1e3,
+                self.processes
+            );
+        }
+        println!(
+            "  dd same bytes       {:8.3} s   {:6.2} GB/s",
+            s.dd,
+            self.bytes as f64 / s.dd / 1e9
+        );
+        println!("  first-touch memory  {:8.2} GB/s", s.touch);
+        println!("  memcpy (touched)    {:8.2} GB/s", s.memcpy);
+        println!(
+            "  ratio dump time / dd time           {:6.2}",
+            s.total / s.dd
+        );
+        println!(
+            "  ratio dump rate / first-touch rate  {:6.2}",
+            s.dump_gbps() / s.touch
+        );
+        println!(
+            "  ratio dump rate / memcpy rate       {:6.2}",
+            s.dump_gbps() / s.memcpy
+        );
+        println!(
+            "  frozen-phase copy {:6.2} GB/s; ratio to memcpy {:6.2}",
+            s.frozen_gbps(),
+            s.frozen_gbps() / s.memcpy
+        );
+        println!(
+            "  restore (to running) {:7.3} s   {:6.2} GB/s of stored pages",
+            s.restore,
+            s.restore_gbps()
+        );
+        println!(
+            "  ratio restore rate / first-touch {:6.2}; / memcpy {:6.2}",
+            s.restore_gbps() / s.touch,
+            s.restore_gbps() / s.memcpy
+        );
+        println!(
+            "  image size / resident memory        {:6.3} ({} / {} bytes)",
+            self.dumps[0].image_bytes as f64 / self.dumps[0].resident_bytes.max(1) as f64,
+            self.dumps[0].image_bytes,
+            self.dumps[0].resident_bytes
         );
     }
-    // Restore the last image, alternating with first-touch measurements:
-    // restoring is mostly filling fresh anonymous memory.
-    let mut restores = Vec::new();
-    for _ in 0..rounds {
-        restores.push(restore_once(&image)?);
-        touch.push(first_touch_gbps(bytes as usize));
-    }
+}
+
+/// One process with `mib` MiB of dirty anonymous memory.
+pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<Case> {
+    let (_target, pid) = spawn_mempattern(mib)?;
+    let image = dir.join("chpox-bench.img");
+    let mut case = Case::new(1, mib);
+    case.dump_rounds(pid, &image, dir, rounds)?;
+    // Restore the last image; a single process may take any PID, so the
+    // original runs on meanwhile.
+    case.restore_rounds(rounds, || restore_once(&image))?;
     let _ = std::fs::remove_file(&image);
-    let total = median(dumps.iter().map(|d| d.total).collect());
-    let frozen_med = median(dumps.iter().map(|d| d.frozen).collect());
-    let frozen_p99 = percentile(dumps.iter().map(|d| d.frozen).collect(), 0.99);
-    let stored = dumps[0].stored_bytes as f64;
-    let dd_med = median(dd);
-    let memcpy_med = median(memcpy);
-    let touch_med = median(touch);
-    let dump_gbps = stored / total / 1e9;
-    println!(
+    case.print(&format!(
         "dump benchmark: {mib} MiB dirty anonymous memory, image in {}, {rounds} rounds (medians)",
         dir.display()
-    );
-    println!(
-        "  dump total          {:8.3} s   {:6.2} GB/s of stored pages",
-        total, dump_gbps
-    );
-    println!(
-        "  target frozen       {:8.3} s   (max {:.3} s)",
-        frozen_med, frozen_p99
-    );
-    println!(
-        "  dd same bytes       {:8.3} s   {:6.2} GB/s",
-        dd_med,
-        bytes as f64 / dd_med / 1e9
-    );
-    println!("  first-touch memory  {:8.2} GB/s", touch_med);
-    println!("  memcpy (touched)    {:8.2} GB/s", memcpy_med);
-    println!(
-        "  ratio dump time / dd time           {:6.2}",
-        total / dd_med
-    );
-    println!(
-        "  ratio dump rate / first-touch rate  {:6.2}",
-        dump_gbps / touch_med
-    );
-    println!(
-        "  ratio dump rate / memcpy rate       {:6.2}",
-        dump_gbps / memcpy_med
-    );
-    // While frozen, the dump only copies pages into the image's page cache,
-    // allocated beforehand: that is the rate to hold against memcpy.
-    let frozen_gbps = stored / frozen_med / 1e9;
-    println!(
-        "  frozen-phase copy {:6.2} GB/s; ratio to memcpy {:6.2}",
-        frozen_gbps,
-        frozen_gbps / memcpy_med
-    );
-    let restore_med = median(restores);
-    let restore_gbps = stored / restore_med / 1e9;
-    println!(
-        "  restore (to running) {:7.3} s   {:6.2} GB/s of stored pages",
-        restore_med, restore_gbps
-    );
-    println!(
-        "  ratio restore rate / first-touch {:6.2}; / memcpy {:6.2}",
-        restore_gbps / touch_med,
-        restore_gbps / memcpy_med
-    );
-    println!(
-        "  image size / resident memory        {:6.3} ({} / {} bytes)",
-        dumps[0].image_bytes as f64 / dumps[0].resident_bytes.max(1) as f64,
-        dumps[0].image_bytes,
-        dumps[0].resident_bytes
-    );
-    Ok(())
+    ));
+    Ok(case)
+}
+
+/// A tree of `procs` processes with `mib` MiB of their own dirty anonymous
+/// memory each, dumped whole from its root.
+pub fn run_tree(procs: usize, mib: u64, rounds: usize, dir: &Path) -> Result<Case> {
+    let mut tree = spawn_memtree(procs, mib)?;
+    let pids = tree.pids();
+    let image = dir.join("chpox-bench-tree.img");
+    let mut case = Case::new(procs, mib);
+    case.dump_rounds(pids[0], &image, dir, rounds)?;
+    // A tree comes back under its own PIDs only: the original goes first,
+    // and each restored copy before the next restore.
+    tree.kill()?;
+    case.restore_rounds(rounds, || restore_tree(&image, &pids))?;
+    let _ = std::fs::remove_file(&image);
+    case.print(&format!(
+        "tree benchmark: {procs} processes × {mib} MiB dirty anonymous memory ({} MiB), image in {}, {rounds} rounds (medians)",
+        case.bytes >> 20,
+        dir.display()
+    ));
+    Ok(case)
+}
+
+/// The cases side by side, each against the bounds of its own rounds.
+pub fn compare(cases: &[&Case]) {
+    let sums: Vec<Summary> = cases.iter().map(|c| c.summary()).collect();
+    type Row = (&'static str, fn(&Summary) -> String);
+    let rows: [Row; 12] = [
+        ("processes", |s| s.processes.to_string()),
+        ("dump wall time        s", |s| format!("{:.3}", s.total)),
+        ("frozen median         s", |s| format!("{:.3}", s.frozen)),
+        ("frozen p99            s", |s| {
+            format!("{:.3}", s.frozen_p99)
+        }),
+        ("frozen per process   ms", |s| {
+            format!("{:.2}", s.frozen_per_process() * 1e3)
+        }),
+        ("restore (to running)  s", |s| format!("{:.3}", s.restore)),
+        ("dump time / dd time", |s| format!("{:.2}", s.total / s.dd)),
+        ("dump rate / first-touch", |s| {
+            format!("{:.2}", s.dump_gbps() / s.touch)
+        }),
+        ("dump rate / memcpy", |s| {
+            format!("{:.2}", s.dump_gbps() / s.memcpy)
+        }),
+        ("frozen copy / memcpy", |s| {
+            format!("{:.2}", s.frozen_gbps() / s.memcpy)
+        }),
+        ("restore / first-touch", |s| {
+            format!("{:.2}", s.restore_gbps() / s.touch)
+        }),
+        ("restore / memcpy", |s| {
+            format!("{:.2}", s.restore_gbps() / s.memcpy)
+        }),
+    ];
+    println!("single process and tree side by side (medians; ratios to each case's own bounds)");
+    print!("  {:<25}", "");
+    for c in cases {
+        print!("{:>16}", c.label);
+    }
+    println!();
+    for (name, cell) in rows {
+        print!("  {name:<25}");
+        for s in &sums {
+            print!("{:>16}", cell(s));
+        }
+        println!();
+    }
 }
 
 /// Kills and reaps a helper process when the benchmark ends, however it ends.

@@ -35,8 +35,9 @@ enum Task {
     Test,
     /// Formatting and lints, as CI checks them.
     Lint,
-    /// Measure dump throughput and freeze time against dd and memcpy, and
-    /// the latency from `kill -31` to a frozen target.
+    /// Measure dump throughput, freeze and restore time against dd and
+    /// memcpy, for one process and for a process tree, and the latency from
+    /// `kill -31` to a frozen target.
     Bench {
         /// MiB of dirty anonymous memory in the benchmarked process.
         #[arg(long, default_value_t = 1024)]
@@ -50,6 +51,15 @@ enum Task {
         /// Checkpoints triggered for the latency measurement.
         #[arg(long, default_value_t = 50)]
         triggers: usize,
+        /// Processes in the tree case (the root and its children).
+        #[arg(long, default_value_t = 8)]
+        tree_procs: usize,
+        /// MiB of dirty anonymous memory in each process of the tree.
+        #[arg(long, default_value_t = 128)]
+        tree_mib: u64,
+        /// Skip the tree case.
+        #[arg(long)]
+        no_tree: bool,
     },
     /// Install LLVM 22, bpf-linker and nightly rust-src if missing.
     InstallEbpfPrerequisites,
@@ -184,10 +194,18 @@ fn main() -> Result<()> {
             rounds,
             dir,
             triggers,
+            tree_procs,
+            tree_mib,
+            no_tree,
         } => {
             require_root("the benchmark")?;
             build_all()?;
-            bench::run(mib, rounds.max(1), &dir)?;
+            let rounds = rounds.max(1);
+            let single = bench::run(mib.max(1), rounds, &dir)?;
+            if !no_tree {
+                let tree = bench::run_tree(tree_procs.max(1), tree_mib.max(1), rounds, &dir)?;
+                bench::compare(&[&single, &tree]);
+            }
             bench::trigger_latency(triggers.max(1))
         }
         Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
