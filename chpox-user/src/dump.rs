@@ -139,7 +139,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let files = captured.files;
     let checksums = captured.checksums;
     let finish = move |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
-        checksums.apply(&mut meta.root.vmas);
+        checksums.apply(meta);
         finish_files(files, opts, &mut writer, meta)?;
         Ok(writer.finish(meta)?)
     };
@@ -278,7 +278,8 @@ impl Phases {
 struct Captured {
     meta: Metadata,
     files: FileTable,
-    /// For the root's pages, the only ones copied into the mapped area.
+    /// Of the pages copied into the mapped area, computed once the
+    /// processes run again.
     checksums: memory::PageChecksums,
     pages_stored: u64,
     resident_pages: u64,
@@ -289,7 +290,7 @@ fn capture_tree(
     tree: &FrozenTree,
     opts: &DumpOptions,
     writer: &mut ImageWriter,
-    mut area: Option<MappedArea>,
+    area: Option<MappedArea>,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
     if let Some(user) = &opts.as_user {
@@ -307,40 +308,31 @@ fn capture_tree(
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
     let mut procs = Vec::with_capacity(fds.len());
-    let mut root_checksums = None;
-    let (mut pages_stored, mut resident_pages) = (0, 0);
+    // One dumper for the tree: every process's pages go into the area.
+    let mut pages = PageDumper::new(tree.root(), area)?;
+    let mut resident_pages = 0;
     for (frozen, fds) in tree.members().iter().zip(fds) {
         // Only the root's start time is known to the caller.
         let expect_start = if procs.is_empty() {
             opts.expect_start_time
         } else {
+            pages.next_process(frozen.pid())?;
             None
         };
-        let area = area.take();
-        let CapturedProcess {
-            mut image,
-            checksums,
-            pages_stored: stored,
-            resident_pages: resident,
-        } = capture_process(
+        let (image, resident) = capture_process(
             frozen,
             expect_start,
             writer,
-            area,
+            &mut pages,
             fds,
             &mut files,
             &mut shmem,
         )?;
-        pages_stored += stored;
         resident_pages += resident;
-        if root_checksums.is_none() {
-            // Applied once the processes run again.
-            root_checksums = Some(checksums);
-        } else {
-            checksums.apply(&mut image.vmas);
-        }
         procs.push(image);
     }
+    let pages_stored = pages.pages_stored;
+    let checksums = pages.finish(writer)?;
     phase.done("processes");
     fds::classify_pipes(&mut procs, opts.unsupported_fd)?;
     unix_sockets::classify(&mut procs, opts.unsupported_fd)?;
@@ -385,31 +377,24 @@ fn capture_tree(
     Ok(Captured {
         meta,
         files,
-        checksums: root_checksums
-            .ok_or_else(|| Error::Other("internal: a frozen tree without its root".into()))?,
+        checksums,
         pages_stored,
         resident_pages,
     })
 }
 
-struct CapturedProcess {
-    image: ProcessImage,
-    checksums: memory::PageChecksums,
-    pages_stored: u64,
-    resident_pages: u64,
-}
-
 /// Read one frozen process: /proc, threads, what only it can tell
-/// (remote syscalls), then its memory.
+/// (remote syscalls), then its memory (through `pages`, set to it). Returns
+/// its image and how many of its pages were resident.
 fn capture_process(
     frozen: &Frozen,
     expect_start_time: Option<u64>,
     writer: &mut ImageWriter,
-    area: Option<MappedArea>,
+    pages: &mut PageDumper,
     fds: Vec<crate::image::model::FdEntry>,
     files: &mut FileTable,
     shmem: &mut memory::SharedObjects,
-) -> Result<CapturedProcess> {
+) -> Result<(ProcessImage, u64)> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
     let mut info = process::dump_proc_info(pid)?;
@@ -463,7 +448,6 @@ fn capture_process(
     // embedded; the image records the name without it.
     info.exe_file = Some(files.add_exe(pid, &info.exe)?);
     info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
-    let mut pages = PageDumper::new(pid, area)?;
     let mut vmas = Vec::with_capacity(maps.len());
     let mut resident_pages = 0u64;
     for map in &maps {
@@ -512,21 +496,15 @@ fn capture_process(
     }
 
     phase.done("pagemap, files, page copy");
-    let pages_stored = pages.pages_stored;
-    let checksums = pages.finish(writer)?;
-    Ok(CapturedProcess {
-        image: ProcessImage {
-            process: info,
-            threads: thread_states,
-            vmas,
-            fds,
-            signals: SignalState {
-                actions,
-                shared_pending,
-            },
+    let image = ProcessImage {
+        process: info,
+        threads: thread_states,
+        vmas,
+        fds,
+        signals: SignalState {
+            actions,
+            shared_pending,
         },
-        checksums,
-        pages_stored,
-        resident_pages,
-    })
+    };
+    Ok((image, resident_pages))
 }

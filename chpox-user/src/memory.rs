@@ -24,7 +24,7 @@ use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result, parse_err};
-use crate::image::model::{Compression, DataRef, PageRun, Vma, VmaKind};
+use crate::image::model::{Compression, DataRef, PageRun, VmaKind};
 use crate::image::{ClosedArea, ImageWriter, MappedArea};
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -330,9 +330,13 @@ fn runs_of(start: u64, needed: impl Iterator<Item = bool>) -> Vec<(u64, u64)> {
 /// Runs go into the writer's mapped area (see `ImageWriter::map_area`) while
 /// it has room: `process_vm_readv` copies them straight into the image's
 /// page cache. Runs that do not fit, and all runs of compressed images, are
-/// copied into a buffer and streamed.
+/// copied into a buffer and streamed. One dumper serves every process of a
+/// tree in turn ([`next_process`](Self::next_process)), so they all share
+/// the area.
 pub struct PageDumper {
     pid: i32,
+    /// Which process of the tree (image order) the runs belong to.
+    process: usize,
     pagemap: File,
     /// /proc/PID/mem reads pages process_vm_readv refuses (PROT_NONE,
     /// write-only), because it reads with FOLL_FORCE like a debugger.
@@ -341,10 +345,10 @@ pub struct PageDumper {
     pagemap_buf: Vec<u8>,
     area: Option<MappedArea>,
     area_used: u64,
-    /// Runs placed in the area: (vma index, run index, offset in area, length).
-    in_area: Vec<(usize, usize, u64, u64)>,
-    /// The area once closed, with the (vma index, run index) of each blob.
-    closed: Option<(ClosedArea, Vec<(usize, usize)>)>,
+    /// Runs placed in the area: where they belong, offset in area, length.
+    in_area: Vec<(RunPlace, u64, u64)>,
+    /// The area once closed, with where each blob belongs.
+    closed: Option<(ClosedArea, Vec<RunPlace>)>,
     pub pages_stored: u64,
 }
 
@@ -352,6 +356,9 @@ fn open_proc(pid: i32, what: &str) -> Result<File> {
     let path = format!("/proc/{pid}/{what}");
     File::open(&path).map_err(|source| Error::Proc { path, source })
 }
+
+/// A run of the image: process (image order), VMA, run.
+type RunPlace = (usize, usize, usize);
 
 /// A piece of a run placed in a copy destination.
 struct Piece {
@@ -376,6 +383,7 @@ impl PageDumper {
     pub fn new(pid: i32, area: Option<MappedArea>) -> Result<Self> {
         Ok(PageDumper {
             pid,
+            process: 0,
             pagemap: open_proc(pid, "pagemap")?,
             mem: open_proc(pid, "mem")?,
             buf: Vec::new(),
@@ -386,6 +394,15 @@ impl PageDumper {
             closed: None,
             pages_stored: 0,
         })
+    }
+
+    /// Go on with the next process of the tree, `pid`.
+    pub fn next_process(&mut self, pid: i32) -> Result<()> {
+        self.pagemap = open_proc(pid, "pagemap")?;
+        self.mem = open_proc(pid, "mem")?;
+        self.pid = pid;
+        self.process += 1;
+        Ok(())
     }
 
     /// The pagemap entries for [start, end).
@@ -447,7 +464,8 @@ impl PageDumper {
         let mut out = Vec::with_capacity(runs.len());
         for (i, &(addr, npages)) in runs.iter().enumerate() {
             let len = npages * PAGE_SIZE;
-            self.in_area.push((vma_index, i, offset, len));
+            self.in_area
+                .push(((self.process, vma_index, i), offset, len));
             out.push(PageRun {
                 addr,
                 npages,
@@ -540,9 +558,9 @@ impl PageDumper {
         let Some(area) = self.area.take() else {
             return Ok(());
         };
-        let blobs: Vec<(u64, u64)> = self.in_area.iter().map(|r| (r.2, r.3)).collect();
+        let blobs: Vec<(u64, u64)> = self.in_area.iter().map(|r| (r.1, r.2)).collect();
         let closed = writer.close_area(area, blobs)?;
-        let placed = self.in_area.drain(..).map(|r| (r.0, r.1)).collect();
+        let placed = self.in_area.drain(..).map(|r| r.0).collect();
         self.closed = Some((closed, placed));
         Ok(())
     }
@@ -561,17 +579,22 @@ impl PageDumper {
 /// They need the copy, not the process: the dump computes them after the
 /// process runs again.
 pub struct PageChecksums {
-    closed: Option<(ClosedArea, Vec<(usize, usize)>)>,
+    closed: Option<(ClosedArea, Vec<RunPlace>)>,
 }
 
 impl PageChecksums {
     /// Give every run copied into the mapped area its final `DataRef`.
-    pub fn apply(self, vmas: &mut [Vma]) {
+    pub fn apply(self, meta: &mut crate::image::model::Metadata) {
         let Some((closed, placed)) = self.closed else {
             return;
         };
-        for ((vma, run), data) in placed.into_iter().zip(closed.data_refs()) {
-            if let Some(r) = vmas.get_mut(vma).and_then(|v| v.pages.get_mut(run)) {
+        let mut procs: Vec<&mut crate::image::model::ProcessImage> = meta.processes_mut().collect();
+        for ((process, vma, run), data) in placed.into_iter().zip(closed.data_refs()) {
+            if let Some(r) = procs
+                .get_mut(process)
+                .and_then(|p| p.vmas.get_mut(vma))
+                .and_then(|v| v.pages.get_mut(run))
+            {
                 r.data = data;
             }
         }
@@ -733,6 +756,7 @@ VmFlags: ex
     #[test]
     fn pages_overflowing_the_mapped_area_are_streamed() {
         use crate::image::testutil::sample_metadata;
+        use crate::image::model::Vma;
         use crate::image::{ImageReader, WriteOptions};
 
         let dir = tempfile::tempdir().expect("tempdir");
@@ -773,7 +797,7 @@ VmFlags: ex
         dumper
             .finish(&mut writer)
             .expect("finish pages")
-            .apply(&mut meta.root.vmas);
+            .apply(&mut meta);
         writer.finish(&meta).expect("finish image");
 
         let reader = ImageReader::open(&path).expect("open");

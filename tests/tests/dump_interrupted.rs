@@ -189,3 +189,38 @@ fn chpox_killed_at_many_points_of_a_freeze() {
         "{out:?}"
     );
 }
+
+/// The same for a thread holding known values in its vector registers
+/// (AVX, AVX-512 where the CPU has it) while chpox runs system calls in
+/// it: a dump killed at any point leaves every register as it was.
+#[test]
+fn chpox_killed_mid_freeze_leaves_vector_registers_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut target = Target::spawn("avxregs", &[], dir.path());
+    // Let it load its registers (it prints READY before).
+    std::thread::sleep(Duration::from_millis(50));
+    let image = dir.path().join("img");
+    for round in 0..60u64 {
+        let mut dumper = start_dump(target.pid, &image);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tracer_of(target.pid) != Some(dumper.id() as i32) {
+            assert!(
+                target.child.try_wait().expect("try_wait").is_none(),
+                "the target ended before round {round}: {:?}",
+                target.lines()
+            );
+            assert!(Instant::now() < deadline, "chpox never seized the target");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::thread::sleep(Duration::from_micros(round * 50));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(dumper.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        dumper.wait().expect("wait chpox");
+        assert_released(target.pid);
+    }
+    target.signal(libc::SIGUSR1);
+    target.wait_success(Duration::from_secs(30));
+    assert_eq!(target.lines_after_ready(), ["REGS OK"]);
+}

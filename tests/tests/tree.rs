@@ -804,6 +804,15 @@ fn fixture_forktree_zombie_and_stopped_children() {
 /// exit (9).
 #[test]
 fn zombie_and_stopped_children_come_back_as_they_were() {
+    zombie_resume(Dump::LeaveRunning);
+}
+
+#[test]
+fn zombie_and_stopped_children_come_back_after_dump_kill() {
+    zombie_resume(Dump::Kill);
+}
+
+fn zombie_resume(how: Dump) {
     let dir = tempdir();
     let d = path_str(dir.path()).to_string();
     let mut t = forktree(&["zombie", &d], dir.path());
@@ -816,10 +825,12 @@ fn zombie_and_stopped_children_come_back_as_they_were() {
     assert_child_state(stopped, root, 'T', "before the dump");
 
     let image = dir.path().join("zombie.img");
-    let pids = dump(root, &image, Dump::LeaveRunning, &[]);
+    let pids = dump(root, &image, how, &[]);
     assert_eq!(pids, BTreeSet::from([root, zombie, stopped]));
-    assert_child_state(zombie, root, 'Z', "after the dump");
-    assert_child_state(stopped, root, 'T', "after the dump");
+    if how == Dump::LeaveRunning {
+        assert_child_state(zombie, root, 'Z', "after the dump");
+        assert_child_state(stopped, root, 'T', "after the dump");
+    }
     let img = Image::inspect(&image);
     assert_eq!(
         img.pids(),
@@ -835,7 +846,7 @@ fn zombie_and_stopped_children_come_back_as_they_were() {
         "{}",
         img.summary()
     );
-    finish_original(&mut t.child, Dump::LeaveRunning, &pids);
+    finish_original(&mut t.child, how, &pids);
 
     let restored = restore_detached(&image, &[], dir.path());
     guard.watch_tree(restored);
@@ -900,6 +911,15 @@ fn fixture_forktree_session_and_group() {
 /// grandchild and not the root.
 #[test]
 fn process_groups_and_session_come_back() {
+    session_resume(Dump::Kill);
+}
+
+#[test]
+fn process_groups_and_session_come_back_after_dump_leaving_them_running() {
+    session_resume(Dump::LeaveRunning);
+}
+
+fn session_resume(how: Dump) {
     let dir = tempdir();
     let mut t = forktree(&["session"], dir.path());
     let mut guard = Guard::default();
@@ -912,7 +932,7 @@ fn process_groups_and_session_come_back() {
     );
 
     let image = dir.path().join("session.img");
-    let pids = dump(root, &image, Dump::Kill, &[]);
+    let pids = dump(root, &image, how, &[]);
     assert_eq!(pids, BTreeSet::from([root, child, grandchild]));
     let img = Image::inspect(&image);
     assert_eq!(img.all_pids(), pids, "{}", img.summary());
@@ -924,7 +944,7 @@ fn process_groups_and_session_come_back() {
             "pgid and sid of {pid} in the image"
         );
     }
-    finish_original(&mut t.child, Dump::Kill, &pids);
+    finish_original(&mut t.child, how, &pids);
 
     let restored = restore_detached(&image, &[], dir.path());
     guard.watch_tree(restored);
