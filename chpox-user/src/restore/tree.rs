@@ -64,8 +64,13 @@ pub fn fork_from(parent: &Frozen, layout: &Layout, pid: i32, exit_signal: i32) -
     }
     if ret < 0 {
         return Err(Error::Other(format!(
-            "cannot create process {pid}: {}",
-            super::child::errno_of(ret)
+            "cannot create process {pid}: {}{}",
+            super::child::errno_of(ret),
+            if ret == -(libc::EPERM as i64) {
+                " (a tree keeps its PIDs, and choosing them needs root or CAP_CHECKPOINT_RESTORE)"
+            } else {
+                ""
+            }
         )));
     }
     // The PID the parent was told is ours too, unless the parent lives in
