@@ -755,8 +755,8 @@ VmFlags: ex
     /// the area closes; all of it reads back exactly.
     #[test]
     fn pages_overflowing_the_mapped_area_are_streamed() {
-        use crate::image::testutil::sample_metadata;
         use crate::image::model::Vma;
+        use crate::image::testutil::sample_metadata;
         use crate::image::{ImageReader, WriteOptions};
 
         let dir = tempfile::tempdir().expect("tempdir");

@@ -621,10 +621,17 @@ fn assert_refused_before_any_process(w: &Watched) {
 }
 
 #[test]
-fn an_image_of_100000_threads_is_refused_before_any_process_exists() {
+fn an_image_of_more_threads_than_free_pids_is_refused_before_any_process_exists() {
     become_subreaper();
     let s = scratch();
-    let image = image_with_threads(&s, 100_000);
+    // More tasks than the machine has PIDs (32768 here): small enough for
+    // an image's metadata, too many for any restore.
+    let pid_max: i32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("read pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max is a number");
+    let image = image_with_threads(&s, pid_max + 100);
     assert_refused_before_any_process(&restore_watching_forks(&image, s.path(), None));
 }
 

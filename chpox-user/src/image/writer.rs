@@ -612,7 +612,10 @@ impl ImageWriter {
         if meta_raw_len > format::MAX_META_RAW_LEN {
             return Err(ImageError::Encode {
                 section: "metadata".into(),
-                reason: format!("{meta_raw_len} bytes is over the 1 GiB limit"),
+                reason: format!(
+                    "{meta_raw_len} bytes is over the limit of {} MiB (a tree of too many threads or mappings)",
+                    format::MAX_META_RAW_LEN >> 20
+                ),
             });
         }
         let (stored, meta_compression) = if self.compress {
