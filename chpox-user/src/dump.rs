@@ -296,7 +296,7 @@ fn capture_tree(
     if let Some(user) = &opts.as_user {
         tree::check_owned_by(tree, user)?;
     }
-    tree::check_unshared(tree)?;
+    let fs_with_parent = tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
     let unix = unix_sockets::query()?;
@@ -329,6 +329,8 @@ fn capture_tree(
             &mut shmem,
         )?;
         resident_pages += resident;
+        let mut image = image;
+        image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
         procs.push(image);
     }
     let pages_stored = pages.pages_stored;

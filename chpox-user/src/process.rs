@@ -146,6 +146,7 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
         exit_signal: stat.exit_signal.unwrap_or(libc::SIGCHLD),
         pdeath_signal: 0,
         child_subreaper: false,
+        shares_fs_with_parent: false,
     })
 }
 

@@ -249,13 +249,22 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
     kcmp_same(pa, pb, KCMP_FILE, a, b)
 }
 
-/// Processes that share their memory, descriptor table or filesystem
-/// context (`clone` with CLONE_VM, CLONE_FILES or CLONE_FS, but not as
-/// threads) cannot be brought back sharing them yet: refuse by name rather
-/// than restore copies that no longer see each other's changes.
-pub fn check_unshared(tree: &FrozenTree) -> Result<()> {
+/// Processes that share their memory or descriptor table (`clone` with
+/// CLONE_VM or CLONE_FILES, but not as threads) cannot be brought back
+/// sharing them yet: refused by name rather than restored as copies that
+/// no longer see each other's changes. A filesystem context (working
+/// directory, root, umask) shared with the parent (CLONE_FS) comes back
+/// shared: returns the PIDs that share it so.
+pub fn check_unshared(tree: &FrozenTree) -> Result<Vec<i32>> {
     let pids: Vec<i32> = tree.members.iter().map(Frozen::pid).collect();
+    let parent_of = |pid: i32| {
+        procfs::process::Process::new(pid)
+            .and_then(|p| p.stat())
+            .map(|s| s.ppid)
+            .ok()
+    };
     let mut shared = Vec::new();
+    let mut fs_with_parent = Vec::new();
     for (i, &a) in pids.iter().enumerate() {
         for &b in &pids[i + 1..] {
             for (what, name) in [
@@ -263,14 +272,21 @@ pub fn check_unshared(tree: &FrozenTree) -> Result<()> {
                 (KCMP_FILES, "descriptor table (CLONE_FILES)"),
                 (KCMP_FS, "working directory and umask (CLONE_FS)"),
             ] {
-                if kcmp_same(a, b, what, 0, 0) {
+                if !kcmp_same(a, b, what, 0, 0) {
+                    continue;
+                }
+                if what == KCMP_FS && parent_of(b) == Some(a) {
+                    fs_with_parent.push(b);
+                } else if what == KCMP_FS && fs_with_parent.contains(&b) {
+                    // Shared with its parent, which shares it with `a`.
+                } else {
                     shared.push(format!("PID {a} and PID {b} share their {name}"));
                 }
             }
         }
     }
     if shared.is_empty() {
-        Ok(())
+        Ok(fs_with_parent)
     } else {
         Err(Error::Other(format!(
             "{}; chpox cannot restore processes that share these yet (checkpoint the process alone with --no-children)",

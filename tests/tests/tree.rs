@@ -1465,3 +1465,39 @@ fn socket_pairs_keep_their_queued_data_after_dump_kill() {
 fn socket_pairs_keep_their_queued_data_after_dump_leaving_them_running() {
     socketpair_resume(Dump::LeaveRunning);
 }
+
+// ---------------------------------------------------------------------------
+// A filesystem context shared by parent and child (clone with CLONE_FS)
+
+/// The child changes directory and umask after the restore; the parent
+/// sees both: the context came back shared, not copied.
+#[test]
+fn a_filesystem_context_shared_through_clone_fs_comes_back_shared() {
+    let dir = tempdir();
+    let d = path_str(dir.path()).to_string();
+    let mut t = forktree(&["sharedfs", &d], dir.path());
+    let mut guard = Guard::default();
+    guard.watch_tree(t.pid);
+    let root = t.pid;
+    let child = ready_pid(&t, "child");
+    let image = dir.path().join("sharedfs.img");
+    let pids = dump(root, &image, Dump::Kill, &[]);
+    assert_eq!(pids, BTreeSet::from([root, child]));
+    let img = Image::inspect(&image);
+    assert_eq!(
+        img.process(child)["process"]["shares_fs_with_parent"],
+        Value::Bool(true),
+        "{}",
+        img.summary()
+    );
+    finish_original(&mut t.child, Dump::Kill, &pids);
+    let restored = restore_detached(&image, &[], dir.path());
+    guard.watch_tree(restored);
+    std::fs::write(dir.path().join("go"), "").expect("create go");
+    assert_eq!(
+        wait_lines(&t, 2, root),
+        ["CWD sub", "UMASK 77"],
+        "{}",
+        t.stderr()
+    );
+}

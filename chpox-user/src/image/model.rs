@@ -171,6 +171,10 @@ pub struct ProcessInfo {
     /// `PR_SET_CHILD_SUBREAPER`.
     #[serde(default)]
     pub child_subreaper: bool,
+    /// Made by its parent with CLONE_FS: one working directory, root and
+    /// umask for both, changed by either.
+    #[serde(default)]
+    pub shares_fs_with_parent: bool,
 }
 
 fn default_exit_signal() -> i32 {

@@ -744,6 +744,7 @@ fn single_process_metadata_from_before_trees_decodes() {
             "exit_signal",
             "pdeath_signal",
             "child_subreaper",
+            "shares_fs_with_parent",
         ],
     );
     for list in ["fds", "vmas"] {
@@ -763,6 +764,7 @@ fn single_process_metadata_from_before_trees_decodes() {
     assert_eq!(p.pid, meta.root.process.pid);
     assert_eq!((p.pgid, p.sid, p.stopped), (0, 0, false));
     assert_eq!(p.exit_signal, libc::SIGCHLD);
+    assert!(!p.shares_fs_with_parent);
     assert!(decoded.root.fds.iter().all(|f| f.description == 0));
     assert!(decoded.root.vmas.iter().all(|v| v.shmem_id.is_none()));
     assert_eq!(decoded.root.vmas.len(), meta.root.vmas.len());

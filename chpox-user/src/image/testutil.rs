@@ -397,6 +397,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                 exit_signal: libc::SIGCHLD,
                 pdeath_signal: 0,
                 child_subreaper: false,
+                shares_fs_with_parent: false,
             },
             threads: vec![
                 thread(4242, 0x7fff_f7e0_a8b5),

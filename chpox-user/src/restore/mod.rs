@@ -192,7 +192,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
             Some(init) => {
                 let layout = prepare_root(init, meta)?;
                 tree::private_proc(init, &layout)?;
-                members.push(tree::fork_from(init, &layout, root_pid, libc::SIGCHLD)?);
+                members.push(tree::fork_from(init, &layout, root_pid, libc::SIGCHLD, 0)?);
                 layout
             }
             None => {

@@ -335,16 +335,7 @@ fn show_limit(v: u64) -> String {
 /// against that user's rights. The thread keeps its other privileges, and
 /// the threads it makes inherit the identity.
 pub fn enter_fs_identity(c: &mut Child<'_>, creds: &Credentials) -> Result<()> {
-    let mut bytes = Vec::with_capacity(creds.groups.len() * 4);
-    for g in &creds.groups {
-        bytes.extend_from_slice(&g.to_ne_bytes());
-    }
-    let addr = c.put(ARGS_AT, &bytes)?;
-    c.call(
-        "setgroups",
-        libc::SYS_setgroups,
-        [creds.groups.len() as u64, addr, 0, 0, 0, 0],
-    )?;
+    set_groups(c, &creds.groups)?;
     let [_, _, _, fsuid] = creds.uid;
     let [_, _, _, fsgid] = creds.gid;
     // setfsuid and setfsgid return the previous id, never an error; -1
@@ -388,16 +379,7 @@ pub fn restore_creds(c: &mut Child<'_>, creds: &Credentials) -> Result<()> {
         return Ok(());
     }
     if groups != want_groups {
-        let mut bytes = Vec::with_capacity(want_groups.len() * 4);
-        for g in &creds.groups {
-            bytes.extend_from_slice(&g.to_ne_bytes());
-        }
-        let addr = c.put(ARGS_AT, &bytes)?;
-        c.call(
-            "setgroups",
-            libc::SYS_setgroups,
-            [creds.groups.len() as u64, addr, 0, 0, 0, 0],
-        )?;
+        set_groups(c, &creds.groups)?;
     }
     // Groups before users: setresuid ends the right to change either.
     let steps = [
@@ -443,6 +425,18 @@ fn drop_capabilities(c: &mut Child<'_>) -> Result<()> {
         "capset",
         libc::SYS_capset,
         [header_addr, data_addr, 0, 0, 0, 0],
+    )?;
+    Ok(())
+}
+
+/// `setgroups(groups)` in the child.
+fn set_groups(c: &mut Child<'_>, groups: &[u32]) -> Result<()> {
+    let bytes: Vec<u8> = groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let addr = c.put(ARGS_AT, &bytes)?;
+    c.call(
+        "setgroups",
+        libc::SYS_setgroups,
+        [groups.len() as u64, addr, 0, 0, 0, 0],
     )?;
     Ok(())
 }

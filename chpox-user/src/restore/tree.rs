@@ -53,9 +53,15 @@ fn lead(c: &mut Child<'_>, pid: i32, pgid: i32, sid: i32) -> Result<()> {
 
 /// Fork `pid` from the process held in `parent`; the new process is held
 /// too, in the trampoline's spin loop.
-pub fn fork_from(parent: &Frozen, layout: &Layout, pid: i32, exit_signal: i32) -> Result<Frozen> {
+pub fn fork_from(
+    parent: &Frozen,
+    layout: &Layout,
+    pid: i32,
+    exit_signal: i32,
+    flags: u64,
+) -> Result<Frozen> {
     let ret = in_process(parent, layout, |c| {
-        clone3(c, 0, exit_signal as u64, Some(pid))
+        clone3(c, flags, exit_signal as u64, Some(pid))
     })?;
     if ret == -(libc::EEXIST as i64) {
         return Err(Error::Other(format!(
@@ -154,13 +160,18 @@ pub fn create(members: &mut Vec<Frozen>, meta: &Metadata, layout: &Layout) -> Re
         } else {
             libc::SIGCHLD
         };
-        let made = fork_from(&members[parent], layout, p.pid, exit_signal)?;
+        let flags = if p.shares_fs_with_parent {
+            libc::CLONE_FS as u64
+        } else {
+            0
+        };
+        let made = fork_from(&members[parent], layout, p.pid, exit_signal, flags)?;
         in_process(&made, layout, |c| lead(c, p.pid, p.pgid, p.sid))?;
         members.push(made);
     }
     for z in &meta.zombies {
         let parent = index_of(members, meta, z.ppid)?;
-        let made = fork_from(&members[parent], layout, z.pid, libc::SIGCHLD)?;
+        let made = fork_from(&members[parent], layout, z.pid, libc::SIGCHLD, 0)?;
         become_zombie(made, layout, z, meta)?;
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! `forktree shared DIR` | `forktree zombie DIR` | `forktree session` |
-//! `forktree reaper PROGRAM [ARGS...]`
+//! `forktree sharedfs DIR` | `forktree reaper PROGRAM [ARGS...]`
 //!
 //! Process trees for `tests/tree.rs`. The tree modes print `READY ...`
 //! once the whole tree is set up; `shared` and `zombie` then wait until the
@@ -36,6 +36,13 @@
 //!   waits for the child all along, reaps it (`ROOT REAPED CHILD exit=0`)
 //!   and exits 0. `kill -USR1 -- -<child>` thus prints the two `USR1` lines
 //!   of the group (in either order) and then those two.
+//! * `sharedfs DIR`: makes a child with `clone(CLONE_FS)` (a fork that
+//!   shares the working directory and umask with its parent); both start
+//!   in DIR. Prints `READY child=<pid>`. After `go` (`DIR/go`), the child
+//!   changes directory to `DIR/sub` and sets umask 077, and exits 0; the
+//!   parent reaps it and prints `CWD <its working directory, relative to
+//!   DIR>` and `UMASK <its umask, octal>`: `CWD sub` and `UMASK 77` when the
+//!   context is shared. Exit 0.
 //! * `reaper PROGRAM [ARGS...]`: becomes a child subreaper, runs PROGRAM
 //!   (stdio inherited) and waits for it. Every process PROGRAM left behind
 //!   has been reparented to the reaper by then: each child of the reaper
@@ -63,6 +70,7 @@ fn main() {
         Some("shared") => shared(Path::new(dir_arg(&args))),
         Some("zombie") => zombie(Path::new(dir_arg(&args))),
         Some("session") => session(),
+        Some("sharedfs") => shared_fs(Path::new(dir_arg(&args))),
         Some("reaper") if args.len() >= 2 => reaper(&args[1], &args[2..]),
         _ => panic!("usage: forktree shared DIR | zombie DIR | session | reaper PROGRAM [ARGS...]"),
     }
@@ -491,4 +499,58 @@ fn reaper(program: &str, args: &[String]) {
         }
     }
     say!("REAPER exit={code} left={left}");
+}
+
+fn shared_fs(dir: &Path) {
+    std::fs::create_dir_all(dir.join("sub")).expect("mkdir sub");
+    std::env::set_current_dir(dir).expect("chdir DIR");
+    // SAFETY: clone without CLONE_VM is a fork (with the filesystem context
+    // shared); the child only makes raw syscalls and std calls that do not
+    // need locks another thread could hold (this program is one thread).
+    let child = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_FS | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    assert!(
+        child >= 0,
+        "clone(CLONE_FS): {}",
+        std::io::Error::last_os_error()
+    );
+    if child == 0 {
+        let go = dir.join("go");
+        while !go.exists() {
+            std::thread::sleep(POLL);
+        }
+        std::env::set_current_dir("sub").expect("chdir sub");
+        // SAFETY: umask only sets a process attribute.
+        unsafe { libc::umask(0o077) };
+        // SAFETY: leaves without running the parent's atexit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    say!("READY child={child}");
+    let mut status = 0;
+    // SAFETY: waits for our own child into a local.
+    check(
+        unsafe { libc::waitpid(child as i32, &mut status, 0) },
+        "waitpid",
+    );
+    let cwd = std::env::current_dir().expect("cwd");
+    let rel = cwd
+        .strip_prefix(std::fs::canonicalize(dir).expect("canonicalize DIR"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| cwd.display().to_string());
+    // SAFETY: umask only reads and sets a process attribute.
+    let mask = unsafe {
+        let m = libc::umask(0);
+        libc::umask(m);
+        m
+    };
+    say!("CWD {rel}");
+    say!("UMASK {mask:o}");
 }
