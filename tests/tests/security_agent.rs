@@ -19,359 +19,41 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::agent::{
+    Agent, AgentOptions, NOBODY, POLL, SIGSYS, Scratch, assert_ok, assert_refused, ignores,
+    no_core, poll, proc_status, scratch_with_out, tool,
+};
 use common::procs::{Guard, stat};
 use common::{Target, bin, chmod, chpox_bin, free_pid, path_str, show};
-use serde_json::Value;
 
-/// uid and gid of `nobody`, the hostile user of these tests.
-const NOBODY: u32 = 65534;
-/// The default trigger signal (SIGSYS on x86-64).
-const SIGSYS: i32 = 31;
-
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long root's `chpox list` may take while an attack goes on: it
 /// answers in milliseconds when nothing holds the agent up.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(20);
 
 // ---------------------------------------------------------------------------
-// Scratch space and the agent
+// The agent
 
-/// A test's scratch space, traversable by everyone (so `nobody` reaches the
-/// agent's socket): `run` is the agent's run directory, `logs` holds the
-/// output of the agent and of the targets, `out` is writable by all.
-struct Scratch {
-    tmp: tempfile::TempDir,
-    run: PathBuf,
-    logs: PathBuf,
-    out: PathBuf,
-}
-
-fn scratch() -> Scratch {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    chmod(tmp.path(), 0o755);
-    let s = Scratch {
-        run: tmp.path().join("run"),
-        logs: tmp.path().join("logs"),
-        out: tmp.path().join("out"),
-        tmp,
-    };
-    for (d, mode) in [(&s.logs, 0o755), (&s.out, 0o1777)] {
-        fs::create_dir(d).expect("mkdir");
-        chmod(d, mode);
-    }
-    s
-}
-
-impl Scratch {
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    /// A new directory `name` (with its parents) with `mode`.
-    fn dir(&self, name: &str, mode: u32) -> PathBuf {
-        let d = self.path(name);
-        fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-        chmod(&d, mode);
-        d
-    }
-}
-
-/// A binary of `chpox-user` (`chpox-agent`, `chpoxctl`), next to `chpox`.
-fn tool(name: &str) -> PathBuf {
-    let p = chpox_bin().with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} not found; build it with `cargo build -p chpox-user`",
-        p.display()
-    );
-    p
-}
-
-/// The tracing output without colour escapes (in case NO_COLOR is ignored).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Polls `f` until it returns `Some`, for at most `timeout`.
-fn poll<T>(
-    what: &str,
-    timeout: Duration,
-    context: impl Fn() -> String,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(POLL);
-    }
-}
-
-static AGENTS: AtomicUsize = AtomicUsize::new(0);
-
-/// A running `chpox-agent`, stopped with SIGTERM when dropped.
-struct Agent {
-    child: Child,
-    run_dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    /// An agent serving the scratch space's run directory, with default
-    /// images going to `images`.
-    fn start(s: &Scratch, images: &Path, extra: &[&str]) -> Agent {
-        let n = AGENTS.fetch_add(1, Ordering::SeqCst);
-        let log = s.logs.join(format!("agent.{n}.log"));
-        let mut cmd = Command::new(tool("chpox-agent"));
-        cmd.arg("--run-dir")
-            .arg(&s.run)
-            .arg("--image-dir")
-            .arg(images)
-            .args(extra)
-            .env("CHPOX_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("CHPOX_RUN_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("create agent log"));
-        // SAFETY: the hook only calls getrlimit and setrlimit, which are
-        // async-signal-safe and touch no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                // As a systemd service starts it: soft limit 1024.
-                let mut lim = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                lim.rlim_cur = lim.rlim_max.min(1024);
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn chpox-agent");
-        let mut agent = Agent {
-            child,
-            run_dir: s.run.clone(),
-            log,
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            if agent.log_text().contains("chpox-agent ready")
-                && agent.run_dir.join("agent.sock").exists()
-            {
-                return agent;
-            }
-            if let Some(status) = agent.child.try_wait().expect("try_wait agent") {
-                panic!(
-                    "chpox-agent exited ({status}) before serving\n{}",
-                    agent.describe()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chpox-agent not ready within {STARTUP_TIMEOUT:?}\n{}",
-                agent.describe()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.run_dir.join("agent.sock")
-    }
-
-    fn log_text(&self) -> String {
-        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    fn log_len(&self) -> u64 {
-        fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
-    }
-
-    fn describe(&self) -> String {
-        let text = self.log_text();
-        // The end of a log that exploded is what tells.
-        let tail = &text[text.len().saturating_sub(8000)..];
-        format!("--- agent log (last 8000 bytes) ---\n{tail}")
-    }
-
-    /// Panics unless the agent still runs.
-    fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("try_wait agent") {
-            panic!("chpox-agent exited ({status})\n{}", self.describe());
-        }
-    }
-
-    /// A client program talking to this agent, as `uid` (root: `None`).
-    fn client(&self, program: PathBuf, uid: Option<u32>) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.env("CHPOX_RUN_DIR", &self.run_dir)
-            .env_remove("CHPOX_LOG")
-            .stdin(Stdio::null());
-        if let Some(uid) = uid {
-            cmd.uid(uid).gid(uid);
-        }
-        cmd
-    }
-
-    fn chpox_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
-        self.client(chpox_bin(), uid)
-            .args(args)
-            .output()
-            .expect("run chpox")
-    }
-
-    fn chpoxctl_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
-        self.client(tool("chpoxctl"), uid)
-            .args(args)
-            .output()
-            .expect("run chpoxctl")
-    }
-
-    /// `chpox list --json` as root, which must answer within `timeout`;
-    /// `Err` says what went wrong.
-    fn try_list(&self, timeout: Duration) -> Result<Vec<Value>, String> {
-        let mut child = self
-            .client(chpox_bin(), None)
-            .args(["list", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn chpox list");
-        let deadline = Instant::now() + timeout;
-        while child.try_wait().expect("try_wait").is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "root's `chpox list` got no answer within {timeout:?}"
-                ));
-            }
-            std::thread::sleep(POLL);
-        }
-        let out = child.wait_with_output().expect("chpox list output");
-        if !out.status.success() {
-            return Err(format!("root's `chpox list` failed {}", show(&out)));
-        }
-        match serde_json::from_slice(&out.stdout) {
-            Ok(Value::Array(entries)) => Ok(entries),
-            other => Err(format!("chpox list --json printed {other:?}")),
-        }
-    }
-
-    /// `chpox list --json` as root; panics unless it answers in time.
-    fn list(&self) -> Vec<Value> {
-        self.try_list(ANSWER_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.describe()))
-    }
-
-    fn entry(&self, pid: i32) -> Option<Value> {
-        self.list().into_iter().find(|e| e["pid"] == pid)
-    }
-
-    /// A field of the agent's /proc/PID/status, in kB (`VmRSS:`, `VmHWM:`).
-    fn status_kb(&self, key: &str) -> u64 {
-        proc_status(self.pid(), key)
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} for the agent"))
-    }
-
-    /// User and system CPU time the agent used, in seconds.
-    fn cpu_secs(&self) -> f64 {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-        self.cpu_ticks() as f64 / hz as f64
-    }
-
-    /// User and system CPU time the agent used, in clock ticks.
-    fn cpu_ticks(&self) -> u64 {
-        let text = fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("agent stat");
-        let fields: Vec<&str> = text[text.rfind(')').expect("stat") + 1..]
-            .split_whitespace()
-            .collect();
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions; the PID is our
-        // unreaped child.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(POLL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Asserts that a client command failed and said `phrase` on stderr.
-fn assert_refused(what: &str, out: &Output, phrase: &str) {
-    assert!(
-        !out.status.success(),
-        "{what} succeeded but should have been refused {}",
-        show(out)
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(phrase),
-        "{what}: stderr does not say {phrase:?} {}",
-        show(out)
-    );
-}
-
-fn assert_ok(what: &str, out: &Output) {
-    assert!(out.status.success(), "{what} failed {}", show(out));
+/// An agent serving the scratch space's run directory, with default
+/// images going to `images`, started as a systemd service would be; root's
+/// `chpox list` must answer within [`ANSWER_TIMEOUT`].
+fn start_agent(s: &Scratch, images: &Path, extra: &[&str]) -> Agent {
+    Agent::start_opts(
+        s,
+        AgentOptions {
+            images: Some(images),
+            args: extra,
+            service_nofile: true,
+            list_timeout: Some(ANSWER_TIMEOUT),
+            log_tail: Some(8000),
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------
 // Processes
-
-fn proc_status(pid: i32, key: &str) -> Option<String> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_string())
-}
 
 /// The four uids of /proc/PID/status: real, effective, saved, filesystem.
 fn uids(pid: i32) -> Vec<u32> {
@@ -380,29 +62,6 @@ fn uids(pid: i32) -> Vec<u32> {
         .split_whitespace()
         .filter_map(|u| u.parse().ok())
         .collect()
-}
-
-fn ignores(pid: i32, sig: i32) -> bool {
-    let mask = proc_status(pid, "SigIgn:").expect("SigIgn");
-    u64::from_str_radix(&mask, 16).expect("hex") & (1u64 << (sig - 1)) != 0
-}
-
-/// No core files from targets killed by SIGSYS; targets run in `dir`.
-fn no_core(cmd: &mut Command, dir: &Path) {
-    cmd.current_dir(dir);
-    // SAFETY: the hook only calls setrlimit, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            let none = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// A command run by `nobody`, its output in `s.logs`, started once it
@@ -646,8 +305,8 @@ fn raise_own_fd_limit() -> u64 {
 /// `chpox run`, it is refused at the checkpoint.
 #[test]
 fn a_setuid_root_program_started_by_a_user_is_not_the_users_to_checkpoint() {
-    let s = scratch();
-    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let s = scratch_with_out();
+    let agent = start_agent(&s, &s.path("images"), &[]);
     let suid = setuid_root_copy(&s, "/bin/sleep", "suid-sleep");
 
     let mut cmd = Command::new("bash");
@@ -676,7 +335,7 @@ fn a_setuid_root_program_started_by_a_user_is_not_the_users_to_checkpoint() {
     // Registered as itself (`chpox run` registers before exec), then the
     // setuid program: the checkpoint is refused, by name.
     let run_img = s.out.join("run.chpox");
-    let mut cmd = agent.client(chpox_bin(), None);
+    let mut cmd = agent.client(chpox_bin());
     cmd.args(["run", "-o", path_str(&run_img), "--", "bash", "-c"])
         .arg("echo READY; exec \"$0\" 600")
         .arg(&suid);
@@ -708,8 +367,8 @@ fn a_setuid_root_program_started_by_a_user_is_not_the_users_to_checkpoint() {
 /// may not trace it, so may not register it.
 #[test]
 fn a_root_process_that_dropped_to_a_user_is_not_the_users_to_checkpoint() {
-    let s = scratch();
-    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let s = scratch_with_out();
+    let agent = start_agent(&s, &s.path("images"), &[]);
     let secret = s.path("secret");
     fs::write(&secret, format!("chpox-secret-{}", free_pid())).expect("write secret");
     chmod(&secret, 0o600);
@@ -748,8 +407,8 @@ fn a_root_process_that_dropped_to_a_user_is_not_the_users_to_checkpoint() {
 /// says so, and `chpox list` shows why.
 #[test]
 fn a_process_that_stops_being_traceable_after_registration_is_not_checkpointed() {
-    let s = scratch();
-    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let s = scratch_with_out();
+    let agent = start_agent(&s, &s.path("images"), &[]);
 
     // Not dumpable after registration.
     let mut f = Forked::start(Start::Nobody);
@@ -785,7 +444,7 @@ fn a_process_that_stops_being_traceable_after_registration_is_not_checkpointed()
     // Root after registration: a setuid-root setpriv makes every id 0.
     let setpriv = setuid_root_copy(&s, "/usr/bin/setpriv", "suid-setpriv");
     let root_img = s.out.join("became-root.chpox");
-    let mut cmd = agent.client(chpox_bin(), None);
+    let mut cmd = agent.client(chpox_bin());
     cmd.args(["run", "-o", path_str(&root_img), "--"])
         .arg(&setpriv)
         .args(["--reuid=0", "--regid=0", "--clear-groups", "bash", "-c"])
@@ -819,8 +478,8 @@ fn a_process_that_stops_being_traceable_after_registration_is_not_checkpointed()
 /// answers meanwhile.
 #[test]
 fn a_fifo_given_to_addlib_stalls_nobody() {
-    let s = scratch();
-    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let s = scratch_with_out();
+    let agent = start_agent(&s, &s.path("images"), &[]);
     let home = s.dir("home", 0o755);
     std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).expect("chown home");
     let fifo = home.join("f");
@@ -828,7 +487,7 @@ fn a_fifo_given_to_addlib_stalls_nobody() {
     std::os::unix::fs::chown(&fifo, Some(NOBODY), Some(NOBODY)).expect("chown fifo");
 
     let mut addlib = agent
-        .client(tool("chpoxctl"), Some(NOBODY))
+        .client_as(tool("chpoxctl"), NOBODY)
         .args(["addlib", path_str(&fifo)])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -873,8 +532,8 @@ fn a_fifo_given_to_addlib_stalls_nobody() {
 /// connections, after which nobody is served again.
 #[test]
 fn a_thousand_idle_connections_from_one_user_starve_nobody_else() {
-    let s = scratch();
-    let mut agent = Agent::start(&s, &s.path("images"), &[]);
+    let s = scratch_with_out();
+    let mut agent = start_agent(&s, &s.path("images"), &[]);
     assert!(
         raise_own_fd_limit() > 1500,
         "this test needs 1500 descriptors"
@@ -972,8 +631,8 @@ fn a_thousand_idle_connections_from_one_user_starve_nobody_else() {
 /// answering.
 #[test]
 fn an_endless_request_line_is_cut_off_and_costs_the_agent_no_memory() {
-    let s = scratch();
-    let mut agent = Agent::start(&s, &s.path("images"), &[]);
+    let s = scratch_with_out();
+    let mut agent = start_agent(&s, &s.path("images"), &[]);
     let peak_before = agent.status_kb("VmHWM:");
 
     let socket = agent.socket();
@@ -1021,11 +680,11 @@ fn an_endless_request_line_is_cut_off_and_costs_the_agent_no_memory() {
 /// in it), under a safe name, never where the name points.
 #[test]
 fn a_process_name_cannot_steer_its_image_out_of_the_image_directory() {
-    let s = scratch();
+    let s = scratch_with_out();
     // ../../../etc from images is the scratch space's etc.
     let images = s.path("a/b/images");
     let etc = s.dir("etc", 0o777);
-    let agent = Agent::start(&s, &images, &[]);
+    let agent = start_agent(&s, &images, &[]);
     let mut guard = Guard::default();
 
     let mut renamed = |name: &str| {
@@ -1091,12 +750,12 @@ fn a_process_name_cannot_steer_its_image_out_of_the_image_directory() {
 /// also when an older agent left it readable by all.
 #[test]
 fn the_saved_registrations_are_readable_by_root_only() {
-    let s = scratch();
+    let s = scratch_with_out();
     fs::create_dir(&s.run).expect("mkdir run");
     let saved = s.run.join("registrations.json");
     fs::write(&saved, "[]").expect("write");
     chmod(&saved, 0o644);
-    let agent = Agent::start(&s, &s.path("images"), &[]);
+    let agent = start_agent(&s, &s.path("images"), &[]);
     let mode = |p: &Path| {
         fs::metadata(p)
             .expect("registrations.json")
@@ -1131,7 +790,7 @@ fn the_saved_registrations_are_readable_by_root_only() {
 /// live process may still be writing.
 #[test]
 fn stale_temporary_images_are_removed_at_start() {
-    let s = scratch();
+    let s = scratch_with_out();
     let images = s.dir("images", 0o755);
     let user_dir = s.dir(&format!("images/{NOBODY}"), 0o700);
     std::os::unix::fs::chown(&user_dir, Some(NOBODY), Some(NOBODY)).expect("chown");
@@ -1162,7 +821,7 @@ fn stale_temporary_images_are_removed_at_start() {
     let dir = images.join(format!(".dir.chpox-tmp.{dead}.0"));
     fs::create_dir(&dir).expect("mkdir");
 
-    let _agent = Agent::start(&s, &images, &[]);
+    let _agent = start_agent(&s, &images, &[]);
     for f in &stale {
         assert!(!f.exists(), "stale {} was kept", f.display());
     }

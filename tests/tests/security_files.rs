@@ -19,189 +19,18 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::agent::{Agent, NOBODY, POLL, STARTUP_TIMEOUT, assert_ok, scratch};
 use common::{Target, bin, chmod, chpox_bin, path_str, show};
-use serde_json::Value;
 
-/// uid and gid of `nobody`, the unprivileged user of these tests.
-const NOBODY: u32 = 65534;
 /// Set in the environment of a copy of this test program that is to act
 /// as a target (see [`dumpable_target_helper`]).
 const HELPER_ENV: &str = "CHPOX_SECURITY_FILES_HELPER";
 
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(20);
-
 // ---------------------------------------------------------------------------
-// Scratch space and the agent
-
-/// A test's scratch space, traversable by everyone: `run` and `images` are
-/// the agent's (created by it), `logs` holds the agent's and the targets'
-/// output.
-struct Scratch {
-    tmp: tempfile::TempDir,
-    run: PathBuf,
-    images: PathBuf,
-    logs: PathBuf,
-}
-
-fn scratch() -> Scratch {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    chmod(tmp.path(), 0o755);
-    let logs = tmp.path().join("logs");
-    fs::create_dir(&logs).expect("mkdir logs");
-    chmod(&logs, 0o755);
-    Scratch {
-        run: tmp.path().join("run"),
-        images: tmp.path().join("images"),
-        logs,
-        tmp,
-    }
-}
-
-impl Scratch {
-    /// A new directory `name` with `mode`, owned by `uid`.
-    fn dir(&self, name: &str, mode: u32, uid: u32) -> PathBuf {
-        let d = self.tmp.path().join(name);
-        fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-        chmod(&d, mode);
-        std::os::unix::fs::chown(&d, Some(uid), Some(uid)).expect("chown");
-        d
-    }
-}
-
-/// A binary of `chpox-user` next to `chpox`.
-fn tool(name: &str) -> PathBuf {
-    let p = chpox_bin().with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{} not found; build it with `cargo build -p chpox-user`",
-        p.display()
-    );
-    p
-}
-
-static AGENTS: AtomicUsize = AtomicUsize::new(0);
-
-/// A running `chpox-agent`, stopped with SIGTERM when dropped.
-struct Agent {
-    child: Child,
-    run_dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(s: &Scratch) -> Agent {
-        let n = AGENTS.fetch_add(1, Ordering::SeqCst);
-        let log = s.logs.join(format!("agent.{n}.log"));
-        let child = Command::new(tool("chpox-agent"))
-            .arg("--run-dir")
-            .arg(&s.run)
-            .arg("--image-dir")
-            .arg(&s.images)
-            .env("CHPOX_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("CHPOX_RUN_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("create agent log"))
-            .spawn()
-            .expect("spawn chpox-agent");
-        let mut agent = Agent {
-            child,
-            run_dir: s.run.clone(),
-            log,
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            if agent.log_text().contains("chpox-agent ready")
-                && agent.run_dir.join("agent.sock").exists()
-            {
-                return agent;
-            }
-            if let Some(status) = agent.child.try_wait().expect("try_wait agent") {
-                panic!(
-                    "chpox-agent exited ({status}) before serving\n{}",
-                    agent.describe()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chpox-agent not ready within {STARTUP_TIMEOUT:?}\n{}",
-                agent.describe()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn describe(&self) -> String {
-        format!("--- agent log ---\n{}", self.log_text())
-    }
-
-    /// `program ARGS` talking to this agent, as `uid`.
-    fn client_as(&self, uid: u32, program: PathBuf, args: &[&str]) -> Output {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env("CHPOX_RUN_DIR", &self.run_dir)
-            .env_remove("CHPOX_LOG")
-            .stdin(Stdio::null());
-        if uid != 0 {
-            cmd.uid(uid).gid(uid);
-        }
-        cmd.output().expect("run a client")
-    }
-
-    fn chpox_as(&self, uid: u32, args: &[&str]) -> Output {
-        self.client_as(uid, chpox_bin(), args)
-    }
-
-    fn chpoxctl_as(&self, uid: u32, args: &[&str]) -> Output {
-        self.client_as(uid, tool("chpoxctl"), args)
-    }
-
-    /// `chpox list --json`'s entry for `pid`, as root.
-    fn entry(&self, pid: i32) -> Option<Value> {
-        let out = self.chpox_as(0, &["list", "--json"]);
-        assert!(out.status.success(), "chpox list {}", show(&out));
-        match serde_json::from_slice(&out.stdout) {
-            Ok(Value::Array(entries)) => entries.into_iter().find(|e| e["pid"] == pid),
-            other => panic!("chpox list --json printed {other:?}"),
-        }
-    }
-
-    /// Asks for a checkpoint of `pid` as `uid` and waits for its outcome.
-    fn checkpoint_as(&self, uid: u32, pid: i32) -> Output {
-        self.chpox_as(uid, &["checkpoint", &pid.to_string(), "--timeout", "60"])
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions; the PID is our
-        // unreaped child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(POLL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn assert_ok(what: &str, out: &Output) {
-    assert!(out.status.success(), "{what} failed {}", show(out));
-}
+// Checks
 
 /// Asserts that a checkpoint failed and that both its own output and
 /// `chpox list` (the registration's last error) say every one of `phrases`.
@@ -307,7 +136,7 @@ fn dumpable_target_helper() {
 fn an_execute_only_executable_is_not_embedded_for_its_user() {
     let s = scratch();
     let agent = Agent::start(&s);
-    let bin_dir = s.dir("bin", 0o755, 0);
+    let bin_dir = s.dir_owned("bin", 0o755, 0);
     let exe = bin_dir.join("execute-only");
     fs::copy(std::env::current_exe().expect("current_exe"), &exe).expect("copy the program");
     chmod(&exe, 0o711);
@@ -320,7 +149,7 @@ fn an_execute_only_executable_is_not_embedded_for_its_user() {
         page.iter().any(|&b| b != 0),
         "a page of zeros proves nothing"
     );
-    let out_dir = s.dir("out", 0o755, NOBODY);
+    let out_dir = s.dir_owned("out", 0o755, NOBODY);
     let img = out_dir.join("img.chpox");
 
     let mut cmd = Command::new(&exe);
@@ -398,7 +227,7 @@ fn a_deleted_root_only_file_held_open_is_not_embedded_for_its_user() {
         .open(&secret)
         .expect("open the secret");
     fs::remove_file(&secret).expect("delete the secret");
-    let out_dir = s.dir("out", 0o755, NOBODY);
+    let out_dir = s.dir_owned("out", 0o755, NOBODY);
     let img = out_dir.join("img.chpox");
 
     let raw = handed.as_raw_fd();
@@ -450,7 +279,7 @@ fn a_users_readable_executable_and_deleted_file_are_embedded() {
     chmod(&readable, 0o644);
     let handed = File::open(&readable).expect("open");
     fs::remove_file(&readable).expect("delete");
-    let out_dir = s.dir("out", 0o755, NOBODY);
+    let out_dir = s.dir_owned("out", 0o755, NOBODY);
     let img = out_dir.join("img.chpox");
 
     let raw = handed.as_raw_fd();
@@ -507,28 +336,28 @@ fn a_users_readable_executable_and_deleted_file_are_embedded() {
 fn a_user_cannot_redirect_roots_checkpoint_with_a_symlink() {
     let s = scratch();
     let agent = Agent::start(&s);
-    let user_dir = s.dir("userdir", 0o755, NOBODY);
+    let user_dir = s.dir_owned("userdir", 0o755, NOBODY);
     let sub = user_dir.join("sub");
     as_nobody(&user_dir, "mkdir", &["sub"]);
-    let root_only = s.dir("root-only", 0o700, 0);
+    let root_only = s.dir_owned("root-only", 0o700, 0);
     let img = sub.join("img.chpox");
 
     let mut cmd = Command::new(bin("mempattern"));
     cmd.arg("4").current_dir(&s.logs).uid(NOBODY).gid(NOBODY);
     let t = Target::spawn_command(cmd, "mempattern", &s.logs);
     let pid = t.pid.to_string();
-    let reg = agent.chpox_as(0, &["register", &pid, "-o", path_str(&img)]);
+    let reg = agent.chpox(&["register", &pid, "-o", path_str(&img)]);
     assert_ok("chpox register (root) of nobody's process", &reg);
 
     // Into the real directory: fine, and the image is nobody's.
-    let first = agent.checkpoint_as(0, t.pid);
+    let first = agent.checkpoint_as(None, t.pid);
     assert_ok("the first checkpoint", &first);
     let meta = fs::metadata(&img).expect("the first image");
     assert_eq!((meta.uid(), meta.gid()), (NOBODY, NOBODY));
 
     as_nobody(&user_dir, "mv", &["sub", "sub.away"]);
     as_nobody(&user_dir, "ln", &["-s", path_str(&root_only), "sub"]);
-    let out = agent.checkpoint_as(0, t.pid);
+    let out = agent.checkpoint_as(None, t.pid);
 
     let landed: Vec<PathBuf> = fs::read_dir(&root_only)
         .expect("read the root-only directory")
