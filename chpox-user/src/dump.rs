@@ -419,7 +419,7 @@ fn capture_process(
     let syscall_ip = remote::find_syscall_insn(pid)?;
     let gadgets = crate::safe_return::find_gadgets(pid);
     let actions = {
-        let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets, syscall_ip)?;
+        let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let scratch_len = PAGE_SIZE;
         let scratch = leader.map_scratch(scratch_len)?;
         let actions = signals::dump_actions(&mut leader, scratch)?;
@@ -431,7 +431,8 @@ fn capture_process(
                 state.sigaltstack = signals::dump_altstack(&mut leader, scratch)?;
                 state.clear_child_tid = threads::dump_clear_child_tid(&mut leader, scratch)?;
             } else {
-                let mut thread = RemoteThread::borrow_guarded(frozen, *tid, gadgets, syscall_ip)?;
+                let mut thread =
+                    RemoteThread::borrow_guarded(frozen, *tid, gadgets.as_ref(), syscall_ip)?;
                 state.sigaltstack = signals::dump_altstack(&mut thread, scratch)?;
                 state.clear_child_tid = threads::dump_clear_child_tid(&mut thread, scratch)?;
                 thread.give_back()?;

@@ -156,7 +156,7 @@ impl<'f> RemoteThread<'f> {
     pub fn borrow_guarded(
         frozen: &'f Frozen,
         tid: i32,
-        gadgets: Option<Gadgets>,
+        gadgets: Option<&Gadgets>,
         fallback_ip: u64,
     ) -> Result<Self> {
         let Some(gadgets) = gadgets else {

@@ -34,12 +34,19 @@ use crate::error::Result;
 use crate::remote::{read_memory, write_memory};
 
 /// Addresses, in the target, of the two pieces of its code we use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gadgets {
     /// `syscall; ret` (0f 05 c3).
     pub syscall_ret: u64,
     /// `mov $15, %rax; syscall` (rt_sigreturn).
     pub sigreturn: u64,
+    /// Mappings where a frame may go below a thread's stack pointer: the
+    /// main stack, and mappings with a guard page right below them (thread
+    /// stacks of the C library). Elsewhere — a Go goroutine's stack in its
+    /// heap, say — the bytes below the stack pointer may be someone's
+    /// data: such threads are borrowed unguarded, as the kernel itself
+    /// would need SA_ONSTACK there.
+    stacks: Vec<(u64, u64)>,
 }
 
 const SYSCALL_RET: &[u8] = &[0x0f, 0x05, 0xc3];
@@ -62,6 +69,7 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
         return None;
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let stacks = stack_mappings(&maps);
     let mut regions: Vec<(u64, u64, String)> = maps
         .lines()
         .filter_map(|line| {
@@ -97,10 +105,41 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
             return Some(Gadgets {
                 syscall_ret,
                 sigreturn,
+                stacks,
             });
         }
     }
     None
+}
+
+/// The stack mappings of a /proc/PID/maps text (see `Gadgets::stacks`).
+fn stack_mappings(maps: &str) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    // (end, perms) of the mapping before the current one.
+    let mut below: Option<(u64, String)> = None;
+    for line in maps.lines() {
+        let mut cols = line.split_whitespace();
+        let (Some(range), Some(perms)) = (cols.next(), cols.next()) else {
+            continue;
+        };
+        let name = cols.nth(3).unwrap_or("");
+        let Some((start, end)) = range.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        }) else {
+            continue;
+        };
+        let guarded = below
+            .as_ref()
+            .is_some_and(|(e, p)| *e == start && p.starts_with("---"));
+        if perms.starts_with("rw") && (name == "[stack]" || guarded) {
+            out.push((start, end));
+        }
+        below = Some((end, perms.to_string()));
+    }
+    out
 }
 
 /// Bytes the frame takes below the red zone, before the XSAVE area.
@@ -131,11 +170,21 @@ pub fn write_frame(
     regs: &libc::user_regs_struct,
     mask: u64,
     xsave: &[u8],
-    gadgets: Gadgets,
+    gadgets: &Gadgets,
 ) -> Result<u64> {
     let fp_offset = FRAME_HEAD.div_ceil(64) * 64;
     let total = fp_offset + xsave.len() + 4;
-    let frame = (regs.rsp - RED_ZONE - total as u64) & !63;
+    let frame = (regs.rsp.saturating_sub(RED_ZONE + total as u64)) & !63;
+    if !gadgets
+        .stacks
+        .iter()
+        .any(|&(start, end)| start <= frame && regs.rsp <= end)
+    {
+        return Err(crate::error::Error::Other(format!(
+            "the stack pointer {:#x} is not on a stack with room below it",
+            regs.rsp
+        )));
+    }
     let mut f = vec![0u8; total];
     let mut put = |at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_ne_bytes());
     put(0, gadgets.sigreturn);
@@ -209,4 +258,26 @@ pub fn fill_altstack(pid: i32, frame: u64) -> Result<()> {
     let mut stack = [0u8; 24];
     read_memory(pid, frame + FRAME_SCRATCH_AT, &mut stack)?;
     write_memory(pid, frame + FRAME_STACK_AT, &stack)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacks_are_the_main_stack_and_guarded_mappings() {
+        let maps = "\
+7f0000000000-7f0000001000 ---p 00000000 00:00 0
+7f0000001000-7f0000801000 rw-p 00000000 00:00 0
+7f0000900000-7f0000a00000 rw-p 00000000 00:00 0
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+";
+        assert_eq!(
+            stack_mappings(maps),
+            [
+                (0x7f00_0000_1000, 0x7f00_0080_1000),
+                (0x7ffc_0000_0000, 0x7ffc_0002_1000)
+            ]
+        );
+    }
 }

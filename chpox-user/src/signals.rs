@@ -107,7 +107,7 @@ pub fn set_action(pid: i32, action: SigAction) -> Result<SigAction> {
     let frozen = crate::ptrace::Frozen::freeze(pid)?;
     let syscall_ip = crate::remote::find_syscall_insn(pid)?;
     let gadgets = crate::safe_return::find_gadgets(pid);
-    let mut leader = RemoteThread::borrow_guarded(&frozen, pid, gadgets, syscall_ip)?;
+    let mut leader = RemoteThread::borrow_guarded(&frozen, pid, gadgets.as_ref(), syscall_ip)?;
     let scratch_len = 4096;
     let scratch = leader.map_scratch(scratch_len)?;
     crate::remote::write_memory(pid, scratch, &to_kernel(&action))?;
