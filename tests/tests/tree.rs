@@ -25,6 +25,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::agent::poll;
 use common::procs::{Guard, Stat, cmdline, exists, kill_tree, signal, stat, tree, tree_pids};
 use common::{Target, chpox_bin, chpox_ok, path_str, tempdir};
 use serde_json::Value;
@@ -85,28 +86,6 @@ fn wait_gone(pids: &BTreeSet<i32>, context: &str) {
         assert!(
             Instant::now() < deadline,
             "{context}: processes still there after {GONE_TIMEOUT:?}: {left:#?}"
-        );
-        std::thread::sleep(POLL);
-    }
-}
-
-/// Polls `f` every 10 ms until it returns `Some`; panics with `what` and
-/// `context()` after `timeout`.
-fn poll_until<T>(
-    what: &str,
-    timeout: Duration,
-    context: impl Fn() -> String,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            context()
         );
         std::thread::sleep(POLL);
     }
@@ -232,7 +211,7 @@ fn forktree(args: &[&str], dir: &Path) -> Target {
 /// its stdout file) has printed `n` lines after `READY`, or a `FAIL` line,
 /// or the restored `root` is gone; returns those lines.
 fn wait_lines(t: &Target, n: usize, root: i32) -> Vec<String> {
-    poll_until(
+    poll(
         &format!("{n} lines after READY"),
         TIMEOUT,
         || {
@@ -488,7 +467,7 @@ fn steps_resume(how: Dump) {
         )
     };
     let root = job.pid;
-    let step3 = poll_until("step 3 asleep", TIMEOUT, context, || {
+    let step3 = poll("step 3 asleep", TIMEOUT, context, || {
         tree(root)
             .into_iter()
             .find(|s| {
@@ -590,7 +569,7 @@ fn pipeline_resume(how: Dump) {
     let root = job.pid;
 
     let mut sleeps = BTreeSet::new();
-    poll_until(
+    poll(
         "awk's third sleep",
         TIMEOUT,
         || {
@@ -1135,7 +1114,7 @@ fn pid_ns_restores_the_tree_while_the_original_pids_are_taken() {
     let mut restore = restore_job(&image, &["--pid-ns"], dir.path());
     let restorer = restore.pid;
     // Both original PIDs inside a nested namespace, below the restorer.
-    poll_until(
+    poll(
         "the tree restored in a PID namespace",
         TIMEOUT,
         || {
@@ -1248,7 +1227,7 @@ fn make_resume(how: Dump) {
     guard.watch_tree(job.pid);
     let root = job.pid;
     // Mid-build: some objects exist, compilers are running.
-    poll_until(
+    poll(
         "make halfway, compiling",
         TIMEOUT,
         || describe_tree(root),
@@ -1327,7 +1306,7 @@ fn fifo_resume(how: Dump) {
     guard.watch_tree(job.pid);
     let root = job.pid;
     // The writer is done, the reader still asleep: the bytes are in the FIFO.
-    poll_until(
+    poll(
         "bytes written into the FIFO",
         TIMEOUT,
         || job.describe(),
@@ -1426,7 +1405,7 @@ fn socketpair_resume(how: Dump) {
     let mut guard = Guard::default();
     guard.watch_tree(job.pid);
     let root = job.pid;
-    poll_until(
+    poll(
         "both sides sent",
         TIMEOUT,
         || format!("{}\n{}", job.describe(), describe_tree(root)),
