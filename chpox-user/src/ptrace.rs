@@ -367,6 +367,27 @@ impl Frozen {
                 }
             }
         }
+        if stopped || self.was_stopped {
+            self.wait_until_stopped();
+        }
+    }
+
+    /// The queued SIGSTOP takes effect only once a thread runs, a moment
+    /// after the detach; waiting for it means whoever looks right after we
+    /// return (a job-control shell, `chpox restore`'s caller) sees the
+    /// process stopped, as it was, and not briefly running.
+    fn wait_until_stopped(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match process_state(self.pid) {
+                Ok('T' | 'Z' | 'X') | Err(_) => return,
+                Ok(_) if std::time::Instant::now() >= deadline => {
+                    warn!(pid = self.pid, "the process has not stopped yet");
+                    return;
+                }
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
     }
 }
 
