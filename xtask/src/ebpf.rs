@@ -119,10 +119,10 @@ fn find_bpf_linker() -> Option<PathBuf> {
     })
 }
 
-/// Install what building chpox-ebpf needs, skipping whatever is there.
-pub fn install_prerequisites() -> Result<()> {
-    // 1. LLVM 22 development files (bpf-linker links against them).
-    let missing: Vec<&str> = LLVM_PACKAGES
+/// Install the Debian packages of `packages` that are missing (one
+/// `apt-get update` first), saying what it checks and does.
+pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| {
@@ -153,6 +153,13 @@ pub fn install_prerequisites() -> Result<()> {
             &format!("install {} by hand and rerun", missing.join(" ")),
         )?;
     }
+    Ok(())
+}
+
+/// Install what building chpox-ebpf needs, skipping whatever is there.
+pub fn install_prerequisites() -> Result<()> {
+    // 1. LLVM 22 development files (bpf-linker links against them).
+    ensure_debian_packages(&LLVM_PACKAGES)?;
 
     // 2. Nightly Rust with rust-src (for -Z build-std=core).
     let toolchains = output_of(rustup().args(["toolchain", "list"])).context(

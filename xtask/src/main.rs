@@ -91,6 +91,10 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Debian packages the test suite runs real programs from (servers,
+/// runtimes, a batch system). `cargo xtask test` installs the missing ones.
+const TEST_PACKAGES: &[&str] = &["python3"];
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -173,6 +177,7 @@ fn main() -> Result<()> {
         }
         Task::Test => {
             require_root("the test suite")?;
+            ebpf::ensure_debian_packages(TEST_PACKAGES)?;
             ebpf::build_ebpf(true)?;
             run(cargo().args(["build", "--workspace", "--bins"]))?;
             test_all()
