@@ -1,0 +1,195 @@
+//! Per-process state beyond memory and descriptors, on real processes:
+//! timers that are not descriptors, files mapped shared and writable, and
+//! the small attributes (oom_score_adj, prctl flags, locked memory,
+//! madvise flags, seccomp) a program can check on itself. Each program is
+//! checkpointed, killed, restored, and must finish as an uninterrupted run
+//! would.
+
+mod common;
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
+
+/// `chpox dump PID -o IMAGE --unsupported-fd null [extra]` (descriptors the
+/// test harness leaks into its children become /dev/null).
+fn dump(pid: i32, image: &Path, extra: &[&str]) {
+    let pid_s = pid.to_string();
+    let mut args = vec![
+        "dump",
+        &pid_s,
+        "-o",
+        path_str(image),
+        "--unsupported-fd",
+        "null",
+    ];
+    args.extend_from_slice(extra);
+    chpox_ok(&args);
+}
+
+/// `chpox restore IMAGE [extra]`, waiting for the process: its exit code
+/// and chpox's stderr.
+fn restore_and_wait(image: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(chpox_bin())
+        .arg("restore")
+        .arg(image)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chpox restore");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `f` every 10 ms for at most `timeout`.
+fn poll_until(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A JVM: thread pool, JIT, GC threads, and /tmp/hsperfdata_USER/PID mapped
+// shared and writable, which it writes on after the checkpoint.
+
+const POOL_JAVA: &str = r#"import java.util.*;
+import java.util.concurrent.*;
+
+public class Pool {
+    static long work(int chunk) {
+        long s = 0;
+        for (long n = chunk * 100000L; n < (chunk + 1) * 100000L; n++) s += (n * n) % 1000003L;
+        return s;
+    }
+    public static void main(String[] args) throws Exception {
+        ExecutorService pool = Executors.newFixedThreadPool(4);
+        long total = 0;
+        for (int round = 0; round < 30; round++) {
+            List<Future<Long>> fs = new ArrayList<>();
+            for (int c = 0; c < 8; c++) { final int ch = round * 8 + c; fs.add(pool.submit(() -> work(ch))); }
+            long s = 0;
+            for (Future<Long> f : fs) s += f.get();
+            total += s;
+            System.out.println("round " + round + " " + s);
+            Thread.sleep(200);
+        }
+        pool.shutdown();
+        pool.awaitTermination(10, TimeUnit.SECONDS);
+        System.out.println("TOTAL " + total);
+    }
+}
+"#;
+
+/// What `POOL_JAVA` prints.
+fn pool_output() -> String {
+    let work = |chunk: i64| -> i64 {
+        (chunk * 100_000..(chunk + 1) * 100_000)
+            .map(|n| (n * n) % 1_000_003)
+            .sum()
+    };
+    let mut out = String::new();
+    let mut total = 0i64;
+    for round in 0..30 {
+        let s: i64 = (0..8).map(|c| work(round * 8 + c)).sum();
+        total += s;
+        out.push_str(&format!("round {round} {s}\n"));
+    }
+    out.push_str(&format!("TOTAL {total}\n"));
+    out
+}
+
+/// A JVM with a thread pool, checkpointed while it runs on (as the agent
+/// does), killed a little later and restored without `--embed-all-libs`:
+/// the performance-data file it maps shared and writable has changed since
+/// the checkpoint, which is its state, not a changed library.
+#[test]
+fn a_jvm_with_a_thread_pool_restores() {
+    let java = Path::new("/usr/bin/java");
+    let javac = Path::new("/usr/bin/javac");
+    assert!(
+        java.exists() && javac.exists(),
+        "java/javac missing: apt-get install openjdk-17-jdk-headless"
+    );
+    let dir = tempdir();
+    std::fs::write(dir.path().join("Pool.java"), POOL_JAVA).expect("write Pool.java");
+    let built = Command::new(javac)
+        .args(["-d", "classes", "Pool.java"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run javac");
+    assert!(built.status.success(), "javac: {}", common::show(&built));
+
+    let out = dir.path().join("pool.out");
+    let err = dir.path().join("pool.err");
+    let mut child = Command::new(java)
+        .args(["-Xmx64m", "-cp", "classes", "Pool"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).expect("create stdout"))
+        .stderr(File::create(&err).expect("create stderr"))
+        .spawn()
+        .expect("spawn java");
+    let pid = child.id() as i32;
+    let show = || {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            std::fs::read_to_string(&out).unwrap_or_default(),
+            std::fs::read_to_string(&err).unwrap_or_default()
+        )
+    };
+    let lines = || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    poll_until("3 rounds", Duration::from_secs(60), show, || lines() >= 3);
+    let image = dir.path().join("jvm.img");
+    dump(pid, &image, &[]);
+    let at_dump = lines();
+    assert!(at_dump < 31, "finished before the dump\n{}", show());
+    // It runs on, and writes its performance data, before it dies.
+    poll_until("another round", Duration::from_secs(60), show, || {
+        lines() > at_dump
+    });
+    child.kill().expect("kill java");
+    child.wait().expect("reap java");
+    wait_pid_free(pid);
+
+    let meta = chpox::image::ImageReader::open(&image)
+        .expect("open image")
+        .metadata()
+        .clone();
+    assert!(
+        meta.root
+            .vmas
+            .iter()
+            .any(|v| v.shared && v.write && v.name.contains("hsperfdata")),
+        "the JVM maps no performance-data file shared and writable"
+    );
+
+    let (code, stderr) = restore_and_wait(&image, &["--pid", "any"]);
+    assert_eq!(code, 0, "{stderr}\n{}", show());
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("read stdout"),
+        pool_output(),
+        "{}",
+        show()
+    );
+}
