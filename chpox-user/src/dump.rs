@@ -424,6 +424,7 @@ fn capture_process(
         let scratch = leader.map_scratch(scratch_len)?;
         let actions = signals::dump_actions(&mut leader, scratch)?;
         process::dump_remote_state(&mut info, &mut leader, scratch)?;
+        info.timers = crate::timers::dump(pid, &mut leader, scratch)?;
         for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
             // What only the thread itself can say: its alternate signal
             // stack and its clear_child_tid.

@@ -25,6 +25,7 @@ pub mod restore;
 pub mod safe_return;
 pub mod signals;
 pub mod threads;
+pub mod timers;
 pub mod tree;
 pub mod unix_sockets;
 

@@ -147,6 +147,8 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
         pdeath_signal: 0,
         child_subreaper: false,
         shares_fs_with_parent: false,
+        timers: Default::default(),
+        attrs: Default::default(),
     })
 }
 

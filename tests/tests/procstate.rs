@@ -12,7 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
+use common::{Target, chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `chpox dump PID -o IMAGE --unsupported-fd null [extra]` (descriptors the
 /// test harness leaks into its children become /dev/null).
@@ -44,6 +46,60 @@ fn restore_and_wait(image: &Path, extra: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Checkpoint a target, kill it and reap it.
+fn checkpoint_kill(t: &mut Target, image: &Path, extra: &[&str]) {
+    dump(t.pid, image, &[&["--kill"], extra].concat());
+    t.child.wait().expect("reap the original");
+    wait_pid_free(t.pid);
+}
+
+/// Orphans come to this test process, so a `--detach`ed restored process
+/// can be reaped here.
+fn become_subreaper() {
+    // SAFETY: plain prctl with integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// `chpox restore --detach IMAGE [extra]`; the restored PID.
+fn restore_detached(image: &Path, extra: &[&str]) -> i32 {
+    let mut args = vec!["restore", "--detach", path_str(image)];
+    args.extend_from_slice(extra);
+    let out = chpox_ok(&args);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("restore printed {out:?}, not a PID: {e}"))
+}
+
+/// Exit code of our child or adopted orphan `pid` (128 + signal if killed).
+fn wait_pid(pid: i32, timeout: Duration) -> i32 {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = Instant::now() + timeout;
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => {}
+            Err(e) => panic!("waitpid({pid}): {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PID {pid} did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Restore `image` detached, send SIGUSR1 to the restored process (the
+/// programs check themselves on it), and return its exit code.
+fn restore_and_check(image: &Path, extra: &[&str]) -> i32 {
+    become_subreaper();
+    let pid = restore_detached(image, extra);
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0, "kill({pid})");
+    wait_pid(pid, EXIT_TIMEOUT)
 }
 
 /// Polls `f` every 10 ms for at most `timeout`.
@@ -191,5 +247,50 @@ fn a_jvm_with_a_thread_pool_restores() {
         pool_output(),
         "{}",
         show()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Timers that are not descriptors
+
+/// `setitimer` and POSIX timers come back with their IDs, clocks, signals,
+/// values, intervals and the time they had left; a SIGEV_THREAD_ID timer
+/// goes on signalling its thread.
+#[test]
+fn timers_come_back() {
+    let dir = tempdir();
+    let mut t = Target::spawn("timers", &[], dir.path());
+    assert_eq!(t.ready_value("timers"), "4");
+    let image = dir.path().join("timers.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &[]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        [
+            "OK itimer real",
+            "OK itimer virtual",
+            "OK itimer prof",
+            "OK posix ids",
+            "OK posix times",
+            "OK ticker",
+            "DONE"
+        ]
+    );
+}
+
+/// With new TIDs, a SIGEV_THREAD_ID timer signals the thread that took its
+/// thread's place.
+#[test]
+fn a_thread_timer_follows_its_thread_to_a_new_tid() {
+    let dir = tempdir();
+    let mut t = Target::spawn("timers", &[], dir.path());
+    let image = dir.path().join("timers.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &["--pid", "any"]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready().last().map(String::as_str),
+        Some("DONE")
     );
 }

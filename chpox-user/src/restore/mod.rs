@@ -401,6 +401,13 @@ fn build(
     };
     signals::restore_pending(&mut c, image, &tids, warnings)?;
     process::restore_rlimits(&mut c, &image.process.rlimits, ctx.owner, warnings)?;
+    let tid_pairs: Vec<(i32, i32)> = image
+        .threads
+        .iter()
+        .map(|t| t.tid)
+        .zip(tids.iter().copied())
+        .collect();
+    crate::timers::restore(&mut c, &image.process.timers, &tid_pairs)?;
     let tid_offset = threads::tid_offset(pid, &image.threads);
     if tid_offset.is_none() && !others.is_empty() {
         let w = "cannot tell where the threads keep their IDs; a pthread_join may never return"
