@@ -425,6 +425,7 @@ fn capture_process(
         let actions = signals::dump_actions(&mut leader, scratch)?;
         process::dump_remote_state(&mut info, &mut leader, scratch)?;
         info.timers = crate::timers::dump(pid, &mut leader, scratch)?;
+        process::dump_attrs(&mut info, &mut leader, &tids)?;
         for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
             // What only the thread itself can say: its alternate signal
             // stack and its clear_child_tid.

@@ -10,7 +10,7 @@
 use procfs::process::Process;
 
 use crate::error::{Error, Result, read_proc, read_proc_bytes};
-use crate::image::model::{Credentials, MmFields, ProcessInfo, Rlimit, Scheduling};
+use crate::image::model::{Credentials, MmFields, ProcessInfo, Rlimit, Scheduling, SeccompFilter};
 use crate::remote::{RemoteThread, read_memory};
 
 /// PF_KTHREAD in /proc/PID/stat's flags.
@@ -204,6 +204,118 @@ pub fn dump_remote_state(
         });
     }
     Ok(())
+}
+
+/// `PTRACE_SECCOMP_GET_FILTER` and `PTRACE_SECCOMP_GET_METADATA`.
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
+/// The most instructions a classic BPF program may have (`BPF_MAXINSNS`).
+const BPF_MAXINSNS: usize = 4096;
+
+/// A number after `key` in a /proc status file.
+fn status_number(status: &str, key: &str) -> Option<i64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Small per-process attributes: oom_score_adj from /proc, the prctl
+/// flags with remote prctl calls, and the seccomp filters of every thread
+/// (which must be one chain for all: they are reinstalled with
+/// SECCOMP_FILTER_FLAG_TSYNC).
+pub fn dump_attrs(
+    info: &mut ProcessInfo,
+    thread: &mut RemoteThread<'_>,
+    tids: &[i32],
+) -> Result<()> {
+    let pid = thread.pid();
+    let attrs = &mut info.attrs;
+    attrs.oom_score_adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    // These prctl calls return the value itself.
+    attrs.dumpable = Some(thread.checked(
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+    )? as u32);
+    attrs.no_new_privs = thread.checked(
+        "prctl(PR_GET_NO_NEW_PRIVS)",
+        libc::SYS_prctl,
+        [libc::PR_GET_NO_NEW_PRIVS as u64, 0, 0, 0, 0, 0],
+    )? != 0;
+    attrs.thp_disable = thread.checked(
+        "prctl(PR_GET_THP_DISABLE)",
+        libc::SYS_prctl,
+        [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
+    )? != 0;
+    let mut chains = Vec::with_capacity(tids.len());
+    for &tid in tids {
+        let status = read_proc(&format!("/proc/{pid}/task/{tid}/status"))?;
+        match status_number(&status, "Seccomp:") {
+            None | Some(0) => chains.push(Vec::new()),
+            Some(2) => chains.push(seccomp_filters(tid)?),
+            Some(mode) => {
+                return Err(Error::Other(format!(
+                    "thread {tid} of PID {pid} runs in strict seccomp mode {mode} (SECCOMP_SET_MODE_STRICT), which chpox cannot restore"
+                )));
+            }
+        }
+    }
+    if chains.windows(2).any(|w| w[0] != w[1]) {
+        return Err(Error::Other(format!(
+            "the threads of PID {pid} have different seccomp filters, which chpox cannot restore (only one chain for all threads)"
+        )));
+    }
+    attrs.seccomp_filters = chains.into_iter().next().unwrap_or_default();
+    Ok(())
+}
+
+/// The seccomp filters of traced thread `tid`, oldest first (the kernel
+/// counts filter indices from the oldest, whatever ptrace(2) says).
+fn seccomp_filters(tid: i32) -> Result<Vec<SeccompFilter>> {
+    let mut filters = Vec::new();
+    for index in 0.. {
+        let mut prog = vec![0u8; BPF_MAXINSNS * 8];
+        // SAFETY: the kernel writes at most BPF_MAXINSNS 8-byte
+        // instructions into `prog`, which has room for them.
+        let n = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as libc::c_ulong,
+                prog.as_mut_ptr(),
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(Error::Other(format!(
+                "cannot read seccomp filter {index} of thread {tid} (PTRACE_SECCOMP_GET_FILTER: {e})"
+            )));
+        }
+        prog.truncate(n as usize * 8);
+        // struct seccomp_metadata { u64 filter_off; u64 flags; }
+        let mut meta = [index as u64, 0u64];
+        // SAFETY: the kernel reads filter_off and writes the 16-byte struct.
+        let ret = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_METADATA,
+                tid,
+                std::mem::size_of_val(&meta) as libc::c_ulong,
+                meta.as_mut_ptr(),
+            )
+        };
+        let flags = if ret < 0 { 0 } else { meta[1] };
+        filters.push(SeccompFilter {
+            program: prog,
+            flags,
+        });
+    }
+    Ok(filters)
 }
 
 pub fn read_link(path: &str) -> Result<String> {

@@ -294,3 +294,29 @@ fn a_thread_timer_follows_its_thread_to_a_new_tid() {
         Some("DONE")
     );
 }
+
+// ---------------------------------------------------------------------------
+// Small per-process attributes
+
+/// oom_score_adj, THP disabling, dumpability, no_new_privs, two seccomp
+/// filters on both threads, and the madvise/mlock state of mappings come
+/// back.
+#[test]
+fn small_process_attributes_come_back() {
+    let dir = tempdir();
+    let mut t = Target::spawn("procattrs", &[], dir.path());
+    let image = dir.path().join("attrs.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &[]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        [
+            "OK oom_score_adj",
+            "OK prctl",
+            "OK seccomp",
+            "OK vmflags",
+            "DONE"
+        ]
+    );
+}
