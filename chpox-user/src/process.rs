@@ -10,7 +10,11 @@
 use procfs::process::Process;
 
 use crate::error::{Error, Result, read_proc, read_proc_bytes};
-use crate::image::model::{Credentials, MmFields, ProcessInfo, Rlimit, Scheduling, SeccompFilter};
+use std::os::unix::fs::MetadataExt;
+
+use crate::image::model::{
+    Credentials, MmFields, ProcessAttrs, ProcessInfo, Rlimit, Scheduling, SeccompFilter,
+};
 use crate::remote::{RemoteThread, read_memory};
 
 /// PF_KTHREAD in /proc/PID/stat's flags.
@@ -96,6 +100,18 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
     let cmdline = proc.cmdline().map_err(|e| proc_err(pid, e))?;
     let exe = read_link(&format!("/proc/{pid}/exe"))?;
     let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
+    let cwd_deleted = cwd.ends_with(" (deleted)")
+        && std::fs::metadata(format!("/proc/{pid}/cwd")).is_ok_and(|m| m.nlink() == 0);
+    let cwd_mode = if cwd_deleted {
+        std::fs::metadata(format!("/proc/{pid}/cwd")).map_or(0o755, |m| m.mode() & 0o7777)
+    } else {
+        0
+    };
+    let cwd = if cwd_deleted {
+        cwd.trim_end_matches(" (deleted)").to_string()
+    } else {
+        cwd
+    };
     let auxv = parse_auxv(&read_proc_bytes(&format!("/proc/{pid}/auxv"))?);
     let mut sched_param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_getparam writes one sched_param into the struct we own.
@@ -148,7 +164,11 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
         child_subreaper: false,
         shares_fs_with_parent: false,
         timers: Default::default(),
-        attrs: Default::default(),
+        attrs: ProcessAttrs {
+            cwd_deleted,
+            cwd_mode,
+            ..Default::default()
+        },
     })
 }
 
@@ -269,6 +289,46 @@ pub fn dump_attrs(
         )));
     }
     attrs.seccomp_filters = chains.into_iter().next().unwrap_or_default();
+    Ok(())
+}
+
+/// `mlockall(MCL_FUTURE)` leaves no mark in /proc but on the mappings made
+/// after it: the scratch mapping the dump has just made in the process
+/// (at `scratch`) is locked exactly when it is in force, and locked on
+/// fault with MCL_ONFAULT. smaps is read only when some memory is locked.
+pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<()> {
+    const MCL_FUTURE: u32 = 2;
+    const MCL_ONFAULT: u32 = 4;
+    let status = read_proc(&format!("/proc/{pid}/status"))?;
+    let locked_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if locked_kb == 0 {
+        return Ok(());
+    }
+    let smaps = read_proc(&format!("/proc/{pid}/smaps"))?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if inside {
+                let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+                if has("lo") {
+                    info.attrs.mlockall = MCL_FUTURE | if has("lf") { MCL_ONFAULT } else { 0 };
+                }
+                return Ok(());
+            }
+            continue;
+        }
+        let range = line.split(' ').next().unwrap_or("");
+        if let Some((start, end)) = range.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            inside = (start..end).contains(&scratch);
+        }
+    }
     Ok(())
 }
 

@@ -299,12 +299,13 @@ fn a_thread_timer_follows_its_thread_to_a_new_tid() {
 // Small per-process attributes
 
 /// oom_score_adj, THP disabling, dumpability, no_new_privs, two seccomp
-/// filters on both threads, and the madvise/mlock state of mappings come
-/// back.
+/// filters on both threads, the madvise/mlock state of mappings,
+/// mlockall(MCL_FUTURE) and a removed working directory come back.
 #[test]
 fn small_process_attributes_come_back() {
     let dir = tempdir();
-    let mut t = Target::spawn("procattrs", &[], dir.path());
+    let cwd = dir.path().join("gone");
+    let mut t = Target::spawn("procattrs", &[path_str(&cwd)], dir.path());
     let image = dir.path().join("attrs.img");
     checkpoint_kill(&mut t, &image, &[]);
     let code = restore_and_check(&image, &[]);
@@ -316,6 +317,7 @@ fn small_process_attributes_come_back() {
             "OK prctl",
             "OK seccomp",
             "OK vmflags",
+            "OK cwd",
             "DONE"
         ]
     );

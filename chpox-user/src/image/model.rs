@@ -237,6 +237,13 @@ pub struct ProcessAttrs {
     /// Seccomp filters, oldest first, as classic BPF
     /// (`PTRACE_SECCOMP_GET_FILTER`): 8-byte `sock_filter` instructions.
     pub seccomp_filters: Vec<SeccompFilter>,
+    /// The working directory had been removed: restore makes one, enters
+    /// it and removes it again.
+    pub cwd_deleted: bool,
+    /// Its permission bits.
+    pub cwd_mode: u32,
+    /// `mlockall` flags that outlive the call: MCL_FUTURE, MCL_ONFAULT.
+    pub mlockall: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

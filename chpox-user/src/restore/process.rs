@@ -128,13 +128,17 @@ pub fn restore_state(
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     let info = &ctx.image.process;
-    let cwd = c.put_path(&info.cwd)?;
-    let ret = c.raw(libc::SYS_chdir, [cwd, 0, 0, 0, 0, 0])?;
-    if ret < 0 {
-        return Err(Error::File {
-            path: info.cwd.clone(),
-            source: errno_of(ret),
-        });
+    if info.attrs.cwd_deleted {
+        enter_deleted_cwd(c, &info.cwd, info.attrs.cwd_mode, info.pid, warnings)?;
+    } else {
+        let cwd = c.put_path(&info.cwd)?;
+        let ret = c.raw(libc::SYS_chdir, [cwd, 0, 0, 0, 0, 0])?;
+        if ret < 0 {
+            return Err(Error::File {
+                path: info.cwd.clone(),
+                source: errno_of(ret),
+            });
+        }
     }
     c.call(
         "umask",
@@ -202,6 +206,62 @@ pub fn restore_state(
         )?;
     }
     Ok(())
+}
+
+/// A working directory that had been removed comes back removed: a new
+/// directory with the saved mode is made, entered and removed again. It
+/// takes the saved path when that is free (so /proc/PID/cwd reads as it
+/// did), else a fresh name beside it, else in /tmp.
+fn enter_deleted_cwd(
+    c: &mut Child<'_>,
+    path: &str,
+    mode: u32,
+    pid: i32,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let parent = std::path::Path::new(path)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".into());
+    let candidates = [
+        path.to_string(),
+        format!("{}/.chpox-cwd-{pid}", parent.trim_end_matches('/')),
+        format!("/tmp/.chpox-cwd-{pid}"),
+    ];
+    for (i, dir) in candidates.iter().enumerate() {
+        let addr = c.put_path(dir)?;
+        if c.raw(libc::SYS_mkdir, [addr, 0o700, 0, 0, 0, 0])? < 0 {
+            continue;
+        }
+        // mkdir's mode passes through the umask; chmod's does not.
+        c.raw(
+            libc::SYS_chmod,
+            [addr, u64::from(mode & 0o7777), 0, 0, 0, 0],
+        )?;
+        let entered = c.raw(libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
+        let removed = c.raw(libc::SYS_rmdir, [addr, 0, 0, 0, 0, 0])?;
+        if entered < 0 {
+            continue;
+        }
+        if removed < 0 {
+            note(
+                warnings,
+                format!(
+                    "the removed working directory {path} was made again as {dir} but cannot be removed: {}",
+                    errno_of(removed)
+                ),
+            );
+        } else if i > 0 {
+            note(
+                warnings,
+                format!("the removed working directory {path} comes back removed, named {dir}"),
+            );
+        }
+        return Ok(());
+    }
+    Err(Error::Other(format!(
+        "cannot make a working directory to stand for the removed {path}"
+    )))
 }
 
 /// The nice value a process of an unprivileged user gets for its `saved`
@@ -534,6 +594,22 @@ pub fn restore_attrs(
             format!("dumpable mode {d} (suid_dumpable) cannot be set; the process keeps 1"),
         ),
         None => {}
+    }
+    if attrs.mlockall != 0 {
+        let ret = c.raw(
+            libc::SYS_mlockall,
+            [u64::from(attrs.mlockall), 0, 0, 0, 0, 0],
+        )?;
+        if ret < 0 {
+            note(
+                warnings,
+                format!(
+                    "cannot lock the memory mapped from now on (mlockall {:#x}): {}",
+                    attrs.mlockall,
+                    errno_of(ret)
+                ),
+            );
+        }
     }
     if attrs.no_new_privs {
         c.call(

@@ -719,7 +719,7 @@ fn check_paths(meta: &Metadata, owner: Option<&Owner>) -> Result<()> {
         }
         _ => None,
     };
-    for p in meta.processes() {
+    for p in meta.processes().filter(|p| !p.process.attrs.cwd_deleted) {
         let cwd = &p.process.cwd;
         let shown = crate::image::error::one_line(cwd);
         let gone = || Error::Other(format!("the working directory {shown} no longer exists"));

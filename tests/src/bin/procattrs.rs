@@ -11,7 +11,10 @@
 //! * mappings with madvise and mlock state: MADV_DONTFORK (`dc`),
 //!   MADV_WIPEONFORK (`wf`), MADV_NOHUGEPAGE (`nh`), MADV_DONTDUMP (`dd`),
 //!   MADV_MERGEABLE (`mg`, when KSM exists), `mlock` (`lo`),
-//!   `mlock2(MLOCK_ONFAULT)` (`lo lf`); each holds a pattern.
+//!   `mlock2(MLOCK_ONFAULT)` (`lo lf`); each holds a pattern; and
+//!   `mlockall(MCL_FUTURE)`, so a mapping made later is locked.
+//! * with a directory argument: works in that directory (made with mode
+//!   0751), removed.
 //!
 //! Prints `READY ...`; on SIGUSR1 prints one `OK` line per check and
 //! `DONE`, exit 0; a failed check panics (exit 101).
@@ -155,6 +158,16 @@ fn main() {
         fill(p, i as u8 * 17);
     }
 
+    // SAFETY: plain mlockall; MCL_FUTURE alone locks only what comes.
+    check(unsafe { libc::mlockall(libc::MCL_FUTURE) }, "mlockall");
+    let cwd = std::env::args().nth(1);
+    if let Some(dir) = &cwd {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir(dir).expect("mkdir");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o751)).expect("chmod");
+        std::env::set_current_dir(dir).expect("chdir");
+        std::fs::remove_dir(dir).expect("rmdir");
+    }
     std::fs::write("/proc/self/oom_score_adj", "321").expect("set oom_score_adj");
     // SAFETY: prctl with integer arguments.
     unsafe {
@@ -216,6 +229,25 @@ fn main() {
             "mapping {p:?} ({flag}) lost its content"
         );
     }
+    let later = mmap_anon_isolated(LEN, 0);
+    let flags = vm_flags(later as usize);
+    assert!(
+        flags.iter().any(|f| f == "lo"),
+        "a new mapping is not locked (mlockall MCL_FUTURE lost): {flags:?}"
+    );
     say!("OK vmflags");
+    if let Some(dir) = &cwd {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let link = std::fs::read_link("/proc/self/cwd").expect("readlink cwd");
+        assert_eq!(
+            link.to_string_lossy(),
+            format!("{dir} (deleted)"),
+            "the working directory"
+        );
+        let md = std::fs::metadata(".").expect("stat .");
+        assert_eq!(md.permissions().mode() & 0o7777, 0o751, "its mode");
+        assert_eq!(md.nlink(), 0, "it is removed");
+        say!("OK cwd");
+    }
     say!("DONE");
 }
