@@ -91,6 +91,8 @@ pub enum JobError {
     RequeueOutsideSlurm,
     #[error("{path}: {reason}")]
     Path { path: String, reason: String },
+    #[error("{image} is in use by another chpox job{}; one job per image", pid.map(|p| format!(" (PID {p})")).unwrap_or_default())]
+    InUse { image: String, pid: Option<i32> },
     #[error("chpox job needs chpox-agent to checkpoint the job: {0}")]
     Agent(ClientError),
     #[error("cannot register the job (PID {pid}) with chpox-agent; nothing runs: {source}")]
@@ -201,6 +203,9 @@ pub fn run(opts: &JobOptions) -> Result<i32, JobError> {
         return Err(JobError::RequeueOutsideSlurm);
     }
     let image = absolute(&opts.image)?;
+    // Held until we return; not inherited by the job (close-on-exec, and
+    // a restored job gets the image's descriptors only).
+    let _lock = lock_image(&image)?;
     let run_dir = control::run_dir();
     // Nothing starts unless its checkpoints can be taken.
     control::request(&run_dir, &Request::List, Duration::from_secs(60)).map_err(JobError::Agent)?;
@@ -292,6 +297,12 @@ fn serve(
             libc::SIGCHLD => {}
             libc::SIGTERM | libc::SIGINT | libc::SIGHUP => forward(shared, signo, info.ssi_code),
             _ if signo == CHECKPOINT_SIGNAL => {
+                if shared.stopped_by_us.load(Ordering::SeqCst) {
+                    // Requeued: the job waits, stopped, to be ended; an
+                    // image of it now would restore it stopped.
+                    info!("requeued already; signal {signo} ignored");
+                    continue;
+                }
                 if shared.signal_checkpoint.swap(true, Ordering::SeqCst) {
                     info!("a checkpoint asked by signal {signo} is under way already");
                     continue;
@@ -472,6 +483,45 @@ fn image_exists(image: &Path) -> Result<bool, JobError> {
             path: image.display().to_string(),
             reason: e.to_string(),
         }),
+    }
+}
+
+/// One `chpox job` per image: a second one would restore the job again
+/// beside the first, and both would write the same image.
+fn lock_image(image: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, JobError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = image.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| JobError::Path {
+            path: path.display().to_string(),
+            reason: format!("cannot create the job's lock file next to its image: {e}"),
+        })?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            // Who holds it, for the message a second one prints.
+            let _ = lock.set_len(0);
+            let _ = lock.write_all(format!("{}\n", std::process::id()).as_bytes());
+            Ok(lock)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Err(JobError::InUse {
+                image: image.display().to_string(),
+                pid: text.trim().parse().ok(),
+            })
+        }
+        Err((_, e)) => Err(sys("flock")(e)),
     }
 }
 

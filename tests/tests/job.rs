@@ -75,6 +75,17 @@ fn run_job(agent: &Agent, s: &Scratch, args: &[&str]) -> Output {
     child.wait_with_output().expect("chpox job output")
 }
 
+/// Whether `pid` has the image's lock file open.
+fn holds_lock(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().ends_with(".lock"))
+            })
+        })
+        .unwrap_or(false)
+}
+
 fn code(status: ExitStatus) -> Option<i32> {
     status.code()
 }
@@ -184,6 +195,10 @@ fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
     let (mut t, pid) = start_job(&agent, &s, &args);
     // Periodic checkpoints, without asking.
     agent.wait_checkpoints(pid, 2);
+    assert!(
+        !holds_lock(pid),
+        "the job must not hold chpox job's lock (it would outlive chpox job)"
+    );
     send(t.pid, libc::SIGKILL);
     t.wait_exit(JOB_TIMEOUT);
     // The job dies with chpox job: it must not run on beside its restored
@@ -233,6 +248,17 @@ fn job_forwards_hup_and_term_and_exits_as_the_job_did() {
         ],
     );
     wait_steps(&agent, &t, 1);
+    // One job per image: a second `chpox job` on it starts nothing.
+    let out = job_command(&agent, &s, &["--image", path_str(&image), "--", "true"])
+        .output()
+        .expect("run chpox job");
+    assert!(!out.status.success(), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("in use by another chpox job") && stderr.contains(&t.pid.to_string()),
+        "{}",
+        show(&out)
+    );
     // A handled signal: the job gets it and runs on.
     send(t.pid, libc::SIGHUP);
     t.wait_for_line("HUP", JOB_TIMEOUT);
