@@ -432,7 +432,7 @@ fn tick(shared: &Shared, every: Duration) {
                 info!(pid = shared.pid, image = %image.display(), "periodic checkpoint written")
             }
             // The job may have just exited; anything else is worth a line.
-            Err(e) if nix::sys::signal::kill(Pid::from_raw(shared.pid), None).is_ok() => {
+            Err(e) if alive(shared.pid) => {
                 eprintln!(
                     "chpox: warning: periodic checkpoint of PID {} failed: {e}",
                     shared.pid
@@ -441,6 +441,15 @@ fn tick(shared: &Shared, every: Duration) {
             Err(_) => return,
         }
     }
+}
+
+/// Whether `pid` exists and is not a zombie waiting for us.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// The job's shell-style exit status once it has ended.
