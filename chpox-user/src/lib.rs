@@ -16,6 +16,7 @@ pub mod fds;
 pub mod files;
 pub mod image;
 pub mod inspect;
+pub mod job;
 pub mod memory;
 pub mod process;
 pub mod ptrace;
