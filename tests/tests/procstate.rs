@@ -322,3 +322,22 @@ fn small_process_attributes_come_back() {
         ]
     );
 }
+
+// ---------------------------------------------------------------------------
+// Deleted files
+
+/// Two descriptions of one deleted file come back as one file, with the
+/// file's mode.
+#[test]
+fn a_deleted_file_open_twice_comes_back_as_one_file_with_its_mode() {
+    let dir = tempdir();
+    let mut t = Target::spawn("deletedfiles", &[path_str(dir.path())], dir.path());
+    let image = dir.path().join("deleted.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &[]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        ["OK mode and content", "OK one file", "DONE"]
+    );
+}

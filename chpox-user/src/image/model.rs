@@ -553,6 +553,9 @@ pub enum FdKind {
         embedded: Option<DataRef>,
         dev: u64,
         ino: u64,
+        /// Of a deleted file: its permission bits, which its copy gets.
+        #[serde(default)]
+        mode: Option<u32>,
     },
     Directory {
         path: String,
