@@ -332,6 +332,42 @@ pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<(
     Ok(())
 }
 
+/// One line for `chpox inspect`, if any attribute differs from a new
+/// process's.
+pub fn describe_attrs(a: &ProcessAttrs) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(adj) = a.oom_score_adj.filter(|&v| v != 0) {
+        parts.push(format!("oom_score_adj {adj}"));
+    }
+    if a.dumpable.is_some_and(|d| d != 1) {
+        parts.push(format!("dumpable {}", a.dumpable.unwrap_or(1)));
+    }
+    if a.no_new_privs {
+        parts.push("no_new_privs".into());
+    }
+    if a.thp_disable {
+        parts.push("THP disabled".into());
+    }
+    if !a.seccomp_filters.is_empty() {
+        let insns: Vec<String> = a
+            .seccomp_filters
+            .iter()
+            .map(|f| (f.program.len() / 8).to_string())
+            .collect();
+        parts.push(format!(
+            "seccomp filters of {} instructions",
+            insns.join("+")
+        ));
+    }
+    if a.mlockall != 0 {
+        parts.push(format!("mlockall {:#x}", a.mlockall));
+    }
+    if a.cwd_deleted {
+        parts.push(format!("cwd removed (mode {:o})", a.cwd_mode));
+    }
+    (!parts.is_empty()).then(|| format!("attributes: {}", parts.join(", ")))
+}
+
 /// The seccomp filters of traced thread `tid`, oldest first (the kernel
 /// counts filter indices from the oldest, whatever ptrace(2) says).
 fn seccomp_filters(tid: i32) -> Result<Vec<SeccompFilter>> {
