@@ -260,16 +260,15 @@ pub fn dump_attrs(
         libc::SYS_prctl,
         [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
     )? as u32);
-    attrs.no_new_privs = thread.checked(
-        "prctl(PR_GET_NO_NEW_PRIVS)",
-        libc::SYS_prctl,
-        [libc::PR_GET_NO_NEW_PRIVS as u64, 0, 0, 0, 0, 0],
-    )? != 0;
+    // The rest from /proc: each remote call costs frozen time.
+    let status = read_proc(&format!("/proc/{pid}/status"))?;
+    attrs.no_new_privs = status_number(&status, "NoNewPrivs:").is_some_and(|v| v != 0);
+    // 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED, which status does not show.
     attrs.thp_disable = thread.checked(
         "prctl(PR_GET_THP_DISABLE)",
         libc::SYS_prctl,
         [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
-    )? != 0;
+    )? as u32;
     let mut chains = Vec::with_capacity(tids.len());
     for &tid in tids {
         let status = read_proc(&format!("/proc/{pid}/task/{tid}/status"))?;
@@ -345,8 +344,10 @@ pub fn describe_attrs(a: &ProcessAttrs) -> Option<String> {
     if a.no_new_privs {
         parts.push("no_new_privs".into());
     }
-    if a.thp_disable {
-        parts.push("THP disabled".into());
+    match a.thp_disable {
+        0 => {}
+        1 => parts.push("THP disabled".into()),
+        _ => parts.push("THP disabled except where advised".into()),
     }
     if !a.seccomp_filters.is_empty() {
         let insns: Vec<String> = a
