@@ -260,7 +260,7 @@ fn a_jvm_with_a_thread_pool_restores() {
 fn timers_come_back() {
     let dir = tempdir();
     let mut t = Target::spawn("timers", &[], dir.path());
-    assert_eq!(t.ready_value("timers"), "4");
+    assert_eq!(t.ready_value("timers"), "5");
     let image = dir.path().join("timers.img");
     checkpoint_kill(&mut t, &image, &[]);
     let code = restore_and_check(&image, &[]);
@@ -274,6 +274,7 @@ fn timers_come_back() {
             "OK posix ids",
             "OK posix times",
             "OK ticker",
+            "OK glibc thread timer",
             "DONE"
         ]
     );
