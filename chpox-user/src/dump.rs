@@ -343,8 +343,15 @@ fn capture_tree(
     unix_sockets::embed_queues(&mut procs, writer)?;
     let reader =
         crate::files::embed_reader(opts.as_user.as_ref(), procs.first().map(|p| &p.process));
+    let mut seen = crate::deleted::Seen::new();
     for p in &mut procs {
-        fds::embed_deleted(p.process.pid, &mut p.fds, writer, reader.as_ref())?;
+        fds::embed_deleted(
+            p.process.pid,
+            &mut p.fds,
+            writer,
+            reader.as_ref(),
+            &mut seen,
+        )?;
     }
     phase.done("pipes, shared descriptions, deleted files");
 

@@ -100,6 +100,7 @@ pub fn scan_fds(
                 embedded: None,
                 dev: m.dev(),
                 ino: m.ino(),
+                mode: None,
             }),
             Some(m) if m.file_type().is_dir() => Some(FdKind::Directory {
                 path: target.clone(),
@@ -388,10 +389,19 @@ pub fn embed_deleted(
     fds: &mut [FdEntry],
     writer: &mut ImageWriter,
     reader: Option<&crate::creds::UserCreds>,
+    seen: &mut crate::deleted::Seen,
 ) -> Result<()> {
     let mut wanted = Vec::new();
     for (i, entry) in fds.iter_mut().enumerate() {
-        if let FdKind::RegularFile { path, .. } = &mut entry.kind {
+        if let FdKind::RegularFile {
+            path,
+            embedded,
+            dev,
+            ino,
+            mode,
+            ..
+        } = &mut entry.kind
+        {
             let link_path = format!("/proc/{pid}/fd/{}", entry.fd);
             let nlink = std::fs::metadata(&link_path)
                 .map(|m| m.nlink())
@@ -401,7 +411,14 @@ pub fn embed_deleted(
             } else if nlink != 0 {
                 continue;
             }
-            wanted.push((i, std::path::PathBuf::from(link_path)));
+            let link_path = std::path::PathBuf::from(link_path);
+            *mode = crate::deleted::mode_of(&link_path);
+            // One copy per file (see `crate::deleted`).
+            if let Some(data) = seen.get(&(*dev, *ino)) {
+                *embedded = Some(*data);
+                continue;
+            }
+            wanted.push((i, link_path));
         }
     }
     if wanted.is_empty() {
@@ -415,12 +432,26 @@ pub fn embed_deleted(
     })?;
     for ((i, link), file) in wanted.into_iter().zip(opened) {
         let entry = &mut fds[i];
-        let FdKind::RegularFile { path, embedded, .. } = &mut entry.kind else {
+        let FdKind::RegularFile {
+            path,
+            embedded,
+            dev,
+            ino,
+            ..
+        } = &mut entry.kind
+        else {
             continue;
         };
+        if let Some(data) = seen.get(&(*dev, *ino)) {
+            // Open twice in this process.
+            *embedded = Some(*data);
+            continue;
+        }
         let shown = format!("{path} (deleted, open as fd {} of PID {pid})", entry.fd);
         let file = file.map_err(|e| crate::files::embed_err(&shown, reader, e))?;
-        *embedded = Some(embed_open_file(file, &link, writer)?);
+        let data = embed_open_file(file, &link, writer)?;
+        seen.insert((*dev, *ino), data);
+        *embedded = Some(data);
     }
     Ok(())
 }

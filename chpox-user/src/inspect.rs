@@ -297,6 +297,12 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
         p.cwd
     );
     let _ = writeln!(*s, "cmdline: {}", p.cmdline.join(" "));
+    for line in crate::timers::describe(&p.timers)
+        .into_iter()
+        .chain(crate::process::describe_attrs(&p.attrs))
+    {
+        let _ = writeln!(*s, "{line}");
+    }
 
     let _ = writeln!(*s, "threads: {}", pi.threads.len());
     for t in &pi.threads {

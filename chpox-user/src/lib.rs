@@ -10,6 +10,7 @@ pub mod bpf;
 pub mod cli;
 pub mod control;
 pub mod creds;
+pub mod deleted;
 pub mod dump;
 pub mod error;
 pub mod fds;

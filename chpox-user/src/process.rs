@@ -260,16 +260,15 @@ pub fn dump_attrs(
         libc::SYS_prctl,
         [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
     )? as u32);
-    attrs.no_new_privs = thread.checked(
-        "prctl(PR_GET_NO_NEW_PRIVS)",
-        libc::SYS_prctl,
-        [libc::PR_GET_NO_NEW_PRIVS as u64, 0, 0, 0, 0, 0],
-    )? != 0;
+    // The rest from /proc: each remote call costs frozen time.
+    let status = read_proc(&format!("/proc/{pid}/status"))?;
+    attrs.no_new_privs = status_number(&status, "NoNewPrivs:").is_some_and(|v| v != 0);
+    // 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED, which status does not show.
     attrs.thp_disable = thread.checked(
         "prctl(PR_GET_THP_DISABLE)",
         libc::SYS_prctl,
         [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
-    )? != 0;
+    )? as u32;
     let mut chains = Vec::with_capacity(tids.len());
     for &tid in tids {
         let status = read_proc(&format!("/proc/{pid}/task/{tid}/status"))?;
@@ -330,6 +329,44 @@ pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<(
         }
     }
     Ok(())
+}
+
+/// One line for `chpox inspect`, if any attribute differs from a new
+/// process's.
+pub fn describe_attrs(a: &ProcessAttrs) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(adj) = a.oom_score_adj.filter(|&v| v != 0) {
+        parts.push(format!("oom_score_adj {adj}"));
+    }
+    if a.dumpable.is_some_and(|d| d != 1) {
+        parts.push(format!("dumpable {}", a.dumpable.unwrap_or(1)));
+    }
+    if a.no_new_privs {
+        parts.push("no_new_privs".into());
+    }
+    match a.thp_disable {
+        0 => {}
+        1 => parts.push("THP disabled".into()),
+        _ => parts.push("THP disabled except where advised".into()),
+    }
+    if !a.seccomp_filters.is_empty() {
+        let insns: Vec<String> = a
+            .seccomp_filters
+            .iter()
+            .map(|f| (f.program.len() / 8).to_string())
+            .collect();
+        parts.push(format!(
+            "seccomp filters of {} instructions",
+            insns.join("+")
+        ));
+    }
+    if a.mlockall != 0 {
+        parts.push(format!("mlockall {:#x}", a.mlockall));
+    }
+    if a.cwd_deleted {
+        parts.push(format!("cwd removed (mode {:o})", a.cwd_mode));
+    }
+    (!parts.is_empty()).then(|| format!("attributes: {}", parts.join(", ")))
 }
 
 /// The seccomp filters of traced thread `tid`, oldest first (the kernel

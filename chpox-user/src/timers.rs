@@ -176,6 +176,39 @@ pub fn dump(pid: i32, thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Tim
     Ok(timers)
 }
 
+/// One line for `chpox inspect`, if the process has timers.
+pub fn describe(t: &Timers) -> Option<String> {
+    if t.itimers.is_empty() && t.posix.is_empty() {
+        return None;
+    }
+    let secs = |ns: u64| format!("{:.3}s", ns as f64 / 1e9);
+    let mut parts: Vec<String> = t
+        .itimers
+        .iter()
+        .map(|i| {
+            let name = match i.which {
+                libc::ITIMER_REAL => "real",
+                libc::ITIMER_VIRTUAL => "virtual",
+                _ => "prof",
+            };
+            format!(
+                "itimer {name} in {} every {}",
+                secs(i.value_ns),
+                secs(i.interval_ns)
+            )
+        })
+        .collect();
+    parts.extend(t.posix.iter().map(|p| {
+        let when = if p.value_ns == 0 {
+            "disarmed".to_string()
+        } else {
+            format!("in {} every {}", secs(p.value_ns), secs(p.interval_ns))
+        };
+        format!("posix {} clock {} signal {} {when}", p.id, p.clock, p.signo)
+    }));
+    Some(format!("timers: {}", parts.join("; ")))
+}
+
 /// (seconds, fraction) of `ns`, the fraction in units of `unit` ns.
 fn split(ns: u64, unit: u64) -> [u64; 2] {
     [ns / 1_000_000_000, (ns % 1_000_000_000) / unit]

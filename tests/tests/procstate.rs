@@ -260,7 +260,7 @@ fn a_jvm_with_a_thread_pool_restores() {
 fn timers_come_back() {
     let dir = tempdir();
     let mut t = Target::spawn("timers", &[], dir.path());
-    assert_eq!(t.ready_value("timers"), "4");
+    assert_eq!(t.ready_value("timers"), "5");
     let image = dir.path().join("timers.img");
     checkpoint_kill(&mut t, &image, &[]);
     let code = restore_and_check(&image, &[]);
@@ -274,6 +274,7 @@ fn timers_come_back() {
             "OK posix ids",
             "OK posix times",
             "OK ticker",
+            "OK glibc thread timer",
             "DONE"
         ]
     );
@@ -320,5 +321,24 @@ fn small_process_attributes_come_back() {
             "OK cwd",
             "DONE"
         ]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Deleted files
+
+/// Two descriptions of one deleted file come back as one file, with the
+/// file's mode.
+#[test]
+fn a_deleted_file_open_twice_comes_back_as_one_file_with_its_mode() {
+    let dir = tempdir();
+    let mut t = Target::spawn("deletedfiles", &[path_str(dir.path())], dir.path());
+    let image = dir.path().join("deleted.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &[]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        ["OK mode and content", "OK one file", "DONE"]
     );
 }

@@ -232,8 +232,9 @@ pub struct ProcessAttrs {
     pub dumpable: Option<u32>,
     /// `PR_GET_NO_NEW_PRIVS`.
     pub no_new_privs: bool,
-    /// `PR_GET_THP_DISABLE`.
-    pub thp_disable: bool,
+    /// `PR_GET_THP_DISABLE`: 0, 1 (disabled), 3 (disabled except where
+    /// madvised, PR_THP_DISABLE_EXCEPT_ADVISED).
+    pub thp_disable: u32,
     /// Seccomp filters, oldest first, as classic BPF
     /// (`PTRACE_SECCOMP_GET_FILTER`): 8-byte `sock_filter` instructions.
     pub seccomp_filters: Vec<SeccompFilter>,
@@ -553,6 +554,9 @@ pub enum FdKind {
         embedded: Option<DataRef>,
         dev: u64,
         ino: u64,
+        /// Of a deleted file: its permission bits, which its copy gets.
+        #[serde(default)]
+        mode: Option<u32>,
     },
     Directory {
         path: String,

@@ -32,7 +32,7 @@
 //! 0-2 are handed over as the restorer's, as for any image.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::stat::Mode;
@@ -225,6 +225,7 @@ impl Descriptions {
             by_key: HashMap::new(),
             fifos: HashMap::new(),
         };
+        let mut copies = crate::deleted::Copies::default();
         for p in meta.processes() {
             let opener = Opener {
                 owner,
@@ -265,7 +266,7 @@ impl Descriptions {
                     d.by_key.insert(k, fd);
                     continue;
                 }
-                let fd = make(e, opener, reader, warnings)?;
+                let fd = make(e, opener, reader, &mut copies, warnings)?;
                 d.by_key.insert(k, fd);
             }
         }
@@ -434,6 +435,7 @@ fn make(
     e: &FdEntry,
     opener: Opener<'_>,
     reader: &ImageReader,
+    copies: &mut crate::deleted::Copies,
     warnings: &mut Vec<String>,
 ) -> Result<OwnedFd> {
     Ok(match &e.kind {
@@ -451,24 +453,20 @@ fn make(
             path,
             pos,
             embedded: Some(data),
-            ..
+            dev,
+            ino,
+            mode,
         } => {
             let name = std::path::Path::new(path)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let name: String = name.chars().filter(|&ch| ch != '\0').take(200).collect();
-            let memfd = nix::sys::memfd::memfd_create(
-                name.as_str(),
-                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-            )
-            .map_err(file_err(path))?;
-            let bytes = reader.read_data(data)?;
-            write_bytes(&memfd, &bytes, || path.clone())?;
+            let copy = copies.get((*dev, *ino), &name, *mode, |memfd| {
+                let bytes = reader.read_data(data)?;
+                write_bytes(memfd, &bytes, || path.clone())
+            })?;
             // A new open file description with the saved access mode.
-            let again = format!("/proc/self/fd/{}", memfd.as_raw_fd());
-            let fd = nix::fcntl::open(again.as_str(), open_flags(e.flags), Mode::empty())
-                .unwrap_or(memfd);
+            let fd = crate::deleted::Copies::open(copy, open_flags(e.flags))?;
             seek(&fd, *pos, path)?;
             fd
         }

@@ -574,12 +574,29 @@ pub fn restore_attrs(
             note(warnings, format!("cannot set oom_score_adj {adj}: {e}"));
         }
     }
-    if attrs.thp_disable {
-        c.call(
-            "prctl(PR_SET_THP_DISABLE)",
+    if attrs.thp_disable & 1 != 0 {
+        // Bit 1 is PR_THP_DISABLE_EXCEPT_ADVISED, passed in arg3.
+        let ret = c.raw(
             libc::SYS_prctl,
-            [libc::PR_SET_THP_DISABLE as u64, 1, 0, 0, 0, 0],
+            [
+                libc::PR_SET_THP_DISABLE as u64,
+                1,
+                u64::from(attrs.thp_disable & !1),
+                0,
+                0,
+                0,
+            ],
         )?;
+        if ret < 0 {
+            note(
+                warnings,
+                format!(
+                    "cannot disable transparent huge pages (mode {}): {}",
+                    attrs.thp_disable,
+                    errno_of(ret)
+                ),
+            );
+        }
     }
     match attrs.dumpable {
         Some(d @ (0 | 1)) => {

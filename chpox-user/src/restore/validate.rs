@@ -881,6 +881,23 @@ mod tests {
     }
 
     #[test]
+    fn files_mapped_shared_and_writable_are_state_not_libraries() {
+        let mut meta = sample_metadata();
+        let state = shared_state_files(&meta);
+        // The rw-s mapping of file 2 (one page); the libraries mapped
+        // private are not state, though they may be written (mw).
+        assert_eq!(state.into_iter().collect::<Vec<_>>(), [(2, 0x1000)]);
+        // A shared mapping of a file opened read-only has no mw.
+        for v in &mut meta.root.vmas {
+            if v.kind == crate::image::model::VmaKind::SharedFile {
+                v.vm_flags.retain(|f| f != "mw");
+                v.write = false;
+            }
+        }
+        assert!(shared_state_files(&meta).is_empty());
+    }
+
+    #[test]
     fn a_users_image_may_claim_only_the_users_ids() {
         let owner = nobody();
         let ok = with_creds([65534; 4], [65534, 100, 100, 65534], vec![100]);

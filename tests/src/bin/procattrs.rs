@@ -3,7 +3,8 @@
 //! Sets the small per-process attributes a checkpoint must keep, and on
 //! SIGUSR1 checks that it still has them:
 //!
-//! * `oom_score_adj` 321; `PR_SET_THP_DISABLE`; `PR_SET_DUMPABLE` 0;
+//! * `oom_score_adj` 321; `PR_SET_THP_DISABLE` (except where madvised,
+//!   where the kernel has that); `PR_SET_DUMPABLE` 0;
 //!   `PR_SET_NO_NEW_PRIVS`.
 //! * two seccomp filters, installed on both its threads (TSYNC): the first
 //!   makes `sysinfo` fail with errno 42, the second, newer, with 44 (the
@@ -171,10 +172,13 @@ fn main() {
     std::fs::write("/proc/self/oom_score_adj", "321").expect("set oom_score_adj");
     // SAFETY: prctl with integer arguments.
     unsafe {
-        check(
-            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0),
-            "THP_DISABLE",
-        );
+        // Disabled except where madvised (Linux 6.18), else disabled.
+        if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 2, 0, 0) != 0 {
+            check(
+                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0),
+                "THP_DISABLE",
+            );
+        }
         check(
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
             "NO_NEW_PRIVS",
@@ -194,14 +198,15 @@ fn main() {
         "DUMPABLE",
     );
     assert_eq!(sysinfo_errno(), 44);
-    say!("READY regions={} ksm={ksm}", regions.len());
+    let thp = prctl_get(libc::PR_GET_THP_DISABLE);
+    say!("READY regions={} ksm={ksm} thp={thp}", regions.len());
 
     wait_for_stop(Duration::from_millis(100));
 
     let adj = std::fs::read_to_string("/proc/self/oom_score_adj").expect("read oom_score_adj");
     assert_eq!(adj.trim(), "321", "oom_score_adj");
     say!("OK oom_score_adj");
-    assert_eq!(prctl_get(libc::PR_GET_THP_DISABLE), 1, "THP disabled");
+    assert_eq!(prctl_get(libc::PR_GET_THP_DISABLE), thp, "THP disabled");
     assert_eq!(prctl_get(libc::PR_GET_DUMPABLE), 0, "dumpable");
     assert_eq!(prctl_get(libc::PR_GET_NO_NEW_PRIVS), 1, "no_new_privs");
     say!("OK prctl");

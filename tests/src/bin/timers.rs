@@ -10,7 +10,8 @@
 //!   300 s left, 5 s interval; ID 1 CLOCK_REALTIME SIGEV_NONE, 500 s; ID 2
 //!   deleted again (a gap); ID 3 CLOCK_MONOTONIC SIGEV_THREAD_ID to a
 //!   `ticker` thread, SIGRTMIN+2 value 0x4444, every 20 ms; ID 4
-//!   CLOCK_PROCESS_CPUTIME_ID, disarmed.
+//!   CLOCK_PROCESS_CPUTIME_ID, disarmed; ID 5 glibc's SIGEV_THREAD timer
+//!   (a helper thread of glibc's calls back), every 20 ms.
 //!
 //! The ticker counts its signals (checking `si_value` and `si_timerid`).
 //! Prints `READY ...`; on SIGUSR1 checks: each itimer has its interval and
@@ -27,6 +28,48 @@ use chpox_tests::{check, gettid, mask_signals, say, stop_on_signal, wait_for_sto
 const SEC: u64 = 1_000_000_000;
 
 static TICKS: AtomicU64 = AtomicU64::new(0);
+static CALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_timer(_value: libc::sigval) {
+    CALLBACKS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// glibc's `timer_create` with SIGEV_THREAD: a helper thread of glibc's
+/// runs `on_timer` (the kernel timer is SIGEV_THREAD_ID to that thread).
+/// Armed every 20 ms.
+fn glibc_thread_timer() {
+    // glibc's struct sigevent: value, signo, notify, then the function
+    // and its thread attributes.
+    let mut ev = [0u64; 8];
+    ev[0] = 0x5555;
+    ev[1] = (libc::SIGEV_THREAD as u64) << 32;
+    ev[2] = on_timer as extern "C" fn(libc::sigval) as usize as u64;
+    let mut timer: libc::timer_t = std::ptr::null_mut();
+    // SAFETY: ev is a 64-byte struct sigevent; timer a live timer_t.
+    check(
+        unsafe {
+            libc::timer_create(
+                libc::CLOCK_MONOTONIC,
+                ev.as_mut_ptr().cast::<libc::sigevent>(),
+                &mut timer,
+            )
+        },
+        "timer_create(SIGEV_THREAD)",
+    );
+    let every = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 20_000_000,
+    };
+    let spec = libc::itimerspec {
+        it_interval: every,
+        it_value: every,
+    };
+    // SAFETY: timer is ours; spec is live.
+    check(
+        unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) },
+        "timer_settime(SIGEV_THREAD)",
+    );
+}
 static TICKER_TID: AtomicI32 = AtomicI32::new(0);
 
 fn sigrt(n: i32) -> i32 {
@@ -238,6 +281,7 @@ fn main() {
     timer_settime(t0, 300 * SEC, 5 * SEC);
     timer_settime(t1, 500 * SEC, 0);
     timer_settime(t3, SEC / 50, SEC / 50);
+    glibc_thread_timer();
 
     let real = getitimer(libc::ITIMER_REAL).1;
     let t0_left = timer_gettime(t0).1;
@@ -279,7 +323,7 @@ fn main() {
     let ids: Vec<i32> = proc_timers().iter().map(|t| t.0).collect();
     let mut sorted = ids.clone();
     sorted.sort_unstable();
-    assert_eq!(sorted, [0, 1, 3, 4], "timer IDs in /proc/self/timers");
+    assert_eq!(sorted, [0, 1, 3, 4, 5], "timer IDs in /proc/self/timers");
     for t in proc_timers() {
         let want = listed
             .iter()
@@ -313,5 +357,14 @@ fn main() {
         std::thread::sleep(Duration::from_millis(10));
     }
     say!("OK ticker");
+    let before = CALLBACKS.load(Ordering::SeqCst);
+    while CALLBACKS.load(Ordering::SeqCst) < before + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "glibc's SIGEV_THREAD timer calls back no more"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    say!("OK glibc thread timer");
     say!("DONE");
 }
