@@ -200,8 +200,8 @@ impl Shared {
     fn wait_stopped(&self, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            let mut pids = vec![self.pid];
-            pids.extend(crate::tree::descendants_now(self.pid));
+            // (The root is the list's first entry.)
+            let pids = crate::tree::descendants_now(self.pid);
             if pids
                 .iter()
                 .all(|&p| matches!(state(p), None | Some('T' | 'Z' | 'X')))
@@ -217,9 +217,9 @@ impl Shared {
 
     /// Send `sig` to the job's root and every descendant it has now.
     fn signal_tree(&self, sig: Signal) {
-        let mut pids = vec![self.pid];
-        pids.extend(crate::tree::descendants_now(self.pid));
-        for pid in pids {
+        // Once each: a second SIGSTOP reaching a process already stopped
+        // would stay pending, and be in its image.
+        for pid in crate::tree::descendants_now(self.pid) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
         }
     }
@@ -604,8 +604,7 @@ fn restore(image: &Path, run_dir: &Path) -> Result<(i32, i32), JobError> {
     }
     // An image taken for a requeue holds the job stopped (see
     // `checkpoint_now`): here it runs on.
-    let mut tree = vec![restored.pid];
-    tree.extend(crate::tree::descendants_now(restored.pid));
+    let tree = crate::tree::descendants_now(restored.pid);
     if tree.iter().any(|&p| state(p) == Some('T')) {
         info!(
             pid = restored.pid,

@@ -489,4 +489,7 @@ fn job_requeue_stops_the_job_after_its_last_image_and_asks_scontrol() {
     let got = lines();
     assert!(got[0].starts_with("READY"), "{got:?}");
     assert_eq!(got[1..].to_vec(), expected_steps(60), "{}", describe());
+    // Both images were of the stopped job, and both were written (a
+    // SIGSTOP left pending by chpox job would fail them).
+    assert_eq!(agent.events("checkpoint failed").len(), 0, "{}", describe());
 }
