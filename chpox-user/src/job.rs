@@ -20,19 +20,21 @@
 //! Slurm's `--signal=B:31@N` sends SIGSYS to the batch script, that is to
 //! us once the script `exec`s `chpox job`. With `--requeue` we then:
 //! 1. stop the periodic checkpoints (none may start after this one);
-//! 2. ask for a checkpoint and wait until the image is durably on disk
+//! 2. SIGSTOP the job's processes and wait until they are stopped: the
+//!    image is then its last state, so it does nothing the image lacks
+//!    (output written after the image would be written twice on resume);
+//! 3. ask for a checkpoint and wait until the image is durably on disk
 //!    (fsynced, renamed over IMG, the previous one kept as IMG.1);
-//! 3. SIGSTOP the job: whatever it would do after the image is lost on
-//!    requeue, and output it wrote then would be written twice;
 //! 4. run `scontrol requeue $SLURM_JOB_ID`. Slurm then sends the job
 //!    SIGTERM and, after `KillWait`, SIGKILL: the image is complete before
 //!    either. Should SIGKILL come while an image is still being written,
 //!    the agent's temporary file is discarded and IMG stays the previous
 //!    complete image.
 //!
-//! A failed checkpoint is not followed by a requeue (the job runs on to
-//! its time limit, IMG still the last good image); a failed requeue lets
-//! the job run on.
+//! Such an image holds the job stopped; restoring it, we continue it. A
+//! failed checkpoint is not followed by a requeue, and a failed requeue
+//! is not either: the job is continued and runs on to its time limit, IMG
+//! the last good image.
 //!
 //! # Our own death
 //!
@@ -186,11 +188,38 @@ impl Shared {
         }
     }
 
+    /// Undo a requeue that did not happen: the job runs on, and so do
+    /// the periodic checkpoints.
+    fn run_on(&self) {
+        self.stopped_by_us.store(false, Ordering::SeqCst);
+        self.signal_tree(Signal::SIGCONT);
+        self.set_ending(false);
+    }
+
+    /// Wait until every process of the job is in a job-control stop.
+    fn wait_stopped(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // (The root is the list's first entry.)
+            let pids = crate::tree::descendants_now(self.pid);
+            if pids
+                .iter()
+                .all(|&p| matches!(state(p), None | Some('T' | 'Z' | 'X')))
+            {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Send `sig` to the job's root and every descendant it has now.
     fn signal_tree(&self, sig: Signal) {
-        let mut pids = vec![self.pid];
-        pids.extend(crate::tree::descendants_now(self.pid));
-        for pid in pids {
+        // Once each: a second SIGSTOP reaching a process already stopped
+        // would stay pending, and be in its image.
+        for pid in crate::tree::descendants_now(self.pid) {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
         }
     }
@@ -346,22 +375,34 @@ fn forward(shared: &Shared, signo: i32, code: i32) {
 /// The SIGSYS path: checkpoint now; with `--requeue`, stop the job and
 /// have Slurm run it again.
 fn checkpoint_now(shared: &Shared, slurm_job: Option<&str>) {
-    if shared.requeue {
+    // `run` refused --requeue outside a Slurm job.
+    let requeue = slurm_job.filter(|_| shared.requeue);
+    if requeue.is_some() {
+        // The image is the job's last state: stopped before it, the job
+        // does nothing the image lacks (no output written twice).
         shared.set_ending(true);
+        shared.stopped_by_us.store(true, Ordering::SeqCst);
+        shared.signal_tree(Signal::SIGSTOP);
+        if !shared.wait_stopped(Duration::from_secs(10)) {
+            info!(
+                pid = shared.pid,
+                "not every process of the job stopped in time"
+            );
+        }
     }
     let image = match shared.checkpoint() {
         Ok(image) => image,
         Err(e) => {
             eprintln!(
                 "chpox: the checkpoint asked by signal {CHECKPOINT_SIGNAL} failed: {e}{}",
-                if shared.requeue {
+                if requeue.is_some() {
                     "; the job is not requeued and runs on"
                 } else {
                     ""
                 }
             );
-            if shared.requeue {
-                shared.set_ending(false);
+            if requeue.is_some() {
+                shared.run_on();
             }
             return;
         }
@@ -371,11 +412,9 @@ fn checkpoint_now(shared: &Shared, slurm_job: Option<&str>) {
         shared.pid,
         image.display()
     );
-    let Some(job_id) = slurm_job.filter(|_| shared.requeue) else {
+    let Some(job_id) = requeue else {
         return;
     };
-    shared.signal_tree(Signal::SIGSTOP);
-    shared.stopped_by_us.store(true, Ordering::SeqCst);
     let requeued = std::process::Command::new("scontrol")
         .args(["requeue", job_id])
         .stdin(std::process::Stdio::null())
@@ -401,9 +440,7 @@ fn checkpoint_now(shared: &Shared, slurm_job: Option<&str>) {
                 "chpox: {why}; the job runs on (its image is {})",
                 image.display()
             );
-            shared.stopped_by_us.store(false, Ordering::SeqCst);
-            shared.set_ending(false);
-            shared.signal_tree(Signal::SIGCONT);
+            shared.run_on();
         }
     }
 }
@@ -443,13 +480,15 @@ fn tick(shared: &Shared, every: Duration) {
     }
 }
 
+/// The state letter of `pid` in /proc (R, S, T, Z…); `None` if it is gone.
+fn state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 /// Whether `pid` exists and is not a zombie waiting for us.
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
+    !matches!(state(pid), None | Some('Z' | 'X'))
 }
 
 /// The job's shell-style exit status once it has ended.
@@ -562,6 +601,18 @@ fn restore(image: &Path, run_dir: &Path) -> Result<(i32, i32), JobError> {
             pid: restored.pid,
             source,
         });
+    }
+    // An image taken for a requeue holds the job stopped (see
+    // `checkpoint_now`): here it runs on.
+    let tree = crate::tree::descendants_now(restored.pid);
+    if tree.iter().any(|&p| state(p) == Some('T')) {
+        info!(
+            pid = restored.pid,
+            "the job was checkpointed stopped; continuing it"
+        );
+        for p in tree {
+            let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGCONT);
+        }
     }
     info!(pid = restored.pid, image = %image.display(), "restored");
     eprintln!(

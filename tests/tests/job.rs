@@ -367,3 +367,129 @@ fn job_exit_status_and_errors() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("READY"));
 }
+
+/// `--requeue` against a stand-in `scontrol` that records its arguments
+/// (the real Slurm test is `tests/slurm.rs`): SIGSYS stops the job, writes
+/// its image and asks for the requeue; a refused requeue lets the job run
+/// on; after an accepted one the job does nothing more, so a job writing
+/// to an append-mode file (as Slurm's `--open-mode=append`) resumes
+/// without a line written twice.
+#[test]
+fn job_requeue_stops_the_job_after_its_last_image_and_asks_scontrol() {
+    use std::os::unix::process::CommandExt;
+    let s = scratch_with_out();
+    let agent = Agent::start(&s);
+    let image = image_in(&s);
+    let steps = bin("steps");
+    let fake = s.path("fakebin");
+    std::fs::create_dir(&fake).expect("mkdir");
+    let calls = s.path("scontrol.calls");
+    let refuse = s.path("scontrol.refuse");
+    std::fs::write(
+        fake.join("scontrol"),
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {calls}\nif [ -e {refuse} ]; then echo 'requeue refused' >&2; exit 1; fi\n",
+            calls = path_str(&calls),
+            refuse = path_str(&refuse)
+        ),
+    )
+    .expect("write scontrol");
+    common::chmod(&fake.join("scontrol"), 0o755);
+    let path = format!(
+        "{}:{}",
+        path_str(&fake),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out_path = s.logs.join("requeue.out");
+    let err_path = s.logs.join("requeue.err");
+    let args = [
+        "--image",
+        path_str(&image),
+        "--requeue",
+        "--",
+        path_str(&steps),
+        "60",
+        "100",
+    ];
+    let append = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out_path)
+            .expect("open the output")
+    };
+    let mut cmd = job_command(&agent, &s, &args);
+    cmd.env("PATH", &path)
+        .env("SLURM_JOB_ID", "4242")
+        .stdout(append())
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .process_group(0);
+    let mut first = common::spawn_retrying(&mut cmd);
+    let chpox_pid = first.id() as i32;
+    let lines = || -> Vec<String> {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let end = text.rfind('\n').map_or(0, |i| i + 1);
+        text[..end].lines().map(str::to_string).collect()
+    };
+    let describe = || {
+        format!(
+            "--- chpox job stderr ---\n{}\n{}",
+            std::fs::read_to_string(&err_path).unwrap_or_default(),
+            agent.describe()
+        )
+    };
+    let step_count = || lines().iter().filter(|l| l.starts_with("STEP")).count();
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+        common::agent::poll(what, JOB_TIMEOUT, describe, || f().then_some(()))
+    };
+    wait("3 steps", &mut || step_count() >= 3);
+
+    // Refused: the job runs on.
+    std::fs::write(&refuse, "").expect("touch");
+    send(chpox_pid, SIGSYS);
+    wait("the refused requeue", &mut || {
+        std::fs::read_to_string(&err_path).is_ok_and(|e| e.contains("requeue refused"))
+    });
+    let at = step_count();
+    wait("the job to run on", &mut || step_count() >= at + 2);
+
+    // Accepted: the job is stopped after its image and stays so.
+    std::fs::remove_file(&refuse).expect("rm");
+    send(chpox_pid, SIGSYS);
+    wait("the requeue", &mut || {
+        std::fs::read_to_string(&calls).is_ok_and(|c| c.lines().count() == 2)
+    });
+    assert_eq!(
+        std::fs::read_to_string(&calls).expect("calls"),
+        "requeue 4242\nrequeue 4242\n"
+    );
+    let pid: i32 = agent.list()[0]["pid"].as_i64().expect("pid") as i32;
+    let state = common::agent::proc_status(pid, "State:").unwrap_or_default();
+    assert!(
+        state.starts_with('T'),
+        "the job is {state:?}\n{}",
+        describe()
+    );
+    let frozen_at = step_count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        step_count(),
+        frozen_at,
+        "the job ran on after its last image"
+    );
+    // Slurm's SIGTERM: forwarded, and the stopped job continued to die of it.
+    send(chpox_pid, libc::SIGTERM);
+    let status = first.wait().expect("wait chpox job");
+    assert_eq!(code(status), Some(128 + libc::SIGTERM), "{}", describe());
+    wait_pid_free(pid);
+
+    // The next run restores it running, and the output has every line once.
+    let out = run_job(&agent, &s, &["--image", path_str(&image), "--", "true"]);
+    assert!(out.status.success(), "{}\n{}", show(&out), describe());
+    let got = lines();
+    assert!(got[0].starts_with("READY"), "{got:?}");
+    assert_eq!(got[1..].to_vec(), expected_steps(60), "{}", describe());
+    // Both images were of the stopped job, and both were written (a
+    // SIGSTOP left pending by chpox job would fail them).
+    assert_eq!(agent.events("checkpoint failed").len(), 0, "{}", describe());
+}
