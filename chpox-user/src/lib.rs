@@ -26,6 +26,5 @@ pub mod safe_return;
 pub mod signals;
 pub mod threads;
 pub mod tree;
-pub mod unix_sockets;
 
 pub use error::{Error, Result};
