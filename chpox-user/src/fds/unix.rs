@@ -254,7 +254,7 @@ pub fn classify(procs: &mut [ProcessImage], policy: super::UnsupportedFd) -> Res
 }
 
 /// A copy of fd `fd` of process `pid` in our table (`pidfd_getfd`).
-fn steal(pid: i32, fd: i32) -> Result<OwnedFd> {
+pub(crate) fn steal(pid: i32, fd: i32) -> Result<OwnedFd> {
     let err = |what: &str, e: std::io::Error| Error::File {
         path: format!("/proc/{pid}/fd/{fd} ({what})"),
         source: e,
