@@ -114,8 +114,9 @@ pub const KINDS: &[&Kind] = &[
 pub type Installed =
     fn(&mut crate::restore::child::Child<'_>, i32, &[FdEntry], &Descriptions) -> Result<()>;
 
-/// The kinds that finish inside the process, in this order.
-pub const INSTALLED: &[Installed] = &[epoll::installed, pidfd::installed];
+/// The kinds that finish inside the process, in this order (pidfds before
+/// an epoll that may watch them).
+pub const INSTALLED: &[Installed] = &[pidfd::installed, epoll::installed];
 
 /// For `inspect`: how a kind not described there reads.
 pub fn describe(kind: &FdKind) -> String {
