@@ -50,9 +50,10 @@ fn fdinfo(fd: i32) -> String {
 }
 
 /// fdinfo lines starting with `prefix`, without the `pos:`/`ino:` tails
-/// that do not describe the entry itself.
+/// that do not describe the entry itself, sorted (an epoll lists its
+/// entries in the order of the files' kernel addresses).
 fn lines_of(fd: i32, prefix: &str) -> Vec<String> {
-    fdinfo(fd)
+    let mut v = fdinfo(fd)
         .lines()
         .filter(|l| l.starts_with(prefix))
         .map(|l| {
@@ -63,7 +64,9 @@ fn lines_of(fd: i32, prefix: &str) -> Vec<String> {
                 .collect::<Vec<_>>()
                 .join(" ")
         })
-        .collect()
+        .collect::<Vec<_>>();
+    v.sort();
+    v
 }
 
 fn read_u64(fd: i32) -> Result<u64, i32> {
