@@ -32,10 +32,11 @@ fn spawn_clean(name: &str, args: &[&str], dir: &Path) -> Target {
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `chpox restore IMAGE`, waited for; the restored job's exit code.
-fn restore_and_go(image: &Path, go: &Path) -> i32 {
+/// `chpox restore IMAGE [extra]`, waited for; the restored job's exit code.
+fn restore_and_go(image: &Path, go: &Path, extra: &[&str]) -> i32 {
     let mut restore = Command::new(chpox_bin())
         .args(["restore", path_str(image)])
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .expect("run chpox restore");
@@ -57,6 +58,17 @@ fn restore_and_go(image: &Path, go: &Path) -> i32 {
 
 #[test]
 fn every_kind_comes_back_in_its_state() {
+    every_kind_comes_back(&[]);
+}
+
+/// In a new PID namespace, the pidfds name the processes by the PIDs they
+/// see there, their saved ones.
+#[test]
+fn every_kind_comes_back_in_a_pid_namespace() {
+    every_kind_comes_back(&["--pid-ns"]);
+}
+
+fn every_kind_comes_back(restore_args: &[&str]) {
     let dir = tempdir();
     let work = dir.path().join("work");
     std::fs::create_dir(&work).expect("mkdir");
@@ -84,7 +96,7 @@ fn every_kind_comes_back_in_its_state() {
         );
     }
 
-    let code = restore_and_go(&image, &work.join("go"));
+    let code = restore_and_go(&image, &work.join("go"), restore_args);
     let out = t.stdout();
     let after: Vec<&str> = out
         .lines()
