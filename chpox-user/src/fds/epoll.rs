@@ -4,13 +4,13 @@
 //! was) and its data.
 //!
 //! An entry names its target by descriptor number in the table of the
-//! process that added it, and only the numbers of the first process of
-//! the tree holding the instance are checked: each target there must
-//! still be the file that was added (closed or replaced since, it is
+//! process that added it: each entry is looked for among the processes of
+//! the tree that hold the instance, and must still be the file that was
+//! added in one of them (closed or replaced since everywhere, it is
 //! refused by name).
 //!
-//! Restore: the restorer makes an empty instance; the first process that
-//! holds it adds the entries itself (`epoll_ctl`, remotely) once all its
+//! Restore: the restorer makes an empty instance; the process where each
+//! entry was found adds it itself (`epoll_ctl`, remotely) once all its
 //! descriptors are in place, so an epoll watching another epoll comes
 //! back too.
 
@@ -78,6 +78,7 @@ fn parse_target(line: &str) -> Option<EpollTarget> {
         data,
         ino,
         dev: user_dev(sdev),
+        pid: 0,
     })
 }
 
@@ -93,50 +94,112 @@ fn probe(p: &Probe<'_>) -> Result<Option<FdKind>> {
     Ok(Some(FdKind::Epoll { targets }))
 }
 
-/// Each instance's targets, in the first process that holds it, must be
-/// the files that were added; targets replaced by /dev/null on request
-/// are left out (epoll cannot watch /dev/null).
+/// Each entry of each instance must be found again: in some process of
+/// the tree holding the instance, the entry's descriptor number must still
+/// be the file that was added (the process that added it, or one that
+/// inherited both since). That process adds it back at restore. Targets
+/// replaced by /dev/null on request are left out (epoll cannot watch
+/// /dev/null).
 fn check_targets(e: &mut Embed<'_>) -> Result<()> {
-    let mut seen = std::collections::HashSet::new();
-    let mut wrong = Vec::new();
-    for p in e.procs.iter_mut() {
-        let pid = p.process.pid;
-        let nulled: std::collections::HashSet<i32> = p
+    use std::collections::{HashMap, HashSet};
+    // description -> the processes holding it, in tree order, each with
+    // its number for the instance and the numbers it holds as /dev/null
+    let mut holders: HashMap<u64, Vec<(i32, i32, HashSet<i32>)>> = HashMap::new();
+    for p in e.procs.iter() {
+        let nulled: HashSet<i32> = p
             .fds
             .iter()
             .filter(|x| matches!(x.kind, FdKind::ReplacedByNull { .. }))
             .map(|x| x.fd)
             .collect();
-        for entry in &mut p.fds {
-            let fd = entry.fd;
-            let FdKind::Epoll { targets } = &mut entry.kind else {
-                continue;
-            };
-            if !seen.insert(entry.description) {
-                continue;
-            }
-            targets.retain(|t| !nulled.contains(&t.fd));
-            for t in targets.iter() {
-                let same = std::fs::metadata(format!("/proc/{pid}/fd/{}", t.fd))
-                    .is_ok_and(|m| m.ino() == t.ino && m.dev() == t.dev);
-                if !same {
-                    wrong.push(format!(
-                        "PID {pid} fd {fd} (epoll watching fd {}, which is closed or another file now)",
-                        t.fd
-                    ));
+        for entry in &p.fds {
+            if matches!(entry.kind, FdKind::Epoll { .. }) {
+                let list = holders.entry(entry.description).or_default();
+                if list.iter().all(|(pid, _, _)| *pid != p.process.pid) {
+                    list.push((p.process.pid, entry.fd, nulled.clone()));
                 }
             }
         }
     }
-    if wrong.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedFds(wrong.join(", ")))
+    let mut resolved: HashMap<u64, Vec<EpollTarget>> = HashMap::new();
+    let mut wrong = Vec::new();
+    for p in e.procs.iter() {
+        for entry in &p.fds {
+            let FdKind::Epoll { targets } = &entry.kind else {
+                continue;
+            };
+            if resolved.contains_key(&entry.description) {
+                continue;
+            }
+            let held = holders
+                .get(&entry.description)
+                .map_or(&[][..], Vec::as_slice);
+            let mut kept = Vec::new();
+            for (i, t) in targets.iter().enumerate() {
+                // Entries with the same number, in the kernel's order.
+                let toff = targets[..i].iter().filter(|x| x.fd == t.fd).count() as u32;
+                match held
+                    .iter()
+                    .find(|(pid, efd, _)| is_target(*pid, *efd, t, toff))
+                {
+                    Some((_, _, nulled)) if nulled.contains(&t.fd) => {}
+                    Some((pid, _, _)) => kept.push(EpollTarget {
+                        pid: *pid,
+                        ..t.clone()
+                    }),
+                    None => wrong.push(format!(
+                        "PID {} fd {} (epoll watching fd {}, which no process holding it has as that file any more)",
+                        p.process.pid, entry.fd, t.fd
+                    )),
+                }
+            }
+            resolved.insert(entry.description, kept);
+        }
     }
+    if !wrong.is_empty() {
+        return Err(Error::UnsupportedFds(wrong.join(", ")));
+    }
+    for entry in e.procs.iter_mut().flat_map(|p| p.fds.iter_mut()) {
+        if let FdKind::Epoll { targets } = &mut entry.kind
+            && let Some(r) = resolved.get(&entry.description)
+        {
+            targets.clone_from(r);
+        }
+    }
+    Ok(())
 }
 
-/// Restore, once the process holds its descriptors: the interest list of
-/// each instance it is the first to hold.
+/// Whether fd `t.fd` of `pid` is the file of the `toff`-th entry for that
+/// number of the epoll instance at fd `efd` of `pid` (`kcmp`
+/// KCMP_EPOLL_TFD: exact, where inode numbers are not; every eventfd,
+/// timerfd or epoll shares one anonymous inode). The inode and device
+/// must match too.
+fn is_target(pid: i32, efd: i32, t: &EpollTarget, toff: u32) -> bool {
+    const KCMP_EPOLL_TFD: i32 = 7;
+    let same_inode = std::fs::metadata(format!("/proc/{pid}/fd/{}", t.fd))
+        .is_ok_and(|m| m.ino() == t.ino && m.dev() == t.dev);
+    if !same_inode {
+        return false;
+    }
+    // struct kcmp_epoll_slot { efd, tfd, toff }
+    let slot: [u32; 3] = [efd as u32, t.fd as u32, toff];
+    // SAFETY: the kernel reads the 12-byte slot; the rest are integers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_EPOLL_TFD,
+            t.fd as libc::c_ulong,
+            slot.as_ptr(),
+        )
+    };
+    r == 0
+}
+
+/// Restore, once the process holds its descriptors: the entries of each
+/// instance it holds that it is to add (those found in its table at dump
+/// time), each once.
 pub fn installed(
     c: &mut Child<'_>,
     pid_in_image: i32,
@@ -147,10 +210,15 @@ pub fn installed(
         let FdKind::Epoll { targets } = &e.kind else {
             continue;
         };
-        if !d.first_time(key(pid_in_image, e)) {
-            continue;
-        }
-        for t in targets {
+        for (i, t) in targets.iter().enumerate() {
+            // 0: an entry of no named process, added by the first holder.
+            if t.pid != pid_in_image && t.pid != 0 {
+                continue;
+            }
+            let k = super::restore::Key::Object("epoll entry", e.description, i as u64);
+            if e.description != 0 && !d.first_time(k) {
+                continue;
+            }
             // struct epoll_event is packed on x86-64: events, then data.
             let mut event = Vec::with_capacity(12);
             event.extend_from_slice(&t.events.to_ne_bytes());

@@ -566,7 +566,7 @@ pub enum FdKind {
         mask: u64,
     },
     /// An epoll instance and its interest list, each target by its number
-    /// in the first process of the tree that holds the instance.
+    /// in the table of the process that adds it back.
     Epoll {
         #[serde(default)]
         targets: Vec<EpollTarget>,
@@ -617,6 +617,10 @@ pub struct EpollTarget {
     pub ino: u64,
     #[serde(default)]
     pub dev: u64,
+    /// The process (PID in the image) whose table has `fd` as that file:
+    /// it adds the entry back. 0: the first process holding the instance.
+    #[serde(default)]
+    pub pid: i32,
 }
 
 /// One inotify watch: re-added by path with its mask, under its number.

@@ -21,7 +21,9 @@
 //!   epoll watching the first (EPOLLIN, data 7), a third watching an
 //!   eventfd with EPOLLEXCLUSIVE: the same interest lists in fdinfo (fd,
 //!   events, data); the second reports data 7, the first 0x1234; writing
-//!   the pipe wakes the one-shot entry once.
+//!   the pipe wakes the one-shot entry once; a fourth, shared with the
+//!   child, watches an eventfd only the child holds (added by the child):
+//!   it reports data 0x77.
 //! - `INOTIFY`: watches on `DIR/a` (removed again, so numbers are not
 //!   1, 2…), `DIR/f` (IN_MODIFY) and `DIR/b` (IN_CREATE|IN_ONESHOT): the
 //!   same watches in fdinfo; creating `DIR/b/new` reads IN_CREATE "new"
@@ -328,15 +330,39 @@ fn main() {
         unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), libc::O_NONBLOCK) } as i32,
         "pidfd_open",
     );
-    // SAFETY: the child only calls async-signal-safe pause.
+    // An epoll shared with the child, watching an eventfd only the child
+    // holds (added by the child, under the child's number).
+    // SAFETY: epoll_create1 takes a flag.
+    let ep4 = check(unsafe { libc::epoll_create1(0) }, "epoll_create1");
+    let mut sync = [0; 2];
+    // SAFETY: pipe writes two descriptors.
+    check(unsafe { libc::pipe(sync.as_mut_ptr()) }, "pipe");
+    // SAFETY: the child only makes syscalls.
     let child = unsafe { libc::fork() };
     if child == 0 {
+        // SAFETY: eventfd takes integers.
+        let own = unsafe { libc::eventfd(1, 0) };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0x77,
+        };
+        // SAFETY: the kernel reads ev; write sends one byte.
+        unsafe {
+            libc::epoll_ctl(ep4, libc::EPOLL_CTL_ADD, own, &mut ev);
+            libc::write(sync[1], b"x".as_ptr().cast(), 1);
+        }
         loop {
             // SAFETY: no preconditions.
             unsafe { libc::pause() };
         }
     }
     check(child, "fork");
+    let mut byte = [0u8; 1];
+    // SAFETY: reads one byte.
+    check(
+        unsafe { libc::read(sync[0], byte.as_mut_ptr().cast(), 1) },
+        "read sync",
+    );
     // SAFETY: plain syscall.
     let pidfd_child = check(
         unsafe { libc::syscall(libc::SYS_pidfd_open, child, 0) } as i32,
@@ -481,6 +507,10 @@ fn main() {
     match epoll_wait_one(ep3) {
         Some((_, 0xdead_beef_0000_0001)) => {}
         other => bad.push(format!("exclusive entry: {other:?}")),
+    }
+    match epoll_wait_one(ep4) {
+        Some((_, 0x77)) => {}
+        other => bad.push(format!("entry the child added: {other:?}")),
     }
     verdict("EPOLL", bad);
 
