@@ -1,5 +1,5 @@
-//! memfd (`memfd_create`): its name, content, size, permission bits and
-//! seals. Descriptors of one memfd (several opens, several processes) are
+//! memfd (`memfd_create`): its name, content, size, owner, permission
+//! bits and seals. Descriptors of one memfd (several opens, several processes) are
 //! one file again after restore: the restorer makes each memfd once and
 //! opens each description of it anew, with its own access mode and offset.
 //!
@@ -63,6 +63,8 @@ fn probe(p: &Probe<'_>) -> Result<Option<FdKind>> {
         seals: seals as u32,
         size: m.len(),
         content: None,
+        uid: m.uid(),
+        gid: m.gid(),
     }))
 }
 
@@ -114,6 +116,8 @@ fn make_memfd(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<(
         mode,
         seals,
         size,
+        uid,
+        gid,
         ..
     } = &e.kind
     else {
@@ -151,6 +155,18 @@ fn make_memfd(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<(
     }
     nix::unistd::ftruncate(&fd, *size as i64).map_err(file_err(&shown))?;
     nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(*mode)).map_err(file_err(&shown))?;
+    // Its owner's again (the restorer made it); a user restoring their own
+    // image makes it theirs already.
+    if let Err(err) = nix::unistd::fchown(
+        &fd,
+        Some(nix::unistd::Uid::from_raw(*uid)),
+        Some(nix::unistd::Gid::from_raw(*gid)),
+    ) {
+        super::restore::note(
+            m.warnings,
+            format!("{shown} comes back owned by the restorer, not {uid}:{gid} ({err})"),
+        );
+    }
     if sealable && seals != 0 {
         fcntl(
             &fd,

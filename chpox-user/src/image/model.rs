@@ -595,6 +595,11 @@ pub enum FdKind {
         /// The content, stored with the first entry of the inode.
         #[serde(default)]
         content: Option<DataRef>,
+        /// Owner.
+        #[serde(default)]
+        uid: u32,
+        #[serde(default)]
+        gid: u32,
     },
     /// A pidfd of a process of the checkpoint, by its PID as the image
     /// knows it.

@@ -28,7 +28,8 @@
 //!   1, 2…), `DIR/f` (IN_MODIFY) and `DIR/b` (IN_CREATE|IN_ONESHOT): the
 //!   same watches in fdinfo; creating `DIR/b/new` reads IN_CREATE "new"
 //!   on the watch of `DIR/b`.
-//! - `MEMFD`: memfd `chpox-test`, "hello memfd", mode 0640, sealed
+//! - `MEMFD`: memfd `chpox-test`, "hello memfd", mode 0640, owner
+//!   4321:4322, sealed
 //!   F_SEAL_SHRINK|F_SEAL_GROW, offset 3; a second description of it,
 //!   read-only, at offset 1: name, content, mode, seals, offsets; a write
 //!   through one is read through the other.
@@ -305,6 +306,7 @@ fn main() {
     // SAFETY: plain calls on our descriptor.
     unsafe {
         check(libc::fchmod(mfd, 0o640), "fchmod");
+        check(libc::fchown(mfd, 4321, 4322), "fchown");
         check(
             libc::fcntl(
                 mfd,
@@ -564,9 +566,10 @@ fn main() {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     check(unsafe { libc::fstat(mfd, &mut st) }, "fstat");
-    if st.st_mode & 0o7777 != 0o640 || st.st_size != 11 {
+    let owner = (st.st_uid, st.st_gid);
+    if st.st_mode & 0o7777 != 0o640 || st.st_size != 11 || owner != (4321, 4322) {
         bad.push(format!(
-            "mode {:o} size {}",
+            "mode {:o} size {} owner {owner:?}",
             st.st_mode & 0o7777,
             st.st_size
         ));
