@@ -138,6 +138,7 @@ fn io_uring_aio_and_a_watch_without_a_path_are_refused_by_name() {
         ("uring", "is an io_uring instance"),
         ("aio", "has an AIO context"),
         ("inotify-gone", "which has no path any more"),
+        ("inotify-proc", "cannot be opened again"),
     ] {
         let dir = tempdir();
         let work = dir.path().join("work");
