@@ -23,7 +23,7 @@ use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
 use crate::tree::{self, FrozenTree};
-use crate::{process, registers, signals, threads, unix_sockets};
+use crate::{process, registers, signals, threads};
 
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
@@ -299,7 +299,7 @@ fn capture_tree(
     let fs_with_parent = tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
-    let unix = unix_sockets::query()?;
+    let unix = fds::unix::query()?;
     let mut fds = Vec::with_capacity(tree.members().len());
     for frozen in tree.members() {
         fds.push(fds::scan_fds(frozen.pid(), opts.unsupported_fd, &unix)?);
@@ -336,23 +336,11 @@ fn capture_tree(
     let pages_stored = pages.pages_stored;
     let checksums = pages.finish(writer)?;
     phase.done("processes");
-    fds::classify_pipes(&mut procs, opts.unsupported_fd)?;
-    unix_sockets::classify(&mut procs, opts.unsupported_fd)?;
+    fds::classify(&mut procs, opts.unsupported_fd)?;
     tree::link_descriptions(&mut procs);
-    fds::embed_pipe_data(&mut procs, writer)?;
-    unix_sockets::embed_queues(&mut procs, writer)?;
     let reader =
         crate::files::embed_reader(opts.as_user.as_ref(), procs.first().map(|p| &p.process));
-    let mut seen = crate::deleted::Seen::new();
-    for p in &mut procs {
-        fds::embed_deleted(
-            p.process.pid,
-            &mut p.fds,
-            writer,
-            reader.as_ref(),
-            &mut seen,
-        )?;
-    }
+    fds::embed(&mut procs, writer, reader.as_ref())?;
     phase.done("pipes, shared descriptions, deleted files");
 
     let mut procs = procs.into_iter();

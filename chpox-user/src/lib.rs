@@ -29,6 +29,5 @@ pub mod signals;
 pub mod threads;
 pub mod timers;
 pub mod tree;
-pub mod unix_sockets;
 
 pub use error::{Error, Result};

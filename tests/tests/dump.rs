@@ -294,6 +294,7 @@ impl KindName for chpox::image::model::FdEntry {
             FdKind::ReplacedByNull { .. } => "ReplacedByNull",
             FdKind::Fifo { .. } => "Fifo",
             FdKind::UnixPair { .. } => "UnixPair",
+            _ => "Other",
         }
     }
 }

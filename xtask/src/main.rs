@@ -98,6 +98,7 @@ const TEST_PACKAGES: &[&str] = &[
     "openjdk-17-jdk-headless",
     "slurm-wlm",
     "munge",
+    "nodejs",
 ];
 
 fn cargo() -> Command {

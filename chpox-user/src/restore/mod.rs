@@ -66,7 +66,6 @@
 //!   (see [`threads`]).
 
 pub mod child;
-pub mod fds;
 pub mod inject;
 pub mod memory;
 pub mod process;
@@ -85,6 +84,7 @@ use std::path::Path;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::fds;
 use crate::image::ImageReader;
 use crate::image::model::{Metadata, ProcessImage};
 use crate::ptrace::Frozen;

@@ -16,11 +16,49 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+
+use super::restore::{Descriptions, Key, Making, file_err, one};
+use super::{Embed, Kind};
 use crate::error::{Error, Result};
 use crate::image::ImageReader;
 use crate::image::ImageWriter;
 use crate::image::model::{FdKind, ProcessImage};
+
+pub static KIND: Kind = Kind {
+    probe: |p| {
+        Ok(match p.meta {
+            Some(m) if m.file_type().is_socket() => kind_of(p.unix, m.ino()),
+            _ => None,
+        })
+    },
+    classify: Some(classify),
+    embed: Some(|e: &mut Embed<'_>| embed_queues(e.procs, e.writer)),
+    key: |_, e| match e.kind {
+        FdKind::UnixPair { inode, .. } => Some(Key::Object("unix", inode, 0)),
+        _ => None,
+    },
+    // Both ends are made at once.
+    needs: |pid, e| match e.kind {
+        FdKind::UnixPair { inode, peer, .. } => vec![(Key::Object("unix", inode.min(peer), 0), 2)],
+        _ => one(pid, e),
+    },
+    make: |d, m, e| {
+        let FdKind::UnixPair {
+            inode,
+            peer,
+            sock_type,
+            ..
+        } = e.kind
+        else {
+            return Ok(false);
+        };
+        make_socket_pair(d, m, inode, peer, sock_type)?;
+        Ok(true)
+    },
+};
 
 /// What the kernel says of one UNIX socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +217,7 @@ pub fn kind_of(table: &UnixTable, ino: u64) -> Option<FdKind> {
 
 /// Socket pairs whose other end no checkpointed process holds are sockets
 /// to the outside: named, as unsupported (or /dev/null by request).
-pub fn classify(procs: &mut [ProcessImage], policy: crate::fds::UnsupportedFd) -> Result<()> {
+pub fn classify(procs: &mut [ProcessImage], policy: super::UnsupportedFd) -> Result<()> {
     use std::collections::HashSet;
     let held: HashSet<u64> = procs
         .iter()
@@ -200,8 +238,8 @@ pub fn classify(procs: &mut [ProcessImage], policy: crate::fds::UnsupportedFd) -
             }
             let was = format!("socket:[{inode}]");
             match policy {
-                crate::fds::UnsupportedFd::Null => e.kind = FdKind::ReplacedByNull { was },
-                crate::fds::UnsupportedFd::Fail => outside.push(format!(
+                super::UnsupportedFd::Null => e.kind = FdKind::ReplacedByNull { was },
+                super::UnsupportedFd::Fail => outside.push(format!(
                     "PID {} fd {} ({was}, a UNIX socket connected to a process outside the checkpoint)",
                     p.process.pid, e.fd
                 )),
@@ -216,7 +254,7 @@ pub fn classify(procs: &mut [ProcessImage], policy: crate::fds::UnsupportedFd) -
 }
 
 /// A copy of fd `fd` of process `pid` in our table (`pidfd_getfd`).
-fn steal(pid: i32, fd: i32) -> Result<OwnedFd> {
+pub(crate) fn steal(pid: i32, fd: i32) -> Result<OwnedFd> {
     let err = |what: &str, e: std::io::Error| Error::File {
         path: format!("/proc/{pid}/fd/{fd} ({what})"),
         source: e,
@@ -420,6 +458,37 @@ pub fn refill(end: &OwnedFd, from: &OwnedFd, kind: &FdKind, reader: &ImageReader
     };
     if let Some(how) = how {
         nix::sys::socket::shutdown(end.as_fd().as_raw_fd(), how).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// A new pair for the saved pair (`inode`, `peer`), each end holding
+/// its saved queue, with its saved shutdowns and status flags.
+fn make_socket_pair(
+    d: &mut Descriptions,
+    m: &Making<'_>,
+    inode: u64,
+    peer: u64,
+    sock_type: i32,
+) -> Result<()> {
+    let (meta, reader) = (m.meta, m.reader);
+    let entry_of = |ino: u64| {
+        meta.processes()
+            .flat_map(|p| &p.fds)
+            .find(|e| matches!(e.kind, FdKind::UnixPair { inode: i, .. } if i == ino))
+    };
+    let (this, other) = make_pair(sock_type)?;
+    let ends = [(inode, &this, &other), (peer, &other, &this)];
+    for (ino, end, from) in ends {
+        if let Some(e) = entry_of(ino) {
+            refill(end, from, &e.kind, reader)?;
+        }
+    }
+    for (ino, end) in [(inode, this), (peer, other)] {
+        let nonblock = entry_of(ino).map_or(0, |e| e.flags as i32 & libc::O_NONBLOCK);
+        fcntl(&end, FcntlArg::F_SETFL(OFlag::from_bits_retain(nonblock)))
+            .map_err(file_err(&format!("socket:[{ino}]")))?;
+        d.insert(Key::Object("unix", ino, 0), end);
     }
     Ok(())
 }
