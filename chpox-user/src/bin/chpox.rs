@@ -80,6 +80,13 @@ enum Command {
         /// Checkpoint the process alone, not its descendants.
         #[arg(long)]
         no_children: bool,
+        /// Save established TCP connections (TCP repair mode) so they come
+        /// back in place; the peer must be quiet during the dump.
+        #[arg(long, conflicts_with = "tcp_close")]
+        tcp_established: bool,
+        /// Restore established TCP connections reset (ECONNRESET).
+        #[arg(long)]
+        tcp_close: bool,
         /// Print the dump report as JSON.
         #[arg(long)]
         json: bool,
@@ -167,6 +174,8 @@ fn run(cli: Cli) -> Result<()> {
             embed_all_libs,
             unsupported_fd,
             no_children,
+            tcp_established,
+            tcp_close,
             json,
         } => {
             let opts = DumpOptions {
@@ -191,6 +200,13 @@ fn run(cli: Cli) -> Result<()> {
                 registration: None,
                 expect_start_time: None,
                 children: !no_children,
+                tcp: if tcp_established {
+                    chpox::fds::inet::TcpPolicy::Established
+                } else if tcp_close {
+                    chpox::fds::inet::TcpPolicy::Close
+                } else {
+                    chpox::fds::inet::TcpPolicy::Refuse
+                },
             };
             let report =
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?;

@@ -10,7 +10,10 @@
 //!   another process's (`job | tee log`), which restore connects to the
 //!   restorer's own fd 0, 1 or 2;
 //! - [`fifo`]: named FIFOs, with their unread bytes;
-//! - [`unix`]: UNIX socket pairs inside the checkpoint, with their queues.
+//! - [`unix`]: UNIX sockets: bound, listening, connected inside the
+//!   checkpoint with their queues, or to the outside (`--inherit-fd`);
+//! - [`inet`]: TCP and UDP sockets; established TCP connections through
+//!   [`tcp_repair`] (`--tcp-established`) or reset (`--tcp-close`).
 //!
 //! Adding a kind: a new file with its `KIND` (how to recognise it at dump
 //! time, what to do across the tree, how restore makes it), and one line
@@ -27,10 +30,14 @@
 //! once, by the restorer, and handed to every process and number that held
 //! it, so what `fork` and `dup` shared stays shared.
 
+pub mod external;
 pub mod fifo;
 pub mod file;
+pub mod inet;
 pub mod pipe;
 pub mod restore;
+pub mod sock_diag;
+pub mod tcp_repair;
 pub mod tty;
 pub mod unix;
 
@@ -85,8 +92,10 @@ pub const KINDS: &[&Kind] = &[
     &fifo::KIND,
     &pipe::KIND,
     &unix::KIND,
+    &inet::KIND,
     &tty::KIND,
     &file::CHAR_DEVICE,
+    &external::KIND,
     &restore::NULL,
 ];
 
@@ -103,6 +112,8 @@ pub struct Probe<'a> {
     pub info: FdInfo,
     /// Every UNIX socket of our network namespace.
     pub unix: &'a unix::UnixTable,
+    /// Every TCP and UDP socket, and what to do with connections.
+    pub inet: &'a inet::InetTable,
 }
 
 /// What a kind's `embed` gets.
@@ -152,7 +163,12 @@ fn open_fd_numbers(pid: i32) -> Result<Vec<i32>> {
 
 /// Every descriptor of `pid`. The content of deleted regular files is not
 /// read yet; [`embed`] does that.
-pub fn scan_fds(pid: i32, policy: UnsupportedFd, unix: &unix::UnixTable) -> Result<Vec<FdEntry>> {
+pub fn scan_fds(
+    pid: i32,
+    policy: UnsupportedFd,
+    unix: &unix::UnixTable,
+    inet: &inet::InetTable,
+) -> Result<Vec<FdEntry>> {
     let mut entries = Vec::new();
     let mut unsupported = Vec::new();
     for fd in open_fd_numbers(pid)? {
@@ -175,6 +191,7 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd, unix: &unix::UnixTable) -> Resu
             fdinfo: &fdinfo,
             info,
             unix,
+            inet,
         };
         let mut kind = None;
         for k in KINDS {
