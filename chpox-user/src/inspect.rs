@@ -413,12 +413,7 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
                 "FIFO {path}{}",
                 data.map_or(String::new(), |d| format!(", {} unread bytes", d.raw_len))
             ),
-            FdKind::Unix(s) => crate::fds::unix::describe(s),
-            FdKind::Inet(s) => crate::fds::inet::describe(s),
-            FdKind::External { was } => format!(
-                "{was}; restoring needs a replacement: --inherit-fd {}=N",
-                fd.fd
-            ),
+            other => crate::fds::describe(other),
         };
         let _ = writeln!(
             s,

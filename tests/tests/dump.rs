@@ -297,6 +297,7 @@ impl KindName for chpox::image::model::FdEntry {
             FdKind::Unix(_) => "Unix",
             FdKind::Inet(_) => "Inet",
             FdKind::External { .. } => "External",
+            _ => "Other",
         }
     }
 }

@@ -270,7 +270,7 @@ fn a_unix_socket_to_the_outside_is_named_and_handed_in_with_inherit_fd() {
     );
     let summary = chpox_ok(&["inspect", path_str(&image)]);
     assert!(
-        summary.contains("--inherit-fd 3=N"),
+        summary.contains("--inherit-fd FD=N"),
         "inspect says what to do: {summary}"
     );
 

@@ -104,6 +104,16 @@ fn restorer_copy(n: i32) -> Result<OwnedFd> {
         })
 }
 
+/// For `chpox inspect`.
+pub fn describe(kind: &FdKind) -> Option<String> {
+    match kind {
+        FdKind::External { was } => Some(format!(
+            "{was}; restoring needs a replacement: --inherit-fd FD=N"
+        )),
+        _ => None,
+    }
+}
+
 pub static KIND: Kind = Kind {
     probe: |_| Ok(None),
     classify: None,

@@ -180,6 +180,14 @@ fn state_name(state: u8) -> &'static str {
     }
 }
 
+/// For `chpox inspect`.
+pub fn describe_kind(kind: &FdKind) -> Option<String> {
+    match kind {
+        FdKind::Inet(s) => Some(describe(s)),
+        _ => None,
+    }
+}
+
 /// One line naming a socket: `TCP 127.0.0.1:80 -> 127.0.0.1:4242 (established)`.
 pub fn describe(s: &InetSocketImage) -> String {
     let mut d = format!(

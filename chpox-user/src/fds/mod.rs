@@ -13,7 +13,10 @@
 //! - [`unix`]: UNIX sockets: bound, listening, connected inside the
 //!   checkpoint with their queues, or to the outside (`--inherit-fd`);
 //! - [`inet`]: TCP and UDP sockets; established TCP connections through
-//!   [`tcp_repair`] (`--tcp-established`) or reset (`--tcp-close`).
+//!   [`tcp_repair`] (`--tcp-established`) or reset (`--tcp-close`);
+//! - [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`], [`inotify`],
+//!   [`memfd`], [`pidfd`];
+//! - [`uring`]: io_uring and AIO, refused by name.
 //!
 //! Adding a kind: a new file with its `KIND` (how to recognise it at dump
 //! time, what to do across the tree, how restore makes it), and one line
@@ -30,16 +33,24 @@
 //! once, by the restorer, and handed to every process and number that held
 //! it, so what `fork` and `dup` shared stays shared.
 
+pub mod epoll;
+pub mod eventfd;
 pub mod external;
 pub mod fifo;
 pub mod file;
 pub mod inet;
+pub mod inotify;
+pub mod memfd;
+pub mod pidfd;
 pub mod pipe;
 pub mod restore;
+pub mod signalfd;
 pub mod sock_diag;
 pub mod tcp_repair;
+pub mod timerfd;
 pub mod tty;
 pub mod unix;
+pub mod uring;
 
 use std::fs::Metadata as FileMeta;
 
@@ -87,6 +98,7 @@ pub struct Kind {
 
 /// Every kind, in the order a descriptor is tried against them.
 pub const KINDS: &[&Kind] = &[
+    &memfd::KIND,
     &file::REGULAR,
     &file::DIRECTORY,
     &fifo::KIND,
@@ -97,7 +109,43 @@ pub const KINDS: &[&Kind] = &[
     &file::CHAR_DEVICE,
     &external::KIND,
     &restore::NULL,
+    &eventfd::KIND,
+    &timerfd::KIND,
+    &signalfd::KIND,
+    &epoll::KIND,
+    &inotify::KIND,
+    &pidfd::KIND,
+    &uring::KIND,
 ];
+
+/// What a kind does in a restored process once all its descriptors are in
+/// place (`pid_in_image`, its saved entries).
+pub type Installed =
+    fn(&mut crate::restore::child::Child<'_>, i32, &[FdEntry], &Descriptions) -> Result<()>;
+
+/// The kinds that finish inside the process, in this order (pidfds before
+/// an epoll that may watch them).
+pub const INSTALLED: &[Installed] = &[pidfd::installed, epoll::installed];
+
+/// For `inspect`: how a kind not described there reads.
+pub fn describe(kind: &FdKind) -> String {
+    let describers: &[fn(&FdKind) -> Option<String>] = &[
+        eventfd::describe,
+        timerfd::describe,
+        signalfd::describe,
+        epoll::describe,
+        inotify::describe,
+        memfd::describe,
+        pidfd::describe,
+        unix::describe_kind,
+        inet::describe_kind,
+        external::describe,
+    ];
+    describers
+        .iter()
+        .find_map(|d| d(kind))
+        .unwrap_or_else(|| format!("{kind:?}"))
+}
 
 /// What a kind's probe sees of one descriptor.
 pub struct Probe<'a> {
@@ -219,6 +267,8 @@ pub fn scan_fds(
     if !unsupported.is_empty() {
         return Err(Error::UnsupportedFds(unsupported.join(", ")));
     }
+    // Rings without a descriptor (AIO), before anything reads that memory.
+    uring::check_rings(pid)?;
     entries.sort_by_key(|e| e.fd);
     Ok(entries)
 }
@@ -253,6 +303,15 @@ pub fn embed(
         }
     }
     Ok(())
+}
+
+/// The value after `name` on the first fdinfo line that starts with it,
+/// trimmed.
+pub fn field<'a>(fdinfo: &'a str, name: &str) -> Option<&'a str> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
 }
 
 /// Probes that do not apply to a kind.

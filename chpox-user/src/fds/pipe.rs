@@ -36,6 +36,11 @@ pub static KIND: Kind = Kind {
     classify: Some(classify_pipes),
     embed: Some(|e: &mut Embed<'_>| embed_pipe_data(e.procs, e.writer)),
     key: |_, e| match e.kind {
+        // Each open file description its own (two opens of one pipe keep
+        // their own O_NONBLOCK); images of earlier versions, one per end.
+        FdKind::Pipe { internal: true, .. } if e.description != 0 => {
+            Some(Key::Object("pipe description", e.description, 0))
+        }
         FdKind::Pipe {
             inode,
             internal: true,
@@ -46,13 +51,17 @@ pub static KIND: Kind = Kind {
         } => Some(Key::Object("stdio", e.fd as u64, 0)),
         _ => None,
     },
-    // Both ends are made at once.
+    // Both ends are made at once, and kept while each description is
+    // made from them.
     needs: |pid, e| match e.kind {
         FdKind::Pipe {
             inode,
             internal: true,
             ..
-        } => vec![(Key::Object("pipe", inode, 1), 2)],
+        } => vec![
+            (Key::Object("pipe", inode, 1), 2),
+            (super::restore::key(pid, e), 1),
+        ],
         _ => one(pid, e),
     },
     make,
@@ -64,7 +73,13 @@ fn make(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<bool> {
             inode,
             internal: true,
             ..
-        } => make_pipe(d, m, inode)?,
+        } if !d.has(&Key::Object("pipe", inode, 1)) => make_pipe(d, m, inode)?,
+        FdKind::Pipe { internal: true, .. } => {
+            return Err(Error::Other(format!(
+                "internal: fd {} of PID {} has no description of its pipe",
+                e.fd, m.pid
+            )));
+        }
         FdKind::Pipe {
             internal: false, ..
         } => {
@@ -322,6 +337,56 @@ fn make_pipe(d: &mut Descriptions, m: &mut Making<'_>, inode: u64) -> Result<()>
             .map_or(0, |e| e.flags as i32 & (libc::O_NONBLOCK | libc::O_DIRECT));
         fcntl(&end, FcntlArg::F_SETFL(OFlag::from_bits_retain(flags))).map_err(file_err(&name))?;
         d.insert(Key::Object("pipe", inode, u64::from(is_read)), end);
+    }
+    make_descriptions(d, &entries, inode, &name)
+}
+
+/// One description per saved description of pipe `inode`: the first of
+/// each end is that end itself (shared), the others open it anew through
+/// /proc (a new description of the same pipe), each with its own status
+/// flags.
+fn make_descriptions(
+    d: &mut Descriptions,
+    entries: &[&FdEntry],
+    inode: u64,
+    name: &str,
+) -> Result<()> {
+    let mut first_of_end = [false, false];
+    for e in entries {
+        if e.description == 0 {
+            continue;
+        }
+        let k = Key::Object("pipe description", e.description, 0);
+        if d.has(&k) {
+            continue;
+        }
+        let is_read = is_read_end(e.flags);
+        let end = d
+            .lookup(&Key::Object("pipe", inode, u64::from(is_read)))
+            .ok_or_else(|| Error::Other(format!("internal: {name} not made")))?;
+        let fd = if !first_of_end[usize::from(is_read)] {
+            // The end's flags were set from the first entry of that end,
+            // which is this description's.
+            first_of_end[usize::from(is_read)] = true;
+            end.try_clone().map_err(|err| Error::File {
+                path: name.to_string(),
+                source: err,
+            })?
+        } else {
+            let again = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(end));
+            let access = e.flags as i32 & libc::O_ACCMODE;
+            let fd = nix::fcntl::open(
+                again.as_str(),
+                OFlag::from_bits_retain(access) | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(file_err(name))?;
+            let status = e.flags as i32 & (libc::O_NONBLOCK | libc::O_DIRECT);
+            fcntl(&fd, FcntlArg::F_SETFL(OFlag::from_bits_retain(status)))
+                .map_err(file_err(name))?;
+            fd
+        };
+        d.insert(k, fd);
     }
     Ok(())
 }

@@ -108,6 +108,19 @@ pub struct Opener<'a> {
 }
 
 impl Opener<'_> {
+    /// Run `f` with the rights files are opened with (see [`Opener::open`]).
+    pub fn with_rights<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        match self.owner {
+            None => Ok(f()),
+            Some(_) => crate::creds::as_user(&Owner::creds_of(self.creds), f).map_err(|e| {
+                Error::Other(format!(
+                    "cannot take the file rights of PID {} to restore its descriptors: {e}",
+                    self.pid
+                ))
+            }),
+        }
+    }
+
     /// `open(path, flags)` with the right rights; `number` is the
     /// descriptor it is for, named in a refusal.
     pub fn open(&self, path: &str, flags: OFlag, number: i32) -> Result<OwnedFd> {
@@ -185,6 +198,9 @@ pub struct Making<'a> {
 /// The restorer's copies of every description the image's processes hold.
 pub struct Descriptions {
     by_key: HashMap<Key, OwnedFd>,
+    /// Descriptions a process has finished inside itself (an epoll's
+    /// interest list), so the next holder does not again.
+    finished: std::sync::Mutex<std::collections::HashSet<Key>>,
 }
 
 pub(crate) fn file_err(path: &str) -> impl FnOnce(nix::errno::Errno) -> Error + '_ {
@@ -233,6 +249,7 @@ impl Descriptions {
         super::external::check(meta, inherit)?;
         let mut d = Descriptions {
             by_key: HashMap::new(),
+            finished: Default::default(),
         };
         for p in meta.processes() {
             let mut making = Making {
@@ -282,6 +299,14 @@ impl Descriptions {
     /// The description made for `k`, if any.
     pub fn lookup(&self, k: &Key) -> Option<&OwnedFd> {
         self.by_key.get(k)
+    }
+
+    /// True the first time it is asked for `k`: the caller finishes it.
+    pub fn first_time(&self, k: Key) -> bool {
+        match self.finished.lock() {
+            Ok(mut set) => set.insert(k),
+            Err(poisoned) => poisoned.into_inner().insert(k),
+        }
     }
 
     fn get(&self, pid: i32, e: &FdEntry) -> Result<&OwnedFd> {
@@ -356,6 +381,7 @@ pub fn restore_fds(
         from = k + 1;
     }
     close_range(c, from, u64::from(u32::MAX))?;
+    let all = fds;
     let mut fds: Vec<&FdEntry> = fds.iter().collect();
     // In order, so each received descriptor lands at or below its number.
     fds.sort_by_key(|e| e.fd);
@@ -380,6 +406,9 @@ pub fn restore_fds(
             [got as u64, e.fd as u64, flags as u64, 0, 0, 0],
         )?;
         c.close(got)?;
+    }
+    for installed in super::INSTALLED {
+        installed(c, pid_in_image, all, descriptions)?;
     }
     c.close(image_high)?;
     c.close(receive_high)?;

@@ -35,7 +35,8 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tracing::warn;
 
 use super::restore::{Descriptions, Key, Making, file_err, one};
-use super::sock_diag::{self, get_opt, set_opt, steal, u32_at};
+pub(crate) use super::sock_diag::steal;
+use super::sock_diag::{self, get_opt, set_opt, u32_at};
 use super::{Embed, Kind, Probe, UnsupportedFd};
 use crate::error::{Error, Result};
 use crate::image::ImageReader;
@@ -997,7 +998,14 @@ fn make_socket_pair(
 }
 
 /// For `chpox inspect`.
-pub fn describe(s: &UnixSocketImage) -> String {
+pub fn describe_kind(kind: &FdKind) -> Option<String> {
+    match kind {
+        FdKind::Unix(s) => Some(describe(s)),
+        _ => None,
+    }
+}
+
+fn describe(s: &UnixSocketImage) -> String {
     let mut d = format!(
         "UNIX {} socket:[{}] {}",
         type_name(s.sock_type),

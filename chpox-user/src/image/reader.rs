@@ -1259,6 +1259,14 @@ fn for_each_ref<'a, E>(
         {
             f(Site::Fd { entry, path }, r)?;
         }
+        if let FdKind::Memfd {
+            name,
+            content: Some(r),
+            ..
+        } = &entry.kind
+        {
+            f(Site::Fd { entry, path: name }, r)?;
+        }
         if let FdKind::Pipe { data: Some(r), .. } = &entry.kind {
             f(
                 Site::Fd {
