@@ -536,3 +536,104 @@ fn tcp_close_brings_a_connection_back_reset_and_the_server_serves_the_next() {
     new.read_exact(&mut buf).expect("echo");
     assert_eq!(&buf, b"echo:two");
 }
+
+// ---------------------------------------------------------------------------
+// Real servers
+
+/// A Redis client on one connection: RESP commands, one reply each.
+struct Redis {
+    r: BufReader<std::net::TcpStream>,
+    w: std::net::TcpStream,
+}
+
+impl Redis {
+    fn connect(port: u16) -> Redis {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        Redis {
+            r: BufReader::new(s.try_clone().expect("clone")),
+            w: s,
+        }
+    }
+
+    /// The reply to `args`: a status, an integer or a bulk string, as text
+    /// (`(nil)` for a missing key).
+    fn cmd(&mut self, args: &[&str]) -> String {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req += &format!("${}\r\n{a}\r\n", a.len());
+        }
+        self.w.write_all(req.as_bytes()).expect("send to redis");
+        let mut line = String::new();
+        self.r.read_line(&mut line).expect("read from redis");
+        let line = line.trim_end().to_string();
+        match line.strip_prefix('$') {
+            Some("-1") => "(nil)".to_string(),
+            Some(n) => {
+                let n: usize = n.parse().expect("bulk length");
+                let mut buf = vec![0u8; n + 2];
+                self.r.read_exact(&mut buf).expect("read bulk");
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            }
+            None => line,
+        }
+    }
+}
+
+#[test]
+fn redis_keeps_its_keys_and_its_connected_client_with_tcp_established() {
+    let dir = tempdir();
+    let port = free_port();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "echo READY; exec redis-server --save '' --appendonly no --port {port} --bind 127.0.0.1 --daemonize no"
+        ))
+        .current_dir(dir.path());
+    only_stdio(&mut cmd);
+    let mut t = Target::spawn_command(cmd, "redis", dir.path());
+    let mut guard = Guard::default();
+    poll(
+        "redis answers",
+        TIMEOUT,
+        || t.stdout(),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(drop)
+        },
+    );
+    guard.watch_tree(t.pid);
+    let mut old = Redis::connect(port);
+    assert_eq!(old.cmd(&["PING"]), "+PONG");
+    for i in 0..200 {
+        assert_eq!(
+            old.cmd(&["SET", &format!("key{i}"), &format!("value{i}")]),
+            "+OK"
+        );
+    }
+    let image = dir.path().join("redis.img");
+    let root = t.pid.to_string();
+    let out = run_chpox(&["dump", &root, "-o", path_str(&image)]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--tcp-established"),
+        "without --tcp-established the dump refuses, naming the connection: {}",
+        show(&out)
+    );
+    dump_kill(&mut t, &image, &["--tcp-established"]);
+    // The old client is quiet until the restore is done: chpox does not
+    // lock the network, and a packet with no socket to go to is answered
+    // with a reset.
+    let pid = chpox_ok(&["restore", "--detach", path_str(&image)]);
+    let pid: i32 = pid.trim().parse().expect("restore --detach prints the PID");
+    guard.watch_tree(pid);
+    assert_eq!(old.cmd(&["GET", "key7"]), "value7", "the old client");
+    assert_eq!(old.cmd(&["SET", "after", "yes"]), "+OK");
+    let mut new = Redis::connect(port);
+    assert_eq!(new.cmd(&["DBSIZE"]), ":201");
+    for i in 0..200 {
+        assert_eq!(new.cmd(&["GET", &format!("key{i}")]), format!("value{i}"));
+    }
+    assert_eq!(new.cmd(&["GET", "after"]), "yes");
+    assert_eq!(old.cmd(&["PING"]), "+PONG", "the old client still");
+}
