@@ -637,3 +637,136 @@ fn redis_keeps_its_keys_and_its_connected_client_with_tcp_established() {
     assert_eq!(new.cmd(&["GET", "after"]), "yes");
     assert_eq!(old.cmd(&["PING"]), "+PONG", "the old client still");
 }
+
+/// Goroutines, a ticker and a loopback TCP server and client in one Go
+/// program: it talks to itself every 20 ms for 150 rounds, while four
+/// goroutines count; checkpointed in the middle, it ends as if nothing
+/// happened.
+const GO_PROGRAM: &str = r#"package main
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+)
+
+func serve(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func(c net.Conn) {
+			r := bufio.NewReader(c)
+			for {
+				l, err := r.ReadString('\n')
+				if err != nil {
+					c.Close()
+					return
+				}
+				fmt.Fprintf(c, "echo %s", l)
+			}
+		}(c)
+	}
+}
+
+func main() {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	go serve(ln)
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		panic(err)
+	}
+	r := bufio.NewReader(conn)
+	var mu sync.Mutex
+	counts := make([]int, 4)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			t := time.NewTicker(5 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-t.C:
+					mu.Lock()
+					counts[i]++
+					mu.Unlock()
+				}
+			}
+		}(i)
+	}
+	ticker := time.NewTicker(20 * time.Millisecond)
+	bad := 0
+	for round := 0; round < 150; round++ {
+		<-ticker.C
+		fmt.Fprintf(conn, "msg %d\n", round)
+		l, err := r.ReadString('\n')
+		if err != nil || l != fmt.Sprintf("echo msg %d\n", round) {
+			bad++
+			fmt.Fprintln(os.Stderr, "round", round, l, err)
+		}
+		if round == 10 {
+			fmt.Println("READY")
+		}
+	}
+	close(stop)
+	wg.Wait()
+	c2, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		panic(err)
+	}
+	fmt.Fprintf(c2, "second\n")
+	l, _ := bufio.NewReader(c2).ReadString('\n')
+	ok := true
+	for _, c := range counts {
+		ok = ok && c > 0
+	}
+	fmt.Printf("done bad=%d counted=%v second=%q\n", bad, ok, l)
+}
+"#;
+
+#[test]
+fn a_go_program_with_goroutines_a_timer_and_loopback_tcp_finishes_after_restore() {
+    let dir = tempdir();
+    let src = dir.path().join("prog.go");
+    std::fs::write(&src, GO_PROGRAM).expect("write the Go program");
+    let bin = dir.path().join("goprog");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .current_dir(dir.path())
+        .env("GOCACHE", dir.path().join("gocache"))
+        .env("GOPATH", dir.path().join("gopath"))
+        .env("GO111MODULE", "off")
+        .output()
+        .expect("run go build (Debian package golang-go)");
+    assert!(out.status.success(), "go build: {}", show(&out));
+    let mut cmd = Command::new(&bin);
+    cmd.current_dir(dir.path());
+    only_stdio(&mut cmd);
+    let mut t = Target::spawn_command(cmd, "goprog", dir.path());
+    let mut guard = Guard::default();
+    guard.watch_tree(t.pid);
+    let image = dir.path().join("go.img");
+    dump_kill(&mut t, &image, &["--tcp-established"]);
+    let mut r = Restore::start(&image, &[], dir.path(), None);
+    assert_eq!(r.wait(), 0, "restore: {}\n{}", r.stderr(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        ["done bad=0 counted=true second=\"echo second\\n\""],
+        "{}",
+        t.stderr()
+    );
+}
