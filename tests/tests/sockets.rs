@@ -770,3 +770,43 @@ fn a_go_program_with_goroutines_a_timer_and_loopback_tcp_finishes_after_restore(
         t.stderr()
     );
 }
+
+// ---------------------------------------------------------------------------
+// Through the agent
+
+/// `chpox run --tcp-established`: the agent's checkpoint saves the
+/// server's connection in repair mode and gives it back, working, to the
+/// server that runs on.
+#[test]
+fn an_agent_checkpoint_with_tcp_established_leaves_the_connection_working() {
+    let s = common::agent::scratch_with_out();
+    let agent = common::agent::Agent::start(&s);
+    let script = s.logs.join("echo.py");
+    std::fs::write(&script, ECHO_SERVER).expect("write the script");
+    let img = s.out.join("echo.chpox");
+    let mut cmd = agent.client(chpox_bin());
+    cmd.args(["run", "--tcp-established", "-o", path_str(&img), "--"])
+        .args(["python3", "-u"])
+        .arg(&script);
+    let t = Target::spawn_command(cmd, "echo", &s.logs);
+    let mut guard = Guard::default();
+    guard.watch_tree(t.pid);
+    let port: u16 = t.ready_value("port").parse().expect("port");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut buf = [0u8; 8];
+    c.write_all(b"one").expect("send");
+    c.read_exact(&mut buf).expect("echo");
+    assert_eq!(&buf, b"echo:one");
+    let printed = agent.chpox_ok(&["checkpoint", &t.pid.to_string(), "--timeout", "60"]);
+    assert_eq!(printed.trim(), path_str(&img));
+    let kinds = fd_kinds(&inspect(&img));
+    assert_eq!(
+        kinds.iter().filter(|k| !k["Inet"]["tcp"].is_null()).count(),
+        1,
+        "the connection saved in repair mode: {kinds:?}"
+    );
+    c.write_all(b"two").expect("send");
+    c.read_exact(&mut buf).expect("echo after the checkpoint");
+    assert_eq!(&buf, b"echo:two");
+}

@@ -44,6 +44,19 @@ pub enum TcpPolicy {
     Close,
 }
 
+impl TcpPolicy {
+    /// From registration flags (`chpox register --tcp-established`).
+    pub fn from_flags(flags: u32) -> TcpPolicy {
+        if flags & chpox_common::flags::TCP_ESTABLISHED != 0 {
+            TcpPolicy::Established
+        } else if flags & chpox_common::flags::TCP_CLOSE != 0 {
+            TcpPolicy::Close
+        } else {
+            TcpPolicy::Refuse
+        }
+    }
+}
+
 pub static KIND: Kind = Kind {
     probe: |p| {
         Ok(match p.meta {
