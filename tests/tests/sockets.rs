@@ -301,6 +301,93 @@ fn a_unix_socket_to_the_outside_is_named_and_handed_in_with_inherit_fd() {
     assert!(t.stdout().ends_with("sent\n"), "{}", t.stdout());
 }
 
+/// The rarer states: a socket bound to a relative path, a stream whose
+/// peer closed with data left to read (then end of file), a shut down
+/// end, a datagram socket connected to a named socket outside the
+/// checkpoint (as syslog's to /dev/log), which is connected to it again.
+const UNIX_STATES: &str = r#"import os, socket, sys, time
+log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+log.connect(sys.argv[1])
+rel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+rel.bind("rel.sock"); rel.listen(1)
+a, b = socket.socketpair()
+b.sendall(b"last words"); b.close()
+c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+c.shutdown(socket.SHUT_WR)
+d.setblocking(False)
+print("READY", flush=True)
+while not os.path.exists("go"):
+    time.sleep(0.02)
+log.send(b"to the log")
+x = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+x.connect("rel.sock")
+y, _ = rel.accept()
+x.sendall(b"rel"); got = y.recv(10)
+print(a.recv(100), a.recv(100), d.recv(10), got, rel.getsockname(), d.getblocking(), flush=True)
+"#;
+
+#[test]
+fn unix_sockets_in_rarer_states_come_back_as_they_were() {
+    let dir = tempdir();
+    let log_path = dir.path().join("log.sock");
+    let log = std::os::unix::net::UnixDatagram::bind(&log_path).expect("bind the log");
+    log.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut guard = Guard::default();
+    let mut t = python(UNIX_STATES, &[path_str(&log_path)], dir.path());
+    guard.watch_tree(t.pid);
+    let image = dir.path().join("states.img");
+    dump_kill(&mut t, &image, &[]);
+    let mut r = Restore::start(&image, &[], dir.path(), None);
+    std::fs::write(dir.path().join("go"), "").expect("create go");
+    let mut buf = [0u8; 64];
+    let n = log.recv(&mut buf).expect("the restored program logs");
+    assert_eq!(&buf[..n], b"to the log");
+    assert_eq!(r.wait(), 0, "restore: {}\n{}", r.stderr(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        ["b'last words' b'' b'' b'rel' rel.sock False"],
+        "{}",
+        t.stderr()
+    );
+}
+
+/// A descriptor the checkpoint does not keep (a netlink socket), replaced
+/// by /dev/null on request: `inspect` says so, and the restore warns once
+/// for it, naming it.
+#[test]
+fn a_descriptor_replaced_by_dev_null_is_shown_and_warned_about() {
+    let dir = tempdir();
+    let mut guard = Guard::default();
+    let mut t = python(
+        "import socket, os, time\n\
+         n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n\
+         print('READY fd=%d' % n.fileno(), flush=True)\n\
+         while not os.path.exists('go'):\n    time.sleep(0.02)\n\
+         print(os.readlink('/proc/self/fd/%d' % n.fileno()), flush=True)\n",
+        &[],
+        dir.path(),
+    );
+    guard.watch_tree(t.pid);
+    let fd = t.ready_value("fd").to_string();
+    let image = dir.path().join("null.img");
+    dump_kill(&mut t, &image, &["--unsupported-fd=null"]);
+    let summary = chpox_ok(&["inspect", path_str(&image)]);
+    assert!(
+        summary
+            .lines()
+            .any(|l| l.trim_start().starts_with(&fd) && l.contains("restored as /dev/null")),
+        "inspect says fd {fd} is /dev/null: {summary}"
+    );
+    let mut r = Restore::start(&image, &[], dir.path(), None);
+    std::fs::write(dir.path().join("go"), "").expect("create go");
+    assert_eq!(r.wait(), 0, "restore: {}", r.stderr());
+    let stderr = common::agent::strip_ansi(&r.stderr());
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("/dev/null")).collect();
+    assert_eq!(warnings.len(), 1, "one warning line: {stderr}");
+    assert!(warnings[0].contains(&format!("fd {fd}")), "{stderr}");
+    assert_eq!(t.lines_after_ready(), ["/dev/null"]);
+}
+
 // ---------------------------------------------------------------------------
 // TCP and UDP
 
