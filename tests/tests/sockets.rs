@@ -78,10 +78,16 @@ impl Restore {
             .stderr(std::fs::File::create(&stderr).expect("stderr file"));
         if let Some(fd) = setup {
             // Hand our descriptor `fd` in as fd 5 of chpox restore.
-            // SAFETY: dup2 is async-signal-safe.
+            // SAFETY: dup2 and fcntl are async-signal-safe.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(fd, 5) < 0 {
+                    // dup2 onto itself would leave it close-on-exec.
+                    let r = if fd == 5 {
+                        libc::fcntl(5, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, 5)
+                    };
+                    if r < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -296,7 +302,7 @@ fn a_unix_socket_to_the_outside_is_named_and_handed_in_with_inherit_fd() {
     BufReader::new(&mut second)
         .read_line(&mut line)
         .expect("read from the restored program");
-    assert_eq!(line, "after restore\n");
+    assert_eq!(line, "after restore\n", "restore: {}", r.stderr());
     assert_eq!(r.wait(), 0, "restore: {}", r.stderr());
     assert!(t.stdout().ends_with("sent\n"), "{}", t.stdout());
 }
@@ -386,6 +392,69 @@ fn a_descriptor_replaced_by_dev_null_is_shown_and_warned_about() {
     assert_eq!(warnings.len(), 1, "one warning line: {stderr}");
     assert!(warnings[0].contains(&format!("fd {fd}")), "{stderr}");
     assert_eq!(t.lines_after_ready(), ["/dev/null"]);
+}
+
+/// Descriptors in flight (SCM_RIGHTS): a file at an offset and a
+/// directory sent to the child with a message, received after the
+/// restore; a pipe in flight fails the dump by name.
+const IN_FLIGHT: &str = r#"import os, socket, sys, time
+with open("data.txt", "w") as f:
+    f.write("0123456789")
+a, b = socket.socketpair()
+f = open("data.txt", "rb"); f.seek(3)
+d = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+socket.send_fds(a, [b"first"], [f.fileno(), d])
+a.sendall(b"|plain")
+if sys.argv[1] == "pipe":
+    r, w = os.pipe()
+    socket.send_fds(a, [b"pipe"], [r])
+pid = os.fork()
+if pid == 0:
+    a.close()
+    while not os.path.exists("go"):
+        time.sleep(0.02)
+    msg, fds, _, _ = socket.recv_fds(b, 100, 4)
+    rest = b.recv(100)
+    print(msg, rest, os.read(fds[0], 100), sorted(os.listdir(fds[1]))[:1], flush=True)
+    os._exit(0)
+f.close(); os.close(d)
+print("READY", flush=True)
+os.waitpid(pid, 0)
+"#;
+
+#[test]
+fn descriptors_in_flight_over_a_unix_socket_arrive_after_restore() {
+    let dir = tempdir();
+    let mut guard = Guard::default();
+    let mut t = python(IN_FLIGHT, &["files"], dir.path());
+    guard.watch_tree(t.pid);
+    let image = dir.path().join("flight.img");
+    dump_kill(&mut t, &image, &[]);
+    let mut r = Restore::start(&image, &[], dir.path(), None);
+    std::fs::write(dir.path().join("go"), "").expect("create go");
+    assert_eq!(r.wait(), 0, "restore: {}\n{}", r.stderr(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        ["b'first' b'|plain' b'3456789' ['data.txt']"],
+        "{}",
+        t.stderr()
+    );
+
+    let dir = tempdir();
+    let t = python(IN_FLIGHT, &["pipe"], dir.path());
+    guard.watch_tree(t.pid);
+    let out = run_chpox(&[
+        "dump",
+        &t.pid.to_string(),
+        "-o",
+        path_str(&dir.path().join("p.img")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("in flight") && err.contains("pipe:["),
+        "a pipe in flight is refused by name: {}",
+        show(&out)
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -44,12 +44,15 @@ pub mod memfd;
 pub mod pidfd;
 pub mod pipe;
 pub mod restore;
+pub mod scm_rights;
 pub mod signalfd;
 pub mod sock_diag;
 pub mod tcp_repair;
 pub mod timerfd;
 pub mod tty;
 pub mod unix;
+pub mod unix_diag;
+pub mod unix_pair;
 pub mod uring;
 
 use std::fs::Metadata as FileMeta;

@@ -27,7 +27,7 @@
 //! `FdKind::UnixPair` (images of earlier versions) is restored as before.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
@@ -36,12 +36,11 @@ use tracing::warn;
 
 use super::restore::{Descriptions, Key, Making, file_err, one};
 pub(crate) use super::sock_diag::steal;
-use super::sock_diag::{self, get_opt, set_opt, u32_at};
+use super::sock_diag::{self, get_opt, set_opt};
 use super::{Embed, Kind, Probe, UnsupportedFd};
 use crate::error::{Error, Result};
-use crate::image::ImageReader;
 use crate::image::ImageWriter;
-use crate::image::model::{FdKind, ProcessImage, SocketFile, UnixSocketImage};
+use crate::image::model::{FdKind, InFlight, ProcessImage, SocketFile, UnixSocketImage};
 
 pub static KIND: Kind = Kind {
     probe: |p| {
@@ -74,7 +73,7 @@ pub static KIND: Kind = Kind {
             sock_type,
             ..
         } => {
-            make_socket_pair(d, m, *inode, *peer, *sock_type)?;
+            super::unix_pair::make_socket_pair(d, m, *inode, *peer, *sock_type)?;
             Ok(true)
         }
         FdKind::Unix(_) => {
@@ -85,101 +84,8 @@ pub static KIND: Kind = Kind {
     },
 };
 
-/// What the kernel says of one UNIX socket.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UnixSocket {
-    pub sock_type: i32,
-    /// TCP_ESTABLISHED (1), TCP_CLOSE (7) or TCP_LISTEN (10).
-    pub state: u8,
-    pub peer: u64,
-    /// `sun_path` bytes (empty: unbound).
-    pub name: Vec<u8>,
-    /// The inode of the socket file (path names).
-    pub file_ino: Option<u64>,
-    /// Listening: the sockets of connections not accepted yet.
-    pub pending: Vec<u64>,
-    /// Listening: the backlog; otherwise bytes in the receive queue.
-    pub rqueue: u32,
-    pub wqueue: u32,
-    /// `sk_shutdown`: 1 receive, 2 send.
-    pub shutdown: u8,
-}
-
-impl UnixSocket {
-    /// Bound to a path or an abstract name.
-    pub fn named(&self) -> bool {
-        !self.name.is_empty()
-    }
-}
-
-/// Every UNIX socket of our network namespace, by inode.
-pub type UnixTable = HashMap<u64, UnixSocket>;
-
-const TCP_ESTABLISHED: u8 = 1;
-const TCP_LISTEN: u8 = 10;
-const UDIAG_SHOW_NAME: u32 = 0x1;
-const UDIAG_SHOW_VFS: u32 = 0x2;
-const UDIAG_SHOW_PEER: u32 = 0x4;
-const UDIAG_SHOW_ICONS: u32 = 0x8;
-const UDIAG_SHOW_RQLEN: u32 = 0x10;
-const UNIX_DIAG_NAME: u16 = 0;
-const UNIX_DIAG_VFS: u16 = 1;
-const UNIX_DIAG_PEER: u16 = 2;
-const UNIX_DIAG_ICONS: u16 = 3;
-const UNIX_DIAG_RQLEN: u16 = 4;
-const UNIX_DIAG_SHUTDOWN: u16 = 6;
-
-/// Ask the kernel for every UNIX socket (`ss -x` does the same).
-pub fn query() -> Result<UnixTable> {
-    // struct unix_diag_req
-    let mut req = Vec::with_capacity(24);
-    req.push(libc::AF_UNIX as u8);
-    req.push(0); // protocol
-    req.extend_from_slice(&0u16.to_ne_bytes());
-    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    req.extend_from_slice(&0u32.to_ne_bytes()); // every inode
-    let show =
-        UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN;
-    req.extend_from_slice(&show.to_ne_bytes());
-    req.extend_from_slice(&[0u8; 8]); // cookie
-    Ok(sock_diag::query(&req)?
-        .iter()
-        .filter_map(|m| parse_diag_msg(m))
-        .collect())
-}
-
-/// struct unix_diag_msg and its attributes.
-fn parse_diag_msg(m: &[u8]) -> Option<(u64, UnixSocket)> {
-    if m.len() < 16 {
-        return None;
-    }
-    let ino = u64::from(u32_at(m, 4));
-    let mut s = UnixSocket {
-        sock_type: i32::from(m[1]),
-        state: m[2],
-        ..UnixSocket::default()
-    };
-    for (kind, data) in sock_diag::attributes(m, 16) {
-        match kind {
-            UNIX_DIAG_NAME => s.name = data.to_vec(),
-            UNIX_DIAG_VFS if data.len() >= 8 => s.file_ino = Some(u64::from(u32_at(data, 0))),
-            UNIX_DIAG_PEER if data.len() >= 4 => s.peer = u64::from(u32_at(data, 0)),
-            UNIX_DIAG_ICONS => {
-                s.pending = data
-                    .chunks_exact(4)
-                    .map(|c| u64::from(u32_at(c, 0)))
-                    .collect();
-            }
-            UNIX_DIAG_RQLEN if data.len() >= 8 => {
-                s.rqueue = u32_at(data, 0);
-                s.wqueue = u32_at(data, 4);
-            }
-            UNIX_DIAG_SHUTDOWN if !data.is_empty() => s.shutdown = data[0],
-            _ => {}
-        }
-    }
-    Some((ino, s))
-}
+use super::unix_diag::{TCP_ESTABLISHED, TCP_LISTEN};
+pub use super::unix_diag::{UnixSocket, UnixTable, query};
 
 /// A name for messages: a path, `@abstract`, or `unnamed`.
 pub fn display_name(name: &[u8]) -> String {
@@ -364,9 +270,10 @@ pub fn classify(procs: &mut [ProcessImage], policy: UnsupportedFd) -> Result<()>
 }
 
 /// Peek at everything `sock` would read next, without consuming it: each
-/// message (a stream's bytes as they come), in order. SO_PEEK_OFF walks
-/// the queue and is put back as it was.
-fn peek_queue(sock: &OwnedFd, what: &str) -> Result<Vec<Vec<u8>>> {
+/// message (a stream's bytes as they come), in order, with the copies of
+/// the descriptors in flight with it. SO_PEEK_OFF walks the queue and is
+/// put back as it was.
+fn peek_queue(sock: &OwnedFd, what: &str) -> Result<Vec<(Vec<u8>, Vec<OwnedFd>)>> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let err = |e: nix::errno::Errno| Error::Other(format!("cannot read the queue of {what}: {e}"));
     let old = get_opt::<libc::c_int>(sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF).map_err(err)?;
@@ -374,7 +281,7 @@ fn peek_queue(sock: &OwnedFd, what: &str) -> Result<Vec<Vec<u8>>> {
     let mut messages = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     let result = loop {
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 64]);
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 253]);
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let got = recvmsg::<()>(
             sock.as_raw_fd(),
@@ -387,28 +294,22 @@ fn peek_queue(sock: &OwnedFd, what: &str) -> Result<Vec<Vec<u8>>> {
             Err(nix::errno::Errno::EAGAIN) => break Ok(()),
             Err(e) => break Err(err(e)),
         };
-        let mut in_flight = false;
+        let mut fds = Vec::new();
         if let Ok(cmsgs) = msg.cmsgs() {
             for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    in_flight = true;
-                    for fd in fds {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    for fd in raw {
                         // SAFETY: the kernel installed these copies for us.
-                        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+                        fds.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
                     }
                 }
             }
         }
-        if in_flight {
-            break Err(Error::UnsupportedFds(format!(
-                "{what} (descriptors in flight, SCM_RIGHTS)"
-            )));
-        }
         let n = msg.bytes;
-        if n == 0 {
+        if n == 0 && fds.is_empty() {
             break Ok(());
         }
-        messages.push(buf[..n].to_vec());
+        messages.push((buf[..n].to_vec(), fds));
     };
     set_opt::<libc::c_int>(sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF, old).map_err(err)?;
     result.map(|()| messages)
@@ -420,17 +321,22 @@ pub fn embed_queues(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Res
     for p in procs.iter_mut() {
         let pid = p.process.pid;
         for e in &mut p.fds {
-            let (inode, sock_type, queued, messages) = match &mut e.kind {
+            // Old images' pairs have no room for descriptors in flight.
+            let (inode, sock_type, queued, messages, in_flight) = match &mut e.kind {
                 FdKind::UnixPair {
                     inode,
                     sock_type,
                     queued,
                     messages,
                     ..
-                } => (*inode, *sock_type, queued, messages),
-                FdKind::Unix(s) if !s.listening => {
-                    (s.inode, s.sock_type, &mut s.queued, &mut s.messages)
-                }
+                } => (*inode, *sock_type, queued, messages, None),
+                FdKind::Unix(s) if !s.listening => (
+                    s.inode,
+                    s.sock_type,
+                    &mut s.queued,
+                    &mut s.messages,
+                    Some(&mut s.in_flight),
+                ),
                 _ => continue,
             };
             if !done.insert(inode) {
@@ -442,10 +348,32 @@ pub fn embed_queues(procs: &mut [ProcessImage], writer: &mut ImageWriter) -> Res
             if peeked.is_empty() {
                 continue;
             }
-            if sock_type != libc::SOCK_STREAM {
-                *messages = peeked.iter().map(|m| m.len() as u64).collect();
+            let mut flights = Vec::new();
+            for (i, (_, fds)) in peeked.iter().enumerate() {
+                if fds.is_empty() {
+                    continue;
+                }
+                if in_flight.is_none() {
+                    return Err(Error::UnsupportedFds(format!(
+                        "{what} (descriptors in flight, SCM_RIGHTS)"
+                    )));
+                }
+                flights.push(InFlight {
+                    message: i as u32,
+                    fds: fds
+                        .iter()
+                        .map(|fd| super::scm_rights::entry(fd, &what))
+                        .collect::<Result<_>>()?,
+                });
             }
-            *queued = Some(writer.add_data(&peeked.concat())?);
+            if sock_type != libc::SOCK_STREAM || !flights.is_empty() {
+                *messages = peeked.iter().map(|(m, _)| m.len() as u64).collect();
+            }
+            if let Some(in_flight) = in_flight {
+                *in_flight = flights;
+            }
+            let bytes: Vec<u8> = peeked.iter().flat_map(|(m, _)| m.iter().copied()).collect();
+            *queued = Some(writer.add_data(&bytes)?);
         }
     }
     Ok(())
@@ -716,7 +644,7 @@ fn make_all(d: &mut Descriptions, m: &mut Making<'_>) -> Result<()> {
         if let Some(data) = &s.queued {
             let bytes = m.reader.read_data(data)?;
             let sender = gone_peers.get(&ino).or_else(|| made.get(&s.peer));
-            refill_socket(s, sender, &bytes, &what(s))?;
+            refill_socket(s, sender, &bytes, m, &what(s))?;
         }
     }
     // A peer gone: closing the other end gives end of file after the data.
@@ -848,7 +776,7 @@ fn connect_through_listener(
 }
 
 /// A connected pair of `sock_type`, close-on-exec and non-blocking.
-fn pair(sock_type: i32) -> nix::Result<(OwnedFd, OwnedFd)> {
+pub(super) fn pair(sock_type: i32) -> nix::Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let ty = SockType::try_from(sock_type)?;
     socketpair(
@@ -866,20 +794,20 @@ fn refill_socket(
     s: &UnixSocketImage,
     sender: Option<&OwnedFd>,
     bytes: &[u8],
+    m: &Making<'_>,
     what: &str,
 ) -> Result<()> {
     let err = |e: nix::errno::Errno| {
         Error::Other(format!("cannot put back the unread data of {what}: {e}"))
     };
     let own;
-    let addr = sockaddr(&s.name);
     let (from, to): (&OwnedFd, Option<&[u8]>) = match sender {
         Some(p) if s.sock_type != libc::SOCK_DGRAM => (p, None),
         Some(p) if s.name.is_empty() => (p, None),
-        Some(p) => (p, Some(&addr)),
+        Some(p) => (p, Some(&s.name)),
         None if s.sock_type == libc::SOCK_DGRAM && !s.name.is_empty() => {
             own = sock_diag::new_socket(libc::AF_UNIX, libc::SOCK_DGRAM).map_err(err)?;
-            (&own, Some(&addr))
+            (&own, Some(&s.name))
         }
         None => {
             return Err(Error::Other(format!(
@@ -887,112 +815,32 @@ fn refill_socket(
             )));
         }
     };
+    let addr = to.map(sockaddr);
     let lens: Vec<u64> = if s.messages.is_empty() {
         vec![bytes.len() as u64]
     } else {
         s.messages.clone()
     };
     let mut at = 0usize;
-    for len in lens {
+    for (i, len) in lens.into_iter().enumerate() {
         let msg = bytes
             .get(at..at + len as usize)
             .ok_or_else(|| Error::Other(format!("{what}: queue shorter than its messages")))?;
         let mut sent = 0;
-        loop {
-            sent += in_dir(s.bind_dir.as_deref(), || {
-                sock_diag::send_to(from, &msg[sent..], to)
+        if let Some(flight) = s.in_flight.iter().find(|f| f.message as usize == i) {
+            let fds = super::scm_rights::make(m, &flight.fds)?;
+            sent = in_dir(s.bind_dir.as_deref(), || {
+                super::scm_rights::send(from, msg, &fds, to)
             })?
             .map_err(err)?;
-            if sent >= msg.len() {
-                break;
-            }
+        }
+        while sent < msg.len() {
+            sent += in_dir(s.bind_dir.as_deref(), || {
+                sock_diag::send_to(from, &msg[sent..], addr.as_deref())
+            })?
+            .map_err(err)?;
         }
         at += len as usize;
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// Images of earlier versions: `FdKind::UnixPair`
-
-/// Restore: put the saved queue of one end back by sending it through the
-/// other end (`from`), message by message; then the end's saved shutdown.
-fn refill(end: &OwnedFd, from: &OwnedFd, kind: &FdKind, reader: &ImageReader) -> Result<()> {
-    let FdKind::UnixPair {
-        inode,
-        queued,
-        messages,
-        shutdown,
-        ..
-    } = kind
-    else {
-        return Ok(());
-    };
-    let err = |e: nix::errno::Errno| {
-        Error::Other(format!(
-            "cannot put back the unread data of socket:[{inode}]: {e}"
-        ))
-    };
-    if let Some(data) = queued {
-        let bytes = reader.read_data(data)?;
-        let lens: Vec<u64> = if messages.is_empty() {
-            vec![bytes.len() as u64]
-        } else {
-            messages.clone()
-        };
-        let mut at = 0usize;
-        for len in lens {
-            let msg = bytes.get(at..at + len as usize).ok_or_else(|| {
-                Error::Other(format!("socket:[{inode}]: queue shorter than its messages"))
-            })?;
-            let mut sent = 0;
-            while sent < msg.len() {
-                sent += sock_diag::send_to(from, &msg[sent..], None).map_err(err)?;
-            }
-            at += len as usize;
-        }
-    }
-    use nix::sys::socket::Shutdown;
-    let how = match shutdown & 3 {
-        1 => Some(Shutdown::Read),
-        2 => Some(Shutdown::Write),
-        3 => Some(Shutdown::Both),
-        _ => None,
-    };
-    if let Some(how) = how {
-        nix::sys::socket::shutdown(end.as_fd().as_raw_fd(), how).map_err(err)?;
-    }
-    Ok(())
-}
-
-/// A new pair for the saved pair (`inode`, `peer`), each end holding
-/// its saved queue, with its saved shutdowns and status flags.
-fn make_socket_pair(
-    d: &mut Descriptions,
-    m: &Making<'_>,
-    inode: u64,
-    peer: u64,
-    sock_type: i32,
-) -> Result<()> {
-    let (meta, reader) = (m.meta, m.reader);
-    let entry_of = |ino: u64| {
-        meta.processes()
-            .flat_map(|p| &p.fds)
-            .find(|e| matches!(e.kind, FdKind::UnixPair { inode: i, .. } if i == ino))
-    };
-    let (this, other) = pair(sock_type)
-        .map_err(|e| Error::Other(format!("cannot create a UNIX socket pair: {e}")))?;
-    let ends = [(inode, &this, &other), (peer, &other, &this)];
-    for (ino, end, from) in ends {
-        if let Some(e) = entry_of(ino) {
-            refill(end, from, &e.kind, reader)?;
-        }
-    }
-    for (ino, end) in [(inode, this), (peer, other)] {
-        let nonblock = entry_of(ino).map_or(0, |e| e.flags as i32 & libc::O_NONBLOCK);
-        fcntl(&end, FcntlArg::F_SETFL(OFlag::from_bits_retain(nonblock)))
-            .map_err(file_err(&format!("socket:[{ino}]")))?;
-        d.insert(Key::Object("unix", ino, 0), end);
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use super::model_sockets::{
-    InetOptions, InetSocketImage, SocketFile, TcpConnection, UnixSocketImage,
+    InFlight, InetOptions, InetSocketImage, SocketFile, TcpConnection, UnixSocketImage,
 };
 
 /// Where a piece of bulk data (pages, an embedded file) lies in the image.

@@ -4,10 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{DataRef, FdKind};
+use super::model::{DataRef, FdEntry, FdKind};
 
 /// A UNIX socket (stream, datagram or seqpacket) in any state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct UnixSocketImage {
     /// Its inode: entries with the same one are the same socket.
     pub inode: u64,
@@ -58,9 +58,21 @@ pub struct UnixSocketImage {
     /// What it would read next, stored once per socket.
     #[serde(default)]
     pub queued: Option<DataRef>,
-    /// The lengths of the messages in `queued` (not for a stream).
+    /// The lengths of the messages in `queued` (not for a stream, unless
+    /// descriptors are in flight with some).
     #[serde(default)]
     pub messages: Vec<u64>,
+    /// Descriptors in flight (SCM_RIGHTS) with messages of `queued`.
+    #[serde(default)]
+    pub in_flight: Vec<InFlight>,
+}
+
+/// The descriptors sent with one queued message.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InFlight {
+    /// The message's index in `messages`.
+    pub message: u32,
+    pub fds: Vec<FdEntry>,
 }
 
 /// The file a path-bound UNIX socket made.
