@@ -99,6 +99,8 @@ const TEST_PACKAGES: &[&str] = &[
     "slurm-wlm",
     "munge",
     "nodejs",
+    "redis-server",
+    "golang-go",
 ];
 
 fn cargo() -> Command {

@@ -10,7 +10,10 @@
 //!   another process's (`job | tee log`), which restore connects to the
 //!   restorer's own fd 0, 1 or 2;
 //! - [`fifo`]: named FIFOs, with their unread bytes;
-//! - [`unix`]: UNIX socket pairs inside the checkpoint, with their queues;
+//! - [`unix`]: UNIX sockets: bound, listening, connected inside the
+//!   checkpoint with their queues, or to the outside (`--inherit-fd`);
+//! - [`inet`]: TCP and UDP sockets; established TCP connections through
+//!   [`tcp_repair`] (`--tcp-established`) or reset (`--tcp-close`);
 //! - [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`], [`inotify`],
 //!   [`memfd`], [`pidfd`];
 //! - [`uring`]: io_uring and AIO, refused by name.
@@ -35,17 +38,24 @@
 
 pub mod epoll;
 pub mod eventfd;
+pub mod external;
 pub mod fifo;
 pub mod file;
+pub mod inet;
 pub mod inotify;
 pub mod memfd;
 pub mod pidfd;
 pub mod pipe;
 pub mod restore;
+pub mod scm_rights;
 pub mod signalfd;
+pub mod sock_diag;
+pub mod tcp_repair;
 pub mod timerfd;
 pub mod tty;
 pub mod unix;
+pub mod unix_diag;
+pub mod unix_pair;
 pub mod uring;
 
 use std::fs::Metadata as FileMeta;
@@ -100,8 +110,10 @@ pub const KINDS: &[&Kind] = &[
     &fifo::KIND,
     &pipe::KIND,
     &unix::KIND,
+    &inet::KIND,
     &tty::KIND,
     &file::CHAR_DEVICE,
+    &external::KIND,
     &restore::NULL,
     &eventfd::KIND,
     &timerfd::KIND,
@@ -131,6 +143,9 @@ pub fn describe(kind: &FdKind) -> String {
         inotify::describe,
         memfd::describe,
         pidfd::describe,
+        unix::describe_kind,
+        inet::describe_kind,
+        external::describe,
     ];
     describers
         .iter()
@@ -151,6 +166,8 @@ pub struct Probe<'a> {
     pub info: FdInfo,
     /// Every UNIX socket of our network namespace.
     pub unix: &'a unix::UnixTable,
+    /// Every TCP and UDP socket, and what to do with connections.
+    pub inet: &'a inet::InetTable,
 }
 
 /// What a kind's `embed` gets.
@@ -200,7 +217,12 @@ fn open_fd_numbers(pid: i32) -> Result<Vec<i32>> {
 
 /// Every descriptor of `pid`. The content of deleted regular files is not
 /// read yet; [`embed`] does that.
-pub fn scan_fds(pid: i32, policy: UnsupportedFd, unix: &unix::UnixTable) -> Result<Vec<FdEntry>> {
+pub fn scan_fds(
+    pid: i32,
+    policy: UnsupportedFd,
+    unix: &unix::UnixTable,
+    inet: &inet::InetTable,
+) -> Result<Vec<FdEntry>> {
     let mut entries = Vec::new();
     let mut unsupported = Vec::new();
     for fd in open_fd_numbers(pid)? {
@@ -223,6 +245,7 @@ pub fn scan_fds(pid: i32, policy: UnsupportedFd, unix: &unix::UnixTable) -> Resu
             fdinfo: &fdinfo,
             info,
             unix,
+            inet,
         };
         let mut kind = None;
         for k in KINDS {

@@ -152,6 +152,27 @@ impl Opener<'_> {
     }
 }
 
+impl Opener<'_> {
+    /// Whether files are made with the rights of the image's owner (root
+    /// restoring another user's image), not the restorer's.
+    pub fn as_owner(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// Run `f` (a `bind`, `unlink`, `chmod` of a socket file) with the
+    /// file rights the process's files are opened with.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        if self.owner.is_none() {
+            return Ok(f());
+        }
+        let creds = Owner::creds_of(self.creds);
+        crate::creds::as_user(&creds, f).map_err(|source| Error::File {
+            path: "(as the image's owner)".to_string(),
+            source,
+        })
+    }
+}
+
 /// The access an open asks for, for messages.
 fn access_of(flags: OFlag) -> &'static str {
     match flags.bits() & libc::O_ACCMODE {
@@ -170,6 +191,8 @@ pub struct Making<'a> {
     /// Opens files with the rights of the process that held them.
     pub opener: Opener<'a>,
     pub warnings: &'a mut Vec<String>,
+    /// Replacements the user handed in (`--inherit-fd`).
+    pub inherit: &'a [super::external::InheritFd],
 }
 
 /// The restorer's copies of every description the image's processes hold.
@@ -222,8 +245,10 @@ impl Descriptions {
         meta: &Metadata,
         reader: &ImageReader,
         owner: Option<&Owner>,
+        inherit: &[super::external::InheritFd],
         warnings: &mut Vec<String>,
     ) -> Result<Descriptions> {
+        super::external::check(meta, inherit)?;
         let mut d = Descriptions {
             by_key: HashMap::new(),
             finished: Default::default(),
@@ -240,6 +265,7 @@ impl Descriptions {
                     creds: &p.process.creds,
                 },
                 warnings,
+                inherit,
             };
             for e in &p.fds {
                 if d.by_key.contains_key(&key(p.process.pid, e)) {

@@ -7,6 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::model_sockets::{
+    InFlight, InetOptions, InetSocketImage, SocketFile, TcpConnection, UnixSocketImage,
+};
+
 /// Where a piece of bulk data (pages, an embedded file) lies in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataRef {
@@ -687,6 +691,16 @@ pub enum FdKind {
     PidFd {
         #[serde(default)]
         pid: i32,
+    },
+    /// A UNIX socket (`fds::unix`): bound, listening, connected inside the
+    /// checkpoint or not.
+    Unix(Box<UnixSocketImage>),
+    /// A TCP or UDP socket (`fds::inet`).
+    Inet(Box<InetSocketImage>),
+    /// Connected to something outside the checkpoint (a daemon's UNIX
+    /// socket…): restore needs a replacement, `--inherit-fd FD=N`.
+    External {
+        was: String,
     },
 }
 
