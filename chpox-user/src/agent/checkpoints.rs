@@ -46,6 +46,12 @@ impl Agent {
     /// Write the checkpoint(s) an event asked for. Blocking.
     pub(super) fn run_checkpoints(&self, event: Event) {
         let pid = event.tgid as i32;
+        if event.result == chpox_common::RESULT_STOPPED_BY_GUARD {
+            // The guard refused the signal because the process no longer
+            // ignores it; once ignored again, `kill` succeeds again.
+            let agent_event = event;
+            self.on_disposition(agent_event);
+        }
         // Who asked, for an operator wondering where a checkpoint came from.
         debug!(
             pid,
@@ -74,12 +80,17 @@ impl Agent {
             );
             return;
         }
+        // Whether the timer asked for the checkpoint about to start.
+        let mut by_timer = event.result == RESULT_TIMER;
         loop {
             let number = {
                 let mut state = self.lock();
                 match state.entries.get_mut(&pid) {
                     Some(e) => {
                         e.started += 1;
+                        if by_timer {
+                            e.timer_checkpoints += 1;
+                        }
                         e.started
                     }
                     None => 0,
@@ -108,7 +119,20 @@ impl Agent {
                                 );
                             }
                         }
-                        Err(msg) => e.last_error = Some(msg.clone()),
+                        Err(msg) => {
+                            // Said once per reason: a registration whose
+                            // checkpoints fail for the same reason every
+                            // interval does not fill the log.
+                            if e.logged_error.as_ref() != Some(msg) {
+                                e.logged_error = Some(msg.clone());
+                                if let Some(held) =
+                                    self.log_limit.allow(&format!("checkpoint failed {pid}"))
+                                {
+                                    error!(pid, comm = %e.comm, error = %msg, suppressed = held, "checkpoint failed; the previous image stays");
+                                }
+                            }
+                            e.last_error = Some(msg.clone());
+                        }
                     }
                 }
                 let outcome = outcome.map(|written| (written, number));
@@ -122,10 +146,17 @@ impl Agent {
                     state.waiters.insert(pid, still);
                 }
             }
+            // Under the lock, so that the timer's "one more" (it sets
+            // `timer_again` with its transition, under the lock too) is
+            // read with the transition it goes with.
+            let mut state = self.lock();
             if self
                 .states
                 .transition(entry.slot, STATE_RUNNING, STATE_IDLE)
             {
+                if let Some(e) = state.entries.get_mut(&pid) {
+                    e.timer_again = false;
+                }
                 return;
             }
             // A trigger came while we were writing: one more, as asked.
@@ -135,6 +166,10 @@ impl Agent {
             {
                 return;
             }
+            by_timer = state
+                .entries
+                .get_mut(&pid)
+                .is_some_and(|e| std::mem::take(&mut e.timer_again));
         }
     }
 
@@ -150,10 +185,13 @@ impl Agent {
         // Checked by the dump once the process is frozen: a recycled PID
         // is refused, not checkpointed.
         opts.expect_start_time = Some(entry.start_time);
-        opts.keep_previous = self.config.keep;
+        opts.keep_previous = entry.keep.unwrap_or(self.config.keep);
         opts.registration = Some(SavedRegistration {
             signal: entry.signal,
             flags: entry.flags,
+            every_ms: entry.every_ms,
+            keep: entry.keep,
+            unsupported_fd_null: entry.unsupported_fd_null,
         });
         if entry.as_owner {
             // The dump checks, once the tree is frozen, that this user may
@@ -170,9 +208,14 @@ impl Agent {
                 .cloned()
                 .unwrap_or_default();
         }
-        // Descriptors chpox cannot restore yet must not cost a long-running
-        // job its checkpoints: they are recorded and come back as /dev/null.
-        opts.unsupported_fd = crate::fds::UnsupportedFd::Null;
+        // A checkpoint that cannot bring back what it saw fails, by name,
+        // and the previous image stays, unless the registration chose
+        // /dev/null for descriptors chpox cannot restore.
+        opts.unsupported_fd = if entry.unsupported_fd_null {
+            crate::fds::UnsupportedFd::Null
+        } else {
+            crate::fds::UnsupportedFd::Fail
+        };
         match dump(pid, &opts) {
             Ok(report) => {
                 let latency_ns = report
@@ -199,15 +242,9 @@ impl Agent {
                     children_not_saved: report.children_not_saved,
                 })
             }
-            Err(e) => {
-                // A user can trigger failing checkpoints of their own
-                // process as fast as they like: the log says it a few
-                // times, `chpox list` every time.
-                if let Some(held) = self.log_limit.allow(&format!("checkpoint failed {pid}")) {
-                    error!(pid, error = %e, suppressed = held, "checkpoint failed");
-                }
-                Err(e.to_string())
-            }
+            // Logged by the caller, once per reason; `chpox list` says it
+            // every time.
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -332,6 +369,9 @@ pub(super) async fn serve_events(agent: Arc<Agent>, ring: aya::maps::RingBuf<aya
                 // It saves the registrations to a file: not on this task.
                 EVENT_EXIT => {
                     tokio::task::spawn_blocking(move || agent.on_exit(event));
+                }
+                EVENT_DISPOSITION => {
+                    tokio::task::spawn_blocking(move || agent.on_disposition(event));
                 }
                 other => warn!(kind = other, "unknown event"),
             }

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chpox_common::{
-    EVENT_CHECKPOINT, EVENT_EXIT, Event, MAX_REGISTRATIONS, Registration, STATE_IDLE,
-    STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, flags,
+    EVENT_CHECKPOINT, EVENT_DISPOSITION, EVENT_EXIT, Event, MAX_REGISTRATIONS, Registration,
+    STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, flags,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
@@ -41,8 +41,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::bpf::{Bpf, StatesMap, parse_event};
 use crate::control::{
-    FIFO_NAME, ListEntry, MAX_REQUEST_LINE, RegisterRequest, Request, Response, SOCKET_NAME,
-    STATE_NAME, parse_register_line,
+    FIFO_NAME, ListEntry, MAX_KEEP, MAX_REQUEST_LINE, MIN_INTERVAL, RegisterRequest, Request,
+    Response, SOCKET_NAME, STATE_NAME, format_duration, parse_register_line,
 };
 use crate::creds::UserCreds;
 use crate::dump::{DumpOptions, dump};
@@ -51,18 +51,24 @@ use crate::process::{monotonic_ns, unix_now};
 use crate::signals::{self, Disposition};
 
 mod checkpoints;
+pub mod config;
+mod dispositions;
 mod fifo;
 mod files;
 mod registrations;
 mod server;
+mod timer;
 
 use checkpoints::*;
 use fifo::*;
 use files::*;
 use server::*;
+use timer::*;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// Periodic checkpoints for registrations that ask for no interval.
+    pub default_interval: Option<Duration>,
     pub run_dir: PathBuf,
     pub ebpf_object: Option<PathBuf>,
     /// Earlier images kept per registration (`FILE.1` … `FILE.N`).
@@ -164,6 +170,29 @@ struct Entry {
     /// Whether the log has said so for this registration already.
     #[serde(skip)]
     warned_children: bool,
+    /// Checkpoint on a timer too, every this many milliseconds.
+    #[serde(default)]
+    every_ms: Option<u64>,
+    /// Earlier images kept; None: the agent's `--keep`.
+    #[serde(default)]
+    keep: Option<u32>,
+    /// Descriptors chpox cannot restore become /dev/null rather than
+    /// failing the checkpoint (the registration opted in).
+    #[serde(default)]
+    unsupported_fd_null: bool,
+    /// When the timer next asks for a checkpoint.
+    #[serde(skip)]
+    next_due: Option<Instant>,
+    /// The timer asked for the checkpoint that follows the running one.
+    #[serde(skip)]
+    timer_again: bool,
+    #[serde(skip)]
+    timer_ticks: u64,
+    #[serde(skip)]
+    timer_checkpoints: u64,
+    /// The last checkpoint error the log said, so each is said once.
+    #[serde(skip)]
+    logged_error: Option<String>,
 }
 
 impl Entry {
@@ -232,6 +261,11 @@ pub struct Agent {
     limits: Limits,
     connections: Mutex<Connections>,
     log_limit: LogLimiter,
+    /// The BPF LSM guard is attached: a trigger signal never reaches a
+    /// registered process that would not ignore it.
+    guard_active: bool,
+    /// Wakes the periodic timer when registrations change.
+    timer_changed: tokio::sync::Notify,
 }
 
 /// The registrations as they were at one change, to be written to disk
@@ -598,6 +632,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .take()
         .ok_or_else(|| anyhow::anyhow!("event ring buffer missing"))?;
     let logger = bpf.logger.take();
+    let guard_active = bpf.guard == crate::bpf::Guard::Active;
+    match &bpf.guard {
+        crate::bpf::Guard::Active => info!(
+            "trigger guard active (BPF LSM): the trigger signal never reaches a registered process that would not ignore it"
+        ),
+        crate::bpf::Guard::Unavailable(why) if bpf.watch => warn!(
+            reason = %why,
+            "trigger guard unavailable: a registered process is protected by SIG_IGN, which the agent sets again within milliseconds when the process resets it; a trigger signal in between kills it"
+        ),
+        crate::bpf::Guard::Unavailable(why) => warn!(
+            reason = %why,
+            "trigger guard unavailable: a registered process is protected by SIG_IGN alone, so one that sets its trigger signal back to the default is killed by it"
+        ),
+    }
     let states = bpf.states();
     let agent = Arc::new(Agent {
         config: config.clone(),
@@ -614,6 +662,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         limits,
         connections: Mutex::new(Connections::default()),
         log_limit: LogLimiter::default(),
+        guard_active,
+        timer_changed: tokio::sync::Notify::new(),
     });
     agent.restore_registrations();
 
@@ -625,6 +675,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let event_task = tokio::spawn(serve_events(Arc::clone(&agent), events));
     tokio::spawn(rescan_periodically(Arc::clone(&agent)));
+    tokio::spawn(run_timer(Arc::clone(&agent)));
     if let Some(logger) = logger {
         tokio::spawn(serve_logger(logger));
     }

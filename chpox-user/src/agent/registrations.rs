@@ -71,6 +71,12 @@ impl Agent {
     /// Check, with the user's own rights, that they may create files where
     /// their images are to go.
     pub(super) fn check_writable(creds: &UserCreds, output: &Path) -> Result<(), String> {
+        if output.is_dir() {
+            return Err(format!(
+                "output {} is a directory; name the image file inside it",
+                output.display()
+            ));
+        }
         let dir = output.parent().unwrap_or(Path::new("/"));
         let probe = dir.join(format!(".chpox-probe.{}", std::process::id()));
         crate::creds::as_user(creds, || {
@@ -103,7 +109,30 @@ impl Agent {
             force,
             self_ignored,
             name,
+            every_ms,
+            keep,
+            unsupported_fd_null,
         } = req;
+        let every_ms = match every_ms {
+            Some(ms) if Duration::from_millis(ms) < MIN_INTERVAL => {
+                return Err(format!(
+                    "--every {} is too short; the shortest interval is {}",
+                    format_duration(Duration::from_millis(ms)),
+                    format_duration(MIN_INTERVAL)
+                ));
+            }
+            Some(ms) => Some(ms),
+            None => self
+                .config
+                .default_interval
+                .map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
+        };
+        if keep.is_some_and(|k| k > MAX_KEEP) {
+            return Err(format!(
+                "--keep {} is too many; at most {MAX_KEEP}",
+                keep.unwrap_or_default()
+            ));
+        }
         if !chpox_common::is_trigger_signal(signal) {
             return Err(format!(
                 "signal {signal} cannot trigger checkpoints (1–64, not KILL or STOP)"
@@ -148,9 +177,9 @@ impl Agent {
                 .default_image_dir(&owner_creds)?
                 .join(format!("{}-{pid}.chpox", safe_file_name(&comm))),
         };
-        if as_owner {
-            Self::check_writable(&owner_creds, &output)?;
-        }
+        // Root's too: a directory that does not exist is better said now
+        // than at the first checkpoint.
+        Self::check_writable(&owner_creds, &output)?;
         let signo = signal as i32;
 
         // Make the trigger harmless: SIG_IGN drops it at generation, after
@@ -221,6 +250,14 @@ impl Agent {
                 last_error: None,
                 children_not_saved: Vec::new(),
                 warned_children: false,
+                every_ms,
+                keep,
+                unsupported_fd_null,
+                next_due: every_ms.map(|ms| Instant::now() + Duration::from_millis(ms)),
+                timer_again: false,
+                timer_ticks: 0,
+                timer_checkpoints: 0,
+                logged_error: None,
             },
         );
         drop(state);
@@ -241,8 +278,9 @@ impl Agent {
         let snapshot = self.snapshot(&mut state);
         drop(state);
         self.write_snapshot(snapshot);
+        self.timer_changed.notify_one();
         if let Some(held) = self.log_registration(caller) {
-            info!(pid, comm, uid, signal, flags, output = %output.display(), suppressed = held, "registered");
+            info!(pid, comm, uid, signal, flags, output = %output.display(), every = every_ms.map(|ms| format_duration(Duration::from_millis(ms))), unsupported_fd_null, suppressed = held, "registered");
         }
         Ok(Response::Registered {
             pid,
@@ -323,6 +361,15 @@ impl Agent {
                     coalesced: slot.coalesced,
                     last_error: e.last_error.clone(),
                     children_not_saved: e.children_not_saved.clone(),
+                    every_ms: e.every_ms,
+                    next_due_ms: e.next_due.map(|due| {
+                        let left = due.saturating_duration_since(Instant::now());
+                        unix_now_ms() + u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+                    }),
+                    keep: e.keep.unwrap_or(self.config.keep),
+                    unsupported_fd_null: e.unsupported_fd_null,
+                    timer_ticks: e.timer_ticks,
+                    timer_checkpoints: e.timer_checkpoints,
                 }
             })
             .collect();
@@ -375,6 +422,9 @@ impl Agent {
                 break;
             };
             entry.slot = slot;
+            entry.next_due = entry
+                .every_ms
+                .map(|ms| Instant::now() + Duration::from_millis(ms));
             let reg = Registration {
                 signal: entry.signal,
                 flags: entry.flags,
