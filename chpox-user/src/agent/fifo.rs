@@ -4,11 +4,14 @@ use super::*;
 
 /// The old-style register FIFO: `echo PID:SIG:FLAGS:FILE > /run/chpox/register`.
 /// Root-only (mode 0600), so each line is handled as root's request.
+///
+/// The FIFO outlives the agent: a line written while no agent runs waits
+/// in the writer (`echo` blocks) for the next agent, instead of landing in
+/// a regular file nobody reads. Anything else found at its place (such a
+/// regular file, from a writer before the FIFO existed) is moved aside.
 pub(super) fn start_fifo(agent: Arc<Agent>, run_dir: &Path) -> anyhow::Result<()> {
     let path = run_dir.join(FIFO_NAME);
-    let _ = std::fs::remove_file(&path);
-    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    prepare_fifo(&path)?;
     std::thread::Builder::new()
         .name("register-fifo".into())
         .spawn(move || {
@@ -45,6 +48,37 @@ pub(super) fn start_fifo(agent: Arc<Agent>, run_dir: &Path) -> anyhow::Result<()
                 }
             }
         })?;
+    Ok(())
+}
+
+/// Make `path` our FIFO: keep one that is there (root's, 0600), move
+/// anything else aside with a log line.
+fn prepare_fifo(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_fifo() && meta.uid() == 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| anyhow::anyhow!("cannot make {} root-only: {e}", path.display()))?;
+            return Ok(());
+        }
+        Ok(meta) => {
+            let aside =
+                path.with_file_name(format!("{FIFO_NAME}.stray.{}", crate::process::unix_now()));
+            std::fs::rename(path, &aside).map_err(|e| {
+                anyhow::anyhow!("cannot move {} out of the way: {e}", path.display())
+            })?;
+            warn!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                bytes = meta.len(),
+                "something other than our FIFO was at the register FIFO's place (lines written while no agent ran?); moved aside"
+            );
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("cannot look at {}: {e}", path.display()),
+    }
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
     Ok(())
 }
 

@@ -708,7 +708,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     info!("chpox-agent stopping; registrations are kept for the next start");
     event_task.abort();
     let _ = std::fs::remove_file(&socket_path);
-    let _ = std::fs::remove_file(config.run_dir.join(FIFO_NAME));
+    // The register FIFO stays: a writer meanwhile waits for the next agent.
     Ok(())
 }
 
