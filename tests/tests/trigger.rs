@@ -261,7 +261,15 @@ fn every_1s_checkpoints_on_a_timer_and_a_burst_on_top_makes_at_most_one_more() {
         &s,
         &bin("mempattern"),
         &["4"],
-        &["-o", path_str(&image), "--every", "1s", "--keep", "2"],
+        &[
+            "-o",
+            path_str(&image),
+            "--every",
+            "1s",
+            "--keep",
+            "2",
+            "--no-children",
+        ],
     );
     let e = agent.entry(t.pid).expect("registered");
     assert_eq!(e["every_ms"], 1000, "{e}");
@@ -307,7 +315,13 @@ fn every_1s_checkpoints_on_a_timer_and_a_burst_on_top_makes_at_most_one_more() {
         &s,
         &bin("mempattern"),
         &["128"],
-        &["-o", path_str(&s.path("big.chpox")), "--every", "1s"],
+        &[
+            "-o",
+            path_str(&s.path("big.chpox")),
+            "--every",
+            "1s",
+            "--no-children",
+        ],
     );
     agent.wait_for(
         "a timer checkpoint in progress",
