@@ -112,6 +112,9 @@ pub fn restore(args: &RestoreArgs) -> Result<i32> {
             signal: saved.map_or(chpox_common::DEFAULT_TRIGGER_SIGNAL, |r| r.signal),
             flags: saved.map_or(chpox_common::flags::REGISTERED, |r| r.flags),
             output: Some(output),
+            every_ms: saved.and_then(|r| r.every_ms),
+            keep: saved.and_then(|r| r.keep),
+            unsupported_fd_null: saved.is_some_and(|r| r.unsupported_fd_null),
             ..RegisterRequest::new(restored.pid)
         };
         // The process runs already: a failed registration must not cost
@@ -184,6 +187,7 @@ pub fn register(
     flags: u32,
     output: Option<&Path>,
     force: bool,
+    settings: &control::Settings,
 ) -> Result<()> {
     let output = output.map(absolute).transpose()?;
     match ask(Request::Register(RegisterRequest {
@@ -191,7 +195,7 @@ pub fn register(
         flags,
         output,
         force,
-        ..RegisterRequest::new(pid)
+        ..settings.request(pid)
     }))? {
         Response::Registered {
             pid,
@@ -251,6 +255,23 @@ fn format_time(unix: Option<u64>) -> String {
     }
 }
 
+/// When a periodic checkpoint is due, from now: `in 5s`, `now`, `-`.
+fn format_due(unix_ms: Option<u64>) -> String {
+    let Some(due) = unix_ms else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    match due.saturating_sub(now) / 1000 {
+        0 => "now".into(),
+        s @ 1..60 => format!("{s}s"),
+        s @ 60..3600 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
 pub fn list(json: bool) -> Result<()> {
     let Response::List { entries } = ask(Request::List)? else {
         bail!("unexpected reply from chpox-agent");
@@ -269,24 +290,35 @@ pub fn print_list(entries: &[ListEntry]) {
         return;
     }
     println!(
-        "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:<13} FILE",
-        "PID", "COMMAND", "SIG", "FLAGS", "CHECKPOINTS", "LAST", "STATE"
+        "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:>6} {:>6} {:<13} FILE",
+        "PID", "COMMAND", "SIG", "FLAGS", "CHECKPOINTS", "LAST", "EVERY", "NEXT", "STATE"
     );
     for e in entries {
+        let state = e.shown_state();
+        // A failure's reason can be long: it goes last.
+        let (state, reason) = match state.split_once(": ") {
+            Some((s, r)) => (s.to_string(), format!("  ({s}: {r})")),
+            None => (state, String::new()),
+        };
         println!(
-            "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:<13} {}{}",
+            "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:>6} {:>6} {:<13} {}{}{}",
             e.pid,
             e.comm,
             e.signal,
             e.flags,
             e.checkpoints,
             format_time(e.last_checkpoint),
-            e.state,
+            e.every_ms.map_or("-".into(), |ms| control::format_duration(
+                Duration::from_millis(ms)
+            )),
+            format_due(e.next_due_ms),
+            state,
             e.output.display(),
-            e.last_error
-                .as_ref()
-                .map(|m| format!("  (last attempt failed: {m})"))
-                .unwrap_or_default()
+            reason,
+            match &e.last_error {
+                Some(m) if e.state != "idle" => format!("  (last attempt failed: {m})"),
+                _ => String::new(),
+            }
         );
     }
     for e in entries.iter().filter(|e| !e.children_not_saved.is_empty()) {

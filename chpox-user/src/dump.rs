@@ -105,6 +105,14 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         })?;
     }
     let owner = process::owner(pid)?;
+
+    // Freeze first: a checkpoint is the moment the user chose, so the
+    // time from the trigger to the stop must not grow with the process
+    // (allocating a large image area takes long on tmpfs). The image is
+    // prepared while frozen.
+    let frozen = FrozenTree::freeze(pid, opts.children)?;
+    let frozen_at = Instant::now();
+    let frozen_at_monotonic_ns = crate::process::monotonic_ns();
     let mut writer = ImageWriter::create(
         &opts.output,
         WriteOptions {
@@ -114,29 +122,20 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             as_user: opts.as_user.clone(),
         },
     )?;
-
-    // Allocate and map the image's page area while the process still runs:
-    // on tmpfs, allocating pages costs more than filling them, and the
-    // frozen phase is then one copy per page. A little headroom covers
-    // memory the process touches between now and the freeze.
-    let estimate: u64 = if opts.children {
-        tree::descendants_now(pid)
-            .into_iter()
-            .map(memory::estimate_stored_bytes)
-            .sum()
-    } else {
-        memory::estimate_stored_bytes(pid)
-    };
+    keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
+    // With the headroom the estimate had when it was taken before the
+    // freeze (what it does not count, shared anonymous memory say, is
+    // small in the processes measured).
+    let estimate: u64 = frozen
+        .members()
+        .iter()
+        .map(|p| memory::estimate_stored_bytes(p.pid()))
+        .sum();
     let area = writer.map_area(estimate + estimate / 16 + (4 << 20))?;
     debug!(
         ms = started.elapsed().as_secs_f64() * 1e3,
         estimate, "image area mapped"
     );
-
-    let frozen = FrozenTree::freeze(pid, opts.children)?;
-    let frozen_at = Instant::now();
-    keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
-    let frozen_at_monotonic_ns = crate::process::monotonic_ns();
     // Connections saved in TCP repair mode stay in it until the tree is
     // killed (then they go silently) or runs again (then they leave it).
     let repair = fds::tcp_repair::RepairHold::new();

@@ -48,8 +48,9 @@ enum Task {
         /// Directory for images and the dd comparison (tmpfs by default).
         #[arg(long, default_value = "/dev/shm")]
         dir: PathBuf,
-        /// Checkpoints triggered for the latency measurement.
-        #[arg(long, default_value_t = 50)]
+        /// Checkpoints triggered for the latency measurement (of each of a
+        /// 16 MiB and a 1 GiB process).
+        #[arg(long, default_value_t = 200)]
         triggers: usize,
         /// Processes in the tree case (the root and its children).
         #[arg(long, default_value_t = 8)]

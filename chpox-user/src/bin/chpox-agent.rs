@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use chpox::agent::config::FileConfig;
 use chpox::agent::{AgentConfig, run};
 use clap::Parser;
 
@@ -18,36 +19,94 @@ struct Args {
     /// Directory of the control socket, the register FIFO and saved registrations.
     #[arg(long, env = "CHPOX_RUN_DIR", default_value = chpox::control::RUN_DIR)]
     run_dir: PathBuf,
+    /// Settings file (TOML: image_dir, keep, interval, idle_timeout,
+    /// max_connections, max_connections_per_user, ebpf_object); flags
+    /// given here override it. A missing default file is no error.
+    #[arg(long, default_value = chpox::agent::config::DEFAULT_PATH)]
+    config: PathBuf,
     /// The eBPF object (default: next to this binary, or target/chpox-ebpf.o).
     #[arg(long)]
     ebpf_object: Option<PathBuf>,
-    /// Earlier images to keep per process, as FILE.1 … FILE.N.
-    #[arg(long, default_value_t = 1)]
-    keep: u32,
-    /// Where images go for registrations that name no file.
-    #[arg(long, default_value = "/var/lib/chpox")]
-    image_dir: PathBuf,
-    /// Close a connection that sends no complete request for this many seconds.
-    #[arg(long, default_value_t = AgentConfig::DEFAULT_IDLE_TIMEOUT.as_secs_f64())]
-    idle_timeout: f64,
+    /// Earlier images to keep per process, as FILE.1 … FILE.N [default: 1].
+    #[arg(long)]
+    keep: Option<u32>,
+    /// Where images go for registrations that name no file [default: /var/lib/chpox].
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
+    /// Checkpoint registered processes that name no interval every DUR
+    /// (30s, 10m, 2h) [default: only on signals].
+    #[arg(long, value_name = "DUR", value_parser = chpox::control::parse_duration)]
+    interval: Option<Duration>,
+    /// Close a connection that sends no complete request for this many seconds [default: 10].
+    #[arg(long)]
+    idle_timeout: Option<f64>,
     /// Connections open at once, all users together (lowered to what the
-    /// descriptor limit allows; some are kept for root).
-    #[arg(long, default_value_t = AgentConfig::DEFAULT_MAX_CONNECTIONS)]
-    max_connections: usize,
-    /// Connections open at once for one user other than root.
-    #[arg(long, default_value_t = AgentConfig::DEFAULT_MAX_CONNECTIONS_PER_USER)]
-    max_connections_per_user: usize,
+    /// descriptor limit allows; some are kept for root) [default: 1024].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections open at once for one user other than root [default: 64].
+    #[arg(long)]
+    max_connections_per_user: Option<usize>,
+}
+
+/// The settings: the defaults, then the file, then the flags.
+fn settings(args: Args) -> Result<AgentConfig, String> {
+    let explicit = args.config.as_os_str() != chpox::agent::config::DEFAULT_PATH;
+    let file = FileConfig::load(&args.config, explicit).map_err(|e| e.to_string())?;
+    let idle_timeout = match args.idle_timeout {
+        Some(secs) => match Duration::try_from_secs_f64(secs) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                return Err(format!(
+                    "--idle-timeout {secs} is not a number of seconds above 0"
+                ));
+            }
+        },
+        None => file
+            .idle_timeout()?
+            .unwrap_or(AgentConfig::DEFAULT_IDLE_TIMEOUT),
+    };
+    let default_interval = match args.interval {
+        Some(d) if d < chpox::control::MIN_INTERVAL => {
+            return Err(format!(
+                "--interval {} is shorter than {}",
+                chpox::control::format_duration(d),
+                chpox::control::format_duration(chpox::control::MIN_INTERVAL)
+            ));
+        }
+        Some(d) => Some(d),
+        None => file.interval()?,
+    };
+    let keep = args.keep.or(file.keep).unwrap_or(1);
+    if keep > chpox::control::MAX_KEEP {
+        return Err(format!("--keep is at most {}", chpox::control::MAX_KEEP));
+    }
+    Ok(AgentConfig {
+        default_interval,
+        run_dir: args.run_dir,
+        ebpf_object: args.ebpf_object.or(file.ebpf_object),
+        keep,
+        image_dir: args
+            .image_dir
+            .or(file.image_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/chpox")),
+        idle_timeout,
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(AgentConfig::DEFAULT_MAX_CONNECTIONS),
+        max_connections_per_user: args
+            .max_connections_per_user
+            .or(file.max_connections_per_user)
+            .unwrap_or(AgentConfig::DEFAULT_MAX_CONNECTIONS_PER_USER),
+    })
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let idle_timeout = match Duration::try_from_secs_f64(args.idle_timeout) {
-        Ok(d) if !d.is_zero() => d,
-        _ => {
-            eprintln!(
-                "chpox-agent: --idle-timeout {} is not a number of seconds above 0",
-                args.idle_timeout
-            );
+    let config = match settings(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chpox-agent: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -63,15 +122,6 @@ fn main() -> ExitCode {
             eprintln!("chpox-agent: cannot start: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    let config = AgentConfig {
-        run_dir: args.run_dir,
-        ebpf_object: args.ebpf_object,
-        keep: args.keep,
-        image_dir: args.image_dir,
-        idle_timeout,
-        max_connections: args.max_connections,
-        max_connections_per_user: args.max_connections_per_user,
     };
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,

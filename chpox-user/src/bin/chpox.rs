@@ -69,6 +69,33 @@ enum FdPolicy {
     Null,
 }
 
+/// What a registration asks of the agent beyond signal, FLAGS and file.
+#[derive(clap::Args)]
+struct RegistrationArgs {
+    /// Checkpoint every DUR as well as on the signal (30s, 10m, 2h; at
+    /// least 1s).
+    #[arg(long, value_name = "DUR", value_parser = chpox::control::parse_duration)]
+    every: Option<std::time::Duration>,
+    /// Earlier images to keep, as FILE.1 … FILE.N (default: the agent's --keep).
+    #[arg(long, value_name = "N")]
+    keep: Option<u32>,
+    /// Descriptors chpox cannot restore: `fail` the checkpoint (the
+    /// previous image stays, `chpox list` says why) or restore `null`
+    /// (/dev/null) in their place.
+    #[arg(long, value_enum, default_value = "fail")]
+    unsupported_fd: FdPolicy,
+}
+
+impl RegistrationArgs {
+    fn settings(&self) -> chpox::control::Settings {
+        chpox::control::Settings {
+            every: self.every,
+            keep: self.keep,
+            unsupported_fd_null: matches!(self.unsupported_fd, FdPolicy::Null),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Checkpoint a running process to an image file.
@@ -133,6 +160,8 @@ enum Command {
         no_children: bool,
         #[command(flatten)]
         tcp: TcpArgs,
+        #[command(flatten)]
+        settings: RegistrationArgs,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
@@ -156,6 +185,8 @@ enum Command {
         /// Take the signal over even if the process handles it itself.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        settings: RegistrationArgs,
     },
     /// Stop checkpointing a process and give it back its old signal disposition.
     #[command(visible_alias = "del")]
@@ -298,12 +329,14 @@ fn run(cli: Cli) -> Result<()> {
             flags,
             no_children,
             tcp,
+            settings,
             command,
         } => {
             return run_registered(
                 signal,
                 output,
                 with_tcp(with_children(flags, no_children), tcp),
+                &settings.settings(),
                 command,
             );
         }
@@ -315,12 +348,14 @@ fn run(cli: Cli) -> Result<()> {
             no_children,
             tcp,
             force,
+            settings,
         } => chpox::cli::register(
             pid,
             signal,
             with_tcp(with_children(flags, no_children), tcp),
             output.as_deref(),
             force,
+            &settings.settings(),
         )?,
         Command::Unregister { pid } => chpox::cli::unregister(pid)?,
         Command::List { json } => chpox::cli::list(json)?,
@@ -381,6 +416,7 @@ fn run_registered(
     signal: u32,
     output: Option<PathBuf>,
     flags: u32,
+    settings: &chpox::control::Settings,
     command: Vec<std::ffi::OsString>,
 ) -> Result<()> {
     use std::os::unix::process::CommandExt;
@@ -402,7 +438,7 @@ fn run_registered(
                 .first()
                 .and_then(|c| std::path::Path::new(c).file_name())
                 .map(|n| n.to_string_lossy().into_owned()),
-            ..chpox::control::RegisterRequest::new(std::process::id() as i32)
+            ..settings.request(std::process::id() as i32)
         },
     ))
     .context("cannot register with chpox-agent")?;

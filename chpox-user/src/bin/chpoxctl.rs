@@ -51,7 +51,14 @@ fn run(cli: Cli) -> Result<()> {
             sig,
             flags,
             file,
-        } => chpox::cli::register(pid, sig, flags, Some(&file), false),
+        } => chpox::cli::register(
+            pid,
+            sig,
+            flags,
+            Some(&file),
+            false,
+            &chpox::control::Settings::default(),
+        ),
         Command::Del { pid } => chpox::cli::unregister(pid),
         Command::Addlib { file } => chpox::cli::libs(Request::AddLib {
             path: chpox::cli::absolute(&file)?,
