@@ -52,7 +52,7 @@ pub fn to_json(reader: &ImageReader, checks: &ChecksumStatus) -> Result<String> 
         checksums: checks,
         meta: reader.metadata(),
     };
-    serde_json::to_string_pretty(&out).map_err(|e| crate::Error::Other(e.to_string()))
+    crate::cli::json::to_string(&out).map_err(|e| crate::Error::Other(e.to_string()))
 }
 
 fn human(bytes: u64) -> String {

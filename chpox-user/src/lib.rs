@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod control;
 pub mod creds;
@@ -18,6 +19,7 @@ pub mod image;
 pub mod inspect;
 pub mod memory;
 pub mod process;
+pub mod progress;
 pub mod ptrace;
 pub mod registers;
 pub mod remote;
