@@ -33,7 +33,7 @@ pub enum LogFormat {
 }
 
 /// As [`init_logging`], in `format`. Colours only when stderr is a
-/// terminal: a redirected log is plain text.
+/// terminal and NO_COLOR is not set: a redirected log is plain text.
 pub fn init_logging_as(verbose: u8, format: LogFormat) {
     use std::io::IsTerminal;
     let default = match verbose {
@@ -50,7 +50,10 @@ pub fn init_logging_as(verbose: u8, format: LogFormat) {
     // A second initialisation (a test, a library caller) keeps the first.
     let _ = match format {
         LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(
+                std::io::stderr().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
             .try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
@@ -61,10 +64,16 @@ pub fn init_logging_as(verbose: u8, format: LogFormat) {
 pub struct LogArgs {
     /// More log output (repeat for more: info, debug, trace); the
     /// CHPOX_LOG environment variable (e.g. `chpox=debug`) overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output")]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output", display_order = 1000)]
     pub verbose: u8,
     /// No progress bars (they are only drawn on a terminal anyway).
-    #[arg(short, long, global = true, help_heading = "Output")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        help_heading = "Output",
+        display_order = 1000
+    )]
     pub quiet: bool,
     /// How log lines are written to stderr.
     #[arg(
@@ -73,7 +82,8 @@ pub struct LogArgs {
         default_value_t,
         global = true,
         value_name = "FORMAT",
-        help_heading = "Output"
+        help_heading = "Output",
+        display_order = 1000
     )]
     pub log_format: LogFormat,
 }

@@ -17,19 +17,25 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
 }
 
-/// A bar shown after [`DELAY`] until dropped.
+/// A bar shown after a second (see [`delay`]) until dropped.
 pub struct Bar {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// Work shorter than this shows nothing.
-const DELAY: Duration = Duration::from_secs(1);
+/// Work shorter than this shows nothing; `CHPOX_PROGRESS_DELAY_MS`
+/// changes it.
+fn delay() -> Duration {
+    std::env::var("CHPOX_PROGRESS_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::from_secs(1), Duration::from_millis)
+}
 const TICK: Duration = Duration::from_millis(100);
 
 impl Bar {
     /// Starts counting `what` (about `total` bytes) from now; draws once
-    /// [`DELAY`] has passed, if stderr is a terminal and not `--quiet`.
+    /// the delay has passed, if stderr is a terminal and not `--quiet`.
     pub fn start(what: &'static str, total: u64) -> Bar {
         let stop = Arc::new(AtomicBool::new(false));
         let shown = !QUIET.load(Ordering::Relaxed) && std::io::stderr().is_terminal();
@@ -58,7 +64,8 @@ impl Drop for Bar {
 fn draw(what: &'static str, total: u64, stop: &AtomicBool) {
     let base = crate::progress::bytes();
     let started = Instant::now();
-    while started.elapsed() < DELAY {
+    let delay = delay();
+    while started.elapsed() < delay {
         if stop.load(Ordering::Relaxed) {
             return;
         }
@@ -76,12 +83,15 @@ fn draw(what: &'static str, total: u64, stop: &AtomicBool) {
     bar.set_message(what);
     // The bar's clock starts with the work, not with the delay.
     bar.reset_elapsed();
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         let done = crate::progress::bytes().saturating_sub(base);
         if done > bar.length().unwrap_or(0) {
             bar.set_length(done);
         }
         bar.set_position(done);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         std::thread::sleep(TICK);
     }
     bar.finish_and_clear();
