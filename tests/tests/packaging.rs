@@ -335,3 +335,83 @@ fn package_holds_the_installed_files() {
         "{listing}"
     );
 }
+
+/// The capabilities the unit leaves the agent are enough: an agent started
+/// with exactly its CapabilityBoundingSet= (and no new privileges, as the
+/// unit says) loads its eBPF program and writes a checkpoint on request.
+#[test]
+fn agent_checkpoints_with_only_the_units_capabilities() {
+    use common::agent::{scratch, tool};
+    use std::time::{Duration, Instant};
+
+    let unit_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/chpox-agent.service.in");
+    let unit = std::fs::read_to_string(&unit_in).expect("unit template");
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet=")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(unit.contains("\nNoNewPrivileges=yes\n"));
+    let s = scratch();
+    let log = s.logs.join("agent.log");
+    let mut agent = Command::new("setpriv")
+        .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+        .arg("--no-new-privs")
+        .arg(tool("chpox-agent"))
+        .arg("--run-dir")
+        .arg(&s.run)
+        .arg("--image-dir")
+        .arg(&s.images)
+        .env_remove("CHPOX_LOG")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("setpriv chpox-agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let socket = s.run.join("agent.sock");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    while !(socket.exists() && log_text().contains("chpox-agent ready")) {
+        if let Ok(Some(status)) = agent.try_wait() {
+            panic!(
+                "the agent exited ({status}) with the unit's capabilities:\n{}",
+                log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent not ready:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).expect("status");
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .expect("CapBnd")
+        .trim()
+        .to_string();
+    assert_ne!(bounding, "000001ffffffffff", "the set was not applied");
+
+    let t = common::Target::spawn("sleeper", &[], &s.logs);
+    let img = s.path("img");
+    let chpox = |args: &[&str]| {
+        let out = run(Command::new(common::chpox_bin())
+            .args(args)
+            .env("CHPOX_RUN_DIR", &s.run));
+        assert!(
+            out.status.success(),
+            "chpox {args:?}: {}\n--- agent log ---\n{}",
+            show(&out),
+            log_text()
+        );
+        out
+    };
+    chpox(&["register", &t.pid.to_string(), "-o", path_str(&img)]);
+    chpox(&["checkpoint", &t.pid.to_string()]);
+    chpox(&["inspect", path_str(&img)]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

@@ -117,10 +117,12 @@ pub fn install(src: &Source, layout: &Layout) -> Result<(Vec<String>, u64)> {
         Ok(path)
     };
 
-    // The program, without its debug information (which stays in target/).
+    // The program stripped: 7 MB instead of 68 (the release profile keeps
+    // debug information for profiling; it stays in target/, where a
+    // backtrace's addresses can be looked up).
     let program = put("bin/chpox".into(), &mut files)?;
     run(Command::new("objcopy")
-        .arg("--strip-debug")
+        .arg("--strip-all")
         .arg(src.bin_dir.join("chpox"))
         .arg(&program))?;
     set_mode(&program, 0o755)?;
