@@ -38,7 +38,9 @@ pub fn init_logging_as(verbose: u8, format: LogFormat) {
     use std::io::IsTerminal;
     let default = match verbose {
         0 => "warn",
-        1 => "info",
+        // One line per checkpoint: the agent's, not also the eBPF
+        // program's note that one was requested (shown from -v on).
+        1 => "info,chpox_ebpf=warn",
         2 => "debug",
         _ => "trace",
     };

@@ -412,6 +412,19 @@ fn agent_checkpoints_with_only_the_units_capabilities() {
     chpox(&["register", &t.pid.to_string(), "-o", path_str(&img)]);
     chpox(&["checkpoint", &t.pid.to_string()]);
     chpox(&["inspect", path_str(&img)]);
+    // By default the agent logs one plain line per checkpoint.
+    let pid = t.pid.to_string();
+    let text = log_text();
+    let about: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("checkpoint") && l.contains(&pid))
+        .collect();
+    assert_eq!(about.len(), 1, "{text}");
+    assert!(
+        about[0].contains(" INFO ") && about[0].contains(" frozen_us="),
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "{text:?}");
     let _ = agent.kill();
     let _ = agent.wait();
 }
