@@ -144,6 +144,9 @@ fn install_lays_out_every_file_and_each_command_runs_by_its_name() {
         .expect("unit");
     assert!(unit.contains("\nExecStart=/usr/bin/chpox-agent "), "{unit}");
 
+    // The installed agent loads the installed eBPF object.
+    installed_agent_loads(&prefix);
+
     // Uninstall takes all of it away, and only it.
     let mine = prefix.join("share/man/man1/someone-else.1");
     std::fs::write(&mine, "not chpox's").expect("write");
@@ -427,4 +430,40 @@ fn agent_checkpoints_with_only_the_units_capabilities() {
     assert!(!text.contains('\x1b'), "{text:?}");
     let _ = agent.kill();
     let _ = agent.wait();
+}
+
+/// Starts PREFIX/bin/chpox-agent until it is ready, and checks it loaded
+/// PREFIX/lib/chpox/chpox-ebpf.o.
+fn installed_agent_loads(prefix: &Path) {
+    use std::time::{Duration, Instant};
+    let s = common::agent::scratch();
+    let log = s.logs.join("installed-agent.log");
+    let mut agent = Command::new(prefix.join("bin/chpox-agent"))
+        .arg("--run-dir")
+        .arg(&s.run)
+        .arg("--image-dir")
+        .arg(&s.images)
+        .env("CHPOX_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start the installed chpox-agent");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !text().contains("chpox-agent ready") {
+        if let Ok(Some(status)) = agent.try_wait() {
+            panic!("the installed agent exited ({status}):\n{}", text());
+        }
+        assert!(Instant::now() < deadline, "not ready:\n{}", text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let object = prefix.join("lib/chpox/chpox-ebpf.o");
+    assert!(
+        text().contains(&format!("object={}", object.display())),
+        "the agent did not load {}:\n{}",
+        object.display(),
+        text()
+    );
 }

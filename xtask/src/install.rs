@@ -277,7 +277,7 @@ pub fn package(src: &Source, out_dir: &Path, compression: &str) -> Result<PathBu
 }
 
 /// The Debian packages of the shared libraries `program` links, each at
-/// least the version installed here.
+/// least the upstream version installed here.
 fn depends(program: &Path) -> Result<String> {
     let ldd = output(Command::new("ldd").arg(program))?;
     let mut deps: Vec<String> = Vec::new();
@@ -301,7 +301,13 @@ fn depends(program: &Path) -> Result<String> {
             continue;
         };
         let version = output(Command::new("dpkg-query").args(["-W", "-f=${Version}", pkg]))?;
-        let dep = format!("{pkg} (>= {})", version.trim());
+        // The upstream version, not this machine's Debian revision of it.
+        let upstream = version.trim().split(['-', '+', '~']).next().unwrap_or("");
+        let dep = if upstream.is_empty() {
+            pkg.to_string()
+        } else {
+            format!("{pkg} (>= {upstream})")
+        };
         if !deps.contains(&dep) {
             deps.push(dep);
         }
