@@ -260,7 +260,14 @@ fn json_names_and_hex_strings() {
         "--json",
     ]))
     .expect("dump --json");
-    for key in ["frozen_us", "total_us", "image_bytes", "processes", "pid"] {
+    for key in [
+        "frozen_us",
+        "total_us",
+        "frozen_at_monotonic_us",
+        "image_bytes",
+        "processes",
+        "pid",
+    ] {
         assert!(dump[key].is_u64(), "{key}: {dump}");
     }
     assert!(dump.get("frozen").is_none(), "{dump}");
@@ -275,6 +282,11 @@ fn json_names_and_hex_strings() {
     let vma = &inspect["vmas"][0];
     assert!(is_hex(&vma["start"]) && is_hex(&vma["end"]), "{vma}");
     assert!(inspect["image_bytes"].is_u64(), "{inspect}");
+    assert!(
+        inspect["created_unix_us"].is_u64(),
+        "{}",
+        inspect["created_unix_us"]
+    );
     assert_eq!(inspect["process"]["pid"], t.pid);
 
     // Through the agent: checkpoint --json names what dump --json names.

@@ -24,7 +24,7 @@ pub struct DumpJson<'a> {
     pub resident_bytes: u64,
     pub frozen_us: u64,
     pub total_us: u64,
-    pub frozen_at_monotonic_ns: u64,
+    pub frozen_at_monotonic_us: u64,
     pub children_not_saved: &'a [i32],
 }
 
@@ -42,7 +42,7 @@ impl<'a> From<&'a DumpReport> for DumpJson<'a> {
             resident_bytes: r.resident_bytes,
             frozen_us: r.frozen.as_micros() as u64,
             total_us: r.total.as_micros() as u64,
-            frozen_at_monotonic_ns: r.frozen_at_monotonic_ns,
+            frozen_at_monotonic_us: r.frozen_at_monotonic_ns / 1000,
             children_not_saved: &r.children_not_saved,
         }
     }
@@ -118,7 +118,8 @@ const HEX_KEYS: &[&str] = &[
 ];
 
 /// Rewrites, in place, the numbers under [`HEX_KEYS`] and `regs` as
-/// `0x…` strings.
+/// `0x…` strings, and times in nanoseconds (`*_ns`, past what a double
+/// holds exactly) as microseconds (`*_us`), the unit of every duration.
 pub fn hex_addresses(v: &mut Value) {
     walk(v, false);
 }
@@ -132,6 +133,17 @@ fn walk(v: &mut Value, hex: bool) {
         }
         Value::Array(items) => items.iter_mut().for_each(|i| walk(i, hex)),
         Value::Object(map) => {
+            let nanos: Vec<String> = map
+                .iter()
+                .filter(|(k, v)| k.ends_with("_ns") && v.is_u64())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in nanos {
+                if let Some(ns) = map.remove(&k).and_then(|v| v.as_u64()) {
+                    let us = format!("{}_us", k.trim_end_matches("_ns"));
+                    map.insert(us, Value::from(ns / 1000));
+                }
+            }
             for (k, item) in map.iter_mut() {
                 walk(item, hex || k == "regs" || HEX_KEYS.contains(&k.as_str()));
             }
@@ -158,6 +170,7 @@ mod tests {
             "regs": {"rip": u64::MAX, "rax": 1},
             "vmas": [{"start": 4096, "end": 8192, "offset": 0, "pages": [{"addr": 4096, "npages": 1}]}],
             "image_bytes": 12345,
+            "created_unix_ns": 1_764_000_000_123_456_789u64,
         });
         hex_addresses(&mut v);
         assert_eq!(v["pid"], 7);
@@ -168,5 +181,7 @@ mod tests {
         assert_eq!(v["vmas"][0]["pages"][0]["addr"], "0x1000");
         assert_eq!(v["vmas"][0]["pages"][0]["npages"], 1);
         assert_eq!(v["image_bytes"], 12345);
+        assert_eq!(v["created_unix_us"], 1_764_000_000_123_456u64);
+        assert!(v.get("created_unix_ns").is_none());
     }
 }
