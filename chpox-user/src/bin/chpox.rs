@@ -27,7 +27,12 @@ fn with_children(flags: u32, no_children: bool) -> u32 {
 #[command(
     name = "chpox",
     version,
-    about = "Checkpoint and restore Linux processes"
+    about = "Checkpoint and restore Linux processes",
+    long_about = "Checkpoint and restore Linux processes.\n\n\
+        `chpox dump PID -o FILE` writes a running process and its descendants to an image \
+        file while they keep running; `chpox restore FILE` brings them back. With \
+        chpox-agent running, `chpox run` and `chpox register` make the trigger signal \
+        (`kill -31 PID`) checkpoint a process. `chpox check` says what this machine supports."
 )]
 struct Cli {
     #[command(flatten)]
@@ -86,6 +91,11 @@ enum Command {
     },
     /// Run a command registered with chpox-agent from its first instruction:
     /// its trigger signal then checkpoints it instead of killing it.
+    #[command(
+        after_long_help = "Exit status: the command's (chpox becomes it, keeping its PID); 127 if \
+                           the command is not found, 126 if it cannot be run, 1 if it cannot be \
+                           registered (nothing is started then)."
+    )]
     Run {
         /// The trigger signal: a number (31) or a name (SYS, SIGUSR1, RTMIN+2).
         #[arg(long, default_value_t = chpox_common::DEFAULT_TRIGGER_SIGNAL, value_parser = chpox::cli::values::parse_signal)]
