@@ -133,7 +133,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         .sum();
     let area = writer.map_area(estimate + estimate / 16 + (4 << 20))?;
     debug!(
-        ms = started.elapsed().as_secs_f64() * 1e3,
+        us = started.elapsed().as_micros() as u64,
         estimate, "image area mapped"
     );
     // Connections saved in TCP repair mode stay in it until the tree is
@@ -174,7 +174,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             (bytes, frozen_for)
         }
     };
-    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "image finished");
+    debug!(us = started.elapsed().as_micros() as u64, "image finished");
     let report = DumpReport {
         pid,
         comm: meta.root.process.comm.clone(),
@@ -198,8 +198,8 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         processes = report.processes,
         children_not_saved = ?report.children_not_saved,
         bytes = report.image_bytes,
-        frozen_ms = report.frozen.as_secs_f64() * 1e3,
-        total_ms = report.total.as_secs_f64() * 1e3,
+        frozen_us = report.frozen.as_micros() as u64,
+        total_us = report.total.as_micros() as u64,
         "checkpoint written"
     );
     Ok(report)
@@ -276,7 +276,7 @@ impl Phases {
     fn done(&mut self, what: &str) {
         debug!(
             phase = what,
-            ms = self.0.elapsed().as_secs_f64() * 1e3,
+            us = self.0.elapsed().as_micros() as u64,
             "frozen phase"
         );
         self.0 = Instant::now();

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod control;
 pub mod creds;
@@ -20,6 +21,7 @@ pub mod inspect;
 pub mod job;
 pub mod memory;
 pub mod process;
+pub mod progress;
 pub mod ptrace;
 pub mod registers;
 pub mod remote;

@@ -652,6 +652,7 @@ fn copy_batches(pid: i32, mem: &File, mut dest: &mut [u8], pieces: &[Piece]) -> 
         let batch_len: usize = batch.iter().map(|p| p.len).sum();
         let (head, rest) = std::mem::take(&mut dest).split_at_mut(batch_len);
         copy_pieces(pid, mem, head, batch)?;
+        crate::progress::add(batch_len as u64);
         dest = rest;
     }
     Ok(())

@@ -338,10 +338,8 @@ fn dump_once(pid: i32, image: &Path) -> Result<DumpSample> {
         );
     }
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let secs = |k: &str| -> f64 {
-        let d = &report[k];
-        d["secs"].as_f64().unwrap_or(0.0) + d["nanos"].as_f64().unwrap_or(0.0) / 1e9
-    };
+    // `dump --json` gives durations as integer microseconds, `*_us`.
+    let secs = |k: &str| -> f64 { report[format!("{k}_us")].as_f64().unwrap_or(0.0) / 1e6 };
     let num = |k: &str| report[k].as_u64().unwrap_or(0);
     Ok(DumpSample {
         total: secs("total"),

@@ -385,6 +385,7 @@ impl ImageReader {
                     self.src.read_at(piece, r.offset + done, name)?;
                     crc = crc32c::crc32c_append(crc, piece);
                     f(done, piece);
+                    crate::progress::add(n as u64);
                     done += n as u64;
                 }
                 if crc != r.crc32c {
@@ -408,6 +409,7 @@ impl ImageReader {
                                     break Outcome::TooLong;
                                 }
                                 f(produced, piece);
+                                crate::progress::add(n as u64);
                                 produced += n as u64;
                             }
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -429,6 +429,7 @@ impl ImageWriter {
                 *raw_len += n;
             }
         }
+        crate::progress::add(n);
         self.state = State::Blob(blob);
         Ok(())
     }
