@@ -102,6 +102,20 @@ pub struct Snapshot {
     gadgets: Option<Gadgets>,
     deferred: Vec<Deferred>,
     child_alive: bool,
+    /// When the process started: with the PID, the same process.
+    start_time: Option<u64>,
+}
+
+/// When `pid` started (clock ticks since boot, /proc/PID/stat field 22),
+/// while it is alive (not a zombie).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may hold spaces and parentheses: count from the last ')'.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 impl Snapshot {
@@ -133,6 +147,7 @@ impl Snapshot {
             gadgets,
             deferred: Vec::new(),
             child_alive: true,
+            start_time: start_time(target),
         };
         // Its first stop, before it ever returns to user space.
         match wait_stop(child)? {
@@ -240,6 +255,9 @@ impl Snapshot {
     /// Returns how long it was frozen. Fails if the process is gone.
     fn reap(&mut self) -> Result<Duration> {
         self.kill_child();
+        if self.start_time.is_none() || start_time(self.target) != self.start_time {
+            return Err(Error::Exited(self.target));
+        }
         let started = Instant::now();
         let frozen = Frozen::freeze(self.target)?;
         let mut leader = RemoteThread::borrow_guarded(
