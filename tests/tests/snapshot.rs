@@ -107,10 +107,10 @@ fn a_process_killed_during_the_write_leaves_the_previous_image() {
     for attempt in 0..4 {
         // Large enough that the write outlasts our reaction.
         let mib = (512 << attempt).to_string();
-        let mut target = Target::spawn("mempattern", &[&mib], dir.path());
+        let target = Target::spawn("mempattern", &[&mib], dir.path());
         dump_json(target.pid, &image, &[]);
         let before = std::fs::read(&image).expect("first image");
-        let mut dumper = Command::new(chpox_bin())
+        let dumper = Command::new(chpox_bin())
             .args(["dump", &target.pid.to_string(), "-o"])
             .arg(&image)
             .args(["--unsupported-fd", "null"])
