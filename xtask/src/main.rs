@@ -40,12 +40,19 @@ enum Task {
     /// memcpy, for one process and for a process tree, and the latency from
     /// `kill -31` to a frozen target.
     Bench {
-        /// MiB of dirty anonymous memory in the benchmarked process.
-        #[arg(long, default_value_t = 1024)]
-        mib: u64,
+        /// MiB of dirty anonymous memory in the benchmarked process, one
+        /// table row per size (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        mib: Vec<u64>,
         /// Rounds; medians are reported.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Skip the `--compress` dumps.
+        #[arg(long)]
+        no_compress: bool,
+        /// Skip the `--kill` dumps (each needs a fresh process).
+        #[arg(long)]
+        no_kill: bool,
         /// Directory for images and the dd comparison (tmpfs by default).
         #[arg(long, default_value = "/dev/shm")]
         dir: PathBuf,
@@ -280,6 +287,8 @@ fn main() -> Result<()> {
         Task::Bench {
             mib,
             rounds,
+            no_compress,
+            no_kill,
             dir,
             triggers,
             tree_procs,
@@ -289,8 +298,20 @@ fn main() -> Result<()> {
             require_root("the benchmark")?;
             build_all()?;
             let rounds = rounds.max(1);
-            let single = bench::run(mib.max(1), rounds, &dir)?;
+            let opts = bench::SizeOptions {
+                rounds,
+                compress: !no_compress,
+                kill: !no_kill,
+            };
+            let mut sizes = Vec::new();
+            for &m in &mib {
+                sizes.push(bench::run_size(m.max(1), &opts, &dir)?);
+            }
+            bench::size_table(&sizes);
             if !no_tree {
+                // The tree is held against one process of the same total size.
+                let single_mib = tree_procs.max(1) as u64 * tree_mib.max(1);
+                let single = bench::run(single_mib, rounds, &dir)?;
                 let tree = bench::run_tree(tree_procs.max(1), tree_mib.max(1), rounds, &dir)?;
                 bench::compare(&[&single, &tree]);
             }
