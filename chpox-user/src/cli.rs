@@ -67,6 +67,11 @@ pub struct RestoreArgs {
     /// others may write: whoever can write an image can put anything in it.
     #[arg(long)]
     pub trust_image: bool,
+    /// Run at once and bring memory in on demand and in the background
+    /// (userfaultfd): a page the process touches first comes first. A page
+    /// server process fills the rest and ends when all is in.
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 impl RestoreArgs {
@@ -80,6 +85,7 @@ impl RestoreArgs {
             },
             pid_ns: self.pid_ns,
             trust_image: self.trust_image,
+            lazy: self.lazy,
         }
     }
 }

@@ -67,14 +67,18 @@
 
 pub mod child;
 pub mod fds;
+pub mod fill;
 pub mod inject;
+pub mod lazy;
 pub mod memory;
+pub mod pending;
 pub mod process;
 pub mod registers;
 pub mod signals;
 pub mod spawn;
 pub mod threads;
 pub mod tree;
+pub mod uffd;
 pub mod validate;
 pub mod vdso;
 
@@ -100,6 +104,9 @@ pub struct RestoreOptions {
     /// Root restores an image another user owns as saved, not with that
     /// user's rights (see [`validate`]).
     pub trust_image: bool,
+    /// Run at once and fill memory on demand and in the background
+    /// (userfaultfd; see [`lazy`]).
+    pub lazy: bool,
 }
 
 impl Default for RestoreOptions {
@@ -108,6 +115,7 @@ impl Default for RestoreOptions {
             pid: PidMode::Prefer,
             pid_ns: false,
             trust_image: false,
+            lazy: false,
         }
     }
 }
@@ -187,63 +195,85 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
-    let built = (|| -> Result<()> {
-        let layout = match &init_frozen {
-            Some(init) => {
-                let layout = prepare_root(init, meta)?;
-                tree::private_proc(init, &layout)?;
-                members.push(tree::fork_from(init, &layout, root_pid, libc::SIGCHLD, 0)?);
-                layout
-            }
-            None => {
-                let spawned = spawn::spawn(root_pid, pid_mode)?;
-                members.push(Frozen::adopt(spawned.pid, vec![spawned.pid]));
-                same_pid = spawned.same_pid;
-                if !same_pid && opts.pid != PidMode::Any {
-                    let w = format!(
-                        "PID {root_pid} is taken; the process is restored as PID {}",
-                        spawned.pid
-                    );
-                    warn!("{w}");
-                    warnings.push(w);
+    let image_fd = std::os::fd::AsRawFd::as_raw_fd(&image_file);
+    let lazy = opts.lazy.then(|| lazy::Lazy::new(image_fd));
+    // The page runs' checksums are verified on the other core while the
+    // memory is filled (with --lazy, by the page server while it runs).
+    let built = std::thread::scope(|s| {
+        let pages = (!opts.lazy).then(|| s.spawn(|| reader.verify_pages()));
+        let built = (|| -> Result<()> {
+            let layout = match &init_frozen {
+                Some(init) => {
+                    let layout = prepare_root(init, meta)?;
+                    tree::private_proc(init, &layout)?;
+                    members.push(tree::fork_from(init, &layout, root_pid, libc::SIGCHLD, 0)?);
+                    layout
                 }
-                prepare_root(&members[0], meta)?
-            }
-        };
-        tree::create(&mut members, meta, &layout)?;
-        tree::join_groups(&members, meta, &layout)?;
-        for (i, image) in meta.processes().enumerate() {
-            let ctx = Context {
-                reader: &reader,
-                plan: &plan,
-                image_fd: std::os::fd::AsRawFd::as_raw_fd(&image_file),
-                pid_mode,
-                same_pid,
-                pid_ns,
-                image,
-                descriptions: &descriptions,
-                injector: &injector,
-                shmem: &shmem,
-                owner,
+                None => {
+                    let spawned = spawn::spawn(root_pid, pid_mode)?;
+                    members.push(Frozen::adopt(spawned.pid, vec![spawned.pid]));
+                    same_pid = spawned.same_pid;
+                    if !same_pid && opts.pid != PidMode::Any {
+                        let w = format!(
+                            "PID {root_pid} is taken; the process is restored as PID {}",
+                            spawned.pid
+                        );
+                        warn!("{w}");
+                        warnings.push(w);
+                    }
+                    prepare_root(&members[0], meta)?
+                }
             };
-            // Threads after the first, held by us as soon as they exist.
-            let mut held = Vec::new();
-            let built = build(&members[i], &ctx, &layout, &mut held, &mut warnings);
-            members[i].add_tids(&held);
-            if image.process.stopped {
-                members[i].stop_on_release();
-            }
-            built.map_err(|e| {
-                if tree {
-                    Error::Other(format!("PID {}: {e}", image.process.pid))
-                } else {
-                    e
+            tree::create(&mut members, meta, &layout)?;
+            tree::join_groups(&members, meta, &layout)?;
+            for (i, image) in meta.processes().enumerate() {
+                let ctx = Context {
+                    reader: &reader,
+                    plan: &plan,
+                    image_fd,
+                    pid_mode,
+                    same_pid,
+                    pid_ns,
+                    image,
+                    descriptions: &descriptions,
+                    injector: &injector,
+                    shmem: &shmem,
+                    owner,
+                    lazy: lazy.as_ref(),
+                };
+                // Threads after the first, held by us as soon as they exist.
+                let mut held = Vec::new();
+                let built = build(&members[i], &ctx, &layout, &mut held, &mut warnings);
+                members[i].add_tids(&held);
+                if image.process.stopped {
+                    members[i].stop_on_release();
                 }
-            })?;
-        }
-        Ok(())
-    })();
+                built.map_err(|e| {
+                    if tree {
+                        Error::Other(format!("PID {}: {e}", image.process.pid))
+                    } else {
+                        e
+                    }
+                })?;
+            }
+            if let Some(lazy) = &lazy {
+                let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
+                lazy.finish(&reader, &pids)?;
+            }
+            Ok(())
+        })();
+        let verified = match pages.map(|t| t.join()) {
+            None => Ok(()),
+            Some(Ok(r)) => r.map(|_| ()).map_err(|e| Error::Other(e.to_string())),
+            Some(Err(_)) => Err(Error::Other("the page verification thread panicked".into())),
+        };
+        // A wrong checksum explains a failed build better than the failure.
+        verified.and(built)
+    });
     if let Err(e) = built {
+        if let Some(lazy) = &lazy {
+            lazy.abort();
+        }
         debug!(error = %e, "restore failed; killing the half-built processes");
         while let Some(f) = members.pop() {
             f.kill();
@@ -306,6 +336,8 @@ pub struct Context<'a> {
     /// Root restoring another user's image: the processes get only that
     /// user's rights.
     pub owner: Option<&'a validate::Owner>,
+    /// With `--lazy`: where mappings filled on demand are registered.
+    pub lazy: Option<&'a lazy::Lazy>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the
