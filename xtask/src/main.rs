@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_restore;
 mod ebpf;
 
 #[derive(Parser)]
@@ -60,6 +61,17 @@ enum Task {
         /// Skip the tree case.
         #[arg(long)]
         no_tree: bool,
+    },
+    /// Measure restore, eager and --lazy (time to running, to fully
+    /// resident), against first touch, memcpy and dd, at several sizes.
+    BenchRestore {
+        /// MiB of dirty anonymous memory, one run per size.
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = "/dev/shm")]
+        dir: PathBuf,
     },
     /// Install LLVM 22, bpf-linker and nightly rust-src if missing.
     InstallEbpfPrerequisites,
@@ -212,6 +224,11 @@ fn main() -> Result<()> {
                 bench::compare(&[&single, &tree]);
             }
             bench::trigger_latency(triggers.max(1))
+        }
+        Task::BenchRestore { sizes, rounds, dir } => {
+            require_root("the benchmark")?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_restore::run(&sizes, rounds, &dir)
         }
         Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
         Task::BuildEbpf { debug } => {

@@ -625,6 +625,11 @@ fn server_main(mut server: Server, reader: &ImageReader, image_fd: RawFd) -> i32
         );
     }
     close_others(&server, image_fd);
+    info!(
+        pid = std::process::id(),
+        mib = server.bytes >> 20,
+        "lazy restore: page server running"
+    );
     let victims = server.victims.clone();
     let outcome = std::thread::scope(|s| {
         let verifier = s.spawn(move || {
