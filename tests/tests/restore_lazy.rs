@@ -186,3 +186,43 @@ fn lazy_restore_of_a_damaged_image_kills_the_process_and_says_why() {
     assert_eq!(wait_pid(pid), 128 + libc::SIGKILL);
     assert!(t.lines_after_ready().is_empty(), "{:?}", t.lines());
 }
+
+/// A tree (a shell waiting for `lazytouch`) restored lazily: one page
+/// server fills both processes, each through its own userfaultfd.
+#[test]
+fn lazy_tree_comes_back_whole() {
+    become_subreaper();
+    let dir = tempdir();
+    let mut cmd = Command::new("sh");
+    let program = common::bin("lazytouch");
+    cmd.args(["-c", &format!("{} 32 & wait", program.display())]);
+    let mut t = Target::spawn_command(cmd, "lazytree", dir.path());
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", t.pid))
+        .expect("children of the shell");
+    let touch: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("lazytouch's PID");
+    let image = dir.path().join("tree.img");
+    let pid = t.pid.to_string();
+    chpox_ok(&[
+        "dump",
+        &pid,
+        "-o",
+        path_str(&image),
+        "--unsupported-fd",
+        "null",
+        "--kill",
+    ]);
+    t.child.wait().expect("reap the original");
+    // Orphaned by the killed shell, it came to us, its subreaper.
+    wait_pid(touch);
+    wait_pid_free(t.pid);
+    wait_pid_free(touch);
+    let root = restore_detached(&image, &["--lazy"]);
+    assert_eq!(root, t.pid);
+    signal(touch, libc::SIGUSR1);
+    assert_eq!(wait_pid(root), 0, "{:?}", t.lines());
+    assert_eq!(t.lines_after_ready(), ["DONE ok"]);
+}
