@@ -149,6 +149,47 @@ fn lazy_restore_waits_for_the_process() {
     assert_eq!(t.lines_after_ready(), ["DONE ok"]);
 }
 
+/// Flip a byte in a page run three quarters into the patterned memory
+/// (the mapping with most runs): one the second copying thread takes.
+fn damage_largest_run(image: &Path) {
+    let offset = {
+        let reader = ImageReader::open(image).expect("open");
+        let vma = reader
+            .metadata()
+            .root
+            .vmas
+            .iter()
+            .max_by_key(|v| v.pages.len())
+            .expect("a mapping");
+        vma.pages[vma.pages.len() * 3 / 4].data.offset
+    };
+    let mut bytes = std::fs::read(image).expect("read image");
+    bytes[offset as usize + 100] ^= 0xff;
+    std::fs::write(image, &bytes).expect("write image");
+}
+
+/// Without --lazy, the damaged run is found while memory is copied, and
+/// the restore fails in one line; nothing runs.
+#[test]
+fn eager_restore_of_a_damaged_image_is_refused() {
+    let dir = tempdir();
+    let image = dir.path().join("bad-eager.img");
+    let t = checkpointed(dir.path(), &image);
+    damage_largest_run(&image);
+    let out = run_chpox(&["restore", "--pid", "same", path_str(&image)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        !Path::new(&format!("/proc/{}", t.pid)).exists() || {
+            std::thread::sleep(Duration::from_millis(1500));
+            !Path::new(&format!("/proc/{}", t.pid)).exists()
+        }
+    );
+    assert!(t.lines_after_ready().is_empty(), "{:?}", t.lines());
+}
+
 /// A page run damaged in the image: the lazily restored process runs, but
 /// the page server's verification finds the run bad, says so, and kills
 /// it.
@@ -158,22 +199,7 @@ fn lazy_restore_of_a_damaged_image_kills_the_process_and_says_why() {
     let dir = tempdir();
     let image = dir.path().join("bad.img");
     let t = checkpointed(dir.path(), &image);
-    let offset = {
-        let reader = ImageReader::open(&image).expect("open");
-        reader
-            .metadata()
-            .root
-            .vmas
-            .iter()
-            .flat_map(|v| v.pages.iter())
-            .max_by_key(|r| r.data.raw_len)
-            .expect("a stored page")
-            .data
-            .offset
-    };
-    let mut bytes = std::fs::read(&image).expect("read image");
-    bytes[offset as usize + 100] ^= 0xff;
-    std::fs::write(&image, &bytes).expect("write image");
+    damage_largest_run(&image);
     // Output waits for the page server's stderr to close: it has ended.
     let out = run_chpox(&["restore", "--detach", "--lazy", path_str(&image)]);
     assert!(out.status.success(), "{out:?}");

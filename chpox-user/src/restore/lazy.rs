@@ -194,30 +194,14 @@ impl Lazy {
         }
         self.start()?;
         let pid = c.pid();
-        let theirs = c.raw(
-            libc::SYS_userfaultfd,
-            [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
-        )?;
-        if theirs < 0 {
-            return Err(os(
+        let uffd = uffd::from_child(c)?.map_err(|e| {
+            os(
                 "userfaultfd in the restored process (restore without --lazy)",
-                std::io::Error::from_raw_os_error(-theirs as i32),
-            ));
-        }
-        let copied = pidfd_open(pid).and_then(|pidfd| {
-            // SAFETY: integers in, a checked descriptor out.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), theirs, 0) };
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: a descriptor the kernel just installed for us.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-        });
-        // The process must not keep it: only the server's copy may hold
-        // the memory registered.
-        c.close(theirs as i32)?;
-        let uffd = copied.map_err(|e| os("pidfd_getfd of its userfaultfd", e))?;
-        uffd::api(uffd.as_fd()).map_err(|e| os("userfaultfd API (restore without --lazy)", e))?;
+                e,
+            )
+        })?;
+        uffd::api(uffd.as_fd(), uffd::FEATURES)
+            .map_err(|e| os("userfaultfd API (restore without --lazy)", e))?;
         let mut pending = Pending::default();
         for vma in vmas {
             uffd::register(uffd.as_fd(), vma.start, vma.end - vma.start)

@@ -201,11 +201,22 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
         .collect();
     writable.sort_unstable();
     let mut on_demand: Vec<&Vma> = Vec::new();
+    // Without --lazy, private anonymous memory is filled by copy (see
+    // `fill::Copier`) once every mapping is made.
+    let copier = match ctx.lazy {
+        Some(_) => None,
+        None => super::fill::Copier::new(c)?,
+    };
     for vma in &meta.vmas {
         if vma.kind.is_special() {
             continue;
         }
-        if ctx.lazy.is_some() && super::lazy::eligible(vma) {
+        let deferred = match (ctx.lazy, &copier) {
+            (Some(_), _) => super::lazy::eligible(vma),
+            (None, Some(_)) => super::fill::Copier::takes(vma),
+            (None, None) => false,
+        };
+        if deferred {
             map_one(c, ctx, vma, None, false)?;
             on_demand.push(vma);
             continue;
@@ -246,6 +257,9 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
         // Before anything of the restore may touch them: a page touched
         // while unregistered would be zero-filled and its content lost.
         lazy.register(c, &on_demand)?;
+    }
+    if let Some(copier) = copier {
+        copier.fill(ctx, &on_demand)?;
     }
     if let Some(i) = meta.process.exe_file {
         mapped.exe_fd = Some(file_fd(c, ctx, &mut mapped, i, false)?);
@@ -467,7 +481,7 @@ fn map_one(
         )?;
     }
     if fill {
-        super::fill::fill_runs(c, ctx, &vma.pages)?;
+        super::fill::fill_runs(c, ctx, vma)?;
     }
     if map_prot != prot {
         c.call(

@@ -23,8 +23,10 @@
 //! engine, tested by every dump, and no blob. The cost is a few
 //! microseconds of ptrace round trip per syscall, which for the hundreds of
 //! mappings of a normal process is a few milliseconds. Page contents do not
-//! bounce through chpox: the child `pread`s each stored run from the image
-//! file, so the kernel copies the page cache straight into its memory.
+//! bounce through chpox: private anonymous memory is filled with
+//! `UFFDIO_COPY` from a mapping of the image (allocation and copy in one
+//! step, see [`fill`]), the rest `pread` by the child from the image file,
+//! so the kernel copies the page cache straight into its memory.
 //!
 //! Remote syscalls need a `syscall` instruction in the child that survives
 //! the rebuild: the first thing we map is a one-page trampoline
@@ -195,81 +197,70 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
-    let image_fd = std::os::fd::AsRawFd::as_raw_fd(&image_file);
-    let lazy = opts.lazy.then(|| lazy::Lazy::new(image_fd));
-    // The page runs' checksums are verified on the other core while the
-    // memory is filled (with --lazy, by the page server while it runs).
-    let built = std::thread::scope(|s| {
-        let pages = (!opts.lazy).then(|| s.spawn(|| reader.verify_pages()));
-        let built = (|| -> Result<()> {
-            let layout = match &init_frozen {
-                Some(init) => {
-                    let layout = prepare_root(init, meta)?;
-                    tree::private_proc(init, &layout)?;
-                    members.push(tree::fork_from(init, &layout, root_pid, libc::SIGCHLD, 0)?);
-                    layout
-                }
-                None => {
-                    let spawned = spawn::spawn(root_pid, pid_mode)?;
-                    members.push(Frozen::adopt(spawned.pid, vec![spawned.pid]));
-                    same_pid = spawned.same_pid;
-                    if !same_pid && opts.pid != PidMode::Any {
-                        let w = format!(
-                            "PID {root_pid} is taken; the process is restored as PID {}",
-                            spawned.pid
-                        );
-                        warn!("{w}");
-                        warnings.push(w);
-                    }
-                    prepare_root(&members[0], meta)?
-                }
-            };
-            tree::create(&mut members, meta, &layout)?;
-            tree::join_groups(&members, meta, &layout)?;
-            for (i, image) in meta.processes().enumerate() {
-                let ctx = Context {
-                    reader: &reader,
-                    plan: &plan,
-                    image_fd,
-                    pid_mode,
-                    same_pid,
-                    pid_ns,
-                    image,
-                    descriptions: &descriptions,
-                    injector: &injector,
-                    shmem: &shmem,
-                    owner,
-                    lazy: lazy.as_ref(),
-                };
-                // Threads after the first, held by us as soon as they exist.
-                let mut held = Vec::new();
-                let built = build(&members[i], &ctx, &layout, &mut held, &mut warnings);
-                members[i].add_tids(&held);
-                if image.process.stopped {
-                    members[i].stop_on_release();
-                }
-                built.map_err(|e| {
-                    if tree {
-                        Error::Other(format!("PID {}: {e}", image.process.pid))
-                    } else {
-                        e
-                    }
-                })?;
+    let lazy = opts
+        .lazy
+        .then(|| lazy::Lazy::new(std::os::fd::AsRawFd::as_raw_fd(&image_file)));
+    let built = (|| -> Result<()> {
+        let layout = match &init_frozen {
+            Some(init) => {
+                let layout = prepare_root(init, meta)?;
+                tree::private_proc(init, &layout)?;
+                members.push(tree::fork_from(init, &layout, root_pid, libc::SIGCHLD, 0)?);
+                layout
             }
-            if let Some(lazy) = &lazy {
-                let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
-                lazy.finish(&reader, &pids)?;
+            None => {
+                let spawned = spawn::spawn(root_pid, pid_mode)?;
+                members.push(Frozen::adopt(spawned.pid, vec![spawned.pid]));
+                same_pid = spawned.same_pid;
+                if !same_pid && opts.pid != PidMode::Any {
+                    let w = format!(
+                        "PID {root_pid} is taken; the process is restored as PID {}",
+                        spawned.pid
+                    );
+                    warn!("{w}");
+                    warnings.push(w);
+                }
+                prepare_root(&members[0], meta)?
             }
-            Ok(())
-        })();
-        let verified = match pages.map(|t| t.join()) {
-            None => Ok(()),
-            Some(Ok(r)) => r.map(|_| ()).map_err(|e| Error::Other(e.to_string())),
-            Some(Err(_)) => Err(Error::Other("the page verification thread panicked".into())),
         };
-        // A wrong checksum explains a failed build better than the failure.
-        verified.and(built)
-    });
+        tree::create(&mut members, meta, &layout)?;
+        tree::join_groups(&members, meta, &layout)?;
+        for (i, image) in meta.processes().enumerate() {
+            let ctx = Context {
+                reader: &reader,
+                plan: &plan,
+                image_fd: std::os::fd::AsRawFd::as_raw_fd(&image_file),
+                pid_mode,
+                same_pid,
+                pid_ns,
+                image,
+                descriptions: &descriptions,
+                injector: &injector,
+                shmem: &shmem,
+                owner,
+                lazy: lazy.as_ref(),
+            };
+            // Threads after the first, held by us as soon as they exist.
+            let mut held = Vec::new();
+            let built = build(&members[i], &ctx, &layout, &mut held, &mut warnings);
+            members[i].add_tids(&held);
+            if image.process.stopped {
+                members[i].stop_on_release();
+            }
+            built.map_err(|e| {
+                if tree {
+                    Error::Other(format!("PID {}: {e}", image.process.pid))
+                } else {
+                    e
+                }
+            })?;
+        }
+        if let Some(lazy) = &lazy {
+            let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
+            lazy.finish(&reader, &pids)?;
+        }
+        Ok(())
+    })();
     if let Err(e) = built {
         if let Some(lazy) = &lazy {
             lazy.abort();

@@ -2,7 +2,9 @@
 //! `<linux/userfaultfd.h>`, each behind a small safe function.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use super::child::Child;
 
 const UFFD_API: u64 = 0xaa;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
@@ -102,20 +104,53 @@ fn ioctl<T>(fd: BorrowedFd<'_>, request: libc::c_ulong, arg: &mut T) -> io::Resu
     }
 }
 
-/// Enable the API with [`FEATURES`].
-pub fn api(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Enable the API with `features` (0, or [`FEATURES`]).
+pub fn api(fd: BorrowedFd<'_>, features: u64) -> io::Result<()> {
     let mut a = Api {
         api: UFFD_API,
-        features: FEATURES,
+        features,
         ioctls: 0,
     };
     ioctl(fd, UFFDIO_API, &mut a)?;
-    if a.features & FEATURES != FEATURES {
+    if a.features & features != features {
         return Err(io::Error::other(
             "this kernel's userfaultfd lacks fork/remap/remove/unmap events",
         ));
     }
     Ok(())
+}
+
+/// A userfaultfd made by the process of `c` (a userfaultfd serves the
+/// memory of the process that made it), moved into our descriptor table
+/// with `pidfd_getfd`: the process keeps no copy.
+pub fn from_child(c: &mut Child<'_>) -> crate::error::Result<io::Result<OwnedFd>> {
+    let theirs = c.raw(
+        libc::SYS_userfaultfd,
+        [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+    )?;
+    if theirs < 0 {
+        return Ok(Err(io::Error::from_raw_os_error(-theirs as i32)));
+    }
+    let copied = pidfd_getfd(c.pid(), theirs as i32);
+    c.close(theirs as i32)?;
+    Ok(copied)
+}
+
+fn pidfd_getfd(pid: i32, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: integers in, a checked descriptor out.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just made for us.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: integers in, a checked descriptor out.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just installed for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy as i32) })
 }
 
 /// Have missing pages of `[start, start + len)` reported to `fd`.
