@@ -151,6 +151,11 @@ pub struct RestoreArgs {
     /// /dev/null. Repeatable.
     #[arg(long = "inherit-fd", value_name = "[PID:]FD=N")]
     pub inherit_fd: Vec<crate::fds::external::InheritFd>,
+    /// Run at once and bring memory in on demand and in the background
+    /// (userfaultfd): a page the process touches first comes first. A page
+    /// server process fills the rest and ends when all is in.
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 impl RestoreArgs {
@@ -165,6 +170,7 @@ impl RestoreArgs {
             pid_ns: self.pid_ns,
             trust_image: self.trust_image,
             inherit_fds: self.inherit_fd.clone(),
+            lazy: self.lazy,
         }
     }
 }

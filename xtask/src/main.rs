@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_restore;
 mod ebpf;
 mod install;
 
@@ -96,6 +97,17 @@ enum Task {
         compression: String,
         #[command(flatten)]
         from: InstallFrom,
+    },
+    /// Measure restore, eager and --lazy (time to running, to fully
+    /// resident), against first touch, memcpy and dd, at several sizes.
+    BenchRestore {
+        /// MiB of dirty anonymous memory, one run per size.
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = "/dev/shm")]
+        dir: PathBuf,
     },
     /// Install LLVM 22, bpf-linker and nightly rust-src if missing.
     InstallEbpfPrerequisites,
@@ -359,6 +371,11 @@ fn main() -> Result<()> {
             let deb = install::package(&src, &out, &compression)?;
             println!("{}", deb.display());
             Ok(())
+        }
+        Task::BenchRestore { sizes, rounds, dir } => {
+            require_root("the benchmark")?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_restore::run(&sizes, rounds, &dir)
         }
         Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
         Task::BuildEbpf { debug } => {
