@@ -422,8 +422,11 @@ fn capture_process(
         let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let scratch_len = PAGE_SIZE;
         let scratch = leader.map_scratch(scratch_len)?;
+        process::dump_mlockall(&mut info, pid, scratch)?;
         let actions = signals::dump_actions(&mut leader, scratch)?;
         process::dump_remote_state(&mut info, &mut leader, scratch)?;
+        info.timers = crate::timers::dump(pid, &mut leader, scratch)?;
+        process::dump_attrs(&mut info, &mut leader, &tids)?;
         for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
             // What only the thread itself can say: its alternate signal
             // stack and its clear_child_tid.

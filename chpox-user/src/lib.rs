@@ -17,6 +17,7 @@ pub mod fds;
 pub mod files;
 pub mod image;
 pub mod inspect;
+pub mod job;
 pub mod memory;
 pub mod process;
 pub mod progress;
@@ -27,6 +28,7 @@ pub mod restore;
 pub mod safe_return;
 pub mod signals;
 pub mod threads;
+pub mod timers;
 pub mod tree;
 pub mod unix_sockets;
 

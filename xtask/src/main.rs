@@ -163,7 +163,16 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Debian packages the test suite runs real programs from (servers,
 /// runtimes, a batch system). `cargo xtask test` installs the missing ones.
-const TEST_PACKAGES: &[&str] = &["python3", "systemd", "man-db", "zsh", "fish"];
+const TEST_PACKAGES: &[&str] = &[
+    "python3",
+    "openjdk-17-jdk-headless",
+    "slurm-wlm",
+    "munge",
+    "systemd",
+    "man-db",
+    "zsh",
+    "fish",
+];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

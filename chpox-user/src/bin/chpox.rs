@@ -162,6 +162,38 @@ enum Command {
     /// Restore a checkpointed process from its image; wait for it and exit
     /// with its exit status (128 + N if killed by signal N).
     Restore(chpox::cli::RestoreArgs),
+    /// Run a batch job that survives interruptions: restore it from IMAGE
+    /// if there is one, else start the command; registered either way, our
+    /// child, signals forwarded; exits with its exit status. SIGSYS (31) to
+    /// `chpox job` checkpoints the job now.
+    Job {
+        /// The job's image: restored from when it exists, checkpoints go there.
+        #[arg(long, value_name = "IMG")]
+        image: PathBuf,
+        /// Also checkpoint every DUR (`30s`, `10m`, `1h`).
+        #[arg(long, value_name = "DUR", value_parser = chpox::job::parse_duration)]
+        every: Option<std::time::Duration>,
+        /// After the checkpoint SIGSYS asks for, stop the job and run
+        /// `scontrol requeue $SLURM_JOB_ID`.
+        #[arg(long)]
+        requeue: bool,
+        /// Write the job's PID to FILE.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
+        /// The trigger signal a new job is registered with: a number (31)
+        /// or a name (SYS, SIGUSR1).
+        #[arg(long, default_value_t = chpox_common::DEFAULT_TRIGGER_SIGNAL, value_parser = chpox::cli::values::parse_signal)]
+        signal: u32,
+        /// FLAGS a new job is registered with (see `run`).
+        #[arg(long, default_value_t = DEFAULT_FLAGS, value_parser = chpox::cli::values::parse_flags)]
+        flags: u32,
+        /// Checkpoint the job's first process alone, not its descendants.
+        #[arg(long)]
+        no_children: bool,
+        /// The command that starts the job (used when there is no image yet).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Describe an image: process, threads, memory, files, checksums.
     Inspect {
         /// The image to describe.
@@ -304,6 +336,29 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checkpoint { pid, timeout, json } => chpox::cli::checkpoint(pid, timeout, json)?,
         Command::Restore(args) => {
             let code = chpox::cli::restore(&args)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Command::Job {
+            image,
+            every,
+            requeue,
+            pidfile,
+            signal,
+            flags,
+            no_children,
+            command,
+        } => {
+            let code = chpox::job::run(&chpox::job::JobOptions {
+                image,
+                every,
+                requeue,
+                pidfile,
+                signal,
+                flags: with_children(flags, no_children),
+                command,
+            })?;
             if code != 0 {
                 std::process::exit(code);
             }

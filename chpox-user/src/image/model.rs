@@ -175,6 +175,83 @@ pub struct ProcessInfo {
     /// umask for both, changed by either.
     #[serde(default)]
     pub shares_fs_with_parent: bool,
+    /// Timers that are not descriptors: `setitimer` and POSIX timers.
+    #[serde(default)]
+    pub timers: Timers,
+    /// Small per-process attributes: oom_score_adj, prctl flags, seccomp.
+    #[serde(default)]
+    pub attrs: ProcessAttrs,
+}
+
+/// Timers a process holds without a descriptor (`crate::timers`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timers {
+    /// The armed `setitimer` timers.
+    pub itimers: Vec<ITimer>,
+    /// Every POSIX timer (`timer_create`), armed or not.
+    pub posix: Vec<PosixTimer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ITimer {
+    /// ITIMER_REAL, ITIMER_VIRTUAL or ITIMER_PROF.
+    pub which: i32,
+    pub interval_ns: u64,
+    /// Time left at the checkpoint.
+    pub value_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    /// The timer ID the process knows it by (`timer_t`).
+    pub id: i32,
+    pub clock: i32,
+    /// `sigev_notify`: SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc's
+    /// SIGEV_THREAD timers are SIGEV_THREAD_ID to a helper thread).
+    pub notify: i32,
+    pub signo: i32,
+    /// `sigev_value`, handed to the handler in `si_value`.
+    pub value: u64,
+    /// For SIGEV_THREAD_ID: the thread signalled (its TID at the
+    /// checkpoint).
+    pub tid: i32,
+    pub interval_ns: u64,
+    /// Time left at the checkpoint; 0 when disarmed.
+    pub value_ns: u64,
+    /// `timer_getoverrun` at the checkpoint (not settable: recorded).
+    pub overrun: i32,
+}
+
+/// Small per-process attributes (`crate::process` dumps them,
+/// `restore::process` sets them back).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessAttrs {
+    /// `/proc/PID/oom_score_adj`.
+    pub oom_score_adj: Option<i32>,
+    /// `PR_GET_DUMPABLE`.
+    pub dumpable: Option<u32>,
+    /// `PR_GET_NO_NEW_PRIVS`.
+    pub no_new_privs: bool,
+    /// `PR_GET_THP_DISABLE`.
+    pub thp_disable: bool,
+    /// Seccomp filters, oldest first, as classic BPF
+    /// (`PTRACE_SECCOMP_GET_FILTER`): 8-byte `sock_filter` instructions.
+    pub seccomp_filters: Vec<SeccompFilter>,
+    /// The working directory had been removed: restore makes one, enters
+    /// it and removes it again.
+    pub cwd_deleted: bool,
+    /// Its permission bits.
+    pub cwd_mode: u32,
+    /// `mlockall` flags that outlive the call: MCL_FUTURE, MCL_ONFAULT.
+    pub mlockall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompFilter {
+    #[serde(with = "serde_bytes")]
+    pub program: Vec<u8>,
+    /// `SECCOMP_FILTER_FLAG_*` the kernel reports (`PTRACE_SECCOMP_GET_METADATA`).
+    pub flags: u64,
 }
 
 fn default_exit_signal() -> i32 {

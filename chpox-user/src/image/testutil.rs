@@ -398,6 +398,8 @@ pub(crate) fn sample_metadata() -> Metadata {
                 pdeath_signal: 0,
                 child_subreaper: false,
                 shares_fs_with_parent: false,
+                timers: Default::default(),
+                attrs: Default::default(),
             },
             threads: vec![
                 thread(4242, 0x7fff_f7e0_a8b5),

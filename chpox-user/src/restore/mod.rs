@@ -365,6 +365,7 @@ fn build(
     memory::unmap_inherited(&mut c, &layout)?;
     let mapped = memory::map_all(&mut c, ctx)?;
     process::set_mm(&mut c, ctx, mapped.exe_fd, warnings)?;
+    process::apply_vma_flags(&mut c, &image.vmas, warnings)?;
     mapped.close(&mut c)?;
     process::restore_state(&mut c, ctx, warnings)?;
     signals::restore_actions(&mut c, &image.signals.actions)?;
@@ -401,6 +402,13 @@ fn build(
     };
     signals::restore_pending(&mut c, image, &tids, warnings)?;
     process::restore_rlimits(&mut c, &image.process.rlimits, ctx.owner, warnings)?;
+    let tid_pairs: Vec<(i32, i32)> = image
+        .threads
+        .iter()
+        .map(|t| t.tid)
+        .zip(tids.iter().copied())
+        .collect();
+    crate::timers::restore(&mut c, &image.process.timers, &tid_pairs)?;
     let tid_offset = threads::tid_offset(pid, &image.threads);
     if tid_offset.is_none() && !others.is_empty() {
         let w = "cannot tell where the threads keep their IDs; a pthread_join may never return"
@@ -414,6 +422,7 @@ fn build(
     let creds = &image.process.creds;
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
     threads::setup(&mut c, main, tid_offset, creds)?;
+    process::restore_attrs(&mut c, &image.process.attrs, warnings)?;
 
     // Last remote call: the trampoline goes too. The thread stops at the
     // syscall exit, and never runs on the unmapped page: its registers are
