@@ -246,11 +246,12 @@ enum Command {
         /// Write the job's PID to FILE.
         #[arg(long, value_name = "FILE")]
         pidfile: Option<PathBuf>,
-        /// The trigger signal a new job is registered with.
-        #[arg(long, default_value_t = chpox_common::DEFAULT_TRIGGER_SIGNAL)]
+        /// The trigger signal a new job is registered with: a number (31)
+        /// or a name (SYS, SIGUSR1).
+        #[arg(long, default_value_t = chpox_common::DEFAULT_TRIGGER_SIGNAL, value_parser = chpox::cli::values::parse_signal)]
         signal: u32,
         /// FLAGS a new job is registered with (see `run`).
-        #[arg(long, default_value_t = DEFAULT_FLAGS)]
+        #[arg(long, default_value_t = DEFAULT_FLAGS, value_parser = chpox::cli::values::parse_flags)]
         flags: u32,
         /// Checkpoint the job's first process alone, not its descendants.
         #[arg(long)]
