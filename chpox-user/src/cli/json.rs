@@ -26,6 +26,11 @@ pub struct DumpJson<'a> {
     pub total_us: u64,
     pub frozen_at_monotonic_us: u64,
     pub children_not_saved: &'a [i32],
+    /// Processes whose pages were written from a copy-on-write snapshot
+    /// after they ran on.
+    pub snapshots: usize,
+    /// The longest brief freeze that reaped a snapshot's copy.
+    pub reap_pause_us: u64,
 }
 
 impl<'a> From<&'a DumpReport> for DumpJson<'a> {
@@ -44,6 +49,8 @@ impl<'a> From<&'a DumpReport> for DumpJson<'a> {
             total_us: r.total.as_micros() as u64,
             frozen_at_monotonic_us: r.frozen_at_monotonic_ns / 1000,
             children_not_saved: &r.children_not_saved,
+            snapshots: r.snapshots,
+            reap_pause_us: r.reap_pause.as_micros() as u64,
         }
     }
 }

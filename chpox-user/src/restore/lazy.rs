@@ -645,7 +645,7 @@ fn server_main(mut server: Server, reader: &ImageReader, image_fd: RawFd) -> i32
         (Ok(()), true) => {
             info!(
                 mib = server.bytes >> 20,
-                ms = started.elapsed().as_millis() as u64,
+                us = started.elapsed().as_micros() as u64,
                 "lazy restore: every page is in"
             );
             0
