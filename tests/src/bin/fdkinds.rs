@@ -31,8 +31,9 @@
 //! - `MEMFD`: memfd `chpox-test`, "hello memfd", mode 0640, owner
 //!   4321:4322, sealed
 //!   F_SEAL_SHRINK|F_SEAL_GROW, offset 3; a second description of it,
-//!   read-only, at offset 1: name, content, mode, seals, offsets; a write
-//!   through one is read through the other.
+//!   read-only, at offset 1, and a shared mapping of it: name, content,
+//!   mode, seals, offsets; a write through one description is read through
+//!   the other, a write into the mapping through a descriptor.
 //! - `PIDFD_SELF`: a pidfd of itself, O_NONBLOCK: fdinfo names its PID.
 //!   `PIDFD_CHILD`: a pidfd of a child that waits forever: killing it
 //!   through the pidfd is seen by waitpid.
@@ -317,6 +318,19 @@ fn main() {
         );
         check(libc::lseek(mfd, 3, libc::SEEK_SET), "lseek");
     }
+    // SAFETY: maps our own memfd; checked below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mfd,
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap memfd");
+    let map = map.cast::<u8>();
     let again = CString::new(format!("/proc/self/fd/{mfd}")).expect("path");
     // SAFETY: again is NUL-terminated.
     let mfd_ro = check(
@@ -587,6 +601,18 @@ fn main() {
     let n = unsafe { libc::read(mfd_ro, got.as_mut_ptr().cast(), 10) };
     if n != 10 || &got != b"elLO memfd" {
         bad.push(format!("read {:?}", String::from_utf8_lossy(&got)));
+    }
+    // The mapping and the descriptors are one file still.
+    // SAFETY: byte 0 of our 4096-byte mapping of an 11-byte file.
+    unsafe { map.write_volatile(b'Z') };
+    let mut first = [0u8; 1];
+    // SAFETY: reads one byte at offset 0.
+    let n = unsafe { libc::pread(mfd_ro, first.as_mut_ptr().cast(), 1, 0) };
+    if n != 1 || first[0] != b'Z' {
+        bad.push(format!(
+            "mapping not shared with the descriptor: {:?}",
+            first[0] as char
+        ));
     }
     verdict("MEMFD", bad);
 
