@@ -155,13 +155,18 @@ fn make_memfd(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<(
         write_bytes(&fd, &bytes, || shown.clone())?;
     }
     nix::unistd::ftruncate(&fd, *size as i64).map_err(file_err(&shown))?;
-    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(*mode)).map_err(file_err(&shown))?;
     // Its owner's again (the restorer made it); a user restoring their own
-    // image makes it theirs already.
+    // image makes it theirs already. Root restoring another user's image
+    // gives it to that user, whatever the image says, and never with
+    // set-user or set-group-ID bits: the restorer, not the image, decides
+    // whom a file it makes may belong to.
+    let (uid, gid) = m.opener.owner_ids().unwrap_or((*uid, *gid));
+    let mode = *mode & 0o1777;
+    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(file_err(&shown))?;
     if let Err(err) = nix::unistd::fchown(
         &fd,
-        Some(nix::unistd::Uid::from_raw(*uid)),
-        Some(nix::unistd::Gid::from_raw(*gid)),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
     ) {
         super::restore::note(
             m.warnings,
