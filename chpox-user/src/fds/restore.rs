@@ -118,6 +118,13 @@ impl Opener<'_> {
         })
     }
 
+    /// Restoring another user's image as root: the refusal of `what`,
+    /// which that user could not have had; None otherwise.
+    pub fn beyond_owner(&self, what: &str) -> Option<Error> {
+        self.owner
+            .map(|o| crate::restore::validate::beyond_owner(o, what))
+    }
+
     /// Run `f` with the rights files are opened with (see [`Opener::open`]).
     pub fn with_rights<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
         match self.owner {
