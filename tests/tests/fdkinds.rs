@@ -2,7 +2,8 @@
 //! process that checks its own state after dump → kill → restore
 //! (`fdkinds`): eventfd, timerfd, signalfd, epoll, inotify, memfd, pidfd,
 //! and two opens of one pipe with different O_NONBLOCK. Also the kinds
-//! refused by name: io_uring, AIO, an inotify watch whose file is gone.
+//! refused by name: io_uring, AIO, an inotify watch whose file is gone or
+//! on procfs.
 
 mod common;
 

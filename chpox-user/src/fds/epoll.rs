@@ -79,6 +79,7 @@ fn parse_target(line: &str) -> Option<EpollTarget> {
         ino,
         dev: user_dev(sdev),
         pid: 0,
+        via: None,
     })
 }
 
@@ -97,14 +98,23 @@ fn probe(p: &Probe<'_>) -> Result<Option<FdKind>> {
 /// Each entry of each instance must be found again: in some process of
 /// the tree holding the instance, the entry's descriptor number must still
 /// be the file that was added (the process that added it, or one that
-/// inherited both since). That process adds it back at restore. Targets
-/// replaced by /dev/null on request are left out (epoll cannot watch
-/// /dev/null).
+/// inherited both since). That process adds it back at restore. An entry
+/// whose number was closed while the file lives on under another number
+/// (the kernel keeps the entry) is added back through that other number,
+/// put at the entry's number for the time of the call (what is there
+/// then is put back after). Targets replaced
+/// by /dev/null on request are left out (epoll cannot watch /dev/null).
 fn check_targets(e: &mut Embed<'_>) -> Result<()> {
     use std::collections::{HashMap, HashSet};
-    // description -> the processes holding it, in tree order, each with
-    // its number for the instance and the numbers it holds as /dev/null
-    let mut holders: HashMap<u64, Vec<(i32, i32, HashSet<i32>)>> = HashMap::new();
+    /// A process holding an instance: its PID, its number for the
+    /// instance, its numbers, those of them that are /dev/null.
+    struct Holder {
+        pid: i32,
+        efd: i32,
+        fds: Vec<i32>,
+        nulled: HashSet<i32>,
+    }
+    let mut holders: HashMap<u64, Vec<Holder>> = HashMap::new();
     for p in e.procs.iter() {
         let nulled: HashSet<i32> = p
             .fds
@@ -115,8 +125,13 @@ fn check_targets(e: &mut Embed<'_>) -> Result<()> {
         for entry in &p.fds {
             if matches!(entry.kind, FdKind::Epoll { .. }) {
                 let list = holders.entry(entry.description).or_default();
-                if list.iter().all(|(pid, _, _)| *pid != p.process.pid) {
-                    list.push((p.process.pid, entry.fd, nulled.clone()));
+                if list.iter().all(|h| h.pid != p.process.pid) {
+                    list.push(Holder {
+                        pid: p.process.pid,
+                        efd: entry.fd,
+                        fds: p.fds.iter().map(|x| x.fd).collect(),
+                        nulled: nulled.clone(),
+                    });
                 }
             }
         }
@@ -138,13 +153,24 @@ fn check_targets(e: &mut Embed<'_>) -> Result<()> {
             for (i, t) in targets.iter().enumerate() {
                 // Entries with the same number, in the kernel's order.
                 let toff = targets[..i].iter().filter(|x| x.fd == t.fd).count() as u32;
-                match held
+                let at_its_number = held
                     .iter()
-                    .find(|(pid, efd, _)| is_target(*pid, *efd, t, toff))
-                {
-                    Some((_, _, nulled)) if nulled.contains(&t.fd) => {}
-                    Some((pid, _, _)) => kept.push(EpollTarget {
-                        pid: *pid,
+                    .find(|h| is_target(h.pid, h.efd, t.fd, t, toff))
+                    .map(|h| (h, None));
+                let elsewhere = || {
+                    held.iter().find_map(|h| {
+                        h.fds
+                            .iter()
+                            .filter(|&&fd| !h.nulled.contains(&fd))
+                            .find(|&&fd| is_target(h.pid, h.efd, fd, t, toff))
+                            .map(|&fd| (h, Some(fd)))
+                    })
+                };
+                match at_its_number.or_else(elsewhere) {
+                    Some((h, None)) if h.nulled.contains(&t.fd) => {}
+                    Some((h, via)) => kept.push(EpollTarget {
+                        pid: h.pid,
+                        via,
                         ..t.clone()
                     }),
                     None => wrong.push(format!(
@@ -157,7 +183,11 @@ fn check_targets(e: &mut Embed<'_>) -> Result<()> {
         }
     }
     if !wrong.is_empty() {
-        return Err(Error::UnsupportedFds(wrong.join(", ")));
+        // Not UnsupportedFds: /dev/null in its place would not help.
+        return Err(Error::Other(format!(
+            "cannot restore {}: an epoll entry is added back by the number it was added under",
+            wrong.join(", ")
+        )));
     }
     for entry in e.procs.iter_mut().flat_map(|p| p.fds.iter_mut()) {
         if let FdKind::Epoll { targets } = &mut entry.kind
@@ -169,14 +199,14 @@ fn check_targets(e: &mut Embed<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Whether fd `t.fd` of `pid` is the file of the `toff`-th entry for that
-/// number of the epoll instance at fd `efd` of `pid` (`kcmp`
+/// Whether fd `fd` of `pid` is the file of the `toff`-th entry for number
+/// `t.fd` of the epoll instance at fd `efd` of `pid` (`kcmp`
 /// KCMP_EPOLL_TFD: exact, where inode numbers are not; every eventfd,
 /// timerfd or epoll shares one anonymous inode). The inode and device
 /// must match too.
-fn is_target(pid: i32, efd: i32, t: &EpollTarget, toff: u32) -> bool {
+fn is_target(pid: i32, efd: i32, fd: i32, t: &EpollTarget, toff: u32) -> bool {
     const KCMP_EPOLL_TFD: i32 = 7;
-    let same_inode = std::fs::metadata(format!("/proc/{pid}/fd/{}", t.fd))
+    let same_inode = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
         .is_ok_and(|m| m.ino() == t.ino && m.dev() == t.dev);
     if !same_inode {
         return false;
@@ -190,7 +220,7 @@ fn is_target(pid: i32, efd: i32, t: &EpollTarget, toff: u32) -> bool {
             pid,
             pid,
             KCMP_EPOLL_TFD,
-            t.fd as libc::c_ulong,
+            fd as libc::c_ulong,
             slot.as_ptr(),
         )
     };
@@ -224,24 +254,66 @@ pub fn installed(
             event.extend_from_slice(&t.events.to_ne_bytes());
             event.extend_from_slice(&t.data.to_ne_bytes());
             let at = c.put(ARGS_AT, &event)?;
-            c.call(
-                "epoll_ctl",
-                libc::SYS_epoll_ctl,
-                [
-                    e.fd as u64,
-                    libc::EPOLL_CTL_ADD as u64,
-                    t.fd as u64,
-                    at,
-                    0,
-                    0,
-                ],
-            )
-            .map_err(|err| {
-                Error::Other(format!(
-                    "fd {} (epoll): cannot watch fd {} again: {err}",
-                    e.fd, t.fd
-                ))
-            })?;
+            // The entry's number was closed, its file lives on as `via`:
+            // at the entry's number for the call only, what is there now
+            // kept aside and put back after.
+            let occupant = fds.iter().find(|x| x.fd == t.fd);
+            let mut aside = None;
+            if let Some(via) = t.via {
+                if occupant.is_some() {
+                    let top = fds.iter().map(|x| x.fd + 1).max().unwrap_or(0);
+                    aside = Some(c.call(
+                        "fcntl(F_DUPFD_CLOEXEC)",
+                        libc::SYS_fcntl,
+                        [
+                            t.fd as u64,
+                            libc::F_DUPFD_CLOEXEC as u64,
+                            top as u64,
+                            0,
+                            0,
+                            0,
+                        ],
+                    )?);
+                }
+                c.call(
+                    "dup3",
+                    libc::SYS_dup3,
+                    [via as u64, t.fd as u64, libc::O_CLOEXEC as u64, 0, 0, 0],
+                )?;
+            }
+            let added = c
+                .call(
+                    "epoll_ctl",
+                    libc::SYS_epoll_ctl,
+                    [
+                        e.fd as u64,
+                        libc::EPOLL_CTL_ADD as u64,
+                        t.fd as u64,
+                        at,
+                        0,
+                        0,
+                    ],
+                )
+                .map_err(|err| {
+                    Error::Other(format!(
+                        "fd {} (epoll): cannot watch fd {} again: {err}",
+                        e.fd, t.fd
+                    ))
+                });
+            match (aside, occupant) {
+                (Some(aside), Some(o)) => {
+                    let cloexec = if o.cloexec { libc::O_CLOEXEC } else { 0 };
+                    c.call(
+                        "dup3",
+                        libc::SYS_dup3,
+                        [aside, t.fd as u64, cloexec as u64, 0, 0, 0],
+                    )?;
+                    c.close(aside as i32)?;
+                }
+                _ if t.via.is_some() => c.close(t.fd)?,
+                _ => {}
+            }
+            added?;
         }
     }
     Ok(())

@@ -730,6 +730,10 @@ pub struct EpollTarget {
     /// it adds the entry back. 0: the first process holding the instance.
     #[serde(default)]
     pub pid: i32,
+    /// Set when `fd` was closed in that process while the file lives on
+    /// there as `via`: restore puts it at `fd` for the call.
+    #[serde(default)]
+    pub via: Option<i32>,
 }
 
 /// One inotify watch: re-added by path with its mask, under its number.
