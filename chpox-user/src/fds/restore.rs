@@ -201,6 +201,9 @@ pub struct Descriptions {
     /// Descriptions a process has finished inside itself (an epoll's
     /// interest list), so the next holder does not again.
     finished: std::sync::Mutex<std::collections::HashSet<Key>>,
+    /// Warnings to give once the restore succeeded (a refusal stays one
+    /// line).
+    later: Vec<String>,
 }
 
 pub(crate) fn file_err(path: &str) -> impl FnOnce(nix::errno::Errno) -> Error + '_ {
@@ -250,6 +253,7 @@ impl Descriptions {
         let mut d = Descriptions {
             by_key: HashMap::new(),
             finished: Default::default(),
+            later: Vec::new(),
         };
         for p in meta.processes() {
             let mut making = Making {
@@ -284,6 +288,16 @@ impl Descriptions {
             }
         }
         Ok(d)
+    }
+
+    /// Warn about `w` once the restore succeeded.
+    pub fn warn_later(&mut self, w: String) {
+        self.later.push(w);
+    }
+
+    /// What [`Descriptions::warn_later`] kept.
+    pub fn later(&self) -> &[String] {
+        &self.later
     }
 
     /// Whether a description for `k` exists already.
