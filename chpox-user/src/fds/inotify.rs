@@ -1,7 +1,8 @@
 //! inotify: its watches (fdinfo `inotify wd: ino: sdev: mask: ...
 //! f_handle:`), each found again by path through its file handle
 //! (`open_by_handle_at` on a mount of its filesystem), with its mask.
-//! A watch whose file has no path any more is refused by name. Events
+//! A watch whose file has no path any more (or sits on a filesystem whose
+//! handles cannot be opened again, procfs) is refused by name. Events
 //! queued and not read yet are not kept.
 //!
 //! Restore: a new instance; each watch added again by path, in the order
@@ -165,8 +166,15 @@ fn probe(p: &Probe<'_>) -> Result<Option<FdKind>> {
     for line in p.fdinfo.lines().filter(|l| l.starts_with("inotify ")) {
         let w = parse_line(line).ok_or_else(|| parse_err(&what, line))?;
         let Some(path) = path_of(p.pid, &w) else {
+            // The kernel's fallback handle (FILEID_INO64_GEN) for
+            // filesystems that cannot open a handle again (procfs).
+            let why = if w.handle_type == 0x81 {
+                "on a filesystem whose file handles cannot be opened again (procfs?), so its path cannot be found"
+            } else {
+                "which has no path any more"
+            };
             return Err(Error::Other(format!(
-                "fd {} of PID {} (inotify): watch {} is on inode {} of device {}:{}, which has no path any more; chpox cannot add it again",
+                "fd {} of PID {} (inotify): watch {} is on inode {} of device {}:{}, {why}; chpox cannot add it again",
                 p.fd,
                 p.pid,
                 w.wd,

@@ -1,11 +1,12 @@
-//! memfd (`memfd_create`): its name, content, size, permission bits and
-//! seals. Descriptors of one memfd (several opens, several processes) are
+//! memfd (`memfd_create`): its name, content, size, owner, permission
+//! bits and seals. Descriptors of one memfd (several opens, several processes) are
 //! one file again after restore: the restorer makes each memfd once and
 //! opens each description of it anew, with its own access mode and offset.
 //!
 //! The content is read, as a deleted file's, with the image user's file
-//! rights. A memfd mapped into memory comes back with the mapping's own
-//! copy (`memory`), not shared with the descriptor.
+//! rights. A memfd also mapped into memory is mapped again from the same
+//! memfd ([`for_mapping`], which `restore::memory` asks first), so the
+//! mapping and the descriptors still share its pages.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -63,6 +64,8 @@ fn probe(p: &Probe<'_>) -> Result<Option<FdKind>> {
         seals: seals as u32,
         size: m.len(),
         content: None,
+        uid: m.uid(),
+        gid: m.gid(),
     }))
 }
 
@@ -114,6 +117,8 @@ fn make_memfd(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<(
         mode,
         seals,
         size,
+        uid,
+        gid,
         ..
     } = &e.kind
     else {
@@ -150,7 +155,24 @@ fn make_memfd(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<(
         write_bytes(&fd, &bytes, || shown.clone())?;
     }
     nix::unistd::ftruncate(&fd, *size as i64).map_err(file_err(&shown))?;
-    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(*mode)).map_err(file_err(&shown))?;
+    // Its owner's again (the restorer made it); a user restoring their own
+    // image makes it theirs already. Root restoring another user's image
+    // gives it to that user, whatever the image says, and never with
+    // set-user or set-group-ID bits: the restorer, not the image, decides
+    // whom a file it makes may belong to.
+    let (uid, gid) = m.opener.owner_ids().unwrap_or((*uid, *gid));
+    let mode = *mode & 0o1777;
+    nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(file_err(&shown))?;
+    if let Err(err) = nix::unistd::fchown(
+        &fd,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    ) {
+        super::restore::note(
+            m.warnings,
+            format!("{shown} comes back owned by the restorer, not {uid}:{gid} ({err})"),
+        );
+    }
     if sealable && seals != 0 {
         fcntl(
             &fd,
@@ -198,4 +220,38 @@ pub fn describe(kind: &FdKind) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// Restore: for a mapping of deleted file `file`, the memfd the
+/// descriptors of the image hold, if it is one, handed to the process of
+/// `c`: the number it got there. None for other files, and for a memfd
+/// sealed against writing (mapped from its own copy then, as before).
+pub fn for_mapping(
+    c: &mut crate::restore::child::Child<'_>,
+    meta: &crate::image::model::Metadata,
+    file: &crate::image::model::FileRef,
+    d: &Descriptions,
+    injector: &crate::restore::inject::Injector,
+) -> Result<Option<i32>> {
+    if !file.deleted || !file.path.starts_with("/memfd:") {
+        return Ok(None);
+    }
+    let seals = meta
+        .processes()
+        .flat_map(|p| &p.fds)
+        .find_map(|e| match e.kind {
+            FdKind::Memfd { inode, seals, .. } if inode == file.ino => Some(seals as i32),
+            _ => None,
+        });
+    let Some(seals) = seals else {
+        return Ok(None);
+    };
+    if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        return Ok(None);
+    }
+    let Some(memfd) = d.lookup(&Key::Object("memfd", file.ino, 0)) else {
+        return Ok(None);
+    };
+    let got = injector.give(c, injector.receive_fd(), std::os::fd::AsFd::as_fd(memfd))?;
+    Ok(Some(got))
 }

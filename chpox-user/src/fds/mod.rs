@@ -20,7 +20,10 @@
 //!
 //! Adding a kind: a new file with its `KIND` (how to recognise it at dump
 //! time, what to do across the tree, how restore makes it), and one line
-//! in [`KINDS`].
+//! in [`KINDS`]; a kind the restored process must finish itself once all
+//! its descriptors are in place (epoll entries, pidfds) adds one line in
+//! [`INSTALLED`], and one with words of its own for `inspect` a line in
+//! [`describe`].
 //!
 //! In a tree, "the process" is the checkpointed processes together: a pipe
 //! between two of them is internal.

@@ -108,6 +108,23 @@ pub struct Opener<'a> {
 }
 
 impl Opener<'_> {
+    /// Restoring another user's image as root: the uid and gid the
+    /// process's files are opened as (its owner's), which is also whom
+    /// files it makes may belong to.
+    pub fn owner_ids(&self) -> Option<(u32, u32)> {
+        self.owner.map(|_| {
+            let c = Owner::creds_of(self.creds);
+            (c.uid, c.gid)
+        })
+    }
+
+    /// Restoring another user's image as root: the refusal of `what`,
+    /// which that user could not have had; None otherwise.
+    pub fn beyond_owner(&self, what: &str) -> Option<Error> {
+        self.owner
+            .map(|o| crate::restore::validate::beyond_owner(o, what))
+    }
+
     /// Run `f` with the rights files are opened with (see [`Opener::open`]).
     pub fn with_rights<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
         match self.owner {

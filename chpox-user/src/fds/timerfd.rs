@@ -99,6 +99,15 @@ pub static KIND: Kind = Kind {
             return Ok(false);
         };
         let name = format!("timerfd (fd {} of PID {})", e.fd, m.pid);
+        // Alarm clocks wake a suspended machine: CAP_WAKE_ALARM, which the
+        // restorer has and another user's image need not have had.
+        if (clockid == libc::CLOCK_REALTIME_ALARM || clockid == libc::CLOCK_BOOTTIME_ALARM)
+            && let Some(refusal) = m
+                .opener
+                .beyond_owner(&format!("{name} is on an alarm clock (CAP_WAKE_ALARM)"))
+        {
+            return Err(refusal);
+        }
         let os_err = |name: &str| Error::File {
             path: name.to_string(),
             source: std::io::Error::last_os_error(),

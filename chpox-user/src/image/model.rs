@@ -570,7 +570,7 @@ pub enum FdKind {
         mask: u64,
     },
     /// An epoll instance and its interest list, each target by its number
-    /// in the first process of the tree that holds the instance.
+    /// in the table of the process that adds it back.
     Epoll {
         #[serde(default)]
         targets: Vec<EpollTarget>,
@@ -599,6 +599,11 @@ pub enum FdKind {
         /// The content, stored with the first entry of the inode.
         #[serde(default)]
         content: Option<DataRef>,
+        /// Owner.
+        #[serde(default)]
+        uid: u32,
+        #[serde(default)]
+        gid: u32,
     },
     /// A pidfd of a process of the checkpoint, by its PID as the image
     /// knows it.
@@ -631,6 +636,14 @@ pub struct EpollTarget {
     pub ino: u64,
     #[serde(default)]
     pub dev: u64,
+    /// The process (PID in the image) whose table has `fd` as that file:
+    /// it adds the entry back. 0: the first process holding the instance.
+    #[serde(default)]
+    pub pid: i32,
+    /// Set when `fd` was closed in that process while the file lives on
+    /// there as `via`: restore puts it at `fd` for the call.
+    #[serde(default)]
+    pub via: Option<i32>,
 }
 
 /// One inotify watch: re-added by path with its mask, under its number.

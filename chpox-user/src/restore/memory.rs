@@ -311,6 +311,12 @@ fn file_fd(
         .files
         .get(index)
         .ok_or_else(|| Error::Other(format!("the image names file {index}, which it lacks")))?;
+    // A memfd the descriptors hold too: the same one.
+    if let Some(fd) = crate::fds::memfd::for_mapping(c, meta, file, ctx.descriptions, ctx.injector)?
+    {
+        mapped.files.insert(index, fd);
+        return Ok(fd);
+    }
     let source = ctx
         .plan
         .files

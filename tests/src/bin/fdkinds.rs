@@ -21,15 +21,22 @@
 //!   epoll watching the first (EPOLLIN, data 7), a third watching an
 //!   eventfd with EPOLLEXCLUSIVE: the same interest lists in fdinfo (fd,
 //!   events, data); the second reports data 7, the first 0x1234; writing
-//!   the pipe wakes the one-shot entry once.
+//!   the pipe wakes the one-shot entry once; a fourth, shared with the
+//!   child, watches an eventfd only the child holds (added by the child):
+//!   it reports data 0x77; a fifth watches an eventfd whose number was
+//!   closed after it was moved to another (data 0x99; the number is taken
+//!   again by a later open): that number holds what it held, writing the
+//!   eventfd wakes the entry.
 //! - `INOTIFY`: watches on `DIR/a` (removed again, so numbers are not
 //!   1, 2…), `DIR/f` (IN_MODIFY) and `DIR/b` (IN_CREATE|IN_ONESHOT): the
 //!   same watches in fdinfo; creating `DIR/b/new` reads IN_CREATE "new"
 //!   on the watch of `DIR/b`.
-//! - `MEMFD`: memfd `chpox-test`, "hello memfd", mode 0640, sealed
+//! - `MEMFD`: memfd `chpox-test`, "hello memfd", mode 0640, owner
+//!   4321:4322, sealed
 //!   F_SEAL_SHRINK|F_SEAL_GROW, offset 3; a second description of it,
-//!   read-only, at offset 1: name, content, mode, seals, offsets; a write
-//!   through one is read through the other.
+//!   read-only, at offset 1, and a shared mapping of it: name, content,
+//!   mode, seals, offsets; a write through one description is read through
+//!   the other, a write into the mapping through a descriptor.
 //! - `PIDFD_SELF`: a pidfd of itself, O_NONBLOCK: fdinfo names its PID.
 //!   `PIDFD_CHILD`: a pidfd of a child that waits forever: killing it
 //!   through the pidfd is seen by waitpid.
@@ -259,7 +266,18 @@ fn main() {
         (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
         0xdead_beef_0000_0001,
     );
-    let ep_lines: Vec<Vec<String>> = [ep1, ep2, ep3]
+    // An entry whose number is closed while its file lives on under
+    // another: the kernel keeps it.
+    // SAFETY: plain syscalls on our own descriptors.
+    let (ep5, gone_number, moved) = unsafe {
+        let ep5 = check(libc::epoll_create1(0), "epoll_create1");
+        let efd = check(libc::eventfd(0, 0), "eventfd");
+        epoll_add(ep5, efd, libc::EPOLLIN as u32, 0x99);
+        let moved = check(libc::fcntl(efd, libc::F_DUPFD, 100), "F_DUPFD");
+        check(libc::close(efd), "close");
+        (ep5, efd, moved)
+    };
+    let ep_lines: Vec<Vec<String>> = [ep1, ep2, ep3, ep5]
         .iter()
         .map(|&e| lines_of(e, "tfd:"))
         .collect();
@@ -303,6 +321,7 @@ fn main() {
     // SAFETY: plain calls on our descriptor.
     unsafe {
         check(libc::fchmod(mfd, 0o640), "fchmod");
+        check(libc::fchown(mfd, 4321, 4322), "fchown");
         check(
             libc::fcntl(
                 mfd,
@@ -313,6 +332,19 @@ fn main() {
         );
         check(libc::lseek(mfd, 3, libc::SEEK_SET), "lseek");
     }
+    // SAFETY: maps our own memfd; checked below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            mfd,
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap memfd");
+    let map = map.cast::<u8>();
     let again = CString::new(format!("/proc/self/fd/{mfd}")).expect("path");
     // SAFETY: again is NUL-terminated.
     let mfd_ro = check(
@@ -328,15 +360,39 @@ fn main() {
         unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), libc::O_NONBLOCK) } as i32,
         "pidfd_open",
     );
-    // SAFETY: the child only calls async-signal-safe pause.
+    // An epoll shared with the child, watching an eventfd only the child
+    // holds (added by the child, under the child's number).
+    // SAFETY: epoll_create1 takes a flag.
+    let ep4 = check(unsafe { libc::epoll_create1(0) }, "epoll_create1");
+    let mut sync = [0; 2];
+    // SAFETY: pipe writes two descriptors.
+    check(unsafe { libc::pipe(sync.as_mut_ptr()) }, "pipe");
+    // SAFETY: the child only makes syscalls.
     let child = unsafe { libc::fork() };
     if child == 0 {
+        // SAFETY: eventfd takes integers.
+        let own = unsafe { libc::eventfd(1, 0) };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0x77,
+        };
+        // SAFETY: the kernel reads ev; write sends one byte.
+        unsafe {
+            libc::epoll_ctl(ep4, libc::EPOLL_CTL_ADD, own, &mut ev);
+            libc::write(sync[1], b"x".as_ptr().cast(), 1);
+        }
         loop {
             // SAFETY: no preconditions.
             unsafe { libc::pause() };
         }
     }
     check(child, "fork");
+    let mut byte = [0u8; 1];
+    // SAFETY: reads one byte.
+    check(
+        unsafe { libc::read(sync[0], byte.as_mut_ptr().cast(), 1) },
+        "read sync",
+    );
     // SAFETY: plain syscall.
     let pidfd_child = check(
         unsafe { libc::syscall(libc::SYS_pidfd_open, child, 0) } as i32,
@@ -354,6 +410,8 @@ fn main() {
         "reopen pipe",
     );
 
+    // What the closed number holds now that later opens took it again.
+    let there = std::fs::read_link(format!("/proc/self/fd/{gone_number}")).ok();
     say!("READY pid={} child={child}", std::process::id());
     let go = format!("{dir}/go");
     while !std::path::Path::new(&go).exists() {
@@ -447,7 +505,7 @@ fn main() {
 
     // EPOLL
     let mut bad = Vec::new();
-    for (i, &e) in [ep1, ep2, ep3].iter().enumerate() {
+    for (i, &e) in [ep1, ep2, ep3, ep5].iter().enumerate() {
         let now = lines_of(e, "tfd:");
         if now != ep_lines[i] {
             bad.push(format!("epoll {i}: {now:?}, was {:?}", ep_lines[i]));
@@ -481,6 +539,19 @@ fn main() {
     match epoll_wait_one(ep3) {
         Some((_, 0xdead_beef_0000_0001)) => {}
         other => bad.push(format!("exclusive entry: {other:?}")),
+    }
+    let now_there = std::fs::read_link(format!("/proc/self/fd/{gone_number}")).ok();
+    if now_there != there {
+        bad.push(format!("fd {gone_number} is {now_there:?}, was {there:?}"));
+    }
+    write_u64(moved, 1);
+    match epoll_wait_one(ep5) {
+        Some((_, 0x99)) => {}
+        other => bad.push(format!("entry under a closed number: {other:?}")),
+    }
+    match epoll_wait_one(ep4) {
+        Some((_, 0x77)) => {}
+        other => bad.push(format!("entry the child added: {other:?}")),
     }
     verdict("EPOLL", bad);
 
@@ -534,9 +605,10 @@ fn main() {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     check(unsafe { libc::fstat(mfd, &mut st) }, "fstat");
-    if st.st_mode & 0o7777 != 0o640 || st.st_size != 11 {
+    let owner = (st.st_uid, st.st_gid);
+    if st.st_mode & 0o7777 != 0o640 || st.st_size != 11 || owner != (4321, 4322) {
         bad.push(format!(
-            "mode {:o} size {}",
+            "mode {:o} size {} owner {owner:?}",
             st.st_mode & 0o7777,
             st.st_size
         ));
@@ -554,6 +626,18 @@ fn main() {
     let n = unsafe { libc::read(mfd_ro, got.as_mut_ptr().cast(), 10) };
     if n != 10 || &got != b"elLO memfd" {
         bad.push(format!("read {:?}", String::from_utf8_lossy(&got)));
+    }
+    // The mapping and the descriptors are one file still.
+    // SAFETY: byte 0 of our 4096-byte mapping of an 11-byte file.
+    unsafe { map.write_volatile(b'Z') };
+    let mut first = [0u8; 1];
+    // SAFETY: reads one byte at offset 0.
+    let n = unsafe { libc::pread(mfd_ro, first.as_mut_ptr().cast(), 1, 0) };
+    if n != 1 || first[0] != b'Z' {
+        bad.push(format!(
+            "mapping not shared with the descriptor: {:?}",
+            first[0] as char
+        ));
     }
     verdict("MEMFD", bad);
 

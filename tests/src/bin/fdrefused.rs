@@ -5,7 +5,9 @@
 //! - `uring`: an io_uring instance (`io_uring_setup`, rings mapped);
 //! - `aio`: an AIO context (`io_setup`), a ring mapped and no descriptor;
 //! - `inotify-gone`: an inotify watch on `DIR/gone`, a file then unlinked
-//!   while still open (the watch stays, the path is gone).
+//!   while still open (the watch stays, the path is gone);
+//! - `inotify-proc`: an inotify watch on /proc/sys/kernel (procfs file
+//!   handles cannot be opened again).
 
 use std::ffi::CString;
 use std::time::Duration;
@@ -57,6 +59,16 @@ fn main() {
             );
             std::fs::remove_file(&path).expect("unlink gone");
             std::mem::forget(held);
+        }
+        "inotify-proc" => {
+            // SAFETY: inotify_init1 takes flags.
+            let ino = check(unsafe { libc::inotify_init1(0) }, "inotify_init1");
+            let c = CString::new("/proc/sys/kernel").expect("path");
+            // SAFETY: c is NUL-terminated.
+            check(
+                unsafe { libc::inotify_add_watch(ino, c.as_ptr(), libc::IN_CREATE) },
+                "inotify_add_watch",
+            );
         }
         other => panic!("unknown mode {other}"),
     }
