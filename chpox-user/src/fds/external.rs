@@ -16,7 +16,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use nix::fcntl::{FcntlArg, fcntl};
 
 use super::Kind;
-use super::restore::{Making, dev_null, key, note};
+use super::restore::{Making, dev_null, key};
 use crate::error::{Error, Result};
 use crate::image::model::{FdEntry, FdKind, Metadata};
 
@@ -137,13 +137,10 @@ fn make(d: &mut super::Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<
             )));
         }
         None => {
-            note(
-                m.warnings,
-                format!(
-                    "PID {} fd {} comes back as /dev/null: it was {was}, which the checkpoint did not keep",
-                    m.pid, e.fd
-                ),
-            );
+            d.warn_later(format!(
+                "PID {} fd {} comes back as /dev/null: it was {was}, which the checkpoint did not keep",
+                m.pid, e.fd
+            ));
             dev_null(e.flags)?
         }
     };

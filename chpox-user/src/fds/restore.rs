@@ -220,6 +220,9 @@ pub struct Descriptions {
     finished: std::sync::Mutex<std::collections::HashSet<Key>>,
     /// One copy per deleted file, however many descriptions it has.
     pub(crate) deleted_copies: crate::deleted::Copies,
+    /// Warnings to give once the restore succeeded (a refusal stays one
+    /// line).
+    later: Vec<String>,
 }
 
 pub(crate) fn file_err(path: &str) -> impl FnOnce(nix::errno::Errno) -> Error + '_ {
@@ -270,6 +273,7 @@ impl Descriptions {
             by_key: HashMap::new(),
             finished: Default::default(),
             deleted_copies: Default::default(),
+            later: Vec::new(),
         };
         for p in meta.processes() {
             let mut making = Making {
@@ -304,6 +308,16 @@ impl Descriptions {
             }
         }
         Ok(d)
+    }
+
+    /// Warn about `w` once the restore succeeded.
+    pub fn warn_later(&mut self, w: String) {
+        self.later.push(w);
+    }
+
+    /// What [`Descriptions::warn_later`] kept.
+    pub fn later(&self) -> &[String] {
+        &self.later
     }
 
     /// Whether a description for `k` exists already.

@@ -294,6 +294,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         _ => pid,
     };
     drop(image_file);
+    for w in descriptions.later() {
+        warn!("{w}");
+        warnings.push(w.clone());
+    }
     info!(
         pid,
         processes = 1 + meta.descendants.len(),
