@@ -1087,6 +1087,7 @@ impl Agent {
         }
         opts.embed_exe = entry.flags & flags::EMBED_EXE != 0;
         opts.children = entry.flags & flags::INCLUDE_CHILDREN != 0;
+        opts.tcp = crate::fds::inet::TcpPolicy::from_flags(entry.flags);
         if entry.flags & flags::EMBED_LIBS != 0 {
             opts.embed_libs = self
                 .lock()

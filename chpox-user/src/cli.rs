@@ -67,6 +67,12 @@ pub struct RestoreArgs {
     /// others may write: whoever can write an image can put anything in it.
     #[arg(long)]
     pub trust_image: bool,
+    /// Give descriptor FD (of process PID, or of every process) the
+    /// restorer's descriptor N: for what the image holds connected to the
+    /// outside of the checkpoint (`inspect` names them), or replaced by
+    /// /dev/null. Repeatable.
+    #[arg(long = "inherit-fd", value_name = "[PID:]FD=N")]
+    pub inherit_fd: Vec<crate::fds::external::InheritFd>,
 }
 
 impl RestoreArgs {
@@ -80,6 +86,7 @@ impl RestoreArgs {
             },
             pid_ns: self.pid_ns,
             trust_image: self.trust_image,
+            inherit_fds: self.inherit_fd.clone(),
         }
     }
 }

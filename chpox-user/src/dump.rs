@@ -23,7 +23,7 @@ use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
 use crate::tree::{self, FrozenTree};
-use crate::{process, registers, signals, threads, unix_sockets};
+use crate::{process, registers, signals, threads};
 
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
@@ -47,6 +47,8 @@ pub struct DumpOptions {
     /// The process and all its descendants (the default), or the process
     /// alone.
     pub children: bool,
+    /// What becomes of established TCP connections.
+    pub tcp: fds::inet::TcpPolicy,
 }
 
 impl DumpOptions {
@@ -64,6 +66,7 @@ impl DumpOptions {
             registration: None,
             expect_start_time: None,
             children: true,
+            tcp: fds::inet::TcpPolicy::Refuse,
         }
     }
 }
@@ -134,6 +137,9 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let frozen_at = Instant::now();
     keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
     let frozen_at_monotonic_ns = crate::process::monotonic_ns();
+    // Connections saved in TCP repair mode stay in it until the tree is
+    // killed (then they go silently) or runs again (then they leave it).
+    let repair = fds::tcp_repair::RepairHold::new();
     let captured = capture_tree(&frozen, opts, &mut writer, area)?;
     let mut meta = captured.meta;
     let files = captured.files;
@@ -146,11 +152,13 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
 
     let (image_bytes, frozen_for) = match opts.after {
         AfterDump::LeaveRunning => {
+            repair.release();
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
             (finish(&mut meta, writer)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
+            repair.release();
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
             (finish(&mut meta, writer)?, frozen_for)
@@ -163,6 +171,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             let frozen_for = frozen_at.elapsed();
             // The root is its parent's to reap.
             tree::wait_until_gone(&killed);
+            repair.close_silently();
             (bytes, frozen_for)
         }
     };
@@ -299,10 +308,16 @@ fn capture_tree(
     let fs_with_parent = tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
-    let unix = unix_sockets::query()?;
+    let unix = fds::unix::query()?;
+    let inet = fds::inet::query(opts.tcp)?;
     let mut fds = Vec::with_capacity(tree.members().len());
     for frozen in tree.members() {
-        fds.push(fds::scan_fds(frozen.pid(), opts.unsupported_fd, &unix)?);
+        fds.push(fds::scan_fds(
+            frozen.pid(),
+            opts.unsupported_fd,
+            &unix,
+            &inet,
+        )?);
     }
     phase.done("descriptors");
     let mut files = FileTable::new();
@@ -336,23 +351,11 @@ fn capture_tree(
     let pages_stored = pages.pages_stored;
     let checksums = pages.finish(writer)?;
     phase.done("processes");
-    fds::classify_pipes(&mut procs, opts.unsupported_fd)?;
-    unix_sockets::classify(&mut procs, opts.unsupported_fd)?;
+    fds::classify(&mut procs, opts.unsupported_fd)?;
     tree::link_descriptions(&mut procs);
-    fds::embed_pipe_data(&mut procs, writer)?;
-    unix_sockets::embed_queues(&mut procs, writer)?;
     let reader =
         crate::files::embed_reader(opts.as_user.as_ref(), procs.first().map(|p| &p.process));
-    let mut seen = crate::deleted::Seen::new();
-    for p in &mut procs {
-        fds::embed_deleted(
-            p.process.pid,
-            &mut p.fds,
-            writer,
-            reader.as_ref(),
-            &mut seen,
-        )?;
-    }
+    fds::embed(&mut procs, writer, reader.as_ref())?;
     phase.done("pipes, shared descriptions, deleted files");
 
     let mut procs = procs.into_iter();

@@ -419,6 +419,7 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
                 "FIFO {path}{}",
                 data.map_or(String::new(), |d| format!(", {} unread bytes", d.raw_len))
             ),
+            other => crate::fds::describe(other),
         };
         let _ = writeln!(
             s,

@@ -17,6 +17,7 @@ pub mod fds;
 pub mod files;
 pub mod image;
 pub mod inspect;
+pub mod job;
 pub mod memory;
 pub mod process;
 pub mod ptrace;
@@ -28,6 +29,5 @@ pub mod signals;
 pub mod threads;
 pub mod timers;
 pub mod tree;
-pub mod unix_sockets;
 
 pub use error::{Error, Result};

@@ -93,7 +93,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Debian packages the test suite runs real programs from (servers,
 /// runtimes, a batch system). `cargo xtask test` installs the missing ones.
-const TEST_PACKAGES: &[&str] = &["python3", "openjdk-17-jdk-headless"];
+const TEST_PACKAGES: &[&str] = &[
+    "python3",
+    "openjdk-17-jdk-headless",
+    "slurm-wlm",
+    "munge",
+    "nodejs",
+    "redis-server",
+    "golang-go",
+];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

@@ -23,6 +23,30 @@ fn with_children(flags: u32, no_children: bool) -> u32 {
     }
 }
 
+/// `--tcp-established` and `--tcp-close` of `run` and `register` as flags.
+fn with_tcp(flags: u32, tcp: TcpArgs) -> u32 {
+    use chpox_common::flags::{TCP_CLOSE, TCP_ESTABLISHED};
+    flags
+        | if tcp.tcp_established {
+            TCP_ESTABLISHED
+        } else {
+            0
+        }
+        | if tcp.tcp_close { TCP_CLOSE } else { 0 }
+}
+
+/// What checkpoints do with established TCP connections.
+#[derive(clap::Args, Clone, Copy)]
+struct TcpArgs {
+    /// Save established TCP connections (TCP repair mode, flag 16) so they
+    /// come back in place; the peer must be quiet during the dump.
+    #[arg(long, conflicts_with = "tcp_close")]
+    tcp_established: bool,
+    /// Restore established TCP connections reset (flag 32).
+    #[arg(long)]
+    tcp_close: bool,
+}
+
 #[derive(Parser)]
 #[command(
     name = "chpox",
@@ -80,6 +104,13 @@ enum Command {
         /// Checkpoint the process alone, not its descendants.
         #[arg(long)]
         no_children: bool,
+        /// Save established TCP connections (TCP repair mode) so they come
+        /// back in place; the peer must be quiet during the dump.
+        #[arg(long, conflicts_with = "tcp_close")]
+        tcp_established: bool,
+        /// Restore established TCP connections reset (ECONNRESET).
+        #[arg(long)]
+        tcp_close: bool,
         /// Print the dump report as JSON.
         #[arg(long)]
         json: bool,
@@ -100,6 +131,8 @@ enum Command {
         /// Checkpoint the process alone, not its descendants (clears 8).
         #[arg(long)]
         no_children: bool,
+        #[command(flatten)]
+        tcp: TcpArgs,
         /// The command and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
@@ -118,6 +151,8 @@ enum Command {
         /// Checkpoint the process alone, not its descendants (clears 8).
         #[arg(long)]
         no_children: bool,
+        #[command(flatten)]
+        tcp: TcpArgs,
         /// Take the signal over even if the process handles it itself.
         #[arg(long)]
         force: bool,
@@ -144,6 +179,37 @@ enum Command {
     /// Restore a checkpointed process from its image; wait for it and exit
     /// with its exit status (128 + N if killed by signal N).
     Restore(chpox::cli::RestoreArgs),
+    /// Run a batch job that survives interruptions: restore it from IMAGE
+    /// if there is one, else start the command; registered either way, our
+    /// child, signals forwarded; exits with its exit status. SIGSYS (31) to
+    /// `chpox job` checkpoints the job now.
+    Job {
+        /// The job's image: restored from when it exists, checkpoints go there.
+        #[arg(long, value_name = "IMG")]
+        image: PathBuf,
+        /// Also checkpoint every DUR (`30s`, `10m`, `1h`).
+        #[arg(long, value_name = "DUR", value_parser = chpox::job::parse_duration)]
+        every: Option<std::time::Duration>,
+        /// After the checkpoint SIGSYS asks for, stop the job and run
+        /// `scontrol requeue $SLURM_JOB_ID`.
+        #[arg(long)]
+        requeue: bool,
+        /// Write the job's PID to FILE.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
+        /// The trigger signal a new job is registered with.
+        #[arg(long, default_value_t = chpox_common::DEFAULT_TRIGGER_SIGNAL)]
+        signal: u32,
+        /// FLAGS a new job is registered with (see `run`).
+        #[arg(long, default_value_t = DEFAULT_FLAGS)]
+        flags: u32,
+        /// Checkpoint the job's first process alone, not its descendants.
+        #[arg(long)]
+        no_children: bool,
+        /// The command that starts the job (used when there is no image yet).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Describe an image: process, threads, memory, files, checksums.
     Inspect {
         file: PathBuf,
@@ -167,6 +233,8 @@ fn run(cli: Cli) -> Result<()> {
             embed_all_libs,
             unsupported_fd,
             no_children,
+            tcp_established,
+            tcp_close,
             json,
         } => {
             let opts = DumpOptions {
@@ -191,6 +259,13 @@ fn run(cli: Cli) -> Result<()> {
                 registration: None,
                 expect_start_time: None,
                 children: !no_children,
+                tcp: if tcp_established {
+                    chpox::fds::inet::TcpPolicy::Established
+                } else if tcp_close {
+                    chpox::fds::inet::TcpPolicy::Close
+                } else {
+                    chpox::fds::inet::TcpPolicy::Refuse
+                },
             };
             let report =
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?;
@@ -222,19 +297,28 @@ fn run(cli: Cli) -> Result<()> {
             output,
             flags,
             no_children,
+            tcp,
             command,
-        } => return run_registered(signal, output, with_children(flags, no_children), command),
+        } => {
+            return run_registered(
+                signal,
+                output,
+                with_tcp(with_children(flags, no_children), tcp),
+                command,
+            );
+        }
         Command::Register {
             pid,
             signal,
             output,
             flags,
             no_children,
+            tcp,
             force,
         } => chpox::cli::register(
             pid,
             signal,
-            with_children(flags, no_children),
+            with_tcp(with_children(flags, no_children), tcp),
             output.as_deref(),
             force,
         )?,
@@ -243,6 +327,29 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checkpoint { pid, timeout, json } => chpox::cli::checkpoint(pid, timeout, json)?,
         Command::Restore(args) => {
             let code = chpox::cli::restore(&args)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
+        Command::Job {
+            image,
+            every,
+            requeue,
+            pidfile,
+            signal,
+            flags,
+            no_children,
+            command,
+        } => {
+            let code = chpox::job::run(&chpox::job::JobOptions {
+                image,
+                every,
+                requeue,
+                pidfile,
+                signal,
+                flags: with_children(flags, no_children),
+                command,
+            })?;
             if code != 0 {
                 std::process::exit(code);
             }

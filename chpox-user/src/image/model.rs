@@ -7,6 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::model_sockets::{
+    InFlight, InetOptions, InetSocketImage, SocketFile, TcpConnection, UnixSocketImage,
+};
+
 /// Where a piece of bulk data (pages, an embedded file) lies in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataRef {
@@ -615,4 +619,114 @@ pub enum FdKind {
         /// The lengths of the messages in `queued` (not for a stream).
         messages: Vec<u64>,
     },
+    /// An eventfd: its counter; EFD_NONBLOCK is in the entry's flags.
+    EventFd {
+        #[serde(default)]
+        count: u64,
+        #[serde(default)]
+        semaphore: bool,
+    },
+    /// A timerfd, as `timerfd_gettime` and fdinfo said at dump time.
+    TimerFd {
+        #[serde(default)]
+        clockid: i32,
+        /// `timerfd_settime` flags: TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET.
+        #[serde(default)]
+        settime_flags: i32,
+        /// Time left to the next expiry, 0 when disarmed.
+        #[serde(default)]
+        value_ns: u64,
+        #[serde(default)]
+        interval_ns: u64,
+        /// For a TFD_TIMER_ABSTIME timer: its deadline on its clock.
+        #[serde(default)]
+        deadline_ns: u64,
+        /// Expirations not read yet.
+        #[serde(default)]
+        ticks: u64,
+    },
+    /// A signalfd and the signals it accepts (bit N-1 for signal N).
+    SignalFd {
+        #[serde(default)]
+        mask: u64,
+    },
+    /// An epoll instance and its interest list, each target by its number
+    /// in the table of the process that adds it back.
+    Epoll {
+        #[serde(default)]
+        targets: Vec<EpollTarget>,
+    },
+    /// An inotify instance and its watches.
+    Inotify {
+        #[serde(default)]
+        watches: Vec<InotifyWatch>,
+    },
+    /// A memfd: entries with the same inode are one file.
+    Memfd {
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        inode: u64,
+        #[serde(default)]
+        pos: u64,
+        /// Permission bits.
+        #[serde(default)]
+        mode: u32,
+        /// `F_GET_SEALS`.
+        #[serde(default)]
+        seals: u32,
+        #[serde(default)]
+        size: u64,
+        /// The content, stored with the first entry of the inode.
+        #[serde(default)]
+        content: Option<DataRef>,
+        /// Owner.
+        #[serde(default)]
+        uid: u32,
+        #[serde(default)]
+        gid: u32,
+    },
+    /// A pidfd of a process of the checkpoint, by its PID as the image
+    /// knows it.
+    PidFd {
+        #[serde(default)]
+        pid: i32,
+    },
+    /// A UNIX socket (`fds::unix`): bound, listening, connected inside the
+    /// checkpoint or not.
+    Unix(Box<UnixSocketImage>),
+    /// A TCP or UDP socket (`fds::inet`).
+    Inet(Box<InetSocketImage>),
+    /// Connected to something outside the checkpoint (a daemon's UNIX
+    /// socket…): restore needs a replacement, `--inherit-fd FD=N`.
+    External {
+        was: String,
+    },
+}
+
+/// One entry of an epoll interest list (`epoll_ctl(EPOLL_CTL_ADD)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    pub fd: i32,
+    /// EPOLLIN…, with EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE, EPOLLWAKEUP.
+    pub events: u32,
+    pub data: u64,
+    /// The watched file's inode and device (`st_dev`), to check at dump
+    /// time that `fd` is still the file that was added.
+    #[serde(default)]
+    pub ino: u64,
+    #[serde(default)]
+    pub dev: u64,
+    /// The process (PID in the image) whose table has `fd` as that file:
+    /// it adds the entry back. 0: the first process holding the instance.
+    #[serde(default)]
+    pub pid: i32,
+}
+
+/// One inotify watch: re-added by path with its mask, under its number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: String,
 }

@@ -1242,6 +1242,15 @@ fn for_each_ref<'a, E>(
                 r,
             )?;
         }
+        for r in crate::image::model_sockets::data_refs(&entry.kind) {
+            f(
+                Site::Fd {
+                    entry,
+                    path: "socket",
+                },
+                r,
+            )?;
+        }
         if let FdKind::RegularFile {
             path,
             embedded: Some(r),
@@ -1249,6 +1258,14 @@ fn for_each_ref<'a, E>(
         } = &entry.kind
         {
             f(Site::Fd { entry, path }, r)?;
+        }
+        if let FdKind::Memfd {
+            name,
+            content: Some(r),
+            ..
+        } = &entry.kind
+        {
+            f(Site::Fd { entry, path: name }, r)?;
         }
         if let FdKind::Pipe { data: Some(r), .. } = &entry.kind {
             f(

@@ -66,7 +66,6 @@
 //!   (see [`threads`]).
 
 pub mod child;
-pub mod fds;
 pub mod inject;
 pub mod memory;
 pub mod process;
@@ -85,6 +84,7 @@ use std::path::Path;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::fds;
 use crate::image::ImageReader;
 use crate::image::model::{Metadata, ProcessImage};
 use crate::ptrace::Frozen;
@@ -100,6 +100,9 @@ pub struct RestoreOptions {
     /// Root restores an image another user owns as saved, not with that
     /// user's rights (see [`validate`]).
     pub trust_image: bool,
+    /// Replacements for descriptors connected to the outside
+    /// (`--inherit-fd`).
+    pub inherit_fds: Vec<fds::external::InheritFd>,
 }
 
 impl Default for RestoreOptions {
@@ -108,6 +111,7 @@ impl Default for RestoreOptions {
             pid: PidMode::Prefer,
             pid_ns: false,
             trust_image: false,
+            inherit_fds: Vec::new(),
         }
     }
 }
@@ -169,7 +173,8 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     // Every description, made before any process exists: a file that cannot
     // be opened fails here.
-    let descriptions = fds::Descriptions::prepare(meta, &reader, owner, &mut warnings)?;
+    let descriptions =
+        fds::Descriptions::prepare(meta, &reader, owner, &opts.inherit_fds, &mut warnings)?;
     let injector = inject::Injector::new()?;
     let pid_mode = if tree || pid_ns {
         PidMode::Same
