@@ -325,6 +325,10 @@ fn file_fd(
                 .unwrap_or_else(|| "chpox".into());
             let fd = memfd(c, &name)?;
             fill_fd(c, ctx, ctx.image_fd, fd, &data)?;
+            // The file's permission bits, not a memfd's 0777 (best effort:
+            // they only show in /proc).
+            let bits = u64::from(file.mode & 0o7777);
+            c.raw(libc::SYS_fchmod, [fd as u64, bits, 0, 0, 0, 0])?;
             fd
         }
         FileSource::Disk | FileSource::Unused => {
