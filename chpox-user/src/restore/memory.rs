@@ -317,7 +317,25 @@ fn file_fd(
         .get(index)
         .copied()
         .unwrap_or(FileSource::Unused);
+    let copy = file
+        .deleted
+        .then(|| ctx.descriptions.deleted_copies.find((file.dev, file.ino)))
+        .flatten();
     let fd = match source {
+        // One copy for every process and descriptor of a deleted file.
+        FileSource::Embedded(_) if let Some(copy) = copy => {
+            let flags = if write {
+                nix::fcntl::OFlag::O_RDWR
+            } else {
+                nix::fcntl::OFlag::O_RDONLY
+            };
+            let ours = crate::deleted::Copies::open(copy, flags | nix::fcntl::OFlag::O_CLOEXEC)?;
+            ctx.injector.give(
+                c,
+                ctx.injector.receive_fd(),
+                std::os::fd::AsFd::as_fd(&ours),
+            )?
+        }
         FileSource::Embedded(data) => {
             let name = std::path::Path::new(&file.path)
                 .file_name()

@@ -173,8 +173,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     // Every description, made before any process exists: a file that cannot
     // be opened fails here.
-    let descriptions =
+    let mut descriptions =
         fds::Descriptions::prepare(meta, &reader, owner, &opts.inherit_fds, &mut warnings)?;
+    descriptions.deleted_copies.make_mapped(meta, &reader)?;
     let injector = inject::Injector::new()?;
     let pid_mode = if tree || pid_ns {
         PidMode::Same

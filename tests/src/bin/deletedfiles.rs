@@ -4,7 +4,8 @@
 //! descriptions), writes `hello` through the first, makes it mode 0640 and
 //! deletes it. Prints `READY ...`; on SIGUSR1 checks that both descriptors
 //! still show one file: the mode is 0640, both read `hello`, and what is
-//! written through the first is read through the second. Also maps
+//! written through the first is read through the second, and what is
+//! written into a shared mapping of it too. Also maps
 //! `DIR/mapped` (mode 0604) and deletes it: it keeps its mode and content.
 //! Prints `OK`
 //! lines and `DONE`, exit 0; a failed check panics (exit 101).
@@ -27,6 +28,19 @@ fn main() {
         .open(&path)
         .expect("create scratch");
     a.write_all(b"hello").expect("write hello");
+    a.set_len(4096).expect("grow scratch");
+    // SAFETY: a shared read-write mapping of the 4096 bytes of scratch.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&a),
+            0,
+        )
+    };
+    assert_ne!(shared, libc::MAP_FAILED, "mmap scratch shared");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let b = File::open(&path).expect("open scratch again");
     std::fs::remove_file(&path).expect("unlink scratch");
@@ -76,6 +90,13 @@ fn main() {
     let mut buf = [0u8; 6];
     b.read_exact_at(&mut buf, 100).expect("pread through b");
     assert_eq!(&buf, b"shared", "b sees what a wrote");
+    // SAFETY: the shared mapping is live and 4096 bytes long.
+    unsafe { std::ptr::copy_nonoverlapping(b"viamap".as_ptr(), shared.cast::<u8>().add(200), 6) };
+    b.read_exact_at(&mut buf, 200).expect("pread through b");
+    assert_eq!(
+        &buf, b"viamap",
+        "b sees what was written to the shared mapping"
+    );
     say!("OK one file");
     let start = map as usize;
     let link = format!("/proc/self/map_files/{:x}-{:x}", start, start + 4096);
