@@ -108,11 +108,20 @@ pub struct Zombie {
 }
 
 /// How a process was registered with the agent when it was checkpointed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SavedRegistration {
     pub signal: u32,
     /// The FLAGS of the register line (`chpox_common::flags`).
     pub flags: u32,
+    /// Periodic checkpoints every this many milliseconds (`--every`).
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    /// Earlier images kept (`--keep`), if the registration said.
+    #[serde(default)]
+    pub keep: Option<u32>,
+    /// Descriptors chpox cannot restore were allowed to become /dev/null.
+    #[serde(default)]
+    pub unsupported_fd_null: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

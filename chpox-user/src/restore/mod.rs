@@ -23,8 +23,10 @@
 //! engine, tested by every dump, and no blob. The cost is a few
 //! microseconds of ptrace round trip per syscall, which for the hundreds of
 //! mappings of a normal process is a few milliseconds. Page contents do not
-//! bounce through chpox: the child `pread`s each stored run from the image
-//! file, so the kernel copies the page cache straight into its memory.
+//! bounce through chpox: private anonymous memory is filled with
+//! `UFFDIO_COPY` from a mapping of the image (allocation and copy in one
+//! step, see [`fill`]), the rest `pread` by the child from the image file,
+//! so the kernel copies the page cache straight into its memory.
 //!
 //! Remote syscalls need a `syscall` instruction in the child that survives
 //! the rebuild: the first thing we map is a one-page trampoline
@@ -66,14 +68,18 @@
 //!   (see [`threads`]).
 
 pub mod child;
+pub mod fill;
 pub mod inject;
+pub mod lazy;
 pub mod memory;
+pub mod pending;
 pub mod process;
 pub mod registers;
 pub mod signals;
 pub mod spawn;
 pub mod threads;
 pub mod tree;
+pub mod uffd;
 pub mod validate;
 pub mod vdso;
 
@@ -103,6 +109,9 @@ pub struct RestoreOptions {
     /// Replacements for descriptors connected to the outside
     /// (`--inherit-fd`).
     pub inherit_fds: Vec<fds::external::InheritFd>,
+    /// Run at once and fill memory on demand and in the background
+    /// (userfaultfd; see [`lazy`]).
+    pub lazy: bool,
 }
 
 impl Default for RestoreOptions {
@@ -112,6 +121,7 @@ impl Default for RestoreOptions {
             pid_ns: false,
             trust_image: false,
             inherit_fds: Vec::new(),
+            lazy: false,
         }
     }
 }
@@ -193,6 +203,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
+    let lazy = opts
+        .lazy
+        .then(|| lazy::Lazy::new(std::os::fd::AsRawFd::as_raw_fd(&image_file)));
     let built = (|| -> Result<()> {
         let layout = match &init_frozen {
             Some(init) => {
@@ -231,6 +244,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 injector: &injector,
                 shmem: &shmem,
                 owner,
+                lazy: lazy.as_ref(),
             };
             // Threads after the first, held by us as soon as they exist.
             let mut held = Vec::new();
@@ -247,9 +261,16 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 }
             })?;
         }
+        if let Some(lazy) = &lazy {
+            let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
+            lazy.finish(&reader, &pids)?;
+        }
         Ok(())
     })();
     if let Err(e) = built {
+        if let Some(lazy) = &lazy {
+            lazy.abort();
+        }
         debug!(error = %e, "restore failed; killing the half-built processes");
         while let Some(f) = members.pop() {
             f.kill();
@@ -312,6 +333,8 @@ pub struct Context<'a> {
     /// Root restoring another user's image: the processes get only that
     /// user's rights.
     pub owner: Option<&'a validate::Owner>,
+    /// With `--lazy`: where mappings filled on demand are registered.
+    pub lazy: Option<&'a lazy::Lazy>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the
