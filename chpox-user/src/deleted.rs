@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::error::{Error, Result};
-use crate::image::model::DataRef;
+use crate::image::ImageReader;
+use crate::image::model::{DataRef, Metadata};
 
 /// Dump: the stored content of each deleted file seen so far in the tree.
 pub type Seen = HashMap<(u64, u64), DataRef>;
@@ -60,6 +61,37 @@ impl Copies {
         self.by_file
             .get(&file)
             .ok_or_else(|| Error::Other("internal: a deleted file's copy vanished".into()))
+    }
+
+    /// The copy of deleted file `file` (device, inode), if made.
+    pub fn find(&self, file: (u64, u64)) -> Option<&OwnedFd> {
+        self.by_file.get(&file)
+    }
+
+    /// Make the copies of the deleted files the image's memory maps (and
+    /// the executable, if deleted), so that a file mapped by several
+    /// processes, or mapped and held open, is one file again: restore maps
+    /// these copies (`restore::memory`).
+    pub fn make_mapped(&mut self, meta: &Metadata, reader: &ImageReader) -> Result<()> {
+        for f in meta.files.iter().filter(|f| f.deleted) {
+            let Some(data) = f.embedded else {
+                continue;
+            };
+            let name = std::path::Path::new(&f.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            self.get((f.dev, f.ino), &name, Some(f.mode), |memfd| {
+                let bytes = reader.read_data(&data)?;
+                let mut file =
+                    std::fs::File::from(memfd.try_clone().map_err(|e| {
+                        Error::Other(format!("copy of deleted file {}: {e}", f.path))
+                    })?);
+                std::io::Write::write_all(&mut file, &bytes)
+                    .map_err(|e| Error::Other(format!("copy of deleted file {}: {e}", f.path)))
+            })?;
+        }
+        Ok(())
     }
 
     /// A new open file description of `copy` with `flags` (through

@@ -45,6 +45,28 @@ pub enum Stop {
     Exited,
 }
 
+/// Seize thread `tid` of `pid`. A thread under a seccomp filter is seized
+/// with PTRACE_O_SUSPEND_SECCOMP where we may (it takes CAP_SYS_ADMIN):
+/// the syscalls a dump runs in it are then not judged by its filters, one
+/// of which could kill it for a syscall it never makes itself. Without the
+/// privilege, it is seized as any other thread.
+fn seize_thread(pid: i32, tid: i32) -> nix::Result<()> {
+    let options = ptrace::Options::PTRACE_O_TRACESYSGOOD;
+    let filtered =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Seccomp:") && !l.ends_with('0'))
+        });
+    if filtered {
+        let suspend = ptrace::Options::from_bits_retain(libc::PTRACE_O_SUSPEND_SECCOMP);
+        match ptrace::seize(Pid::from_raw(tid), options | suspend) {
+            Err(Errno::EPERM) => {}
+            other => return other,
+        }
+    }
+    ptrace::seize(Pid::from_raw(tid), options)
+}
+
 /// Wait for the next stop of one traced thread.
 pub fn wait_stop(tid: i32) -> Result<Stop> {
     loop {
@@ -189,7 +211,7 @@ impl Frozen {
                 break;
             }
             for &tid in &new {
-                match ptrace::seize(Pid::from_raw(tid), ptrace::Options::PTRACE_O_TRACESYSGOOD) {
+                match seize_thread(pid, tid) {
                     Ok(()) => {}
                     // The thread exited between listing and seizing.
                     Err(Errno::ESRCH) => continue,

@@ -339,6 +339,6 @@ fn a_deleted_file_open_twice_comes_back_as_one_file_with_its_mode() {
     assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
     assert_eq!(
         t.lines_after_ready(),
-        ["OK mode and content", "OK one file", "DONE"]
+        ["OK mode and content", "OK one file", "OK mapped", "DONE"]
     );
 }

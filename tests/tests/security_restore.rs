@@ -332,8 +332,15 @@ fn a_users_image_gets_no_lower_nice_nor_higher_limits_than_its_owner_could_set()
             .iter_mut()
             .find(|l| l.resource == libc::RLIMIT_MEMLOCK)
             .expect("RLIMIT_MEMLOCK saved");
-        memlock.soft = u64::MAX;
+        // A soft limit the user chose; the hard one claims more.
+        memlock.soft = 1 << 20;
         memlock.hard = u64::MAX;
+        // Root's privileges would set these for anyone: an OOM-proof
+        // process, and memory locked past the user's limit.
+        m.root.process.attrs.oom_score_adj = Some(-1000);
+        for v in m.root.vmas.iter_mut().filter(|v| !v.kind.is_special()) {
+            v.vm_flags.push("lo".into());
+        }
     });
     // A restorer whose own hard limit is finite: a user could not go past it.
     let ours = 8 << 20;
@@ -346,6 +353,17 @@ fn a_users_image_gets_no_lower_nice_nor_higher_limits_than_its_owner_could_set()
                 hard_memlock(pid) <= ours,
                 "hard RLIMIT_MEMLOCK raised to {}",
                 hard_memlock(pid)
+            );
+            let adj =
+                fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).expect("oom_score_adj");
+            assert!(adj.trim() != "-1000", "oom_score_adj lowered to {adj}");
+            let locked_kb: u64 = status_field(pid, "VmLck:")
+                .first()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                locked_kb * 1024 <= 1 << 20,
+                "{locked_kb} kB locked past the process's RLIMIT_MEMLOCK"
             );
             assert_plain_nobody(pid);
             // And it is nobody's job, going on where it was.

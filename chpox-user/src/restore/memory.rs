@@ -348,7 +348,25 @@ fn file_fd(
         .get(index)
         .copied()
         .unwrap_or(FileSource::Unused);
+    let copy = file
+        .deleted
+        .then(|| ctx.descriptions.deleted_copies.find((file.dev, file.ino)))
+        .flatten();
     let fd = match source {
+        // One copy for every process and descriptor of a deleted file.
+        FileSource::Embedded(_) if let Some(copy) = copy => {
+            let flags = if write {
+                nix::fcntl::OFlag::O_RDWR
+            } else {
+                nix::fcntl::OFlag::O_RDONLY
+            };
+            let ours = crate::deleted::Copies::open(copy, flags | nix::fcntl::OFlag::O_CLOEXEC)?;
+            ctx.injector.give(
+                c,
+                ctx.injector.receive_fd(),
+                std::os::fd::AsFd::as_fd(&ours),
+            )?
+        }
         FileSource::Embedded(data) => {
             let name = std::path::Path::new(&file.path)
                 .file_name()
@@ -356,6 +374,10 @@ fn file_fd(
                 .unwrap_or_else(|| "chpox".into());
             let fd = memfd(c, &name)?;
             fill_fd(c, ctx, ctx.image_fd, fd, &data)?;
+            // The file's permission bits, not a memfd's 0777 (best effort:
+            // they only show in /proc).
+            let bits = u64::from(file.mode & 0o7777);
+            c.raw(libc::SYS_fchmod, [fd as u64, bits, 0, 0, 0, 0])?;
             fd
         }
         FileSource::Disk | FileSource::Unused => {

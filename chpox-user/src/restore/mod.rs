@@ -183,8 +183,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     // Every description, made before any process exists: a file that cannot
     // be opened fails here.
-    let descriptions =
+    let mut descriptions =
         fds::Descriptions::prepare(meta, &reader, owner, &opts.inherit_fds, &mut warnings)?;
+    descriptions.deleted_copies.make_mapped(meta, &reader)?;
     let injector = inject::Injector::new()?;
     let pid_mode = if tree || pid_ns {
         PidMode::Same
@@ -397,7 +398,7 @@ fn build(
     memory::unmap_inherited(&mut c, &layout)?;
     let mapped = memory::map_all(&mut c, ctx)?;
     process::set_mm(&mut c, ctx, mapped.exe_fd, warnings)?;
-    process::apply_vma_flags(&mut c, &image.vmas, warnings)?;
+    process::apply_vma_flags(&mut c, ctx, warnings)?;
     mapped.close(&mut c)?;
     process::restore_state(&mut c, ctx, warnings)?;
     signals::restore_actions(&mut c, &image.signals.actions)?;
@@ -454,7 +455,7 @@ fn build(
     let creds = &image.process.creds;
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
     threads::setup(&mut c, main, tid_offset, creds)?;
-    process::restore_attrs(&mut c, &image.process.attrs, warnings)?;
+    process::restore_attrs(&mut c, ctx, warnings)?;
 
     // Last remote call: the trampoline goes too. The thread stops at the
     // syscall exit, and never runs on the unmapped page: its registers are

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::Context;
 use super::child::{ARGS_AT, Child, errno_of};
 use crate::error::{Error, Result};
-use crate::image::model::{Credentials, ProcessAttrs, Rlimit, SeccompFilter, Vma};
+use crate::image::model::{Credentials, Rlimit, SeccompFilter};
 
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
@@ -504,8 +504,28 @@ fn set_groups(c: &mut Child<'_>, groups: &[u32]) -> Result<()> {
 /// The madvise and mlock state of each mapping, from its VmFlags: what
 /// `madvise` (dontfork, wipeonfork, hugepage, nohugepage, dontdump,
 /// mergeable) and `mlock`/`mlock2(MLOCK_ONFAULT)` set. Once the memory is
-/// in place; a flag the kernel refuses here is a warning.
-pub fn apply_vma_flags(c: &mut Child<'_>, vmas: &[Vma], warnings: &mut Vec<String>) -> Result<()> {
+/// in place; a flag the kernel refuses here is a warning. Restoring
+/// another user's image, no more is locked than the `RLIMIT_MEMLOCK` the
+/// process gets allows (the restorer's privilege would lift the limit).
+pub fn apply_vma_flags(
+    c: &mut Child<'_>,
+    ctx: &Context<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let vmas = &ctx.image.vmas;
+    let mut lock_budget = match ctx.owner {
+        None => u64::MAX,
+        Some(_) => {
+            let ours = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+                .unwrap_or((0, 0));
+            ctx.image
+                .process
+                .rlimits
+                .iter()
+                .find(|l| l.resource == libc::RLIMIT_MEMLOCK)
+                .map_or(ours.0, |l| owner_limit(l.soft, l.hard, ours.1).0)
+        }
+    };
     const MADVISE: [(&str, i32, &str); 6] = [
         ("dc", libc::MADV_DONTFORK, "MADV_DONTFORK"),
         ("wf", libc::MADV_WIPEONFORK, "MADV_WIPEONFORK"),
@@ -536,6 +556,20 @@ pub fn apply_vma_flags(c: &mut Child<'_>, vmas: &[Vma], warnings: &mut Vec<Strin
                 );
             }
         }
+        let locks = has("lf") || has("lo");
+        if locks && len > lock_budget {
+            note(
+                warnings,
+                format!(
+                    "{:#x}-{:#x} is not locked in memory: beyond the RLIMIT_MEMLOCK of the image's owner",
+                    v.start, v.end
+                ),
+            );
+            continue;
+        }
+        if locks {
+            lock_budget = lock_budget.saturating_sub(len);
+        }
         let ret = if has("lf") {
             c.raw(libc::SYS_mlock2, [v.start, len, MLOCK_ONFAULT, 0, 0, 0])?
         } else if has("lo") {
@@ -564,12 +598,27 @@ pub fn apply_vma_flags(c: &mut Child<'_>, vmas: &[Vma], warnings: &mut Vec<Strin
 /// run in the process).
 pub fn restore_attrs(
     c: &mut Child<'_>,
-    attrs: &ProcessAttrs,
+    ctx: &Context<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
+    let attrs = &ctx.image.process.attrs;
     if let Some(adj) = attrs.oom_score_adj {
         let path = format!("/proc/{}/oom_score_adj", c.pid());
-        if let Err(e) = std::fs::write(&path, adj.to_string()) {
+        let now: Option<i32> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|v| v.trim().parse().ok());
+        if let (Some(owner), Some(now)) = (ctx.owner, now)
+            && adj < now
+        {
+            // Lowering it is a privilege; the owner may only raise it.
+            note(
+                warnings,
+                format!(
+                    "oom_score_adj {adj} is below what uid {}, the owner of the image, may set; keeping {now}",
+                    owner.uid
+                ),
+            );
+        } else if let Err(e) = std::fs::write(&path, adj.to_string()) {
             // Lowering it takes CAP_SYS_RESOURCE.
             note(warnings, format!("cannot set oom_score_adj {adj}: {e}"));
         }

@@ -34,9 +34,12 @@
 //!   - Limits and scheduling: a hard limit is never raised above the one
 //!     the restored process inherits from the restorer, and the nice value
 //!     goes no lower than `RLIMIT_NICE` lets an unprivileged process set
-//!     (never below 0 with the usual limit of 0); each adjustment is a
-//!     warning, as for a restorer that is not root. The scheduling policy
-//!     is not restored at all (the process keeps the restorer's).
+//!     (never below 0 with the usual limit of 0), `oom_score_adj` is never
+//!     lowered, and no more memory is locked than the process's
+//!     `RLIMIT_MEMLOCK` allows (`process::apply_vma_flags`); each
+//!     adjustment is a warning, as for a restorer that is not root. The
+//!     scheduling policy is not restored at all (the process keeps the
+//!     restorer's).
 //!   - PIDs: chosen with `clone3`'s `set_tid` as for any image; that needs
 //!     root, and gives the user nothing.
 //! - An image file that users other than its owner may write (group or

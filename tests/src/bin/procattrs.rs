@@ -6,9 +6,11 @@
 //! * `oom_score_adj` 321; `PR_SET_THP_DISABLE` (except where madvised,
 //!   where the kernel has that); `PR_SET_DUMPABLE` 0;
 //!   `PR_SET_NO_NEW_PRIVS`.
-//! * two seccomp filters, installed on both its threads (TSYNC): the first
+//! * three seccomp filters, installed on both its threads (TSYNC): the first
 //!   makes `sysinfo` fail with errno 42, the second, newer, with 44 (the
-//!   newer one wins, so 44 says they came back in order).
+//!   newer one wins, so 44 says they came back in order); a third kills
+//!   the process on `getitimer`, which it never calls (a checkpointer must
+//!   not run into it).
 //! * mappings with madvise and mlock state: MADV_DONTFORK (`dc`),
 //!   MADV_WIPEONFORK (`wf`), MADV_NOHUGEPAGE (`nh`), MADV_DONTDUMP (`dd`),
 //!   MADV_MERGEABLE (`mg`, when KSM exists), `mlock` (`lo`),
@@ -47,6 +49,16 @@ fn filter(errno: u32) -> Vec<[u8; 8]> {
         insn(0x06, 0, 0, 0x0005_0000 | errno),
         insn(0x06, 0, 0, 0x7fff_0000),
     ]
+}
+
+/// A classic BPF program that kills the process on syscall `nr`, which
+/// this program never makes (but a checkpointer's remote calls might).
+fn kill_on(nr: i64) -> Vec<[u8; 8]> {
+    let mut prog = filter(0);
+    prog[1][4..].copy_from_slice(&(nr as u32).to_ne_bytes());
+    // SECCOMP_RET_KILL_PROCESS
+    prog[2][4..].copy_from_slice(&0x8000_0000u32.to_ne_bytes());
+    prog
 }
 
 fn install(prog: &[[u8; 8]]) {
@@ -192,6 +204,7 @@ fn main() {
     });
     install(&filter(42));
     install(&filter(44));
+    install(&kill_on(libc::SYS_getitimer));
     // SAFETY: prctl with integer arguments. Last: it makes /proc/self root's.
     check(
         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) },
@@ -211,7 +224,7 @@ fn main() {
     assert_eq!(prctl_get(libc::PR_GET_NO_NEW_PRIVS), 1, "no_new_privs");
     say!("OK prctl");
     assert_eq!(status("Seccomp:"), "2", "seccomp mode");
-    assert_eq!(status("Seccomp_filters:"), "2", "seccomp filters");
+    assert_eq!(status("Seccomp_filters:"), "3", "seccomp filters");
     assert_eq!(
         sysinfo_errno(),
         44,
