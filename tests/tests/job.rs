@@ -177,7 +177,7 @@ fn job_resumes_after_kill_9_of_the_job_and_forwards_its_exit_status() {
 }
 
 #[test]
-fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
+fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process_of_its_tree() {
     let s = scratch_with_out();
     let agent = Agent::start(&s);
     let image = image_in(&s);
@@ -191,8 +191,12 @@ fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
         path_str(&steps),
         "60",
         "100",
+        "0",
+        "--child",
     ];
     let (mut t, pid) = start_job(&agent, &s, &args);
+    // The job is a tree: its child must not be left running either.
+    let child: i32 = t.ready_value("child").parse().expect("child pid");
     // Periodic checkpoints, without asking.
     agent.wait_checkpoints(pid, 2);
     assert!(
@@ -206,9 +210,11 @@ fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
     agent.wait_for(
         "the job to die with chpox job",
         Duration::from_secs(10),
-        || (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
+        || {
+            let gone = |p: i32| !Path::new(&format!("/proc/{p}")).exists();
+            (gone(pid) && gone(child)).then_some(())
+        },
     );
-    wait_pid_free(pid);
     let steps_at_kill = steps_done(&t);
     assert!(steps_at_kill < 60, "the job finished before the kill");
 
@@ -224,6 +230,7 @@ fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
     // Nothing of either run is left: the restored job was reaped by the
     // second chpox job, and the agent forgot it.
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!Path::new(&format!("/proc/{child}")).exists());
     agent.wait_gone(pid);
 }
 
