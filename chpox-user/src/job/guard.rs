@@ -80,6 +80,10 @@ fn watch(read: OwnedFd) -> ! {
             libc::signal(sig, libc::SIG_IGN);
         }
         libc::prctl(libc::PR_SET_NAME, c"chpox-guard".as_ptr() as libc::c_ulong);
+        // `chpox job` blocks the signals it reads from a signalfd.
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
     let fd = read.as_raw_fd();
     let mut root: Option<(i32, u64)> = None;

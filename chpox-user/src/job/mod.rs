@@ -156,7 +156,7 @@ struct Shared {
     /// No more periodic checkpoints: the job is ending or being requeued.
     ending: Mutex<bool>,
     wake: Condvar,
-    /// We stopped the job (SIGSTOP) after its last checkpoint.
+    /// We stopped the job (SIGSTOP) for its last checkpoint, before a requeue.
     stopped_by_us: AtomicBool,
     /// A checkpoint asked by SIGSYS is under way.
     signal_checkpoint: AtomicBool,
@@ -229,16 +229,8 @@ pub fn run(opts: &JobOptions) -> Result<i32, JobError> {
         return Err(JobError::RequeueOutsideSlurm);
     }
     let image = absolute(&opts.image)?;
-    // Held until we return; not inherited by the job (close-on-exec, and
-    // a restored job gets the image's descriptors only).
-    let lock = launch::lock_image(&image)?;
-    let run_dir = control::run_dir();
-    // Nothing starts unless its checkpoints can be taken.
-    control::request(&run_dir, &Request::List, Duration::from_secs(60)).map_err(JobError::Agent)?;
-    // Still single-threaded, as the guard's fork needs.
-    let mut guard = guard::Guard::spawn(&[std::os::fd::AsRawFd::as_raw_fd(&*lock)])?;
-
-    // From here the signals we act on wait for us in a signalfd; the job
+    // From here the signals we act on wait for us in a signalfd (a SIGSYS
+    // or SIGTERM while we start is acted on once the job runs); the job
     // gets an empty mask (started) or its saved one (restored).
     let mut watched = SigSet::empty();
     for sig in [
@@ -254,6 +246,18 @@ pub fn run(opts: &JobOptions) -> Result<i32, JobError> {
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&watched), Some(&mut old_mask))
         .map_err(sys("sigprocmask"))?;
     let sfd = SignalFd::with_flags(&watched, SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
+
+    // Held until we return; not inherited by the job (close-on-exec, and
+    // a restored job gets the image's descriptors only).
+    let lock = launch::lock_image(&image)?;
+    let run_dir = control::run_dir();
+    // Nothing starts unless its checkpoints can be taken.
+    control::request(&run_dir, &Request::List, Duration::from_secs(60)).map_err(JobError::Agent)?;
+    // Still single-threaded, as the guard's fork needs.
+    let mut guard = {
+        use std::os::fd::AsRawFd;
+        guard::Guard::spawn(&[lock.as_raw_fd(), sfd.as_raw_fd()])?
+    };
 
     let (pid, wait_pid) = if launch::image_exists(&image)? {
         launch::restore(&image, &run_dir)?
