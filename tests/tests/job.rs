@@ -500,3 +500,54 @@ fn job_requeue_stops_the_job_after_its_last_image_and_asks_scontrol() {
     // SIGSTOP left pending by chpox job would fail them).
     assert_eq!(agent.events("checkpoint failed").len(), 0, "{}", describe());
 }
+
+/// A checkpoint that caught a SIGTERM on its way to the job (as when Slurm
+/// ends a job during a periodic checkpoint) is not kept: restored, the job
+/// would die again at once. The previous image takes its place.
+#[test]
+fn a_checkpoint_that_caught_the_jobs_sigterm_gives_way_to_the_previous_one() {
+    let s = scratch_with_out();
+    let agent = Agent::start(&s);
+    let image = image_in(&s);
+    let steps = bin("steps");
+    let args = [
+        "--image",
+        path_str(&image),
+        "--",
+        path_str(&steps),
+        "60",
+        "100",
+    ];
+    let (mut t, pid) = start_job(&agent, &s, &args);
+    wait_steps(&agent, &t, 3);
+    send(t.pid, SIGSYS);
+    agent.wait_checkpoints(pid, 1);
+    let first = std::fs::read(&image).expect("read the first image");
+    // Held stopped, the job keeps a SIGTERM pending, as a frozen one does.
+    send(pid, libc::SIGSTOP);
+    agent.wait_for("the job to stop", Duration::from_secs(10), || {
+        common::agent::proc_status(pid, "State:")?
+            .starts_with('T')
+            .then_some(())
+    });
+    send(pid, libc::SIGTERM);
+    send(t.pid, SIGSYS);
+    agent.wait_checkpoints(pid, 2);
+    agent.wait_for("chpox job to notice", JOB_TIMEOUT, || {
+        t.stderr().contains("caught SIGTERM").then_some(())
+    });
+    assert!(
+        std::fs::read(&image).expect("read the image") == first,
+        "the image is not the first one again\n{}",
+        t.stderr()
+    );
+    // The job ends of its SIGTERM; the next run carries on from the first
+    // image.
+    send(pid, libc::SIGCONT);
+    let status = t.wait_exit(JOB_TIMEOUT);
+    assert_eq!(code(status), Some(128 + libc::SIGTERM), "{}", t.stderr());
+    wait_pid_free(pid);
+    let out = run_job(&agent, &s, &args);
+    assert!(out.status.success(), "{}\n{}", show(&out), agent.describe());
+    assert_output_complete(&t, 60, &image);
+}

@@ -41,6 +41,7 @@
 //! If `chpox job` is killed, the job dies with it, the whole tree: see
 //! [`guard`].
 
+mod caught;
 mod guard;
 mod launch;
 
@@ -180,7 +181,22 @@ impl Shared {
             &req,
             Duration::from_secs(CHECKPOINT_WAIT_SECS + 5),
         )? {
-            Response::Checkpointed { image, .. } => Ok(image),
+            Response::Checkpointed { image, .. } => {
+                if let Some((pid, sig)) = caught::termination_in_flight(&image) {
+                    let sig = Signal::try_from(sig).map_or(sig.to_string(), |s| s.to_string());
+                    match caught::fall_back(&image) {
+                        Ok(previous) => eprintln!(
+                            "chpox: the checkpoint caught {sig} on its way to PID {pid}; {} is the previous image again ({})",
+                            image.display(),
+                            previous.display()
+                        ),
+                        Err(why) => eprintln!(
+                            "chpox: warning: the checkpoint caught {sig} on its way to PID {pid}: restored, the job would get it again; {why}"
+                        ),
+                    }
+                }
+                Ok(image)
+            }
             other => Err(ClientError::Decode(format!("{other:?}"))),
         }
     }
