@@ -120,12 +120,12 @@ pub(super) fn restore(image: &Path, run_dir: &Path) -> Result<(i32, i32), JobErr
     Ok((restored.pid, restored.wait_pid))
 }
 
+/// Stopped first, the root forks no more; then it and its descendants go.
 fn kill_tree(pid: i32) {
     let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGSTOP);
     for p in crate::tree::descendants_now(pid) {
         let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
     }
-    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
 /// Start the command as our child, registered before its first
