@@ -347,9 +347,9 @@ fn serve(
             libc::SIGTERM | libc::SIGINT | libc::SIGHUP => forward(shared, signo, info.ssi_code),
             _ if signo == CHECKPOINT_SIGNAL => {
                 if shared.stopped_by_us.load(Ordering::SeqCst) {
-                    // Requeued: the job waits, stopped, to be ended; an
-                    // image of it now would restore it stopped.
-                    info!("requeued already; signal {signo} ignored");
+                    // Being requeued: its last image is taken (or being
+                    // taken), and the job waits, stopped, to be ended.
+                    info!("a requeue is under way; signal {signo} ignored");
                     continue;
                 }
                 if shared.signal_checkpoint.swap(true, Ordering::SeqCst) {
@@ -387,7 +387,7 @@ fn forward(shared: &Shared, signo: i32, code: i32) {
         let _ = nix::sys::signal::kill(Pid::from_raw(shared.pid), sig);
     }
     if shared.stopped_by_us.load(Ordering::SeqCst) {
-        // Stopped after its last checkpoint: it must run to act on it.
+        // Stopped for its last checkpoint: it must run to act on it.
         shared.signal_tree(Signal::SIGCONT);
     }
 }
