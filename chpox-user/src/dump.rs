@@ -466,8 +466,11 @@ fn capture_process(
     // The address space, now that our scratch page is gone again.
     let maps = memory::read_maps(pid)?;
     phase.done("smaps");
+    // A process in a job-control stop does not run on after the dump, so
+    // copying its pages now costs it nothing; and the brief freeze that
+    // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
     let mut snapshot = match snapshot_as {
-        Some(index) if snapshot::may_fork(pid, &maps) => {
+        Some(index) if !frozen.was_stopped() && snapshot::may_fork(pid, &maps) => {
             let mut leader =
                 RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
             let taken = Snapshot::take(&mut leader, index, syscall_ip, gadgets.clone());

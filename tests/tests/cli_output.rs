@@ -42,7 +42,7 @@ fn run_exits_127_when_the_command_is_missing_and_126_when_it_cannot_run() {
 #[test]
 fn invalid_flags_are_refused_naming_the_valid_bits() {
     for args in [
-        vec!["register", "1", "--flags", "16"],
+        vec!["register", "1", "--flags", "64"],
         vec!["run", "--flags", "99", "--", "true"],
         vec!["register", "1", "--flags", "lots"],
     ] {
@@ -54,6 +54,7 @@ fn invalid_flags_are_refused_naming_the_valid_bits() {
             "2 = embed the executable",
             "4 = embed the libraries",
             "8 = include the descendants",
+            "16 = keep established TCP connections",
         ] {
             assert!(err.contains(bit), "{args:?}: {err}");
         }

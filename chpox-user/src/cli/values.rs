@@ -60,6 +60,14 @@ pub const FLAG_BITS: &[(u32, &str)] = &[
         "embed the libraries added with `chpoxctl addlib`",
     ),
     (flags::INCLUDE_CHILDREN, "include the descendants"),
+    (
+        flags::TCP_ESTABLISHED,
+        "keep established TCP connections (`--tcp-established`)",
+    ),
+    (
+        flags::TCP_CLOSE,
+        "restore established TCP connections reset (`--tcp-close`)",
+    ),
 ];
 
 /// FLAGS as typed (decimal, or hex with `0x`): only the bits chpox knows.
@@ -111,9 +119,10 @@ mod tests {
     fn flags_reject_unknown_bits_listing_the_valid_ones() {
         assert_eq!(parse_flags("9"), Ok(9));
         assert_eq!(parse_flags("0xf"), Ok(15));
-        let e = parse_flags("16").expect_err("16");
+        assert_eq!(parse_flags("25"), Ok(25));
+        let e = parse_flags("64").expect_err("64");
         assert!(
-            e.contains("1 = registered") && e.contains("8 = include the descendants"),
+            e.contains("1 = registered") && e.contains("32 = restore established TCP"),
             "{e}"
         );
         assert!(parse_flags("x").is_err());
