@@ -108,6 +108,11 @@ pub struct Frozen {
     /// The process was in a job-control stop before we came; it must be in
     /// one again when we leave.
     was_stopped: bool,
+    /// It was in that stop when we seized it, so the kernel puts it back
+    /// into it when we detach (the group stop stays in effect until a
+    /// SIGCONT): a SIGSTOP of ours would stay pending, and the next freeze
+    /// would meet it in the middle of a remote syscall.
+    in_group_stop: bool,
     released: bool,
     _not_send: PhantomData<*const ()>,
     /// Declared last so it is dropped after `Drop::drop` released the
@@ -196,6 +201,7 @@ impl Frozen {
             pid,
             tids: Vec::new(),
             was_stopped,
+            in_group_stop: was_stopped,
             released: false,
             _not_send: PhantomData,
             _signals: HoldTerminalSignals::new(),
@@ -309,6 +315,7 @@ impl Frozen {
             pid,
             tids,
             was_stopped: false,
+            in_group_stop: false,
             released: false,
             _not_send: PhantomData,
             _signals: HoldTerminalSignals::new(),
@@ -376,7 +383,7 @@ impl Frozen {
             return;
         }
         self.released = true;
-        if stopped || self.was_stopped {
+        if (stopped || self.was_stopped) && !self.in_group_stop {
             // Queued before detaching, so the process stops as soon as the
             // first thread runs, and the parent sees an ordinary stop.
             let _ = nix::sys::signal::kill(Pid::from_raw(self.pid), Signal::SIGSTOP);

@@ -1006,3 +1006,26 @@ fn inspect_of_short_non_image_file_says_not_an_image() {
     fs::write(&text, "just some text\n").expect("write");
     assert_inspect_error(&text, &["not a chpox image"]);
 }
+
+/// Released, a process that was stopped goes back into its stop by itself
+/// (the group stop is still in effect): no SIGSTOP of ours may be left
+/// pending, or the next checkpoint meets it in a remote syscall and fails.
+#[test]
+fn a_stopped_process_dumped_twice_keeps_no_sigstop_pending() {
+    let s = scratch();
+    let mut t = Target::spawn("sleeper", &[], &s.logs);
+    t.signal(libc::SIGSTOP);
+    assert_stopped_untraced(t.pid);
+    for n in 0..2 {
+        dump_ok(t.pid, &s.out.join(format!("img{n}")), &[]);
+        assert_stopped_untraced(t.pid);
+        let pending = t.pending_mask().expect("the sleeper is alive");
+        assert_eq!(
+            pending & (1 << (libc::SIGSTOP - 1)),
+            0,
+            "SIGSTOP left pending after dump {n} ({pending:#x})"
+        );
+    }
+    t.signal(libc::SIGCONT);
+    assert_sleeper_finishes(&mut t);
+}

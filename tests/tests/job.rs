@@ -177,7 +177,7 @@ fn job_resumes_after_kill_9_of_the_job_and_forwards_its_exit_status() {
 }
 
 #[test]
-fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
+fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process_of_its_tree() {
     let s = scratch_with_out();
     let agent = Agent::start(&s);
     let image = image_in(&s);
@@ -191,8 +191,12 @@ fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
         path_str(&steps),
         "60",
         "100",
+        "0",
+        "--child",
     ];
     let (mut t, pid) = start_job(&agent, &s, &args);
+    // The job is a tree: its child must not be left running either.
+    let child: i32 = t.ready_value("child").parse().expect("child pid");
     // Periodic checkpoints, without asking.
     agent.wait_checkpoints(pid, 2);
     assert!(
@@ -206,9 +210,11 @@ fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
     agent.wait_for(
         "the job to die with chpox job",
         Duration::from_secs(10),
-        || (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()),
+        || {
+            let gone = |p: i32| !Path::new(&format!("/proc/{p}")).exists();
+            (gone(pid) && gone(child)).then_some(())
+        },
     );
-    wait_pid_free(pid);
     let steps_at_kill = steps_done(&t);
     assert!(steps_at_kill < 60, "the job finished before the kill");
 
@@ -224,6 +230,7 @@ fn job_resumes_after_kill_9_of_chpox_job_and_leaves_no_stray_process() {
     // Nothing of either run is left: the restored job was reaped by the
     // second chpox job, and the agent forgot it.
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!Path::new(&format!("/proc/{child}")).exists());
     agent.wait_gone(pid);
 }
 
@@ -492,4 +499,55 @@ fn job_requeue_stops_the_job_after_its_last_image_and_asks_scontrol() {
     // Both images were of the stopped job, and both were written (a
     // SIGSTOP left pending by chpox job would fail them).
     assert_eq!(agent.events("checkpoint failed").len(), 0, "{}", describe());
+}
+
+/// A checkpoint that caught a SIGTERM on its way to the job (as when Slurm
+/// ends a job during a periodic checkpoint) is not kept: restored, the job
+/// would die again at once. The previous image takes its place.
+#[test]
+fn a_checkpoint_that_caught_the_jobs_sigterm_gives_way_to_the_previous_one() {
+    let s = scratch_with_out();
+    let agent = Agent::start(&s);
+    let image = image_in(&s);
+    let steps = bin("steps");
+    let args = [
+        "--image",
+        path_str(&image),
+        "--",
+        path_str(&steps),
+        "60",
+        "100",
+    ];
+    let (mut t, pid) = start_job(&agent, &s, &args);
+    wait_steps(&agent, &t, 3);
+    send(t.pid, SIGSYS);
+    agent.wait_checkpoints(pid, 1);
+    let first = std::fs::read(&image).expect("read the first image");
+    // Held stopped, the job keeps a SIGTERM pending, as a frozen one does.
+    send(pid, libc::SIGSTOP);
+    agent.wait_for("the job to stop", Duration::from_secs(10), || {
+        common::agent::proc_status(pid, "State:")?
+            .starts_with('T')
+            .then_some(())
+    });
+    send(pid, libc::SIGTERM);
+    send(t.pid, SIGSYS);
+    agent.wait_checkpoints(pid, 2);
+    agent.wait_for("chpox job to notice", JOB_TIMEOUT, || {
+        t.stderr().contains("caught SIGTERM").then_some(())
+    });
+    assert!(
+        std::fs::read(&image).expect("read the image") == first,
+        "the image is not the first one again\n{}",
+        t.stderr()
+    );
+    // The job ends of its SIGTERM; the next run carries on from the first
+    // image.
+    send(pid, libc::SIGCONT);
+    let status = t.wait_exit(JOB_TIMEOUT);
+    assert_eq!(code(status), Some(128 + libc::SIGTERM), "{}", t.stderr());
+    wait_pid_free(pid);
+    let out = run_job(&agent, &s, &args);
+    assert!(out.status.success(), "{}\n{}", show(&out), agent.describe());
+    assert_output_complete(&t, 60, &image);
 }

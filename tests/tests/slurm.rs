@@ -59,10 +59,13 @@ fn short_hostname() -> String {
 
 /// munged, slurmctld and slurmd with everything in one directory. Dropping
 /// it cancels the jobs, stops the daemons and kills whatever still holds a
-/// file in that directory (a job's processes, a slurmstepd).
+/// file in that directory (a job's processes, a slurmstepd). The daemons
+/// run in the foreground as our children with a parent-death signal, so a
+/// test process killed before it could drop the cluster takes them along.
 struct Cluster {
     dir: PathBuf,
     conf: PathBuf,
+    daemons: Vec<std::process::Child>,
 }
 
 impl Cluster {
@@ -89,14 +92,17 @@ impl Cluster {
             fs::create_dir(dir.join(d)).expect("mkdir");
         }
         let socket = munge.join("munge.socket");
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             dir: dir.to_path_buf(),
             conf: dir.join("slurm.conf"),
+            daemons: Vec::new(),
         };
         // From here on, Drop tears down whatever started.
         let d = |name: &str| path_str(&dir.join(name)).to_string();
-        run_ok(
+        cluster.daemon(
+            "munged",
             Command::new(&munged)
+                .arg("--foreground")
                 .arg("--force")
                 .arg(format!("--socket={}", path_str(&socket)))
                 .arg(format!("--key-file={}", path_str(&key)))
@@ -151,13 +157,19 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
             jobcomp = d("log/jobcomp.log"),
         );
         fs::write(&cluster.conf, conf).expect("write slurm.conf");
-        run_ok(
+        let conf_path = cluster.conf.clone();
+        cluster.daemon(
+            "slurmctld",
             Command::new(&slurmctld)
+                .arg("-D")
                 .arg("-f")
-                .arg(&cluster.conf)
+                .arg(&conf_path)
                 .arg("-i"),
         );
-        run_ok(Command::new(&slurmd).arg("-f").arg(&cluster.conf));
+        cluster.daemon(
+            "slurmd",
+            Command::new(&slurmd).arg("-D").arg("-f").arg(&conf_path),
+        );
         cluster.wait("the node to be idle", Duration::from_secs(60), || {
             let out = cluster
                 .slurm("sinfo")
@@ -170,6 +182,34 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
                 .then_some(())
         });
         cluster
+    }
+
+    /// Start a daemon in the foreground, its output in `log/NAME.out`; it
+    /// gets SIGTERM when this thread ends.
+    fn daemon(&mut self, name: &str, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let out = fs::File::create(self.dir.join("log").join(format!("{name}.out")))
+            .expect("create a daemon's output file");
+        let parent = std::process::id() as i32;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out);
+        // SAFETY: the hook only calls prctl and getppid, async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the test process is gone"));
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        self.daemons.push(child);
     }
 
     /// A Slurm client command for this cluster.
@@ -201,14 +241,6 @@ PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
     fn wait<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
         common::agent::poll(what, timeout, || self.logs(), f)
-    }
-
-    fn pid_of(&self, file: &str) -> Option<i32> {
-        fs::read_to_string(self.dir.join(file))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
     }
 
     /// Processes with a descriptor, working directory or executable in
@@ -248,17 +280,18 @@ impl Drop for Cluster {
             .args(["--full", "--user", "root"])
             .output();
         std::thread::sleep(Duration::from_secs(1));
-        for pidfile in ["slurmd.pid", "slurmctld.pid", "munge/munged.pid"] {
-            if let Some(pid) = self.pid_of(pidfile) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+        // slurmd, slurmctld, then munged, each given 10 s to stop.
+        while let Some(mut daemon) = self.daemons.pop() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(daemon.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
             }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
         }
         // Whatever is left (a daemon that would not stop, a slurmstepd, a
         // job's process) holds something of ours: it goes.

@@ -228,10 +228,12 @@ enum Command {
     /// Restore a checkpointed process from its image; wait for it and exit
     /// with its exit status (128 + N if killed by signal N).
     Restore(chpox::cli::RestoreArgs),
-    /// Run a batch job that survives interruptions: restore it from IMAGE
-    /// if there is one, else start the command; registered either way, our
-    /// child, signals forwarded; exits with its exit status. SIGSYS (31) to
-    /// `chpox job` checkpoints the job now.
+    /// Run a batch job that carries on from its last checkpoint when run again.
+    ///
+    /// Restores the job from IMG if there is one, else starts the command;
+    /// registered either way, our child, SIGTERM/SIGINT/SIGHUP forwarded;
+    /// exits with its exit status. SIGSYS (31) to `chpox job` checkpoints
+    /// the job now.
     Job {
         /// The job's image: restored from when it exists, checkpoints go there.
         #[arg(long, value_name = "IMG")]
@@ -239,8 +241,8 @@ enum Command {
         /// Also checkpoint every DUR (`30s`, `10m`, `1h`).
         #[arg(long, value_name = "DUR", value_parser = chpox::job::parse_duration)]
         every: Option<std::time::Duration>,
-        /// After the checkpoint SIGSYS asks for, stop the job and run
-        /// `scontrol requeue $SLURM_JOB_ID`.
+        /// On SIGSYS, stop the job, checkpoint it, then run `scontrol
+        /// requeue $SLURM_JOB_ID` (in a Slurm job only).
         #[arg(long)]
         requeue: bool,
         /// Write the job's PID to FILE.

@@ -1,4 +1,4 @@
-//! `steps N MS [EXIT [--hup]]`
+//! `steps N MS [EXIT [--hup] [--child]]`
 //!
 //! A batch computation in N steps: prints `READY`, then for each step
 //! sleeps MS milliseconds, advances a running value and prints
@@ -8,6 +8,9 @@
 //! uninterrupted one prints (`steps N 0`).
 //!
 //! With `--hup` (after EXIT), SIGHUP is handled: the next step prints `HUP` first.
+//! With `--child` (after EXIT), it first forks a child that only waits
+//! (a job that is a tree), prints `READY steps=N child=PID`, and kills and
+//! reaps the child before `DONE`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,7 +30,23 @@ fn main() {
     if std::env::args().any(|a| a == "--hup") {
         install_handler(libc::SIGHUP, on_hup, libc::SA_RESTART, &[]);
     }
-    say!("READY steps={steps}");
+    let child = if std::env::args().any(|a| a == "--child") {
+        // SAFETY: single-threaded here; the child only calls pause().
+        match unsafe { libc::fork() } {
+            0 => loop {
+                // SAFETY: pause has no preconditions.
+                unsafe { libc::pause() };
+            },
+            pid if pid > 0 => Some(pid),
+            _ => panic!("fork: {}", std::io::Error::last_os_error()),
+        }
+    } else {
+        None
+    };
+    match child {
+        Some(pid) => say!("READY steps={steps} child={pid}"),
+        None => say!("READY steps={steps}"),
+    }
     let mut value: u64 = 1;
     for i in 1..=steps {
         std::thread::sleep(Duration::from_millis(ms));
@@ -38,6 +57,13 @@ fn main() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407 ^ i);
         say!("STEP {i} {value:016x}");
+    }
+    if let Some(pid) = child {
+        // SAFETY: our own child, killed and reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
     }
     say!("DONE {value:016x}");
     std::process::exit(code);
