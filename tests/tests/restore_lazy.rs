@@ -252,3 +252,29 @@ fn lazy_tree_comes_back_whole() {
     assert_eq!(wait_pid(root), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE ok"]);
 }
+
+/// Threads restored lazily under new TIDs: the restore writes each new TID
+/// into the thread's control block, memory that is not in yet; the thread
+/// of chpox serving faults during the rebuild brings those pages in.
+#[test]
+fn lazy_threads_come_back_under_new_tids() {
+    become_subreaper();
+    let dir = tempdir();
+    let mut t = Target::spawn("threads", &["3"], dir.path());
+    let image = dir.path().join("threads.img");
+    let pid = t.pid.to_string();
+    chpox_ok(&[
+        "dump",
+        &pid,
+        "-o",
+        path_str(&image),
+        "--unsupported-fd",
+        "null",
+        "--kill",
+    ]);
+    t.child.wait().expect("reap the original");
+    let restored = restore_detached(&image, &["--lazy", "--pid", "any"]);
+    signal(restored, libc::SIGUSR1);
+    assert_eq!(wait_pid(restored), 0, "{:?}", t.lines());
+    assert_eq!(t.lines_after_ready(), ["DONE", "T0=ok", "T1=ok", "T2=ok"]);
+}
