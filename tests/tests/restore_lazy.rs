@@ -150,7 +150,7 @@ fn lazy_restore_waits_for_the_process() {
 }
 
 /// Flip a byte in a page run three quarters into the patterned memory
-/// (the mapping with most runs): one the second copying thread takes.
+/// (the mapping with most runs): one the second of two threads takes.
 fn damage_largest_run(image: &Path) {
     let offset = {
         let reader = ImageReader::open(image).expect("open");
@@ -168,8 +168,9 @@ fn damage_largest_run(image: &Path) {
     std::fs::write(image, &bytes).expect("write image");
 }
 
-/// Without --lazy, the damaged run is found while memory is copied, and
-/// the restore fails in one line; nothing runs.
+/// Without --lazy, the damaged run (one the second verifying thread
+/// takes) is found before any process exists, and the restore fails in one
+/// line; nothing runs.
 #[test]
 fn eager_restore_of_a_damaged_image_is_refused() {
     let dir = tempdir();
