@@ -153,8 +153,10 @@ pub struct RestoreArgs {
     pub inherit_fd: Vec<crate::fds::external::InheritFd>,
     /// Run at once and bring memory in on demand and in the background
     /// (userfaultfd): a page the process touches first comes first. A page
-    /// server process fills the rest and ends when all is in.
-    #[arg(long)]
+    /// server process fills the rest and ends when all is in. Not with
+    /// --register: a checkpoint before every page is in would miss pages
+    /// (register with `chpox register PID` once the server has ended).
+    #[arg(long, conflicts_with = "register")]
     pub lazy: bool,
 }
 

@@ -150,7 +150,7 @@ fn lazy_restore_waits_for_the_process() {
 }
 
 /// Flip a byte in a page run three quarters into the patterned memory
-/// (the mapping with most runs): one the second copying thread takes.
+/// (the mapping with most runs): one the second of two threads takes.
 fn damage_largest_run(image: &Path) {
     let offset = {
         let reader = ImageReader::open(image).expect("open");
@@ -168,8 +168,9 @@ fn damage_largest_run(image: &Path) {
     std::fs::write(image, &bytes).expect("write image");
 }
 
-/// Without --lazy, the damaged run is found while memory is copied, and
-/// the restore fails in one line; nothing runs.
+/// Without --lazy, the damaged run (one the second verifying thread
+/// takes) is found before any process exists, and the restore fails in one
+/// line; nothing runs.
 #[test]
 fn eager_restore_of_a_damaged_image_is_refused() {
     let dir = tempdir();
@@ -251,4 +252,30 @@ fn lazy_tree_comes_back_whole() {
     signal(touch, libc::SIGUSR1);
     assert_eq!(wait_pid(root), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE ok"]);
+}
+
+/// Threads restored lazily under new TIDs: the restore writes each new TID
+/// into the thread's control block, memory that is not in yet; the thread
+/// of chpox serving faults during the rebuild brings those pages in.
+#[test]
+fn lazy_threads_come_back_under_new_tids() {
+    become_subreaper();
+    let dir = tempdir();
+    let mut t = Target::spawn("threads", &["3"], dir.path());
+    let image = dir.path().join("threads.img");
+    let pid = t.pid.to_string();
+    chpox_ok(&[
+        "dump",
+        &pid,
+        "-o",
+        path_str(&image),
+        "--unsupported-fd",
+        "null",
+        "--kill",
+    ]);
+    t.child.wait().expect("reap the original");
+    let restored = restore_detached(&image, &["--lazy", "--pid", "any"]);
+    signal(restored, libc::SIGUSR1);
+    assert_eq!(wait_pid(restored), 0, "{:?}", t.lines());
+    assert_eq!(t.lines_after_ready(), ["DONE", "T0=ok", "T1=ok", "T2=ok"]);
 }

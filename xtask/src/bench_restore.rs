@@ -107,7 +107,7 @@ fn dd_secs(dir: &Path, bytes: u64) -> Result<f64> {
     Ok(secs)
 }
 
-/// `mempattern MIB`, dumped into `image` (left running, killed on return).
+/// `mempattern MIB`, dumped into `image` and killed.
 fn dumped_mempattern(mib: u64, image: &Path) -> Result<()> {
     let mut child = Command::new(release_bin("mempattern"))
         .arg(mib.to_string())
@@ -127,7 +127,9 @@ fn dumped_mempattern(mib: u64, image: &Path) -> Result<()> {
     let out = Command::new(release_bin("chpox"))
         .args(["dump", &target.0.id().to_string(), "-o"])
         .arg(image)
-        .args(["--unsupported-fd", "null"])
+        // Killed once saved: its memory is not needed beside the image and
+        // the restored copies.
+        .args(["--unsupported-fd", "null", "--kill"])
         .output()
         .context("cannot run chpox dump")?;
     if !out.status.success() {

@@ -11,9 +11,10 @@
 //! the restorer's CPU). Small fills are not worth a thread and are read by
 //! the child alone.
 //!
-//! Every run is verified against its checksum, from a mapping of the image,
-//! before or (by the copier) while it is loaded: the process never runs
-//! if one is wrong.
+//! Every run is verified against its checksum before any process exists
+//! ([`verify_pages`], from a mapping of the image, both cores), so a
+//! damaged image is refused in one line; with `--lazy`, by the page server
+//! while the process runs.
 
 use std::os::fd::BorrowedFd;
 
@@ -73,7 +74,10 @@ pub fn fill_runs(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<()> 
     let runs: &[PageRun] = &vma.pages;
     // SAFETY: the image's descriptor is open for the whole restore.
     let image = unsafe { BorrowedFd::borrow_raw(ctx.image_fd) };
-    for run in runs {
+    // Without --lazy every run was verified before the process existed
+    // (`verify_pages`); with it, these are loaded before the process runs,
+    // so they are verified now.
+    for run in runs.iter().filter(|_| ctx.lazy.is_some()) {
         if run.data.compression == Compression::None && run.data.raw_len > 0 {
             let map = ImageMap::new(image, run.data.offset, run.data.raw_len)?;
             let bytes = map
@@ -239,8 +243,7 @@ fn write_from_image(pid: i32, image: BorrowedFd<'_>, pieces: &[Piece]) -> Result
     Ok(())
 }
 
-/// Fills private anonymous mappings with `UFFDIO_COPY` instead of faults,
-/// verifying the page runs' checksums on the way.
+/// Fills private anonymous mappings with `UFFDIO_COPY` instead of faults.
 ///
 /// A copy through userfaultfd allocates each page and copies into it in
 /// one step: no page fault, and no zeroing of a page about to be
@@ -249,17 +252,12 @@ fn write_from_image(pid: i32, image: BorrowedFd<'_>, pieces: &[Piece]) -> Result
 /// registered only while they are filled, by a userfaultfd the process
 /// made (see `super::uffd::from_child`); closing it unregisters them, and
 /// the process never sees it.
-///
-/// Each piece is checksummed from a mapping of the image just before it is
-/// copied from there, so the bytes are read from memory once for both. Two
-/// threads share the work; a run cut between them gets its checksum from
-/// the two parts' (`crc32c_combine`).
+/// Two threads share the work.
 pub struct Copier {
     uffd: std::os::fd::OwnedFd,
 }
 
-/// Bytes checksummed and then copied at a time: small enough to stay in
-/// the cache between the two.
+/// Bytes checksummed or copied at a time.
 const FUSED_CHUNK: u64 = 1 << 20;
 
 /// A stored page run as the copier sees it.
@@ -303,7 +301,7 @@ impl Copier {
         super::lazy::eligible(vma) && !vma.vm_flags.iter().any(|f| f == "hg")
     }
 
-    /// Fill `vmas` (mapped, empty) from the image, verifying their runs.
+    /// Fill `vmas` (mapped, empty) from the image.
     pub fn fill(self, ctx: &Context<'_>, vmas: &[&Vma]) -> Result<()> {
         use std::os::fd::AsFd;
         let fd = self.uffd.as_fd();
@@ -336,30 +334,8 @@ impl Copier {
         // SAFETY: the image's descriptor is open for the whole restore.
         let image = unsafe { BorrowedFd::borrow_raw(ctx.image_fd) };
         let map = ImageMap::new(image, lo, hi - lo)?;
-        let pieces: Vec<Piece> = runs
-            .iter()
-            .map(|r| Piece {
-                addr: r.addr,
-                file_off: r.file_off,
-                len: r.len,
-            })
-            .collect();
-        let mut parts = if pieces.iter().map(|p| p.len).sum::<u64>() < SPLIT_MIN {
-            copy_pieces(fd, &map, &runs, &pieces)?
-        } else {
-            let (mine, theirs) = split_halves(&pieces);
-            std::thread::scope(|s| {
-                let helper = s.spawn(|| copy_pieces(fd, &map, &runs, &theirs));
-                let done = copy_pieces(fd, &map, &runs, &mine);
-                let other = helper.join().unwrap_or_else(|_| {
-                    Err(Error::Other("the page copying thread panicked".into()))
-                });
-                let (mut a, b) = (done?, other?);
-                a.extend(b);
-                Ok::<_, Error>(a)
-            })?
-        };
-        check_parts(&runs, &mut parts)
+        // Verified before the process existed (`verify_pages`).
+        copy_runs(Some(fd), false, &map, &runs).map(|_| ())
     }
 }
 
@@ -393,11 +369,13 @@ fn check_parts(runs: &[Run], parts: &mut [Part]) -> Result<()> {
     Ok(())
 }
 
-/// Checksum and `UFFDIO_COPY` each piece (each inside one of `runs`, which
-/// are sorted by file offset) from the image mapping into the registered
-/// memory; the checksums of the parts.
+/// Checksum each piece (each inside one of `runs`, which are sorted by
+/// file offset) from the image mapping, or `UFFDIO_COPY` it through `copy`
+/// into the registered memory, or both; the checksums of the parts (none
+/// when not asked to `checksum`).
 fn copy_pieces(
-    fd: BorrowedFd<'_>,
+    copy: Option<BorrowedFd<'_>>,
+    checksum: bool,
     map: &ImageMap,
     runs: &[Run],
     pieces: &[Piece],
@@ -416,18 +394,95 @@ fn copy_pieces(
             let bytes = map
                 .bytes(p.file_off + done, n)
                 .ok_or_else(|| Error::Other("internal: page run outside its mapping".into()))?;
-            crc = crc32c::crc32c_append(crc, bytes);
-            uffd_copy_all(fd, p.addr + done, bytes.as_ptr() as u64, n)?;
+            if checksum {
+                crc = crc32c::crc32c_append(crc, bytes);
+            }
+            if let Some(fd) = copy {
+                uffd_copy_all(fd, p.addr + done, bytes.as_ptr() as u64, n)?;
+            }
             done += n;
         }
-        parts.push(Part {
-            run,
-            at,
-            len: p.len,
-            crc,
-        });
+        if checksum {
+            parts.push(Part {
+                run,
+                at,
+                len: p.len,
+                crc,
+            });
+        }
     }
     Ok(parts)
+}
+
+/// `copy_pieces` over `runs`, split between this thread and another when
+/// there is enough to do.
+fn copy_runs(
+    copy: Option<BorrowedFd<'_>>,
+    checksum: bool,
+    map: &ImageMap,
+    runs: &[Run],
+) -> Result<Vec<Part>> {
+    let pieces: Vec<Piece> = runs
+        .iter()
+        .map(|r| Piece {
+            addr: r.addr,
+            file_off: r.file_off,
+            len: r.len,
+        })
+        .collect();
+    if pieces.iter().map(|p| p.len).sum::<u64>() < SPLIT_MIN {
+        return copy_pieces(copy, checksum, map, runs, &pieces);
+    }
+    let (mine, theirs) = split_halves(&pieces);
+    std::thread::scope(|s| {
+        let helper = s.spawn(|| copy_pieces(copy, checksum, map, runs, &theirs));
+        let done = copy_pieces(copy, checksum, map, runs, &mine);
+        let other = helper
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("the page copying thread panicked".into())));
+        let (mut a, b) = (done?, other?);
+        a.extend(b);
+        Ok(a)
+    })
+}
+
+/// Verify every page run of the image against its checksum, before any
+/// process exists, with both cores: each run is checksummed straight from
+/// a mapping of the image (no copy into a buffer). Images with compressed
+/// runs are verified by the reader, which decompresses them.
+pub fn verify_pages(reader: &crate::image::ImageReader, image: BorrowedFd<'_>) -> Result<()> {
+    let meta = reader.metadata();
+    let mut runs = Vec::new();
+    for vma in meta.processes().flat_map(|p| &p.vmas) {
+        for r in &vma.pages {
+            if r.data.compression != Compression::None {
+                return reader
+                    .verify_pages()
+                    .map(|_| ())
+                    .map_err(|e| Error::Other(e.to_string()));
+            }
+            if r.data.raw_len > 0 {
+                runs.push(Run {
+                    addr: r.addr,
+                    file_off: r.data.offset,
+                    len: r.data.raw_len,
+                    crc: r.data.crc32c,
+                    vma: (vma.start, vma.end),
+                });
+            }
+        }
+    }
+    runs.sort_by_key(|r| r.file_off);
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+        return Ok(());
+    };
+    let map = ImageMap::new(
+        image,
+        first.file_off,
+        last.file_off + last.len - first.file_off,
+    )?;
+    let mut parts = copy_runs(None, true, &map, &runs)?;
+    check_parts(&runs, &mut parts)
 }
 
 /// `UFFDIO_COPY` of `len` bytes from our `src` to `dst`, all of them.

@@ -398,6 +398,9 @@ impl Server {
                     space.retry.push(addr);
                     return Ok(());
                 }
+                // Unmapped since the fault: the thread faults again, on
+                // nothing, as it would have.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return self.failed(i, "mapping a zero page", e),
             }
         }

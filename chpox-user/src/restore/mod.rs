@@ -161,6 +161,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let trust = validate::trust(&image_file, opts.trust_image)?;
     let owner = trust.owner();
     let mut plan = validate::validate(&reader, &trust)?;
+    if !opts.lazy {
+        // Before anything can warn: a damaged image is refused in one line.
+        fill::verify_pages(&reader, std::os::fd::AsFd::as_fd(&image_file))?;
+    }
     let mut warnings = std::mem::take(&mut plan.warnings);
     for w in &warnings {
         warn!("{w}");
