@@ -465,6 +465,7 @@ fn capture_process(
     phase.done("remote syscalls");
     // The address space, now that our scratch page is gone again.
     let maps = memory::read_maps(pid)?;
+    memory::refuse_missing_page_handlers(pid, &maps)?;
     phase.done("smaps");
     // A process in a job-control stop does not run on after the dump, so
     // copying its pages now costs it nothing; and the brief freeze that

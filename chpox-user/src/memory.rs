@@ -108,6 +108,23 @@ impl MapEntry {
     }
 }
 
+/// A mapping registered with userfaultfd for missing pages (`um`) has its
+/// absent pages served by another process on first touch: a lazy restore
+/// still filling it, or a program's own page server. The pagemap cannot
+/// tell those pages from ones never touched, so an image would silently
+/// hold zeros for them: refused, by name.
+pub fn refuse_missing_page_handlers(pid: i32, maps: &[MapEntry]) -> Result<()> {
+    match maps.iter().find(|m| m.vm_flags.iter().any(|f| f == "um")) {
+        Some(m) => Err(Error::Other(format!(
+            "PID {pid} has memory at {:x}-{:x} whose missing pages another process serves \
+             (userfaultfd; e.g. a `chpox restore --lazy` still filling it): its absent pages \
+             cannot be told from untouched ones; checkpoint it once its memory is in",
+            m.start, m.end
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parse /proc/PID/smaps (or maps: then `vm_flags` stay empty).
 pub fn parse_smaps(text: &str, path_for_errors: &str) -> Result<Vec<MapEntry>> {
     let mut entries: Vec<MapEntry> = Vec::new();
@@ -417,6 +434,23 @@ VmFlags: rd mr mw me sd
 ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
 VmFlags: ex
 ";
+
+    #[test]
+    fn memory_whose_missing_pages_another_process_serves_is_refused() {
+        let mut maps = parse_smaps(SMAPS, "test").expect("parses");
+        assert!(refuse_missing_page_handlers(7, &maps).is_ok());
+        // Write-protect tracking alone (`uw`) leaves every page present.
+        maps[1].vm_flags.push("uw".into());
+        assert!(refuse_missing_page_handlers(7, &maps).is_ok());
+        maps[1].vm_flags.push("um".into());
+        let e = refuse_missing_page_handlers(7, &maps)
+            .expect_err("um")
+            .to_string();
+        assert!(
+            e.contains("PID 7") && e.contains("7f1e4c000000-7f1e4c021000"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn smaps_lines_parse_with_flags_and_kinds() {
