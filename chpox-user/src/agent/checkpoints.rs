@@ -46,12 +46,7 @@ impl Agent {
     /// Write the checkpoint(s) an event asked for. Blocking.
     pub(super) fn run_checkpoints(&self, event: Event) {
         let pid = event.tgid as i32;
-        if event.result == chpox_common::RESULT_STOPPED_BY_GUARD {
-            // The guard refused the signal because the process no longer
-            // ignores it; once ignored again, `kill` succeeds again.
-            let agent_event = event;
-            self.on_disposition(agent_event);
-        }
+
         // Who asked, for an operator wondering where a checkpoint came from.
         debug!(
             pid,
@@ -364,6 +359,14 @@ pub(super) async fn serve_events(agent: Arc<Agent>, ring: aya::maps::RingBuf<aya
             let agent = Arc::clone(&agent);
             match event.kind {
                 EVENT_CHECKPOINT => {
+                    if event.result == chpox_common::RESULT_STOPPED_BY_GUARD {
+                        // The guard refused the signal because the process
+                        // no longer ignores it; once it is ignored again,
+                        // `kill` succeeds again. (It waits for the
+                        // checkpoint, which holds the process.)
+                        let agent = Arc::clone(&agent);
+                        tokio::task::spawn_blocking(move || agent.on_disposition(event));
+                    }
                     tokio::task::spawn_blocking(move || agent.run_checkpoints(event));
                 }
                 // It saves the registrations to a file: not on this task.
