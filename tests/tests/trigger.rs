@@ -161,6 +161,32 @@ fn a_program_that_sets_sigsys_back_to_default_survives_kill_31() {
     t.wait_success(EXIT_TIMEOUT);
 }
 
+/// A process that sets SIGSYS back to the default while no agent runs is
+/// taken back, and ignores it again, when the agent restarts.
+#[test]
+fn a_reset_while_no_agent_ran_is_undone_when_the_agent_restarts() {
+    let s = scratch();
+    let mut agent = Agent::start(&s);
+    let image = s.path("restart.chpox");
+    let mut t = run_target(&agent, &s, &bin("resetsig"), &[], &["-o", path_str(&image)]);
+    agent.stop();
+    send(t.pid, libc::SIGUSR1);
+    t.wait_for_line("RESET", STATE_TIMEOUT);
+    assert!(!ignores(t.pid, SIGSYS));
+    let agent = Agent::start(&s);
+    assert!(
+        agent.entry(t.pid).is_some(),
+        "registration lost\n{}",
+        agent.describe()
+    );
+    assert!(ignores(t.pid, SIGSYS), "SIGSYS not ignored again");
+    send(t.pid, SIGSYS);
+    agent.wait_checkpoints(t.pid, 1);
+    assert_running(&mut t);
+    send(t.pid, libc::SIGTERM);
+    t.wait_success(EXIT_TIMEOUT);
+}
+
 // ---------------------------------------------------------------------------
 // 2. Never a checkpoint that cannot come back
 
