@@ -138,8 +138,16 @@ fn a_program_that_sets_sigsys_back_to_default_survives_kill_31() {
     send(t.pid, libc::SIGUSR1);
     t.wait_for_line("RESET", STATE_TIMEOUT);
     if guard_active(&agent) {
-        // The guard holds even before the agent has set SIG_IGN again.
-        send(t.pid, SIGSYS);
+        // The guard holds even before the agent has set SIG_IGN again
+        // (`kill` fails with EPERM until then, or succeeds if the agent
+        // was quicker).
+        // SAFETY: kill has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(t.pid, SIGSYS) };
+        let err = std::io::Error::last_os_error();
+        assert!(
+            rc == 0 || err.raw_os_error() == Some(libc::EPERM),
+            "kill: {err}"
+        );
         agent.wait_checkpoints(t.pid, 1);
         assert_running(&mut t);
     }
