@@ -100,6 +100,7 @@ impl Agent {
                             e.checkpoints += 1;
                             e.last_checkpoint = Some(unix_now());
                             e.last_error = None;
+                            e.logged_error = None;
                             e.children_not_saved = written.children_not_saved.clone();
                             // Once per registration: the same children are
                             // left out of every checkpoint it takes.
