@@ -57,6 +57,7 @@ impl Agent {
             sender_pid = event.sender_tgid,
             sender_tid = event.sender_pid,
             sender_uid = event.sender_uid,
+            since_signal_us = monotonic_ns().saturating_sub(event.timestamp_ns) / 1000,
             "checkpoint requested"
         );
         let Some(entry) = self.lock().entries.get(&pid).cloned() else {
@@ -357,6 +358,12 @@ pub(super) async fn serve_events(agent: Arc<Agent>, ring: aya::maps::RingBuf<aya
                 continue;
             };
             drop(item);
+            debug!(
+                kind = event.kind,
+                pid = event.tgid,
+                since_signal_us = monotonic_ns().saturating_sub(event.timestamp_ns) / 1000,
+                "event received"
+            );
             let agent = Arc::clone(&agent);
             match event.kind {
                 EVENT_CHECKPOINT => {
