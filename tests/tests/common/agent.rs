@@ -320,6 +320,13 @@ impl Agent {
             .arg("--image-dir")
             .arg(opts.images.unwrap_or(&s.images))
             .args(opts.args)
+            // The machine's /etc/chpox/agent.toml is not the test's.
+            .args(
+                (!opts.args.contains(&"--config"))
+                    .then_some(["--config", "/dev/null"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("CHPOX_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("CHPOX_RUN_DIR")
