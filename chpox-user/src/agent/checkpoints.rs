@@ -78,6 +78,9 @@ impl Agent {
         }
         // Whether the timer asked for the checkpoint about to start.
         let mut by_timer = event.result == RESULT_TIMER;
+        // The request each checkpoint answers: for one more after the
+        // first, asked for while it ran, with the time it was asked.
+        let mut event = event;
         loop {
             let number = {
                 let mut state = self.lock();
@@ -167,6 +170,10 @@ impl Agent {
                 .entries
                 .get_mut(&pid)
                 .is_some_and(|e| std::mem::take(&mut e.timer_again));
+            let asked_at = self.states.load(entry.slot).again_ns;
+            if asked_at != 0 {
+                event.timestamp_ns = asked_at;
+            }
         }
     }
 
