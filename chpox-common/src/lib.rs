@@ -37,8 +37,14 @@ pub mod flags {
     pub const EMBED_LIBS: u32 = 4;
     /// Also checkpoint the children of the process.
     pub const INCLUDE_CHILDREN: u32 = 8;
+    /// Save established TCP connections in TCP repair mode
+    /// (`--tcp-established`).
+    pub const TCP_ESTABLISHED: u32 = 16;
+    /// Restore established TCP connections reset (`--tcp-close`).
+    pub const TCP_CLOSE: u32 = 32;
     /// Every bit we understand; anything else in a register line is an error.
-    pub const KNOWN: u32 = REGISTERED | EMBED_EXE | EMBED_LIBS | INCLUDE_CHILDREN;
+    pub const KNOWN: u32 =
+        REGISTERED | EMBED_EXE | EMBED_LIBS | INCLUDE_CHILDREN | TCP_ESTABLISHED | TCP_CLOSE;
 }
 
 /// Names of the maps and programs in the eBPF object.
@@ -290,8 +296,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn known_flags_cover_every_bit_old_chpox_defined() {
-        assert_eq!(flags::KNOWN, 0b1111);
+    fn known_flags_are_old_chpoxs_bits_and_the_tcp_policies() {
+        assert_eq!(flags::KNOWN, 0b11_1111);
     }
 
     #[test]

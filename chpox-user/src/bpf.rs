@@ -163,9 +163,12 @@ pub fn default_object_paths() -> Vec<PathBuf> {
         && let Some(dir) = exe.parent()
     {
         paths.push(dir.join("chpox-ebpf.o"));
-        // target/{debug,release}/chpox-agent → target/chpox-ebpf.o
-        if let Some(target) = dir.parent() {
-            paths.push(target.join("chpox-ebpf.o"));
+        if let Some(parent) = dir.parent() {
+            // PREFIX/bin/chpox-agent → PREFIX/lib/chpox/chpox-ebpf.o, where
+            // `cargo xtask install` puts it.
+            paths.push(parent.join("lib/chpox/chpox-ebpf.o"));
+            // target/{debug,release}/chpox-agent → target/chpox-ebpf.o
+            paths.push(parent.join("chpox-ebpf.o"));
         }
     }
     paths.push(PathBuf::from("/usr/lib/chpox/chpox-ebpf.o"));

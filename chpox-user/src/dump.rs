@@ -18,12 +18,13 @@ use crate::files::FileTable;
 use crate::image::model::{
     AfterDump, HostInfo, Metadata, ProcessImage, SavedRegistration, SignalState, Vma, VmaKind,
 };
-use crate::image::{ImageWriter, MappedArea, WriteOptions};
+use crate::image::{ImageWriter, WriteOptions};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
+use crate::snapshot::{self, Snapshot};
 use crate::tree::{self, FrozenTree};
-use crate::{process, registers, signals, threads, unix_sockets};
+use crate::{process, registers, signals, threads};
 
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
@@ -47,6 +48,8 @@ pub struct DumpOptions {
     /// The process and all its descendants (the default), or the process
     /// alone.
     pub children: bool,
+    /// What becomes of established TCP connections.
+    pub tcp: fds::inet::TcpPolicy,
 }
 
 impl DumpOptions {
@@ -64,6 +67,7 @@ impl DumpOptions {
             registration: None,
             expect_start_time: None,
             children: true,
+            tcp: fds::inet::TcpPolicy::Refuse,
         }
     }
 }
@@ -89,6 +93,14 @@ pub struct DumpReport {
     /// CLOCK_MONOTONIC (ns) when every thread was stopped: with the
     /// tracepoint's timestamp, the latency from signal to freeze.
     pub frozen_at_monotonic_ns: u64,
+    /// The longest of the brief second freezes in which each process
+    /// reaped its snapshot (see `snapshot`); zero without snapshots.
+    #[serde(default)]
+    pub reap_pause: Duration,
+    /// Processes whose pages were written from a snapshot after they ran
+    /// again (the others' while frozen).
+    #[serde(default)]
+    pub snapshots: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -120,36 +132,33 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         },
     )?;
     keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
-    // With the headroom the estimate had when it was taken before the
-    // freeze (what it does not count, shared anonymous memory say, is
-    // small in the processes measured).
-    let estimate: u64 = frozen
-        .members()
-        .iter()
-        .map(|p| memory::estimate_stored_bytes(p.pid()))
-        .sum();
-    let area = writer.map_area(estimate + estimate / 16 + (4 << 20))?;
-    debug!(
-        ms = started.elapsed().as_secs_f64() * 1e3,
-        estimate, "image area mapped"
-    );
-    let captured = capture_tree(&frozen, opts, &mut writer, area)?;
+    // Connections saved in TCP repair mode stay in it until the tree is
+    // killed (then they go silently) or runs again (then they leave it).
+    let repair = fds::tcp_repair::RepairHold::new();
+    // A process to be killed stays frozen until its image is written: no
+    // snapshot, its pages are copied straight away.
+    let snapshots_wanted = opts.after != AfterDump::Kill;
+    let captured = capture_tree(&frozen, opts, &mut writer, snapshots_wanted)?;
     let mut meta = captured.meta;
     let files = captured.files;
-    let checksums = captured.checksums;
-    let finish = move |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
-        checksums.apply(meta);
+    let snapshots = captured.snapshots;
+    let snapshot_count = snapshots.len();
+    let mut written = snapshot::Written::default();
+    let finish = |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
+        written = snapshot::write_all(snapshots, meta, &mut writer)?;
         finish_files(files, opts, &mut writer, meta)?;
         Ok(writer.finish(meta)?)
     };
 
     let (image_bytes, frozen_for) = match opts.after {
         AfterDump::LeaveRunning => {
+            repair.release();
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
             (finish(&mut meta, writer)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
+            repair.release();
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
             (finish(&mut meta, writer)?, frozen_for)
@@ -162,24 +171,27 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             let frozen_for = frozen_at.elapsed();
             // The root is its parent's to reap.
             tree::wait_until_gone(&killed);
+            repair.close_silently();
             (bytes, frozen_for)
         }
     };
-    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "image finished");
+    debug!(us = started.elapsed().as_micros() as u64, "image finished");
     let report = DumpReport {
         pid,
         comm: meta.root.process.comm.clone(),
         image: opts.output.clone(),
         image_bytes,
-        pages_stored: captured.pages_stored,
+        pages_stored: captured.pages_stored + written.pages_stored,
         threads: meta.processes().map(|p| p.threads.len()).sum(),
         vmas: meta.processes().map(|p| p.vmas.len()).sum(),
         processes: 1 + meta.descendants.len(),
         children_not_saved: meta.children_not_saved.clone(),
-        resident_bytes: captured.resident_pages * PAGE_SIZE,
+        resident_bytes: (captured.resident_pages + written.resident_pages) * PAGE_SIZE,
         frozen: frozen_for,
         total: started.elapsed(),
         frozen_at_monotonic_ns,
+        reap_pause: written.reap_pause,
+        snapshots: snapshot_count,
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).
@@ -189,8 +201,8 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         processes = report.processes,
         children_not_saved = ?report.children_not_saved,
         bytes = report.image_bytes,
-        frozen_ms = report.frozen.as_secs_f64() * 1e3,
-        total_ms = report.total.as_secs_f64() * 1e3,
+        frozen_us = report.frozen.as_micros() as u64,
+        total_us = report.total.as_micros() as u64,
         "checkpoint written"
     );
     Ok(report)
@@ -267,7 +279,7 @@ impl Phases {
     fn done(&mut self, what: &str) {
         debug!(
             phase = what,
-            ms = self.0.elapsed().as_secs_f64() * 1e3,
+            us = self.0.elapsed().as_micros() as u64,
             "frozen phase"
         );
         self.0 = Instant::now();
@@ -277,9 +289,8 @@ impl Phases {
 struct Captured {
     meta: Metadata,
     files: FileTable,
-    /// Of the pages copied into the mapped area, computed once the
-    /// processes run again.
-    checksums: memory::PageChecksums,
+    /// Processes whose private pages are written after they run again.
+    snapshots: Vec<Snapshot>,
     pages_stored: u64,
     resident_pages: u64,
 }
@@ -289,7 +300,7 @@ fn capture_tree(
     tree: &FrozenTree,
     opts: &DumpOptions,
     writer: &mut ImageWriter,
-    area: Option<MappedArea>,
+    snapshots_wanted: bool,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
     if let Some(user) = &opts.as_user {
@@ -298,17 +309,23 @@ fn capture_tree(
     let fs_with_parent = tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
-    let unix = unix_sockets::query()?;
+    let unix = fds::unix::query()?;
+    let inet = fds::inet::query(opts.tcp)?;
     let mut fds = Vec::with_capacity(tree.members().len());
     for frozen in tree.members() {
-        fds.push(fds::scan_fds(frozen.pid(), opts.unsupported_fd, &unix)?);
+        fds.push(fds::scan_fds(
+            frozen.pid(),
+            opts.unsupported_fd,
+            &unix,
+            &inet,
+        )?);
     }
     phase.done("descriptors");
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
     let mut procs = Vec::with_capacity(fds.len());
-    // One dumper for the tree: every process's pages go into the area.
-    let mut pages = PageDumper::new(tree.root(), area)?;
+    let mut pages = PageDumper::new(tree.root())?;
+    let mut snapshots = Vec::new();
     let mut resident_pages = 0;
     for (frozen, fds) in tree.members().iter().zip(fds) {
         // Only the root's start time is known to the caller.
@@ -318,7 +335,7 @@ fn capture_tree(
             pages.next_process(frozen.pid())?;
             None
         };
-        let (image, resident) = capture_process(
+        let (image, resident, snapshot) = capture_process(
             frozen,
             expect_start,
             writer,
@@ -326,25 +343,21 @@ fn capture_tree(
             fds,
             &mut files,
             &mut shmem,
+            snapshots_wanted.then_some(procs.len()),
         )?;
         resident_pages += resident;
+        snapshots.extend(snapshot);
         let mut image = image;
         image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
         procs.push(image);
     }
     let pages_stored = pages.pages_stored;
-    let checksums = pages.finish(writer)?;
     phase.done("processes");
-    fds::classify_pipes(&mut procs, opts.unsupported_fd)?;
-    unix_sockets::classify(&mut procs, opts.unsupported_fd)?;
+    fds::classify(&mut procs, opts.unsupported_fd)?;
     tree::link_descriptions(&mut procs);
-    fds::embed_pipe_data(&mut procs, writer)?;
-    unix_sockets::embed_queues(&mut procs, writer)?;
     let reader =
         crate::files::embed_reader(opts.as_user.as_ref(), procs.first().map(|p| &p.process));
-    for p in &mut procs {
-        fds::embed_deleted(p.process.pid, &mut p.fds, writer, reader.as_ref())?;
-    }
+    fds::embed(&mut procs, writer, reader.as_ref())?;
     phase.done("pipes, shared descriptions, deleted files");
 
     let mut procs = procs.into_iter();
@@ -378,7 +391,7 @@ fn capture_tree(
     Ok(Captured {
         meta,
         files,
-        checksums,
+        snapshots,
         pages_stored,
         resident_pages,
     })
@@ -386,7 +399,10 @@ fn capture_tree(
 
 /// Read one frozen process: /proc, threads, what only it can tell
 /// (remote syscalls), then its memory (through `pages`, set to it). Returns
-/// its image and how many of its pages were resident.
+/// its image, how many of its pages were resident, and, given its index in
+/// the image as `snapshot_as`, a snapshot of it whose private pages are
+/// still to be written (they are then not in the image yet).
+#[allow(clippy::too_many_arguments)]
 fn capture_process(
     frozen: &Frozen,
     expect_start_time: Option<u64>,
@@ -395,7 +411,8 @@ fn capture_process(
     fds: Vec<crate::image::model::FdEntry>,
     files: &mut FileTable,
     shmem: &mut memory::SharedObjects,
-) -> Result<(ProcessImage, u64)> {
+    snapshot_as: Option<usize>,
+) -> Result<(ProcessImage, u64, Option<Snapshot>)> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
     let mut info = process::dump_proc_info(pid)?;
@@ -421,8 +438,11 @@ fn capture_process(
         let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let scratch_len = PAGE_SIZE;
         let scratch = leader.map_scratch(scratch_len)?;
+        process::dump_mlockall(&mut info, pid, scratch)?;
         let actions = signals::dump_actions(&mut leader, scratch)?;
         process::dump_remote_state(&mut info, &mut leader, scratch)?;
+        info.timers = crate::timers::dump(pid, &mut leader, scratch)?;
+        process::dump_attrs(&mut info, &mut leader, &tids)?;
         for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
             // What only the thread itself can say: its alternate signal
             // stack and its clear_child_tid.
@@ -446,6 +466,20 @@ fn capture_process(
     // The address space, now that our scratch page is gone again.
     let maps = memory::read_maps(pid)?;
     phase.done("smaps");
+    // A process in a job-control stop does not run on after the dump, so
+    // copying its pages now costs it nothing; and the brief freeze that
+    // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
+    let mut snapshot = match snapshot_as {
+        Some(index) if !frozen.was_stopped() && snapshot::may_fork(pid, &maps) => {
+            let mut leader =
+                RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
+            let taken = Snapshot::take(&mut leader, index, syscall_ip, gadgets.clone());
+            leader.give_back()?;
+            taken?
+        }
+        _ => None,
+    };
+    phase.done("snapshot");
     // add_exe learns from the " (deleted)" mark that the file must be
     // embedded; the image records the name without it.
     info.exe_file = Some(files.add_exe(pid, &info.exe)?);
@@ -464,11 +498,17 @@ fn capture_process(
         } else if shmem.stored_already(map) {
             // Another mapping of the tree holds these pages of the object.
             Vec::new()
+        } else if let Some(s) = snapshot
+            .as_mut()
+            .filter(|_| snapshot::fork_copies(map, kind))
+        {
+            s.defer(vmas.len(), map, kind);
+            Vec::new()
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
             let runs = memory::select_runs(pid, map, kind, &pagemap);
-            pages.dump_runs(vmas.len(), &runs, writer)?
+            pages.dump_runs(&runs, writer)?
         };
         if kind == VmaKind::SharedAnonymous {
             shmem.record(map);
@@ -508,5 +548,5 @@ fn capture_process(
             shared_pending,
         },
     };
-    Ok((image, resident_pages))
+    Ok((image, resident_pages, snapshot))
 }

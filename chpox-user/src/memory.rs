@@ -12,20 +12,17 @@
 //!   where the object cannot be opened;
 //! - shared file mappings and the kernel's own `[vdso]`/`[vvar]`/… : nothing.
 //!
-//! Pages are copied with `process_vm_readv`, many ranges per call, into one
-//! reused buffer that goes straight to the image writer: one copy out of the
-//! target, one into the file.
+//! Pages are copied by `pagecopy`: `process_vm_readv`, many ranges per
+//! call, on every core, while the image is written. A dump that leaves the
+//! process running copies them from a snapshot (`snapshot`) after the
+//! process runs again.
 
 use std::fs::File;
-use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
 
-use nix::sys::uio::{RemoteIoVec, process_vm_readv};
-use nix::unistd::Pid;
-
 use crate::error::{Error, Result, parse_err};
-use crate::image::model::{Compression, DataRef, PageRun, VmaKind};
-use crate::image::{ClosedArea, ImageWriter, MappedArea};
+use crate::image::ImageWriter;
+use crate::image::model::{PageRun, VmaKind};
 
 pub const PAGE_SIZE: u64 = 4096;
 const PM_PRESENT: u64 = 1 << 63;
@@ -35,11 +32,6 @@ const PM_FILE: u64 = 1 << 61;
 /// A stored run never exceeds this, so one corrupt checksum costs at most
 /// this much, and a reader can verify a run in bounded memory.
 const MAX_RUN_PAGES: u64 = 16 * 1024;
-/// Copy buffer: large enough to amortise syscalls, small enough to stay in
-/// cache-friendly territory and not double the dumper's footprint.
-const COPY_BUF_BYTES: usize = 8 << 20;
-/// Kernel limit on iovecs per process_vm_readv call (UIO_MAXIOV).
-const MAX_IOVECS: usize = 1024;
 
 /// One line of /proc/PID/smaps with its VmFlags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,7 +295,7 @@ pub fn select_runs(pid: i32, map: &MapEntry, kind: VmaKind, pagemap: &[u64]) -> 
 
 /// Runs of consecutive needed pages, as (address, page count), each at
 /// most `MAX_RUN_PAGES` long, for pages from `start` on.
-fn runs_of(start: u64, needed: impl Iterator<Item = bool>) -> Vec<(u64, u64)> {
+pub fn runs_of(start: u64, needed: impl Iterator<Item = bool>) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut current: Option<(u64, u64)> = None;
     for (i, needed) in needed.enumerate() {
@@ -325,30 +317,13 @@ fn runs_of(start: u64, needed: impl Iterator<Item = bool>) -> Vec<(u64, u64)> {
     runs
 }
 
-/// Copies a process's pages into an image.
-///
-/// Runs go into the writer's mapped area (see `ImageWriter::map_area`) while
-/// it has room: `process_vm_readv` copies them straight into the image's
-/// page cache. Runs that do not fit, and all runs of compressed images, are
-/// copied into a buffer and streamed. One dumper serves every process of a
-/// tree in turn ([`next_process`](Self::next_process)), so they all share
-/// the area.
+/// Copies a process's pages into an image (through `pagecopy`, on every
+/// core). One dumper serves every process of a tree in turn
+/// ([`next_process`](Self::next_process)).
 pub struct PageDumper {
     pid: i32,
-    /// Which process of the tree (image order) the runs belong to.
-    process: usize,
     pagemap: File,
-    /// /proc/PID/mem reads pages process_vm_readv refuses (PROT_NONE,
-    /// write-only), because it reads with FOLL_FORCE like a debugger.
-    mem: File,
-    buf: Vec<u8>,
     pagemap_buf: Vec<u8>,
-    area: Option<MappedArea>,
-    area_used: u64,
-    /// Runs placed in the area: where they belong, offset in area, length.
-    in_area: Vec<(RunPlace, u64, u64)>,
-    /// The area once closed, with where each blob belongs.
-    closed: Option<(ClosedArea, Vec<RunPlace>)>,
     pub pages_stored: u64,
 }
 
@@ -357,41 +332,12 @@ fn open_proc(pid: i32, what: &str) -> Result<File> {
     File::open(&path).map_err(|source| Error::Proc { path, source })
 }
 
-/// A run of the image: process (image order), VMA, run.
-type RunPlace = (usize, usize, usize);
-
-/// A piece of a run placed in a copy destination.
-struct Piece {
-    addr: u64,
-    len: usize,
-    first_of_run: bool,
-    last_of_run: bool,
-    run_addr: u64,
-    run_pages: u64,
-}
-
-/// Stand-in until the mapped area is closed and checksummed.
-const PENDING: DataRef = DataRef {
-    offset: 0,
-    stored_len: 0,
-    raw_len: 0,
-    crc32c: 0,
-    compression: Compression::None,
-};
-
 impl PageDumper {
-    pub fn new(pid: i32, area: Option<MappedArea>) -> Result<Self> {
+    pub fn new(pid: i32) -> Result<Self> {
         Ok(PageDumper {
             pid,
-            process: 0,
             pagemap: open_proc(pid, "pagemap")?,
-            mem: open_proc(pid, "mem")?,
-            buf: Vec::new(),
             pagemap_buf: Vec::new(),
-            area,
-            area_used: 0,
-            in_area: Vec::new(),
-            closed: None,
             pages_stored: 0,
         })
     }
@@ -399,9 +345,7 @@ impl PageDumper {
     /// Go on with the next process of the tree, `pid`.
     pub fn next_process(&mut self, pid: i32) -> Result<()> {
         self.pagemap = open_proc(pid, "pagemap")?;
-        self.mem = open_proc(pid, "mem")?;
         self.pid = pid;
-        self.process += 1;
         Ok(())
     }
 
@@ -433,262 +377,23 @@ impl PageDumper {
         Ok(out)
     }
 
-    /// Store the runs (from `select_runs`) of VMA number `vma_index`.
-    /// Returned runs placed in the mapped area carry their final `DataRef`
-    /// only after `finish`.
+    /// Store the runs (from `select_runs`) of the current process: one
+    /// blob per run, runs cut to `pagecopy::CHUNK_PAGES`.
     pub fn dump_runs(
         &mut self,
-        vma_index: usize,
         runs: &[(u64, u64)],
         writer: &mut ImageWriter,
     ) -> Result<Vec<PageRun>> {
         self.pages_stored += runs.iter().map(|r| r.1).sum::<u64>();
-        let total: u64 = runs.iter().map(|r| r.1 * PAGE_SIZE).sum();
-        let fits = self
-            .area
-            .as_ref()
-            .is_some_and(|a| self.area_used + total <= a.len() as u64);
-        if fits {
-            return self.copy_into_area(vma_index, runs);
-        }
-        // Out of reserved room (the estimate was low): streaming needs the
-        // writer back.
-        self.close_area(writer)?;
-        self.stream(runs, writer)
-    }
-
-    fn copy_into_area(&mut self, vma_index: usize, runs: &[(u64, u64)]) -> Result<Vec<PageRun>> {
-        let mut pieces = Vec::new();
-        let first_offset = self.area_used;
-        let mut offset = first_offset;
-        let mut out = Vec::with_capacity(runs.len());
-        for (i, &(addr, npages)) in runs.iter().enumerate() {
-            let len = npages * PAGE_SIZE;
-            self.in_area
-                .push(((self.process, vma_index, i), offset, len));
-            out.push(PageRun {
-                addr,
-                npages,
-                data: PENDING,
-            });
-            pieces.push(Piece {
-                addr,
-                len: len as usize,
-                first_of_run: true,
-                last_of_run: true,
-                run_addr: addr,
-                run_pages: npages,
-            });
-            offset += len;
-        }
-        let Some(area) = self.area.as_mut() else {
-            return Ok(out);
-        };
-        let dest = &mut area.as_mut_slice()[first_offset as usize..offset as usize];
-        copy_parallel(self.pid, &self.mem, dest, &pieces)?;
-        self.area_used = offset;
-        Ok(out)
-    }
-
-    fn stream(&mut self, runs: &[(u64, u64)], writer: &mut ImageWriter) -> Result<Vec<PageRun>> {
-        if self.buf.len() < COPY_BUF_BYTES {
-            self.buf.resize(COPY_BUF_BYTES, 0);
-        }
-        let mut stored = Vec::with_capacity(runs.len());
-        let mut pieces: Vec<Piece> = Vec::new();
-        let mut filled = 0usize;
-        for &(run_addr, run_pages) in runs {
-            let run_len = (run_pages * PAGE_SIZE) as usize;
-            let mut done = 0usize;
-            while done < run_len {
-                if filled == self.buf.len() || pieces.len() == MAX_IOVECS {
-                    self.flush(&pieces, filled, writer, &mut stored)?;
-                    pieces.clear();
-                    filled = 0;
-                }
-                let len = (run_len - done).min(self.buf.len() - filled);
-                pieces.push(Piece {
-                    addr: run_addr + done as u64,
-                    len,
-                    first_of_run: done == 0,
-                    last_of_run: done + len == run_len,
-                    run_addr,
-                    run_pages,
-                });
-                filled += len;
-                done += len;
-            }
-        }
-        self.flush(&pieces, filled, writer, &mut stored)?;
-        Ok(stored)
-    }
-
-    /// Copy the pieces out of the target, then hand them to the writer run
-    /// by run.
-    fn flush(
-        &mut self,
-        pieces: &[Piece],
-        filled: usize,
-        writer: &mut ImageWriter,
-        stored: &mut Vec<PageRun>,
-    ) -> Result<()> {
-        if pieces.is_empty() {
-            return Ok(());
-        }
-        copy_pieces(self.pid, &self.mem, &mut self.buf[..filled], pieces)?;
-        let mut at = 0usize;
-        for p in pieces {
-            if p.first_of_run {
-                writer.begin_data()?;
-            }
-            writer.write_data(&self.buf[at..at + p.len])?;
-            at += p.len;
-            if p.last_of_run {
-                stored.push(PageRun {
-                    addr: p.run_addr,
-                    npages: p.run_pages,
-                    data: writer.end_data()?,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn close_area(&mut self, writer: &mut ImageWriter) -> Result<()> {
-        let Some(area) = self.area.take() else {
-            return Ok(());
-        };
-        let blobs: Vec<(u64, u64)> = self.in_area.iter().map(|r| (r.1, r.2)).collect();
-        let closed = writer.close_area(area, blobs)?;
-        let placed = self.in_area.drain(..).map(|r| r.0).collect();
-        self.closed = Some((closed, placed));
-        Ok(())
-    }
-
-    /// Close the mapped area (the writer streams again); the runs copied
-    /// into it get their `DataRef`s from `PageChecksums::apply`.
-    pub fn finish(mut self, writer: &mut ImageWriter) -> Result<PageChecksums> {
-        self.close_area(writer)?;
-        Ok(PageChecksums {
-            closed: self.closed,
-        })
-    }
-}
-
-/// Checksums of the pages copied into the mapped area, still to compute.
-/// They need the copy, not the process: the dump computes them after the
-/// process runs again.
-pub struct PageChecksums {
-    closed: Option<(ClosedArea, Vec<RunPlace>)>,
-}
-
-impl PageChecksums {
-    /// Give every run copied into the mapped area its final `DataRef`.
-    pub fn apply(self, meta: &mut crate::image::model::Metadata) {
-        let Some((closed, placed)) = self.closed else {
-            return;
-        };
-        let mut procs: Vec<&mut crate::image::model::ProcessImage> = meta.processes_mut().collect();
-        for ((process, vma, run), data) in placed.into_iter().zip(closed.data_refs()) {
-            if let Some(r) = procs
-                .get_mut(process)
-                .and_then(|p| p.vmas.get_mut(vma))
-                .and_then(|v| v.pages.get_mut(run))
-            {
-                r.data = data;
-            }
-        }
-    }
-}
-
-/// Copy `pieces` into `dest` (laid out in order) on several threads.
-///
-/// Copying out of another process is bound by the kernel pinning each page
-/// as much as by memcpy itself; with the target frozen, every core we have
-/// shortens the freeze. Pieces are split into byte-balanced shares at piece
-/// boundaries (runs are at most MAX_RUN_PAGES, so shares stay even).
-fn copy_parallel(pid: i32, mem: &File, dest: &mut [u8], pieces: &[Piece]) -> Result<()> {
-    let total: usize = pieces.iter().map(|p| p.len).sum();
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    // Below a few MiB, thread start-up costs more than it saves.
-    if threads == 1 || total < (8 << 20) {
-        return copy_batches(pid, mem, dest, pieces);
-    }
-    let share = total.div_ceil(threads);
-    let mut jobs: Vec<(&mut [u8], &[Piece])> = Vec::with_capacity(threads);
-    let mut rest_dest = dest;
-    let mut rest_pieces = pieces;
-    while !rest_pieces.is_empty() {
-        let mut bytes = 0usize;
-        let mut n = 0usize;
-        while n < rest_pieces.len() && (bytes < share || n == 0) {
-            bytes += rest_pieces[n].len;
-            n += 1;
-        }
-        let (d, dr) = std::mem::take(&mut rest_dest).split_at_mut(bytes);
-        let (p, pr) = rest_pieces.split_at(n);
-        jobs.push((d, p));
-        rest_dest = dr;
-        rest_pieces = pr;
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = jobs
+        let runs = crate::pagecopy::split_runs(runs);
+        let refs =
+            crate::pagecopy::copy_runs(self.pid, crate::pagecopy::Source::VmReadv, &runs, writer)?;
+        Ok(runs
             .into_iter()
-            .map(|(d, p)| scope.spawn(move || copy_batches(pid, mem, d, p)))
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(Error::Other("page copy thread panicked".into())))
-        })
-    })
-}
-
-/// `copy_pieces` in batches of at most MAX_IOVECS pieces.
-fn copy_batches(pid: i32, mem: &File, mut dest: &mut [u8], pieces: &[Piece]) -> Result<()> {
-    for batch in pieces.chunks(MAX_IOVECS) {
-        let batch_len: usize = batch.iter().map(|p| p.len).sum();
-        let (head, rest) = std::mem::take(&mut dest).split_at_mut(batch_len);
-        copy_pieces(pid, mem, head, batch)?;
-        dest = rest;
+            .zip(refs)
+            .map(|((addr, npages), data)| PageRun { addr, npages, data })
+            .collect())
     }
-    Ok(())
-}
-
-/// Copy `pieces` of the target's memory into `dest` (laid out in order):
-/// one process_vm_readv for all of them, and /proc/PID/mem for whatever it
-/// refuses (it stops at the first range it may not read).
-fn copy_pieces(pid: i32, mem: &File, dest: &mut [u8], pieces: &[Piece]) -> Result<()> {
-    let total: usize = pieces.iter().map(|p| p.len).sum();
-    let remote: Vec<RemoteIoVec> = pieces
-        .iter()
-        .map(|p| RemoteIoVec {
-            base: p.addr as usize,
-            len: p.len,
-        })
-        .collect();
-    let got = {
-        let mut local = [IoSliceMut::new(&mut dest[..total])];
-        process_vm_readv(Pid::from_raw(pid), &mut local, &remote).unwrap_or(0)
-    };
-    if got == total {
-        return Ok(());
-    }
-    let mut from = got;
-    let mut piece_start = 0usize;
-    for p in pieces {
-        let piece_end = piece_start + p.len;
-        if piece_end > from {
-            let addr = p.addr + (from - piece_start) as u64;
-            mem.read_exact_at(&mut dest[from..piece_end], addr)
-                .map_err(|source| Error::Memory { pid, addr, source })?;
-            from = piece_end;
-        }
-        piece_start = piece_end;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -749,65 +454,6 @@ VmFlags: ex
         assert!(page_needs_storing(VmaKind::SharedAnonymous, file_page));
         assert!(!page_needs_storing(VmaKind::SharedFile, cow_page));
         assert!(!page_needs_storing(VmaKind::Vdso, cow_page));
-    }
-
-    /// Runs that fit go through the mapped area, the rest streams after
-    /// the area closes; all of it reads back exactly.
-    #[test]
-    fn pages_overflowing_the_mapped_area_are_streamed() {
-        use crate::image::model::Vma;
-        use crate::image::testutil::sample_metadata;
-        use crate::image::{ImageReader, WriteOptions};
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("img");
-        let mut writer = ImageWriter::create(&path, WriteOptions::default()).expect("create");
-        let area = writer
-            .map_area(2 * PAGE_SIZE)
-            .expect("map")
-            .expect("tmp maps");
-        // Our own memory stands in for a target: 5 pages of a known pattern.
-        let source: Vec<u8> = (0..5 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
-        let base = source.as_ptr() as u64;
-        let aligned = base.next_multiple_of(PAGE_SIZE);
-        let runs_a = [(aligned, 1)]; // fits the 2-page area
-        let runs_b = [(aligned + PAGE_SIZE, 2)]; // does not fit what is left
-        let pid = std::process::id() as i32;
-        let mut dumper = PageDumper::new(pid, Some(area)).expect("dumper");
-        let mut meta = sample_metadata();
-        meta.root.vmas.clear();
-        for (i, runs) in [&runs_a[..], &runs_b[..]].into_iter().enumerate() {
-            let pages = dumper.dump_runs(i, runs, &mut writer).expect("dump");
-            meta.root.vmas.push(Vma {
-                start: runs[0].0,
-                end: runs[0].0 + runs[0].1 * PAGE_SIZE,
-                read: true,
-                write: true,
-                exec: false,
-                shared: false,
-                offset: 0,
-                name: String::new(),
-                kind: VmaKind::Anonymous,
-                file: None,
-                vm_flags: Vec::new(),
-                pages,
-                shmem_id: None,
-            });
-        }
-        dumper
-            .finish(&mut writer)
-            .expect("finish pages")
-            .apply(&mut meta);
-        writer.finish(&meta).expect("finish image");
-
-        let reader = ImageReader::open(&path).expect("open");
-        reader.verify_all().expect("checksums");
-        let got = reader
-            .read_memory(aligned, 3 * PAGE_SIZE as usize)
-            .expect("read")
-            .expect("stored");
-        let offset = (aligned - base) as usize;
-        assert_eq!(got, &source[offset..offset + 3 * PAGE_SIZE as usize]);
     }
 
     fn select_runs(kind: VmaKind, start: u64, pagemap: &[u64]) -> Vec<(u64, u64)> {

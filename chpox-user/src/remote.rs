@@ -334,3 +334,87 @@ impl Drop for RemoteThread<'_> {
         }
     }
 }
+
+impl RemoteThread<'_> {
+    /// Run `clone(args)` and return the new process's PID. The thread is
+    /// traced with `PTRACE_O_TRACECLONE` for the one call, so the child
+    /// starts attached to us and held in a ptrace stop before it runs a
+    /// single instruction (see `snapshot`); the clone event stop is passed
+    /// by hand on the way to the syscall's exit.
+    pub fn clone_attached(&mut self, args: [u64; 6]) -> Result<i32> {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let tid = self.tid;
+        let pid = Pid::from_raw(tid);
+        let options = |o: ptrace::Options| {
+            ptrace::setoptions(pid, o).map_err(|source| Error::Ptrace {
+                op: "setoptions",
+                tid,
+                source,
+            })
+        };
+        options(ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_TRACECLONE)?;
+        let result = (|| -> Result<i32> {
+            set_regs(tid, self.call_regs(libc::SYS_clone, args))?;
+            self.ran = true;
+            let mut child = None;
+            let mut syscall_stops = 0;
+            loop {
+                ptrace::syscall(pid, None).map_err(|source| Error::Ptrace {
+                    op: "syscall",
+                    tid,
+                    source,
+                })?;
+                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                    Ok(WaitStatus::PtraceSyscall(_)) => {
+                        syscall_stops += 1;
+                        if syscall_stops == 2 {
+                            break;
+                        }
+                    }
+                    Ok(WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_CLONE)) => {
+                        let msg = ptrace::getevent(pid).map_err(|source| Error::Ptrace {
+                            op: "geteventmsg",
+                            tid,
+                            source,
+                        })?;
+                        child = Some(msg as i32);
+                    }
+                    // A group-stop meanwhile: carry on, as `syscall` does.
+                    Ok(WaitStatus::PtraceEvent(..) | WaitStatus::Continued(_)) => {}
+                    Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+                    | Err(nix::errno::Errno::ECHILD) => {
+                        return Err(Error::Exited(self.frozen.pid()));
+                    }
+                    Ok(other) => {
+                        return Err(Error::RemoteProtocol {
+                            tid,
+                            what: format!("{other:?} during a remote clone"),
+                        });
+                    }
+                    Err(source) => {
+                        return Err(Error::Ptrace {
+                            op: "waitpid",
+                            tid,
+                            source,
+                        });
+                    }
+                }
+            }
+            let ret = get_regs(tid)?.rax as i64;
+            if (-4095..0).contains(&ret) {
+                return Err(Error::RemoteSyscall {
+                    call: "clone",
+                    tid,
+                    errno: nix::errno::Errno::from_raw(-ret as i32),
+                });
+            }
+            child.ok_or_else(|| Error::RemoteProtocol {
+                tid,
+                what: "clone returned without a clone event".into(),
+            })
+        })();
+        // Whatever happened, the thread traces no further clones.
+        options(ptrace::Options::PTRACE_O_TRACESYSGOOD)?;
+        result
+    }
+}

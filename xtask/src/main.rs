@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_restore;
 mod ebpf;
+mod install;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -39,12 +41,19 @@ enum Task {
     /// memcpy, for one process and for a process tree, and the latency from
     /// `kill -31` to a frozen target.
     Bench {
-        /// MiB of dirty anonymous memory in the benchmarked process.
-        #[arg(long, default_value_t = 1024)]
-        mib: u64,
+        /// MiB of dirty anonymous memory in the benchmarked process, one
+        /// table row per size (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        mib: Vec<u64>,
         /// Rounds; medians are reported.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Skip the `--compress` dumps.
+        #[arg(long)]
+        no_compress: bool,
+        /// Skip the `--kill` dumps (each needs a fresh process).
+        #[arg(long)]
+        no_kill: bool,
         /// Directory for images and the dd comparison (tmpfs by default).
         #[arg(long, default_value = "/dev/shm")]
         dir: PathBuf,
@@ -62,6 +71,44 @@ enum Task {
         #[arg(long)]
         no_tree: bool,
     },
+    /// Build (release) and install chpox: the program (also as chpoxctl,
+    /// ld-chpox and chpox-agent), the eBPF object in PREFIX/lib/chpox, man
+    /// pages, bash/zsh/fish completions and the systemd unit
+    /// chpox-agent.service.
+    Install {
+        #[command(flatten)]
+        to: InstallTo,
+        #[command(flatten)]
+        from: InstallFrom,
+    },
+    /// Remove what `install` put into PREFIX (under DESTDIR).
+    Uninstall {
+        #[command(flatten)]
+        to: InstallTo,
+    },
+    /// Build a Debian package (.deb) holding what `install --prefix /usr`
+    /// installs.
+    Package {
+        /// Directory to write chpox_VERSION_ARCH.deb into.
+        #[arg(long, default_value = "target/package")]
+        out: PathBuf,
+        /// How dpkg-deb compresses the files: xz, zstd, gzip or none.
+        #[arg(long, default_value = "xz")]
+        compression: String,
+        #[command(flatten)]
+        from: InstallFrom,
+    },
+    /// Measure restore, eager and --lazy (time to running, to fully
+    /// resident), against first touch, memcpy and dd, at several sizes.
+    BenchRestore {
+        /// MiB of dirty anonymous memory, one run per size.
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = "/dev/shm")]
+        dir: PathBuf,
+    },
     /// Install LLVM 22, bpf-linker and nightly rust-src if missing.
     InstallEbpfPrerequisites,
     /// Build the eBPF object (installing its prerequisites first).
@@ -70,6 +117,48 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+}
+
+/// Where `install` and `uninstall` put files.
+#[derive(clap::Args)]
+struct InstallTo {
+    /// Installation prefix: programs in PREFIX/bin, the eBPF object in
+    /// PREFIX/lib/chpox, the unit in PREFIX/lib/systemd/system.
+    #[arg(long, default_value = "/usr/local")]
+    prefix: PathBuf,
+    /// Stage the files under this directory (for packaging), as if it were /.
+    #[arg(long)]
+    destdir: Option<PathBuf>,
+}
+
+/// Which build `install` and `package` take.
+#[derive(clap::Args)]
+struct InstallFrom {
+    /// Install what is already built instead of building the release now.
+    #[arg(long)]
+    no_build: bool,
+    /// With --no-build: the build to take (release or debug).
+    #[arg(long, default_value = "release", requires = "no_build")]
+    profile: String,
+}
+
+impl InstallFrom {
+    fn source(&self) -> Result<install::Source> {
+        if self.no_build {
+            install::prebuilt(&self.profile)
+        } else {
+            install::build_release()
+        }
+    }
+}
+
+impl InstallTo {
+    fn layout(&self) -> install::Layout {
+        install::Layout {
+            prefix: self.prefix.clone(),
+            destdir: self.destdir.clone(),
+        }
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -94,7 +183,19 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Debian packages the test suite runs real programs from (servers,
 /// runtimes, a batch system). `cargo xtask test` installs the missing ones.
-const TEST_PACKAGES: &[&str] = &["python3", "nodejs"];
+const TEST_PACKAGES: &[&str] = &[
+    "python3",
+    "openjdk-17-jdk-headless",
+    "slurm-wlm",
+    "munge",
+    "nodejs",
+    "redis-server",
+    "golang-go",
+    "systemd",
+    "man-db",
+    "zsh",
+    "fish",
+];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -198,6 +299,8 @@ fn main() -> Result<()> {
         Task::Bench {
             mib,
             rounds,
+            no_compress,
+            no_kill,
             dir,
             triggers,
             tree_procs,
@@ -207,12 +310,72 @@ fn main() -> Result<()> {
             require_root("the benchmark")?;
             build_all()?;
             let rounds = rounds.max(1);
-            let single = bench::run(mib.max(1), rounds, &dir)?;
+            let opts = bench::SizeOptions {
+                rounds,
+                compress: !no_compress,
+                kill: !no_kill,
+            };
+            let mut sizes = Vec::new();
+            for &m in &mib {
+                sizes.push(bench::run_size(m.max(1), &opts, &dir)?);
+            }
+            bench::size_table(&sizes);
             if !no_tree {
+                // The tree is held against one process of the same total size.
+                let single_mib = tree_procs.max(1) as u64 * tree_mib.max(1);
+                let single = bench::run(single_mib, rounds, &dir)?;
                 let tree = bench::run_tree(tree_procs.max(1), tree_mib.max(1), rounds, &dir)?;
                 bench::compare(&[&single, &tree]);
             }
             bench::trigger_latency(triggers.max(1))
+        }
+        Task::Install { to, from } => {
+            let src = from.source()?;
+            let layout = to.layout();
+            let (files, total) = install::install(&src, &layout)?;
+            eprintln!(
+                "xtask: installed into {}{}: {}",
+                to.prefix.display(),
+                to.destdir
+                    .as_ref()
+                    .map(|d| format!(" under {}", d.display()))
+                    .unwrap_or_default(),
+                install::describe(&layout, &files, total)
+            );
+            if to.destdir.is_none() {
+                eprintln!(
+                    "xtask: start the agent with `systemctl daemon-reload && systemctl enable --now chpox-agent`"
+                );
+            }
+            Ok(())
+        }
+        Task::Uninstall { to } => {
+            let removed = install::uninstall(&to.layout())?;
+            eprintln!(
+                "xtask: removed {removed} files from {}",
+                to.prefix.display()
+            );
+            Ok(())
+        }
+        Task::Package {
+            out,
+            compression,
+            from,
+        } => {
+            let src = from.source()?;
+            let out = if out.is_absolute() {
+                out
+            } else {
+                workspace_root().join(out)
+            };
+            let deb = install::package(&src, &out, &compression)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
+        Task::BenchRestore { sizes, rounds, dir } => {
+            require_root("the benchmark")?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_restore::run(&sizes, rounds, &dir)
         }
         Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
         Task::BuildEbpf { debug } => {

@@ -204,6 +204,7 @@ impl Agent {
         }
         opts.embed_exe = entry.flags & flags::EMBED_EXE != 0;
         opts.children = entry.flags & flags::INCLUDE_CHILDREN != 0;
+        opts.tcp = crate::fds::inet::TcpPolicy::from_flags(entry.flags);
         if entry.flags & flags::EMBED_LIBS != 0 {
             opts.embed_libs = self
                 .lock()
@@ -232,9 +233,9 @@ impl Agent {
                     image = %report.image.display(),
                     processes = report.processes,
                     bytes = report.image_bytes,
-                    frozen_ms = format!("{:.1}", report.frozen.as_secs_f64() * 1e3),
-                    total_ms = format!("{:.1}", report.total.as_secs_f64() * 1e3),
-                    signal_to_frozen_ms = format!("{:.2}", latency_ns as f64 / 1e6),
+                    frozen_us = report.frozen.as_micros() as u64,
+                    total_us = report.total.as_micros() as u64,
+                    signal_to_frozen_us = latency_ns / 1000,
                     "checkpoint written"
                 );
                 Ok(Written {

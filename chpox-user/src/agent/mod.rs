@@ -692,7 +692,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     if let Some(held) = agent.log_limit.allow("accept failed") {
-                        warn!(error = %e, suppressed = held, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                        warn!(error = %e, suppressed = held, retry_in_us = backoff.as_micros() as u64, "accept failed");
                     }
                     // Out of descriptors (EMFILE, ENFILE) or memory, the
                     // connection stays queued and accept fails again at

@@ -30,6 +30,12 @@ use super::model::{Compression, DataRef, Metadata};
 /// hundreds of MB/s per core and still shrinks typical heaps a lot.
 const ZSTD_LEVEL: i32 = 1;
 
+/// `raw` compressed as one blob of a compressing writer (its own zstd
+/// frame, with the content size recorded), for [`ImageWriter::add_prepared`].
+pub fn compress_blob(raw: &[u8]) -> io::Result<Vec<u8>> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL)
+}
+
 /// Zeros to pad with; one ALIGN is the most padding ever needed at once.
 static ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
 
@@ -429,6 +435,7 @@ impl ImageWriter {
                 *raw_len += n;
             }
         }
+        crate::progress::add(n);
         self.state = State::Blob(blob);
         Ok(())
     }
@@ -484,6 +491,60 @@ impl ImageWriter {
         self.begin_data()?;
         self.write_data(bytes)?;
         self.end_data()
+    }
+
+    /// Whether blobs are zstd-compressed (see [`compress_blob`]).
+    pub fn compresses(&self) -> bool {
+        self.compress
+    }
+
+    /// Writes one blob prepared elsewhere (the page copy compresses and
+    /// checksums on every core; only the write itself is serial): `stored`
+    /// as it goes to the file, what it decodes to (`raw_len`), and the
+    /// CRC-32C of `stored`. `compression` must be what this writer uses.
+    pub fn add_prepared(
+        &mut self,
+        stored: &[u8],
+        raw_len: u64,
+        crc32c: u32,
+        compression: Compression,
+    ) -> Result<DataRef, ImageError> {
+        match &self.state {
+            State::Idle => {}
+            State::Broken => return Err(broken()),
+            State::Blob(_) | State::Mapped => {
+                return Err(ImageError::WriterState {
+                    reason: "add_prepared while a blob or mapped area is open",
+                });
+            }
+        }
+        let expected = if self.compress {
+            Compression::Zstd
+        } else {
+            Compression::None
+        };
+        if compression != expected
+            || (compression == Compression::None && stored.len() as u64 != raw_len)
+        {
+            return Err(ImageError::WriterState {
+                reason: "a prepared blob does not match the image's compression",
+            });
+        }
+        check_blob_len(0, raw_len)?;
+        self.state = State::Broken;
+        self.pad_to_alignment()?;
+        let offset = self.pos;
+        (&*self.file).write_all(stored).map_err(|e| self.err(e))?;
+        self.pos += stored.len() as u64;
+        self.state = State::Idle;
+        crate::progress::add(raw_len);
+        Ok(DataRef {
+            offset,
+            stored_len: stored.len() as u64,
+            raw_len,
+            crc32c,
+            compression,
+        })
     }
 
     /// Reserves the next `len` bytes of the data area and maps them into

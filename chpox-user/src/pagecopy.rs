@@ -1,0 +1,399 @@
+//! Copying runs of a process's pages into an image on every core.
+//!
+//! An image is written by one writer, and a file takes one write at a time
+//! (tmpfs and most filesystems hold the inode lock across a write), so the
+//! write itself is the bound: `dd` of the same bytes. Everything else runs
+//! beside it on the other cores: worker threads copy the pages out of the
+//! process (`process_vm_readv`, many runs per call), checksum them, and
+//! compress them when the image is compressed, chunk by chunk, while the
+//! calling thread writes the chunks in order. A run is one blob; runs are
+//! at most [`CHUNK_PAGES`] long so a chunk holds whole runs and a
+//! compressed run is one zstd frame compressed on one core.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result};
+use crate::image::ImageWriter;
+use crate::image::model::{Compression, DataRef};
+use crate::memory::PAGE_SIZE;
+
+/// Longest run, and most bytes per chunk: 8 MiB keeps two buffers per
+/// worker small and a chunk's copy long enough to amortise the syscall.
+pub const CHUNK_PAGES: u64 = 2048;
+const CHUNK_BYTES: usize = (CHUNK_PAGES * PAGE_SIZE) as usize;
+/// Kernel limit on iovecs per process_vm_readv call (UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
+
+/// `runs` (address, page count) cut so that none is longer than
+/// [`CHUNK_PAGES`].
+pub fn split_runs(runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(runs.len());
+    for &(addr, npages) in runs {
+        let mut done = 0;
+        while done < npages {
+            let n = (npages - done).min(CHUNK_PAGES);
+            out.push((addr + done * PAGE_SIZE, n));
+            done += n;
+        }
+    }
+    out
+}
+
+/// Consecutive runs whose bytes together fit one chunk.
+fn chunks_of(runs: &[(u64, u64)]) -> Vec<Range<usize>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0usize;
+    for (i, &(_, npages)) in runs.iter().enumerate() {
+        let len = (npages * PAGE_SIZE) as usize;
+        if i > start && bytes + len > CHUNK_BYTES {
+            chunks.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += len;
+    }
+    if start < runs.len() {
+        chunks.push(start..runs.len());
+    }
+    chunks
+}
+
+/// One run, ready to be written.
+struct Prepared {
+    /// Compressed bytes; None: the run's bytes in the chunk buffer.
+    zstd: Option<Vec<u8>>,
+    range: Range<usize>,
+    crc: u32,
+}
+
+/// A chunk a worker finished, with the buffer it goes back to the worker in.
+struct Done {
+    index: usize,
+    worker: usize,
+    buf: Vec<u8>,
+    runs: Result<Vec<Prepared>>,
+}
+
+/// How pages are read out of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `process_vm_readv`: one copy, but it pins the pages (FOLL_PIN), and
+    /// pinning a page shared copy-on-write makes the kernel copy it first
+    /// ("unshare"): right for a frozen process's own pages, ruinous for a
+    /// snapshot, whose pages are all shared with the running process.
+    VmReadv,
+    /// `/proc/PID/mem`: reads through a kernel page, a reference without a
+    /// pin, so a shared page stays shared.
+    ProcMem,
+}
+
+/// Copy every run (each at most [`CHUNK_PAGES`], see [`split_runs`]) of
+/// process `pid` into `writer`, one blob per run; returns their `DataRef`s
+/// in order. `pid` must stay as it is meanwhile: frozen, or a snapshot.
+pub fn copy_runs(
+    pid: i32,
+    source: Source,
+    runs: &[(u64, u64)],
+    writer: &mut ImageWriter,
+) -> Result<Vec<DataRef>> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    if runs.iter().any(|&(_, n)| n > CHUNK_PAGES) {
+        return Err(Error::Other(
+            "internal: a page run longer than a chunk".into(),
+        ));
+    }
+    let path = format!("/proc/{pid}/mem");
+    let mem = File::open(&path).map_err(|source| Error::Proc { path, source })?;
+    let compress = writer.compresses();
+    let chunks = chunks_of(runs);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+        .min(chunks.len());
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let (done_tx, done_rx) = mpsc::sync_channel::<Done>(2 * workers);
+    std::thread::scope(|scope| {
+        let mut back = Vec::with_capacity(workers);
+        for worker in 0..workers {
+            let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+            back.push(back_tx);
+            let done_tx = done_tx.clone();
+            let (next, abort, chunks, mem) = (&next, &abort, &chunks, &mem);
+            scope.spawn(move || {
+                // Two buffers: one being filled while the other is written.
+                let mut spare = vec![Vec::new(), Vec::new()];
+                while !abort.load(Ordering::Relaxed) {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(index) else {
+                        break;
+                    };
+                    let Some(mut buf) = spare.pop().or_else(|| back_rx.recv().ok()) else {
+                        break;
+                    };
+                    let prepared =
+                        prepare(pid, source, mem, &runs[chunk.clone()], &mut buf, compress);
+                    let done = Done {
+                        index,
+                        worker,
+                        buf,
+                        runs: prepared,
+                    };
+                    if done_tx.send(done).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let result = write_in_order(&chunks, runs.len(), done_rx, &back, writer, compress);
+        if result.is_err() {
+            abort.store(true, Ordering::Relaxed);
+        }
+        // Dropping the receivers (with `back`) wakes every waiting worker.
+        drop(back);
+        result
+    })
+}
+
+/// The calling thread's half: write the chunks in order as they come.
+fn write_in_order(
+    chunks: &[Range<usize>],
+    nruns: usize,
+    done_rx: mpsc::Receiver<Done>,
+    back: &[mpsc::Sender<Vec<u8>>],
+    writer: &mut ImageWriter,
+    compress: bool,
+) -> Result<Vec<DataRef>> {
+    let compression = if compress {
+        Compression::Zstd
+    } else {
+        Compression::None
+    };
+    let mut refs = Vec::with_capacity(nruns);
+    let mut waiting: BTreeMap<usize, Done> = BTreeMap::new();
+    let mut next = 0;
+    while next < chunks.len() {
+        let done = done_rx
+            .recv()
+            .map_err(|_| Error::Other("internal: a page copy worker stopped early".into()))?;
+        waiting.insert(done.index, done);
+        while let Some(done) = waiting.remove(&next) {
+            let prepared = done.runs?;
+            for (run, p) in chunks[next].clone().zip(prepared) {
+                let raw_len = p.range.len() as u64;
+                let stored = match &p.zstd {
+                    Some(z) => z.as_slice(),
+                    None => done.buf.get(p.range.clone()).unwrap_or(&[]),
+                };
+                refs.push(writer.add_prepared(stored, raw_len, p.crc, compression)?);
+                debug_assert_eq!(refs.len(), run + 1);
+            }
+            // The worker may have finished already; the buffer is then freed.
+            let _ = back.get(done.worker).map(|b| b.send(done.buf));
+            next += 1;
+        }
+    }
+    Ok(refs)
+}
+
+/// A worker's half: copy a chunk's runs into `buf`, then checksum (and
+/// compress) each.
+fn prepare(
+    pid: i32,
+    source: Source,
+    mem: &File,
+    runs: &[(u64, u64)],
+    buf: &mut Vec<u8>,
+    compress: bool,
+) -> Result<Vec<Prepared>> {
+    let total: usize = runs.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
+    buf.resize(total, 0);
+    let mut at = 0usize;
+    for batch in runs.chunks(MAX_IOVECS) {
+        let len: usize = batch.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
+        read_runs(pid, source, mem, batch, &mut buf[at..at + len])?;
+        at += len;
+    }
+    let mut out = Vec::with_capacity(runs.len());
+    let mut at = 0usize;
+    for &(_, npages) in runs {
+        let range = at..at + (npages * PAGE_SIZE) as usize;
+        at = range.end;
+        let raw = &buf[range.clone()];
+        let prepared = if compress {
+            let z = crate::image::writer::compress_blob(raw)
+                .map_err(|e| Error::Other(format!("compressing pages: {e}")))?;
+            Prepared {
+                crc: crc32c::crc32c(&z),
+                zstd: Some(z),
+                range,
+            }
+        } else {
+            Prepared {
+                crc: crc32c::crc32c(raw),
+                zstd: None,
+                range,
+            }
+        };
+        out.push(prepared);
+    }
+    Ok(out)
+}
+
+/// Copy `runs` of the process's memory into `dest` (laid out in order):
+/// one process_vm_readv for all of them, and /proc/PID/mem for whatever it
+/// refuses (it stops at the first range it may not read: PROT_NONE,
+/// write-only; /proc/PID/mem reads those like a debugger).
+fn read_runs(
+    pid: i32,
+    source: Source,
+    mem: &File,
+    runs: &[(u64, u64)],
+    dest: &mut [u8],
+) -> Result<()> {
+    let remote: Vec<RemoteIoVec> = runs
+        .iter()
+        .map(|&(addr, n)| RemoteIoVec {
+            base: addr as usize,
+            len: (n * PAGE_SIZE) as usize,
+        })
+        .collect();
+    let total = dest.len();
+    let got = if source == Source::ProcMem {
+        0
+    } else {
+        let mut local = [IoSliceMut::new(dest)];
+        process_vm_readv(Pid::from_raw(pid), &mut local, &remote).unwrap_or(0)
+    };
+    if got == total {
+        return Ok(());
+    }
+    let mut from = got;
+    let mut run_start = 0usize;
+    for &(addr, n) in runs {
+        let run_end = run_start + (n * PAGE_SIZE) as usize;
+        if run_end > from {
+            let at = addr + (from - run_start) as u64;
+            mem.read_exact_at(&mut dest[from..run_end], at)
+                .map_err(|source| Error::Memory {
+                    pid,
+                    addr: at,
+                    source,
+                })?;
+            from = run_end;
+        }
+        run_start = run_end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_cut_to_chunks_and_chunks_hold_whole_runs() {
+        let runs = split_runs(&[(0, CHUNK_PAGES * 2 + 3), (1 << 40, 1)]);
+        assert_eq!(
+            runs,
+            vec![
+                (0, CHUNK_PAGES),
+                (CHUNK_PAGES * PAGE_SIZE, CHUNK_PAGES),
+                (2 * CHUNK_PAGES * PAGE_SIZE, 3),
+                (1 << 40, 1)
+            ]
+        );
+        assert_eq!(chunks_of(&runs), vec![0..1, 1..2, 2..4]);
+        let small = vec![(0, 1); 5000];
+        let chunks = chunks_of(&small);
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.iter().all(|c| c.len() as u64 <= CHUNK_PAGES));
+    }
+
+    /// Our own memory stands in for a target; plain and compressed images
+    /// read back exactly.
+    #[test]
+    fn runs_copied_on_all_cores_read_back_exactly() {
+        use crate::image::model::{Vma, VmaKind};
+        use crate::image::testutil::sample_metadata;
+        use crate::image::{ImageReader, WriteOptions};
+
+        let pages = 3 * CHUNK_PAGES + 5;
+        let source: Vec<u8> = (0..(pages + 1) * PAGE_SIZE)
+            .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+            .collect();
+        let base = source.as_ptr() as u64;
+        let aligned = base.next_multiple_of(PAGE_SIZE);
+        // A hole after the first page: two runs, cut into chunk-sized ones.
+        let runs = split_runs(&[(aligned, 1), (aligned + 2 * PAGE_SIZE, pages - 2)]);
+        for compress in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("img");
+            let opts = WriteOptions {
+                compress,
+                ..WriteOptions::default()
+            };
+            let mut writer = ImageWriter::create(&path, opts).expect("create");
+            let how = if compress {
+                Source::ProcMem
+            } else {
+                Source::VmReadv
+            };
+            let refs = copy_runs(std::process::id() as i32, how, &runs, &mut writer).expect("copy");
+            let mut meta = sample_metadata();
+            meta.root.vmas = vec![Vma {
+                start: aligned,
+                end: aligned + pages * PAGE_SIZE,
+                read: true,
+                write: true,
+                exec: false,
+                shared: false,
+                offset: 0,
+                name: String::new(),
+                kind: VmaKind::Anonymous,
+                file: None,
+                vm_flags: Vec::new(),
+                pages: runs
+                    .iter()
+                    .zip(refs)
+                    .map(|(&(addr, npages), data)| crate::image::model::PageRun {
+                        addr,
+                        npages,
+                        data,
+                    })
+                    .collect(),
+                shmem_id: None,
+            }];
+            writer.finish(&meta).expect("finish");
+            let reader = ImageReader::open(&path).expect("open");
+            reader.verify_all().expect("checksums");
+            let off = (aligned - base) as usize;
+            let first = reader
+                .read_memory(aligned, PAGE_SIZE as usize)
+                .expect("read")
+                .expect("stored");
+            assert_eq!(first, &source[off..off + PAGE_SIZE as usize]);
+            let len = ((pages - 2) * PAGE_SIZE) as usize;
+            let rest = reader
+                .read_memory(aligned + 2 * PAGE_SIZE, len)
+                .expect("read")
+                .expect("stored");
+            let from = off + 2 * PAGE_SIZE as usize;
+            assert!(rest == source[from..from + len], "compress={compress}");
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! A copy-on-write snapshot of a frozen process's memory, so its pages can
+//! be written while it runs again.
+//!
+//! While frozen, the process's leader is made to `clone` itself (a remote
+//! syscall, no `CLONE_VM`): the kernel copies its page tables and shares
+//! every private page copy-on-write, so the child's memory stays exactly
+//! what the parent's was at the freeze, whatever the parent writes later.
+//! The dump then reads the child's memory (`pagecopy`) after the process
+//! runs on, kills the child, and has the parent reap it.
+//!
+//! The child never runs a single instruction of the program:
+//! - the leader is traced with `PTRACE_O_TRACECLONE` for the call, so the
+//!   child starts attached to us and held in a ptrace stop before it
+//!   returns to user space; right away it gets `PTRACE_O_EXITKILL`, so it
+//!   dies with us;
+//! - should it run all the same (we die in the microseconds between the
+//!   clone and that option), its stack pointer is an unmapped address and
+//!   every signal is blocked (the borrowed thread's mask): its first `ret`
+//!   faults and the kernel kills it;
+//! - it shares the descriptor table (`CLONE_FILES`), so it holds no extra
+//!   reference to any file, pipe or socket, and it has no exit signal, so
+//!   the parent gets no SIGCHLD and a plain `wait()` never sees it.
+//!
+//! What a fork does not copy as it was is copied while frozen, from the
+//! process itself, as before: shared memory (the child would see later
+//! writes), and mappings marked `MADV_DONTFORK` or `MADV_WIPEONFORK`.
+//! Processes under seccomp (a filter could kill them for `clone`) and
+//! processes using userfaultfd (a fork event would reach their monitor) are
+//! not snapshotted either: their pages are copied while frozen.
+//!
+//! The child is a child of the process, so only the process can reap it:
+//! once the pages are written the process is frozen once more, very
+//! briefly, for a remote `wait4`.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::image::ImageWriter;
+use crate::image::model::{Metadata, VmaKind};
+use crate::memory::{self, MapEntry, PageDumper};
+use crate::ptrace::{Frozen, Stop, wait_stop};
+use crate::remote::RemoteThread;
+use crate::safe_return::Gadgets;
+
+/// Where the child's stack pointer points: never mapped (below
+/// vm.mmap_min_addr), so a child that runs faults at its first `ret`.
+const UNMAPPED_STACK: u64 = 16;
+
+/// Whether `pid`, with mappings `maps`, may be snapshotted by a fork.
+pub fn may_fork(pid: i32, maps: &[MapEntry]) -> bool {
+    let seccomp = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .map(|v| v.trim() == "0")
+        });
+    if seccomp != Some(true) {
+        debug!(pid, "seccomp (or unknown): pages copied while frozen");
+        return false;
+    }
+    let uffd = maps.iter().any(|m| {
+        m.vm_flags
+            .iter()
+            .any(|f| f == "um" || f == "uw" || f == "ui")
+    });
+    if uffd {
+        debug!(pid, "userfaultfd in use: pages copied while frozen");
+        return false;
+    }
+    true
+}
+
+/// Whether the pages of `map` can be read from a fork of its process: its
+/// private pages, unless the fork leaves them out or empty.
+pub fn fork_copies(map: &MapEntry, kind: VmaKind) -> bool {
+    matches!(kind, VmaKind::Anonymous | VmaKind::PrivateFile)
+        && !map.vm_flags.iter().any(|f| f == "dc" || f == "wf")
+}
+
+/// A mapping whose pages are to be read from the snapshot.
+struct Deferred {
+    vma_index: usize,
+    start: u64,
+    end: u64,
+    kind: VmaKind,
+}
+
+/// The frozen copy of one process of the image (see the module
+/// documentation). Dropping it kills the child.
+pub struct Snapshot {
+    target: i32,
+    child: i32,
+    /// Which process of the image (image order).
+    process: usize,
+    syscall_ip: u64,
+    gadgets: Option<Gadgets>,
+    deferred: Vec<Deferred>,
+    child_alive: bool,
+    /// When the process started: with the PID, the same process.
+    start_time: Option<u64>,
+}
+
+/// When `pid` started (clock ticks since boot, /proc/PID/stat field 22),
+/// while it is alive (not a zombie).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may hold spaces and parentheses: count from the last ')'.
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+impl Snapshot {
+    /// Fork the frozen process through its borrowed `leader`. An error from
+    /// the clone itself (no memory, a PID or process limit) is not fatal:
+    /// Ok(None), and the pages are copied while frozen.
+    pub fn take(
+        leader: &mut RemoteThread<'_>,
+        process: usize,
+        syscall_ip: u64,
+        gadgets: Option<Gadgets>,
+    ) -> Result<Option<Snapshot>> {
+        let target = leader.pid();
+        let started = Instant::now();
+        let flags = libc::CLONE_FILES as u64; // exit signal 0
+        let child = match leader.clone_attached([flags, UNMAPPED_STACK, 0, 0, 0, 0]) {
+            Ok(child) => child,
+            Err(Error::RemoteSyscall { errno, .. }) => {
+                debug!(target, %errno, "no snapshot: clone failed; pages copied while frozen");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let snapshot = Snapshot {
+            target,
+            child,
+            process,
+            syscall_ip,
+            gadgets,
+            deferred: Vec::new(),
+            child_alive: true,
+            start_time: start_time(target),
+        };
+        // Its first stop, before it ever returns to user space.
+        match wait_stop(child)? {
+            Stop::Event => {}
+            other => {
+                return Err(Error::Other(format!(
+                    "snapshot of PID {target}: its copy {child} stopped as {other:?}"
+                )));
+            }
+        }
+        ptrace::setoptions(Pid::from_raw(child), ptrace::Options::PTRACE_O_EXITKILL).map_err(
+            |source| Error::Ptrace {
+                op: "setoptions",
+                tid: child,
+                source,
+            },
+        )?;
+        debug!(
+            target,
+            child,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "snapshot taken"
+        );
+        Ok(Some(snapshot))
+    }
+
+    /// Leave the pages of `map` (VMA `vma_index` of the process's image) to
+    /// be read from the snapshot later.
+    pub fn defer(&mut self, vma_index: usize, map: &MapEntry, kind: VmaKind) {
+        self.deferred.push(Deferred {
+            vma_index,
+            start: map.start,
+            end: map.end,
+            kind,
+        });
+    }
+
+    /// Write the deferred pages into `writer` and their runs into `meta`;
+    /// returns (pages stored, pages resident).
+    fn write_pages(&self, meta: &mut Metadata, writer: &mut ImageWriter) -> Result<(u64, u64)> {
+        let mut pagemap = PageDumper::new(self.child)?;
+        let mut runs = Vec::new();
+        let mut resident = 0u64;
+        // Which deferred VMA each run belongs to.
+        let mut owner = Vec::new();
+        for (i, d) in self.deferred.iter().enumerate() {
+            let entries = pagemap.pagemap(d.start, d.end)?;
+            resident += entries.iter().filter(|&&e| e >> 63 != 0).count() as u64;
+            let needed = entries
+                .iter()
+                .map(|&e| memory::page_needs_storing(d.kind, e));
+            let selected = crate::pagecopy::split_runs(&memory::runs_of(d.start, needed));
+            owner.extend(std::iter::repeat_n(i, selected.len()));
+            runs.extend(selected);
+        }
+        let stored: u64 = runs.iter().map(|r| r.1).sum();
+        let started = Instant::now();
+        let refs = crate::pagecopy::copy_runs(
+            self.child,
+            crate::pagecopy::Source::ProcMem,
+            &runs,
+            writer,
+        )?;
+        debug!(
+            target = self.target,
+            pages = stored,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "snapshot pages written"
+        );
+        let proc_image = meta
+            .processes_mut()
+            .nth(self.process)
+            .ok_or_else(|| Error::Other("internal: a snapshot of no process".into()))?;
+        for ((&(addr, npages), data), i) in runs.iter().zip(refs).zip(owner) {
+            let vma = proc_image
+                .vmas
+                .get_mut(self.deferred[i].vma_index)
+                .ok_or_else(|| Error::Other("internal: a snapshot of no mapping".into()))?;
+            vma.pages
+                .push(crate::image::model::PageRun { addr, npages, data });
+        }
+        Ok((stored, resident))
+    }
+
+    /// Kill the child and collect its ptrace exit; it stays a zombie child
+    /// of the process until [`reap`](Self::reap).
+    fn kill_child(&mut self) {
+        if !self.child_alive {
+            return;
+        }
+        let started = Instant::now();
+        self.child_alive = false;
+        let _ = nix::sys::signal::kill(Pid::from_raw(self.child), Signal::SIGKILL);
+        while !matches!(wait_stop(self.child), Ok(Stop::Exited) | Err(_)) {
+            let _ = ptrace::cont(Pid::from_raw(self.child), None);
+        }
+        debug!(
+            child = self.child,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "snapshot killed"
+        );
+    }
+
+    /// Freeze the process once more and have it reap the dead child.
+    /// Returns how long it was frozen. Fails if the process is gone.
+    fn reap(&mut self) -> Result<Duration> {
+        self.kill_child();
+        if self.start_time.is_none() || start_time(self.target) != self.start_time {
+            return Err(Error::Exited(self.target));
+        }
+        let started = Instant::now();
+        let frozen = Frozen::freeze(self.target)?;
+        let mut leader = RemoteThread::borrow_guarded(
+            &frozen,
+            self.target,
+            self.gadgets.as_ref(),
+            self.syscall_ip,
+        )?;
+        let ret = leader.syscall(
+            libc::SYS_wait4,
+            [
+                self.child as u64,
+                0,
+                (libc::__WALL | libc::WNOHANG) as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
+        leader.give_back()?;
+        frozen.resume();
+        if ret != self.child as i64 {
+            // ECHILD: the process reaped it itself (a wait with __WALL).
+            debug!(
+                target = self.target,
+                child = self.child,
+                ret,
+                "snapshot reaped elsewhere"
+            );
+        }
+        Ok(started.elapsed())
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        // An error path: the child must not outlive the dump. Its zombie
+        // stays with the process (invisible to a plain wait) until it exits.
+        if self.child_alive {
+            warn!(
+                target = self.target,
+                child = self.child,
+                "dump failed with a snapshot out: its copy is killed"
+            );
+        }
+        self.kill_child();
+    }
+}
+
+/// What writing the snapshots' pages did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    pub pages_stored: u64,
+    pub resident_pages: u64,
+    /// The longest of the brief freezes to reap the copies.
+    pub reap_pause: Duration,
+}
+
+/// Write every snapshot's pages into `writer` and `meta`, then kill the
+/// copies and have each process reap its own. A process that exited in
+/// the meantime fails the dump: the image would be of a process that no
+/// longer exists by the time it is published.
+pub fn write_all(
+    mut snapshots: Vec<Snapshot>,
+    meta: &mut Metadata,
+    writer: &mut ImageWriter,
+) -> Result<Written> {
+    let mut written = Written::default();
+    for s in &mut snapshots {
+        let (stored, resident) = s.write_pages(meta, writer)?;
+        written.pages_stored += stored;
+        written.resident_pages += resident;
+        // Free the copy-on-write pages as soon as they are written.
+        s.kill_child();
+    }
+    for s in &mut snapshots {
+        let pause = s.reap().map_err(|e| match e {
+            Error::Exited(pid) => Error::Other(format!(
+                "PID {pid} exited while its image was being written; no checkpoint written"
+            )),
+            e => e,
+        })?;
+        written.reap_pause = written.reap_pause.max(pause);
+    }
+    Ok(written)
+}

@@ -1,0 +1,67 @@
+//! `cowwriters [<threads>] [<mib_per_thread>]`
+//!
+//! Every thread (default 4) owns a slice (default 16 MiB) of one private
+//! anonymous region and rewrites it, pass after pass, as fast as it can:
+//! in pass `g` it writes `tag(t) | g` to each word in order. So at any
+//! instant a slice reads `g+1` up to where its thread is and `g` after it:
+//! one step down, of one, at most. A copy of the region taken at one
+//! instant keeps that shape in every slice; a copy made piece by piece
+//! while the threads write does not (a later piece is a later pass).
+//!
+//! Prints `READY addr=0x<hex> len=<bytes> threads=<n> slice=<bytes>`, then
+//! runs until SIGUSR1: the threads stop, and it prints `DONE passes=<n>`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use chpox_tests::{arg_or, mask_signals, mmap_anon_isolated, say, stop_on_signal, wait_for_stop};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static PASSES: AtomicU64 = AtomicU64::new(0);
+
+/// The thread's mark in the top bits of each word it writes.
+pub fn tag(t: u64) -> u64 {
+    (t + 1) << 48
+}
+
+fn writer(t: u64, base: usize, words: usize) {
+    let slice = (base + t as usize * words * 8) as *mut u64;
+    let mut pass = 1u64;
+    while !STOP.load(Ordering::Relaxed) {
+        for w in 0..words {
+            // SAFETY: the slice lies within the region mapped in main and
+            // is written by this thread only.
+            unsafe { slice.add(w).write_volatile(tag(t) | pass) };
+        }
+        PASSES.fetch_add(1, Ordering::Relaxed);
+        pass += 1;
+    }
+}
+
+fn main() {
+    let threads: u64 = arg_or(0, 4);
+    let mib: usize = arg_or(1, 16);
+    let words = (mib << 20) / 8;
+    let len = threads as usize * (mib << 20);
+    let base = mmap_anon_isolated(len, 0) as usize;
+    stop_on_signal(libc::SIGUSR1);
+    mask_signals(libc::SIG_BLOCK, &[libc::SIGUSR1]);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| std::thread::spawn(move || writer(t, base, words)))
+        .collect();
+    mask_signals(libc::SIG_UNBLOCK, &[libc::SIGUSR1]);
+    // Every slice written through at least once before anyone looks.
+    while PASSES.load(Ordering::Relaxed) < threads {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    say!(
+        "READY addr={base:#x} len={len} threads={threads} slice={}",
+        words * 8
+    );
+    wait_for_stop(Duration::from_millis(20));
+    STOP.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().expect("writer panicked");
+    }
+    say!("DONE passes={}", PASSES.load(Ordering::Relaxed));
+}
