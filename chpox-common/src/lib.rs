@@ -105,6 +105,10 @@ pub struct SlotState {
     /// Trigger signals that arrived while a checkpoint was already asked for
     /// and were folded into it.
     pub coalesced: u64,
+    /// CLOCK_MONOTONIC when the state last became RUNNING_AGAIN (written
+    /// just before that transition), so the checkpoint that follows knows
+    /// when it was asked for.
+    pub again_ns: u64,
 }
 
 /// Nothing asked for; the next trigger signal asks for a checkpoint.
@@ -299,7 +303,7 @@ mod tests {
     #[test]
     fn shared_structs_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<Registration>(), 24);
-        assert_eq!(core::mem::size_of::<SlotState>(), 24);
+        assert_eq!(core::mem::size_of::<SlotState>(), 32);
         assert_eq!(core::mem::size_of::<Event>(), 48);
         assert_eq!(core::mem::size_of::<SignalOffsets>(), 16);
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 32);

@@ -183,11 +183,12 @@ fn ask_for_checkpoint<C: EbpfContext>(
     };
     // SAFETY: slot points into an array map value, which stays valid for the
     // whole program run; the fields are naturally aligned for atomics.
-    let (state, signals, coalesced) = unsafe {
+    let (state, signals, coalesced, again_ns) = unsafe {
         (
             addr_of_mut!((*slot).state),
             addr_of_mut!((*slot).signals),
             addr_of_mut!((*slot).coalesced),
+            addr_of_mut!((*slot).again_ns),
         )
     };
     // SAFETY: the three pointers are valid and aligned (see above).
@@ -198,7 +199,13 @@ fn ask_for_checkpoint<C: EbpfContext>(
     for _ in 0..CAS_TRIES {
         let desired = match expected {
             STATE_IDLE => STATE_REQUESTED,
-            STATE_RUNNING => STATE_RUNNING_AGAIN,
+            STATE_RUNNING => {
+                // Before the transition, so the agent finds it once it
+                // sees RUNNING_AGAIN.
+                // SAFETY: as above.
+                unsafe { again_ns.write_volatile(bpf_ktime_get_ns()) };
+                STATE_RUNNING_AGAIN
+            }
             // REQUESTED or RUNNING_AGAIN: a checkpoint is already coming.
             _ => {
                 // SAFETY: as above.

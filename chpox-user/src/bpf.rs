@@ -486,7 +486,7 @@ impl StatesMap {
 
     fn state(&self, slot: u32) -> Option<&AtomicU32> {
         // SAFETY: slot_ptr is in bounds of our live mapping and 8-aligned
-        // (SLOT_SIZE is 24 and the base is page-aligned); `state` is the
+        // (SLOT_SIZE is 32 and the base is page-aligned); `state` is the
         // first field of the #[repr(C)] SlotState.
         self.slot_ptr(slot)
             .map(|p| unsafe { AtomicU32::from_ptr(p.cast()) })
@@ -496,7 +496,7 @@ impl StatesMap {
         self.slot_ptr(slot)
             .map(|p| {
                 // SAFETY: as in `state`; the counters are the u64 fields at
-                // offsets 8 and 16, 8-aligned.
+                // offsets 8, 16 and 24, 8-aligned.
                 unsafe { AtomicU64::from_ptr(p.wrapping_add(field_offset).cast()) }
                     .load(Ordering::Acquire)
             })
@@ -512,6 +512,17 @@ impl StatesMap {
             _pad: 0,
             signals: self.counter(slot, 8),
             coalesced: self.counter(slot, 16),
+            again_ns: self.counter(slot, 24),
+        }
+    }
+
+    /// Record when `slot` is about to become RUNNING_AGAIN (as the eBPF
+    /// program does for a signal).
+    pub fn set_again_ns(&self, slot: u32, ns: u64) {
+        if let Some(p) = self.slot_ptr(slot) {
+            // SAFETY: in bounds of the mapping, as in `state`; again_ns is
+            // the u64 at offset 24, 8-aligned.
+            unsafe { AtomicU64::from_ptr(p.wrapping_add(24).cast()) }.store(ns, Ordering::Release);
         }
     }
 
@@ -532,6 +543,7 @@ impl StatesMap {
                 AtomicU32::from_ptr(p.cast()).store(chpox_common::STATE_IDLE, Ordering::Release);
                 AtomicU64::from_ptr(p.wrapping_add(8).cast()).store(0, Ordering::Release);
                 AtomicU64::from_ptr(p.wrapping_add(16).cast()).store(0, Ordering::Release);
+                AtomicU64::from_ptr(p.wrapping_add(24).cast()).store(0, Ordering::Release);
             }
         }
     }

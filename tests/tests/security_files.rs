@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::agent::{Agent, NOBODY, POLL, STARTUP_TIMEOUT, assert_ok, scratch};
+use common::agent::{Agent, NOBODY, POLL, STARTUP_TIMEOUT, assert_ok, no_inherited_fds, scratch};
 use common::{Target, bin, chmod, chpox_bin, path_str, show};
 
 /// Set in the environment of a copy of this test program that is to act
@@ -153,6 +153,7 @@ fn an_execute_only_executable_is_not_embedded_for_its_user() {
     let img = out_dir.join("img.chpox");
 
     let mut cmd = Command::new(&exe);
+    no_inherited_fds(&mut cmd);
     cmd.args(["dumpable_target_helper", "--exact", "--nocapture"])
         .env(HELPER_ENV, "1")
         .current_dir(&s.logs)
@@ -232,6 +233,7 @@ fn a_deleted_root_only_file_held_open_is_not_embedded_for_its_user() {
 
     let raw = handed.as_raw_fd();
     let mut cmd = Command::new(bin("mempattern"));
+    no_inherited_fds(&mut cmd);
     cmd.arg("4").current_dir(&s.logs).uid(NOBODY).gid(NOBODY);
     hand_over(&mut cmd, raw, 7);
     let t = Target::spawn_command(cmd, "mempattern", &s.logs);
@@ -284,6 +286,7 @@ fn a_users_readable_executable_and_deleted_file_are_embedded() {
 
     let raw = handed.as_raw_fd();
     let mut cmd = Command::new(bin("mempattern"));
+    no_inherited_fds(&mut cmd);
     cmd.arg("4").current_dir(&s.logs).uid(NOBODY).gid(NOBODY);
     hand_over(&mut cmd, raw, 8);
     let t = Target::spawn_command(cmd, "mempattern", &s.logs);
@@ -343,6 +346,7 @@ fn a_user_cannot_redirect_roots_checkpoint_with_a_symlink() {
     let img = sub.join("img.chpox");
 
     let mut cmd = Command::new(bin("mempattern"));
+    no_inherited_fds(&mut cmd);
     cmd.arg("4").current_dir(&s.logs).uid(NOBODY).gid(NOBODY);
     let t = Target::spawn_command(cmd, "mempattern", &s.logs);
     let pid = t.pid.to_string();

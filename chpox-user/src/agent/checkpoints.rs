@@ -46,12 +46,7 @@ impl Agent {
     /// Write the checkpoint(s) an event asked for. Blocking.
     pub(super) fn run_checkpoints(&self, event: Event) {
         let pid = event.tgid as i32;
-        if event.result == chpox_common::RESULT_STOPPED_BY_GUARD {
-            // The guard refused the signal because the process no longer
-            // ignores it; once ignored again, `kill` succeeds again.
-            let agent_event = event;
-            self.on_disposition(agent_event);
-        }
+
         // Who asked, for an operator wondering where a checkpoint came from.
         debug!(
             pid,
@@ -62,6 +57,7 @@ impl Agent {
             sender_pid = event.sender_tgid,
             sender_tid = event.sender_pid,
             sender_uid = event.sender_uid,
+            since_signal_us = monotonic_ns().saturating_sub(event.timestamp_ns) / 1000,
             "checkpoint requested"
         );
         let Some(entry) = self.lock().entries.get(&pid).cloned() else {
@@ -82,6 +78,9 @@ impl Agent {
         }
         // Whether the timer asked for the checkpoint about to start.
         let mut by_timer = event.result == RESULT_TIMER;
+        // The request each checkpoint answers: for one more after the
+        // first, asked for while it ran, with the time it was asked.
+        let mut event = event;
         loop {
             let number = {
                 let mut state = self.lock();
@@ -105,6 +104,7 @@ impl Agent {
                             e.checkpoints += 1;
                             e.last_checkpoint = Some(unix_now());
                             e.last_error = None;
+                            e.logged_error = None;
                             e.children_not_saved = written.children_not_saved.clone();
                             // Once per registration: the same children are
                             // left out of every checkpoint it takes.
@@ -170,6 +170,10 @@ impl Agent {
                 .entries
                 .get_mut(&pid)
                 .is_some_and(|e| std::mem::take(&mut e.timer_again));
+            let asked_at = self.states.load(entry.slot).again_ns;
+            if asked_at != 0 {
+                event.timestamp_ns = asked_at;
+            }
         }
     }
 
@@ -362,9 +366,23 @@ pub(super) async fn serve_events(agent: Arc<Agent>, ring: aya::maps::RingBuf<aya
                 continue;
             };
             drop(item);
+            debug!(
+                kind = event.kind,
+                pid = event.tgid,
+                since_signal_us = monotonic_ns().saturating_sub(event.timestamp_ns) / 1000,
+                "event received"
+            );
             let agent = Arc::clone(&agent);
             match event.kind {
                 EVENT_CHECKPOINT => {
+                    if event.result == chpox_common::RESULT_STOPPED_BY_GUARD {
+                        // The guard refused the signal because the process
+                        // no longer ignores it; once it is ignored again,
+                        // `kill` succeeds again. (It waits for the
+                        // checkpoint, which holds the process.)
+                        let agent = Arc::clone(&agent);
+                        tokio::task::spawn_blocking(move || agent.on_disposition(event));
+                    }
                     tokio::task::spawn_blocking(move || agent.run_checkpoints(event));
                 }
                 // It saves the registrations to a file: not on this task.

@@ -399,7 +399,7 @@ impl Agent {
             }
         };
         let mut kept = Vec::new();
-        for entry in saved {
+        for mut entry in saved {
             let alive = match liveness(entry.pid, entry.start_time) {
                 Liveness::Same => true,
                 Liveness::Gone => false,
@@ -408,8 +408,26 @@ impl Agent {
                     true
                 }
             };
-            let ignored = signals::disposition(entry.pid, entry.signal as i32)
+            let mut ignored = signals::disposition(entry.pid, entry.signal as i32)
                 .is_ok_and(|d| d == Disposition::Ignored);
+            // Set back to the default while no agent ran (as a watched
+            // process would have been at once): ignored again.
+            if alive
+                && !ignored
+                && signals::disposition(entry.pid, entry.signal as i32)
+                    .is_ok_and(|d| d == Disposition::Default)
+            {
+                match signals::set_action(entry.pid, signals::ignore(entry.signal as i32)) {
+                    Ok(old) => {
+                        info!(pid = entry.pid, comm = %entry.comm, "the process set its trigger signal back to the default while no agent ran; ignored again");
+                        entry.previous_action = Some(old);
+                        ignored = true;
+                    }
+                    Err(e) => {
+                        warn!(pid = entry.pid, error = %e, "cannot ignore the trigger signal again")
+                    }
+                }
+            }
             if !alive || !ignored {
                 warn!(pid = entry.pid, comm = %entry.comm, "registration lost: the process is gone or no longer ignores its signal");
                 continue;

@@ -42,8 +42,11 @@ fn tick(states: &StatesMap, slot: u32) -> Tick {
             STATE_IDLE if states.transition(slot, STATE_IDLE, STATE_REQUESTED) => {
                 return Tick::Start;
             }
-            STATE_RUNNING if states.transition(slot, STATE_RUNNING, STATE_RUNNING_AGAIN) => {
-                return Tick::Again;
+            STATE_RUNNING => {
+                states.set_again_ns(slot, monotonic_ns());
+                if states.transition(slot, STATE_RUNNING, STATE_RUNNING_AGAIN) {
+                    return Tick::Again;
+                }
             }
             STATE_REQUESTED | STATE_RUNNING_AGAIN => return Tick::Folded,
             _ => {}

@@ -220,13 +220,12 @@ pub fn send(pid: i32, sig: i32) {
 
 /// No core files from targets killed by SIGSYS (its default action dumps
 /// core), and none in the source tree either: targets run in `dir`. Nor
-/// descriptors the test runner inherited (a build tool's jobserver pipe,
-/// say): a checkpoint of the target would rightly refuse a pipe to an
-/// unrelated process, which is not what these tests are about.
+/// inherited descriptors (see [`no_inherited_fds`]).
 pub fn no_core(cmd: &mut Command, dir: &Path) {
     cmd.current_dir(dir);
-    // SAFETY: the hook only calls setrlimit and close_range, which are
-    // async-signal-safe and touch no memory of the parent.
+    no_inherited_fds(cmd);
+    // SAFETY: the hook only calls setrlimit, which is async-signal-safe
+    // and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
             let none = libc::rlimit {
@@ -236,6 +235,21 @@ pub fn no_core(cmd: &mut Command, dir: &Path) {
             if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            Ok(())
+        });
+    }
+}
+
+/// The program `cmd` runs gets none of the descriptors the test runner
+/// inherited (a build tool's jobserver pipe, say): a checkpoint of it
+/// would rightly refuse a pipe to an unrelated process, which is not what
+/// these tests are about. Call it before handing descriptors over in a
+/// later `pre_exec` hook (hooks run in order).
+pub fn no_inherited_fds(cmd: &mut Command) {
+    // SAFETY: the hook only calls close_range, which is async-signal-safe
+    // and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
             // Close-on-exec rather than closed: the standard library's own
             // pipe to report a failed exec must stay open until the exec.
             if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0 {
@@ -306,6 +320,13 @@ impl Agent {
             .arg("--image-dir")
             .arg(opts.images.unwrap_or(&s.images))
             .args(opts.args)
+            // The machine's /etc/chpox/agent.toml is not the test's.
+            .args(
+                (!opts.args.contains(&"--config"))
+                    .then_some(["--config", "/dev/null"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("CHPOX_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("CHPOX_RUN_DIR")
