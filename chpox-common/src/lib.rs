@@ -37,8 +37,14 @@ pub mod flags {
     pub const EMBED_LIBS: u32 = 4;
     /// Also checkpoint the children of the process.
     pub const INCLUDE_CHILDREN: u32 = 8;
+    /// Save established TCP connections in TCP repair mode
+    /// (`--tcp-established`).
+    pub const TCP_ESTABLISHED: u32 = 16;
+    /// Restore established TCP connections reset (`--tcp-close`).
+    pub const TCP_CLOSE: u32 = 32;
     /// Every bit we understand; anything else in a register line is an error.
-    pub const KNOWN: u32 = REGISTERED | EMBED_EXE | EMBED_LIBS | INCLUDE_CHILDREN;
+    pub const KNOWN: u32 =
+        REGISTERED | EMBED_EXE | EMBED_LIBS | INCLUDE_CHILDREN | TCP_ESTABLISHED | TCP_CLOSE;
 }
 
 /// Names of the maps and programs in the eBPF object.
@@ -50,10 +56,19 @@ pub mod names {
     pub const SIGNAL_PROGRAM: &str = "chpox_signal_generate";
     pub const EXIT_PROGRAM: &str = "chpox_process_exit";
     pub const NEWTASK_PROGRAM: &str = "chpox_task_newtask";
+    /// The BPF LSM guard on `task_kill` (see the eBPF crate).
+    pub const GUARD_PROGRAM: &str = "chpox_task_kill";
+    pub const GUARD_HOOK: &str = "task_kill";
+    /// Watches registered processes changing their trigger signal's
+    /// disposition (`syscalls/sys_enter_rt_sigaction`).
+    pub const SIGACTION_PROGRAM: &str = "chpox_sigaction";
     /// Globals set at load time from the tracepoints' format files.
     pub const GLOBAL_SIGNAL_OFFSETS: &str = "SIGNAL_OFFSETS";
     pub const GLOBAL_EXIT_OFFSETS: &str = "EXIT_OFFSETS";
     pub const GLOBAL_NEWTASK_OFFSETS: &str = "NEWTASK_OFFSETS";
+    /// Set from the kernel's BTF at load time.
+    pub const GLOBAL_TASK_OFFSETS: &str = "TASK_OFFSETS";
+    pub const GLOBAL_SIGACTION_OFFSETS: &str = "SIGACTION_OFFSETS";
 }
 
 /// Value of the `REGISTRY` hash map, keyed by the registered process's
@@ -106,6 +121,16 @@ pub const STATE_RUNNING_AGAIN: u32 = 3;
 pub const EVENT_CHECKPOINT: u32 = 1;
 /// A registered process exited (its entry is already gone from `REGISTRY`).
 pub const EVENT_EXIT: u32 = 2;
+/// A registered process is setting its trigger signal to something other
+/// than ignoring it (SIG_DFL, or a handler: `Event::code` is the new
+/// handler's low 32 bits, 0 for SIG_DFL).
+pub const EVENT_DISPOSITION: u32 = 3;
+
+/// `Event::result` of a checkpoint request whose signal the BPF LSM guard
+/// stopped (the target would not have ignored it): the signal was never
+/// generated, so the tracepoint did not see it. Outside the tracepoint's
+/// own values (0–4).
+pub const RESULT_STOPPED_BY_GUARD: i32 = 100;
 
 /// A record in the `EVENTS` ring buffer.
 #[repr(C)]
@@ -184,6 +209,70 @@ impl NewTaskOffsets {
     };
 }
 
+/// Where the guard finds, in the kernel's own structures, the process a
+/// signal is aimed at and what that process does with the signal:
+/// `task->tgid` and `task->sighand->action[sig - 1].sa.sa_handler`. Taken
+/// from the kernel's BTF (/sys/kernel/btf/vmlinux) at load time, as CO-RE
+/// would; the eBPF side reads them with `bpf_probe_read_kernel`, so a wrong
+/// offset reads a wrong value but cannot fault.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct.tgid` (pid_t).
+    pub tgid: u32,
+    /// `task_struct.pid` (pid_t): the thread a signal is aimed at.
+    pub pid: u32,
+    /// `task_struct.sighand` (pointer).
+    pub sighand: u32,
+    /// `sighand_struct.action` (array of `k_sigaction`).
+    pub action: u32,
+    /// `sizeof(struct k_sigaction)`.
+    pub ksigaction_size: u32,
+    /// `k_sigaction.sa.sa_handler` from the start of a `k_sigaction`.
+    pub handler: u32,
+    /// 1 once the agent set these from BTF; the guard stays out of the
+    /// way (lets every signal through) while 0.
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+impl TaskOffsets {
+    pub const DEFAULT: TaskOffsets = TaskOffsets {
+        tgid: 0,
+        pid: 0,
+        sighand: 0,
+        action: 0,
+        ksigaction_size: 0,
+        handler: 0,
+        valid: 0,
+        _pad: 0,
+    };
+}
+
+/// `SIG_DFL` and `SIG_IGN` as `sa_handler` values.
+pub const SIG_DFL: u64 = 0;
+pub const SIG_IGN: u64 = 1;
+
+/// Whether a process whose handler for `signal` is `handler` would ignore
+/// the signal: SIG_IGN, or the default action of a signal whose default is
+/// to ignore it (SIGCHLD, SIGCONT, SIGURG, SIGWINCH), as the kernel's
+/// `sig_task_ignored` decides.
+pub const fn would_ignore(signal: u32, handler: u64) -> bool {
+    handler == SIG_IGN || (handler == SIG_DFL && matches!(signal, 17 | 18 | 23 | 28))
+}
+
+/// Byte offsets in `syscalls/sys_enter_rt_sigaction`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SigactionOffsets {
+    pub sig: u32,
+    pub act: u32,
+}
+
+impl SigactionOffsets {
+    pub const DEFAULT: SigactionOffsets = SigactionOffsets { sig: 16, act: 24 };
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)] structs of plain integers with
@@ -194,6 +283,8 @@ mod pod {
     unsafe impl aya::Pod for super::SignalOffsets {}
     unsafe impl aya::Pod for super::ExitOffsets {}
     unsafe impl aya::Pod for super::NewTaskOffsets {}
+    unsafe impl aya::Pod for super::TaskOffsets {}
+    unsafe impl aya::Pod for super::SigactionOffsets {}
 }
 
 #[cfg(test)]
@@ -201,8 +292,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn known_flags_cover_every_bit_old_chpox_defined() {
-        assert_eq!(flags::KNOWN, 0b1111);
+    fn known_flags_are_old_chpoxs_bits_and_the_tcp_policies() {
+        assert_eq!(flags::KNOWN, 0b11_1111);
     }
 
     #[test]
@@ -211,5 +302,15 @@ mod tests {
         assert_eq!(core::mem::size_of::<SlotState>(), 24);
         assert_eq!(core::mem::size_of::<Event>(), 48);
         assert_eq!(core::mem::size_of::<SignalOffsets>(), 16);
+        assert_eq!(core::mem::size_of::<TaskOffsets>(), 32);
+    }
+
+    #[test]
+    fn only_ignored_dispositions_are_ignored() {
+        assert!(would_ignore(31, SIG_IGN));
+        assert!(!would_ignore(31, SIG_DFL));
+        assert!(!would_ignore(31, 0x401000), "a handler runs");
+        assert!(would_ignore(28, SIG_DFL), "SIGWINCH is ignored by default");
+        assert!(!would_ignore(10, SIG_DFL));
     }
 }

@@ -10,8 +10,39 @@
 //! thread of a registered process exits, it drops the `REGISTRY` entry and
 //! tells the agent, which frees the `STATES` slot.
 //!
-//! Field offsets of both tracepoints come from their format files: the agent
-//! sets `SIGNAL_OFFSETS` and `EXIT_OFFSETS` at load time.
+//! Field offsets of the tracepoints come from their format files: the agent
+//! sets `SIGNAL_OFFSETS`, `EXIT_OFFSETS`, `NEWTASK_OFFSETS` and
+//! `SIGACTION_OFFSETS` at load time.
+//!
+//! ## A trigger that never kills
+//!
+//! Registering sets the trigger signal to SIG_IGN in the process, so the
+//! kernel drops it at generation, after `signal_generate` has seen it. But
+//! a process may undo that at any moment (Node.js resets every disposition
+//! at start-up; any program may `signal(SIGSYS, SIG_DFL)`). Two programs
+//! keep the signal harmless, split by what each can do:
+//!
+//! - `chpox_task_kill`, a BPF LSM program on `task_kill`, runs before a
+//!   signal a process sends is generated. For the trigger signal aimed at
+//!   a registered process that would not ignore it (SIG_DFL or a handler,
+//!   read from `task->sighand->action[sig - 1]` at offsets taken from the
+//!   kernel's BTF), it asks for the checkpoint itself and refuses the
+//!   signal (`kill` fails with EPERM): nothing is delivered. A signal the
+//!   target ignores passes untouched, so `kill` succeeds and
+//!   `signal_generate` stays the detector; each signal is counted by
+//!   exactly one of the two. Only an LSM hook can stop a signal before it
+//!   exists; a tracepoint only watches.
+//! - `chpox_sigaction`, on `syscalls/sys_enter_rt_sigaction`, tells the
+//!   agent when a registered process is about to stop ignoring its trigger
+//!   signal; the agent sets SIG_IGN again (a handler the process installs
+//!   is left alone), so `kill` reports success again. Where the BPF LSM is
+//!   not available (not in the kernel's `lsm=` list, or the kernel refuses
+//!   LSM programs), this is the only protection: a trigger signal in the
+//!   few milliseconds before the agent has set SIG_IGN again still kills.
+//!
+//! A signal that the guard let through because the target ignored it, and
+//! that the target then stops ignoring before it is generated, is not
+//! stopped: the kernel decides at generation, after the hook.
 #![no_std]
 #![no_main]
 // `core::sync::atomic`'s types are not available on BPF targets (rustc sets
@@ -23,17 +54,22 @@
 use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_F_MMAPABLE,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+    },
+    macros::{lsm, map, tracepoint},
     maps::{Array, HashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{LsmContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, info, warn};
 use chpox_common::{
-    CLONE_THREAD, EVENT_CHECKPOINT, EVENT_EXIT, Event, ExitOffsets, MAX_REGISTRATIONS, MAX_THREADS,
-    NewTaskOffsets, Registration, STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN,
-    SignalOffsets, SlotState,
+    CLONE_THREAD, EVENT_CHECKPOINT, EVENT_DISPOSITION, EVENT_EXIT, Event, ExitOffsets,
+    MAX_REGISTRATIONS, MAX_THREADS, NewTaskOffsets, RESULT_STOPPED_BY_GUARD, Registration,
+    STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, SigactionOffsets,
+    SignalOffsets, SlotState, TaskOffsets, would_ignore,
 };
 
 /// Registered processes, by tgid.
@@ -67,6 +103,16 @@ static EXIT_OFFSETS: ExitOffsets = ExitOffsets::DEFAULT;
 /// Offsets in `task/task_newtask`, set by the agent at load time.
 #[unsafe(no_mangle)]
 static NEWTASK_OFFSETS: NewTaskOffsets = NewTaskOffsets::DEFAULT;
+
+/// Offsets in the kernel's task and signal structures, set by the agent
+/// from the kernel's BTF at load time (for the guard).
+#[unsafe(no_mangle)]
+static TASK_OFFSETS: TaskOffsets = TaskOffsets::DEFAULT;
+
+/// Offsets in `syscalls/sys_enter_rt_sigaction`, set by the agent at load
+/// time.
+#[unsafe(no_mangle)]
+static SIGACTION_OFFSETS: SigactionOffsets = SigactionOffsets::DEFAULT;
 
 /// How often a lost compare-and-swap on `state` is retried. Only the agent
 /// and other CPUs' signals change the state, so two tries nearly always do.
@@ -104,12 +150,36 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
     if sig != reg.signal {
         return Ok(0);
     }
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
+    let code: i32 = unsafe { ctx.read_at(off.code as usize) }.unwrap_or(0);
+    // SAFETY: as above.
+    let result: i32 = unsafe { ctx.read_at(off.result as usize) }.unwrap_or(0);
+    ask_for_checkpoint(ctx, pid, target, sig, &reg, code, result);
+    Ok(0)
+}
+
+/// A trigger signal for the registered process `pid` (aimed at `target`):
+/// move its slot towards a checkpoint (IDLE → REQUESTED with an event,
+/// RUNNING → RUNNING_AGAIN, else fold it into the one coming). Both the
+/// tracepoint and the guard come here, never both for one signal: the
+/// guard counts only the signals it stops, which never reach the
+/// tracepoint.
+#[inline(always)]
+fn ask_for_checkpoint<C: EbpfContext>(
+    ctx: &C,
+    pid: u32,
+    target: u32,
+    sig: u32,
+    reg: &Registration,
+    code: i32,
+    result: i32,
+) {
     let Some(slot) = STATES.get_ptr_mut(reg.slot) else {
         warn!(
             ctx,
             "chpox: pid {} has slot {} outside STATES", pid, reg.slot
         );
-        return Ok(0);
+        return;
     };
     // SAFETY: slot points into an array map value, which stays valid for the
     // whole program run; the fields are naturally aligned for atomics.
@@ -134,14 +204,14 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
                 // SAFETY: as above.
                 unsafe { atomic::add_u64(coalesced) };
                 debug!(ctx, "chpox: signal {} to pid {} coalesced", sig, pid);
-                return Ok(0);
+                return;
             }
         };
         // SAFETY: as above.
         match unsafe { atomic::cas_u32(state, expected, desired) } {
             Ok(_) if expected == STATE_IDLE => {
-                request_checkpoint(ctx, &off, pid, target, sig, reg.slot);
-                return Ok(0);
+                send_request(ctx, pid, target, sig, reg.slot, code, result);
+                return;
             }
             // RUNNING -> RUNNING_AGAIN: the agent does one more checkpoint
             // when it finishes this one; no event needed.
@@ -150,7 +220,7 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
                     ctx,
                     "chpox: signal {} to pid {} queued after the running checkpoint", sig, pid
                 );
-                return Ok(0);
+                return;
             }
             Err(actual) => expected = actual,
         }
@@ -163,23 +233,19 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i32> {
         ctx,
         "chpox: signal {} to pid {} coalesced after {} lost CAS", sig, pid, CAS_TRIES
     );
-    Ok(0)
 }
 
 /// The slot is REQUESTED now: tell the agent.
 #[inline(always)]
-fn request_checkpoint(
-    ctx: &TracePointContext,
-    off: &SignalOffsets,
+fn send_request<C: EbpfContext>(
+    ctx: &C,
     pid: u32,
     target: u32,
     sig: u32,
     slot: u32,
+    code: i32,
+    result: i32,
 ) {
-    // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
-    let code: i32 = unsafe { ctx.read_at(off.code as usize) }.unwrap_or(0);
-    // SAFETY: as above.
-    let result: i32 = unsafe { ctx.read_at(off.result as usize) }.unwrap_or(0);
     let sender = bpf_get_current_pid_tgid();
     let event = Event {
         kind: EVENT_CHECKPOINT,
@@ -209,6 +275,97 @@ fn request_checkpoint(
         ctx,
         "chpox: checkpoint of pid {} requested by signal {} from pid {}", pid, sig, sender_tgid
     );
+}
+
+/// EPERM: what `kill` reports when the guard stops a signal.
+const EPERM: i32 = 1;
+
+#[lsm(hook = "task_kill")]
+pub fn chpox_task_kill(ctx: LsmContext) -> i32 {
+    // The hook's arguments (task, info, sig, cred), then what an earlier
+    // BPF LSM program on this hook decided: a refusal stands as it is.
+    let earlier: i32 = ctx.arg(4);
+    if earlier != 0 {
+        // Within the range the verifier allows an LSM program to return.
+        return if (-4095..0).contains(&earlier) {
+            earlier
+        } else {
+            -EPERM
+        };
+    }
+    try_task_kill(&ctx).unwrap_or(0)
+}
+
+/// Stop a trigger signal the registered target would not ignore (it set
+/// the signal back to SIG_DFL, or installed a handler, after registration)
+/// and ask for the checkpoint here, since the signal will never reach the
+/// tracepoint. A signal the target ignores goes through untouched: `kill`
+/// succeeds and the tracepoint asks for the checkpoint as ever.
+#[inline(always)]
+fn try_task_kill(ctx: &LsmContext) -> Result<i32, i32> {
+    // SAFETY: a plain read of our own read-only global.
+    let off = unsafe { read_volatile(&TASK_OFFSETS) };
+    if off.valid == 0 {
+        return Ok(0);
+    }
+    let task: *const u8 = ctx.arg(0);
+    let info: *const u8 = ctx.arg(1);
+    let sig: i32 = ctx.arg(2);
+    if !(1..=64).contains(&sig) {
+        return Ok(0);
+    }
+    let sig = sig as u32;
+    // SAFETY: bpf_probe_read_kernel cannot fault; `task` is the hook's
+    // live task_struct and the offsets come from this kernel's BTF.
+    let tgid: i32 =
+        unsafe { bpf_probe_read_kernel(task.wrapping_add(off.tgid as usize).cast::<i32>())? };
+    let tgid = tgid as u32;
+    let Some(reg) = REGISTRY.get_ptr(tgid) else {
+        return Ok(0);
+    };
+    // SAFETY: the pointer is a live map value; copy it out at once.
+    let reg = unsafe { *reg };
+    if sig != reg.signal {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let sighand: u64 =
+        unsafe { bpf_probe_read_kernel(task.wrapping_add(off.sighand as usize).cast::<u64>())? };
+    let handler_at = sighand
+        + off.action as u64
+        + (sig as u64 - 1) * off.ksigaction_size as u64
+        + off.handler as u64;
+    // SAFETY: as above; a stale or wrong address reads as an error.
+    let handler: u64 = unsafe { bpf_probe_read_kernel(handler_at as *const u64)? };
+    if would_ignore(sig, handler) {
+        return Ok(0);
+    }
+    // si_code, unless `info` is one of the kernel's special values
+    // (SEND_SIG_NOINFO 0, SEND_SIG_PRIV 1).
+    let code: i32 = if (info as u64) > 1 {
+        // SAFETY: as above; si_code is the third int of kernel_siginfo.
+        unsafe { bpf_probe_read_kernel(info.wrapping_add(8).cast::<i32>()) }.unwrap_or(0)
+    } else {
+        0
+    };
+    // SAFETY: as above.
+    let target: i32 =
+        unsafe { bpf_probe_read_kernel(task.wrapping_add(off.pid as usize).cast::<i32>()) }
+            .unwrap_or(tgid as i32);
+    ask_for_checkpoint(
+        ctx,
+        tgid,
+        target as u32,
+        sig,
+        &reg,
+        code,
+        RESULT_STOPPED_BY_GUARD,
+    );
+    debug!(
+        ctx,
+        "chpox: signal {} to pid {} stopped by the guard (handler {})", sig, tgid, handler
+    );
+    Ok(-EPERM)
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
@@ -293,6 +450,61 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i32> {
         warn!(
             ctx,
             "chpox: THREADS full; signals aimed at thread {} of pid {} will not trigger", tid, tgid
+        );
+    }
+    Ok(0)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_rt_sigaction")]
+pub fn chpox_sigaction(ctx: TracePointContext) -> u32 {
+    try_sigaction(&ctx).unwrap_or(0)
+}
+
+/// A registered process is about to stop ignoring its trigger signal
+/// (`signal(SIGSYS, SIG_DFL)`, or a start-up that resets every signal, as
+/// Node.js does): tell the agent, which sets SIG_IGN again, so that `kill`
+/// keeps succeeding and, without the guard, keeps being harmless.
+#[inline(always)]
+fn try_sigaction(ctx: &TracePointContext) -> Result<u32, i32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(reg) = REGISTRY.get_ptr(tgid) else {
+        return Ok(0);
+    };
+    // SAFETY: the pointer is a live map value; copy it out at once.
+    let reg = unsafe { *reg };
+    // SAFETY: a plain read of our own read-only global.
+    let off = unsafe { read_volatile(&SIGACTION_OFFSETS) };
+    // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
+    let sig: u64 = unsafe { ctx.read_at(off.sig as usize)? };
+    if sig != reg.signal as u64 {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let act: u64 = unsafe { ctx.read_at(off.act as usize)? };
+    if act == 0 {
+        return Ok(0); // a query
+    }
+    // SAFETY: bpf_probe_read_user cannot fault; sa_handler is the first
+    // field of the kernel's struct sigaction.
+    let handler: u64 = unsafe { bpf_probe_read_user(act as *const u64)? };
+    if would_ignore(reg.signal, handler) {
+        return Ok(0);
+    }
+    let event = Event {
+        kind: EVENT_DISPOSITION,
+        tgid,
+        target_pid: bpf_get_current_pid_tgid() as u32,
+        signal: reg.signal,
+        code: handler as i32,
+        slot: reg.slot,
+        // SAFETY: a helper without preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        ..Event::default()
+    };
+    if EVENTS.output::<Event>(&event, 0).is_err() {
+        warn!(
+            ctx,
+            "chpox: EVENTS full; pid {} stops ignoring signal {} unseen", tgid, reg.signal
         );
     }
     Ok(0)

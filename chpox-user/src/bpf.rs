@@ -10,16 +10,29 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{Lsm, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use chpox_common::{
-    Event, ExitOffsets, MAX_REGISTRATIONS, NewTaskOffsets, Registration, SignalOffsets, SlotState,
-    names,
+    Event, ExitOffsets, MAX_REGISTRATIONS, NewTaskOffsets, Registration, SigactionOffsets,
+    SignalOffsets, SlotState, TaskOffsets, names,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
+
+pub mod btf;
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 pub const BPFFS: &str = "/sys/fs/bpf";
+pub const SECURITYFS: &str = "/sys/kernel/security";
+
+/// Whether the BPF LSM guard keeps the trigger signal from reaching a
+/// registered process that would not ignore it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    Active,
+    /// Why not: the process is protected by SIG_IGN alone, which it can
+    /// undo.
+    Unavailable(String),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -150,9 +163,12 @@ pub fn default_object_paths() -> Vec<PathBuf> {
         && let Some(dir) = exe.parent()
     {
         paths.push(dir.join("chpox-ebpf.o"));
-        // target/{debug,release}/chpox-agent → target/chpox-ebpf.o
-        if let Some(target) = dir.parent() {
-            paths.push(target.join("chpox-ebpf.o"));
+        if let Some(parent) = dir.parent() {
+            // PREFIX/bin/chpox-agent → PREFIX/lib/chpox/chpox-ebpf.o, where
+            // `cargo xtask install` puts it.
+            paths.push(parent.join("lib/chpox/chpox-ebpf.o"));
+            // target/{debug,release}/chpox-agent → target/chpox-ebpf.o
+            paths.push(parent.join("chpox-ebpf.o"));
         }
     }
     paths.push(PathBuf::from("/usr/lib/chpox/chpox-ebpf.o"));
@@ -171,6 +187,11 @@ pub struct Bpf {
     /// The agent takes these to poll them.
     pub events: Option<RingBuf<MapData>>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Whether the `task_kill` guard is attached.
+    pub guard: Guard,
+    /// Whether the agent hears of registered processes that stop ignoring
+    /// their trigger signal (the `rt_sigaction` watch is attached).
+    pub watch: bool,
 }
 
 impl Bpf {
@@ -194,10 +215,36 @@ impl Bpf {
             source,
         })?;
         let (signal_offsets, exit_offsets, newtask_offsets) = tracepoint_offsets()?;
+        // The guard needs the BPF LSM and the kernel's BTF; without either
+        // the agent works as before, with SIG_IGN as the only protection.
+        let task_offsets = bpf_lsm_enabled().and_then(|()| {
+            btf::Btf::from_sys_fs()
+                .and_then(|b| b.task_offsets())
+                .map_err(|e| e.to_string())
+        });
+        let sigaction_offsets = read_format(SIGACTION_TRACEPOINT).and_then(|format| {
+            let field = |name| required_offset(&format, SIGACTION_TRACEPOINT, name);
+            Ok(SigactionOffsets {
+                sig: field("sig")?,
+                act: field("act")?,
+            })
+        });
         let mut ebpf = EbpfLoader::new()
+            .override_global(
+                names::GLOBAL_SIGACTION_OFFSETS,
+                sigaction_offsets
+                    .as_ref()
+                    .unwrap_or(&SigactionOffsets::DEFAULT),
+                true,
+            )
             .override_global(names::GLOBAL_SIGNAL_OFFSETS, &signal_offsets, true)
             .override_global(names::GLOBAL_EXIT_OFFSETS, &exit_offsets, true)
             .override_global(names::GLOBAL_NEWTASK_OFFSETS, &newtask_offsets, true)
+            .override_global(
+                names::GLOBAL_TASK_OFFSETS,
+                task_offsets.as_ref().unwrap_or(&TaskOffsets::DEFAULT),
+                true,
+            )
             .load(&bytes)
             .map_err(|e| BpfError::Load(e.to_string()))?;
         // The logger must exist before the programs load (they reference
@@ -214,16 +261,35 @@ impl Bpf {
             (names::EXIT_PROGRAM, "sched", "sched_process_exit"),
             (names::NEWTASK_PROGRAM, "task", "task_newtask"),
         ] {
-            let tp: &mut TracePoint = ebpf
-                .program_mut(program)
-                .ok_or_else(|| BpfError::Load(format!("program {program} missing")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| BpfError::Load(e.to_string()))?;
-            tp.load()
-                .map_err(|e| BpfError::Load(format!("{program}: {e}")))?;
-            tp.attach(category, name)
-                .map_err(|e| BpfError::Load(format!("attaching {category}/{name}: {e}")))?;
+            attach_tracepoint(&mut ebpf, program, category, name)?;
         }
+        // Without syscall tracepoints (CONFIG_FTRACE_SYSCALLS) the agent
+        // does not hear of a disposition change; everything else works.
+        let watch = match sigaction_offsets {
+            Ok(_) => match attach_tracepoint(
+                &mut ebpf,
+                names::SIGACTION_PROGRAM,
+                "syscalls",
+                "sys_enter_rt_sigaction",
+            ) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "not watching registered processes' rt_sigaction");
+                    false
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "not watching registered processes' rt_sigaction");
+                false
+            }
+        };
+        let guard = match task_offsets {
+            Ok(_) => match attach_guard(&mut ebpf) {
+                Ok(()) => Guard::Active,
+                Err(e) => Guard::Unavailable(e),
+            },
+            Err(e) => Guard::Unavailable(e),
+        };
         let map_err = |map: &'static str| {
             move |e: aya::maps::MapError| BpfError::Map {
                 map,
@@ -257,6 +323,8 @@ impl Bpf {
             states,
             events: Some(events),
             logger,
+            guard,
+            watch,
         })
     }
 
@@ -289,6 +357,70 @@ impl Bpf {
     pub fn states(&self) -> Arc<StatesMap> {
         Arc::clone(&self.states)
     }
+}
+
+const SIGACTION_TRACEPOINT: &str = "syscalls/sys_enter_rt_sigaction";
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+) -> Result<(), BpfError> {
+    let tp: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| BpfError::Load(format!("program {program} missing")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| BpfError::Load(e.to_string()))?;
+    tp.load()
+        .map_err(|e| BpfError::Load(format!("{program}: {e}")))?;
+    tp.attach(category, name)
+        .map_err(|e| BpfError::Load(format!("attaching {category}/{name}: {e}")))?;
+    Ok(())
+}
+
+/// Whether the running kernel has the BPF LSM active (it is listed in
+/// securityfs's `lsm`; securityfs is mounted if missing).
+fn bpf_lsm_enabled() -> Result<(), String> {
+    let lsm = format!("{SECURITYFS}/lsm");
+    if !Path::new(&lsm).exists() && !is_mounted(SECURITYFS, "securityfs") {
+        info!(path = SECURITYFS, "mounting securityfs");
+        if let Err(e) = nix::mount::mount(
+            Some("none"),
+            SECURITYFS,
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        ) {
+            return Err(format!("cannot mount securityfs at {SECURITYFS}: {e}"));
+        }
+    }
+    let active = std::fs::read_to_string(&lsm).map_err(|e| format!("reading {lsm}: {e}"))?;
+    if active.trim().split(',').any(|m| m == "bpf") {
+        Ok(())
+    } else {
+        Err(format!(
+            "the BPF LSM is not active (the kernel's LSMs are {}; boot with lsm=...,bpf)",
+            active.trim()
+        ))
+    }
+}
+
+/// Load and attach the `task_kill` guard.
+fn attach_guard(ebpf: &mut Ebpf) -> Result<(), String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading the kernel's BTF: {e}"))?;
+    let program: &mut Lsm = ebpf
+        .program_mut(names::GUARD_PROGRAM)
+        .ok_or_else(|| format!("program {} missing from the object", names::GUARD_PROGRAM))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    program
+        .load(names::GUARD_HOOK, &btf)
+        .map_err(|e| format!("loading the LSM program: {e}"))?;
+    program
+        .attach()
+        .map_err(|e| format!("attaching the LSM program: {e}"))?;
+    Ok(())
 }
 
 /// The `STATES` array, memory-mapped so that the agent changes a slot's

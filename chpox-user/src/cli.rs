@@ -8,21 +8,99 @@ use anyhow::{Context, Result, bail};
 
 use crate::control::{self, ListEntry, RegisterRequest, Request, Response};
 
+pub mod agent;
+pub mod ctl;
+pub mod docs;
+pub mod json;
+pub mod ld;
+pub mod progress;
+pub mod values;
+
 /// Log to stderr: warnings by default, more with each `-v`; `CHPOX_LOG`
 /// (an env-filter) overrides.
 pub fn init_logging(verbose: u8) {
+    init_logging_as(verbose, LogFormat::Text);
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// As [`init_logging`], in `format`. Colours only when stderr is a
+/// terminal and NO_COLOR is not set: a redirected log is plain text.
+pub fn init_logging_as(verbose: u8, format: LogFormat) {
+    use std::io::IsTerminal;
     let default = match verbose {
         0 => "warn",
-        1 => "info",
+        // One line per checkpoint: the agent's, not also the eBPF
+        // program's note that one was requested (shown from -v on).
+        1 => "info,chpox_ebpf=warn",
         2 => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHPOX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    // A second initialisation (a test, a library caller) keeps the first.
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(
+                std::io::stderr().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// The logging and progress options every binary shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// More log output (repeat for more: info, debug, trace); the
+    /// CHPOX_LOG environment variable (e.g. `chpox=debug`) overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Output", display_order = 1000)]
+    pub verbose: u8,
+    /// No progress bars (they are only drawn on a terminal anyway).
+    #[arg(
+        short,
+        long,
+        global = true,
+        help_heading = "Output",
+        display_order = 1000
+    )]
+    pub quiet: bool,
+    /// How log lines are written to stderr.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        global = true,
+        value_name = "FORMAT",
+        help_heading = "Output",
+        display_order = 1000
+    )]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Logging at warnings (plus `-v`s), and progress unless `--quiet`.
+    pub fn init(&self) {
+        self.init_at(0);
+    }
+
+    /// Logging at `base` more than warnings (plus `-v`s).
+    pub fn init_at(&self, base: u8) {
+        init_logging_as(base.saturating_add(self.verbose), self.log_format);
+        progress::set_quiet(self.quiet);
+    }
 }
 
 /// `--pid` of `chpox restore` and `ld-chpox`.
@@ -67,6 +145,17 @@ pub struct RestoreArgs {
     /// others may write: whoever can write an image can put anything in it.
     #[arg(long)]
     pub trust_image: bool,
+    /// Give descriptor FD (of process PID, or of every process) the
+    /// restorer's descriptor N: for what the image holds connected to the
+    /// outside of the checkpoint (`inspect` names them), or replaced by
+    /// /dev/null. Repeatable.
+    #[arg(long = "inherit-fd", value_name = "[PID:]FD=N")]
+    pub inherit_fd: Vec<crate::fds::external::InheritFd>,
+    /// Run at once and bring memory in on demand and in the background
+    /// (userfaultfd): a page the process touches first comes first. A page
+    /// server process fills the rest and ends when all is in.
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 impl RestoreArgs {
@@ -80,6 +169,8 @@ impl RestoreArgs {
             },
             pid_ns: self.pid_ns,
             trust_image: self.trust_image,
+            inherit_fds: self.inherit_fd.clone(),
+            lazy: self.lazy,
         }
     }
 }
@@ -97,14 +188,20 @@ pub fn restore(args: &RestoreArgs) -> Result<i32> {
     } else {
         None
     };
-    let restored = crate::restore::restore(image, &args.options())
-        .with_context(|| format!("cannot restore {}", image.display()))?;
+    let restored = {
+        let _bar = progress::Bar::start("restore", progress::restore_total(image));
+        crate::restore::restore(image, &args.options())
+            .with_context(|| format!("cannot restore {}", image.display()))?
+    };
     if let Some(output) = output {
         let saved = restored.registration;
         let req = RegisterRequest {
             signal: saved.map_or(chpox_common::DEFAULT_TRIGGER_SIGNAL, |r| r.signal),
             flags: saved.map_or(chpox_common::flags::REGISTERED, |r| r.flags),
             output: Some(output),
+            every_ms: saved.and_then(|r| r.every_ms),
+            keep: saved.and_then(|r| r.keep),
+            unsupported_fd_null: saved.is_some_and(|r| r.unsupported_fd_null),
             ..RegisterRequest::new(restored.pid)
         };
         // The process runs already: a failed registration must not cost
@@ -177,6 +274,7 @@ pub fn register(
     flags: u32,
     output: Option<&Path>,
     force: bool,
+    settings: &control::Settings,
 ) -> Result<()> {
     let output = output.map(absolute).transpose()?;
     match ask(Request::Register(RegisterRequest {
@@ -184,7 +282,7 @@ pub fn register(
         flags,
         output,
         force,
-        ..RegisterRequest::new(pid)
+        ..settings.request(pid)
     }))? {
         Response::Registered {
             pid,
@@ -210,7 +308,10 @@ pub fn unregister(pid: i32) -> Result<()> {
 pub fn checkpoint(pid: i32, timeout_secs: u64, json: bool) -> Result<()> {
     match ask(Request::Checkpoint { pid, timeout_secs })? {
         reply @ Response::Checkpointed { .. } if json => {
-            println!("{}", serde_json::to_string_pretty(&reply)?);
+            println!(
+                "{}",
+                json::to_string(&json::CheckpointJson::from_reply(&reply))?
+            );
             Ok(())
         }
         Response::Checkpointed {
@@ -244,6 +345,23 @@ fn format_time(unix: Option<u64>) -> String {
     }
 }
 
+/// When a periodic checkpoint is due, from now: `in 5s`, `now`, `-`.
+fn format_due(unix_ms: Option<u64>) -> String {
+    let Some(due) = unix_ms else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    match due.saturating_sub(now) / 1000 {
+        0 => "now".into(),
+        s @ 1..60 => format!("{s}s"),
+        s @ 60..3600 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
 pub fn list(json: bool) -> Result<()> {
     let Response::List { entries } = ask(Request::List)? else {
         bail!("unexpected reply from chpox-agent");
@@ -262,24 +380,35 @@ pub fn print_list(entries: &[ListEntry]) {
         return;
     }
     println!(
-        "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:<13} FILE",
-        "PID", "COMMAND", "SIG", "FLAGS", "CHECKPOINTS", "LAST", "STATE"
+        "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:>6} {:>6} {:<13} FILE",
+        "PID", "COMMAND", "SIG", "FLAGS", "CHECKPOINTS", "LAST", "EVERY", "NEXT", "STATE"
     );
     for e in entries {
+        let state = e.shown_state();
+        // A failure's reason can be long: it goes last.
+        let (state, reason) = match state.split_once(": ") {
+            Some((s, r)) => (s.to_string(), format!("  ({s}: {r})")),
+            None => (state, String::new()),
+        };
         println!(
-            "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:<13} {}{}",
+            "{:>7} {:<16} {:>3} {:>5} {:>11} {:>9} {:>6} {:>6} {:<13} {}{}{}",
             e.pid,
             e.comm,
             e.signal,
             e.flags,
             e.checkpoints,
             format_time(e.last_checkpoint),
-            e.state,
+            e.every_ms.map_or("-".into(), |ms| control::format_duration(
+                Duration::from_millis(ms)
+            )),
+            format_due(e.next_due_ms),
+            state,
             e.output.display(),
-            e.last_error
-                .as_ref()
-                .map(|m| format!("  (last attempt failed: {m})"))
-                .unwrap_or_default()
+            reason,
+            match &e.last_error {
+                Some(m) if e.state != "idle" => format!("  (last attempt failed: {m})"),
+                _ => String::new(),
+            }
         );
     }
     for e in entries.iter().filter(|e| !e.children_not_saved.is_empty()) {
@@ -305,8 +434,11 @@ fn children_left_out(pid: i32, children: &[i32]) -> String {
     )
 }
 
-pub fn libs(req: Request) -> Result<()> {
+pub fn libs(req: Request, json: bool) -> Result<()> {
     match ask(req)? {
+        Response::Libs { libs } if json => {
+            println!("{}", serde_json::to_string_pretty(&libs)?);
+        }
         Response::Libs { libs } => {
             for l in libs {
                 println!("{}", l.display());

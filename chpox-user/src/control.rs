@@ -64,6 +64,89 @@ pub struct RegisterRequest {
     /// to be executed); else the process's current name.
     #[serde(default)]
     pub name: Option<String>,
+    /// Checkpoint on a timer too, every this many milliseconds (at least
+    /// [`MIN_INTERVAL`]); None: the agent's default interval, if any.
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    /// Earlier images kept (`FILE.1` … `FILE.N`); None: the agent's `--keep`.
+    #[serde(default)]
+    pub keep: Option<u32>,
+    /// Descriptors chpox cannot restore come back as /dev/null instead of
+    /// failing the checkpoint (`--unsupported-fd=null`).
+    #[serde(default)]
+    pub unsupported_fd_null: bool,
+}
+
+/// What `chpox run` and `chpox register` ask of a registration beyond
+/// the old chpox's signal, FLAGS and file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub every: Option<Duration>,
+    pub keep: Option<u32>,
+    pub unsupported_fd_null: bool,
+}
+
+impl Settings {
+    /// A registration request for `pid` with these settings.
+    pub fn request(&self, pid: i32) -> RegisterRequest {
+        RegisterRequest {
+            every_ms: self
+                .every
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            keep: self.keep,
+            unsupported_fd_null: self.unsupported_fd_null,
+            ..RegisterRequest::new(pid)
+        }
+    }
+}
+
+/// The shortest interval of periodic checkpoints.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// The most earlier images a registration may keep.
+pub const MAX_KEEP: u32 = 100;
+
+/// A duration as users write it: `500ms`, `30s`, `10m`, `2h`, `1d`, or a
+/// number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (like 30s, 10m, 2h)"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(value * scale)
+        .map_err(|_| format!("{text:?} is not a duration (like 30s, 10m, 2h)"))
+}
+
+/// A duration the way [`parse_duration`] reads it back, in its largest
+/// whole unit.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 impl RegisterRequest {
@@ -77,6 +160,9 @@ impl RegisterRequest {
             force: false,
             self_ignored: false,
             name: None,
+            every_ms: None,
+            keep: None,
+            unsupported_fd_null: false,
         }
     }
 }
@@ -140,6 +226,35 @@ pub struct ListEntry {
     /// without FLAGS 8, it saves the process alone.
     #[serde(default)]
     pub children_not_saved: Vec<i32>,
+    /// Periodic checkpoints: every this many milliseconds.
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    /// Unix time (milliseconds) when the next periodic checkpoint is due.
+    #[serde(default)]
+    pub next_due_ms: Option<u64>,
+    /// Earlier images kept.
+    #[serde(default)]
+    pub keep: u32,
+    /// Descriptors chpox cannot restore come back as /dev/null.
+    #[serde(default)]
+    pub unsupported_fd_null: bool,
+    /// Timer ticks so far, and the checkpoints the timer started (the
+    /// others came from trigger signals).
+    #[serde(default)]
+    pub timer_ticks: u64,
+    #[serde(default)]
+    pub timer_checkpoints: u64,
+}
+
+impl ListEntry {
+    /// The state as `chpox list` shows it: the checkpoint state, or
+    /// `failed: REASON` while idle after a failed checkpoint.
+    pub fn shown_state(&self) -> String {
+        match &self.last_error {
+            Some(e) if self.state == "idle" => format!("failed: {e}"),
+            _ => self.state.clone(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +402,22 @@ mod tests {
             "signals":1,"coalesced":0,"last_error":null}"#;
         let entry: ListEntry = serde_json::from_str(old).expect("decode");
         assert!(entry.children_not_saved.is_empty());
+    }
+
+    #[test]
+    fn durations_parse_and_print_back() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "10x", "-1s", "ten"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        for d in ["1s", "10m", "2h", "3d", "1500ms"] {
+            assert_eq!(format_duration(parse_duration(d).expect("parse")), d);
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
 use crate::snapshot::{self, Snapshot};
 use crate::tree::{self, FrozenTree};
-use crate::{process, registers, signals, threads, unix_sockets};
+use crate::{process, registers, signals, threads};
 
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
@@ -48,6 +48,8 @@ pub struct DumpOptions {
     /// The process and all its descendants (the default), or the process
     /// alone.
     pub children: bool,
+    /// What becomes of established TCP connections.
+    pub tcp: fds::inet::TcpPolicy,
 }
 
 impl DumpOptions {
@@ -65,6 +67,7 @@ impl DumpOptions {
             registration: None,
             expect_start_time: None,
             children: true,
+            tcp: fds::inet::TcpPolicy::Refuse,
         }
     }
 }
@@ -111,6 +114,14 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         })?;
     }
     let owner = process::owner(pid)?;
+
+    // Freeze first: a checkpoint is the moment the user chose, so the
+    // time from the trigger to the stop must not grow with the process
+    // (allocating a large image area takes long on tmpfs). The image is
+    // prepared while frozen.
+    let frozen = FrozenTree::freeze(pid, opts.children)?;
+    let frozen_at = Instant::now();
+    let frozen_at_monotonic_ns = crate::process::monotonic_ns();
     let mut writer = ImageWriter::create(
         &opts.output,
         WriteOptions {
@@ -120,11 +131,10 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             as_user: opts.as_user.clone(),
         },
     )?;
-
-    let frozen = FrozenTree::freeze(pid, opts.children)?;
-    let frozen_at = Instant::now();
     keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
-    let frozen_at_monotonic_ns = crate::process::monotonic_ns();
+    // Connections saved in TCP repair mode stay in it until the tree is
+    // killed (then they go silently) or runs again (then they leave it).
+    let repair = fds::tcp_repair::RepairHold::new();
     // A process to be killed stays frozen until its image is written: no
     // snapshot, its pages are copied straight away.
     let snapshots_wanted = opts.after != AfterDump::Kill;
@@ -148,11 +158,13 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
 
     let (image_bytes, frozen_for) = match opts.after {
         AfterDump::LeaveRunning => {
+            repair.release();
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
             (finish(&mut meta, writer)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
+            repair.release();
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
             (finish(&mut meta, writer)?, frozen_for)
@@ -165,10 +177,11 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             let frozen_for = frozen_at.elapsed();
             // The root is its parent's to reap.
             tree::wait_until_gone(&killed);
+            repair.close_silently();
             (bytes, frozen_for)
         }
     };
-    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "image finished");
+    debug!(us = started.elapsed().as_micros() as u64, "image finished");
     let report = DumpReport {
         pid,
         comm: meta.root.process.comm.clone(),
@@ -194,8 +207,8 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         processes = report.processes,
         children_not_saved = ?report.children_not_saved,
         bytes = report.image_bytes,
-        frozen_ms = report.frozen.as_secs_f64() * 1e3,
-        total_ms = report.total.as_secs_f64() * 1e3,
+        frozen_us = report.frozen.as_micros() as u64,
+        total_us = report.total.as_micros() as u64,
         "checkpoint written"
     );
     Ok(report)
@@ -272,7 +285,7 @@ impl Phases {
     fn done(&mut self, what: &str) {
         debug!(
             phase = what,
-            ms = self.0.elapsed().as_secs_f64() * 1e3,
+            us = self.0.elapsed().as_micros() as u64,
             "frozen phase"
         );
         self.0 = Instant::now();
@@ -302,10 +315,16 @@ fn capture_tree(
     let fs_with_parent = tree::check_unshared(tree)?;
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
-    let unix = unix_sockets::query()?;
+    let unix = fds::unix::query()?;
+    let inet = fds::inet::query(opts.tcp)?;
     let mut fds = Vec::with_capacity(tree.members().len());
     for frozen in tree.members() {
-        fds.push(fds::scan_fds(frozen.pid(), opts.unsupported_fd, &unix)?);
+        fds.push(fds::scan_fds(
+            frozen.pid(),
+            opts.unsupported_fd,
+            &unix,
+            &inet,
+        )?);
     }
     phase.done("descriptors");
     let mut files = FileTable::new();
@@ -340,16 +359,11 @@ fn capture_tree(
     }
     let pages_stored = pages.pages_stored;
     phase.done("processes");
-    fds::classify_pipes(&mut procs, opts.unsupported_fd)?;
-    unix_sockets::classify(&mut procs, opts.unsupported_fd)?;
+    fds::classify(&mut procs, opts.unsupported_fd)?;
     tree::link_descriptions(&mut procs);
-    fds::embed_pipe_data(&mut procs, writer)?;
-    unix_sockets::embed_queues(&mut procs, writer)?;
     let reader =
         crate::files::embed_reader(opts.as_user.as_ref(), procs.first().map(|p| &p.process));
-    for p in &mut procs {
-        fds::embed_deleted(p.process.pid, &mut p.fds, writer, reader.as_ref())?;
-    }
+    fds::embed(&mut procs, writer, reader.as_ref())?;
     phase.done("pipes, shared descriptions, deleted files");
 
     let mut procs = procs.into_iter();
@@ -430,8 +444,11 @@ fn capture_process(
         let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let scratch_len = PAGE_SIZE;
         let scratch = leader.map_scratch(scratch_len)?;
+        process::dump_mlockall(&mut info, pid, scratch)?;
         let actions = signals::dump_actions(&mut leader, scratch)?;
         process::dump_remote_state(&mut info, &mut leader, scratch)?;
+        info.timers = crate::timers::dump(pid, &mut leader, scratch)?;
+        process::dump_attrs(&mut info, &mut leader, &tids)?;
         for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
             // What only the thread itself can say: its alternate signal
             // stack and its clear_child_tid.
@@ -455,8 +472,11 @@ fn capture_process(
     // The address space, now that our scratch page is gone again.
     let maps = memory::read_maps(pid)?;
     phase.done("smaps");
+    // A process in a job-control stop does not run on after the dump, so
+    // copying its pages now costs it nothing; and the brief freeze that
+    // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
     let mut snapshot = match snapshot_as {
-        Some(index) if snapshot::may_fork(pid, &maps) => {
+        Some(index) if !frozen.was_stopped() && snapshot::may_fork(pid, &maps) => {
             let mut leader =
                 RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
             let taken = Snapshot::take(&mut leader, index, syscall_ip, gadgets.clone());

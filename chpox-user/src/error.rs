@@ -53,6 +53,10 @@ pub enum Error {
         "cannot checkpoint file descriptors of kinds chpox does not support yet: {0}; rerun with --unsupported-fd=null to restore them as /dev/null"
     )]
     UnsupportedFds(String),
+    #[error(
+        "cannot checkpoint established TCP connections: {0}; rerun with --tcp-established to keep them (TCP repair) or --tcp-close to restore them reset"
+    )]
+    TcpConnections(String),
     #[error("{path}: {source}")]
     File { path: String, source: io::Error },
     #[error("image: {0}")]

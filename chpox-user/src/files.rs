@@ -149,6 +149,10 @@ pub struct FileTable {
     by_id: HashMap<(u64, u64), usize>,
     /// The files, open: `sources` name them through /proc/self/fd.
     held: Vec<File>,
+    /// Per file: mapped `MAP_SHARED` by a process that may write it, so its
+    /// content is live state that changes while we look (see
+    /// `restore::validate::shared_state_files`).
+    shared_state: Vec<bool>,
 }
 
 impl FileTable {
@@ -163,6 +167,18 @@ impl FileTable {
     fn add(&mut self, path: &str, source: PathBuf, role: FileRole, deleted: bool) -> Result<usize> {
         let file = File::open(&source).map_err(|e| file_err(&source, e))?;
         self.add_open(path, file, role, deleted)
+    }
+
+    /// Mark file `index` as shared state (see `shared_state`).
+    fn mark_shared_state(&mut self, index: usize) {
+        if self.shared_state.len() <= index {
+            self.shared_state.resize(index + 1, false);
+        }
+        self.shared_state[index] = true;
+    }
+
+    fn is_shared_state(&self, index: usize) -> bool {
+        self.shared_state.get(index).copied().unwrap_or(false)
     }
 
     fn add_open(&mut self, path: &str, file: File, role: FileRole, deleted: bool) -> Result<usize> {
@@ -200,13 +216,18 @@ impl FileTable {
     /// Hash every file recorded, and refuse one that changed since it was
     /// recorded (its hash would not describe what the process mapped).
     pub fn hash_all(&mut self) -> Result<()> {
-        for (file, source) in self.files.iter_mut().zip(&self.sources) {
+        let shared_state: Vec<bool> = (0..self.files.len())
+            .map(|i| self.is_shared_state(i))
+            .collect();
+        for ((file, source), live) in self.files.iter_mut().zip(&self.sources).zip(shared_state) {
             if !file.blake3.is_empty() {
                 continue;
             }
             let meta = std::fs::metadata(source).map_err(|e| file_err(source, e))?;
             let mtime_ns = mtime_ns(&meta);
-            if meta.size() != file.size || mtime_ns != file.mtime_ns {
+            // A file the processes write through a shared mapping changes
+            // as they run on; restore does not compare it.
+            if !live && (meta.size() != file.size || mtime_ns != file.mtime_ns) {
                 return Err(Error::Other(format!(
                     "{} changed while being checkpointed; retry the checkpoint",
                     file.path
@@ -230,7 +251,16 @@ impl FileTable {
         } else {
             PathBuf::from(&map.path)
         };
-        self.add(&map.path, source, FileRole::Mapped, map.deleted)
+        let index = self.add(&map.path, source, FileRole::Mapped, map.deleted)?;
+        let may_write = if map.vm_flags.is_empty() {
+            map.write
+        } else {
+            map.vm_flags.iter().any(|f| f == "mw")
+        };
+        if map.shared && may_write {
+            self.mark_shared_state(index);
+        }
+        Ok(index)
     }
 
     /// Register the executable of process `pid` (`/proc/PID/exe`).
@@ -335,6 +365,7 @@ impl FileTable {
 
     /// Copy the content of file `index`, open as `f`, into the image.
     fn embed_open(&mut self, index: usize, mut f: File, writer: &mut ImageWriter) -> Result<()> {
+        let live = self.is_shared_state(index);
         let (Some(file), Some(source)) = (self.files.get_mut(index), self.sources.get(index))
         else {
             return Ok(());
@@ -351,7 +382,7 @@ impl FileTable {
             total += n as u64;
         }
         let data = writer.end_data()?;
-        if total != file.size {
+        if total != file.size && !live {
             return Err(Error::Other(format!(
                 "{} changed size while being embedded ({} → {total} bytes); retry the dump",
                 file.path, file.size

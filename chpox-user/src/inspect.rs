@@ -7,7 +7,10 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::image::ImageReader;
-use crate::image::model::{FdKind, Metadata, ProcessImage, SyscallState, VmaKind, Zombie};
+use crate::image::model::{
+    AfterDump, DataRef, FdKind, FileRole, Metadata, ProcessImage, RestartKind, SyscallState,
+    VmaKind, Zombie,
+};
 use crate::registers;
 
 /// Everything `inspect --json` prints: the metadata plus what was checked.
@@ -52,7 +55,7 @@ pub fn to_json(reader: &ImageReader, checks: &ChecksumStatus) -> Result<String> 
         checksums: checks,
         meta: reader.metadata(),
     };
-    serde_json::to_string_pretty(&out).map_err(|e| crate::Error::Other(e.to_string()))
+    crate::cli::json::to_string(&out).map_err(|e| crate::Error::Other(e.to_string()))
 }
 
 fn human(bytes: u64) -> String {
@@ -92,6 +95,127 @@ fn pipe_end(flags: u32) -> &'static str {
     }
 }
 
+/// What a descriptor is, in a word or two.
+fn fd_kind(kind: &FdKind) -> &'static str {
+    match kind {
+        FdKind::RegularFile { .. } => "file",
+        FdKind::Directory { .. } => "directory",
+        FdKind::CharDevice { .. } => "device",
+        FdKind::Terminal { .. } => "terminal",
+        FdKind::Pipe { internal: true, .. } => "pipe",
+        FdKind::Pipe { .. } => "pipe to outside",
+        FdKind::ReplacedByNull { .. } => "as /dev/null",
+        FdKind::Fifo { .. } => "FIFO",
+        FdKind::UnixPair { .. } => "socket pair",
+        #[allow(unreachable_patterns)]
+        _ => "other",
+    }
+}
+
+/// Bulk data a descriptor keeps in the image.
+fn fd_data(kind: &FdKind) -> Option<&DataRef> {
+    match kind {
+        FdKind::RegularFile { embedded, .. } => embedded.as_ref(),
+        FdKind::Pipe { data, .. } | FdKind::Fifo { data, .. } => data.as_ref(),
+        FdKind::UnixPair { queued, .. } => queued.as_ref(),
+        _ => None,
+    }
+}
+
+/// x86-64 system call names, for the calls a checkpoint finds threads in.
+fn syscall_name(nr: u64) -> String {
+    const NAMES: &[(libc::c_long, &str)] = &[
+        (libc::SYS_read, "read"),
+        (libc::SYS_write, "write"),
+        (libc::SYS_readv, "readv"),
+        (libc::SYS_writev, "writev"),
+        (libc::SYS_pread64, "pread64"),
+        (libc::SYS_pwrite64, "pwrite64"),
+        (libc::SYS_openat, "openat"),
+        (libc::SYS_poll, "poll"),
+        (libc::SYS_ppoll, "ppoll"),
+        (libc::SYS_select, "select"),
+        (libc::SYS_pselect6, "pselect6"),
+        (libc::SYS_epoll_wait, "epoll_wait"),
+        (libc::SYS_epoll_pwait, "epoll_pwait"),
+        (libc::SYS_epoll_pwait2, "epoll_pwait2"),
+        (libc::SYS_nanosleep, "nanosleep"),
+        (libc::SYS_clock_nanosleep, "clock_nanosleep"),
+        (libc::SYS_pause, "pause"),
+        (libc::SYS_rt_sigsuspend, "rt_sigsuspend"),
+        (libc::SYS_rt_sigtimedwait, "rt_sigtimedwait"),
+        (libc::SYS_futex, "futex"),
+        (libc::SYS_wait4, "wait4"),
+        (libc::SYS_waitid, "waitid"),
+        (libc::SYS_accept, "accept"),
+        (libc::SYS_accept4, "accept4"),
+        (libc::SYS_connect, "connect"),
+        (libc::SYS_recvfrom, "recvfrom"),
+        (libc::SYS_recvmsg, "recvmsg"),
+        (libc::SYS_sendto, "sendto"),
+        (libc::SYS_sendmsg, "sendmsg"),
+        (libc::SYS_msgrcv, "msgrcv"),
+        (libc::SYS_semop, "semop"),
+        (libc::SYS_semtimedop, "semtimedop"),
+        (libc::SYS_flock, "flock"),
+        (libc::SYS_fcntl, "fcntl"),
+        (libc::SYS_ioctl, "ioctl"),
+        (libc::SYS_sched_yield, "sched_yield"),
+        (libc::SYS_restart_syscall, "restart_syscall"),
+        (libc::SYS_io_uring_enter, "io_uring_enter"),
+    ];
+    NAMES
+        .iter()
+        .find(|(n, _)| u64::try_from(*n) == Ok(nr))
+        .map_or_else(|| format!("system call {nr}"), |(_, name)| name.to_string())
+}
+
+/// What the kernel would have done with an interrupted system call, which
+/// restore does too.
+fn restart_words(restart: RestartKind) -> &'static str {
+    match restart {
+        RestartKind::RestartBlock => "restarts with the time left",
+        RestartKind::NoIntr => "restarts",
+        RestartKind::Sys => "restarts (fails with EINTR if a handler without SA_RESTART runs)",
+        RestartKind::NoHand => "restarts (fails with EINTR if a handler runs)",
+    }
+}
+
+/// How big each part of the image is: what the bytes on disk are.
+fn parts(s: &mut String, reader: &ImageReader) {
+    let m = reader.metadata();
+    // A blob two entries refer to (a deleted file both mapped and open)
+    // is counted once, with the first.
+    let mut seen = std::collections::HashSet::new();
+    let mut sum = |refs: &mut dyn Iterator<Item = &DataRef>| -> u64 {
+        refs.filter(|r| seen.insert((r.offset, r.stored_len)))
+            .map(|r| r.stored_len)
+            .sum()
+    };
+    let memory = sum(&mut m
+        .processes()
+        .flat_map(|p| &p.vmas)
+        .flat_map(|v| &v.pages)
+        .map(|r| &r.data));
+    let files = sum(&mut m.files.iter().filter_map(|f| f.embedded.as_ref()));
+    let fds = sum(&mut m
+        .processes()
+        .flat_map(|p| &p.fds)
+        .filter_map(|f| fd_data(&f.kind)));
+    let meta = reader.header().meta_len;
+    let total = reader.file_len();
+    let other = total.saturating_sub(memory + files + fds + meta);
+    let _ = writeln!(
+        s,
+        "image parts: memory {}, embedded files {}, descriptor contents {}, metadata {}, header and padding {}",
+        human(memory),
+        human(files),
+        human(fds),
+        human(meta),
+        human(other)
+    );
+}
+
 /// The human-readable summary.
 pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
     let m = reader.metadata();
@@ -120,7 +244,16 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         "host: {} kernel {}, CPU {} (xfeatures {:#x})",
         m.host.hostname, m.host.kernel_release, m.host.cpu_model, m.host.xfeatures
     );
-    let _ = writeln!(s, "after dump: {:?}", m.after_dump);
+    let _ = writeln!(
+        s,
+        "after dump: {}",
+        match m.after_dump {
+            AfterDump::LeaveRunning => "left running",
+            AfterDump::LeaveStopped => "left stopped",
+            AfterDump::Kill => "killed",
+        }
+    );
+    parts(&mut s, reader);
     if let Some(r) = m.registration {
         let _ = writeln!(
             s,
@@ -201,19 +334,27 @@ fn tree(s: &mut String, m: &Metadata) {
             }
             let pi = all[i];
             let p = &pi.process;
-            let fds: Vec<String> = pi.fds.iter().map(|f| f.fd.to_string()).collect();
+            let fds: Vec<String> = pi
+                .fds
+                .iter()
+                .map(|f| format!("{} {}", f.fd, fd_kind(&f.kind)))
+                .collect();
             line(
                 s,
                 depth,
                 format!(
-                    "{} {} [{}] pgid {} sid {}, {} thread(s), fds {}",
+                    "{} {} [{}] pgid {} sid {}, {} thread(s), fds: {}",
                     p.pid,
                     p.comm,
                     if p.stopped { "stopped" } else { "running" },
                     p.pgid,
                     p.sid,
                     pi.threads.len(),
-                    fds.join(",")
+                    if fds.is_empty() {
+                        "none".to_string()
+                    } else {
+                        fds.join(", ")
+                    }
                 ),
             );
             // Zombies of a PID are shown under its first process only.
@@ -267,9 +408,13 @@ fn files_summary(s: &mut String, m: &Metadata) {
     for f in &m.files {
         let _ = writeln!(
             s,
-            "  {:<50} {:?} {} blake3 {}…{}{}",
+            "  {:<50} {} {} blake3 {}…{}{}",
             f.path,
-            f.role,
+            match f.role {
+                FileRole::Executable => "executable",
+                FileRole::Mapped => "mapped",
+                FileRole::Library => "to embed",
+            },
             human(f.size),
             &f.blake3.get(..12).unwrap_or(""),
             if f.deleted { " (deleted)" } else { "" },
@@ -297,15 +442,23 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
         p.cwd
     );
     let _ = writeln!(*s, "cmdline: {}", p.cmdline.join(" "));
+    for line in crate::timers::describe(&p.timers)
+        .into_iter()
+        .chain(crate::process::describe_attrs(&p.attrs))
+    {
+        let _ = writeln!(*s, "{line}");
+    }
 
     let _ = writeln!(*s, "threads: {}", pi.threads.len());
     for t in &pi.threads {
         let syscall = match t.syscall {
             SyscallState::None => "in user code".to_string(),
             SyscallState::Restartable { nr, restart } => {
-                format!("in syscall {nr} (restart {restart:?})")
+                format!("in {}, {}", syscall_name(nr), restart_words(restart))
             }
-            SyscallState::Completed { nr } => format!("leaving syscall {nr}"),
+            SyscallState::Completed { nr } => {
+                format!("returning from {}", syscall_name(nr))
+            }
         };
         let _ = writeln!(
             s,
@@ -413,14 +566,20 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
                 "FIFO {path}{}",
                 data.map_or(String::new(), |d| format!(", {} unread bytes", d.raw_len))
             ),
+            other => crate::fds::describe(other),
         };
         let _ = writeln!(
             s,
-            "  {:>4} flags {:#o}{} {}",
+            "  {:>4} {:<10} {} (flags {:#o}{})",
             fd.fd,
+            match fd.flags & libc::O_ACCMODE as u32 {
+                0 => "read",
+                1 => "write",
+                _ => "read-write",
+            },
+            desc,
             fd.flags,
-            if fd.cloexec { " cloexec" } else { "" },
-            desc
+            if fd.cloexec { ", close-on-exec" } else { "" },
         );
     }
     let handled: Vec<String> = pi
@@ -497,6 +656,26 @@ mod tests {
 
     fn process_lines(s: &str) -> Vec<&str> {
         s.lines().filter(|l| l.starts_with("process: ")).collect()
+    }
+
+    /// Words a person reads: what happened after the dump, each part of
+    /// the image, the descriptors' kinds in the tree, system calls by name.
+    #[test]
+    fn summary_speaks_in_words() {
+        let s = summary_of(|_, _| {});
+        assert!(s.contains("\nafter dump: left running\n"), "{s}");
+        assert!(s.contains("\nimage parts: memory "), "{s}");
+        let tree = s
+            .lines()
+            .find(|l| l.starts_with("  4242 "))
+            .unwrap_or_else(|| panic!("no tree line: {s}"));
+        assert!(tree.contains("fds: "), "{tree}");
+        assert_eq!(syscall_name(libc::SYS_nanosleep as u64), "nanosleep");
+        assert_eq!(syscall_name(100_000), "system call 100000");
+        assert_eq!(
+            restart_words(RestartKind::RestartBlock),
+            "restarts with the time left"
+        );
     }
 
     #[test]

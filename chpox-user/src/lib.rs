@@ -7,18 +7,22 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod control;
 pub mod creds;
+pub mod deleted;
 pub mod dump;
 pub mod error;
 pub mod fds;
 pub mod files;
 pub mod image;
 pub mod inspect;
+pub mod job;
 pub mod memory;
 pub mod pagecopy;
 pub mod process;
+pub mod progress;
 pub mod ptrace;
 pub mod registers;
 pub mod remote;
@@ -27,7 +31,7 @@ pub mod safe_return;
 pub mod signals;
 pub mod snapshot;
 pub mod threads;
+pub mod timers;
 pub mod tree;
-pub mod unix_sockets;
 
 pub use error::{Error, Result};

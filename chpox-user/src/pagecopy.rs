@@ -216,8 +216,8 @@ fn write_in_order(
     }
     tracing::debug!(
         chunks = chunks.len(),
-        waited_ms = waited.as_secs_f64() * 1e3,
-        wrote_ms = wrote.as_secs_f64() * 1e3,
+        waited_us = waited.as_micros() as u64,
+        wrote_us = wrote.as_micros() as u64,
         "pages written"
     );
     Ok(refs)

@@ -10,7 +10,11 @@
 use procfs::process::Process;
 
 use crate::error::{Error, Result, read_proc, read_proc_bytes};
-use crate::image::model::{Credentials, MmFields, ProcessInfo, Rlimit, Scheduling};
+use std::os::unix::fs::MetadataExt;
+
+use crate::image::model::{
+    Credentials, MmFields, ProcessAttrs, ProcessInfo, Rlimit, Scheduling, SeccompFilter,
+};
 use crate::remote::{RemoteThread, read_memory};
 
 /// PF_KTHREAD in /proc/PID/stat's flags.
@@ -96,6 +100,18 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
     let cmdline = proc.cmdline().map_err(|e| proc_err(pid, e))?;
     let exe = read_link(&format!("/proc/{pid}/exe"))?;
     let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
+    let cwd_deleted = cwd.ends_with(" (deleted)")
+        && std::fs::metadata(format!("/proc/{pid}/cwd")).is_ok_and(|m| m.nlink() == 0);
+    let cwd_mode = if cwd_deleted {
+        std::fs::metadata(format!("/proc/{pid}/cwd")).map_or(0o755, |m| m.mode() & 0o7777)
+    } else {
+        0
+    };
+    let cwd = if cwd_deleted {
+        cwd.trim_end_matches(" (deleted)").to_string()
+    } else {
+        cwd
+    };
     let auxv = parse_auxv(&read_proc_bytes(&format!("/proc/{pid}/auxv"))?);
     let mut sched_param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_getparam writes one sched_param into the struct we own.
@@ -147,6 +163,12 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
         pdeath_signal: 0,
         child_subreaper: false,
         shares_fs_with_parent: false,
+        timers: Default::default(),
+        attrs: ProcessAttrs {
+            cwd_deleted,
+            cwd_mode,
+            ..Default::default()
+        },
     })
 }
 
@@ -202,6 +224,195 @@ pub fn dump_remote_state(
         });
     }
     Ok(())
+}
+
+/// `PTRACE_SECCOMP_GET_FILTER` and `PTRACE_SECCOMP_GET_METADATA`.
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
+/// The most instructions a classic BPF program may have (`BPF_MAXINSNS`).
+const BPF_MAXINSNS: usize = 4096;
+
+/// A number after `key` in a /proc status file.
+fn status_number(status: &str, key: &str) -> Option<i64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Small per-process attributes: oom_score_adj from /proc, the prctl
+/// flags with remote prctl calls, and the seccomp filters of every thread
+/// (which must be one chain for all: they are reinstalled with
+/// SECCOMP_FILTER_FLAG_TSYNC).
+pub fn dump_attrs(
+    info: &mut ProcessInfo,
+    thread: &mut RemoteThread<'_>,
+    tids: &[i32],
+) -> Result<()> {
+    let pid = thread.pid();
+    let attrs = &mut info.attrs;
+    attrs.oom_score_adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    // These prctl calls return the value itself.
+    attrs.dumpable = Some(thread.checked(
+        "prctl(PR_GET_DUMPABLE)",
+        libc::SYS_prctl,
+        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+    )? as u32);
+    // The rest from /proc: each remote call costs frozen time.
+    let status = read_proc(&format!("/proc/{pid}/status"))?;
+    attrs.no_new_privs = status_number(&status, "NoNewPrivs:").is_some_and(|v| v != 0);
+    // 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED, which status does not show.
+    attrs.thp_disable = thread.checked(
+        "prctl(PR_GET_THP_DISABLE)",
+        libc::SYS_prctl,
+        [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
+    )? as u32;
+    let mut chains = Vec::with_capacity(tids.len());
+    for &tid in tids {
+        let status = read_proc(&format!("/proc/{pid}/task/{tid}/status"))?;
+        match status_number(&status, "Seccomp:") {
+            None | Some(0) => chains.push(Vec::new()),
+            Some(2) => chains.push(seccomp_filters(tid)?),
+            Some(mode) => {
+                return Err(Error::Other(format!(
+                    "thread {tid} of PID {pid} runs in strict seccomp mode {mode} (SECCOMP_SET_MODE_STRICT), which chpox cannot restore"
+                )));
+            }
+        }
+    }
+    if chains.windows(2).any(|w| w[0] != w[1]) {
+        return Err(Error::Other(format!(
+            "the threads of PID {pid} have different seccomp filters, which chpox cannot restore (only one chain for all threads)"
+        )));
+    }
+    attrs.seccomp_filters = chains.into_iter().next().unwrap_or_default();
+    Ok(())
+}
+
+/// `mlockall(MCL_FUTURE)` leaves no mark in /proc but on the mappings made
+/// after it: the scratch mapping the dump has just made in the process
+/// (at `scratch`) is locked exactly when it is in force, and locked on
+/// fault with MCL_ONFAULT. smaps is read only when some memory is locked.
+pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<()> {
+    const MCL_FUTURE: u32 = 2;
+    const MCL_ONFAULT: u32 = 4;
+    let status = read_proc(&format!("/proc/{pid}/status"))?;
+    let locked_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if locked_kb == 0 {
+        return Ok(());
+    }
+    let smaps = read_proc(&format!("/proc/{pid}/smaps"))?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if inside {
+                let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+                if has("lo") {
+                    info.attrs.mlockall = MCL_FUTURE | if has("lf") { MCL_ONFAULT } else { 0 };
+                }
+                return Ok(());
+            }
+            continue;
+        }
+        let range = line.split(' ').next().unwrap_or("");
+        if let Some((start, end)) = range.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            inside = (start..end).contains(&scratch);
+        }
+    }
+    Ok(())
+}
+
+/// One line for `chpox inspect`, if any attribute differs from a new
+/// process's.
+pub fn describe_attrs(a: &ProcessAttrs) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(adj) = a.oom_score_adj.filter(|&v| v != 0) {
+        parts.push(format!("oom_score_adj {adj}"));
+    }
+    if a.dumpable.is_some_and(|d| d != 1) {
+        parts.push(format!("dumpable {}", a.dumpable.unwrap_or(1)));
+    }
+    if a.no_new_privs {
+        parts.push("no_new_privs".into());
+    }
+    match a.thp_disable {
+        0 => {}
+        1 => parts.push("THP disabled".into()),
+        _ => parts.push("THP disabled except where advised".into()),
+    }
+    if !a.seccomp_filters.is_empty() {
+        let insns: Vec<String> = a
+            .seccomp_filters
+            .iter()
+            .map(|f| (f.program.len() / 8).to_string())
+            .collect();
+        parts.push(format!(
+            "seccomp filters of {} instructions",
+            insns.join("+")
+        ));
+    }
+    if a.mlockall != 0 {
+        parts.push(format!("mlockall {:#x}", a.mlockall));
+    }
+    if a.cwd_deleted {
+        parts.push(format!("cwd removed (mode {:o})", a.cwd_mode));
+    }
+    (!parts.is_empty()).then(|| format!("attributes: {}", parts.join(", ")))
+}
+
+/// The seccomp filters of traced thread `tid`, oldest first (the kernel
+/// counts filter indices from the oldest, whatever ptrace(2) says).
+fn seccomp_filters(tid: i32) -> Result<Vec<SeccompFilter>> {
+    let mut filters = Vec::new();
+    for index in 0.. {
+        let mut prog = vec![0u8; BPF_MAXINSNS * 8];
+        // SAFETY: the kernel writes at most BPF_MAXINSNS 8-byte
+        // instructions into `prog`, which has room for them.
+        let n = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid,
+                index as libc::c_ulong,
+                prog.as_mut_ptr(),
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(Error::Other(format!(
+                "cannot read seccomp filter {index} of thread {tid} (PTRACE_SECCOMP_GET_FILTER: {e})"
+            )));
+        }
+        prog.truncate(n as usize * 8);
+        // struct seccomp_metadata { u64 filter_off; u64 flags; }
+        let mut meta = [index as u64, 0u64];
+        // SAFETY: the kernel reads filter_off and writes the 16-byte struct.
+        let ret = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_METADATA,
+                tid,
+                std::mem::size_of_val(&meta) as libc::c_ulong,
+                meta.as_mut_ptr(),
+            )
+        };
+        let flags = if ret < 0 { 0 } else { meta[1] };
+        filters.push(SeccompFilter {
+            program: prog,
+            flags,
+        });
+    }
+    Ok(filters)
 }
 
 pub fn read_link(path: &str) -> Result<String> {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use nix::sys::ptrace;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
@@ -172,7 +172,7 @@ impl Snapshot {
         debug!(
             target,
             child,
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            us = started.elapsed().as_micros() as u64,
             "snapshot taken"
         );
         Ok(Some(snapshot))
@@ -218,7 +218,7 @@ impl Snapshot {
         debug!(
             target = self.target,
             pages = stored,
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            us = started.elapsed().as_micros() as u64,
             "snapshot pages written"
         );
         let proc_image = meta
@@ -260,7 +260,7 @@ impl Snapshot {
         }
         debug!(
             child = self.child,
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            us = started.elapsed().as_micros() as u64,
             "snapshot collected"
         );
     }
@@ -316,7 +316,8 @@ impl Drop for Snapshot {
         // An error path: the child must not outlive the dump. Its zombie
         // stays with the process (invisible to a plain wait) until it exits.
         if self.child_alive {
-            warn!(
+            // The dump's own error says what failed; this is cleanup.
+            debug!(
                 target = self.target,
                 child = self.child,
                 "dump failed with a snapshot out: its copy is killed"

@@ -294,6 +294,10 @@ impl KindName for chpox::image::model::FdEntry {
             FdKind::ReplacedByNull { .. } => "ReplacedByNull",
             FdKind::Fifo { .. } => "Fifo",
             FdKind::UnixPair { .. } => "UnixPair",
+            FdKind::Unix(_) => "Unix",
+            FdKind::Inet(_) => "Inet",
+            FdKind::External { .. } => "External",
+            _ => "Other",
         }
     }
 }

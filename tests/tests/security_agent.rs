@@ -430,9 +430,7 @@ fn a_process_that_stops_being_traceable_after_registration_is_not_checkpointed()
     assert_ok("chpox list", &listed);
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(
-        text.contains(&pid)
-            && text.contains("last attempt failed")
-            && text.contains("not dumpable"),
+        text.contains(&pid) && text.contains("failed: ") && text.contains("not dumpable"),
         "chpox list does not say why: {text}"
     );
     let logged = agent

@@ -165,6 +165,7 @@ fn add_rdwr_fd(meta: &mut Metadata, path: &Path) {
             embedded: None,
             dev: md.dev(),
             ino: md.ino(),
+            mode: None,
         },
         description: 0x5EC2E7,
     });

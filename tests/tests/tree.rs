@@ -1420,7 +1420,7 @@ fn socketpair_resume(how: Dump) {
         .processes()
         .iter()
         .flat_map(|p| p["fds"].as_array().into_iter().flatten())
-        .filter(|e| !e["kind"]["UnixPair"]["queued"].is_null())
+        .filter(|e| !e["kind"]["Unix"]["queued"].is_null())
         .count();
     assert_eq!(queued, 4, "ends holding unread data: {}", img.summary());
     finish_original(&mut job.child, how, &pids);

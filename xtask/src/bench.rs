@@ -353,10 +353,8 @@ fn dump_with(pid: i32, image: &Path, extra: &[&str]) -> Result<DumpSample> {
         );
     }
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let secs = |k: &str| -> f64 {
-        let d = &report[k];
-        d["secs"].as_f64().unwrap_or(0.0) + d["nanos"].as_f64().unwrap_or(0.0) / 1e9
-    };
+    // `dump --json` gives durations as integer microseconds, `*_us`.
+    let secs = |k: &str| -> f64 { report[format!("{k}_us")].as_f64().unwrap_or(0.0) / 1e6 };
     let num = |k: &str| report[k].as_u64().unwrap_or(0);
     Ok(DumpSample {
         total: secs("total"),
@@ -663,8 +661,19 @@ impl Drop for Reaped {
 /// eBPF program. `chpox checkpoint` has the agent send the signal and
 /// reports the tracepoint-to-frozen time the agent measured.
 pub fn trigger_latency(triggers: usize) -> Result<()> {
-    let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}", std::process::id()));
-    let images = Path::new("/dev/shm").join(format!("chpox-bench-{}", std::process::id()));
+    // The goal is a latency independent of the process's size.
+    for mib in [16, 1024] {
+        trigger_latency_of(triggers, mib)?;
+    }
+    Ok(())
+}
+
+/// `triggers` checkpoints through chpox-agent of a `mib` MiB process:
+/// from the trigger's tracepoint timestamp to the last thread stopped, and
+/// how long the process stayed frozen.
+fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
+    let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}-{mib}", std::process::id()));
+    let images = Path::new("/dev/shm").join(format!("chpox-bench-{}-{mib}", std::process::id()));
     std::fs::create_dir_all(&images)?;
     let log = std::fs::File::create(run_dir.with_extension("log"))?;
     let _agent = Reaped(
@@ -673,6 +682,8 @@ pub fn trigger_latency(triggers: usize) -> Result<()> {
             .arg(&run_dir)
             .arg("--image-dir")
             .arg(&images)
+            // One image at a time in /dev/shm.
+            .args(["--keep", "0", "--config", "/dev/null"])
             .stderr(log)
             .spawn()
             .context("cannot start chpox-agent")?,
@@ -691,9 +702,10 @@ pub fn trigger_latency(triggers: usize) -> Result<()> {
     let target = Reaped(
         Command::new(release_bin("chpox"))
             .env("CHPOX_RUN_DIR", &run_dir)
-            .args(["run", "--"])
+            // Whatever descriptors the bench inherits are not the point.
+            .args(["run", "--unsupported-fd=null", "--"])
             .arg(release_bin("mempattern"))
-            .arg("16")
+            .arg(mib.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -701,13 +713,22 @@ pub fn trigger_latency(triggers: usize) -> Result<()> {
     );
     let pid = target.0.id().to_string();
     let (mut latency, mut frozen) = (Vec::new(), Vec::new());
-    for _ in 0..triggers {
+    let mut failures = 0;
+    while latency.len() < triggers {
         let out = Command::new(release_bin("chpox"))
             .env("CHPOX_RUN_DIR", &run_dir)
-            .args(["checkpoint", &pid, "--json", "--timeout", "30"])
+            .args(["checkpoint", &pid, "--json", "--timeout", "60"])
             .output()?;
         if !out.status.success() {
-            // The target may not be registered yet on the first round.
+            // The target may not be registered (or filled) yet.
+            failures += 1;
+            if failures > 100 {
+                bail!(
+                    "checkpoints keep failing: {}; see {}",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    run_dir.with_extension("log").display()
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
@@ -716,25 +737,22 @@ pub fn trigger_latency(triggers: usize) -> Result<()> {
         frozen.push(reply["frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
     }
     let _ = std::fs::remove_dir_all(&images);
-    if latency.is_empty() {
-        bail!(
-            "no checkpoint succeeded; see {}",
-            run_dir.with_extension("log").display()
-        );
-    }
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     println!(
-        "trigger latency: {} checkpoints of a 16 MiB process through chpox-agent",
+        "trigger latency: {} checkpoints of a {mib} MiB process through chpox-agent",
         latency.len()
     );
     println!(
-        "  tracepoint → frozen   median {:7.2} ms   p99 {:7.2} ms",
+        "  tracepoint → frozen   median {:7.2} ms   p99 {:7.2} ms   max {:7.2} ms",
         median(latency.clone()),
-        percentile(latency, 0.99)
+        percentile(latency.clone(), 0.99),
+        max(&latency)
     );
     println!(
-        "  frozen for            median {:7.2} ms   p99 {:7.2} ms",
+        "  frozen for            median {:7.2} ms   p99 {:7.2} ms   max {:7.2} ms",
         median(frozen.clone()),
-        percentile(frozen, 0.99)
+        percentile(frozen.clone(), 0.99),
+        max(&frozen)
     );
     Ok(())
 }

@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_restore;
 mod ebpf;
+mod install;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -41,7 +43,7 @@ enum Task {
     Bench {
         /// MiB of dirty anonymous memory in the benchmarked process, one
         /// table row per size (comma-separated).
-        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        #[arg(long, visible_alias = "sizes", value_delimiter = ',', default_values_t = [64, 1024, 4096])]
         mib: Vec<u64>,
         /// Rounds; medians are reported.
         #[arg(long, default_value_t = 3)]
@@ -55,8 +57,9 @@ enum Task {
         /// Directory for images and the dd comparison (tmpfs by default).
         #[arg(long, default_value = "/dev/shm")]
         dir: PathBuf,
-        /// Checkpoints triggered for the latency measurement.
-        #[arg(long, default_value_t = 50)]
+        /// Checkpoints triggered for the latency measurement (of each of a
+        /// 16 MiB and a 1 GiB process).
+        #[arg(long, default_value_t = 200)]
         triggers: usize,
         /// Processes in the tree case (the root and its children).
         #[arg(long, default_value_t = 8)]
@@ -68,6 +71,44 @@ enum Task {
         #[arg(long)]
         no_tree: bool,
     },
+    /// Build (release) and install chpox: the program (also as chpoxctl,
+    /// ld-chpox and chpox-agent), the eBPF object in PREFIX/lib/chpox, man
+    /// pages, bash/zsh/fish completions and the systemd unit
+    /// chpox-agent.service.
+    Install {
+        #[command(flatten)]
+        to: InstallTo,
+        #[command(flatten)]
+        from: InstallFrom,
+    },
+    /// Remove what `install` put into PREFIX (under DESTDIR).
+    Uninstall {
+        #[command(flatten)]
+        to: InstallTo,
+    },
+    /// Build a Debian package (.deb) holding what `install --prefix /usr`
+    /// installs.
+    Package {
+        /// Directory to write chpox_VERSION_ARCH.deb into.
+        #[arg(long, default_value = "target/package")]
+        out: PathBuf,
+        /// How dpkg-deb compresses the files: xz, zstd, gzip or none.
+        #[arg(long, default_value = "xz")]
+        compression: String,
+        #[command(flatten)]
+        from: InstallFrom,
+    },
+    /// Measure restore, eager and --lazy (time to running, to fully
+    /// resident), against first touch, memcpy and dd, at several sizes.
+    BenchRestore {
+        /// MiB of dirty anonymous memory, one run per size.
+        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = "/dev/shm")]
+        dir: PathBuf,
+    },
     /// Install LLVM 22, bpf-linker and nightly rust-src if missing.
     InstallEbpfPrerequisites,
     /// Build the eBPF object (installing its prerequisites first).
@@ -76,6 +117,48 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+}
+
+/// Where `install` and `uninstall` put files.
+#[derive(clap::Args)]
+struct InstallTo {
+    /// Installation prefix: programs in PREFIX/bin, the eBPF object in
+    /// PREFIX/lib/chpox, the unit in PREFIX/lib/systemd/system.
+    #[arg(long, default_value = "/usr/local")]
+    prefix: PathBuf,
+    /// Stage the files under this directory (for packaging), as if it were /.
+    #[arg(long)]
+    destdir: Option<PathBuf>,
+}
+
+/// Which build `install` and `package` take.
+#[derive(clap::Args)]
+struct InstallFrom {
+    /// Install what is already built instead of building the release now.
+    #[arg(long)]
+    no_build: bool,
+    /// With --no-build: the build to take (release or debug).
+    #[arg(long, default_value = "release", requires = "no_build")]
+    profile: String,
+}
+
+impl InstallFrom {
+    fn source(&self) -> Result<install::Source> {
+        if self.no_build {
+            install::prebuilt(&self.profile)
+        } else {
+            install::build_release()
+        }
+    }
+}
+
+impl InstallTo {
+    fn layout(&self) -> install::Layout {
+        install::Layout {
+            prefix: self.prefix.clone(),
+            destdir: self.destdir.clone(),
+        }
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -100,7 +183,19 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Debian packages the test suite runs real programs from (servers,
 /// runtimes, a batch system). `cargo xtask test` installs the missing ones.
-const TEST_PACKAGES: &[&str] = &["python3"];
+const TEST_PACKAGES: &[&str] = &[
+    "python3",
+    "openjdk-17-jdk-headless",
+    "slurm-wlm",
+    "munge",
+    "nodejs",
+    "redis-server",
+    "golang-go",
+    "systemd",
+    "man-db",
+    "zsh",
+    "fish",
+];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -233,6 +328,54 @@ fn main() -> Result<()> {
                 bench::compare(&[&single, &tree]);
             }
             bench::trigger_latency(triggers.max(1))
+        }
+        Task::Install { to, from } => {
+            let src = from.source()?;
+            let layout = to.layout();
+            let (files, total) = install::install(&src, &layout)?;
+            eprintln!(
+                "xtask: installed into {}{}: {}",
+                to.prefix.display(),
+                to.destdir
+                    .as_ref()
+                    .map(|d| format!(" under {}", d.display()))
+                    .unwrap_or_default(),
+                install::describe(&layout, &files, total)
+            );
+            if to.destdir.is_none() {
+                eprintln!(
+                    "xtask: start the agent with `systemctl daemon-reload && systemctl enable --now chpox-agent`"
+                );
+            }
+            Ok(())
+        }
+        Task::Uninstall { to } => {
+            let removed = install::uninstall(&to.layout())?;
+            eprintln!(
+                "xtask: removed {removed} files from {}",
+                to.prefix.display()
+            );
+            Ok(())
+        }
+        Task::Package {
+            out,
+            compression,
+            from,
+        } => {
+            let src = from.source()?;
+            let out = if out.is_absolute() {
+                out
+            } else {
+                workspace_root().join(out)
+            };
+            let deb = install::package(&src, &out, &compression)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
+        Task::BenchRestore { sizes, rounds, dir } => {
+            require_root("the benchmark")?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench_restore::run(&sizes, rounds, &dir)
         }
         Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
         Task::BuildEbpf { debug } => {

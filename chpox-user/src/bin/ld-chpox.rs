@@ -1,30 +1,6 @@
-//! `ld-chpox FILE`: the old chpox's restore command, the same as
-//! `chpox restore FILE`.
+//! `ld-chpox FILE`: the old chpox's restore command (see `chpox::cli::ld`).
+//! Installed as a link to `chpox`, which runs the same code by this name.
 
-use std::process::ExitCode;
-
-use clap::Parser;
-
-/// Restore a checkpointed process from its image; wait for it and exit with
-/// its exit status (128 + N if killed by signal N).
-#[derive(Parser)]
-#[command(name = "ld-chpox", version)]
-struct Cli {
-    #[command(flatten)]
-    restore: chpox::cli::RestoreArgs,
-    /// More log output (repeat for more).
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    chpox::cli::init_logging(cli.verbose);
-    match chpox::cli::restore(&cli.restore) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("ld-chpox: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    chpox::cli::ld::main()
 }

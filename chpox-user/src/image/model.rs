@@ -7,6 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::model_sockets::{
+    InFlight, InetOptions, InetSocketImage, SocketFile, TcpConnection, UnixSocketImage,
+};
+
 /// Where a piece of bulk data (pages, an embedded file) lies in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataRef {
@@ -104,11 +108,20 @@ pub struct Zombie {
 }
 
 /// How a process was registered with the agent when it was checkpointed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SavedRegistration {
     pub signal: u32,
     /// The FLAGS of the register line (`chpox_common::flags`).
     pub flags: u32,
+    /// Periodic checkpoints every this many milliseconds (`--every`).
+    #[serde(default)]
+    pub every_ms: Option<u64>,
+    /// Earlier images kept (`--keep`), if the registration said.
+    #[serde(default)]
+    pub keep: Option<u32>,
+    /// Descriptors chpox cannot restore were allowed to become /dev/null.
+    #[serde(default)]
+    pub unsupported_fd_null: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +188,84 @@ pub struct ProcessInfo {
     /// umask for both, changed by either.
     #[serde(default)]
     pub shares_fs_with_parent: bool,
+    /// Timers that are not descriptors: `setitimer` and POSIX timers.
+    #[serde(default)]
+    pub timers: Timers,
+    /// Small per-process attributes: oom_score_adj, prctl flags, seccomp.
+    #[serde(default)]
+    pub attrs: ProcessAttrs,
+}
+
+/// Timers a process holds without a descriptor (`crate::timers`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timers {
+    /// The armed `setitimer` timers.
+    pub itimers: Vec<ITimer>,
+    /// Every POSIX timer (`timer_create`), armed or not.
+    pub posix: Vec<PosixTimer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ITimer {
+    /// ITIMER_REAL, ITIMER_VIRTUAL or ITIMER_PROF.
+    pub which: i32,
+    pub interval_ns: u64,
+    /// Time left at the checkpoint.
+    pub value_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    /// The timer ID the process knows it by (`timer_t`).
+    pub id: i32,
+    pub clock: i32,
+    /// `sigev_notify`: SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID (glibc's
+    /// SIGEV_THREAD timers are SIGEV_THREAD_ID to a helper thread).
+    pub notify: i32,
+    pub signo: i32,
+    /// `sigev_value`, handed to the handler in `si_value`.
+    pub value: u64,
+    /// For SIGEV_THREAD_ID: the thread signalled (its TID at the
+    /// checkpoint).
+    pub tid: i32,
+    pub interval_ns: u64,
+    /// Time left at the checkpoint; 0 when disarmed.
+    pub value_ns: u64,
+    /// `timer_getoverrun` at the checkpoint (not settable: recorded).
+    pub overrun: i32,
+}
+
+/// Small per-process attributes (`crate::process` dumps them,
+/// `restore::process` sets them back).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessAttrs {
+    /// `/proc/PID/oom_score_adj`.
+    pub oom_score_adj: Option<i32>,
+    /// `PR_GET_DUMPABLE`.
+    pub dumpable: Option<u32>,
+    /// `PR_GET_NO_NEW_PRIVS`.
+    pub no_new_privs: bool,
+    /// `PR_GET_THP_DISABLE`: 0, 1 (disabled), 3 (disabled except where
+    /// madvised, PR_THP_DISABLE_EXCEPT_ADVISED).
+    pub thp_disable: u32,
+    /// Seccomp filters, oldest first, as classic BPF
+    /// (`PTRACE_SECCOMP_GET_FILTER`): 8-byte `sock_filter` instructions.
+    pub seccomp_filters: Vec<SeccompFilter>,
+    /// The working directory had been removed: restore makes one, enters
+    /// it and removes it again.
+    pub cwd_deleted: bool,
+    /// Its permission bits.
+    pub cwd_mode: u32,
+    /// `mlockall` flags that outlive the call: MCL_FUTURE, MCL_ONFAULT.
+    pub mlockall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompFilter {
+    #[serde(with = "serde_bytes")]
+    pub program: Vec<u8>,
+    /// `SECCOMP_FILTER_FLAG_*` the kernel reports (`PTRACE_SECCOMP_GET_METADATA`).
+    pub flags: u64,
 }
 
 fn default_exit_signal() -> i32 {
@@ -476,6 +567,9 @@ pub enum FdKind {
         embedded: Option<DataRef>,
         dev: u64,
         ino: u64,
+        /// Of a deleted file: its permission bits, which its copy gets.
+        #[serde(default)]
+        mode: Option<u32>,
     },
     Directory {
         path: String,
@@ -534,4 +628,114 @@ pub enum FdKind {
         /// The lengths of the messages in `queued` (not for a stream).
         messages: Vec<u64>,
     },
+    /// An eventfd: its counter; EFD_NONBLOCK is in the entry's flags.
+    EventFd {
+        #[serde(default)]
+        count: u64,
+        #[serde(default)]
+        semaphore: bool,
+    },
+    /// A timerfd, as `timerfd_gettime` and fdinfo said at dump time.
+    TimerFd {
+        #[serde(default)]
+        clockid: i32,
+        /// `timerfd_settime` flags: TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET.
+        #[serde(default)]
+        settime_flags: i32,
+        /// Time left to the next expiry, 0 when disarmed.
+        #[serde(default)]
+        value_ns: u64,
+        #[serde(default)]
+        interval_ns: u64,
+        /// For a TFD_TIMER_ABSTIME timer: its deadline on its clock.
+        #[serde(default)]
+        deadline_ns: u64,
+        /// Expirations not read yet.
+        #[serde(default)]
+        ticks: u64,
+    },
+    /// A signalfd and the signals it accepts (bit N-1 for signal N).
+    SignalFd {
+        #[serde(default)]
+        mask: u64,
+    },
+    /// An epoll instance and its interest list, each target by its number
+    /// in the table of the process that adds it back.
+    Epoll {
+        #[serde(default)]
+        targets: Vec<EpollTarget>,
+    },
+    /// An inotify instance and its watches.
+    Inotify {
+        #[serde(default)]
+        watches: Vec<InotifyWatch>,
+    },
+    /// A memfd: entries with the same inode are one file.
+    Memfd {
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        inode: u64,
+        #[serde(default)]
+        pos: u64,
+        /// Permission bits.
+        #[serde(default)]
+        mode: u32,
+        /// `F_GET_SEALS`.
+        #[serde(default)]
+        seals: u32,
+        #[serde(default)]
+        size: u64,
+        /// The content, stored with the first entry of the inode.
+        #[serde(default)]
+        content: Option<DataRef>,
+        /// Owner.
+        #[serde(default)]
+        uid: u32,
+        #[serde(default)]
+        gid: u32,
+    },
+    /// A pidfd of a process of the checkpoint, by its PID as the image
+    /// knows it.
+    PidFd {
+        #[serde(default)]
+        pid: i32,
+    },
+    /// A UNIX socket (`fds::unix`): bound, listening, connected inside the
+    /// checkpoint or not.
+    Unix(Box<UnixSocketImage>),
+    /// A TCP or UDP socket (`fds::inet`).
+    Inet(Box<InetSocketImage>),
+    /// Connected to something outside the checkpoint (a daemon's UNIX
+    /// socket…): restore needs a replacement, `--inherit-fd FD=N`.
+    External {
+        was: String,
+    },
+}
+
+/// One entry of an epoll interest list (`epoll_ctl(EPOLL_CTL_ADD)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    pub fd: i32,
+    /// EPOLLIN…, with EPOLLET, EPOLLONESHOT, EPOLLEXCLUSIVE, EPOLLWAKEUP.
+    pub events: u32,
+    pub data: u64,
+    /// The watched file's inode and device (`st_dev`), to check at dump
+    /// time that `fd` is still the file that was added.
+    #[serde(default)]
+    pub ino: u64,
+    #[serde(default)]
+    pub dev: u64,
+    /// The process (PID in the image) whose table has `fd` as that file:
+    /// it adds the entry back. 0: the first process holding the instance.
+    #[serde(default)]
+    pub pid: i32,
+}
+
+/// One inotify watch: re-added by path with its mask, under its number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: String,
 }

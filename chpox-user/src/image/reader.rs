@@ -177,6 +177,34 @@ impl ImageReader {
         Ok(report)
     }
 
+    /// Like [`verify_all`](Self::verify_all), for every blob but the page
+    /// runs (which a restore checks while it fills memory, or in the
+    /// background with `--lazy`: see [`verify_pages`](Self::verify_pages)).
+    pub fn verify_except_pages(&self) -> Result<VerifyReport, ImageError> {
+        self.verify_where(|site| !matches!(site, Site::Page { .. }))
+    }
+
+    /// Like [`verify_all`](Self::verify_all), for the page runs only.
+    pub fn verify_pages(&self) -> Result<VerifyReport, ImageError> {
+        self.verify_where(|site| matches!(site, Site::Page { .. }))
+    }
+
+    fn verify_where(&self, pick: impl Fn(&Site<'_>) -> bool) -> Result<VerifyReport, ImageError> {
+        let mut report = VerifyReport::default();
+        for_each_ref(&self.meta, |site, r| {
+            if !pick(&site) {
+                return Ok(());
+            }
+            let name = || site.to_string();
+            self.visit(r, &name, &mut |_, _| {})?;
+            report.blobs += 1;
+            report.bytes += r.stored_len;
+            report.raw_bytes += r.raw_len;
+            Ok(())
+        })?;
+        Ok(report)
+    }
+
     /// The process memory at `[addr, addr + len)` as stored in page runs, or
     /// `None` if some byte of it is not covered by a stored run (never
     /// touched, a clean file page, or not mapped at all).
@@ -385,6 +413,7 @@ impl ImageReader {
                     self.src.read_at(piece, r.offset + done, name)?;
                     crc = crc32c::crc32c_append(crc, piece);
                     f(done, piece);
+                    crate::progress::add(n as u64);
                     done += n as u64;
                 }
                 if crc != r.crc32c {
@@ -408,6 +437,7 @@ impl ImageReader {
                                     break Outcome::TooLong;
                                 }
                                 f(produced, piece);
+                                crate::progress::add(n as u64);
                                 produced += n as u64;
                             }
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1242,6 +1272,15 @@ fn for_each_ref<'a, E>(
                 r,
             )?;
         }
+        for r in crate::image::model_sockets::data_refs(&entry.kind) {
+            f(
+                Site::Fd {
+                    entry,
+                    path: "socket",
+                },
+                r,
+            )?;
+        }
         if let FdKind::RegularFile {
             path,
             embedded: Some(r),
@@ -1249,6 +1288,14 @@ fn for_each_ref<'a, E>(
         } = &entry.kind
         {
             f(Site::Fd { entry, path }, r)?;
+        }
+        if let FdKind::Memfd {
+            name,
+            content: Some(r),
+            ..
+        } = &entry.kind
+        {
+            f(Site::Fd { entry, path: name }, r)?;
         }
         if let FdKind::Pipe { data: Some(r), .. } = &entry.kind {
             f(

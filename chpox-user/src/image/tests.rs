@@ -691,6 +691,7 @@ fn metadata_without_later_fields_still_decodes() {
     meta.registration = Some(SavedRegistration {
         signal: 12,
         flags: 2,
+        ..SavedRegistration::default()
     });
     let mut value: ciborium::Value =
         ciborium::de::from_reader(cbor(&meta).as_slice()).expect("decode as a CBOR value");

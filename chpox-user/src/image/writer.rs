@@ -435,6 +435,7 @@ impl ImageWriter {
                 *raw_len += n;
             }
         }
+        crate::progress::add(n);
         self.state = State::Blob(blob);
         Ok(())
     }
@@ -536,6 +537,7 @@ impl ImageWriter {
         (&*self.file).write_all(stored).map_err(|e| self.err(e))?;
         self.pos += stored.len() as u64;
         self.state = State::Idle;
+        crate::progress::add(raw_len);
         Ok(DataRef {
             offset,
             stored_len: stored.len() as u64,

@@ -200,8 +200,25 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
         .filter_map(|v| v.file)
         .collect();
     writable.sort_unstable();
+    let mut on_demand: Vec<&Vma> = Vec::new();
+    // Without --lazy, private anonymous memory is filled by copy (see
+    // `fill::Copier`) once every mapping is made.
+    let copier = match ctx.lazy {
+        Some(_) => None,
+        None => super::fill::Copier::new(c)?,
+    };
     for vma in &meta.vmas {
         if vma.kind.is_special() {
+            continue;
+        }
+        let deferred = match (ctx.lazy, &copier) {
+            (Some(_), _) => super::lazy::eligible(vma),
+            (None, Some(_)) => super::fill::Copier::takes(vma),
+            (None, None) => false,
+        };
+        if deferred {
+            map_one(c, ctx, vma, None, false)?;
+            on_demand.push(vma);
             continue;
         }
         let fd = match (vma.kind, vma.file) {
@@ -222,11 +239,11 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
         }
         .map(|fd| (fd, vma.offset));
         if let Some(object) = shared_object(c, ctx, vma)? {
-            map_one(c, ctx, vma, Some(object))?;
+            map_one(c, ctx, vma, Some(object), true)?;
             c.close(object.0)?;
             continue;
         }
-        map_one(c, ctx, vma, fd)?;
+        map_one(c, ctx, vma, fd, true)?;
         if let (VmaKind::SharedAnonymous, Some(id)) = (vma.kind, vma.shmem_id) {
             ctx.shmem.borrow_mut().entry(id).or_insert(FirstMapping {
                 pid: c.pid(),
@@ -235,6 +252,14 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
                 saved_offset: vma.offset,
             });
         }
+    }
+    if let Some(lazy) = ctx.lazy {
+        // Before anything of the restore may touch them: a page touched
+        // while unregistered would be zero-filled and its content lost.
+        lazy.register(c, &on_demand)?;
+    }
+    if let Some(copier) = copier {
+        copier.fill(ctx, &on_demand)?;
     }
     if let Some(i) = meta.process.exe_file {
         mapped.exe_fd = Some(file_fd(c, ctx, &mut mapped, i, false)?);
@@ -394,11 +419,18 @@ pub fn fill_fd(
         .map_err(|source| Error::File { path, source })
 }
 
-/// Map `vma`, from descriptor and offset `fd` if given, and fill its pages.
-fn map_one(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma, fd: Option<(i32, u64)>) -> Result<()> {
+/// Map `vma`, from descriptor and offset `fd` if given, and fill its pages
+/// if `fill` (else they come lazily, see `super::lazy`).
+fn map_one(
+    c: &mut Child<'_>,
+    ctx: &Context<'_>,
+    vma: &Vma,
+    fd: Option<(i32, u64)>,
+    fill: bool,
+) -> Result<()> {
     let len = vma.end - vma.start;
     let prot = prot_of(vma);
-    let fill = !vma.pages.is_empty();
+    let fill = fill && !vma.pages.is_empty();
     let map_prot = if fill {
         prot | (libc::PROT_READ | libc::PROT_WRITE) as u64
     } else {
@@ -440,8 +472,16 @@ fn map_one(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma, fd: Option<(i32, u64
             }
         )));
     }
-    for run in &vma.pages {
-        fill_run(c, ctx, run.addr, &run.data)?;
+    if fill && has_flag(vma, "hg") {
+        // Before the fill, so the pages come as huge pages, as they could
+        // for the original: faster to fill, and the same memory.
+        let _ = c.raw(
+            libc::SYS_madvise,
+            [vma.start, len, libc::MADV_HUGEPAGE as u64, 0, 0, 0],
+        )?;
+    }
+    if fill {
+        super::fill::fill_runs(c, ctx, vma)?;
     }
     if map_prot != prot {
         c.call(
@@ -462,42 +502,6 @@ fn map_one(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma, fd: Option<(i32, u64
             // matters to the program.
             let _ = c.raw(libc::SYS_madvise, [vma.start, len, advice as u64, 0, 0, 0])?;
         }
-    }
-    Ok(())
-}
-
-/// Put one stored run into the child's memory at `addr`.
-fn fill_run(c: &mut Child<'_>, ctx: &Context<'_>, addr: u64, data: &DataRef) -> Result<()> {
-    if data.compression != Compression::None {
-        let bytes = ctx.reader.read_data(data)?;
-        return remote::write_memory(c.pid(), addr, &bytes);
-    }
-    let mut done = 0u64;
-    while done < data.raw_len {
-        let n = (data.raw_len - done).min(MAX_RW);
-        let got = c.raw(
-            libc::SYS_pread64,
-            [
-                ctx.image_fd as u64,
-                addr + done,
-                n,
-                data.offset + done,
-                0,
-                0,
-            ],
-        )?;
-        if got <= 0 {
-            return Err(Error::Other(format!(
-                "reading pages for {:#x} from the image: {}",
-                addr + done,
-                if got == 0 {
-                    "unexpected end of file".to_string()
-                } else {
-                    errno_of(got).to_string()
-                }
-            )));
-        }
-        done += got as u64;
     }
     Ok(())
 }

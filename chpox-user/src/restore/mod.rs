@@ -23,8 +23,10 @@
 //! engine, tested by every dump, and no blob. The cost is a few
 //! microseconds of ptrace round trip per syscall, which for the hundreds of
 //! mappings of a normal process is a few milliseconds. Page contents do not
-//! bounce through chpox: the child `pread`s each stored run from the image
-//! file, so the kernel copies the page cache straight into its memory.
+//! bounce through chpox: private anonymous memory is filled with
+//! `UFFDIO_COPY` from a mapping of the image (allocation and copy in one
+//! step, see [`fill`]), the rest `pread` by the child from the image file,
+//! so the kernel copies the page cache straight into its memory.
 //!
 //! Remote syscalls need a `syscall` instruction in the child that survives
 //! the rebuild: the first thing we map is a one-page trampoline
@@ -66,15 +68,18 @@
 //!   (see [`threads`]).
 
 pub mod child;
-pub mod fds;
+pub mod fill;
 pub mod inject;
+pub mod lazy;
 pub mod memory;
+pub mod pending;
 pub mod process;
 pub mod registers;
 pub mod signals;
 pub mod spawn;
 pub mod threads;
 pub mod tree;
+pub mod uffd;
 pub mod validate;
 pub mod vdso;
 
@@ -85,6 +90,7 @@ use std::path::Path;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::fds;
 use crate::image::ImageReader;
 use crate::image::model::{Metadata, ProcessImage};
 use crate::ptrace::Frozen;
@@ -100,6 +106,12 @@ pub struct RestoreOptions {
     /// Root restores an image another user owns as saved, not with that
     /// user's rights (see [`validate`]).
     pub trust_image: bool,
+    /// Replacements for descriptors connected to the outside
+    /// (`--inherit-fd`).
+    pub inherit_fds: Vec<fds::external::InheritFd>,
+    /// Run at once and fill memory on demand and in the background
+    /// (userfaultfd; see [`lazy`]).
+    pub lazy: bool,
 }
 
 impl Default for RestoreOptions {
@@ -108,6 +120,8 @@ impl Default for RestoreOptions {
             pid: PidMode::Prefer,
             pid_ns: false,
             trust_image: false,
+            inherit_fds: Vec::new(),
+            lazy: false,
         }
     }
 }
@@ -169,7 +183,8 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     // Every description, made before any process exists: a file that cannot
     // be opened fails here.
-    let descriptions = fds::Descriptions::prepare(meta, &reader, owner, &mut warnings)?;
+    let descriptions =
+        fds::Descriptions::prepare(meta, &reader, owner, &opts.inherit_fds, &mut warnings)?;
     let injector = inject::Injector::new()?;
     let pid_mode = if tree || pid_ns {
         PidMode::Same
@@ -187,6 +202,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
+    let lazy = opts
+        .lazy
+        .then(|| lazy::Lazy::new(std::os::fd::AsRawFd::as_raw_fd(&image_file)));
     let built = (|| -> Result<()> {
         let layout = match &init_frozen {
             Some(init) => {
@@ -225,6 +243,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 injector: &injector,
                 shmem: &shmem,
                 owner,
+                lazy: lazy.as_ref(),
             };
             // Threads after the first, held by us as soon as they exist.
             let mut held = Vec::new();
@@ -241,9 +260,16 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 }
             })?;
         }
+        if let Some(lazy) = &lazy {
+            let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
+            lazy.finish(&reader, &pids)?;
+        }
         Ok(())
     })();
     if let Err(e) = built {
+        if let Some(lazy) = &lazy {
+            lazy.abort();
+        }
         debug!(error = %e, "restore failed; killing the half-built processes");
         while let Some(f) = members.pop() {
             f.kill();
@@ -306,6 +332,8 @@ pub struct Context<'a> {
     /// Root restoring another user's image: the processes get only that
     /// user's rights.
     pub owner: Option<&'a validate::Owner>,
+    /// With `--lazy`: where mappings filled on demand are registered.
+    pub lazy: Option<&'a lazy::Lazy>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the
@@ -365,6 +393,7 @@ fn build(
     memory::unmap_inherited(&mut c, &layout)?;
     let mapped = memory::map_all(&mut c, ctx)?;
     process::set_mm(&mut c, ctx, mapped.exe_fd, warnings)?;
+    process::apply_vma_flags(&mut c, &image.vmas, warnings)?;
     mapped.close(&mut c)?;
     process::restore_state(&mut c, ctx, warnings)?;
     signals::restore_actions(&mut c, &image.signals.actions)?;
@@ -401,6 +430,13 @@ fn build(
     };
     signals::restore_pending(&mut c, image, &tids, warnings)?;
     process::restore_rlimits(&mut c, &image.process.rlimits, ctx.owner, warnings)?;
+    let tid_pairs: Vec<(i32, i32)> = image
+        .threads
+        .iter()
+        .map(|t| t.tid)
+        .zip(tids.iter().copied())
+        .collect();
+    crate::timers::restore(&mut c, &image.process.timers, &tid_pairs)?;
     let tid_offset = threads::tid_offset(pid, &image.threads);
     if tid_offset.is_none() && !others.is_empty() {
         let w = "cannot tell where the threads keep their IDs; a pthread_join may never return"
@@ -414,6 +450,7 @@ fn build(
     let creds = &image.process.creds;
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
     threads::setup(&mut c, main, tid_offset, creds)?;
+    process::restore_attrs(&mut c, &image.process.attrs, warnings)?;
 
     // Last remote call: the trampoline goes too. The thread stops at the
     // syscall exit, and never runs on the unmapped page: its registers are

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::Context;
 use super::child::{ARGS_AT, Child, errno_of};
 use crate::error::{Error, Result};
-use crate::image::model::{Credentials, Rlimit};
+use crate::image::model::{Credentials, ProcessAttrs, Rlimit, SeccompFilter, Vma};
 
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
@@ -128,13 +128,17 @@ pub fn restore_state(
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     let info = &ctx.image.process;
-    let cwd = c.put_path(&info.cwd)?;
-    let ret = c.raw(libc::SYS_chdir, [cwd, 0, 0, 0, 0, 0])?;
-    if ret < 0 {
-        return Err(Error::File {
-            path: info.cwd.clone(),
-            source: errno_of(ret),
-        });
+    if info.attrs.cwd_deleted {
+        enter_deleted_cwd(c, &info.cwd, info.attrs.cwd_mode, info.pid, warnings)?;
+    } else {
+        let cwd = c.put_path(&info.cwd)?;
+        let ret = c.raw(libc::SYS_chdir, [cwd, 0, 0, 0, 0, 0])?;
+        if ret < 0 {
+            return Err(Error::File {
+                path: info.cwd.clone(),
+                source: errno_of(ret),
+            });
+        }
     }
     c.call(
         "umask",
@@ -202,6 +206,62 @@ pub fn restore_state(
         )?;
     }
     Ok(())
+}
+
+/// A working directory that had been removed comes back removed: a new
+/// directory with the saved mode is made, entered and removed again. It
+/// takes the saved path when that is free (so /proc/PID/cwd reads as it
+/// did), else a fresh name beside it, else in /tmp.
+fn enter_deleted_cwd(
+    c: &mut Child<'_>,
+    path: &str,
+    mode: u32,
+    pid: i32,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let parent = std::path::Path::new(path)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".into());
+    let candidates = [
+        path.to_string(),
+        format!("{}/.chpox-cwd-{pid}", parent.trim_end_matches('/')),
+        format!("/tmp/.chpox-cwd-{pid}"),
+    ];
+    for (i, dir) in candidates.iter().enumerate() {
+        let addr = c.put_path(dir)?;
+        if c.raw(libc::SYS_mkdir, [addr, 0o700, 0, 0, 0, 0])? < 0 {
+            continue;
+        }
+        // mkdir's mode passes through the umask; chmod's does not.
+        c.raw(
+            libc::SYS_chmod,
+            [addr, u64::from(mode & 0o7777), 0, 0, 0, 0],
+        )?;
+        let entered = c.raw(libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
+        let removed = c.raw(libc::SYS_rmdir, [addr, 0, 0, 0, 0, 0])?;
+        if entered < 0 {
+            continue;
+        }
+        if removed < 0 {
+            note(
+                warnings,
+                format!(
+                    "the removed working directory {path} was made again as {dir} but cannot be removed: {}",
+                    errno_of(removed)
+                ),
+            );
+        } else if i > 0 {
+            note(
+                warnings,
+                format!("the removed working directory {path} comes back removed, named {dir}"),
+            );
+        }
+        return Ok(());
+    }
+    Err(Error::Other(format!(
+        "cannot make a working directory to stand for the removed {path}"
+    )))
 }
 
 /// The nice value a process of an unprivileged user gets for its `saved`
@@ -438,6 +498,213 @@ fn set_groups(c: &mut Child<'_>, groups: &[u32]) -> Result<()> {
         libc::SYS_setgroups,
         [groups.len() as u64, addr, 0, 0, 0, 0],
     )?;
+    Ok(())
+}
+
+/// The madvise and mlock state of each mapping, from its VmFlags: what
+/// `madvise` (dontfork, wipeonfork, hugepage, nohugepage, dontdump,
+/// mergeable) and `mlock`/`mlock2(MLOCK_ONFAULT)` set. Once the memory is
+/// in place; a flag the kernel refuses here is a warning.
+pub fn apply_vma_flags(c: &mut Child<'_>, vmas: &[Vma], warnings: &mut Vec<String>) -> Result<()> {
+    const MADVISE: [(&str, i32, &str); 6] = [
+        ("dc", libc::MADV_DONTFORK, "MADV_DONTFORK"),
+        ("wf", libc::MADV_WIPEONFORK, "MADV_WIPEONFORK"),
+        ("hg", libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"),
+        ("nh", libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE"),
+        ("dd", libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
+        ("mg", libc::MADV_MERGEABLE, "MADV_MERGEABLE"),
+    ];
+    const MLOCK_ONFAULT: u64 = 1;
+    for v in vmas.iter().filter(|v| !v.kind.is_special()) {
+        let has = |f: &str| v.vm_flags.iter().any(|x| x == f);
+        let len = v.end - v.start;
+        for (flag, advice, name) in MADVISE {
+            // Device memory is "dd" by the kernel's doing, not the program's.
+            if !has(flag) || (flag == "dd" && (has("io") || has("pf"))) {
+                continue;
+            }
+            let ret = c.raw(libc::SYS_madvise, [v.start, len, advice as u64, 0, 0, 0])?;
+            if ret < 0 {
+                note(
+                    warnings,
+                    format!(
+                        "cannot set {name} on {:#x}-{:#x}: {}",
+                        v.start,
+                        v.end,
+                        errno_of(ret)
+                    ),
+                );
+            }
+        }
+        let ret = if has("lf") {
+            c.raw(libc::SYS_mlock2, [v.start, len, MLOCK_ONFAULT, 0, 0, 0])?
+        } else if has("lo") {
+            c.raw(libc::SYS_mlock, [v.start, len, 0, 0, 0, 0])?
+        } else {
+            0
+        };
+        if ret < 0 {
+            note(
+                warnings,
+                format!(
+                    "cannot lock {:#x}-{:#x} in memory: {}",
+                    v.start,
+                    v.end,
+                    errno_of(ret)
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What must come last, once credentials are set (which reset
+/// dumpability): oom_score_adj, THP disabling, dumpability, no_new_privs,
+/// and the seccomp filters (after them, the filter judges every syscall we
+/// run in the process).
+pub fn restore_attrs(
+    c: &mut Child<'_>,
+    attrs: &ProcessAttrs,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    if let Some(adj) = attrs.oom_score_adj {
+        let path = format!("/proc/{}/oom_score_adj", c.pid());
+        if let Err(e) = std::fs::write(&path, adj.to_string()) {
+            // Lowering it takes CAP_SYS_RESOURCE.
+            note(warnings, format!("cannot set oom_score_adj {adj}: {e}"));
+        }
+    }
+    if attrs.thp_disable & 1 != 0 {
+        // Bit 1 is PR_THP_DISABLE_EXCEPT_ADVISED, passed in arg3.
+        let ret = c.raw(
+            libc::SYS_prctl,
+            [
+                libc::PR_SET_THP_DISABLE as u64,
+                1,
+                u64::from(attrs.thp_disable & !1),
+                0,
+                0,
+                0,
+            ],
+        )?;
+        if ret < 0 {
+            note(
+                warnings,
+                format!(
+                    "cannot disable transparent huge pages (mode {}): {}",
+                    attrs.thp_disable,
+                    errno_of(ret)
+                ),
+            );
+        }
+    }
+    match attrs.dumpable {
+        Some(d @ (0 | 1)) => {
+            c.call(
+                "prctl(PR_SET_DUMPABLE)",
+                libc::SYS_prctl,
+                [libc::PR_SET_DUMPABLE as u64, u64::from(d), 0, 0, 0, 0],
+            )?;
+        }
+        Some(d) => note(
+            warnings,
+            format!("dumpable mode {d} (suid_dumpable) cannot be set; the process keeps 1"),
+        ),
+        None => {}
+    }
+    if attrs.mlockall != 0 {
+        let ret = c.raw(
+            libc::SYS_mlockall,
+            [u64::from(attrs.mlockall), 0, 0, 0, 0, 0],
+        )?;
+        if ret < 0 {
+            note(
+                warnings,
+                format!(
+                    "cannot lock the memory mapped from now on (mlockall {:#x}): {}",
+                    attrs.mlockall,
+                    errno_of(ret)
+                ),
+            );
+        }
+    }
+    if attrs.no_new_privs {
+        c.call(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            libc::SYS_prctl,
+            [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+        )?;
+    }
+    install_seccomp(c, &attrs.seccomp_filters)
+}
+
+/// Install `filters` (oldest first) on every thread of the child
+/// (SECCOMP_FILTER_FLAG_TSYNC from the calling thread).
+fn install_seccomp(c: &mut Child<'_>, filters: &[SeccompFilter]) -> Result<()> {
+    const SECCOMP_SET_MODE_FILTER: u64 = 1;
+    const FLAG_TSYNC: u64 = 1;
+    /// The flags a filter keeps that mean the same when set again: LOG,
+    /// SPEC_ALLOW.
+    const KEPT_FLAGS: u64 = 2 | 4;
+    if filters.is_empty() {
+        return Ok(());
+    }
+    // Each program, then its sock_fprog, in one mapping of the child.
+    let mut blob = Vec::new();
+    let mut progs = Vec::new();
+    for f in filters {
+        if f.program.is_empty() || f.program.len() % 8 != 0 || f.program.len() > 4096 * 8 {
+            return Err(Error::Other(format!(
+                "a seccomp filter of the image is {} bytes, not a BPF program",
+                f.program.len()
+            )));
+        }
+        progs.push((blob.len() as u64, (f.program.len() / 8) as u64));
+        blob.extend_from_slice(&f.program);
+    }
+    let fprogs_at = blob.len() as u64;
+    blob.resize(blob.len() + 16 * filters.len(), 0);
+    let len = (blob.len() as u64).next_multiple_of(4096);
+    let base = c.call(
+        "mmap",
+        libc::SYS_mmap,
+        [
+            0,
+            len,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    for (i, &(off, n)) in progs.iter().enumerate() {
+        let at = (fprogs_at + 16 * i as u64) as usize;
+        blob[at..at + 2].copy_from_slice(&(n as u16).to_ne_bytes());
+        blob[at + 8..at + 16].copy_from_slice(&(base + off).to_ne_bytes());
+    }
+    crate::remote::write_memory(c.pid(), base, &blob)?;
+    for (i, f) in filters.iter().enumerate() {
+        let fprog = base + fprogs_at + 16 * i as u64;
+        let flags = FLAG_TSYNC | (f.flags & KEPT_FLAGS);
+        let ret = c.raw(
+            libc::SYS_seccomp,
+            [SECCOMP_SET_MODE_FILTER, flags, fprog, 0, 0, 0],
+        )?;
+        if ret != 0 {
+            return Err(Error::Other(format!(
+                "cannot reinstall seccomp filter {} of {}: {}",
+                i + 1,
+                filters.len(),
+                if ret > 0 {
+                    format!("thread {ret} cannot take it")
+                } else {
+                    errno_of(ret).to_string()
+                }
+            )));
+        }
+    }
+    // Under the filters now: a refused munmap leaves a page behind, no more.
+    let _ = c.raw(libc::SYS_munmap, [base, len, 0, 0, 0, 0])?;
     Ok(())
 }
 

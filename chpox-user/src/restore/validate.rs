@@ -188,8 +188,9 @@ pub fn trust(image: &File, trust_image: bool) -> Result<Trust> {
 pub fn validate(reader: &ImageReader, trust: &Trust) -> Result<Plan> {
     let meta = reader.metadata();
     check_counts(meta, &HostLimits::read())?;
+    // Page runs are verified while memory is filled (see `restore`).
     reader
-        .verify_all()
+        .verify_except_pages()
         .map_err(|e| Error::Other(e.to_string()))?;
     for p in meta.processes() {
         check_threads(&p.threads)?;
@@ -533,19 +534,73 @@ fn referenced_files(meta: &Metadata) -> BTreeSet<usize> {
     used
 }
 
+/// Files mapped `MAP_SHARED` by a process that may write them (`mw` in
+/// the mapping's VmFlags; a shared mapping gets it only when the file was
+/// opened for writing): their content is state the processes share with
+/// the file (a JVM's `/tmp/hsperfdata_USER/PID`, a database file), written
+/// on after the checkpoint, not a library that must be unchanged. For each,
+/// the length the mappings need it to have.
+pub fn shared_state_files(meta: &Metadata) -> std::collections::BTreeMap<usize, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in meta.processes().flat_map(|p| p.vmas.iter()) {
+        let may_write = if v.vm_flags.is_empty() {
+            v.write
+        } else {
+            v.vm_flags.iter().any(|f| f == "mw")
+        };
+        if let (crate::image::model::VmaKind::SharedFile, Some(i), true) =
+            (v.kind, v.file, may_write)
+        {
+            let needed = v.offset.saturating_add(v.end.saturating_sub(v.start));
+            let len = out.entry(i).or_insert(0);
+            *len = needed.max(*len);
+        }
+    }
+    out
+}
+
+/// A shared-state file (see [`shared_state_files`]) is used as it is now,
+/// whatever its content, if it still is a regular file long enough for its
+/// mappings (a shorter one would kill the process with SIGBUS).
+fn check_shared_state(f: &FileRef, needed: u64) -> std::result::Result<(), Refusal> {
+    let md = match std::fs::metadata(&f.path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Refusal::Other(
+                "(mapped shared and writable) no longer exists".into(),
+            ));
+        }
+        Err(e) => return Err(read_error(e)),
+    };
+    if !md.is_file() {
+        return Err(Refusal::Other("is no longer a regular file".into()));
+    }
+    if md.size() < needed {
+        return Err(Refusal::Other(format!(
+            "(mapped shared and writable) is now {} bytes, shorter than the {needed} its mappings reach",
+            md.size()
+        )));
+    }
+    Ok(())
+}
+
 fn check_files(
     meta: &Metadata,
     owner: Option<&Owner>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<FileSource>> {
     let used = referenced_files(meta);
+    let shared_state = shared_state_files(meta);
     let mut out = Vec::with_capacity(meta.files.len());
     for (i, f) in meta.files.iter().enumerate() {
         if !used.contains(&i) {
             out.push(FileSource::Unused);
             continue;
         }
-        let checked = check_file(f, warnings);
+        let checked = match shared_state.get(&i) {
+            Some(&needed) if !f.deleted => check_shared_state(f, needed),
+            _ => check_file(f, warnings),
+        };
         // A copy in the image is the owner's own content; a file on disk
         // they may not read is not.
         if let (Some(owner), Err(Refusal::Denied(e)), None) = (owner, &checked, f.embedded) {
@@ -665,7 +720,7 @@ fn check_paths(meta: &Metadata, owner: Option<&Owner>) -> Result<()> {
         }
         _ => None,
     };
-    for p in meta.processes() {
+    for p in meta.processes().filter(|p| !p.process.attrs.cwd_deleted) {
         let cwd = &p.process.cwd;
         let shown = crate::image::error::one_line(cwd);
         let gone = || Error::Other(format!("the working directory {shown} no longer exists"));
@@ -824,6 +879,23 @@ mod tests {
         let mut meta = sample_metadata();
         meta.root.process.creds = Credentials { uid, gid, groups };
         meta
+    }
+
+    #[test]
+    fn files_mapped_shared_and_writable_are_state_not_libraries() {
+        let mut meta = sample_metadata();
+        let state = shared_state_files(&meta);
+        // The rw-s mapping of file 2 (one page); the libraries mapped
+        // private are not state, though they may be written (mw).
+        assert_eq!(state.into_iter().collect::<Vec<_>>(), [(2, 0x1000)]);
+        // A shared mapping of a file opened read-only has no mw.
+        for v in &mut meta.root.vmas {
+            if v.kind == crate::image::model::VmaKind::SharedFile {
+                v.vm_flags.retain(|f| f != "mw");
+                v.write = false;
+            }
+        }
+        assert!(shared_state_files(&meta).is_empty());
     }
 
     #[test]

@@ -219,11 +219,14 @@ pub fn send(pid: i32, sig: i32) {
 }
 
 /// No core files from targets killed by SIGSYS (its default action dumps
-/// core), and none in the source tree either: targets run in `dir`.
+/// core), and none in the source tree either: targets run in `dir`. Nor
+/// descriptors the test runner inherited (a build tool's jobserver pipe,
+/// say): a checkpoint of the target would rightly refuse a pipe to an
+/// unrelated process, which is not what these tests are about.
 pub fn no_core(cmd: &mut Command, dir: &Path) {
     cmd.current_dir(dir);
-    // SAFETY: the hook only calls setrlimit, which is async-signal-safe
-    // and touches no memory of the parent.
+    // SAFETY: the hook only calls setrlimit and close_range, which are
+    // async-signal-safe and touch no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
             let none = libc::rlimit {
@@ -231,6 +234,11 @@ pub fn no_core(cmd: &mut Command, dir: &Path) {
                 rlim_max: 0,
             };
             if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Close-on-exec rather than closed: the standard library's own
+            // pipe to report a failed exec must stay open until the exec.
+            if libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -383,11 +391,17 @@ impl Agent {
     }
 
     /// The `key=value` fields of the agent's own log lines with `message`.
+    /// (The agent logs from `chpox::agent` and its submodules.)
     pub fn events(&self, message: &str) -> Vec<HashMap<String, String>> {
-        let needle = format!("chpox::agent: {message}");
         self.log_text()
             .lines()
-            .filter(|l| l.contains(&needle))
+            .filter(|l| {
+                l.split_once(" chpox::agent")
+                    .and_then(|(_, rest)| rest.split_once(": "))
+                    .is_some_and(|(module, text)| {
+                        (module.is_empty() || module.starts_with("::")) && text.starts_with(message)
+                    })
+            })
             .map(parse_kv)
             .collect()
     }

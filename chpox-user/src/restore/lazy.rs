@@ -1,0 +1,744 @@
+//! `chpox restore --lazy`: the process runs at once, its memory is filled
+//! on demand and in the background through userfaultfd.
+//!
+//! # How
+//!
+//! Private anonymous mappings (heap, stacks, `mmap`ed memory) are mapped
+//! empty, not filled. The child then creates a userfaultfd itself (a
+//! remote syscall: a userfaultfd serves the memory of the process that
+//! made it), and we take a copy of it with `pidfd_getfd`, enable fork,
+//! mremap, madvise and munmap events, register the mappings for missing
+//! pages, and close the child's copy. From then on, a thread of the
+//! restorer serves every page the restore itself touches (a thread's TID
+//! in its TLS, say) while the rest of the process is rebuilt.
+//!
+//! When the process is ready, that thread stops and hands its state to a
+//! page server: a process forked from the restorer (twice, so nobody has
+//! to reap it, in a session of its own, so a ^C meant for the job does not
+//! end it first) that outlives `chpox restore --detach`. It serves faults
+//! first: each fault copies the aligned 64 KiB around the faulting page
+//! from the image (`UFFDIO_COPY` from a read-only mapping of the image
+//! file; pages never stored get the zero page). Between faults, it copies
+//! the rest in address order, half a MiB at a time, so a fault waits for
+//! at most one such copy. A process whose pages are all in is let go (its
+//! userfaultfd closed, which unregisters its memory), and the server ends
+//! when every process is.
+//!
+//! A fork is reported before the child runs: its memory lacks what its
+//! parent's lacked, so it gets its own copy of the parent's pending list
+//! and its own userfaultfd. Memory the process discards (`MADV_DONTNEED`)
+//! or unmaps is dropped from the list, so old content never comes back
+//! over what the process expects to be zero, and `mremap` moves it. Copies
+//! that race with such a change fail with EAGAIN until the event is read,
+//! and are retried after it.
+//!
+//! The page runs' checksums are verified by a thread of the server while
+//! the process runs: reading every page before it may start is what
+//! `--lazy` avoids. A bad checksum kills the restored processes (and the
+//! children they forked meanwhile) and says which run was bad.
+//!
+//! # Limits
+//!
+//! - Filled eagerly, as without `--lazy`: file-backed and shared memory,
+//!   compressed page runs, hugetlb and `MADV_WIPEONFORK` mappings (the
+//!   child of a fork must see those empty, which the server cannot tell
+//!   from missing).
+//! - If the page server is killed (SIGKILL) before the process is fully
+//!   resident, the pages not yet in read as zeros. The server ignores
+//!   SIGINT, SIGTERM, SIGHUP and SIGPIPE for that reason.
+//! - A checkpoint taken before the process is fully resident would not see
+//!   the pages still missing; wait for the server to end (`chpox restore
+//!   --lazy` logs when every page is in, with `-v`).
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{debug, error, info};
+
+use super::child::Child;
+use super::fill::{ImageMap, Piece};
+use super::pending::Pending;
+use super::uffd::{self, Copied, Event};
+use crate::error::{Error, Result};
+use crate::image::ImageReader;
+use crate::image::model::{Compression, Vma, VmaKind};
+use crate::memory::PAGE_SIZE;
+
+/// Copied around a faulting page: neighbours are likely next.
+const FAULT_WINDOW: u64 = 64 << 10;
+/// Copied per step in the background: what a fault may wait behind.
+const BACKGROUND_STEP: u64 = 512 << 10;
+
+/// Whether `vma` may be filled on demand (see the module's limits).
+pub fn eligible(vma: &Vma) -> bool {
+    let flag = |f: &str| vma.vm_flags.iter().any(|x| x == f);
+    vma.kind == VmaKind::Anonymous
+        && !vma.shared
+        && !vma.pages.is_empty()
+        && vma
+            .pages
+            .iter()
+            .all(|r| r.data.compression == Compression::None)
+        && !flag("wf")
+        && !flag("ht")
+}
+
+/// The memory of one process as the server sees it.
+struct Space {
+    /// For messages and for killing; 0 when not known.
+    pid: i32,
+    uffd: OwnedFd,
+    pending: Pending,
+    /// Faults to serve again once the events before them are read.
+    retry: Vec<u64>,
+    /// The process is gone (or its memory is).
+    dead: bool,
+}
+
+enum Msg {
+    Add(Space),
+    Stop,
+}
+
+/// The state handed from the build thread to the page server.
+struct Server {
+    image: ImageMap,
+    spaces: Vec<Space>,
+    /// The restored processes and those they forked, as pidfds, to kill
+    /// if a checksum is bad.
+    victims: Arc<Mutex<Vec<OwnedFd>>>,
+    bytes: u64,
+}
+
+struct Serving {
+    tx: mpsc::Sender<Msg>,
+    /// A pipe written to tell the thread a message waits.
+    wake: OwnedFd,
+    thread: std::thread::JoinHandle<Result<Server>>,
+}
+
+/// The lazy part of one restore.
+pub struct Lazy {
+    image_fd: RawFd,
+    serving: std::cell::RefCell<Option<Serving>>,
+}
+
+fn os(what: &str, e: std::io::Error) -> Error {
+    Error::Other(format!("--lazy: {what}: {e}"))
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes integers; the result is checked and owned.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just made for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl Lazy {
+    /// For a restore reading pages from descriptor `image_fd`.
+    pub fn new(image_fd: RawFd) -> Lazy {
+        Lazy {
+            image_fd,
+            serving: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn start(&self) -> Result<()> {
+        if self.serving.borrow().is_some() {
+            return Ok(());
+        }
+        // SAFETY: the image's descriptor stays open for the whole restore.
+        let image = unsafe { BorrowedFd::borrow_raw(self.image_fd) };
+        let len = nix::sys::stat::fstat(image)
+            .map_err(|e| os("image size", e.into()))?
+            .st_size as u64;
+        let map = ImageMap::new(image, 0, len)?;
+        let (thread_wake, wake) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| os("pipe", e.into()))?;
+        let (tx, rx) = mpsc::channel();
+        let server = Server {
+            image: map,
+            spaces: Vec::new(),
+            victims: Arc::new(Mutex::new(Vec::new())),
+            bytes: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("chpox-lazy".into())
+            .spawn(move || serve_build(server, rx, thread_wake))
+            .map_err(|e| os("thread", e))?;
+        *self.serving.borrow_mut() = Some(Serving { tx, wake, thread });
+        Ok(())
+    }
+
+    fn send(&self, msg: Msg) -> Result<()> {
+        let serving = self.serving.borrow();
+        let s = serving
+            .as_ref()
+            .ok_or_else(|| Error::Other("internal: lazy server not started".into()))?;
+        s.tx.send(msg)
+            .map_err(|_| Error::Other("--lazy: the page server thread ended".into()))?;
+        nix::unistd::write(&s.wake, &[1u8]).map_err(|e| os("eventfd", e.into()))?;
+        Ok(())
+    }
+
+    /// Register `vmas` (mapped, empty) of the child for filling on demand.
+    pub fn register(&self, c: &mut Child<'_>, vmas: &[&Vma]) -> Result<()> {
+        if vmas.is_empty() {
+            return Ok(());
+        }
+        self.start()?;
+        let pid = c.pid();
+        let uffd = uffd::from_child(c)?.map_err(|e| {
+            os(
+                "userfaultfd in the restored process (restore without --lazy)",
+                e,
+            )
+        })?;
+        uffd::api(uffd.as_fd(), uffd::FEATURES)
+            .map_err(|e| os("userfaultfd API (restore without --lazy)", e))?;
+        let mut pending = Pending::default();
+        for vma in vmas {
+            uffd::register(uffd.as_fd(), vma.start, vma.end - vma.start)
+                .map_err(|e| os(&format!("registering {:#x}-{:#x}", vma.start, vma.end), e))?;
+            for run in &vma.pages {
+                pending.insert(Piece {
+                    addr: run.addr,
+                    file_off: run.data.offset,
+                    len: run.data.raw_len,
+                });
+            }
+        }
+        debug!(
+            pid,
+            mappings = vmas.len(),
+            bytes = pending.bytes(),
+            "registered for lazy filling"
+        );
+        self.send(Msg::Add(Space {
+            pid,
+            uffd,
+            pending,
+            retry: Vec::new(),
+            dead: false,
+        }))
+    }
+
+    /// Stop serving from this process (a failed restore).
+    pub fn abort(&self) {
+        if let Some(s) = self.serving.borrow_mut().take() {
+            let _ = s.tx.send(Msg::Stop);
+            let _ = nix::unistd::write(&s.wake, &[1u8]);
+            let _ = s.thread.join();
+        }
+    }
+
+    /// The processes `pids` are rebuilt: hand their memory to a page server
+    /// process that outlives us, which also verifies the page runs of
+    /// `reader`. Nothing to do if nothing was registered.
+    pub fn finish(&self, reader: &ImageReader, pids: &[i32]) -> Result<()> {
+        let Some(s) = self.serving.borrow_mut().take() else {
+            return Ok(());
+        };
+        let _ = s.tx.send(Msg::Stop);
+        nix::unistd::write(&s.wake, &[1u8]).map_err(|e| os("eventfd", e.into()))?;
+        let server = s
+            .thread
+            .join()
+            .map_err(|_| Error::Other("--lazy: the page server thread panicked".into()))??;
+        {
+            let mut victims = server.victims.lock().unwrap_or_else(|p| p.into_inner());
+            for &pid in pids {
+                victims.push(pidfd_open(pid).map_err(|e| os("pidfd_open", e))?);
+            }
+        }
+        spawn_server(server, reader, self.image_fd)
+    }
+}
+
+/// Serve faults while the restore runs in the other thread, until told to
+/// stop; no background copying (the restore should reach running first).
+fn serve_build(mut server: Server, rx: mpsc::Receiver<Msg>, wake: OwnedFd) -> Result<Server> {
+    loop {
+        let mut fds: Vec<libc::pollfd> = vec![libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        fds.extend(server.spaces.iter().map(|s| libc::pollfd {
+            fd: s.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        poll(&mut fds, -1)?;
+        if fds[0].revents != 0 {
+            let mut buf = [0u8; 64];
+            while matches!(nix::unistd::read(&wake, &mut buf), Ok(n) if n > 0) {}
+            while let Ok(msg) = rx.try_recv() {
+                match msg {
+                    Msg::Add(space) => {
+                        server.bytes += space.pending.bytes();
+                        server.spaces.push(space);
+                    }
+                    Msg::Stop => return Ok(server),
+                }
+            }
+        }
+        server.handle_events()?;
+    }
+}
+
+fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<()> {
+    // SAFETY: `fds` is a valid array of pollfd of the length given.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(os("poll", e));
+        }
+    }
+    Ok(())
+}
+
+impl Server {
+    /// Read and act on every event waiting, then serve the faults that had
+    /// to wait for them.
+    fn handle_events(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.spaces.len() {
+            if !self.spaces[i].dead {
+                loop {
+                    let events = match uffd::read_events(self.spaces[i].uffd.as_fd(), 64) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            debug!(pid = self.spaces[i].pid, error = %e, "userfaultfd read failed");
+                            self.spaces[i].dead = true;
+                            break;
+                        }
+                    };
+                    if events.is_empty() {
+                        break;
+                    }
+                    for ev in events {
+                        self.event(i, ev)?;
+                    }
+                }
+                let retry = std::mem::take(&mut self.spaces[i].retry);
+                for addr in retry {
+                    self.fault(i, addr)?;
+                }
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, i: usize, ev: Event) -> Result<()> {
+        match ev {
+            Event::Fault(addr) => self.fault(i, addr)?,
+            Event::Fork(fd) => {
+                // SAFETY: the kernel installed this descriptor for us with
+                // the message.
+                let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+                let parent = self.spaces[i].pid;
+                let pid = new_child(parent, &self.spaces);
+                if let Ok(pidfd) = pidfd_open(pid) {
+                    self.victims
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(pidfd);
+                }
+                debug!(parent, pid, "lazily restored process forked");
+                let pending = self.spaces[i].pending.clone();
+                self.spaces.push(Space {
+                    pid,
+                    uffd,
+                    pending,
+                    retry: Vec::new(),
+                    dead: false,
+                });
+            }
+            Event::Remap { from, to, len } => self.spaces[i].pending.remap(from, to, len),
+            Event::Gone { start, end } => {
+                self.spaces[i].pending.take(start, end);
+            }
+            Event::Other(code) => debug!(code, "unknown userfaultfd event ignored"),
+        }
+        Ok(())
+    }
+
+    /// Serve a fault at `addr`: the window around it from the image, or
+    /// the zero page where nothing was stored.
+    fn fault(&mut self, i: usize, addr: u64) -> Result<()> {
+        let page = addr & !(PAGE_SIZE - 1);
+        let lo = addr & !(FAULT_WINDOW - 1);
+        let stored = self.spaces[i].pending.contains(page);
+        let pieces = self.spaces[i].pending.take(lo, lo + FAULT_WINDOW);
+        let mut again = false;
+        for p in pieces {
+            again |= self.copy(i, p)?;
+        }
+        let space = &mut self.spaces[i];
+        if space.dead {
+            return Ok(());
+        }
+        if again {
+            space.retry.push(addr);
+            return Ok(());
+        }
+        if !stored {
+            match uffd::zeropage(space.uffd.as_fd(), page, PAGE_SIZE) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    space.retry.push(addr);
+                    return Ok(());
+                }
+                Err(e) => return self.failed(i, "mapping a zero page", e),
+            }
+        }
+        // The page may have come in by another copy after the fault was
+        // queued; the waiter needs waking either way.
+        match uffd::wake(self.spaces[i].uffd.as_fd(), page, PAGE_SIZE) {
+            Ok(()) => Ok(()),
+            Err(e) => self.failed(i, "waking a thread", e),
+        }
+    }
+
+    /// Copy `p` into space `i`. Returns true if part of it had to be put
+    /// back until pending events are read.
+    fn copy(&mut self, i: usize, p: Piece) -> Result<bool> {
+        let mut done = 0u64;
+        while done < p.len {
+            let src = self.image.addr_of(p.file_off + done).ok_or_else(|| {
+                Error::Other("internal: a page run lies outside the image".into())
+            })?;
+            let space = &mut self.spaces[i];
+            match uffd::copy(space.uffd.as_fd(), p.addr + done, src, p.len - done) {
+                Copied::All => return Ok(false),
+                Copied::Part { done: n, errno } => {
+                    done += n;
+                    match errno {
+                        // Already there (the process wrote it through a
+                        // fault we served as zero, or it came in another
+                        // way): never overwrite it.
+                        libc::EEXIST => done += PAGE_SIZE.min(p.len - done),
+                        libc::EAGAIN => {
+                            space.pending.insert(Piece {
+                                addr: p.addr + done,
+                                file_off: p.file_off + done,
+                                len: p.len - done,
+                            });
+                            return Ok(true);
+                        }
+                        libc::ESRCH => {
+                            space.dead = true;
+                            return Ok(false);
+                        }
+                        // Unmapped meanwhile: nothing to fill there.
+                        libc::ENOENT => return Ok(false),
+                        _ if n > 0 => {}
+                        e => {
+                            self.failed(i, "copying pages", std::io::Error::from_raw_os_error(e))?;
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// A space the server cannot go on serving: its process would wait
+    /// forever or read wrong memory, so it is killed, by name.
+    fn failed(&mut self, i: usize, what: &str, e: std::io::Error) -> Result<()> {
+        let space = &mut self.spaces[i];
+        error!(
+            pid = space.pid,
+            "lazy restore: {what} failed ({e}); killing PID {}", space.pid
+        );
+        if space.pid > 0 {
+            // SAFETY: kill takes integers. The process is held by its
+            // userfaultfd, which we hold: it cannot have gone and its PID
+            // been reused while this space is live.
+            unsafe { libc::kill(space.pid, libc::SIGKILL) };
+        }
+        space.dead = true;
+        Ok(())
+    }
+
+    /// One background step: the lowest pending bytes of the next space
+    /// with any. Returns false when nothing is left to copy.
+    fn background(&mut self, next: &mut usize) -> Result<bool> {
+        let n = self.spaces.len();
+        for k in 0..n {
+            let i = (*next + k) % n;
+            let space = &mut self.spaces[i];
+            if space.dead || !space.retry.is_empty() {
+                continue;
+            }
+            if let Some(p) = space.pending.take_first(BACKGROUND_STEP) {
+                self.copy(i, p)?;
+                *next = i + 1;
+                return Ok(true);
+            }
+        }
+        Ok(self
+            .spaces
+            .iter()
+            .any(|s| !s.dead && (!s.pending.is_empty() || !s.retry.is_empty())))
+    }
+
+    /// Let go of spaces with nothing left: their userfaultfd closes, which
+    /// unregisters their memory (later faults are ordinary ones).
+    fn release_done(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.spaces.len() {
+            let done = {
+                let s = &self.spaces[i];
+                s.dead || (s.pending.is_empty() && s.retry.is_empty())
+            };
+            if done {
+                // Events that came meanwhile (a fork's child must be taken
+                // on before its parent's descriptor goes).
+                if !self.spaces[i].dead {
+                    self.handle_events()?;
+                    let s = &self.spaces[i];
+                    if !(s.pending.is_empty() && s.retry.is_empty()) {
+                        i += 1;
+                        continue;
+                    }
+                }
+                let gone = self.spaces.swap_remove(i);
+                if gone.dead && !gone.pending.is_empty() {
+                    debug!(
+                        pid = gone.pid,
+                        left = gone.pending.bytes(),
+                        "a lazily restored process went before all its pages were in"
+                    );
+                }
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The child `parent` just forked: its child not among `spaces`. 0 if it
+/// cannot be told.
+fn new_child(parent: i32, spaces: &[Space]) -> i32 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+        return 0;
+    };
+    let mut found = 0;
+    for task in tasks.flatten() {
+        let path = task.path().join("children");
+        let Ok(list) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        for pid in list
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            if !spaces.iter().any(|s| s.pid == pid) {
+                found = found.max(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Fork the page server (twice, so that nobody waits for it) and give it
+/// `server`; return in the restorer once it runs.
+fn spawn_server(server: Server, reader: &ImageReader, image_fd: RawFd) -> Result<()> {
+    // SAFETY: the restorer has no other thread now (the build thread was
+    // joined, the verification thread runs for eager restores only); the
+    // child only calls fork and _exit, the grandchild runs the server and
+    // ends with _exit, never returning into the restorer's code.
+    let first = unsafe { libc::fork() };
+    if first < 0 {
+        return Err(os(
+            "fork of the page server",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if first == 0 {
+        // SAFETY: as above.
+        let second = unsafe { libc::fork() };
+        if second == 0 {
+            let code = server_main(server, reader, image_fd);
+            // SAFETY: ending the server without running the restorer's
+            // destructors (they would kill the processes it restored).
+            unsafe { libc::_exit(code) };
+        }
+        // SAFETY: as above.
+        unsafe { libc::_exit(if second < 0 { 1 } else { 0 }) };
+    }
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(first), None)
+        .map_err(|e| os("waiting for the page server to start", e.into()))?;
+    if !matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)) {
+        return Err(Error::Other("--lazy: cannot start the page server".into()));
+    }
+    // Our copies of the userfaultfds close here; the server's remain.
+    drop(server);
+    Ok(())
+}
+
+/// The page server process: detach, serve, verify; the exit code.
+fn server_main(mut server: Server, reader: &ImageReader, image_fd: RawFd) -> i32 {
+    let started = Instant::now();
+    // SAFETY: setsid, signal and prctl take integers; failures leave the
+    // server in its parent's session or with default dispositions, which
+    // only makes it easier to kill by accident.
+    unsafe {
+        libc::setsid();
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"chpox-lazy".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+    close_others(&server, image_fd);
+    info!(
+        pid = std::process::id(),
+        mib = server.bytes >> 20,
+        "lazy restore: page server running"
+    );
+    let victims = server.victims.clone();
+    let outcome = std::thread::scope(|s| {
+        let verifier = s.spawn(move || {
+            let result = reader.verify_pages();
+            if let Err(e) = &result {
+                error!("lazy restore: {e}; killing the restored processes");
+                for pidfd in victims.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    // SAFETY: pidfd_send_signal takes integers and a null
+                    // siginfo; a pidfd names its process, never a reused
+                    // PID.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            pidfd.as_raw_fd(),
+                            libc::SIGKILL,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                }
+            }
+            result.is_ok()
+        });
+        let served = serve_detached(&mut server);
+        let verified = verifier.join().unwrap_or(false);
+        (served, verified)
+    });
+    match outcome {
+        (Ok(()), true) => {
+            info!(
+                mib = server.bytes >> 20,
+                us = started.elapsed().as_micros() as u64,
+                "lazy restore: every page is in"
+            );
+            0
+        }
+        (Err(e), _) => {
+            error!("lazy restore: {e}");
+            1
+        }
+        (_, false) => 1,
+    }
+}
+
+/// Close every descriptor the server inherited but does not use (a pipe end
+/// of the restored job kept open here would keep its reader from seeing
+/// EOF), and point stdin and stdout at /dev/null. Stderr stays: errors go
+/// there.
+fn close_others(server: &Server, image_fd: RawFd) {
+    // The reader reads through a descriptor of its own, of the same file.
+    let image = nix::sys::stat::fstat(
+        // SAFETY: the image's descriptor is open in this process.
+        unsafe { BorrowedFd::borrow_raw(image_fd) },
+    )
+    .ok()
+    .map(|st| (st.st_dev, st.st_ino));
+    let same_file = |fd: RawFd| {
+        // SAFETY: `fd` was listed in /proc/self/fd just now; at worst it
+        // is closed already and fstat fails.
+        let st = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok();
+        image.is_some() && st.map(|st| (st.st_dev, st.st_ino)) == image
+    };
+    let mut keep: Vec<RawFd> = vec![2, image_fd];
+    keep.extend(server.spaces.iter().map(|s| s.uffd.as_raw_fd()));
+    keep.extend(
+        server
+            .victims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|f| f.as_raw_fd()),
+    );
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if !keep.contains(&fd) && !same_file(fd) {
+            // SAFETY: closing descriptors nothing in this process uses (the
+            // directory's own is already closed, EBADF is harmless).
+            unsafe { libc::close(fd) };
+        }
+    }
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        // SAFETY: dup2 onto 0 and 1, which are ours to replace.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+/// Serve faults first, copy the rest between them, until every space is
+/// done.
+fn serve_detached(server: &mut Server) -> Result<()> {
+    let mut next = 0usize;
+    loop {
+        server.release_done()?;
+        if server.spaces.is_empty() {
+            return Ok(());
+        }
+        let mut fds: Vec<libc::pollfd> = server
+            .spaces
+            .iter()
+            .map(|s| libc::pollfd {
+                fd: s.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let busy = server
+            .spaces
+            .iter()
+            .any(|s| !s.dead && !s.pending.is_empty());
+        poll(&mut fds, if busy { 0 } else { 100 })?;
+        server.handle_events()?;
+        if busy {
+            server.background(&mut next)?;
+        }
+    }
+}

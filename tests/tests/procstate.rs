@@ -1,0 +1,344 @@
+//! Per-process state beyond memory and descriptors, on real processes:
+//! timers that are not descriptors, files mapped shared and writable, and
+//! the small attributes (oom_score_adj, prctl flags, locked memory,
+//! madvise flags, seccomp) a program can check on itself. Each program is
+//! checkpointed, killed, restored, and must finish as an uninterrupted run
+//! would.
+
+mod common;
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Target, chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `chpox dump PID -o IMAGE --unsupported-fd null [extra]` (descriptors the
+/// test harness leaks into its children become /dev/null).
+fn dump(pid: i32, image: &Path, extra: &[&str]) {
+    let pid_s = pid.to_string();
+    let mut args = vec![
+        "dump",
+        &pid_s,
+        "-o",
+        path_str(image),
+        "--unsupported-fd",
+        "null",
+    ];
+    args.extend_from_slice(extra);
+    chpox_ok(&args);
+}
+
+/// `chpox restore IMAGE [extra]`, waiting for the process: its exit code
+/// and chpox's stderr.
+fn restore_and_wait(image: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(chpox_bin())
+        .arg("restore")
+        .arg(image)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chpox restore");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Checkpoint a target, kill it and reap it.
+fn checkpoint_kill(t: &mut Target, image: &Path, extra: &[&str]) {
+    dump(t.pid, image, &[&["--kill"], extra].concat());
+    t.child.wait().expect("reap the original");
+    wait_pid_free(t.pid);
+}
+
+/// Orphans come to this test process, so a `--detach`ed restored process
+/// can be reaped here.
+fn become_subreaper() {
+    // SAFETY: plain prctl with integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// `chpox restore --detach IMAGE [extra]`; the restored PID.
+fn restore_detached(image: &Path, extra: &[&str]) -> i32 {
+    let mut args = vec!["restore", "--detach", path_str(image)];
+    args.extend_from_slice(extra);
+    let out = chpox_ok(&args);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("restore printed {out:?}, not a PID: {e}"))
+}
+
+/// Exit code of our child or adopted orphan `pid` (128 + signal if killed).
+fn wait_pid(pid: i32, timeout: Duration) -> i32 {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = Instant::now() + timeout;
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => {}
+            Err(e) => panic!("waitpid({pid}): {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PID {pid} did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Restore `image` detached, send SIGUSR1 to the restored process (the
+/// programs check themselves on it), and return its exit code.
+fn restore_and_check(image: &Path, extra: &[&str]) -> i32 {
+    become_subreaper();
+    let pid = restore_detached(image, extra);
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0, "kill({pid})");
+    wait_pid(pid, EXIT_TIMEOUT)
+}
+
+/// Polls `f` every 10 ms for at most `timeout`.
+fn poll_until(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A JVM: thread pool, JIT, GC threads, and /tmp/hsperfdata_USER/PID mapped
+// shared and writable, which it writes on after the checkpoint.
+
+const POOL_JAVA: &str = r#"import java.util.*;
+import java.util.concurrent.*;
+
+public class Pool {
+    static long work(int chunk) {
+        long s = 0;
+        for (long n = chunk * 100000L; n < (chunk + 1) * 100000L; n++) s += (n * n) % 1000003L;
+        return s;
+    }
+    public static void main(String[] args) throws Exception {
+        ExecutorService pool = Executors.newFixedThreadPool(4);
+        long total = 0;
+        for (int round = 0; round < 30; round++) {
+            List<Future<Long>> fs = new ArrayList<>();
+            for (int c = 0; c < 8; c++) { final int ch = round * 8 + c; fs.add(pool.submit(() -> work(ch))); }
+            long s = 0;
+            for (Future<Long> f : fs) s += f.get();
+            total += s;
+            System.out.println("round " + round + " " + s);
+            Thread.sleep(200);
+        }
+        pool.shutdown();
+        pool.awaitTermination(10, TimeUnit.SECONDS);
+        System.out.println("TOTAL " + total);
+    }
+}
+"#;
+
+/// What `POOL_JAVA` prints.
+fn pool_output() -> String {
+    let work = |chunk: i64| -> i64 {
+        (chunk * 100_000..(chunk + 1) * 100_000)
+            .map(|n| (n * n) % 1_000_003)
+            .sum()
+    };
+    let mut out = String::new();
+    let mut total = 0i64;
+    for round in 0..30 {
+        let s: i64 = (0..8).map(|c| work(round * 8 + c)).sum();
+        total += s;
+        out.push_str(&format!("round {round} {s}\n"));
+    }
+    out.push_str(&format!("TOTAL {total}\n"));
+    out
+}
+
+/// A JVM with a thread pool, checkpointed while it runs on (as the agent
+/// does), killed a little later and restored without `--embed-all-libs`:
+/// the performance-data file it maps shared and writable has changed since
+/// the checkpoint, which is its state, not a changed library.
+#[test]
+fn a_jvm_with_a_thread_pool_restores() {
+    let java = Path::new("/usr/bin/java");
+    let javac = Path::new("/usr/bin/javac");
+    assert!(
+        java.exists() && javac.exists(),
+        "java/javac missing: apt-get install openjdk-17-jdk-headless"
+    );
+    let dir = tempdir();
+    std::fs::write(dir.path().join("Pool.java"), POOL_JAVA).expect("write Pool.java");
+    let built = Command::new(javac)
+        .args(["-d", "classes", "Pool.java"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run javac");
+    assert!(built.status.success(), "javac: {}", common::show(&built));
+
+    let out = dir.path().join("pool.out");
+    let err = dir.path().join("pool.err");
+    let mut child = Command::new(java)
+        .args(["-Xmx64m", "-cp", "classes", "Pool"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).expect("create stdout"))
+        .stderr(File::create(&err).expect("create stderr"))
+        .spawn()
+        .expect("spawn java");
+    let pid = child.id() as i32;
+    let show = || {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            std::fs::read_to_string(&out).unwrap_or_default(),
+            std::fs::read_to_string(&err).unwrap_or_default()
+        )
+    };
+    let lines = || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    poll_until("3 rounds", Duration::from_secs(60), show, || lines() >= 3);
+    let image = dir.path().join("jvm.img");
+    dump(pid, &image, &[]);
+    let at_dump = lines();
+    assert!(at_dump < 31, "finished before the dump\n{}", show());
+    // It runs on, and writes its performance data, before it dies.
+    poll_until("another round", Duration::from_secs(60), show, || {
+        lines() > at_dump
+    });
+    child.kill().expect("kill java");
+    child.wait().expect("reap java");
+    wait_pid_free(pid);
+
+    let meta = chpox::image::ImageReader::open(&image)
+        .expect("open image")
+        .metadata()
+        .clone();
+    assert!(
+        meta.root
+            .vmas
+            .iter()
+            .any(|v| v.shared && v.write && v.name.contains("hsperfdata")),
+        "the JVM maps no performance-data file shared and writable"
+    );
+
+    let (code, stderr) = restore_and_wait(&image, &["--pid", "any"]);
+    assert_eq!(code, 0, "{stderr}\n{}", show());
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("read stdout"),
+        pool_output(),
+        "{}",
+        show()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Timers that are not descriptors
+
+/// `setitimer` and POSIX timers come back with their IDs, clocks, signals,
+/// values, intervals and the time they had left; a SIGEV_THREAD_ID timer
+/// goes on signalling its thread.
+#[test]
+fn timers_come_back() {
+    let dir = tempdir();
+    let mut t = Target::spawn("timers", &[], dir.path());
+    assert_eq!(t.ready_value("timers"), "5");
+    let image = dir.path().join("timers.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &[]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        [
+            "OK itimer real",
+            "OK itimer virtual",
+            "OK itimer prof",
+            "OK posix ids",
+            "OK posix times",
+            "OK ticker",
+            "OK glibc thread timer",
+            "DONE"
+        ]
+    );
+}
+
+/// With new TIDs, a SIGEV_THREAD_ID timer signals the thread that took its
+/// thread's place.
+#[test]
+fn a_thread_timer_follows_its_thread_to_a_new_tid() {
+    let dir = tempdir();
+    let mut t = Target::spawn("timers", &[], dir.path());
+    let image = dir.path().join("timers.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &["--pid", "any"]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready().last().map(String::as_str),
+        Some("DONE")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Small per-process attributes
+
+/// oom_score_adj, THP disabling, dumpability, no_new_privs, two seccomp
+/// filters on both threads, the madvise/mlock state of mappings,
+/// mlockall(MCL_FUTURE) and a removed working directory come back.
+#[test]
+fn small_process_attributes_come_back() {
+    let dir = tempdir();
+    let cwd = dir.path().join("gone");
+    let mut t = Target::spawn("procattrs", &[path_str(&cwd)], dir.path());
+    let image = dir.path().join("attrs.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &[]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        [
+            "OK oom_score_adj",
+            "OK prctl",
+            "OK seccomp",
+            "OK vmflags",
+            "OK cwd",
+            "DONE"
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Deleted files
+
+/// Two descriptions of one deleted file come back as one file, with the
+/// file's mode.
+#[test]
+fn a_deleted_file_open_twice_comes_back_as_one_file_with_its_mode() {
+    let dir = tempdir();
+    let mut t = Target::spawn("deletedfiles", &[path_str(dir.path())], dir.path());
+    let image = dir.path().join("deleted.img");
+    checkpoint_kill(&mut t, &image, &[]);
+    let code = restore_and_check(&image, &[]);
+    assert_eq!(code, 0, "{}\n{}", t.stdout(), t.stderr());
+    assert_eq!(
+        t.lines_after_ready(),
+        ["OK mode and content", "OK one file", "DONE"]
+    );
+}
