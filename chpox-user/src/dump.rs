@@ -141,13 +141,19 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let captured = capture_tree(&frozen, opts, &mut writer, snapshots_wanted)?;
     let mut meta = captured.meta;
     let files = captured.files;
-    let snapshots = captured.snapshots;
+    let mut snapshots = captured.snapshots;
     let snapshot_count = snapshots.len();
     let mut written = snapshot::Written::default();
+    let mut reap_pause = Duration::ZERO;
     let finish = |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
-        written = snapshot::write_all(snapshots, meta, &mut writer)?;
+        written = snapshot::write_all(&mut snapshots, meta, &mut writer)?;
+        let mut phase = Phases::start();
         finish_files(files, opts, &mut writer, meta)?;
-        Ok(writer.finish(meta)?)
+        phase.done("file hashes, embedded files");
+        let bytes = writer.finish(meta)?;
+        phase.done("metadata, sync, rename");
+        reap_pause = snapshot::reap_all(snapshots);
+        Ok(bytes)
     };
 
     let (image_bytes, frozen_for) = match opts.after {
@@ -190,7 +196,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         frozen: frozen_for,
         total: started.elapsed(),
         frozen_at_monotonic_ns,
-        reap_pause: written.reap_pause,
+        reap_pause,
         snapshots: snapshot_count,
     };
     // Callers warn about children left out, once (the agent per

@@ -17,6 +17,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
@@ -186,10 +187,15 @@ fn write_in_order(
     let mut refs = Vec::with_capacity(nruns);
     let mut waiting: BTreeMap<usize, Done> = BTreeMap::new();
     let mut next = 0;
+    // Where the writer's time goes: waiting for workers, or writing.
+    let (mut waited, mut wrote) = (Duration::ZERO, Duration::ZERO);
     while next < chunks.len() {
+        let t = Instant::now();
         let done = done_rx
             .recv()
             .map_err(|_| Error::Other("internal: a page copy worker stopped early".into()))?;
+        waited += t.elapsed();
+        let t = Instant::now();
         waiting.insert(done.index, done);
         while let Some(done) = waiting.remove(&next) {
             let prepared = done.runs?;
@@ -206,7 +212,14 @@ fn write_in_order(
             let _ = back.get(done.worker).map(|b| b.send(done.buf));
             next += 1;
         }
+        wrote += t.elapsed();
     }
+    tracing::debug!(
+        chunks = chunks.len(),
+        waited_us = waited.as_micros() as u64,
+        wrote_us = wrote.as_micros() as u64,
+        "pages written"
+    );
     Ok(refs)
 }
 

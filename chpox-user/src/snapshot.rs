@@ -101,7 +101,10 @@ pub struct Snapshot {
     syscall_ip: u64,
     gadgets: Option<Gadgets>,
     deferred: Vec<Deferred>,
+    /// Not yet sent SIGKILL.
     child_alive: bool,
+    /// Its exit collected (waited for as its tracer).
+    collected: bool,
     /// When the process started: with the PID, the same process.
     start_time: Option<u64>,
 }
@@ -147,6 +150,7 @@ impl Snapshot {
             gadgets,
             deferred: Vec::new(),
             child_alive: true,
+            collected: false,
             start_time: start_time(target),
         };
         // Its first stop, before it ever returns to user space.
@@ -232,30 +236,45 @@ impl Snapshot {
         Ok((stored, resident))
     }
 
-    /// Kill the child and collect its ptrace exit; it stays a zombie child
-    /// of the process until [`reap`](Self::reap).
-    fn kill_child(&mut self) {
+    /// Send the child SIGKILL. It frees its memory on its own time (a
+    /// large address space takes a while): collect it later.
+    fn signal_child(&mut self) {
         if !self.child_alive {
             return;
         }
-        let started = Instant::now();
         self.child_alive = false;
         let _ = nix::sys::signal::kill(Pid::from_raw(self.child), Signal::SIGKILL);
+    }
+
+    /// Kill the child and collect its ptrace exit; it stays a zombie child
+    /// of the process until [`reap`](Self::reap).
+    fn kill_child(&mut self) {
+        if self.collected {
+            return;
+        }
+        self.signal_child();
+        self.collected = true;
+        let started = Instant::now();
         while !matches!(wait_stop(self.child), Ok(Stop::Exited) | Err(_)) {
             let _ = ptrace::cont(Pid::from_raw(self.child), None);
         }
         debug!(
             child = self.child,
             us = started.elapsed().as_micros() as u64,
-            "snapshot killed"
+            "snapshot collected"
         );
+    }
+
+    /// Whether the process is still the one snapshotted.
+    fn target_alive(&self) -> bool {
+        self.start_time.is_some() && start_time(self.target) == self.start_time
     }
 
     /// Freeze the process once more and have it reap the dead child.
     /// Returns how long it was frozen. Fails if the process is gone.
     fn reap(&mut self) -> Result<Duration> {
         self.kill_child();
-        if self.start_time.is_none() || start_time(self.target) != self.start_time {
+        if !self.target_alive() {
             return Err(Error::Exited(self.target));
         }
         let started = Instant::now();
@@ -313,35 +332,44 @@ impl Drop for Snapshot {
 pub struct Written {
     pub pages_stored: u64,
     pub resident_pages: u64,
-    /// The longest of the brief freezes to reap the copies.
-    pub reap_pause: Duration,
 }
 
-/// Write every snapshot's pages into `writer` and `meta`, then kill the
-/// copies and have each process reap its own. A process that exited in
+/// Write every snapshot's pages into `writer` and `meta`, and send each
+/// copy SIGKILL once its pages are written (it frees its memory while the
+/// image is finished; [`reap_all`] collects it). A process that exited in
 /// the meantime fails the dump: the image would be of a process that no
 /// longer exists by the time it is published.
 pub fn write_all(
-    mut snapshots: Vec<Snapshot>,
+    snapshots: &mut [Snapshot],
     meta: &mut Metadata,
     writer: &mut ImageWriter,
 ) -> Result<Written> {
     let mut written = Written::default();
-    for s in &mut snapshots {
+    for s in snapshots.iter_mut() {
         let (stored, resident) = s.write_pages(meta, writer)?;
         written.pages_stored += stored;
         written.resident_pages += resident;
-        // Free the copy-on-write pages as soon as they are written.
-        s.kill_child();
+        s.signal_child();
     }
-    for s in &mut snapshots {
-        let pause = s.reap().map_err(|e| match e {
-            Error::Exited(pid) => Error::Other(format!(
-                "PID {pid} exited while its image was being written; no checkpoint written"
-            )),
-            e => e,
-        })?;
-        written.reap_pause = written.reap_pause.max(pause);
+    if let Some(gone) = snapshots.iter().find(|s| !s.target_alive()) {
+        return Err(Error::Other(format!(
+            "PID {} exited while its image was being written; no checkpoint written",
+            gone.target
+        )));
     }
     Ok(written)
+}
+
+/// Once the image is published: collect every copy and have each process
+/// reap its own. Returns the longest of these brief freezes. A process
+/// that exited since is no error: its image was complete.
+pub fn reap_all(snapshots: Vec<Snapshot>) -> Duration {
+    let mut longest = Duration::ZERO;
+    for mut s in snapshots {
+        match s.reap() {
+            Ok(pause) => longest = longest.max(pause),
+            Err(e) => debug!(target = s.target, error = %e, "snapshot not reaped"),
+        }
+    }
+    longest
 }

@@ -43,7 +43,7 @@ enum Task {
     Bench {
         /// MiB of dirty anonymous memory in the benchmarked process, one
         /// table row per size (comma-separated).
-        #[arg(long, value_delimiter = ',', default_values_t = [64, 1024, 4096])]
+        #[arg(long, visible_alias = "sizes", value_delimiter = ',', default_values_t = [64, 1024, 4096])]
         mib: Vec<u64>,
         /// Rounds; medians are reported.
         #[arg(long, default_value_t = 3)]
