@@ -336,9 +336,9 @@ pub struct Written {
 
 /// Write every snapshot's pages into `writer` and `meta`, and send each
 /// copy SIGKILL once its pages are written (it frees its memory while the
-/// image is finished; [`reap_all`] collects it). A process that exited in
-/// the meantime fails the dump: the image would be of a process that no
-/// longer exists by the time it is published.
+/// image is finished; [`reap_all`] collects it). The root of the image
+/// exiting in the meantime fails the dump: the image would be of a process
+/// that no longer exists by the time it is published.
 pub fn write_all(
     snapshots: &mut [Snapshot],
     meta: &mut Metadata,
@@ -351,7 +351,14 @@ pub fn write_all(
         written.resident_pages += resident;
         s.signal_child();
     }
-    if let Some(gone) = snapshots.iter().find(|s| !s.target_alive()) {
+    // The image is a checkpoint of the process that was asked for: if it
+    // is gone, nothing is published. Its descendants may come and go (a
+    // build's compilers exit all the time): their copies hold their pages
+    // whatever becomes of them.
+    if let Some(gone) = snapshots
+        .iter()
+        .find(|s| s.process == 0 && !s.target_alive())
+    {
         return Err(Error::Other(format!(
             "PID {} exited while its image was being written; no checkpoint written",
             gone.target
