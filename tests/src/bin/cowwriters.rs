@@ -18,6 +18,8 @@ use chpox_tests::{arg_or, mask_signals, mmap_anon_isolated, say, stop_on_signal,
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static PASSES: AtomicU64 = AtomicU64::new(0);
+/// Threads that have written their whole slice at least once.
+static THROUGH_ONCE: AtomicU64 = AtomicU64::new(0);
 
 /// The thread's mark in the top bits of each word it writes.
 pub fn tag(t: u64) -> u64 {
@@ -34,6 +36,9 @@ fn writer(t: u64, base: usize, words: usize) {
             unsafe { slice.add(w).write_volatile(tag(t) | pass) };
         }
         PASSES.fetch_add(1, Ordering::Relaxed);
+        if pass == 1 {
+            THROUGH_ONCE.fetch_add(1, Ordering::Release);
+        }
         pass += 1;
     }
 }
@@ -50,8 +55,10 @@ fn main() {
         .map(|t| std::thread::spawn(move || writer(t, base, words)))
         .collect();
     mask_signals(libc::SIG_UNBLOCK, &[libc::SIGUSR1]);
-    // Every slice written through at least once before anyone looks.
-    while PASSES.load(Ordering::Relaxed) < threads {
+    // Every slice written through at least once before anyone looks (a
+    // count of passes would not do: one fast thread can make them all
+    // while another has not run yet).
+    while THROUGH_ONCE.load(Ordering::Acquire) < threads {
         std::thread::sleep(Duration::from_millis(5));
     }
     say!(
