@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procs::{become_subreaper, restore_detached, wait_pid};
 use common::{Target, chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,43 +54,6 @@ fn checkpoint_kill(t: &mut Target, image: &Path, extra: &[&str]) {
     dump(t.pid, image, &[&["--kill"], extra].concat());
     t.child.wait().expect("reap the original");
     wait_pid_free(t.pid);
-}
-
-/// Orphans come to this test process, so a `--detach`ed restored process
-/// can be reaped here.
-fn become_subreaper() {
-    // SAFETY: plain prctl with integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
-}
-
-/// `chpox restore --detach IMAGE [extra]`; the restored PID.
-fn restore_detached(image: &Path, extra: &[&str]) -> i32 {
-    let mut args = vec!["restore", "--detach", path_str(image)];
-    args.extend_from_slice(extra);
-    let out = chpox_ok(&args);
-    out.trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("restore printed {out:?}, not a PID: {e}"))
-}
-
-/// Exit code of our child or adopted orphan `pid` (128 + signal if killed).
-fn wait_pid(pid: i32, timeout: Duration) -> i32 {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    let deadline = Instant::now() + timeout;
-    loop {
-        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
-            Ok(_) => {}
-            Err(e) => panic!("waitpid({pid}): {e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "PID {pid} did not exit within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Restore `image` detached, send SIGUSR1 to the restored process (the

@@ -17,20 +17,12 @@ use std::time::{Duration, Instant};
 
 use chpox::image::model::{FdKind, RobustList};
 use chpox::image::{ImageReader, ImageWriter, WriteOptions};
+use common::procs::{become_subreaper, restore_detached, wait_pid};
 use common::{
     Target, chpox_bin, chpox_ok, path_str, profile_dir, run_chpox, tempdir, wait_pid_free,
 };
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Orphans are reparented to this test process instead of PID 1: a
-/// `--detach`ed restored process becomes our child once chpox exits, so we
-/// can reap it and see its exit status.
-fn become_subreaper() {
-    // SAFETY: plain prctl with integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
-}
 
 /// `chpox dump PID -o IMAGE --unsupported-fd null --kill [extra]`.
 fn dump_kill(pid: i32, image: &Path, extra: &[&str]) {
@@ -57,36 +49,6 @@ fn checkpoint(t: &mut Target, image: &Path, extra: &[&str]) {
     dump_kill(t.pid, image, extra);
     t.child.wait().expect("reap the original");
     wait_pid_free(t.pid);
-}
-
-/// Waits for our child (or adopted orphan) `pid` to exit; returns its exit
-/// code, or 128 + the signal that killed it.
-fn wait_pid(pid: i32, timeout: Duration) -> i32 {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    let deadline = Instant::now() + timeout;
-    loop {
-        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
-            Ok(_) => {}
-            Err(e) => panic!("waitpid({pid}): {e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "PID {pid} did not exit within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// `chpox restore --detach IMAGE [extra]`; returns the restored PID.
-fn restore_detached(image: &Path, extra: &[&str]) -> i32 {
-    let mut args = vec!["restore", "--detach", path_str(image)];
-    args.extend_from_slice(extra);
-    let out = chpox_ok(&args);
-    out.trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("restore printed {out:?}, not a PID: {e}"))
 }
 
 /// Runs `program restore-args...` until it exits; returns its exit code

@@ -13,34 +13,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chpox::image::ImageReader;
+use common::procs::{become_subreaper, wait_pid};
 use common::{Target, chpox_bin, chpox_ok, path_str, run_chpox, tempdir, wait_pid_free};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: &str = "128";
-
-/// Orphans come to us: a `--detach`ed restored process is ours to reap.
-fn become_subreaper() {
-    // SAFETY: plain prctl with integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
-}
-
-/// Waits for our child (or adopted orphan) `pid`; its exit code, or 128 +
-/// the signal that killed it.
-fn wait_pid(pid: i32) -> i32 {
-    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-    let deadline = Instant::now() + EXIT_TIMEOUT;
-    loop {
-        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
-            Ok(_) => {}
-            Err(e) => panic!("waitpid({pid}): {e}"),
-        }
-        assert!(Instant::now() < deadline, "PID {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn signal(pid: i32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions.
@@ -94,7 +71,7 @@ fn lazy_memory_is_right_touched_in_random_order_forked_moved_and_discarded() {
     let t = checkpointed(dir.path(), &image);
     let pid = restore_detached(&image, &["--lazy"]);
     signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid), 0, "{:?}", t.lines());
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE ok"]);
 }
 
@@ -108,7 +85,7 @@ fn eager_restore_gives_the_same() {
     let t = checkpointed(dir.path(), &image);
     let pid = restore_detached(&image, &[]);
     signal(pid, libc::SIGUSR1);
-    assert_eq!(wait_pid(pid), 0, "{:?}", t.lines());
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE ok"]);
 }
 
@@ -210,7 +187,7 @@ fn lazy_restore_of_a_damaged_image_kills_the_process_and_says_why() {
         .expect("a PID");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("checksum mismatch"), "{stderr}");
-    assert_eq!(wait_pid(pid), 128 + libc::SIGKILL);
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 128 + libc::SIGKILL);
     assert!(t.lines_after_ready().is_empty(), "{:?}", t.lines());
 }
 
@@ -244,13 +221,13 @@ fn lazy_tree_comes_back_whole() {
     ]);
     t.child.wait().expect("reap the original");
     // Orphaned by the killed shell, it came to us, its subreaper.
-    wait_pid(touch);
+    wait_pid(touch, EXIT_TIMEOUT);
     wait_pid_free(t.pid);
     wait_pid_free(touch);
     let root = restore_detached(&image, &["--lazy"]);
     assert_eq!(root, t.pid);
     signal(touch, libc::SIGUSR1);
-    assert_eq!(wait_pid(root), 0, "{:?}", t.lines());
+    assert_eq!(wait_pid(root, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE ok"]);
 }
 
@@ -276,6 +253,6 @@ fn lazy_threads_come_back_under_new_tids() {
     t.child.wait().expect("reap the original");
     let restored = restore_detached(&image, &["--lazy", "--pid", "any"]);
     signal(restored, libc::SIGUSR1);
-    assert_eq!(wait_pid(restored), 0, "{:?}", t.lines());
+    assert_eq!(wait_pid(restored, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE", "T0=ok", "T1=ok", "T2=ok"]);
 }

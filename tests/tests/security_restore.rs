@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use chpox::image::model::{FdEntry, FdKind, GpRegs, Metadata, ThreadState};
 use common::images::reseal;
+use common::procs::become_subreaper;
 use common::{Target, bin, chmod, chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
 use nix::sys::ptrace;
 use nix::sys::signal::{Signal, kill};
@@ -34,14 +35,6 @@ const NOBODY: u32 = 65534;
 const STOLEN_FD: i32 = 100;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(10);
-
-/// Orphans come to this test process instead of PID 1: a restored
-/// process outlives `chpox restore --detach`, and is reaped here.
-fn become_subreaper() {
-    // SAFETY: plain prctl with integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
-}
 
 /// A scratch directory everyone may enter (not read or write), holding a
 /// file only root may read and write.

@@ -161,3 +161,41 @@ impl Drop for Guard {
         }
     }
 }
+
+/// Become a child subreaper, so restored processes whose restorer exited
+/// (`restore --detach`) are ours to wait for.
+pub fn become_subreaper() {
+    // SAFETY: plain prctl with integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// Waits for our child (or adopted orphan) `pid` to exit; returns its exit
+/// code, or 128 + the signal that killed it.
+pub fn wait_pid(pid: i32, timeout: std::time::Duration) -> i32 {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => {}
+            Err(e) => panic!("waitpid({pid}): {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PID {pid} did not exit within {timeout:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// `chpox restore --detach IMAGE [extra]`; returns the restored PID.
+pub fn restore_detached(image: &std::path::Path, extra: &[&str]) -> i32 {
+    let mut args = vec!["restore", "--detach", super::path_str(image)];
+    args.extend_from_slice(extra);
+    let out = super::chpox_ok(&args);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("restore printed {out:?}, not a PID: {e}"))
+}
