@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::workspace_root;
 
-fn release_bin(name: &str) -> std::path::PathBuf {
+pub(crate) fn release_bin(name: &str) -> std::path::PathBuf {
     workspace_root().join("target/release").join(name)
 }
 
@@ -177,7 +177,7 @@ fn spawn_memtree(procs: usize, mib: u64) -> Result<Tree> {
     Tree::identify(tree.root.take(), &pids)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -194,7 +194,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 }
 
 /// memcpy over buffers that are already touched: the copy itself.
-fn memcpy_gbps() -> f64 {
+pub(crate) fn memcpy_gbps() -> f64 {
     let len = 256 << 20;
     let src = vec![1u8; len];
     let mut dst = vec![2u8; len];
@@ -208,7 +208,7 @@ fn memcpy_gbps() -> f64 {
 }
 
 /// Writing to freshly mapped anonymous memory: page faults and zeroing.
-fn first_touch_gbps(bytes: usize) -> f64 {
+pub(crate) fn first_touch_gbps(bytes: usize) -> f64 {
     let t = Instant::now();
     let mut v: Vec<u8> = Vec::with_capacity(bytes);
     // SAFETY: capacity is `bytes`; write_bytes initialises all of it before
@@ -224,7 +224,7 @@ fn first_touch_gbps(bytes: usize) -> f64 {
 }
 
 /// `dd` of `bytes` into a new file in `dir`.
-fn dd_secs(dir: &Path, bytes: u64) -> Result<f64> {
+pub(crate) fn dd_secs(dir: &Path, bytes: u64) -> Result<f64> {
     let file = dir.join("chpox-bench-dd");
     let _ = std::fs::remove_file(&file);
     let count = bytes.div_ceil(8 << 20);

@@ -15,17 +15,13 @@
 //! pages in (time to fully resident), both from the start of the command.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::workspace_root;
-
-fn release_bin(name: &str) -> PathBuf {
-    workspace_root().join("target/release").join(name)
-}
+use crate::bench::{dd_secs, first_touch_gbps, median, memcpy_gbps, release_bin};
 
 /// CRIU's restore wall over dd's, from issue 12's table, by MiB.
 fn criu_over_dd(mib: u64) -> Option<f64> {
@@ -50,61 +46,6 @@ impl Drop for Killed {
 fn kill(pid: i32) {
     // SAFETY: kill has no memory-safety preconditions; ESRCH is fine.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Seconds to write `bytes` into fresh anonymous memory.
-fn first_touch_secs(bytes: usize) -> f64 {
-    let t = Instant::now();
-    let mut v: Vec<u8> = Vec::with_capacity(bytes);
-    // SAFETY: capacity is `bytes`; write_bytes initialises all of it
-    // before set_len makes it visible.
-    unsafe {
-        std::ptr::write_bytes(v.as_mut_ptr(), 0x5a, bytes);
-        v.set_len(bytes);
-    }
-    std::hint::black_box(&v);
-    t.elapsed().as_secs_f64()
-}
-
-/// Seconds to copy `bytes` between buffers already touched.
-fn memcpy_secs(bytes: usize) -> f64 {
-    let len = bytes.min(256 << 20);
-    let src = vec![1u8; len];
-    let mut dst = vec![2u8; len];
-    let t = Instant::now();
-    dst.copy_from_slice(&src);
-    std::hint::black_box(&mut dst);
-    t.elapsed().as_secs_f64() * bytes as f64 / len as f64
-}
-
-fn dd_secs(dir: &Path, bytes: u64) -> Result<f64> {
-    let file = dir.join("chpox-bench-restore-dd");
-    let t = Instant::now();
-    let status = Command::new("dd")
-        .args([
-            "if=/dev/zero",
-            &format!("of={}", file.display()),
-            "bs=8M",
-            &format!("count={}", bytes.div_ceil(8 << 20)),
-            "status=none",
-        ])
-        .status()
-        .context("cannot run dd")?;
-    let secs = t.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&file);
-    if !status.success() {
-        bail!("dd into {} failed", dir.display());
-    }
-    Ok(secs)
 }
 
 /// `mempattern MIB`, dumped into `image` and killed.
@@ -263,8 +204,10 @@ fn measure(mib: u64, rounds: usize, dir: &Path) -> Result<Samples> {
                     None => s.eager.push(r.running),
                 }
             }
-            s.touch.push(first_touch_secs(bytes as usize));
-            s.memcpy.push(memcpy_secs(bytes as usize));
+            // Both bounds as the seconds their rate gives for these bytes.
+            s.touch
+                .push(bytes as f64 / (first_touch_gbps(bytes as usize) * 1e9));
+            s.memcpy.push(bytes as f64 / (memcpy_gbps() * 1e9));
             s.dd.push(dd_secs(dir, bytes)?);
             eprintln!(
                 "{mib} MiB round {}: eager {:.3} s, lazy running {:.1} ms / resident {:.3} s, first touch {:.3} s, dd {:.3} s",
