@@ -10,8 +10,9 @@ mod common;
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::agent::poll_until;
 use common::procs::{become_subreaper, restore_detached, wait_pid};
 use common::{Target, chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
 
@@ -64,24 +65,6 @@ fn restore_and_check(image: &Path, extra: &[&str]) -> i32 {
     // SAFETY: kill has no memory-safety preconditions.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0, "kill({pid})");
     wait_pid(pid, EXIT_TIMEOUT)
-}
-
-/// Polls `f` every 10 ms for at most `timeout`.
-fn poll_until(
-    what: &str,
-    timeout: Duration,
-    context: impl Fn() -> String,
-    mut f: impl FnMut() -> bool,
-) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 // ---------------------------------------------------------------------------

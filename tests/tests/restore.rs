@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use chpox::image::model::{FdKind, RobustList};
 use chpox::image::{ImageReader, ImageWriter, WriteOptions};
+use common::agent::poll_until;
 use common::procs::{become_subreaper, restore_detached, wait_pid};
 use common::{
     Target, chpox_bin, chpox_ok, path_str, profile_dir, run_chpox, tempdir, wait_pid_free,
@@ -649,25 +650,6 @@ fn spawn_to_files(mut cmd: Command, stdout: &Path, stderr: &Path) -> Spawned {
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     Spawned(child)
-}
-
-/// Polls `f` every 10 ms for at most `timeout`; panics with `what` and
-/// `context()` on timeout.
-fn poll_until(
-    what: &str,
-    timeout: Duration,
-    context: impl Fn() -> String,
-    mut f: impl FnMut() -> bool,
-) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Checkpoints our spawned child with `--kill`, reaps it and waits for its

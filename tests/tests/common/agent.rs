@@ -148,6 +148,16 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// [`poll`] for a condition with no value.
+pub fn poll_until(
+    what: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> bool,
+) {
+    poll(what, timeout, context, || f().then_some(()))
+}
+
 /// Polls `f` every [`POLL`] until it returns `Some`, for at most `timeout`;
 /// on timeout panics with `what` and `context()`.
 pub fn poll<T>(
