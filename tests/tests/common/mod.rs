@@ -374,7 +374,14 @@ pub const OPENFILES_OUTPUT: [&str; 6] = [
 
 /// A fresh temporary directory, removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
+    let mut dir = tempfile::tempdir().expect("tempdir");
+    // CHPOX_TEST_KEEP=1 leaves each test's directory (images, outputs)
+    // behind for a post-mortem.
+    if std::env::var_os("CHPOX_TEST_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    dir
 }
 
 pub fn path_str(p: &Path) -> &str {
