@@ -75,6 +75,10 @@ pub struct RegisterRequest {
     /// failing the checkpoint (`--unsupported-fd=null`).
     #[serde(default)]
     pub unsupported_fd_null: bool,
+    /// Every this many checkpoints is a full one, the others incremental
+    /// (1: all full); None: the agent's `--full-every`.
+    #[serde(default)]
+    pub full_every: Option<u32>,
 }
 
 /// What `chpox run` and `chpox register` ask of a registration beyond
@@ -84,6 +88,7 @@ pub struct Settings {
     pub every: Option<Duration>,
     pub keep: Option<u32>,
     pub unsupported_fd_null: bool,
+    pub full_every: Option<u32>,
 }
 
 impl Settings {
@@ -95,6 +100,7 @@ impl Settings {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             keep: self.keep,
             unsupported_fd_null: self.unsupported_fd_null,
+            full_every: self.full_every,
             ..RegisterRequest::new(pid)
         }
     }
@@ -163,6 +169,7 @@ impl RegisterRequest {
             every_ms: None,
             keep: None,
             unsupported_fd_null: false,
+            full_every: None,
         }
     }
 }

@@ -300,6 +300,33 @@ impl Tracker {
         Ok(out)
     }
 
+    /// Write-protect every page of every tracked mapping of `maps` again,
+    /// reporting nothing: writes are counted from now on. Call while the
+    /// process is frozen.
+    pub fn protect_all(&mut self, maps: &[MapEntry]) -> crate::Result<()> {
+        for map in maps {
+            if self.tracks(map) {
+                self.walk(map.start, map.end, true, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `maps` without the `uw` flag on the mappings this tracker follows:
+    /// what the process's own use of userfaultfd looks like (e.g. for
+    /// `snapshot::may_fork`, which must not mistake our tracking for it).
+    pub fn hide_own(&self, maps: &[MapEntry]) -> Vec<MapEntry> {
+        maps.iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if self.tracks(&m) {
+                    m.vm_flags.retain(|f| f != "uw");
+                }
+                m
+            })
+            .collect()
+    }
+
     /// Fails with [`DirtyError::Lost`] once the tracker no longer follows
     /// the process's memory (exec, exit).
     pub fn check_alive(&self) -> crate::Result<()> {

@@ -19,6 +19,7 @@ use crate::image::model::{
     AfterDump, HostInfo, Metadata, ProcessImage, SavedRegistration, SignalState, Vma, VmaKind,
 };
 use crate::image::{ImageWriter, WriteOptions};
+use crate::incremental::{Plan, Tracking};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
@@ -101,10 +102,40 @@ pub struct DumpReport {
     /// again (the others' while frozen).
     #[serde(default)]
     pub snapshots: usize,
+    /// Pages taken from the parent image (an incremental checkpoint).
+    #[serde(default)]
+    pub pages_inherited: u64,
+    /// The parent of an incremental checkpoint.
+    #[serde(default)]
+    pub parent: Option<PathBuf>,
 }
 
 /// Dump `pid` to `opts.output`.
 pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
+    dump_inner(pid, opts, None)
+}
+
+/// Dump `pid` to `opts.output` as the next generation of `tracking`:
+/// incremental when it can be (see `incremental`), full otherwise; the
+/// processes stay tracked afterwards. A failed checkpoint makes the next
+/// one full.
+pub fn dump_tracked(
+    pid: i32,
+    opts: &DumpOptions,
+    tracking: &mut crate::incremental::Tracking,
+) -> Result<DumpReport> {
+    let result = dump_inner(pid, opts, Some(&mut *tracking));
+    if let Err(e) = &result {
+        tracking.reset(&format!("the last checkpoint failed ({e})"));
+    }
+    result
+}
+
+fn dump_inner(
+    pid: i32,
+    opts: &DumpOptions,
+    mut tracking: Option<&mut crate::incremental::Tracking>,
+) -> Result<DumpReport> {
     let started = Instant::now();
     process::check_dumpable(pid)?;
     for lib in &opts.embed_libs {
@@ -122,6 +153,12 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let frozen = FrozenTree::freeze(pid, opts.children)?;
     let frozen_at = Instant::now();
     let frozen_at_monotonic_ns = crate::process::monotonic_ns();
+    let members: Vec<(i32, u64)> = frozen
+        .members()
+        .iter()
+        .map(|f| (f.pid(), snapshot::start_time(f.pid()).unwrap_or(0)))
+        .collect();
+    let plan = tracking.as_deref_mut().map(|t| t.plan(&members));
     let mut writer = ImageWriter::create(
         &opts.output,
         WriteOptions {
@@ -138,8 +175,24 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // A process to be killed stays frozen until its image is written: no
     // snapshot, its pages are copied straight away.
     let snapshots_wanted = opts.after != AfterDump::Kill;
-    let captured = capture_tree(&frozen, opts, &mut writer, snapshots_wanted)?;
+    let captured = capture_tree(
+        &frozen,
+        opts,
+        &mut writer,
+        snapshots_wanted,
+        tracking.as_deref_mut().zip(plan.as_ref()),
+    )?;
     let mut meta = captured.meta;
+    let image_id = crate::incremental::new_image_id();
+    meta.image_id = Some(image_id.clone());
+    let pages_inherited = crate::incremental::pages_inherited(&meta);
+    if let Some(crate::incremental::Plan::Incremental(base)) = &plan {
+        meta.parent = Some(crate::image::model::ParentRef {
+            image_id: base.image_id.clone(),
+            path: base.path.display().to_string(),
+            pages_inherited,
+        });
+    }
     let files = captured.files;
     let mut snapshots = captured.snapshots;
     let snapshot_count = snapshots.len();
@@ -182,12 +235,16 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         }
     };
     debug!(us = started.elapsed().as_micros() as u64, "image finished");
+    let pages_stored = captured.pages_stored + written.pages_stored;
+    if let (Some(t), Some(plan)) = (tracking, &plan) {
+        t.done(plan, &opts.output, &image_id, pages_stored, &members)?;
+    }
     let report = DumpReport {
         pid,
         comm: meta.root.process.comm.clone(),
         image: opts.output.clone(),
         image_bytes,
-        pages_stored: captured.pages_stored + written.pages_stored,
+        pages_stored,
         threads: meta.processes().map(|p| p.threads.len()).sum(),
         vmas: meta.processes().map(|p| p.vmas.len()).sum(),
         processes: 1 + meta.descendants.len(),
@@ -198,6 +255,8 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         frozen_at_monotonic_ns,
         reap_pause,
         snapshots: snapshot_count,
+        pages_inherited,
+        parent: meta.parent.as_ref().map(|p| PathBuf::from(&p.path)),
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).
@@ -307,6 +366,7 @@ fn capture_tree(
     opts: &DumpOptions,
     writer: &mut ImageWriter,
     snapshots_wanted: bool,
+    mut tracking: Option<(&mut Tracking, &Plan)>,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
     if let Some(user) = &opts.as_user {
@@ -350,6 +410,7 @@ fn capture_tree(
             &mut files,
             &mut shmem,
             snapshots_wanted.then_some(procs.len()),
+            tracking.as_mut().map(|(t, p)| (&mut **t, *p)),
         )?;
         resident_pages += resident;
         snapshots.extend(snapshot);
@@ -393,6 +454,8 @@ fn capture_tree(
         files: Vec::new(),
         after_dump: opts.after,
         registration: opts.registration,
+        image_id: None,
+        parent: None,
     };
     Ok(Captured {
         meta,
@@ -418,6 +481,7 @@ fn capture_process(
     files: &mut FileTable,
     shmem: &mut memory::SharedObjects,
     snapshot_as: Option<usize>,
+    tracking: Option<(&mut Tracking, &Plan)>,
 ) -> Result<(ProcessImage, u64, Option<Snapshot>)> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
@@ -476,8 +540,20 @@ fn capture_process(
     // A process in a job-control stop does not run on after the dump, so
     // copying its pages now costs it nothing; and the brief freeze that
     // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
+    // Our own write tracking is no userfaultfd of the process's; an
+    // increment copies its few pages while frozen.
+    let fork_maps = match &tracking {
+        Some((_, Plan::Incremental(_))) => None,
+        Some((t, Plan::Full)) => Some(t.hide_own(pid, &maps)),
+        None => Some(maps.clone()),
+    };
     let mut snapshot = match snapshot_as {
-        Some(index) if !frozen.was_stopped() && snapshot::may_fork(pid, &maps) => {
+        Some(index)
+            if !frozen.was_stopped()
+                && fork_maps
+                    .as_ref()
+                    .is_some_and(|m| snapshot::may_fork(pid, m)) =>
+        {
             let mut leader =
                 RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
             let taken = Snapshot::take(&mut leader, index, syscall_ip, gadgets.clone());
@@ -487,14 +563,33 @@ fn capture_process(
         _ => None,
     };
     phase.done("snapshot");
+    // Write tracking, while still frozen: a full checkpoint protects every
+    // page (writes from now on are the next increment's); an incremental
+    // one learns what was written since the base.
+    let written = match tracking {
+        Some((t, Plan::Full)) => {
+            t.protect(pid, info.start_time_ticks, &maps, || {
+                let mut leader =
+                    RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
+                let tracker = crate::dirty::Tracker::attach(&mut leader);
+                leader.give_back()?;
+                tracker
+            })?;
+            None
+        }
+        Some((t, Plan::Incremental(_))) => t.written(pid, info.start_time_ticks, &maps)?,
+        None => None,
+    };
+    phase.done("write tracking");
     // add_exe learns from the " (deleted)" mark that the file must be
     // embedded; the image records the name without it.
     info.exe_file = Some(files.add_exe(pid, &info.exe)?);
     info.exe = info.exe.trim_end_matches(" (deleted)").to_string();
     let mut vmas = Vec::with_capacity(maps.len());
     let mut resident_pages = 0u64;
-    for map in &maps {
+    for (map_index, map) in maps.iter().enumerate() {
         let kind = map.kind();
+        let mut inherited = Vec::new();
         let file = match kind {
             VmaKind::PrivateFile | VmaKind::SharedFile => Some(files.add_mapping(pid, map)?),
             _ => None,
@@ -514,7 +609,18 @@ fn capture_process(
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
-            let runs = memory::select_runs(pid, map, kind, &pagemap);
+            let runs = match written.as_ref().and_then(|w| w.get(&map_index)) {
+                Some(w) => {
+                    let same = crate::incremental::inherited_pages(map, kind, &pagemap, w);
+                    inherited = memory::runs_of(map.start, same.iter().copied());
+                    let changed = pagemap
+                        .iter()
+                        .zip(&same)
+                        .map(|(&e, &same)| !same && memory::page_needs_storing(kind, e));
+                    memory::runs_of(map.start, changed)
+                }
+                None => memory::select_runs(pid, map, kind, &pagemap),
+            };
             pages.dump_runs(&runs, writer)?
         };
         if kind == VmaKind::SharedAnonymous {
@@ -541,6 +647,7 @@ fn capture_process(
             vm_flags: map.vm_flags.clone(),
             pages: stored,
             shmem_id,
+            inherited,
         });
     }
 

@@ -254,6 +254,22 @@ pub fn summary(reader: &ImageReader, checks: &ChecksumStatus) -> String {
         }
     );
     parts(&mut s, reader);
+    match &m.parent {
+        Some(p) => {
+            let _ = writeln!(
+                s,
+                "incremental: {} inherited from parent {} (image id {}), which a restore reads too",
+                human(p.pages_inherited * m.host.page_size),
+                p.path,
+                p.image_id
+            );
+        }
+        None => {
+            if let Some(id) = &m.image_id {
+                let _ = writeln!(s, "full image (image id {id})");
+            }
+        }
+    }
     if let Some(r) = m.registration {
         let _ = writeln!(
             s,
@@ -488,11 +504,12 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
     );
     for v in &pi.vmas {
         let pages: u64 = v.pages.iter().map(|r| r.npages).sum();
-        let what = if v.kind.is_special() {
+        let inherited: u64 = v.inherited.iter().map(|&(_, n)| n).sum();
+        let mut what = if v.kind.is_special() {
             "recorded, not copied".to_string()
         } else if v.kind == VmaKind::SharedFile {
             "content in file".to_string()
-        } else if pages == 0 {
+        } else if pages == 0 && inherited == 0 {
             "nothing stored (untouched or clean)".to_string()
         } else {
             format!(
@@ -501,6 +518,12 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
                 v.pages.len()
             )
         };
+        if inherited > 0 {
+            what.push_str(&format!(
+                ", {} from the parent",
+                human(inherited * m.host.page_size)
+            ));
+        }
         let _ = writeln!(
             s,
             "  {:012x}-{:012x} {}{}{}{} {:>10} {:<11} {:<40} {}",

@@ -18,6 +18,7 @@ pub mod error;
 pub mod fds;
 pub mod files;
 pub mod image;
+pub mod incremental;
 pub mod inspect;
 pub mod job;
 pub mod memory;

@@ -390,6 +390,7 @@ mod tests {
                     })
                     .collect(),
                 shmem_id: None,
+                inherited: Vec::new(),
             }];
             writer.finish(&meta).expect("finish");
             let reader = ImageReader::open(&path).expect("open");

@@ -111,7 +111,7 @@ pub struct Snapshot {
 
 /// When `pid` started (clock ticks since boot, /proc/PID/stat field 22),
 /// while it is alive (not a zombie).
-fn start_time(pid: i32) -> Option<u64> {
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command may hold spaces and parentheses: count from the last ')'.
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();

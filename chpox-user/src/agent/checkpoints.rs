@@ -221,7 +221,27 @@ impl Agent {
         } else {
             crate::fds::UnsupportedFd::Fail
         };
-        match dump(pid, &opts) {
+        // The registration's write tracking, taken out while the dump runs
+        // (one checkpoint of a registration runs at a time) and put back
+        // after, unless the registration went meanwhile.
+        let full_every = entry.full_every.unwrap_or(self.config.full_every);
+        let mut tracking = match self.lock().tracking.remove(&pid) {
+            Some((start, t)) if start == entry.start_time => t,
+            _ => crate::incremental::Tracking::new(full_every),
+        };
+        tracking.full_every = full_every;
+        let result = crate::dump::dump_tracked(pid, &opts, &mut tracking);
+        {
+            let mut state = self.lock();
+            if state
+                .entries
+                .get(&pid)
+                .is_some_and(|e| e.start_time == entry.start_time)
+            {
+                state.tracking.insert(pid, (entry.start_time, tracking));
+            }
+        }
+        match result {
             Ok(report) => {
                 let latency_ns = report
                     .frozen_at_monotonic_ns
@@ -233,6 +253,9 @@ impl Agent {
                     image = %report.image.display(),
                     processes = report.processes,
                     bytes = report.image_bytes,
+                    pages_stored = report.pages_stored,
+                    pages_inherited = report.pages_inherited,
+                    parent = report.parent.as_ref().map(|p| p.display().to_string()),
                     frozen_us = report.frozen.as_micros() as u64,
                     total_us = report.total.as_micros() as u64,
                     signal_to_frozen_us = latency_ns / 1000,

@@ -4,6 +4,7 @@
 //! ```toml
 //! image_dir = "/var/lib/chpox"
 //! keep = 3                  # earlier images kept per registration
+//! full_every = 10           # every 10th checkpoint full, the others incremental (1: all full)
 //! interval = "10m"          # periodic checkpoints for registrations that name none
 //! idle_timeout = "10s"
 //! max_connections = 1024
@@ -26,6 +27,9 @@ pub const DEFAULT_PATH: &str = "/etc/chpox/agent.toml";
 pub struct FileConfig {
     pub image_dir: Option<PathBuf>,
     pub keep: Option<u32>,
+    /// Every this many checkpoints is full (`--full-every`).
+    #[serde(default)]
+    pub full_every: Option<u32>,
     /// A duration (`"10m"`).
     pub interval: Option<String>,
     pub idle_timeout: Option<String>,

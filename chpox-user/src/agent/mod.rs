@@ -45,7 +45,7 @@ use crate::control::{
     Response, SOCKET_NAME, STATE_NAME, format_duration, parse_register_line,
 };
 use crate::creds::UserCreds;
-use crate::dump::{DumpOptions, dump};
+use crate::dump::DumpOptions;
 use crate::image::model::{SavedRegistration, SigAction};
 use crate::process::{monotonic_ns, unix_now};
 use crate::signals::{self, Disposition};
@@ -73,6 +73,9 @@ pub struct AgentConfig {
     pub ebpf_object: Option<PathBuf>,
     /// Earlier images kept per registration (`FILE.1` … `FILE.N`).
     pub keep: u32,
+    /// Every this many checkpoints of a registration is a full one (1:
+    /// all of them; 0: only when needed); the others are incremental.
+    pub full_every: u32,
     /// Where images go when a registration names no file.
     pub image_dir: PathBuf,
     /// A connection that sends no complete request for this long is closed.
@@ -176,6 +179,9 @@ struct Entry {
     /// Earlier images kept; None: the agent's `--keep`.
     #[serde(default)]
     keep: Option<u32>,
+    /// Every this many checkpoints is full; None: the agent's.
+    #[serde(default)]
+    full_every: Option<u32>,
     /// Descriptors chpox cannot restore become /dev/null rather than
     /// failing the checkpoint (the registration opted in).
     #[serde(default)]
@@ -249,6 +255,9 @@ struct State {
     /// Bumped on every change saved, so an older snapshot written late
     /// never replaces a newer one.
     save_generation: u64,
+    /// Write tracking between checkpoints, per registered PID (with the
+    /// process's start time): what makes the next checkpoint incremental.
+    tracking: HashMap<i32, (u64, crate::incremental::Tracking)>,
 }
 
 pub struct Agent {
@@ -591,6 +600,7 @@ impl State {
     /// whoever waits for its checkpoint `why`.
     fn release(&mut self, pid: i32, why: &str, in_map: bool) -> Option<Entry> {
         let entry = self.entries.remove(&pid)?;
+        self.tracking.remove(&pid);
         if in_map {
             self.bpf.unregister(pid as u32);
         }
@@ -656,6 +666,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             waiters: HashMap::new(),
             bpf,
             save_generation: 0,
+            tracking: HashMap::new(),
         }),
         states,
         saved: Mutex::new(0),

@@ -112,6 +112,7 @@ impl Agent {
             every_ms,
             keep,
             unsupported_fd_null,
+            full_every,
         } = req;
         let every_ms = match every_ms {
             Some(ms) if Duration::from_millis(ms) < MIN_INTERVAL => {
@@ -252,6 +253,7 @@ impl Agent {
                 warned_children: false,
                 every_ms,
                 keep,
+                full_every,
                 unsupported_fd_null,
                 next_due: every_ms.map(|ms| Instant::now() + Duration::from_millis(ms)),
                 timer_again: false,

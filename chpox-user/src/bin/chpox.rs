@@ -88,6 +88,11 @@ struct RegistrationArgs {
     /// (/dev/null) in their place.
     #[arg(long, value_enum, default_value = "fail")]
     unsupported_fd: FdPolicy,
+    /// Every Nth checkpoint is a full image; the others store only the
+    /// pages written since the last full one (1: every checkpoint full;
+    /// default: the agent's --full-every).
+    #[arg(long, value_name = "N")]
+    full_every: Option<u32>,
 }
 
 impl RegistrationArgs {
@@ -96,6 +101,7 @@ impl RegistrationArgs {
             every: self.every,
             keep: self.keep,
             unsupported_fd_null: matches!(self.unsupported_fd, FdPolicy::Null),
+            full_every: self.full_every,
         }
     }
 }

@@ -32,7 +32,7 @@ pub struct Args {
     /// /usr/lib/chpox/chpox-ebpf.o.
     #[arg(long, value_name = "FILE")]
     ebpf_object: Option<PathBuf>,
-    /// Settings file (TOML: image_dir, keep, interval, idle_timeout,
+    /// Settings file (TOML: image_dir, keep, full_every, interval, idle_timeout,
     /// max_connections, max_connections_per_user, ebpf_object); flags
     /// given here override it. A missing default file is no error.
     #[arg(long, value_name = "FILE", default_value = crate::agent::config::DEFAULT_PATH)]
@@ -40,6 +40,12 @@ pub struct Args {
     /// Earlier images to keep per process, as FILE.1 … FILE.N [default: 1].
     #[arg(long, value_name = "N")]
     keep: Option<u32>,
+    /// Every Nth checkpoint of a registration is a full image, the others
+    /// incremental (only the pages written since the last full one; the
+    /// full one is kept as FILE.base); 1: every checkpoint full; 0: full
+    /// only when needed [default: 0].
+    #[arg(long, value_name = "N")]
+    full_every: Option<u32>,
     /// Where images go for registrations that name no file [default: /var/lib/chpox].
     #[arg(long, value_name = "DIR")]
     image_dir: Option<PathBuf>,
@@ -98,6 +104,7 @@ fn settings(args: Args) -> Result<AgentConfig, String> {
         run_dir: args.run_dir,
         ebpf_object: args.ebpf_object.or(file.ebpf_object),
         keep,
+        full_every: args.full_every.or(file.full_every).unwrap_or(0),
         image_dir: args
             .image_dir
             .or(file.image_dir)

@@ -67,6 +67,29 @@ pub struct Metadata {
     /// same way. Absent in images of `chpox dump` and of older versions.
     #[serde(default)]
     pub registration: Option<SavedRegistration>,
+    /// A random identity of this image's content (32 hex digits), which an
+    /// incremental image names to find its parent whatever it is called
+    /// since (`--keep` renames images). Absent in images of older
+    /// versions.
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// Set in an incremental image: the full image whose pages it
+    /// inherits (see `Vma::inherited`).
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
+}
+
+/// The parent of an incremental image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's `Metadata::image_id`.
+    pub image_id: String,
+    /// Where the parent was when this image was written (absolute); a
+    /// restore looks there first, then beside this image.
+    pub path: String,
+    /// Pages this image takes from the parent, over every process.
+    #[serde(default)]
+    pub pages_inherited: u64,
 }
 
 impl Metadata {
@@ -475,6 +498,12 @@ pub struct Vma {
     /// shares it, and its pages are stored with the first mapping only.
     #[serde(default)]
     pub shmem_id: Option<u64>,
+    /// In an incremental image: runs (address, page count) of this
+    /// mapping whose content is the parent image's (same process, same
+    /// address): pages neither written nor discarded since the parent was
+    /// taken. Empty in a full image.
+    #[serde(default)]
+    pub inherited: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

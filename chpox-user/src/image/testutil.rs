@@ -137,6 +137,7 @@ fn vma(start: u64, end: u64, perms: &str, name: &str, kind: VmaKind, file: Optio
             .collect(),
         pages: Vec::new(),
         shmem_id: None,
+        inherited: Vec::new(),
     }
 }
 
@@ -498,5 +499,7 @@ pub(crate) fn sample_metadata() -> Metadata {
         ],
         after_dump: AfterDump::LeaveRunning,
         registration: None,
+        image_id: None,
+        parent: None,
     }
 }

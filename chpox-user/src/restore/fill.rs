@@ -105,6 +105,11 @@ pub fn fill_runs(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<()> 
             });
         }
     }
+    // Pages of an incremental image's parent, from our mapping of it.
+    if let Some(parent) = ctx.parent {
+        let inherited = parent.pieces(ctx.image.process.pid, vma)?;
+        write_from_image(c.pid(), parent.fd(), &inherited)?;
+    }
     let total: u64 = pieces.iter().map(|p| p.len).sum();
     if total < SPLIT_MIN {
         return child_reads(c, ctx.image_fd, &pieces);
@@ -298,7 +303,16 @@ impl Copier {
     /// Whether `vma` is filled by copy: private anonymous, uncompressed,
     /// and not huge-page advised (those get huge pages from a read).
     pub fn takes(vma: &Vma) -> bool {
-        super::lazy::eligible(vma) && !vma.vm_flags.iter().any(|f| f == "hg")
+        let flag = |f: &str| vma.vm_flags.iter().any(|x| x == f);
+        // Of an incremental image: a mapping whose pages all come from
+        // the parent (uncompressed, checked when it was opened).
+        let inherited_only = vma.pages.is_empty()
+            && !vma.inherited.is_empty()
+            && vma.kind == crate::image::model::VmaKind::Anonymous
+            && !vma.shared
+            && !flag("wf")
+            && !flag("ht");
+        (super::lazy::eligible(vma) || inherited_only) && !flag("hg")
     }
 
     /// Fill `vmas` (mapped, empty) from the image.
@@ -326,16 +340,115 @@ impl Copier {
                     }),
             );
         }
-        runs.sort_by_key(|r| r.file_off);
-        let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
-            return Ok(());
-        };
-        let (lo, hi) = (first.file_off, last.file_off + last.len);
         // SAFETY: the image's descriptor is open for the whole restore.
         let image = unsafe { BorrowedFd::borrow_raw(ctx.image_fd) };
-        let map = ImageMap::new(image, lo, hi - lo)?;
-        // Verified before the process existed (`verify_pages`).
-        copy_runs(Some(fd), false, &map, &runs).map(|_| ())
+        copy_from(fd, image, runs)?;
+        // An incremental image's unchanged pages, from its parent.
+        if let Some(parent) = ctx.parent {
+            let mut runs = Vec::new();
+            for vma in vmas {
+                runs.extend(
+                    parent
+                        .pieces(ctx.image.process.pid, vma)?
+                        .into_iter()
+                        .map(|p| Run {
+                            addr: p.addr,
+                            file_off: p.file_off,
+                            len: p.len,
+                            crc: 0,
+                            vma: (vma.start, vma.end),
+                        }),
+                );
+            }
+            copy_from(fd, parent.fd(), runs)?;
+        }
+        Ok(())
+    }
+}
+
+/// `UFFDIO_COPY` `runs` of file `image` through `uffd` (registered).
+/// Verified before the process existed (`verify_pages`).
+fn copy_from(uffd: BorrowedFd<'_>, image: BorrowedFd<'_>, mut runs: Vec<Run>) -> Result<()> {
+    runs.sort_by_key(|r| r.file_off);
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+        return Ok(());
+    };
+    let (lo, hi) = (first.file_off, last.file_off + last.len);
+    let map = ImageMap::new(image, lo, hi - lo)?;
+    copy_runs(Some(uffd), false, &map, &runs).map(|_| ())
+}
+
+/// The parent of an incremental image (see `crate::incremental`): its
+/// pages fill what the image inherits. Opened, checked and verified before
+/// any process exists.
+pub struct ParentImage {
+    pub reader: crate::image::ImageReader,
+    pub file: std::fs::File,
+    pub path: std::path::PathBuf,
+}
+
+impl ParentImage {
+    /// Find and check the parent `parent` of the image at `image`.
+    pub fn open(
+        image: &std::path::Path,
+        parent: &crate::image::model::ParentRef,
+        lazy: bool,
+        trust: &super::validate::Trust,
+        trust_image: bool,
+    ) -> Result<ParentImage> {
+        if lazy {
+            return Err(Error::Other(format!(
+                "{} is an incremental image: --lazy restores full images only; restore it without --lazy",
+                image.display()
+            )));
+        }
+        let (reader, file, path) = crate::incremental::open_parent(image, parent)?;
+        // The parent's pages become the process's memory as the image's
+        // do: it must be as trustworthy (root's, or the same user's).
+        let theirs = super::validate::trust(&file, trust_image)?;
+        if let Some(o) = theirs.owner() {
+            if trust.owner().map(|t| t.uid) != Some(o.uid) {
+                return Err(Error::Other(format!(
+                    "{}: its parent {} belongs to another user (uid {}) than the image; restore with --trust-image if you trust it",
+                    image.display(),
+                    path.display(),
+                    o.uid
+                )));
+            }
+        }
+        let compressed = reader
+            .metadata()
+            .processes()
+            .flat_map(|p| &p.vmas)
+            .flat_map(|v| &v.pages)
+            .any(|r| r.data.compression != Compression::None);
+        if compressed {
+            return Err(Error::Other(format!(
+                "{}: its parent {} has compressed pages, which an increment cannot take from; restore the parent itself",
+                image.display(),
+                path.display()
+            )));
+        }
+        tracing::debug!(image = %image.display(), parent = %path.display(), "incremental image: reading its parent");
+        Ok(ParentImage { reader, file, path })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
+    /// The parent's stored pages that `vma` (of process `pid`) inherits.
+    fn pieces(&self, pid: i32, vma: &Vma) -> Result<Vec<Piece>> {
+        Ok(
+            crate::incremental::inherited_pieces(self.reader.metadata(), pid, vma)?
+                .into_iter()
+                .map(|(addr, npages, file_off)| Piece {
+                    addr,
+                    file_off,
+                    len: npages * PAGE_SIZE,
+                })
+                .collect(),
+        )
     }
 }
 

@@ -458,7 +458,7 @@ fn map_one(
 ) -> Result<()> {
     let len = vma.end - vma.start;
     let prot = prot_of(vma);
-    let fill = fill && !vma.pages.is_empty();
+    let fill = fill && (!vma.pages.is_empty() || !vma.inherited.is_empty());
     let map_prot = if fill {
         prot | (libc::PROT_READ | libc::PROT_WRITE) as u64
     } else {

@@ -161,9 +161,23 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let trust = validate::trust(&image_file, opts.trust_image)?;
     let owner = trust.owner();
     let mut plan = validate::validate(&reader, &trust)?;
+    // An incremental image: its parent, found and checked first.
+    let parent = match &reader.metadata().parent {
+        Some(p) => Some(fill::ParentImage::open(
+            image,
+            p,
+            opts.lazy,
+            &trust,
+            opts.trust_image,
+        )?),
+        None => None,
+    };
     if !opts.lazy {
         // Before anything can warn: a damaged image is refused in one line.
         fill::verify_pages(&reader, std::os::fd::AsFd::as_fd(&image_file))?;
+        if let Some(p) = &parent {
+            fill::verify_pages(&p.reader, std::os::fd::AsFd::as_fd(&p.file))?;
+        }
     }
     let mut warnings = std::mem::take(&mut plan.warnings);
     for w in &warnings {
@@ -249,6 +263,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 shmem: &shmem,
                 owner,
                 lazy: lazy.as_ref(),
+                parent: parent.as_ref(),
             };
             // Threads after the first, held by us as soon as they exist.
             let mut held = Vec::new();
@@ -343,6 +358,8 @@ pub struct Context<'a> {
     pub owner: Option<&'a validate::Owner>,
     /// With `--lazy`: where mappings filled on demand are registered.
     pub lazy: Option<&'a lazy::Lazy>,
+    /// The parent of an incremental image.
+    pub parent: Option<&'a fill::ParentImage>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the

@@ -1,0 +1,511 @@
+//! Incremental checkpoints: a generation stores only the pages written
+//! since its parent, a full image (the base).
+//!
+//! Dump side ([`Tracking`]): at a full checkpoint every process of the
+//! tree gets a [`Tracker`](crate::dirty::Tracker) (write-protect of its
+//! private memory, while frozen); the trackers stay on while the processes
+//! run. At the next checkpoint the trackers are scanned *without*
+//! re-protecting, so they report every page written since the base, not
+//! since the previous generation: each generation is the base plus one
+//! increment, and a restore reads exactly two files whatever the number of
+//! generations. This is the background fold of a chain done at write time:
+//! a page written in generation 2 and not since is stored again in
+//! generation 3 (a chain would have it in 2 only), which costs the pages
+//! written since the base, and a full checkpoint is taken once those reach
+//! half of the base ([`FULL_AFTER_FRACTION`]) or every `full_every`-th
+//! time. No background job, no chain to fold, no window in which a restore
+//! would read three files.
+//!
+//! A page is taken from the base ("inherited") only if it is present and
+//! was not written since (see `dirty`); everything else is stored from the
+//! process as it is now, or is a hole. Mappings not tracked since the base
+//! (new since, moved by `mremap`, shared memory) and processes born since
+//! are stored whole. If tracking is lost (a process exec'd, a tracker
+//! fails, the base image was removed or replaced), the checkpoint is a full
+//! one, logged.
+//!
+//! The base is kept as `FILE.base`, a hard link made after the full
+//! checkpoint was written: `--keep` rotation renames and deletes `FILE`,
+//! `FILE.1` …, and the base must outlive them. An image names its parent
+//! by the parent's random `image_id` and the path where it was; restore
+//! side: [`open_parent`].
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, info};
+
+use crate::dirty::{Region, Tracker};
+use crate::error::{Error, Result};
+use crate::image::ImageReader;
+use crate::image::model::{Metadata, ParentRef, Vma};
+use crate::memory::{MapEntry, PAGE_SIZE};
+
+/// A full checkpoint once an increment stores more than this fraction of
+/// the base's pages.
+pub const FULL_AFTER_FRACTION: f64 = 0.5;
+
+/// A random identity for a new image: 32 hex digits.
+pub fn new_image_id() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Unique enough without the entropy pool: time and PID.
+        let t = crate::process::monotonic_ns() ^ crate::process::unix_now().rotate_left(32);
+        bytes[..8].copy_from_slice(&t.to_le_bytes());
+        bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The full image the trackers' protection dates from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    pub image_id: String,
+    /// `FILE.base`, the hard link that keeps it.
+    pub path: PathBuf,
+    /// (device, inode) of the link when made: a base removed or replaced
+    /// since is noticed before an increment would point at it.
+    file: (u64, u64),
+    /// Pages the base stored.
+    pub pages: u64,
+}
+
+struct Tracked {
+    start_time: u64,
+    tracker: Tracker,
+}
+
+/// Write tracking of a registered tree between checkpoints: owned by the
+/// caller (the agent, per registration) and passed to
+/// [`crate::dump::dump_tracked`]. Dropping it stops the tracking.
+#[derive(Default)]
+pub struct Tracking {
+    procs: HashMap<i32, Tracked>,
+    base: Option<Base>,
+    /// Increments since the base.
+    increments: u32,
+    /// Pages the last increment stored.
+    last_stored: u64,
+    /// Why the next checkpoint must be full (logged when it is taken).
+    full_reason: Option<String>,
+    /// Take a full checkpoint every this many (1: always; 0: only when
+    /// needed).
+    pub full_every: u32,
+}
+
+/// What this dump is, decided once the tree is frozen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// Every page stored; trackers attached and protected afterwards.
+    Full,
+    /// Pages inherited from `base` where unchanged.
+    Incremental(Base),
+}
+
+impl Tracking {
+    pub fn new(full_every: u32) -> Self {
+        Tracking {
+            full_every,
+            ..Tracking::default()
+        }
+    }
+
+    /// The base of the next increment, if one can be taken.
+    pub fn base(&self) -> Option<&Base> {
+        self.base.as_ref()
+    }
+
+    /// Have the next checkpoint be full, saying why.
+    pub fn force_full(&mut self, why: &str) {
+        self.full_reason.get_or_insert_with(|| why.to_string());
+    }
+
+    /// Stop tracking (every tracker detached); the next checkpoint is full.
+    pub fn reset(&mut self, why: &str) {
+        for (_, t) in self.procs.drain() {
+            t.tracker.detach();
+        }
+        self.base = None;
+        self.increments = 0;
+        self.force_full(why);
+    }
+
+    /// Decide, with the tree frozen (`members`: PID and start time of
+    /// each process), whether this checkpoint is incremental.
+    pub(crate) fn plan(&mut self, members: &[(i32, u64)]) -> Plan {
+        let why = self.why_full(members);
+        match why {
+            None => Plan::Incremental(self.base.clone().expect("checked by why_full")),
+            Some(why) => {
+                if self.base.is_some() {
+                    info!(reason = %why, "full checkpoint");
+                } else {
+                    debug!(reason = %why, "full checkpoint");
+                }
+                Plan::Full
+            }
+        }
+    }
+
+    fn why_full(&mut self, members: &[(i32, u64)]) -> Option<String> {
+        if let Some(why) = self.full_reason.take() {
+            return Some(why);
+        }
+        let Some(base) = &self.base else {
+            return Some("the first checkpoint is full".into());
+        };
+        if self.full_every == 1 {
+            return Some("every checkpoint is full (full_every = 1)".into());
+        }
+        if self.full_every > 1 && self.increments + 1 >= self.full_every {
+            return Some(format!("every {}th checkpoint is full", self.full_every));
+        }
+        if self.last_stored as f64 > base.pages as f64 * FULL_AFTER_FRACTION {
+            return Some(format!(
+                "the last increment stored {} of the base's {} pages",
+                self.last_stored, base.pages
+            ));
+        }
+        match std::fs::metadata(&base.path) {
+            Ok(m) if (m.dev(), m.ino()) == base.file => {}
+            _ => {
+                return Some(format!(
+                    "the base image {} was removed or replaced",
+                    base.path.display()
+                ));
+            }
+        }
+        let (root, _) = members.first().copied().unwrap_or_default();
+        let Some(t) = self.procs.get(&root) else {
+            return Some("the root process is not tracked".into());
+        };
+        if let Err(e) = t.tracker.check_alive() {
+            return Some(e.to_string());
+        }
+        for (pid, start) in members {
+            if let Some(t) = self.procs.get(pid) {
+                if t.start_time != *start {
+                    return Some(format!("PID {pid} is another process now"));
+                }
+                if let Err(e) = t.tracker.check_alive() {
+                    return Some(e.to_string());
+                }
+            }
+        }
+        None
+    }
+
+    /// Full plan, process `pid` frozen with current `maps`: make its
+    /// tracker if it has none (through `attach`, which borrows a thread),
+    /// register what is new and protect everything. A process that cannot
+    /// be tracked is only logged: its pages are stored whole every time.
+    pub(crate) fn protect(
+        &mut self,
+        pid: i32,
+        start_time: u64,
+        maps: &[MapEntry],
+        attach: impl FnOnce() -> Result<Tracker>,
+    ) -> Result<()> {
+        if self
+            .procs
+            .get(&pid)
+            .is_some_and(|t| t.start_time != start_time)
+        {
+            if let Some(t) = self.procs.remove(&pid) {
+                t.tracker.detach();
+            }
+        }
+        if !self.procs.contains_key(&pid) {
+            match attach() {
+                Ok(tracker) => {
+                    self.procs.insert(
+                        pid,
+                        Tracked {
+                            start_time,
+                            tracker,
+                        },
+                    );
+                }
+                Err(Error::Dirty(e)) => {
+                    info!(pid, error = %e, "no write tracking: its checkpoints store every page");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let t = self.procs.get_mut(&pid).expect("inserted above");
+        t.tracker.track(maps)?;
+        t.tracker.protect_all(maps)
+    }
+
+    /// Incremental plan: the written regions since the base of each
+    /// tracked mapping of `pid` (by index in `maps`). None: the process is
+    /// not tracked since the base (born since), and is stored whole.
+    pub(crate) fn written(
+        &mut self,
+        pid: i32,
+        start_time: u64,
+        maps: &[MapEntry],
+    ) -> Result<Option<HashMap<usize, Vec<Region>>>> {
+        let Some(t) = self.procs.get_mut(&pid) else {
+            return Ok(None);
+        };
+        if t.start_time != start_time {
+            return Ok(None);
+        }
+        Ok(Some(t.tracker.scan_all(maps, false)?.into_iter().collect()))
+    }
+
+    /// `maps` as `snapshot::may_fork` must see them: without our own
+    /// tracking flags.
+    pub(crate) fn hide_own(&self, pid: i32, maps: &[MapEntry]) -> Vec<MapEntry> {
+        match self.procs.get(&pid) {
+            Some(t) => t.tracker.hide_own(maps),
+            None => maps.to_vec(),
+        }
+    }
+
+    /// After a checkpoint under `plan` was written to `output` (storing
+    /// `stored` pages; `members`: the processes in it).
+    pub(crate) fn done(
+        &mut self,
+        plan: &Plan,
+        output: &Path,
+        image_id: &str,
+        stored: u64,
+        members: &[(i32, u64)],
+    ) -> Result<()> {
+        // Trackers of processes gone from the tree go.
+        let gone: Vec<i32> = self
+            .procs
+            .keys()
+            .filter(|pid| !members.iter().any(|(p, _)| p == *pid))
+            .copied()
+            .collect();
+        for pid in gone {
+            if let Some(t) = self.procs.remove(&pid) {
+                t.tracker.detach();
+            }
+        }
+        match plan {
+            Plan::Incremental(_) => {
+                self.increments += 1;
+                self.last_stored = stored;
+            }
+            Plan::Full => {
+                let path = base_path(output);
+                let file = link_base(output, &path)?;
+                self.base = Some(Base {
+                    image_id: image_id.to_string(),
+                    path,
+                    file,
+                    pages: stored,
+                });
+                self.increments = 0;
+                self.last_stored = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the base of the images written to `output` is kept.
+pub fn base_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".base");
+    output.with_file_name(name)
+}
+
+/// Make `base` a hard link to `output` (replacing an older base
+/// atomically); returns its (device, inode).
+fn link_base(output: &Path, base: &Path) -> Result<(u64, u64)> {
+    let err = |what: &str, e: std::io::Error| {
+        Error::Other(format!(
+            "cannot keep {} as the base of incremental checkpoints ({what}): {e}",
+            output.display()
+        ))
+    };
+    let mut tmp_name = base.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = base.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::hard_link(output, &tmp).map_err(|e| err("link", e))?;
+    if let Err(e) = std::fs::rename(&tmp, base) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err("rename", e));
+    }
+    let m = std::fs::metadata(base).map_err(|e| err("stat", e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Per page of `map` (pagemap entries `pagemap`, written regions
+/// `written` since the base): whether its content is the base's. Present,
+/// not written, and a page the image would store.
+pub(crate) fn inherited_pages(
+    map: &MapEntry,
+    kind: crate::image::model::VmaKind,
+    pagemap: &[u64],
+    written: &[Region],
+) -> Vec<bool> {
+    let mut w = written.iter().peekable();
+    pagemap
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| {
+            let addr = map.start + i as u64 * PAGE_SIZE;
+            while w.peek().is_some_and(|r| r.end <= addr) {
+                w.next();
+            }
+            let is_written = w.peek().is_some_and(|r| r.start <= addr);
+            let present = e >> 63 != 0;
+            present && !is_written && crate::memory::page_needs_storing(kind, e)
+        })
+        .collect()
+}
+
+/// Number of pages an image takes from its parent.
+pub fn pages_inherited(meta: &Metadata) -> u64 {
+    meta.processes()
+        .flat_map(|p| &p.vmas)
+        .flat_map(|v| &v.inherited)
+        .map(|&(_, n)| n)
+        .sum()
+}
+
+/// The parent of the incremental image at `image` (whose metadata is
+/// `meta`), opened and checked: the path it was written from first, then
+/// any image beside `image` or beside that path with the same name stem
+/// (`--keep` renames). Fails naming it when it is missing or replaced.
+pub fn open_parent(
+    image: &Path,
+    parent: &ParentRef,
+) -> Result<(ImageReader, std::fs::File, PathBuf)> {
+    let recorded = PathBuf::from(&parent.path);
+    let mut candidates = vec![recorded.clone()];
+    for dir in [image.parent(), recorded.parent()].into_iter().flatten() {
+        let stem = image_stem(image);
+        if let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) {
+            let mut names: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p != image && image_stem(p) == stem)
+                .collect();
+            names.sort();
+            candidates.extend(names);
+        }
+    }
+    let mut seen_other = None;
+    for path in candidates {
+        let Ok((reader, file)) = ImageReader::open_file(&path) else {
+            continue;
+        };
+        if reader.metadata().image_id.as_deref() == Some(parent.image_id.as_str()) {
+            if reader.metadata().parent.is_some() {
+                return Err(Error::Other(format!(
+                    "{}: its parent {} is itself incremental; chpox writes no such chains (the image was altered)",
+                    image.display(),
+                    path.display()
+                )));
+            }
+            return Ok((reader, file, path));
+        }
+        if path == recorded {
+            seen_other = Some(path);
+        }
+    }
+    Err(Error::Other(match seen_other {
+        Some(p) => format!(
+            "{} is incremental and its parent {} was replaced by another image; restore the newest full image instead (`chpox inspect` says which are full), or an older increment whose parent is still there",
+            image.display(),
+            p.display()
+        ),
+        None => format!(
+            "{} is incremental and its parent {} is missing (not found beside it either); put the parent back, or restore a full image instead",
+            image.display(),
+            recorded.display()
+        ),
+    }))
+}
+
+/// `proc-dump` for `proc-dump`, `proc-dump.3`, `proc-dump.base`.
+fn image_stem(p: &Path) -> String {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    let mut s = name.as_ref();
+    loop {
+        match s.rsplit_once('.') {
+            Some((head, tail))
+                if tail == "base"
+                    || (!tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                s = head
+            }
+            _ => return s.to_string(),
+        }
+    }
+}
+
+/// The parent's page runs of the process `pid` restricted to `vma`'s
+/// inherited ranges, as (address, page count, file offset) pieces of the
+/// parent file. The parent's runs are uncompressed (checked by the caller).
+pub fn inherited_pieces(parent: &Metadata, pid: i32, vma: &Vma) -> Result<Vec<(u64, u64, u64)>> {
+    if vma.inherited.is_empty() {
+        return Ok(Vec::new());
+    }
+    let proc = parent
+        .processes()
+        .find(|p| p.process.pid == pid)
+        .ok_or_else(|| {
+            Error::Other(format!(
+                "the parent image holds no process {pid}: it is not this image's parent"
+            ))
+        })?;
+    let mut out = Vec::new();
+    for pv in proc
+        .vmas
+        .iter()
+        .filter(|v| v.start < vma.end && vma.start < v.end)
+    {
+        for run in &pv.pages {
+            let (rs, re) = (run.addr, run.addr + run.npages * PAGE_SIZE);
+            for &(a, n) in &vma.inherited {
+                let (s, e) = (a.max(rs), (a + n * PAGE_SIZE).min(re));
+                if s < e {
+                    out.push((s, (e - s) / PAGE_SIZE, run.data.offset + (s - rs)));
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stems_ignore_rotation_and_base() {
+        assert_eq!(image_stem(Path::new("/d/proc-dump")), "proc-dump");
+        assert_eq!(image_stem(Path::new("/d/proc-dump.3")), "proc-dump");
+        assert_eq!(image_stem(Path::new("/d/proc-dump.base")), "proc-dump");
+        assert_eq!(image_stem(Path::new("/d/a.chpox.2")), "a.chpox");
+        assert_eq!(
+            base_path(Path::new("/d/a.chpox")),
+            Path::new("/d/a.chpox.base")
+        );
+    }
+
+    #[test]
+    fn ids_differ() {
+        let (a, b) = (new_image_id(), new_image_id());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+}

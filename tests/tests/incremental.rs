@@ -1,0 +1,231 @@
+//! Incremental checkpoints of registered processes: after a full image,
+//! each generation stores only the pages written since (write tracking
+//! with userfaultfd write-protect and PAGEMAP_SCAN), names the full image
+//! as its parent, and restores to exactly the memory a full image of the
+//! same moment restores to.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chpox::image::ImageReader;
+use common::agent::{Agent, STATE_TIMEOUT, Scratch, poll_until, scratch, send};
+use common::procs::{become_subreaper, restore_detached, wait_pid};
+use common::{Target, path_str, run_chpox};
+
+/// The lines `memchurn` appended to its report.
+fn lines(report: &Path) -> Vec<String> {
+    fs::read_to_string(report)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// One more step (number `n`) of `memchurn` `pid` (the original or a
+/// restored copy).
+fn step(report: &Path, pid: i32, n: u32) {
+    send(pid, libc::SIGUSR1);
+    let want = format!("STEP {n}");
+    poll_until(
+        &format!("memchurn {want}"),
+        STATE_TIMEOUT,
+        || format!("{:?}", lines(report)),
+        || lines(report).contains(&want),
+    );
+}
+
+/// Has `memchurn` `pid` check every word of its memory; its sum.
+fn verify(report: &Path, pid: i32) -> String {
+    let before = lines(report).len();
+    send(pid, libc::SIGUSR2);
+    let line = common::agent::poll(
+        "memchurn VERIFY",
+        STATE_TIMEOUT,
+        || format!("{:?}", lines(report)),
+        || {
+            lines(report)
+                .get(before..)?
+                .iter()
+                .find(|l| l.starts_with("VERIFY"))
+                .cloned()
+        },
+    );
+    assert!(
+        line.contains("ok=1"),
+        "memory differs from what it should be: {line}"
+    );
+    line.split("sum=").nth(1).expect("sum").to_string()
+}
+
+/// Restore `image` (detached), have the copy verify itself, kill it; the
+/// sum it reported.
+fn restore_and_verify(report: &Path, image: &Path) -> String {
+    let pid = restore_detached(image, &[]);
+    let sum = verify(report, pid);
+    send(pid, libc::SIGKILL);
+    wait_pid(pid, Duration::from_secs(30));
+    common::wait_pid_free(pid);
+    sum
+}
+
+/// Starts `memchurn` with MIB of main memory.
+fn churn(s: &Scratch, mib: &str) -> (Target, PathBuf) {
+    let report = s.path("churn.report");
+    let t = Target::spawn("memchurn", &[path_str(&report), mib], &s.logs);
+    (t, report)
+}
+
+fn metadata(image: &Path) -> chpox::image::model::Metadata {
+    let reader = ImageReader::open(image)
+        .unwrap_or_else(|e| panic!("image {} does not open: {e}", image.display()));
+    reader.verify_all().expect("checksums");
+    reader.metadata().clone()
+}
+
+fn stored_pages(m: &chpox::image::model::Metadata) -> u64 {
+    m.processes()
+        .flat_map(|p| &p.vmas)
+        .flat_map(|v| &v.pages)
+        .map(|r| r.npages)
+        .sum()
+}
+
+#[test]
+fn an_incremental_chain_after_many_generations_restores_like_a_full_image() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start_with(&s, &["--full-every", "0"]);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("churn.chpox");
+    let (mut t, report) = churn(&s, "32");
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img), "--keep", "2"]);
+
+    let generations = 8;
+    let mut sums = Vec::new();
+    let mut full_pages = 0;
+    for g in 1..=generations {
+        step(&report, pid, g);
+        sums.push(verify(&report, pid));
+        agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+        let m = metadata(&img);
+        if g == 1 {
+            assert!(m.parent.is_none(), "the first checkpoint is full");
+            full_pages = stored_pages(&m);
+        } else {
+            let parent = m.parent.as_ref().expect("generation {g} is incremental");
+            let base = metadata(&dir.join("churn.chpox.base"));
+            assert_eq!(Some(&parent.image_id), base.image_id.as_ref());
+            assert!(parent.pages_inherited > 0, "{parent:?}");
+            // 32 MiB main region, 1 % written per step and new regions:
+            // far below the full image.
+            let stored = stored_pages(&m);
+            assert!(
+                stored * 2 < full_pages,
+                "generation {g} stored {stored} pages, the full one {full_pages}"
+            );
+        }
+    }
+    let summary = common::chpox_ok(&["inspect", path_str(&img)]);
+    assert!(summary.contains("incremental"), "{summary}");
+
+    // A full image of the same moment, by a one-shot dump.
+    let full = dir.join("full.chpox");
+    common::chpox_ok(&["dump", &pid_s, "-o", path_str(&full)]);
+    assert!(metadata(&full).parent.is_none());
+
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+
+    let last = sums.last().cloned().expect("sums");
+    assert_eq!(
+        restore_and_verify(&report, &img),
+        last,
+        "the newest increment"
+    );
+    assert_eq!(restore_and_verify(&report, &full), last, "the full image");
+    assert_eq!(
+        restore_and_verify(&report, &dir.join("churn.chpox.1")),
+        sums[sums.len() - 2],
+        "the increment before"
+    );
+
+    // The restored copy goes on from there: steps after the restore work
+    // on memory that came from two files.
+    let pid2 = restore_detached(&img, &[]);
+    step(&report, pid2, generations + 1);
+    verify(&report, pid2);
+    send(pid2, libc::SIGKILL);
+    wait_pid(pid2, Duration::from_secs(30));
+    common::wait_pid_free(pid2);
+
+    // Parent missing: one line naming it.
+    let base = dir.join("churn.chpox.base");
+    let aside = s.path("base.aside");
+    fs::rename(&base, &aside).expect("move the base away");
+    // FILE.1 and FILE.2 share the base too: move them away as well, so
+    // nothing beside the image has its id.
+    for n in ["churn.chpox.1", "churn.chpox.2"] {
+        let _ = fs::rename(dir.join(n), s.path(n));
+    }
+    let out = run_chpox(&["restore", path_str(&img)]);
+    common::agent::assert_refused("restore without its parent", &out, "is missing");
+    // Replaced by another image: named as such.
+    fs::copy(&full, &base).expect("copy");
+    let out = run_chpox(&["restore", path_str(&img)]);
+    common::agent::assert_refused("restore with a replaced parent", &out, "was replaced");
+    // The parent back under another name beside it: found by its id.
+    fs::rename(&aside, dir.join("churn.chpox.7")).expect("put the base back");
+    assert_eq!(
+        restore_and_verify(&report, &img),
+        last,
+        "parent found renamed"
+    );
+}
+
+#[test]
+fn periodic_checkpoints_are_incremental_and_restore() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("every.chpox");
+    let (mut t, report) = churn(&s, "16");
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img), "--every", "1s"]);
+    let mut n = 0;
+    let mut sum = String::new();
+    poll_until(
+        "an incremental periodic checkpoint",
+        Duration::from_secs(90),
+        || agent.describe(),
+        || {
+            n += 1;
+            step(&report, pid, n);
+            sum = verify(&report, pid);
+            // No step until the next periodic checkpoint is written: it
+            // holds exactly this sum.
+            let done = agent
+                .entry(pid)
+                .and_then(|e| e["checkpoints"].as_u64())
+                .unwrap_or(0);
+            agent.wait_checkpoints(pid, done + 2);
+            ImageReader::open(&img).is_ok_and(|r| r.metadata().parent.is_some())
+        },
+    );
+    assert!(
+        dir.join("every.chpox.base").exists(),
+        "the full image the increments build on is kept"
+    );
+    agent.chpox_ok(&["unregister", &pid_s]);
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    assert_eq!(restore_and_verify(&report, &img), sum);
+}
