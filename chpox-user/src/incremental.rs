@@ -213,30 +213,24 @@ impl Tracking {
             .procs
             .get(&pid)
             .is_some_and(|t| t.start_time != start_time)
+            && let Some(t) = self.procs.remove(&pid)
         {
-            if let Some(t) = self.procs.remove(&pid) {
-                t.tracker.detach();
-            }
+            t.tracker.detach();
         }
-        if !self.procs.contains_key(&pid) {
-            match attach() {
-                Ok(tracker) => {
-                    self.procs.insert(
-                        pid,
-                        Tracked {
-                            start_time,
-                            tracker,
-                        },
-                    );
-                }
-                Err(Error::Dirty(e)) => {
-                    info!(pid, error = %e, "no write tracking: its checkpoints store every page");
+        let t = match self.procs.entry(pid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => match attach() {
+                Ok(tracker) => e.insert(Tracked {
+                    start_time,
+                    tracker,
+                }),
+                Err(Error::Dirty(err)) => {
+                    info!(pid, error = %err, "no write tracking: its checkpoints store every page");
                     return Ok(());
                 }
-                Err(e) => return Err(e),
-            }
-        }
-        let t = self.procs.get_mut(&pid).expect("inserted above");
+                Err(err) => return Err(err),
+            },
+        };
         t.tracker.track(maps)?;
         t.tracker.protect_all(maps)
     }

@@ -406,15 +406,15 @@ impl ParentImage {
         // The parent's pages become the process's memory as the image's
         // do: it must be as trustworthy (root's, or the same user's).
         let theirs = super::validate::trust(&file, trust_image)?;
-        if let Some(o) = theirs.owner() {
-            if trust.owner().map(|t| t.uid) != Some(o.uid) {
-                return Err(Error::Other(format!(
-                    "{}: its parent {} belongs to another user (uid {}) than the image; restore with --trust-image if you trust it",
-                    image.display(),
-                    path.display(),
-                    o.uid
-                )));
-            }
+        if let Some(o) = theirs.owner()
+            && trust.owner().map(|t| t.uid) != Some(o.uid)
+        {
+            return Err(Error::Other(format!(
+                "{}: its parent {} belongs to another user (uid {}) than the image; restore with --trust-image if you trust it",
+                image.display(),
+                path.display(),
+                o.uid
+            )));
         }
         let compressed = reader
             .metadata()

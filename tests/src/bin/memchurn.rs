@@ -135,7 +135,11 @@ fn step(regions: &mut Vec<Region>, next_id: &mut u64, brk: &mut Region, k: u32) 
         assert_eq!(v, 0);
     }
     // A new region; every third step a larger one.
-    let pages = if k % 3 == 0 { 256 } else { 1 + rng.next(32) };
+    let pages = if k.is_multiple_of(3) {
+        256
+    } else {
+        1 + rng.next(32)
+    };
     new_region(regions, next_id, pages, k);
     // Unmap an old one (never the main region).
     if regions.len() > 4 {
@@ -150,7 +154,7 @@ fn step(regions: &mut Vec<Region>, next_id: &mut u64, brk: &mut Region, k: u32) 
         let i = 1 + rng.next(regions.len() - 1);
         let r = &mut regions[i];
         let old = r.version.len() * PAGE;
-        let (new_len, new_addr) = if k % 2 == 0 {
+        let (new_len, new_addr) = if k.is_multiple_of(2) {
             // To a fixed place, reserved first.
             let at = mmap_anon(old, 0) as usize;
             // SAFETY: moving our own mapping over our own reservation.
