@@ -215,10 +215,23 @@ pub fn estimate_stored_bytes(pid: i32) -> u64 {
     (kb("Anonymous:") + kb("Swap:")) * 1024
 }
 
+/// Swap type of a PTE marker (`SWP_PTE_MARKER`, the last of the five
+/// type bits): what the pagemap shows, with PM_SWAP, for a page that is
+/// not populated but carries a mark, e.g. the write-protect of a page
+/// never touched in memory tracked by `dirty`. It holds no data.
+const SWP_PTE_MARKER: u64 = 31;
+
+/// Whether a pagemap entry is a PTE marker rather than a page in swap. The
+/// swap type is shown only to readers with CAP_SYS_ADMIN (others see 0, a
+/// real swap type, and store the page: correct, if wasteful).
+pub fn is_pte_marker(entry: u64) -> bool {
+    entry & PM_SWAP != 0 && entry & PM_PRESENT == 0 && entry & 0x1f == SWP_PTE_MARKER
+}
+
 /// Should a page with this pagemap entry be stored, in a mapping of `kind`?
 pub fn page_needs_storing(kind: VmaKind, entry: u64) -> bool {
     let present = entry & PM_PRESENT != 0;
-    let swapped = entry & PM_SWAP != 0;
+    let swapped = entry & PM_SWAP != 0 && !is_pte_marker(entry);
     match kind {
         VmaKind::Anonymous | VmaKind::SharedAnonymous => present || swapped,
         // A present page that is not a page-cache page is our own
@@ -488,6 +501,12 @@ VmFlags: ex
         assert!(page_needs_storing(VmaKind::SharedAnonymous, file_page));
         assert!(!page_needs_storing(VmaKind::SharedFile, cow_page));
         assert!(!page_needs_storing(VmaKind::Vdso, cow_page));
+        // A write-protect marker on a page never touched holds nothing.
+        assert!(!page_needs_storing(
+            VmaKind::Anonymous,
+            PM_SWAP | 31 | 1 << 5
+        ));
+        assert!(page_needs_storing(VmaKind::Anonymous, PM_SWAP | 3));
     }
 
     fn select_runs(kind: VmaKind, start: u64, pagemap: &[u64]) -> Vec<(u64, u64)> {
