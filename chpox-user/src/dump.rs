@@ -237,7 +237,7 @@ fn dump_inner(
     debug!(us = started.elapsed().as_micros() as u64, "image finished");
     let pages_stored = captured.pages_stored + written.pages_stored;
     if let (Some(t), Some(plan)) = (tracking, &plan) {
-        t.done(plan, &opts.output, &image_id, pages_stored, &members)?;
+        t.done(plan, &opts.output, &meta, pages_stored, &members)?;
     }
     let report = DumpReport {
         pid,
@@ -606,21 +606,19 @@ fn capture_process(
         {
             s.defer(vmas.len(), map, kind);
             Vec::new()
+        } else if let Some((w, base)) = written
+            .as_ref()
+            .and_then(|w| Some((w.regions.get(&map_index)?, &w.base_runs)))
+        {
+            // Tracked since the base: what was written is stored, the rest
+            // comes from the base (no pagemap walk).
+            let (runs, from_base) = crate::incremental::split_tracked(map, kind, w, base);
+            inherited = from_base;
+            pages.dump_runs(&runs, writer)?
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
-            let runs = match written.as_ref().and_then(|w| w.get(&map_index)) {
-                Some(w) => {
-                    let same = crate::incremental::inherited_pages(map, kind, &pagemap, w);
-                    inherited = memory::runs_of(map.start, same.iter().copied());
-                    let changed = pagemap
-                        .iter()
-                        .zip(&same)
-                        .map(|(&e, &same)| !same && memory::page_needs_storing(kind, e));
-                    memory::runs_of(map.start, changed)
-                }
-                None => memory::select_runs(pid, map, kind, &pagemap),
-            };
+            let runs = memory::select_runs(pid, map, kind, &pagemap);
             pages.dump_runs(&runs, writer)?
         };
         if kind == VmaKind::SharedAnonymous {

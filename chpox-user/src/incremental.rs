@@ -76,6 +76,18 @@ pub struct Base {
 struct Tracked {
     start_time: u64,
     tracker: Tracker,
+    /// Byte ranges whose pages the base stored for this process, sorted
+    /// and merged: what an increment may inherit.
+    base_runs: Vec<(u64, u64)>,
+}
+
+/// What an increment needs to know of one tracked process.
+pub(crate) struct Written {
+    /// The written regions since the base of each tracked mapping, by its
+    /// index in the process's maps.
+    pub regions: HashMap<usize, Vec<Region>>,
+    /// Byte ranges whose pages the base stored (sorted, merged).
+    pub base_runs: Vec<(u64, u64)>,
 }
 
 /// Write tracking of a registered tree between checkpoints: owned by the
@@ -223,6 +235,7 @@ impl Tracking {
                 Ok(tracker) => e.insert(Tracked {
                     start_time,
                     tracker,
+                    base_runs: Vec::new(),
                 }),
                 Err(Error::Dirty(err)) => {
                     info!(pid, error = %err, "no write tracking: its checkpoints store every page");
@@ -243,14 +256,17 @@ impl Tracking {
         pid: i32,
         start_time: u64,
         maps: &[MapEntry],
-    ) -> Result<Option<HashMap<usize, Vec<Region>>>> {
+    ) -> Result<Option<Written>> {
         let Some(t) = self.procs.get_mut(&pid) else {
             return Ok(None);
         };
         if t.start_time != start_time {
             return Ok(None);
         }
-        Ok(Some(t.tracker.scan_all(maps, false)?.into_iter().collect()))
+        Ok(Some(Written {
+            regions: t.tracker.scan_all(maps, false)?.into_iter().collect(),
+            base_runs: t.base_runs.clone(),
+        }))
     }
 
     /// `maps` as `snapshot::may_fork` must see them: without our own
@@ -268,10 +284,11 @@ impl Tracking {
         &mut self,
         plan: &Plan,
         output: &Path,
-        image_id: &str,
+        meta: &Metadata,
         stored: u64,
         members: &[(i32, u64)],
     ) -> Result<()> {
+        let image_id = meta.image_id.clone().unwrap_or_default();
         // Trackers of processes gone from the tree go.
         let gone: Vec<i32> = self
             .procs
@@ -290,10 +307,22 @@ impl Tracking {
                 self.last_stored = stored;
             }
             Plan::Full => {
+                for p in meta.processes() {
+                    if let Some(t) = self.procs.get_mut(&p.process.pid) {
+                        let mut runs: Vec<(u64, u64)> = p
+                            .vmas
+                            .iter()
+                            .flat_map(|v| &v.pages)
+                            .map(|r| (r.addr, r.addr + r.npages * PAGE_SIZE))
+                            .collect();
+                        runs.sort_unstable();
+                        t.base_runs = merge(runs);
+                    }
+                }
                 let path = base_path(output);
                 let file = link_base(output, &path)?;
                 self.base = Some(Base {
-                    image_id: image_id.to_string(),
+                    image_id,
                     path,
                     file,
                     pages: stored,
@@ -335,29 +364,77 @@ fn link_base(output: &Path, base: &Path) -> Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
-/// Per page of `map` (pagemap entries `pagemap`, written regions
-/// `written` since the base): whether its content is the base's. Present,
-/// not written, and a page the image would store.
-pub(crate) fn inherited_pages(
+/// (address, page count) runs.
+pub(crate) type Runs = Vec<(u64, u64)>;
+
+/// Sorted ranges with touching or overlapping ones joined.
+fn merge(sorted: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (s, e) in sorted {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// For a tracked mapping `map` of an increment, from its written regions
+/// since the base alone (no pagemap walk: that is what keeps an increment
+/// of a large process short): the runs to store (address, pages) — pages
+/// written and now holding data: present and not the zero page (and, in a
+/// private file mapping, copied from the file), or swapped — and the runs
+/// taken from the base (address, pages): not written since, and stored by
+/// the base. A page written and now absent or the zero page is a hole.
+pub(crate) fn split_tracked(
     map: &MapEntry,
     kind: crate::image::model::VmaKind,
-    pagemap: &[u64],
     written: &[Region],
-) -> Vec<bool> {
-    let mut w = written.iter().peekable();
-    pagemap
-        .iter()
-        .enumerate()
-        .map(|(i, &e)| {
-            let addr = map.start + i as u64 * PAGE_SIZE;
-            while w.peek().is_some_and(|r| r.end <= addr) {
-                w.next();
+    base_runs: &[(u64, u64)],
+) -> (Runs, Runs) {
+    use crate::dirty::{PAGE_IS_FILE, PAGE_IS_SWAPPED};
+    let file_kind = kind == crate::image::model::VmaKind::PrivateFile;
+    let mut store = Vec::new();
+    let mut unwritten = Vec::new();
+    let mut at = map.start;
+    for r in written {
+        // Regions come sorted and apart; should one reach back into the
+        // last, it counts from where that one ended.
+        let (s, e) = (r.start.max(map.start).max(at), r.end.min(map.end));
+        if s >= e {
+            continue;
+        }
+        if at < s {
+            unwritten.push((at, s));
+        }
+        at = at.max(e);
+        let data =
+            (r.present() && !r.zero_page() && !(file_kind && r.categories & PAGE_IS_FILE != 0))
+                || r.categories & PAGE_IS_SWAPPED != 0;
+        if data {
+            store.push((s, (e - s) / PAGE_SIZE));
+        }
+    }
+    if at < map.end {
+        unwritten.push((at, map.end));
+    }
+    // Unwritten ∩ stored by the base; both sorted.
+    let mut inherited = Vec::new();
+    let mut b = 0;
+    for (s, e) in unwritten {
+        while b < base_runs.len() && base_runs[b].1 <= s {
+            b += 1;
+        }
+        let mut i = b;
+        while i < base_runs.len() && base_runs[i].0 < e {
+            let (is, ie) = (s.max(base_runs[i].0), e.min(base_runs[i].1));
+            if is < ie {
+                inherited.push((is, (ie - is) / PAGE_SIZE));
             }
-            let is_written = w.peek().is_some_and(|r| r.start <= addr);
-            let present = e >> 63 != 0;
-            present && !is_written && crate::memory::page_needs_storing(kind, e)
-        })
-        .collect()
+            i += 1;
+        }
+    }
+    (store, inherited)
 }
 
 /// Number of pages an image takes from its parent.
@@ -493,6 +570,51 @@ mod tests {
         assert_eq!(
             base_path(Path::new("/d/a.chpox")),
             Path::new("/d/a.chpox.base")
+        );
+    }
+
+    #[test]
+    fn increments_store_what_was_written_and_inherit_what_the_base_stored() {
+        use crate::dirty::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
+        let p = PAGE_SIZE;
+        let map = MapEntry {
+            start: 0x10000,
+            end: 0x10000 + 10 * p,
+            read: true,
+            write: true,
+            exec: false,
+            shared: false,
+            offset: 0,
+            dev: (0, 0),
+            inode: 0,
+            path: String::new(),
+            deleted: false,
+            vm_flags: Vec::new(),
+        };
+        let at = |i: u64| 0x10000 + i * p;
+        let region = |a: u64, b: u64, c: u64| Region {
+            start: at(a),
+            end: at(b),
+            categories: PAGE_IS_WRITTEN | c,
+        };
+        // Pages 1-2 written and present, 4 discarded (absent), 6 the zero page.
+        let written = [
+            region(1, 3, PAGE_IS_PRESENT),
+            region(4, 5, 0),
+            region(6, 7, PAGE_IS_PRESENT | PAGE_IS_PFNZERO),
+        ];
+        // The base stored pages 0-5 and 8.
+        let base = [(at(0), at(6)), (at(8), at(9))];
+        let (store, inherited) = split_tracked(
+            &map,
+            crate::image::model::VmaKind::Anonymous,
+            &written,
+            &base,
+        );
+        assert_eq!(store, vec![(at(1), 2)]);
+        assert_eq!(
+            inherited,
+            vec![(at(0), 1), (at(3), 1), (at(5), 1), (at(8), 1)]
         );
     }
 

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_incr;
 mod bench_restore;
 mod ebpf;
 mod install;
@@ -70,6 +71,16 @@ enum Task {
         /// Skip the tree case.
         #[arg(long)]
         no_tree: bool,
+        /// MiB of the process in the incremental part (a full checkpoint,
+        /// then increments after ~1 % of its pages changed).
+        #[arg(long, default_value_t = 4096)]
+        incremental_mib: u64,
+        /// Skip the incremental part.
+        #[arg(long)]
+        no_incremental: bool,
+        /// Run only the incremental part.
+        #[arg(long, conflicts_with = "no_incremental")]
+        only_incremental: bool,
     },
     /// Build (release) and install chpox: the program (also as chpoxctl,
     /// ld-chpox and chpox-agent), the eBPF object in PREFIX/lib/chpox, man
@@ -306,10 +317,16 @@ fn main() -> Result<()> {
             tree_procs,
             tree_mib,
             no_tree,
+            incremental_mib,
+            no_incremental,
+            only_incremental,
         } => {
             require_root("the benchmark")?;
             build_all()?;
             let rounds = rounds.max(1);
+            if only_incremental {
+                return bench_incr::run(incremental_mib.max(1), rounds, &dir);
+            }
             let opts = bench::SizeOptions {
                 rounds,
                 compress: !no_compress,
@@ -327,7 +344,11 @@ fn main() -> Result<()> {
                 let tree = bench::run_tree(tree_procs.max(1), tree_mib.max(1), rounds, &dir)?;
                 bench::compare(&[&single, &tree]);
             }
-            bench::trigger_latency(triggers.max(1))
+            bench::trigger_latency(triggers.max(1))?;
+            if !no_incremental {
+                bench_incr::run(incremental_mib.max(1), rounds, &dir)?;
+            }
+            Ok(())
         }
         Task::Install { to, from } => {
             let src = from.source()?;
