@@ -612,7 +612,8 @@ fn capture_process(
         {
             // Tracked since the base: what was written is stored, the rest
             // comes from the base (no pagemap walk).
-            let (runs, from_base) = crate::incremental::split_tracked(map, kind, w, base);
+            let (runs, from_base) =
+                crate::incremental::split_tracked(map, kind, w, base, |s, e| pages.pagemap(s, e))?;
             inherited = from_base;
             pages.dump_runs(&runs, writer)?
         } else {

@@ -264,7 +264,11 @@ impl Tracking {
             return Ok(None);
         }
         Ok(Some(Written {
-            regions: t.tracker.scan_all(maps, false)?.into_iter().collect(),
+            regions: t
+                .tracker
+                .scan_all_written(maps, false)?
+                .into_iter()
+                .collect(),
             base_runs: t.base_runs.clone(),
         }))
     }
@@ -379,62 +383,90 @@ fn merge(sorted: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-/// For a tracked mapping `map` of an increment, from its written regions
-/// since the base alone (no pagemap walk: that is what keeps an increment
-/// of a large process short): the runs to store (address, pages) — pages
-/// written and now holding data: present and not the zero page (and, in a
-/// private file mapping, copied from the file), or swapped — and the runs
-/// taken from the base (address, pages): not written since, and stored by
-/// the base. A page written and now absent or the zero page is a hole.
+/// Written pages closer than this are read from the pagemap in one read.
+const PAGEMAP_GAP: u64 = 16 * PAGE_SIZE;
+
+/// For a tracked mapping `map` of an increment: the runs to store
+/// (address, pages) and the runs taken from the base (address, pages).
+/// Stored: the pages written since the base (`written`, from the fast
+/// scan) that hold data now, as `pagemap` (entries of `[start, end)`)
+/// tells for them alone — a large mapping is never walked whole while
+/// frozen. Inherited: the pages not written since, that the base stored
+/// (`base_runs`). A page written and now absent is a hole.
 pub(crate) fn split_tracked(
     map: &MapEntry,
     kind: crate::image::model::VmaKind,
     written: &[Region],
     base_runs: &[(u64, u64)],
-) -> (Runs, Runs) {
-    use crate::dirty::{PAGE_IS_FILE, PAGE_IS_SWAPPED};
-    let file_kind = kind == crate::image::model::VmaKind::PrivateFile;
-    let mut store = Vec::new();
-    let mut unwritten = Vec::new();
+    mut pagemap: impl FnMut(u64, u64) -> Result<Vec<u64>>,
+) -> Result<(Runs, Runs)> {
+    // Written byte ranges inside the mapping, sorted and apart (should a
+    // region reach back into the last, it counts from where that ended).
+    let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(written.len());
     let mut at = map.start;
     for r in written {
-        // Regions come sorted and apart; should one reach back into the
-        // last, it counts from where that one ended.
         let (s, e) = (r.start.max(map.start).max(at), r.end.min(map.end));
-        if s >= e {
-            continue;
+        if s < e {
+            ranges.push((s, e));
+            at = e;
         }
+    }
+    let mut store: Runs = Vec::new();
+    let mut i = 0;
+    while i < ranges.len() {
+        // One pagemap read for written ranges close together.
+        let mut j = i + 1;
+        while j < ranges.len() && ranges[j].0 - ranges[j - 1].1 <= PAGEMAP_GAP {
+            j += 1;
+        }
+        let (ws, we) = (ranges[i].0, ranges[j - 1].1);
+        let entries = pagemap(ws, we)?;
+        for &(s, e) in &ranges[i..j] {
+            let mut a = s;
+            while a < e {
+                let entry = entries
+                    .get(((a - ws) / PAGE_SIZE) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                if crate::memory::page_needs_storing(kind, entry) {
+                    match store.last_mut() {
+                        Some((ra, rn)) if *ra + *rn * PAGE_SIZE == a => *rn += 1,
+                        _ => store.push((a, 1)),
+                    }
+                }
+                a += PAGE_SIZE;
+            }
+        }
+        i = j;
+    }
+    // Not written ∩ stored by the base; both sorted.
+    let mut unwritten = Vec::with_capacity(ranges.len() + 1);
+    let mut at = map.start;
+    for &(s, e) in &ranges {
         if at < s {
             unwritten.push((at, s));
         }
-        at = at.max(e);
-        let data =
-            (r.present() && !r.zero_page() && !(file_kind && r.categories & PAGE_IS_FILE != 0))
-                || r.categories & PAGE_IS_SWAPPED != 0;
-        if data {
-            store.push((s, (e - s) / PAGE_SIZE));
-        }
+        at = e;
     }
     if at < map.end {
         unwritten.push((at, map.end));
     }
-    // Unwritten ∩ stored by the base; both sorted.
     let mut inherited = Vec::new();
     let mut b = 0;
     for (s, e) in unwritten {
         while b < base_runs.len() && base_runs[b].1 <= s {
             b += 1;
         }
-        let mut i = b;
-        while i < base_runs.len() && base_runs[i].0 < e {
-            let (is, ie) = (s.max(base_runs[i].0), e.min(base_runs[i].1));
+        let mut k = b;
+        while k < base_runs.len() && base_runs[k].0 < e {
+            let (is, ie) = (s.max(base_runs[k].0), e.min(base_runs[k].1));
             if is < ie {
                 inherited.push((is, (ie - is) / PAGE_SIZE));
             }
-            i += 1;
+            k += 1;
         }
     }
-    (store, inherited)
+    Ok((store, inherited))
 }
 
 /// Number of pages an image takes from its parent.
@@ -575,7 +607,7 @@ mod tests {
 
     #[test]
     fn increments_store_what_was_written_and_inherit_what_the_base_stored() {
-        use crate::dirty::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
+        use crate::dirty::PAGE_IS_WRITTEN;
         let p = PAGE_SIZE;
         let map = MapEntry {
             start: 0x10000,
@@ -597,25 +629,34 @@ mod tests {
             end: at(b),
             categories: PAGE_IS_WRITTEN | c,
         };
-        // Pages 1-2 written and present, 4 discarded (absent), 6 the zero page.
-        let written = [
-            region(1, 3, PAGE_IS_PRESENT),
-            region(4, 5, 0),
-            region(6, 7, PAGE_IS_PRESENT | PAGE_IS_PFNZERO),
-        ];
+        // Pages 1-2 written and present, 4 discarded (absent), 6 present.
+        let written = [region(1, 3, 0), region(4, 5, 0), region(6, 7, 0)];
+        let present = 1u64 << 63;
+        let entry = |a: u64| match (a - at(0)) / p {
+            1 | 2 | 6 => present,
+            _ => 0,
+        };
         // The base stored pages 0-5 and 8.
         let base = [(at(0), at(6)), (at(8), at(9))];
+        let mut reads = Vec::new();
         let (store, inherited) = split_tracked(
             &map,
             crate::image::model::VmaKind::Anonymous,
             &written,
             &base,
-        );
-        assert_eq!(store, vec![(at(1), 2)]);
+            |s, e| {
+                reads.push((s, e));
+                Ok((s..e).step_by(p as usize).map(entry).collect())
+            },
+        )
+        .expect("split");
+        assert_eq!(store, vec![(at(1), 2), (at(6), 1)]);
         assert_eq!(
             inherited,
             vec![(at(0), 1), (at(3), 1), (at(5), 1), (at(8), 1)]
         );
+        // Close together: one read.
+        assert_eq!(reads, vec![(at(1), at(7))]);
     }
 
     #[test]
