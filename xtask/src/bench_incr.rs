@@ -54,16 +54,22 @@ fn checkpoint(run_dir: &Path, pid: i32, image: &Path) -> Result<(f64, u64, f64)>
     ))
 }
 
-/// Wait until `report` has `line`.
-fn wait_line(report: &Path, line: &str) -> Result<()> {
+/// Wait until `report` has `line`, while `churn` lives.
+fn wait_line(churn: &mut Child, report: &Path, line: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while !std::fs::read_to_string(report)
         .unwrap_or_default()
         .lines()
         .any(|l| l == line)
     {
+        if let Some(status) = churn.try_wait()? {
+            bail!("memchurn ended ({status}) before {line:?}; out of memory? (see dmesg)");
+        }
         if Instant::now() > deadline {
-            bail!("memchurn did not report {line:?}");
+            bail!(
+                "memchurn did not report {line:?}; see {}",
+                report.with_file_name("").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -114,17 +120,20 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let report = images.join("memchurn.report");
-    let target = Reaped(
+    let mut target = Reaped(
         Command::new(release_bin("memchurn"))
             .arg(&report)
             .arg(mib.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(
+                run_dir.with_extension("memchurn.stderr"),
+            )?)
             .spawn()
             .context("cannot start memchurn; run `cargo build --release -p chpox-tests`")?,
     );
     let pid = target.0.id() as i32;
-    wait_line(&report, "READY")?;
+    wait_line(&mut target.0, &report, "READY")?;
     let image = images.join("memchurn.chpox");
     let out = Command::new(release_bin("chpox"))
         .env("CHPOX_RUN_DIR", &run_dir)
@@ -139,7 +148,7 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
     }
     let mut s = Samples::default();
     let mut steps = 0;
-    let step = |steps: &mut u32| -> Result<()> {
+    let mut step = |steps: &mut u32| -> Result<()> {
         *steps += 1;
         // SAFETY: a plain signal to our own child.
         if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
@@ -148,7 +157,7 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
                 std::io::Error::last_os_error()
             );
         }
-        wait_line(&report, &format!("STEP {steps}"))
+        wait_line(&mut target.0, &report, &format!("STEP {steps}"))
     };
     for _ in 0..rounds {
         // No base left over: this checkpoint is full.
