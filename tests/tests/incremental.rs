@@ -325,3 +325,89 @@ fn redis_restored_from_an_increment_has_the_same_dataset() {
     send(restored, libc::SIGKILL);
     wait_pid(restored, Duration::from_secs(30));
 }
+
+/// A registered tree (root and two children, each with its own 16 MiB):
+/// every process of it is tracked, the second checkpoint inherits from
+/// the first for each, and the restored tree holds every word of each
+/// process's memory.
+#[test]
+fn a_tree_is_tracked_process_by_process() {
+    use std::os::unix::fs::FileExt;
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("tree.chpox");
+    let mut t = Target::spawn("memtree", &["3", "16"], &s.logs);
+    let pids: Vec<i32> = t
+        .ready_value("pids")
+        .split(',')
+        .map(|p| p.parse().expect("pid"))
+        .collect();
+    let len = t.ready_u64("len");
+    let mut guard = common::procs::Guard::default();
+    guard.watch_tree(t.pid);
+    let root = t.pid.to_string();
+    agent.chpox_ok(&["register", &root, "-o", path_str(&img)]);
+    agent.chpox_ok(&["checkpoint", &root, "--timeout", "60"]);
+    agent.chpox_ok(&["checkpoint", &root, "--timeout", "60"]);
+    let m = metadata(&img);
+    assert!(m.parent.is_some(), "the second checkpoint is incremental");
+    for p in m.processes() {
+        let inherited: u64 = p
+            .vmas
+            .iter()
+            .flat_map(|v| &v.inherited)
+            .map(|&(_, n)| n)
+            .sum();
+        assert!(
+            inherited * 4096 >= len,
+            "PID {} inherits {inherited} pages",
+            p.process.pid
+        );
+    }
+    common::procs::kill_tree(t.pid);
+    let _ = t.child.wait();
+    // The children are orphans of ours now (we are a subreaper): reap them.
+    poll_until(
+        "the original tree to be gone",
+        STATE_TIMEOUT,
+        || format!("{pids:?}"),
+        || {
+            for &pid in &pids[1..] {
+                // SAFETY: reaping a child of ours, if it is one; no memory.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            }
+            pids.iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        },
+    );
+    let restored = restore_detached(&img, &[]);
+    guard.watch_tree(restored);
+    assert_eq!(restored, pids[0]);
+    for (n, &pid) in pids.iter().enumerate() {
+        // The process's own region: the anonymous mapping of `len` bytes.
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+        let start = maps
+            .lines()
+            .filter_map(|l| {
+                let (range, _) = l.split_once(' ')?;
+                let (a, b) = range.split_once('-')?;
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                );
+                (b - a == len).then_some(a)
+            })
+            .next()
+            .unwrap_or_else(|| panic!("PID {pid} has no {len}-byte mapping:\n{maps}"));
+        let mem = fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+        let mut buf = vec![0u8; len as usize];
+        mem.read_exact_at(&mut buf, start).expect("read memory");
+        for (w, word) in buf.chunks_exact(8).enumerate() {
+            let got = u64::from_ne_bytes(word.try_into().expect("8 bytes"));
+            let want = chpox_tests::pattern_word(w as u64 * 8) ^ n as u64;
+            assert_eq!(got, want, "PID {pid} word {w}");
+        }
+    }
+}
