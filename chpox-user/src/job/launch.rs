@@ -86,6 +86,8 @@ pub(super) fn restore(image: &Path, run_dir: &Path) -> Result<(i32, i32), JobErr
             |r| r.flags,
         ),
         output: Some(image.to_path_buf()),
+        // A job's image stands alone (see `launch` below).
+        full_every: Some(1),
         ..RegisterRequest::new(restored.pid)
     };
     if let Err(source) = control::request(run_dir, &Request::Register(req), Duration::from_secs(60))
@@ -192,6 +194,10 @@ pub(super) fn start(opts: &JobOptions, image: &Path, run_dir: &Path) -> Result<i
         name: Path::new(program)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned()),
+        // Full images only: a job falls back to FILE.1 when a checkpoint
+        // caught its termination (`caught`), and a requeued job may be
+        // given its image alone; an increment would need its base too.
+        full_every: Some(1),
         ..RegisterRequest::new(child)
     };
     if let Err(source) = control::request(run_dir, &Request::Register(req), Duration::from_secs(60))
