@@ -324,13 +324,20 @@ impl Tracking {
                     }
                 }
                 let path = base_path(output);
-                let file = link_base(output, &path)?;
-                self.base = Some(Base {
-                    image_id,
-                    path,
-                    file,
-                    pages: stored,
-                });
+                // The image is written: a base that cannot be kept only
+                // makes the next checkpoint full again.
+                self.base = match link_base(output, &path) {
+                    Ok(file) => Some(Base {
+                        image_id,
+                        path,
+                        file,
+                        pages: stored,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the next checkpoint is full too");
+                        None
+                    }
+                };
                 self.increments = 0;
                 self.last_stored = 0;
             }
@@ -535,6 +542,54 @@ pub fn open_parent(
             recorded.display()
         ),
     }))
+}
+
+/// `len` bytes of the root process's memory at `addr` (page aligned) as a
+/// restore of the image would make them: stored in it, or, for an
+/// incremental image, inherited from its parent (opened where it was
+/// written, and checked). None if some page is in neither.
+pub fn read_memory(reader: &ImageReader, addr: u64, len: usize) -> Result<Option<Vec<u8>>> {
+    let meta = reader.metadata();
+    let Some(parent) = &meta.parent else {
+        return Ok(reader.read_memory(addr, len)?);
+    };
+    let parent_reader = ImageReader::open(Path::new(&parent.path))?;
+    if parent_reader.metadata().image_id.as_deref() != Some(parent.image_id.as_str()) {
+        return Err(Error::Other(format!(
+            "{} is not this image's parent any more",
+            parent.path
+        )));
+    }
+    let mut inherited: Vec<(u64, u64)> = meta
+        .root
+        .vmas
+        .iter()
+        .flat_map(|v| &v.inherited)
+        .map(|&(a, n)| (a, a + n * PAGE_SIZE))
+        .collect();
+    inherited.sort_unstable();
+    let end = addr + len as u64;
+    let mut out = Vec::with_capacity(len);
+    let mut at = addr;
+    while at < end {
+        let next = inherited.iter().find(|&&(s, e)| e > at && s < end);
+        let (from_parent, to) = match next {
+            Some(&(s, e)) if s <= at => (true, e.min(end)),
+            Some(&(s, _)) => (false, s),
+            None => (false, end),
+        };
+        let part = if from_parent {
+            parent_reader.read_memory(at, (to - at) as usize)?
+        } else {
+            reader.read_memory(at, (to - at) as usize)?
+        };
+        let Some(part) = part else {
+            return Ok(None);
+        };
+        out.extend_from_slice(&part);
+        at = to;
+    }
+    Ok(Some(out))
 }
 
 /// `proc-dump` for `proc-dump`, `proc-dump.3`, `proc-dump.base`.

@@ -419,8 +419,8 @@ pub fn free_pid() -> i32 {
 
 /// The image holds exactly `mempattern`'s pattern at `addr..addr+len`.
 pub fn check_pattern(reader: &chpox::image::ImageReader, addr: u64, len: u64) {
-    let bytes = reader
-        .read_memory(addr, len as usize)
+    // An incremental image: with what it takes from its parent.
+    let bytes = chpox::incremental::read_memory(reader, addr, len as usize)
         .expect("read memory")
         .expect("every page of the pattern is stored");
     for (i, word) in bytes.chunks_exact(8).enumerate() {
