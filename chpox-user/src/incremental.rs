@@ -221,10 +221,12 @@ impl Tracking {
         maps: &[MapEntry],
         attach: impl FnOnce() -> Result<Tracker>,
     ) -> Result<()> {
+        // Another process under the PID, or the same after an exec (the
+        // tracker follows memory that is gone): a new tracker.
         if self
             .procs
             .get(&pid)
-            .is_some_and(|t| t.start_time != start_time)
+            .is_some_and(|t| t.start_time != start_time || t.tracker.check_alive().is_err())
             && let Some(t) = self.procs.remove(&pid)
         {
             t.tracker.detach();

@@ -411,3 +411,55 @@ fn a_tree_is_tracked_process_by_process() {
         }
     }
 }
+
+/// A tracked process that execs has new memory: the next checkpoint is a
+/// full one (the log says why), and tracking starts again on the new
+/// program.
+#[test]
+fn after_an_exec_the_next_checkpoint_is_full() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("exec.chpox");
+    let flag = s.path("go");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "echo READY; while [ ! -e {} ]; do sleep 0.05; done; exec sleep 100",
+        path_str(&flag),
+    ));
+    common::agent::no_inherited_fds(&mut cmd);
+    let mut t = Target::spawn_command(cmd, "exec", &s.logs);
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    // The shell alone: its short-lived `sleep` children are not the point.
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img), "--no-children"]);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    assert!(
+        metadata(&img).parent.is_some(),
+        "an increment before the exec"
+    );
+    fs::write(&flag, "").expect("flag");
+    poll_until(
+        "the exec",
+        STATE_TIMEOUT,
+        || format!("{:?}", common::procs::cmdline(pid)),
+        || {
+            common::procs::cmdline(pid)
+                .first()
+                .is_some_and(|c| c == "sleep")
+        },
+    );
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    assert!(
+        metadata(&img).parent.is_none(),
+        "the checkpoint after the exec is full"
+    );
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    assert!(
+        metadata(&img).parent.is_some(),
+        "and the one after it incremental"
+    );
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}
