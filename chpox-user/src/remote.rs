@@ -111,6 +111,10 @@ pub fn write_memory(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Remote syscalls run so far by this process (each costs two ptrace
+/// stops): for the restore's step log.
+pub static REMOTE_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One thread of a frozen process, borrowed to run syscalls.
 ///
 /// Its registers and signal mask are saved when borrowed and put back by
@@ -229,6 +233,7 @@ impl<'f> RemoteThread<'f> {
     /// Run syscall `nr` with `args`; returns the raw result (a negative
     /// errno on failure), as the kernel put it in rax.
     pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
+        REMOTE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tid = self.tid;
         set_regs(tid, self.call_regs(nr, args))?;
         self.ran = true;

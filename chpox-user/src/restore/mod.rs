@@ -67,12 +67,14 @@
 //!   found by looking for each thread's TID in its thread-control block
 //!   (see [`threads`]).
 
+pub mod checks;
 pub mod child;
 pub mod fill;
 pub mod inject;
 pub mod lazy;
 pub mod memory;
 pub mod pending;
+pub mod phases;
 pub mod process;
 pub mod registers;
 pub mod signals;
@@ -152,18 +154,22 @@ pub struct Restored {
 /// Must be called from the thread that will wait for the process (ptrace
 /// binds a tracee to the thread that attached it).
 pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
+    phases::start();
     // Image errors say what they are about; no "image:" prefix.
     // The child inherits `image_file` (fork copies the table), so it reads
     // pages from the very file we validated, whatever the path resolves to
     // later.
     let (reader, image_file) =
         ImageReader::open_file(image).map_err(|e| Error::Other(e.to_string()))?;
+    phases::mark("image opened");
     let trust = validate::trust(&image_file, opts.trust_image)?;
     let owner = trust.owner();
     let mut plan = validate::validate(&reader, &trust)?;
+    phases::mark("image validated");
     if !opts.lazy {
         // Before anything can warn: a damaged image is refused in one line.
         fill::verify_pages(&reader, std::os::fd::AsFd::as_fd(&image_file))?;
+        phases::mark("pages verified");
     }
     let mut warnings = std::mem::take(&mut plan.warnings);
     for w in &warnings {
@@ -191,6 +197,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         fds::Descriptions::prepare(meta, &reader, owner, &opts.inherit_fds, &mut warnings)?;
     descriptions.deleted_copies.make_mapped(meta, &reader)?;
     let injector = inject::Injector::new()?;
+    phases::mark("descriptions prepared");
     let pid_mode = if tree || pid_ns {
         PidMode::Same
     } else {
@@ -204,6 +211,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         None
     };
     let init_frozen = init.as_ref().map(|i| Frozen::adopt(i.pid, vec![i.pid]));
+    // What a process forked from us starts with; a namespace's init sets
+    // its own, which its children inherit instead.
+    let inherited_actions = (init.is_none()).then(signals::own_actions);
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
@@ -233,8 +243,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 prepare_root(&members[0], meta)?
             }
         };
+        phases::mark("root spawned");
         tree::create(&mut members, meta, &layout)?;
         tree::join_groups(&members, meta, &layout)?;
+        phases::mark("tree created");
         for (i, image) in meta.processes().enumerate() {
             let ctx = Context {
                 reader: &reader,
@@ -249,6 +261,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 shmem: &shmem,
                 owner,
                 lazy: lazy.as_ref(),
+                inherited_actions: inherited_actions.as_deref(),
             };
             // Threads after the first, held by us as soon as they exist.
             let mut held = Vec::new();
@@ -267,7 +280,8 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         if let Some(lazy) = &lazy {
             let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
-            lazy.finish(&reader, &pids)?;
+            lazy.finish(&pids)?;
+            phases::mark("page server started");
         }
         Ok(())
     })();
@@ -298,6 +312,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         _ => pid,
     };
+    phases::mark("running");
     drop(image_file);
     for w in descriptions.later() {
         warn!("{w}");
@@ -343,6 +358,9 @@ pub struct Context<'a> {
     pub owner: Option<&'a validate::Owner>,
     /// With `--lazy`: where mappings filled on demand are registered.
     pub lazy: Option<&'a lazy::Lazy>,
+    /// The signal dispositions every process starts with (the restorer's),
+    /// when known.
+    pub inherited_actions: Option<&'a [crate::image::model::SigAction]>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the
@@ -400,12 +418,15 @@ fn build(
 
     vdso::move_vdso(&mut c, &image.vmas, layout.temp)?;
     memory::unmap_inherited(&mut c, &layout)?;
+    phases::mark("inherited memory unmapped");
     let mapped = memory::map_all(&mut c, ctx)?;
+    phases::mark("memory mapped and filled");
     process::set_mm(&mut c, ctx, mapped.exe_fd, warnings)?;
     process::apply_vma_flags(&mut c, ctx, warnings)?;
     mapped.close(&mut c)?;
+    phases::mark("mm set");
     process::restore_state(&mut c, ctx, warnings)?;
-    signals::restore_actions(&mut c, &image.signals.actions)?;
+    signals::restore_actions(&mut c, &image.signals.actions, ctx.inherited_actions)?;
     let (main, others) = image
         .threads
         .split_first()
@@ -419,6 +440,7 @@ fn build(
         ctx.descriptions,
         ctx.injector,
     )?;
+    phases::mark("descriptors restored");
 
     // The other threads: created while the main thread still has the
     // privileges to choose their TIDs, each then drops its own.
@@ -460,6 +482,7 @@ fn build(
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
     threads::setup(&mut c, main, tid_offset, creds)?;
     process::restore_attrs(&mut c, ctx, warnings)?;
+    phases::mark("threads, signals, limits, timers");
 
     // Last remote call: the trampoline goes too. The thread stops at the
     // syscall exit, and never runs on the unmapped page: its registers are
@@ -471,6 +494,7 @@ fn build(
     )?;
     c.into_thread().give_back()?;
     registers::load(pid, main)?;
+    phases::mark("registers loaded");
     Ok(())
 }
 
