@@ -15,49 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::agent::poll;
-use common::procs::{Guard, exists, tree_pids};
-use common::{Target, chpox_bin, chpox_ok, path_str, run_chpox, show, tempdir};
+use common::procs::{Guard, exists};
+use common::{
+    Target, chpox_bin, chpox_ok, dump_kill, only_stdio, path_str, python, run_chpox, show, tempdir,
+};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Only descriptors 0–2 reach the program.
-fn only_stdio(cmd: &mut Command) {
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::close_range(3, u32::MAX, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// A Python script from `dir`, run until its `READY` line.
-fn python(script: &str, args: &[&str], dir: &Path) -> Target {
-    let path = dir.join("prog.py");
-    std::fs::write(&path, script).expect("write the script");
-    let mut cmd = Command::new("python3");
-    cmd.arg("-u").arg(&path).args(args).current_dir(dir);
-    only_stdio(&mut cmd);
-    Target::spawn_command(cmd, "prog", dir)
-}
-
-/// `chpox dump ROOT -o IMAGE --kill [extra]`, then waits until every
-/// process of the tree is gone (and reaps our child).
-fn dump_kill(t: &mut Target, image: &Path, extra: &[&str]) {
-    let pids = tree_pids(t.pid);
-    let root = t.pid.to_string();
-    let mut args = vec!["dump", root.as_str(), "-o", path_str(image), "--kill"];
-    args.extend_from_slice(extra);
-    chpox_ok(&args);
-    let status = t.wait_exit(Duration::from_secs(10));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed by the dump");
-    for pid in pids {
-        common::wait_pid_free(pid);
-    }
-}
 
 /// `chpox restore IMAGE [extra]` running in the background (it waits for
 /// the restored root); stdout and stderr to files in `dir`.
