@@ -1079,3 +1079,33 @@ fn pipes_come_back_with_their_bytes_and_stdio_pipes_join_the_restorer() {
         "{stderr}"
     );
 }
+
+/// A mapped file whose content changed behind the checkpoint's back, its
+/// size the same: its hash is compared while the process is built (on
+/// another thread), and the restore fails by name before the process
+/// runs, eager or `--lazy`, leaving nothing behind.
+#[test]
+fn same_size_change_is_refused_before_the_process_runs() {
+    for lazy in [false, true] {
+        let dir = tempdir();
+        let copy = copy_program("sleeper", dir.path());
+        let mut t = Target::spawn_command(Command::new(&copy), "sleeper", dir.path());
+        let pid = t.pid;
+        let image = dir.path().join("copy.img");
+        checkpoint(&mut t, &image, &[]);
+        let mut bytes = std::fs::read(&copy).expect("read the copy");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&copy, &bytes).expect("write the copy");
+        let extra: &[&str] = if lazy { &["--lazy"] } else { &[] };
+        let err = expect_failure(&image, extra, dir.path());
+        assert!(
+            err.contains("changed since the checkpoint (same size, different content)"),
+            "{err}"
+        );
+        assert!(err.contains(&copy.display().to_string()), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(t.lines_after_ready().is_empty(), "lazy {lazy}");
+        wait_pid_free(pid);
+    }
+}

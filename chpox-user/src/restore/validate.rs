@@ -86,6 +86,33 @@ pub struct Plan {
     pub files: Vec<FileSource>,
     /// Deviations that do not stop the restore.
     pub warnings: Vec<String>,
+    /// Files read from disk whose content is still to be compared with the
+    /// checkpoint's (see [`ContentChecks`]).
+    pub content: ContentChecks,
+}
+
+/// The content of files the processes map from disk, compared with the
+/// checkpoint's hashes while the processes are rebuilt (hashing a
+/// program and its libraries takes milliseconds, most of the time to
+/// running of a small `--lazy` restore). Only files that exist with
+/// their saved size and have no copy in the image are left for later: a
+/// mismatch then has only one outcome, the restore fails, and
+/// [`ContentChecks::run`] must succeed before any process runs.
+#[derive(Debug, Clone, Default)]
+pub struct ContentChecks {
+    files: Vec<FileRef>,
+}
+
+impl ContentChecks {
+    /// Compare every file; the warnings for files touched since, or the
+    /// first refusal.
+    pub fn run(&self) -> Result<Vec<String>> {
+        let mut warnings = Vec::new();
+        for f in &self.files {
+            check_content(f, &mut warnings).map_err(|r| r.into_error(f))?;
+        }
+        Ok(warnings)
+    }
 }
 
 /// How far restore trusts an image: see the module documentation.
@@ -205,9 +232,17 @@ pub fn validate(reader: &ImageReader, trust: &Trust) -> Result<Plan> {
         Some(owner) => check_owner_creds(meta, owner)?,
     }
     let mut warnings = Vec::new();
-    let files = with_rights(owner, || check_files(meta, owner, &mut warnings))?;
+    let mut content = ContentChecks::default();
+    // Restoring as the image's owner, files are read with their rights,
+    // which only the check here has.
+    let later = owner.is_none().then_some(&mut content);
+    let files = with_rights(owner, || check_files(meta, owner, later, &mut warnings))?;
     with_rights(owner, || check_paths(meta, owner))?;
-    Ok(Plan { files, warnings })
+    Ok(Plan {
+        files,
+        warnings,
+        content,
+    })
 }
 
 /// Run `f` with the owner's file rights, or ours when there is no owner.
@@ -587,9 +622,12 @@ fn check_shared_state(f: &FileRef, needed: u64) -> std::result::Result<(), Refus
     Ok(())
 }
 
+/// With `later`, the content of files that can only be read from disk is
+/// left to it.
 fn check_files(
     meta: &Metadata,
     owner: Option<&Owner>,
+    mut later: Option<&mut ContentChecks>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<FileSource>> {
     let used = referenced_files(meta);
@@ -600,8 +638,15 @@ fn check_files(
             out.push(FileSource::Unused);
             continue;
         }
-        let checked = match shared_state.get(&i) {
-            Some(&needed) if !f.deleted => check_shared_state(f, needed),
+        let checked = match (shared_state.get(&i), later.as_deref_mut()) {
+            (Some(&needed), _) if !f.deleted => check_shared_state(f, needed),
+            (None, Some(later)) if !f.deleted && f.embedded.is_none() => {
+                let quick = check_kind_and_size(f);
+                if quick.is_ok() {
+                    later.files.push(f.clone());
+                }
+                quick
+            }
             _ => check_file(f, warnings),
         };
         // A copy in the image is the owner's own content; a file on disk
@@ -675,6 +720,12 @@ fn read_error(e: std::io::Error) -> Refusal {
 
 /// Whether the file at `f.path` is the one the checkpoint saw.
 fn check_file(f: &FileRef, warnings: &mut Vec<String>) -> std::result::Result<(), Refusal> {
+    check_kind_and_size(f)?;
+    check_content(f, warnings)
+}
+
+/// Whether `f.path` is a regular file of the saved size.
+fn check_kind_and_size(f: &FileRef) -> std::result::Result<(), Refusal> {
     let md = match std::fs::metadata(&f.path) {
         Ok(md) => md,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -685,6 +736,20 @@ fn check_file(f: &FileRef, warnings: &mut Vec<String>) -> std::result::Result<()
     if !md.is_file() {
         return Err(Refusal::Other("is no longer a regular file".into()));
     }
+    if md.size() != f.size {
+        return Err(Refusal::Other(format!(
+            "changed since the checkpoint (size {} → {})",
+            f.size,
+            md.size()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `f.path` has the saved content (a new modification time alone
+/// is a warning).
+fn check_content(f: &FileRef, warnings: &mut Vec<String>) -> std::result::Result<(), Refusal> {
+    let md = std::fs::metadata(&f.path).map_err(read_error)?;
     if md.size() != f.size {
         return Err(Refusal::Other(format!(
             "changed since the checkpoint (size {} → {})",
