@@ -183,23 +183,23 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
             .map_err(|e| Error::Other(format!("cannot start a thread: {e}")))?,
     );
     if !opts.lazy {
-        // Before anything can warn: a damaged image is refused in one line.
+        // What is not verified as it is copied (see `fill`).
         fill::verify_pages(&reader, std::os::fd::AsFd::as_fd(&image_file))?;
         phases::mark("pages verified");
     }
+    // Warnings wait until the memory is filled and the files compared: a
+    // damaged page run or a changed file is refused in one line, without
+    // warnings about a restore that does not happen.
     let mut warnings = std::mem::take(&mut plan.warnings);
-    for w in &warnings {
-        warn!("{w}");
-    }
     let meta = reader.metadata();
     if !meta.children_not_saved.is_empty() {
-        let w = format!(
+        warnings.push(format!(
             "the image holds PID {} alone: its children {:?} were not saved and do not come back",
             meta.root.process.pid, meta.children_not_saved
-        );
-        warn!("{w}");
-        warnings.push(w);
+        ));
     }
+    let early = warnings.len();
+    let held = fds::restore::HeldWarnings::new();
     let tree = meta.is_tree();
     // PIDs are part of a tree's state (a shell's job table, waitpid,
     // pidfiles): all of them, or a namespace where all of them are free.
@@ -329,6 +329,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         return Err(e);
     }
+    for w in &warnings[..early] {
+        warn!("{w}");
+    }
+    held.log();
     let pid = members[0].pid();
     // Children first, the root last (see `FrozenTree::resume`).
     while let Some(f) = members.pop() {
