@@ -128,6 +128,21 @@ impl RunChecks {
         Ok(None)
     }
 
+    /// Whether every run holding some of `[off, off + len)` is known good
+    /// already (verified, and not by this call).
+    pub fn known_good(&self, off: u64, len: u64) -> bool {
+        let end = off + len;
+        let first = self.runs.partition_point(|r| r.off + r.len <= off);
+        let mut covered = off;
+        for run in self.runs[first..].iter().take_while(|r| r.off < end) {
+            if run.off > covered || run.state.load(Ordering::Acquire) != GOOD {
+                return false;
+            }
+            covered = covered.max(run.off + run.len);
+        }
+        covered >= end
+    }
+
     /// Verify every run not verified yet, in file order, until `stop`; the
     /// first bad one.
     pub fn check_all(&self, image: &ImageMap, stop: &AtomicBool) -> Result<Option<BadRun>> {
@@ -185,6 +200,8 @@ mod tests {
             .expect("the third run is bad");
         assert_eq!(bad.addr, 0x40000);
         assert!(bad.to_string().contains("checksum mismatch"));
+        assert!(checks.known_good(0, 3 * page as u64));
+        assert!(!checks.known_good(0, 4 * page as u64));
         // Known bad from now on, by the other path too.
         assert_eq!(
             checks

@@ -411,7 +411,14 @@ impl Server {
         let pieces = self.spaces[i].pending.take(lo, lo + FAULT_WINDOW);
         let mut again = false;
         for p in pieces {
-            again |= self.copy(i, p)?;
+            // Neighbours come along only if their runs are verified
+            // already: the thread waits for its own page's run alone.
+            let own = (p.addr..p.addr + p.len).contains(&page);
+            if own || self.runs.known_good(p.file_off, p.len) {
+                again |= self.copy(i, p)?;
+            } else {
+                self.spaces[i].pending.insert(p);
+            }
         }
         let space = &mut self.spaces[i];
         if space.dead {
