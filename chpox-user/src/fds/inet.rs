@@ -353,7 +353,7 @@ pub(crate) fn set_options(sock: &OwnedFd, s: &InetSocketImage) -> Result<()> {
     if s.sock_type == libc::SOCK_STREAM {
         set_opt(sock, libc::IPPROTO_TCP, libc::TCP_NODELAY, b(o.nodelay)).map_err(&err)?;
     }
-    super::unix::set_buffers(sock, o.sndbuf, o.rcvbuf);
+    super::unix_restore::set_buffers(sock, o.sndbuf, o.rcvbuf);
     set_opt(sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, b(o.reuseaddr)).map_err(&err)?;
     Ok(())
 }

@@ -56,6 +56,7 @@ pub mod tty;
 pub mod unix;
 pub mod unix_diag;
 pub mod unix_pair;
+pub mod unix_restore;
 pub mod uring;
 
 use std::fs::Metadata as FileMeta;

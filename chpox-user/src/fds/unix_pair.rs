@@ -77,7 +77,7 @@ pub(super) fn make_socket_pair(
             .flat_map(|p| &p.fds)
             .find(|e| matches!(e.kind, FdKind::UnixPair { inode: i, .. } if i == ino))
     };
-    let (this, other) = super::unix::pair(sock_type)
+    let (this, other) = super::unix_restore::pair(sock_type)
         .map_err(|e| Error::Other(format!("cannot create a UNIX socket pair: {e}")))?;
     let ends = [(inode, &this, &other), (peer, &other, &this)];
     for (ino, end, from) in ends {
