@@ -7,10 +7,10 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
-use super::restore::{Descriptions, Key, Making, file_err};
 use super::sock_diag::{self, set_opt};
 use super::unix::{display_name, path_of, type_name};
 use crate::error::{Error, Result};
+use crate::fds::restore::{Descriptions, Key, Making, file_err};
 use crate::image::model::{FdKind, UnixSocketImage};
 
 fn sock_err(what: &str) -> impl Fn(nix::errno::Errno) -> Error + '_ {

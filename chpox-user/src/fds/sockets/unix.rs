@@ -35,11 +35,11 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use tracing::warn;
 
-use super::restore::{Key, one};
 pub(crate) use super::sock_diag::steal;
 use super::sock_diag::{get_opt, set_opt};
-use super::{Embed, Kind, Probe, UnsupportedFd};
 use crate::error::{Error, Result};
+use crate::fds::restore::{Key, one};
+use crate::fds::{Embed, Kind, Probe, UnsupportedFd};
 use crate::image::ImageWriter;
 use crate::image::model::{FdKind, InFlight, ProcessImage, SocketFile, UnixSocketImage};
 

@@ -6,9 +6,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
-use super::restore::{Descriptions, Key, Making, file_err};
 use super::sock_diag;
 use crate::error::{Error, Result};
+use crate::fds::restore::{Descriptions, Key, Making, file_err};
 use crate::image::ImageReader;
 use crate::image::model::FdKind;
 

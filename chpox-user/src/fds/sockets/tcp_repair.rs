@@ -32,9 +32,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 use super::inet::{self, TCP_ESTABLISHED};
-use super::restore::{Descriptions, Key, Making};
 use super::sock_diag::{self, get_opt, set_opt, steal};
 use crate::error::{Error, Result};
+use crate::fds::restore::{Descriptions, Key, Making};
 use crate::image::model::{FdKind, InetSocketImage, ProcessImage, TcpConnection};
 use crate::image::{ImageReader, ImageWriter};
 
