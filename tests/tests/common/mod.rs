@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod images;
 pub mod procs;
+pub mod restore;
 pub mod tree;
 
 use std::collections::HashMap;
