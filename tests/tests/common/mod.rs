@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod dumps;
 pub mod images;
 pub mod procs;
 pub mod restore;
