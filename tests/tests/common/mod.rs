@@ -11,10 +11,12 @@ pub mod dumps;
 pub mod images;
 pub mod procs;
 pub mod restore;
+pub mod sockets;
 pub mod tree;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -441,4 +443,18 @@ pub fn check_pattern(reader: &chpox::image::ImageReader, addr: u64, len: u64) {
 /// bytes of its pattern stayed intact.
 pub fn mempattern_done(len: u64) -> String {
     format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))
+}
+
+/// Only descriptors 0–2 reach the program: nothing of the test harness's
+/// (a pipe to another process would make the dump refuse the tree).
+pub fn only_stdio(cmd: &mut Command) {
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::close_range(3, u32::MAX, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::agent::poll;
 use super::procs::{Stat, cmdline, exists, kill_tree, stat, tree, tree_pids};
-use super::{Target, chpox_bin, chpox_ok, path_str};
+use super::{Target, chpox_bin, chpox_ok, only_stdio, path_str};
 
 /// How long a tree may take to finish, a restore to return, a state to be
 /// reached.
@@ -86,20 +86,6 @@ pub fn mentions(text: &str, pid: i32) -> bool {
 
 // ---------------------------------------------------------------------------
 // Processes we start, and clean-up
-
-/// Only descriptors 0–2 reach the program: nothing of the test harness's
-/// (a pipe to another process would make the dump refuse the tree).
-pub fn only_stdio(cmd: &mut Command) {
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::close_range(3, u32::MAX, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 static JOBS: AtomicUsize = AtomicUsize::new(0);
 
