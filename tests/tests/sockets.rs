@@ -10,8 +10,8 @@ mod common;
 use std::io::{BufRead, BufReader};
 
 use common::procs::Guard;
-use common::sockets::{Restore, TIMEOUT, dump_kill, fd_kinds, inspect, python};
-use common::{chpox_ok, path_str, run_chpox, show, tempdir};
+use common::sockets::{Restore, TIMEOUT, fd_kinds, inspect};
+use common::{chpox_ok, dump_kill, path_str, python, run_chpox, show, tempdir};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------

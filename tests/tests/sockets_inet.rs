@@ -13,8 +13,10 @@ use std::process::Command;
 
 use common::agent::poll;
 use common::procs::{Guard, exists};
-use common::sockets::{Restore, TIMEOUT, dump_kill, fd_kinds, inspect, python};
-use common::{Target, chpox_bin, chpox_ok, only_stdio, path_str, run_chpox, show, tempdir};
+use common::sockets::{Restore, TIMEOUT, fd_kinds, inspect};
+use common::{
+    Target, chpox_bin, chpox_ok, dump_kill, only_stdio, path_str, python, run_chpox, show, tempdir,
+};
 
 // ---------------------------------------------------------------------------
 // TCP and UDP

@@ -17,7 +17,8 @@
 //! - the socket kinds above and what they share are in [`sockets`];
 //! - [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`], [`inotify`],
 //!   [`memfd`], [`pidfd`];
-//! - [`uring`]: io_uring and AIO, refused by name.
+//! - [`uring`]: io_uring and AIO, refused by name;
+//! - [`locks`]: flock, POSIX and OFD locks held through any of them.
 //!
 //! Adding a kind: a new file with its `KIND` (how to recognise it at dump
 //! time, what to do across the tree, how restore makes it), and one line
@@ -43,6 +44,7 @@ pub mod external;
 pub mod fifo;
 pub mod file;
 pub mod inotify;
+pub mod locks;
 pub mod memfd;
 pub mod pidfd;
 pub mod pipe;
@@ -128,8 +130,8 @@ pub type Installed =
     fn(&mut crate::restore::child::Child<'_>, i32, &[FdEntry], &Descriptions) -> Result<()>;
 
 /// The kinds that finish inside the process, in this order (pidfds before
-/// an epoll that may watch them).
-pub const INSTALLED: &[Installed] = &[pidfd::installed, epoll::installed];
+/// an epoll that may watch them; file locks last, see [`locks`]).
+pub const INSTALLED: &[Installed] = &[pidfd::installed, epoll::installed, locks::installed];
 
 /// For `inspect`: how a kind not described there reads.
 pub fn describe(kind: &FdKind) -> String {
@@ -245,6 +247,7 @@ pub fn scan_fds(
             unix,
             inet,
         };
+        let locks = locks::parse(&fdinfo, pid, fd, &target)?;
         let mut kind = None;
         for k in KINDS {
             if let Some(found) = (k.probe)(&probe)? {
@@ -266,6 +269,7 @@ pub fn scan_fds(
             cloexec,
             kind,
             description: 0,
+            locks,
         });
     }
     if !unsupported.is_empty() {

@@ -416,6 +416,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         rdev: 0x8803,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 1,
@@ -430,6 +431,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         mode: None,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 2,
@@ -440,6 +442,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         rdev: 0x103,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 3,
@@ -454,6 +457,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         mode: None,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 4,
@@ -463,6 +467,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         path: "/home/user".into(),
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 5,
@@ -472,6 +477,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         was: "socket:[123456]".into(),
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
             ],
             signals: SignalState {

@@ -1,6 +1,6 @@
-//! Helpers of the socket tests (`sockets.rs`, `sockets_inet.rs`): Python
-//! programs, dump with `--kill`, `chpox restore` in the background, the
-//! image as `chpox inspect --json` shows it.
+//! Helpers of the socket tests (`sockets.rs`, `sockets_inet.rs`): `chpox
+//! restore` in the background, the image as `chpox inspect --json` shows
+//! it. (Their Python programs and `dump_kill` are in `common`.)
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -9,35 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::procs::tree_pids;
-use super::{Target, chpox_bin, chpox_ok, only_stdio, path_str};
+use super::{chpox_bin, chpox_ok, path_str};
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A Python script from `dir`, run until its `READY` line.
-pub fn python(script: &str, args: &[&str], dir: &Path) -> Target {
-    let path = dir.join("prog.py");
-    std::fs::write(&path, script).expect("write the script");
-    let mut cmd = Command::new("python3");
-    cmd.arg("-u").arg(&path).args(args).current_dir(dir);
-    only_stdio(&mut cmd);
-    Target::spawn_command(cmd, "prog", dir)
-}
-
-/// `chpox dump ROOT -o IMAGE --kill [extra]`, then waits until every
-/// process of the tree is gone (and reaps our child).
-pub fn dump_kill(t: &mut Target, image: &Path, extra: &[&str]) {
-    let pids = tree_pids(t.pid);
-    let root = t.pid.to_string();
-    let mut args = vec!["dump", root.as_str(), "-o", path_str(image), "--kill"];
-    args.extend_from_slice(extra);
-    chpox_ok(&args);
-    let status = t.wait_exit(Duration::from_secs(10));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed by the dump");
-    for pid in pids {
-        super::wait_pid_free(pid);
-    }
-}
 
 /// `chpox restore IMAGE [extra]` running in the background (it waits for
 /// the restored root); stdout and stderr to files in `dir`.

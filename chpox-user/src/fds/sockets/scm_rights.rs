@@ -61,6 +61,7 @@ pub fn entry(fd: &OwnedFd, what: &str) -> Result<FdEntry> {
                 cloexec: false,
                 kind: k,
                 description: 0,
+                locks: Vec::new(),
             });
         }
     }
