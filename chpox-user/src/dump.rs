@@ -113,15 +113,14 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
             source,
         })?;
     }
-    let owner = process::owner(pid)?;
-
     // Freeze first: a checkpoint is the moment the user chose, so the
     // time from the trigger to the stop must not grow with the process
     // (allocating a large image area takes long on tmpfs). The image is
     // prepared while frozen.
     let frozen = FrozenTree::freeze(pid, opts.children)?;
     let frozen_at = Instant::now();
-    let frozen_at_monotonic_ns = crate::process::monotonic_ns();
+    let frozen_at_monotonic_ns = frozen.stopped_at_ns();
+    let owner = process::owner(pid)?;
     let mut writer = ImageWriter::create(
         &opts.output,
         WriteOptions {

@@ -161,6 +161,18 @@ impl FrozenTree {
         &self.members
     }
 
+    /// CLOCK_MONOTONIC (ns) when the last thread of the tree stopped. The
+    /// scan that then finds nobody new to freeze proves the tree was whole
+    /// at that moment (a stopped process cannot fork), so it is not part
+    /// of the time it took to freeze.
+    pub fn stopped_at_ns(&self) -> u64 {
+        self.members
+            .iter()
+            .map(Frozen::stopped_at_ns)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Let every process run on. Children go first and the root last: each
     /// `Frozen` blocks terminal signals in this thread while it lives and
     /// unblocks them as it goes, so they must go in the reverse of the
