@@ -50,6 +50,9 @@ pub struct DumpOptions {
     pub children: bool,
     /// What becomes of established TCP connections.
     pub tcp: fds::inet::TcpPolicy,
+    /// Where to find the descendants without scanning /proc (the agent's
+    /// eBPF-kept tree members); a scan confirms the tree either way.
+    pub member_hint: Option<crate::tree::MemberHint>,
 }
 
 impl DumpOptions {
@@ -68,6 +71,7 @@ impl DumpOptions {
             expect_start_time: None,
             children: true,
             tcp: fds::inet::TcpPolicy::Refuse,
+            member_hint: None,
         }
     }
 }
@@ -117,7 +121,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // time from the trigger to the stop must not grow with the process
     // (allocating a large image area takes long on tmpfs). The image is
     // prepared while frozen.
-    let frozen = FrozenTree::freeze(pid, opts.children)?;
+    let frozen = FrozenTree::freeze_hinted(pid, opts.children, opts.member_hint.as_ref())?;
     let frozen_at = Instant::now();
     let frozen_at_monotonic_ns = frozen.stopped_at_ns();
     let owner = process::owner(pid)?;

@@ -204,6 +204,12 @@ impl Agent {
         }
         opts.embed_exe = entry.flags & flags::EMBED_EXE != 0;
         opts.children = entry.flags & flags::INCLUDE_CHILDREN != 0;
+        if opts.children {
+            let tree = Arc::clone(&self.tree);
+            opts.member_hint = Some(crate::tree::MemberHint(Arc::new(move |root| {
+                tree.members_of(root)
+            })));
+        }
         opts.tcp = crate::fds::inet::TcpPolicy::from_flags(entry.flags);
         if entry.flags & flags::EMBED_LIBS != 0 {
             opts.embed_libs = self
