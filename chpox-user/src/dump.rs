@@ -105,6 +105,12 @@ pub struct DumpReport {
     /// again (the others' while frozen).
     #[serde(default)]
     pub snapshots: usize,
+    /// Descendants frozen from `DumpOptions::member_hint`, and found by
+    /// the scan of /proc instead (missed by the hint, or no hint).
+    #[serde(default)]
+    pub members_from_hint: usize,
+    #[serde(default)]
+    pub members_from_scan: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -124,6 +130,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     let frozen = FrozenTree::freeze_hinted(pid, opts.children, opts.member_hint.as_ref())?;
     let frozen_at = Instant::now();
     let frozen_at_monotonic_ns = frozen.stopped_at_ns();
+    let (members_from_hint, members_from_scan) = (frozen.from_hint, frozen.from_scan);
     let owner = process::owner(pid)?;
     let mut writer = ImageWriter::create(
         &opts.output,
@@ -201,6 +208,8 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         frozen_at_monotonic_ns,
         reap_pause,
         snapshots: snapshot_count,
+        members_from_hint,
+        members_from_scan,
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).

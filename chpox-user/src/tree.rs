@@ -102,6 +102,10 @@ pub struct FrozenTree {
     pub zombies: Vec<Zombie>,
     /// Children of the root a single-process freeze left out.
     pub children_left_out: Vec<i32>,
+    /// Descendants found through the hint, and by the scan after it (the
+    /// ones the hint missed, or all of them without a hint).
+    pub from_hint: usize,
+    pub from_scan: usize,
 }
 
 impl FrozenTree {
@@ -126,6 +130,8 @@ impl FrozenTree {
             members: vec![Frozen::freeze(root)?],
             zombies: Vec::new(),
             children_left_out: Vec::new(),
+            from_hint: 0,
+            from_scan: 0,
         };
         if !children {
             tree.children_left_out = children_of(root);
@@ -139,12 +145,15 @@ impl FrozenTree {
             // new comes.
             while tree.grow(&mut known, &entries_of(&(hint.0)(root)))? {}
         }
+        tree.from_hint = tree.members.len() - 1;
         while tree.grow(&mut known, &scan_all())? {}
+        tree.from_scan = tree.members.len() - 1 - tree.from_hint;
         debug!(
             root,
             processes = tree.members.len(),
             zombies = tree.zombies.len(),
-            hinted = hint.is_some(),
+            from_hint = tree.from_hint,
+            from_scan = tree.from_scan,
             "tree frozen"
         );
         Ok(tree)

@@ -242,6 +242,8 @@ impl Agent {
                     frozen_us = report.frozen.as_micros() as u64,
                     total_us = report.total.as_micros() as u64,
                     signal_to_frozen_us = latency_ns / 1000,
+                    members_from_ebpf = report.members_from_hint,
+                    members_from_scan = report.members_from_scan,
                     "checkpoint written"
                 );
                 Ok(Written {
