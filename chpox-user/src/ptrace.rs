@@ -185,6 +185,10 @@ pub struct Frozen {
     /// would meet it in the middle of a remote syscall.
     in_group_stop: bool,
     released: bool,
+    /// CLOCK_MONOTONIC (ns) when the last of its threads stopped: the
+    /// moment the process was frozen (the re-listing of its threads that
+    /// finds nobody new comes after).
+    stopped_at_ns: u64,
     _not_send: PhantomData<*const ()>,
     /// Declared last so it is dropped after `Drop::drop` released the
     /// process.
@@ -274,6 +278,7 @@ impl Frozen {
             was_stopped,
             in_group_stop: was_stopped,
             released: false,
+            stopped_at_ns: 0,
             _not_send: PhantomData,
             _signals: HoldTerminalSignals::new(),
         };
@@ -332,6 +337,7 @@ impl Frozen {
                     frozen.wait_for_interrupt(tid)?;
                 }
             }
+            frozen.stopped_at_ns = crate::process::monotonic_ns();
             frozen.tids.retain(|t| held.contains_key(t));
         }
         if !frozen.tids.contains(&pid) {
@@ -388,6 +394,7 @@ impl Frozen {
             was_stopped: false,
             in_group_stop: false,
             released: false,
+            stopped_at_ns: 0,
             _not_send: PhantomData,
             _signals: HoldTerminalSignals::new(),
         }
@@ -395,6 +402,12 @@ impl Frozen {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// CLOCK_MONOTONIC (ns) when the last of its threads stopped (0 for a
+    /// hold taken over with [`Frozen::adopt`]).
+    pub fn stopped_at_ns(&self) -> u64 {
+        self.stopped_at_ns
     }
 
     /// Take over the hold on threads seized by the caller (a restore's new

@@ -667,15 +667,18 @@ impl Drop for Reaped {
 pub fn trigger_latency(triggers: usize) -> Result<()> {
     // The goal is a latency independent of the process's size.
     for mib in [16, 1024] {
-        trigger_latency_of(triggers, mib)?;
+        trigger_latency_of(triggers, mib, None)?;
     }
-    Ok(())
+    // And of the tree's: 8 processes of 2 MiB, whose children the agent
+    // finds through the eBPF program's list, not a scan of /proc.
+    trigger_latency_of(triggers, 2, Some(8))
 }
 
-/// `triggers` checkpoints through chpox-agent of a `mib` MiB process:
-/// from the trigger's tracepoint timestamp to the last thread stopped, and
-/// how long the process stayed frozen.
-fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
+/// `triggers` checkpoints through chpox-agent of a `mib` MiB process (or
+/// of a `tree`-process `memtree` of `mib` MiB each): from the trigger's
+/// tracepoint timestamp to the last thread stopped, and how long the
+/// process stayed frozen.
+fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<()> {
     let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}-{mib}", std::process::id()));
     let images = Path::new("/dev/shm").join(format!("chpox-bench-{}-{mib}", std::process::id()));
     std::fs::create_dir_all(&images)?;
@@ -703,13 +706,19 @@ fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let mut command = Command::new(release_bin("chpox"));
+    command
+        .env("CHPOX_RUN_DIR", &run_dir)
+        // Whatever descriptors the bench inherits are not the point.
+        .args(["run", "--unsupported-fd=null", "--"]);
+    match tree {
+        Some(procs) => command
+            .arg(release_bin("memtree"))
+            .args([procs.to_string(), mib.to_string()]),
+        None => command.arg(release_bin("mempattern")).arg(mib.to_string()),
+    };
     let target = Reaped(
-        Command::new(release_bin("chpox"))
-            .env("CHPOX_RUN_DIR", &run_dir)
-            // Whatever descriptors the bench inherits are not the point.
-            .args(["run", "--unsupported-fd=null", "--"])
-            .arg(release_bin("mempattern"))
-            .arg(mib.to_string())
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -742,10 +751,16 @@ fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&images);
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    println!(
-        "trigger latency: {} checkpoints of a {mib} MiB process through chpox-agent",
-        latency.len()
-    );
+    match tree {
+        Some(procs) => println!(
+            "trigger latency: {} checkpoints of a tree of {procs} processes of {mib} MiB through chpox-agent",
+            latency.len()
+        ),
+        None => println!(
+            "trigger latency: {} checkpoints of a {mib} MiB process through chpox-agent",
+            latency.len()
+        ),
+    }
     println!(
         "  tracepoint → frozen   median {:7.2} ms   p99 {:7.2} ms   max {:7.2} ms",
         median(latency.clone()),
