@@ -347,7 +347,7 @@ impl RemoteThread<'_> {
     /// single instruction (see `snapshot`); the clone event stop is passed
     /// by hand on the way to the syscall's exit.
     pub fn clone_attached(&mut self, args: [u64; 6]) -> Result<i32> {
-        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        use nix::sys::wait::WaitStatus;
         let tid = self.tid;
         let pid = Pid::from_raw(tid);
         let options = |o: ptrace::Options| {
@@ -369,7 +369,7 @@ impl RemoteThread<'_> {
                     tid,
                     source,
                 })?;
-                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                match crate::ptrace::wait_traced(tid) {
                     Ok(WaitStatus::PtraceSyscall(_)) => {
                         syscall_stops += 1;
                         if syscall_stops == 2 {

@@ -131,6 +131,7 @@ fn add_rdwr_fd(meta: &mut Metadata, path: &Path) {
             dev: md.dev(),
             ino: md.ino(),
             mode: None,
+            stamp: None,
         },
         description: 0x5EC2E7,
         locks: Vec::new(),

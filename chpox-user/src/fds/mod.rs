@@ -14,6 +14,7 @@
 //!   checkpoint with their queues, or to the outside (`--inherit-fd`);
 //! - [`inet`]: TCP and UDP sockets; established TCP connections through
 //!   [`tcp_repair`] (`--tcp-established`) or reset (`--tcp-close`);
+//! - the socket kinds above and what they share are in [`sockets`];
 //! - [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`], [`inotify`],
 //!   [`memfd`], [`pidfd`];
 //! - [`uring`]: io_uring and AIO, refused by name;
@@ -42,22 +43,16 @@ pub mod eventfd;
 pub mod external;
 pub mod fifo;
 pub mod file;
-pub mod inet;
 pub mod inotify;
 pub mod locks;
 pub mod memfd;
 pub mod pidfd;
 pub mod pipe;
 pub mod restore;
-pub mod scm_rights;
 pub mod signalfd;
-pub mod sock_diag;
-pub mod tcp_repair;
+pub mod sockets;
 pub mod timerfd;
 pub mod tty;
-pub mod unix;
-pub mod unix_diag;
-pub mod unix_pair;
 pub mod uring;
 
 use std::fs::Metadata as FileMeta;
@@ -69,6 +64,9 @@ use crate::image::model::{FdEntry, FdKind, ProcessImage};
 
 pub use pipe::is_read_end;
 pub use restore::{Descriptions, descriptions_needed, restore_fds};
+// The socket kinds keep their short paths (`fds::unix`, `fds::inet`),
+// as for every other kind.
+pub use sockets::{inet, tcp_repair, unix};
 pub use tty::is_terminal_major;
 
 /// What to do with a descriptor of a kind chpox cannot restore.

@@ -561,6 +561,14 @@ pub struct FdEntry {
     pub locks: Vec<FileLock>,
 }
 
+/// What a regular file looked like at the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
 /// A lock held through a descriptor, as `/proc/PID/fdinfo/N` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileLock {
@@ -597,6 +605,11 @@ pub enum FdKind {
         /// Of a deleted file: its permission bits, which its copy gets.
         #[serde(default)]
         mode: Option<u32>,
+        /// Size and modification time at the checkpoint: restore tells the
+        /// user when the file changed since (images of earlier versions:
+        /// None).
+        #[serde(default)]
+        stamp: Option<FileStamp>,
     },
     Directory {
         path: String,

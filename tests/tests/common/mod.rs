@@ -7,8 +7,12 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod dumps;
 pub mod images;
 pub mod procs;
+pub mod restore;
+pub mod sockets;
+pub mod tree;
 
 use std::collections::HashMap;
 use std::fs::File;
