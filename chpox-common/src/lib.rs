@@ -21,6 +21,10 @@ pub const MAX_REGISTRATIONS: u32 = 4096;
 /// `THREADS` map (thread id → process id) can hold.
 pub const MAX_THREADS: u32 = 65536;
 
+/// How many processes of registered trees (descendants of processes
+/// registered with their children, FLAGS 8) the `TREE` map can hold.
+pub const MAX_TREE_MEMBERS: u32 = 65536;
+
 /// `CLONE_THREAD`: a new task that is a thread of its creator's process.
 pub const CLONE_THREAD: u64 = 0x0001_0000;
 
@@ -51,6 +55,9 @@ pub mod flags {
 pub mod names {
     pub const REGISTRY: &str = "REGISTRY";
     pub const THREADS: &str = "THREADS";
+    /// Descendants of processes registered with their children: process
+    /// id → the registered process (see the eBPF crate).
+    pub const TREE: &str = "TREE";
     pub const STATES: &str = "STATES";
     pub const EVENTS: &str = "EVENTS";
     pub const SIGNAL_PROGRAM: &str = "chpox_signal_generate";

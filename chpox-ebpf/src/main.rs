@@ -10,6 +10,18 @@
 //! thread of a registered process exits, it drops the `REGISTRY` entry and
 //! tells the agent, which frees the `STATES` slot.
 //!
+//! `chpox_task_newtask` also keeps `TREE`, the processes descended from a
+//! process registered with its children (FLAGS 8): a fork by the
+//! registered process or by a member adds the child, the exit of a
+//! process's last thread removes it. The tracepoint fires in the forking
+//! process before the child first runs and before `fork` returns, so once
+//! the agent holds a member stopped, every child it made is in `TREE`:
+//! freezing a tree needs no scan of /proc to find the members. The agent
+//! still checks each one's parent in /proc (a member whose parent died is
+//! reparented out of the tree), and its confirming scan, made once every
+//! member is stopped, catches whatever the map missed (a full map, a tree
+//! registered while its children forked).
+//!
 //! Field offsets of the tracepoints come from their format files: the agent
 //! sets `SIGNAL_OFFSETS`, `EXIT_OFFSETS`, `NEWTASK_OFFSETS` and
 //! `SIGACTION_OFFSETS` at load time.
@@ -67,9 +79,9 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, info, warn};
 use chpox_common::{
     CLONE_THREAD, EVENT_CHECKPOINT, EVENT_DISPOSITION, EVENT_EXIT, Event, ExitOffsets,
-    MAX_REGISTRATIONS, MAX_THREADS, NewTaskOffsets, RESULT_STOPPED_BY_GUARD, Registration,
-    STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN, SigactionOffsets,
-    SignalOffsets, SlotState, TaskOffsets, would_ignore,
+    MAX_REGISTRATIONS, MAX_THREADS, MAX_TREE_MEMBERS, NewTaskOffsets, RESULT_STOPPED_BY_GUARD,
+    Registration, STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN,
+    SigactionOffsets, SignalOffsets, SlotState, TaskOffsets, flags::INCLUDE_CHILDREN, would_ignore,
 };
 
 /// Registered processes, by tgid.
@@ -81,6 +93,13 @@ static REGISTRY: HashMap<u32, Registration> = HashMap::with_max_entries(MAX_REGI
 /// as threads are created, `chpox_process_exit` empties it as they exit.
 #[map(name = "THREADS")]
 static THREADS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// Processes descended from a process registered with its children
+/// (FLAGS 8): process id → the registered process's id. The agent fills
+/// it at registration, `chpox_task_newtask` as members fork,
+/// `chpox_process_exit` empties it as they exit.
+#[map(name = "TREE")]
+static TREE: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TREE_MEMBERS, 0);
 
 /// Checkpoint state per registration slot; the agent mmaps it and changes
 /// `state` with atomic compare-and-swap, as this program does.
@@ -391,11 +410,11 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
         // fine: most exiting threads were never there.)
         let _ = THREADS.remove(tid);
     }
-    let Some(reg) = REGISTRY.get_ptr(tgid) else {
+    let registered = REGISTRY.get_ptr(tgid);
+    let member = registered.is_some() || TREE.get_ptr(tgid).is_some();
+    if !member {
         return Ok(0);
-    };
-    // SAFETY: the pointer is a live map value; copy the slot out at once.
-    let slot = unsafe { (*reg).slot };
+    }
     // SAFETY: a plain read of our own read-only global.
     let off = unsafe { read_volatile(&EXIT_OFFSETS) };
     let last_thread = if off.group_dead == u32::MAX {
@@ -408,6 +427,14 @@ fn try_process_exit(ctx: &TracePointContext) -> Result<u32, i32> {
     if !last_thread {
         return Ok(0);
     }
+    // Out of its tree before its PID can be reused. (A zombie left for
+    // its parent to reap is found by the agent's confirming scan.)
+    let _ = TREE.remove(tgid);
+    let Some(reg) = registered else {
+        return Ok(0);
+    };
+    // SAFETY: the pointer is a live map value; copy the slot out at once.
+    let slot = unsafe { (*reg).slot };
     // Another CPU may have removed it already (the agent unregistering):
     // then that side owns the cleanup and no event is due.
     if REGISTRY.remove(tgid).is_err() {
@@ -436,23 +463,44 @@ pub fn chpox_task_newtask(ctx: TracePointContext) -> u32 {
     try_task_newtask(&ctx).unwrap_or(0)
 }
 
-/// A new task: if it is a thread of a registered process, remember which.
+/// A new task: if it is a thread of a registered process, remember which;
+/// if it is a process forked in a registered tree, add it to `TREE`.
 #[inline(always)]
 fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i32> {
     // The creator is current; a CLONE_THREAD child joins its process.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if REGISTRY.get_ptr(tgid).is_none() {
+    let registered = REGISTRY.get_ptr(tgid);
+    // SAFETY: a live map value, copied out at once.
+    let root = match registered {
+        // SAFETY: as above.
+        Some(reg) if unsafe { (*reg).flags } & INCLUDE_CHILDREN != 0 => Some(tgid),
+        Some(_) => None,
+        // SAFETY: as above.
+        None => unsafe { TREE.get(tgid) }.copied(),
+    };
+    if registered.is_none() && root.is_none() {
         return Ok(0);
     }
     // SAFETY: a plain read of our own read-only global.
     let off = unsafe { read_volatile(&NEWTASK_OFFSETS) };
     // SAFETY: read_at goes through bpf_probe_read_kernel, which cannot fault.
     let clone_flags: u64 = unsafe { ctx.read_at(off.clone_flags as usize)? };
-    if clone_flags & CLONE_THREAD == 0 {
-        return Ok(0);
-    }
     // SAFETY: as above.
     let tid: i32 = unsafe { ctx.read_at(off.pid as usize)? };
+    if clone_flags & CLONE_THREAD == 0 {
+        if let Some(root) = root
+            && TREE.insert(tid as u32, root, 0).is_err()
+        {
+            warn!(
+                ctx,
+                "chpox: TREE full; process {} of the tree of pid {} is found by a scan", tid, root
+            );
+        }
+        return Ok(0);
+    }
+    if registered.is_none() {
+        return Ok(0);
+    }
     if THREADS.insert(tid as u32, tgid, 0).is_err() {
         warn!(
             ctx,

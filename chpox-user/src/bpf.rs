@@ -183,6 +183,8 @@ pub struct Bpf {
     /// Thread id → process id for the non-leader threads of registered
     /// processes, so a trigger aimed at a thread counts for its process.
     threads: BpfHashMap<MapData, u32, u32>,
+    /// The members of registered trees (see [`TreeMembers`]).
+    tree: Arc<TreeMembers>,
     states: Arc<StatesMap>,
     /// The agent takes these to poll them.
     pub events: Option<RingBuf<MapData>>,
@@ -306,6 +308,11 @@ impl Bpf {
                 .ok_or(BpfError::MapMissing(names::THREADS))?,
         )
         .map_err(map_err(names::THREADS))?;
+        let tree = BpfHashMap::try_from(
+            ebpf.take_map(names::TREE)
+                .ok_or(BpfError::MapMissing(names::TREE))?,
+        )
+        .map_err(map_err(names::TREE))?;
         let events = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
                 .ok_or(BpfError::MapMissing(names::EVENTS))?,
@@ -320,6 +327,7 @@ impl Bpf {
             _ebpf: ebpf,
             registry,
             threads,
+            tree: Arc::new(TreeMembers(std::sync::Mutex::new(tree))),
             states,
             events: Some(events),
             logger,
@@ -343,6 +351,9 @@ impl Bpf {
                 tracing::warn!(tgid, tid, error = %e, "a trigger aimed at this thread will not count");
             }
         }
+        if reg.flags & chpox_common::flags::INCLUDE_CHILDREN != 0 {
+            self.tree.seed(tgid);
+        }
         Ok(())
     }
 
@@ -352,6 +363,12 @@ impl Bpf {
         for tid in threads_of(tgid) {
             let _ = self.threads.remove(&tid);
         }
+        self.tree.forget(tgid);
+    }
+
+    /// The members of registered trees, for freezing them without a scan.
+    pub fn tree(&self) -> Arc<TreeMembers> {
+        Arc::clone(&self.tree)
     }
 
     pub fn states(&self) -> Arc<StatesMap> {
@@ -560,6 +577,69 @@ impl Drop for StatesMap {
 }
 
 /// The threads of `tgid` other than its leader (none if it is gone).
+/// The `TREE` map: the processes descended from each process registered
+/// with its children, which the eBPF program keeps up to date as they
+/// fork and exit. A hint, never the truth: the freeze checks each
+/// member's parent in /proc and confirms with a scan (see
+/// `tree::FrozenTree::freeze_hinted`).
+pub struct TreeMembers(std::sync::Mutex<BpfHashMap<MapData, u32, u32>>);
+
+impl TreeMembers {
+    fn map(&self) -> std::sync::MutexGuard<'_, BpfHashMap<MapData, u32, u32>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The processes of `root`'s tree the program has seen forked.
+    pub fn members_of(&self, root: i32) -> Vec<i32> {
+        let map = self.map();
+        map.iter()
+            .filter_map(Result::ok)
+            .filter(|&(_, r)| r == root as u32)
+            .map(|(pid, _)| pid as i32)
+            .collect()
+    }
+
+    /// Add the descendants `root` has now; those it forks from now on
+    /// the program adds. Repeated until a scan finds nobody new, so a
+    /// child forked by a descendant not yet in the map is not missed.
+    fn seed(&self, root: u32) {
+        let mut known = std::collections::HashSet::new();
+        for _ in 0..8 {
+            let found: Vec<i32> = crate::tree::descendants_now(root as i32)
+                .into_iter()
+                .filter(|&p| p != root as i32 && known.insert(p))
+                .collect();
+            if found.is_empty() {
+                return;
+            }
+            let mut map = self.map();
+            for pid in found {
+                if let Err(e) = map.insert(pid as u32, root, 0) {
+                    // The confirming scan of each freeze still finds it.
+                    warn!(root, pid, error = %e, "TREE map full; this child is found by a scan");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drop `root`'s tree (unregistered; its members' exits would too).
+    fn forget(&self, root: u32) {
+        let mut map = self.map();
+        let members: Vec<u32> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|&(_, r)| r == root)
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in members {
+            let _ = map.remove(&pid);
+        }
+    }
+}
+
 fn threads_of(tgid: u32) -> Vec<u32> {
     crate::ptrace::list_threads(tgid as i32)
         .unwrap_or_default()

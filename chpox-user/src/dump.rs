@@ -51,6 +51,9 @@ pub struct DumpOptions {
     pub children: bool,
     /// What becomes of established TCP connections.
     pub tcp: fds::inet::TcpPolicy,
+    /// Where to find the descendants without scanning /proc (the agent's
+    /// eBPF-kept tree members); a scan confirms the tree either way.
+    pub member_hint: Option<crate::tree::MemberHint>,
 }
 
 impl DumpOptions {
@@ -69,6 +72,7 @@ impl DumpOptions {
             expect_start_time: None,
             children: true,
             tcp: fds::inet::TcpPolicy::Refuse,
+            member_hint: None,
         }
     }
 }
@@ -108,6 +112,12 @@ pub struct DumpReport {
     /// The parent of an incremental checkpoint.
     #[serde(default)]
     pub parent: Option<PathBuf>,
+    /// Descendants frozen from `DumpOptions::member_hint`, and found by
+    /// the scan of /proc instead (missed by the hint, or no hint).
+    #[serde(default)]
+    pub members_from_hint: usize,
+    #[serde(default)]
+    pub members_from_scan: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -144,15 +154,15 @@ fn dump_inner(
             source,
         })?;
     }
-    let owner = process::owner(pid)?;
-
     // Freeze first: a checkpoint is the moment the user chose, so the
     // time from the trigger to the stop must not grow with the process
     // (allocating a large image area takes long on tmpfs). The image is
     // prepared while frozen.
-    let frozen = FrozenTree::freeze(pid, opts.children)?;
+    let frozen = FrozenTree::freeze_hinted(pid, opts.children, opts.member_hint.as_ref())?;
     let frozen_at = Instant::now();
-    let frozen_at_monotonic_ns = crate::process::monotonic_ns();
+    let frozen_at_monotonic_ns = frozen.stopped_at_ns();
+    let (members_from_hint, members_from_scan) = (frozen.from_hint, frozen.from_scan);
+    let owner = process::owner(pid)?;
     let members: Vec<(i32, u64)> = frozen
         .members()
         .iter()
@@ -257,6 +267,8 @@ fn dump_inner(
         snapshots: snapshot_count,
         pages_inherited,
         parent: meta.parent.as_ref().map(|p| PathBuf::from(&p.path)),
+        members_from_hint,
+        members_from_scan,
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).

@@ -59,6 +59,16 @@ pub enum Error {
     TcpConnections(String),
     #[error("{path}: {source}")]
     File { path: String, source: io::Error },
+    #[error(
+        "cannot take back the {what} lock of PID {pid}'s fd {fd} on {path}: {source}; another process holds a conflicting lock now (see /proc/locks): stop it and restore again"
+    )]
+    FileLock {
+        pid: i32,
+        fd: i32,
+        what: String,
+        path: String,
+        source: io::Error,
+    },
     #[error("image: {0}")]
     Image(#[from] ImageError),
     #[error("{0}")]

@@ -593,7 +593,7 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
         };
         let _ = writeln!(
             s,
-            "  {:>4} {:<10} {} (flags {:#o}{})",
+            "  {:>4} {:<10} {} (flags {:#o}{}{})",
             fd.fd,
             match fd.flags & libc::O_ACCMODE as u32 {
                 0 => "read",
@@ -603,6 +603,7 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
             desc,
             fd.flags,
             if fd.cloexec { ", close-on-exec" } else { "" },
+            crate::fds::locks::describe(&fd.locks),
         );
     }
     let handled: Vec<String> = pi

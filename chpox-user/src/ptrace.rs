@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -67,10 +68,80 @@ fn seize_thread(pid: i32, tid: i32) -> nix::Result<()> {
     ptrace::seize(Pid::from_raw(tid), options)
 }
 
+/// How long [`wait_traced`] keeps asking before it starts to sleep: a
+/// remote syscall or an interrupt stops its thread within microseconds.
+const WAIT_SPIN: Duration = Duration::from_micros(300);
+
+/// `waitpid(tid, __WALL)` that cannot hang on a process killed meanwhile.
+///
+/// SIGKILL wakes every thread out of its ptrace stop, and each dies. A
+/// thread-group leader's death is reported only once its other threads
+/// are reaped, and as their tracer we are the ones who must reap them: a
+/// plain blocking `waitpid` on the leader would wait forever (seen: a dump
+/// of a multi-threaded process killed during a remote syscall). So: ask
+/// without blocking, spin briefly, then poll; while polling, a thread
+/// found dead makes us reap the other threads of its group.
+pub fn wait_traced(tid: i32) -> nix::Result<WaitStatus> {
+    let pid = Pid::from_raw(tid);
+    let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(20);
+    loop {
+        match waitpid(pid, Some(flags)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+            other => return other,
+        }
+        if start.elapsed() < WAIT_SPIN {
+            std::thread::yield_now();
+            continue;
+        }
+        if thread_is_dead(tid) {
+            reap_siblings(tid);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// The thread is a zombie, or gone.
+fn thread_is_dead(tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
+        // The state follows the parenthesised name, which may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_none_or(|state| matches!(state, 'Z' | 'X')),
+        Err(_) => true,
+    }
+}
+
+/// Reap the dead threads of `tid`'s group that we trace, so the kernel can
+/// report the group's end. Threads we do not trace answer ECHILD.
+fn reap_siblings(tid: i32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{tid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(other) = task
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if other != tid && thread_is_dead(other) {
+            let _ = waitpid(
+                Pid::from_raw(other),
+                Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+}
+
 /// Wait for the next stop of one traced thread.
 pub fn wait_stop(tid: i32) -> Result<Stop> {
     loop {
-        match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL)) {
+        match wait_traced(tid) {
             Ok(WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)) => return Ok(Stop::Event),
             Ok(WaitStatus::PtraceEvent(_, _, event)) => {
                 debug!(tid, event, "ignoring ptrace event");
@@ -114,6 +185,10 @@ pub struct Frozen {
     /// would meet it in the middle of a remote syscall.
     in_group_stop: bool,
     released: bool,
+    /// CLOCK_MONOTONIC (ns) when the last of its threads stopped: the
+    /// moment the process was frozen (the re-listing of its threads that
+    /// finds nobody new comes after).
+    stopped_at_ns: u64,
     _not_send: PhantomData<*const ()>,
     /// Declared last so it is dropped after `Drop::drop` released the
     /// process.
@@ -203,6 +278,7 @@ impl Frozen {
             was_stopped,
             in_group_stop: was_stopped,
             released: false,
+            stopped_at_ns: 0,
             _not_send: PhantomData,
             _signals: HoldTerminalSignals::new(),
         };
@@ -261,6 +337,7 @@ impl Frozen {
                     frozen.wait_for_interrupt(tid)?;
                 }
             }
+            frozen.stopped_at_ns = crate::process::monotonic_ns();
             frozen.tids.retain(|t| held.contains_key(t));
         }
         if !frozen.tids.contains(&pid) {
@@ -317,6 +394,7 @@ impl Frozen {
             was_stopped: false,
             in_group_stop: false,
             released: false,
+            stopped_at_ns: 0,
             _not_send: PhantomData,
             _signals: HoldTerminalSignals::new(),
         }
@@ -324,6 +402,12 @@ impl Frozen {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// CLOCK_MONOTONIC (ns) when the last of its threads stopped (0 for a
+    /// hold taken over with [`Frozen::adopt`]).
+    pub fn stopped_at_ns(&self) -> u64 {
+        self.stopped_at_ns
     }
 
     /// Take over the hold on threads seized by the caller (a restore's new

@@ -111,6 +111,10 @@ pub fn write_memory(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Remote syscalls run so far by this process (each costs two ptrace
+/// stops): for the restore's step log.
+pub static REMOTE_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// One thread of a frozen process, borrowed to run syscalls.
 ///
 /// Its registers and signal mask are saved when borrowed and put back by
@@ -229,6 +233,7 @@ impl<'f> RemoteThread<'f> {
     /// Run syscall `nr` with `args`; returns the raw result (a negative
     /// errno on failure), as the kernel put it in rax.
     pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
+        REMOTE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tid = self.tid;
         set_regs(tid, self.call_regs(nr, args))?;
         self.ran = true;
@@ -342,7 +347,7 @@ impl RemoteThread<'_> {
     /// single instruction (see `snapshot`); the clone event stop is passed
     /// by hand on the way to the syscall's exit.
     pub fn clone_attached(&mut self, args: [u64; 6]) -> Result<i32> {
-        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        use nix::sys::wait::WaitStatus;
         let tid = self.tid;
         let pid = Pid::from_raw(tid);
         let options = |o: ptrace::Options| {
@@ -364,7 +369,7 @@ impl RemoteThread<'_> {
                     tid,
                     source,
                 })?;
-                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                match crate::ptrace::wait_traced(tid) {
                     Ok(WaitStatus::PtraceSyscall(_)) => {
                         syscall_stops += 1;
                         if syscall_stops == 2 {

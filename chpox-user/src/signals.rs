@@ -10,7 +10,7 @@ use crate::ptrace;
 use crate::remote::{RemoteThread, read_memory};
 
 /// `struct kernel_sigaction` on x86-64: handler, flags, restorer, mask.
-const KERNEL_SIGACTION_SIZE: usize = 32;
+pub const KERNEL_SIGACTION_SIZE: usize = 32;
 /// `stack_t`: ss_sp, ss_flags (+4 bytes padding), ss_size.
 const STACK_T_SIZE: usize = 24;
 
@@ -33,7 +33,7 @@ pub fn to_kernel(action: &SigAction) -> [u8; KERNEL_SIGACTION_SIZE] {
 }
 
 /// The disposition of `signo` from the kernel's `struct kernel_sigaction`.
-fn from_kernel(signo: i32, k: &[u8; KERNEL_SIGACTION_SIZE]) -> SigAction {
+pub fn from_kernel(signo: i32, k: &[u8; KERNEL_SIGACTION_SIZE]) -> SigAction {
     SigAction {
         signo,
         handler: u64_at(k, 0),

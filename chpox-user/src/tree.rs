@@ -32,18 +32,37 @@ fn scan_all() -> Vec<ProcEntry> {
     let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    all.filter_map(|p| {
-        let stat = p.ok()?.stat().ok()?;
-        Some(ProcEntry {
-            pid: stat.pid,
-            ppid: stat.ppid,
-            state: stat.state,
-            pgid: stat.pgrp,
-            sid: stat.session,
-            exit_code: stat.exit_code.unwrap_or(0),
-        })
+    all.filter_map(|p| entry_of(&p.ok()?)).collect()
+}
+
+/// The processes `pids` that still exist.
+fn entries_of(pids: &[i32]) -> Vec<ProcEntry> {
+    pids.iter()
+        .filter_map(|&pid| entry_of(&procfs::process::Process::new(pid).ok()?))
+        .collect()
+}
+
+fn entry_of(p: &procfs::process::Process) -> Option<ProcEntry> {
+    let stat = p.stat().ok()?;
+    Some(ProcEntry {
+        pid: stat.pid,
+        ppid: stat.ppid,
+        state: stat.state,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        exit_code: stat.exit_code.unwrap_or(0),
     })
-    .collect()
+}
+
+/// Where to look first for the descendants of a root: a function giving
+/// the PIDs that may belong to its tree (the agent's eBPF-kept members).
+#[derive(Clone)]
+pub struct MemberHint(pub std::sync::Arc<dyn Fn(i32) -> Vec<i32> + Send + Sync>);
+
+impl std::fmt::Debug for MemberHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemberHint")
+    }
 }
 
 /// The PIDs of `pid`'s children now.
@@ -83,15 +102,36 @@ pub struct FrozenTree {
     pub zombies: Vec<Zombie>,
     /// Children of the root a single-process freeze left out.
     pub children_left_out: Vec<i32>,
+    /// Descendants found through the hint, and by the scan after it (the
+    /// ones the hint missed, or all of them without a hint).
+    pub from_hint: usize,
+    pub from_scan: usize,
 }
 
 impl FrozenTree {
     /// Freeze `root` and, with `children`, all its descendants.
     pub fn freeze(root: i32, children: bool) -> Result<FrozenTree> {
+        Self::freeze_hinted(root, children, None)
+    }
+
+    /// [`FrozenTree::freeze`], finding the descendants first among the
+    /// processes `hint` names (the agent's eBPF-kept list of the tree's
+    /// members), whose /proc entries alone are read: no scan of every
+    /// process between the stops. Each is taken only if its parent is a
+    /// frozen member, as with a scan. Then a scan of /proc, made once every
+    /// member the hint led to is stopped, confirms the tree (and finds its
+    /// zombies, and anything the hint missed, which is then frozen too).
+    pub fn freeze_hinted(
+        root: i32,
+        children: bool,
+        hint: Option<&MemberHint>,
+    ) -> Result<FrozenTree> {
         let mut tree = FrozenTree {
             members: vec![Frozen::freeze(root)?],
             zombies: Vec::new(),
             children_left_out: Vec::new(),
+            from_hint: 0,
+            from_scan: 0,
         };
         if !children {
             tree.children_left_out = children_of(root);
@@ -99,58 +139,73 @@ impl FrozenTree {
         }
         // PIDs already frozen, recorded as zombies, or seen to vanish.
         let mut known: HashSet<i32> = HashSet::from([root]);
-        loop {
-            let table = scan_all();
-            let mut by_parent: HashMap<i32, Vec<&ProcEntry>> = HashMap::new();
-            for e in &table {
-                by_parent.entry(e.ppid).or_default().push(e);
-            }
-            // Parents first: walk down from the frozen members in order.
-            let frozen_pids: Vec<i32> = tree.members.iter().map(Frozen::pid).collect();
-            let mut new: Vec<ProcEntry> = Vec::new();
-            for parent in frozen_pids {
-                for e in by_parent.get(&parent).into_iter().flatten() {
-                    if !known.contains(&e.pid) {
-                        new.push(**e);
-                    }
-                }
-            }
-            if new.is_empty() {
-                break;
-            }
-            for e in new {
-                known.insert(e.pid);
-                if e.state == 'Z' {
-                    tree.zombies.push(Zombie {
-                        pid: e.pid,
-                        ppid: e.ppid,
-                        pgid: e.pgid,
-                        sid: e.sid,
-                        status: e.exit_code,
-                    });
-                    continue;
-                }
-                match Frozen::freeze(e.pid) {
-                    Ok(f) => tree.members.push(f),
-                    // Exited since the scan: still there (a zombie now),
-                    // the next scan records it; reaped, it is gone.
-                    Err(Error::Exited(_) | Error::NoSuchProcess(_))
-                        if std::path::Path::new(&format!("/proc/{}", e.pid)).exists() =>
-                    {
-                        known.remove(&e.pid);
-                    }
-                    Err(Error::Exited(_) | Error::NoSuchProcess(_)) => {}
-                    Err(err) => return Err(err),
-                }
-            }
+        if let Some(hint) = hint {
+            // A member can fork until it is stopped; its children are in
+            // the hint before the fork returns, so ask again until nothing
+            // new comes.
+            while tree.grow(&mut known, &entries_of(&(hint.0)(root)))? {}
         }
+        tree.from_hint = tree.members.len() - 1;
+        while tree.grow(&mut known, &scan_all())? {}
+        tree.from_scan = tree.members.len() - 1 - tree.from_hint;
         debug!(
             root,
             processes = tree.members.len(),
             zombies = tree.zombies.len(),
+            from_hint = tree.from_hint,
+            from_scan = tree.from_scan,
             "tree frozen"
         );
         Ok(tree)
+    }
+
+    /// Freeze (or record as zombies) the children, in `table`, of frozen
+    /// members that are not `known` yet, parents before children. Whether
+    /// any were new.
+    fn grow(&mut self, known: &mut HashSet<i32>, table: &[ProcEntry]) -> Result<bool> {
+        let mut by_parent: HashMap<i32, Vec<&ProcEntry>> = HashMap::new();
+        for e in table {
+            by_parent.entry(e.ppid).or_default().push(e);
+        }
+        // Parents first: walk down from the frozen members in order.
+        let frozen_pids: Vec<i32> = self.members.iter().map(Frozen::pid).collect();
+        let mut new: Vec<ProcEntry> = Vec::new();
+        for parent in frozen_pids {
+            for e in by_parent.get(&parent).into_iter().flatten() {
+                if !known.contains(&e.pid) {
+                    new.push(**e);
+                }
+            }
+        }
+        if new.is_empty() {
+            return Ok(false);
+        }
+        for e in new {
+            known.insert(e.pid);
+            if e.state == 'Z' {
+                self.zombies.push(Zombie {
+                    pid: e.pid,
+                    ppid: e.ppid,
+                    pgid: e.pgid,
+                    sid: e.sid,
+                    status: e.exit_code,
+                });
+                continue;
+            }
+            match Frozen::freeze(e.pid) {
+                Ok(f) => self.members.push(f),
+                // Exited since the scan: still there (a zombie now),
+                // the next scan records it; reaped, it is gone.
+                Err(Error::Exited(_) | Error::NoSuchProcess(_))
+                    if std::path::Path::new(&format!("/proc/{}", e.pid)).exists() =>
+                {
+                    known.remove(&e.pid);
+                }
+                Err(Error::Exited(_) | Error::NoSuchProcess(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(true)
     }
 
     pub fn root(&self) -> i32 {
@@ -159,6 +214,18 @@ impl FrozenTree {
 
     pub fn members(&self) -> &[Frozen] {
         &self.members
+    }
+
+    /// CLOCK_MONOTONIC (ns) when the last thread of the tree stopped. The
+    /// scan that then finds nobody new to freeze proves the tree was whole
+    /// at that moment (a stopped process cannot fork), so it is not part
+    /// of the time it took to freeze.
+    pub fn stopped_at_ns(&self) -> u64 {
+        self.members
+            .iter()
+            .map(Frozen::stopped_at_ns)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Let every process run on. Children go first and the root last: each

@@ -129,7 +129,12 @@ fn lazy_restore_waits_for_the_process() {
 /// Flip a byte in a page run three quarters into the patterned memory
 /// (the mapping with most runs): one the second of two threads takes.
 fn damage_largest_run(image: &Path) {
-    let offset = {
+    damaged_page(image);
+}
+
+/// As [`damage_largest_run`]; the damaged page's number in the region.
+fn damaged_page(image: &Path) -> u64 {
+    let (offset, page) = {
         let reader = ImageReader::open(image).expect("open");
         let vma = reader
             .metadata()
@@ -138,11 +143,13 @@ fn damage_largest_run(image: &Path) {
             .iter()
             .max_by_key(|v| v.pages.len())
             .expect("a mapping");
-        vma.pages[vma.pages.len() * 3 / 4].data.offset
+        let run = vma.pages[vma.pages.len() * 3 / 4];
+        (run.data.offset, (run.addr - vma.start) / 4096)
     };
     let mut bytes = std::fs::read(image).expect("read image");
     bytes[offset as usize + 100] ^= 0xff;
     std::fs::write(image, &bytes).expect("write image");
+    page
 }
 
 /// Without --lazy, the damaged run (one the second verifying thread
@@ -255,4 +262,62 @@ fn lazy_threads_come_back_under_new_tids() {
     signal(restored, libc::SIGUSR1);
     assert_eq!(wait_pid(restored, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE", "T0=ok", "T1=ok", "T2=ok"]);
+}
+
+/// A damaged page run that the process reads the moment it runs: it is
+/// verified before it is served, so the process never sees the damage (no
+/// CORRUPT line): it is killed while it waits for the page, the page
+/// server says which run was bad, and nothing is left behind.
+#[test]
+fn lazy_restore_never_serves_a_damaged_page() {
+    become_subreaper();
+    let dir = tempdir();
+    let image = dir.path().join("bad-first.img");
+    let first_file = dir.path().join("first-page");
+    let mut cmd = Command::new(common::bin("lazytouch"));
+    cmd.arg(MIB).env("LAZYTOUCH_FIRST", &first_file);
+    let mut t = Target::spawn_command(cmd, "lazytouch", dir.path());
+    chpox_ok(&[
+        "dump",
+        &t.pid.to_string(),
+        "-o",
+        path_str(&image),
+        "--unsupported-fd",
+        "null",
+        "--kill",
+    ]);
+    t.child.wait().expect("reap the original");
+    wait_pid_free(t.pid);
+    // Read by the restored process when told to start.
+    std::fs::write(&first_file, damaged_page(&image).to_string()).expect("first-page");
+    let err = image.with_extension("stderr");
+    let out = Command::new(chpox_bin())
+        .args(["restore", "--detach", "--lazy", path_str(&image)])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .output()
+        .expect("run chpox restore");
+    assert!(out.status.success(), "{:?}", std::fs::read_to_string(&err));
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a PID");
+    // At once: the damaged page is its first read.
+    signal(pid, libc::SIGUSR1);
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 128 + libc::SIGKILL);
+    assert!(t.lines_after_ready().is_empty(), "{:?}", t.lines());
+    // The page server names the run and ends.
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let stderr = loop {
+        let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+        if stderr.contains("checksum mismatch") || Instant::now() > deadline {
+            break stderr;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+    assert!(
+        stderr.contains("the restored processes were killed"),
+        "{stderr}"
+    );
 }

@@ -52,6 +52,7 @@ fn add(meta: &mut chpox::image::model::Metadata, kind: FdKind) {
         cloexec: false,
         kind,
         description: 0xADDED,
+        locks: Vec::new(),
     });
 }
 

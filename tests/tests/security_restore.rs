@@ -131,8 +131,10 @@ fn add_rdwr_fd(meta: &mut Metadata, path: &Path) {
             dev: md.dev(),
             ino: md.ino(),
             mode: None,
+            stamp: None,
         },
         description: 0x5EC2E7,
+        locks: Vec::new(),
     });
 }
 
@@ -641,6 +643,7 @@ fn a_descriptor_beyond_the_restorers_open_file_limit_is_refused_before_any_proce
                 rdev: null.rdev(),
             },
             description: 0x5000,
+            locks: Vec::new(),
         });
     });
     let w = restore_watching_forks(&edited, s.path(), Some(1024));

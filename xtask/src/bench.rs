@@ -24,6 +24,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::workspace_root;
 
+mod sizes;
+
+pub use sizes::{SizeOptions, run_size, size_table};
+
 pub(crate) fn release_bin(name: &str) -> std::path::PathBuf {
     workspace_root().join("target/release").join(name)
 }
@@ -663,15 +667,18 @@ impl Drop for Reaped {
 pub fn trigger_latency(triggers: usize) -> Result<()> {
     // The goal is a latency independent of the process's size.
     for mib in [16, 1024] {
-        trigger_latency_of(triggers, mib)?;
+        trigger_latency_of(triggers, mib, None)?;
     }
-    Ok(())
+    // And of the tree's: 8 processes of 2 MiB, whose children the agent
+    // finds through the eBPF program's list, not a scan of /proc.
+    trigger_latency_of(triggers, 2, Some(8))
 }
 
-/// `triggers` checkpoints through chpox-agent of a `mib` MiB process:
-/// from the trigger's tracepoint timestamp to the last thread stopped, and
-/// how long the process stayed frozen.
-fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
+/// `triggers` checkpoints through chpox-agent of a `mib` MiB process (or
+/// of a `tree`-process `memtree` of `mib` MiB each): from the trigger's
+/// tracepoint timestamp to the last thread stopped, and how long the
+/// process stayed frozen.
+fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<()> {
     let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}-{mib}", std::process::id()));
     let images = Path::new("/dev/shm").join(format!("chpox-bench-{}-{mib}", std::process::id()));
     std::fs::create_dir_all(&images)?;
@@ -699,13 +706,19 @@ fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    let mut command = Command::new(release_bin("chpox"));
+    command
+        .env("CHPOX_RUN_DIR", &run_dir)
+        // Whatever descriptors the bench inherits are not the point.
+        .args(["run", "--unsupported-fd=null", "--"]);
+    match tree {
+        Some(procs) => command
+            .arg(release_bin("memtree"))
+            .args([procs.to_string(), mib.to_string()]),
+        None => command.arg(release_bin("mempattern")).arg(mib.to_string()),
+    };
     let target = Reaped(
-        Command::new(release_bin("chpox"))
-            .env("CHPOX_RUN_DIR", &run_dir)
-            // Whatever descriptors the bench inherits are not the point.
-            .args(["run", "--unsupported-fd=null", "--"])
-            .arg(release_bin("mempattern"))
-            .arg(mib.to_string())
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -738,10 +751,16 @@ fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&images);
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    println!(
-        "trigger latency: {} checkpoints of a {mib} MiB process through chpox-agent",
-        latency.len()
-    );
+    match tree {
+        Some(procs) => println!(
+            "trigger latency: {} checkpoints of a tree of {procs} processes of {mib} MiB through chpox-agent",
+            latency.len()
+        ),
+        None => println!(
+            "trigger latency: {} checkpoints of a {mib} MiB process through chpox-agent",
+            latency.len()
+        ),
+    }
     println!(
         "  tracepoint → frozen   median {:7.2} ms   p99 {:7.2} ms   max {:7.2} ms",
         median(latency.clone()),
@@ -755,178 +774,4 @@ fn trigger_latency_of(triggers: usize, mib: u64) -> Result<()> {
         max(&frozen)
     );
     Ok(())
-}
-
-/// What to measure at each size of the single-process table.
-pub struct SizeOptions {
-    pub rounds: usize,
-    /// Also dump with `--compress`.
-    pub compress: bool,
-    /// Also dump with `--kill` (a fresh process each round).
-    pub kill: bool,
-}
-
-/// Every sample of one size: dumps leaving the process running, with
-/// `--compress`, with `--kill`, restores, and the bounds of the same run.
-pub struct SizeCase {
-    mib: u64,
-    running: Vec<DumpSample>,
-    compressed: Vec<DumpSample>,
-    killed: Vec<f64>,
-    restores: Vec<f64>,
-    dd: Vec<f64>,
-    memcpy: Vec<f64>,
-    touch: Vec<f64>,
-}
-
-/// `rounds` of each measurement for one process with `mib` MiB. Dumps
-/// leaving it running alternate with dd; the `--kill` dumps come last, on
-/// fresh processes, once the first is gone (so that at most one big process
-/// and one image exist at a time besides a restore).
-pub fn run_size(mib: u64, opts: &SizeOptions, dir: &Path) -> Result<SizeCase> {
-    let bytes = mib << 20;
-    let image = dir.join("chpox-bench.img");
-    let zimage = dir.join("chpox-bench-zstd.img");
-    let mut case = SizeCase {
-        mib,
-        running: Vec::new(),
-        compressed: Vec::new(),
-        killed: Vec::new(),
-        restores: Vec::new(),
-        dd: Vec::new(),
-        memcpy: Vec::new(),
-        touch: Vec::new(),
-    };
-    {
-        let (_target, pid) = spawn_mempattern(mib)?;
-        for round in 0..opts.rounds {
-            if round % 2 == 0 {
-                case.running.push(dump_once(pid, &image)?);
-                case.dd.push(dd_secs(dir, bytes)?);
-            } else {
-                case.dd.push(dd_secs(dir, bytes)?);
-                case.running.push(dump_once(pid, &image)?);
-            }
-            if opts.compress {
-                case.compressed
-                    .push(dump_with(pid, &zimage, &["--compress"])?);
-                let _ = std::fs::remove_file(&zimage);
-            }
-            case.restores.push(restore_once(&image)?);
-            case.memcpy.push(memcpy_gbps());
-            case.touch.push(first_touch_gbps(bytes as usize));
-            let last = &case.running[round];
-            eprintln!(
-                "{mib} MiB round {}: dump {:.3} s (frozen {:.1} ms, reap {:.2} ms), dd {:.3} s, restore {:.3} s{}",
-                round + 1,
-                last.total,
-                last.frozen * 1e3,
-                last.reap_pause * 1e3,
-                case.dd[round],
-                case.restores[round],
-                case.compressed
-                    .get(round)
-                    .map(|c| format!(
-                        ", --compress {:.3} s (frozen {:.1} ms)",
-                        c.total,
-                        c.frozen * 1e3
-                    ))
-                    .unwrap_or_default()
-            );
-        }
-    }
-    let _ = std::fs::remove_file(&image);
-    if opts.kill {
-        for round in 0..opts.rounds {
-            let (child, pid) = start_mempattern(mib)?;
-            // The dump kills it; we, its parent, reap it meanwhile, or the
-            // dump would wait for it to go.
-            let reaper = std::thread::spawn(move || {
-                let mut child = child;
-                child.wait()
-            });
-            let result = dump_with(pid, &image, &["--kill"]);
-            if result.is_err() {
-                // SAFETY: kill has no memory-safety preconditions; the PID
-                // is our unreaped child, so it cannot have been reused.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            let _ = reaper.join();
-            let _ = std::fs::remove_file(&image);
-            let dump = result?;
-            eprintln!(
-                "{mib} MiB --kill round {}: dump {:.3} s",
-                round + 1,
-                dump.total
-            );
-            case.killed.push(dump.total);
-        }
-    }
-    Ok(case)
-}
-
-/// The table of the single-process sizes: every time with its ratio to
-/// the bound measured in the same run (dd for dump walls, memcpy of the
-/// same bytes for the freeze, first touch of the same bytes for restore).
-pub fn size_table(cases: &[SizeCase]) {
-    let med = |v: &[f64]| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            median(v.to_vec())
-        }
-    };
-    println!(
-        "single process: medians over {} rounds (p99 of frozen = the worst round at this count); ratios to bounds measured in the same run",
-        cases.first().map_or(0, |c| c.running.len())
-    );
-    println!(
-        "  {:>6} | {:>22} | {:>9} | {:>20} | {:>20} | {:>20} | {:>7} | {:>26}",
-        "MiB",
-        "frozen med/p99 ms",
-        "reap ms",
-        "dump wall running s",
-        "dump wall --kill s",
-        "restore wall s",
-        "dd s",
-        "--compress wall s, size"
-    );
-    for c in cases {
-        let bytes = (c.mib << 20) as f64;
-        let dd = med(&c.dd);
-        let memcpy_s = bytes / (med(&c.memcpy) * 1e9);
-        let touch_s = bytes / (med(&c.touch) * 1e9);
-        let frozen: Vec<f64> = c.running.iter().map(|d| d.frozen).collect();
-        let frozen_med = med(&frozen);
-        let frozen_p99 = percentile(frozen, 0.99);
-        let reap = med(&c.running.iter().map(|d| d.reap_pause).collect::<Vec<_>>());
-        let running = med(&c.running.iter().map(|d| d.total).collect::<Vec<_>>());
-        let killed = med(&c.killed);
-        let restore = med(&c.restores);
-        let compressed = med(&c.compressed.iter().map(|d| d.total).collect::<Vec<_>>());
-        let zratio = c.compressed.first().map_or(f64::NAN, |d| {
-            d.image_bytes as f64 / d.stored_bytes.max(1) as f64
-        });
-        println!(
-            "  {:>6} | {:>7.1}/{:>6.1} ({:>4.2}×mc) | {:>9.2} | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>4.2}×ft) | {:>7.3} | {:>7.3} ({:>5.2}×dd), {:>5.3}",
-            c.mib,
-            frozen_med * 1e3,
-            frozen_p99 * 1e3,
-            frozen_med / memcpy_s,
-            reap * 1e3,
-            running,
-            running / dd,
-            killed,
-            killed / dd,
-            restore,
-            restore / touch_s,
-            dd,
-            compressed,
-            compressed / dd,
-            zratio
-        );
-    }
-    println!(
-        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; size: compressed image / stored pages; reap: the second, brief freeze in which the process reaps its snapshot)"
-    );
 }

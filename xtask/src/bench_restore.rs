@@ -106,6 +106,32 @@ struct Restored {
     running: f64,
     /// With --lazy: seconds from the start until the page server ended.
     resident: Option<f64>,
+    /// With --lazy: the restore's steps as it logged them (`restore::phases`),
+    /// with their milliseconds.
+    steps: Vec<(String, f64)>,
+}
+
+/// The `restore step` lines of a log: each step's name and milliseconds.
+fn steps(log: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for line in log.lines().filter(|l| l.contains("restore step")) {
+        let Some(at) = line.find("step=") else {
+            continue;
+        };
+        let rest = &line[at + 5..];
+        let name = match rest.strip_prefix('"') {
+            Some(quoted) => quoted.split('"').next().unwrap_or_default(),
+            None => rest.split_whitespace().next().unwrap_or_default(),
+        };
+        let took = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("took_us="))
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(us) = took {
+            out.push((name.to_string(), us / 1e3));
+        }
+    }
+    out
 }
 
 /// `chpox restore --detach --pid any [--lazy] image`, timed.
@@ -116,8 +142,10 @@ fn restore(image: &Path, lazy: bool) -> Result<Restored> {
     let mut cmd = Command::new(release_bin("chpox"));
     cmd.args(["restore", "--detach", "--pid", "any"]);
     if lazy {
-        // -v: the page server says when every page is in.
-        cmd.args(["--lazy", "-v"]);
+        // -v: the page server says when every page is in; the steps of the
+        // restore with their times.
+        cmd.args(["--lazy", "-v"])
+            .env("CHPOX_LOG", "info,chpox::restore::phases=debug");
     }
     let status = cmd
         .arg(image)
@@ -139,6 +167,7 @@ fn restore(image: &Path, lazy: bool) -> Result<Restored> {
         .trim()
         .parse()
         .with_context(|| format!("chpox restore printed {printed:?}, not a PID"))?;
+    let mut steps_seen = Vec::new();
     let resident = if lazy {
         // The page server logs when every page is in, and ends (its exit
         // is no good as a mark: PID 1 may reap it a second later).
@@ -154,7 +183,11 @@ fn restore(image: &Path, lazy: bool) -> Result<Restored> {
             }
             std::thread::sleep(Duration::from_micros(500));
         }
-        Some(t.elapsed().as_secs_f64())
+        let resident = t.elapsed().as_secs_f64();
+        steps_seen = steps(&plain(
+            &std::fs::read_to_string(&err_path).unwrap_or_default(),
+        ));
+        Some(resident)
     } else {
         None
     };
@@ -167,6 +200,7 @@ fn restore(image: &Path, lazy: bool) -> Result<Restored> {
         pid,
         running,
         resident,
+        steps: steps_seen,
     })
 }
 
@@ -178,6 +212,8 @@ struct Samples {
     touch: Vec<f64>,
     memcpy: Vec<f64>,
     dd: Vec<f64>,
+    /// Milliseconds of each step of the lazy restores, in their order.
+    lazy_steps: Vec<(String, Vec<f64>)>,
 }
 
 /// One size: `rounds` of eager and lazy restores, alternating, each next
@@ -200,6 +236,12 @@ fn measure(mib: u64, rounds: usize, dir: &Path) -> Result<Samples> {
                     Some(resident) => {
                         s.lazy_running.push(r.running);
                         s.lazy_resident.push(resident);
+                        for (name, ms) in r.steps {
+                            match s.lazy_steps.iter_mut().find(|(n, _)| *n == name) {
+                                Some((_, v)) => v.push(ms),
+                                None => s.lazy_steps.push((name, vec![ms])),
+                            }
+                        }
                     }
                     None => s.eager.push(r.running),
                 }
@@ -277,6 +319,19 @@ pub fn run(sizes: &[u64], rounds: usize, dir: &Path) -> Result<()> {
         println!(
             "  {mib} MiB: lazy fully resident / first touch {:.2}",
             median(s.lazy_resident.clone()) / median(s.touch.clone())
+        );
+    }
+    for (mib, s) in &rows {
+        let parts: Vec<String> = s
+            .lazy_steps
+            .iter()
+            .map(|(name, v)| format!("{name} {:.1}", median(v.clone())))
+            .collect();
+        let inside: f64 = s.lazy_steps.iter().map(|(_, v)| median(v.clone())).sum();
+        println!(
+            "  {mib} MiB --lazy to running, median ms per step: {}; steps {inside:.1} of {:.1} (the rest: exec, start-up, exit)",
+            parts.join(", "),
+            median(s.lazy_running.clone()) * 1e3
         );
     }
     Ok(())

@@ -322,5 +322,19 @@ pub fn build_ebpf(release: bool) -> Result<PathBuf> {
     }
     std::fs::copy(&object, &copy)
         .with_context(|| format!("cannot copy {} to {}", object.display(), copy.display()))?;
+    // An agent looks next to itself first: a copy an earlier `cargo xtask
+    // build` left beside target/{debug,release}/chpox-agent would
+    // otherwise be loaded, stale, instead of the object just built.
+    for profile in ["debug", "release"] {
+        let beside = workspace_root()
+            .join("target")
+            .join(profile)
+            .join("chpox-ebpf.o");
+        if beside.is_file() {
+            std::fs::copy(&object, &beside).with_context(|| {
+                format!("cannot copy {} to {}", object.display(), beside.display())
+            })?;
+        }
+    }
     Ok(object)
 }

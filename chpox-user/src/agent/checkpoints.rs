@@ -204,6 +204,12 @@ impl Agent {
         }
         opts.embed_exe = entry.flags & flags::EMBED_EXE != 0;
         opts.children = entry.flags & flags::INCLUDE_CHILDREN != 0;
+        if opts.children {
+            let tree = Arc::clone(&self.tree);
+            opts.member_hint = Some(crate::tree::MemberHint(Arc::new(move |root| {
+                tree.members_of(root)
+            })));
+        }
         opts.tcp = crate::fds::inet::TcpPolicy::from_flags(entry.flags);
         if entry.flags & flags::EMBED_LIBS != 0 {
             opts.embed_libs = self
@@ -259,6 +265,8 @@ impl Agent {
                     frozen_us = report.frozen.as_micros() as u64,
                     total_us = report.total.as_micros() as u64,
                     signal_to_frozen_us = latency_ns / 1000,
+                    members_from_ebpf = report.members_from_hint,
+                    members_from_scan = report.members_from_scan,
                     "checkpoint written"
                 );
                 Ok(Written {

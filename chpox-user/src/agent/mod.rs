@@ -275,6 +275,9 @@ pub struct Agent {
     guard_active: bool,
     /// Wakes the periodic timer when registrations change.
     timer_changed: tokio::sync::Notify,
+    /// The members of registered trees, kept by the eBPF program: a tree
+    /// is frozen without scanning /proc between the stops.
+    tree: Arc<crate::bpf::TreeMembers>,
 }
 
 /// The registrations as they were at one change, to be written to disk
@@ -657,6 +660,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
     }
     let states = bpf.states();
+    let tree = bpf.tree();
     let agent = Arc::new(Agent {
         config: config.clone(),
         state: Mutex::new(State {
@@ -675,6 +679,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         log_limit: LogLimiter::default(),
         guard_active,
         timer_changed: tokio::sync::Notify::new(),
+        tree,
     });
     agent.restore_registrations();
 

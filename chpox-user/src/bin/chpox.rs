@@ -359,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     chpox::fds::inet::TcpPolicy::Refuse
                 },
+                member_hint: None,
             };
             let report = {
                 let _bar = chpox::cli::progress::Bar::start(

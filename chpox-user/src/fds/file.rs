@@ -17,7 +17,7 @@ use super::restore::{Descriptions, Making, key, one, open_flags, seek, write_byt
 use super::{Embed, Kind, Probe, no_key};
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
-use crate::image::model::{FdEntry, FdKind};
+use crate::image::model::{FdEntry, FdKind, FileStamp};
 
 pub static REGULAR: Kind = Kind {
     probe: probe_regular,
@@ -71,9 +71,54 @@ fn probe_regular(p: &Probe<'_>) -> Result<Option<FdKind>> {
             dev: m.dev(),
             ino: m.ino(),
             mode: None,
+            stamp: Some(stamp_of(m)),
         }),
         _ => None,
     })
+}
+
+fn stamp_of(m: &std::fs::Metadata) -> FileStamp {
+    FileStamp {
+        size: m.size(),
+        mtime_ns: m
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(m.mtime_nsec()),
+    }
+}
+
+/// Restore: a file the process had open that changed since the
+/// checkpoint (a job left running went on writing it, someone edited it)
+/// is reopened all the same, as a file is part of the filesystem, not of
+/// the image; but the user hears of it, since the process now reads or
+/// writes at its old offset in new content. Appending writers (logs) are
+/// not worth a word: they write at the end whatever it is.
+fn tell_if_changed(d: &mut Descriptions, pid: i32, e: &FdEntry, fd: &OwnedFd, path: &str) {
+    let FdKind::RegularFile {
+        stamp: Some(then), ..
+    } = &e.kind
+    else {
+        return;
+    };
+    if e.flags & libc::O_APPEND as u32 != 0 {
+        return;
+    }
+    let Ok(now) = nix::sys::stat::fstat(fd) else {
+        return;
+    };
+    let now = FileStamp {
+        size: now.st_size as u64,
+        mtime_ns: now
+            .st_mtime
+            .saturating_mul(1_000_000_000)
+            .saturating_add(now.st_mtime_nsec),
+    };
+    if now != *then {
+        d.warn_later(format!(
+            "{path} (fd {} of PID {pid}) changed since the checkpoint (size {} then, {} now): the process goes on at its old offset in the new content",
+            e.fd, then.size, now.size
+        ));
+    }
 }
 
 fn embed(e: &mut Embed<'_>) -> Result<()> {
@@ -195,6 +240,7 @@ fn make(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<bool> {
         } => {
             let fd = m.opener.open(path, open_flags(e.flags), e.fd)?;
             seek(&fd, *pos, path)?;
+            tell_if_changed(d, m.pid, e, &fd, path);
             fd
         }
         FdKind::RegularFile {
@@ -204,6 +250,7 @@ fn make(d: &mut Descriptions, m: &mut Making<'_>, e: &FdEntry) -> Result<bool> {
             dev,
             ino,
             mode,
+            ..
         } => {
             let name = std::path::Path::new(path)
                 .file_name()

@@ -14,9 +14,11 @@
 //!   checkpoint with their queues, or to the outside (`--inherit-fd`);
 //! - [`inet`]: TCP and UDP sockets; established TCP connections through
 //!   [`tcp_repair`] (`--tcp-established`) or reset (`--tcp-close`);
+//! - the socket kinds above and what they share are in [`sockets`];
 //! - [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`], [`inotify`],
 //!   [`memfd`], [`pidfd`];
-//! - [`uring`]: io_uring and AIO, refused by name.
+//! - [`uring`]: io_uring and AIO, refused by name;
+//! - [`locks`]: flock, POSIX and OFD locks held through any of them.
 //!
 //! Adding a kind: a new file with its `KIND` (how to recognise it at dump
 //! time, what to do across the tree, how restore makes it), and one line
@@ -41,21 +43,16 @@ pub mod eventfd;
 pub mod external;
 pub mod fifo;
 pub mod file;
-pub mod inet;
 pub mod inotify;
+pub mod locks;
 pub mod memfd;
 pub mod pidfd;
 pub mod pipe;
 pub mod restore;
-pub mod scm_rights;
 pub mod signalfd;
-pub mod sock_diag;
-pub mod tcp_repair;
+pub mod sockets;
 pub mod timerfd;
 pub mod tty;
-pub mod unix;
-pub mod unix_diag;
-pub mod unix_pair;
 pub mod uring;
 
 use std::fs::Metadata as FileMeta;
@@ -67,6 +64,9 @@ use crate::image::model::{FdEntry, FdKind, ProcessImage};
 
 pub use pipe::is_read_end;
 pub use restore::{Descriptions, descriptions_needed, restore_fds};
+// The socket kinds keep their short paths (`fds::unix`, `fds::inet`),
+// as for every other kind.
+pub use sockets::{inet, tcp_repair, unix};
 pub use tty::is_terminal_major;
 
 /// What to do with a descriptor of a kind chpox cannot restore.
@@ -130,8 +130,8 @@ pub type Installed =
     fn(&mut crate::restore::child::Child<'_>, i32, &[FdEntry], &Descriptions) -> Result<()>;
 
 /// The kinds that finish inside the process, in this order (pidfds before
-/// an epoll that may watch them).
-pub const INSTALLED: &[Installed] = &[pidfd::installed, epoll::installed];
+/// an epoll that may watch them; file locks last, see [`locks`]).
+pub const INSTALLED: &[Installed] = &[pidfd::installed, epoll::installed, locks::installed];
 
 /// For `inspect`: how a kind not described there reads.
 pub fn describe(kind: &FdKind) -> String {
@@ -247,6 +247,7 @@ pub fn scan_fds(
             unix,
             inet,
         };
+        let locks = locks::parse(&fdinfo, pid, fd, &target)?;
         let mut kind = None;
         for k in KINDS {
             if let Some(found) = (k.probe)(&probe)? {
@@ -268,6 +269,7 @@ pub fn scan_fds(
             cloexec,
             kind,
             description: 0,
+            locks,
         });
     }
     if !unsupported.is_empty() {

@@ -33,8 +33,56 @@ use crate::restore::inject::Injector;
 use crate::restore::validate::Owner;
 
 pub(crate) fn note(warnings: &mut Vec<String>, w: String) {
-    warn!("{w}");
+    let held = HELD.with(|h| match h.borrow_mut().as_mut() {
+        Some(held) => {
+            held.push(w.clone());
+            true
+        }
+        None => false,
+    });
+    if !held {
+        warn!("{w}");
+    }
     warnings.push(w);
+}
+
+thread_local! {
+    static HELD: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// While it lives, this thread's descriptor warnings are kept, not logged;
+/// [`HeldWarnings::log`] logs them, dropping it forgets them. So a restore
+/// that fails while it fills memory (a damaged page run) or compares files
+/// says so in one line, without warnings about a restore that did not
+/// happen.
+pub struct HeldWarnings(());
+
+impl HeldWarnings {
+    pub fn new() -> HeldWarnings {
+        HELD.with(|h| *h.borrow_mut() = Some(Vec::new()));
+        HeldWarnings(())
+    }
+
+    /// Log what was held, and log later warnings at once again.
+    pub fn log(self) {
+        if let Some(held) = HELD.with(|h| h.borrow_mut().take()) {
+            for w in held {
+                warn!("{w}");
+            }
+        }
+    }
+}
+
+impl Default for HeldWarnings {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HeldWarnings {
+    fn drop(&mut self) {
+        HELD.with(|h| h.borrow_mut().take());
+    }
 }
 
 /// Flags to reopen with: the saved ones, less those that only act at

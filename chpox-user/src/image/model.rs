@@ -585,6 +585,41 @@ pub struct FdEntry {
     /// of flags). Unique per entry in images of earlier versions (0).
     #[serde(default)]
     pub description: u64,
+    /// Locks the process held through this descriptor (`fds::locks`).
+    #[serde(default)]
+    pub locks: Vec<FileLock>,
+}
+
+/// What a regular file looked like at the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+/// A lock held through a descriptor, as `/proc/PID/fdinfo/N` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    pub kind: LockKind,
+    /// A write (exclusive) lock; otherwise a read (shared) one.
+    pub write: bool,
+    /// First byte (0 for `flock`).
+    pub start: u64,
+    /// Last byte, inclusive; None: to the end of the file, however far it
+    /// grows.
+    pub end: Option<u64>,
+}
+
+/// Who owns a lock, which decides how restore takes it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    /// `flock(2)`: owned by the open file description.
+    Flock,
+    /// `fcntl(F_SETLK)`, POSIX record lock: owned by the process.
+    Posix,
+    /// `fcntl(F_OFD_SETLK)`: owned by the open file description.
+    Ofd,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -599,6 +634,11 @@ pub enum FdKind {
         /// Of a deleted file: its permission bits, which its copy gets.
         #[serde(default)]
         mode: Option<u32>,
+        /// Size and modification time at the checkpoint: restore tells the
+        /// user when the file changed since (images of earlier versions:
+        /// None).
+        #[serde(default)]
+        stamp: Option<FileStamp>,
     },
     Directory {
         path: String,

@@ -417,6 +417,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         rdev: 0x8803,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 1,
@@ -429,8 +430,10 @@ pub(crate) fn sample_metadata() -> Metadata {
                         dev: 0xfd01,
                         ino: 777,
                         mode: None,
+                        stamp: None,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 2,
@@ -441,6 +444,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         rdev: 0x103,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 3,
@@ -453,8 +457,10 @@ pub(crate) fn sample_metadata() -> Metadata {
                         dev: 0xfd01,
                         ino: 778,
                         mode: None,
+                        stamp: None,
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 4,
@@ -464,6 +470,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         path: "/home/user".into(),
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
                 FdEntry {
                     fd: 5,
@@ -473,6 +480,7 @@ pub(crate) fn sample_metadata() -> Metadata {
                         was: "socket:[123456]".into(),
                     },
                     description: 0,
+                    locks: Vec::new(),
                 },
             ],
             signals: SignalState {

@@ -11,10 +11,11 @@
 //! the restorer's CPU). Small fills are not worth a thread and are read by
 //! the child alone.
 //!
-//! Every run is verified against its checksum before any process exists
-//! ([`verify_pages`], from a mapping of the image, both cores), so a
-//! damaged image is refused in one line; with `--lazy`, by the page server
-//! while the process runs.
+//! Runs the copier takes are verified as they are copied, from the same
+//! bytes (one read of the image instead of two): a bad one fails the
+//! restore before the process runs. The others are verified before any
+//! process exists ([`verify_pages`], from a mapping of the image, both
+//! cores); with `--lazy`, each run as it is first served (`checks`).
 
 use std::os::fd::BorrowedFd;
 
@@ -74,10 +75,12 @@ pub fn fill_runs(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<()> 
     let runs: &[PageRun] = &vma.pages;
     // SAFETY: the image's descriptor is open for the whole restore.
     let image = unsafe { BorrowedFd::borrow_raw(ctx.image_fd) };
-    // Without --lazy every run was verified before the process existed
-    // (`verify_pages`); with it, these are loaded before the process runs,
-    // so they are verified now.
-    for run in runs.iter().filter(|_| ctx.lazy.is_some()) {
+    // Without --lazy, runs of mappings the copier does not take were
+    // verified before the process existed (`verify_pages`); those it takes
+    // are verified as they are copied, so here (the copier was not
+    // available) they are verified first, as is everything with --lazy.
+    let verify = ctx.lazy.is_some() || Copier::takes(vma);
+    for run in runs.iter().filter(|_| verify) {
         if run.data.compression == Compression::None && run.data.raw_len > 0 {
             let map = ImageMap::new(image, run.data.offset, run.data.raw_len)?;
             let bytes = map
@@ -342,7 +345,10 @@ impl Copier {
         }
         // SAFETY: the image's descriptor is open for the whole restore.
         let image = unsafe { BorrowedFd::borrow_raw(ctx.image_fd) };
-        copy_from(fd, image, runs)?;
+        // Verified as they are copied, from the same bytes: one read of
+        // the image instead of two. A bad run fails the restore before the
+        // process runs.
+        copy_from(fd, image, runs, true)?;
         // An incremental image's unchanged pages, from its parent.
         if let Some(parent) = ctx.parent {
             let mut runs = Vec::new();
@@ -360,22 +366,32 @@ impl Copier {
                         }),
                 );
             }
-            copy_from(fd, parent.fd(), runs)?;
+            // Verified whole before any process existed (see `restore`).
+            copy_from(fd, parent.fd(), runs, false)?;
         }
         Ok(())
     }
 }
 
-/// `UFFDIO_COPY` `runs` of file `image` through `uffd` (registered).
-/// Verified before the process existed (`verify_pages`).
-fn copy_from(uffd: BorrowedFd<'_>, image: BorrowedFd<'_>, mut runs: Vec<Run>) -> Result<()> {
+/// `UFFDIO_COPY` `runs` of file `image` through `uffd` (registered),
+/// checking each against its checksum if `verify`.
+fn copy_from(
+    uffd: BorrowedFd<'_>,
+    image: BorrowedFd<'_>,
+    mut runs: Vec<Run>,
+    verify: bool,
+) -> Result<()> {
     runs.sort_by_key(|r| r.file_off);
     let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
         return Ok(());
     };
     let (lo, hi) = (first.file_off, last.file_off + last.len);
     let map = ImageMap::new(image, lo, hi - lo)?;
-    copy_runs(Some(uffd), false, &map, &runs).map(|_| ())
+    let mut parts = copy_runs(Some(uffd), verify, &map, &runs)?;
+    if verify {
+        check_parts(&runs, &mut parts)?;
+    }
+    Ok(())
 }
 
 /// The parent of an incremental image (see `crate::incremental`): its
@@ -559,14 +575,29 @@ fn copy_runs(
     })
 }
 
-/// Verify every page run of the image against its checksum, before any
-/// process exists, with both cores: each run is checksummed straight from
-/// a mapping of the image (no copy into a buffer). Images with compressed
-/// runs are verified by the reader, which decompresses them.
+/// Verify the page runs of the image that are not verified as they are
+/// copied (those of mappings the [`Copier`] takes), before any process
+/// exists, with both cores: each run is checksummed straight from a
+/// mapping of the image (no copy into a buffer). Images with compressed
+/// runs are verified whole by the reader, which decompresses them.
 pub fn verify_pages(reader: &crate::image::ImageReader, image: BorrowedFd<'_>) -> Result<()> {
+    verify_runs(reader, image, |v| !Copier::takes(v))
+}
+
+/// Verify every page run of the image (an incremental image's parent:
+/// its runs are copied in parts, which no stored checksum covers).
+pub fn verify_every_page(reader: &crate::image::ImageReader, image: BorrowedFd<'_>) -> Result<()> {
+    verify_runs(reader, image, |_| true)
+}
+
+fn verify_runs(
+    reader: &crate::image::ImageReader,
+    image: BorrowedFd<'_>,
+    which: impl Fn(&Vma) -> bool,
+) -> Result<()> {
     let meta = reader.metadata();
     let mut runs = Vec::new();
-    for vma in meta.processes().flat_map(|p| &p.vmas) {
+    for vma in meta.processes().flat_map(|p| &p.vmas).filter(|v| which(v)) {
         for r in &vma.pages {
             if r.data.compression != Compression::None {
                 return reader

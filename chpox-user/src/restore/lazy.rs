@@ -32,10 +32,13 @@
 //! that race with such a change fail with EAGAIN until the event is read,
 //! and are retried after it.
 //!
-//! The page runs' checksums are verified by a thread of the server while
-//! the process runs: reading every page before it may start is what
-//! `--lazy` avoids. A bad checksum kills the restored processes (and the
-//! children they forked meanwhile) and says which run was bad.
+//! Reading every page to verify it before the process may start is what
+//! `--lazy` avoids: each page run is verified the first time any of it is
+//! to be copied in (see [`super::checks`]), and a thread of the server
+//! verifies the rest meanwhile. A bad run is never copied: the restored
+//! processes (and the children they forked meanwhile) are killed, the
+//! server waits until they are gone, and says which run was bad. During
+//! the rebuild, a bad run fails the restore instead.
 //!
 //! # Limits
 //!
@@ -51,18 +54,19 @@
 //!   --lazy` logs when every page is in, with `-v`).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tracing::{debug, error, info};
 
+use super::checks::{BadRun, RunChecks};
 use super::child::Child;
 use super::fill::{ImageMap, Piece};
 use super::pending::Pending;
 use super::uffd::{self, Copied, Event};
 use crate::error::{Error, Result};
-use crate::image::ImageReader;
 use crate::image::model::{Compression, Vma, VmaKind};
 use crate::memory::PAGE_SIZE;
 
@@ -98,13 +102,17 @@ struct Space {
 }
 
 enum Msg {
-    Add(Space),
+    /// A process's memory, and its page runs (address, data).
+    Add(Space, Vec<(u64, crate::image::model::DataRef)>),
     Stop,
 }
 
 /// The state handed from the build thread to the page server.
 struct Server {
-    image: ImageMap,
+    image: Arc<ImageMap>,
+    /// Every run served, verified as it is first served (or before, by
+    /// the server's verifying thread).
+    runs: Arc<RunChecks>,
     spaces: Vec<Space>,
     /// The restored processes and those they forked, as pidfds, to kill
     /// if a checksum is bad.
@@ -163,7 +171,8 @@ impl Lazy {
                 .map_err(|e| os("pipe", e.into()))?;
         let (tx, rx) = mpsc::channel();
         let server = Server {
-            image: map,
+            image: Arc::new(map),
+            runs: Arc::new(RunChecks::default()),
             spaces: Vec::new(),
             victims: Arc::new(Mutex::new(Vec::new())),
             bytes: 0,
@@ -177,14 +186,22 @@ impl Lazy {
     }
 
     fn send(&self, msg: Msg) -> Result<()> {
-        let serving = self.serving.borrow();
-        let s = serving
-            .as_ref()
-            .ok_or_else(|| Error::Other("internal: lazy server not started".into()))?;
-        s.tx.send(msg)
-            .map_err(|_| Error::Other("--lazy: the page server thread ended".into()))?;
-        nix::unistd::write(&s.wake, &[1u8]).map_err(|e| os("eventfd", e.into()))?;
-        Ok(())
+        let sent = {
+            let serving = self.serving.borrow();
+            let s = serving
+                .as_ref()
+                .ok_or_else(|| Error::Other("internal: lazy server not started".into()))?;
+            s.tx.send(msg).is_ok() && nix::unistd::write(&s.wake, &[1u8]).is_ok()
+        };
+        if sent {
+            return Ok(());
+        }
+        // The thread ended: by its error (a bad page run, say).
+        let ended = self.serving.borrow_mut().take().map(|s| s.thread.join());
+        match ended {
+            Some(Ok(Err(e))) => Err(e),
+            _ => Err(Error::Other("--lazy: the page server thread ended".into())),
+        }
     }
 
     /// Register `vmas` (mapped, empty) of the child for filling on demand.
@@ -203,10 +220,12 @@ impl Lazy {
         uffd::api(uffd.as_fd(), uffd::FEATURES)
             .map_err(|e| os("userfaultfd API (restore without --lazy)", e))?;
         let mut pending = Pending::default();
+        let mut runs = Vec::new();
         for vma in vmas {
             uffd::register(uffd.as_fd(), vma.start, vma.end - vma.start)
                 .map_err(|e| os(&format!("registering {:#x}-{:#x}", vma.start, vma.end), e))?;
             for run in &vma.pages {
+                runs.push((run.addr, run.data));
                 pending.insert(Piece {
                     addr: run.addr,
                     file_off: run.data.offset,
@@ -214,19 +233,23 @@ impl Lazy {
                 });
             }
         }
+        super::phases::mark("userfaultfd registered");
         debug!(
             pid,
             mappings = vmas.len(),
             bytes = pending.bytes(),
             "registered for lazy filling"
         );
-        self.send(Msg::Add(Space {
-            pid,
-            uffd,
-            pending,
-            retry: Vec::new(),
-            dead: false,
-        }))
+        self.send(Msg::Add(
+            Space {
+                pid,
+                uffd,
+                pending,
+                retry: Vec::new(),
+                dead: false,
+            },
+            runs,
+        ))
     }
 
     /// Stop serving from this process (a failed restore).
@@ -239,9 +262,8 @@ impl Lazy {
     }
 
     /// The processes `pids` are rebuilt: hand their memory to a page server
-    /// process that outlives us, which also verifies the page runs of
-    /// `reader`. Nothing to do if nothing was registered.
-    pub fn finish(&self, reader: &ImageReader, pids: &[i32]) -> Result<()> {
+    /// process that outlives us. Nothing to do if nothing was registered.
+    pub fn finish(&self, pids: &[i32]) -> Result<()> {
         let Some(s) = self.serving.borrow_mut().take() else {
             return Ok(());
         };
@@ -251,13 +273,14 @@ impl Lazy {
             .thread
             .join()
             .map_err(|_| Error::Other("--lazy: the page server thread panicked".into()))??;
+        super::phases::mark("build-time server stopped");
         {
             let mut victims = server.victims.lock().unwrap_or_else(|p| p.into_inner());
             for &pid in pids {
                 victims.push(pidfd_open(pid).map_err(|e| os("pidfd_open", e))?);
             }
         }
-        spawn_server(server, reader, self.image_fd)
+        spawn_server(server, self.image_fd)
     }
 }
 
@@ -281,9 +304,16 @@ fn serve_build(mut server: Server, rx: mpsc::Receiver<Msg>, wake: OwnedFd) -> Re
             while matches!(nix::unistd::read(&wake, &mut buf), Ok(n) if n > 0) {}
             while let Ok(msg) = rx.try_recv() {
                 match msg {
-                    Msg::Add(space) => {
+                    Msg::Add(space, runs) => {
                         server.bytes += space.pending.bytes();
                         server.spaces.push(space);
+                        // Only this thread holds the table until the
+                        // server's verifying thread starts.
+                        Arc::get_mut(&mut server.runs)
+                            .ok_or_else(|| {
+                                Error::Other("internal: page runs added while shared".into())
+                            })?
+                            .add(runs);
                     }
                     Msg::Stop => return Ok(server),
                 }
@@ -381,7 +411,14 @@ impl Server {
         let pieces = self.spaces[i].pending.take(lo, lo + FAULT_WINDOW);
         let mut again = false;
         for p in pieces {
-            again |= self.copy(i, p)?;
+            // Neighbours come along only if their runs are verified
+            // already: the thread waits for its own page's run alone.
+            let own = (p.addr..p.addr + p.len).contains(&page);
+            if own || self.runs.known_good(p.file_off, p.len) {
+                again |= self.copy(i, p)?;
+            } else {
+                self.spaces[i].pending.insert(p);
+            }
         }
         let space = &mut self.spaces[i];
         if space.dead {
@@ -415,6 +452,9 @@ impl Server {
     /// Copy `p` into space `i`. Returns true if part of it had to be put
     /// back until pending events are read.
     fn copy(&mut self, i: usize, p: Piece) -> Result<bool> {
+        if let Some(bad) = self.runs.check(&self.image, p.file_off, p.len)? {
+            return Err(self.corrupt(bad));
+        }
         let mut done = 0u64;
         while done < p.len {
             let src = self.image.addr_of(p.file_off + done).ok_or_else(|| {
@@ -472,6 +512,16 @@ impl Server {
         }
         space.dead = true;
         Ok(())
+    }
+
+    /// A bad run was about to be served: kill every restored process
+    /// before any could read it (none has: it was never copied), and wait
+    /// until they are gone, so that closing their userfaultfds (which lets
+    /// a waiting fault map an empty page) comes after. The error ends the
+    /// server (during the rebuild, the restore).
+    fn corrupt(&mut self, bad: BadRun) -> Error {
+        kill_all(&self.victims);
+        Error::Other(bad.to_string())
     }
 
     /// One background step: the lowest pending bytes of the next space
@@ -532,6 +582,37 @@ impl Server {
     }
 }
 
+/// SIGKILL every restored process and every child they forked, then wait
+/// (a few seconds at most) until each is gone.
+fn kill_all(victims: &Mutex<Vec<OwnedFd>>) {
+    let victims = victims.lock().unwrap_or_else(|p| p.into_inner());
+    for pidfd in victims.iter() {
+        // SAFETY: pidfd_send_signal takes integers and a null siginfo; a
+        // pidfd names its process, never a reused PID.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+    // A pidfd polls readable once its process has exited.
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    for pidfd in victims.iter() {
+        let mut fds = [libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        while fds[0].revents == 0 && Instant::now() < deadline {
+            let _ = poll(&mut fds, 100);
+        }
+    }
+}
+
 /// The child `parent` just forked: its child not among `spaces`. 0 if it
 /// cannot be told.
 fn new_child(parent: i32, spaces: &[Space]) -> i32 {
@@ -558,7 +639,7 @@ fn new_child(parent: i32, spaces: &[Space]) -> i32 {
 
 /// Fork the page server (twice, so that nobody waits for it) and give it
 /// `server`; return in the restorer once it runs.
-fn spawn_server(server: Server, reader: &ImageReader, image_fd: RawFd) -> Result<()> {
+fn spawn_server(server: Server, image_fd: RawFd) -> Result<()> {
     // SAFETY: the restorer has no other thread now (the build thread was
     // joined, the verification thread runs for eager restores only); the
     // child only calls fork and _exit, the grandchild runs the server and
@@ -574,7 +655,7 @@ fn spawn_server(server: Server, reader: &ImageReader, image_fd: RawFd) -> Result
         // SAFETY: as above.
         let second = unsafe { libc::fork() };
         if second == 0 {
-            let code = server_main(server, reader, image_fd);
+            let code = server_main(server, image_fd);
             // SAFETY: ending the server without running the restorer's
             // destructors (they would kill the processes it restored).
             unsafe { libc::_exit(code) };
@@ -593,7 +674,7 @@ fn spawn_server(server: Server, reader: &ImageReader, image_fd: RawFd) -> Result
 }
 
 /// The page server process: detach, serve, verify; the exit code.
-fn server_main(mut server: Server, reader: &ImageReader, image_fd: RawFd) -> i32 {
+fn server_main(mut server: Server, image_fd: RawFd) -> i32 {
     let started = Instant::now();
     // SAFETY: setsid, signal and prctl take integers; failures leave the
     // server in its parent's session or with default dispositions, which
@@ -617,35 +698,37 @@ fn server_main(mut server: Server, reader: &ImageReader, image_fd: RawFd) -> i32
         mib = server.bytes >> 20,
         "lazy restore: page server running"
     );
-    let victims = server.victims.clone();
-    let outcome = std::thread::scope(|s| {
-        let verifier = s.spawn(move || {
-            let result = reader.verify_pages();
-            if let Err(e) = &result {
-                error!("lazy restore: {e}; killing the restored processes");
-                for pidfd in victims.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    // SAFETY: pidfd_send_signal takes integers and a null
-                    // siginfo; a pidfd names its process, never a reused
-                    // PID.
-                    unsafe {
-                        libc::syscall(
-                            libc::SYS_pidfd_send_signal,
-                            pidfd.as_raw_fd(),
-                            libc::SIGKILL,
-                            std::ptr::null::<libc::siginfo_t>(),
-                            0,
-                        )
-                    };
-                }
+    let (victims, runs, image) = (
+        server.victims.clone(),
+        server.runs.clone(),
+        server.image.clone(),
+    );
+    let stop = AtomicBool::new(false);
+    let (served, verified) = std::thread::scope(|s| {
+        // The runs not served yet, on the other core: most are known good
+        // before they are needed, and a bad one not touched for long still
+        // stops the process early.
+        let verifier = s.spawn(|| {
+            let found = runs.check_all(&image, &stop);
+            if let Ok(Some(_)) = found {
+                kill_all(&victims);
             }
-            result.is_ok()
+            found
         });
         let served = serve_detached(&mut server);
-        let verified = verifier.join().unwrap_or(false);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let verified = verifier
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("the verifying thread panicked".into())));
         (served, verified)
     });
-    match outcome {
-        (Ok(()), true) => {
+    let failed = match (served, verified) {
+        (Err(e), _) | (Ok(()), Err(e)) => Some(e.to_string()),
+        (Ok(()), Ok(Some(bad))) => Some(bad.to_string()),
+        (Ok(()), Ok(None)) => None,
+    };
+    match failed {
+        None => {
             info!(
                 mib = server.bytes >> 20,
                 us = started.elapsed().as_micros() as u64,
@@ -653,11 +736,10 @@ fn server_main(mut server: Server, reader: &ImageReader, image_fd: RawFd) -> i32
             );
             0
         }
-        (Err(e), _) => {
-            error!("lazy restore: {e}");
+        Some(e) => {
+            error!("lazy restore: {e}; the restored processes were killed");
             1
         }
-        (_, false) => 1,
     }
 }
 

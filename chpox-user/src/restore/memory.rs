@@ -253,6 +253,7 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
             });
         }
     }
+    super::phases::mark("mappings made");
     if let Some(lazy) = ctx.lazy {
         // Before anything of the restore may touch them: a page touched
         // while unregistered would be zero-filled and its content lost.

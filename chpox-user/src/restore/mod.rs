@@ -40,7 +40,14 @@
 //! 1. [`validate`]: how far the image is trusted (its file's owner), the
 //!    counts it asks for against this system's limits, image checksums,
 //!    CPU features, credentials, files the memory needs. Nothing is
-//!    started when this fails.
+//!    started when this fails. The content of files mapped from disk is
+//!    hashed on another thread meanwhile, and awaited before anything
+//!    runs: a changed file then kills the processes built so far.
+//!    Without `--lazy`, every page run is verified here too; with it, each
+//!    run as it is first served ([`checks`]).
+//!
+//! `chpox restore -vv` logs each step with its microseconds and remote
+//! calls ([`phases`]).
 //! 2. [`spawn`]: create the child and hold it.
 //! 3. [`vdso`], [`memory`]: the address space, then `PR_SET_MM_MAP`
 //!    ([`process`]).
@@ -67,12 +74,14 @@
 //!   found by looking for each thread's TID in its thread-control block
 //!   (see [`threads`]).
 
+pub mod checks;
 pub mod child;
 pub mod fill;
 pub mod inject;
 pub mod lazy;
 pub mod memory;
 pub mod pending;
+pub mod phases;
 pub mod process;
 pub mod registers;
 pub mod signals;
@@ -152,12 +161,14 @@ pub struct Restored {
 /// Must be called from the thread that will wait for the process (ptrace
 /// binds a tracee to the thread that attached it).
 pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
+    phases::start();
     // Image errors say what they are about; no "image:" prefix.
     // The child inherits `image_file` (fork copies the table), so it reads
     // pages from the very file we validated, whatever the path resolves to
     // later.
     let (reader, image_file) =
         ImageReader::open_file(image).map_err(|e| Error::Other(e.to_string()))?;
+    phases::mark("image opened");
     let trust = validate::trust(&image_file, opts.trust_image)?;
     let owner = trust.owner();
     let mut plan = validate::validate(&reader, &trust)?;
@@ -172,26 +183,37 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         )?),
         None => None,
     };
+    phases::mark("image validated");
+    // File contents are compared on the other core while the processes
+    // are built; the answer is awaited before any of them runs.
+    let content = std::mem::take(&mut plan.content);
+    let mut hashing = Some(
+        std::thread::Builder::new()
+            .name("chpox-hash".into())
+            .spawn(move || content.run())
+            .map_err(|e| Error::Other(format!("cannot start a thread: {e}")))?,
+    );
     if !opts.lazy {
-        // Before anything can warn: a damaged image is refused in one line.
+        // What is not verified as it is copied (see `fill`).
         fill::verify_pages(&reader, std::os::fd::AsFd::as_fd(&image_file))?;
         if let Some(p) = &parent {
-            fill::verify_pages(&p.reader, std::os::fd::AsFd::as_fd(&p.file))?;
+            fill::verify_every_page(&p.reader, std::os::fd::AsFd::as_fd(&p.file))?;
         }
+        phases::mark("pages verified");
     }
+    // Warnings wait until the memory is filled and the files compared: a
+    // damaged page run or a changed file is refused in one line, without
+    // warnings about a restore that does not happen.
     let mut warnings = std::mem::take(&mut plan.warnings);
-    for w in &warnings {
-        warn!("{w}");
-    }
     let meta = reader.metadata();
     if !meta.children_not_saved.is_empty() {
-        let w = format!(
+        warnings.push(format!(
             "the image holds PID {} alone: its children {:?} were not saved and do not come back",
             meta.root.process.pid, meta.children_not_saved
-        );
-        warn!("{w}");
-        warnings.push(w);
+        ));
     }
+    let early = warnings.len();
+    let held = fds::restore::HeldWarnings::new();
     let tree = meta.is_tree();
     // PIDs are part of a tree's state (a shell's job table, waitpid,
     // pidfiles): all of them, or a namespace where all of them are free.
@@ -205,6 +227,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         fds::Descriptions::prepare(meta, &reader, owner, &opts.inherit_fds, &mut warnings)?;
     descriptions.deleted_copies.make_mapped(meta, &reader)?;
     let injector = inject::Injector::new()?;
+    phases::mark("descriptions prepared");
     let pid_mode = if tree || pid_ns {
         PidMode::Same
     } else {
@@ -218,6 +241,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         None
     };
     let init_frozen = init.as_ref().map(|i| Frozen::adopt(i.pid, vec![i.pid]));
+    // What a process forked from us starts with; a namespace's init sets
+    // its own, which its children inherit instead.
+    let inherited_actions = (init.is_none()).then(signals::own_actions);
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
@@ -247,8 +273,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 prepare_root(&members[0], meta)?
             }
         };
+        phases::mark("root spawned");
         tree::create(&mut members, meta, &layout)?;
         tree::join_groups(&members, meta, &layout)?;
+        phases::mark("tree created");
         for (i, image) in meta.processes().enumerate() {
             let ctx = Context {
                 reader: &reader,
@@ -264,6 +292,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 owner,
                 lazy: lazy.as_ref(),
                 parent: parent.as_ref(),
+                inherited_actions: inherited_actions.as_deref(),
             };
             // Threads after the first, held by us as soon as they exist.
             let mut held = Vec::new();
@@ -280,15 +309,31 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 }
             })?;
         }
+        // Before the page server is forked (no other thread may run then)
+        // and before any process runs.
+        if let Some(h) = hashing.take() {
+            let changed = h
+                .join()
+                .map_err(|_| Error::Other("the file hashing thread panicked".into()))??;
+            for w in changed {
+                warn!("{w}");
+                warnings.push(w);
+            }
+            phases::mark("file contents compared");
+        }
         if let Some(lazy) = &lazy {
             let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
-            lazy.finish(&reader, &pids)?;
+            lazy.finish(&pids)?;
+            phases::mark("page server started");
         }
         Ok(())
     })();
     if let Err(e) = built {
         if let Some(lazy) = &lazy {
             lazy.abort();
+        }
+        if let Some(h) = hashing.take() {
+            let _ = h.join();
         }
         debug!(error = %e, "restore failed; killing the half-built processes");
         while let Some(f) = members.pop() {
@@ -299,6 +344,10 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         return Err(e);
     }
+    for w in &warnings[..early] {
+        warn!("{w}");
+    }
+    held.log();
     let pid = members[0].pid();
     // Children first, the root last (see `FrozenTree::resume`).
     while let Some(f) = members.pop() {
@@ -313,6 +362,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         _ => pid,
     };
+    phases::mark("running");
     drop(image_file);
     for w in descriptions.later() {
         warn!("{w}");
@@ -360,6 +410,9 @@ pub struct Context<'a> {
     pub lazy: Option<&'a lazy::Lazy>,
     /// The parent of an incremental image.
     pub parent: Option<&'a fill::ParentImage>,
+    /// The signal dispositions every process starts with (the restorer's),
+    /// when known.
+    pub inherited_actions: Option<&'a [crate::image::model::SigAction]>,
 }
 
 /// The root, still a copy of the restorer: forget its rseq, and map the
@@ -417,12 +470,15 @@ fn build(
 
     vdso::move_vdso(&mut c, &image.vmas, layout.temp)?;
     memory::unmap_inherited(&mut c, &layout)?;
+    phases::mark("inherited memory unmapped");
     let mapped = memory::map_all(&mut c, ctx)?;
+    phases::mark("memory mapped and filled");
     process::set_mm(&mut c, ctx, mapped.exe_fd, warnings)?;
     process::apply_vma_flags(&mut c, ctx, warnings)?;
     mapped.close(&mut c)?;
+    phases::mark("mm set");
     process::restore_state(&mut c, ctx, warnings)?;
-    signals::restore_actions(&mut c, &image.signals.actions)?;
+    signals::restore_actions(&mut c, &image.signals.actions, ctx.inherited_actions)?;
     let (main, others) = image
         .threads
         .split_first()
@@ -436,6 +492,7 @@ fn build(
         ctx.descriptions,
         ctx.injector,
     )?;
+    phases::mark("descriptors restored");
 
     // The other threads: created while the main thread still has the
     // privileges to choose their TIDs, each then drops its own.
@@ -477,6 +534,7 @@ fn build(
     threads::finish(frozen, &layout, held, others, tid_offset, creds)?;
     threads::setup(&mut c, main, tid_offset, creds)?;
     process::restore_attrs(&mut c, ctx, warnings)?;
+    phases::mark("threads, signals, limits, timers");
 
     // Last remote call: the trampoline goes too. The thread stops at the
     // syscall exit, and never runs on the unmapped page: its registers are
@@ -488,6 +546,7 @@ fn build(
     )?;
     c.into_thread().give_back()?;
     registers::load(pid, main)?;
+    phases::mark("registers loaded");
     Ok(())
 }
 

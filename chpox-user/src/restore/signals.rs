@@ -10,9 +10,53 @@ use crate::image::model::{AltStack, PendingSignal, ProcessImage, SigAction};
 
 const SS_AUTODISARM: i32 = 1 << 31;
 
-/// `rt_sigaction` for every saved disposition.
-pub fn restore_actions(c: &mut Child<'_>, actions: &[SigAction]) -> Result<()> {
+/// The restorer's own dispositions, which a process it forks starts with:
+/// [`restore_actions`] leaves alone those the image has too (most are the
+/// default), a remote call each saved.
+pub fn own_actions() -> Vec<SigAction> {
+    let mut actions = Vec::with_capacity(62);
+    for signo in 1..=64i32 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        let mut k = [0u8; crate::signals::KERNEL_SIGACTION_SIZE];
+        // SAFETY: rt_sigaction with no new action only writes the old one
+        // into `k`, which is a kernel_sigaction's size (sigsetsize 8).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signo,
+                std::ptr::null::<u8>(),
+                k.as_mut_ptr(),
+                8usize,
+            )
+        };
+        if r == 0 {
+            actions.push(crate::signals::from_kernel(signo, &k));
+        }
+    }
+    actions
+}
+
+/// `rt_sigaction` for every saved disposition the process does not have
+/// already: `inherited` are the ones it started with (from
+/// [`own_actions`] of its creator), or `None` to set every one.
+pub fn restore_actions(
+    c: &mut Child<'_>,
+    actions: &[SigAction],
+    inherited: Option<&[SigAction]>,
+) -> Result<()> {
     for a in actions {
+        let same = |b: &SigAction| {
+            b.signo == a.signo
+                && b.handler == a.handler
+                && b.flags == a.flags
+                && b.restorer == a.restorer
+                && b.mask == a.mask
+        };
+        if inherited.is_some_and(|have| have.iter().any(same)) {
+            continue;
+        }
         let addr = c.put(ARGS_AT, &crate::signals::to_kernel(a))?;
         c.call(
             "rt_sigaction",

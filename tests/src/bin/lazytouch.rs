@@ -9,6 +9,9 @@
 //! is never touched (reads as zero). Prints `READY addr=0x<hex>
 //! len=<bytes>` and sleeps until SIGUSR1. Then, at once:
 //!
+//! 0. if the file named by `$LAZYTOUCH_FIRST` exists (written after the
+//!    checkpoint), checks the page of the region it names before anything
+//!    else (`CORRUPT first offset=<n>` and exit 3 if wrong);
 //! 1. forks; the child checks every page, in an order of its own, and
 //!    exits 0, or 3 at the first wrong word;
 //! 2. discards its last 16 pages (`MADV_DONTNEED`: they must read as
@@ -94,6 +97,15 @@ fn main() {
     stop_on_signal(libc::SIGUSR1);
     say!("READY addr={base:#x} len={len}");
     wait_for_stop(Duration::from_millis(50));
+
+    // 0. The page asked for, first.
+    let first = std::env::var_os("LAZYTOUCH_FIRST").and_then(|f| std::fs::read_to_string(f).ok());
+    let first = first
+        .and_then(|p| p.trim().parse::<usize>().ok())
+        .filter(|&p| p < pages);
+    if let Some(off) = first.and_then(|page| check_page(base + page * PAGE, page, expected)) {
+        corrupt("first", off);
+    }
 
     // 1. A child that sees the memory as it was at the fork.
     // SAFETY: single-threaded here; the child only reads memory and exits.

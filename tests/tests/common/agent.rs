@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -15,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{chmod, chpox_bin, parse_hex, parse_kv, show};
+use chpox::image::ImageReader;
+
+use super::{Target, bin, chmod, chpox_bin, parse_hex, parse_kv, path_str, run_chpox, show};
 
 /// The default trigger signal (SIGSYS on x86-64).
 pub const SIGSYS: i32 = 31;
@@ -680,4 +683,94 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Targets and images of the trigger-path tests
+
+/// How long a target may take to exit.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Panics unless the target is still running.
+pub fn assert_running(t: &mut Target) {
+    if let Some(status) = t.child.try_wait().expect("try_wait") {
+        panic!(
+            "pid {} exited ({status}) but should run on\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            t.pid,
+            t.stdout(),
+            t.stderr()
+        );
+    }
+}
+
+/// Test program `name` started directly (not registered), as root.
+pub fn plain_target(s: &Scratch, name: &str, args: &[&str]) -> Target {
+    let mut cmd = Command::new(bin(name));
+    cmd.args(args);
+    no_core(&mut cmd, &s.logs);
+    Target::spawn_command(cmd, name, &s.logs)
+}
+
+/// Test program `name` started directly as `nobody`.
+pub fn nobody_target(s: &Scratch, name: &str, args: &[&str]) -> Target {
+    let mut cmd = Command::new(bin(name));
+    cmd.args(args).uid(NOBODY).gid(NOBODY);
+    no_core(&mut cmd, &s.logs);
+    let t = Target::spawn_command(cmd, name, &s.logs);
+    assert_eq!(
+        fs::metadata(format!("/proc/{}", t.pid)).unwrap().uid(),
+        NOBODY
+    );
+    t
+}
+
+/// Test program `name` started with `chpox run CHPOX_ARGS -- PROGRAM ARGS`:
+/// registered before its first instruction, under the PID of our child.
+pub fn run_target(
+    agent: &Agent,
+    s: &Scratch,
+    name: &str,
+    args: &[&str],
+    chpox_args: &[&str],
+) -> Target {
+    let mut cmd = agent.client(chpox_bin());
+    cmd.arg("run")
+        .args(chpox_args)
+        .arg("--")
+        .arg(bin(name))
+        .args(args);
+    no_core(&mut cmd, &s.logs);
+    Target::spawn_command(cmd, name, &s.logs)
+}
+
+/// `chpox inspect` accepts the image, its checksums verify, and it is of `pid`.
+pub fn check_image(path: &Path, pid: i32) -> ImageReader {
+    let out = run_chpox(&["inspect", path_str(path)]);
+    assert!(
+        out.status.success(),
+        "chpox inspect {} failed {}",
+        path.display(),
+        show(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("checksums: ok"),
+        "{}",
+        show(&out)
+    );
+    let reader =
+        ImageReader::open(path).unwrap_or_else(|e| panic!("open image {}: {e}", path.display()));
+    reader
+        .verify_all()
+        .unwrap_or_else(|e| panic!("verify image {}: {e}", path.display()));
+    assert_eq!(
+        reader.metadata().root.process.pid,
+        pid,
+        "image of the wrong PID"
+    );
+    reader
+}
+
+/// The image at the `output` of a list entry.
+pub fn output_of(entry: &Value) -> PathBuf {
+    PathBuf::from(entry["output"].as_str().expect("output is a string"))
 }

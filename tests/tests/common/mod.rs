@@ -7,8 +7,12 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod dumps;
 pub mod images;
 pub mod procs;
+pub mod restore;
+pub mod sockets;
+pub mod tree;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -438,4 +442,46 @@ pub fn check_pattern(reader: &chpox::image::ImageReader, addr: u64, len: u64) {
 /// bytes of its pattern stayed intact.
 pub fn mempattern_done(len: u64) -> String {
     format!("DONE sum={:#x}", chpox_tests::pattern_sum(len))
+}
+
+/// Only descriptors 0–2 reach the program: nothing of the test harness's
+/// (a pipe to another process would make the dump refuse the tree).
+pub fn only_stdio(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::close_range(3, u32::MAX, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A Python script from `dir` (written there as `prog.py`), run until its
+/// `READY` line.
+pub fn python(script: &str, args: &[&str], dir: &Path) -> Target {
+    let path = dir.join("prog.py");
+    std::fs::write(&path, script).expect("write the script");
+    let mut cmd = Command::new("python3");
+    cmd.arg("-u").arg(&path).args(args).current_dir(dir);
+    only_stdio(&mut cmd);
+    Target::spawn_command(cmd, "prog", dir)
+}
+
+/// `chpox dump ROOT -o IMAGE --kill [extra]`, then waits until every
+/// process of the tree is gone (and reaps our child).
+pub fn dump_kill(t: &mut Target, image: &Path, extra: &[&str]) {
+    use std::os::unix::process::ExitStatusExt;
+    let pids = procs::tree_pids(t.pid);
+    let root = t.pid.to_string();
+    let mut args = vec!["dump", root.as_str(), "-o", path_str(image), "--kill"];
+    args.extend_from_slice(extra);
+    chpox_ok(&args);
+    let status = t.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed by the dump");
+    for pid in pids {
+        wait_pid_free(pid);
+    }
 }

@@ -26,10 +26,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use tracing::warn;
 
-use super::restore::{Key, file_err, one};
 use super::sock_diag::{self, get_opt, set_opt, steal, u32_at};
-use super::{Embed, Kind, Probe, UnsupportedFd};
 use crate::error::{Error, Result};
+use crate::fds::restore::{Key, file_err, one};
+use crate::fds::{Embed, Kind, Probe, UnsupportedFd};
 use crate::image::model::{FdKind, InetOptions, InetSocketImage, ProcessImage, TcpConnection};
 
 /// What becomes of established TCP connections at dump time.
@@ -353,7 +353,7 @@ pub(crate) fn set_options(sock: &OwnedFd, s: &InetSocketImage) -> Result<()> {
     if s.sock_type == libc::SOCK_STREAM {
         set_opt(sock, libc::IPPROTO_TCP, libc::TCP_NODELAY, b(o.nodelay)).map_err(&err)?;
     }
-    super::unix::set_buffers(sock, o.sndbuf, o.rcvbuf);
+    super::unix_restore::set_buffers(sock, o.sndbuf, o.rcvbuf);
     set_opt(sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, b(o.reuseaddr)).map_err(&err)?;
     Ok(())
 }

@@ -6,9 +6,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
-use super::restore::{Descriptions, Key, Making, file_err};
 use super::sock_diag;
 use crate::error::{Error, Result};
+use crate::fds::restore::{Descriptions, Key, Making, file_err};
 use crate::image::ImageReader;
 use crate::image::model::FdKind;
 
@@ -77,7 +77,7 @@ pub(super) fn make_socket_pair(
             .flat_map(|p| &p.fds)
             .find(|e| matches!(e.kind, FdKind::UnixPair { inode: i, .. } if i == ino))
     };
-    let (this, other) = super::unix::pair(sock_type)
+    let (this, other) = super::unix_restore::pair(sock_type)
         .map_err(|e| Error::Other(format!("cannot create a UNIX socket pair: {e}")))?;
     let ends = [(inode, &this, &other), (peer, &other, &this)];
     for (ino, end, from) in ends {

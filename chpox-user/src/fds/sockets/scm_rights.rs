@@ -16,9 +16,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use nix::fcntl::OFlag;
 use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 
-use super::restore::{Making, open_flags, seek};
-use super::{FdInfo, Probe, file, parse_fdinfo};
 use crate::error::{Error, Result};
+use crate::fds::restore::{Making, open_flags, seek};
+use crate::fds::{FdInfo, Probe, file, parse_fdinfo};
 use crate::image::model::{FdEntry, FdKind};
 
 /// Dump: the entry of `fd`, a copy of a descriptor in flight that we
@@ -61,6 +61,7 @@ pub fn entry(fd: &OwnedFd, what: &str) -> Result<FdEntry> {
                 cloexec: false,
                 kind: k,
                 description: 0,
+                locks: Vec::new(),
             });
         }
     }

@@ -32,9 +32,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 use super::inet::{self, TCP_ESTABLISHED};
-use super::restore::{Descriptions, Key, Making};
 use super::sock_diag::{self, get_opt, set_opt, steal};
 use crate::error::{Error, Result};
+use crate::fds::restore::{Descriptions, Key, Making};
 use crate::image::model::{FdKind, InetSocketImage, ProcessImage, TcpConnection};
 use crate::image::{ImageReader, ImageWriter};
 
@@ -249,7 +249,7 @@ fn restore(s: &InetSocketImage, reader: &ImageReader) -> Result<(OwnedFd, Vec<u8
     )
     .map_err(&err)?;
     // Buffers before queues: a full queue must fit.
-    super::unix::set_buffers(&sock, s.options.sndbuf, s.options.rcvbuf);
+    super::unix_restore::set_buffers(&sock, s.options.sndbuf, s.options.rcvbuf);
     inet::bind(&sock, s, true)?;
     sock_diag::bind_or_connect(&sock, &inet::sockaddr(s.family, &s.dst, s.dst_port), true)
         .map_err(&err)?;
