@@ -1,39 +1,45 @@
 //! chpox: checkpoint and restore of Linux processes.
 //!
-//! One module per kind of state, as in CRIU: find "where are fds dumped?" in
-//! `fds`, "where are registers read?" in `registers`, and so on. `dump`
-//! orchestrates them; `image` is the on-disk format; `ptrace` freezes a
-//! process and `remote` runs syscalls inside it.
+//! One module per kind of state, each with its dump and restore halves, as
+//! in CRIU:
+//! - `memory`: mappings and pages (`memory::pagecopy` writes them,
+//!   `memory::snapshot` reads them from a copy-on-write copy);
+//! - `process`: process-wide state, with `creds`, `registers`, `signals`,
+//!   `threads` and `timers` beside it;
+//! - `fds`: open descriptors, one file per kind;
+//! - `files`: the executable and mapped files, and deleted ones.
+//!
+//! `dump` and `restore` orchestrate them; `freeze` holds live processes
+//! (`ptrace`, whole `tree`s, `remote` syscalls); `image` is the on-disk
+//! format; `trigger` is the path from a signal to a checkpoint (`bpf`,
+//! `agent`, `control`), apart from the engine; `cli`, `job`, `check`,
+//! `inspect` and `progress` serve the command line.
+//!
+//! The modules inside those folders are also reachable from the crate
+//! root (`chpox::timers`, `chpox::ptrace`, `chpox::agent`…), the names
+//! they are known by everywhere.
 
-pub mod agent;
-pub mod bpf;
 pub mod check;
 pub mod cli;
-pub mod control;
-pub mod creds;
-pub mod deleted;
 pub mod dirty;
 pub mod dump;
 pub mod error;
 pub mod fds;
 pub mod files;
+pub mod freeze;
 pub mod image;
 pub mod incremental;
 pub mod inspect;
 pub mod job;
 pub mod memory;
-pub mod pagecopy;
 pub mod process;
 pub mod progress;
-pub mod ptrace;
-pub mod registers;
-pub mod remote;
 pub mod restore;
-pub mod safe_return;
-pub mod signals;
-pub mod snapshot;
-pub mod threads;
-pub mod timers;
-pub mod tree;
+pub mod trigger;
 
 pub use error::{Error, Result};
+pub use files::deleted;
+pub use freeze::{ptrace, remote, safe_return, tree};
+pub use memory::{pagecopy, snapshot};
+pub use process::{creds, registers, signals, threads, timers};
+pub use trigger::{agent, bpf, control};

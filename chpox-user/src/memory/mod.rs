@@ -17,6 +17,11 @@
 //! process running copies them from a snapshot (`snapshot`) after the
 //! process runs again.
 
+// Pages to the image on every core, and the copy-on-write snapshot they
+// are read from while the process runs on.
+pub mod pagecopy;
+pub mod snapshot;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 

@@ -19,6 +19,9 @@
 //! file a process held open before dropping privileges) fails the
 //! checkpoint, named, rather than being copied or silently left out.
 
+// Files deleted while open or mapped: their content goes in the image.
+pub mod deleted;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;

@@ -7,6 +7,14 @@
 //! some containers; the process may always read its own), and the
 //! personality.
 
+// The rest of a process's state, one kind per file, each with its dump
+// and restore halves.
+pub mod creds;
+pub mod registers;
+pub mod signals;
+pub mod threads;
+pub mod timers;
+
 use procfs::process::Process;
 
 use crate::error::{Error, Result, read_proc, read_proc_bytes};
