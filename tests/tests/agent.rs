@@ -425,7 +425,7 @@ fn the_register_fifo_takes_good_lines_and_rejects_garbage() {
         let last = agent
             .log_text()
             .lines()
-            .filter(|l| l.contains("chpox::agent::fifo: register line rejected"))
+            .filter(|l| l.contains("agent::fifo: register line rejected"))
             .nth(i)
             .map(str::to_string)
             .unwrap_or_default();

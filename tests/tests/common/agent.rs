@@ -425,12 +425,14 @@ impl Agent {
     }
 
     /// The `key=value` fields of the agent's own log lines with `message`.
-    /// (The agent logs from `chpox::agent` and its submodules.)
+    /// (The agent logs from `chpox::trigger::agent` and its submodules.)
     pub fn events(&self, message: &str) -> Vec<HashMap<String, String>> {
         self.log_text()
             .lines()
             .filter(|l| {
-                l.split_once(" chpox::agent")
+                // `chpox::trigger::agent` since the crate's re-layout.
+                l.split_once(" chpox::trigger::agent")
+                    .or_else(|| l.split_once(" chpox::agent"))
                     .and_then(|(_, rest)| rest.split_once(": "))
                     .is_some_and(|(module, text)| {
                         (module.is_empty() || module.starts_with("::")) && text.starts_with(message)
