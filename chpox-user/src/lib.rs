@@ -3,7 +3,8 @@
 //! One module per kind of state, each with its dump and restore halves, as
 //! in CRIU:
 //! - `memory`: mappings and pages (`memory::pagecopy` writes them,
-//!   `memory::snapshot` reads them from a copy-on-write copy);
+//!   `memory::snapshot` reads them from a copy-on-write copy,
+//!   `memory::dirty` tracks writes for `memory::incremental` images);
 //! - `process`: process-wide state, with `creds`, `registers`, `signals`,
 //!   `threads` and `timers` beside it;
 //! - `fds`: open descriptors, one file per kind;
@@ -21,14 +22,12 @@
 
 pub mod check;
 pub mod cli;
-pub mod dirty;
 pub mod dump;
 pub mod error;
 pub mod fds;
 pub mod files;
 pub mod freeze;
 pub mod image;
-pub mod incremental;
 pub mod inspect;
 pub mod job;
 pub mod memory;
@@ -40,6 +39,6 @@ pub mod trigger;
 pub use error::{Error, Result};
 pub use files::deleted;
 pub use freeze::{ptrace, remote, safe_return, tree};
-pub use memory::{pagecopy, snapshot};
+pub use memory::{dirty, incremental, pagecopy, snapshot};
 pub use process::{creds, registers, signals, threads, timers};
 pub use trigger::{agent, bpf, control};

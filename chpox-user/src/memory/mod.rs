@@ -17,8 +17,11 @@
 //! process running copies them from a snapshot (`snapshot`) after the
 //! process runs again.
 
-// Pages to the image on every core, and the copy-on-write snapshot they
-// are read from while the process runs on.
+// Pages to the image on every core, the copy-on-write snapshot they are
+// read from while the process runs on, and the write tracking behind
+// incremental images.
+pub mod dirty;
+pub mod incremental;
 pub mod pagecopy;
 pub mod snapshot;
 
