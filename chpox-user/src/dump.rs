@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::debug;
 
+use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
 use crate::fds::{self, UnsupportedFd};
 use crate::files::FileTable;
@@ -119,8 +120,24 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // time from the trigger to the stop must not grow with the process
     // (allocating a large image area takes long on tmpfs). The image is
     // prepared while frozen.
-    let frozen = FrozenTree::freeze(pid, opts.children)?;
+    // A process to be killed stays frozen until its image is written: no
+    // snapshot, its pages are copied straight away.
+    let snapshots_wanted = opts.after != AfterDump::Kill;
+    // VmFlags now, so that smaps need not be read while frozen.
+    let early = if snapshots_wanted {
+        let pids = if opts.children {
+            tree::descendants_now(pid)
+        } else {
+            vec![pid]
+        };
+        EarlyMaps::read(&pids)
+    } else {
+        EarlyMaps::default()
+    };
+    // From before the first thread stops, so that a tree's freeze (one
+    // process after the other) counts whole.
     let frozen_at = Instant::now();
+    let frozen = FrozenTree::freeze(pid, opts.children)?;
     let frozen_at_monotonic_ns = crate::process::monotonic_ns();
     let mut writer = ImageWriter::create(
         &opts.output,
@@ -135,10 +152,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // Connections saved in TCP repair mode stay in it until the tree is
     // killed (then they go silently) or runs again (then they leave it).
     let repair = fds::tcp_repair::RepairHold::new();
-    // A process to be killed stays frozen until its image is written: no
-    // snapshot, its pages are copied straight away.
-    let snapshots_wanted = opts.after != AfterDump::Kill;
-    let captured = capture_tree(&frozen, opts, &mut writer, snapshots_wanted)?;
+    let captured = capture_tree(&frozen, opts, &mut writer, snapshots_wanted, &early)?;
     let mut meta = captured.meta;
     let files = captured.files;
     let mut snapshots = captured.snapshots;
@@ -307,6 +321,7 @@ fn capture_tree(
     opts: &DumpOptions,
     writer: &mut ImageWriter,
     snapshots_wanted: bool,
+    early: &EarlyMaps,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
     if let Some(user) = &opts.as_user {
@@ -350,6 +365,7 @@ fn capture_tree(
             &mut files,
             &mut shmem,
             snapshots_wanted.then_some(procs.len()),
+            early,
         )?;
         resident_pages += resident;
         snapshots.extend(snapshot);
@@ -418,6 +434,7 @@ fn capture_process(
     files: &mut FileTable,
     shmem: &mut memory::SharedObjects,
     snapshot_as: Option<usize>,
+    early: &EarlyMaps,
 ) -> Result<(ProcessImage, u64, Option<Snapshot>)> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
@@ -470,9 +487,16 @@ fn capture_process(
 
     phase.done("remote syscalls");
     // The address space, now that our scratch page is gone again.
-    let maps = memory::read_maps(pid)?;
+    // A process to be snapshotted keeps the flags read before the freeze
+    // when its mappings are unchanged (`earlymaps`).
+    let snapshot_wanted = snapshot_as.is_some() && !frozen.was_stopped();
+    let (mut maps, early_flags) = if snapshot_wanted {
+        early.frozen_maps(pid)?
+    } else {
+        (memory::read_maps(pid)?, false)
+    };
     memory::refuse_missing_page_handlers(pid, &maps)?;
-    phase.done("smaps");
+    phase.done("maps");
     // A process in a job-control stop does not run on after the dump, so
     // copying its pages now costs it nothing; and the brief freeze that
     // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
@@ -486,6 +510,16 @@ fn capture_process(
         }
         _ => None,
     };
+    if early_flags {
+        match snapshot.as_mut() {
+            Some(s) => s.verify_flags_later(maps.clone()),
+            // Nothing to check the early flags against: read them now.
+            None => {
+                maps = memory::read_maps(pid)?;
+                memory::refuse_missing_page_handlers(pid, &maps)?;
+            }
+        }
+    }
     phase.done("snapshot");
     // add_exe learns from the " (deleted)" mark that the file must be
     // embedded; the image records the name without it.

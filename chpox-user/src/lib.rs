@@ -13,6 +13,7 @@ pub mod control;
 pub mod creds;
 pub mod deleted;
 pub mod dump;
+pub mod earlymaps;
 pub mod error;
 pub mod fds;
 pub mod files;
