@@ -63,6 +63,8 @@ pub enum Error {
     Image(#[from] ImageError),
     #[error("{0}")]
     Other(String),
+    #[error("{0}")]
+    Dirty(#[from] crate::dirty::DirtyError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

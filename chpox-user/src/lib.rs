@@ -12,6 +12,7 @@ pub mod cli;
 pub mod control;
 pub mod creds;
 pub mod deleted;
+pub mod dirty;
 pub mod dump;
 pub mod earlymaps;
 pub mod error;

@@ -44,6 +44,11 @@ impl<'f> Child<'f> {
         self.thread
     }
 
+    /// The borrowed thread, for callers that speak to it directly.
+    pub fn thread(&mut self) -> &mut RemoteThread<'f> {
+        &mut self.thread
+    }
+
     /// Run a syscall; a negative result is an error naming `call`.
     pub fn call(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
         self.thread.checked(call, nr, args)

@@ -124,15 +124,34 @@ pub fn api(fd: BorrowedFd<'_>, features: u64) -> io::Result<()> {
 /// memory of the process that made it), moved into our descriptor table
 /// with `pidfd_getfd`: the process keeps no copy.
 pub fn from_child(c: &mut Child<'_>) -> crate::error::Result<io::Result<OwnedFd>> {
-    let theirs = c.raw(
+    from_remote(c.thread(), 0)
+}
+
+/// A userfaultfd made by the process whose thread `thread` is (a remote
+/// syscall), moved into our descriptor table with `pidfd_getfd` and closed
+/// in the process: it keeps no copy. `flags` are added to
+/// `O_CLOEXEC | O_NONBLOCK` (e.g. [`USER_MODE_ONLY`]). Every ioctl on the
+/// descriptor then acts on that process's memory.
+pub fn from_remote(
+    thread: &mut crate::remote::RemoteThread<'_>,
+    flags: u64,
+) -> crate::error::Result<io::Result<OwnedFd>> {
+    let theirs = thread.syscall(
         libc::SYS_userfaultfd,
-        [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0],
+        [
+            (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | flags,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ],
     )?;
     if theirs < 0 {
         return Ok(Err(io::Error::from_raw_os_error(-theirs as i32)));
     }
-    let copied = pidfd_getfd(c.pid(), theirs as i32);
-    c.close(theirs as i32)?;
+    let copied = pidfd_getfd(thread.pid(), theirs as i32);
+    thread.checked("close", libc::SYS_close, [theirs as u64, 0, 0, 0, 0, 0])?;
     Ok(copied)
 }
 
@@ -253,6 +272,48 @@ pub fn read_events(fd: BorrowedFd<'_>, max: usize) -> io::Result<Vec<Event>> {
             other => Event::Other(other),
         })
         .collect())
+}
+
+/// `userfaultfd()` flag: only faults from user space are handled, which a
+/// process without CAP_SYS_PTRACE may ask for when
+/// `vm.unprivileged_userfaultfd` is 0.
+pub const USER_MODE_ONLY: u64 = 1;
+/// Write-protect faults are resolved by the kernel itself (no handler):
+/// the page is made writable and loses its "not written" mark, which
+/// `PAGEMAP_SCAN` reports (see `crate::dirty`).
+pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// Write-protect applies to pages not populated yet as well.
+pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+
+/// Enable the API with `features`; the features the kernel granted, which
+/// may lack some asked for (the caller decides).
+pub fn api_granted(fd: BorrowedFd<'_>, features: u64) -> io::Result<u64> {
+    let mut a = Api {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    ioctl(fd, UFFDIO_API, &mut a)?;
+    Ok(a.features)
+}
+
+/// Register `[start, start + len)` for write-protect tracking.
+pub fn register_wp(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut r = Register {
+        range: Range { start, len },
+        mode: UFFDIO_REGISTER_MODE_WP,
+        ioctls: 0,
+    };
+    ioctl(fd, UFFDIO_REGISTER, &mut r)
+}
+
+/// Undo a registration of `[start, start + len)` (write protection is
+/// dropped with it).
+pub fn unregister(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut r = Range { start, len };
+    ioctl(fd, UFFDIO_UNREGISTER, &mut r)
 }
 
 #[cfg(test)]
