@@ -7,23 +7,25 @@
 //! dropped before [`ImageWriter::finish`] (an error, a panic), the temporary
 //! file is removed.
 
-use std::ffi::{OsStr, OsString};
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, Write};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use super::error::ImageError;
 use super::format::{self, ALIGN, HEADER_SIZE, Header};
 use super::model::{Compression, DataRef, Metadata};
+
+mod area;
+mod dir;
+
+pub use area::{ClosedArea, MappedArea};
+use dir::{create_temp, open_dir, remove_stale_temps, split_path};
 
 /// zstd level for blobs and metadata. Page data is large and restore speed
 /// matters more than the last few percent of size; level 1 compresses at
@@ -38,13 +40,6 @@ pub fn compress_blob(raw: &[u8]) -> io::Result<Vec<u8>> {
 
 /// Zeros to pad with; one ALIGN is the most padding ever needed at once.
 static ZEROS: [u8; ALIGN as usize] = [0; ALIGN as usize];
-
-/// Distinguishes temporary files of several writers in one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Longest part of the final name kept in the temporary name, so that the
-/// temporary name stays under NAME_MAX (255) with its prefix and suffix.
-const MAX_NAME_IN_TEMP: usize = 180;
 
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
@@ -87,106 +82,6 @@ pub struct ImageWriter {
     preallocated: bool,
     keep_previous: u32,
     as_user: Option<crate::creds::UserCreds>,
-}
-
-/// CRC-32C of each slice, spread over the available cores: the page dump
-/// checksums a whole process's memory while the process is frozen.
-fn parallel_crc32c(slices: &[&[u8]]) -> Vec<u32> {
-    let total: usize = slices.iter().map(|s| s.len()).sum();
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    if threads == 1 || total < (8 << 20) {
-        return slices.iter().map(|s| crc32c::crc32c(s)).collect();
-    }
-    // Contiguous groups of slices with about total/threads bytes each.
-    let share = total.div_ceil(threads);
-    let mut groups: Vec<&[&[u8]]> = Vec::new();
-    let mut rest = slices;
-    while !rest.is_empty() {
-        let mut bytes = 0usize;
-        let mut n = 0usize;
-        while n < rest.len() && (bytes < share || n == 0) {
-            bytes += rest[n].len();
-            n += 1;
-        }
-        let (group, r) = rest.split_at(n);
-        groups.push(group);
-        rest = r;
-    }
-    let crc_all = |g: &[&[u8]]| g.iter().map(|s| crc32c::crc32c(s)).collect::<Vec<u32>>();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = groups
-            .iter()
-            .map(|&g| scope.spawn(move || crc_all(g)))
-            .collect();
-        let mut out = Vec::with_capacity(slices.len());
-        for (handle, group) in handles.into_iter().zip(&groups) {
-            // A checksum thread cannot panic short of a bug in crc32c;
-            // should one, recompute its share here rather than lose it.
-            out.extend(handle.join().unwrap_or_else(|_| crc_all(group)));
-        }
-        out
-    })
-}
-
-/// Part of the image file mapped for direct copies; see
-/// [`ImageWriter::map_area`].
-pub struct MappedArea {
-    map: memmap2::MmapMut,
-    /// File offset of the area's first byte.
-    start: u64,
-}
-
-impl MappedArea {
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.map
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
-/// A mapped area whose blobs are written but not yet checksummed.
-///
-/// Its mapping stays alive until `data_refs`; the writer may meanwhile
-/// write past the blobs' end (the area's unused tail), which the blobs
-/// never cover. `data_refs` must come before [`ImageWriter::finish`], which
-/// needs the checksums in the metadata.
-pub struct ClosedArea {
-    map: memmap2::MmapMut,
-    start: u64,
-    blobs: Vec<(u64, u64)>,
-}
-
-impl ClosedArea {
-    /// The blobs' `DataRef`s, in the order given to `close_area`.
-    pub fn data_refs(self) -> Vec<DataRef> {
-        // close_area checked every blob lies within the map.
-        let slices: Vec<&[u8]> = self
-            .blobs
-            .iter()
-            .map(|&(o, l)| self.map.get(o as usize..(o + l) as usize).unwrap_or(&[]))
-            .collect();
-        let crcs = parallel_crc32c(&slices);
-        self.blobs
-            .iter()
-            .zip(crcs)
-            .map(|(&(offset, len), crc)| DataRef {
-                offset: self.start + offset,
-                stored_len: len,
-                raw_len: len,
-                crc32c: crc,
-                compression: Compression::None,
-            })
-            .collect()
-    }
 }
 
 enum State {
@@ -547,102 +442,6 @@ impl ImageWriter {
         })
     }
 
-    /// Reserves the next `len` bytes of the data area and maps them into
-    /// memory, already allocated and faulted in, for the caller to copy
-    /// blobs into directly (the page dump's `process_vm_readv` writes
-    /// straight into the page cache this way: one copy, no write(2)).
-    ///
-    /// Everything costly — allocating file space, faulting in the mapping —
-    /// happens here, so the dump calls this before it freezes the process.
-    /// Returns `None` when compressing (compressed sizes are unknown in
-    /// advance) or when the filesystem cannot preallocate or map; the
-    /// caller then streams with `begin_data`/`write_data`.
-    pub fn map_area(&mut self, len: u64) -> Result<Option<MappedArea>, ImageError> {
-        if self.compress || len == 0 || !matches!(self.state, State::Idle) {
-            return Ok(None);
-        }
-        self.pad_to_alignment()?;
-        let start = self.pos;
-        let (Ok(offset), Ok(ilen), Ok(ulen)) = (
-            i64::try_from(start),
-            i64::try_from(len),
-            usize::try_from(len),
-        ) else {
-            return Ok(None);
-        };
-        match nix::fcntl::fallocate(
-            &*self.file,
-            nix::fcntl::FallocateFlags::empty(),
-            offset,
-            ilen,
-        ) {
-            Ok(()) => {}
-            Err(Errno::EOPNOTSUPP | Errno::ENOSYS) => return Ok(None),
-            Err(e) => return Err(self.err(e.into())),
-        }
-        self.preallocated = true;
-        // SAFETY: the mapping covers our own temporary file, created O_EXCL
-        // with mode 0600 and reachable by no other name until `finish`, so
-        // nothing else truncates or writes it while mapped; the range was
-        // just allocated above, so no access can hit a hole past EOF.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(start)
-                .len(ulen)
-                .populate()
-                .map_mut(&*self.file)
-        };
-        let map = match map {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot map the image; streaming instead");
-                return Ok(None);
-            }
-        };
-        self.state = State::Mapped;
-        Ok(Some(MappedArea { map, start }))
-    }
-
-    /// Ends a mapped area: each `(offset, len)` in `blobs` (relative to the
-    /// area, in order, 4 KiB-aligned offsets) becomes a blob, and the writer
-    /// continues after the last one. The blobs' checksums are computed by
-    /// [`ClosedArea::data_refs`], which the dump calls after the process
-    /// runs again: checksumming needs the copy, not the process.
-    pub fn close_area(
-        &mut self,
-        area: MappedArea,
-        blobs: Vec<(u64, u64)>,
-    ) -> Result<ClosedArea, ImageError> {
-        if !matches!(self.state, State::Mapped) {
-            return Err(ImageError::WriterState {
-                reason: "close_area without map_area",
-            });
-        }
-        let mut end = 0u64;
-        for &(offset, len) in &blobs {
-            if offset
-                .checked_add(len)
-                .is_none_or(|e| e > area.map.len() as u64)
-            {
-                return Err(ImageError::WriterState {
-                    reason: "blob outside its mapped area",
-                });
-            }
-            end = end.max(offset + len);
-        }
-        self.pos = area.start + end;
-        // Subsequent writes go through the file position.
-        (&*self.file)
-            .seek(io::SeekFrom::Start(self.pos))
-            .map_err(|e| self.err(e))?;
-        self.state = State::Idle;
-        Ok(ClosedArea {
-            map: area.map,
-            start: area.start,
-            blobs,
-        })
-    }
-
     /// Writes the metadata and the header, makes the file durable, and
     /// renames it to the final path. Returns the image's size in bytes.
     pub fn finish(mut self, meta: &Metadata) -> Result<u64, ImageError> {
@@ -814,22 +613,6 @@ impl Drop for ImageWriter {
     }
 }
 
-/// The directory to create the image in and the image's name there.
-fn split_path(final_path: &Path) -> Result<(PathBuf, OsString), ImageError> {
-    // `file_name` is None for "/", "..", "x/..": no file to create.
-    let Some(name) = final_path.file_name() else {
-        return Err(ImageError::InvalidPath {
-            path: final_path.to_path_buf(),
-        });
-    };
-    let dir = match final_path.parent() {
-        // A bare name ("img") has an empty parent: the current directory.
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((dir, name.to_os_string()))
-}
-
 fn broken() -> ImageError {
     ImageError::WriterState {
         reason: "an earlier error left the image unusable; start a new one",
@@ -843,311 +626,5 @@ fn check_blob_len(have: u64, more: u64) -> Result<(), ImageError> {
             section: "data".into(),
             reason: "a blob may hold at most 64 GiB; split it".into(),
         }),
-    }
-}
-
-/// Removes temporary files of earlier dumps to the same name whose writer
-/// died without cleaning up (SIGKILL, power loss): `.<name>.chpox-tmp.<pid>.*`
-/// where no process `<pid>` exists any more. Best effort; a failure here
-/// never fails the dump. Lists and unlinks in `dir` itself, never by path.
-fn remove_stale_temps(dir: &File, final_name: &OsStr) {
-    let name_bytes = final_name.as_bytes();
-    let short = name_bytes.get(..MAX_NAME_IN_TEMP).unwrap_or(name_bytes);
-    let mut prefix = b".".to_vec();
-    prefix.extend_from_slice(short);
-    prefix.extend_from_slice(b".chpox-tmp.");
-    let Ok(mut listing) = nix::dir::Dir::openat(
-        dir,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    ) else {
-        return;
-    };
-    let names: Vec<OsString> = listing
-        .iter()
-        .flatten()
-        .map(|entry| OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string())
-        .filter(|name| name.as_bytes().starts_with(&prefix))
-        .collect();
-    for name in names {
-        let Some(rest) = name.as_bytes().strip_prefix(prefix.as_slice()) else {
-            continue;
-        };
-        let pid = rest
-            .split(|&b| b == b'.')
-            .next()
-            .and_then(|p| std::str::from_utf8(p).ok())
-            .and_then(|p| p.parse::<u32>().ok());
-        let Some(pid) = pid else { continue };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        if nix::unistd::unlinkat(dir, name.as_os_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
-            tracing::info!(file = ?name, "removed a temporary file left by an interrupted dump");
-        }
-    }
-}
-
-/// Most symbolic links followed while resolving one path (the kernel's
-/// MAXSYMLINKS).
-const MAX_SYMLINKS: u32 = 40;
-
-/// Opens the directory `path` to write an image in, as `acting_uid` (the
-/// caller's file identity), one component at a time, and follows a
-/// symbolic link only where nobody but `acting_uid` and root could have put
-/// it there ([`may_follow`]).
-///
-/// Root writing a user's image under a directory that user controls must
-/// not be led elsewhere (`/etc`) by a link the user swaps in for a path
-/// component between registration and checkpoint. Every step opens one
-/// name relative to the directory reached so far, with `O_NOFOLLOW`, and
-/// the link's own target is walked the same way, so each directory is the
-/// one the previous step found; the caller then acts only relative to the
-/// descriptor returned.
-fn open_dir(path: &Path, acting_uid: u32) -> io::Result<File> {
-    use std::collections::VecDeque;
-    use std::os::unix::ffi::OsStringExt as _;
-    use std::path::Component;
-
-    let open_start = |p: &str| {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(p)
-    };
-    let push = |queue: &mut VecDeque<OsString>, p: &Path, front: bool| -> bool {
-        let mut names: Vec<OsString> = Vec::new();
-        let mut absolute = false;
-        for c in p.components() {
-            match c {
-                Component::RootDir => absolute = true,
-                Component::ParentDir => names.push("..".into()),
-                Component::Normal(n) => names.push(n.to_os_string()),
-                Component::CurDir | Component::Prefix(_) => {}
-            }
-        }
-        if front {
-            for n in names.into_iter().rev() {
-                queue.push_front(n);
-            }
-        } else {
-            queue.extend(names);
-        }
-        absolute
-    };
-
-    let mut queue = VecDeque::new();
-    let mut cur = if push(&mut queue, path, false) {
-        open_start("/")?
-    } else {
-        open_start(".")?
-    };
-    // The path walked so far, for messages.
-    let mut shown = if path.is_absolute() {
-        PathBuf::from("/")
-    } else {
-        PathBuf::from(".")
-    };
-    let mut links = 0u32;
-    while let Some(name) = queue.pop_front() {
-        let next = File::from(nix::fcntl::openat(
-            &cur,
-            name.as_os_str(),
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?);
-        let st = nix::sys::stat::fstat(&next)?;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFDIR => {
-                cur = next;
-                shown.push(&name);
-            }
-            libc::S_IFLNK => {
-                let dir = nix::sys::stat::fstat(&cur)?;
-                shown.push(&name);
-                if let Err(why) = may_follow(&dir, &st, acting_uid) {
-                    return Err(io::Error::other(format!(
-                        "{} is a symbolic link in a directory {why}; chpox does not follow it \
-                         (a link there may be changed to point anywhere): name the real directory",
-                        shown.display()
-                    )));
-                }
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return Err(Errno::ELOOP.into());
-                }
-                // Empty name: the link this O_PATH descriptor is open on.
-                let target = nix::fcntl::readlinkat(&next, "")?;
-                let target = PathBuf::from(OsString::from_vec(target.into_vec()));
-                shown.pop();
-                if push(&mut queue, &target, true) {
-                    cur = open_start("/")?;
-                    shown = PathBuf::from("/");
-                }
-            }
-            _ => return Err(Errno::ENOTDIR.into()),
-        }
-    }
-    Ok(File::from(nix::fcntl::openat(
-        &cur,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?))
-}
-
-/// Whether a symbolic link `link` in directory `dir` may be followed by
-/// `acting_uid`: only if nobody else could have put it there or replaced
-/// it. The directory must belong to root or to `acting_uid` and be
-/// writable by nobody else; in a sticky directory others may write to
-/// (`/tmp`), the link must belong to `acting_uid` or to the directory's
-/// owner, whose entries others cannot replace (the kernel's own rule for
-/// `fs.protected_symlinks`). Otherwise says who controls the directory.
-fn may_follow(
-    dir: &nix::sys::stat::FileStat,
-    link: &nix::sys::stat::FileStat,
-    acting_uid: u32,
-) -> Result<(), String> {
-    if dir.st_uid != 0 && dir.st_uid != acting_uid {
-        return Err(format!("uid {} controls", dir.st_uid));
-    }
-    if dir.st_mode & 0o022 == 0 {
-        return Ok(());
-    }
-    if dir.st_mode & libc::S_ISVTX != 0 && (link.st_uid == acting_uid || link.st_uid == dir.st_uid)
-    {
-        return Ok(());
-    }
-    Err(format!(
-        "others may write to, owned by uid {} (the link by uid {})",
-        dir.st_uid, link.st_uid
-    ))
-}
-
-/// Creates `.<name>.chpox-tmp.<pid>.<n>` in `dir`.
-///
-/// O_EXCL|O_NOFOLLOW: an existing file or a link planted under the temporary
-/// name makes the open fail instead of redirecting our writes; we then try
-/// the next name.
-fn create_temp(dir: &File, final_name: &OsStr) -> io::Result<(File, OsString)> {
-    let name_bytes = final_name.as_bytes();
-    let short = name_bytes.get(..MAX_NAME_IN_TEMP).unwrap_or(name_bytes);
-    let pid = std::process::id();
-    let mut last_err = io::Error::from(io::ErrorKind::AlreadyExists);
-    for _ in 0..64 {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut temp = b".".to_vec();
-        temp.extend_from_slice(short);
-        temp.extend_from_slice(format!(".chpox-tmp.{pid}.{n}").as_bytes());
-        let temp = OsString::from_vec(temp);
-        match nix::fcntl::openat(
-            dir,
-            temp.as_os_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        ) {
-            Ok(fd) => return Ok((File::from(fd), temp)),
-            Err(Errno::EEXIST) => last_err = Errno::EEXIST.into(),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(last_err)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn split_paths() {
-        let split = |p: &str| split_path(Path::new(p)).ok();
-        assert_eq!(split("img"), Some((".".into(), "img".into())));
-        assert_eq!(split("./img"), Some((".".into(), "img".into())));
-        assert_eq!(split("/a/b/img"), Some(("/a/b".into(), "img".into())));
-        assert_eq!(split("/img"), Some(("/".into(), "img".into())));
-        assert_eq!(split("/"), None);
-        assert_eq!(split("a/.."), None);
-    }
-
-    fn same_dir(a: &File, b: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let (a, b) = (a.metadata().unwrap(), std::fs::metadata(b).unwrap());
-        (a.dev(), a.ino()) == (b.dev(), b.ino())
-    }
-
-    #[test]
-    fn links_where_only_we_write_are_followed() {
-        let me = nix::unistd::geteuid().as_raw();
-        let tmp = tempfile::tempdir().unwrap();
-        let real = tmp.path().join("real");
-        std::fs::create_dir_all(real.join("deeper")).unwrap();
-        std::os::unix::fs::symlink(&real, tmp.path().join("abs")).unwrap();
-        std::os::unix::fs::symlink("real/deeper/..", tmp.path().join("rel")).unwrap();
-        std::os::unix::fs::symlink("loop", tmp.path().join("loop")).unwrap();
-        for via in ["abs", "rel", "abs/deeper/..", "./rel/."] {
-            let dir = open_dir(&tmp.path().join(via), me).unwrap();
-            assert!(same_dir(&dir, &real), "{via}");
-        }
-        let e = open_dir(&tmp.path().join("loop"), me).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
-        std::fs::write(tmp.path().join("file"), "x").unwrap();
-        let e = open_dir(&tmp.path().join("file"), me).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
-        let e = open_dir(&tmp.path().join("none"), me).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
-    }
-
-    #[test]
-    fn links_others_could_have_planted_are_not_followed() {
-        use std::os::unix::fs::PermissionsExt;
-        if !nix::unistd::geteuid().is_root() {
-            return; // giving files to another uid needs root
-        }
-        let nobody = 65534;
-        let tmp = tempfile::tempdir().unwrap();
-        let real = tmp.path().join("real");
-        std::fs::create_dir(&real).unwrap();
-        let dir_with_link = |name: &str, mode: u32, owner: u32, link_owner: u32| {
-            let d = tmp.path().join(name);
-            std::fs::create_dir(&d).unwrap();
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
-            std::os::unix::fs::chown(&d, Some(owner), Some(owner)).unwrap();
-            std::os::unix::fs::symlink(&real, d.join("link")).unwrap();
-            std::os::unix::fs::lchown(d.join("link"), Some(link_owner), Some(link_owner)).unwrap();
-            d.join("link")
-        };
-        // Another user's directory: refused to root, followed for its owner.
-        let theirs = dir_with_link("theirs", 0o755, nobody, 0);
-        let e = open_dir(&theirs.join("."), 0).unwrap_err();
-        assert!(e.to_string().contains("uid 65534 controls"), "{e}");
-        assert!(e.to_string().contains("theirs/link"), "{e}");
-        assert!(same_dir(&open_dir(&theirs, nobody).unwrap(), &real));
-        // Root's directory others may write to, not sticky: refused.
-        let open = dir_with_link("open", 0o777, 0, 0);
-        let e = open_dir(&open, 0).unwrap_err();
-        assert!(e.to_string().contains("others may write"), "{e}");
-        // Sticky (/tmp): a link of the directory's owner or our own is
-        // followed, another user's is not.
-        let sticky_root = dir_with_link("sticky-root", 0o1777, 0, 0);
-        assert!(same_dir(&open_dir(&sticky_root, 0).unwrap(), &real));
-        let sticky_theirs = dir_with_link("sticky-theirs", 0o1777, 0, nobody);
-        assert!(open_dir(&sticky_theirs, 0).is_err());
-        assert!(same_dir(&open_dir(&sticky_theirs, nobody).unwrap(), &real));
-        // A real directory under another user's is fine: only links are
-        // refused.
-        let plain = tmp.path().join("theirs/plain");
-        std::fs::create_dir(&plain).unwrap();
-        assert!(same_dir(&open_dir(&plain, 0).unwrap(), &plain));
-    }
-
-    #[test]
-    fn temp_name_fits_name_max() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = File::open(dir.path()).unwrap();
-        let long = OsString::from("x".repeat(255));
-        let (_f, name) = create_temp(&d, &long).unwrap();
-        assert!(name.len() <= 255, "{}", name.len());
-        assert!(name.as_bytes().starts_with(b".xxx"));
     }
 }
