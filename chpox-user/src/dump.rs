@@ -21,6 +21,7 @@ use crate::image::model::{
 };
 use crate::image::{ImageWriter, WriteOptions};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
+use crate::precopy::{Planned, PreCopies};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
 use crate::snapshot::{self, Snapshot};
@@ -51,6 +52,11 @@ pub struct DumpOptions {
     pub children: bool,
     /// What becomes of established TCP connections.
     pub tcp: fds::inet::TcpPolicy,
+    /// Copy pages while the processes run before freezing them, then only
+    /// what they wrote since (`precopy`): for dumps that leave them running
+    /// uncompressed. The checkpoint is then the moment of the freeze after
+    /// the pre-copy, not the moment of the call.
+    pub precopy: bool,
 }
 
 impl DumpOptions {
@@ -69,6 +75,7 @@ impl DumpOptions {
             expect_start_time: None,
             children: true,
             tcp: fds::inet::TcpPolicy::Refuse,
+            precopy: false,
         }
     }
 }
@@ -102,6 +109,14 @@ pub struct DumpReport {
     /// again (the others' while frozen).
     #[serde(default)]
     pub snapshots: usize,
+    /// The longest brief freeze that attached write tracking to a process
+    /// before its pre-copy (see `precopy`); zero without pre-copy.
+    #[serde(default)]
+    pub precopy_pause: Duration,
+    /// Processes whose pages were copied while they ran, and only the
+    /// pages written since while frozen.
+    #[serde(default)]
+    pub precopied: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -123,43 +138,73 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // A process to be killed stays frozen until its image is written: no
     // snapshot, its pages are copied straight away.
     let snapshots_wanted = opts.after != AfterDump::Kill;
-    // VmFlags now, so that smaps need not be read while frozen.
-    let early = if snapshots_wanted {
-        let pids = if opts.children {
-            tree::descendants_now(pid)
-        } else {
-            vec![pid]
-        };
-        EarlyMaps::read(&pids)
-    } else {
-        EarlyMaps::default()
+    let create_writer = || {
+        ImageWriter::create(
+            &opts.output,
+            WriteOptions {
+                compress: opts.compress,
+                owner: Some(owner),
+                keep_previous: opts.keep_previous,
+                as_user: opts.as_user.clone(),
+            },
+        )
     };
+    let pids = if !snapshots_wanted {
+        Vec::new()
+    } else if opts.children {
+        tree::descendants_now(pid)
+    } else {
+        vec![pid]
+    };
+    // A pre-copy goes into the image before the freeze.
+    let mut precopy_writer = None;
+    let mut precopies = PreCopies::default();
+    if snapshots_wanted && opts.precopy && !opts.compress {
+        let mut writer = create_writer()?;
+        precopies = PreCopies::run(&pids, &mut writer);
+        precopy_writer = Some(writer);
+    }
+    let precopies_pause = precopies.longest_pause;
+    // VmFlags now, so that smaps need not be read while frozen.
+    let early = EarlyMaps::read(&pids);
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
     let frozen_at = Instant::now();
     let frozen = FrozenTree::freeze(pid, opts.children)?;
     let frozen_at_monotonic_ns = crate::process::monotonic_ns();
-    let mut writer = ImageWriter::create(
-        &opts.output,
-        WriteOptions {
-            compress: opts.compress,
-            owner: Some(owner),
-            keep_previous: opts.keep_previous,
-            as_user: opts.as_user.clone(),
-        },
-    )?;
+    let mut writer = match precopy_writer {
+        Some(w) => w,
+        None => create_writer()?,
+    };
     keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
     // Connections saved in TCP repair mode stay in it until the tree is
     // killed (then they go silently) or runs again (then they leave it).
     let repair = fds::tcp_repair::RepairHold::new();
-    let captured = capture_tree(&frozen, opts, &mut writer, snapshots_wanted, &early)?;
+    let captured = capture_tree(
+        &frozen,
+        opts,
+        &mut writer,
+        snapshots_wanted,
+        &early,
+        &mut precopies,
+    )?;
     let mut meta = captured.meta;
     let files = captured.files;
     let mut snapshots = captured.snapshots;
     let snapshot_count = snapshots.len();
+    let plans = captured.plans;
+    let precopied = plans.len();
+    let verify_after = captured.verify_after;
     let mut written = snapshot::Written::default();
+    let mut precopy_stored = 0;
     let mut reap_pause = Duration::ZERO;
     let finish = |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
+        // The processes run again: write tracking is no longer needed.
+        precopies.release();
+        for (pid, maps) in &verify_after {
+            crate::earlymaps::verify_after(*pid, maps)?;
+        }
+        precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
         written = snapshot::write_all(&mut snapshots, meta, &mut writer)?;
         let mut phase = Phases::start();
         finish_files(files, opts, &mut writer, meta)?;
@@ -201,7 +246,7 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         comm: meta.root.process.comm.clone(),
         image: opts.output.clone(),
         image_bytes,
-        pages_stored: captured.pages_stored + written.pages_stored,
+        pages_stored: captured.pages_stored + written.pages_stored + precopy_stored,
         threads: meta.processes().map(|p| p.threads.len()).sum(),
         vmas: meta.processes().map(|p| p.vmas.len()).sum(),
         processes: 1 + meta.descendants.len(),
@@ -212,6 +257,8 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
         frozen_at_monotonic_ns,
         reap_pause,
         snapshots: snapshot_count,
+        precopy_pause: precopies_pause,
+        precopied,
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).
@@ -306,11 +353,20 @@ impl Phases {
     }
 }
 
+/// A pre-copied process's plan, and its mappings if their early flags are
+/// to be checked once it runs again.
+type PlannedProcess = (Planned, Option<Vec<memory::MapEntry>>);
+
 struct Captured {
     meta: Metadata,
     files: FileTable,
     /// Processes whose private pages are written after they run again.
     snapshots: Vec<Snapshot>,
+    /// Pre-copied processes' pages, to be finished after they run again.
+    plans: Vec<Planned>,
+    /// Processes whose mappings' early flags are checked after they run
+    /// again (no snapshot to check them against).
+    verify_after: Vec<(i32, Vec<memory::MapEntry>)>,
     pages_stored: u64,
     resident_pages: u64,
 }
@@ -322,6 +378,7 @@ fn capture_tree(
     writer: &mut ImageWriter,
     snapshots_wanted: bool,
     early: &EarlyMaps,
+    precopies: &mut PreCopies,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
     if let Some(user) = &opts.as_user {
@@ -347,6 +404,8 @@ fn capture_tree(
     let mut procs = Vec::with_capacity(fds.len());
     let mut pages = PageDumper::new(tree.root())?;
     let mut snapshots = Vec::new();
+    let mut plans = Vec::new();
+    let mut verify_after = Vec::new();
     let mut resident_pages = 0;
     for (frozen, fds) in tree.members().iter().zip(fds) {
         // Only the root's start time is known to the caller.
@@ -356,7 +415,7 @@ fn capture_tree(
             pages.next_process(frozen.pid())?;
             None
         };
-        let (image, resident, snapshot) = capture_process(
+        let (image, resident, snapshot, plan) = capture_process(
             frozen,
             expect_start,
             writer,
@@ -366,9 +425,16 @@ fn capture_tree(
             &mut shmem,
             snapshots_wanted.then_some(procs.len()),
             early,
+            precopies,
         )?;
         resident_pages += resident;
         snapshots.extend(snapshot);
+        if let Some((plan, maps)) = plan {
+            plans.push(plan);
+            if let Some(maps) = maps {
+                verify_after.push((frozen.pid(), maps));
+            }
+        }
         let mut image = image;
         image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
         procs.push(image);
@@ -414,6 +480,8 @@ fn capture_tree(
         meta,
         files,
         snapshots,
+        plans,
+        verify_after,
         pages_stored,
         resident_pages,
     })
@@ -435,7 +503,8 @@ fn capture_process(
     shmem: &mut memory::SharedObjects,
     snapshot_as: Option<usize>,
     early: &EarlyMaps,
-) -> Result<(ProcessImage, u64, Option<Snapshot>)> {
+    precopies: &mut PreCopies,
+) -> Result<(ProcessImage, u64, Option<Snapshot>, Option<PlannedProcess>)> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
     let mut info = process::dump_proc_info(pid)?;
@@ -495,13 +564,54 @@ fn capture_process(
     } else {
         (memory::read_maps(pid)?, false)
     };
+    // Mappings a pre-copy tracked: planned from their earlier copy.
+    let mut precopied = precopies.take(pid).filter(|_| snapshot_wanted);
+    let mut claimed = vec![false; maps.len()];
+    if let Some(p) = &precopied {
+        for (c, m) in claimed.iter_mut().zip(maps.iter_mut()) {
+            *c = p.claim(m);
+        }
+    }
     memory::refuse_missing_page_handlers(pid, &maps)?;
     phase.done("maps");
+    let plan = match (precopied.as_mut(), snapshot_as) {
+        (Some(p), Some(index)) => {
+            let tracked: Vec<(usize, &memory::MapEntry)> = maps
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| claimed[i])
+                .collect();
+            // Mappings made since the attach are copied while frozen: too
+            // many of them, and the snapshot is the shorter freeze.
+            let untracked: u64 = maps
+                .iter()
+                .zip(&claimed)
+                .filter(|&(m, &c)| !c && snapshot::fork_copies(m, m.kind()))
+                .map(|(m, _)| m.len() / PAGE_SIZE)
+                .sum();
+            if untracked > crate::precopy::FROZEN_COPY_LIMIT_PAGES {
+                None
+            } else {
+                p.plan(index, &tracked)?
+            }
+        }
+        _ => None,
+    };
+    if plan.is_none() {
+        claimed.iter_mut().for_each(|c| *c = false);
+        // Dumped the ordinary way: our protection markers must not show
+        // in its pagemap (as "swapped" pages). Dropping the tracker
+        // removes them (a page-table walk, in this rare case while frozen).
+        precopied = None;
+    }
+    phase.done("pre-copy scan");
     // A process in a job-control stop does not run on after the dump, so
     // copying its pages now costs it nothing; and the brief freeze that
     // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
     let mut snapshot = match snapshot_as {
-        Some(index) if !frozen.was_stopped() && snapshot::may_fork(pid, &maps) => {
+        Some(index)
+            if plan.is_none() && !frozen.was_stopped() && snapshot::may_fork(pid, &maps) =>
+        {
             let mut leader =
                 RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
             let taken = Snapshot::take(&mut leader, index, syscall_ip, gadgets.clone());
@@ -510,12 +620,20 @@ fn capture_process(
         }
         _ => None,
     };
+    let mut verify_later = None;
     if early_flags {
         match snapshot.as_mut() {
             Some(s) => s.verify_flags_later(maps.clone()),
+            // Checked against the process itself once it runs again.
+            None if plan.is_some() => verify_later = Some(maps.clone()),
             // Nothing to check the early flags against: read them now.
             None => {
                 maps = memory::read_maps(pid)?;
+                if let Some(p) = &precopied {
+                    maps.iter_mut().for_each(|m| {
+                        p.claim(m);
+                    });
+                }
                 memory::refuse_missing_page_handlers(pid, &maps)?;
             }
         }
@@ -534,7 +652,9 @@ fn capture_process(
             _ => None,
         };
         let shmem_id = (kind == VmaKind::SharedAnonymous).then_some(map.inode);
-        let stored = if kind.is_special() || map.is_device_memory() {
+        let claimed = claimed.get(vmas.len()).copied().unwrap_or(false);
+        let stored = if kind.is_special() || map.is_device_memory() || claimed {
+            // Claimed: its pages come from the pre-copy plan.
             Vec::new()
         } else if shmem.stored_already(map) {
             // Another mapping of the tree holds these pages of the object.
@@ -589,5 +709,13 @@ fn capture_process(
             shared_pending,
         },
     };
-    Ok((image, resident_pages, snapshot))
+    if let Some(p) = precopied {
+        precopies.keep(p);
+    }
+    Ok((
+        image,
+        resident_pages,
+        snapshot,
+        plan.map(|p| (p, verify_later)),
+    ))
 }

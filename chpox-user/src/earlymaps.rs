@@ -139,17 +139,48 @@ pub fn verify_from_copy(target: i32, copy: i32, expected: &[MapEntry]) -> Result
     compare_with_copy(target, &memory::read_maps(copy)?, expected)
 }
 
-fn compare_with_copy(target: i32, copy_maps: &[MapEntry], expected: &[MapEntry]) -> Result<()> {
-    fn flags_of(m: &MapEntry) -> Vec<&str> {
-        let mut f: Vec<&str> = m
-            .vm_flags
-            .iter()
-            .map(String::as_str)
-            .filter(|f| !IGNORED_IN_COPY.contains(f))
-            .collect();
-        f.sort_unstable();
-        f
+/// Check, once `pid` runs again, that every mapping of `expected` (flags
+/// read before the freeze) that is still there as it was has the same
+/// flags now. Used where no snapshot exists to check against (a pre-copy
+/// dump): a flag changed on a mapping between the early read and the
+/// freeze shows unless it changed back, or the mapping went, before this
+/// check; a change after the freeze fails the dump too (a retry helps).
+pub fn verify_after(pid: i32, expected: &[MapEntry]) -> Result<()> {
+    let now = memory::read_maps(pid)?;
+    let mut it = now.iter().peekable();
+    for m in expected {
+        while it.next_if(|c| c.end <= m.start).is_some() {}
+        if let Some(c) = it.peek().filter(|c| same_line(c, m))
+            && flags_of(c) != flags_of(m)
+        {
+            return Err(changed_err(pid, m));
+        }
     }
+    Ok(())
+}
+
+fn changed_err(target: i32, m: &MapEntry) -> Error {
+    Error::Other(format!(
+        "the flags of the memory of PID {target} at {:x}-{:x} changed (madvise or mlock) \
+         while it was being frozen; no checkpoint written; try again",
+        m.start, m.end
+    ))
+}
+
+/// A mapping's flags without those a fork or our own write tracking
+/// change, sorted.
+fn flags_of(m: &MapEntry) -> Vec<&str> {
+    let mut f: Vec<&str> = m
+        .vm_flags
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !IGNORED_IN_COPY.contains(f))
+        .collect();
+    f.sort_unstable();
+    f
+}
+
+fn compare_with_copy(target: i32, copy_maps: &[MapEntry], expected: &[MapEntry]) -> Result<()> {
     let mut in_copy = copy_maps.iter().peekable();
     for m in expected {
         let dontfork = m.vm_flags.iter().any(|f| f == "dc");
@@ -161,11 +192,7 @@ fn compare_with_copy(target: i32, copy_maps: &[MapEntry], expected: &[MapEntry])
             Some(c) => dontfork || flags_of(c) != flags_of(m),
         };
         if changed {
-            return Err(Error::Other(format!(
-                "the flags of the memory of PID {target} at {:x}-{:x} changed (madvise or mlock) \
-                 while it was being frozen; no checkpoint written; try again",
-                m.start, m.end
-            )));
+            return Err(changed_err(target, m));
         }
     }
     Ok(())

@@ -23,6 +23,7 @@ pub mod inspect;
 pub mod job;
 pub mod memory;
 pub mod pagecopy;
+pub mod precopy;
 pub mod process;
 pub mod progress;
 pub mod ptrace;

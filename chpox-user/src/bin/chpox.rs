@@ -146,6 +146,11 @@ enum Command {
         /// Print the dump report as JSON (durations in µs as `*_us`).
         #[arg(long)]
         json: bool,
+        /// Do not copy pages while the process runs before freezing it
+        /// (the pre-copy that keeps the freeze short); the checkpoint is
+        /// then the moment of the call, and the freeze copies page tables.
+        #[arg(long)]
+        no_precopy: bool,
     },
     /// Run a command registered with chpox-agent from its first instruction:
     /// its trigger signal then checkpoints it instead of killing it.
@@ -323,6 +328,7 @@ fn run(cli: Cli) -> Result<()> {
             tcp_established,
             tcp_close,
             json,
+            no_precopy,
         } => {
             let opts = DumpOptions {
                 output,
@@ -353,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     chpox::fds::inet::TcpPolicy::Refuse
                 },
+                precopy: !no_precopy,
             };
             let report = {
                 let _bar = chpox::cli::progress::Bar::start(
