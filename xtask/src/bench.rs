@@ -252,6 +252,8 @@ struct DumpSample {
     frozen: f64,
     /// The brief second freeze in which the process reaps its snapshot.
     reap_pause: f64,
+    /// The brief freeze before a pre-copy, attaching write tracking.
+    precopy_pause: f64,
     image_bytes: u64,
     resident_bytes: u64,
     stored_bytes: u64,
@@ -329,6 +331,10 @@ fn restore_tree(image: &Path, pids: &[i32]) -> Result<f64> {
     Ok(secs)
 }
 
+/// `cargo xtask bench --no-precopy`: every dump without pre-copy (the
+/// copy-on-write snapshot alone), to hold the two against each other.
+pub static NO_PRECOPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn dump_once(pid: i32, image: &Path) -> Result<DumpSample> {
     dump_with(pid, image, &[])
 }
@@ -343,6 +349,11 @@ fn dump_with(pid: i32, image: &Path, extra: &[&str]) -> Result<DumpSample> {
         // are not what is measured.
         .args(["--json", "--unsupported-fd", "null"])
         .args(extra)
+        .args(
+            NO_PRECOPY
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then_some("--no-precopy"),
+        )
         .output()
         .context("cannot run chpox")?;
     if !out.status.success() {
@@ -360,6 +371,7 @@ fn dump_with(pid: i32, image: &Path, extra: &[&str]) -> Result<DumpSample> {
         total: secs("total"),
         frozen: secs("frozen"),
         reap_pause: secs("reap_pause"),
+        precopy_pause: secs("precopy_pause"),
         image_bytes: num("image_bytes"),
         resident_bytes: num("resident_bytes"),
         stored_bytes: num("pages_stored") * 4096,
@@ -388,6 +400,8 @@ struct Summary {
     total: f64,
     frozen: f64,
     frozen_p99: f64,
+    /// The longest of the attach pauses of a pre-copy, median.
+    attach: f64,
     restore: f64,
     stored: f64,
     dd: f64,
@@ -487,6 +501,7 @@ impl Case {
             total: median(self.dumps.iter().map(|d| d.total).collect()),
             frozen: median(frozen.clone()),
             frozen_p99: percentile(frozen, 0.99),
+            attach: median(self.dumps.iter().map(|d| d.precopy_pause).collect()),
             restore: median(self.restores.clone()),
             stored: self.dumps[0].stored_bytes as f64,
             dd: median(self.dd.clone()),
@@ -600,12 +615,15 @@ pub fn run_tree(procs: usize, mib: u64, rounds: usize, dir: &Path) -> Result<Cas
 pub fn compare(cases: &[&Case]) {
     let sums: Vec<Summary> = cases.iter().map(|c| c.summary()).collect();
     type Row = (&'static str, fn(&Summary) -> String);
-    let rows: [Row; 12] = [
+    let rows: [Row; 13] = [
         ("processes", |s| s.processes.to_string()),
         ("dump wall time        s", |s| format!("{:.3}", s.total)),
         ("frozen median         s", |s| format!("{:.3}", s.frozen)),
         ("frozen p99            s", |s| {
             format!("{:.3}", s.frozen_p99)
+        }),
+        ("attach pause         ms", |s| {
+            format!("{:.2}", s.attach * 1e3)
         }),
         ("frozen per process   ms", |s| {
             format!("{:.2}", s.frozen_per_process() * 1e3)
@@ -881,10 +899,11 @@ pub fn size_table(cases: &[SizeCase]) {
         cases.first().map_or(0, |c| c.running.len())
     );
     println!(
-        "  {:>6} | {:>22} | {:>9} | {:>20} | {:>20} | {:>20} | {:>7} | {:>26}",
+        "  {:>6} | {:>22} | {:>9} | {:>15} | {:>20} | {:>20} | {:>20} | {:>7} | {:>26}",
         "MiB",
         "frozen med/p99 ms",
         "reap ms",
+        "attach med/p99",
         "dump wall running s",
         "dump wall --kill s",
         "restore wall s",
@@ -900,6 +919,8 @@ pub fn size_table(cases: &[SizeCase]) {
         let frozen_med = med(&frozen);
         let frozen_p99 = percentile(frozen, 0.99);
         let reap = med(&c.running.iter().map(|d| d.reap_pause).collect::<Vec<_>>());
+        let attach: Vec<f64> = c.running.iter().map(|d| d.precopy_pause).collect();
+        let (attach_med, attach_p99) = (med(&attach), percentile(attach, 0.99));
         let running = med(&c.running.iter().map(|d| d.total).collect::<Vec<_>>());
         let killed = med(&c.killed);
         let restore = med(&c.restores);
@@ -908,12 +929,14 @@ pub fn size_table(cases: &[SizeCase]) {
             d.image_bytes as f64 / d.stored_bytes.max(1) as f64
         });
         println!(
-            "  {:>6} | {:>7.1}/{:>6.1} ({:>4.2}×mc) | {:>9.2} | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>4.2}×ft) | {:>7.3} | {:>7.3} ({:>5.2}×dd), {:>5.3}",
+            "  {:>6} | {:>7.1}/{:>6.1} ({:>4.2}×mc) | {:>9.2} | {:>6.1}/{:>6.1} ms | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>4.2}×ft) | {:>7.3} | {:>7.3} ({:>5.2}×dd), {:>5.3}",
             c.mib,
             frozen_med * 1e3,
             frozen_p99 * 1e3,
             frozen_med / memcpy_s,
             reap * 1e3,
+            attach_med * 1e3,
+            attach_p99 * 1e3,
             running,
             running / dd,
             killed,
@@ -927,6 +950,6 @@ pub fn size_table(cases: &[SizeCase]) {
         );
     }
     println!(
-        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; size: compressed image / stored pages; reap: the second, brief freeze in which the process reaps its snapshot)"
+        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; size: compressed image / stored pages; reap: the second, brief freeze in which the process reaps its snapshot; attach: the brief freeze before a pre-copy)"
     );
 }

@@ -70,6 +70,10 @@ enum Task {
         /// Skip the tree case.
         #[arg(long)]
         no_tree: bool,
+        /// Dump without pre-copy (`chpox dump --no-precopy`): the
+        /// copy-on-write snapshot alone, to compare the two.
+        #[arg(long)]
+        no_precopy: bool,
     },
     /// Build (release) and install chpox: the program (also as chpoxctl,
     /// ld-chpox and chpox-agent), the eBPF object in PREFIX/lib/chpox, man
@@ -306,8 +310,10 @@ fn main() -> Result<()> {
             tree_procs,
             tree_mib,
             no_tree,
+            no_precopy,
         } => {
             require_root("the benchmark")?;
+            bench::NO_PRECOPY.store(no_precopy, std::sync::atomic::Ordering::Relaxed);
             build_all()?;
             let rounds = rounds.max(1);
             let opts = bench::SizeOptions {
