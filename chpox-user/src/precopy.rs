@@ -38,7 +38,9 @@ use crate::dirty::{
 use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
-use crate::image::model::{DataRef, Metadata, PageRun, VmaKind};
+use crate::image::model::{
+    DataRef, Metadata, PageRun, RestartKind, SyscallState, ThreadState, VmaKind,
+};
 use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
@@ -83,6 +85,9 @@ pub struct PreCopied {
     /// Mappings whose every page was protected and those with data copied:
     /// only these may be planned from the copy.
     covered: Vec<(u64, u64)>,
+    /// Threads the attach pause found in a sleep the kernel continues
+    /// through `restart_syscall`: tid → (syscall, instruction pointer).
+    sleeping: HashMap<i32, (u64, u64)>,
 }
 
 /// The pre-copies of a tree, by PID.
@@ -121,10 +126,11 @@ impl PreCopies {
                 continue;
             }
             match attach(pid) {
-                Ok((tracker, maps, registered, pause)) => {
+                Ok((tracker, maps, registered, sleeping, pause)) => {
                     all.longest_pause = all.longest_pause.max(pause);
                     match copy_while_running(tracker, &maps, &registered, writer) {
-                        Ok(p) => {
+                        Ok(mut p) => {
+                            p.sleeping = sleeping;
                             all.by_pid.insert(pid, p);
                         }
                         Err(e) => debug!(pid, error = %e, "pre-copy failed; dumped without"),
@@ -157,10 +163,35 @@ impl PreCopies {
 /// tracker, the mappings it saw, the ranges it registered, and how long
 /// the process was frozen.
 #[allow(clippy::type_complexity)]
-fn attach(pid: i32) -> Result<(Tracker, Vec<MapEntry>, Vec<(u64, u64)>, Duration)> {
+fn attach(
+    pid: i32,
+) -> Result<(
+    Tracker,
+    Vec<MapEntry>,
+    Vec<(u64, u64)>,
+    HashMap<i32, (u64, u64)>,
+    Duration,
+)> {
     let early = EarlyMaps::read(&[pid]);
+    let _boost = crate::dump::Boost::raise();
     let started = Instant::now();
     let frozen = Frozen::freeze(pid)?;
+    // Our freeze turns a sleep into `restart_syscall`: remember which.
+    let sleeping: HashMap<i32, (u64, u64)> = frozen
+        .tids()
+        .into_iter()
+        .filter_map(|tid| {
+            let regs = crate::ptrace::get_regs(tid).ok()?;
+            let gp = crate::ptrace::gp_regs_from(&regs);
+            match crate::registers::classify_syscall(&gp) {
+                SyscallState::Restartable {
+                    nr,
+                    restart: RestartKind::RestartBlock,
+                } => Some((tid, (nr, regs.rip))),
+                _ => None,
+            }
+        })
+        .collect();
     let result = (|| {
         let syscall_ip = remote::find_syscall_insn(pid)?;
         let gadgets = crate::safe_return::find_gadgets(pid);
@@ -175,7 +206,7 @@ fn attach(pid: i32) -> Result<(Tracker, Vec<MapEntry>, Vec<(u64, u64)>, Duration
     frozen.resume();
     let pause = started.elapsed();
     debug!(pid, us = pause.as_micros() as u64, "pre-copy attached");
-    result.map(|(t, m, r)| (t, m, r, pause))
+    result.map(|(t, m, r)| (t, m, r, sleeping, pause))
 }
 
 /// Protect and copy every page of the mappings of `maps` registered as
@@ -226,6 +257,7 @@ fn copy_while_running(
         tracker,
         copied,
         covered,
+        sleeping: HashMap::new(),
     })
 }
 
@@ -312,6 +344,31 @@ fn read_pages(mem: &std::fs::File, pid: i32, addr: u64, npages: u64) -> Result<V
 impl PreCopied {
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// A thread the attach pause interrupted in a sleep, and that is still
+    /// in it at the freeze, sits in `restart_syscall` now, which a restored
+    /// process could not continue (it has no restart block): it is
+    /// recorded in the syscall it was in, which a restore runs again with
+    /// the time left, as for any interrupted sleep.
+    pub fn fix_restarted_sleeps(&self, tids: &[i32], states: &mut [ThreadState]) {
+        for (tid, state) in tids.iter().zip(states) {
+            let Some(&(nr, rip)) = self.sleeping.get(tid) else {
+                continue;
+            };
+            if state.regs.rip == rip
+                && state.syscall
+                    == (SyscallState::Restartable {
+                        nr: crate::registers::NR_RESTART_SYSCALL,
+                        restart: RestartKind::RestartBlock,
+                    })
+            {
+                state.syscall = SyscallState::Restartable {
+                    nr,
+                    restart: RestartKind::RestartBlock,
+                };
+            }
+        }
     }
 
     /// Whether mapping `map` of the frozen process is tracked and was
