@@ -1263,7 +1263,13 @@ fn make_resume(how: Dump) {
     // take objects it rewrites.
     let _ = std::fs::remove_file(build_dir.join("prog"));
     if how == Dump::LeaveRunning {
-        forget_objects_made_after(&build_dir, before_dump, &img);
+        // The checkpoint is the freeze, which a pre-copy puts after the
+        // dump began: the image's creation time is taken while frozen.
+        let frozen_at = img.0["created_unix_us"]
+            .as_u64()
+            .map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us))
+            .unwrap_or(before_dump);
+        forget_objects_made_after(&build_dir, frozen_at.max(before_dump), &img);
     }
 
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
