@@ -56,7 +56,17 @@ pub struct DumpOptions {
     /// what they wrote since (`precopy`): for dumps that leave them running
     /// uncompressed. The checkpoint is then the moment of the freeze after
     /// the pre-copy, not the moment of the call.
-    pub precopy: bool,
+    pub precopy: Precopy,
+}
+
+/// When a dump pre-copies (see [`DumpOptions::precopy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precopy {
+    Off,
+    /// When the tree holds at least `precopy::MIN_PRECOPY_BYTES` of
+    /// private memory (below, the snapshot freezes as briefly).
+    Auto,
+    Always,
 }
 
 impl DumpOptions {
@@ -75,7 +85,7 @@ impl DumpOptions {
             expect_start_time: None,
             children: true,
             tcp: fds::inet::TcpPolicy::Refuse,
-            precopy: false,
+            precopy: Precopy::Off,
         }
     }
 }
@@ -159,7 +169,12 @@ pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
     // A pre-copy goes into the image before the freeze.
     let mut precopy_writer = None;
     let mut precopies = PreCopies::default();
-    if snapshots_wanted && opts.precopy && !opts.compress {
+    let precopy = match opts.precopy {
+        Precopy::Off => false,
+        Precopy::Always => true,
+        Precopy::Auto => crate::precopy::private_bytes(&pids) >= crate::precopy::MIN_PRECOPY_BYTES,
+    };
+    if snapshots_wanted && precopy && !opts.compress {
         let mut writer = create_writer()?;
         precopies = PreCopies::run(&pids, &mut writer);
         precopy_writer = Some(writer);

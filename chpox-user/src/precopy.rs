@@ -49,6 +49,30 @@ use crate::remote::{self, RemoteThread};
 /// beyond, the process is snapshotted instead.
 pub const FROZEN_COPY_LIMIT_PAGES: u64 = 4096;
 
+/// Below this much private memory in the whole tree, the snapshot's fork
+/// is as short a freeze as the pre-copy's (measured: 64 MiB froze 7–11 ms
+/// snapshotted, 8–41 ms pre-copied, on a busy machine) and costs no
+/// attach pause and no delay of the checkpoint: no pre-copy.
+pub const MIN_PRECOPY_BYTES: u64 = 256 << 20;
+
+/// Private memory (resident anonymous and swapped) of `pids`, from the
+/// kernel's counters in /proc/PID/status (no page walk).
+pub fn private_bytes(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .map(|status| {
+            let kb = |key: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            (kb("RssAnon:") + kb("VmSwap:")) * 1024
+        })
+        .sum()
+}
+
 /// Whether a page with scan categories `c` in a mapping of `kind` holds data
 /// the image must store: anonymous data present or swapped (the zero page
 /// restores as untouched memory), and for a private file mapping only its

@@ -173,7 +173,7 @@ fn precopy_is_one_instant_under_writes_by_every_thread() {
         let image = dir.path().join(format!("pre{round}.img"));
         // Left stopped, its memory is still that of the freeze: the image
         // must equal it, not merely look like some instant.
-        let report = dump_json(target.pid, &image, &["--leave-stopped"]);
+        let report = dump_json(target.pid, &image, &["--leave-stopped", "--precopy"]);
         assert_eq!(report["precopied"], 1, "{report}");
         assert_eq!(report["snapshots"], 0, "{report}");
         let mut live = vec![0u8; len as usize];
@@ -214,7 +214,7 @@ fn precopy_of_a_process_mapping_unmapping_and_zapping_is_one_instant() {
         .expect("slot_bytes");
     for round in 0..3 {
         let image = dir.path().join(format!("churn{round}.img"));
-        let report = dump_json(target.pid, &image, &[]);
+        let report = dump_json(target.pid, &image, &["--precopy"]);
         assert_eq!(report["precopied"], 1, "{report}");
         let reader = ImageReader::open(&image).expect("image opens");
         reader.verify_all().expect("checksums");
