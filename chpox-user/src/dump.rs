@@ -23,7 +23,7 @@ use crate::image::{ImageWriter, WriteOptions};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::precopy::{Planned, PreCopies};
 use crate::ptrace::Frozen;
-use crate::remote::{self, RemoteThread};
+use crate::remote::RemoteThread;
 use crate::snapshot::{self, Snapshot};
 use crate::tree::{self, FrozenTree};
 use crate::{process, registers, signals, threads};
@@ -547,8 +547,8 @@ fn capture_process(
 
     // Remote syscalls: dispositions, brk, rlimits, personality in the
     // leader; the alternate stack in every thread.
-    let syscall_ip = remote::find_syscall_insn(pid)?;
-    let gadgets = crate::safe_return::find_gadgets(pid);
+    let (syscall_ip, gadgets) = early.code(pid)?;
+    phase.done("syscall instruction, gadgets");
     let actions = {
         let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let scratch_len = PAGE_SIZE;
@@ -737,7 +737,7 @@ fn capture_process(
     }
     Ok((
         image,
-        resident_pages,
+        resident_pages + plan.as_ref().map_or(0, |p| p.resident),
         snapshot,
         plan.map(|p| (p, verify_later)),
     ))

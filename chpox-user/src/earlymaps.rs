@@ -34,10 +34,13 @@ fn start_time(pid: i32) -> Option<u64> {
     fields.nth(19)?.parse().ok()
 }
 
-/// `smaps` of each process of a tree, read before it is frozen.
+/// `smaps` of each process of a tree, read before it is frozen, and
+/// where its code holds what remote syscalls need (searched before the
+/// freeze too, checked again while frozen).
 #[derive(Debug, Default)]
 pub struct EarlyMaps {
     by_pid: HashMap<i32, (u64, Vec<MapEntry>)>,
+    code: HashMap<i32, (u64, Option<crate::safe_return::Gadgets>)>,
 }
 
 /// Whether two map entries are the same `maps` line.
@@ -84,7 +87,37 @@ impl EarlyMaps {
                 by_pid.insert(pid, (started, maps));
             }
         }
-        EarlyMaps { by_pid }
+        let code = by_pid
+            .keys()
+            .filter_map(|&pid| {
+                let ip = crate::remote::find_syscall_insn(pid).ok()?;
+                Some((pid, (ip, crate::safe_return::find_gadgets(pid))))
+            })
+            .collect();
+        EarlyMaps { by_pid, code }
+    }
+
+    /// For frozen `pid`: a `syscall` instruction and the gadgets of
+    /// `safe_return`, from the early search where they still hold, else
+    /// searched now.
+    pub fn code(&self, pid: i32) -> Result<(u64, Option<crate::safe_return::Gadgets>)> {
+        if let Some((ip, gadgets)) = self.code.get(&pid) {
+            let mut insn = [0u8; 2];
+            let ip_holds =
+                crate::remote::read_memory(pid, *ip, &mut insn).is_ok() && insn == [0x0f, 0x05];
+            let gadgets_hold = gadgets
+                .as_ref()
+                .map(|g| crate::safe_return::still_valid(pid, g));
+            match (ip_holds, gadgets_hold) {
+                (true, None) => return Ok((*ip, None)),
+                (true, Some(Some(g))) => return Ok((*ip, Some(g))),
+                _ => {}
+            }
+        }
+        Ok((
+            crate::remote::find_syscall_insn(pid)?,
+            crate::safe_return::find_gadgets(pid),
+        ))
     }
 
     /// The mappings of frozen `pid`, and whether their flags are the early

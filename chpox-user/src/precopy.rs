@@ -43,7 +43,7 @@ use crate::image::model::{
 };
 use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::ptrace::Frozen;
-use crate::remote::{self, RemoteThread};
+use crate::remote::RemoteThread;
 
 /// Most fresh pages copied while frozen (16 MiB, a few milliseconds);
 /// beyond, the process is snapshotted instead.
@@ -217,8 +217,7 @@ fn attach(
         })
         .collect();
     let result = (|| {
-        let syscall_ip = remote::find_syscall_insn(pid)?;
-        let gadgets = crate::safe_return::find_gadgets(pid);
+        let (syscall_ip, gadgets) = early.code(pid)?;
         let mut leader = RemoteThread::borrow_guarded(&frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let tracker = Tracker::attach(&mut leader);
         leader.give_back()?;
@@ -307,6 +306,8 @@ pub struct PlannedVma {
 pub struct Planned {
     /// Which process of the image (image order).
     process: usize,
+    /// Its pages present in the planned mappings.
+    pub resident: u64,
     vmas: Vec<PlannedVma>,
     /// The pre-copy blobs, by file offset, to reuse untouched ones.
     blobs: HashMap<u64, DataRef>,
@@ -420,6 +421,8 @@ impl PreCopied {
         // (vma index, address, pages, categories) of every stretch.
         let mut scanned = Vec::new();
         let mut fresh = 0u64;
+        // Present pages with data (not counting the zero page).
+        let mut resident = 0u64;
         for &(vma_index, map) in maps {
             let kind = map.kind();
             let regions = if kind == VmaKind::PrivateFile {
@@ -440,6 +443,9 @@ impl PreCopied {
                 with_unchanged(&self.copied, map.start, map.end, written)
             };
             for r in regions {
+                if r.present() {
+                    resident += r.pages();
+                }
                 if !needs_storing(kind, r.categories) {
                     continue;
                 }
@@ -528,6 +534,7 @@ impl PreCopied {
         );
         Ok(Some(Planned {
             process,
+            resident,
             vmas,
             blobs: self.copied.iter().map(|c| (c.2.offset, c.2)).collect(),
         }))
