@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::debug;
 
+use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
 use crate::fds::{self, UnsupportedFd};
 use crate::files::FileTable;
@@ -21,8 +22,9 @@ use crate::image::model::{
 use crate::image::{ImageWriter, WriteOptions};
 use crate::incremental::{Plan, Tracking};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
+use crate::precopy::{Planned, PreCopies};
 use crate::ptrace::Frozen;
-use crate::remote::{self, RemoteThread};
+use crate::remote::RemoteThread;
 use crate::snapshot::{self, Snapshot};
 use crate::tree::{self, FrozenTree};
 use crate::{process, registers, signals, threads};
@@ -54,6 +56,21 @@ pub struct DumpOptions {
     /// Where to find the descendants without scanning /proc (the agent's
     /// eBPF-kept tree members); a scan confirms the tree either way.
     pub member_hint: Option<crate::tree::MemberHint>,
+    /// Copy pages while the processes run before freezing them, then only
+    /// what they wrote since (`precopy`): for dumps that leave them running
+    /// uncompressed. The checkpoint is then the moment of the freeze after
+    /// the pre-copy, not the moment of the call.
+    pub precopy: Precopy,
+}
+
+/// When a dump pre-copies (see [`DumpOptions::precopy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precopy {
+    Off,
+    /// When the tree holds at least `precopy::MIN_PRECOPY_BYTES` of
+    /// private memory (below, the snapshot freezes as briefly).
+    Auto,
+    Always,
 }
 
 impl DumpOptions {
@@ -73,6 +90,7 @@ impl DumpOptions {
             children: true,
             tcp: fds::inet::TcpPolicy::Refuse,
             member_hint: None,
+            precopy: Precopy::Off,
         }
     }
 }
@@ -118,6 +136,14 @@ pub struct DumpReport {
     pub members_from_hint: usize,
     #[serde(default)]
     pub members_from_scan: usize,
+    /// The longest brief freeze that attached write tracking to a process
+    /// before its pre-copy (see `precopy`); zero without pre-copy.
+    #[serde(default)]
+    pub precopy_pause: Duration,
+    /// Processes whose pages were copied while they ran, and only the
+    /// pages written since while frozen.
+    #[serde(default)]
+    pub precopied: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -158,8 +184,52 @@ fn dump_inner(
     // time from the trigger to the stop must not grow with the process
     // (allocating a large image area takes long on tmpfs). The image is
     // prepared while frozen.
-    let frozen = FrozenTree::freeze_hinted(pid, opts.children, opts.member_hint.as_ref())?;
+    // A process to be killed stays frozen until its image is written: no
+    // snapshot, its pages are copied straight away.
+    let snapshots_wanted = opts.after != AfterDump::Kill;
+    let create_writer = |owner| {
+        ImageWriter::create(
+            &opts.output,
+            WriteOptions {
+                compress: opts.compress,
+                owner: Some(owner),
+                keep_previous: opts.keep_previous,
+                as_user: opts.as_user.clone(),
+            },
+        )
+    };
+    let pids = if !snapshots_wanted {
+        Vec::new()
+    } else if opts.children {
+        tree::descendants_now(pid)
+    } else {
+        vec![pid]
+    };
+    // A pre-copy goes into the image before the freeze. Never with
+    // incremental tracking: both would write-protect the same memory.
+    let mut precopy_writer = None;
+    let mut precopies = PreCopies::default();
+    let precopy = tracking.is_none()
+        && match opts.precopy {
+            Precopy::Off => false,
+            Precopy::Always => true,
+            Precopy::Auto => {
+                crate::precopy::private_bytes(&pids) >= crate::precopy::MIN_PRECOPY_BYTES
+            }
+        };
+    if snapshots_wanted && precopy && !opts.compress {
+        let mut writer = create_writer(process::owner(pid)?)?;
+        precopies = PreCopies::run(&pids, &mut writer);
+        precopy_writer = Some(writer);
+    }
+    let precopies_pause = precopies.longest_pause;
+    // VmFlags now, so that smaps need not be read while frozen.
+    let early = EarlyMaps::read(&pids);
+    // From before the first thread stops, so that a tree's freeze (one
+    // process after the other) counts whole.
+    let boost = Boost::raise();
     let frozen_at = Instant::now();
+    let frozen = FrozenTree::freeze_hinted(pid, opts.children, opts.member_hint.as_ref())?;
     let frozen_at_monotonic_ns = frozen.stopped_at_ns();
     let (members_from_hint, members_from_scan) = (frozen.from_hint, frozen.from_scan);
     let owner = process::owner(pid)?;
@@ -169,28 +239,22 @@ fn dump_inner(
         .map(|f| (f.pid(), snapshot::start_time(f.pid()).unwrap_or(0)))
         .collect();
     let plan = tracking.as_deref_mut().map(|t| t.plan(&members));
-    let mut writer = ImageWriter::create(
-        &opts.output,
-        WriteOptions {
-            compress: opts.compress,
-            owner: Some(owner),
-            keep_previous: opts.keep_previous,
-            as_user: opts.as_user.clone(),
-        },
-    )?;
+    let mut writer = match precopy_writer {
+        Some(w) => w,
+        None => create_writer(owner)?,
+    };
     keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
     // Connections saved in TCP repair mode stay in it until the tree is
     // killed (then they go silently) or runs again (then they leave it).
     let repair = fds::tcp_repair::RepairHold::new();
-    // A process to be killed stays frozen until its image is written: no
-    // snapshot, its pages are copied straight away.
-    let snapshots_wanted = opts.after != AfterDump::Kill;
     let captured = capture_tree(
         &frozen,
         opts,
         &mut writer,
         snapshots_wanted,
         tracking.as_deref_mut().zip(plan.as_ref()),
+        &early,
+        &mut precopies,
     )?;
     let mut meta = captured.meta;
     let image_id = crate::incremental::new_image_id();
@@ -206,9 +270,19 @@ fn dump_inner(
     let files = captured.files;
     let mut snapshots = captured.snapshots;
     let snapshot_count = snapshots.len();
+    let plans = captured.plans;
+    let precopied = plans.len();
+    let verify_after = captured.verify_after;
     let mut written = snapshot::Written::default();
+    let mut precopy_stored = 0;
     let mut reap_pause = Duration::ZERO;
     let finish = |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
+        // The processes run again: write tracking is no longer needed.
+        precopies.release();
+        for (pid, maps) in &verify_after {
+            crate::earlymaps::verify_after(*pid, maps)?;
+        }
+        precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
         written = snapshot::write_all(&mut snapshots, meta, &mut writer)?;
         let mut phase = Phases::start();
         finish_files(files, opts, &mut writer, meta)?;
@@ -224,12 +298,14 @@ fn dump_inner(
             repair.release();
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
+            drop(boost);
             (finish(&mut meta, writer)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
             repair.release();
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
+            drop(boost);
             (finish(&mut meta, writer)?, frozen_for)
         }
         AfterDump::Kill => {
@@ -238,6 +314,7 @@ fn dump_inner(
             let bytes = finish(&mut meta, writer)?;
             let killed = frozen.kill();
             let frozen_for = frozen_at.elapsed();
+            drop(boost);
             // The root is its parent's to reap.
             tree::wait_until_gone(&killed);
             repair.close_silently();
@@ -245,7 +322,7 @@ fn dump_inner(
         }
     };
     debug!(us = started.elapsed().as_micros() as u64, "image finished");
-    let pages_stored = captured.pages_stored + written.pages_stored;
+    let pages_stored = captured.pages_stored + written.pages_stored + precopy_stored;
     if let (Some(t), Some(plan)) = (tracking, &plan) {
         t.done(plan, &opts.output, &meta, pages_stored, &members)?;
     }
@@ -269,6 +346,8 @@ fn dump_inner(
         parent: meta.parent.as_ref().map(|p| PathBuf::from(&p.path)),
         members_from_hint,
         members_from_scan,
+        precopy_pause: precopies_pause,
+        precopied,
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).
@@ -363,11 +442,20 @@ impl Phases {
     }
 }
 
+/// A pre-copied process's plan, and its mappings if their early flags are
+/// to be checked once it runs again.
+type PlannedProcess = (Planned, Option<Vec<memory::MapEntry>>);
+
 struct Captured {
     meta: Metadata,
     files: FileTable,
     /// Processes whose private pages are written after they run again.
     snapshots: Vec<Snapshot>,
+    /// Pre-copied processes' pages, to be finished after they run again.
+    plans: Vec<Planned>,
+    /// Processes whose mappings' early flags are checked after they run
+    /// again (no snapshot to check them against).
+    verify_after: Vec<(i32, Vec<memory::MapEntry>)>,
     pages_stored: u64,
     resident_pages: u64,
 }
@@ -379,6 +467,8 @@ fn capture_tree(
     writer: &mut ImageWriter,
     snapshots_wanted: bool,
     mut tracking: Option<(&mut Tracking, &Plan)>,
+    early: &EarlyMaps,
+    precopies: &mut PreCopies,
 ) -> Result<Captured> {
     let mut phase = Phases::start();
     if let Some(user) = &opts.as_user {
@@ -404,6 +494,8 @@ fn capture_tree(
     let mut procs = Vec::with_capacity(fds.len());
     let mut pages = PageDumper::new(tree.root())?;
     let mut snapshots = Vec::new();
+    let mut plans = Vec::new();
+    let mut verify_after = Vec::new();
     let mut resident_pages = 0;
     for (frozen, fds) in tree.members().iter().zip(fds) {
         // Only the root's start time is known to the caller.
@@ -413,7 +505,7 @@ fn capture_tree(
             pages.next_process(frozen.pid())?;
             None
         };
-        let (image, resident, snapshot) = capture_process(
+        let (image, resident, snapshot, plan) = capture_process(
             frozen,
             expect_start,
             writer,
@@ -423,9 +515,17 @@ fn capture_tree(
             &mut shmem,
             snapshots_wanted.then_some(procs.len()),
             tracking.as_mut().map(|(t, p)| (&mut **t, *p)),
+            early,
+            precopies,
         )?;
         resident_pages += resident;
         snapshots.extend(snapshot);
+        if let Some((plan, maps)) = plan {
+            plans.push(plan);
+            if let Some(maps) = maps {
+                verify_after.push((frozen.pid(), maps));
+            }
+        }
         let mut image = image;
         image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
         procs.push(image);
@@ -473,6 +573,8 @@ fn capture_tree(
         meta,
         files,
         snapshots,
+        plans,
+        verify_after,
         pages_stored,
         resident_pages,
     })
@@ -494,7 +596,9 @@ fn capture_process(
     shmem: &mut memory::SharedObjects,
     snapshot_as: Option<usize>,
     tracking: Option<(&mut Tracking, &Plan)>,
-) -> Result<(ProcessImage, u64, Option<Snapshot>)> {
+    early: &EarlyMaps,
+    precopies: &mut PreCopies,
+) -> Result<(ProcessImage, u64, Option<Snapshot>, Option<PlannedProcess>)> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
     let mut info = process::dump_proc_info(pid)?;
@@ -510,12 +614,16 @@ fn capture_process(
         .map(|&tid| threads::dump_thread(pid, tid))
         .collect::<Result<Vec<_>>>()?;
     let shared_pending = signals::dump_shared_pending(pid)?;
+    let precopied = precopies.take(pid);
+    if let Some(p) = &precopied {
+        p.fix_restarted_sleeps(&tids, &mut thread_states);
+    }
     phase.done("/proc, threads");
 
     // Remote syscalls: dispositions, brk, rlimits, personality in the
     // leader; the alternate stack in every thread.
-    let syscall_ip = remote::find_syscall_insn(pid)?;
-    let gadgets = crate::safe_return::find_gadgets(pid);
+    let (syscall_ip, gadgets) = early.code(pid)?;
+    phase.done("syscall instruction, gadgets");
     let actions = {
         let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let scratch_len = PAGE_SIZE;
@@ -546,9 +654,55 @@ fn capture_process(
 
     phase.done("remote syscalls");
     // The address space, now that our scratch page is gone again.
-    let maps = memory::read_maps(pid)?;
+    // A process to be snapshotted keeps the flags read before the freeze
+    // when its mappings are unchanged (`earlymaps`).
+    let snapshot_wanted = snapshot_as.is_some() && !frozen.was_stopped();
+    let (mut maps, early_flags) = if snapshot_wanted {
+        early.frozen_maps(pid)?
+    } else {
+        (memory::read_maps(pid)?, false)
+    };
+    // Mappings a pre-copy tracked: planned from their earlier copy.
+    let mut precopied = precopied.filter(|_| snapshot_wanted);
+    let mut claimed = vec![false; maps.len()];
+    if let Some(p) = &precopied {
+        for (c, m) in claimed.iter_mut().zip(maps.iter_mut()) {
+            *c = p.claim(m);
+        }
+    }
     memory::refuse_missing_page_handlers(pid, &maps)?;
-    phase.done("smaps");
+    phase.done("maps");
+    let plan = match (precopied.as_mut(), snapshot_as) {
+        (Some(p), Some(index)) => {
+            let tracked: Vec<(usize, &memory::MapEntry)> = maps
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| claimed[i])
+                .collect();
+            // Mappings made since the attach are copied while frozen: too
+            // many of them, and the snapshot is the shorter freeze.
+            let untracked: u64 = maps
+                .iter()
+                .zip(&claimed)
+                .filter(|&(m, &c)| !c && snapshot::fork_copies(m, m.kind()))
+                .map(|(m, _)| m.len() / PAGE_SIZE)
+                .sum();
+            if untracked > crate::precopy::FROZEN_COPY_LIMIT_PAGES {
+                None
+            } else {
+                p.plan(index, &tracked)?
+            }
+        }
+        _ => None,
+    };
+    if plan.is_none() {
+        claimed.iter_mut().for_each(|c| *c = false);
+        // Dumped the ordinary way: our protection markers must not show
+        // in its pagemap (as "swapped" pages). Dropping the tracker
+        // removes them (a page-table walk, in this rare case while frozen).
+        precopied = None;
+    }
+    phase.done("pre-copy scan");
     // A process in a job-control stop does not run on after the dump, so
     // copying its pages now costs it nothing; and the brief freeze that
     // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
@@ -561,7 +715,8 @@ fn capture_process(
     };
     let mut snapshot = match snapshot_as {
         Some(index)
-            if !frozen.was_stopped()
+            if plan.is_none()
+                && !frozen.was_stopped()
                 && fork_maps
                     .as_ref()
                     .is_some_and(|m| snapshot::may_fork(pid, m)) =>
@@ -574,6 +729,24 @@ fn capture_process(
         }
         _ => None,
     };
+    let mut verify_later = None;
+    if early_flags {
+        match snapshot.as_mut() {
+            Some(s) => s.verify_flags_later(maps.clone()),
+            // Checked against the process itself once it runs again.
+            None if plan.is_some() => verify_later = Some(maps.clone()),
+            // Nothing to check the early flags against: read them now.
+            None => {
+                maps = memory::read_maps(pid)?;
+                if let Some(p) = &precopied {
+                    maps.iter_mut().for_each(|m| {
+                        p.claim(m);
+                    });
+                }
+                memory::refuse_missing_page_handlers(pid, &maps)?;
+            }
+        }
+    }
     phase.done("snapshot");
     // Write tracking, while still frozen: a full checkpoint protects every
     // page (writes from now on are the next increment's); an incremental
@@ -607,7 +780,9 @@ fn capture_process(
             _ => None,
         };
         let shmem_id = (kind == VmaKind::SharedAnonymous).then_some(map.inode);
-        let stored = if kind.is_special() || map.is_device_memory() {
+        let claimed = claimed.get(vmas.len()).copied().unwrap_or(false);
+        let stored = if kind.is_special() || map.is_device_memory() || claimed {
+            // Claimed: its pages come from the pre-copy plan.
             Vec::new()
         } else if shmem.stored_already(map) {
             // Another mapping of the tree holds these pages of the object.
@@ -673,5 +848,46 @@ fn capture_process(
             shared_pending,
         },
     };
-    Ok((image, resident_pages, snapshot))
+    if let Some(p) = precopied {
+        precopies.keep(p);
+    }
+    Ok((
+        image,
+        resident_pages + plan.as_ref().map_or(0, |p| p.resident),
+        snapshot,
+        plan.map(|p| (p, verify_later)),
+    ))
+}
+
+/// The calling thread's scheduling priority raised (nice -20) while the
+/// tree is frozen, and set back after: every remote call and ptrace stop
+/// waits for this thread to be scheduled, and on a busy machine those
+/// waits, not the work, make most of the freeze. Only ours is raised (the
+/// target's is never touched), and only where allowed (root).
+pub(crate) struct Boost(Option<i32>);
+
+impl Boost {
+    pub(crate) fn raise() -> Boost {
+        // SAFETY: plain syscalls on the calling thread (who 0).
+        unsafe {
+            *libc::__errno_location() = 0;
+            let old = libc::getpriority(libc::PRIO_PROCESS, 0);
+            if *libc::__errno_location() != 0 || old <= -20 {
+                return Boost(None);
+            }
+            if libc::setpriority(libc::PRIO_PROCESS, 0, -20) != 0 {
+                return Boost(None);
+            }
+            Boost(Some(old))
+        }
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            // SAFETY: a plain syscall on the calling thread.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, old) };
+        }
+    }
 }

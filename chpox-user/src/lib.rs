@@ -4,7 +4,8 @@
 //! in CRIU:
 //! - `memory`: mappings and pages (`memory::pagecopy` writes them,
 //!   `memory::snapshot` reads them from a copy-on-write copy,
-//!   `memory::dirty` tracks writes for `memory::incremental` images);
+//!   `memory::dirty` tracks writes for `memory::incremental` images and
+//!   `memory::precopy` dumps);
 //! - `process`: process-wide state, with `creds`, `registers`, `signals`,
 //!   `threads` and `timers` beside it;
 //! - `fds`: open descriptors, one file per kind;
@@ -39,6 +40,6 @@ pub mod trigger;
 pub use error::{Error, Result};
 pub use files::deleted;
 pub use freeze::{ptrace, remote, safe_return, tree};
-pub use memory::{dirty, incremental, pagecopy, snapshot};
+pub use memory::{dirty, earlymaps, incremental, pagecopy, precopy, snapshot};
 pub use process::{creds, registers, signals, threads, timers};
 pub use trigger::{agent, bpf, control};

@@ -22,10 +22,17 @@ fn tracer_of(pid: i32) -> Option<i32> {
 }
 
 fn start_dump(pid: i32, image: &Path) -> Child {
+    start_dump_with(pid, image, &["--no-precopy"])
+}
+
+/// These tests interrupt a long freeze: without pre-copy (whose freezes
+/// are brief), unless `extra` asks for it.
+fn start_dump_with(pid: i32, image: &Path, extra: &[&str]) -> Child {
     Command::new(chpox_bin())
         .args(["dump", &pid.to_string(), "-o"])
         .arg(image)
         .args(["--unsupported-fd", "null"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -265,4 +272,65 @@ fn chpox_killed_mid_freeze_leaves_vector_registers_intact() {
     target.signal(libc::SIGUSR1);
     target.wait_success(Duration::from_secs(30));
     assert_eq!(target.lines_after_ready(), ["REGS OK"]);
+}
+
+/// chpox killed at many points of a pre-copy (the attach pause, the copy
+/// while the target runs with its writes tracked, the freeze, the write
+/// after it): the target runs on with its memory intact, its tracking gone
+/// with chpox, and an image, if any, is whole.
+#[test]
+fn chpox_killed_during_a_precopy_leaves_the_target_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).expect("mkdir");
+    let mut target = Target::spawn(
+        "mempattern",
+        &["128", "--finish-after-rounds", "60"],
+        dir.path(),
+    );
+    let image = images.join("img");
+    for delay_ms in [0u64, 1, 3, 10, 30, 100, 300] {
+        let mut dumper = start_dump_with(target.pid, &image, &["--precopy"]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(dumper.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        dumper.wait().expect("wait chpox");
+        assert!(
+            target.child.try_wait().expect("try_wait").is_none(),
+            "the target died when chpox was killed {delay_ms} ms into a pre-copy"
+        );
+        assert_released(target.pid);
+        let flags = std::fs::read_to_string(format!("/proc/{}/smaps", target.pid)).expect("smaps");
+        assert!(
+            !flags
+                .lines()
+                .any(|l| l.starts_with("VmFlags:") && l.contains(" uw")),
+            "write tracking left on the target {delay_ms} ms in"
+        );
+        if image.exists() {
+            chpox_ok(&["inspect", image.to_str().expect("utf-8")]);
+        }
+    }
+    // A dump that is let finish works, and (as after any killed dump)
+    // removes what a killed one left: only the image remains.
+    let report = chpox_ok(&[
+        "dump",
+        &target.pid.to_string(),
+        "-o",
+        image.to_str().expect("utf-8"),
+        "--unsupported-fd",
+        "null",
+        "--precopy",
+        "--json",
+    ]);
+    assert!(report.contains("\"precopied\": 1"), "{report}");
+    assert_eq!(dir_entries(&images), ["img"]);
+    target.wait_success(Duration::from_secs(60));
+    let out = target.lines_after_ready();
+    assert!(
+        out.last().is_some_and(|l| l.starts_with("DONE sum=")),
+        "{out:?}"
+    );
 }

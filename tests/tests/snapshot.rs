@@ -113,7 +113,8 @@ fn a_process_killed_during_the_write_leaves_the_previous_image() {
         let dumper = Command::new(chpox_bin())
             .args(["dump", &target.pid.to_string(), "-o"])
             .arg(&image)
-            .args(["--unsupported-fd", "null"])
+            // The snapshot path: without pre-copy.
+            .args(["--unsupported-fd", "null", "--no-precopy"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -153,4 +154,121 @@ fn a_process_killed_during_the_write_leaves_the_previous_image() {
         return;
     }
     panic!("the dump finished before the target could be killed, four times");
+}
+
+/// Pre-copy: the pages go into the image while the threads write, then
+/// only those written since are read while frozen. Threads that pause
+/// after every page leave some pages written since the pre-copy and some
+/// not: the image is still one instant, and it was made by a pre-copy.
+#[test]
+fn precopy_is_one_instant_under_writes_by_every_thread() {
+    let dir = tempdir();
+    // 4 × 2 MiB: all of it may be written since the pre-copy and still be
+    // few enough pages to read while frozen.
+    let mut target = Target::spawn("cowwriters", &["4", "2", "300"], dir.path());
+    let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+    let threads: usize = target.ready_value("threads").parse().expect("threads");
+    let slice: usize = target.ready_value("slice").parse().expect("slice");
+    for round in 0..3 {
+        let image = dir.path().join(format!("pre{round}.img"));
+        // Left stopped, its memory is still that of the freeze: the image
+        // must equal it, not merely look like some instant.
+        let report = dump_json(target.pid, &image, &["--leave-stopped", "--precopy"]);
+        assert_eq!(report["precopied"], 1, "{report}");
+        assert_eq!(report["snapshots"], 0, "{report}");
+        let mut live = vec![0u8; len as usize];
+        std::fs::File::open(format!("/proc/{}/mem", target.pid))
+            .and_then(|m| std::os::unix::fs::FileExt::read_exact_at(&m, &mut live, addr))
+            .expect("read the stopped process's memory");
+        target.signal(libc::SIGCONT);
+        let reader = ImageReader::open(&image).expect("image opens");
+        reader.verify_all().expect("checksums");
+        let region = reader
+            .read_memory(addr, len as usize)
+            .expect("read")
+            .expect("every page stored");
+        if let Err(e) = point_in_time(&region, threads, slice) {
+            panic!("round {round}: {e}");
+        }
+        if let Some(at) = region.iter().zip(&live).position(|(a, b)| a != b) {
+            panic!("round {round}: the image differs from the frozen memory at byte {at}");
+        }
+    }
+    target.signal(libc::SIGUSR1);
+    target.wait_success(EXIT_TIMEOUT);
+}
+
+/// `mapchurn` maps, fills, unmaps and zaps pages without pause while it is
+/// pre-copied: its table and its regions in the image agree (see the
+/// program), so the image is one instant; and it runs on unharmed.
+#[test]
+fn precopy_of_a_process_mapping_unmapping_and_zapping_is_one_instant() {
+    const PAGE: usize = 4096;
+    let dir = tempdir();
+    let mut target = Target::spawn("mapchurn", &[], dir.path());
+    let table_at = target.ready_hex("table");
+    let slots: usize = target.ready_value("slots").parse().expect("slots");
+    let slot_bytes: usize = target
+        .ready_value("slot_bytes")
+        .parse()
+        .expect("slot_bytes");
+    for round in 0..3 {
+        let image = dir.path().join(format!("churn{round}.img"));
+        let report = dump_json(target.pid, &image, &["--precopy"]);
+        assert_eq!(report["precopied"], 1, "{report}");
+        let reader = ImageReader::open(&image).expect("image opens");
+        reader.verify_all().expect("checksums");
+        // Absent pages of a mapping read as zeros.
+        let read = |at: u64, len: usize| -> Vec<u8> {
+            let mut out = Vec::with_capacity(len);
+            for page in (at..at + len as u64).step_by(PAGE) {
+                match reader.read_memory(page, PAGE).expect("read") {
+                    Some(bytes) => out.extend_from_slice(&bytes),
+                    None => out.extend(std::iter::repeat_n(0u8, PAGE)),
+                }
+            }
+            out
+        };
+        let table = read(table_at, slots * slot_bytes);
+        let word =
+            |b: &[u8], i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
+        let mut live = 0;
+        for slot in 0..slots {
+            let entry = &table[slot * slot_bytes..(slot + 1) * slot_bytes];
+            let (region, pages, id) = (word(entry, 0), word(entry, 1) as usize, word(entry, 2));
+            if region == 0 {
+                continue;
+            }
+            live += 1;
+            let bytes = read(region, pages * PAGE);
+            for page in 0..pages {
+                let state = entry[24 + page];
+                let words: Vec<u64> = (0..PAGE / 8)
+                    .map(|w| word(&bytes[page * PAGE..], w))
+                    .collect();
+                let expect = |w: usize| id << 32 | (page * PAGE / 8 + w) as u64;
+                let ok_pattern = words.iter().enumerate().all(|(w, &v)| v == expect(w));
+                let ok_zero = words.iter().all(|&v| v == 0);
+                let ok_mixed = words
+                    .iter()
+                    .enumerate()
+                    .all(|(w, &v)| v == 0 || v == expect(w));
+                let ok = match state {
+                    0 => ok_pattern,
+                    1 => ok_pattern || ok_zero,
+                    2 => ok_zero,
+                    _ => ok_mixed,
+                };
+                assert!(
+                    ok,
+                    "round {round}: slot {slot} (region {region:#x} id {id}) page {page} in state {state} holds {:#x}…: not one instant",
+                    words[0]
+                );
+            }
+        }
+        assert!(live > 0, "round {round}: no region in the table");
+    }
+    // It ran on, unharmed by the tracking.
+    target.signal(libc::SIGUSR1);
+    target.wait_success(EXIT_TIMEOUT);
 }

@@ -668,7 +668,13 @@ fn make_resume(how: Dump) {
     // take objects it rewrites.
     let _ = std::fs::remove_file(build_dir.join("prog"));
     if how == Dump::LeaveRunning {
-        forget_objects_made_after(&build_dir, before_dump, &img);
+        // The checkpoint is the freeze, which a pre-copy puts after the
+        // dump began: the image's creation time is taken while frozen.
+        let frozen_at = img.0["created_unix_us"]
+            .as_u64()
+            .map(|us| std::time::UNIX_EPOCH + std::time::Duration::from_micros(us))
+            .unwrap_or(before_dump);
+        forget_objects_made_after(&build_dir, frozen_at.max(before_dump), &img);
     }
 
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
@@ -684,7 +690,7 @@ fn make_resume(how: Dump) {
 /// started after the freeze and left half-written when it was killed is
 /// newer than its source, so the restored make would take it as done
 /// and link a broken program. Roll the directory back as a user would:
-/// remove every object written since the dump began (make rebuilds
+/// remove every object written since the checkpoint (make rebuilds
 /// whatever is missing), except those the restored processes hold open.
 fn forget_objects_made_after(dir: &Path, since: std::time::SystemTime, img: &Image) {
     let held: BTreeSet<String> = img

@@ -256,6 +256,8 @@ struct DumpSample {
     frozen: f64,
     /// The brief second freeze in which the process reaps its snapshot.
     reap_pause: f64,
+    /// The brief freeze before a pre-copy, attaching write tracking.
+    precopy_pause: f64,
     image_bytes: u64,
     resident_bytes: u64,
     stored_bytes: u64,
@@ -333,6 +335,10 @@ fn restore_tree(image: &Path, pids: &[i32]) -> Result<f64> {
     Ok(secs)
 }
 
+/// `cargo xtask bench --no-precopy`: every dump without pre-copy (the
+/// copy-on-write snapshot alone), to hold the two against each other.
+pub static NO_PRECOPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn dump_once(pid: i32, image: &Path) -> Result<DumpSample> {
     dump_with(pid, image, &[])
 }
@@ -347,6 +353,11 @@ fn dump_with(pid: i32, image: &Path, extra: &[&str]) -> Result<DumpSample> {
         // are not what is measured.
         .args(["--json", "--unsupported-fd", "null"])
         .args(extra)
+        .args(
+            NO_PRECOPY
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then_some("--no-precopy"),
+        )
         .output()
         .context("cannot run chpox")?;
     if !out.status.success() {
@@ -364,6 +375,7 @@ fn dump_with(pid: i32, image: &Path, extra: &[&str]) -> Result<DumpSample> {
         total: secs("total"),
         frozen: secs("frozen"),
         reap_pause: secs("reap_pause"),
+        precopy_pause: secs("precopy_pause"),
         image_bytes: num("image_bytes"),
         resident_bytes: num("resident_bytes"),
         stored_bytes: num("pages_stored") * 4096,
@@ -392,6 +404,8 @@ struct Summary {
     total: f64,
     frozen: f64,
     frozen_p99: f64,
+    /// The longest of the attach pauses of a pre-copy, median.
+    attach: f64,
     restore: f64,
     stored: f64,
     dd: f64,
@@ -491,6 +505,7 @@ impl Case {
             total: median(self.dumps.iter().map(|d| d.total).collect()),
             frozen: median(frozen.clone()),
             frozen_p99: percentile(frozen, 0.99),
+            attach: median(self.dumps.iter().map(|d| d.precopy_pause).collect()),
             restore: median(self.restores.clone()),
             stored: self.dumps[0].stored_bytes as f64,
             dd: median(self.dd.clone()),
@@ -604,12 +619,15 @@ pub fn run_tree(procs: usize, mib: u64, rounds: usize, dir: &Path) -> Result<Cas
 pub fn compare(cases: &[&Case]) {
     let sums: Vec<Summary> = cases.iter().map(|c| c.summary()).collect();
     type Row = (&'static str, fn(&Summary) -> String);
-    let rows: [Row; 12] = [
+    let rows: [Row; 13] = [
         ("processes", |s| s.processes.to_string()),
         ("dump wall time        s", |s| format!("{:.3}", s.total)),
         ("frozen median         s", |s| format!("{:.3}", s.frozen)),
         ("frozen p99            s", |s| {
             format!("{:.3}", s.frozen_p99)
+        }),
+        ("attach pause         ms", |s| {
+            format!("{:.2}", s.attach * 1e3)
         }),
         ("frozen per process   ms", |s| {
             format!("{:.2}", s.frozen_per_process() * 1e3)

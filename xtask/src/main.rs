@@ -81,6 +81,10 @@ enum Task {
         /// Run only the incremental part.
         #[arg(long, conflicts_with = "no_incremental")]
         only_incremental: bool,
+        /// Dump without pre-copy (`chpox dump --no-precopy`): the
+        /// copy-on-write snapshot alone, to compare the two.
+        #[arg(long)]
+        no_precopy: bool,
     },
     /// Build (release) and install chpox: the program (also as chpoxctl,
     /// ld-chpox and chpox-agent), the eBPF object in PREFIX/lib/chpox, man
@@ -320,8 +324,10 @@ fn main() -> Result<()> {
             incremental_mib,
             no_incremental,
             only_incremental,
+            no_precopy,
         } => {
             require_root("the benchmark")?;
+            bench::NO_PRECOPY.store(no_precopy, std::sync::atomic::Ordering::Relaxed);
             build_all()?;
             let rounds = rounds.max(1);
             if only_incremental {

@@ -152,6 +152,15 @@ enum Command {
         /// Print the dump report as JSON (durations in µs as `*_us`).
         #[arg(long)]
         json: bool,
+        /// Do not copy pages while the process runs before freezing it
+        /// (the pre-copy that keeps the freeze short, by default for
+        /// 256 MiB of private memory or more); the checkpoint is then the
+        /// moment of the call, and the freeze copies page tables.
+        #[arg(long)]
+        no_precopy: bool,
+        /// Pre-copy whatever the size.
+        #[arg(long, conflicts_with = "no_precopy")]
+        precopy: bool,
     },
     /// Run a command registered with chpox-agent from its first instruction:
     /// its trigger signal then checkpoints it instead of killing it.
@@ -329,6 +338,8 @@ fn run(cli: Cli) -> Result<()> {
             tcp_established,
             tcp_close,
             json,
+            no_precopy,
+            precopy,
         } => {
             let opts = DumpOptions {
                 output,
@@ -360,6 +371,13 @@ fn run(cli: Cli) -> Result<()> {
                     chpox::fds::inet::TcpPolicy::Refuse
                 },
                 member_hint: None,
+                precopy: if no_precopy {
+                    chpox::dump::Precopy::Off
+                } else if precopy {
+                    chpox::dump::Precopy::Always
+                } else {
+                    chpox::dump::Precopy::Auto
+                },
             };
             let report = {
                 let _bar = chpox::cli::progress::Bar::start(

@@ -31,6 +31,11 @@ pub struct DumpJson<'a> {
     pub snapshots: usize,
     /// The longest brief freeze that reaped a snapshot's copy.
     pub reap_pause_us: u64,
+    /// Processes pre-copied while running (only pages written since were
+    /// copied while frozen).
+    pub precopied: usize,
+    /// The longest brief freeze that attached write tracking for a pre-copy.
+    pub precopy_pause_us: u64,
 }
 
 impl<'a> From<&'a DumpReport> for DumpJson<'a> {
@@ -51,6 +56,8 @@ impl<'a> From<&'a DumpReport> for DumpJson<'a> {
             children_not_saved: &r.children_not_saved,
             snapshots: r.snapshots,
             reap_pause_us: r.reap_pause.as_micros() as u64,
+            precopied: r.precopied,
+            precopy_pause_us: r.precopy_pause.as_micros() as u64,
         }
     }
 }

@@ -112,6 +112,36 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
     None
 }
 
+/// `gadgets` found in `pid` earlier (before a freeze, where the search
+/// costs nothing), if they still hold: the bytes still there, no shadow
+/// stack, and the stack mappings read again now (threads come and go).
+/// None: search again with [`find_gadgets`].
+pub fn still_valid(pid: i32, gadgets: &Gadgets) -> Option<Gadgets> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    if status
+        .lines()
+        .find_map(|l| l.strip_prefix("x86_Thread_features:"))
+        .is_some_and(|f| f.split_whitespace().any(|w| w == "shstk"))
+    {
+        return None;
+    }
+    let holds = |at: u64, pattern: &[u8]| {
+        let mut buf = vec![0u8; pattern.len()];
+        read_memory(pid, at, &mut buf).is_ok() && buf == pattern
+    };
+    if !holds(gadgets.syscall_ret, SYSCALL_RET)
+        || !SIGRETURNS.iter().any(|p| holds(gadgets.sigreturn, p))
+    {
+        return None;
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    Some(Gadgets {
+        syscall_ret: gadgets.syscall_ret,
+        sigreturn: gadgets.sigreturn,
+        stacks: stack_mappings(&maps),
+    })
+}
+
 /// The stack mappings of a /proc/PID/maps text (see `Gadgets::stacks`).
 fn stack_mappings(maps: &str) -> Vec<(u64, u64)> {
     let mut out = Vec::new();

@@ -23,6 +23,7 @@ use super::model::{Compression, DataRef, Metadata};
 
 mod area;
 mod dir;
+mod patch;
 
 pub use area::{ClosedArea, MappedArea};
 use dir::{create_temp, open_dir, remove_stale_temps, split_path};

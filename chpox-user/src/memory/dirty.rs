@@ -223,6 +223,14 @@ impl Tracker {
     /// (they were not protected before). A mapping the process registered
     /// with a userfaultfd of its own is skipped (left untracked).
     pub fn track(&mut self, maps: &[MapEntry]) -> crate::Result<Vec<(u64, u64)>> {
+        self.track_protecting(maps, true)
+    }
+
+    fn track_protecting(
+        &mut self,
+        maps: &[MapEntry],
+        protect: bool,
+    ) -> crate::Result<Vec<(u64, u64)>> {
         self.check_alive()?;
         let mut kept: Vec<(u64, u64)> = Vec::new();
         let mut added = Vec::new();
@@ -266,7 +274,9 @@ impl Tracker {
             }
             // Protect every page, reporting nothing (no output vector: the
             // kernel's fast path).
-            self.walk(map.start, map.end, true, None)?;
+            if protect {
+                self.walk(map.start, map.end, true, None)?;
+            }
             kept.push((map.start, map.end));
             added.push((map.start, map.end));
         }
@@ -500,6 +510,75 @@ pub fn unchanged_runs(start: u64, written: &[Region], present: &[bool]) -> Vec<(
         }
     }
     runs
+}
+
+/// For a pre-copy dump (`precopy`): register while frozen, protect while
+/// the process runs, and see every page's state at the freeze.
+impl Tracker {
+    /// Like [`track`](Self::track), but only register: no page is
+    /// protected yet, so every page counts as written until a scan with
+    /// `protect` (which may run while the process runs: a page written
+    /// after the walk passed it is reported by the next scan).
+    pub fn register(&mut self, maps: &[MapEntry]) -> crate::Result<Vec<(u64, u64)>> {
+        self.track_protecting(maps, false)
+    }
+
+    /// Every page of `[start, end)` (inside one tracked mapping), as
+    /// regions of pages with the same written/present/swapped/zero-page
+    /// categories, and with `file` page-cache (which costs a page lookup
+    /// per present page: ask only for file mappings); with `protect`,
+    /// every page is protected again in the same walk.
+    pub fn scan_every(
+        &mut self,
+        start: u64,
+        end: u64,
+        protect: bool,
+        file: bool,
+    ) -> crate::Result<Vec<Region>> {
+        let mut out = Vec::new();
+        let mut buf = vec![Region::default(); SCAN_BATCH];
+        let mut from = start;
+        while from < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
+                start: from,
+                end,
+                vec: buf.as_mut_ptr() as u64,
+                vec_len: buf.len() as u64,
+                // No category required: every page is reported.
+                return_mask: PAGE_IS_WRITTEN
+                    | PAGE_IS_PRESENT
+                    | PAGE_IS_SWAPPED
+                    | PAGE_IS_PFNZERO
+                    | if file { PAGE_IS_FILE } else { 0 },
+                ..PmScanArg::default()
+            };
+            let n = pagemap_scan(&self.pagemap, &mut arg).map_err(|e| match e.raw_os_error() {
+                Some(libc::ESRCH) => self.lost("its memory is gone (exec or exit)"),
+                Some(libc::EPERM) => self.lost(&format!(
+                    "{from:#x}-{end:#x} is no longer registered for write tracking"
+                )),
+                _ => DirtyError::Io {
+                    pid: self.pid,
+                    what: format!("PAGEMAP_SCAN of {from:#x}-{end:#x}"),
+                    source: e,
+                }
+                .into(),
+            })?;
+            out.extend_from_slice(&buf[..n]);
+            if arg.walk_end <= from {
+                return Err(DirtyError::Io {
+                    pid: self.pid,
+                    what: format!("PAGEMAP_SCAN of {from:#x}-{end:#x}"),
+                    source: io::Error::other("the walk did not advance"),
+                }
+                .into());
+            }
+            from = arg.walk_end;
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,10 @@
 // read from while the process runs on, and the write tracking behind
 // incremental images.
 pub mod dirty;
+pub mod earlymaps;
 pub mod incremental;
 pub mod pagecopy;
+pub mod precopy;
 pub mod snapshot;
 
 use std::fs::File;

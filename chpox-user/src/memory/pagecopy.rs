@@ -96,6 +96,12 @@ pub enum Source {
     /// `/proc/PID/mem`: reads through a kernel page, a reference without a
     /// pin, so a shared page stays shared.
     ProcMem,
+    /// `/proc/PID/mem` of a process that runs meanwhile, whose changed
+    /// pages are copied again later (a pre-copy, `precopy`): a run it
+    /// unmapped in the meantime is stored as zeros rather than failing
+    /// the copy (a page unmapped is never taken from it: mapped again, it
+    /// is a new mapping, not tracked).
+    Running,
 }
 
 /// Copy every run (each at most [`CHUNK_PAGES`], see [`split_runs`]) of
@@ -286,7 +292,7 @@ fn read_runs(
         })
         .collect();
     let total = dest.len();
-    let got = if source == Source::ProcMem {
+    let got = if source != Source::VmReadv {
         0
     } else {
         let mut local = [IoSliceMut::new(dest)];
@@ -301,12 +307,25 @@ fn read_runs(
         let run_end = run_start + (n * PAGE_SIZE) as usize;
         if run_end > from {
             let at = addr + (from - run_start) as u64;
-            mem.read_exact_at(&mut dest[from..run_end], at)
-                .map_err(|source| Error::Memory {
-                    pid,
-                    addr: at,
-                    source,
-                })?;
+            match mem.read_exact_at(&mut dest[from..run_end], at) {
+                Ok(()) => {}
+                // Page by page: only what is gone reads as zeros.
+                Err(_) if source == Source::Running => {
+                    let pages = dest[from..run_end].chunks_mut(PAGE_SIZE as usize);
+                    for (i, page) in pages.enumerate() {
+                        if mem.read_exact_at(page, at + i as u64 * PAGE_SIZE).is_err() {
+                            page.fill(0);
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(Error::Memory {
+                        pid,
+                        addr: at,
+                        source: e,
+                    });
+                }
+            }
             from = run_end;
         }
         run_start = run_end;

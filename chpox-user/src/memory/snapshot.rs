@@ -107,6 +107,9 @@ pub struct Snapshot {
     collected: bool,
     /// When the process started: with the PID, the same process.
     start_time: Option<u64>,
+    /// The mappings as the image records them, when their flags were read
+    /// before the freeze: checked against the copy (`earlymaps`).
+    verify_flags: Vec<MapEntry>,
 }
 
 /// When `pid` started (clock ticks since boot, /proc/PID/stat field 22),
@@ -152,6 +155,7 @@ impl Snapshot {
             child_alive: true,
             collected: false,
             start_time: start_time(target),
+            verify_flags: Vec::new(),
         };
         // Its first stop, before it ever returns to user space.
         match wait_stop(child)? {
@@ -189,9 +193,18 @@ impl Snapshot {
         });
     }
 
+    /// `maps`, as recorded in the image, carry flags read before the
+    /// freeze: check them against the copy before its pages are written.
+    pub fn verify_flags_later(&mut self, maps: Vec<MapEntry>) {
+        self.verify_flags = maps;
+    }
+
     /// Write the deferred pages into `writer` and their runs into `meta`;
     /// returns (pages stored, pages resident).
     fn write_pages(&self, meta: &mut Metadata, writer: &mut ImageWriter) -> Result<(u64, u64)> {
+        if !self.verify_flags.is_empty() {
+            crate::earlymaps::verify_from_copy(self.target, self.child, &self.verify_flags)?;
+        }
         let mut pagemap = PageDumper::new(self.child)?;
         let mut runs = Vec::new();
         let mut resident = 0u64;

@@ -44,11 +44,37 @@ pub fn from_kernel(signo: i32, k: &[u8; KERNEL_SIGACTION_SIZE]) -> SigAction {
 }
 
 /// The disposition of every signal that has one (all but SIGKILL, SIGSTOP).
+///
+/// Each remote call costs frozen time, so only signals the process catches
+/// or ignores (`SigCgt`, `SigIgn` of /proc/PID/status), and SIGCHLD (whose
+/// SA_NOCLDSTOP/SA_NOCLDWAIT act even with SIG_DFL), are asked; the others
+/// are SIG_DFL, where the kernel uses neither mask nor flags, and are
+/// recorded as a plain SIG_DFL.
 pub fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<SigAction>> {
+    let status = crate::error::read_proc(&format!("/proc/{}/status", thread.pid()))?;
+    let mask = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            // Unknown: ask about every signal.
+            .unwrap_or(u64::MAX)
+    };
+    let not_default = mask("SigCgt:") | mask("SigIgn:") | 1 << (libc::SIGCHLD - 1);
     let mut actions = Vec::with_capacity(62);
     let mut buf = [0u8; KERNEL_SIGACTION_SIZE];
     for signo in 1..=64i32 {
         if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        if not_default & (1 << (signo - 1)) == 0 {
+            actions.push(SigAction {
+                signo,
+                handler: 0,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            });
             continue;
         }
         thread.checked(

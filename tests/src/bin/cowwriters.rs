@@ -1,4 +1,4 @@
-//! `cowwriters [<threads>] [<mib_per_thread>]`
+//! `cowwriters [<threads>] [<mib_per_thread>] [<page_pause_us>]`
 //!
 //! Every thread (default 4) owns a slice (default 16 MiB) of one private
 //! anonymous region and rewrites it, pass after pass, as fast as it can:
@@ -7,6 +7,10 @@
 //! one step down, of one, at most. A copy of the region taken at one
 //! instant keeps that shape in every slice; a copy made piece by piece
 //! while the threads write does not (a later piece is a later pass).
+//!
+//! With `page_pause_us`, each thread sleeps that long after every page it
+//! writes, so that at any moment some pages were written lately and
+//! others not for a while.
 //!
 //! Prints `READY addr=0x<hex> len=<bytes> threads=<n> slice=<bytes>`, then
 //! runs until SIGUSR1: the threads stop, and it prints `DONE passes=<n>`.
@@ -26,7 +30,7 @@ pub fn tag(t: u64) -> u64 {
     (t + 1) << 48
 }
 
-fn writer(t: u64, base: usize, words: usize) {
+fn writer(t: u64, base: usize, words: usize, page_pause: Duration) {
     let slice = (base + t as usize * words * 8) as *mut u64;
     let mut pass = 1u64;
     while !STOP.load(Ordering::Relaxed) {
@@ -34,6 +38,9 @@ fn writer(t: u64, base: usize, words: usize) {
             // SAFETY: the slice lies within the region mapped in main and
             // is written by this thread only.
             unsafe { slice.add(w).write_volatile(tag(t) | pass) };
+            if !page_pause.is_zero() && (w + 1) % 512 == 0 {
+                std::thread::sleep(page_pause);
+            }
         }
         PASSES.fetch_add(1, Ordering::Relaxed);
         if pass == 1 {
@@ -46,13 +53,14 @@ fn writer(t: u64, base: usize, words: usize) {
 fn main() {
     let threads: u64 = arg_or(0, 4);
     let mib: usize = arg_or(1, 16);
+    let page_pause = Duration::from_micros(arg_or(2, 0));
     let words = (mib << 20) / 8;
     let len = threads as usize * (mib << 20);
     let base = mmap_anon_isolated(len, 0) as usize;
     stop_on_signal(libc::SIGUSR1);
     mask_signals(libc::SIG_BLOCK, &[libc::SIGUSR1]);
     let handles: Vec<_> = (0..threads)
-        .map(|t| std::thread::spawn(move || writer(t, base, words)))
+        .map(|t| std::thread::spawn(move || writer(t, base, words, page_pause)))
         .collect();
     mask_signals(libc::SIG_UNBLOCK, &[libc::SIGUSR1]);
     // Every slice written through at least once before anyone looks (a

@@ -135,10 +135,11 @@ pub fn size_table(cases: &[SizeCase]) {
         cases.first().map_or(0, |c| c.running.len())
     );
     println!(
-        "  {:>6} | {:>22} | {:>9} | {:>20} | {:>20} | {:>20} | {:>7} | {:>26}",
+        "  {:>6} | {:>22} | {:>9} | {:>15} | {:>20} | {:>20} | {:>20} | {:>7} | {:>26}",
         "MiB",
         "frozen med/p99 ms",
         "reap ms",
+        "attach med/p99",
         "dump wall running s",
         "dump wall --kill s",
         "restore wall s",
@@ -154,6 +155,8 @@ pub fn size_table(cases: &[SizeCase]) {
         let frozen_med = med(&frozen);
         let frozen_p99 = percentile(frozen, 0.99);
         let reap = med(&c.running.iter().map(|d| d.reap_pause).collect::<Vec<_>>());
+        let attach: Vec<f64> = c.running.iter().map(|d| d.precopy_pause).collect();
+        let (attach_med, attach_p99) = (med(&attach), percentile(attach, 0.99));
         let running = med(&c.running.iter().map(|d| d.total).collect::<Vec<_>>());
         let killed = med(&c.killed);
         let restore = med(&c.restores);
@@ -162,12 +165,14 @@ pub fn size_table(cases: &[SizeCase]) {
             d.image_bytes as f64 / d.stored_bytes.max(1) as f64
         });
         println!(
-            "  {:>6} | {:>7.1}/{:>6.1} ({:>4.2}×mc) | {:>9.2} | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>4.2}×ft) | {:>7.3} | {:>7.3} ({:>5.2}×dd), {:>5.3}",
+            "  {:>6} | {:>7.1}/{:>6.1} ({:>4.2}×mc) | {:>9.2} | {:>6.1}/{:>6.1} ms | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>4.2}×ft) | {:>7.3} | {:>7.3} ({:>5.2}×dd), {:>5.3}",
             c.mib,
             frozen_med * 1e3,
             frozen_p99 * 1e3,
             frozen_med / memcpy_s,
             reap * 1e3,
+            attach_med * 1e3,
+            attach_p99 * 1e3,
             running,
             running / dd,
             killed,
@@ -181,6 +186,6 @@ pub fn size_table(cases: &[SizeCase]) {
         );
     }
     println!(
-        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; size: compressed image / stored pages; reap: the second, brief freeze in which the process reaps its snapshot)"
+        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; size: compressed image / stored pages; reap: the second, brief freeze in which the process reaps its snapshot; attach: the brief freeze before a pre-copy)"
     );
 }

@@ -1,0 +1,65 @@
+//! Rewriting pages of blobs already written: a pre-copy dump (`precopy`)
+//! copies a process's pages while it runs, then, once it is frozen, copies
+//! again only the pages written since, over their earlier copies in place.
+//! The blobs keep their offsets and sizes; their checksums are computed
+//! again from the file once every rewrite is done ([`ImageWriter::blob_at`]).
+
+use std::os::unix::fs::FileExt;
+
+use super::{ImageWriter, State, broken};
+use crate::image::error::ImageError;
+use crate::image::model::{Compression, DataRef};
+
+impl ImageWriter {
+    /// Overwrite `bytes` at `offset` of the file, inside data written
+    /// earlier as uncompressed blobs. The blobs' checksums are stale until
+    /// they are made again with [`blob_at`](Self::blob_at).
+    pub fn rewrite(&mut self, offset: u64, bytes: &[u8]) -> Result<(), ImageError> {
+        match &self.state {
+            State::Idle => {}
+            State::Broken => return Err(broken()),
+            State::Blob(_) | State::Mapped => {
+                return Err(ImageError::WriterState {
+                    reason: "rewrite while a blob or mapped area is open",
+                });
+            }
+        }
+        if self.compress || offset + bytes.len() as u64 > self.pos {
+            return Err(ImageError::WriterState {
+                reason: "rewrite of compressed data or past what was written",
+            });
+        }
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| self.err(e))
+    }
+
+    /// A reference to `len` uncompressed bytes at `offset` (written
+    /// earlier, possibly rewritten since), checksummed from the file as it
+    /// is now: any part of earlier blobs may become a blob of its own.
+    pub fn blob_at(&self, offset: u64, len: u64) -> Result<DataRef, ImageError> {
+        if self.compress || offset + len > self.pos {
+            return Err(ImageError::WriterState {
+                reason: "a blob of compressed data or past what was written",
+            });
+        }
+        let mut buf = vec![0u8; len.min(8 << 20) as usize];
+        let mut crc = 0u32;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], offset + done)
+                .map_err(|e| self.err(e))?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            done += n as u64;
+        }
+        Ok(DataRef {
+            offset,
+            stored_len: len,
+            raw_len: len,
+            crc32c: crc,
+            compression: Compression::None,
+        })
+    }
+}

@@ -1,0 +1,287 @@
+//! The mappings' VmFlags without reading `/proc/PID/smaps` while frozen.
+//!
+//! `smaps` is the only place the kernel shows VmFlags, and reading it walks
+//! every page table entry to count Rss (tens of milliseconds per GiB): far
+//! too long for the frozen window. So a dump that leaves the process running
+//! reads `smaps` just before the freeze, and while frozen only
+//! `/proc/PID/maps` (no page walk). A mapping whose line is unchanged keeps
+//! the flags read before. If any line changed (a mapping came, went, moved
+//! or changed protection), or the locked total (`VmLck`) no longer matches
+//! the `lo` mappings, `smaps` is read while frozen after all.
+//!
+//! Flags that change without changing the maps line (`madvise` or `mlock`
+//! of a whole mapping between the two reads) are checked after the process
+//! runs again, from its snapshot (`snapshot`): a fork copies every mapping's
+//! flags but a few it clears by design (see [`IGNORED_IN_COPY`]), and leaves
+//! out `MADV_DONTFORK` mappings. A difference fails the dump by name: the
+//! image would hold flags of another instant.
+
+use std::collections::HashMap;
+
+use tracing::debug;
+
+use crate::error::{Error, Result};
+use crate::memory::{self, MapEntry};
+
+/// Flags a fork does not copy: mlock (`lo`) and userfaultfd registrations
+/// without `UFFD_FEATURE_EVENT_FORK`.
+const IGNORED_IN_COPY: [&str; 4] = ["lo", "um", "uw", "ui"];
+
+/// When `pid` started (`/proc/PID/stat` field 22): with the PID, one process.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    fields.nth(19)?.parse().ok()
+}
+
+/// `smaps` of each process of a tree, read before it is frozen, and
+/// where its code holds what remote syscalls need (searched before the
+/// freeze too, checked again while frozen).
+#[derive(Debug, Default)]
+pub struct EarlyMaps {
+    by_pid: HashMap<i32, (u64, Vec<MapEntry>)>,
+    code: HashMap<i32, (u64, Option<crate::safe_return::Gadgets>)>,
+}
+
+/// Whether two map entries are the same `maps` line.
+fn same_line(a: &MapEntry, b: &MapEntry) -> bool {
+    a.start == b.start
+        && a.end == b.end
+        && a.read == b.read
+        && a.write == b.write
+        && a.exec == b.exec
+        && a.shared == b.shared
+        && a.offset == b.offset
+        && a.dev == b.dev
+        && a.inode == b.inode
+        && a.path == b.path
+        && a.deleted == b.deleted
+}
+
+/// `VmLck:` of `/proc/PID/status`, in bytes.
+fn locked_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+impl EarlyMaps {
+    /// Read `smaps` of every process in `pids` (running). A process that
+    /// cannot be read is left out: its `smaps` is read while frozen.
+    pub fn read(pids: &[i32]) -> EarlyMaps {
+        let mut by_pid = HashMap::new();
+        for &pid in pids {
+            let Some(started) = start_time(pid) else {
+                continue;
+            };
+            if let Ok(maps) = memory::read_maps(pid)
+                && start_time(pid) == Some(started)
+            {
+                by_pid.insert(pid, (started, maps));
+            }
+        }
+        let code = by_pid
+            .keys()
+            .filter_map(|&pid| {
+                let ip = crate::remote::find_syscall_insn(pid).ok()?;
+                Some((pid, (ip, crate::safe_return::find_gadgets(pid))))
+            })
+            .collect();
+        EarlyMaps { by_pid, code }
+    }
+
+    /// For frozen `pid`: a `syscall` instruction and the gadgets of
+    /// `safe_return`, from the early search where they still hold, else
+    /// searched now.
+    pub fn code(&self, pid: i32) -> Result<(u64, Option<crate::safe_return::Gadgets>)> {
+        if let Some((ip, gadgets)) = self.code.get(&pid) {
+            let mut insn = [0u8; 2];
+            let ip_holds =
+                crate::remote::read_memory(pid, *ip, &mut insn).is_ok() && insn == [0x0f, 0x05];
+            let gadgets_hold = gadgets
+                .as_ref()
+                .map(|g| crate::safe_return::still_valid(pid, g));
+            match (ip_holds, gadgets_hold) {
+                (true, None) => return Ok((*ip, None)),
+                (true, Some(Some(g))) => return Ok((*ip, Some(g))),
+                _ => {}
+            }
+        }
+        Ok((
+            crate::remote::find_syscall_insn(pid)?,
+            crate::safe_return::find_gadgets(pid),
+        ))
+    }
+
+    /// The mappings of frozen `pid`, and whether their flags are the early
+    /// ones (then to be checked against its snapshot, see the module
+    /// documentation) rather than read while frozen.
+    pub fn frozen_maps(&self, pid: i32) -> Result<(Vec<MapEntry>, bool)> {
+        if let Some(maps) = self.unchanged(pid)? {
+            return Ok((maps, true));
+        }
+        Ok((memory::read_maps(pid)?, false))
+    }
+
+    fn unchanged(&self, pid: i32) -> Result<Option<Vec<MapEntry>>> {
+        let Some((started, early)) = self.by_pid.get(&pid) else {
+            return Ok(None);
+        };
+        if start_time(pid) != Some(*started) {
+            return Ok(None);
+        }
+        let path = format!("/proc/{pid}/maps");
+        let mut now = memory::parse_smaps(&crate::error::read_proc(&path)?, &path)?;
+        if now.len() != early.len() || now.iter().zip(early).any(|(n, e)| !same_line(n, e)) {
+            debug!(
+                pid,
+                "mappings changed since smaps was read: smaps read while frozen"
+            );
+            return Ok(None);
+        }
+        for (n, e) in now.iter_mut().zip(early) {
+            n.vm_flags = e.vm_flags.clone();
+        }
+        let locked: u64 = now
+            .iter()
+            .filter(|m| m.vm_flags.iter().any(|f| f == "lo"))
+            .map(MapEntry::len)
+            .sum();
+        if locked_bytes(pid) != Some(locked) {
+            debug!(
+                pid,
+                locked, "locked memory changed: smaps read while frozen"
+            );
+            return Ok(None);
+        }
+        Ok(Some(now))
+    }
+}
+
+/// Check that `copy`, a fork of `target` taken while frozen, shows the
+/// flags `expected` (the mappings of the image, flags read before the
+/// freeze) for every mapping, apart from what a fork changes by design.
+pub fn verify_from_copy(target: i32, copy: i32, expected: &[MapEntry]) -> Result<()> {
+    compare_with_copy(target, &memory::read_maps(copy)?, expected)
+}
+
+/// Check, once `pid` runs again, that every mapping of `expected` (flags
+/// read before the freeze) that is still there as it was has the same
+/// flags now. Used where no snapshot exists to check against (a pre-copy
+/// dump): a flag changed on a mapping between the early read and the
+/// freeze shows unless it changed back, or the mapping went, before this
+/// check; a change after the freeze fails the dump too (a retry helps).
+pub fn verify_after(pid: i32, expected: &[MapEntry]) -> Result<()> {
+    let now = memory::read_maps(pid)?;
+    let mut it = now.iter().peekable();
+    for m in expected {
+        while it.next_if(|c| c.end <= m.start).is_some() {}
+        if let Some(c) = it.peek().filter(|c| same_line(c, m))
+            && flags_of(c) != flags_of(m)
+        {
+            return Err(changed_err(pid, m));
+        }
+    }
+    Ok(())
+}
+
+fn changed_err(target: i32, m: &MapEntry) -> Error {
+    Error::Other(format!(
+        "the flags of the memory of PID {target} at {:x}-{:x} changed (madvise or mlock) \
+         while it was being frozen; no checkpoint written; try again",
+        m.start, m.end
+    ))
+}
+
+/// A mapping's flags without those a fork or our own write tracking
+/// change, sorted.
+fn flags_of(m: &MapEntry) -> Vec<&str> {
+    let mut f: Vec<&str> = m
+        .vm_flags
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !IGNORED_IN_COPY.contains(f))
+        .collect();
+    f.sort_unstable();
+    f
+}
+
+fn compare_with_copy(target: i32, copy_maps: &[MapEntry], expected: &[MapEntry]) -> Result<()> {
+    let mut in_copy = copy_maps.iter().peekable();
+    for m in expected {
+        let dontfork = m.vm_flags.iter().any(|f| f == "dc");
+        while in_copy.next_if(|c| c.end <= m.start).is_some() {}
+        let found = in_copy.peek().filter(|c| same_line(c, m));
+        let changed = match found {
+            // Left out of the copy: it must have been MADV_DONTFORK.
+            None => !dontfork,
+            Some(c) => dontfork || flags_of(c) != flags_of(m),
+        };
+        if changed {
+            return Err(changed_err(target, m));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(start: u64, end: u64, flags: &[&str]) -> MapEntry {
+        let line = format!("{start:x}-{end:x} rw-p 00000000 00:00 0");
+        let mut e = memory::parse_smaps(&line, "test").unwrap().remove(0);
+        e.vm_flags = flags.iter().map(|s| s.to_string()).collect();
+        e
+    }
+
+    #[test]
+    fn copy_with_the_same_flags_passes() {
+        let image = [
+            entry(0x1000, 0x2000, &["rd", "wr", "lo"]),
+            entry(0x3000, 0x4000, &["rd", "dc"]),
+            entry(0x5000, 0x6000, &["wr", "rd", "uw"]),
+        ];
+        let copy = [
+            entry(0x1000, 0x2000, &["rd", "wr"]),
+            entry(0x5000, 0x6000, &["rd", "wr"]),
+        ];
+        compare_with_copy(1, &copy, &image).unwrap();
+    }
+
+    #[test]
+    fn a_flag_changed_in_between_fails() {
+        let image = [entry(0x1000, 0x2000, &["rd", "wr"])];
+        let copy = [entry(0x1000, 0x2000, &["rd", "wr", "hg"])];
+        let e = compare_with_copy(7, &copy, &image).unwrap_err().to_string();
+        assert!(e.contains("PID 7") && e.contains("1000-2000"), "{e}");
+    }
+
+    #[test]
+    fn a_mapping_turned_dontfork_or_back_fails() {
+        let image = [
+            entry(0x1000, 0x2000, &["rd"]),
+            entry(0x3000, 0x4000, &["rd"]),
+        ];
+        let copy = [entry(0x3000, 0x4000, &["rd"])];
+        assert!(compare_with_copy(1, &copy, &image).is_err());
+        let image = [entry(0x1000, 0x2000, &["rd", "dc"])];
+        let copy = [entry(0x1000, 0x2000, &["rd"])];
+        assert!(compare_with_copy(1, &copy, &image).is_err());
+    }
+
+    #[test]
+    fn same_line_ignores_flags_only() {
+        let a = entry(0x1000, 0x2000, &["rd"]);
+        let b = entry(0x1000, 0x2000, &["rd", "hg"]);
+        assert!(same_line(&a, &b));
+        assert!(!same_line(&a, &entry(0x1000, 0x3000, &["rd"])));
+    }
+}

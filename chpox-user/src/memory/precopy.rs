@@ -1,0 +1,729 @@
+//! Pre-copy: a process's pages go into the image while it runs; while it is
+//! frozen only the pages written since are copied.
+//!
+//! 1. Attach (a pause of a few remote syscalls per process, not of the
+//!    tree): write tracking (`dirty::Tracker`) is registered on the
+//!    process's private mappings, nothing protected yet.
+//! 2. While it runs: one `PAGEMAP_SCAN` per mapping write-protects every
+//!    page and says which hold data; those pages are copied into the image
+//!    (uncompressed blobs). A page written after the walk protected it is
+//!    reported written at the freeze, whatever its copy holds.
+//! 3. Frozen (with the tree, as any dump): a second scan per mapping, no
+//!    page walk beyond the page tables. A page present and not written
+//!    since the first scan holds what was copied; every other page that
+//!    must be stored ("fresh") is read from the frozen process into memory.
+//!    Mappings not tracked (new since the attach, moved, shared) go the
+//!    ordinary way. If the fresh pages are too many to copy in a few
+//!    milliseconds, the pre-copy is dropped for that process and it is
+//!    snapshotted (`snapshot`) as without pre-copy.
+//! 4. After it runs again: fresh pages that were copied before are
+//!    written over their earlier copy in place, others as new blobs; the
+//!    mapping's runs are cut from the blobs and any run that is not an
+//!    untouched pre-copy blob is checksummed again from the file. The image
+//!    format is the ordinary one: one instant, the freeze.
+//!
+//! So the checkpoint's instant is the freeze after the pre-copy, not the
+//! moment the dump was asked for: a pre-copy is for dumps that leave the
+//! process running and are not compressed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use crate::dirty::{
+    PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, Region,
+    Tracker,
+};
+use crate::earlymaps::EarlyMaps;
+use crate::error::{Error, Result};
+use crate::image::ImageWriter;
+use crate::image::model::{
+    DataRef, Metadata, PageRun, RestartKind, SyscallState, ThreadState, VmaKind,
+};
+use crate::memory::{MapEntry, PAGE_SIZE};
+use crate::ptrace::Frozen;
+use crate::remote::RemoteThread;
+
+/// Most fresh pages copied while frozen (16 MiB, a few milliseconds);
+/// beyond, the process is snapshotted instead.
+pub const FROZEN_COPY_LIMIT_PAGES: u64 = 4096;
+
+/// Below this much private memory in the whole tree, the snapshot's fork
+/// is as short a freeze as the pre-copy's (measured: 64 MiB froze 7–11 ms
+/// snapshotted, 8–41 ms pre-copied, on a busy machine) and costs no
+/// attach pause and no delay of the checkpoint: no pre-copy.
+pub const MIN_PRECOPY_BYTES: u64 = 256 << 20;
+
+/// Private memory (resident anonymous and swapped) of `pids`, from the
+/// kernel's counters in /proc/PID/status (no page walk).
+pub fn private_bytes(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .map(|status| {
+            let kb = |key: &str| -> u64 {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            (kb("RssAnon:") + kb("VmSwap:")) * 1024
+        })
+        .sum()
+}
+
+/// Whether a page with scan categories `c` in a mapping of `kind` holds data
+/// the image must store: anonymous data present or swapped (the zero page
+/// restores as untouched memory), and for a private file mapping only its
+/// own copies (not page-cache pages).
+fn needs_storing(kind: VmaKind, c: u64) -> bool {
+    let present = c & PAGE_IS_PRESENT != 0 && c & PAGE_IS_PFNZERO == 0;
+    let swapped = c & PAGE_IS_SWAPPED != 0;
+    match kind {
+        VmaKind::Anonymous => present || swapped,
+        VmaKind::PrivateFile => (present && c & PAGE_IS_FILE == 0) || swapped,
+        _ => false,
+    }
+}
+
+/// `[start, end)` of `regions` needing storing, as (address, pages) runs,
+/// merged and cut to chunk size.
+fn needed_runs(kind: VmaKind, regions: &[Region]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for r in regions.iter().filter(|r| needs_storing(kind, r.categories)) {
+        match runs.last_mut() {
+            Some((a, n)) if *a + *n * PAGE_SIZE == r.start => *n += r.pages(),
+            _ => runs.push((r.start, r.pages())),
+        }
+    }
+    crate::pagecopy::split_runs(&runs)
+}
+
+/// One process's pre-copy: its tracker and where its pages went.
+pub struct PreCopied {
+    pid: i32,
+    tracker: Tracker,
+    /// (address, pages, blob) copied while it ran, sorted by address.
+    copied: Vec<(u64, u64, DataRef)>,
+    /// Mappings whose every page was protected and those with data copied:
+    /// only these may be planned from the copy.
+    covered: Vec<(u64, u64)>,
+    /// Threads the attach pause found in a sleep the kernel continues
+    /// through `restart_syscall`: tid → (syscall, instruction pointer).
+    sleeping: HashMap<i32, (u64, u64)>,
+}
+
+/// The pre-copies of a tree, by PID.
+#[derive(Default)]
+pub struct PreCopies {
+    by_pid: HashMap<i32, PreCopied>,
+    /// The longest attach pause.
+    pub longest_pause: Duration,
+    /// Trackers no longer needed, dropped (unregistered) after the freeze.
+    done: Vec<Tracker>,
+}
+
+/// Seccomp filter mode and job-control state from /proc/PID/status: a
+/// process under a filter (which might kill it for `userfaultfd`) or
+/// stopped is not pre-copied.
+fn may_precopy(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::trim)
+    };
+    field("Seccomp:") == Some("0") && !field("State:").is_some_and(|s| s.starts_with('T'))
+}
+
+impl PreCopies {
+    /// Pre-copy every process of `pids` (running) into `writer`. A process
+    /// that cannot be pre-copied is left out (and dumped the ordinary way).
+    pub fn run(pids: &[i32], writer: &mut ImageWriter) -> PreCopies {
+        let mut all = PreCopies::default();
+        for &pid in pids {
+            if !may_precopy(pid) {
+                continue;
+            }
+            match attach(pid) {
+                Ok((tracker, maps, registered, sleeping, pause)) => {
+                    all.longest_pause = all.longest_pause.max(pause);
+                    match copy_while_running(tracker, &maps, &registered, writer) {
+                        Ok(mut p) => {
+                            p.sleeping = sleeping;
+                            all.by_pid.insert(pid, p);
+                        }
+                        Err(e) => debug!(pid, error = %e, "pre-copy failed; dumped without"),
+                    }
+                }
+                Err(e) => debug!(pid, error = %e, "no pre-copy"),
+            }
+        }
+        all
+    }
+
+    /// The pre-copy of frozen `pid`, if it has one.
+    pub fn take(&mut self, pid: i32) -> Option<PreCopied> {
+        self.by_pid.remove(&pid)
+    }
+
+    /// Keep `p`'s tracker until [`release`](Self::release).
+    pub fn keep(&mut self, p: PreCopied) {
+        self.done.push(p.tracker);
+    }
+
+    /// Stop every tracking (the processes run again meanwhile).
+    pub fn release(&mut self) {
+        self.by_pid.clear();
+        self.done.clear();
+    }
+}
+
+/// Freeze `pid` alone for a moment and register its tracking. Returns the
+/// tracker, the mappings it saw, the ranges it registered, and how long
+/// the process was frozen.
+#[allow(clippy::type_complexity)]
+fn attach(
+    pid: i32,
+) -> Result<(
+    Tracker,
+    Vec<MapEntry>,
+    Vec<(u64, u64)>,
+    HashMap<i32, (u64, u64)>,
+    Duration,
+)> {
+    let early = EarlyMaps::read(&[pid]);
+    let _boost = crate::dump::Boost::raise();
+    let started = Instant::now();
+    let frozen = Frozen::freeze(pid)?;
+    // Our freeze turns a sleep into `restart_syscall`: remember which.
+    let sleeping: HashMap<i32, (u64, u64)> = frozen
+        .tids()
+        .into_iter()
+        .filter_map(|tid| {
+            let regs = crate::ptrace::get_regs(tid).ok()?;
+            let gp = crate::ptrace::gp_regs_from(&regs);
+            match crate::registers::classify_syscall(&gp) {
+                SyscallState::Restartable {
+                    nr,
+                    restart: RestartKind::RestartBlock,
+                } => Some((tid, (nr, regs.rip))),
+                _ => None,
+            }
+        })
+        .collect();
+    let result = (|| {
+        let (syscall_ip, gadgets) = early.code(pid)?;
+        let mut leader = RemoteThread::borrow_guarded(&frozen, pid, gadgets.as_ref(), syscall_ip)?;
+        let tracker = Tracker::attach(&mut leader);
+        leader.give_back()?;
+        let mut tracker = tracker?;
+        let (maps, _) = early.frozen_maps(pid)?;
+        let registered = tracker.register(&maps)?;
+        Ok((tracker, maps, registered))
+    })();
+    frozen.resume();
+    let pause = started.elapsed();
+    debug!(pid, us = pause.as_micros() as u64, "pre-copy attached");
+    result.map(|(t, m, r)| (t, m, r, sleeping, pause))
+}
+
+/// Protect and copy every page of the mappings of `maps` registered as
+/// `registered`.
+fn copy_while_running(
+    mut tracker: Tracker,
+    maps: &[MapEntry],
+    registered: &[(u64, u64)],
+    writer: &mut ImageWriter,
+) -> Result<PreCopied> {
+    let pid = tracker.pid();
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    let mut covered = Vec::new();
+    for map in maps {
+        if !registered.contains(&(map.start, map.end)) {
+            continue;
+        }
+        let file = map.kind() == VmaKind::PrivateFile;
+        let regions = match tracker.scan_every(map.start, map.end, true, file) {
+            Ok(r) => r,
+            // Unmapped or changed meanwhile: not copied now; if it is
+            // still tracked at the freeze, its pages are read then.
+            Err(e) => {
+                debug!(pid, start = map.start, error = %e, "pre-copy scan of a mapping failed");
+                continue;
+            }
+        };
+        runs.extend(needed_runs(map.kind(), &regions));
+        covered.push((map.start, map.end));
+    }
+    let scanned = started.elapsed();
+    let refs = crate::pagecopy::copy_runs(pid, crate::pagecopy::Source::Running, &runs, writer)?;
+    let copied: Vec<(u64, u64, DataRef)> = runs
+        .iter()
+        .zip(refs)
+        .map(|(&(a, n), r)| (a, n, r))
+        .collect();
+    debug!(
+        pid,
+        pages = copied.iter().map(|c| c.1).sum::<u64>(),
+        scan_us = scanned.as_micros() as u64,
+        us = started.elapsed().as_micros() as u64,
+        "pre-copied"
+    );
+    Ok(PreCopied {
+        pid,
+        tracker,
+        copied,
+        covered,
+        sleeping: HashMap::new(),
+    })
+}
+
+/// Where the bytes of a stretch of a mapping's pages come from.
+enum Source {
+    /// Copied while the process ran, unchanged since: at this file offset.
+    Copied(u64),
+    /// Read while frozen; written over the earlier copy at this offset.
+    Rewrite(u64, Vec<u8>),
+    /// Read while frozen, never copied before: a new blob.
+    New(Vec<u8>),
+}
+
+/// The pages of one mapping of the image, planned while frozen.
+pub struct PlannedVma {
+    vma_index: usize,
+    /// (address, pages, source), in address order.
+    pieces: Vec<(u64, u64, Source)>,
+}
+
+/// What the freeze found for one pre-copied process, to be written after
+/// it runs again.
+pub struct Planned {
+    /// Which process of the image (image order).
+    process: usize,
+    /// Its pages present in the planned mappings.
+    pub resident: u64,
+    vmas: Vec<PlannedVma>,
+    /// The pre-copy blobs, by file offset, to reuse untouched ones.
+    blobs: HashMap<u64, DataRef>,
+}
+
+/// The written regions `written` of `[start, end)` (sorted), and between
+/// them, as present and not written, the pages of `copied` runs.
+fn with_unchanged(
+    copied: &[(u64, u64, DataRef)],
+    start: u64,
+    end: u64,
+    written: Vec<Region>,
+) -> Vec<Region> {
+    let mut out = Vec::with_capacity(written.len() * 2 + 1);
+    let first = copied.partition_point(|c| c.0 + c.1 * PAGE_SIZE <= start);
+    let mut w = written.into_iter().peekable();
+    // Where the written regions taken so far end.
+    let mut covered = start;
+    for &(a, n, _) in copied[first..].iter().take_while(|c| c.0 < end) {
+        let mut from = a.max(covered);
+        let to = (a + n * PAGE_SIZE).min(end);
+        while from < to {
+            // Written regions before or at `from` go first.
+            while let Some(r) = w.next_if(|r| r.start <= from) {
+                covered = covered.max(r.end);
+                from = from.max(r.end);
+                out.push(r);
+            }
+            if from >= to {
+                break;
+            }
+            let stop = w.peek().map_or(to, |r| r.start.min(to));
+            out.push(Region {
+                start: from,
+                end: stop,
+                categories: PAGE_IS_PRESENT,
+            });
+            from = stop;
+        }
+    }
+    out.extend(w);
+    out.sort_by_key(|r| r.start);
+    out
+}
+
+/// Read `npages` pages at `addr` of frozen `pid` through its `mem`
+/// (which reads `PROT_NONE` memory too, and pins nothing).
+fn read_pages(mem: &std::fs::File, pid: i32, addr: u64, npages: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (npages * PAGE_SIZE) as usize];
+    mem.read_exact_at(&mut buf, addr).map_err(|e| {
+        Error::Other(format!(
+            "reading {npages} pages of PID {pid} at {addr:#x}: {e}"
+        ))
+    })?;
+    Ok(buf)
+}
+
+impl PreCopied {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A thread the attach pause interrupted in a sleep, and that is still
+    /// in it at the freeze, sits in `restart_syscall` now, which a restored
+    /// process could not continue (it has no restart block): it is
+    /// recorded in the syscall it was in, which a restore runs again with
+    /// the time left, as for any interrupted sleep.
+    pub fn fix_restarted_sleeps(&self, tids: &[i32], states: &mut [ThreadState]) {
+        for (tid, state) in tids.iter().zip(states) {
+            let Some(&(nr, rip)) = self.sleeping.get(tid) else {
+                continue;
+            };
+            if state.regs.rip == rip
+                && state.syscall
+                    == (SyscallState::Restartable {
+                        nr: crate::registers::NR_RESTART_SYSCALL,
+                        restart: RestartKind::RestartBlock,
+                    })
+            {
+                state.syscall = SyscallState::Restartable {
+                    nr,
+                    restart: RestartKind::RestartBlock,
+                };
+            }
+        }
+    }
+
+    /// Whether mapping `map` of the frozen process is tracked and was
+    /// wholly pre-copied, so that its pages are planned by
+    /// [`plan`](Self::plan). Our own registration (`uw`) is not the
+    /// process's: taken out of its flags.
+    pub fn claim(&self, map: &mut MapEntry) -> bool {
+        if !self.tracker.tracks(map) {
+            return false;
+        }
+        // Registered by us, whatever becomes of it below.
+        map.vm_flags.retain(|f| f != "uw");
+        crate::dirty::Tracker::eligible(map)
+            && self
+                .covered
+                .iter()
+                .any(|&(s, e)| s <= map.start && map.end <= e)
+    }
+
+    /// While frozen: the pages of the tracked mappings `maps` (index in the
+    /// image, mapping), each from its earlier copy or read now. None if
+    /// more than [`FROZEN_COPY_LIMIT_PAGES`] would have to be read now.
+    pub fn plan(&mut self, process: usize, maps: &[(usize, &MapEntry)]) -> Result<Option<Planned>> {
+        let started = Instant::now();
+        // (vma index, address, pages, categories) of every stretch.
+        let mut scanned = Vec::new();
+        let mut fresh = 0u64;
+        // Present pages with data (not counting the zero page).
+        let mut resident = 0u64;
+        for &(vma_index, map) in maps {
+            let kind = map.kind();
+            let regions = if kind == VmaKind::PrivateFile {
+                // Whether a page is the process's own copy or the file's
+                // takes a page lookup per page: only here, where mappings
+                // are small (a library's data).
+                self.tracker.scan_every(map.start, map.end, false, true)?
+            } else {
+                // Written pages only: the kernel's fast walk. A page zapped
+                // since is written and not present; every page not written
+                // is as the first scan left it: its copy, if it has one,
+                // is current, or it never held data (a protection marker
+                // where no page was: "swapped"). One exception, allowed by
+                // `MADV_FREE`'s contract: a page the process freed that
+                // way and the kernel discarded since keeps its old content
+                // in the image rather than zeros.
+                let written = self.tracker.scan(map.start, map.end, false)?;
+                with_unchanged(&self.copied, map.start, map.end, written)
+            };
+            for r in regions {
+                if r.present() {
+                    resident += r.pages();
+                }
+                if !needs_storing(kind, r.categories) {
+                    continue;
+                }
+                if r.categories & PAGE_IS_WRITTEN != 0 {
+                    fresh += r.pages();
+                }
+                scanned.push((vma_index, r));
+            }
+        }
+        // Only a page present and not written holds what was copied. A
+        // "swapped" page not written is either really swapped out, or a
+        // protection marker left where no page is: a page never populated
+        // (not copied: nothing to store; it reads as zero, or from its
+        // file), or one zapped (`MADV_DONTNEED`) since its copy (read
+        // again: the copy is stale). Pages not written and not copied
+        // either (none expected: the first scan protected every page it
+        // reported) are read now too.
+        // (vma index, [(address, pages, earlier copy's offset, read now)]).
+        #[allow(clippy::type_complexity)]
+        let mut pieces_of: Vec<(usize, Vec<(u64, u64, Option<u64>, bool)>)> = Vec::new();
+        for (vma_index, r) in scanned {
+            let written = r.categories & PAGE_IS_WRITTEN != 0;
+            let present = r.categories & PAGE_IS_PRESENT != 0;
+            let mut addr = r.start;
+            while addr < r.end {
+                // The copied run holding `addr`, if any.
+                let i = self
+                    .copied
+                    .partition_point(|c| c.0 + c.1 * PAGE_SIZE <= addr);
+                let (n, offset) = match self.copied.get(i) {
+                    Some(&(a, n, ref d)) if a <= addr => {
+                        let end = (a + n * PAGE_SIZE).min(r.end);
+                        ((end - addr) / PAGE_SIZE, Some(d.offset + (addr - a)))
+                    }
+                    Some(&(a, _, _)) => ((a.min(r.end) - addr) / PAGE_SIZE, None),
+                    None => ((r.end - addr) / PAGE_SIZE, None),
+                };
+                if !written && !present && offset.is_none() {
+                    // A marker where no page ever was: nothing to store.
+                    addr += n * PAGE_SIZE;
+                    continue;
+                }
+                // Read now rather than taken from the copy.
+                let stale = written || !present || offset.is_none();
+                if stale && !written {
+                    fresh += n;
+                }
+                let piece = (addr, n, offset, stale);
+                match pieces_of.last_mut() {
+                    Some((v, p)) if *v == vma_index => p.push(piece),
+                    _ => pieces_of.push((vma_index, vec![piece])),
+                }
+                addr += n * PAGE_SIZE;
+            }
+        }
+        if fresh > FROZEN_COPY_LIMIT_PAGES {
+            debug!(
+                pid = self.pid,
+                fresh, "too much written since the pre-copy: snapshot"
+            );
+            return Ok(None);
+        }
+        let path = format!("/proc/{}/mem", self.pid);
+        let mem = std::fs::File::open(&path).map_err(|source| Error::Proc { path, source })?;
+        let mut vmas = Vec::with_capacity(pieces_of.len());
+        for (vma_index, pieces) in pieces_of {
+            let mut planned = Vec::with_capacity(pieces.len());
+            for (addr, n, offset, stale) in pieces {
+                let source = match offset {
+                    Some(o) if !stale => Source::Copied(o),
+                    Some(o) => Source::Rewrite(o, read_pages(&mem, self.pid, addr, n)?),
+                    None => Source::New(read_pages(&mem, self.pid, addr, n)?),
+                };
+                planned.push((addr, n, source));
+            }
+            vmas.push(PlannedVma {
+                vma_index,
+                pieces: planned,
+            });
+        }
+        debug!(
+            pid = self.pid,
+            fresh,
+            us = started.elapsed().as_micros() as u64,
+            "pre-copy: written pages read while frozen"
+        );
+        Ok(Some(Planned {
+            process,
+            resident,
+            vmas,
+            blobs: self.copied.iter().map(|c| (c.2.offset, c.2)).collect(),
+        }))
+    }
+}
+
+/// After the processes run again: write what each plan read while frozen,
+/// and give each planned mapping its runs in `meta`. Returns the pages
+/// stored.
+pub fn write_all(
+    plans: Vec<Planned>,
+    meta: &mut Metadata,
+    writer: &mut ImageWriter,
+) -> Result<u64> {
+    let mut stored = 0u64;
+    for plan in plans {
+        let mut rewritten: Vec<(u64, u64)> = Vec::new();
+        let mut per_vma = Vec::with_capacity(plan.vmas.len());
+        for vma in plan.vmas {
+            // (address, pages, file offset) of each piece once written.
+            let mut placed = Vec::with_capacity(vma.pieces.len());
+            for (addr, n, source) in vma.pieces {
+                let offset = match source {
+                    Source::Copied(o) => o,
+                    Source::Rewrite(o, bytes) => {
+                        writer.rewrite(o, &bytes)?;
+                        rewritten.push((o, o + bytes.len() as u64));
+                        o
+                    }
+                    Source::New(bytes) => {
+                        let r = writer.add_data(&bytes)?;
+                        rewritten.push((r.offset, r.offset + bytes.len() as u64));
+                        r.offset
+                    }
+                };
+                stored += n;
+                placed.push((addr, n, offset));
+            }
+            per_vma.push((vma.vma_index, placed));
+        }
+        let touched = |o: u64, len: u64| rewritten.iter().any(|&(s, e)| s < o + len && o < e);
+        let proc_image = meta
+            .processes_mut()
+            .nth(plan.process)
+            .ok_or_else(|| Error::Other("internal: a pre-copy of no process".into()))?;
+        for (vma_index, placed) in per_vma {
+            let vma = proc_image
+                .vmas
+                .get_mut(vma_index)
+                .ok_or_else(|| Error::Other("internal: a pre-copy of no mapping".into()))?;
+            for (addr, npages, offset) in runs_of_pieces(&placed, &plan.blobs) {
+                let len = npages * PAGE_SIZE;
+                let data = match plan.blobs.get(&offset) {
+                    Some(d) if d.stored_len == len && !touched(offset, len) => *d,
+                    _ => writer.blob_at(offset, len)?,
+                };
+                vma.pages.push(PageRun { addr, npages, data });
+            }
+        }
+    }
+    Ok(stored)
+}
+
+/// Runs of pages contiguous both in memory and in the file, cut where a
+/// pre-copy blob starts (so untouched blobs are reused whole) and at chunk
+/// size.
+fn runs_of_pieces(
+    placed: &[(u64, u64, u64)],
+    blobs: &HashMap<u64, DataRef>,
+) -> Vec<(u64, u64, u64)> {
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for &(addr, n, offset) in placed {
+        let mut done = 0;
+        while done < n {
+            let a = addr + done * PAGE_SIZE;
+            let o = offset + done * PAGE_SIZE;
+            let extends = runs.last().is_some_and(|&(ra, rn, ro)| {
+                ra + rn * PAGE_SIZE == a
+                    && ro + rn * PAGE_SIZE == o
+                    && rn < crate::pagecopy::CHUNK_PAGES
+                    && !blobs.contains_key(&o)
+            });
+            if extends {
+                if let Some(last) = runs.last_mut() {
+                    last.1 += 1;
+                }
+            } else {
+                runs.push((a, 1, o));
+            }
+            done += 1;
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::model::Compression;
+
+    fn blob(offset: u64) -> DataRef {
+        blob_of(offset, 1)
+    }
+
+    fn blob_of(offset: u64, pages: u64) -> DataRef {
+        DataRef {
+            offset,
+            stored_len: pages * PAGE_SIZE,
+            raw_len: pages * PAGE_SIZE,
+            crc32c: 0,
+            compression: Compression::None,
+        }
+    }
+
+    #[test]
+    fn storing_follows_the_kind() {
+        let p = PAGE_IS_PRESENT;
+        assert!(needs_storing(VmaKind::Anonymous, p));
+        assert!(!needs_storing(VmaKind::Anonymous, p | PAGE_IS_PFNZERO));
+        assert!(needs_storing(VmaKind::Anonymous, PAGE_IS_SWAPPED));
+        assert!(!needs_storing(VmaKind::Anonymous, 0));
+        assert!(needs_storing(VmaKind::PrivateFile, p));
+        assert!(!needs_storing(VmaKind::PrivateFile, p | PAGE_IS_FILE));
+        assert!(!needs_storing(VmaKind::SharedFile, p));
+    }
+
+    #[test]
+    fn unchanged_fills_the_copied_pages_between_written_ones() {
+        let pg = PAGE_SIZE;
+        let copied = [
+            (0x10000, 4, blob(0), ()),
+            (0x10000 + 6 * pg, 2, blob(0), ()),
+        ]
+        .map(|(a, n, d, ())| (a, n, d));
+        let w = |s: u64, e: u64| Region {
+            start: 0x10000 + s * pg,
+            end: 0x10000 + e * pg,
+            categories: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+        };
+        let got = with_unchanged(
+            &copied,
+            0x10000,
+            0x10000 + 10 * pg,
+            vec![w(1, 2), w(3, 7), w(9, 10)],
+        );
+        let got: Vec<(u64, u64, bool)> = got
+            .iter()
+            .map(|r| {
+                (
+                    (r.start - 0x10000) / pg,
+                    (r.end - 0x10000) / pg,
+                    r.written(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, false),
+                (1, 2, true),
+                (2, 3, false),
+                (3, 7, true),
+                (7, 8, false),
+                (9, 10, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn pieces_become_runs_along_blobs() {
+        let pg = PAGE_SIZE;
+        let blobs: HashMap<u64, DataRef> = [
+            (0x10000, blob_of(0x10000, 2)),
+            (0x12000, blob_of(0x12000, 2)),
+        ]
+        .into();
+        // Two blobs side by side in memory and file, and a new page after.
+        let placed = [
+            (0x1000, 3, 0x10000),
+            (0x1000 + 3 * pg, 1, 0x13000),
+            (0x1000 + 4 * pg, 1, 0x90000),
+        ];
+        assert_eq!(
+            runs_of_pieces(&placed, &blobs),
+            vec![
+                (0x1000, 2, 0x10000),
+                (0x1000 + 2 * pg, 2, 0x12000),
+                (0x1000 + 4 * pg, 1, 0x90000)
+            ]
+        );
+    }
+}
