@@ -61,6 +61,11 @@ pub struct DumpOptions {
     /// uncompressed. The checkpoint is then the moment of the freeze after
     /// the pre-copy, not the moment of the call.
     pub precopy: Precopy,
+    /// A trigger chose this instant (the agent): freeze before reading
+    /// anything, so that the time from the signal to the stop does not grow
+    /// with the process. No pre-copy, and the mappings' flags are read
+    /// while frozen instead of before.
+    pub freeze_first: bool,
 }
 
 /// When a dump pre-copies (see [`DumpOptions::precopy`]).
@@ -91,6 +96,7 @@ impl DumpOptions {
             tcp: fds::inet::TcpPolicy::Refuse,
             member_hint: None,
             precopy: Precopy::Off,
+            freeze_first: false,
         }
     }
 }
@@ -198,7 +204,7 @@ fn dump_inner(
             },
         )
     };
-    let pids = if !snapshots_wanted {
+    let pids = if !snapshots_wanted || opts.freeze_first {
         Vec::new()
     } else if opts.children {
         tree::descendants_now(pid)
@@ -210,6 +216,7 @@ fn dump_inner(
     let mut precopy_writer = None;
     let mut precopies = PreCopies::default();
     let precopy = tracking.is_none()
+        && !opts.freeze_first
         && match opts.precopy {
             Precopy::Off => false,
             Precopy::Always => true,

@@ -371,6 +371,7 @@ fn run(cli: Cli) -> Result<()> {
                     chpox::fds::inet::TcpPolicy::Refuse
                 },
                 member_hint: None,
+                freeze_first: false,
                 precopy: if no_precopy {
                     chpox::dump::Precopy::Off
                 } else if precopy {

@@ -186,6 +186,8 @@ impl Agent {
     ) -> Result<Written, String> {
         let pid = entry.pid;
         let mut opts = DumpOptions::new(&entry.output);
+        // The signal or the timer chose the instant: stop first.
+        opts.freeze_first = true;
         // Checked by the dump once the process is frozen: a recycled PID
         // is refused, not checkpointed.
         opts.expect_start_time = Some(entry.start_time);
