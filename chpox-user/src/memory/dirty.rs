@@ -409,6 +409,23 @@ impl Tracker {
         .into()
     }
 
+    /// What a failed `PAGEMAP_SCAN` of `[from, end)` means: the process
+    /// gone or exec'd, the range no longer registered, or an I/O error.
+    fn scan_error(&self, from: u64, end: u64, e: std::io::Error) -> crate::Error {
+        match e.raw_os_error() {
+            Some(libc::ESRCH) => self.lost("its memory is gone (exec or exit)"),
+            Some(libc::EPERM) => self.lost(&format!(
+                "{from:#x}-{end:#x} is no longer registered for write tracking"
+            )),
+            _ => DirtyError::Io {
+                pid: self.pid,
+                what: format!("PAGEMAP_SCAN of {from:#x}-{end:#x}"),
+                source: e,
+            }
+            .into(),
+        }
+    }
+
     /// One `PAGEMAP_SCAN` walk over `[start, end)`, continued until the
     /// whole range is done; written regions appended to `out` (None: only
     /// protect).
@@ -437,18 +454,8 @@ impl Tracker {
                 return_mask: out.as_ref().map_or(PAGE_IS_WRITTEN, |o| o.1),
                 ..PmScanArg::default()
             };
-            let n = pagemap_scan(&self.pagemap, &mut arg).map_err(|e| match e.raw_os_error() {
-                Some(libc::ESRCH) => self.lost("its memory is gone (exec or exit)"),
-                Some(libc::EPERM) => self.lost(&format!(
-                    "{from:#x}-{end:#x} is no longer registered for write tracking"
-                )),
-                _ => DirtyError::Io {
-                    pid: self.pid,
-                    what: format!("PAGEMAP_SCAN of {from:#x}-{end:#x}"),
-                    source: e,
-                }
-                .into(),
-            })?;
+            let n =
+                pagemap_scan(&self.pagemap, &mut arg).map_err(|e| self.scan_error(from, end, e))?;
             if let Some((out, _)) = out.as_mut() {
                 out.extend_from_slice(&buf[..n]);
             }
@@ -554,18 +561,8 @@ impl Tracker {
                     | if file { PAGE_IS_FILE } else { 0 },
                 ..PmScanArg::default()
             };
-            let n = pagemap_scan(&self.pagemap, &mut arg).map_err(|e| match e.raw_os_error() {
-                Some(libc::ESRCH) => self.lost("its memory is gone (exec or exit)"),
-                Some(libc::EPERM) => self.lost(&format!(
-                    "{from:#x}-{end:#x} is no longer registered for write tracking"
-                )),
-                _ => DirtyError::Io {
-                    pid: self.pid,
-                    what: format!("PAGEMAP_SCAN of {from:#x}-{end:#x}"),
-                    source: e,
-                }
-                .into(),
-            })?;
+            let n =
+                pagemap_scan(&self.pagemap, &mut arg).map_err(|e| self.scan_error(from, end, e))?;
             out.extend_from_slice(&buf[..n]);
             if arg.walk_end <= from {
                 return Err(DirtyError::Io {
