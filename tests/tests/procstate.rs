@@ -14,25 +14,10 @@ use std::time::Duration;
 
 use common::agent::poll_until;
 use common::procs::{become_subreaper, restore_detached, wait_pid};
-use common::{Target, chpox_bin, chpox_ok, path_str, tempdir, wait_pid_free};
+use common::restore::dump;
+use common::{Target, chpox_bin, path_str, tempdir, wait_pid_free};
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// `chpox dump PID -o IMAGE --unsupported-fd null [extra]` (descriptors the
-/// test harness leaks into its children become /dev/null).
-fn dump(pid: i32, image: &Path, extra: &[&str]) {
-    let pid_s = pid.to_string();
-    let mut args = vec![
-        "dump",
-        &pid_s,
-        "-o",
-        path_str(image),
-        "--unsupported-fd",
-        "null",
-    ];
-    args.extend_from_slice(extra);
-    chpox_ok(&args);
-}
 
 /// `chpox restore IMAGE [extra]`, waiting for the process: its exit code
 /// and chpox's stderr.

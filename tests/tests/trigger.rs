@@ -10,40 +10,18 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::agent::{
-    Agent, SIGSYS, STATE_TIMEOUT, Scratch, assert_refused, ignores, no_core, scratch, send,
+    Agent, SIGSYS, STATE_TIMEOUT, assert_refused, ignores, no_core, run_program, scratch, send,
 };
 use common::{Target, bin, chpox_bin, path_str};
 use serde_json::Value;
 
 /// How long a target may take to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// `chpox run CHPOX_ARGS -- PROGRAM ARGS` (PROGRAM a path or a test program).
-fn run_target(
-    agent: &Agent,
-    s: &Scratch,
-    program: &Path,
-    args: &[&str],
-    chpox_args: &[&str],
-) -> Target {
-    let mut cmd = agent.client(chpox_bin());
-    cmd.arg("run")
-        .args(chpox_args)
-        .arg("--")
-        .arg(program)
-        .args(args);
-    no_core(&mut cmd, &s.logs);
-    let name = program
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Target::spawn_command(cmd, &name, &s.logs)
-}
 
 fn assert_running(t: &mut Target) {
     if let Some(status) = t.child.try_wait().expect("try_wait") {
@@ -106,7 +84,7 @@ fn node_started_with_chpox_run_survives_kill_31_and_is_checkpointed() {
     let image = s.path("node.chpox");
     // Node holds epoll and eventfd descriptors, which chpox cannot
     // restore yet: this registration opts in to /dev/null for them.
-    let mut t = run_target(
+    let mut t = run_program(
         &agent,
         &s,
         &node,
@@ -134,7 +112,7 @@ fn a_program_that_sets_sigsys_back_to_default_survives_kill_31() {
     let s = scratch();
     let agent = Agent::start(&s);
     let image = s.path("reset.chpox");
-    let mut t = run_target(&agent, &s, &bin("resetsig"), &[], &["-o", path_str(&image)]);
+    let mut t = run_program(&agent, &s, &bin("resetsig"), &[], &["-o", path_str(&image)]);
     assert!(ignores(t.pid, SIGSYS));
     send(t.pid, libc::SIGUSR1);
     t.wait_for_line("RESET", STATE_TIMEOUT);
@@ -177,7 +155,7 @@ fn a_reset_while_no_agent_ran_is_undone_when_the_agent_restarts() {
     let s = scratch();
     let mut agent = Agent::start(&s);
     let image = s.path("restart.chpox");
-    let mut t = run_target(&agent, &s, &bin("resetsig"), &[], &["-o", path_str(&image)]);
+    let mut t = run_program(&agent, &s, &bin("resetsig"), &[], &["-o", path_str(&image)]);
     agent.stop();
     send(t.pid, libc::SIGUSR1);
     t.wait_for_line("RESET", STATE_TIMEOUT);
@@ -207,7 +185,7 @@ fn a_checkpoint_that_would_lose_a_descriptor_fails_and_keeps_the_previous_image(
     let s = scratch();
     let agent = Agent::start(&s);
     let image = s.path("policy.chpox");
-    let mut t = run_target(&agent, &s, &bin("resetsig"), &[], &["-o", path_str(&image)]);
+    let mut t = run_program(&agent, &s, &bin("resetsig"), &[], &["-o", path_str(&image)]);
     send(t.pid, SIGSYS);
     agent.wait_checkpoints(t.pid, 1);
     let good = fs::read(&image).expect("the first image");
@@ -335,7 +313,7 @@ fn every_1s_checkpoints_on_a_timer_and_a_burst_on_top_makes_at_most_one_more() {
     let agent = Agent::start(&s);
     let image = s.path("timer.chpox");
     let started = Instant::now();
-    let mut t = run_target(
+    let mut t = run_program(
         &agent,
         &s,
         &bin("mempattern"),
@@ -389,7 +367,7 @@ fn every_1s_checkpoints_on_a_timer_and_a_burst_on_top_makes_at_most_one_more() {
     assert_running(&mut t);
 
     // A burst while a timer checkpoint is being written.
-    let mut big = run_target(
+    let mut big = run_program(
         &agent,
         &s,
         &bin("mempattern"),
@@ -444,7 +422,7 @@ fn the_agent_reads_its_settings_file_and_flags_override_it() {
     let config = s.path("agent.toml");
     fs::write(&config, "interval = \"1s\"\nkeep = 5\n").expect("write config");
     let agent = Agent::start_with(&s, &["--config", path_str(&config), "--keep", "1"]);
-    let mut t = run_target(
+    let mut t = run_program(
         &agent,
         &s,
         &bin("resetsig"),

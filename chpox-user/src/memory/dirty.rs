@@ -329,22 +329,6 @@ impl Tracker {
         Ok(out)
     }
 
-    /// Scan every tracked mapping of `maps`: for each, its index in `maps`
-    /// and its written regions (see [`scan`](Self::scan)).
-    pub fn scan_all(
-        &mut self,
-        maps: &[MapEntry],
-        protect: bool,
-    ) -> crate::Result<Vec<(usize, Vec<Region>)>> {
-        let mut out = Vec::new();
-        for (i, map) in maps.iter().enumerate() {
-            if self.tracks(map) {
-                out.push((i, self.scan(map.start, map.end, protect)?));
-            }
-        }
-        Ok(out)
-    }
-
     /// Write-protect every page of every tracked mapping of `maps` again,
     /// reporting nothing: writes are counted from now on. Call while the
     /// process is frozen.

@@ -735,14 +735,30 @@ pub fn run_target(
     args: &[&str],
     chpox_args: &[&str],
 ) -> Target {
+    run_program(agent, s, &bin(name), args, chpox_args)
+}
+
+/// `chpox run CHPOX_ARGS -- PROGRAM ARGS`, PROGRAM a path (a test program
+/// or any other).
+pub fn run_program(
+    agent: &Agent,
+    s: &Scratch,
+    program: &Path,
+    args: &[&str],
+    chpox_args: &[&str],
+) -> Target {
     let mut cmd = agent.client(chpox_bin());
     cmd.arg("run")
         .args(chpox_args)
         .arg("--")
-        .arg(bin(name))
+        .arg(program)
         .args(args);
     no_core(&mut cmd, &s.logs);
-    Target::spawn_command(cmd, name, &s.logs)
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Target::spawn_command(cmd, &name, &s.logs)
 }
 
 /// `chpox inspect` accepts the image, its checksums verify, and it is of `pid`.
