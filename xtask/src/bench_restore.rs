@@ -48,6 +48,29 @@ fn kill(pid: i32) {
     unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
+/// Kill `pid` and wait until its memory is given back (it is a zombie or
+/// gone): the kernel frees a killed process's pages in its exit, on a CPU,
+/// and a restore timed meanwhile would share the two cores with freeing
+/// the previous copy (at 4 GiB that alone added ~25 ms to `--lazy`'s time
+/// to running).
+fn kill_and_wait(pid: i32) {
+    kill(pid);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return;
+        };
+        // "PID (comm) STATE ...": the state follows the last ')'.
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        if matches!(state, Some("Z" | "X") | None) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// `mempattern MIB`, dumped into `image` and killed.
 fn dumped_mempattern(mib: u64, image: &Path) -> Result<()> {
     let mut child = Command::new(release_bin("mempattern"))
@@ -231,7 +254,7 @@ fn measure(mib: u64, rounds: usize, dir: &Path) -> Result<Samples> {
                 [true, false]
             } {
                 let r = restore(&image, lazy)?;
-                kill(r.pid);
+                kill_and_wait(r.pid);
                 match r.resident {
                     Some(resident) => {
                         s.lazy_running.push(r.running);

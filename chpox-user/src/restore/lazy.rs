@@ -13,9 +13,9 @@
 //! in its TLS, say) while the rest of the process is rebuilt.
 //!
 //! When the process is ready, that thread stops and hands its state to a
-//! page server: a process forked from the restorer (twice, so nobody has
-//! to reap it, in a session of its own, so a ^C meant for the job does not
-//! end it first) that outlives `chpox restore --detach`. It serves faults
+//! page server: a process forked from the restorer (in a session of its
+//! own, so a ^C meant for the job does not end it first) that outlives
+//! `chpox restore --detach`. It serves faults
 //! first: each fault copies the aligned 64 KiB around the faulting page
 //! from the image (`UFFDIO_COPY` from a read-only mapping of the image
 //! file; pages never stored get the zero page). Between faults, it copies
@@ -637,39 +637,39 @@ fn new_child(parent: i32, spaces: &[Space]) -> i32 {
     found
 }
 
-/// Fork the page server (twice, so that nobody waits for it) and give it
-/// `server`; return in the restorer once it runs.
+/// Fork the page server and give it `server`; return at once. One fork,
+/// not the daemon's two: the server holds the userfaultfds from the moment
+/// `fork` returns, so nothing needs to wait for it to be scheduled (under
+/// load the double fork's wait for the intermediate child cost several ms
+/// of the time to running). It is our child until we exit (`--detach`:
+/// right away, then init's); a thread reaps it if we outlive it.
 fn spawn_server(server: Server, image_fd: RawFd) -> Result<()> {
     // SAFETY: the restorer has no other thread now (the build thread was
     // joined, the verification thread runs for eager restores only); the
-    // child only calls fork and _exit, the grandchild runs the server and
-    // ends with _exit, never returning into the restorer's code.
-    let first = unsafe { libc::fork() };
-    if first < 0 {
+    // child runs the server and ends with _exit, never returning into the
+    // restorer's code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
         return Err(os(
             "fork of the page server",
             std::io::Error::last_os_error(),
         ));
     }
-    if first == 0 {
-        // SAFETY: as above.
-        let second = unsafe { libc::fork() };
-        if second == 0 {
-            let code = server_main(server, image_fd);
-            // SAFETY: ending the server without running the restorer's
-            // destructors (they would kill the processes it restored).
-            unsafe { libc::_exit(code) };
-        }
-        // SAFETY: as above.
-        unsafe { libc::_exit(if second < 0 { 1 } else { 0 }) };
-    }
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(first), None)
-        .map_err(|e| os("waiting for the page server to start", e.into()))?;
-    if !matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)) {
-        return Err(Error::Other("--lazy: cannot start the page server".into()));
+    if pid == 0 {
+        let code = server_main(server, image_fd);
+        // SAFETY: ending the server without running the restorer's
+        // destructors (they would kill the processes it restored).
+        unsafe { libc::_exit(code) };
     }
     // Our copies of the userfaultfds close here; the server's remain.
     drop(server);
+    // No zombie while a restore without --detach waits for its process.
+    // A failure to start the thread leaves one until we exit, nothing worse.
+    let _ = std::thread::Builder::new()
+        .name("chpox-lazy-reap".into())
+        .spawn(move || {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        });
     Ok(())
 }
 
