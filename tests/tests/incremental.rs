@@ -463,3 +463,88 @@ fn after_an_exec_the_next_checkpoint_is_full() {
     let _ = t.child.kill();
     let _ = t.child.wait();
 }
+
+/// `chpox restore --lazy` of an increment: the pages it stores and those
+/// it inherits from its parent are both brought in on demand (the server
+/// maps the two files), to the memory the process had; a damaged run of
+/// the parent kills the restored process before it can read it, and the
+/// message names the parent.
+#[test]
+fn a_lazy_restore_of_an_increment_serves_both_files_and_verifies_the_parent() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("churn.chpox");
+    let (mut t, report) = churn(&s, "32");
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
+    step(&report, pid, 1);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    step(&report, pid, 2);
+    let sum = verify(&report, pid);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    let m = metadata(&img);
+    let parent = m
+        .parent
+        .as_ref()
+        .expect("the second checkpoint is incremental");
+    assert!(parent.pages_inherited > 0, "{parent:?}");
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+
+    let restored = restore_detached(&img, &["--lazy"]);
+    assert_eq!(verify(&report, restored), sum, "the lazily restored copy");
+    // And it goes on, on memory that came from two files.
+    step(&report, restored, 3);
+    verify(&report, restored);
+    send(restored, libc::SIGKILL);
+    wait_pid(restored, Duration::from_secs(30));
+    common::wait_pid_free(restored);
+
+    // A byte of an inherited page damaged in the parent.
+    let base = dir.join("churn.chpox.base");
+    let offset = {
+        let parent = metadata(&base);
+        let vma = m
+            .root
+            .vmas
+            .iter()
+            .max_by_key(|v| v.inherited.iter().map(|&(_, n)| n).sum::<u64>())
+            .expect("a mapping");
+        let &(addr, _) = vma.inherited.first().expect("inherited pages");
+        let run = parent
+            .root
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .find(|r| r.addr <= addr && addr < r.addr + r.npages * 4096)
+            .expect("the parent's run of an inherited page");
+        run.data.offset + (addr - run.addr) + 100
+    };
+    let mut bytes = fs::read(&base).expect("read the parent");
+    bytes[offset as usize] ^= 0xff;
+    fs::write(&base, &bytes).expect("write the parent");
+    // Output waits for the page server's stderr to close: it has ended.
+    let out = run_chpox(&["restore", "--detach", "--lazy", path_str(&img)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("checksum mismatch") && stderr.contains("parent"),
+        "{out:?}"
+    );
+    if out.status.success() {
+        // Started before the server reached the run: killed, never served.
+        let pid: i32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a PID");
+        assert_eq!(
+            wait_pid(pid, Duration::from_secs(30)),
+            128 + libc::SIGKILL,
+            "{stderr}"
+        );
+        common::wait_pid_free(pid);
+    }
+}

@@ -35,14 +35,23 @@ pub struct BadRun {
     pub addr: u64,
     pub off: u64,
     pub len: u64,
+    /// A run of an incremental image's parent (`off` in that file).
+    pub in_parent: bool,
 }
 
 impl std::fmt::Display for BadRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "checksum mismatch in the page run for {:#x} ({} bytes at image offset {}): the image is corrupt",
-            self.addr, self.len, self.off
+            "checksum mismatch in the page run for {:#x} ({} bytes at {} offset {}): the image is corrupt",
+            self.addr,
+            self.len,
+            if self.in_parent {
+                "the parent image's"
+            } else {
+                "image"
+            },
+            self.off
         )
     }
 }
@@ -51,6 +60,8 @@ impl std::fmt::Display for BadRun {
 #[derive(Default)]
 pub struct RunChecks {
     runs: Vec<Run>,
+    /// Offsets from here on are the parent's (see `lazy_parent`).
+    parent_base: Option<u64>,
 }
 
 impl RunChecks {
@@ -69,6 +80,12 @@ impl RunChecks {
             }
         }
         self.runs.sort_by_key(|r| r.off);
+    }
+
+    /// Runs added at offsets from `base` on are an incremental image's
+    /// parent's, shifted by `base` (for messages).
+    pub fn set_parent_base(&mut self, base: u64) {
+        self.parent_base = Some(base);
     }
 
     pub fn len(&self) -> usize {
@@ -96,11 +113,16 @@ impl RunChecks {
         Ok(good)
     }
 
-    fn bad(run: &Run) -> BadRun {
+    fn bad(&self, run: &Run) -> BadRun {
+        let (off, in_parent) = match self.parent_base {
+            Some(base) if run.off >= base => (run.off - base, true),
+            _ => (run.off, false),
+        };
         BadRun {
             addr: run.addr,
-            off: run.off,
+            off,
             len: run.len,
+            in_parent,
         }
     }
 
@@ -116,7 +138,7 @@ impl RunChecks {
                 break;
             }
             if !Self::verify(run, image)? {
-                return Ok(Some(Self::bad(run)));
+                return Ok(Some(self.bad(run)));
             }
             covered = covered.max(run.off + run.len);
         }
@@ -151,7 +173,7 @@ impl RunChecks {
                 break;
             }
             if !Self::verify(run, image)? {
-                return Ok(Some(Self::bad(run)));
+                return Ok(Some(self.bad(run)));
             }
         }
         Ok(None)

@@ -111,6 +111,10 @@ pub fn fill_runs(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<()> 
     // Pages of an incremental image's parent, from our mapping of it.
     if let Some(parent) = ctx.parent {
         let inherited = parent.pieces(ctx.image.process.pid, vma)?;
+        if ctx.lazy.is_some() {
+            // Not verified up front with --lazy (see `lazy_parent`).
+            super::lazy_parent::verify_pieces(parent, &inherited)?;
+        }
         write_from_image(c.pid(), parent.fd(), &inherited)?;
     }
     let total: u64 = pieces.iter().map(|p| p.len).sum();
@@ -202,6 +206,70 @@ impl ImageMap {
             len: len.max(1),
             file_off: start,
         })
+    }
+
+    /// The whole of `first` at offsets `[0, its length)` and the whole of
+    /// `second` from the returned offset on, as one range of our memory
+    /// (an incremental image and its parent, for `--lazy`): offsets past
+    /// the first file name the second's bytes.
+    pub fn pair(first: BorrowedFd<'_>, second: BorrowedFd<'_>) -> Result<(ImageMap, u64)> {
+        let size = |fd: BorrowedFd<'_>| -> Result<u64> {
+            Ok(nix::sys::stat::fstat(fd)
+                .map_err(|e| Error::Other(format!("cannot stat an image file: {e}")))?
+                .st_size as u64)
+        };
+        let (len1, len2) = (size(first)?, size(second)?);
+        let base = len1.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+        let total = usize::try_from(base + len2.max(1))
+            .map_err(|_| Error::Other("image range too large to map".into()))?;
+        // SAFETY: a fresh inaccessible reservation at an address the kernel
+        // picks; nothing of ours is replaced.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Other(format!(
+                "cannot reserve room to map the images: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // Owned from here: a failure below unmaps the whole reservation.
+        let map = ImageMap {
+            ptr,
+            len: total,
+            file_off: 0,
+        };
+        for (fd, at, len) in [(first, 0, len1), (second, base, len2)] {
+            if len == 0 {
+                continue;
+            }
+            // SAFETY: replaces part of our own reservation (inside `total`)
+            // with a read-only shared mapping of a file we hold open.
+            let got = unsafe {
+                libc::mmap(
+                    ptr.cast::<u8>().add(at as usize).cast(),
+                    len as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    0,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                return Err(Error::Other(format!(
+                    "cannot map an image file: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        Ok((map, base))
     }
 
     /// The bytes of the file at `[off, off + len)`, which must lie in the
@@ -408,16 +476,9 @@ impl ParentImage {
     pub fn open(
         image: &std::path::Path,
         parent: &crate::image::model::ParentRef,
-        lazy: bool,
         trust: &super::validate::Trust,
         trust_image: bool,
     ) -> Result<ParentImage> {
-        if lazy {
-            return Err(Error::Other(format!(
-                "{} is an incremental image: --lazy restores full images only; restore it without --lazy",
-                image.display()
-            )));
-        }
         let (reader, file, path) = crate::incremental::open_parent(image, parent)?;
         // The parent's pages become the process's memory as the image's
         // do: it must be as trustworthy (root's, or the same user's).
@@ -454,7 +515,7 @@ impl ParentImage {
     }
 
     /// The parent's stored pages that `vma` (of process `pid`) inherits.
-    fn pieces(&self, pid: i32, vma: &Vma) -> Result<Vec<Piece>> {
+    pub(super) fn pieces(&self, pid: i32, vma: &Vma) -> Result<Vec<Piece>> {
         Ok(
             crate::incremental::inherited_pieces(self.reader.metadata(), pid, vma)?
                 .into_iter()

@@ -40,6 +40,9 @@
 //! server waits until they are gone, and says which run was bad. During
 //! the rebuild, a bad run fails the restore instead.
 //!
+//! An incremental image's inherited pages come from its parent the same
+//! way (see [`super::lazy_parent`]).
+//!
 //! # Limits
 //!
 //! - Filled eagerly, as without `--lazy`: file-backed and shared memory,
@@ -80,7 +83,8 @@ pub fn eligible(vma: &Vma) -> bool {
     let flag = |f: &str| vma.vm_flags.iter().any(|x| x == f);
     vma.kind == VmaKind::Anonymous
         && !vma.shared
-        && !vma.pages.is_empty()
+        // An incremental image's mapping may hold only inherited pages.
+        && (!vma.pages.is_empty() || !vma.inherited.is_empty())
         && vma
             .pages
             .iter()
@@ -130,6 +134,10 @@ struct Serving {
 /// The lazy part of one restore.
 pub struct Lazy {
     image_fd: RawFd,
+    /// An incremental image's parent, served from offset `parent_base`
+    /// of the server's mapping on (see `lazy_parent`).
+    parent_fd: Option<RawFd>,
+    parent_base: std::cell::Cell<u64>,
     serving: std::cell::RefCell<Option<Serving>>,
 }
 
@@ -149,9 +157,11 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
 
 impl Lazy {
     /// For a restore reading pages from descriptor `image_fd`.
-    pub fn new(image_fd: RawFd) -> Lazy {
+    pub fn new(image_fd: RawFd, parent_fd: Option<RawFd>) -> Lazy {
         Lazy {
             image_fd,
+            parent_fd,
+            parent_base: std::cell::Cell::new(0),
             serving: std::cell::RefCell::new(None),
         }
     }
@@ -162,17 +172,31 @@ impl Lazy {
         }
         // SAFETY: the image's descriptor stays open for the whole restore.
         let image = unsafe { BorrowedFd::borrow_raw(self.image_fd) };
-        let len = nix::sys::stat::fstat(image)
-            .map_err(|e| os("image size", e.into()))?
-            .st_size as u64;
-        let map = ImageMap::new(image, 0, len)?;
+        let mut runs = RunChecks::default();
+        let map = match self.parent_fd {
+            Some(fd) => {
+                // SAFETY: the parent's descriptor stays open for the whole
+                // restore (`ParentImage` holds it).
+                let parent = unsafe { BorrowedFd::borrow_raw(fd) };
+                let (map, base) = ImageMap::pair(image, parent)?;
+                self.parent_base.set(base);
+                runs.set_parent_base(base);
+                map
+            }
+            None => {
+                let len = nix::sys::stat::fstat(image)
+                    .map_err(|e| os("image size", e.into()))?
+                    .st_size as u64;
+                ImageMap::new(image, 0, len)?
+            }
+        };
         let (thread_wake, wake) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                 .map_err(|e| os("pipe", e.into()))?;
         let (tx, rx) = mpsc::channel();
         let server = Server {
             image: Arc::new(map),
-            runs: Arc::new(RunChecks::default()),
+            runs: Arc::new(runs),
             spaces: Vec::new(),
             victims: Arc::new(Mutex::new(Vec::new())),
             bytes: 0,
@@ -204,8 +228,16 @@ impl Lazy {
         }
     }
 
-    /// Register `vmas` (mapped, empty) of the child for filling on demand.
-    pub fn register(&self, c: &mut Child<'_>, vmas: &[&Vma]) -> Result<()> {
+    /// Register `vmas` (mapped, empty) of the child for filling on demand;
+    /// what they inherit from `parent` (an incremental image's, the
+    /// process's PID in the image `image_pid`) comes from there.
+    pub fn register(
+        &self,
+        c: &mut Child<'_>,
+        vmas: &[&Vma],
+        parent: Option<&super::fill::ParentImage>,
+        image_pid: i32,
+    ) -> Result<()> {
         if vmas.is_empty() {
             return Ok(());
         }
@@ -232,6 +264,14 @@ impl Lazy {
                     len: run.data.raw_len,
                 });
             }
+        }
+        if let Some(parent) = parent {
+            let (pieces, parent_runs) =
+                super::lazy_parent::inherited(parent, image_pid, vmas, self.parent_base.get())?;
+            for p in pieces {
+                pending.insert(p);
+            }
+            runs.extend(parent_runs);
         }
         super::phases::mark("userfaultfd registered");
         debug!(

@@ -257,7 +257,7 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
     if let Some(lazy) = ctx.lazy {
         // Before anything of the restore may touch them: a page touched
         // while unregistered would be zero-filled and its content lost.
-        lazy.register(c, &on_demand)?;
+        lazy.register(c, &on_demand, ctx.parent, ctx.image.process.pid)?;
     }
     if let Some(copier) = copier {
         copier.fill(ctx, &on_demand)?;

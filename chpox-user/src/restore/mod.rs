@@ -79,6 +79,7 @@ pub mod child;
 pub mod fill;
 pub mod inject;
 pub mod lazy;
+pub mod lazy_parent;
 pub mod memory;
 pub mod pending;
 pub mod phases;
@@ -174,13 +175,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut plan = validate::validate(&reader, &trust)?;
     // An incremental image: its parent, found and checked first.
     let parent = match &reader.metadata().parent {
-        Some(p) => Some(fill::ParentImage::open(
-            image,
-            p,
-            opts.lazy,
-            &trust,
-            opts.trust_image,
-        )?),
+        Some(p) => Some(fill::ParentImage::open(image, p, &trust, opts.trust_image)?),
         None => None,
     };
     phases::mark("image validated");
@@ -247,9 +242,14 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
-    let lazy = opts
-        .lazy
-        .then(|| lazy::Lazy::new(std::os::fd::AsRawFd::as_raw_fd(&image_file)));
+    let lazy = opts.lazy.then(|| {
+        lazy::Lazy::new(
+            std::os::fd::AsRawFd::as_raw_fd(&image_file),
+            parent
+                .as_ref()
+                .map(|p| std::os::fd::AsRawFd::as_raw_fd(&p.file)),
+        )
+    });
     let built = (|| -> Result<()> {
         let layout = match &init_frozen {
             Some(init) => {
