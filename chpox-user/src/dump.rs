@@ -66,6 +66,9 @@ pub struct DumpOptions {
     /// with the process. No pre-copy, and the mappings' flags are read
     /// while frozen instead of before.
     pub freeze_first: bool,
+    /// Where flags read while frozen come from instead of smaps (the
+    /// agent's eBPF iterator, see `vmflags`).
+    pub vma_flags: Option<std::sync::Arc<crate::memory::vmflags::KernelVmaFlags>>,
 }
 
 /// When a dump pre-copies (see [`DumpOptions::precopy`]).
@@ -97,6 +100,7 @@ impl DumpOptions {
             member_hint: None,
             precopy: Precopy::Off,
             freeze_first: false,
+            vma_flags: None,
         }
     }
 }
@@ -150,6 +154,10 @@ pub struct DumpReport {
     /// pages written since while frozen.
     #[serde(default)]
     pub precopied: usize,
+    /// Processes whose mappings' flags, read while frozen, came from the
+    /// kernel's bits (`DumpOptions::vma_flags`) rather than smaps.
+    #[serde(default)]
+    pub flags_without_smaps: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -231,7 +239,7 @@ fn dump_inner(
     }
     let precopies_pause = precopies.longest_pause;
     // VmFlags now, so that smaps need not be read while frozen.
-    let early = EarlyMaps::read(&pids);
+    let early = EarlyMaps::read(&pids).with_kernel_flags(opts.vma_flags.clone());
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
     let boost = Boost::raise();
@@ -355,6 +363,7 @@ fn dump_inner(
         members_from_scan,
         precopy_pause: precopies_pause,
         precopied,
+        flags_without_smaps: early.read_from_kernel(),
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).
@@ -667,7 +676,7 @@ fn capture_process(
     let (mut maps, early_flags) = if snapshot_wanted {
         early.frozen_maps(pid)?
     } else {
-        (memory::read_maps(pid)?, false)
+        (early.read_now(pid)?, false)
     };
     // Mappings a pre-copy tracked: planned from their earlier copy.
     let mut precopied = precopied.filter(|_| snapshot_wanted);
@@ -744,7 +753,7 @@ fn capture_process(
             None if plan.is_some() => verify_later = Some(maps.clone()),
             // Nothing to check the early flags against: read them now.
             None => {
-                maps = memory::read_maps(pid)?;
+                maps = early.read_now(pid)?;
                 if let Some(p) = &precopied {
                     maps.iter_mut().for_each(|m| {
                         p.claim(m);

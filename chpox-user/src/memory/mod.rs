@@ -26,6 +26,7 @@ pub mod incremental;
 pub mod pagecopy;
 pub mod precopy;
 pub mod snapshot;
+pub mod vmflags;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
