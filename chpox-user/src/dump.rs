@@ -290,6 +290,7 @@ fn dump_inner(
     let verify_after = captured.verify_after;
     let mut written = snapshot::Written::default();
     let mut precopy_stored = 0;
+    let mut held_stored = 0;
     let mut reap_pause = Duration::ZERO;
     let finish = |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
         // The processes run again: write tracking is no longer needed.
@@ -299,6 +300,9 @@ fn dump_inner(
         }
         precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
         written = snapshot::write_all(&mut snapshots, meta, &mut writer)?;
+        if let Some(t) = tracking.as_deref_mut() {
+            held_stored = t.held.write_all(meta, &mut writer)?;
+        }
         let mut phase = Phases::start();
         finish_files(files, opts, &mut writer, meta)?;
         phase.done("file hashes, embedded files");
@@ -337,7 +341,7 @@ fn dump_inner(
         }
     };
     debug!(us = started.elapsed().as_micros() as u64, "image finished");
-    let pages_stored = captured.pages_stored + written.pages_stored + precopy_stored;
+    let pages_stored = captured.pages_stored + written.pages_stored + precopy_stored + held_stored;
     if let (Some(t), Some(plan)) = (tracking, &plan) {
         t.done(plan, &opts.output, &meta, pages_stored, &members)?;
     }
@@ -767,6 +771,7 @@ fn capture_process(
     // Write tracking, while still frozen: a full checkpoint protects every
     // page (writes from now on are the next increment's); an incremental
     // one learns what was written since the base.
+    let mut held = None;
     let written = match tracking {
         Some((t, Plan::Full)) => {
             t.protect(pid, info.start_time_ticks, &maps, || {
@@ -778,7 +783,13 @@ fn capture_process(
             })?;
             None
         }
-        Some((t, Plan::Incremental(_))) => t.written(pid, info.start_time_ticks, &maps)?,
+        Some((t, Plan::Incremental(_))) => {
+            let written = t.written(pid, info.start_time_ticks, &maps)?;
+            // Written after the processes run again (`heldpages`), when
+            // they do before the image is finished.
+            held = snapshot_as.map(|index| (index, &mut t.held));
+            written
+        }
         None => None,
     };
     phase.done("write tracking");
@@ -818,7 +829,15 @@ fn capture_process(
             let (runs, from_base) =
                 crate::incremental::split_tracked(map, kind, w, base, |s, e| pages.pagemap(s, e))?;
             inherited = from_base;
-            pages.dump_runs(&runs, writer)?
+            let is_held = match held.as_mut() {
+                Some((index, h)) => h.hold(pid, *index, vmas.len(), &runs)?,
+                None => false,
+            };
+            if is_held {
+                Vec::new()
+            } else {
+                pages.dump_runs(&runs, writer)?
+            }
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;

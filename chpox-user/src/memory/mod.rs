@@ -22,6 +22,7 @@
 // incremental images.
 pub mod dirty;
 pub mod earlymaps;
+pub mod heldpages;
 pub mod incremental;
 pub mod pagecopy;
 pub mod precopy;
