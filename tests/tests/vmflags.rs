@@ -54,6 +54,13 @@ const SCRIPT: &str = r#"
 import ctypes, mmap, signal, time
 region = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE)
 region.write(b"x" * (64 * 4096))
+# Thousands of mappings (alternating protections keep them apart): the
+# iterator's records then take several reads.
+many = [
+    mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE,
+              prot=mmap.PROT_READ if i % 2 else mmap.PROT_READ | mmap.PROT_WRITE)
+    for i in range(3000)
+]
 addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
 def advise(*_):
     region.madvise(mmap.MADV_DONTDUMP)
