@@ -829,20 +829,12 @@ fn capture_process(
             let (runs, from_base) =
                 crate::incremental::split_tracked(map, kind, w, base, |s, e| pages.pagemap(s, e))?;
             inherited = from_base;
-            let is_held = match held.as_mut() {
-                Some((index, h)) => h.hold(pid, *index, vmas.len(), &runs)?,
-                None => false,
-            };
-            if is_held {
-                Vec::new()
-            } else {
-                pages.dump_runs(&runs, writer)?
-            }
+            store_runs(&runs, &mut held, vmas.len(), pages, writer)?
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
             let runs = memory::select_runs(pid, map, kind, &pagemap);
-            pages.dump_runs(&runs, writer)?
+            store_runs(&runs, &mut held, vmas.len(), pages, writer)?
         };
         if kind == VmaKind::SharedAnonymous {
             shmem.record(map);
@@ -892,6 +884,24 @@ fn capture_process(
         snapshot,
         plan.map(|p| (p, verify_later)),
     ))
+}
+
+/// Store `runs` of the frozen process `pages` is set to, its mapping
+/// number `vma`: held until the processes run again where an increment
+/// holds its pages (`heldpages`), else written now.
+fn store_runs(
+    runs: &[(u64, u64)],
+    held: &mut Option<(usize, &mut crate::memory::heldpages::HeldPages)>,
+    vma: usize,
+    pages: &mut PageDumper,
+    writer: &mut ImageWriter,
+) -> Result<Vec<crate::image::model::PageRun>> {
+    if let Some((process, h)) = held
+        && h.hold(pages.pid(), *process, vma, runs)?
+    {
+        return Ok(Vec::new());
+    }
+    pages.dump_runs(runs, writer)
 }
 
 /// The calling thread's scheduling priority raised (nice -20) while the

@@ -63,10 +63,19 @@ impl HeldPages {
         if end > MAX_HELD_BYTES {
             return Ok(false);
         }
-        if end > self.buf.len() {
+        let started = std::time::Instant::now();
+        let grown = end.saturating_sub(self.buf.len());
+        if grown > 0 {
             self.buf.resize(end, 0);
         }
         crate::pagecopy::read_frozen(pid, runs, &mut self.buf[self.used..end])?;
+        tracing::debug!(
+            pid,
+            bytes = len,
+            grown,
+            us = started.elapsed().as_micros() as u64,
+            "pages held"
+        );
         self.held.push(Held {
             process,
             vma,

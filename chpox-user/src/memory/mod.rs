@@ -419,6 +419,11 @@ impl PageDumper {
         Ok(out)
     }
 
+    /// The process whose pages this reads now.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     /// Store the runs (from `select_runs`) of the current process: one
     /// blob per run, runs cut to `pagecopy::CHUNK_PAGES`.
     pub fn dump_runs(
