@@ -75,6 +75,8 @@ pub mod names {
     pub const GLOBAL_NEWTASK_OFFSETS: &str = "NEWTASK_OFFSETS";
     /// Set from the kernel's BTF at load time.
     pub const GLOBAL_TASK_OFFSETS: &str = "TASK_OFFSETS";
+    pub const VMA_FLAGS_PROGRAM: &str = "chpox_vma_flags";
+    pub const GLOBAL_VMA_OFFSETS: &str = "VMA_OFFSETS";
     pub const GLOBAL_SIGACTION_OFFSETS: &str = "SIGACTION_OFFSETS";
 }
 
@@ -284,6 +286,41 @@ impl SigactionOffsets {
     pub const DEFAULT: SigactionOffsets = SigactionOffsets { sig: 16, act: 24 };
 }
 
+/// Where the `task_vma` iterator finds a mapping's bounds and flags in the
+/// kernel's `struct vm_area_struct`, taken from the kernel's BTF at load
+/// time. Read with `bpf_probe_read_kernel`: a wrong offset reads a wrong
+/// value but cannot fault, and the agent checks every record against
+/// `/proc/PID/maps` before trusting any of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmaOffsets {
+    pub vm_start: u32,
+    pub vm_end: u32,
+    pub vm_flags: u32,
+    /// 1 once the agent set these from BTF; the iterator writes nothing
+    /// while 0.
+    pub valid: u32,
+}
+
+impl VmaOffsets {
+    pub const DEFAULT: VmaOffsets = VmaOffsets {
+        vm_start: 0,
+        vm_end: 0,
+        vm_flags: 0,
+        valid: 0,
+    };
+}
+
+/// One mapping as the `task_vma` iterator writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmaRecord {
+    pub start: u64,
+    pub end: u64,
+    /// The kernel's `vm_flags` bits, the source of smaps' VmFlags.
+    pub flags: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)] structs of plain integers with
@@ -296,6 +333,7 @@ mod pod {
     unsafe impl aya::Pod for super::NewTaskOffsets {}
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::SigactionOffsets {}
+    unsafe impl aya::Pod for super::VmaOffsets {}
 }
 
 #[cfg(test)]
@@ -314,6 +352,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 48);
         assert_eq!(core::mem::size_of::<SignalOffsets>(), 16);
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 32);
+        assert_eq!(core::mem::size_of::<VmaOffsets>(), 16);
+        assert_eq!(core::mem::size_of::<VmaRecord>(), 24);
     }
 
     #[test]

@@ -81,7 +81,8 @@ use chpox_common::{
     CLONE_THREAD, EVENT_CHECKPOINT, EVENT_DISPOSITION, EVENT_EXIT, Event, ExitOffsets,
     MAX_REGISTRATIONS, MAX_THREADS, MAX_TREE_MEMBERS, NewTaskOffsets, RESULT_STOPPED_BY_GUARD,
     Registration, STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN,
-    SigactionOffsets, SignalOffsets, SlotState, TaskOffsets, flags::INCLUDE_CHILDREN, would_ignore,
+    SigactionOffsets, SignalOffsets, SlotState, TaskOffsets, VmaOffsets, VmaRecord,
+    flags::INCLUDE_CHILDREN, would_ignore,
 };
 
 /// Registered processes, by tgid.
@@ -132,6 +133,11 @@ static TASK_OFFSETS: TaskOffsets = TaskOffsets::DEFAULT;
 /// time.
 #[unsafe(no_mangle)]
 static SIGACTION_OFFSETS: SigactionOffsets = SigactionOffsets::DEFAULT;
+
+/// Offsets in `struct vm_area_struct`, set by the agent from the kernel's
+/// BTF at load time (for the `task_vma` iterator).
+#[unsafe(no_mangle)]
+static VMA_OFFSETS: VmaOffsets = VmaOffsets::DEFAULT;
 
 /// How often a lost compare-and-swap on `state` is retried. Only the agent
 /// and other CPUs' signals change the state, so two tries nearly always do.
@@ -563,6 +569,55 @@ fn try_sigaction(ctx: &TracePointContext) -> Result<u32, i32> {
         );
     }
     Ok(0)
+}
+
+/// The `task_vma` iterator: for each mapping of the task the agent's link
+/// names, one [`VmaRecord`] (bounds and the kernel's flag bits), so that
+/// the agent learns a frozen process's VmFlags without `/proc/PID/smaps`,
+/// which walks every page table entry (about 100 ms for 4 GiB). The
+/// context is the kernel's `struct bpf_iter__task_vma`: three pointers,
+/// `meta` (whose first field is the output `seq_file`), `task` and `vma`
+/// (NULL once the walk is over).
+#[unsafe(link_section = "iter/task_vma")]
+#[unsafe(no_mangle)]
+pub fn chpox_vma_flags(ctx: *mut core::ffi::c_void) -> i32 {
+    // SAFETY: a plain read of our own read-only global.
+    let off = unsafe { read_volatile(&VMA_OFFSETS) };
+    if off.valid == 0 {
+        return 0;
+    }
+    let args = ctx as *const u64;
+    // SAFETY: the iterator's context is three pointer-sized arguments; the
+    // verifier types each from the kernel's BTF and checks these loads.
+    let (meta, vma) = unsafe { (read_volatile(args), read_volatile(args.wrapping_add(2))) };
+    if meta == 0 || vma == 0 {
+        return 0;
+    }
+    let vma = vma as *const u8;
+    // SAFETY: bpf_probe_read_kernel cannot fault; a wrong offset reads a
+    // wrong value, which the agent's check against /proc/PID/maps refuses.
+    let record = unsafe {
+        let (Ok(start), Ok(end), Ok(flags)) = (
+            bpf_probe_read_kernel(vma.wrapping_add(off.vm_start as usize).cast::<u64>()),
+            bpf_probe_read_kernel(vma.wrapping_add(off.vm_end as usize).cast::<u64>()),
+            bpf_probe_read_kernel(vma.wrapping_add(off.vm_flags as usize).cast::<u64>()),
+        ) else {
+            return 0;
+        };
+        VmaRecord { start, end, flags }
+    };
+    // SAFETY: `meta` points to the kernel's `struct bpf_iter_meta`, whose
+    // first field is the `seq_file` the helper writes to (the verifier
+    // types this load from BTF); the record lives on our stack.
+    unsafe {
+        let seq = read_volatile(meta as *const *mut aya_ebpf::bindings::seq_file);
+        aya_ebpf::helpers::bpf_seq_write(
+            seq,
+            (&raw const record).cast(),
+            core::mem::size_of::<VmaRecord>() as u32,
+        );
+    }
+    0
 }
 
 /// The few atomic operations the program needs, on raw pointers into map

@@ -66,6 +66,9 @@ pub struct DumpOptions {
     /// with the process. No pre-copy, and the mappings' flags are read
     /// while frozen instead of before.
     pub freeze_first: bool,
+    /// Where flags read while frozen come from instead of smaps (the
+    /// agent's eBPF iterator, see `vmflags`).
+    pub vma_flags: Option<std::sync::Arc<crate::memory::vmflags::KernelVmaFlags>>,
 }
 
 /// When a dump pre-copies (see [`DumpOptions::precopy`]).
@@ -97,6 +100,7 @@ impl DumpOptions {
             member_hint: None,
             precopy: Precopy::Off,
             freeze_first: false,
+            vma_flags: None,
         }
     }
 }
@@ -150,6 +154,10 @@ pub struct DumpReport {
     /// pages written since while frozen.
     #[serde(default)]
     pub precopied: usize,
+    /// Processes whose mappings' flags, read while frozen, came from the
+    /// kernel's bits (`DumpOptions::vma_flags`) rather than smaps.
+    #[serde(default)]
+    pub flags_without_smaps: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -231,7 +239,7 @@ fn dump_inner(
     }
     let precopies_pause = precopies.longest_pause;
     // VmFlags now, so that smaps need not be read while frozen.
-    let early = EarlyMaps::read(&pids);
+    let early = EarlyMaps::read(&pids).with_kernel_flags(opts.vma_flags.clone());
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
     let boost = Boost::raise();
@@ -282,6 +290,7 @@ fn dump_inner(
     let verify_after = captured.verify_after;
     let mut written = snapshot::Written::default();
     let mut precopy_stored = 0;
+    let mut held_stored = 0;
     let mut reap_pause = Duration::ZERO;
     let finish = |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
         // The processes run again: write tracking is no longer needed.
@@ -291,6 +300,9 @@ fn dump_inner(
         }
         precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
         written = snapshot::write_all(&mut snapshots, meta, &mut writer)?;
+        if let Some(t) = tracking.as_deref_mut() {
+            held_stored = t.held.write_all(meta, &mut writer)?;
+        }
         let mut phase = Phases::start();
         finish_files(files, opts, &mut writer, meta)?;
         phase.done("file hashes, embedded files");
@@ -329,7 +341,7 @@ fn dump_inner(
         }
     };
     debug!(us = started.elapsed().as_micros() as u64, "image finished");
-    let pages_stored = captured.pages_stored + written.pages_stored + precopy_stored;
+    let pages_stored = captured.pages_stored + written.pages_stored + precopy_stored + held_stored;
     if let (Some(t), Some(plan)) = (tracking, &plan) {
         t.done(plan, &opts.output, &meta, pages_stored, &members)?;
     }
@@ -355,6 +367,7 @@ fn dump_inner(
         members_from_scan,
         precopy_pause: precopies_pause,
         precopied,
+        flags_without_smaps: early.read_from_kernel(),
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).
@@ -667,7 +680,7 @@ fn capture_process(
     let (mut maps, early_flags) = if snapshot_wanted {
         early.frozen_maps(pid)?
     } else {
-        (memory::read_maps(pid)?, false)
+        (early.read_now(pid)?, false)
     };
     // Mappings a pre-copy tracked: planned from their earlier copy.
     let mut precopied = precopied.filter(|_| snapshot_wanted);
@@ -744,7 +757,7 @@ fn capture_process(
             None if plan.is_some() => verify_later = Some(maps.clone()),
             // Nothing to check the early flags against: read them now.
             None => {
-                maps = memory::read_maps(pid)?;
+                maps = early.read_now(pid)?;
                 if let Some(p) = &precopied {
                     maps.iter_mut().for_each(|m| {
                         p.claim(m);
@@ -758,6 +771,7 @@ fn capture_process(
     // Write tracking, while still frozen: a full checkpoint protects every
     // page (writes from now on are the next increment's); an incremental
     // one learns what was written since the base.
+    let mut held = None;
     let written = match tracking {
         Some((t, Plan::Full)) => {
             t.protect(pid, info.start_time_ticks, &maps, || {
@@ -769,7 +783,13 @@ fn capture_process(
             })?;
             None
         }
-        Some((t, Plan::Incremental(_))) => t.written(pid, info.start_time_ticks, &maps)?,
+        Some((t, Plan::Incremental(_))) => {
+            let written = t.written(pid, info.start_time_ticks, &maps)?;
+            // Written after the processes run again (`heldpages`), when
+            // they do before the image is finished.
+            held = snapshot_as.map(|index| (index, &mut t.held));
+            written
+        }
         None => None,
     };
     phase.done("write tracking");
@@ -809,12 +829,12 @@ fn capture_process(
             let (runs, from_base) =
                 crate::incremental::split_tracked(map, kind, w, base, |s, e| pages.pagemap(s, e))?;
             inherited = from_base;
-            pages.dump_runs(&runs, writer)?
+            store_runs(&runs, &mut held, vmas.len(), pages, writer)?
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
             let runs = memory::select_runs(pid, map, kind, &pagemap);
-            pages.dump_runs(&runs, writer)?
+            store_runs(&runs, &mut held, vmas.len(), pages, writer)?
         };
         if kind == VmaKind::SharedAnonymous {
             shmem.record(map);
@@ -864,6 +884,24 @@ fn capture_process(
         snapshot,
         plan.map(|p| (p, verify_later)),
     ))
+}
+
+/// Store `runs` of the frozen process `pages` is set to, its mapping
+/// number `vma`: held until the processes run again where an increment
+/// holds its pages (`heldpages`), else written now.
+fn store_runs(
+    runs: &[(u64, u64)],
+    held: &mut Option<(usize, &mut crate::memory::heldpages::HeldPages)>,
+    vma: usize,
+    pages: &mut PageDumper,
+    writer: &mut ImageWriter,
+) -> Result<Vec<crate::image::model::PageRun>> {
+    if let Some((process, h)) = held
+        && h.hold(pages.pid(), *process, vma, runs)?
+    {
+        return Ok(Vec::new());
+    }
+    pages.dump_runs(runs, writer)
 }
 
 /// The calling thread's scheduling priority raised (nice -20) while the

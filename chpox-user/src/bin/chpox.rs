@@ -372,6 +372,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 member_hint: None,
                 freeze_first: false,
+                vma_flags: None,
                 precopy: if no_precopy {
                     chpox::dump::Precopy::Off
                 } else if precopy {

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use tracing::debug;
 
 use crate::error::{Error, Result};
+use crate::memory::vmflags::KernelVmaFlags;
 use crate::memory::{self, MapEntry};
 
 /// Flags a fork does not copy: mlock (`lo`) and userfaultfd registrations
@@ -41,6 +42,10 @@ fn start_time(pid: i32) -> Option<u64> {
 pub struct EarlyMaps {
     by_pid: HashMap<i32, (u64, Vec<MapEntry>)>,
     code: HashMap<i32, (u64, Option<crate::safe_return::Gadgets>)>,
+    /// Where flags read while frozen come from, if not from smaps.
+    kernel: Option<std::sync::Arc<KernelVmaFlags>>,
+    /// Processes whose flags, read while frozen, came from `kernel`.
+    from_kernel: std::sync::atomic::AtomicUsize,
 }
 
 /// Whether two map entries are the same `maps` line.
@@ -94,7 +99,38 @@ impl EarlyMaps {
                 Some((pid, (ip, crate::safe_return::find_gadgets(pid))))
             })
             .collect();
-        EarlyMaps { by_pid, code }
+        EarlyMaps {
+            by_pid,
+            code,
+            ..EarlyMaps::default()
+        }
+    }
+
+    /// Read flags while frozen from `kernel` rather than smaps where it can
+    /// tell them (`vmflags`).
+    pub fn with_kernel_flags(mut self, kernel: Option<std::sync::Arc<KernelVmaFlags>>) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The mappings of frozen `pid` with their flags as they are now.
+    pub fn read_now(&self, pid: i32) -> Result<Vec<MapEntry>> {
+        match &self.kernel {
+            Some(k) => {
+                let (maps, from_kernel) = k.read_maps(pid)?;
+                if from_kernel {
+                    self.from_kernel
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(maps)
+            }
+            None => memory::read_maps(pid),
+        }
+    }
+
+    /// How many processes' flags, read while frozen, came without smaps.
+    pub fn read_from_kernel(&self) -> usize {
+        self.from_kernel.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// For frozen `pid`: a `syscall` instruction and the gadgets of
@@ -127,7 +163,7 @@ impl EarlyMaps {
         if let Some(maps) = self.unchanged(pid)? {
             return Ok((maps, true));
         }
-        Ok((memory::read_maps(pid)?, false))
+        Ok((self.read_now(pid)?, false))
     }
 
     fn unchanged(&self, pid: i32) -> Result<Option<Vec<MapEntry>>> {

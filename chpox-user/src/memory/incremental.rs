@@ -106,6 +106,9 @@ pub struct Tracking {
     /// Take a full checkpoint every this many (1: always; 0: only when
     /// needed).
     pub full_every: u32,
+    /// Where an increment's pages wait, read while frozen, until the
+    /// processes run again (kept from one checkpoint to the next).
+    pub(crate) held: crate::memory::heldpages::HeldPages,
 }
 
 /// What this dump is, decided once the tree is frozen.
@@ -148,6 +151,7 @@ impl Tracking {
     /// Decide, with the tree frozen (`members`: PID and start time of
     /// each process), whether this checkpoint is incremental.
     pub(crate) fn plan(&mut self, members: &[(i32, u64)]) -> Plan {
+        self.held.clear();
         let why = self.why_full(members);
         match why {
             None => Plan::Incremental(self.base.clone().expect("checked by why_full")),

@@ -22,10 +22,12 @@
 // incremental images.
 pub mod dirty;
 pub mod earlymaps;
+pub mod heldpages;
 pub mod incremental;
 pub mod pagecopy;
 pub mod precopy;
 pub mod snapshot;
+pub mod vmflags;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -415,6 +417,11 @@ impl PageDumper {
             done += n;
         }
         Ok(out)
+    }
+
+    /// The process whose pages this reads now.
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
 
     /// Store the runs (from `select_runs`) of the current process: one

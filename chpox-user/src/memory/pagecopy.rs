@@ -273,6 +273,23 @@ fn prepare(
     Ok(out)
 }
 
+/// Read `runs` of frozen process `pid` into `dest` (laid out in order,
+/// exactly as long as the runs), without writing them anywhere.
+pub(crate) fn read_frozen(pid: i32, runs: &[(u64, u64)], dest: &mut [u8]) -> Result<()> {
+    let path = format!("/proc/{pid}/mem");
+    let mem = File::open(&path).map_err(|source| Error::Proc { path, source })?;
+    let mut at = 0usize;
+    for batch in runs.chunks(MAX_IOVECS) {
+        let len: usize = batch.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
+        let dest = dest
+            .get_mut(at..at + len)
+            .ok_or_else(|| Error::Other("internal: pages read past their buffer".into()))?;
+        read_runs(pid, Source::VmReadv, &mem, batch, dest)?;
+        at += len;
+    }
+    Ok(())
+}
+
 /// Copy `runs` of the process's memory into `dest` (laid out in order):
 /// one process_vm_readv for all of them, and /proc/PID/mem for whatever it
 /// refuses (it stops at the first range it may not read: PROT_NONE,

@@ -14,11 +14,12 @@ use aya::programs::{Lsm, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use chpox_common::{
     Event, ExitOffsets, MAX_REGISTRATIONS, NewTaskOffsets, Registration, SigactionOffsets,
-    SignalOffsets, SlotState, TaskOffsets, names,
+    SignalOffsets, SlotState, TaskOffsets, VmaOffsets, names,
 };
 use tracing::{debug, info, warn};
 
 pub mod btf;
+pub mod vma_iter;
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -194,6 +195,8 @@ pub struct Bpf {
     /// Whether the agent hears of registered processes that stop ignoring
     /// their trigger signal (the `rt_sigaction` watch is attached).
     pub watch: bool,
+    /// The `task_vma` iterator, for mappings' flags without smaps.
+    pub vma_iter: Option<Arc<vma_iter::VmaIter>>,
 }
 
 impl Bpf {
@@ -219,11 +222,17 @@ impl Bpf {
         let (signal_offsets, exit_offsets, newtask_offsets) = tracepoint_offsets()?;
         // The guard needs the BPF LSM and the kernel's BTF; without either
         // the agent works as before, with SIG_IGN as the only protection.
+        let kernel_btf = btf::Btf::from_sys_fs();
         let task_offsets = bpf_lsm_enabled().and_then(|()| {
-            btf::Btf::from_sys_fs()
-                .and_then(|b| b.task_offsets())
+            kernel_btf
+                .as_ref()
                 .map_err(|e| e.to_string())
+                .and_then(|b| b.task_offsets().map_err(|e| e.to_string()))
         });
+        let vma_offsets = kernel_btf
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|b| b.vma_offsets().map_err(|e| e.to_string()));
         let sigaction_offsets = read_format(SIGACTION_TRACEPOINT).and_then(|format| {
             let field = |name| required_offset(&format, SIGACTION_TRACEPOINT, name);
             Ok(SigactionOffsets {
@@ -242,6 +251,11 @@ impl Bpf {
             .override_global(names::GLOBAL_SIGNAL_OFFSETS, &signal_offsets, true)
             .override_global(names::GLOBAL_EXIT_OFFSETS, &exit_offsets, true)
             .override_global(names::GLOBAL_NEWTASK_OFFSETS, &newtask_offsets, true)
+            .override_global(
+                names::GLOBAL_VMA_OFFSETS,
+                vma_offsets.as_ref().unwrap_or(&VmaOffsets::DEFAULT),
+                true,
+            )
             .override_global(
                 names::GLOBAL_TASK_OFFSETS,
                 task_offsets.as_ref().unwrap_or(&TaskOffsets::DEFAULT),
@@ -283,6 +297,14 @@ impl Bpf {
             Err(e) => {
                 warn!(error = %e, "not watching registered processes' rt_sigaction");
                 false
+            }
+        };
+        // Without it, flags read while frozen come from smaps, as before.
+        let vma_iter = match vma_offsets.and_then(|_| load_vma_iter(&mut ebpf)) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => {
+                warn!(error = %e, "no task_vma iterator: frozen processes' memory flags are read from smaps");
+                None
             }
         };
         let guard = match task_offsets {
@@ -333,6 +355,7 @@ impl Bpf {
             logger,
             guard,
             watch,
+            vma_iter,
         })
     }
 
@@ -374,6 +397,24 @@ impl Bpf {
     pub fn states(&self) -> Arc<StatesMap> {
         Arc::clone(&self.states)
     }
+}
+
+fn load_vma_iter(ebpf: &mut Ebpf) -> Result<vma_iter::VmaIter, String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+    let iter: &mut aya::programs::Iter = ebpf
+        .program_mut(names::VMA_FLAGS_PROGRAM)
+        .ok_or_else(|| format!("program {} missing", names::VMA_FLAGS_PROGRAM))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    iter.load("task_vma", &btf)
+        .map_err(|e| format!("{}: {e}", names::VMA_FLAGS_PROGRAM))?;
+    let fd = iter
+        .fd()
+        .map_err(|e| e.to_string())?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())?;
+    Ok(vma_iter::VmaIter::new(fd))
 }
 
 const SIGACTION_TRACEPOINT: &str = "syscalls/sys_enter_rt_sigaction";

@@ -188,6 +188,7 @@ impl Agent {
         let mut opts = DumpOptions::new(&entry.output);
         // The signal or the timer chose the instant: stop first.
         opts.freeze_first = true;
+        opts.vma_flags = self.vma_flags.clone();
         // Checked by the dump once the process is frozen: a recycled PID
         // is refused, not checkpointed.
         opts.expect_start_time = Some(entry.start_time);
@@ -269,6 +270,7 @@ impl Agent {
                     signal_to_frozen_us = latency_ns / 1000,
                     members_from_ebpf = report.members_from_hint,
                     members_from_scan = report.members_from_scan,
+                    flags_without_smaps = report.flags_without_smaps,
                     "checkpoint written"
                 );
                 Ok(Written {

@@ -278,6 +278,9 @@ pub struct Agent {
     /// The members of registered trees, kept by the eBPF program: a tree
     /// is frozen without scanning /proc between the stops.
     tree: Arc<crate::bpf::TreeMembers>,
+    /// Mappings' flags of frozen processes without smaps, through the
+    /// eBPF `task_vma` iterator (`memory::vmflags`), where it loaded.
+    vma_flags: Option<Arc<crate::memory::vmflags::KernelVmaFlags>>,
 }
 
 /// The registrations as they were at one change, to be written to disk
@@ -661,6 +664,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let states = bpf.states();
     let tree = bpf.tree();
+    let vma_flags = bpf.vma_iter.clone().map(|iter| {
+        crate::memory::vmflags::KernelVmaFlags::new(Box::new(move |pid| iter.read(pid)))
+    });
     let agent = Arc::new(Agent {
         config: config.clone(),
         state: Mutex::new(State {
@@ -680,6 +686,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         guard_active,
         timer_changed: tokio::sync::Notify::new(),
         tree,
+        vma_flags,
     });
     agent.restore_registrations();
 

@@ -7,7 +7,7 @@
 //! numbered from 1, each a 12-byte `btf_type` and a kind-specific tail,
 //! then the string section).
 
-use chpox_common::TaskOffsets;
+use chpox_common::{TaskOffsets, VmaOffsets};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -233,6 +233,18 @@ impl Btf {
     }
 }
 
+impl Btf {
+    /// Where the `task_vma` iterator reads a mapping's bounds and flags.
+    pub fn vma_offsets(&self) -> Result<VmaOffsets, BtfError> {
+        Ok(VmaOffsets {
+            vm_start: self.offset("vm_area_struct", "vm_start")?,
+            vm_end: self.offset("vm_area_struct", "vm_end")?,
+            vm_flags: self.offset("vm_area_struct", "vm_flags")?,
+            valid: 1,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +347,17 @@ mod tests {
         let off = btf.task_offsets().expect("offsets");
         assert!(off.ksigaction_size >= 24, "{off:?}");
         assert_ne!(off.tgid, off.pid);
+    }
+
+    #[test]
+    fn this_kernel_has_the_fields_the_vma_iterator_reads() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            return;
+        };
+        let off = btf.vma_offsets().expect("offsets");
+        // vm_start and vm_end are the first two words (inside an
+        // anonymous union with an rcu_head since 6.x).
+        assert_eq!((off.vm_start, off.vm_end), (0, 8), "{off:?}");
+        assert!(off.vm_flags > 8, "{off:?}");
     }
 }

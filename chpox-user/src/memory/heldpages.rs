@@ -1,0 +1,133 @@
+//! The pages an increment stores, read while frozen into memory and
+//! written to the image once the processes run again.
+//!
+//! An incremental checkpoint has no snapshot to write from later (a fork
+//! would copy the page tables of the whole process, 50 ms per GiB), so its
+//! few written pages are read while the tree is frozen. Writing them
+//! straight into the image makes the file grow while frozen, and a new
+//! file's pages come slowly (0.3–1 GB/s on tmpfs here, the disk's speed on
+//! a durable filesystem). Reading them into a buffer instead costs a
+//! memory copy, and the buffer is kept with the registration's tracking
+//! from one checkpoint to the next, so its pages are not fresh either
+//! after the first increment. At most [`MAX_HELD_BYTES`] per checkpoint:
+//! the rest is written while frozen, as without it.
+
+use crate::error::{Error, Result};
+use crate::image::ImageWriter;
+use crate::image::model::{Compression, Metadata, PageRun};
+use crate::memory::PAGE_SIZE;
+
+/// The most bytes of pages held for one checkpoint (and kept between
+/// checkpoints).
+pub const MAX_HELD_BYTES: usize = 512 << 20;
+
+#[derive(Debug, Default)]
+pub struct HeldPages {
+    buf: Vec<u8>,
+    held: Vec<Held>,
+    used: usize,
+}
+
+#[derive(Debug)]
+struct Held {
+    /// Index of the process in the image, and of the mapping in it.
+    process: usize,
+    vma: usize,
+    /// Runs, each at most `pagecopy::CHUNK_PAGES`, laid out from `at`.
+    runs: Vec<(u64, u64)>,
+    at: usize,
+}
+
+impl HeldPages {
+    /// Forget what an earlier (failed) checkpoint held; the buffer stays.
+    pub fn clear(&mut self) {
+        self.held.clear();
+        self.used = 0;
+    }
+
+    /// Read `runs` of frozen `pid` (process `process` of the image, its
+    /// mapping `vma`) into the buffer, to be written by [`write_all`].
+    /// False if they do not fit under [`MAX_HELD_BYTES`]: the caller
+    /// writes them now.
+    ///
+    /// [`write_all`]: HeldPages::write_all
+    pub fn hold(
+        &mut self,
+        pid: i32,
+        process: usize,
+        vma: usize,
+        runs: &[(u64, u64)],
+    ) -> Result<bool> {
+        let len: usize = runs.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
+        let end = self.used + len;
+        if end > MAX_HELD_BYTES {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let grown = end.saturating_sub(self.buf.len());
+        if grown > 0 {
+            self.buf.resize(end, 0);
+        }
+        crate::pagecopy::read_frozen(pid, runs, &mut self.buf[self.used..end])?;
+        tracing::debug!(
+            pid,
+            bytes = len,
+            grown,
+            us = started.elapsed().as_micros() as u64,
+            "pages held"
+        );
+        self.held.push(Held {
+            process,
+            vma,
+            runs: crate::pagecopy::split_runs(runs),
+            at: self.used,
+        });
+        self.used = end;
+        Ok(true)
+    }
+
+    /// Write every held run as a blob of the image and give it to its
+    /// mapping in `meta`. Returns the pages written.
+    pub fn write_all(&mut self, meta: &mut Metadata, writer: &mut ImageWriter) -> Result<u64> {
+        let compression = if writer.compresses() {
+            Compression::Zstd
+        } else {
+            Compression::None
+        };
+        let mut pages = 0;
+        for held in std::mem::take(&mut self.held) {
+            let vma = meta
+                .processes_mut()
+                .nth(held.process)
+                .and_then(|p| p.vmas.get_mut(held.vma))
+                .ok_or_else(|| Error::Other("internal: pages held for no mapping".into()))?;
+            let mut at = held.at;
+            for (addr, npages) in held.runs {
+                let len = (npages * PAGE_SIZE) as usize;
+                let raw = self
+                    .buf
+                    .get(at..at + len)
+                    .ok_or_else(|| Error::Other("internal: held pages past the buffer".into()))?;
+                at += len;
+                let data = match compression {
+                    Compression::Zstd => {
+                        let z = crate::image::writer::compress_blob(raw)
+                            .map_err(|e| Error::Other(format!("compressing pages: {e}")))?;
+                        writer.add_prepared(&z, len as u64, crc32c::crc32c(&z), compression)?
+                    }
+                    _ => writer.add_prepared(raw, len as u64, crc32c::crc32c(raw), compression)?,
+                };
+                vma.pages.push(PageRun { addr, npages, data });
+                pages += npages;
+            }
+        }
+        // Kept for the next checkpoint, unless far larger than this one
+        // needed (a burst of writes should not hold memory for ever).
+        if self.buf.len() > 64 << 20 && self.buf.len() > 4 * self.used {
+            self.buf.truncate(self.used * 2);
+            self.buf.shrink_to_fit();
+        }
+        self.used = 0;
+        Ok(pages)
+    }
+}

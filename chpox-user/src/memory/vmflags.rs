@@ -1,0 +1,210 @@
+//! A frozen process's VmFlags without `/proc/PID/smaps`.
+//!
+//! `smaps` is the only file that shows a mapping's flags (`VmFlags:`), and
+//! reading it walks every page table entry to count Rss: about 100 ms for
+//! 4 GiB here, all of it while the process is frozen. The agent has a
+//! cheaper source: its eBPF `task_vma` iterator hands over each mapping's
+//! bounds and the kernel's raw `vm_flags` bits in microseconds
+//! ([`KernelVmaFlags`]'s `read`, implemented by the trigger side).
+//!
+//! smaps prints VmFlags as a pure function of those bits (one two-letter
+//! name per set bit that has one), so a bit pattern seen once next to its
+//! smaps line names the same flags every time on this kernel. Each time
+//! smaps has to be read, the patterns of that read are learned. A frozen
+//! process whose every mapping has a learned pattern, and whose
+//! iterator records match `/proc/PID/maps` line for line, gets its flags
+//! from the patterns; anything else (a new pattern, a mismatch, an
+//! iterator that fails) reads smaps, as without the iterator. Nothing is
+//! guessed: no bit is ever translated on its own.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tracing::debug;
+
+use crate::error::{Result, read_proc};
+use crate::memory::{self, MapEntry};
+
+/// Bounds and raw `vm_flags` of each mapping of a process, in address
+/// order, as the kernel holds them.
+pub type ReadRaw = dyn Fn(i32) -> std::io::Result<Vec<(u64, u64, u64)>> + Send + Sync;
+
+/// The flags of frozen processes from the kernel's bits (see the module
+/// documentation). One per agent: what it learns holds for the kernel.
+pub struct KernelVmaFlags {
+    read: Box<ReadRaw>,
+    /// Raw `vm_flags` → smaps's names for them.
+    learned: Mutex<HashMap<u64, Vec<String>>>,
+    /// The `[vsyscall]` line's flags: the gate area is no mapping of the
+    /// process (the iterator does not see it), and never changes.
+    gate: Mutex<Option<Vec<String>>>,
+}
+
+impl std::fmt::Debug for KernelVmaFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelVmaFlags").finish_non_exhaustive()
+    }
+}
+
+const GATE: &str = "[vsyscall]";
+
+impl KernelVmaFlags {
+    pub fn new(read: Box<ReadRaw>) -> Arc<KernelVmaFlags> {
+        Arc::new(KernelVmaFlags {
+            read,
+            learned: Mutex::new(HashMap::new()),
+            gate: Mutex::new(None),
+        })
+    }
+
+    /// The mappings of frozen `pid` with their VmFlags, and whether these
+    /// came from learned patterns (true) or from smaps (false).
+    pub fn read_maps(&self, pid: i32) -> Result<(Vec<MapEntry>, bool)> {
+        let raw = match (self.read)(pid) {
+            Ok(raw) => raw,
+            Err(e) => {
+                debug!(pid, error = %e, "task_vma iterator failed: smaps read");
+                return Ok((memory::read_maps(pid)?, false));
+            }
+        };
+        let path = format!("/proc/{pid}/maps");
+        let mut maps = memory::parse_smaps(&read_proc(&path)?, &path)?;
+        if self.fill(&mut maps, &raw) {
+            return Ok((maps, true));
+        }
+        debug!(
+            pid,
+            records = raw.len(),
+            lines = maps.len(),
+            first = ?raw.iter().take(4).collect::<Vec<_>>(),
+            "flags not all learned: smaps read"
+        );
+        let maps = memory::read_maps(pid)?;
+        self.learn(&maps, &raw);
+        Ok((maps, false))
+    }
+
+    /// Give `maps` (from `/proc/PID/maps`) the learned flags of `raw`;
+    /// false if any line has no record or no learned pattern.
+    fn fill(&self, maps: &mut [MapEntry], raw: &[(u64, u64, u64)]) -> bool {
+        let learned = lock(&self.learned);
+        let gate = lock(&self.gate);
+        let mut records = raw.iter();
+        for map in maps.iter_mut() {
+            if map.path == GATE {
+                match gate.as_ref() {
+                    Some(flags) => map.vm_flags = flags.clone(),
+                    None => return false,
+                }
+                continue;
+            }
+            let Some(&(start, end, bits)) = records.next() else {
+                return false;
+            };
+            if (start, end) != (map.start, map.end) {
+                return false;
+            }
+            match learned.get(&bits) {
+                Some(flags) => map.vm_flags = flags.clone(),
+                None => return false,
+            }
+        }
+        records.next().is_none()
+    }
+
+    /// Remember the patterns of `raw` that `maps` (read from smaps at the
+    /// same frozen moment) name. Learned only when the two agree line for
+    /// line, so no pattern is ever paired with another mapping's flags.
+    fn learn(&self, maps: &[MapEntry], raw: &[(u64, u64, u64)]) {
+        let vmas: Vec<&MapEntry> = maps.iter().filter(|m| m.path != GATE).collect();
+        if vmas.len() != raw.len()
+            || vmas
+                .iter()
+                .zip(raw)
+                .any(|(m, &(s, e, _))| (m.start, m.end) != (s, e))
+        {
+            debug!("task_vma records and smaps disagree: nothing learned");
+            return;
+        }
+        let mut learned = lock(&self.learned);
+        for (m, &(_, _, bits)) in vmas.iter().zip(raw) {
+            learned.entry(bits).or_insert_with(|| m.vm_flags.clone());
+        }
+        if let Some(g) = maps.iter().find(|m| m.path == GATE) {
+            lock(&self.gate).get_or_insert_with(|| g.vm_flags.clone());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(start: u64, end: u64, path: &str, flags: &[&str]) -> MapEntry {
+        let line = format!("{start:x}-{end:x} rw-p 00000000 00:00 0 {path}");
+        let mut e = memory::parse_smaps(&line, "test").expect("parse").remove(0);
+        e.vm_flags = flags.iter().map(|s| s.to_string()).collect();
+        e
+    }
+
+    fn source() -> Arc<KernelVmaFlags> {
+        KernelVmaFlags::new(Box::new(|_| Ok(Vec::new())))
+    }
+
+    #[test]
+    fn learned_patterns_name_the_same_flags_again() {
+        let k = source();
+        let smaps = [
+            entry(0x1000, 0x3000, "", &["rd", "wr", "mr", "mw", "me", "ac"]),
+            entry(
+                0x5000,
+                0x6000,
+                "",
+                &["rd", "wr", "mr", "mw", "me", "ac", "dd"],
+            ),
+            entry(0xff600000, 0xff601000, GATE, &["ex"]),
+        ];
+        let raw = [(0x1000, 0x3000, 0x100073), (0x5000, 0x6000, 0x4100073)];
+        k.learn(&smaps, &raw);
+        let mut maps: Vec<MapEntry> = smaps.to_vec();
+        maps.iter_mut().for_each(|m| m.vm_flags.clear());
+        assert!(k.fill(&mut maps, &raw));
+        assert_eq!(maps, smaps);
+        // The first mapping now has a pattern never seen: smaps must be read.
+        let raw2 = [(0x1000, 0x3000, 0x20100073), (0x5000, 0x6000, 0x4100073)];
+        assert!(!k.fill(&mut maps, &raw2));
+    }
+
+    #[test]
+    fn records_that_do_not_match_the_maps_lines_are_refused() {
+        let k = source();
+        let smaps = [entry(0x1000, 0x3000, "", &["rd"])];
+        k.learn(&smaps, &[(0x1000, 0x3000, 1)]);
+        let mut maps = smaps.to_vec();
+        assert!(!k.fill(&mut maps, &[(0x1000, 0x2000, 1)]), "other bounds");
+        assert!(!k.fill(&mut maps, &[]), "a line without a record");
+        assert!(
+            !k.fill(&mut maps, &[(0x1000, 0x3000, 1), (0x4000, 0x5000, 1)]),
+            "a record without a line"
+        );
+        // The gate's flags were never seen.
+        let mut with_gate = vec![smaps[0].clone(), entry(0xff600000, 0xff601000, GATE, &[])];
+        assert!(!k.fill(&mut with_gate, &[(0x1000, 0x3000, 1)]));
+    }
+
+    #[test]
+    fn nothing_is_learned_from_disagreeing_reads() {
+        let k = source();
+        let smaps = [
+            entry(0x1000, 0x3000, "", &["rd"]),
+            entry(0x4000, 0x5000, "", &["wr"]),
+        ];
+        // The second record is another mapping than smaps's second line.
+        k.learn(&smaps, &[(0x1000, 0x3000, 1), (0x6000, 0x7000, 2)]);
+        assert!(lock(&k.learned).is_empty());
+    }
+}

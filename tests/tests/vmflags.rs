@@ -1,0 +1,160 @@
+//! Mappings' flags (smaps's VmFlags) of a process the agent checkpoints,
+//! read while it is frozen through the eBPF `task_vma` iterator once the
+//! kernel's bit patterns are known, instead of smaps (which walks every
+//! page table entry): the image must hold exactly what smaps shows, also
+//! for a flag the process set between two checkpoints.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chpox::image::ImageReader;
+use common::agent::{Agent, poll_until, scratch, send};
+use common::procs::{become_subreaper, restore_detached};
+use common::{path_str, python};
+
+/// Each mapping's VmFlags in /proc/PID/smaps, by start address.
+fn smaps_flags(pid: i32) -> HashMap<u64, Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let mut out = HashMap::new();
+    let mut start = None;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if let Some((s, _)) = first.split_once('-')
+            && !first.ends_with(':')
+        {
+            start = u64::from_str_radix(s, 16).ok();
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let mut f: Vec<String> = flags.split_whitespace().map(str::to_string).collect();
+            f.sort();
+            out.insert(start.expect("a mapping line first"), f);
+        }
+    }
+    out
+}
+
+/// The image's flags of each mapping, by start address.
+fn image_flags(image: &std::path::Path) -> HashMap<u64, Vec<String>> {
+    let reader = ImageReader::open(image).expect("image opens");
+    reader
+        .metadata()
+        .root
+        .vmas
+        .iter()
+        .map(|v| {
+            let mut f = v.vm_flags.clone();
+            f.sort();
+            (v.start, f)
+        })
+        .collect()
+}
+
+const SCRIPT: &str = r#"
+import ctypes, mmap, signal, time
+region = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE)
+region.write(b"x" * (64 * 4096))
+# Thousands of mappings (alternating protections keep them apart): the
+# iterator's records then take several reads.
+many = [
+    mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE,
+              prot=mmap.PROT_READ if i % 2 else mmap.PROT_READ | mmap.PROT_WRITE)
+    for i in range(3000)
+]
+addr = ctypes.addressof(ctypes.c_char.from_buffer(region))
+def advise(*_):
+    region.madvise(mmap.MADV_DONTDUMP)
+    region.madvise(18)  # MADV_WIPEONFORK
+    print("ADVISED", flush=True)
+signal.signal(signal.SIGUSR1, advise)
+print(f"REGION {addr:x}", flush=True)
+print("READY", flush=True)
+while True:
+    time.sleep(3600)
+"#;
+
+#[test]
+fn flags_read_without_smaps_are_smaps_flags_also_after_a_change() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("flags.chpox");
+    let mut t = python(SCRIPT, &[], &s.logs);
+    let region = t.wait_for_line("REGION ", Duration::from_secs(30));
+    let region = u64::from_str_radix(region.trim_start_matches("REGION ").trim(), 16)
+        .expect("region address");
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
+    let checkpoint = || {
+        agent.chpox_ok(&["checkpoint", &pid_s]);
+        agent
+            .events("checkpoint written")
+            .last()
+            .and_then(|e| e.get("flags_without_smaps").cloned())
+            .expect("the agent logs where the flags came from")
+    };
+    // The first checkpoints teach the agent this kernel's patterns (the
+    // second one the patterns with our write tracking on); from then on
+    // an unchanged process's flags come without smaps.
+    let mut from_kernel = Vec::new();
+    for _ in 0..3 {
+        from_kernel.push(checkpoint());
+    }
+    assert_eq!(
+        from_kernel.last().map(String::as_str),
+        Some("1"),
+        "flags never came from the iterator: {from_kernel:?}\n{}",
+        agent.describe()
+    );
+    assert_eq!(
+        image_flags(&img),
+        smaps_flags(pid),
+        "flags from the iterator"
+    );
+
+    // A flag set on a whole mapping: its maps line stays the same.
+    send(pid, libc::SIGUSR1);
+    t.wait_for_line("ADVISED", Duration::from_secs(30));
+    checkpoint();
+    let second = checkpoint();
+    assert_eq!(second, "1", "known patterns again: {}", agent.describe());
+    let image = image_flags(&img);
+    assert_eq!(image, smaps_flags(pid), "flags after madvise");
+    let flags = image.get(&region).expect("the region is in the image");
+    assert!(
+        flags.iter().any(|f| f == "dd") && flags.iter().any(|f| f == "wf"),
+        "{flags:?}"
+    );
+
+    // The restored process has them too (and its wipe-on-fork pages,
+    // which a fork-based snapshot does not see, came through).
+    agent.chpox_ok(&["unregister", &pid_s]);
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    let restored = restore_detached(&img, &[]);
+    poll_until(
+        "the restored process",
+        Duration::from_secs(30),
+        || format!("{restored}"),
+        || std::path::Path::new(&format!("/proc/{restored}")).exists(),
+    );
+    let after = smaps_flags(restored);
+    let flags = after.get(&region).expect("the region is restored");
+    assert!(
+        flags.iter().any(|f| f == "dd") && flags.iter().any(|f| f == "wf"),
+        "{flags:?}"
+    );
+    let mut page = [0u8; 8];
+    chpox::remote::read_memory(restored, region + 4096 * 63, &mut page).expect("read");
+    assert_eq!(
+        &page, b"xxxxxxxx",
+        "the wipe-on-fork pages are in the image"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(restored),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
