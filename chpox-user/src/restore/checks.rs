@@ -60,7 +60,7 @@ impl std::fmt::Display for BadRun {
 #[derive(Default)]
 pub struct RunChecks {
     runs: Vec<Run>,
-    /// Offsets from here on are the parent's (see `lazy_parent`).
+    /// Offsets from here on are the parent's (see `lazy::parent`).
     parent_base: Option<u64>,
 }
 

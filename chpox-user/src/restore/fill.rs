@@ -112,8 +112,8 @@ pub fn fill_runs(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<()> 
     if let Some(parent) = ctx.parent {
         let inherited = parent.pieces(ctx.image.process.pid, vma)?;
         if ctx.lazy.is_some() {
-            // Not verified up front with --lazy (see `lazy_parent`).
-            super::lazy_parent::verify_pieces(parent, &inherited)?;
+            // Not verified up front with --lazy (see `lazy::parent`).
+            super::lazy::parent::verify_pieces(parent, &inherited)?;
         }
         write_from_image(c.pid(), parent.fd(), &inherited)?;
     }

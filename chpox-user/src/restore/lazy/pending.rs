@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::fill::Piece;
+use crate::restore::fill::Piece;
 
 #[derive(Debug, Clone, Default)]
 pub struct Pending {

@@ -11,9 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use super::fill::{ImageMap, ParentImage, Piece};
 use crate::error::{Error, Result};
 use crate::image::model::{DataRef, Vma};
+use crate::restore::fill::{ImageMap, ParentImage, Piece};
 
 /// A page run: the address it is for, and where its bytes are.
 type RunAt = (u64, DataRef);
@@ -93,7 +93,7 @@ pub(super) fn inherited(
 /// Verify every run of the parent that holds some of `pieces` (parent
 /// offsets): before they are written into a process that runs before the
 /// parent is read whole.
-pub(super) fn verify_pieces(parent: &ParentImage, pieces: &[Piece]) -> Result<()> {
+pub(in crate::restore) fn verify_pieces(parent: &ParentImage, pieces: &[Piece]) -> Result<()> {
     let runs = runs_by_offset(parent);
     let mut seen = std::collections::BTreeSet::new();
     for p in pieces {

@@ -34,14 +34,14 @@
 //!
 //! Reading every page to verify it before the process may start is what
 //! `--lazy` avoids: each page run is verified the first time any of it is
-//! to be copied in (see [`super::checks`]), and a thread of the server
+//! to be copied in (see [`crate::restore::checks`]), and a thread of the server
 //! verifies the rest meanwhile. A bad run is never copied: the restored
 //! processes (and the children they forked meanwhile) are killed, the
 //! server waits until they are gone, and says which run was bad. During
 //! the rebuild, a bad run fails the restore instead.
 //!
 //! An incremental image's inherited pages come from its parent the same
-//! way (see [`super::lazy_parent`]).
+//! way (see [`parent`]).
 //!
 //! # Limits
 //!
@@ -64,14 +64,18 @@ use std::time::Instant;
 
 use tracing::{debug, error, info};
 
-use super::checks::{BadRun, RunChecks};
-use super::child::Child;
-use super::fill::{ImageMap, Piece};
-use super::pending::Pending;
-use super::uffd::{self, Copied, Event};
+pub mod parent;
+mod pending;
+
+use pending::Pending;
+
 use crate::error::{Error, Result};
 use crate::image::model::{Compression, Vma, VmaKind};
 use crate::memory::PAGE_SIZE;
+use crate::restore::checks::{BadRun, RunChecks};
+use crate::restore::child::Child;
+use crate::restore::fill::{ImageMap, Piece};
+use crate::restore::uffd::{self, Copied, Event};
 
 /// Copied around a faulting page: neighbours are likely next.
 const FAULT_WINDOW: u64 = 64 << 10;
@@ -135,7 +139,7 @@ struct Serving {
 pub struct Lazy {
     image_fd: RawFd,
     /// An incremental image's parent, served from offset `parent_base`
-    /// of the server's mapping on (see `lazy_parent`).
+    /// of the server's mapping on (see `parent`).
     parent_fd: Option<RawFd>,
     parent_base: std::cell::Cell<u64>,
     serving: std::cell::RefCell<Option<Serving>>,
@@ -235,7 +239,7 @@ impl Lazy {
         &self,
         c: &mut Child<'_>,
         vmas: &[&Vma],
-        parent: Option<&super::fill::ParentImage>,
+        parent: Option<&crate::restore::fill::ParentImage>,
         image_pid: i32,
     ) -> Result<()> {
         if vmas.is_empty() {
@@ -267,13 +271,13 @@ impl Lazy {
         }
         if let Some(parent) = parent {
             let (pieces, parent_runs) =
-                super::lazy_parent::inherited(parent, image_pid, vmas, self.parent_base.get())?;
+                parent::inherited(parent, image_pid, vmas, self.parent_base.get())?;
             for p in pieces {
                 pending.insert(p);
             }
             runs.extend(parent_runs);
         }
-        super::phases::mark("userfaultfd registered");
+        crate::restore::phases::mark("userfaultfd registered");
         debug!(
             pid,
             mappings = vmas.len(),
@@ -313,7 +317,7 @@ impl Lazy {
             .thread
             .join()
             .map_err(|_| Error::Other("--lazy: the page server thread panicked".into()))??;
-        super::phases::mark("build-time server stopped");
+        crate::restore::phases::mark("build-time server stopped");
         {
             let mut victims = server.victims.lock().unwrap_or_else(|p| p.into_inner());
             for &pid in pids {
