@@ -8,9 +8,15 @@
 //! file's pages come slowly (0.3–1 GB/s on tmpfs here, the disk's speed on
 //! a durable filesystem). Reading them into a buffer instead costs a
 //! memory copy, and the buffer is kept with the registration's tracking
-//! from one checkpoint to the next, so its pages are not fresh either
-//! after the first increment. At most [`MAX_HELD_BYTES`] per checkpoint:
-//! the rest is written while frozen, as without it.
+//! from one checkpoint to the next. An increment holds every page written
+//! since the base, so each one is usually larger than the one before:
+//! after writing, the buffer is grown on a thread of its own, while the
+//! processes run, by as much as the last increment grew, so that the next
+//! one finds pages already there. At most [`MAX_HELD_BYTES`] per
+//! checkpoint: the rest (and everything, if the buffer is still being
+//! grown) is written while frozen, as without it.
+
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
@@ -23,9 +29,12 @@ pub const MAX_HELD_BYTES: usize = 512 << 20;
 
 #[derive(Debug, Default)]
 pub struct HeldPages {
-    buf: Vec<u8>,
+    /// Shared only with the thread that grows it between checkpoints.
+    buf: Arc<Mutex<Vec<u8>>>,
     held: Vec<Held>,
     used: usize,
+    /// Bytes the previous checkpoint held.
+    last_used: usize,
 }
 
 #[derive(Debug)]
@@ -63,12 +72,16 @@ impl HeldPages {
         if end > MAX_HELD_BYTES {
             return Ok(false);
         }
+        // Still being grown: nothing is held this time.
+        let Ok(mut buf) = self.buf.try_lock() else {
+            return Ok(false);
+        };
         let started = std::time::Instant::now();
-        let grown = end.saturating_sub(self.buf.len());
+        let grown = end.saturating_sub(buf.len());
         if grown > 0 {
-            self.buf.resize(end, 0);
+            buf.resize(end, 0);
         }
-        crate::pagecopy::read_frozen(pid, runs, &mut self.buf[self.used..end])?;
+        crate::pagecopy::read_frozen(pid, runs, &mut buf[self.used..end])?;
         tracing::debug!(
             pid,
             bytes = len,
@@ -95,6 +108,10 @@ impl HeldPages {
             Compression::None
         };
         let mut pages = 0;
+        let buf = Arc::clone(&self.buf);
+        let buf = buf
+            .lock()
+            .map_err(|_| Error::Other("internal: held pages lost".into()))?;
         for held in std::mem::take(&mut self.held) {
             let vma = meta
                 .processes_mut()
@@ -104,8 +121,7 @@ impl HeldPages {
             let mut at = held.at;
             for (addr, npages) in held.runs {
                 let len = (npages * PAGE_SIZE) as usize;
-                let raw = self
-                    .buf
+                let raw = buf
                     .get(at..at + len)
                     .ok_or_else(|| Error::Other("internal: held pages past the buffer".into()))?;
                 at += len;
@@ -121,13 +137,35 @@ impl HeldPages {
                 pages += npages;
             }
         }
-        // Kept for the next checkpoint, unless far larger than this one
-        // needed (a burst of writes should not hold memory for ever).
-        if self.buf.len() > 64 << 20 && self.buf.len() > 4 * self.used {
-            self.buf.truncate(self.used * 2);
-            self.buf.shrink_to_fit();
-        }
-        self.used = 0;
+        drop(buf);
+        self.prepare_next();
         Ok(pages)
+    }
+
+    /// After a checkpoint: shrink a buffer far larger than it needed (a
+    /// burst of writes should not hold memory for ever), or grow it, on
+    /// its own thread, by what this checkpoint held beyond the previous.
+    fn prepare_next(&mut self) {
+        let (used, last) = (self.used, self.last_used);
+        self.last_used = used;
+        self.used = 0;
+        let want = (used + used.saturating_sub(last)).min(MAX_HELD_BYTES);
+        let buf = Arc::clone(&self.buf);
+        let spawned = std::thread::Builder::new()
+            .name("chpox-held-pages".into())
+            .spawn(move || {
+                let Ok(mut buf) = buf.lock() else {
+                    return;
+                };
+                if buf.len() > 64 << 20 && buf.len() > 4 * used {
+                    buf.truncate(used * 2);
+                    buf.shrink_to_fit();
+                } else if buf.len() < want {
+                    buf.resize(want, 0);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "held-pages buffer not prepared");
+        }
     }
 }
