@@ -136,7 +136,8 @@ pub struct DumpReport {
     /// The parent of an incremental checkpoint.
     #[serde(default)]
     pub parent: Option<PathBuf>,
-    /// Descendants frozen from `DumpOptions::member_hint`, and found by
+    /// Descendants frozen from `DumpOptions::member_hint` (or, without
+    /// one, from the descendants listed before the freeze), and found by
     /// the scan of /proc instead (missed by the hint, or no hint).
     #[serde(default)]
     pub members_from_hint: usize,
@@ -236,7 +237,15 @@ fn dump_inner(
     // process after the other) counts whole.
     let boost = Boost::raise();
     let frozen_at = Instant::now();
-    let frozen = FrozenTree::freeze_hinted(pid, opts.children, opts.member_hint.as_ref())?;
+    // Without the agent's hint, the descendants just listed are one: the
+    // scan that finds a child between two stops is then made only once,
+    // to confirm the tree, instead of once more to find it.
+    let listed_hint = (opts.member_hint.is_none() && pids.len() > 1).then(|| {
+        let listed = pids.clone();
+        tree::MemberHint(std::sync::Arc::new(move |_| listed.clone()))
+    });
+    let hint = opts.member_hint.as_ref().or(listed_hint.as_ref());
+    let frozen = FrozenTree::freeze_hinted(pid, opts.children, hint)?;
     let frozen_at_monotonic_ns = frozen.stopped_at_ns();
     let (members_from_hint, members_from_scan) = (frozen.from_hint, frozen.from_scan);
     let owner = process::owner(pid)?;
@@ -482,10 +491,12 @@ fn capture_tree(
         tree::check_owned_by(tree, user)?;
     }
     let fs_with_parent = tree::check_unshared(tree)?;
+    phase.done("owners, shared tables");
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
     let unix = fds::unix::query()?;
     let inet = fds::inet::query(opts.tcp)?;
+    phase.done("sock_diag");
     let mut fds = Vec::with_capacity(tree.members().len());
     for frozen in tree.members() {
         fds.push(fds::scan_fds(

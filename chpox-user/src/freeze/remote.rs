@@ -133,6 +133,9 @@ pub struct RemoteThread<'f> {
     /// The way back if we die while holding the thread (`safe_return`):
     /// the frame its stack pointer points at while it runs for us.
     frame: Option<u64>,
+    /// The `stack_t` its `sigaltstack` gave when it was borrowed guarded
+    /// (with the stack pointer every later call has too).
+    altstack: Option<[u8; 24]>,
 }
 
 impl<'f> RemoteThread<'f> {
@@ -149,6 +152,7 @@ impl<'f> RemoteThread<'f> {
             ran: false,
             returned: false,
             frame: None,
+            altstack: None,
         })
     }
 
@@ -202,6 +206,7 @@ impl<'f> RemoteThread<'f> {
             ran: true,
             returned: false,
             frame: Some(frame),
+            altstack: None,
         };
         // Parked on a harmless getpid, with the frame as its way back,
         // before its mask changes: from here, released at any moment, it
@@ -217,7 +222,7 @@ impl<'f> RemoteThread<'f> {
                 [0, frame + safe_return::FRAME_SCRATCH_AT, 0, 0, 0, 0],
             )
             .await?;
-        safe_return::fill_altstack(frozen.pid(), frame)?;
+        thread.altstack = Some(safe_return::fill_altstack(frozen.pid(), frame)?);
         Ok(thread)
     }
 
@@ -245,6 +250,12 @@ impl<'f> RemoteThread<'f> {
 
     pub fn pid(&self) -> i32 {
         self.frozen.pid()
+    }
+
+    /// The thread's `sigaltstack` `stack_t`, as read when it was borrowed
+    /// (guarded borrows only): asking again, frozen, says the same.
+    pub fn altstack_at_borrow(&self) -> Option<[u8; 24]> {
+        self.altstack
     }
 
     /// Run syscall `nr` with `args`; returns the raw result (a negative

@@ -208,14 +208,24 @@ pub async fn dump_remote_state(
     }
     // brk(0) cannot succeed in moving the break, so it just reports it.
     info.mm.brk = thread.call("brk", libc::SYS_brk, [0; 6]).await?;
-    // personality(0xffffffff) queries without changing.
-    info.personality = thread
-        .call(
-            "personality",
-            libc::SYS_personality,
-            [0xffff_ffff, 0, 0, 0, 0, 0],
-        )
-        .await? as u32;
+    // /proc/PID/personality prints the value personality(0xffffffff)
+    // returns (one remote call less); the call where it cannot be read.
+    let from_proc = read_proc(&format!("/proc/{}/personality", thread.pid()))
+        .ok()
+        .and_then(|t| u32::from_str_radix(t.trim(), 16).ok());
+    info.personality = match from_proc {
+        Some(p) => p,
+        // personality(0xffffffff) queries without changing.
+        None => {
+            thread
+                .call(
+                    "personality",
+                    libc::SYS_personality,
+                    [0xffff_ffff, 0, 0, 0, 0, 0],
+                )
+                .await? as u32
+        }
+    };
     // From /proc: 16 remote prlimit64 calls cost more frozen time than
     // everything else here together on a busy machine.
     info.rlimits = read_rlimits(thread.pid())?;

@@ -95,15 +95,21 @@ pub async fn dump_altstack(
     thread: &mut RemoteThread<'_>,
     scratch: u64,
 ) -> Result<Option<AltStack>> {
-    thread
-        .call(
-            "sigaltstack",
-            libc::SYS_sigaltstack,
-            [0, scratch, 0, 0, 0, 0],
-        )
-        .await?;
-    let mut buf = [0u8; STACK_T_SIZE];
-    read_memory(thread.pid(), scratch, &mut buf)?;
+    let buf = match thread.altstack_at_borrow() {
+        Some(buf) => buf,
+        None => {
+            thread
+                .call(
+                    "sigaltstack",
+                    libc::SYS_sigaltstack,
+                    [0, scratch, 0, 0, 0, 0],
+                )
+                .await?;
+            let mut buf = [0u8; STACK_T_SIZE];
+            read_memory(thread.pid(), scratch, &mut buf)?;
+            buf
+        }
+    };
     let flags = i32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]);
     let stack = AltStack {
         sp: u64_at(&buf, 0),
