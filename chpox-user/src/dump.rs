@@ -140,7 +140,8 @@ pub struct DumpReport {
     /// The parent of an incremental checkpoint.
     #[serde(default)]
     pub parent: Option<PathBuf>,
-    /// Descendants frozen from `DumpOptions::member_hint`, and found by
+    /// Descendants frozen from `DumpOptions::member_hint` (or, without
+    /// one, from the descendants listed before the freeze), and found by
     /// the scan of /proc instead (missed by the hint, or no hint).
     #[serde(default)]
     pub members_from_hint: usize,
@@ -244,7 +245,15 @@ fn dump_inner(
     // process after the other) counts whole.
     let boost = Boost::raise();
     let frozen_at = Instant::now();
-    let frozen = FrozenTree::freeze_hinted(pid, opts.children, opts.member_hint.as_ref())?;
+    // Without the agent's hint, the descendants just listed are one: the
+    // scan that finds a child between two stops is then made only once,
+    // to confirm the tree, instead of once more to find it.
+    let listed_hint = (opts.member_hint.is_none() && pids.len() > 1).then(|| {
+        let listed = pids.clone();
+        tree::MemberHint(std::sync::Arc::new(move |_| listed.clone()))
+    });
+    let hint = opts.member_hint.as_ref().or(listed_hint.as_ref());
+    let frozen = FrozenTree::freeze_hinted(pid, opts.children, hint)?;
     let frozen_at_monotonic_ns = frozen.stopped_at_ns();
     let (members_from_hint, members_from_scan) = (frozen.from_hint, frozen.from_scan);
     let owner = process::owner(pid)?;
@@ -495,10 +504,12 @@ fn capture_tree(
         tree::check_owned_by(tree, user)?;
     }
     let fs_with_parent = tree::check_unshared(tree)?;
+    phase.done("owners, shared tables");
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
     let unix = fds::unix::query()?;
     let inet = fds::inet::query(opts.tcp)?;
+    phase.done("sock_diag");
     let mut fds = Vec::with_capacity(tree.members().len());
     for frozen in tree.members() {
         fds.push(fds::scan_fds(
@@ -517,17 +528,26 @@ fn capture_tree(
     let mut plans = Vec::new();
     let mut verify_after = Vec::new();
     let mut resident_pages = 0;
-    for (frozen, fds) in tree.members().iter().zip(fds) {
+    // /proc first, then what only the processes can tell, all of them at
+    // once (`overlap`: each remote call waits for its tracee to be
+    // scheduled, and the waits of different processes overlap), then
+    // their memory one after the other.
+    let mut heads = Vec::with_capacity(fds.len());
+    for frozen in tree.members() {
         // Only the root's start time is known to the caller.
-        let expect_start = if procs.is_empty() {
-            opts.expect_start_time
-        } else {
+        let expect_start = heads.is_empty().then_some(opts.expect_start_time).flatten();
+        heads.push(read_process(frozen, expect_start, early, precopies)?);
+    }
+    phase.done("/proc, threads");
+    remote_state_all(tree.members(), &mut heads)?;
+    phase.done("remote syscalls");
+    for ((frozen, fds), head) in tree.members().iter().zip(fds).zip(heads) {
+        if !procs.is_empty() {
             pages.next_process(frozen.pid())?;
-            None
-        };
+        }
         let (image, resident, snapshot, plan) = capture_process(
             frozen,
-            expect_start,
+            head,
             writer,
             &mut pages,
             fds,
@@ -600,25 +620,26 @@ fn capture_tree(
     })
 }
 
-/// Read one frozen process: /proc, threads, what only it can tell
-/// (remote syscalls), then its memory (through `pages`, set to it). Returns
-/// its image, how many of its pages were resident, and, given its index in
-/// the image as `snapshot_as`, a snapshot of it whose private pages are
-/// still to be written (they are then not in the image yet).
-#[allow(clippy::too_many_arguments)]
-fn capture_process(
+/// What one frozen process's /proc and threads say, and, once
+/// [`remote_state_all`] has run, what only it can tell.
+struct ProcessHead {
+    info: crate::image::model::ProcessInfo,
+    tids: Vec<i32>,
+    thread_states: Vec<crate::image::model::ThreadState>,
+    shared_pending: Vec<crate::image::model::PendingSignal>,
+    precopied: Option<crate::precopy::PreCopied>,
+    syscall_ip: u64,
+    gadgets: Option<crate::safe_return::Gadgets>,
+    actions: Vec<crate::image::model::SigAction>,
+}
+
+/// /proc and the threads of one frozen process.
+fn read_process(
     frozen: &Frozen,
     expect_start_time: Option<u64>,
-    writer: &mut ImageWriter,
-    pages: &mut PageDumper,
-    fds: Vec<crate::image::model::FdEntry>,
-    files: &mut FileTable,
-    shmem: &mut memory::SharedObjects,
-    snapshot_as: Option<usize>,
-    tracking: Option<(&mut Tracking, &Plan)>,
     early: &EarlyMaps,
     precopies: &mut PreCopies,
-) -> Result<(ProcessImage, u64, Option<Snapshot>, Option<PlannedProcess>)> {
+) -> Result<ProcessHead> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
     let mut info = process::dump_proc_info(pid)?;
@@ -638,41 +659,105 @@ fn capture_process(
     if let Some(p) = &precopied {
         p.fix_restarted_sleeps(&tids, &mut thread_states);
     }
-    phase.done("/proc, threads");
-
-    // Remote syscalls: dispositions, brk, rlimits, personality in the
-    // leader; the alternate stack in every thread.
     let (syscall_ip, gadgets) = early.code(pid)?;
-    phase.done("syscall instruction, gadgets");
-    let actions = {
-        let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
-        let scratch_len = PAGE_SIZE;
-        let scratch = leader.map_scratch(scratch_len)?;
-        process::dump_mlockall(&mut info, pid, scratch)?;
-        let actions = signals::dump_actions(&mut leader, scratch)?;
-        process::dump_remote_state(&mut info, &mut leader, scratch)?;
-        info.timers = crate::timers::dump(pid, &mut leader, scratch)?;
-        process::dump_attrs(&mut info, &mut leader, &tids)?;
-        for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
-            // What only the thread itself can say: its alternate signal
-            // stack and its clear_child_tid.
-            if *tid == pid {
-                state.sigaltstack = signals::dump_altstack(&mut leader, scratch)?;
-                state.clear_child_tid = threads::dump_clear_child_tid(&mut leader, scratch)?;
-            } else {
-                let mut thread =
-                    RemoteThread::borrow_guarded(frozen, *tid, gadgets.as_ref(), syscall_ip)?;
-                state.sigaltstack = signals::dump_altstack(&mut thread, scratch)?;
-                state.clear_child_tid = threads::dump_clear_child_tid(&mut thread, scratch)?;
-                thread.give_back()?;
-            }
-        }
-        leader.unmap(scratch, scratch_len)?;
-        leader.give_back()?;
-        actions
-    };
+    phase.done("/proc, threads, gadgets");
+    Ok(ProcessHead {
+        info,
+        tids,
+        thread_states,
+        shared_pending,
+        precopied,
+        syscall_ip,
+        gadgets,
+        actions: Vec::new(),
+    })
+}
 
-    phase.done("remote syscalls");
+/// The remote syscalls of every process of the tree, overlapped (see
+/// `overlap`). Each process's sequence runs to its end (its threads given
+/// back) even when another's failed; then the first failure is returned.
+fn remote_state_all(members: &[Frozen], heads: &mut [ProcessHead]) -> Result<()> {
+    let seqs: Vec<crate::overlap::Sequence<'_, Result<()>>> = members
+        .iter()
+        .zip(heads.iter_mut())
+        .map(|(frozen, head)| {
+            Box::pin(remote_state(frozen, head)) as crate::overlap::Sequence<'_, Result<()>>
+        })
+        .collect();
+    crate::overlap::run_all(seqs).into_iter().collect()
+}
+
+/// What only the process can tell (remote syscalls): dispositions, brk,
+/// personality, timers, prctl values in the leader; the alternate stack
+/// and clear_child_tid in every thread.
+async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
+    let pid = frozen.pid();
+    let ProcessHead {
+        info,
+        tids,
+        thread_states,
+        syscall_ip,
+        gadgets,
+        actions,
+        ..
+    } = head;
+    let (gadgets, syscall_ip) = (gadgets.as_ref(), *syscall_ip);
+    let mut leader = RemoteThread::borrow_guarded_async(frozen, pid, gadgets, syscall_ip).await?;
+    let scratch_len = PAGE_SIZE;
+    let scratch = leader.map_scratch_async(scratch_len).await?;
+    process::dump_mlockall(info, pid, scratch)?;
+    *actions = signals::dump_actions(&mut leader, scratch).await?;
+    process::dump_remote_state(info, &mut leader, scratch).await?;
+    info.timers = crate::timers::dump(pid, &mut leader, scratch).await?;
+    process::dump_attrs(info, &mut leader, tids).await?;
+    for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
+        if *tid == pid {
+            state.sigaltstack = signals::dump_altstack(&mut leader, scratch).await?;
+            state.clear_child_tid = threads::dump_clear_child_tid(&mut leader, scratch).await?;
+        } else {
+            let mut thread =
+                RemoteThread::borrow_guarded_async(frozen, *tid, gadgets, syscall_ip).await?;
+            state.sigaltstack = signals::dump_altstack(&mut thread, scratch).await?;
+            state.clear_child_tid = threads::dump_clear_child_tid(&mut thread, scratch).await?;
+            thread.give_back()?;
+        }
+    }
+    leader.unmap_async(scratch, scratch_len).await?;
+    leader.give_back()?;
+    Ok(())
+}
+
+/// Read the rest of one frozen process, whose `head` is read: its memory
+/// (through `pages`, set to it). Returns
+/// its image, how many of its pages were resident, and, given its index in
+/// the image as `snapshot_as`, a snapshot of it whose private pages are
+/// still to be written (they are then not in the image yet).
+#[allow(clippy::too_many_arguments)]
+fn capture_process(
+    frozen: &Frozen,
+    head: ProcessHead,
+    writer: &mut ImageWriter,
+    pages: &mut PageDumper,
+    fds: Vec<crate::image::model::FdEntry>,
+    files: &mut FileTable,
+    shmem: &mut memory::SharedObjects,
+    snapshot_as: Option<usize>,
+    tracking: Option<(&mut Tracking, &Plan)>,
+    early: &EarlyMaps,
+    precopies: &mut PreCopies,
+) -> Result<(ProcessImage, u64, Option<Snapshot>, Option<PlannedProcess>)> {
+    let pid = frozen.pid();
+    let mut phase = Phases::start();
+    let ProcessHead {
+        mut info,
+        thread_states,
+        shared_pending,
+        precopied,
+        syscall_ip,
+        gadgets,
+        actions,
+        ..
+    } = head;
     // The address space, now that our scratch page is gone again.
     // A process to be snapshotted keeps the flags read before the freeze
     // when its mappings are unchanged (`earlymaps`).

@@ -81,17 +81,37 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Read a /proc file, naming it in the error.
 pub(crate) fn read_proc(path: &str) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| Error::Proc {
-        path: path.to_string(),
-        source,
-    })
+    let mut text = String::with_capacity(PROC_READ_CAPACITY);
+    read_proc_into(path, |r| std::io::Read::read_to_string(r, &mut text))?;
+    Ok(text)
 }
 
 pub(crate) fn read_proc_bytes(path: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::Proc {
+    let mut bytes = Vec::with_capacity(PROC_READ_CAPACITY);
+    read_proc_into(path, |r| std::io::Read::read_to_end(r, &mut bytes))?;
+    Ok(bytes)
+}
+
+/// Room for most /proc files in one `read`: `fs::read_to_string` asks a
+/// /proc file (whose size says 0) for 32 bytes, then 32, 64, 128…, each a
+/// syscall that formats the file again up to there; many of these are
+/// read while the processes are frozen.
+const PROC_READ_CAPACITY: usize = 16 * 1024;
+
+fn read_proc_into(
+    path: &str,
+    read: impl FnOnce(&mut std::io::Take<std::fs::File>) -> std::io::Result<usize>,
+) -> Result<()> {
+    use std::io::Read;
+    let err = |source| Error::Proc {
         path: path.to_string(),
         source,
-    })
+    };
+    // Through `Take`: a `File` would first ask for its size and position
+    // (two more syscalls that say nothing about a /proc file).
+    let mut reader = std::fs::File::open(path).map_err(err)?.take(u64::MAX);
+    read(&mut reader).map_err(err)?;
+    Ok(())
 }
 
 pub(crate) fn parse_err(path: &str, reason: impl Into<String>) -> Error {

@@ -39,7 +39,7 @@ pub mod trigger;
 
 pub use error::{Error, Result};
 pub use files::deleted;
-pub use freeze::{ptrace, remote, safe_return, tree};
+pub use freeze::{overlap, ptrace, remote, safe_return, tree};
 pub use memory::{dirty, earlymaps, incremental, pagecopy, precopy, snapshot};
 pub use process::{creds, registers, signals, threads, timers};
 pub use trigger::{agent, bpf, control};

@@ -156,7 +156,15 @@ pub struct FileTable {
     /// content is live state that changes while we look (see
     /// `restore::validate::shared_state_files`).
     shared_state: Vec<bool>,
+    /// Mappings already registered, by process and what /proc/PID/maps
+    /// says of them (device, inode, path, deleted): the other mappings of
+    /// the same file in that process (a library has four or five) need
+    /// not open it again while frozen.
+    mapped: HashMap<MappedKey, usize>,
 }
+
+/// (PID, device, inode, path, deleted) of a mapping, as in its maps line.
+type MappedKey = (i32, (u32, u32), u64, String, bool);
 
 impl FileTable {
     pub fn new() -> Self {
@@ -243,6 +251,27 @@ impl FileTable {
 
     /// Register the file behind a file-backed mapping; returns its index.
     pub fn add_mapping(&mut self, pid: i32, map: &MapEntry) -> Result<usize> {
+        let key = (pid, map.dev, map.inode, map.path.clone(), map.deleted);
+        let index = match self.mapped.get(&key) {
+            Some(&index) => index,
+            None => {
+                let index = self.add_mapped_file(pid, map)?;
+                self.mapped.insert(key, index);
+                index
+            }
+        };
+        let may_write = if map.vm_flags.is_empty() {
+            map.write
+        } else {
+            map.vm_flags.iter().any(|f| f == "mw")
+        };
+        if map.shared && may_write {
+            self.mark_shared_state(index);
+        }
+        Ok(index)
+    }
+
+    fn add_mapped_file(&mut self, pid: i32, map: &MapEntry) -> Result<usize> {
         let link = PathBuf::from(format!(
             "/proc/{pid}/map_files/{:x}-{:x}",
             map.start, map.end
@@ -254,16 +283,7 @@ impl FileTable {
         } else {
             PathBuf::from(&map.path)
         };
-        let index = self.add(&map.path, source, FileRole::Mapped, map.deleted)?;
-        let may_write = if map.vm_flags.is_empty() {
-            map.write
-        } else {
-            map.vm_flags.iter().any(|f| f == "mw")
-        };
-        if map.shared && may_write {
-            self.mark_shared_state(index);
-        }
-        Ok(index)
+        self.add(&map.path, source, FileRole::Mapped, map.deleted)
     }
 
     /// Register the executable of process `pid` (`/proc/PID/exe`).

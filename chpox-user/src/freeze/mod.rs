@@ -3,6 +3,7 @@
 //! frozen process (`remote`), and what a borrowed thread does if chpox dies
 //! while holding it (`safe_return`).
 
+pub mod overlap;
 pub mod ptrace;
 pub mod remote;
 pub mod safe_return;

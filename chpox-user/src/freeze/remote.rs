@@ -133,6 +133,9 @@ pub struct RemoteThread<'f> {
     /// The way back if we die while holding the thread (`safe_return`):
     /// the frame its stack pointer points at while it runs for us.
     frame: Option<u64>,
+    /// The `stack_t` its `sigaltstack` gave when it was borrowed guarded
+    /// (with the stack pointer every later call has too).
+    altstack: Option<[u8; 24]>,
 }
 
 impl<'f> RemoteThread<'f> {
@@ -149,6 +152,7 @@ impl<'f> RemoteThread<'f> {
             ran: false,
             returned: false,
             frame: None,
+            altstack: None,
         })
     }
 
@@ -158,6 +162,21 @@ impl<'f> RemoteThread<'f> {
     /// Without them, or if the frame cannot be written below its stack
     /// pointer, as [`borrow`](Self::borrow) on `fallback_ip`.
     pub fn borrow_guarded(
+        frozen: &'f Frozen,
+        tid: i32,
+        gadgets: Option<&Gadgets>,
+        fallback_ip: u64,
+    ) -> Result<Self> {
+        crate::overlap::block_on(Self::borrow_guarded_async(
+            frozen,
+            tid,
+            gadgets,
+            fallback_ip,
+        ))
+    }
+
+    /// [`borrow_guarded`](Self::borrow_guarded) for [`crate::overlap`].
+    pub async fn borrow_guarded_async(
         frozen: &'f Frozen,
         tid: i32,
         gadgets: Option<&Gadgets>,
@@ -187,6 +206,7 @@ impl<'f> RemoteThread<'f> {
             ran: true,
             returned: false,
             frame: Some(frame),
+            altstack: None,
         };
         // Parked on a harmless getpid, with the frame as its way back,
         // before its mask changes: from here, released at any moment, it
@@ -195,12 +215,14 @@ impl<'f> RemoteThread<'f> {
         set_sigmask(tid, ALL_SIGNALS)?;
         // Its alternate stack, for the frame: the one thing a release
         // during this first call would get wrong.
-        thread.checked(
-            "sigaltstack",
-            libc::SYS_sigaltstack,
-            [0, frame + safe_return::FRAME_SCRATCH_AT, 0, 0, 0, 0],
-        )?;
-        safe_return::fill_altstack(frozen.pid(), frame)?;
+        thread
+            .call(
+                "sigaltstack",
+                libc::SYS_sigaltstack,
+                [0, frame + safe_return::FRAME_SCRATCH_AT, 0, 0, 0, 0],
+            )
+            .await?;
+        thread.altstack = Some(safe_return::fill_altstack(frozen.pid(), frame)?);
         Ok(thread)
     }
 
@@ -230,14 +252,26 @@ impl<'f> RemoteThread<'f> {
         self.frozen.pid()
     }
 
+    /// The thread's `sigaltstack` `stack_t`, as read when it was borrowed
+    /// (guarded borrows only): asking again, frozen, says the same.
+    pub fn altstack_at_borrow(&self) -> Option<[u8; 24]> {
+        self.altstack
+    }
+
     /// Run syscall `nr` with `args`; returns the raw result (a negative
     /// errno on failure), as the kernel put it in rax.
     pub fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
+        crate::overlap::block_on(self.syscall_async(nr, args))
+    }
+
+    /// [`syscall`](Self::syscall), yielding while the thread runs (see
+    /// [`crate::overlap`]).
+    pub async fn syscall_async(&mut self, nr: i64, args: [u64; 6]) -> Result<i64> {
         REMOTE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tid = self.tid;
         set_regs(tid, self.call_regs(nr, args))?;
         self.ran = true;
-        self.step_to_syscall_stop("entry")?;
+        self.step_to_syscall_stop("entry").await?;
         let at_entry = get_regs(tid)?;
         if at_entry.orig_rax != nr as u64 {
             return Err(Error::RemoteProtocol {
@@ -248,13 +282,19 @@ impl<'f> RemoteThread<'f> {
                 ),
             });
         }
-        self.step_to_syscall_stop("exit")?;
+        self.step_to_syscall_stop("exit").await?;
         Ok(get_regs(tid)?.rax as i64)
     }
 
     /// Like `syscall`, turning a negative result into an error naming `call`.
     pub fn checked(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
-        let ret = self.syscall(nr, args)?;
+        crate::overlap::block_on(self.call(call, nr, args))
+    }
+
+    /// [`checked`](Self::checked), yielding while the thread runs (see
+    /// [`crate::overlap`]).
+    pub async fn call(&mut self, call: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        let ret = self.syscall_async(nr, args).await?;
         if (-4095..0).contains(&ret) {
             return Err(Error::RemoteSyscall {
                 call,
@@ -265,7 +305,7 @@ impl<'f> RemoteThread<'f> {
         Ok(ret as u64)
     }
 
-    fn step_to_syscall_stop(&mut self, what: &str) -> Result<()> {
+    async fn step_to_syscall_stop(&mut self, what: &str) -> Result<()> {
         let tid = self.tid;
         loop {
             ptrace::syscall(Pid::from_raw(tid), None).map_err(|source| Error::Ptrace {
@@ -273,6 +313,8 @@ impl<'f> RemoteThread<'f> {
                 tid,
                 source,
             })?;
+            // The thread runs: let other processes' threads start too.
+            crate::overlap::yield_now().await;
             match wait_stop(tid)? {
                 Stop::Syscall => return Ok(()),
                 // A group-stop (someone sent SIGSTOP): carry on, it is
@@ -291,7 +333,11 @@ impl<'f> RemoteThread<'f> {
 
     /// Map `len` bytes of read-write anonymous scratch memory in the target.
     pub fn map_scratch(&mut self, len: u64) -> Result<u64> {
-        self.checked(
+        crate::overlap::block_on(self.map_scratch_async(len))
+    }
+
+    pub async fn map_scratch_async(&mut self, len: u64) -> Result<u64> {
+        self.call(
             "mmap",
             libc::SYS_mmap,
             [
@@ -303,10 +349,16 @@ impl<'f> RemoteThread<'f> {
                 0,
             ],
         )
+        .await
     }
 
     pub fn unmap(&mut self, addr: u64, len: u64) -> Result<()> {
-        self.checked("munmap", libc::SYS_munmap, [addr, len, 0, 0, 0, 0])?;
+        crate::overlap::block_on(self.unmap_async(addr, len))
+    }
+
+    pub async fn unmap_async(&mut self, addr: u64, len: u64) -> Result<()> {
+        self.call("munmap", libc::SYS_munmap, [addr, len, 0, 0, 0, 0])
+            .await?;
         Ok(())
     }
 

@@ -134,7 +134,7 @@ pub fn still_valid(pid: i32, gadgets: &Gadgets) -> Option<Gadgets> {
     {
         return None;
     }
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let maps = crate::error::read_proc(&format!("/proc/{pid}/maps")).ok()?;
     Some(Gadgets {
         syscall_ret: gadgets.syscall_ret,
         sigreturn: gadgets.sigreturn,
@@ -284,10 +284,12 @@ pub fn write_frame(
 
 /// Put the alternate stack the thread really has (a `stack_t` as
 /// `sigaltstack` wrote it at `frame + FRAME_SCRATCH_AT`) into the frame.
-pub fn fill_altstack(pid: i32, frame: u64) -> Result<()> {
+/// Returns the `stack_t` as read.
+pub fn fill_altstack(pid: i32, frame: u64) -> Result<[u8; 24]> {
     let mut stack = [0u8; 24];
     read_memory(pid, frame + FRAME_SCRATCH_AT, &mut stack)?;
-    write_memory(pid, frame + FRAME_STACK_AT, &stack)
+    write_memory(pid, frame + FRAME_STACK_AT, &stack)?;
+    Ok(stack)
 }
 
 #[cfg(test)]

@@ -28,29 +28,55 @@ struct ProcEntry {
 }
 
 /// Every process on the machine (a snapshot; processes come and go).
+/// Read by hand, one `stat` file each: a scan runs between the stops of a
+/// tree's freeze, and once more to confirm it, both inside its frozen time.
 fn scan_all() -> Vec<ProcEntry> {
-    let Ok(all) = procfs::process::all_processes() else {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    all.filter_map(|p| entry_of(&p.ok()?)).collect()
+    let mut buf = String::with_capacity(512);
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        entry_of(pid, &mut buf)
+    })
+    .collect()
 }
 
 /// The processes `pids` that still exist.
 fn entries_of(pids: &[i32]) -> Vec<ProcEntry> {
+    let mut buf = String::with_capacity(512);
     pids.iter()
-        .filter_map(|&pid| entry_of(&procfs::process::Process::new(pid).ok()?))
+        .filter_map(|&pid| entry_of(pid, &mut buf))
         .collect()
 }
 
-fn entry_of(p: &procfs::process::Process) -> Option<ProcEntry> {
-    let stat = p.stat().ok()?;
+fn entry_of(pid: i32, buf: &mut String) -> Option<ProcEntry> {
+    use std::io::Read;
+    buf.clear();
+    std::fs::File::open(format!("/proc/{pid}/stat"))
+        .ok()?
+        .read_to_string(buf)
+        .ok()?;
+    parse_stat(pid, buf)
+}
+
+/// `/proc/PID/stat`: the fields after the command name (which may hold
+/// spaces and parentheses, hence the last ')') start with the third.
+fn parse_stat(pid: i32, text: &str) -> Option<ProcEntry> {
+    let mut fields = text[text.rfind(')')? + 1..].split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let sid = fields.next()?.parse().ok()?;
+    // Field 52, the exit status (since Linux 3.5).
+    let exit_code = fields.nth(45).and_then(|f| f.parse().ok()).unwrap_or(0);
     Some(ProcEntry {
-        pid: stat.pid,
-        ppid: stat.ppid,
-        state: stat.state,
-        pgid: stat.pgrp,
-        sid: stat.session,
-        exit_code: stat.exit_code.unwrap_or(0),
+        pid,
+        ppid,
+        state,
+        pgid,
+        sid,
+        exit_code,
     })
 }
 
@@ -395,5 +421,26 @@ pub fn link_descriptions(procs: &mut [ProcessImage]) {
                 next_id - 1
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_after_a_command_name_with_parentheses_and_spaces() {
+        let line = "4242 (a) b (c) Z 17 4242 99 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 \
+                    123 0 0 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 \
+                    0 0 0 0 0 0 0 9\n";
+        let e = parse_stat(4242, line).expect("parsed");
+        assert_eq!(
+            (e.pid, e.state, e.ppid, e.pgid, e.sid, e.exit_code),
+            (4242, 'Z', 17, 4242, 99, 9)
+        );
+        let own = std::fs::read_to_string("/proc/self/stat").expect("own stat");
+        let me = parse_stat(std::process::id() as i32, &own).expect("own parsed");
+        assert_eq!(me.ppid, std::os::unix::process::parent_id() as i32);
+        assert_eq!(me.exit_code, 0);
     }
 }

@@ -182,7 +182,7 @@ pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
 
 /// Fill in what only the process itself can tell: brk, rlimits,
 /// personality, parent-death signal, subreaper flag.
-pub fn dump_remote_state(
+pub async fn dump_remote_state(
     info: &mut ProcessInfo,
     thread: &mut RemoteThread<'_>,
     scratch: u64,
@@ -195,7 +195,9 @@ pub fn dump_remote_state(
             "prctl(PR_GET_CHILD_SUBREAPER)",
         ),
     ] {
-        thread.checked(name, libc::SYS_prctl, [option as u64, scratch, 0, 0, 0, 0])?;
+        thread
+            .call(name, libc::SYS_prctl, [option as u64, scratch, 0, 0, 0, 0])
+            .await?;
         read_memory(thread.pid(), scratch, &mut word)?;
         let value = i32::from_ne_bytes(word);
         if option == libc::PR_GET_PDEATHSIG {
@@ -205,13 +207,25 @@ pub fn dump_remote_state(
         }
     }
     // brk(0) cannot succeed in moving the break, so it just reports it.
-    info.mm.brk = thread.checked("brk", libc::SYS_brk, [0; 6])?;
-    // personality(0xffffffff) queries without changing.
-    info.personality = thread.checked(
-        "personality",
-        libc::SYS_personality,
-        [0xffff_ffff, 0, 0, 0, 0, 0],
-    )? as u32;
+    info.mm.brk = thread.call("brk", libc::SYS_brk, [0; 6]).await?;
+    // /proc/PID/personality prints the value personality(0xffffffff)
+    // returns (one remote call less); the call where it cannot be read.
+    let from_proc = read_proc(&format!("/proc/{}/personality", thread.pid()))
+        .ok()
+        .and_then(|t| u32::from_str_radix(t.trim(), 16).ok());
+    info.personality = match from_proc {
+        Some(p) => p,
+        // personality(0xffffffff) queries without changing.
+        None => {
+            thread
+                .call(
+                    "personality",
+                    libc::SYS_personality,
+                    [0xffff_ffff, 0, 0, 0, 0, 0],
+                )
+                .await? as u32
+        }
+    };
     // From /proc: 16 remote prlimit64 calls cost more frozen time than
     // everything else here together on a busy machine.
     info.rlimits = read_rlimits(thread.pid())?;
@@ -278,7 +292,7 @@ fn status_number(status: &str, key: &str) -> Option<i64> {
 /// flags with remote prctl calls, and the seccomp filters of every thread
 /// (which must be one chain for all: they are reinstalled with
 /// SECCOMP_FILTER_FLAG_TSYNC).
-pub fn dump_attrs(
+pub async fn dump_attrs(
     info: &mut ProcessInfo,
     thread: &mut RemoteThread<'_>,
     tids: &[i32],
@@ -289,20 +303,26 @@ pub fn dump_attrs(
         .ok()
         .and_then(|v| v.trim().parse().ok());
     // These prctl calls return the value itself.
-    attrs.dumpable = Some(thread.checked(
-        "prctl(PR_GET_DUMPABLE)",
-        libc::SYS_prctl,
-        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
-    )? as u32);
+    attrs.dumpable = Some(
+        thread
+            .call(
+                "prctl(PR_GET_DUMPABLE)",
+                libc::SYS_prctl,
+                [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+            )
+            .await? as u32,
+    );
     // The rest from /proc: each remote call costs frozen time.
     let status = read_proc(&format!("/proc/{pid}/status"))?;
     attrs.no_new_privs = status_number(&status, "NoNewPrivs:").is_some_and(|v| v != 0);
     // 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED, which status does not show.
-    attrs.thp_disable = thread.checked(
-        "prctl(PR_GET_THP_DISABLE)",
-        libc::SYS_prctl,
-        [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
-    )? as u32;
+    attrs.thp_disable = thread
+        .call(
+            "prctl(PR_GET_THP_DISABLE)",
+            libc::SYS_prctl,
+            [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
+        )
+        .await? as u32;
     let mut chains = Vec::with_capacity(tids.len());
     for &tid in tids {
         let status = read_proc(&format!("/proc/{pid}/task/{tid}/status"))?;

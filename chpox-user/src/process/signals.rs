@@ -50,7 +50,7 @@ pub fn from_kernel(signo: i32, k: &[u8; KERNEL_SIGACTION_SIZE]) -> SigAction {
 /// SA_NOCLDSTOP/SA_NOCLDWAIT act even with SIG_DFL), are asked; the others
 /// are SIG_DFL, where the kernel uses neither mask nor flags, and are
 /// recorded as a plain SIG_DFL.
-pub fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<SigAction>> {
+pub async fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<SigAction>> {
     let status = crate::error::read_proc(&format!("/proc/{}/status", thread.pid()))?;
     let mask = |key: &str| -> u64 {
         status
@@ -77,11 +77,13 @@ pub fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<S
             });
             continue;
         }
-        thread.checked(
-            "rt_sigaction",
-            libc::SYS_rt_sigaction,
-            [signo as u64, 0, scratch, 8, 0, 0],
-        )?;
+        thread
+            .call(
+                "rt_sigaction",
+                libc::SYS_rt_sigaction,
+                [signo as u64, 0, scratch, 8, 0, 0],
+            )
+            .await?;
         read_memory(thread.pid(), scratch, &mut buf)?;
         actions.push(from_kernel(signo, &buf));
     }
@@ -89,14 +91,25 @@ pub fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<S
 }
 
 /// The thread's alternate signal stack, if it set one.
-pub fn dump_altstack(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Option<AltStack>> {
-    thread.checked(
-        "sigaltstack",
-        libc::SYS_sigaltstack,
-        [0, scratch, 0, 0, 0, 0],
-    )?;
-    let mut buf = [0u8; STACK_T_SIZE];
-    read_memory(thread.pid(), scratch, &mut buf)?;
+pub async fn dump_altstack(
+    thread: &mut RemoteThread<'_>,
+    scratch: u64,
+) -> Result<Option<AltStack>> {
+    let buf = match thread.altstack_at_borrow() {
+        Some(buf) => buf,
+        None => {
+            thread
+                .call(
+                    "sigaltstack",
+                    libc::SYS_sigaltstack,
+                    [0, scratch, 0, 0, 0, 0],
+                )
+                .await?;
+            let mut buf = [0u8; STACK_T_SIZE];
+            read_memory(thread.pid(), scratch, &mut buf)?;
+            buf
+        }
+    };
     let flags = i32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]);
     let stack = AltStack {
         sp: u64_at(&buf, 0),

@@ -51,15 +51,17 @@ pub fn robust_list(tid: i32) -> Result<Option<RobustList>> {
 
 /// The thread's `clear_child_tid`, which only the thread itself can ask
 /// for (`prctl(PR_GET_TID_ADDRESS)` writes it to `scratch`).
-pub fn dump_clear_child_tid(
+pub async fn dump_clear_child_tid(
     thread: &mut crate::remote::RemoteThread<'_>,
     scratch: u64,
 ) -> Result<Option<u64>> {
-    thread.checked(
-        "prctl(PR_GET_TID_ADDRESS)",
-        libc::SYS_prctl,
-        [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0],
-    )?;
+    thread
+        .call(
+            "prctl(PR_GET_TID_ADDRESS)",
+            libc::SYS_prctl,
+            [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0],
+        )
+        .await?;
     let mut word = [0u8; 8];
     crate::remote::read_memory(thread.pid(), scratch, &mut word)?;
     Ok(Some(u64::from_ne_bytes(word)))

@@ -117,15 +117,17 @@ fn to_ns(sec: u64, frac: u64, unit: u64) -> u64 {
 
 /// Read the timers of the frozen process `pid`, through its borrowed
 /// `thread`, with `scratch` (at least 32 bytes) for the results.
-pub fn dump(pid: i32, thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Timers> {
+pub async fn dump(pid: i32, thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Timers> {
     let mut timers = Timers::default();
     let mut buf = [0u8; 32];
     for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
-        thread.checked(
-            "getitimer",
-            libc::SYS_getitimer,
-            [which as u64, scratch, 0, 0, 0, 0],
-        )?;
+        thread
+            .call(
+                "getitimer",
+                libc::SYS_getitimer,
+                [which as u64, scratch, 0, 0, 0, 0],
+            )
+            .await?;
         read_memory(pid, scratch, &mut buf)?;
         let t = ITimer {
             which,
@@ -140,17 +142,21 @@ pub fn dump(pid: i32, thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Tim
     let listed = parse_proc_timers(&crate::error::read_proc(&path)?)
         .map_err(|e| Error::Other(format!("PID {pid}: {e}")))?;
     for l in listed {
-        thread.checked(
-            "timer_gettime",
-            libc::SYS_timer_gettime,
-            [l.id as u64, scratch, 0, 0, 0, 0],
-        )?;
+        thread
+            .call(
+                "timer_gettime",
+                libc::SYS_timer_gettime,
+                [l.id as u64, scratch, 0, 0, 0, 0],
+            )
+            .await?;
         read_memory(pid, scratch, &mut buf)?;
-        let overrun = thread.checked(
-            "timer_getoverrun",
-            libc::SYS_timer_getoverrun,
-            [l.id as u64, 0, 0, 0, 0, 0],
-        )? as i32;
+        let overrun = thread
+            .call(
+                "timer_getoverrun",
+                libc::SYS_timer_getoverrun,
+                [l.id as u64, 0, 0, 0, 0, 0],
+            )
+            .await? as i32;
         timers.posix.push(PosixTimer {
             id: l.id,
             clock: l.clock,
