@@ -208,7 +208,7 @@ fn dump_inner(
     let pids = if !snapshots_wanted || opts.freeze_first {
         Vec::new()
     } else if opts.children {
-        tree::descendants_now(pid)
+        tree::descendants_estimate(pid)
     } else {
         vec![pid]
     };
