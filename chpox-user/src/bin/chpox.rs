@@ -382,10 +382,9 @@ fn run(cli: Cli) -> Result<()> {
                 },
             };
             let report = {
-                let _bar = chpox::cli::progress::Bar::start(
-                    "dump",
-                    chpox::cli::progress::dump_total(pid, no_children),
-                );
+                let _bar = chpox::cli::progress::Bar::start_with("dump", || {
+                    chpox::cli::progress::dump_total(pid, no_children)
+                });
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?
             };
             if json {

@@ -37,8 +37,16 @@ impl Bar {
     /// Starts counting `what` (about `total` bytes) from now; draws once
     /// the delay has passed, if stderr is a terminal and not `--quiet`.
     pub fn start(what: &'static str, total: u64) -> Bar {
+        Self::start_with(what, || total)
+    }
+
+    /// [`Bar::start`] with the total asked for only if a bar can be shown:
+    /// estimating it reads /proc (smaps_rollup walks every page table),
+    /// which a dump whose stderr is no terminal need not wait for.
+    pub fn start_with(what: &'static str, total: impl FnOnce() -> u64) -> Bar {
         let stop = Arc::new(AtomicBool::new(false));
         let shown = !QUIET.load(Ordering::Relaxed) && std::io::stderr().is_terminal();
+        let total = if shown { total() } else { 0 };
         let thread = shown
             .then(|| {
                 let stop = stop.clone();

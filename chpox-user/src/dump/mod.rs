@@ -12,17 +12,16 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
 use crate::fds::{self, UnsupportedFd};
 use crate::files::FileTable;
 use crate::image::model::{AfterDump, Metadata, SavedRegistration};
 use crate::image::{ImageWriter, WriteOptions};
 use crate::memory::PAGE_SIZE;
-use crate::precopy::PreCopies;
+use crate::precopy::{Planned, PreCopies};
 use crate::process;
 use crate::ptrace::Frozen;
-use crate::snapshot;
+use crate::snapshot::{self, Snapshot};
 use crate::tree::{self, FrozenTree};
 
 mod capture;
@@ -188,6 +187,7 @@ fn dump_inner(
     mut tracking: Option<&mut crate::incremental::Tracking>,
 ) -> Result<DumpReport> {
     let started = Instant::now();
+    let mut before = Phases::start();
     process::check_dumpable(pid)?;
     for lib in &opts.embed_libs {
         std::fs::metadata(lib).map_err(|source| Error::File {
@@ -216,10 +216,11 @@ fn dump_inner(
     let pids = if !snapshots_wanted || opts.freeze_first {
         Vec::new()
     } else if opts.children {
-        tree::descendants_now(pid)
+        tree::descendants_estimate(pid)
     } else {
         vec![pid]
     };
+    before.done("before the freeze: checks, descendants");
     // A pre-copy goes into the image before the freeze. Never with
     // incremental tracking: both would write-protect the same memory.
     let mut precopy_writer = None;
@@ -239,8 +240,13 @@ fn dump_inner(
         precopy_writer = Some(writer);
     }
     let precopies_pause = precopies.longest_pause;
-    // VmFlags now, so that smaps need not be read while frozen.
-    let early = EarlyMaps::read(&pids).with_kernel_flags(opts.vma_flags.clone());
+    before.done("before the freeze: pre-copy");
+    // VmFlags now, so that smaps need not be read while frozen (a
+    // pre-copy read them meanwhile).
+    let mut early = precopies.take_early();
+    early.refresh(&pids);
+    let early = early.with_kernel_flags(opts.vma_flags.clone());
+    before.done("before the freeze: smaps");
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
     let boost = Boost::raise();
@@ -292,7 +298,7 @@ fn dump_inner(
         });
     }
     let files = captured.files;
-    let mut snapshots = captured.snapshots;
+    let snapshots = captured.snapshots;
     let snapshot_count = snapshots.len();
     let plans = captured.plans;
     let precopied = plans.len();
@@ -301,22 +307,46 @@ fn dump_inner(
     let mut precopy_stored = 0;
     let mut held_stored = 0;
     let mut reap_pause = Duration::ZERO;
-    let finish = |meta: &mut Metadata, mut writer: ImageWriter| -> Result<u64> {
-        // The processes run again: write tracking is no longer needed.
-        precopies.release();
+    let finish = |meta: &mut Metadata, writer: ImageWriter| -> Result<u64> {
+        // Before our write tracking goes: its release takes the mmap lock
+        // that reading smaps needs, for as long.
         for (pid, maps) in &verify_after {
             crate::earlymaps::verify_after(*pid, maps)?;
         }
-        precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
-        written = snapshot::write_all(&mut snapshots, meta, &mut writer)?;
-        if let Some(t) = tracking.as_deref_mut() {
-            held_stored = t.held.write_all(meta, &mut writer)?;
-        }
-        let mut phase = Phases::start();
-        finish_files(files, opts, &mut writer, meta)?;
-        phase.done("file hashes, embedded files");
-        let bytes = writer.finish(meta)?;
-        phase.done("metadata, sync, rename");
+        // The processes run again: write tracking is no longer needed.
+        // Unregistering un-protects every tracked page, a page-table walk
+        // (~50 ms per GiB): on another thread, beside the rest of the image.
+        let released = std::mem::take(&mut precopies);
+        let (bytes, snapshots) = std::thread::scope(|scope| {
+            let release = scope.spawn(move || {
+                let t = Instant::now();
+                let mut released = released;
+                released.release();
+                debug!(
+                    us = t.elapsed().as_micros() as u64,
+                    "after the freeze: write tracking released"
+                );
+            });
+            let mut snapshots = snapshots;
+            let result = finish_image(
+                meta,
+                writer,
+                plans,
+                &mut snapshots,
+                files,
+                opts,
+                &mut precopy_stored,
+                &mut written,
+                tracking
+                    .as_deref_mut()
+                    .map(|t| (&mut t.held, &mut held_stored)),
+            );
+            // Joined before the processes are frozen again (reaping their
+            // snapshots): nothing of ours is left in them by then.
+            let _ = release.join();
+            (result, snapshots)
+        });
+        let bytes = bytes?;
         reap_pause = snapshot::reap_all(snapshots);
         Ok(bytes)
     };
@@ -428,6 +458,37 @@ fn keep_from_user_unless_theirs(
         writer.set_owner(0, 0)?;
     }
     Ok(())
+}
+
+/// The image's second half, after the freeze (the processes may run
+/// again): pre-copied and snapshot pages written, files hashed, the image
+/// published.
+#[allow(clippy::too_many_arguments)]
+fn finish_image(
+    meta: &mut Metadata,
+    mut writer: ImageWriter,
+    plans: Vec<Planned>,
+    snapshots: &mut [Snapshot],
+    files: FileTable,
+    opts: &DumpOptions,
+    precopy_stored: &mut u64,
+    written: &mut snapshot::Written,
+    held: Option<(&mut crate::memory::heldpages::HeldPages, &mut u64)>,
+) -> Result<u64> {
+    let mut phase = Phases::start();
+    *precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
+    phase.done("after the freeze: pre-copied pages finished");
+    *written = snapshot::write_all(snapshots, meta, &mut writer)?;
+    phase.done("after the freeze: snapshot pages written");
+    if let Some((held, stored)) = held {
+        *stored = held.write_all(meta, &mut writer)?;
+        phase.done("after the freeze: held pages written");
+    }
+    finish_files(files, opts, &mut writer, meta)?;
+    phase.done("file hashes, embedded files");
+    let bytes = writer.finish(meta)?;
+    phase.done("metadata, sync, rename");
+    Ok(bytes)
 }
 
 /// What needs the files but not the frozen process: content hashes, and

@@ -336,6 +336,35 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Appends `bytes`, whose CRC-32C the caller computed already
+    /// (`crc32c`, elsewhere, on another core), to the open blob of an
+    /// uncompressed image: the blob's checksum is combined from the parts'
+    /// without reading the bytes again.
+    pub fn write_checksummed(&mut self, bytes: &[u8], crc32c: u32) -> Result<(), ImageError> {
+        let (len, crc) = match &mut self.state {
+            State::Blob(Blob::Plain { len, crc, .. }) => (len, crc),
+            State::Broken => return Err(broken()),
+            _ => {
+                return Err(ImageError::WriterState {
+                    reason: "write_checksummed outside an uncompressed blob",
+                });
+            }
+        };
+        let n = bytes.len() as u64;
+        check_blob_len(*len, n)?;
+        let (new_len, new_crc) = (*len + n, crc32c::crc32c_combine(*crc, crc32c, bytes.len()));
+        if let Err(e) = (&*self.file).write_all(bytes) {
+            self.state = State::Broken;
+            return Err(self.err(e));
+        }
+        if let State::Blob(Blob::Plain { len, crc, .. }) = &mut self.state {
+            (*len, *crc) = (new_len, new_crc);
+        }
+        self.pos += n;
+        crate::progress::add(n);
+        Ok(())
+    }
+
     /// Closes the open blob and says where it lies.
     pub fn end_data(&mut self) -> Result<DataRef, ImageError> {
         let blob = match std::mem::replace(&mut self.state, State::Broken) {

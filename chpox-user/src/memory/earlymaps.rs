@@ -133,6 +133,27 @@ impl EarlyMaps {
         self.from_kernel.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Take over what `other` read (a process read by both keeps `other`'s).
+    pub fn absorb(&mut self, other: EarlyMaps) {
+        self.by_pid.extend(other.by_pid);
+        self.code.extend(other.code);
+    }
+
+    /// Read the processes of `pids` not read yet, or whose mappings changed
+    /// since (`/proc/PID/maps`, no page walk, tells): what
+    /// [`frozen_maps`](Self::frozen_maps) finds then is as fresh as after a
+    /// [`read`](Self::read) now.
+    pub fn refresh(&mut self, pids: &[i32]) {
+        let stale: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|&pid| !matches!(self.unchanged(pid), Ok(Some(_))))
+            .collect();
+        if !stale.is_empty() {
+            self.absorb(EarlyMaps::read(&stale));
+        }
+    }
+
     /// For frozen `pid`: a `syscall` instruction and the gadgets of
     /// `safe_return`, from the early search where they still hold, else
     /// searched now.

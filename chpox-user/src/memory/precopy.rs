@@ -122,6 +122,9 @@ pub struct PreCopies {
     pub longest_pause: Duration,
     /// Trackers no longer needed, dropped (unregistered) after the freeze.
     done: Vec<Tracker>,
+    /// `smaps` of each pre-copied process, read while its pages were
+    /// copied (see [`take_early`](Self::take_early)).
+    early: EarlyMaps,
 }
 
 /// Seccomp filter mode and job-control state from /proc/PID/status: a
@@ -152,7 +155,17 @@ impl PreCopies {
             match attach(pid) {
                 Ok((tracker, maps, registered, sleeping, pause)) => {
                     all.longest_pause = all.longest_pause.max(pause);
-                    match copy_while_running(tracker, &maps, &registered, writer) {
+                    // The smaps the freeze after the pre-copy needs (with
+                    // our registrations in it, see `Tracker::tracks`): a
+                    // page walk of tens of ms per GiB, done on another
+                    // thread beside the copy instead of after it.
+                    let (copied, early) = std::thread::scope(|scope| {
+                        let early = scope.spawn(move || EarlyMaps::read(&[pid]));
+                        let copied = copy_while_running(tracker, &maps, &registered, writer);
+                        (copied, early.join().unwrap_or_default())
+                    });
+                    all.early.absorb(early);
+                    match copied {
                         Ok(mut p) => {
                             p.sleeping = sleeping;
                             all.by_pid.insert(pid, p);
@@ -174,6 +187,13 @@ impl PreCopies {
     /// Keep `p`'s tracker until [`release`](Self::release).
     pub fn keep(&mut self, p: PreCopied) {
         self.done.push(p.tracker);
+    }
+
+    /// The `smaps` read during each pre-copy, for the freeze after it:
+    /// [`EarlyMaps::refresh`] reads again only those whose mappings changed
+    /// since.
+    pub fn take_early(&mut self) -> EarlyMaps {
+        std::mem::take(&mut self.early)
     }
 
     /// Stop every tracking (the processes run again meanwhile).
