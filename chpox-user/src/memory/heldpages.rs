@@ -150,6 +150,14 @@ impl HeldPages {
         self.last_used = used;
         self.used = 0;
         let want = (used + used.saturating_sub(last)).min(MAX_HELD_BYTES);
+        let shrink = move |len: usize| len > 64 << 20 && len > 4 * used;
+        // Most checkpoints need neither: no thread then.
+        if let Ok(buf) = self.buf.try_lock()
+            && buf.len() >= want
+            && !shrink(buf.len())
+        {
+            return;
+        }
         let buf = Arc::clone(&self.buf);
         let spawned = std::thread::Builder::new()
             .name("chpox-held-pages".into())
@@ -157,7 +165,7 @@ impl HeldPages {
                 let Ok(mut buf) = buf.lock() else {
                     return;
                 };
-                if buf.len() > 64 << 20 && buf.len() > 4 * used {
+                if shrink(buf.len()) {
                     buf.truncate(used * 2);
                     buf.shrink_to_fit();
                 } else if buf.len() < want {
