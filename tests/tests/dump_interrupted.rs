@@ -11,15 +11,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::dumps::tracer_of;
 use common::{Target, chpox_bin, chpox_ok};
-
-fn tracer_of(pid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 fn start_dump(pid: i32, image: &Path) -> Child {
     start_dump_with(pid, image, &["--no-precopy"])

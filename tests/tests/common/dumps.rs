@@ -238,6 +238,11 @@ pub fn status_field(pid: i32, key: &str) -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
+/// The process tracing `pid` (0: none); `None` if it is gone.
+pub fn tracer_of(pid: i32) -> Option<i32> {
+    status_field(pid, "TracerPid:")?.parse().ok()
+}
+
 /// The one-letter state from /proc/PID/stat; `None` if the process is gone.
 pub fn stat_state(pid: i32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
