@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
-use crate::image::model::{Compression, Metadata, PageRun};
+use crate::image::model::{Metadata, PageRun};
 use crate::memory::PAGE_SIZE;
 
 /// The most bytes of pages held for one checkpoint (and kept between
@@ -102,14 +102,9 @@ impl HeldPages {
     /// Write every held run as a blob of the image and give it to its
     /// mapping in `meta`. Returns the pages written.
     pub fn write_all(&mut self, meta: &mut Metadata, writer: &mut ImageWriter) -> Result<u64> {
-        let compression = if writer.compresses() {
-            Compression::Zstd
-        } else {
-            Compression::None
-        };
         let mut pages = 0;
-        let buf = Arc::clone(&self.buf);
-        let buf = buf
+        let buf = self
+            .buf
             .lock()
             .map_err(|_| Error::Other("internal: held pages lost".into()))?;
         for held in std::mem::take(&mut self.held) {
@@ -125,14 +120,7 @@ impl HeldPages {
                     .get(at..at + len)
                     .ok_or_else(|| Error::Other("internal: held pages past the buffer".into()))?;
                 at += len;
-                let data = match compression {
-                    Compression::Zstd => {
-                        let z = crate::image::writer::compress_blob(raw)
-                            .map_err(|e| Error::Other(format!("compressing pages: {e}")))?;
-                        writer.add_prepared(&z, len as u64, crc32c::crc32c(&z), compression)?
-                    }
-                    _ => writer.add_prepared(raw, len as u64, crc32c::crc32c(raw), compression)?,
-                };
+                let data = writer.add_data(raw)?;
                 vma.pages.push(PageRun { addr, npages, data });
                 pages += npages;
             }
