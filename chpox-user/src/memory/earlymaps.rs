@@ -194,8 +194,7 @@ impl EarlyMaps {
         if start_time(pid) != Some(*started) {
             return Ok(None);
         }
-        let path = format!("/proc/{pid}/maps");
-        let mut now = memory::parse_smaps(&crate::error::read_proc(&path)?, &path)?;
+        let mut now = memory::read_maps_lines(pid)?;
         if now.len() != early.len() || now.iter().zip(early).any(|(n, e)| !same_line(n, e)) {
             debug!(
                 pid,

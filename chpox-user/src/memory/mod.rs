@@ -205,8 +205,16 @@ fn parse_map_header(line: &str) -> Option<MapEntry> {
     })
 }
 
+/// The mappings of `pid` with their VmFlags (`/proc/PID/smaps`: walks
+/// every page table entry).
 pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>> {
     let path = format!("/proc/{pid}/smaps");
+    parse_smaps(&crate::error::read_proc(&path)?, &path)
+}
+
+/// The mappings of `pid` without flags (`/proc/PID/maps`: no page walk).
+pub fn read_maps_lines(pid: i32) -> Result<Vec<MapEntry>> {
+    let path = format!("/proc/{pid}/maps");
     parse_smaps(&crate::error::read_proc(&path)?, &path)
 }
 

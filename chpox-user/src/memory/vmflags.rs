@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use tracing::debug;
 
-use crate::error::{Result, read_proc};
+use crate::error::Result;
 use crate::memory::{self, MapEntry};
 
 /// Bounds and raw `vm_flags` of each mapping of a process, in address
@@ -67,8 +67,7 @@ impl KernelVmaFlags {
                 return Ok((memory::read_maps(pid)?, false));
             }
         };
-        let path = format!("/proc/{pid}/maps");
-        let mut maps = memory::parse_smaps(&read_proc(&path)?, &path)?;
+        let mut maps = memory::read_maps_lines(pid)?;
         if self.fill(&mut maps, &raw) {
             return Ok((maps, true));
         }

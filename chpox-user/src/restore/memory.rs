@@ -20,7 +20,7 @@ use super::child::{Child, errno_of};
 use super::validate::FileSource;
 use crate::error::{Error, Result};
 use crate::image::model::{Compression, DataRef, Vma, VmaKind};
-use crate::memory::{MapEntry, PAGE_SIZE, parse_smaps};
+use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::remote::{self, RemoteThread};
 
 /// Scratch for syscall arguments: a path, an auxv, a few structs.
@@ -48,8 +48,7 @@ pub struct Layout {
 
 /// The child's mappings now.
 pub fn child_maps(pid: i32) -> Result<Vec<MapEntry>> {
-    let path = format!("/proc/{pid}/maps");
-    parse_smaps(&crate::error::read_proc(&path)?, &path)
+    crate::memory::read_maps_lines(pid)
 }
 
 /// The lowest address from `from` where `len` bytes (plus a margin) touch
