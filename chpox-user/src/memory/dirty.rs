@@ -453,12 +453,11 @@ impl Tracker {
             }
             if arg.walk_end <= from {
                 // No progress would loop forever; the kernel always moves.
-                return Err(DirtyError::Io {
-                    pid: self.pid,
-                    what: format!("PAGEMAP_SCAN of {from:#x}-{end:#x}"),
-                    source: io::Error::other("the walk did not advance"),
-                }
-                .into());
+                return Err(self.scan_error(
+                    from,
+                    end,
+                    io::Error::other("the walk did not advance"),
+                ));
             }
             from = arg.walk_end;
         }
@@ -549,12 +548,11 @@ impl Tracker {
                 pagemap_scan(&self.pagemap, &mut arg).map_err(|e| self.scan_error(from, end, e))?;
             out.extend_from_slice(&buf[..n]);
             if arg.walk_end <= from {
-                return Err(DirtyError::Io {
-                    pid: self.pid,
-                    what: format!("PAGEMAP_SCAN of {from:#x}-{end:#x}"),
-                    source: io::Error::other("the walk did not advance"),
-                }
-                .into());
+                return Err(self.scan_error(
+                    from,
+                    end,
+                    io::Error::other("the walk did not advance"),
+                ));
             }
             from = arg.walk_end;
         }
