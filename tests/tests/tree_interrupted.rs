@@ -95,6 +95,17 @@ fn a_member_killed_during_the_overlapped_remote_calls_leaves_the_others_running(
         );
         if !status.success() {
             assert!(!image.exists(), "a failed dump left an image");
+            // Whatever step the kill cut short (an attach, which the
+            // kernel refuses an exiting task with EPERM; a ptrace request;
+            // a /proc read), the user hears which process exited.
+            assert!(
+                said.contains(&format!("PID {victim} exited while being checkpointed")),
+                "round {round}: the killed member's exit not named: {said}"
+            );
+            assert!(
+                !said.contains("WARN"),
+                "round {round}: a killed member's threads reported as our failure: {said}"
+            );
         }
         // Every other member is released and runs on.
         for &pid in members.iter().filter(|&&p| p != victim) {

@@ -285,7 +285,8 @@ fn dump_inner(
         tracking.as_deref_mut().zip(plan.as_ref()),
         &early,
         &mut precopies,
-    )?;
+    )
+    .map_err(|e| name_the_exit(e, &members))?;
     let mut meta = captured.meta;
     let image_id = crate::incremental::new_image_id();
     meta.image_id = Some(image_id.clone());
@@ -428,6 +429,29 @@ fn dump_inner(
 /// of the tree: a setuid child's memory must not land in the user's file.
 /// Otherwise the image stays root's. Checked while frozen, so no process
 /// changes credentials in between.
+/// A member killed while it is being captured makes the kernel answer
+/// ESRCH or ENOENT at whichever step came next (a ptrace request, a /proc
+/// file): the user needs to hear that the process exited, not which read
+/// failed.
+fn name_the_exit(e: Error, members: &[(i32, u64)]) -> Error {
+    if matches!(e, Error::Exited(_) | Error::NoSuchProcess(_)) {
+        return e;
+    }
+    // Between a fatal signal's dequeue and the exit's first step nothing
+    // shows in /proc: look again shortly.
+    for _ in 0..3 {
+        if let Some(&(pid, _)) = members
+            .iter()
+            .find(|&&(pid, _)| crate::freeze::ptrace::process_is_exiting(pid))
+        {
+            debug!(pid, error = %e, "a member exited while being captured");
+            return Error::Exited(pid);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    e
+}
+
 fn keep_from_user_unless_theirs(
     tree: &FrozenTree,
     owner: (u32, u32),

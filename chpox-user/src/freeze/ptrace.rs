@@ -104,7 +104,7 @@ pub fn wait_traced(tid: i32) -> nix::Result<WaitStatus> {
 }
 
 /// The thread is a zombie, or gone.
-fn thread_is_dead(tid: i32) -> bool {
+pub(crate) fn thread_is_dead(tid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
         // The state follows the parenthesised name, which may hold spaces.
         Ok(stat) => stat
@@ -113,6 +113,40 @@ fn thread_is_dead(tid: i32) -> bool {
             .is_none_or(|state| matches!(state, 'Z' | 'X')),
         Err(_) => true,
     }
+}
+
+/// The process is dead or on its way out: gone, a zombie, past the start
+/// of its exit (`PF_EXITING` in its stat flags) or with a SIGKILL pending.
+/// A killed tracee answers ESRCH to ptrace before its state says so.
+pub(crate) fn process_is_exiting(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // Fields after the parenthesised name (which may hold spaces): state,
+    // ppid, pgrp, session, tty_nr, tpgid, flags.
+    let mut fields = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace())
+        .into_iter()
+        .flatten();
+    let state = fields.next().and_then(|s| s.chars().next());
+    let flags = fields.nth(5).and_then(|f| f.parse::<u64>().ok());
+    if state.is_none_or(|s| matches!(s, 'Z' | 'X')) || flags.is_some_and(|f| f & PF_EXITING != 0) {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|pending| pending & SIGKILL_BIT != 0)
 }
 
 /// Reap the dead threads of `tid`'s group that we trace, so the kernel can
@@ -283,11 +317,12 @@ impl Frozen {
             _signals: HoldTerminalSignals::new(),
         };
         let mut held: BTreeMap<i32, ()> = BTreeMap::new();
+        let mut dead: std::collections::BTreeSet<i32> = Default::default();
         loop {
             let current = list_threads(pid)?;
             let new: Vec<i32> = current
                 .into_iter()
-                .filter(|t| !held.contains_key(t))
+                .filter(|t| !held.contains_key(t) && !dead.contains(t))
                 .collect();
             if new.is_empty() {
                 break;
@@ -297,6 +332,18 @@ impl Frozen {
                     Ok(()) => {}
                     // The thread exited between listing and seizing.
                     Err(Errno::ESRCH) => continue,
+                    // The kernel refuses to attach to a thread that is
+                    // exiting with EPERM too: that is an exit, not a
+                    // permission problem. The leader's exit ends the
+                    // dump; another thread's is skipped (it may linger
+                    // in the list until its group reaps it).
+                    Err(Errno::EPERM) if thread_is_dead(tid) => {
+                        if tid == pid {
+                            return Err(Error::Exited(pid));
+                        }
+                        dead.insert(tid);
+                        continue;
+                    }
                     Err(Errno::EPERM) => {
                         if let Some(tracer) = tracer_of(pid) {
                             return Err(Error::AlreadyTraced { pid, tracer });

@@ -387,7 +387,12 @@ impl<'f> RemoteThread<'f> {
 impl Drop for RemoteThread<'_> {
     fn drop(&mut self) {
         if let Err(e) = self.restore() {
-            warn!(tid = self.tid, error = %e, "could not restore a thread after remote syscalls");
+            // A thread killed meanwhile has nothing left to restore.
+            if crate::freeze::ptrace::process_is_exiting(self.tid) {
+                debug!(tid = self.tid, error = %e, "thread exited during remote syscalls");
+            } else {
+                warn!(tid = self.tid, error = %e, "could not restore a thread after remote syscalls");
+            }
         }
     }
 }
