@@ -4,6 +4,7 @@
 pub mod error;
 pub mod format;
 pub mod model;
+pub mod model_fds;
 pub mod model_sockets;
 pub mod reader;
 pub mod writer;

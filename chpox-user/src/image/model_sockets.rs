@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{DataRef, FdEntry, FdKind};
+use super::model::DataRef;
+use super::model_fds::{FdEntry, FdKind};
 
 /// A UNIX socket (stream, datagram or seqpacket) in any state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod dumps;
 pub mod images;
+pub mod nobody;
 pub mod procs;
 pub mod restore;
 pub mod sockets;
