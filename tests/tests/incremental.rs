@@ -464,6 +464,113 @@ fn after_an_exec_the_next_checkpoint_is_full() {
     let _ = t.child.wait();
 }
 
+const WRITE_ONCE_SCRIPT: &str = r#"
+import hashlib, signal, time
+base = bytearray(b"\x01") * (24 << 20)
+hot = bytearray(64 * 4096)
+tail = None
+steps = 0
+def step(*_):
+    global tail, steps
+    steps += 1
+    # Written once, after the first (full) checkpoint, never again.
+    if tail is None:
+        tail = bytearray(b"\x02") * (12 << 20)
+    for i in range(0, len(hot), 4096):
+        hot[i] = steps & 0xFF
+    print(f"STEP {steps}", flush=True)
+def total(*_):
+    h = hashlib.sha256()
+    for part in (base, hot, tail or b""):
+        h.update(part)
+    print(f"SUM {h.hexdigest()}", flush=True)
+signal.signal(signal.SIGUSR1, step)
+signal.signal(signal.SIGUSR2, total)
+print("READY", flush=True)
+while True:
+    time.sleep(3600)
+"#;
+
+/// Memory written once after the base (the end of a fill, a buffer
+/// allocated later) is stored by every increment, since each holds all
+/// that changed since the base. Once those unchanged pages, stored again,
+/// add up to half of the base, a new base is taken; increments after it
+/// are small again, and restore to the process's memory (a Python
+/// interpreter).
+#[test]
+fn pages_stored_again_unchanged_bring_a_new_base() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("once.chpox");
+    let mut t = common::python(WRITE_ONCE_SCRIPT, &[], &s.logs);
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
+    let mut steps = 0;
+    let mut next = |t: &mut Target| {
+        steps += 1;
+        send(pid, libc::SIGUSR1);
+        t.wait_for_line(&format!("STEP {steps}"), STATE_TIMEOUT);
+        agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+        metadata(&img)
+    };
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    let base = metadata(&img);
+    assert!(base.parent.is_none(), "the first checkpoint is full");
+    let base_pages = stored_pages(&base);
+    let tail_pages = (12 << 20) / 4096;
+    // Each increment stores the tail: less than half of the base, so the
+    // rule on one increment's size never fires; the second and third
+    // store it again unchanged, which adds up to more than half.
+    for g in 2..=4 {
+        let m = next(&mut t);
+        assert!(m.parent.is_some(), "checkpoint {g} is an increment");
+        let stored = stored_pages(&m);
+        assert!(
+            stored >= tail_pages && stored * 2 < base_pages,
+            "checkpoint {g} stored {stored} pages, the tail is {tail_pages}, the base {base_pages}"
+        );
+    }
+    let m = next(&mut t);
+    assert!(
+        m.parent.is_none(),
+        "a new base after the tail was stored three times\n{}",
+        agent.describe()
+    );
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("full checkpoint") && l.contains("unchanged pages again")),
+        "the reason is logged:\n{log}"
+    );
+    let m = next(&mut t);
+    assert!(m.parent.is_some(), "and increments after it");
+    let stored = stored_pages(&m);
+    assert!(
+        stored < tail_pages / 2,
+        "the increment after the new base stored {stored} pages"
+    );
+    send(pid, libc::SIGUSR2);
+    let sum = t.wait_for_line("SUM ", STATE_TIMEOUT);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    agent.chpox_ok(&["unregister", &pid_s]);
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    let restored = restore_detached(&img, &[]);
+    send(restored, libc::SIGUSR2);
+    poll_until(
+        "the restored interpreter's sum",
+        STATE_TIMEOUT,
+        || t.stdout(),
+        || t.stdout().matches(sum.trim()).count() == 2,
+    );
+    send(restored, libc::SIGKILL);
+    wait_pid(restored, Duration::from_secs(30));
+}
+
 /// `chpox restore --lazy` of an increment: the pages it stores and those
 /// it inherits from its parent are both brought in on demand (the server
 /// maps the two files), to the memory the process had; a damaged run of

@@ -15,7 +15,13 @@
 //! one finds pages already there. At most [`MAX_HELD_BYTES`] per
 //! checkpoint: the rest (and everything, if the buffer is still being
 //! grown) is written while frozen, as without it.
+//!
+//! Each held page's checksum is kept until the next increment, which
+//! counts the pages it stores again unchanged ([`HeldPages::unchanged_pages`]):
+//! the cost of storing every page written since the base, which tells
+//! `incremental` when a new base would cost less.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -35,10 +41,15 @@ pub struct HeldPages {
     used: usize,
     /// Bytes the previous checkpoint held.
     last_used: usize,
+    /// Checksum of each page (by process and address) the last write held.
+    page_sums: HashMap<(i32, u64), u32>,
+    /// Pages of the last write whose content equals the write before's.
+    unchanged: u64,
 }
 
 #[derive(Debug)]
 struct Held {
+    pid: i32,
     /// Index of the process in the image, and of the mapping in it.
     process: usize,
     vma: usize,
@@ -90,6 +101,7 @@ impl HeldPages {
             "pages held"
         );
         self.held.push(Held {
+            pid,
             process,
             vma,
             runs: crate::pagecopy::split_runs(runs),
@@ -107,6 +119,8 @@ impl HeldPages {
             .buf
             .lock()
             .map_err(|_| Error::Other("internal: held pages lost".into()))?;
+        let mut sums = HashMap::with_capacity(self.used / PAGE_SIZE as usize);
+        let mut unchanged = 0;
         for held in std::mem::take(&mut self.held) {
             let vma = meta
                 .processes_mut()
@@ -120,14 +134,35 @@ impl HeldPages {
                     .get(at..at + len)
                     .ok_or_else(|| Error::Other("internal: held pages past the buffer".into()))?;
                 at += len;
+                for (i, page) in raw.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    let key = (held.pid, addr + i as u64 * PAGE_SIZE);
+                    let sum = crc32c::crc32c(page);
+                    unchanged += u64::from(self.page_sums.get(&key) == Some(&sum));
+                    sums.insert(key, sum);
+                }
                 let data = writer.add_data(raw)?;
                 vma.pages.push(PageRun { addr, npages, data });
                 pages += npages;
             }
         }
         drop(buf);
+        self.page_sums = sums;
+        self.unchanged = unchanged;
         self.prepare_next();
         Ok(pages)
+    }
+
+    /// Pages the last [`write_all`](HeldPages::write_all) stored with the
+    /// same content as the one before it (a checksum match: a rare false
+    /// match only brings a new base sooner).
+    pub fn unchanged_pages(&self) -> u64 {
+        self.unchanged
+    }
+
+    /// A new base: the next increment's pages are new to it.
+    pub fn forget_sums(&mut self) {
+        self.page_sums = HashMap::new();
+        self.unchanged = 0;
     }
 
     /// After a checkpoint: shrink a buffer far larger than it needed (a

@@ -12,8 +12,8 @@
 //! a page written in generation 2 and not since is stored again in
 //! generation 3 (a chain would have it in 2 only), which costs the pages
 //! written since the base, and a full checkpoint is taken once those reach
-//! half of the base ([`FULL_AFTER_FRACTION`]) or every `full_every`-th
-//! time. No background job, no chain to fold, no window in which a restore
+//! half of the base ([`FULL_AFTER_FRACTION`]), once the pages stored
+//! again unchanged reach half of it, or every `full_every`-th time. No background job, no chain to fold, no window in which a restore
 //! would read three files.
 //!
 //! A page is taken from the base ("inherited") only if it is present and
@@ -101,6 +101,9 @@ pub struct Tracking {
     increments: u32,
     /// Pages the last increment stored.
     last_stored: u64,
+    /// Pages the increments since the base stored again although they had
+    /// not changed since the increment before (see `heldpages`).
+    unchanged_since_base: u64,
     /// Why the next checkpoint must be full (logged when it is taken).
     full_reason: Option<String>,
     /// Take a full checkpoint every this many (1: always; 0: only when
@@ -145,6 +148,8 @@ impl Tracking {
         }
         self.base = None;
         self.increments = 0;
+        self.unchanged_since_base = 0;
+        self.held.forget_sums();
         self.force_full(why);
     }
 
@@ -183,6 +188,15 @@ impl Tracking {
             return Some(format!(
                 "the last increment stored {} of the base's {} pages",
                 self.last_stored, base.pages
+            ));
+        }
+        // Pages written once since the base (the end of a fill, a new
+        // buffer) are stored by every increment: once storing them again
+        // has cost half a base, a new base is cheaper than going on.
+        if self.unchanged_since_base as f64 > base.pages as f64 * FULL_AFTER_FRACTION {
+            return Some(format!(
+                "the increments since the base stored {} unchanged pages again, more than half of the base's {}",
+                self.unchanged_since_base, base.pages
             ));
         }
         match std::fs::metadata(&base.path) {
@@ -315,6 +329,7 @@ impl Tracking {
             Plan::Incremental(_) => {
                 self.increments += 1;
                 self.last_stored = stored;
+                self.unchanged_since_base += self.held.unchanged_pages();
             }
             Plan::Full => {
                 for p in meta.processes() {
@@ -346,6 +361,8 @@ impl Tracking {
                 };
                 self.increments = 0;
                 self.last_stored = 0;
+                self.unchanged_since_base = 0;
+                self.held.forget_sums();
             }
         }
         Ok(())
