@@ -16,7 +16,7 @@
 //! its own rounds, and the two are printed side by side at the end.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -227,9 +227,15 @@ pub(crate) fn first_touch_gbps(bytes: usize) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
+/// A scratch file of this bench run in `dir`: named by our PID, so that
+/// two benches at once do not remove each other's files.
+pub(crate) fn bench_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("chpox-bench-{}-{name}", std::process::id()))
+}
+
 /// `dd` of `bytes` into a new file in `dir`.
 pub(crate) fn dd_secs(dir: &Path, bytes: u64) -> Result<f64> {
-    let file = dir.join("chpox-bench-dd");
+    let file = bench_file(dir, "dd");
     let _ = std::fs::remove_file(&file);
     let count = bytes.div_ceil(8 << 20);
     let t = Instant::now();
@@ -580,7 +586,7 @@ impl Case {
 /// One process with `mib` MiB of dirty anonymous memory.
 pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<Case> {
     let (_target, pid) = spawn_mempattern(mib)?;
-    let image = dir.join("chpox-bench.img");
+    let image = bench_file(dir, "img");
     let mut case = Case::new(1, mib);
     case.dump_rounds(pid, &image, dir, rounds)?;
     // Restore the last image; a single process may take any PID, so the
@@ -599,7 +605,7 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<Case> {
 pub fn run_tree(procs: usize, mib: u64, rounds: usize, dir: &Path) -> Result<Case> {
     let mut tree = spawn_memtree(procs, mib)?;
     let pids = tree.pids();
-    let image = dir.join("chpox-bench-tree.img");
+    let image = bench_file(dir, "tree.img");
     let mut case = Case::new(procs, mib);
     case.dump_rounds(pids[0], &image, dir, rounds)?;
     // A tree comes back under its own PIDs only: the original goes first,

@@ -242,7 +242,7 @@ struct Samples {
 /// One size: `rounds` of eager and lazy restores, alternating, each next
 /// to the bounds.
 fn measure(mib: u64, rounds: usize, dir: &Path) -> Result<Samples> {
-    let image = dir.join(format!("chpox-bench-restore-{mib}.img"));
+    let image = crate::bench::bench_file(dir, &format!("restore-{mib}.img"));
     dumped_mempattern(mib, &image)?;
     let bytes = mib << 20;
     let mut s = Samples::default();

@@ -39,8 +39,8 @@ pub struct SizeCase {
 /// and one image exist at a time besides a restore).
 pub fn run_size(mib: u64, opts: &SizeOptions, dir: &Path) -> Result<SizeCase> {
     let bytes = mib << 20;
-    let image = dir.join("chpox-bench.img");
-    let zimage = dir.join("chpox-bench-zstd.img");
+    let image = crate::bench::bench_file(dir, "img");
+    let zimage = crate::bench::bench_file(dir, "zstd.img");
     let mut case = SizeCase {
         mib,
         running: Vec::new(),
