@@ -497,6 +497,11 @@ fn capture_process(
             pages: stored,
             shmem_id,
             inherited,
+            sysv: if crate::memory::sysvshm::is_sysv(map) {
+                Some(crate::memory::sysvshm::describe(map)?)
+            } else {
+                None
+            },
         });
     }
 

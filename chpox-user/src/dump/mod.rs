@@ -162,7 +162,9 @@ pub struct DumpReport {
 
 /// Dump `pid` to `opts.output`.
 pub fn dump(pid: i32, opts: &DumpOptions) -> Result<DumpReport> {
-    dump_inner(pid, opts, None)
+    let result = dump_inner(pid, opts, None);
+    snapshot::reap_left_behind();
+    result
 }
 
 /// Dump `pid` to `opts.output` as the next generation of `tracking`:
@@ -175,6 +177,7 @@ pub fn dump_tracked(
     tracking: &mut crate::incremental::Tracking,
 ) -> Result<DumpReport> {
     let result = dump_inner(pid, opts, Some(&mut *tracking));
+    snapshot::reap_left_behind();
     if let Err(e) = &result {
         tracking.reset(&format!("the last checkpoint failed ({e})"));
     }
@@ -287,6 +290,8 @@ fn dump_inner(
         &mut precopies,
     )
     .map_err(|e| name_the_exit(e, &members))?;
+    let copies: Vec<i32> = captured.snapshots.iter().map(|s| s.child()).collect();
+    crate::memory::sysvshm::check_tree(&captured.meta, &copies)?;
     let mut meta = captured.meta;
     let image_id = crate::incremental::new_image_id();
     meta.image_id = Some(image_id.clone());

@@ -505,6 +505,29 @@ pub struct Vma {
     /// taken. Empty in a full image.
     #[serde(default)]
     pub inherited: Vec<(u64, u64)>,
+    /// Of a SysV shared memory mapping: the segment it attaches.
+    #[serde(default)]
+    pub sysv: Option<SysvSegment>,
+}
+
+/// A SysV shared memory segment (`shmget`), as `/proc/sysvipc/shm` showed
+/// it at the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvSegment {
+    /// Its key (IPC_PRIVATE, 0, for a private or removed segment).
+    pub key: i32,
+    pub id: i32,
+    /// Bytes, as given to `shmget`; attachments span it rounded up to
+    /// whole pages.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Marked for removal (IPC_RMID) while still attached.
+    pub removed: bool,
+    /// Mappings attaching it, system-wide (the kernel's nattch).
+    pub attachments: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

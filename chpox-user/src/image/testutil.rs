@@ -137,6 +137,7 @@ fn vma(start: u64, end: u64, perms: &str, name: &str, kind: VmaKind, file: Optio
             .collect(),
         pages: Vec::new(),
         shmem_id: None,
+        sysv: None,
         inherited: Vec::new(),
     }
 }

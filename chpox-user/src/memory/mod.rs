@@ -27,6 +27,7 @@ pub mod incremental;
 pub mod pagecopy;
 pub mod precopy;
 pub mod snapshot;
+pub mod sysvshm;
 pub mod vmflags;
 
 use std::fs::File;

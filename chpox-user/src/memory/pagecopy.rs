@@ -558,6 +558,7 @@ mod tests {
                     })
                     .collect(),
                 shmem_id: None,
+                sysv: None,
                 inherited: Vec::new(),
             }];
             writer.finish(&meta).expect("finish");

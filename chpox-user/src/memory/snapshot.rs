@@ -105,6 +105,8 @@ pub struct Snapshot {
     child_alive: bool,
     /// Its exit collected (waited for as its tracer).
     collected: bool,
+    /// [`reap`](Self::reap) was tried: nothing left behind.
+    reap_tried: bool,
     /// When the process started: with the PID, the same process.
     start_time: Option<u64>,
     /// The mappings as the image records them, when their flags were read
@@ -125,6 +127,11 @@ pub(crate) fn start_time(pid: i32) -> Option<u64> {
 }
 
 impl Snapshot {
+    /// The copy's PID.
+    pub fn child(&self) -> i32 {
+        self.child
+    }
+
     /// Fork the frozen process through its borrowed `leader`. An error from
     /// the clone itself (no memory, a PID or process limit) is not fatal:
     /// Ok(None), and the pages are copied while frozen.
@@ -154,6 +161,7 @@ impl Snapshot {
             deferred: Vec::new(),
             child_alive: true,
             collected: false,
+            reap_tried: false,
             start_time: start_time(target),
             verify_flags: Vec::new(),
         };
@@ -287,47 +295,92 @@ impl Snapshot {
     /// Returns how long it was frozen. Fails if the process is gone.
     fn reap(&mut self) -> Result<Duration> {
         self.kill_child();
+        self.reap_tried = true;
         if !self.target_alive() {
             return Err(Error::Exited(self.target));
         }
-        let started = Instant::now();
-        let frozen = Frozen::freeze(self.target)?;
-        let mut leader = RemoteThread::borrow_guarded(
-            &frozen,
+        reap_in(
             self.target,
-            self.gadgets.as_ref(),
+            self.child,
             self.syscall_ip,
-        )?;
-        let ret = leader.syscall(
-            libc::SYS_wait4,
-            [
-                self.child as u64,
-                0,
-                (libc::__WALL | libc::WNOHANG) as u64,
-                0,
-                0,
-                0,
-            ],
-        )?;
-        leader.give_back()?;
-        frozen.resume();
-        if ret != self.child as i64 {
-            // ECHILD: the process reaped it itself (a wait with __WALL).
-            debug!(
-                target = self.target,
-                child = self.child,
-                ret,
-                "snapshot reaped elsewhere"
-            );
+            self.gadgets.as_ref(),
+        )
+    }
+}
+
+/// Have `target` reap its dead copy `child` (a wait4 in a brief freeze).
+fn reap_in(
+    target: i32,
+    child: i32,
+    syscall_ip: u64,
+    gadgets: Option<&Gadgets>,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let frozen = Frozen::freeze(target)?;
+    let mut leader = RemoteThread::borrow_guarded(&frozen, target, gadgets, syscall_ip)?;
+    let ret = leader.syscall(
+        libc::SYS_wait4,
+        [
+            child as u64,
+            0,
+            (libc::__WALL | libc::WNOHANG) as u64,
+            0,
+            0,
+            0,
+        ],
+    )?;
+    leader.give_back()?;
+    frozen.resume();
+    if ret != child as i64 {
+        // ECHILD: the process reaped it itself (a wait with __WALL).
+        debug!(target, child, ret, "snapshot reaped elsewhere");
+    }
+    Ok(started.elapsed())
+}
+
+/// A copy killed on an error path, whose zombie its process still holds.
+struct LeftBehind {
+    target: i32,
+    child: i32,
+    start_time: Option<u64>,
+    syscall_ip: u64,
+    gadgets: Option<Gadgets>,
+}
+
+thread_local! {
+    /// Copies left behind by a failed dump on this thread, for
+    /// [`reap_left_behind`] once the processes run again.
+    static LEFT_BEHIND: std::cell::RefCell<Vec<LeftBehind>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// After a failed dump, once its processes run again: have each process
+/// reap the copy the dump left in it. Without this every failed dump left
+/// a zombie child in the process (one `wait` without `__WALL` never sees),
+/// which the next checkpoint of its tree would record as a member.
+pub fn reap_left_behind() {
+    let left = LEFT_BEHIND.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    for l in left {
+        if l.start_time.is_none() || start_time(l.target) != l.start_time {
+            continue;
         }
-        Ok(started.elapsed())
+        match reap_in(l.target, l.child, l.syscall_ip, l.gadgets.as_ref()) {
+            Ok(_) => debug!(
+                target = l.target,
+                child = l.child,
+                "copy left by the failed dump reaped"
+            ),
+            Err(e) => {
+                debug!(target = l.target, error = %e, "copy left by the failed dump not reaped")
+            }
+        }
     }
 }
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
         // An error path: the child must not outlive the dump. Its zombie
-        // stays with the process (invisible to a plain wait) until it exits.
+        // stays with the process (invisible to a plain wait) until
+        // `reap_left_behind` has the process reap it.
         if self.child_alive {
             // The dump's own error says what failed; this is cleanup.
             debug!(
@@ -337,6 +390,17 @@ impl Drop for Snapshot {
             );
         }
         self.kill_child();
+        if !self.reap_tried {
+            LEFT_BEHIND.with(|l| {
+                l.borrow_mut().push(LeftBehind {
+                    target: self.target,
+                    child: self.child,
+                    start_time: self.start_time,
+                    syscall_ip: self.syscall_ip,
+                    gadgets: self.gadgets.take(),
+                })
+            });
+        }
     }
 }
 

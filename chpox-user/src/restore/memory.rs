@@ -220,6 +220,9 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
             on_demand.push(vma);
             continue;
         }
+        if crate::memory::sysvshm::restore_piece(c, ctx, vma)? {
+            continue;
+        }
         let fd = match (vma.kind, vma.file) {
             (VmaKind::PrivateFile | VmaKind::SharedFile, Some(i)) => Some(file_fd(
                 c,

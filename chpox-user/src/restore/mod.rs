@@ -240,6 +240,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut members: Vec<Frozen> = Vec::new();
     let mut same_pid = true;
     let shmem = RefCell::new(HashMap::new());
+    let sysv = crate::memory::sysvshm::Segments::default();
     let lazy = opts.lazy.then(|| {
         lazy::Lazy::new(
             std::os::fd::AsRawFd::as_raw_fd(&image_file),
@@ -287,6 +288,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 descriptions: &descriptions,
                 injector: &injector,
                 shmem: &shmem,
+                sysv: &sysv,
                 owner,
                 lazy: lazy.as_ref(),
                 parent: parent.as_ref(),
@@ -342,6 +344,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         return Err(e);
     }
+    sysv.keep();
     for w in &warnings[..early] {
         warn!("{w}");
     }
@@ -401,6 +404,8 @@ pub struct Context<'a> {
     pub injector: &'a inject::Injector,
     /// Shared memory objects mapped so far, for the next to share.
     pub shmem: &'a RefCell<HashMap<u64, memory::FirstMapping>>,
+    /// SysV segments made or taken over so far.
+    pub sysv: &'a crate::memory::sysvshm::Segments,
     /// Root restoring another user's image: the processes get only that
     /// user's rights.
     pub owner: Option<&'a validate::Owner>,
