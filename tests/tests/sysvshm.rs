@@ -38,7 +38,9 @@ ctypes.memset(b, 0x5A, 4096)
 libc.mprotect(a + 4096, 4096, 1)
 counter = ctypes.c_uint32.from_address(b + 4096)
 if os.fork() == 0:
-    # The child shares both through fork and counts in the removed one.
+    # The child shares both through fork and counts in the removed one;
+    # it goes with its parent (a failed test leaves nothing behind).
+    libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
     while True:
         counter.value += 1
         time.sleep(0.01)
@@ -143,6 +145,14 @@ fn segments_come_back_with_their_key_id_pieces_and_sharing() {
     // Restored while the original still runs: the keyed segment is in
     // use, which is named, and nothing is left made.
     chpox_ok(&["dump", &t.pid.to_string(), "-o", path_str(&image)]);
+    let summary = chpox_ok(&["inspect", path_str(&image)]);
+    assert!(
+        summary.contains(&format!(
+            "key {:#x}",
+            i64::from_str_radix(&key, 16).unwrap_or(0)
+        )) && summary.contains("(removed)"),
+        "{summary}"
+    );
     let segments_before = std::fs::read_to_string("/proc/sysvipc/shm").expect("table");
     let out = run_chpox(&["restore", path_str(&image), "--pid", "any"]);
     common::agent::assert_refused("a restore beside the original", &out, "is attached by");

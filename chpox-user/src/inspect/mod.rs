@@ -524,6 +524,14 @@ fn process_summary(s: &mut String, m: &Metadata, pi: &ProcessImage) {
                 human(inherited * m.host.page_size)
             ));
         }
+        if let Some(seg) = &v.sysv {
+            what.push_str(&format!(
+                "; SysV segment {} key {:#x}{}",
+                seg.id,
+                seg.key,
+                if seg.removed { " (removed)" } else { "" }
+            ));
+        }
         let _ = writeln!(
             s,
             "  {:012x}-{:012x} {}{}{}{} {:>10} {:<11} {:<40} {}",
