@@ -236,3 +236,37 @@ fn a_segment_attached_outside_the_tree_is_refused_and_the_tree_runs_on() {
     kill_tree(t.pid);
     let _ = t.child.wait();
 }
+
+/// Through the agent, an increment (which stores shared memory whole)
+/// brings the segments back like a full image.
+#[test]
+fn an_increment_through_the_agent_keeps_the_segments() {
+    let s = common::agent::scratch();
+    let agent = common::agent::Agent::start(&s);
+    let key = key().replace("5e", "5d");
+    let _cleanup = Cleanup(key.clone());
+    let mut t = python(SCRIPT, &[&key], &s.logs);
+    let pid_s = t.pid.to_string();
+    let dir = s.dir("out", 0o755);
+    let image = dir.join("shm.chpox");
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&image)]);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    let before = report(&t, t.pid);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    let reader = chpox::image::ImageReader::open(&image).expect("image");
+    assert!(reader.metadata().parent.is_some(), "an increment");
+    agent.chpox_ok(&["unregister", &pid_s]);
+    let pids = common::procs::tree_pids(t.pid);
+    kill_tree(t.pid);
+    let _ = t.child.wait();
+    for pid in pids {
+        common::wait_pid_free(pid);
+    }
+    let restored = restore_detached(&image, &[]);
+    assert_eq!(report(&t, restored), before);
+    let restored_pids = common::procs::tree_pids(restored);
+    kill_tree(restored);
+    for pid in restored_pids {
+        common::wait_pid_free(pid);
+    }
+}
