@@ -161,3 +161,40 @@ fn io_uring_aio_and_a_watch_without_a_path_are_refused_by_name() {
         assert!(t.stdout().contains("ALIVE"), "{mode}: {}", t.stdout());
     }
 }
+
+/// inotify events queued and not read at the checkpoint cannot be put
+/// into the restored instance: the dump says so (the watches come back).
+#[test]
+fn queued_inotify_events_are_named_as_not_kept() {
+    let dir = tempdir();
+    let watched = dir.path().join("watched");
+    std::fs::create_dir(&watched).expect("mkdir");
+    let script = format!(
+        r#"
+import ctypes, os, time
+libc = ctypes.CDLL(None)
+fd = libc.inotify_init1(0)
+assert libc.inotify_add_watch(fd, b"{}", 0x100) >= 0  # IN_CREATE
+open(os.path.join("{}", "new"), "w").close()
+print("READY", flush=True)
+time.sleep(3600)
+"#,
+        path_str(&watched),
+        path_str(&watched)
+    );
+    let mut t = common::python(&script, &[], dir.path());
+    let out = run_chpox(&[
+        "dump",
+        &t.pid.to_string(),
+        "-o",
+        path_str(&dir.path().join("img")),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("events queued and not read yet are not kept"),
+        "{stderr}"
+    );
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}

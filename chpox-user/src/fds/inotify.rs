@@ -3,7 +3,8 @@
 //! (`open_by_handle_at` on a mount of its filesystem), with its mask.
 //! A watch whose file has no path any more (or sits on a filesystem whose
 //! handles cannot be opened again, procfs) is refused by name. Events
-//! queued and not read yet are not kept.
+//! queued and not read yet are not kept (no call puts an event into an
+//! instance); the dump warns about them.
 //!
 //! Restore: a new instance; each watch added again by path, in the order
 //! of their numbers, until the kernel hands out the saved number (watch
@@ -190,6 +191,20 @@ fn probe(p: &Probe<'_>) -> Result<Option<FdKind>> {
         });
     }
     watches.sort_by_key(|w| w.wd);
+    // Events cannot be put into a new instance: a queue is said to be
+    // lost rather than lost in silence.
+    if let Ok(copy) = super::sockets::sock_diag::steal(p.pid, p.fd) {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into `queued`.
+        let ret = unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        if ret == 0 && queued > 0 {
+            tracing::warn!(
+                "fd {} of PID {} (inotify): {queued} bytes of events queued and not read yet are not kept (its watches are)",
+                p.fd,
+                p.pid
+            );
+        }
+    }
     Ok(Some(FdKind::Inotify { watches }))
 }
 
