@@ -270,3 +270,34 @@ fn an_increment_through_the_agent_keeps_the_segments() {
         common::wait_pid_free(pid);
     }
 }
+
+/// An attachment a piece of which was unmapped cannot be made by `shmat`:
+/// refused by name, the process running on.
+#[test]
+fn a_segment_attached_in_part_is_refused_by_name() {
+    let s = common::agent::scratch();
+    let key = key().replace("5e", "5c");
+    let _cleanup = Cleanup(key.clone());
+    let script = format!(
+        r#"
+import ctypes, time
+libc = ctypes.CDLL(None)
+libc.shmat.restype = ctypes.c_void_p
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+sid = libc.shmget(0x{key}, 3 * 4096, 0o1600)
+a = libc.shmat(sid, None, 0)
+assert libc.munmap(a + 2 * 4096, 4096) == 0
+print("READY", flush=True)
+time.sleep(3600)
+"#
+    );
+    let mut t = python(&script, &[], &s.logs);
+    let image = s.path("part.chpox");
+    let out = run_chpox(&["dump", &t.pid.to_string(), "-o", path_str(&image)]);
+    common::agent::assert_refused("a partial attachment", &out, "only in part");
+    assert!(!image.exists());
+    let state = common::procs::stat(t.pid).map(|s| s.state);
+    assert_eq!(state, Some('S'), "running on, not left stopped");
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+}

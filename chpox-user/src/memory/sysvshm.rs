@@ -8,8 +8,9 @@
 //! Dump: each attached mapping (`/SYSV<key>` in maps, its inode the id)
 //! records the segment as `/proc/sysvipc/shm` shows it. Refused by name:
 //! a segment also attached by processes outside the checkpointed tree (a
-//! restore could not make them share it again), and a partial attachment
-//! (part of it unmapped), which `shmat` cannot make.
+//! restore could not make them share it again), a partial attachment
+//! (part of it unmapped), which `shmat` cannot make, and a segment of
+//! huge pages.
 //!
 //! Restore: the segment is made by us, with the same key and, through
 //! `/proc/sys/kernel/shm_next_id`, the same id; filled from the image; and
@@ -95,11 +96,13 @@ pub fn check_tree(meta: &Metadata, copies: &[i32]) -> Result<()> {
     }
     let mut mappings: HashMap<i32, (u64, &SysvSegment)> = HashMap::new();
     for p in meta.processes() {
-        for (base, pieces) in attachments(&p.vmas) {
-            let seg = pieces[0]
-                .sysv
-                .as_ref()
-                .expect("attachments are of SysV mappings");
+        for (base, seg, pieces) in attachments(&p.vmas) {
+            if pieces.iter().any(|v| v.vm_flags.iter().any(|f| f == "ht")) {
+                return Err(Error::Other(format!(
+                    "PID {} has SysV shared memory segment {} (key {:#x}) of huge pages (SHM_HUGETLB); chpox cannot checkpoint it yet",
+                    p.process.pid, seg.id, seg.key
+                )));
+            }
             let covered: u64 = pieces.iter().map(|v| v.end - v.start).sum();
             let contiguous = pieces.windows(2).all(|w| w[0].end == w[1].start);
             if pieces[0].offset != 0
@@ -151,22 +154,24 @@ pub fn check_tree(meta: &Metadata, copies: &[i32]) -> Result<()> {
     Ok(())
 }
 
-/// The SysV mappings of one process grouped by attachment (the address
-/// the segment starts at), each in address order.
-fn attachments(vmas: &[Vma]) -> Vec<(u64, Vec<&Vma>)> {
-    let mut by_base: Vec<(u64, Vec<&Vma>)> = Vec::new();
-    for v in vmas.iter().filter(|v| v.sysv.is_some()) {
+/// The SysV mappings of one process grouped by attachment (segment and
+/// the address it starts at), each in address order.
+fn attachments(vmas: &[Vma]) -> Vec<(u64, &SysvSegment, Vec<&Vma>)> {
+    let mut by_base: Vec<(u64, &SysvSegment, Vec<&Vma>)> = Vec::new();
+    for v in vmas {
+        let Some(seg) = &v.sysv else {
+            continue;
+        };
         let base = v.start.wrapping_sub(v.offset);
-        let id = v.sysv.as_ref().map(|s| s.id);
         match by_base
             .iter_mut()
-            .find(|(b, p)| *b == base && p[0].sysv.as_ref().map(|s| s.id) == id)
+            .find(|(b, s, _)| *b == base && s.id == seg.id)
         {
-            Some((_, pieces)) => pieces.push(v),
-            None => by_base.push((base, vec![v])),
+            Some((_, _, pieces)) => pieces.push(v),
+            None => by_base.push((base, seg, vec![v])),
         }
     }
-    for (_, pieces) in &mut by_base {
+    for (_, _, pieces) in &mut by_base {
         pieces.sort_by_key(|v| v.start);
     }
     by_base
