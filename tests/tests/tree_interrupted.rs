@@ -46,6 +46,9 @@ fn a_member_killed_during_the_overlapped_remote_calls_leaves_the_others_running(
             .filter(|&p| p != tree.pid)
             .collect();
         assert_eq!(members.len(), MEMBERS, "{members:?}");
+        // A failed round must not leave 36 busy threads behind.
+        let mut guard = common::procs::Guard::default();
+        guard.watch_tree(tree.pid);
         let victim = members[round as usize % MEMBERS];
 
         let _ = std::fs::remove_file(&image);
