@@ -25,11 +25,13 @@
 //!    (output written after the image would be written twice on resume);
 //! 3. ask for a checkpoint and wait until the image is durably on disk
 //!    (fsynced, renamed over IMG, the previous one kept as IMG.1);
-//! 4. run `scontrol requeue $SLURM_JOB_ID`. Slurm then sends the job
-//!    SIGTERM and, after `KillWait`, SIGKILL: the image is complete before
-//!    either. Should SIGKILL come while an image is still being written,
-//!    the agent's temporary file is discarded and IMG stays the previous
-//!    complete image.
+//! 4. run `scontrol requeue $SLURM_JOB_ID`, and once Slurm accepted it,
+//!    SIGKILL the job's processes. Slurm ends a job by sending SIGCONT
+//!    *then* SIGTERM: a job left stopped would run between the two and
+//!    could write output its image lacks (seen: a step's line twice in a
+//!    requeued job's output). Should Slurm's SIGKILL come while an image
+//!    is still being written, the agent's temporary file is discarded and
+//!    IMG stays the previous complete image.
 //!
 //! Such an image holds the job stopped; restoring it, we continue it. A
 //! failed checkpoint is not followed by a requeue, and a failed requeue
@@ -451,10 +453,15 @@ fn checkpoint_now(shared: &Shared, slurm_job: Option<&str>) {
         Err(e) => Some(format!("cannot run `scontrol requeue {job_id}`: {e}")),
     };
     match failure {
-        None => eprintln!(
-            "chpox: Slurm job {job_id} requeued; it resumes from {}",
-            shared.image.display()
-        ),
+        None => {
+            // Still stopped, and to stay so until it is gone: see the
+            // module's "Requeue".
+            shared.signal_tree(Signal::SIGKILL);
+            eprintln!(
+                "chpox: Slurm job {job_id} requeued; it resumes from {}",
+                shared.image.display()
+            )
+        }
         Some(why) => {
             eprintln!(
                 "chpox: {why}; the job runs on (its image is {})",
