@@ -475,6 +475,11 @@ fn job_requeue_stops_the_job_after_its_last_image_and_asks_scontrol() {
     let frozen_at = step_count();
     let status = first.wait().expect("wait chpox job");
     assert_eq!(code(status), Some(128 + libc::SIGKILL), "{}", describe());
+    assert!(
+        std::fs::read_to_string(&err_path).is_ok_and(|e| e.contains("requeued; it resumes from")),
+        "the requeue is said before the job goes: {}",
+        describe()
+    );
     assert_eq!(
         step_count(),
         frozen_at,

@@ -454,13 +454,14 @@ fn checkpoint_now(shared: &Shared, slurm_job: Option<&str>) {
     };
     match failure {
         None => {
-            // Still stopped, and to stay so until it is gone: see the
-            // module's "Requeue".
-            shared.signal_tree(Signal::SIGKILL);
+            // Said first: once the job is gone, our main thread returns.
             eprintln!(
                 "chpox: Slurm job {job_id} requeued; it resumes from {}",
                 shared.image.display()
-            )
+            );
+            // Still stopped, and to stay so until it is gone: see the
+            // module's "Requeue".
+            shared.signal_tree(Signal::SIGKILL);
         }
         Some(why) => {
             eprintln!(
