@@ -56,95 +56,60 @@ pub(super) fn capture_tree(
     }
     let fs_with_parent = tree::check_unshared(tree)?;
     phase.done("owners, shared tables");
-    // What needs no ptrace (descriptors, the mappings and the pre-copy's
-    // written pages) is read on a second thread while this one, which
-    // seized the processes and alone may make ptrace requests, reads
-    // their threads and makes their remote calls (see `prepare_all`).
-    let members: Vec<(i32, bool)> = tree
+    // Descriptors first: an unsupported one fails the dump before the
+    // expensive part.
+    // Each process's /proc/PID/maps, read once for the ring check, the
+    // gadgets' stacks and its mappings (see `EarlyMaps::frozen_maps_in`).
+    let maps_texts = tree
         .members()
         .iter()
-        .map(|f| (f.pid(), f.was_stopped()))
-        .collect();
-    let precopied: Vec<_> = members
-        .iter()
-        .map(|&(pid, _)| precopies.take(pid))
-        .collect();
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (heads, prepared) = std::thread::scope(|scope| {
-        let (maps_read, maps_ready) = std::sync::mpsc::sync_channel::<()>(1);
-        let stop = &stop;
-        let members = &members;
-        let worker = scope.spawn(move || {
-            prepare_all(
-                members,
-                opts,
-                snapshots_wanted,
-                early,
-                precopied,
-                maps_read,
-                stop,
-            )
-        });
-        let heads = (|| -> Result<Option<Vec<ProcessHead>>> {
-            let mut heads = Vec::with_capacity(members.len());
-            for frozen in tree.members() {
-                // Only the root's start time is known to the caller.
-                let expect_start = heads.is_empty().then_some(opts.expect_start_time).flatten();
-                heads.push(read_process(frozen, expect_start, early)?);
-            }
-            phase.done("/proc, threads");
-            // Our scratch mappings must not be among the mappings read.
-            if maps_ready.recv().is_err() {
-                // The worker failed: its error is the dump's.
-                return Ok(None);
-            }
-            phase.done("waited for the mappings");
-            remote_state_all(tree.members(), &mut heads)?;
-            phase.done("remote syscalls");
-            Ok(Some(heads))
-        })();
-        if heads.is_err() {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        let prepared = worker.join().unwrap_or_else(|_| {
-            Err(Error::Other(
-                "internal: the dump's reader thread panicked".into(),
-            ))
-        });
-        (heads, prepared)
+        .map(|f| crate::error::read_proc(&format!("/proc/{}/maps", f.pid())))
+        .collect::<Result<Vec<_>>>()?;
+    let sockets = fds::sockets::tables::SocketTables::new(opts.tcp);
+    let mut fds = Vec::with_capacity(tree.members().len());
+    for (frozen, maps) in tree.members().iter().zip(&maps_texts) {
+        fds.push(fds::scan_fds(
+            frozen.pid(),
+            opts.unsupported_fd,
+            &sockets,
+            maps,
+        )?);
+    }
+    phase.done(if sockets.queried() {
+        "sock_diag, descriptors"
+    } else {
+        "descriptors (no socket)"
     });
-    // An unsupported descriptor is the more useful message; a process that
-    // died fails both alike.
-    let prepared = prepared?;
-    let heads = heads?.ok_or_else(|| {
-        Error::Other("internal: the dump's reader thread stopped without an error".into())
-    })?;
-    phase.done("waited for descriptors, pre-copy scans");
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
-    let mut procs = Vec::with_capacity(members.len());
+    let mut procs = Vec::with_capacity(fds.len());
     let mut pages = PageDumper::new(tree.root())?;
     let mut snapshots = Vec::new();
     let mut plans = Vec::new();
     let mut verify_after = Vec::new();
     let mut resident_pages = 0;
-    let iter = tree
-        .members()
-        .iter()
-        .zip(prepared.fds)
-        .zip(prepared.memory)
-        .zip(heads);
-    for (((frozen, fds), memory), mut head) in iter {
-        if let Some(p) = &memory.precopied {
-            p.fix_restarted_sleeps(&head.tids, &mut head.thread_states);
-        }
+    // /proc first, then what only the processes can tell, all of them at
+    // once (`overlap`: each remote call waits for its tracee to be
+    // scheduled, and the waits of different processes overlap), then
+    // their memory one after the other.
+    let mut heads = Vec::with_capacity(fds.len());
+    for (frozen, maps) in tree.members().iter().zip(&maps_texts) {
+        // Only the root's start time is known to the caller.
+        let expect_start = heads.is_empty().then_some(opts.expect_start_time).flatten();
+        heads.push(read_process(frozen, expect_start, early, precopies, maps)?);
+    }
+    phase.done("/proc, threads");
+    remote_state_all(tree.members(), &mut heads)?;
+    phase.done("remote syscalls");
+    let each = tree.members().iter().zip(fds).zip(heads).zip(&maps_texts);
+    for (((frozen, fds), head), maps_text) in each {
         if !procs.is_empty() {
             pages.next_process(frozen.pid())?;
         }
         let (image, resident, snapshot, plan) = capture_process(
             frozen,
             head,
-            memory,
+            maps_text,
             writer,
             &mut pages,
             fds,
@@ -224,6 +189,7 @@ struct ProcessHead {
     tids: Vec<i32>,
     thread_states: Vec<crate::image::model::ThreadState>,
     shared_pending: Vec<crate::image::model::PendingSignal>,
+    precopied: Option<crate::precopy::PreCopied>,
     syscall_ip: u64,
     gadgets: Option<crate::safe_return::Gadgets>,
     actions: Vec<crate::image::model::SigAction>,
@@ -234,6 +200,8 @@ fn read_process(
     frozen: &Frozen,
     expect_start_time: Option<u64>,
     early: &EarlyMaps,
+    precopies: &mut PreCopies,
+    maps: &str,
 ) -> Result<ProcessHead> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
@@ -245,18 +213,23 @@ fn read_process(
         )));
     }
     let tids = frozen.tids();
-    let thread_states = tids
+    let mut thread_states = tids
         .iter()
         .map(|&tid| threads::dump_thread(pid, tid))
         .collect::<Result<Vec<_>>>()?;
     let shared_pending = signals::dump_shared_pending(pid)?;
-    let (syscall_ip, gadgets) = early.code(pid)?;
+    let precopied = precopies.take(pid);
+    if let Some(p) = &precopied {
+        p.fix_restarted_sleeps(&tids, &mut thread_states);
+    }
+    let (syscall_ip, gadgets) = early.code_in(pid, maps)?;
     phase.done("/proc, threads, gadgets");
     Ok(ProcessHead {
         info,
         tids,
         thread_states,
         shared_pending,
+        precopied,
         syscall_ip,
         gadgets,
         actions: Vec::new(),
@@ -340,148 +313,6 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
     Ok(())
 }
 
-/// What [`prepare_all`] read of one frozen process: its mappings, and
-/// the plan of its pre-copied pages.
-struct MemoryHead {
-    maps: Vec<memory::MapEntry>,
-    /// The flags of `maps` are the early ones (see `earlymaps`).
-    early_flags: bool,
-    /// Which of `maps` a pre-copy planned.
-    claimed: Vec<bool>,
-    /// Its pages are to be snapshotted (or pre-copied) rather than copied
-    /// while frozen.
-    snapshot_wanted: bool,
-    /// Its pre-copy, if it had one (also when no plan uses it: its record
-    /// of interrupted sleeps still applies to the threads).
-    precopied: Option<crate::precopy::PreCopied>,
-    plan: Option<Planned>,
-}
-
-/// What [`prepare_all`] read of the tree.
-struct Prepared {
-    fds: Vec<Vec<crate::image::model::FdEntry>>,
-    memory: Vec<MemoryHead>,
-}
-
-/// What needs no ptrace, read on its own thread while the seizing thread
-/// reads threads and makes remote calls: first the mappings of every
-/// process (`maps_read` then tells the remote calls may begin: their
-/// scratch mappings must not be among these), then the descriptors and
-/// the pre-copy's written pages.
-///
-/// The mappings read before the remote calls are those after them: a
-/// frozen process's address space changes only by what we do, and the
-/// remote calls map one page and unmap exactly it again (a merge with a
-/// neighbour is undone by the unmap: the lines are the same). The pages
-/// the pre-copy reads now are the frozen process's own (the remote calls
-/// write only below a thread's stack pointer, and read nothing back from
-/// these pages).
-fn prepare_all(
-    members: &[(i32, bool)],
-    opts: &DumpOptions,
-    snapshots_wanted: bool,
-    early: &EarlyMaps,
-    precopied: Vec<Option<crate::precopy::PreCopied>>,
-    maps_read: std::sync::mpsc::SyncSender<()>,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Result<Prepared> {
-    let mut phase = Phases::start();
-    let mut memory = Vec::with_capacity(members.len());
-    for (index, (&(pid, was_stopped), precopied)) in members.iter().zip(precopied).enumerate() {
-        let snapshot_as = snapshots_wanted.then_some(index);
-        memory.push(read_maps(pid, was_stopped, snapshot_as, early, precopied)?);
-    }
-    // Cannot fail but when the seizing thread is gone already.
-    let _ = maps_read.send(());
-    phase.done("reader: maps");
-    // Descriptors first: an unsupported one fails the dump before the
-    // expensive part.
-    let unix = fds::unix::query()?;
-    let inet = fds::inet::query(opts.tcp)?;
-    phase.done("reader: sock_diag");
-    let mut fds = Vec::with_capacity(members.len());
-    for &(pid, _) in members {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::Other("internal: the dump stopped".into()));
-        }
-        fds.push(fds::scan_fds(pid, opts.unsupported_fd, &unix, &inet)?);
-    }
-    phase.done("reader: descriptors");
-    for (index, m) in memory.iter_mut().enumerate() {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::Other("internal: the dump stopped".into()));
-        }
-        let snapshot_as = snapshots_wanted.then_some(index);
-        m.plan = plan_precopied(m, snapshot_as)?;
-    }
-    phase.done("reader: pre-copy scans");
-    Ok(Prepared { fds, memory })
-}
-
-/// The mappings of frozen `pid`, and which of them its pre-copy claims.
-fn read_maps(
-    pid: i32,
-    was_stopped: bool,
-    snapshot_as: Option<usize>,
-    early: &EarlyMaps,
-    precopied: Option<crate::precopy::PreCopied>,
-) -> Result<MemoryHead> {
-    // A process to be snapshotted keeps the flags read before the freeze
-    // when its mappings are unchanged (`earlymaps`).
-    let snapshot_wanted = snapshot_as.is_some() && !was_stopped;
-    let (mut maps, early_flags) = if snapshot_wanted {
-        early.frozen_maps(pid)?
-    } else {
-        (early.read_now(pid)?, false)
-    };
-    // Mappings a pre-copy tracked: planned from their earlier copy.
-    let mut claimed = vec![false; maps.len()];
-    if let Some(p) = precopied.as_ref().filter(|_| snapshot_wanted) {
-        for (c, m) in claimed.iter_mut().zip(maps.iter_mut()) {
-            *c = p.claim(m);
-        }
-    }
-    memory::refuse_missing_page_handlers(pid, &maps)?;
-    Ok(MemoryHead {
-        maps,
-        early_flags,
-        claimed,
-        snapshot_wanted,
-        precopied,
-        plan: None,
-    })
-}
-
-/// The plan of a pre-copied process's pages (see `precopy`), if it has a
-/// pre-copy, is to be snapshotted, and not too much is new.
-fn plan_precopied(m: &mut MemoryHead, snapshot_as: Option<usize>) -> Result<Option<Planned>> {
-    let (Some(p), Some(index)) = (m.precopied.as_mut(), snapshot_as) else {
-        return Ok(None);
-    };
-    if !m.snapshot_wanted {
-        return Ok(None);
-    }
-    let tracked: Vec<(usize, &memory::MapEntry)> = m
-        .maps
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| m.claimed[i])
-        .collect();
-    // Mappings made since the attach are copied while frozen: too
-    // many of them, and the snapshot is the shorter freeze.
-    let untracked: u64 = m
-        .maps
-        .iter()
-        .zip(&m.claimed)
-        .filter(|&(map, &c)| !c && snapshot::fork_copies(map, map.kind()))
-        .map(|(map, _)| map.len() / PAGE_SIZE)
-        .sum();
-    if untracked > crate::precopy::FROZEN_COPY_LIMIT_PAGES {
-        return Ok(None);
-    }
-    p.plan(index, &tracked)
-}
-
 /// Read the rest of one frozen process, whose `head` is read: its memory
 /// (through `pages`, set to it). Returns
 /// its image, how many of its pages were resident, and, given its index in
@@ -491,7 +322,7 @@ fn plan_precopied(m: &mut MemoryHead, snapshot_as: Option<usize>) -> Result<Opti
 fn capture_process(
     frozen: &Frozen,
     head: ProcessHead,
-    memory: MemoryHead,
+    maps_text: &str,
     writer: &mut ImageWriter,
     pages: &mut PageDumper,
     fds: Vec<crate::image::model::FdEntry>,
@@ -508,19 +339,58 @@ fn capture_process(
         mut info,
         thread_states,
         shared_pending,
+        precopied,
         syscall_ip,
         gadgets,
         actions,
         ..
     } = head;
-    let MemoryHead {
-        mut maps,
-        early_flags,
-        mut claimed,
-        mut precopied,
-        plan,
-        ..
-    } = memory;
+    // The address space as read before the remote calls, which leave it
+    // as they found it: they map one scratch page in the process and
+    // unmap exactly it again, and nothing else maps or unmaps in a frozen
+    // process (a merge of the page with a neighbour is undone by the
+    // unmap, to the same lines). A process to be snapshotted keeps the
+    // flags read before the freeze when its mappings are unchanged
+    // (`earlymaps`).
+    let snapshot_wanted = snapshot_as.is_some() && !frozen.was_stopped();
+    let (mut maps, early_flags) = if snapshot_wanted {
+        early.frozen_maps_in(pid, maps_text)?
+    } else {
+        (early.read_now(pid)?, false)
+    };
+    // Mappings a pre-copy tracked: planned from their earlier copy.
+    let mut precopied = precopied.filter(|_| snapshot_wanted);
+    let mut claimed = vec![false; maps.len()];
+    if let Some(p) = &precopied {
+        for (c, m) in claimed.iter_mut().zip(maps.iter_mut()) {
+            *c = p.claim(m);
+        }
+    }
+    memory::refuse_missing_page_handlers(pid, &maps)?;
+    phase.done("maps");
+    let plan = match (precopied.as_mut(), snapshot_as) {
+        (Some(p), Some(index)) => {
+            let tracked: Vec<(usize, &memory::MapEntry)> = maps
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| claimed[i])
+                .collect();
+            // Mappings made since the attach are copied while frozen: too
+            // many of them, and the snapshot is the shorter freeze.
+            let untracked: u64 = maps
+                .iter()
+                .zip(&claimed)
+                .filter(|&(m, &c)| !c && snapshot::fork_copies(m, m.kind()))
+                .map(|(m, _)| m.len() / PAGE_SIZE)
+                .sum();
+            if untracked > crate::precopy::FROZEN_COPY_LIMIT_PAGES {
+                None
+            } else {
+                p.plan(index, &tracked)?
+            }
+        }
+        _ => None,
+    };
     if plan.is_none() {
         claimed.iter_mut().for_each(|c| *c = false);
         // Dumped the ordinary way: our protection markers must not show
@@ -528,6 +398,7 @@ fn capture_process(
         // removes them (a page-table walk, in this rare case while frozen).
         precopied = None;
     }
+    phase.done("pre-copy scan");
     // A process in a job-control stop does not run on after the dump, so
     // copying its pages now costs it nothing; and the brief freeze that
     // reaps a snapshot would meet the SIGSTOP that keeps it stopped.

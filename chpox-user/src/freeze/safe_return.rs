@@ -117,6 +117,12 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
 /// stack, and the stack mappings read again now (threads come and go).
 /// None: search again with [`find_gadgets`].
 pub fn still_valid(pid: i32, gadgets: &Gadgets) -> Option<Gadgets> {
+    let maps = crate::error::read_proc(&format!("/proc/{pid}/maps")).ok()?;
+    still_valid_in(pid, gadgets, &maps)
+}
+
+/// [`still_valid`] with `maps`, the text of /proc/PID/maps read already.
+pub fn still_valid_in(pid: i32, gadgets: &Gadgets, maps: &str) -> Option<Gadgets> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     if status
         .lines()
@@ -134,11 +140,10 @@ pub fn still_valid(pid: i32, gadgets: &Gadgets) -> Option<Gadgets> {
     {
         return None;
     }
-    let maps = crate::error::read_proc(&format!("/proc/{pid}/maps")).ok()?;
     Some(Gadgets {
         syscall_ret: gadgets.syscall_ret,
         sigreturn: gadgets.sigreturn,
-        stacks: stack_mappings(&maps),
+        stacks: stack_mappings(maps),
     })
 }
 
