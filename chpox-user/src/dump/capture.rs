@@ -58,21 +58,22 @@ pub(super) fn capture_tree(
     phase.done("owners, shared tables");
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
-    // Each process's /proc/PID/maps, read once for the ring check, the
-    // gadgets' stacks and its mappings (see `EarlyMaps::frozen_maps_in`).
-    let maps_texts = tree
+    // Each process's /proc/PID/maps and status, read once for the ring
+    // check, the gadgets, the dispositions, attributes and mappings (see
+    // `EarlyMaps::frozen_maps_in`), rather than once for each.
+    let texts = tree
         .members()
         .iter()
-        .map(|f| crate::error::read_proc(&format!("/proc/{}/maps", f.pid())))
+        .map(|f| ProcTexts::read(f.pid()))
         .collect::<Result<Vec<_>>>()?;
     let sockets = fds::sockets::tables::SocketTables::new(opts.tcp);
     let mut fds = Vec::with_capacity(tree.members().len());
-    for (frozen, maps) in tree.members().iter().zip(&maps_texts) {
+    for (frozen, texts) in tree.members().iter().zip(&texts) {
         fds.push(fds::scan_fds(
             frozen.pid(),
             opts.unsupported_fd,
             &sockets,
-            maps,
+            &texts.maps,
         )?);
     }
     phase.done(if sockets.queried() {
@@ -93,23 +94,23 @@ pub(super) fn capture_tree(
     // scheduled, and the waits of different processes overlap), then
     // their memory one after the other.
     let mut heads = Vec::with_capacity(fds.len());
-    for (frozen, maps) in tree.members().iter().zip(&maps_texts) {
+    for (frozen, texts) in tree.members().iter().zip(&texts) {
         // Only the root's start time is known to the caller.
         let expect_start = heads.is_empty().then_some(opts.expect_start_time).flatten();
-        heads.push(read_process(frozen, expect_start, early, precopies, maps)?);
+        heads.push(read_process(frozen, expect_start, early, precopies, texts)?);
     }
     phase.done("/proc, threads");
-    remote_state_all(tree.members(), &mut heads)?;
+    remote_state_all(tree.members(), &mut heads, &texts)?;
     phase.done("remote syscalls");
-    let each = tree.members().iter().zip(fds).zip(heads).zip(&maps_texts);
-    for (((frozen, fds), head), maps_text) in each {
+    let each = tree.members().iter().zip(fds).zip(heads).zip(&texts);
+    for (((frozen, fds), head), texts) in each {
         if !procs.is_empty() {
             pages.next_process(frozen.pid())?;
         }
         let (image, resident, snapshot, plan) = capture_process(
             frozen,
             head,
-            maps_text,
+            texts,
             writer,
             &mut pages,
             fds,
@@ -182,6 +183,24 @@ pub(super) fn capture_tree(
     })
 }
 
+/// A frozen process's /proc/PID/maps and /proc/PID/status, read once,
+/// before its remote calls, whose scratch page they leave out (see
+/// `capture_process`); what else the status tells (dispositions,
+/// no_new_privs, shadow stack) only the process itself changes.
+struct ProcTexts {
+    maps: String,
+    status: String,
+}
+
+impl ProcTexts {
+    fn read(pid: i32) -> Result<ProcTexts> {
+        Ok(ProcTexts {
+            maps: crate::error::read_proc(&format!("/proc/{pid}/maps"))?,
+            status: crate::error::read_proc(&format!("/proc/{pid}/status"))?,
+        })
+    }
+}
+
 /// What one frozen process's /proc and threads say, and, once
 /// [`remote_state_all`] has run, what only it can tell.
 struct ProcessHead {
@@ -201,7 +220,7 @@ fn read_process(
     expect_start_time: Option<u64>,
     early: &EarlyMaps,
     precopies: &mut PreCopies,
-    maps: &str,
+    texts: &ProcTexts,
 ) -> Result<ProcessHead> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
@@ -222,7 +241,7 @@ fn read_process(
     if let Some(p) = &precopied {
         p.fix_restarted_sleeps(&tids, &mut thread_states);
     }
-    let (syscall_ip, gadgets) = early.code_in(pid, maps)?;
+    let (syscall_ip, gadgets) = early.code_in(pid, &texts.maps, &texts.status)?;
     phase.done("/proc, threads, gadgets");
     Ok(ProcessHead {
         info,
@@ -239,12 +258,18 @@ fn read_process(
 /// The remote syscalls of every process of the tree, overlapped (see
 /// `overlap`). Each process's sequence runs to its end (its threads given
 /// back) even when another's failed; then the first failure is returned.
-fn remote_state_all(members: &[Frozen], heads: &mut [ProcessHead]) -> Result<()> {
+fn remote_state_all(
+    members: &[Frozen],
+    heads: &mut [ProcessHead],
+    texts: &[ProcTexts],
+) -> Result<()> {
     let seqs: Vec<crate::overlap::Sequence<'_, Result<()>>> = members
         .iter()
         .zip(heads.iter_mut())
-        .map(|(frozen, head)| {
-            Box::pin(remote_state(frozen, head)) as crate::overlap::Sequence<'_, Result<()>>
+        .zip(texts)
+        .map(|((frozen, head), texts)| {
+            Box::pin(remote_state(frozen, head, &texts.status))
+                as crate::overlap::Sequence<'_, Result<()>>
         })
         .collect();
     crate::overlap::run_all(seqs).into_iter().collect()
@@ -253,7 +278,7 @@ fn remote_state_all(members: &[Frozen], heads: &mut [ProcessHead]) -> Result<()>
 /// What only the process can tell (remote syscalls): dispositions, brk,
 /// personality, timers, prctl values in the leader; the alternate stack
 /// and clear_child_tid in every thread.
-async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
+async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> Result<()> {
     let pid = frozen.pid();
     let ProcessHead {
         info,
@@ -285,10 +310,10 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
     let scratch_len = PAGE_SIZE;
     let scratch = leader.map_scratch_async(scratch_len).await?;
     process::dump_mlockall(info, pid, scratch)?;
-    *actions = signals::dump_actions(&mut leader, scratch).await?;
+    *actions = signals::dump_actions(&mut leader, scratch, status).await?;
     process::dump_remote_state(info, &mut leader, scratch).await?;
     info.timers = crate::timers::dump(pid, &mut leader, scratch).await?;
-    process::dump_attrs(info, &mut leader, tids).await?;
+    process::dump_attrs(info, &mut leader, tids, status).await?;
     for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
         if *tid == pid {
             state.sigaltstack = signals::dump_altstack(&mut leader, scratch).await?;
@@ -322,7 +347,7 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
 fn capture_process(
     frozen: &Frozen,
     head: ProcessHead,
-    maps_text: &str,
+    texts: &ProcTexts,
     writer: &mut ImageWriter,
     pages: &mut PageDumper,
     fds: Vec<crate::image::model::FdEntry>,
@@ -354,7 +379,7 @@ fn capture_process(
     // (`earlymaps`).
     let snapshot_wanted = snapshot_as.is_some() && !frozen.was_stopped();
     let (mut maps, early_flags) = if snapshot_wanted {
-        early.frozen_maps_in(pid, maps_text)?
+        early.frozen_maps_in(pid, &texts.maps, &texts.status)?
     } else {
         (early.read_now(pid)?, false)
     };

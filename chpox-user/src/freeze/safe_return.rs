@@ -118,12 +118,13 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
 /// None: search again with [`find_gadgets`].
 pub fn still_valid(pid: i32, gadgets: &Gadgets) -> Option<Gadgets> {
     let maps = crate::error::read_proc(&format!("/proc/{pid}/maps")).ok()?;
-    still_valid_in(pid, gadgets, &maps)
+    let status = crate::error::read_proc(&format!("/proc/{pid}/status")).ok()?;
+    still_valid_in(pid, gadgets, &maps, &status)
 }
 
-/// [`still_valid`] with `maps`, the text of /proc/PID/maps read already.
-pub fn still_valid_in(pid: i32, gadgets: &Gadgets, maps: &str) -> Option<Gadgets> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+/// [`still_valid`] with `maps` and `status`, the texts of /proc/PID/maps
+/// and /proc/PID/status read already.
+pub fn still_valid_in(pid: i32, gadgets: &Gadgets, maps: &str, status: &str) -> Option<Gadgets> {
     if status
         .lines()
         .find_map(|l| l.strip_prefix("x86_Thread_features:"))

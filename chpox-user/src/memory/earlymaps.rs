@@ -70,7 +70,11 @@ fn same_line(a: &MapEntry, b: &MapEntry) -> bool {
 
 /// `VmLck:` of `/proc/PID/status`, in bytes.
 fn locked_bytes(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    locked_bytes_in(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `VmLck:` of `status`, the text of a /proc/PID/status, in bytes.
+fn locked_bytes_in(status: &str) -> Option<u64> {
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmLck:"))?
@@ -163,15 +167,17 @@ impl EarlyMaps {
     /// `safe_return`, from the early search where they still hold, else
     /// searched now.
     pub fn code(&self, pid: i32) -> Result<(u64, Option<crate::safe_return::Gadgets>)> {
-        self.code_in(pid, &read_maps_text(pid)?)
+        let status = crate::error::read_proc(&format!("/proc/{pid}/status"))?;
+        self.code_in(pid, &read_maps_text(pid)?, &status)
     }
 
-    /// [`code`](Self::code) with `maps`, the text of frozen `pid`'s
-    /// /proc/PID/maps read already.
+    /// [`code`](Self::code) with `maps` and `status`, the texts of frozen
+    /// `pid`'s /proc/PID/maps and /proc/PID/status read already.
     pub fn code_in(
         &self,
         pid: i32,
         maps: &str,
+        status: &str,
     ) -> Result<(u64, Option<crate::safe_return::Gadgets>)> {
         if let Some((ip, gadgets)) = self.code.get(&pid) {
             let mut insn = [0u8; 2];
@@ -179,7 +185,7 @@ impl EarlyMaps {
                 crate::remote::read_memory(pid, *ip, &mut insn).is_ok() && insn == [0x0f, 0x05];
             let gadgets_hold = gadgets
                 .as_ref()
-                .map(|g| crate::safe_return::still_valid_in(pid, g, maps));
+                .map(|g| crate::safe_return::still_valid_in(pid, g, maps, status));
             match (ip_holds, gadgets_hold) {
                 (true, None) => return Ok((*ip, None)),
                 (true, Some(Some(g))) => return Ok((*ip, Some(g))),
@@ -196,15 +202,22 @@ impl EarlyMaps {
     /// ones (then to be checked against its snapshot, see the module
     /// documentation) rather than read while frozen.
     pub fn frozen_maps(&self, pid: i32) -> Result<(Vec<MapEntry>, bool)> {
-        self.frozen_maps_in(pid, &read_maps_text(pid)?)
+        let status = crate::error::read_proc(&format!("/proc/{pid}/status"))?;
+        self.frozen_maps_in(pid, &read_maps_text(pid)?, &status)
     }
 
-    /// [`frozen_maps`](Self::frozen_maps) with `maps`, the text of frozen
-    /// `pid`'s /proc/PID/maps read already: while frozen it changes only
-    /// by what the dump does, and the dump's remote calls leave it as they
-    /// found it (they unmap the one page they map: see `dump::capture`).
-    pub fn frozen_maps_in(&self, pid: i32, maps: &str) -> Result<(Vec<MapEntry>, bool)> {
-        if let Some(maps) = self.unchanged_in(pid, Some(maps))? {
+    /// [`frozen_maps`](Self::frozen_maps) with `maps` and `status`, the
+    /// texts of frozen `pid`'s /proc/PID/maps and /proc/PID/status read
+    /// already: while frozen its mappings and locked total change only by
+    /// what the dump does, and the dump's remote calls leave them as they
+    /// found them (they unmap the one page they map: see `dump::capture`).
+    pub fn frozen_maps_in(
+        &self,
+        pid: i32,
+        maps: &str,
+        status: &str,
+    ) -> Result<(Vec<MapEntry>, bool)> {
+        if let Some(maps) = self.unchanged_in(pid, Some((maps, status)))? {
             return Ok((maps, true));
         }
         Ok((self.read_now(pid)?, false))
@@ -214,17 +227,17 @@ impl EarlyMaps {
         self.unchanged_in(pid, None)
     }
 
-    /// Whether the mappings of `pid` (`maps`, else read now) are those of
-    /// the early read.
-    fn unchanged_in(&self, pid: i32, maps: Option<&str>) -> Result<Option<Vec<MapEntry>>> {
+    /// Whether the mappings of `pid` (`texts`: its maps and status, else
+    /// read now) are those of the early read.
+    fn unchanged_in(&self, pid: i32, texts: Option<(&str, &str)>) -> Result<Option<Vec<MapEntry>>> {
         let Some((started, early)) = self.by_pid.get(&pid) else {
             return Ok(None);
         };
         if start_time(pid) != Some(*started) {
             return Ok(None);
         }
-        let mut now = match maps {
-            Some(text) => memory::parse_smaps(text, &format!("/proc/{pid}/maps"))?,
+        let mut now = match texts {
+            Some((text, _)) => memory::parse_smaps(text, &format!("/proc/{pid}/maps"))?,
             None => memory::read_maps_lines(pid)?,
         };
         if now.len() != early.len() || now.iter().zip(early).any(|(n, e)| !same_line(n, e)) {
@@ -242,7 +255,11 @@ impl EarlyMaps {
             .filter(|m| m.vm_flags.iter().any(|f| f == "lo"))
             .map(MapEntry::len)
             .sum();
-        if locked_bytes(pid) != Some(locked) {
+        let locked_now = match texts {
+            Some((_, status)) => locked_bytes_in(status),
+            None => locked_bytes(pid),
+        };
+        if locked_now != Some(locked) {
             debug!(
                 pid,
                 locked, "locked memory changed: smaps read while frozen"
