@@ -58,19 +58,29 @@ pub(super) fn capture_tree(
     phase.done("owners, shared tables");
     // Descriptors first: an unsupported one fails the dump before the
     // expensive part.
-    let unix = fds::unix::query()?;
-    let inet = fds::inet::query(opts.tcp)?;
-    phase.done("sock_diag");
+    // Each process's /proc/PID/maps and status, read once for the ring
+    // check, the gadgets, the dispositions, attributes and mappings (see
+    // `EarlyMaps::frozen_maps_in`), rather than once for each.
+    let texts = tree
+        .members()
+        .iter()
+        .map(|f| ProcTexts::read(f.pid()))
+        .collect::<Result<Vec<_>>>()?;
+    let sockets = fds::sockets::tables::SocketTables::new(opts.tcp);
     let mut fds = Vec::with_capacity(tree.members().len());
-    for frozen in tree.members() {
+    for (frozen, texts) in tree.members().iter().zip(&texts) {
         fds.push(fds::scan_fds(
             frozen.pid(),
             opts.unsupported_fd,
-            &unix,
-            &inet,
+            &sockets,
+            &texts.maps,
         )?);
     }
-    phase.done("descriptors");
+    phase.done(if sockets.queried() {
+        "sock_diag, descriptors"
+    } else {
+        "descriptors (no socket)"
+    });
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
     let mut procs = Vec::with_capacity(fds.len());
@@ -84,21 +94,23 @@ pub(super) fn capture_tree(
     // scheduled, and the waits of different processes overlap), then
     // their memory one after the other.
     let mut heads = Vec::with_capacity(fds.len());
-    for frozen in tree.members() {
+    for (frozen, texts) in tree.members().iter().zip(&texts) {
         // Only the root's start time is known to the caller.
         let expect_start = heads.is_empty().then_some(opts.expect_start_time).flatten();
-        heads.push(read_process(frozen, expect_start, early, precopies)?);
+        heads.push(read_process(frozen, expect_start, early, precopies, texts)?);
     }
     phase.done("/proc, threads");
-    remote_state_all(tree.members(), &mut heads)?;
+    remote_state_all(tree.members(), &mut heads, &texts)?;
     phase.done("remote syscalls");
-    for ((frozen, fds), head) in tree.members().iter().zip(fds).zip(heads) {
+    let each = tree.members().iter().zip(fds).zip(heads).zip(&texts);
+    for (((frozen, fds), head), texts) in each {
         if !procs.is_empty() {
             pages.next_process(frozen.pid())?;
         }
         let (image, resident, snapshot, plan) = capture_process(
             frozen,
             head,
+            texts,
             writer,
             &mut pages,
             fds,
@@ -171,6 +183,24 @@ pub(super) fn capture_tree(
     })
 }
 
+/// A frozen process's /proc/PID/maps and /proc/PID/status, read once,
+/// before its remote calls, whose scratch page they leave out (see
+/// `capture_process`); what else the status tells (dispositions,
+/// no_new_privs, shadow stack) only the process itself changes.
+struct ProcTexts {
+    maps: String,
+    status: String,
+}
+
+impl ProcTexts {
+    fn read(pid: i32) -> Result<ProcTexts> {
+        Ok(ProcTexts {
+            maps: crate::error::read_proc(&format!("/proc/{pid}/maps"))?,
+            status: crate::error::read_proc(&format!("/proc/{pid}/status"))?,
+        })
+    }
+}
+
 /// What one frozen process's /proc and threads say, and, once
 /// [`remote_state_all`] has run, what only it can tell.
 struct ProcessHead {
@@ -190,6 +220,7 @@ fn read_process(
     expect_start_time: Option<u64>,
     early: &EarlyMaps,
     precopies: &mut PreCopies,
+    texts: &ProcTexts,
 ) -> Result<ProcessHead> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
@@ -210,7 +241,7 @@ fn read_process(
     if let Some(p) = &precopied {
         p.fix_restarted_sleeps(&tids, &mut thread_states);
     }
-    let (syscall_ip, gadgets) = early.code(pid)?;
+    let (syscall_ip, gadgets) = early.code_in(pid, &texts.maps, &texts.status)?;
     phase.done("/proc, threads, gadgets");
     Ok(ProcessHead {
         info,
@@ -227,12 +258,18 @@ fn read_process(
 /// The remote syscalls of every process of the tree, overlapped (see
 /// `overlap`). Each process's sequence runs to its end (its threads given
 /// back) even when another's failed; then the first failure is returned.
-fn remote_state_all(members: &[Frozen], heads: &mut [ProcessHead]) -> Result<()> {
+fn remote_state_all(
+    members: &[Frozen],
+    heads: &mut [ProcessHead],
+    texts: &[ProcTexts],
+) -> Result<()> {
     let seqs: Vec<crate::overlap::Sequence<'_, Result<()>>> = members
         .iter()
         .zip(heads.iter_mut())
-        .map(|(frozen, head)| {
-            Box::pin(remote_state(frozen, head)) as crate::overlap::Sequence<'_, Result<()>>
+        .zip(texts)
+        .map(|((frozen, head), texts)| {
+            Box::pin(remote_state(frozen, head, &texts.status))
+                as crate::overlap::Sequence<'_, Result<()>>
         })
         .collect();
     crate::overlap::run_all(seqs).into_iter().collect()
@@ -241,7 +278,7 @@ fn remote_state_all(members: &[Frozen], heads: &mut [ProcessHead]) -> Result<()>
 /// What only the process can tell (remote syscalls): dispositions, brk,
 /// personality, timers, prctl values in the leader; the alternate stack
 /// and clear_child_tid in every thread.
-async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
+async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> Result<()> {
     let pid = frozen.pid();
     let ProcessHead {
         info,
@@ -253,21 +290,44 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
         ..
     } = head;
     let (gadgets, syscall_ip) = (gadgets.as_ref(), *syscall_ip);
-    let mut leader = RemoteThread::borrow_guarded_async(frozen, pid, gadgets, syscall_ip).await?;
+    // Each thread is borrowed once, here, first since the freeze: what
+    // `read_process` read of it is what it has.
+    fn saved(state: &crate::image::model::ThreadState) -> Option<crate::remote::Saved<'_>> {
+        Some(crate::remote::Saved {
+            regs: crate::restore::registers::user_regs(&state.regs),
+            mask: state.sigmask,
+            xsave: &state.xsave,
+        })
+    }
+    let leader_saved = tids
+        .iter()
+        .zip(thread_states.iter())
+        .find(|(tid, _)| **tid == pid)
+        .and_then(|(_, state)| saved(state));
+    let mut leader =
+        RemoteThread::borrow_guarded_saved_async(frozen, pid, gadgets, syscall_ip, leader_saved)
+            .await?;
     let scratch_len = PAGE_SIZE;
     let scratch = leader.map_scratch_async(scratch_len).await?;
     process::dump_mlockall(info, pid, scratch)?;
-    *actions = signals::dump_actions(&mut leader, scratch).await?;
+    *actions = signals::dump_actions(&mut leader, scratch, status).await?;
     process::dump_remote_state(info, &mut leader, scratch).await?;
     info.timers = crate::timers::dump(pid, &mut leader, scratch).await?;
-    process::dump_attrs(info, &mut leader, tids).await?;
+    process::dump_attrs(info, &mut leader, tids, status).await?;
     for (tid, state) in tids.iter().zip(thread_states.iter_mut()) {
         if *tid == pid {
             state.sigaltstack = signals::dump_altstack(&mut leader, scratch).await?;
             state.clear_child_tid = threads::dump_clear_child_tid(&mut leader, scratch).await?;
         } else {
-            let mut thread =
-                RemoteThread::borrow_guarded_async(frozen, *tid, gadgets, syscall_ip).await?;
+            let thread_saved = saved(state);
+            let mut thread = RemoteThread::borrow_guarded_saved_async(
+                frozen,
+                *tid,
+                gadgets,
+                syscall_ip,
+                thread_saved,
+            )
+            .await?;
             state.sigaltstack = signals::dump_altstack(&mut thread, scratch).await?;
             state.clear_child_tid = threads::dump_clear_child_tid(&mut thread, scratch).await?;
             thread.give_back()?;
@@ -287,6 +347,7 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead) -> Result<()> {
 fn capture_process(
     frozen: &Frozen,
     head: ProcessHead,
+    texts: &ProcTexts,
     writer: &mut ImageWriter,
     pages: &mut PageDumper,
     fds: Vec<crate::image::model::FdEntry>,
@@ -309,12 +370,16 @@ fn capture_process(
         actions,
         ..
     } = head;
-    // The address space, now that our scratch page is gone again.
-    // A process to be snapshotted keeps the flags read before the freeze
-    // when its mappings are unchanged (`earlymaps`).
+    // The address space as read before the remote calls, which leave it
+    // as they found it: they map one scratch page in the process and
+    // unmap exactly it again, and nothing else maps or unmaps in a frozen
+    // process (a merge of the page with a neighbour is undone by the
+    // unmap, to the same lines). A process to be snapshotted keeps the
+    // flags read before the freeze when its mappings are unchanged
+    // (`earlymaps`).
     let snapshot_wanted = snapshot_as.is_some() && !frozen.was_stopped();
     let (mut maps, early_flags) = if snapshot_wanted {
-        early.frozen_maps(pid)?
+        early.frozen_maps_in(pid, &texts.maps, &texts.status)?
     } else {
         (early.read_now(pid)?, false)
     };

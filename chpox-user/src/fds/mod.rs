@@ -215,13 +215,13 @@ fn open_fd_numbers(pid: i32) -> Result<Vec<i32>> {
     Ok(fds)
 }
 
-/// Every descriptor of `pid`. The content of deleted regular files is not
-/// read yet; [`embed`] does that.
+/// Every descriptor of `pid`, whose /proc/PID/maps reads `maps`. The
+/// content of deleted regular files is not read yet; [`embed`] does that.
 pub fn scan_fds(
     pid: i32,
     policy: UnsupportedFd,
-    unix: &unix::UnixTable,
-    inet: &inet::InetTable,
+    sockets: &sockets::tables::SocketTables,
+    maps: &str,
 ) -> Result<Vec<FdEntry>> {
     let mut entries = Vec::new();
     let mut unsupported = Vec::new();
@@ -237,6 +237,7 @@ pub fn scan_fds(
         let info = parse_fdinfo(&fdinfo, &info_path)?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let meta = std::fs::metadata(&link_path).ok();
+        let (unix, inet) = sockets.for_target(&target)?;
         let probe = Probe {
             pid,
             fd,
@@ -276,7 +277,7 @@ pub fn scan_fds(
         return Err(Error::UnsupportedFds(unsupported.join(", ")));
     }
     // Rings without a descriptor (AIO), before anything reads that memory.
-    uring::check_rings(pid)?;
+    uring::check_rings_in(pid, maps)?;
     entries.sort_by_key(|e| e.fd);
     Ok(entries)
 }

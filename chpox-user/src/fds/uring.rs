@@ -27,8 +27,11 @@ pub static KIND: Kind = Kind {
 /// Refuse a process with an AIO ring or an io_uring mapped (read from its
 /// maps, before anything reads that memory).
 pub fn check_rings(pid: i32) -> Result<()> {
-    let path = format!("/proc/{pid}/maps");
-    let maps = read_proc(&path)?;
+    check_rings_in(pid, &read_proc(&format!("/proc/{pid}/maps"))?)
+}
+
+/// [`check_rings`] on `maps`, the text of /proc/PID/maps read already.
+pub fn check_rings_in(pid: i32, maps: &str) -> Result<()> {
     for line in maps.lines() {
         let range = line.split_whitespace().next().unwrap_or("");
         if line.ends_with("/[aio] (deleted)") {

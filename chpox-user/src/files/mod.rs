@@ -156,15 +156,30 @@ pub struct FileTable {
     /// content is live state that changes while we look (see
     /// `restore::validate::shared_state_files`).
     shared_state: Vec<bool>,
-    /// Mappings already registered, by process and what /proc/PID/maps
-    /// says of them (device, inode, path, deleted): the other mappings of
-    /// the same file in that process (a library has four or five) need
-    /// not open it again while frozen.
+    /// Mappings already registered, by mount namespace and what
+    /// /proc/PID/maps says of them (device, inode, path, deleted): the
+    /// other mappings of the same file (a library has four or five in each
+    /// process, and every process of a tree maps the same ones) need not
+    /// open it again while frozen. Within one mount namespace, as within
+    /// one process, two different files could share these only as two
+    /// btrfs subvolumes with equal inode numbers mounted over each other
+    /// at that one path while both are mapped.
     mapped: HashMap<MappedKey, usize>,
+    /// The mount namespace (inode of /proc/PID/ns/mnt) of each process
+    /// seen; the PID itself where it cannot be read.
+    mount_ns: HashMap<i32, MountNs>,
 }
 
-/// (PID, device, inode, path, deleted) of a mapping, as in its maps line.
-type MappedKey = (i32, (u32, u32), u64, String, bool);
+/// A process's mount namespace, or the process itself if unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum MountNs {
+    Inode(u64),
+    Unknown(i32),
+}
+
+/// (mount namespace, device, inode, path, deleted) of a mapping, as in its
+/// maps line.
+type MappedKey = (MountNs, (u32, u32), u64, String, bool);
 
 impl FileTable {
     pub fn new() -> Self {
@@ -251,7 +266,12 @@ impl FileTable {
 
     /// Register the file behind a file-backed mapping; returns its index.
     pub fn add_mapping(&mut self, pid: i32, map: &MapEntry) -> Result<usize> {
-        let key = (pid, map.dev, map.inode, map.path.clone(), map.deleted);
+        let ns = *self.mount_ns.entry(pid).or_insert_with(|| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(format!("/proc/{pid}/ns/mnt"))
+                .map_or(MountNs::Unknown(pid), |m| MountNs::Inode(m.ino()))
+        });
+        let key = (ns, map.dev, map.inode, map.path.clone(), map.deleted);
         let index = match self.mapped.get(&key) {
             Some(&index) => index,
             None => {

@@ -138,10 +138,33 @@ pub struct RemoteThread<'f> {
     altstack: Option<[u8; 24]>,
 }
 
+/// A frozen thread's registers, signal mask and XSAVE area, read since it
+/// stopped and before any remote call in it: as it still has them, since
+/// only the thread that seized it can change them while it is stopped.
+/// A borrow given them need not ask the kernel again (three ptrace
+/// requests per thread).
+#[derive(Clone, Copy)]
+pub struct Saved<'a> {
+    pub regs: libc::user_regs_struct,
+    pub mask: u64,
+    pub xsave: &'a [u8],
+}
+
 impl<'f> RemoteThread<'f> {
     pub fn borrow(frozen: &'f Frozen, tid: i32, syscall_ip: u64) -> Result<Self> {
-        let saved_regs = get_regs(tid)?;
-        let saved_mask = get_sigmask(tid)?;
+        Self::borrow_saved(frozen, tid, syscall_ip, None)
+    }
+
+    fn borrow_saved(
+        frozen: &'f Frozen,
+        tid: i32,
+        syscall_ip: u64,
+        saved: Option<Saved<'_>>,
+    ) -> Result<Self> {
+        let (saved_regs, saved_mask) = match saved {
+            Some(s) => (s.regs, s.mask),
+            None => (get_regs(tid)?, get_sigmask(tid)?),
+        };
         set_sigmask(tid, ALL_SIGNALS)?;
         Ok(RemoteThread {
             frozen,
@@ -182,19 +205,36 @@ impl<'f> RemoteThread<'f> {
         gadgets: Option<&Gadgets>,
         fallback_ip: u64,
     ) -> Result<Self> {
+        Self::borrow_guarded_saved_async(frozen, tid, gadgets, fallback_ip, None).await
+    }
+
+    /// [`borrow_guarded_async`](Self::borrow_guarded_async) of a thread
+    /// whose state was read already (`saved`, see [`Saved`]).
+    pub async fn borrow_guarded_saved_async(
+        frozen: &'f Frozen,
+        tid: i32,
+        gadgets: Option<&Gadgets>,
+        fallback_ip: u64,
+        saved: Option<Saved<'_>>,
+    ) -> Result<Self> {
         let Some(gadgets) = gadgets else {
-            return Self::borrow(frozen, tid, fallback_ip);
+            return Self::borrow_saved(frozen, tid, fallback_ip, saved);
         };
-        let saved_regs = get_regs(tid)?;
-        let saved_mask = get_sigmask(tid)?;
-        let xsave = crate::ptrace::get_xstate(tid)?;
+        let read;
+        let (saved_regs, saved_mask, xsave) = match saved {
+            Some(s) => (s.regs, s.mask, s.xsave),
+            None => {
+                read = crate::ptrace::get_xstate(tid)?;
+                (get_regs(tid)?, get_sigmask(tid)?, &read[..])
+            }
+        };
         let resume = registers::restarted(&saved_regs);
         let frame =
-            match safe_return::write_frame(frozen.pid(), &resume, saved_mask, &xsave, gadgets) {
+            match safe_return::write_frame(frozen.pid(), &resume, saved_mask, xsave, gadgets) {
                 Ok(frame) => frame,
                 Err(e) => {
                     debug!(tid, error = %e, "no room for a return frame; borrowing unguarded");
-                    return Self::borrow(frozen, tid, fallback_ip);
+                    return Self::borrow_saved(frozen, tid, fallback_ip, saved);
                 }
             };
         let mut thread = RemoteThread {

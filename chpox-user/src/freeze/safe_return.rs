@@ -117,7 +117,14 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
 /// stack, and the stack mappings read again now (threads come and go).
 /// None: search again with [`find_gadgets`].
 pub fn still_valid(pid: i32, gadgets: &Gadgets) -> Option<Gadgets> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let maps = crate::error::read_proc(&format!("/proc/{pid}/maps")).ok()?;
+    let status = crate::error::read_proc(&format!("/proc/{pid}/status")).ok()?;
+    still_valid_in(pid, gadgets, &maps, &status)
+}
+
+/// [`still_valid`] with `maps` and `status`, the texts of /proc/PID/maps
+/// and /proc/PID/status read already.
+pub fn still_valid_in(pid: i32, gadgets: &Gadgets, maps: &str, status: &str) -> Option<Gadgets> {
     if status
         .lines()
         .find_map(|l| l.strip_prefix("x86_Thread_features:"))
@@ -134,11 +141,10 @@ pub fn still_valid(pid: i32, gadgets: &Gadgets) -> Option<Gadgets> {
     {
         return None;
     }
-    let maps = crate::error::read_proc(&format!("/proc/{pid}/maps")).ok()?;
     Some(Gadgets {
         syscall_ret: gadgets.syscall_ret,
         sigreturn: gadgets.sigreturn,
-        stacks: stack_mappings(&maps),
+        stacks: stack_mappings(maps),
     })
 }
 

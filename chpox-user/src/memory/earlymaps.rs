@@ -28,6 +28,11 @@ use crate::memory::{self, MapEntry};
 /// without `UFFD_FEATURE_EVENT_FORK`.
 const IGNORED_IN_COPY: [&str; 4] = ["lo", "um", "uw", "ui"];
 
+/// The text of `/proc/PID/maps`.
+fn read_maps_text(pid: i32) -> Result<String> {
+    crate::error::read_proc(&format!("/proc/{pid}/maps"))
+}
+
 /// When `pid` started (`/proc/PID/stat` field 22): with the PID, one process.
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -65,7 +70,11 @@ fn same_line(a: &MapEntry, b: &MapEntry) -> bool {
 
 /// `VmLck:` of `/proc/PID/status`, in bytes.
 fn locked_bytes(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    locked_bytes_in(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `VmLck:` of `status`, the text of a /proc/PID/status, in bytes.
+fn locked_bytes_in(status: &str) -> Option<u64> {
     let kb: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmLck:"))?
@@ -158,13 +167,25 @@ impl EarlyMaps {
     /// `safe_return`, from the early search where they still hold, else
     /// searched now.
     pub fn code(&self, pid: i32) -> Result<(u64, Option<crate::safe_return::Gadgets>)> {
+        let status = crate::error::read_proc(&format!("/proc/{pid}/status"))?;
+        self.code_in(pid, &read_maps_text(pid)?, &status)
+    }
+
+    /// [`code`](Self::code) with `maps` and `status`, the texts of frozen
+    /// `pid`'s /proc/PID/maps and /proc/PID/status read already.
+    pub fn code_in(
+        &self,
+        pid: i32,
+        maps: &str,
+        status: &str,
+    ) -> Result<(u64, Option<crate::safe_return::Gadgets>)> {
         if let Some((ip, gadgets)) = self.code.get(&pid) {
             let mut insn = [0u8; 2];
             let ip_holds =
                 crate::remote::read_memory(pid, *ip, &mut insn).is_ok() && insn == [0x0f, 0x05];
             let gadgets_hold = gadgets
                 .as_ref()
-                .map(|g| crate::safe_return::still_valid(pid, g));
+                .map(|g| crate::safe_return::still_valid_in(pid, g, maps, status));
             match (ip_holds, gadgets_hold) {
                 (true, None) => return Ok((*ip, None)),
                 (true, Some(Some(g))) => return Ok((*ip, Some(g))),
@@ -181,20 +202,44 @@ impl EarlyMaps {
     /// ones (then to be checked against its snapshot, see the module
     /// documentation) rather than read while frozen.
     pub fn frozen_maps(&self, pid: i32) -> Result<(Vec<MapEntry>, bool)> {
-        if let Some(maps) = self.unchanged(pid)? {
+        let status = crate::error::read_proc(&format!("/proc/{pid}/status"))?;
+        self.frozen_maps_in(pid, &read_maps_text(pid)?, &status)
+    }
+
+    /// [`frozen_maps`](Self::frozen_maps) with `maps` and `status`, the
+    /// texts of frozen `pid`'s /proc/PID/maps and /proc/PID/status read
+    /// already: while frozen its mappings and locked total change only by
+    /// what the dump does, and the dump's remote calls leave them as they
+    /// found them (they unmap the one page they map: see `dump::capture`).
+    pub fn frozen_maps_in(
+        &self,
+        pid: i32,
+        maps: &str,
+        status: &str,
+    ) -> Result<(Vec<MapEntry>, bool)> {
+        if let Some(maps) = self.unchanged_in(pid, Some((maps, status)))? {
             return Ok((maps, true));
         }
         Ok((self.read_now(pid)?, false))
     }
 
     fn unchanged(&self, pid: i32) -> Result<Option<Vec<MapEntry>>> {
+        self.unchanged_in(pid, None)
+    }
+
+    /// Whether the mappings of `pid` (`texts`: its maps and status, else
+    /// read now) are those of the early read.
+    fn unchanged_in(&self, pid: i32, texts: Option<(&str, &str)>) -> Result<Option<Vec<MapEntry>>> {
         let Some((started, early)) = self.by_pid.get(&pid) else {
             return Ok(None);
         };
         if start_time(pid) != Some(*started) {
             return Ok(None);
         }
-        let mut now = memory::read_maps_lines(pid)?;
+        let mut now = match texts {
+            Some((text, _)) => memory::parse_smaps(text, &format!("/proc/{pid}/maps"))?,
+            None => memory::read_maps_lines(pid)?,
+        };
         if now.len() != early.len() || now.iter().zip(early).any(|(n, e)| !same_line(n, e)) {
             debug!(
                 pid,
@@ -210,7 +255,11 @@ impl EarlyMaps {
             .filter(|m| m.vm_flags.iter().any(|f| f == "lo"))
             .map(MapEntry::len)
             .sum();
-        if locked_bytes(pid) != Some(locked) {
+        let locked_now = match texts {
+            Some((_, status)) => locked_bytes_in(status),
+            None => locked_bytes(pid),
+        };
+        if locked_now != Some(locked) {
             debug!(
                 pid,
                 locked, "locked memory changed: smaps read while frozen"

@@ -292,10 +292,13 @@ fn status_number(status: &str, key: &str) -> Option<i64> {
 /// flags with remote prctl calls, and the seccomp filters of every thread
 /// (which must be one chain for all: they are reinstalled with
 /// SECCOMP_FILTER_FLAG_TSYNC).
+/// `status` is the text of its /proc/PID/status, read while it has been
+/// frozen (no_new_privs is set only by the process).
 pub async fn dump_attrs(
     info: &mut ProcessInfo,
     thread: &mut RemoteThread<'_>,
     tids: &[i32],
+    status: &str,
 ) -> Result<()> {
     let pid = thread.pid();
     let attrs = &mut info.attrs;
@@ -313,8 +316,7 @@ pub async fn dump_attrs(
             .await? as u32,
     );
     // The rest from /proc: each remote call costs frozen time.
-    let status = read_proc(&format!("/proc/{pid}/status"))?;
-    attrs.no_new_privs = status_number(&status, "NoNewPrivs:").is_some_and(|v| v != 0);
+    attrs.no_new_privs = status_number(status, "NoNewPrivs:").is_some_and(|v| v != 0);
     // 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED, which status does not show.
     attrs.thp_disable = thread
         .call(

@@ -50,8 +50,13 @@ pub fn from_kernel(signo: i32, k: &[u8; KERNEL_SIGACTION_SIZE]) -> SigAction {
 /// SA_NOCLDSTOP/SA_NOCLDWAIT act even with SIG_DFL), are asked; the others
 /// are SIG_DFL, where the kernel uses neither mask nor flags, and are
 /// recorded as a plain SIG_DFL.
-pub async fn dump_actions(thread: &mut RemoteThread<'_>, scratch: u64) -> Result<Vec<SigAction>> {
-    let status = crate::error::read_proc(&format!("/proc/{}/status", thread.pid()))?;
+/// `status` is the text of the process's /proc/PID/status, read while it
+/// has been frozen (only the process changes its dispositions).
+pub async fn dump_actions(
+    thread: &mut RemoteThread<'_>,
+    scratch: u64,
+    status: &str,
+) -> Result<Vec<SigAction>> {
     let mask = |key: &str| -> u64 {
         status
             .lines()

@@ -7,11 +7,13 @@
 //!   [`tcp_repair`];
 //! - [`sock_diag`]: what both families share (the kernel's socket
 //!   diagnostics, options, addresses), and [`unix_diag`], what the
-//!   diagnostics say of UNIX sockets.
+//!   diagnostics say of UNIX sockets; [`tables`]: both asked for once,
+//!   when a dump meets a socket.
 
 pub mod inet;
 pub mod scm_rights;
 pub mod sock_diag;
+pub mod tables;
 pub mod tcp_repair;
 pub mod unix;
 pub mod unix_diag;

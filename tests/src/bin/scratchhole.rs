@@ -1,0 +1,73 @@
+//! `scratchhole`
+//!
+//! Leaves a one-page hole between two pieces of one anonymous read-write
+//! mapping, exactly where the next one-page `mmap(NULL, …)` goes: the
+//! scratch page a dump maps in the process for its remote calls lands in
+//! it, merging the three into one mapping until the dump unmaps it again.
+//!
+//! Maps three pages, writes all of them (so both pieces share one
+//! anon_vma and may merge again), unmaps the middle one, and checks that a
+//! one-page `mmap(NULL, …)` returns the hole (then unmaps it). Prints
+//! `READY low=0x<hex> hole=0x<hex> lands=<0|1>` (`lands=1`: the next page
+//! goes into the hole), then sleeps until SIGUSR1, checks both pieces
+//! still hold what it wrote and prints `DONE ok` (exit 0) or `BAD` (exit 1).
+
+use chpox_tests::{check, say, stop_on_signal, wait_for_stop};
+
+const PAGE: usize = 4096;
+
+fn main() {
+    stop_on_signal(libc::SIGUSR1);
+    // SAFETY: a fresh private anonymous mapping; checked below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED, "mmap");
+    let base = base.cast::<u8>();
+    // SAFETY: the three pages are ours.
+    unsafe { std::ptr::write_bytes(base, 0x5a, 3 * PAGE) };
+    // SAFETY: the middle page of our own mapping.
+    let hole = unsafe { base.add(PAGE) };
+    check(unsafe { libc::munmap(hole.cast(), PAGE) }, "munmap");
+    // SAFETY: a fresh one-page mapping, unmapped again at once.
+    let probe = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(probe, libc::MAP_FAILED, "mmap");
+    let lands = probe.cast::<u8>() == hole;
+    check(unsafe { libc::munmap(probe, PAGE) }, "munmap");
+    say!(
+        "READY low={:#x} hole={:#x} lands={}",
+        base as usize,
+        hole as usize,
+        u8::from(lands)
+    );
+    wait_for_stop(std::time::Duration::from_millis(50));
+    // SAFETY: the first and last page of the mapping are still ours.
+    let intact = unsafe {
+        std::slice::from_raw_parts(base, PAGE)
+            .iter()
+            .chain(std::slice::from_raw_parts(base.add(2 * PAGE), PAGE))
+            .all(|&b| b == 0x5a)
+    };
+    if intact {
+        say!("DONE ok");
+    } else {
+        say!("BAD");
+        std::process::exit(1);
+    }
+}
