@@ -221,6 +221,17 @@ fn dump_inner(
         vec![pid]
     };
     before.done("before the freeze: checks, descendants");
+    // The mapped files' hashes, which the image needs only at its end, are
+    // computed from here on beside the rest (see `files::warm_hashes`);
+    // not when the freeze comes first (a trigger: the agent keeps its
+    // hashes from one checkpoint to the next anyway).
+    let warm_pids = if pids.is_empty() {
+        vec![pid]
+    } else {
+        pids.clone()
+    };
+    let mut warming = (!opts.freeze_first)
+        .then(|| std::thread::spawn(move || crate::files::warm_hashes(&warm_pids)));
     // A pre-copy goes into the image before the freeze. Never with
     // incremental tracking: both would write-protect the same memory.
     let mut precopy_writer = None;
@@ -335,6 +346,7 @@ fn dump_inner(
             let result = finish_image(
                 meta,
                 writer,
+                warming.take(),
                 plans,
                 &mut snapshots,
                 files,
@@ -485,6 +497,7 @@ fn keep_from_user_unless_theirs(
 fn finish_image(
     meta: &mut Metadata,
     mut writer: ImageWriter,
+    warming: Option<std::thread::JoinHandle<()>>,
     plans: Vec<Planned>,
     snapshots: &mut [Snapshot],
     files: FileTable,
@@ -498,6 +511,10 @@ fn finish_image(
     // (the writer is the bound there, and hashing needs no image).
     let (files, pages) = std::thread::scope(|scope| {
         let hashing = scope.spawn(move || {
+            // What the warming already hashed is not read again.
+            if let Some(w) = warming {
+                let _ = w.join();
+            }
             let mut files = files;
             files.hash_all().map(|()| files)
         });
