@@ -300,22 +300,3 @@ fn precopy_leaves_a_process_its_own_userfaultfd() {
         target.stdout()
     );
 }
-
-/// A mapping larger than one scan piece of the pre-copy (128 MiB: the
-/// copy of one piece runs while the next is scanned) is pre-copied whole:
-/// every page of its pattern is in the image, made by the pre-copy.
-#[test]
-fn precopy_of_a_mapping_of_several_scan_pieces_stores_every_page() {
-    let dir = tempdir();
-    let target = Target::spawn("mempattern", &["300"], dir.path());
-    let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
-    let image = dir.path().join("big.img");
-    let report = dump_json(target.pid, &image, &["--precopy"]);
-    assert_eq!(report["precopied"], 1, "{report}");
-    let reader = ImageReader::open(&image).expect("image opens");
-    reader.verify_all().expect("checksums");
-    common::check_pattern(&reader, addr, len);
-    drop(reader);
-    let _ = std::fs::remove_file(&image);
-    target.signal(libc::SIGKILL);
-}

@@ -294,12 +294,6 @@ fn attach(
     result.map(|(t, m, r)| (t, m, r, sleeping, pause))
 }
 
-/// Most bytes of a mapping scanned (and protected) in one go by the
-/// pre-copy: the copy of one piece runs while the next is scanned, so the
-/// scan (a walk of every page table entry, ~15 ms per GiB) does not hold
-/// back the copy's start.
-const SCAN_PIECE_BYTES: u64 = 128 << 20;
-
 /// Protect and copy every page of the mappings of `maps` registered as
 /// `registered`.
 fn copy_while_running(
@@ -310,77 +304,31 @@ fn copy_while_running(
 ) -> Result<PreCopied> {
     let pid = tracker.pid();
     let started = Instant::now();
-    // (mapping, start, end), in address order.
-    let mut pieces = Vec::new();
-    for (i, map) in maps.iter().enumerate() {
+    let mut runs = Vec::new();
+    let mut covered = Vec::new();
+    for map in maps {
         if !registered.contains(&(map.start, map.end)) {
             continue;
         }
-        let mut at = map.start;
-        while at < map.end {
-            let end = map.end.min(at + SCAN_PIECE_BYTES);
-            pieces.push((i, at, end));
-            at = end;
-        }
+        let file = map.kind() == VmaKind::PrivateFile;
+        let regions = match tracker.scan_every(map.start, map.end, true, file) {
+            Ok(r) => r,
+            // Unmapped or changed meanwhile: not copied now; if it is
+            // still tracked at the freeze, its pages are read then.
+            Err(e) => {
+                debug!(pid, start = map.start, error = %e, "pre-copy scan of a mapping failed");
+                continue;
+            }
+        };
+        runs.extend(needed_runs(map.kind(), &regions));
+        covered.push((map.start, map.end));
     }
-    let mut copied: Vec<(u64, u64, DataRef)> = Vec::new();
-    let mut failed = vec![false; maps.len()];
-    let (scanned, result) = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, Option<Vec<(u64, u64)>>)>();
-        let tracker = &mut tracker;
-        let scanner = scope.spawn(move || {
-            let mut busy = Duration::ZERO;
-            for (i, start, end) in pieces {
-                let t = Instant::now();
-                let kind = maps[i].kind();
-                let file = kind == VmaKind::PrivateFile;
-                let runs = match tracker.scan_every(start, end, true, file) {
-                    Ok(regions) => Some(needed_runs(kind, &regions)),
-                    // Unmapped or changed meanwhile: not copied now; if it
-                    // is still tracked at the freeze, its pages are read
-                    // then.
-                    Err(e) => {
-                        debug!(pid, start, error = %e, "pre-copy scan of a mapping failed");
-                        None
-                    }
-                };
-                busy += t.elapsed();
-                if tx.send((i, runs)).is_err() {
-                    break;
-                }
-            }
-            busy
-        });
-        let result = (|| -> Result<()> {
-            for (i, runs) in rx {
-                match runs {
-                    None => failed[i] = true,
-                    // A mapping an earlier piece of which failed is not
-                    // copied on.
-                    Some(_) if failed[i] => {}
-                    Some(runs) => {
-                        let refs = crate::pagecopy::copy_runs(
-                            pid,
-                            crate::pagecopy::Source::Running,
-                            &runs,
-                            writer,
-                        )?;
-                        copied.extend(runs.iter().zip(refs).map(|(&(a, n), r)| (a, n, r)));
-                    }
-                }
-            }
-            Ok(())
-        })();
-        // On an error the receiver is gone: the scanner stops at its next
-        // piece.
-        (scanner.join().unwrap_or_default(), result)
-    });
-    result?;
-    let covered: Vec<(u64, u64)> = maps
+    let scanned = started.elapsed();
+    let refs = crate::pagecopy::copy_runs(pid, crate::pagecopy::Source::Running, &runs, writer)?;
+    let copied: Vec<(u64, u64, DataRef)> = runs
         .iter()
-        .zip(&failed)
-        .filter(|&(m, &f)| !f && registered.contains(&(m.start, m.end)))
-        .map(|(m, _)| (m.start, m.end))
+        .zip(refs)
+        .map(|(&(a, n), r)| (a, n, r))
         .collect();
     debug!(
         pid,
