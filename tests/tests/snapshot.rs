@@ -272,3 +272,31 @@ fn precopy_of_a_process_mapping_unmapping_and_zapping_is_one_instant() {
     target.signal(libc::SIGUSR1);
     target.wait_success(EXIT_TIMEOUT);
 }
+
+/// A pre-copy registers its write tracking from the mappings' lines alone
+/// (no smaps): a range the process registered with a userfaultfd of its
+/// own must be left to it (the kernel refuses it to us), the rest
+/// pre-copied, and every page of both in the image as the freeze saw it.
+/// The process's own registration still works afterwards.
+#[test]
+fn precopy_leaves_a_process_its_own_userfaultfd() {
+    let dir = tempdir();
+    let mut target = Target::spawn("ownuffd", &["8"], dir.path());
+    let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+    let (own, own_len) = (target.ready_hex("own"), target.ready_u64("own_len"));
+    let image = dir.path().join("own.img");
+    let report = dump_json(target.pid, &image, &["--leave-stopped", "--precopy"]);
+    assert_eq!(report["precopied"], 1, "{report}");
+    let reader = ImageReader::open(&image).expect("image opens");
+    reader.verify_all().expect("checksums");
+    common::check_pattern(&reader, addr, len);
+    common::check_pattern(&reader, own, own_len);
+    target.signal(libc::SIGCONT);
+    target.signal(libc::SIGUSR1);
+    target.wait_success(EXIT_TIMEOUT);
+    assert!(
+        target.lines_after_ready().iter().any(|l| l == "OWN OK"),
+        "{}",
+        target.stdout()
+    );
+}

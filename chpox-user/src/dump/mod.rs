@@ -224,6 +224,17 @@ fn dump_inner(
         vec![pid]
     };
     before.done("before the freeze: checks, descendants");
+    // The mapped files' hashes, which the image needs only at its end, are
+    // computed from here on beside the rest (see `files::warm_hashes`);
+    // not when the freeze comes first (a trigger: the agent keeps its
+    // hashes from one checkpoint to the next anyway).
+    let warm_pids = if pids.is_empty() {
+        vec![pid]
+    } else {
+        pids.clone()
+    };
+    let mut warming = (!opts.freeze_first)
+        .then(|| std::thread::spawn(move || crate::files::warm_hashes(&warm_pids)));
     // A pre-copy goes into the image before the freeze. Never with
     // incremental tracking: both would write-protect the same memory.
     let mut precopy_writer = None;
@@ -324,19 +335,24 @@ fn dump_inner(
         // (~50 ms per GiB): on another thread, beside the rest of the image.
         let released = std::mem::take(&mut precopies);
         let (bytes, snapshots) = std::thread::scope(|scope| {
-            let release = scope.spawn(move || {
-                let t = Instant::now();
-                let mut released = released;
-                released.release();
-                debug!(
-                    us = t.elapsed().as_micros() as u64,
-                    "after the freeze: write tracking released"
-                );
+            // No thread to start (and wait for, on a busy machine) when
+            // nothing was tracked.
+            let release = (!released.is_empty()).then(|| {
+                scope.spawn(move || {
+                    let t = Instant::now();
+                    let mut released = released;
+                    released.release();
+                    debug!(
+                        us = t.elapsed().as_micros() as u64,
+                        "after the freeze: write tracking released"
+                    );
+                })
             });
             let mut snapshots = snapshots;
             let result = finish_image(
                 meta,
                 writer,
+                warming.take(),
                 plans,
                 &mut snapshots,
                 files,
@@ -349,7 +365,9 @@ fn dump_inner(
             );
             // Joined before the processes are frozen again (reaping their
             // snapshots): nothing of ours is left in them by then.
-            let _ = release.join();
+            if let Some(release) = release {
+                let _ = release.join();
+            }
             (result, snapshots)
         });
         let bytes = bytes?;
@@ -376,11 +394,23 @@ fn dump_inner(
             // If finishing fails, `frozen` is dropped on the error path and
             // the processes run on: no checkpoint, but nothing lost.
             let bytes = finish(&mut meta, writer)?;
-            let killed = frozen.kill();
+            // Every process at once: each frees its memory meanwhile.
+            let (descendants, threads) = frozen.kill_nowait();
             let frozen_for = frozen_at.elapsed();
             drop(boost);
-            // The root is its parent's to reap.
-            tree::wait_until_gone(&killed);
+            if descendants.is_empty() {
+                // A lone process is dead from here on (SIGKILL ends its
+                // stop in death) and its PID is its parent's to free:
+                // nothing to wait for but its memory being freed (~80 ms
+                // per GiB), which goes on without us. Our hold on its
+                // threads is let go beside (or by the kernel as we exit).
+                std::thread::spawn(move || crate::ptrace::collect_killed(&threads));
+            } else {
+                crate::ptrace::collect_killed(&threads);
+                // The root is its parent's to reap; the descendants' PIDs
+                // must be free for a restore right after.
+                tree::wait_until_gone(&descendants);
+            }
             repair.close_silently();
             (bytes, frozen_for)
         }
@@ -496,6 +526,7 @@ fn keep_from_user_unless_theirs(
 fn finish_image(
     meta: &mut Metadata,
     mut writer: ImageWriter,
+    warming: Option<std::thread::JoinHandle<()>>,
     plans: Vec<Planned>,
     snapshots: &mut [Snapshot],
     files: FileTable,
@@ -505,15 +536,35 @@ fn finish_image(
     held: Option<(&mut crate::memory::heldpages::HeldPages, &mut u64)>,
 ) -> Result<u64> {
     let mut phase = Phases::start();
-    *precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
-    phase.done("after the freeze: pre-copied pages finished");
-    *written = snapshot::write_all(snapshots, meta, &mut writer)?;
-    phase.done("after the freeze: snapshot pages written");
-    if let Some((held, stored)) = held {
-        *stored = held.write_all(meta, &mut writer)?;
-        phase.done("after the freeze: held pages written");
-    }
-    finish_files(files, opts, &mut writer, meta)?;
+    // The mapped files are hashed on another thread beside the pages
+    // (the writer is the bound there, and hashing needs no image).
+    let (files, pages) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(move || {
+            // What the warming already hashed is not read again.
+            if let Some(w) = warming {
+                let _ = w.join();
+            }
+            let mut files = files;
+            files.hash_all().map(|()| files)
+        });
+        let pages = (|| -> Result<()> {
+            *precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
+            phase.done("after the freeze: pre-copied pages finished");
+            *written = snapshot::write_all(snapshots, meta, &mut writer)?;
+            phase.done("after the freeze: snapshot pages written");
+            if let Some((held, stored)) = held {
+                *stored = held.write_all(meta, &mut writer)?;
+                phase.done("after the freeze: held pages written");
+            }
+            Ok(())
+        })();
+        let files = hashing
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("internal: file hashing panicked".into())));
+        (files, pages)
+    });
+    pages?;
+    finish_files(files?, opts, &mut writer, meta)?;
     phase.done("file hashes, embedded files");
     let bytes = writer.finish(meta)?;
     phase.done("metadata, sync, rename");
@@ -538,6 +589,8 @@ fn finish_files(
         files.embed(index, writer, reader.as_ref())?;
     }
     files.embed_requested(writer, opts.embed_exe, opts.embed_all_libs, reader.as_ref())?;
+    // Only what was added since the hashing beside the pages (libraries to
+    // embed that no process maps).
     files.hash_all()?;
     meta.files = files.files;
     Ok(())

@@ -121,14 +121,56 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
-fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
-    let key = (
+fn content_key(meta: &std::fs::Metadata) -> ContentKey {
+    (
         meta.dev(),
         meta.ino(),
         meta.size(),
         meta.mtime(),
         meta.mtime_nsec(),
-    );
+    )
+}
+
+/// Hash the regular files the processes `pids` map now into the cache
+/// that hashing them for an image looks in (see [`FileTable::hash_all`]):
+/// for a dump to run beside its other work, so that the hashes are done
+/// by the time the files are recorded. Best effort: a file that cannot be
+/// read, or changes while it is read, is left to be hashed later.
+pub fn warm_hashes(pids: &[i32]) {
+    let mut seen = std::collections::HashSet::new();
+    for &pid in pids {
+        let Ok(maps) = crate::memory::read_maps_lines(pid) else {
+            continue;
+        };
+        for map in maps {
+            if map.inode == 0 || map.deleted || !map.path.starts_with('/') {
+                continue;
+            }
+            let path = Path::new(&map.path);
+            let Ok(before) = std::fs::metadata(path) else {
+                continue;
+            };
+            let key = content_key(&before);
+            if !before.is_file() || !seen.insert(key) {
+                continue;
+            }
+            if hash_cache().lock().is_ok_and(|c| c.contains_key(&key)) {
+                continue;
+            }
+            let Ok(hex) = File::open(path).and_then(hash_reader) else {
+                continue;
+            };
+            if std::fs::metadata(path).is_ok_and(|after| content_key(&after) == key)
+                && let Ok(mut cache) = hash_cache().lock()
+            {
+                cache.insert(key, hex);
+            }
+        }
+    }
+}
+
+fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+    let key = content_key(meta);
     if let Ok(cache) = hash_cache().lock()
         && let Some(h) = cache.get(&key)
     {
@@ -441,6 +483,36 @@ mod tests {
     use super::*;
     use crate::image::WriteOptions;
     use std::os::unix::fs::PermissionsExt;
+
+    /// A file this process maps is hashed into the cache as its content
+    /// hashes, under the key hashing it for an image looks up.
+    #[test]
+    fn warmed_hashes_are_the_mapped_files_content_hashes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mapped");
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &content).expect("write");
+        let file = File::open(&path).expect("open");
+        // SAFETY: a fresh private read-only mapping of a file we own,
+        // unmapped below; nothing else refers to it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                content.len(),
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        warm_hashes(&[std::process::id() as i32]);
+        // SAFETY: the mapping made above, of that length.
+        unsafe { libc::munmap(addr, content.len()) };
+        let key = content_key(&std::fs::metadata(&path).expect("metadata"));
+        let cached = hash_cache().lock().expect("cache").get(&key).cloned();
+        assert_eq!(cached, Some(hash_reader(&content[..]).expect("hash")));
+    }
 
     #[test]
     fn embedded_content_is_read_with_the_readers_rights() {

@@ -493,22 +493,38 @@ impl Frozen {
     }
 
     /// Kill the process, and reap our ptrace hold on each thread.
-    pub fn kill(mut self) {
+    pub fn kill(self) {
+        collect_killed(&self.kill_nowait());
+    }
+
+    /// Kill the process without waiting for it to go (freeing a large
+    /// address space takes a while): its threads, to be collected with
+    /// [`collect_killed`] by any thread of ours, or by the kernel when we
+    /// exit. It never runs again: SIGKILL ends a tracee's stop in death.
+    pub fn kill_nowait(mut self) -> Vec<i32> {
         self.released = true;
         let _ = nix::sys::signal::kill(Pid::from_raw(self.pid), Signal::SIGKILL);
         // The kernel reports the leader's exit only once every other thread
         // is reaped, so the leader comes last.
         let mut order = self.tids.clone();
         order.sort_by_key(|&t| t == self.pid);
-        for &tid in &order {
-            // A SIGKILLed tracee leaves its stop at once; waiting lets the
-            // kernel release the thread instead of holding it for us.
-            while !matches!(wait_stop(tid), Ok(Stop::Exited) | Err(_)) {
-                let _ = ptrace::cont(Pid::from_raw(tid), None);
-            }
+        order
+    }
+}
+
+/// Reap our ptrace hold on each killed thread of `tids` (leader last, as
+/// [`Frozen::kill_nowait`] gives them).
+pub fn collect_killed(tids: &[i32]) {
+    for &tid in tids {
+        // A SIGKILLed tracee leaves its stop at once; waiting lets the
+        // kernel release the thread instead of holding it for us.
+        while !matches!(wait_stop(tid), Ok(Stop::Exited) | Err(_)) {
+            let _ = ptrace::cont(Pid::from_raw(tid), None);
         }
     }
+}
 
+impl Frozen {
     fn release(&mut self, stopped: bool) {
         if self.released {
             return;

@@ -311,6 +311,19 @@ impl FrozenTree {
         }
         pids
     }
+
+    /// Send SIGKILL to every process of the tree without waiting for any
+    /// to go: the descendants' PIDs (for [`wait_until_gone`]), and every
+    /// thread to collect with `ptrace::collect_killed` (each process's
+    /// leader after its other threads).
+    pub fn kill_nowait(mut self) -> (Vec<i32>, Vec<i32>) {
+        let pids: Vec<i32> = self.members.iter().skip(1).map(Frozen::pid).collect();
+        let mut threads = Vec::new();
+        while let Some(f) = self.members.pop() {
+            threads.extend(f.kill_nowait());
+        }
+        (pids, threads)
+    }
 }
 
 /// Wait (a few seconds at most) until `pids` are free again: killed

@@ -90,29 +90,46 @@ impl EarlyMaps {
     /// Read `smaps` of every process in `pids` (running). A process that
     /// cannot be read is left out: its `smaps` is read while frozen.
     pub fn read(pids: &[i32]) -> EarlyMaps {
-        let mut by_pid = HashMap::new();
-        for &pid in pids {
-            let Some(started) = start_time(pid) else {
-                continue;
-            };
-            if let Ok(maps) = memory::read_maps(pid)
-                && start_time(pid) == Some(started)
-            {
-                by_pid.insert(pid, (started, maps));
+        // The code search (a few reads of text) beside the page walks of
+        // smaps: neither needs the other.
+        std::thread::scope(|scope| {
+            let code = scope.spawn(|| EarlyMaps::read_code(pids));
+            let mut by_pid = HashMap::new();
+            for &pid in pids {
+                let Some(started) = start_time(pid) else {
+                    continue;
+                };
+                if let Ok(maps) = memory::read_maps(pid)
+                    && start_time(pid) == Some(started)
+                {
+                    by_pid.insert(pid, (started, maps));
+                }
             }
-        }
-        let code = by_pid
-            .keys()
+            let mut early = code.join().unwrap_or_default();
+            early.by_pid = by_pid;
+            early
+        })
+    }
+
+    /// Only where the code of each process of `pids` (running) holds what
+    /// remote syscalls need (see [`code`](Self::code)): no smaps read.
+    pub fn read_code(pids: &[i32]) -> EarlyMaps {
+        let code = pids
+            .iter()
             .filter_map(|&pid| {
                 let ip = crate::remote::find_syscall_insn(pid).ok()?;
                 Some((pid, (ip, crate::safe_return::find_gadgets(pid))))
             })
             .collect();
         EarlyMaps {
-            by_pid,
             code,
             ..EarlyMaps::default()
         }
+    }
+
+    /// The mappings of `pid` as read (with their flags), if it was.
+    pub fn maps_of(&self, pid: i32) -> Option<&[MapEntry]> {
+        self.by_pid.get(&pid).map(|(_, maps)| maps.as_slice())
     }
 
     /// Read flags while frozen from `kernel` rather than smaps where it can

@@ -164,6 +164,15 @@ impl PreCopies {
                         let copied = copy_while_running(tracker, &maps, &registered, writer);
                         (copied, early.join().unwrap_or_default())
                     });
+                    // Registered without flags (see `attach`): device
+                    // memory must not be among what is tracked.
+                    let copied =
+                        copied.and_then(|p| match registered_device(&early, pid, &registered) {
+                            Some((start, end)) => Err(Error::Other(format!(
+                                "device memory at {start:#x}-{end:#x} was registered"
+                            ))),
+                            None => Ok(p),
+                        });
                     all.early.absorb(early);
                     match copied {
                         Ok(mut p) => {
@@ -196,11 +205,38 @@ impl PreCopies {
         std::mem::take(&mut self.early)
     }
 
+    /// Nothing tracked: nothing to release.
+    pub fn is_empty(&self) -> bool {
+        self.by_pid.is_empty() && self.done.is_empty()
+    }
+
     /// Stop every tracking (the processes run again meanwhile).
     pub fn release(&mut self) {
         self.by_pid.clear();
         self.done.clear();
     }
+}
+
+/// Whether a mapping may be device memory (`VM_IO`/`VM_PFNMAP`), judged
+/// from its `maps` line alone: a private mapping of a device node or of a
+/// kernel object, not of a file. `/dev/zero` and files in `/dev/shm` are
+/// ordinary memory.
+fn maybe_device(map: &MapEntry) -> bool {
+    let path = map.path.as_str();
+    map.inode != 0
+        && ((path.starts_with("/dev/") && path != "/dev/zero" && !path.starts_with("/dev/shm/"))
+            || !path.starts_with('/'))
+}
+
+/// A range of `registered` that `early` (smaps of `pid`, read after the
+/// registration) shows as device memory, if any.
+fn registered_device(early: &EarlyMaps, pid: i32, registered: &[(u64, u64)]) -> Option<(u64, u64)> {
+    early
+        .maps_of(pid)?
+        .iter()
+        .filter(|m| m.is_device_memory())
+        .find(|m| registered.iter().any(|&(s, e)| s < m.end && m.start < e))
+        .map(|m| (m.start, m.end))
 }
 
 /// Freeze `pid` alone for a moment and register its tracking. Returns the
@@ -216,7 +252,12 @@ fn attach(
     HashMap<i32, (u64, u64)>,
     Duration,
 )> {
-    let early = EarlyMaps::read(&[pid]);
+    // Not smaps (a page walk, ~25 ms per GiB): the mappings' lines are
+    // enough to register, the kernel refuses a range another userfaultfd
+    // holds (EBUSY), and device memory, which only the flags tell, is kept
+    // out by its path here and checked against the smaps read beside the
+    // copy (`PreCopies::run`).
+    let early = EarlyMaps::read_code(&[pid]);
     let _boost = crate::dump::Boost::raise();
     let started = Instant::now();
     let frozen = Frozen::freeze(pid)?;
@@ -242,8 +283,9 @@ fn attach(
         let tracker = Tracker::attach(&mut leader);
         leader.give_back()?;
         let mut tracker = tracker?;
-        let (maps, _) = early.frozen_maps(pid)?;
-        let registered = tracker.register(&maps)?;
+        let maps = crate::memory::read_maps_lines(pid)?;
+        let eligible: Vec<MapEntry> = maps.iter().filter(|m| !maybe_device(m)).cloned().collect();
+        let registered = tracker.register(&eligible)?;
         Ok((tracker, maps, registered))
     })();
     frozen.resume();
@@ -663,6 +705,31 @@ mod tests {
 
     fn blob(offset: u64) -> DataRef {
         blob_of(offset, 1)
+    }
+
+    #[test]
+    fn device_nodes_are_kept_from_registering_by_path() {
+        let line = |l: &str| crate::memory::parse_smaps(l, "test").unwrap().remove(0);
+        let device = |l: &str| maybe_device(&line(l));
+        assert!(device(
+            "7f0000000000-7f0000001000 rw-p 00000000 00:05 12 /dev/mem"
+        ));
+        assert!(device(
+            "7f0000000000-7f0000001000 rw-p 00000000 00:0e 9 anon_inode:foo"
+        ));
+        assert!(!device("7f0000000000-7f0000001000 rw-p 00000000 00:00 0 "));
+        assert!(!device(
+            "7f0000000000-7f0000001000 rw-p 00000000 00:05 4 /dev/zero"
+        ));
+        assert!(!device(
+            "7f0000000000-7f0000001000 rw-p 00000000 00:1a 7 /dev/shm/x"
+        ));
+        assert!(!device(
+            "7f0000000000-7f0000001000 rw-p 00001000 08:01 99 /usr/lib/libc.so.6"
+        ));
+        assert!(!device(
+            "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]"
+        ));
     }
 
     fn blob_of(offset: u64, pages: u64) -> DataRef {

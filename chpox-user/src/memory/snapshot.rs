@@ -41,7 +41,7 @@ use tracing::debug;
 
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
-use crate::image::model::{Metadata, VmaKind};
+use crate::image::model::{DataRef, Metadata, VmaKind};
 use crate::memory::{self, MapEntry, PageDumper};
 use crate::ptrace::{Frozen, Stop, wait_stop};
 use crate::remote::RemoteThread;
@@ -210,9 +210,31 @@ impl Snapshot {
     /// Write the deferred pages into `writer` and their runs into `meta`;
     /// returns (pages stored, pages resident).
     fn write_pages(&self, meta: &mut Metadata, writer: &mut ImageWriter) -> Result<(u64, u64)> {
-        if !self.verify_flags.is_empty() {
-            crate::earlymaps::verify_from_copy(self.target, self.child, &self.verify_flags)?;
-        }
+        // The flags check (a page walk of the copy's smaps) runs beside the
+        // copy, and fails the dump before anything is recorded.
+        std::thread::scope(|scope| {
+            let verify = (!self.verify_flags.is_empty()).then(|| {
+                scope.spawn(|| {
+                    crate::earlymaps::verify_from_copy(self.target, self.child, &self.verify_flags)
+                })
+            });
+            let copied = self.copy_pages(writer);
+            if let Some(v) = verify {
+                v.join().unwrap_or_else(|_| {
+                    Err(Error::Other("internal: the flags check panicked".into()))
+                })?;
+            }
+            self.record_runs(meta, copied?)
+        })
+    }
+
+    /// The deferred pages copied into `writer`: the runs, their blobs, and
+    /// which deferred mapping each run belongs to; pages stored, resident.
+    #[allow(clippy::type_complexity)]
+    fn copy_pages(
+        &self,
+        writer: &mut ImageWriter,
+    ) -> Result<(Vec<(u64, u64)>, Vec<DataRef>, Vec<usize>, u64, u64)> {
         let mut pagemap = PageDumper::new(self.child)?;
         let mut runs = Vec::new();
         let mut resident = 0u64;
@@ -242,6 +264,22 @@ impl Snapshot {
             us = started.elapsed().as_micros() as u64,
             "snapshot pages written"
         );
+        Ok((runs, refs, owner, stored, resident))
+    }
+
+    /// Record the runs [`copy_pages`](Self::copy_pages) wrote in `meta`.
+    #[allow(clippy::type_complexity)]
+    fn record_runs(
+        &self,
+        meta: &mut Metadata,
+        (runs, refs, owner, stored, resident): (
+            Vec<(u64, u64)>,
+            Vec<DataRef>,
+            Vec<usize>,
+            u64,
+            u64,
+        ),
+    ) -> Result<(u64, u64)> {
         let proc_image = meta
             .processes_mut()
             .nth(self.process)
