@@ -10,7 +10,10 @@
 //! - Python `multiprocessing.Pool` with the `forkserver` and `spawn` start
 //!   methods: a resource tracker, a fork server with its UNIX socket,
 //!   workers fed through pipes, locks that are POSIX semaphores in
-//!   /dev/shm.
+//!   /dev/shm (which the dump says come back as copies: a worker started
+//!   after the restore, opening them by name, would not share them).
+//! - Node.js worker threads: V8 isolates in threads, message ports and a
+//!   SharedArrayBuffer.
 //! - A bash script with a coprocess, a `while read` loop fed by a process
 //!   substitution, then `sort` with temporary files and `xargs -P2`.
 //! - A build without `-pipe` checkpointed while `cc1` writes its temporary
@@ -380,7 +383,20 @@ fn a_python_pool_with_a_fork_server_dumped_and_killed_finishes_the_same() {
     let mut t = common::python(POOL, &["forkserver"], dir.path());
     t.wait_for_line("10 ", EXIT_TIMEOUT);
     let image = dir.path().join("pool.img");
-    common::dump_kill(&mut t, &image, &[]);
+    let pids = tree_pids(t.pid);
+    let out = common::run_chpox(&["dump", &t.pid.to_string(), "-o", path_str(&image), "--kill"]);
+    assert!(out.status.success(), "dump: {}", common::show(&out));
+    // The pool's locks are semaphores sem_open made: mapped under a name
+    // removed, linked under another. Restored as a copy, said at dump.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("still linked under another name"),
+        "the dump does not say the semaphores come back as copies: {said}"
+    );
+    t.wait_exit(EXIT_TIMEOUT);
+    for pid in pids {
+        wait_pid_free(pid);
+    }
     let (code, stderr) = restore_and_wait(&image, &[], dir.path());
     assert_eq!(
         code,
@@ -493,4 +509,80 @@ fn a_bash_script_with_a_coprocess_and_pipelines_finishes_the_same() {
     assert_eq!(code, 0, "restore: {stderr}\nbash's stderr: {}", t.stderr());
     assert_eq!(t.lines_after_ready(), want, "{}", t.stderr());
     assert_eq!(t.stderr(), "", "bash's stderr");
+}
+
+// ---------------------------------------------------------------------------
+// Node.js worker threads
+
+/// Two worker threads (each a V8 isolate with its own event loop) hashing
+/// what the main thread hands them through message ports, counting in a
+/// SharedArrayBuffer. Which worker answers first varies: the lines are
+/// compared sorted, the digest of all results in order is not.
+const WORKERS: &str = r#"
+const { Worker, isMainThread, parentPort } = require('worker_threads');
+const crypto = require('crypto');
+if (isMainThread) {
+  const results = [];
+  let next = 0, done = 0;
+  const N = 60;
+  const workers = [0, 1].map(() => new Worker(__filename));
+  const shared = new Int32Array(new SharedArrayBuffer(4));
+  console.log('READY');
+  for (const w of workers) {
+    w.postMessage({ shared });
+    w.on('message', ([i, h]) => {
+      results[i] = h;
+      done++;
+      console.log('got', i, h);
+      if (next < N) w.postMessage({ i: next++ });
+      else w.postMessage({ stop: true });
+      if (done === N) {
+        const all = crypto.createHash('sha256').update(results.join()).digest('hex');
+        console.log('DONE', all.slice(0, 16), Atomics.load(shared, 0));
+      }
+    });
+  }
+  for (const w of workers) w.postMessage({ i: next++ });
+} else {
+  let shared;
+  parentPort.on('message', (m) => {
+    if (m.shared) { shared = m.shared; return; }
+    if (m.stop) { parentPort.close(); return; }
+    let h = Buffer.from(String(m.i));
+    for (let k = 0; k < 20000; k++) h = crypto.createHash('sha256').update(h).digest();
+    Atomics.add(shared, 0, 1);
+    setTimeout(() => parentPort.postMessage([m.i, h.toString('hex').slice(0, 16)]), 30);
+  });
+}
+"#;
+
+#[test]
+fn node_worker_threads_dumped_and_killed_finish_the_same() {
+    let dir = tempdir();
+    let script = dir.path().join("workers.js");
+    fs::write(&script, WORKERS).expect("write the script");
+    let run = |name: &str| {
+        let mut cmd = Command::new("node");
+        cmd.arg(&script).current_dir(dir.path());
+        only_stdio(&mut cmd);
+        Target::spawn_command(cmd, name, dir.path())
+    };
+    let sorted = |t: &Target| {
+        let mut lines = t.lines_after_ready();
+        lines.sort();
+        lines
+    };
+    let mut plain = run("plain");
+    plain.wait_success(EXIT_TIMEOUT);
+    let want = sorted(&plain);
+    assert_eq!(want.len(), 61, "{want:?}");
+
+    let mut t = run("node");
+    t.wait_for_line("got 15 ", EXIT_TIMEOUT);
+    let image = dir.path().join("node.img");
+    common::dump_kill(&mut t, &image, &[]);
+    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    assert_eq!(code, 0, "restore: {stderr}\nnode's stderr: {}", t.stderr());
+    assert_eq!(sorted(&t), want, "{}", t.stderr());
+    assert_eq!(t.stderr(), "", "node's stderr");
 }
