@@ -586,3 +586,63 @@ fn node_worker_threads_dumped_and_killed_finish_the_same() {
     assert_eq!(sorted(&t), want, "{}", t.stderr());
     assert_eq!(t.stderr(), "", "node's stderr");
 }
+
+// ---------------------------------------------------------------------------
+// A job in a pseudo-terminal of its own
+
+/// `script` runs the job on a pseudo-terminal it made: it holds the master
+/// side (/dev/ptmx), the job the slave. chpox saves neither the pair nor
+/// what is queued in it, and neither the restorer's terminal nor a new pty
+/// would stand in for it: the dump is refused, naming the master, and the
+/// job runs on untouched. With `--unsupported-fd=null` it is recorded as
+/// /dev/null, as the message says.
+#[test]
+fn a_job_on_a_pseudo_terminal_of_its_own_is_refused_by_name() {
+    let dir = tempdir();
+    let mut cmd = Command::new("script");
+    cmd.args([
+        "-q",
+        "-c",
+        "echo READY; for i in $(seq 1 300); do echo tick $i; sleep 0.1; done",
+        "/dev/null",
+    ])
+    .current_dir(dir.path());
+    only_stdio(&mut cmd);
+    let mut t = Target::spawn_command(cmd, "script", dir.path());
+    let master = fs::read_dir(format!("/proc/{}/fd", t.pid))
+        .expect("read script's fds")
+        .flatten()
+        .find(|e| fs::read_link(e.path()).is_ok_and(|l| l.ends_with("ptmx")))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .expect("script holds a pty master");
+    let image = dir.path().join("script.img");
+    let out = common::run_chpox(&["dump", &t.pid.to_string(), "-o", path_str(&image)]);
+    common::dumps::assert_dump_error(&out, t.pid, &[&format!("fd {master} ("), "ptmx)"]);
+    assert!(!image.exists(), "an image was written");
+    common::dumps::assert_running_untraced(t.pid);
+    t.wait_for_line("tick 3", EXIT_TIMEOUT);
+
+    let out = common::run_chpox(&[
+        "dump",
+        &t.pid.to_string(),
+        "-o",
+        path_str(&image),
+        "--unsupported-fd=null",
+    ]);
+    assert!(out.status.success(), "{}", common::show(&out));
+    let img: serde_json::Value =
+        serde_json::from_str(&chpox_ok(&["inspect", path_str(&image), "--json"]))
+            .expect("inspect --json");
+    let fd = img["fds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["fd"].as_i64().is_some_and(|n| n.to_string() == master))
+        .unwrap_or_else(|| panic!("no fd {master} in {}", img["fds"]));
+    assert!(
+        fd["kind"]["ReplacedByNull"]["was"]
+            .as_str()
+            .is_some_and(|w| w.ends_with("ptmx")),
+        "{fd}"
+    );
+}
