@@ -16,6 +16,8 @@
 //!   SharedArrayBuffer.
 //! - A bash script with a coprocess, a `while read` loop fed by a process
 //!   substitution, then `sort` with temporary files and `xargs -P2`.
+//! - A Go program under `chpox run` (its runtime handles every signal),
+//!   checkpointed through the agent on SIGHUP.
 //! - A build without `-pipe` checkpointed while `cc1` writes its temporary
 //!   assembler file, restored after the build removed it: refused, naming
 //!   the file and what to do, before any process exists.
@@ -645,4 +647,127 @@ fn a_job_on_a_pseudo_terminal_of_its_own_is_refused_by_name() {
             .is_some_and(|w| w.ends_with("ptmx")),
         "{fd}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// A Go program through the agent
+
+/// Goroutines on two threads (GOMAXPROCS=2) rewriting a 64 MiB heap while
+/// the collector runs; what it prints depends only on the rounds done.
+const GO_HEAP: &str = r#"
+package main
+
+import (
+	"fmt"
+	"sync"
+	"time"
+)
+
+func main() {
+	const blocks = 64
+	live := make([][]uint64, blocks)
+	for i := range live {
+		live[i] = make([]uint64, 131072)
+		for j := range live[i] {
+			live[i][j] = uint64(i*j) ^ 0x9e3779b97f4a7c15
+		}
+	}
+	fmt.Println("READY")
+	for round := 0; round < 60; round++ {
+		var wg sync.WaitGroup
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func(g int) {
+				defer wg.Done()
+				for i := g; i < blocks; i += 4 {
+					if (i+round)%5 == 0 {
+						b := make([]uint64, 131072)
+						for j := range b {
+							b[j] = live[i][j]*6364136223846793005 + uint64(round)
+						}
+						live[i] = b
+					}
+				}
+			}(g)
+		}
+		wg.Wait()
+		var sum uint64
+		for i := range live {
+			for j := 0; j < len(live[i]); j += 512 {
+				sum += live[i][j]
+			}
+		}
+		fmt.Printf("round %d %x\n", round, sum)
+		time.Sleep(50 * time.Millisecond)
+	}
+	fmt.Println("DONE")
+}
+"#;
+
+/// The Go program built in `dir`.
+fn go_heap_binary(dir: &Path) -> PathBuf {
+    let src = dir.join("heap.go");
+    fs::write(&src, GO_HEAP).expect("write the Go program");
+    let bin = dir.join("goheap");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .current_dir(dir)
+        .env("GOCACHE", dir.join("gocache"))
+        .env("GOPATH", dir.join("gopath"))
+        .env("GO111MODULE", "off")
+        .output()
+        .expect("run go build (Debian package golang-go)");
+    assert!(out.status.success(), "go build: {}", common::show(&out));
+    bin
+}
+
+/// A Go program started with `chpox run`: the Go runtime installs a handler
+/// for every signal, the trigger signal too, and the agent gives it back
+/// (a handler the process installs itself is left alone). The agent's own
+/// call that gives it back was seen as the process resetting its signal
+/// again, and again: the process was frozen over and over and most often
+/// left stopped for good. Then `--signal HUP`, whose inherited SIG_IGN Go
+/// keeps: `kill -HUP` checkpoints it, and after a crash the restored
+/// program ends as an uninterrupted run does.
+#[test]
+fn a_go_program_under_chpox_run_runs_free_and_checkpoints_on_sighup() {
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let bin = go_heap_binary(&s.logs);
+    let run = |name: &str, chpox_args: &[&str]| {
+        let mut cmd = agent.client(chpox_bin());
+        cmd.arg("run").args(chpox_args).arg("--").arg(&bin);
+        cmd.env("GOMAXPROCS", "2");
+        no_core(&mut cmd, &s.logs);
+        Target::spawn_command(cmd, name, &s.logs)
+    };
+    let image = s.logs.join("go.chpox");
+
+    // Registered with the default trigger: it must run to its end.
+    let mut plain = run("plain", &["-o", path_str(&image)]);
+    plain.wait_success(EXIT_TIMEOUT);
+    let want = plain.lines_after_ready();
+    assert_eq!(want.len(), 61, "{want:?}");
+
+    let mut t = run("go", &["--signal", "HUP", "-o", path_str(&image)]);
+    t.wait_for_line("round 10 ", EXIT_TIMEOUT);
+    let pids_before = tree_pids(t.pid);
+    send(t.pid, libc::SIGHUP);
+    let entry = agent.wait_checkpoints(t.pid, 1);
+    assert_eq!(entry["last_error"], serde_json::Value::Null, "{entry}");
+    kill_tree(t.pid);
+    t.child.wait().expect("reap the job");
+    for pid in pids_before {
+        wait_pid_free(pid);
+    }
+    agent.wait_gone(t.pid);
+    cut_output_to_image(&t, &image);
+
+    let mut guard = Guard::default();
+    let (code, stderr) = restore_with_agent(&agent, &image, &s.logs);
+    guard.watch_tree(t.pid);
+    assert_eq!(code, 0, "restore: {stderr}\nGo's stderr: {}", t.stderr());
+    assert_eq!(t.lines_after_ready(), want, "{}", t.stderr());
 }
