@@ -210,6 +210,8 @@ const TEST_PACKAGES: &[&str] = &[
     "man-db",
     "zsh",
     "fish",
+    "make",
+    "gcc",
 ];
 
 fn cargo() -> Command {

@@ -48,10 +48,12 @@ pub static DIRECTORY: Kind = Kind {
 pub static CHAR_DEVICE: Kind = Kind {
     probe: |p| {
         Ok(match p.meta {
-            Some(m) if m.file_type().is_char_device() => Some(FdKind::CharDevice {
-                path: p.target.to_string(),
-                rdev: m.rdev(),
-            }),
+            Some(m) if m.file_type().is_char_device() && !super::tty::is_pty_master(m.rdev()) => {
+                Some(FdKind::CharDevice {
+                    path: p.target.to_string(),
+                    rdev: m.rdev(),
+                })
+            }
             _ => None,
         })
     },

@@ -353,4 +353,12 @@ mod tests {
         assert!(is_terminal_major(5));
         assert!(!is_terminal_major(1)); // /dev/null, /dev/zero
     }
+
+    #[test]
+    fn only_ptmx_is_a_pty_master() {
+        assert!(tty::is_pty_master(libc::makedev(5, 2)));
+        assert!(!tty::is_pty_master(libc::makedev(5, 0))); // /dev/tty
+        assert!(!tty::is_pty_master(libc::makedev(5, 1))); // /dev/console
+        assert!(!tty::is_pty_master(libc::makedev(136, 2))); // /dev/pts/2
+    }
 }

@@ -20,11 +20,23 @@ pub fn is_terminal_major(major: u32) -> bool {
     major == 4 || major == 5 || (136..=143).contains(&major)
 }
 
+/// The master side of a pseudo-terminal (`/dev/ptmx`, `/dev/pts/ptmx`):
+/// the job's own terminal emulator (`script`, `tmux`, `expect`) holds it,
+/// with the pair's state (the slave it opened, what is queued either way)
+/// that chpox does not save. Neither the restorer's terminal nor a new
+/// pty from reopening the path would be the same: the descriptor is not of
+/// a kind chpox restores (the dump names it; `--unsupported-fd=null`).
+pub fn is_pty_master(rdev: u64) -> bool {
+    libc::major(rdev) == 5 && libc::minor(rdev) == 2
+}
+
 pub static KIND: Kind = Kind {
     probe: |p| {
         Ok(match p.meta {
             Some(m)
-                if m.file_type().is_char_device() && is_terminal_major(libc::major(m.rdev())) =>
+                if m.file_type().is_char_device()
+                    && is_terminal_major(libc::major(m.rdev()))
+                    && !is_pty_master(m.rdev()) =>
             {
                 Some(FdKind::Terminal {
                     path: p.target.to_string(),

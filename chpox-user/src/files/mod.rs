@@ -262,6 +262,18 @@ impl FileTable {
             self.files[i].deleted |= deleted;
             return Ok(i);
         }
+        if deleted && meta.nlink() > 0 {
+            // glibc's sem_open makes the semaphore under a temporary name,
+            // maps it, links it under its real name and removes the
+            // temporary one: the mapping says "deleted", the file is not.
+            // The copy restore makes is shared by the restored processes
+            // only, not by one that opens the name afterwards.
+            tracing::warn!(
+                "{path} (deleted) is still linked under another name (a named POSIX \
+                 semaphore made by sem_open?): the restored processes share a copy of it, \
+                 which a process opening that name after the restore does not"
+            );
+        }
         self.files.push(FileRef {
             path: path.to_string(),
             dev: meta.dev(),

@@ -297,10 +297,16 @@ pub(super) fn check_paths(meta: &Metadata, owner: Option<&Owner>) -> Result<()> 
                 "descriptor {} of PID {} names the {what} {shown}, which cannot be reached",
                 fd.fd, p.process.pid
             );
+            // Most often a temporary file the job removed after the
+            // checkpoint (a compiler's, sort's): its content is not in the
+            // image, so the restore cannot make it again.
             return Err(denied(reach, &e).unwrap_or_else(|| {
                 Error::Other(format!(
-                    "{what} {shown} (descriptor {}) no longer exists",
-                    fd.fd
+                    "{what} {shown} (descriptor {} of PID {}) no longer exists: \
+                     it was removed or renamed since the checkpoint (as a job removes \
+                     its temporary files); put it back, restore a later image, or \
+                     start the job over",
+                    fd.fd, p.process.pid
                 ))
             }));
         }

@@ -21,12 +21,20 @@ impl Agent {
     /// it ignoring its trigger signal.
     pub(super) fn on_disposition(&self, event: Event) {
         let pid = event.tgid as i32;
-        let Some((signal, start)) = self
-            .lock()
-            .entries
-            .get(&pid)
-            .map(|e| (e.signal, e.start_time))
-        else {
+        let Some((signal, start)) = ({
+            let mut state = self.lock();
+            // The event of our own call giving the process its handler
+            // back (below): acting on it would give it back again, and so
+            // on, freezing the process over and over (a Go program, which
+            // handles every signal, was never let go).
+            if let Some(n) = state.own_actions.get_mut(&pid)
+                && *n > 0
+            {
+                *n -= 1;
+                return;
+            }
+            state.entries.get(&pid).map(|e| (e.signal, e.start_time))
+        }) else {
             return;
         };
         let signo = signal as i32;
@@ -57,7 +65,11 @@ impl Agent {
         }
         if handler != libc::SIG_DFL as u64 {
             // Its own handler: give it back.
+            *self.lock().own_actions.entry(pid).or_default() += 1;
             if let Err(e) = signals::set_action(pid, old) {
+                if let Some(n) = self.lock().own_actions.get_mut(&pid) {
+                    *n = n.saturating_sub(1);
+                }
                 warn!(pid, signal, error = %e, "could not give the process its handler back");
             }
             if let Some(held) = self.log_limit.allow(&format!("handler {pid}")) {

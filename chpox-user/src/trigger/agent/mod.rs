@@ -258,6 +258,10 @@ struct State {
     /// Write tracking between checkpoints, per registered PID (with the
     /// process's start time): what makes the next checkpoint incremental.
     tracking: HashMap<i32, (u64, crate::incremental::Tracking)>,
+    /// Per registered PID, the `rt_sigaction` calls the agent made in it
+    /// itself (giving a process its own handler back) whose eBPF events are
+    /// still to come: skipped, or each would make the next (`dispositions`).
+    own_actions: HashMap<i32, u32>,
 }
 
 pub struct Agent {
@@ -607,6 +611,7 @@ impl State {
     fn release(&mut self, pid: i32, why: &str, in_map: bool) -> Option<Entry> {
         let entry = self.entries.remove(&pid)?;
         self.tracking.remove(&pid);
+        self.own_actions.remove(&pid);
         if in_map {
             self.bpf.unregister(pid as u32);
         }
@@ -677,6 +682,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             bpf,
             save_generation: 0,
             tracking: HashMap::new(),
+            own_actions: HashMap::new(),
         }),
         states,
         saved: Mutex::new(0),
