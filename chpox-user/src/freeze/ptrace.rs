@@ -536,11 +536,17 @@ impl Frozen {
             let _ = nix::sys::signal::kill(Pid::from_raw(self.pid), Signal::SIGSTOP);
         }
         for &tid in &self.tids {
-            if let Err(e) = ptrace::detach(Pid::from_raw(tid), None) {
+            match ptrace::detach(Pid::from_raw(tid), None) {
+                Ok(()) => {}
+                // A live thread answers ESRCH when it is seized but not in
+                // a stop yet: an error cut the freeze short between its
+                // interrupt and the wait (another tracer took a thread
+                // meanwhile). It would stop for a tracer that never looks
+                // again, and stay stopped: take its stop, then let it go.
+                Err(Errno::ESRCH) if !thread_is_dead(tid) => detach_once_stopped(tid),
                 // ESRCH: the thread died (e.g. SIGKILL from someone else).
-                if e != Errno::ESRCH {
-                    warn!(tid, error = %e, "detach failed");
-                }
+                Err(Errno::ESRCH) => {}
+                Err(e) => warn!(tid, error = %e, "detach failed"),
             }
         }
         if stopped || self.was_stopped {
@@ -570,6 +576,25 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         self.release(false);
+    }
+}
+
+/// Detach `tid`, seized and interrupted but perhaps not stopped yet, once
+/// it stops; a signal it stopped to receive is delivered.
+fn detach_once_stopped(tid: i32) {
+    let signal = match wait_stop(tid) {
+        Ok(Stop::Signal(sig)) => Some(sig),
+        Ok(Stop::Event | Stop::Syscall) => None,
+        Ok(Stop::Exited) => return,
+        Err(e) => {
+            warn!(tid, error = %e, "detach failed: the thread did not stop");
+            return;
+        }
+    };
+    if let Err(e) = ptrace::detach(Pid::from_raw(tid), signal)
+        && e != Errno::ESRCH
+    {
+        warn!(tid, error = %e, "detach failed");
     }
 }
 
