@@ -7,4 +7,5 @@ pub mod overlap;
 pub mod ptrace;
 pub mod remote;
 pub mod safe_return;
+pub mod thread_state;
 pub mod tree;

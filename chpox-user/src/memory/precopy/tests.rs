@@ -1,0 +1,119 @@
+use super::*;
+use crate::image::model::Compression;
+
+fn blob(offset: u64) -> DataRef {
+    blob_of(offset, 1)
+}
+
+#[test]
+fn device_nodes_are_kept_from_registering_by_path() {
+    let line = |l: &str| crate::memory::parse_smaps(l, "test").unwrap().remove(0);
+    let device = |l: &str| maybe_device(&line(l));
+    assert!(device(
+        "7f0000000000-7f0000001000 rw-p 00000000 00:05 12 /dev/mem"
+    ));
+    assert!(device(
+        "7f0000000000-7f0000001000 rw-p 00000000 00:0e 9 anon_inode:foo"
+    ));
+    assert!(!device("7f0000000000-7f0000001000 rw-p 00000000 00:00 0 "));
+    assert!(!device(
+        "7f0000000000-7f0000001000 rw-p 00000000 00:05 4 /dev/zero"
+    ));
+    assert!(!device(
+        "7f0000000000-7f0000001000 rw-p 00000000 00:1a 7 /dev/shm/x"
+    ));
+    assert!(!device(
+        "7f0000000000-7f0000001000 rw-p 00001000 08:01 99 /usr/lib/libc.so.6"
+    ));
+    assert!(!device(
+        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]"
+    ));
+}
+
+fn blob_of(offset: u64, pages: u64) -> DataRef {
+    DataRef {
+        offset,
+        stored_len: pages * PAGE_SIZE,
+        raw_len: pages * PAGE_SIZE,
+        crc32c: 0,
+        compression: Compression::None,
+    }
+}
+
+#[test]
+fn storing_follows_the_kind() {
+    let p = PAGE_IS_PRESENT;
+    assert!(needs_storing(VmaKind::Anonymous, p));
+    assert!(!needs_storing(VmaKind::Anonymous, p | PAGE_IS_PFNZERO));
+    assert!(needs_storing(VmaKind::Anonymous, PAGE_IS_SWAPPED));
+    assert!(!needs_storing(VmaKind::Anonymous, 0));
+    assert!(needs_storing(VmaKind::PrivateFile, p));
+    assert!(!needs_storing(VmaKind::PrivateFile, p | PAGE_IS_FILE));
+    assert!(!needs_storing(VmaKind::SharedFile, p));
+}
+
+#[test]
+fn unchanged_fills_the_copied_pages_between_written_ones() {
+    let pg = PAGE_SIZE;
+    let copied = [
+        (0x10000, 4, blob(0), ()),
+        (0x10000 + 6 * pg, 2, blob(0), ()),
+    ]
+    .map(|(a, n, d, ())| (a, n, d));
+    let w = |s: u64, e: u64| Region {
+        start: 0x10000 + s * pg,
+        end: 0x10000 + e * pg,
+        categories: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+    };
+    let got = with_unchanged(
+        &copied,
+        0x10000,
+        0x10000 + 10 * pg,
+        vec![w(1, 2), w(3, 7), w(9, 10)],
+    );
+    let got: Vec<(u64, u64, bool)> = got
+        .iter()
+        .map(|r| {
+            (
+                (r.start - 0x10000) / pg,
+                (r.end - 0x10000) / pg,
+                r.written(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 1, false),
+            (1, 2, true),
+            (2, 3, false),
+            (3, 7, true),
+            (7, 8, false),
+            (9, 10, true)
+        ]
+    );
+}
+
+#[test]
+fn pieces_become_runs_along_blobs() {
+    let pg = PAGE_SIZE;
+    let blobs: HashMap<u64, DataRef> = [
+        (0x10000, blob_of(0x10000, 2)),
+        (0x12000, blob_of(0x12000, 2)),
+    ]
+    .into();
+    // Two blobs side by side in memory and file, and a new page after.
+    let placed = [
+        (0x1000, 3, 0x10000),
+        (0x1000 + 3 * pg, 1, 0x13000),
+        (0x1000 + 4 * pg, 1, 0x90000),
+    ];
+    assert_eq!(
+        runs_of_pieces(&placed, &blobs),
+        vec![
+            (0x1000, 2, 0x10000),
+            (0x1000 + 2 * pg, 2, 0x12000),
+            (0x1000 + 4 * pg, 1, 0x90000)
+        ]
+    );
+}
