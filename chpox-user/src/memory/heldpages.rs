@@ -121,6 +121,9 @@ impl HeldPages {
             .map_err(|_| Error::Other("internal: held pages lost".into()))?;
         let mut sums = HashMap::with_capacity(self.used / PAGE_SIZE as usize);
         let mut unchanged = 0;
+        // Nothing held (the buffer was still being grown): the sums of the
+        // last write that held pages stay, to compare the next one with.
+        let held_any = !self.held.is_empty();
         for held in std::mem::take(&mut self.held) {
             let vma = meta
                 .processes_mut()
@@ -146,7 +149,9 @@ impl HeldPages {
             }
         }
         drop(buf);
-        self.page_sums = sums;
+        if held_any {
+            self.page_sums = sums;
+        }
         self.unchanged = unchanged;
         self.prepare_next();
         Ok(pages)
@@ -169,6 +174,13 @@ impl HeldPages {
     /// burst of writes should not hold memory for ever), or grow it, on
     /// its own thread, by what this checkpoint held beyond the previous.
     fn prepare_next(&mut self) {
+        // Nothing held, because the buffer was still being grown: nothing
+        // learned. (Taken as a checkpoint that needed nothing, it made the
+        // next one grow the buffer again, and the one after find it busy:
+        // every other increment held nothing.)
+        if self.used == 0 {
+            return;
+        }
         let (used, last) = (self.used, self.last_used);
         self.last_used = used;
         self.used = 0;
