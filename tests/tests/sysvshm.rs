@@ -128,6 +128,15 @@ fn kill_tree(root: i32) {
     }
 }
 
+/// Kill a restored tree and wait until its PIDs are free again.
+fn end_tree(root: i32) {
+    let pids = common::procs::tree_pids(root);
+    kill_tree(root);
+    for pid in pids {
+        common::wait_pid_free(pid);
+    }
+}
+
 #[test]
 fn segments_come_back_with_their_key_id_pieces_and_sharing() {
     let s = common::agent::scratch();
@@ -167,20 +176,12 @@ fn segments_come_back_with_their_key_id_pieces_and_sharing() {
 
     // Killed: the keyed segment stays (nobody removed it) and is taken
     // over; the removed one goes and is made again under its id.
-    let pids = common::procs::tree_pids(t.pid);
     common::dump_kill(&mut t, &image, &[]);
-    for pid in pids {
-        common::wait_pid_free(pid);
-    }
     let restored = restore_detached(&image, &[]);
     let after = report(&t, restored);
     assert_eq!(after, before, "the segments as the program sees them");
 
-    let restored_pids = common::procs::tree_pids(restored);
-    kill_tree(restored);
-    for pid in restored_pids {
-        common::wait_pid_free(pid);
-    }
+    end_tree(restored);
 }
 
 #[test]
@@ -264,11 +265,7 @@ fn an_increment_through_the_agent_keeps_the_segments() {
     }
     let restored = restore_detached(&image, &[]);
     assert_eq!(report(&t, restored), before);
-    let restored_pids = common::procs::tree_pids(restored);
-    kill_tree(restored);
-    for pid in restored_pids {
-        common::wait_pid_free(pid);
-    }
+    end_tree(restored);
 }
 
 /// An attachment a piece of which was unmapped cannot be made by `shmat`:
