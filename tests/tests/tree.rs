@@ -721,3 +721,71 @@ fn make_j2_finishes_the_build_after_dump_kill() {
 fn make_j2_finishes_the_build_after_dump_leaving_it_running() {
     make_resume(Dump::LeaveRunning);
 }
+
+// ---------------------------------------------------------------------------
+// A child of a thread other than the leader
+
+/// Python forks `sleep` from a second thread that stays alive: the kernel
+/// lists that child under the thread (`/proc/PID/task/TID/children`), not
+/// under the leader. The freeze reads every frozen thread's list, so the
+/// child is part of the tree and comes back as the root's child.
+const THREAD_CHILD_SCRIPT: &str = r#"
+import subprocess, threading, time
+spawned = threading.Event()
+box = {}
+def run():
+    box["child"] = subprocess.Popen(["sleep", "1000"])
+    spawned.set()
+    time.sleep(1000)
+threading.Thread(target=run, daemon=True).start()
+spawned.wait()
+print("READY child=%d" % box["child"].pid, flush=True)
+time.sleep(1000)
+"#;
+
+#[test]
+fn a_child_forked_by_a_second_thread_is_part_of_the_tree() {
+    let dir = tempdir();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", THREAD_CHILD_SCRIPT]);
+    let mut t = common::Target::spawn_command(cmd, "threadchild", dir.path());
+    let mut guard = Guard::default();
+    guard.watch_tree(t.pid);
+    let root = t.pid;
+    let child = ready_pid(&t, "child");
+    let forker = std::fs::read_dir(format!("/proc/{root}/task"))
+        .expect("list threads")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&tid| {
+            std::fs::read_to_string(format!("/proc/{root}/task/{tid}/children"))
+                .is_ok_and(|c| c.split_whitespace().any(|p| p == child.to_string()))
+        });
+    assert!(
+        forker.is_some_and(|tid| tid != root),
+        "the child {child} is not listed under a second thread of {root} (forker {forker:?}):\n{}",
+        describe_tree(root)
+    );
+
+    let image = dir.path().join("threadchild.img");
+    let pids = dump(root, &image, Dump::Kill, &[]);
+    let img = Image::inspect(&image);
+    assert_eq!(
+        img.all_pids(),
+        BTreeSet::from([root, child]),
+        "{}",
+        img.summary()
+    );
+    finish_original(&mut t.child, Dump::Kill, &pids);
+
+    let restored = restore_detached(&image, &[], dir.path());
+    assert_eq!(restored, root);
+    guard.watch_tree(root);
+    poll(
+        "the restored child under the root",
+        TIMEOUT,
+        || describe_tree(root),
+        || (stat(child).map(|s| s.ppid) == Some(root)).then_some(()),
+    );
+    assert_eq!(cmdline(child).first().map(String::as_str), Some("sleep"));
+}

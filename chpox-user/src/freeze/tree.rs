@@ -3,7 +3,7 @@
 //! file descriptions they share.
 //!
 //! Freezing follows CRIU: stop the root, then its children, then theirs,
-//! and scan again until a scan finds nobody new. A stopped process cannot
+//! and read the frozen members' children again until nobody new comes. A stopped process cannot
 //! fork, so a child forked while the freeze was under way is found by the
 //! next scan; a process that exits meanwhile is simply not in the image
 //! (or is, as a zombie, if its parent has not reaped it).
@@ -28,8 +28,8 @@ struct ProcEntry {
 }
 
 /// Every process on the machine (a snapshot; processes come and go).
-/// Read by hand, one `stat` file each: a scan runs between the stops of a
-/// tree's freeze, and once more to confirm it, both inside its frozen time.
+/// Read by hand, one `stat` file each (for callers outside a freeze; a
+/// freeze reads its members' `children` files instead).
 fn scan_all() -> Vec<ProcEntry> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -89,17 +89,6 @@ impl std::fmt::Debug for MemberHint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MemberHint")
     }
-}
-
-/// The PIDs of `pid`'s children now.
-pub fn children_of(pid: i32) -> Vec<i32> {
-    let mut kids: Vec<i32> = scan_all()
-        .into_iter()
-        .filter(|e| e.ppid == pid)
-        .map(|e| e.pid)
-        .collect();
-    kids.sort_unstable();
-    kids
 }
 
 /// `pid` and every live descendant, for an estimate made before freezing.
@@ -191,7 +180,13 @@ impl FrozenTree {
             from_scan: 0,
         };
         if !children {
-            tree.children_left_out = children_of(root);
+            let mut left_out: Vec<i32> = tree
+                .children_not_in(&HashSet::from([root]))
+                .iter()
+                .map(|e| e.pid)
+                .collect();
+            left_out.sort_unstable();
+            tree.children_left_out = left_out;
             return Ok(tree);
         }
         // PIDs already frozen, recorded as zombies, or seen to vanish.
@@ -203,7 +198,12 @@ impl FrozenTree {
             while tree.grow(&mut known, &entries_of(&(hint.0)(root)))? {}
         }
         tree.from_hint = tree.members.len() - 1;
-        while tree.grow(&mut known, &scan_all())? {}
+        loop {
+            let children = tree.children_not_in(&known);
+            if !tree.grow(&mut known, &children)? {
+                break;
+            }
+        }
         tree.from_scan = tree.members.len() - 1 - tree.from_hint;
         debug!(
             root,
@@ -263,6 +263,38 @@ impl FrozenTree {
             }
         }
         Ok(true)
+    }
+
+    /// The children of every frozen member that are not `known`, from
+    /// their threads' `children` files: only the tree is read, not every
+    /// process of the machine (a scan of /proc took 0.7–0.9 ms of every
+    /// dump's frozen time here, more on a busy host). The kernel promises
+    /// these lists only for stopped tasks, which is what the members are:
+    /// a stopped member cannot fork, and its children stay listed until it
+    /// reaps them (zombies included). A child forked by a member before
+    /// its stop and not frozen yet is listed too; its own children are
+    /// read once it is frozen, by the next round of `grow`.
+    fn children_not_in(&self, known: &HashSet<i32>) -> Vec<ProcEntry> {
+        let mut buf = String::with_capacity(512);
+        let mut out = Vec::new();
+        for member in &self.members {
+            for tid in member.tids() {
+                let path = format!("/proc/{}/task/{tid}/children", member.pid());
+                let Ok(text) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                for child in text.split_ascii_whitespace() {
+                    let Ok(child) = child.parse::<i32>() else {
+                        continue;
+                    };
+                    if known.contains(&child) || out.iter().any(|e: &ProcEntry| e.pid == child) {
+                        continue;
+                    }
+                    out.extend(entry_of(child, &mut buf));
+                }
+            }
+        }
+        out
     }
 
     pub fn root(&self) -> i32 {
