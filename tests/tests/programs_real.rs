@@ -389,11 +389,11 @@ fn a_python_pool_with_a_fork_server_dumped_and_killed_finishes_the_same() {
     let out = common::run_chpox(&["dump", &t.pid.to_string(), "-o", path_str(&image), "--kill"]);
     assert!(out.status.success(), "dump: {}", common::show(&out));
     // The pool's locks are semaphores sem_open made: mapped under a name
-    // removed, linked under another. Restored as a copy, said at dump.
+    // removed, linked under another, which the dump finds.
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        said.contains("still linked under another name"),
-        "the dump does not say the semaphores come back as copies: {said}"
+        !said.contains("still linked under another name"),
+        "the dump did not find a semaphore's name: {said}"
     );
     t.wait_exit(EXIT_TIMEOUT);
     for pid in pids {
@@ -770,4 +770,105 @@ fn a_go_program_under_chpox_run_runs_free_and_checkpoints_on_sighup() {
     guard.watch_tree(t.pid);
     assert_eq!(code, 0, "restore: {stderr}\nGo's stderr: {}", t.stderr());
     assert_eq!(t.lines_after_ready(), want, "{}", t.stderr());
+}
+
+// ---------------------------------------------------------------------------
+// Named POSIX semaphores
+
+/// Waits on a named semaphore (sem_open through ctypes) three times,
+/// printing each wake-up, then removes the name.
+const SEM_WAITER: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.sem_open.restype = ctypes.c_void_p
+libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+libc.sem_wait.argtypes = [ctypes.c_void_p]
+name = sys.argv[1].encode()
+sem = libc.sem_open(name, os.O_CREAT | os.O_EXCL, 0o600, 0)
+if not sem:
+    sys.exit("sem_open: errno %d" % ctypes.get_errno())
+print("READY", flush=True)
+for i in range(3):
+    while libc.sem_wait(sem) != 0:
+        pass
+    print("got", i, flush=True)
+libc.sem_unlink(name)
+"#;
+
+/// Opens the named semaphore (it must exist) and posts it once.
+const SEM_POSTER: &str = r#"
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.sem_open.restype = ctypes.c_void_p
+libc.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.sem_post.argtypes = [ctypes.c_void_p]
+sem = libc.sem_open(sys.argv[1].encode(), 0)
+if not sem or libc.sem_post(sem) != 0:
+    sys.exit("sem_open/sem_post: errno %d" % ctypes.get_errno())
+"#;
+
+fn post(name: &str) {
+    let out = Command::new("python3")
+        .args(["-c", SEM_POSTER, name])
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "post: {}", common::show(&out));
+}
+
+/// glibc's sem_open makes the semaphore under a temporary name and links
+/// it as `/dev/shm/sem.NAME`: the process maps a file whose mapping says
+/// "deleted". After `--kill` and restore, a process that opens the name
+/// (as a pool's new worker does) must reach the restored process's
+/// semaphore, not the file the killed run left behind.
+#[test]
+fn a_named_semaphore_opened_after_the_restore_is_the_restored_one() {
+    let dir = tempdir();
+    let name = format!("/chpox-test-sem-{}", std::process::id());
+    let shm = PathBuf::from(format!("/dev/shm/sem.{}", &name[1..]));
+    let _ = fs::remove_file(&shm);
+    /// A failed run leaves no semaphore behind.
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let _removed = Removed(shm.clone());
+    let mut t = common::python(SEM_WAITER, &[&name], dir.path());
+    let mut guard = Guard::default();
+    guard.watch_tree(t.pid);
+    post(&name);
+    t.wait_for_line("got 0", EXIT_TIMEOUT);
+
+    let image = dir.path().join("sem.img");
+    let out = common::run_chpox(&["dump", &t.pid.to_string(), "-o", path_str(&image), "--kill"]);
+    assert!(out.status.success(), "dump: {}", common::show(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("still linked"), "{said}");
+    t.wait_exit(EXIT_TIMEOUT);
+    wait_pid_free(t.pid);
+    // The killed run's file is still there under the name.
+    assert!(shm.exists(), "{} is gone", shm.display());
+
+    let restored = common::tree::restore_detached(&image, &[], dir.path());
+    guard.watch_tree(restored);
+    post(&name);
+    post(&name);
+    poll(
+        "the restored process to wake up twice more",
+        Duration::from_secs(10),
+        || t.stdout(),
+        || t.lines().iter().any(|l| l == "got 2").then_some(()),
+    );
+    poll(
+        "the restored process to exit",
+        EXIT_TIMEOUT,
+        || t.stdout(),
+        || (!Path::new(&format!("/proc/{restored}")).exists()).then_some(()),
+    );
+    assert_eq!(t.lines_after_ready(), ["got 0", "got 1", "got 2"]);
+    assert!(
+        !shm.exists(),
+        "the restored process did not remove the name"
+    );
 }

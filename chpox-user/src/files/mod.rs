@@ -262,18 +262,27 @@ impl FileTable {
             self.files[i].deleted |= deleted;
             return Ok(i);
         }
-        if deleted && meta.nlink() > 0 {
-            // glibc's sem_open makes the semaphore under a temporary name,
-            // maps it, links it under its real name and removes the
-            // temporary one: the mapping says "deleted", the file is not.
-            // The copy restore makes is shared by the restored processes
-            // only, not by one that opens the name afterwards.
-            tracing::warn!(
-                "{path} (deleted) is still linked under another name (a named POSIX \
-                 semaphore made by sem_open?): the restored processes share a copy of it, \
-                 which a process opening that name after the restore does not"
-            );
-        }
+        // glibc's sem_open makes the semaphore under a temporary name,
+        // maps it, links it under its real name and removes the temporary
+        // one: the mapping says "deleted", the file is not.
+        let linked_as = (deleted && meta.nlink() > 0)
+            .then(|| {
+                let found = crate::deleted::other_name(path, meta.dev(), meta.ino());
+                if found.is_none() {
+                    tracing::warn!(
+                        "{path} (deleted) is still linked under another name, not found next \
+                         to it: the restored processes share a copy of it, which a process \
+                         opening that name after the restore does not"
+                    );
+                }
+                found
+            })
+            .flatten()
+            .map(|other| crate::image::model::LinkedName {
+                path: other,
+                uid: meta.uid(),
+                gid: meta.gid(),
+            });
         self.files.push(FileRef {
             path: path.to_string(),
             dev: meta.dev(),
@@ -285,6 +294,7 @@ impl FileTable {
             deleted,
             role,
             embedded: None,
+            linked_as,
         });
         self.sources.push(source);
         self.held.push(file);

@@ -585,6 +585,21 @@ pub struct FileRef {
     pub role: FileRole,
     /// The whole content, when embedded in the image.
     pub embedded: Option<DataRef>,
+    /// A deleted file still linked under another name: a named POSIX
+    /// semaphore (sem_open makes it under a temporary name, maps it, links
+    /// it under its own name and removes the temporary one). Restore links
+    /// its copy there again, so that a process opening the name after the
+    /// restore shares it with the restored ones.
+    #[serde(default)]
+    pub linked_as: Option<LinkedName>,
+}
+
+/// The other name of a deleted file, and the file's owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkedName {
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

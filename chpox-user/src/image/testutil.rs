@@ -154,6 +154,7 @@ fn file(path: &str, role: FileRole, size: u64, deleted: bool) -> FileRef {
         deleted,
         role,
         embedded: None,
+        linked_as: None,
     }
 }
 

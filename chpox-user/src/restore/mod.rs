@@ -218,7 +218,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
     // be opened fails here.
     let mut descriptions =
         fds::Descriptions::prepare(meta, &reader, owner, &opts.inherit_fds, &mut warnings)?;
-    descriptions.deleted_copies.make_mapped(meta, &reader)?;
+    descriptions
+        .deleted_copies
+        .make_mapped(meta, &reader, owner, &mut warnings)?;
     let injector = inject::Injector::new()?;
     phases::mark("descriptions prepared");
     let pid_mode = if tree || pid_ns {
