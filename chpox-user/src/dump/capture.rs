@@ -71,10 +71,19 @@ pub(super) fn capture_tree(
     let maps_texts: Vec<&str> = texts.iter().map(|t| t.maps.as_str()).collect();
     let policy = opts.unsupported_fd;
     let tcp = opts.tcp;
+    let (infos_tx, infos_rx) = std::sync::mpsc::channel();
     let (fds, heads) = std::thread::scope(|scope| {
         let descriptors = scope.spawn(move || {
-            let sockets = fds::sockets::tables::SocketTables::new(tcp);
             let mut phase = Phases::start();
+            // What /proc says of each process first: the remote calls
+            // wait for it.
+            let infos = pids
+                .iter()
+                .map(|&pid| process::dump_proc_info(pid))
+                .collect::<Result<Vec<_>>>();
+            let _ = infos_tx.send(infos);
+            phase.done("/proc of the processes (beside)");
+            let sockets = fds::sockets::tables::SocketTables::new(tcp);
             let fds = pids
                 .iter()
                 .zip(maps_texts)
@@ -87,7 +96,7 @@ pub(super) fn capture_tree(
             });
             fds
         });
-        let heads = read_heads(tree, opts, early, precopies, &texts);
+        let heads = read_heads(tree, opts, early, precopies, &texts, infos_rx);
         let fds = descriptors.join().unwrap_or_else(|_| {
             Err(Error::Other(
                 "internal: the descriptor scan panicked".into(),
@@ -198,13 +207,37 @@ fn read_heads(
     early: &EarlyMaps,
     precopies: &mut PreCopies,
     texts: &[ProcTexts],
+    infos: std::sync::mpsc::Receiver<Result<Vec<crate::image::model::ProcessInfo>>>,
 ) -> Result<Vec<ProcessHead>> {
     let mut phase = Phases::start();
-    let mut heads = Vec::with_capacity(texts.len());
+    let mut threads = Vec::with_capacity(texts.len());
     for (frozen, texts) in tree.members().iter().zip(texts) {
+        threads.push(read_threads(frozen, early, precopies, texts)?);
+    }
+    let infos = infos
+        .recv()
+        .map_err(|_| Error::Other("internal: /proc was not read beside".into()))??;
+    let mut heads = Vec::with_capacity(texts.len());
+    for ((frozen, mut info), threads) in tree.members().iter().zip(infos).zip(threads) {
         // Only the root's start time is known to the caller.
         let expect_start = heads.is_empty().then_some(opts.expect_start_time).flatten();
-        heads.push(read_process(frozen, expect_start, early, precopies, texts)?);
+        if expect_start.is_some_and(|t| t != info.start_time_ticks) {
+            return Err(Error::Other(format!(
+                "PID {} is no longer the registered process",
+                frozen.pid()
+            )));
+        }
+        info.stopped = frozen.was_stopped();
+        heads.push(ProcessHead {
+            info,
+            tids: threads.tids,
+            thread_states: threads.thread_states,
+            shared_pending: threads.shared_pending,
+            precopied: threads.precopied,
+            syscall_ip: threads.syscall_ip,
+            gadgets: threads.gadgets,
+            actions: Vec::new(),
+        });
     }
     phase.done("/proc, threads");
     remote_state_all(tree.members(), &mut heads, texts)?;
@@ -243,23 +276,26 @@ struct ProcessHead {
     actions: Vec<crate::image::model::SigAction>,
 }
 
-/// /proc and the threads of one frozen process.
-fn read_process(
+/// What a frozen process's threads say (ptrace), and its shared pending
+/// signals and code gadgets: its [`ProcessHead`] but for /proc's part.
+struct ThreadsHead {
+    tids: Vec<i32>,
+    thread_states: Vec<crate::image::model::ThreadState>,
+    shared_pending: Vec<crate::image::model::PendingSignal>,
+    precopied: Option<crate::precopy::PreCopied>,
+    syscall_ip: u64,
+    gadgets: Option<crate::safe_return::Gadgets>,
+}
+
+/// The threads of one frozen process.
+fn read_threads(
     frozen: &Frozen,
-    expect_start_time: Option<u64>,
     early: &EarlyMaps,
     precopies: &mut PreCopies,
     texts: &ProcTexts,
-) -> Result<ProcessHead> {
+) -> Result<ThreadsHead> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
-    let mut info = process::dump_proc_info(pid)?;
-    info.stopped = frozen.was_stopped();
-    if expect_start_time.is_some_and(|t| t != info.start_time_ticks) {
-        return Err(Error::Other(format!(
-            "PID {pid} is no longer the registered process"
-        )));
-    }
     let tids = frozen.tids();
     let mut thread_states = tids
         .iter()
@@ -271,16 +307,14 @@ fn read_process(
         p.fix_restarted_sleeps(&tids, &mut thread_states);
     }
     let (syscall_ip, gadgets) = early.code_in(pid, &texts.maps, &texts.status)?;
-    phase.done("/proc, threads, gadgets");
-    Ok(ProcessHead {
-        info,
+    phase.done("threads, gadgets");
+    Ok(ThreadsHead {
         tids,
         thread_states,
         shared_pending,
         precopied,
         syscall_ip,
         gadgets,
-        actions: Vec::new(),
     })
 }
 
