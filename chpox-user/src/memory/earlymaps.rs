@@ -209,10 +209,15 @@ impl EarlyMaps {
                 _ => {}
             }
         }
-        Ok((
+        if let Some(found) = recent_code_in(pid, maps, status) {
+            return Ok(found);
+        }
+        let found = (
             crate::remote::find_syscall_insn(pid)?,
             crate::safe_return::find_gadgets(pid),
-        ))
+        );
+        remember_code(&found);
+        Ok(found)
     }
 
     /// The mappings of frozen `pid`, and whether their flags are the early
@@ -405,5 +410,102 @@ mod tests {
         let b = entry(0x1000, 0x2000, &["rd", "hg"]);
         assert!(same_line(&a, &b));
         assert!(!same_line(&a, &entry(0x1000, 0x3000, &["rd"])));
+    }
+}
+
+/// Code addresses found lately in any process: a `syscall` instruction
+/// and the gadgets. Searching a process's code for them reads its C
+/// library's text (~0.45 ms here), once per process while frozen when the
+/// freeze comes first (a trigger), so every member of a forked tree paid it
+/// at every checkpoint, though all map the library at the same address.
+/// Each use is proved in the frozen process itself: the bytes are there and
+/// the mapping they lie in is executable ([`recent_code_in`]).
+static RECENT_CODE: std::sync::Mutex<Vec<(u64, crate::safe_return::Gadgets)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// How many address pairs [`RECENT_CODE`] keeps (one per library layout:
+/// a process not forked from another has its own).
+const RECENT_CODE_KEPT: usize = 8;
+
+fn remember_code(found: &(u64, Option<crate::safe_return::Gadgets>)) {
+    let (ip, Some(gadgets)) = found else {
+        return;
+    };
+    let Ok(mut recent) = RECENT_CODE.lock() else {
+        return;
+    };
+    recent.retain(|(i, g)| {
+        (*i, g.syscall_ret, g.sigreturn) != (*ip, gadgets.syscall_ret, gadgets.sigreturn)
+    });
+    recent.insert(0, (*ip, gadgets.clone()));
+    recent.truncate(RECENT_CODE_KEPT);
+}
+
+/// A pair of [`RECENT_CODE`] that holds in frozen `pid` (its maps and
+/// status texts given): a `syscall` at the address, in an executable
+/// mapping, and gadgets that `still_valid_in` finds in place, also in
+/// executable mappings.
+fn recent_code_in(
+    pid: i32,
+    maps: &str,
+    status: &str,
+) -> Option<(u64, Option<crate::safe_return::Gadgets>)> {
+    let recent = RECENT_CODE.lock().ok()?.clone();
+    recent.into_iter().find_map(|(ip, gadgets)| {
+        let executable = |at: u64, len: u64| in_executable_mapping(maps, at, len);
+        let mut insn = [0u8; 2];
+        let ip_holds = executable(ip, 2)
+            && crate::remote::read_memory(pid, ip, &mut insn).is_ok()
+            && insn == [0x0f, 0x05];
+        if !ip_holds || !executable(gadgets.syscall_ret, 3) || !executable(gadgets.sigreturn, 9) {
+            return None;
+        }
+        let g = crate::safe_return::still_valid_in(pid, &gadgets, maps, status)?;
+        debug!(pid, ip, "code addresses of an earlier process hold");
+        Some((ip, Some(g)))
+    })
+}
+
+/// Whether `[at, at + len)` lies in one readable, executable mapping of a
+/// /proc/PID/maps text.
+fn in_executable_mapping(maps: &str, at: u64, len: u64) -> bool {
+    maps.lines().any(|line| {
+        let mut cols = line.split_ascii_whitespace();
+        let (Some(range), Some(perms)) = (cols.next(), cols.next()) else {
+            return false;
+        };
+        let Some((start, end)) = range.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        }) else {
+            return false;
+        };
+        perms.starts_with('r')
+            && perms.get(2..3) == Some("x")
+            && start <= at
+            && at.checked_add(len).is_some_and(|e| e <= end)
+    })
+}
+
+#[cfg(test)]
+mod recent_code_tests {
+    use super::in_executable_mapping;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a21000 r--p 00000000 fd:01 123 /usr/bin/x
+7f0000000000-7f0000100000 r-xp 00028000 fd:01 456 /usr/lib/libc.so.6
+7f0000100000-7f0000200000 rw-p 00000000 00:00 0
+";
+
+    #[test]
+    fn only_code_inside_an_executable_mapping_counts() {
+        assert!(in_executable_mapping(MAPS, 0x7f0000000010, 3));
+        assert!(in_executable_mapping(MAPS, 0x7f00000ffffd, 3));
+        assert!(!in_executable_mapping(MAPS, 0x7f00000ffffe, 3));
+        assert!(!in_executable_mapping(MAPS, 0x7f0000100010, 3));
+        assert!(!in_executable_mapping(MAPS, 0x55d0c0a00010, 2));
+        assert!(!in_executable_mapping(MAPS, u64::MAX - 1, 3));
     }
 }
