@@ -381,6 +381,11 @@ fn prepare(
 /// Read `runs` of frozen process `pid` into `dest` (laid out in order,
 /// exactly as long as the runs), without writing them anywhere.
 pub(crate) fn read_frozen(pid: i32, runs: &[(u64, u64)], dest: &mut [u8]) -> Result<()> {
+    // Most mappings of an increment hold no written page: opening
+    // /proc/PID/mem for nothing cost ~5 us per mapping, frozen.
+    if runs.is_empty() {
+        return Ok(());
+    }
     let path = format!("/proc/{pid}/mem");
     let mem = File::open(&path).map_err(|source| Error::Proc { path, source })?;
     let mut at = 0usize;
