@@ -533,10 +533,20 @@ fn pages_stored_again_unchanged_bring_a_new_base() {
             "checkpoint {g} stored {stored} pages, the tail is {tail_pages}, the base {base_pages}"
         );
     }
-    let m = next(&mut t);
+    // Pages are compared only when the buffer that holds them was ready
+    // at the checkpoint: on a loaded machine its growth after the first
+    // increment can be still under way at the next, which then counts
+    // nothing; the new base comes one or two checkpoints later.
+    let mut m = next(&mut t);
+    for _ in 0..2 {
+        if m.parent.is_none() {
+            break;
+        }
+        m = next(&mut t);
+    }
     assert!(
         m.parent.is_none(),
-        "a new base after the tail was stored three times\n{}",
+        "a new base after the tail was stored three to five times\n{}",
         agent.describe()
     );
     let log = agent.log_text();
