@@ -291,99 +291,143 @@ fn tracer_of(pid: i32) -> Option<i32> {
         .filter(|&t| t != 0)
 }
 
+/// A process whose threads are seized and asked to stop (see
+/// [`Frozen::begin_freeze`]); [`finish`](Self::finish) waits for them.
+/// Dropped unfinished, its threads are let go as a `Frozen`'s are.
+pub struct Freezing {
+    frozen: Frozen,
+    held: BTreeMap<i32, ()>,
+    dead: std::collections::BTreeSet<i32>,
+    /// Seized and interrupted, not waited for yet.
+    waiting: Vec<i32>,
+}
+
+impl Freezing {
+    pub fn pid(&self) -> i32 {
+        self.frozen.pid
+    }
+
+    /// Seize and interrupt the threads of the process not held yet (nor
+    /// seen dying); returns them.
+    fn seize_new(&mut self) -> Result<Vec<i32>> {
+        let pid = self.frozen.pid;
+        let current = list_threads(pid)?;
+        let new: Vec<i32> = current
+            .into_iter()
+            .filter(|t| !self.held.contains_key(t) && !self.dead.contains(t))
+            .collect();
+        for &tid in &new {
+            match seize_thread(pid, tid) {
+                Ok(()) => {}
+                // The thread exited between listing and seizing.
+                Err(Errno::ESRCH) => continue,
+                // The kernel refuses to attach to a thread that is
+                // exiting with EPERM too: that is an exit, not a
+                // permission problem. The leader's exit ends the
+                // dump; another thread's is skipped (it may linger
+                // in the list until its group reaps it).
+                Err(Errno::EPERM) if thread_is_dead(tid) => {
+                    if tid == pid {
+                        return Err(Error::Exited(pid));
+                    }
+                    self.dead.insert(tid);
+                    continue;
+                }
+                Err(Errno::EPERM) => {
+                    if let Some(tracer) = tracer_of(pid) {
+                        return Err(Error::AlreadyTraced { pid, tracer });
+                    }
+                    return Err(Error::PermissionDenied {
+                        pid,
+                        hint: if nix::unistd::geteuid().is_root() {
+                            ""
+                        } else {
+                            "; run as root (sudo) or dump a process you own"
+                        },
+                    });
+                }
+                Err(source) => {
+                    return Err(Error::Ptrace {
+                        op: "seize",
+                        tid,
+                        source,
+                    });
+                }
+            }
+            self.frozen.tids.push(tid);
+            self.held.insert(tid, ());
+            match ptrace::interrupt(Pid::from_raw(tid)) {
+                // Exited after the seize; the wait below sees it go.
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(source) => {
+                    return Err(Error::Ptrace {
+                        op: "interrupt",
+                        tid,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(new
+            .into_iter()
+            .filter(|t| self.held.contains_key(t))
+            .collect())
+    }
+
+    /// Wait until every thread seized is stopped, seizing the threads
+    /// they cloned meanwhile, until no new one appears.
+    pub fn finish(mut self) -> Result<Frozen> {
+        let pid = self.frozen.pid;
+        while !self.waiting.is_empty() {
+            for tid in std::mem::take(&mut self.waiting) {
+                self.frozen.wait_for_interrupt(tid)?;
+            }
+            self.frozen.stopped_at_ns = crate::process::monotonic_ns();
+            let held = &self.held;
+            self.frozen.tids.retain(|t| held.contains_key(t));
+            self.waiting = self.seize_new()?;
+        }
+        if !self.frozen.tids.contains(&pid) {
+            return Err(Error::Exited(pid));
+        }
+        self.frozen.tids.sort_unstable();
+        let was_stopped = self.frozen.was_stopped;
+        debug!(pid, threads = self.frozen.tids.len(), was_stopped, "frozen");
+        Ok(self.frozen)
+    }
+}
+
 impl Frozen {
     /// Seize and stop every thread of `pid`, re-reading the thread list until
     /// no new thread appears: a thread we have not stopped yet may be
     /// cloning another one, and a stopped thread cannot.
     pub fn freeze(pid: i32) -> Result<Frozen> {
+        Frozen::begin_freeze(pid)?.finish()
+    }
+
+    /// The first half of [`freeze`](Self::freeze): every thread of `pid`
+    /// seized and asked to stop, nobody waited for yet. A tree begins the
+    /// freeze of all the children it found before waiting for any, so that
+    /// their stops overlap ([`Freezing::finish`]).
+    pub fn begin_freeze(pid: i32) -> Result<Freezing> {
         let was_stopped = process_state(pid)? == 'T';
-        let mut frozen = Frozen {
-            pid,
-            tids: Vec::new(),
-            was_stopped,
-            in_group_stop: was_stopped,
-            released: false,
-            stopped_at_ns: 0,
-            _not_send: PhantomData,
-            _signals: HoldTerminalSignals::new(),
+        let mut freezing = Freezing {
+            frozen: Frozen {
+                pid,
+                tids: Vec::new(),
+                was_stopped,
+                in_group_stop: was_stopped,
+                released: false,
+                stopped_at_ns: 0,
+                _not_send: PhantomData,
+                _signals: HoldTerminalSignals::new(),
+            },
+            held: BTreeMap::new(),
+            dead: Default::default(),
+            waiting: Vec::new(),
         };
-        let mut held: BTreeMap<i32, ()> = BTreeMap::new();
-        let mut dead: std::collections::BTreeSet<i32> = Default::default();
-        loop {
-            let current = list_threads(pid)?;
-            let new: Vec<i32> = current
-                .into_iter()
-                .filter(|t| !held.contains_key(t) && !dead.contains(t))
-                .collect();
-            if new.is_empty() {
-                break;
-            }
-            for &tid in &new {
-                match seize_thread(pid, tid) {
-                    Ok(()) => {}
-                    // The thread exited between listing and seizing.
-                    Err(Errno::ESRCH) => continue,
-                    // The kernel refuses to attach to a thread that is
-                    // exiting with EPERM too: that is an exit, not a
-                    // permission problem. The leader's exit ends the
-                    // dump; another thread's is skipped (it may linger
-                    // in the list until its group reaps it).
-                    Err(Errno::EPERM) if thread_is_dead(tid) => {
-                        if tid == pid {
-                            return Err(Error::Exited(pid));
-                        }
-                        dead.insert(tid);
-                        continue;
-                    }
-                    Err(Errno::EPERM) => {
-                        if let Some(tracer) = tracer_of(pid) {
-                            return Err(Error::AlreadyTraced { pid, tracer });
-                        }
-                        return Err(Error::PermissionDenied {
-                            pid,
-                            hint: if nix::unistd::geteuid().is_root() {
-                                ""
-                            } else {
-                                "; run as root (sudo) or dump a process you own"
-                            },
-                        });
-                    }
-                    Err(source) => {
-                        return Err(Error::Ptrace {
-                            op: "seize",
-                            tid,
-                            source,
-                        });
-                    }
-                }
-                frozen.tids.push(tid);
-                held.insert(tid, ());
-                match ptrace::interrupt(Pid::from_raw(tid)) {
-                    // Exited after the seize; the wait below sees it go.
-                    Ok(()) | Err(Errno::ESRCH) => {}
-                    Err(source) => {
-                        return Err(Error::Ptrace {
-                            op: "interrupt",
-                            tid,
-                            source,
-                        });
-                    }
-                }
-            }
-            for &tid in &new {
-                if held.contains_key(&tid) {
-                    frozen.wait_for_interrupt(tid)?;
-                }
-            }
-            frozen.stopped_at_ns = crate::process::monotonic_ns();
-            frozen.tids.retain(|t| held.contains_key(t));
-        }
-        if !frozen.tids.contains(&pid) {
-            return Err(Error::Exited(pid));
-        }
-        frozen.tids.sort_unstable();
-        debug!(pid, threads = frozen.tids.len(), was_stopped, "frozen");
-        Ok(frozen)
+        freezing.waiting = freezing.seize_new()?;
+        Ok(freezing)
     }
 
     /// Wait until `tid` sits in the stop our interrupt asked for. A signal

@@ -237,6 +237,9 @@ impl FrozenTree {
         if new.is_empty() {
             return Ok(false);
         }
+        // Every new child is asked to stop before any is waited for: their
+        // stops overlap instead of following one another.
+        let mut freezing = Vec::with_capacity(new.len());
         for e in new {
             known.insert(e.pid);
             if e.state == 'Z' {
@@ -249,17 +252,14 @@ impl FrozenTree {
                 });
                 continue;
             }
-            match Frozen::freeze(e.pid) {
-                Ok(f) => self.members.push(f),
-                // Exited since the scan: still there (a zombie now),
-                // the next scan records it; reaped, it is gone.
-                Err(Error::Exited(_) | Error::NoSuchProcess(_))
-                    if std::path::Path::new(&format!("/proc/{}", e.pid)).exists() =>
-                {
-                    known.remove(&e.pid);
-                }
-                Err(Error::Exited(_) | Error::NoSuchProcess(_)) => {}
-                Err(err) => return Err(err),
+            if let Some(f) = gone_or(Frozen::begin_freeze(e.pid), e.pid, known)? {
+                freezing.push(f);
+            }
+        }
+        for f in freezing {
+            let pid = f.pid();
+            if let Some(f) = gone_or(f.finish(), pid, known)? {
+                self.members.push(f);
             }
         }
         Ok(true)
@@ -497,6 +497,22 @@ pub fn link_descriptions(procs: &mut [ProcessImage]) {
                 next_id - 1
             });
         }
+    }
+}
+
+/// A child's freeze `result`, its exit (since the scan) set apart: a child
+/// still there (a zombie now) is forgotten, so that the next scan records
+/// it; one reaped is gone. Other errors fail the freeze.
+fn gone_or<T>(result: Result<T>, pid: i32, known: &mut HashSet<i32>) -> Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::Exited(_) | Error::NoSuchProcess(_)) => {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                known.remove(&pid);
+            }
+            Ok(None)
+        }
+        Err(err) => Err(err),
     }
 }
 
