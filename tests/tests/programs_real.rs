@@ -30,12 +30,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::agent::{Agent, EXIT_TIMEOUT, SIGSYS, no_core, poll, scratch, send};
+use common::agent::{Agent, SIGSYS, no_core, poll, scratch, send};
 use common::procs::{Guard, kill_tree, tree, tree_pids};
-use common::restore::restore_and_wait;
+use common::restore::restore_and_wait_within;
 use common::{Target, chpox_bin, chpox_ok, only_stdio, path_str, tempdir, wait_pid_free};
 
 const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
+/// A whole run of one of these programs (CPU-bound: minutes on a machine
+/// loaded by other jobs, seconds otherwise).
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------
 // A parallel build
@@ -204,7 +207,7 @@ fn a_parallel_make_dumped_and_killed_restores_to_the_same_binary() {
     // The jobserver pipe, the sub-makes and every cc | cc1 | as pipeline.
     common::dump_kill(&mut t, &image, &[]);
 
-    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    let (code, stderr) = restore_and_wait_within(&image, &[], dir.path(), EXIT_TIMEOUT);
     assert_eq!(code, 0, "restore: {stderr}\nmake's stderr: {}", t.stderr());
     assert_eq!(t.stderr(), "", "make's stderr");
     let got = build_result(&src);
@@ -334,7 +337,7 @@ fn a_build_whose_temporary_file_is_gone_is_refused_by_name() {
         .collect();
     assert!(tmp.is_empty(), "the build left {tmp:?}");
 
-    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    let (code, stderr) = restore_and_wait_within(&image, &[], dir.path(), EXIT_TIMEOUT);
     assert_ne!(code, 0, "the restore went on: {stderr}");
     let line = stderr
         .lines()
@@ -399,7 +402,7 @@ fn a_python_pool_with_a_fork_server_dumped_and_killed_finishes_the_same() {
     for pid in pids {
         wait_pid_free(pid);
     }
-    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    let (code, stderr) = restore_and_wait_within(&image, &[], dir.path(), EXIT_TIMEOUT);
     assert_eq!(
         code,
         0,
@@ -507,7 +510,7 @@ fn a_bash_script_with_a_coprocess_and_pipelines_finishes_the_same() {
     // bash, the coprocess's subshell and the process substitution's seq
     // (or the pipe it filled, once it is done).
     common::dump_kill(&mut t, &image, &[]);
-    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    let (code, stderr) = restore_and_wait_within(&image, &[], dir.path(), EXIT_TIMEOUT);
     assert_eq!(code, 0, "restore: {stderr}\nbash's stderr: {}", t.stderr());
     assert_eq!(t.lines_after_ready(), want, "{}", t.stderr());
     assert_eq!(t.stderr(), "", "bash's stderr");
@@ -583,7 +586,7 @@ fn node_worker_threads_dumped_and_killed_finish_the_same() {
     t.wait_for_line("got 15 ", EXIT_TIMEOUT);
     let image = dir.path().join("node.img");
     common::dump_kill(&mut t, &image, &[]);
-    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    let (code, stderr) = restore_and_wait_within(&image, &[], dir.path(), EXIT_TIMEOUT);
     assert_eq!(code, 0, "restore: {stderr}\nnode's stderr: {}", t.stderr());
     assert_eq!(sorted(&t), want, "{}", t.stderr());
     assert_eq!(t.stderr(), "", "node's stderr");

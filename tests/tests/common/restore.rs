@@ -41,6 +41,16 @@ pub fn checkpoint(t: &mut Target, image: &Path, extra: &[&str]) {
 /// Runs `program restore-args...` until it exits; returns its exit code
 /// and stderr.
 pub fn run_waiting(program: &Path, args: &[&str], dir: &Path) -> (i32, String) {
+    run_waiting_within(program, args, dir, EXIT_TIMEOUT)
+}
+
+/// [`run_waiting`] for at most `timeout`.
+pub fn run_waiting_within(
+    program: &Path,
+    args: &[&str],
+    dir: &Path,
+    timeout: Duration,
+) -> (i32, String) {
     let err_path = dir.join("restore.stderr");
     let mut child = Command::new(program)
         .args(args)
@@ -49,7 +59,7 @@ pub fn run_waiting(program: &Path, args: &[&str], dir: &Path) -> (i32, String) {
         .stderr(File::create(&err_path).expect("stderr file"))
         .spawn()
         .expect("run restore");
-    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
             break status;
@@ -66,7 +76,18 @@ pub fn run_waiting(program: &Path, args: &[&str], dir: &Path) -> (i32, String) {
 
 /// `chpox restore IMAGE [extra]`, waiting for the restored process.
 pub fn restore_and_wait(image: &Path, extra: &[&str], dir: &Path) -> (i32, String) {
+    restore_and_wait_within(image, extra, dir, EXIT_TIMEOUT)
+}
+
+/// [`restore_and_wait`] for a restored program that may run for up to
+/// `timeout` (a real program's remaining work on a loaded machine).
+pub fn restore_and_wait_within(
+    image: &Path,
+    extra: &[&str],
+    dir: &Path,
+    timeout: Duration,
+) -> (i32, String) {
     let mut args = vec!["restore", path_str(image)];
     args.extend_from_slice(extra);
-    run_waiting(&chpox_bin(), &args, dir)
+    run_waiting_within(&chpox_bin(), &args, dir, timeout)
 }
