@@ -57,7 +57,7 @@ pub struct DumpOptions {
     pub member_hint: Option<crate::tree::MemberHint>,
     /// Copy pages while the processes run before freezing them, then only
     /// what they wrote since (`precopy`): for dumps that leave them running
-    /// uncompressed. The checkpoint is then the moment of the freeze after
+    /// (compressed ones compress afterwards). The checkpoint is then the moment of the freeze after
     /// the pre-copy, not the moment of the call.
     pub precopy: Precopy,
     /// A trigger chose this instant (the agent): freeze before reading
@@ -213,6 +213,10 @@ fn dump_inner(
                 owner: Some(owner),
                 keep_previous: opts.keep_previous,
                 as_user: opts.as_user.clone(),
+                // Compressed once the processes run again, not while
+                // frozen (see `image::writer::deferred`); a process to be
+                // killed stays frozen until its image is written anyway.
+                defer_compression: snapshots_wanted,
             },
         )
     };
@@ -248,7 +252,7 @@ fn dump_inner(
                 crate::precopy::private_bytes(&pids) >= crate::precopy::MIN_PRECOPY_BYTES
             }
         };
-    if snapshots_wanted && precopy && !opts.compress {
+    if snapshots_wanted && precopy {
         let mut writer = create_writer(process::owner(pid)?)?;
         precopies = PreCopies::run(&pids, &mut writer);
         precopy_writer = Some(writer);
@@ -550,6 +554,8 @@ fn finish_image(
         let pages = (|| -> Result<()> {
             *precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
             phase.done("after the freeze: pre-copied pages finished");
+            // Nothing is rewritten in place from here on.
+            writer.compress_from_now();
             *written = snapshot::write_all(snapshots, meta, &mut writer)?;
             phase.done("after the freeze: snapshot pages written");
             if let Some((held, stored)) = held {
@@ -566,7 +572,7 @@ fn finish_image(
     pages?;
     finish_files(files?, opts, &mut writer, meta)?;
     phase.done("file hashes, embedded files");
-    let bytes = writer.finish(meta)?;
+    let bytes = writer.finish_updating(meta)?;
     phase.done("metadata, sync, rename");
     Ok(bytes)
 }

@@ -30,6 +30,7 @@ mod refs;
 
 pub use metadata::decode_metadata;
 use metadata::read_metadata;
+pub(crate) use refs::for_each_ref_mut;
 use refs::{Site, check_ref, for_each_ref, validate};
 
 /// Bulk data is read, checksummed and decompressed in pieces of this size,

@@ -24,7 +24,8 @@
 //!
 //! So the checkpoint's instant is the freeze after the pre-copy, not the
 //! moment the dump was asked for: a pre-copy is for dumps that leave the
-//! process running and are not compressed.
+//! process running (a compressed one is written uncompressed first and
+//! compressed at its end, see `image::writer::deferred`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,0 +1,408 @@
+//! Deferred compression: a compressed image whose blobs are first written
+//! uncompressed, then compressed into a second temporary file once the
+//! processes run again.
+//!
+//! A dump that leaves its processes running freezes them only while it
+//! reads what it cannot read later. A pre-copy writes their pages into the
+//! image beforehand and, after the freeze, writes the pages changed
+//! meanwhile over their earlier copies in place; pages copied while frozen
+//! (shared memory, a process that cannot be snapshotted) are copied into a
+//! mapping of the file. Both need the bytes of a blob at a known place, and
+//! the second must not wait for a compressor. So such a dump writes its
+//! image uncompressed into the writer's temporary file, and at the end,
+//! with the processes running, [`ImageWriter::finish_updating`] compresses
+//! every uncompressed blob into a new temporary file in the same directory
+//! (blobs compressed already are copied as they are), on every core, one
+//! zstd frame per blob, and updates the metadata's references: the image
+//! published is the same as a directly compressed one. It needs, for a
+//! while, the uncompressed size in the image's directory; the first file's
+//! space is given back blob by blob as it is compressed (hole punching),
+//! and the file is removed before the rename, on success and on failure
+//! alike (the writer's own temporary file is removed by its `Drop`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+
+use nix::unistd::UnlinkatFlags;
+
+use super::dir::create_temp;
+use super::{ImageWriter, State, ZEROS, ZSTD_LEVEL, broken, compress_blob};
+use crate::image::error::ImageError;
+use crate::image::format::HEADER_SIZE;
+use crate::image::model::{Compression, DataRef, Metadata};
+use crate::image::reader::for_each_ref_mut;
+
+/// `add_data` compresses blobs up to this size at once even while
+/// compression is deferred.
+pub(super) const SMALL_BLOB: usize = 64 << 10;
+
+/// Uncompressed blobs are read and compressed in pieces of this size; a
+/// blob up to this size (every page run: see `pagecopy::CHUNK_PAGES`) is
+/// compressed in one go, as the page copy does.
+const PIECE: usize = 8 << 20;
+
+/// Whether `meta` refers to an uncompressed blob.
+pub(super) fn any_plain(meta: &Metadata) -> bool {
+    let mut meta_refs = Vec::new();
+    // The walk takes `&mut`; a copy of the references is cheap beside the
+    // blobs they describe, and this runs once per image.
+    let mut copy = meta.clone();
+    let _ = for_each_ref_mut(&mut copy, |r| {
+        meta_refs.push(r.compression);
+        Ok::<(), ()>(())
+    });
+    meta_refs.contains(&Compression::None)
+}
+
+/// How many blobs workers may compress ahead of the one being written
+/// (per worker): a long blob on one worker must not let the others fill
+/// memory with what cannot be written before it.
+const AHEAD_PER_WORKER: usize = 2;
+
+/// Uncompressed blobs written so far, which workers wait on to go ahead.
+#[derive(Default)]
+struct Progress {
+    written: Mutex<usize>,
+    moved: Condvar,
+}
+
+/// A blob compressed by a worker, to be written in order.
+struct Compressed {
+    index: usize,
+    result: Result<(Vec<u8>, u32), ImageError>,
+}
+
+impl ImageWriter {
+    /// From now on blobs are compressed as they are written (the bytes
+    /// written so far stay uncompressed until `finish_updating`).
+    pub fn compress_from_now(&mut self) {
+        self.compress = self.compress_image;
+    }
+
+    /// Every blob `meta` refers to, uncompressed ones compressed, into a
+    /// new temporary file that replaces the one written so far. Nothing to
+    /// do if every blob is compressed already.
+    pub(super) fn compress_deferred(&mut self, meta: &mut Metadata) -> Result<(), ImageError> {
+        match &self.state {
+            State::Idle => {}
+            State::Broken => return Err(broken()),
+            State::Blob(_) | State::Mapped => {
+                return Err(ImageError::WriterState {
+                    reason: "finish while a blob or mapped area is open",
+                });
+            }
+        }
+        let mut refs: Vec<DataRef> = Vec::new();
+        let _ = for_each_ref_mut(meta, |r| {
+            refs.push(*r);
+            Ok::<(), ()>(())
+        });
+        if !refs.iter().any(|r| r.compression == Compression::None) {
+            self.compress = true;
+            return Ok(());
+        }
+        // Broken until the new file is complete: an error on the way
+        // leaves a writer that only removes its temporary file.
+        self.state = State::Broken;
+        let (new_file, new_name) = match &self.as_user {
+            Some(user) => crate::creds::as_user(user, || create_temp(&self.dir, &self.final_name))
+                .and_then(|r| r),
+            None => create_temp(&self.dir, &self.final_name),
+        }
+        .map_err(|e| self.err(e))?;
+        // From here on the new file is the writer's (removed by its Drop on
+        // failure) and the old one is removed when `old` goes, whatever
+        // happens.
+        let old_file = std::mem::replace(&mut self.file, Arc::new(new_file));
+        let old_name = std::mem::replace(&mut self.temp_name, new_name);
+        let _old = RemoveOnDrop {
+            dir: self.dir.try_clone().map_err(|e| self.err(e))?,
+            name: old_name,
+        };
+        // The same owner as the first file (root's dump of a user's
+        // process gives the image to the user).
+        let st = nix::sys::stat::fstat(&*old_file).map_err(|e| self.err(e.into()))?;
+        self.chown(st.st_uid, st.st_gid)?;
+        (&*self.file)
+            .write_all(&ZEROS[..HEADER_SIZE])
+            .map_err(|e| self.err(e))?;
+        self.pos = HEADER_SIZE as u64;
+        self.preallocated = false;
+        self.compress = true;
+        self.state = State::Idle;
+
+        let moved = self.move_blobs(&old_file, &refs)?;
+        let mut moved = moved.into_iter();
+        for_each_ref_mut(meta, |r| {
+            *r = moved.next().ok_or(ImageError::WriterState {
+                reason: "the metadata changed while its blobs were compressed",
+            })?;
+            Ok(())
+        })
+    }
+
+    /// Writes `refs` of `old` into this writer's file in order: the
+    /// uncompressed ones compressed by workers on every core, the others
+    /// copied. Returns where each went.
+    fn move_blobs(&mut self, old: &File, refs: &[DataRef]) -> Result<Vec<DataRef>, ImageError> {
+        let plain: Vec<usize> = (0..refs.len())
+            .filter(|&i| refs[i].compression == Compression::None)
+            .collect();
+        // Space of a blob compressed is given back at once, unless two
+        // references share bytes (none of our writers makes such, but a
+        // hole punched under another blob would lose its bytes).
+        let punch = no_overlaps(refs);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8)
+            .min(plain.len());
+        let next = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let progress = Progress::default();
+        let ahead = AHEAD_PER_WORKER * workers;
+        let (tx, rx) = mpsc::sync_channel::<Compressed>(ahead);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let tx = tx.clone();
+                let (next, abort, plain, progress) = (&next, &abort, &plain, &progress);
+                scope.spawn(move || {
+                    let mut buf = Vec::new();
+                    while !abort.load(Ordering::Relaxed) {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&index) = plain.get(k) else {
+                            break;
+                        };
+                        if !progress.wait_until(k, ahead, abort) {
+                            break;
+                        }
+                        let r = &refs[index];
+                        let result = compress_from(old, r, &mut buf);
+                        if result.is_ok() && punch {
+                            punch_hole(old, r);
+                        }
+                        if tx.send(Compressed { index, result }).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let result = self.write_in_order(old, refs, rx, &progress);
+            progress.give_up(&abort);
+            result
+        })
+    }
+
+    /// The writer's half of [`move_blobs`](Self::move_blobs). Dropping
+    /// `rx` (on return) stops the workers.
+    fn write_in_order(
+        &mut self,
+        old: &File,
+        refs: &[DataRef],
+        rx: mpsc::Receiver<Compressed>,
+        progress: &Progress,
+    ) -> Result<Vec<DataRef>, ImageError> {
+        let mut out = Vec::with_capacity(refs.len());
+        let mut early: BTreeMap<usize, Result<(Vec<u8>, u32), ImageError>> = BTreeMap::new();
+        for (index, r) in refs.iter().enumerate() {
+            if r.compression != Compression::None {
+                out.push(self.copy_stored(old, r)?);
+                continue;
+            }
+            let result = loop {
+                if let Some(done) = early.remove(&index) {
+                    break done;
+                }
+                let c = rx.recv().map_err(|_| ImageError::WriterState {
+                    reason: "internal: a compression worker stopped",
+                })?;
+                early.insert(c.index, c.result);
+            };
+            let (stored, crc) = result?;
+            out.push(self.append(&stored, r.raw_len, crc, Compression::Zstd)?);
+            progress.one_more();
+        }
+        Ok(out)
+    }
+
+    /// Appends `stored` as a blob (no progress counted: the bytes were
+    /// counted when first written).
+    fn append(
+        &mut self,
+        stored: &[u8],
+        raw_len: u64,
+        crc32c: u32,
+        compression: Compression,
+    ) -> Result<DataRef, ImageError> {
+        self.state = State::Broken;
+        self.pad_to_alignment()?;
+        let offset = self.pos;
+        (&*self.file).write_all(stored).map_err(|e| self.err(e))?;
+        self.pos += stored.len() as u64;
+        self.state = State::Idle;
+        Ok(DataRef {
+            offset,
+            stored_len: stored.len() as u64,
+            raw_len,
+            crc32c,
+            compression,
+        })
+    }
+
+    /// Copies blob `r` of `old` as it is stored, checking its checksum.
+    fn copy_stored(&mut self, old: &File, r: &DataRef) -> Result<DataRef, ImageError> {
+        self.state = State::Broken;
+        self.pad_to_alignment()?;
+        let offset = self.pos;
+        let mut buf = vec![0u8; (r.stored_len as usize).min(PIECE)];
+        let mut crc = 0u32;
+        let mut done = 0u64;
+        while done < r.stored_len {
+            let n = (r.stored_len - done).min(buf.len() as u64) as usize;
+            let piece = &mut buf[..n];
+            old.read_exact_at(piece, r.offset + done)
+                .map_err(|e| self.err(e))?;
+            crc = crc32c::crc32c_append(crc, piece);
+            (&*self.file).write_all(piece).map_err(|e| self.err(e))?;
+            done += n as u64;
+        }
+        if crc != r.crc32c {
+            return Err(changed());
+        }
+        self.pos += r.stored_len;
+        self.state = State::Idle;
+        Ok(DataRef { offset, ..*r })
+    }
+}
+
+impl Progress {
+    /// Waits until the `k`th uncompressed blob is fewer than `ahead` past
+    /// the ones written; false if the move was given up meanwhile.
+    fn wait_until(&self, k: usize, ahead: usize, abort: &AtomicBool) -> bool {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        while k >= *written + ahead {
+            if abort.load(Ordering::Relaxed) {
+                return false;
+            }
+            written = self.moved.wait(written).unwrap_or_else(|e| e.into_inner());
+        }
+        true
+    }
+
+    /// Stops the workers, waiting or not (under the lock, so that none
+    /// misses the news between its look and its wait).
+    fn give_up(&self, abort: &AtomicBool) {
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        abort.store(true, Ordering::Relaxed);
+        drop(written);
+        self.moved.notify_all();
+    }
+
+    fn one_more(&self) {
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.moved.notify_all();
+    }
+}
+
+/// Blob `r` (uncompressed) of `old`, checked against its checksum and
+/// compressed as one zstd frame: the stored bytes and their CRC-32C.
+/// `buf` is the worker's, kept from one blob to the next.
+fn compress_from(old: &File, r: &DataRef, buf: &mut Vec<u8>) -> Result<(Vec<u8>, u32), ImageError> {
+    let io_err = |e: io::Error| ImageError::WriterState {
+        reason: if e.kind() == io::ErrorKind::UnexpectedEof {
+            "internal: a blob lies past the end of the image"
+        } else {
+            "cannot read back the uncompressed image"
+        },
+    };
+    let len = r.stored_len;
+    let stored = if len <= PIECE as u64 {
+        buf.resize(len as usize, 0);
+        old.read_exact_at(buf, r.offset).map_err(io_err)?;
+        if crc32c::crc32c(buf) != r.crc32c {
+            return Err(changed());
+        }
+        compress_blob(buf).map_err(|_| ImageError::WriterState {
+            reason: "zstd could not compress a blob",
+        })?
+    } else {
+        // A long blob (an embedded file) in pieces, into one frame that
+        // records its size as a bulk compression does.
+        buf.resize(PIECE, 0);
+        let zstd_err = |_| ImageError::WriterState {
+            reason: "zstd could not compress a blob",
+        };
+        let mut enc =
+            zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(zstd_err)?;
+        enc.set_pledged_src_size(Some(len)).map_err(zstd_err)?;
+        let mut crc = 0u32;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(PIECE as u64) as usize;
+            let piece = &mut buf[..n];
+            old.read_exact_at(piece, r.offset + done).map_err(io_err)?;
+            crc = crc32c::crc32c_append(crc, piece);
+            enc.write_all(piece).map_err(zstd_err)?;
+            done += n as u64;
+        }
+        if crc != r.crc32c {
+            return Err(changed());
+        }
+        enc.finish().map_err(zstd_err)?
+    };
+    let crc = crc32c::crc32c(&stored);
+    Ok((stored, crc))
+}
+
+fn changed() -> ImageError {
+    ImageError::WriterState {
+        reason: "internal: a blob no longer matches its checksum before compression",
+    }
+}
+
+/// Whether no two of `refs` share a byte of the file.
+fn no_overlaps(refs: &[DataRef]) -> bool {
+    let mut spans: Vec<(u64, u64)> = refs
+        .iter()
+        .map(|r| (r.offset, r.offset.saturating_add(r.stored_len)))
+        .collect();
+    spans.sort_unstable();
+    spans.windows(2).all(|w| w[0].1 <= w[1].0)
+}
+
+/// Gives the space of blob `r` of `old` back to the filesystem (best
+/// effort: a filesystem without holes keeps it until the file goes). Blobs
+/// start on 4 KiB boundaries and no other blob shares their last page.
+fn punch_hole(old: &File, r: &DataRef) {
+    let len = r.stored_len.div_ceil(4096) * 4096;
+    if let (Ok(offset), Ok(len)) = (i64::try_from(r.offset), i64::try_from(len)) {
+        let _ = nix::fcntl::fallocate(
+            old,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
+    }
+}
+
+/// A temporary file of ours, removed from its directory when this goes.
+struct RemoveOnDrop {
+    dir: File,
+    name: std::ffi::OsString,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) =
+            nix::unistd::unlinkat(&self.dir, self.name.as_os_str(), UnlinkatFlags::NoRemoveDir)
+        {
+            tracing::warn!("cannot remove temporary file {:?}: {e}", self.name);
+        }
+    }
+}
