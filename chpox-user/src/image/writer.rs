@@ -423,7 +423,8 @@ impl ImageWriter {
         Ok(r)
     }
 
-    /// Writes `bytes` as one blob.
+    /// Writes `bytes` as one blob. While compression is deferred, a blob
+    /// of at most 64 KiB (a descriptor's buffer) is compressed at once.
     pub fn add_data(&mut self, bytes: &[u8]) -> Result<DataRef, ImageError> {
         if self.compress_image && !self.compress && bytes.len() <= deferred::SMALL_BLOB {
             // A descriptor's buffer (a pipe's 64 KiB) compresses in
@@ -431,6 +432,20 @@ impl ImageWriter {
             let z = compress_blob(bytes).map_err(|e| self.err(e))?;
             let crc = crc32c::crc32c(&z);
             return self.add_prepared(&z, bytes.len() as u64, crc, Compression::Zstd);
+        }
+        self.begin_data()?;
+        self.write_data(bytes)?;
+        self.end_data()
+    }
+
+    /// Writes `bytes` as one uncompressed blob, for a caller that will
+    /// rewrite parts of it in place ([`rewrite`](Self::rewrite)): refused
+    /// by a writer that compresses now.
+    pub fn add_plain(&mut self, bytes: &[u8]) -> Result<DataRef, ImageError> {
+        if self.compress {
+            return Err(ImageError::WriterState {
+                reason: "an uncompressed blob asked of a compressing writer",
+            });
         }
         self.begin_data()?;
         self.write_data(bytes)?;

@@ -634,7 +634,8 @@ pub fn write_all(
                         o
                     }
                     Source::New(bytes) => {
-                        let r = writer.add_data(&bytes)?;
+                        // Plain, as the rest: runs are cut from it.
+                        let r = writer.add_plain(&bytes)?;
                         rewritten.push((r.offset, r.offset + bytes.len() as u64));
                         r.offset
                     }
