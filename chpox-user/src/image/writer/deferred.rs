@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
@@ -101,10 +101,16 @@ impl ImageWriter {
             refs.push(*r);
             Ok::<(), ()>(())
         });
+        let plain_bytes: u64 = refs
+            .iter()
+            .filter(|r| r.compression == Compression::None)
+            .map(|r| r.stored_len)
+            .sum();
         if !refs.iter().any(|r| r.compression == Compression::None) {
             self.compress = true;
             return Ok(());
         }
+        let started = std::time::Instant::now();
         // Broken until the new file is complete: an error on the way
         // leaves a writer that only removes its temporary file.
         self.state = State::Broken;
@@ -136,6 +142,13 @@ impl ImageWriter {
         self.state = State::Idle;
 
         let moved = self.move_blobs(&old_file, &refs)?;
+        tracing::debug!(
+            blobs = refs.len(),
+            plain_bytes,
+            stored_bytes = self.pos,
+            us = started.elapsed().as_micros() as u64,
+            "deferred compression done"
+        );
         let mut moved = moved.into_iter();
         for_each_ref_mut(meta, |r| {
             *r = moved.next().ok_or(ImageError::WriterState {
@@ -156,6 +169,16 @@ impl ImageWriter {
         // references share bytes (none of our writers makes such, but a
         // hole punched under another blob would lose its bytes).
         let punch = no_overlaps(refs);
+        // Read through a mapping: the compressor reads the page cache
+        // itself, no copy into a buffer first.
+        // SAFETY: `old` is our own temporary file (O_EXCL, mode 0600, its
+        // name known to no one else), which nothing truncates while it is
+        // mapped; holes punched in it read back as zeros, never fault.
+        let map = unsafe { memmap2::Mmap::map(old) }.ok();
+        let source = match &map {
+            Some(m) => Source::Mapped(m),
+            None => Source::File(old),
+        };
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -169,7 +192,8 @@ impl ImageWriter {
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 let tx = tx.clone();
-                let (next, abort, plain, progress) = (&next, &abort, &plain, &progress);
+                let (next, abort, plain, progress, source) =
+                    (&next, &abort, &plain, &progress, &source);
                 scope.spawn(move || {
                     let mut buf = Vec::new();
                     while !abort.load(Ordering::Relaxed) {
@@ -181,7 +205,7 @@ impl ImageWriter {
                             break;
                         }
                         let r = &refs[index];
-                        let result = compress_from(old, r, &mut buf);
+                        let result = compress_from(source, r, &mut buf);
                         if result.is_ok() && punch {
                             punch_hole(old, r);
                         }
@@ -309,34 +333,60 @@ impl Progress {
     }
 }
 
-/// Blob `r` (uncompressed) of `old`, checked against its checksum and
+/// Where the uncompressed blobs are read from.
+enum Source<'a> {
+    Mapped(&'a [u8]),
+    File(&'a File),
+}
+
+impl Source<'_> {
+    /// `len` bytes at `offset`, from the mapping or read into `buf`.
+    fn piece<'b>(
+        &'b self,
+        offset: u64,
+        len: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8], ImageError> {
+        match self {
+            Source::Mapped(map) => usize::try_from(offset)
+                .ok()
+                .and_then(|o| map.get(o..o.checked_add(len)?))
+                .ok_or(ImageError::WriterState {
+                    reason: "internal: a blob lies past the end of the image",
+                }),
+            Source::File(file) => {
+                buf.resize(len, 0);
+                file.read_exact_at(buf, offset)
+                    .map_err(|_| ImageError::WriterState {
+                        reason: "cannot read back the uncompressed image",
+                    })?;
+                Ok(buf)
+            }
+        }
+    }
+}
+
+/// Blob `r` (uncompressed) of `source`, checked against its checksum and
 /// compressed as one zstd frame: the stored bytes and their CRC-32C.
 /// `buf` is the worker's, kept from one blob to the next.
-fn compress_from(old: &File, r: &DataRef, buf: &mut Vec<u8>) -> Result<(Vec<u8>, u32), ImageError> {
-    let io_err = |e: io::Error| ImageError::WriterState {
-        reason: if e.kind() == io::ErrorKind::UnexpectedEof {
-            "internal: a blob lies past the end of the image"
-        } else {
-            "cannot read back the uncompressed image"
-        },
+fn compress_from(
+    source: &Source<'_>,
+    r: &DataRef,
+    buf: &mut Vec<u8>,
+) -> Result<(Vec<u8>, u32), ImageError> {
+    let zstd_err = |_| ImageError::WriterState {
+        reason: "zstd could not compress a blob",
     };
     let len = r.stored_len;
     let stored = if len <= PIECE as u64 {
-        buf.resize(len as usize, 0);
-        old.read_exact_at(buf, r.offset).map_err(io_err)?;
-        if crc32c::crc32c(buf) != r.crc32c {
+        let raw = source.piece(r.offset, len as usize, buf)?;
+        if crc32c::crc32c(raw) != r.crc32c {
             return Err(changed());
         }
-        compress_blob(buf).map_err(|_| ImageError::WriterState {
-            reason: "zstd could not compress a blob",
-        })?
+        compress_blob(raw).map_err(zstd_err)?
     } else {
         // A long blob (an embedded file) in pieces, into one frame that
         // records its size as a bulk compression does.
-        buf.resize(PIECE, 0);
-        let zstd_err = |_| ImageError::WriterState {
-            reason: "zstd could not compress a blob",
-        };
         let mut enc =
             zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(zstd_err)?;
         enc.set_pledged_src_size(Some(len)).map_err(zstd_err)?;
@@ -344,10 +394,9 @@ fn compress_from(old: &File, r: &DataRef, buf: &mut Vec<u8>) -> Result<(Vec<u8>,
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(PIECE as u64) as usize;
-            let piece = &mut buf[..n];
-            old.read_exact_at(piece, r.offset + done).map_err(io_err)?;
-            crc = crc32c::crc32c_append(crc, piece);
-            enc.write_all(piece).map_err(zstd_err)?;
+            let raw = source.piece(r.offset + done, n, buf)?;
+            crc = crc32c::crc32c_append(crc, raw);
+            enc.write_all(raw).map_err(zstd_err)?;
             done += n as u64;
         }
         if crc != r.crc32c {
