@@ -169,6 +169,11 @@ impl ImageWriter {
         // references share bytes (none of our writers makes such, but a
         // hole punched under another blob would lose its bytes).
         let punch = no_overlaps(refs);
+        if !punch {
+            tracing::debug!(
+                "blobs share bytes: the uncompressed image is kept whole until the end"
+            );
+        }
         // Read through a mapping: the compressor reads the page cache
         // itself, no copy into a buffer first.
         // SAFETY: `old` is our own temporary file (O_EXCL, mode 0600, its
