@@ -57,8 +57,8 @@ pub struct DumpOptions {
     pub member_hint: Option<crate::tree::MemberHint>,
     /// Copy pages while the processes run before freezing them, then only
     /// what they wrote since (`precopy`): for dumps that leave them running
-    /// (compressed ones compress afterwards). The checkpoint is then the moment of the freeze after
-    /// the pre-copy, not the moment of the call.
+    /// (compressed ones compress afterwards). The checkpoint is then the
+    /// moment of the freeze after the pre-copy, not the moment of the call.
     pub precopy: Precopy,
     /// A trigger chose this instant (the agent): freeze before reading
     /// anything, so that the time from the signal to the stop does not grow

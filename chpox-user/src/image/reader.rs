@@ -30,8 +30,8 @@ mod refs;
 
 pub use metadata::decode_metadata;
 use metadata::read_metadata;
-pub(crate) use refs::for_each_ref_mut;
 use refs::{Site, check_ref, for_each_ref, validate};
+pub(crate) use refs::{all_refs, for_each_ref_mut};
 
 /// Bulk data is read, checksummed and decompressed in pieces of this size,
 /// so that verifying or sampling a huge blob needs little memory.

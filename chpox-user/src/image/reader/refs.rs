@@ -115,6 +115,16 @@ pub(super) fn for_each_ref<'a, E>(
     Ok(())
 }
 
+/// Every DataRef of `meta`, in the order of [`for_each_ref`].
+pub(crate) fn all_refs(meta: &Metadata) -> Vec<DataRef> {
+    let mut refs = Vec::new();
+    let _ = for_each_ref(meta, |_, r| {
+        refs.push(*r);
+        Ok::<(), ()>(())
+    });
+    refs
+}
+
 /// Calls `f` on every DataRef of `meta` to change it, in the order of
 /// [`for_each_ref`] (the two list the same sites: keep them together), so
 /// that a writer can move or re-encode every blob the metadata refers to.

@@ -178,3 +178,29 @@ fn finish_of_a_deferred_writer_with_nothing_plain() {
     let reader = ImageReader::open(&path).expect("open");
     reader.verify_all().expect("verify");
 }
+
+/// `finish` (the metadata borrowed) compresses too, into a copy of the
+/// metadata: the image is compressed, the caller's metadata untouched.
+#[test]
+fn finish_of_a_deferred_writer_compresses_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let mut meta = metadata();
+    let mut w = deferred(&path);
+    let bytes = memory(0x10_0000_0000, 1 << 20);
+    let r = stream(&mut w, &bytes);
+    assert_eq!(r.compression, Compression::None);
+    last(&mut meta).pages.push(PageRun {
+        addr: 0x10_0000_0000,
+        npages: 256,
+        data: r,
+    });
+    w.finish(&meta).expect("finish");
+    assert_eq!(last(&mut meta).pages[0].data, r);
+    let reader = ImageReader::open(&path).expect("open");
+    reader.verify_all().expect("verify");
+    let run = reader.metadata().root.vmas.last().expect("vma").pages[0];
+    assert_eq!(run.data.compression, Compression::Zstd);
+    assert_eq!(reader.read_data(&run.data).expect("read"), bytes);
+    assert_eq!(others(dir.path(), &["img"]), Vec::<String>::new());
+}

@@ -34,7 +34,7 @@ use super::{ImageWriter, State, ZEROS, ZSTD_LEVEL, broken, compress_blob};
 use crate::image::error::ImageError;
 use crate::image::format::HEADER_SIZE;
 use crate::image::model::{Compression, DataRef, Metadata};
-use crate::image::reader::for_each_ref_mut;
+use crate::image::reader::{all_refs, for_each_ref_mut};
 
 /// `add_data` compresses blobs up to this size at once even while
 /// compression is deferred.
@@ -47,15 +47,9 @@ const PIECE: usize = 8 << 20;
 
 /// Whether `meta` refers to an uncompressed blob.
 pub(super) fn any_plain(meta: &Metadata) -> bool {
-    let mut meta_refs = Vec::new();
-    // The walk takes `&mut`; a copy of the references is cheap beside the
-    // blobs they describe, and this runs once per image.
-    let mut copy = meta.clone();
-    let _ = for_each_ref_mut(&mut copy, |r| {
-        meta_refs.push(r.compression);
-        Ok::<(), ()>(())
-    });
-    meta_refs.contains(&Compression::None)
+    all_refs(meta)
+        .iter()
+        .any(|r| r.compression == Compression::None)
 }
 
 /// How many blobs workers may compress ahead of the one being written
@@ -96,11 +90,7 @@ impl ImageWriter {
                 });
             }
         }
-        let mut refs: Vec<DataRef> = Vec::new();
-        let _ = for_each_ref_mut(meta, |r| {
-            refs.push(*r);
-            Ok::<(), ()>(())
-        });
+        let refs = all_refs(meta);
         let plain_bytes: u64 = refs
             .iter()
             .filter(|r| r.compression == Compression::None)
