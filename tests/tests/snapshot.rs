@@ -459,3 +459,64 @@ fn a_compressed_dump_that_cannot_publish_leaves_the_previous_image() {
     }
     panic!("the compressed file never appeared, four times");
 }
+
+/// `--kill --compress`: the image is published uncompressed before the
+/// kill and compressed after it. If the compressed copy cannot replace it
+/// (its temporary file removed meanwhile), the complete uncompressed image
+/// stays, with a warning, and no temporary file is left.
+#[test]
+fn a_killed_process_keeps_its_uncompressed_image_if_compression_fails() {
+    let dir = tempdir();
+    let image = dir.path().join("img");
+    for _attempt in 0..4 {
+        let mut target = Target::spawn("mempattern", &["256"], dir.path());
+        let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+        let dumper = Command::new(chpox_bin())
+            .args(["dump", &target.pid.to_string(), "-o"])
+            .arg(&image)
+            .args(["--unsupported-fd", "null", "--kill", "--compress"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chpox");
+        // The compressed image's temporary file (counter 1; 0 became the
+        // uncompressed image).
+        let second = dir.path().join(format!(".img.chpox-tmp.{}.1", dumper.id()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut removed = false;
+        while Instant::now() < deadline {
+            if std::fs::remove_file(&second).is_ok() {
+                removed = true;
+                break;
+            }
+            if !Path::new(&format!("/proc/{}", dumper.id())).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let out = dumper.wait_with_output().expect("dump finishes");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let _ = target.wait_exit(EXIT_TIMEOUT);
+        let reader = ImageReader::open(&image).expect("image opens");
+        reader.verify_all().expect("checksums");
+        common::check_pattern(&reader, addr, len);
+        assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+        let compressed = reader
+            .metadata()
+            .root
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .all(|r| r.data.compression == chpox::image::model::Compression::Zstd);
+        if !removed {
+            assert!(compressed, "not compressed, yet nothing failed: {stderr}");
+            common::wait_pid_free(target.pid);
+            continue;
+        }
+        assert!(!compressed, "compressed without its file");
+        assert!(stderr.contains("stays uncompressed"), "{stderr}");
+        return;
+    }
+    panic!("the compressed file never appeared, four times");
+}

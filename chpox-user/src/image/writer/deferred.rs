@@ -131,7 +131,7 @@ impl ImageWriter {
         self.compress = true;
         self.state = State::Idle;
 
-        let moved = self.move_blobs(&old_file, &refs)?;
+        let moved = self.move_blobs(&old_file, &refs, true)?;
         tracing::debug!(
             blobs = refs.len(),
             plain_bytes,
@@ -151,14 +151,20 @@ impl ImageWriter {
     /// Writes `refs` of `old` into this writer's file in order: the
     /// uncompressed ones compressed by workers on every core, the others
     /// copied. Returns where each went.
-    fn move_blobs(&mut self, old: &File, refs: &[DataRef]) -> Result<Vec<DataRef>, ImageError> {
+    /// With `punch`, the space of each blob compressed is given back.
+    fn move_blobs(
+        &mut self,
+        old: &File,
+        refs: &[DataRef],
+        punch: bool,
+    ) -> Result<Vec<DataRef>, ImageError> {
         let plain: Vec<usize> = (0..refs.len())
             .filter(|&i| refs[i].compression == Compression::None)
             .collect();
-        // Space of a blob compressed is given back at once, unless two
-        // references share bytes (none of our writers makes such, but a
-        // hole punched under another blob would lose its bytes).
-        let punch = no_overlaps(refs);
+        // Unless two references share bytes (none of our writers makes
+        // such, but a hole punched under another blob would lose its
+        // bytes).
+        let punch = punch && no_overlaps(refs);
         if !punch {
             tracing::debug!(
                 "blobs share bytes: the uncompressed image is kept whole until the end"
@@ -359,6 +365,89 @@ impl Source<'_> {
             }
         }
     }
+}
+
+impl ImageWriter {
+    /// For a process killed once its image is durable: a writer that
+    /// deferred compression publishes the image uncompressed first (the
+    /// usual way, previous images rotated), calls `durable`, then writes
+    /// the compressed image beside it and renames it over the uncompressed
+    /// one (no second rotation), `meta` updated. Should that fail, the
+    /// uncompressed image stays, with a warning: it is complete, and the
+    /// process is gone. Otherwise as [`finish`](Self::finish), then
+    /// `durable`.
+    pub fn finish_durable_first(
+        self,
+        meta: &mut Metadata,
+        durable: &mut dyn FnMut(),
+    ) -> Result<u64, ImageError> {
+        if !self.compress_image || !any_plain(meta) {
+            let bytes = self.seal(meta)?;
+            durable();
+            return Ok(bytes);
+        }
+        // Blobs stay plain; the metadata is compressed as in any
+        // compressed image.
+        let plain = Arc::clone(&self.file);
+        let final_path = self.final_path.clone();
+        let as_user = self.as_user.clone();
+        let st = nix::sys::stat::fstat(&*plain).map_err(|e| self.err(e.into()))?;
+        let bytes = self.seal(meta)?;
+        durable();
+        let started = std::time::Instant::now();
+        match compress_published(&plain, &final_path, as_user, (st.st_uid, st.st_gid), meta) {
+            Ok((compressed, moved)) => {
+                tracing::debug!(
+                    us = started.elapsed().as_micros() as u64,
+                    "published image compressed"
+                );
+                *meta = moved;
+                Ok(compressed)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    image = %final_path.display(),
+                    error = %e,
+                    "the image is complete but stays uncompressed"
+                );
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+/// The published uncompressed image `plain` (at `final_path`, described by
+/// `meta`) compressed into a new one that replaces it. Returns its size and
+/// metadata; on failure nothing changed (the new temporary file goes).
+fn compress_published(
+    plain: &File,
+    final_path: &std::path::Path,
+    as_user: Option<crate::creds::UserCreds>,
+    owner: (u32, u32),
+    meta: &Metadata,
+) -> Result<(u64, Metadata), ImageError> {
+    let mut w = ImageWriter::create(
+        final_path,
+        super::WriteOptions {
+            compress: true,
+            owner: Some(owner),
+            keep_previous: 0,
+            as_user,
+            defer_compression: false,
+        },
+    )?;
+    // Never punched: the published image must stay whole until replaced.
+    let moved = w.move_blobs(plain, &all_refs(meta), false)?;
+    let mut meta = meta.clone();
+    let mut moved = moved.into_iter();
+    for_each_ref_mut(&mut meta, |r| {
+        *r = moved.next().ok_or(ImageError::WriterState {
+            reason: "the metadata changed while its blobs were compressed",
+        })?;
+        Ok(())
+    })?;
+    let bytes = w.seal(&meta)?;
+    Ok((bytes, meta))
 }
 
 /// Blob `r` (uncompressed) of `source`, checked against its checksum and
