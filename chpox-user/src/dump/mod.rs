@@ -570,8 +570,12 @@ fn finish_image(
         let pages = (|| -> Result<()> {
             *precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
             phase.done("after the freeze: pre-copied pages finished");
-            // Nothing is rewritten in place from here on.
-            writer.compress_from_now();
+            // Nothing is rewritten in place from here on; the processes
+            // run (a tree to be killed is still frozen: its image is
+            // compressed once it is killed).
+            if durable.is_none() {
+                writer.compress_from_now();
+            }
             *written = snapshot::write_all(snapshots, meta, &mut writer)?;
             phase.done("after the freeze: snapshot pages written");
             if let Some((held, stored)) = held {
