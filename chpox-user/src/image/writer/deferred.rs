@@ -19,6 +19,11 @@
 //! space is given back blob by blob as it is compressed (hole punching),
 //! and the file is removed before the rename, on success and on failure
 //! alike (the writer's own temporary file is removed by its `Drop`).
+//!
+//! A process to be killed must not wait for the compressor either, but it
+//! may die only once its image is durable: [`ImageWriter::finish_durable_first`]
+//! publishes the uncompressed image, lets the caller kill, then replaces
+//! the image with its compressed copy.
 
 use std::collections::BTreeMap;
 use std::fs::File;
