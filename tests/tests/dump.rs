@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chpox::image::ImageReader;
-use chpox::image::model::{FdKind, Metadata, RestartKind, SyscallState, VmaKind};
+use chpox::image::model::{Compression, FdKind, Metadata, RestartKind, SyscallState, VmaKind};
 use chpox::registers::{self, component};
 use common::{Target, check_pattern, chpox_ok, tempdir};
 
@@ -112,19 +112,33 @@ fn shared_memory_written_by_a_child_is_stored() {
     let dir = tempdir();
     let mut target = Target::spawn("sharedanon", &["8"], dir.path());
     let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
-    let reader = dump(target.pid, dir.path(), "shared.img", &[]);
-    let vma = vma_at(reader.metadata(), addr);
-    assert_eq!(vma.kind, VmaKind::SharedAnonymous);
-    let bytes = reader
-        .read_memory(addr, len as usize)
-        .expect("read")
-        .unwrap_or_else(|| panic!("not every page is stored: {:?}", vma.pages));
-    for (p, page) in bytes.chunks_exact(4096).enumerate() {
-        assert_eq!(&page[..8], &(p as u64).to_le_bytes(), "page {p} index word");
+    // Compressed, the pages copied while frozen are compressed after.
+    for (name, extra) in [
+        ("shared.img", &[][..]),
+        ("zshared.img", &["--compress"][..]),
+    ] {
+        let reader = dump(target.pid, dir.path(), name, extra);
+        let vma = vma_at(reader.metadata(), addr);
+        assert_eq!(vma.kind, VmaKind::SharedAnonymous);
+        let compressed = !extra.is_empty();
         assert!(
-            page[8..].iter().all(|&b| b == (p as u8) ^ 0x5a),
-            "page {p} content"
+            vma.pages
+                .iter()
+                .all(|r| (r.data.compression == Compression::Zstd) == compressed),
+            "{name}: {:?}",
+            vma.pages
         );
+        let bytes = reader
+            .read_memory(addr, len as usize)
+            .expect("read")
+            .unwrap_or_else(|| panic!("not every page is stored: {:?}", vma.pages));
+        for (p, page) in bytes.chunks_exact(4096).enumerate() {
+            assert_eq!(&page[..8], &(p as u64).to_le_bytes(), "page {p} index word");
+            assert!(
+                page[8..].iter().all(|&b| b == (p as u8) ^ 0x5a),
+                "page {p} content"
+            );
+        }
     }
     assert_running_untraced(target.pid);
     target.signal(libc::SIGUSR1);

@@ -114,9 +114,47 @@ fn image_is_private_and_owned_by_the_process_owner() {
     check_pattern(&by_nobody, addr, len);
     assert_running_untraced(t.pid);
 
+    // Compressed after a pre-copy, through a second temporary file: the
+    // same owner and rights, by root and by nobody.
+    let z_by_root = s.out.join("z-by-root.img");
+    dump_ok(t.pid, &z_by_root, &["--compress", "--precopy"]);
+    assert_image_file(&z_by_root, NOBODY, NOBODY);
+    check_pattern(&z_by_root, addr, len);
+    let z_by_nobody = s.out.join("z-by-nobody.img");
+    let out = run_chpox_as_nobody(
+        &dump_args(
+            t.pid,
+            &z_by_nobody,
+            &["--unsupported-fd", "null", "--compress", "--precopy"],
+        ),
+        &s.logs,
+    );
+    assert!(out.status.success(), "nobody's dump failed {}", show(&out));
+    assert_image_file(&z_by_nobody, NOBODY, NOBODY);
+    check_pattern(&z_by_nobody, addr, len);
+    for z in [&z_by_root, &z_by_nobody] {
+        let meta = open_image(z);
+        let mut runs = meta
+            .processes()
+            .flat_map(|p| &p.vmas)
+            .flat_map(|v| &v.pages);
+        assert!(
+            runs.all(|r| r.data.compression == chpox::image::model::Compression::Zstd),
+            "{}: uncompressed runs",
+            z.display()
+        );
+    }
+    assert_running_untraced(t.pid);
+
     assert_eq!(
         entries(&s.out),
-        ["by-nobody.img", "by-root.img", "root.img"]
+        [
+            "by-nobody.img",
+            "by-root.img",
+            "root.img",
+            "z-by-nobody.img",
+            "z-by-root.img"
+        ]
     );
 }
 

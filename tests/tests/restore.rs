@@ -209,6 +209,21 @@ fn compressed_image_restores_with_a_new_pid() {
     let len = t.ready_u64("len");
     let image = dir.path().join("mem.img");
     checkpoint(&mut t, &image, &["--compress"]);
+    // Published uncompressed before the kill, compressed after it.
+    let reader = chpox::image::ImageReader::open(&image).expect("image");
+    let runs: Vec<_> = reader
+        .metadata()
+        .root
+        .vmas
+        .iter()
+        .flat_map(|v| &v.pages)
+        .collect();
+    assert!(!runs.is_empty());
+    assert!(
+        runs.iter()
+            .all(|r| r.data.compression == chpox::image::model::Compression::Zstd),
+        "{runs:?}"
+    );
     let pid = restore_detached(&image, &["--pid", "any"]);
     assert_ne!(pid, t.pid);
     assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0);

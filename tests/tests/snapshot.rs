@@ -300,3 +300,223 @@ fn precopy_leaves_a_process_its_own_userfaultfd() {
         target.stdout()
     );
 }
+
+/// Names in `dir` that start with `.`: temporary files of a dump.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+/// A compressed dump pre-copies too (its image is written uncompressed,
+/// then compressed once the process runs again): under writes by every
+/// thread, the image is still the frozen memory, and every run of it is
+/// compressed.
+#[test]
+fn compressed_precopy_is_the_frozen_memory_under_writes_by_every_thread() {
+    let dir = tempdir();
+    let mut target = Target::spawn("cowwriters", &["4", "2", "300"], dir.path());
+    let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+    let threads: usize = target.ready_value("threads").parse().expect("threads");
+    let slice: usize = target.ready_value("slice").parse().expect("slice");
+    for round in 0..2 {
+        let image = dir.path().join(format!("zpre{round}.img"));
+        let report = dump_json(
+            target.pid,
+            &image,
+            &["--leave-stopped", "--precopy", "--compress"],
+        );
+        assert_eq!(report["precopied"], 1, "{report}");
+        assert_eq!(report["snapshots"], 0, "{report}");
+        let mut live = vec![0u8; len as usize];
+        std::fs::File::open(format!("/proc/{}/mem", target.pid))
+            .and_then(|m| std::os::unix::fs::FileExt::read_exact_at(&m, &mut live, addr))
+            .expect("read the stopped process's memory");
+        target.signal(libc::SIGCONT);
+        let reader = ImageReader::open(&image).expect("image opens");
+        reader.verify_all().expect("checksums");
+        let runs: Vec<_> = reader
+            .metadata()
+            .root
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .collect();
+        assert!(!runs.is_empty());
+        for run in runs {
+            assert_eq!(
+                run.data.compression,
+                chpox::image::model::Compression::Zstd,
+                "round {round}: run at {:#x}",
+                run.addr
+            );
+        }
+        let region = reader
+            .read_memory(addr, len as usize)
+            .expect("read")
+            .expect("every page stored");
+        if let Err(e) = point_in_time(&region, threads, slice) {
+            panic!("round {round}: {e}");
+        }
+        if let Some(at) = region.iter().zip(&live).position(|(a, b)| a != b) {
+            panic!("round {round}: the image differs from the frozen memory at byte {at}");
+        }
+        assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+    }
+    target.signal(libc::SIGUSR1);
+    target.wait_success(EXIT_TIMEOUT);
+}
+
+/// A compressed, pre-copied image restores: `mempattern` checks every
+/// word of its memory before it says DONE.
+#[test]
+fn compressed_precopy_restores() {
+    common::procs::become_subreaper();
+    let dir = tempdir();
+    let mut target = Target::spawn(
+        "mempattern",
+        &["64", "--finish-after-rounds", "30"],
+        dir.path(),
+    );
+    let len = target.ready_u64("len");
+    let image = dir.path().join("z.img");
+    let report = dump_json(target.pid, &image, &["--precopy", "--compress"]);
+    assert_eq!(report["precopied"], 1, "{report}");
+    // Smaller than the pages: the ELF and libraries' pages it wrote, and
+    // the zeros of the pages around, compress.
+    assert!(
+        report["image_bytes"].as_u64().expect("bytes")
+            < report["pages_stored"].as_u64().expect("pages") * 4096,
+        "{report}"
+    );
+    target.signal(libc::SIGKILL);
+    let _ = target.wait_exit(EXIT_TIMEOUT);
+    common::wait_pid_free(target.pid);
+    let pid = common::procs::restore_detached(&image, &["--pid", "any"]);
+    assert_eq!(common::procs::wait_pid(pid, EXIT_TIMEOUT), 0);
+    assert_eq!(target.lines_after_ready(), [common::mempattern_done(len)]);
+}
+
+/// The compressed image's temporary file removed while the dump
+/// compresses: the dump fails by name, the previous image stays, no
+/// temporary file is left, and the process runs on.
+#[test]
+fn a_compressed_dump_that_cannot_publish_leaves_the_previous_image() {
+    let dir = tempdir();
+    let image = dir.path().join("img");
+    let target = Target::spawn("mempattern", &["256"], dir.path());
+    dump_json(target.pid, &image, &["--no-precopy"]);
+    let before = std::fs::read(&image).expect("first image");
+    for _attempt in 0..4 {
+        let dumper = Command::new(chpox_bin())
+            .args(["dump", &target.pid.to_string(), "-o"])
+            .arg(&image)
+            .args(["--unsupported-fd", "null", "--precopy", "--compress"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chpox");
+        // The second temporary file (counter 1) is the compressed image.
+        let second = dir.path().join(format!(".img.chpox-tmp.{}.1", dumper.id()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut removed = false;
+        while Instant::now() < deadline {
+            if std::fs::remove_file(&second).is_ok() {
+                removed = true;
+                break;
+            }
+            if !Path::new(&format!("/proc/{}", dumper.id())).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let out = dumper.wait_with_output().expect("dump finishes");
+        if !removed {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
+        }
+        assert!(!out.status.success(), "the dump succeeded without its file");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("img"), "{stderr}");
+        assert!(
+            std::fs::read(&image).expect("image kept") == before,
+            "the previous image changed"
+        );
+        assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+        // Running, not stopped, not traced.
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", target.pid)).expect("status");
+        assert!(status.contains("TracerPid:\t0"), "{status}");
+        assert!(!status.contains("State:\tT"), "{status}");
+        return;
+    }
+    panic!("the compressed file never appeared, four times");
+}
+
+/// `--kill --compress`: the image is published uncompressed before the
+/// kill and compressed after it. If the compressed copy cannot replace it
+/// (its temporary file removed meanwhile), the complete uncompressed image
+/// stays, with a warning, and no temporary file is left.
+#[test]
+fn a_killed_process_keeps_its_uncompressed_image_if_compression_fails() {
+    let dir = tempdir();
+    let image = dir.path().join("img");
+    for _attempt in 0..4 {
+        let mut target = Target::spawn("mempattern", &["256"], dir.path());
+        let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+        let dumper = Command::new(chpox_bin())
+            .args(["dump", &target.pid.to_string(), "-o"])
+            .arg(&image)
+            .args(["--unsupported-fd", "null", "--kill", "--compress"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chpox");
+        // The compressed image's temporary file (counter 1; 0 became the
+        // uncompressed image).
+        let second = dir.path().join(format!(".img.chpox-tmp.{}.1", dumper.id()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut removed = false;
+        while Instant::now() < deadline {
+            if std::fs::remove_file(&second).is_ok() {
+                removed = true;
+                break;
+            }
+            if !Path::new(&format!("/proc/{}", dumper.id())).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let out = dumper.wait_with_output().expect("dump finishes");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let _ = target.wait_exit(EXIT_TIMEOUT);
+        let reader = ImageReader::open(&image).expect("image opens");
+        reader.verify_all().expect("checksums");
+        common::check_pattern(&reader, addr, len);
+        assert_eq!(temporaries(dir.path()), Vec::<String>::new());
+        let compressed = reader
+            .metadata()
+            .root
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .all(|r| r.data.compression == chpox::image::model::Compression::Zstd);
+        if !removed {
+            assert!(compressed, "not compressed, yet nothing failed: {stderr}");
+            common::wait_pid_free(target.pid);
+            continue;
+        }
+        assert!(!compressed, "compressed without its file");
+        assert!(stderr.contains("stays uncompressed"), "{stderr}");
+        return;
+    }
+    panic!("the compressed file never appeared, four times");
+}

@@ -124,7 +124,8 @@ enum Command {
         /// Let the process run on after the dump (the default).
         #[arg(long, conflicts_with_all = ["kill", "leave_stopped"])]
         leave_running: bool,
-        /// Compress the image with zstd.
+        /// Compress the image with zstd (once the process runs again:
+        /// meanwhile the uncompressed image needs room beside it).
         #[arg(long)]
         compress: bool,
         /// Put the executable into the image.

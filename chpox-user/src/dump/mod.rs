@@ -57,8 +57,8 @@ pub struct DumpOptions {
     pub member_hint: Option<crate::tree::MemberHint>,
     /// Copy pages while the processes run before freezing them, then only
     /// what they wrote since (`precopy`): for dumps that leave them running
-    /// uncompressed. The checkpoint is then the moment of the freeze after
-    /// the pre-copy, not the moment of the call.
+    /// (compressed ones compress afterwards). The checkpoint is then the
+    /// moment of the freeze after the pre-copy, not the moment of the call.
     pub precopy: Precopy,
     /// A trigger chose this instant (the agent): freeze before reading
     /// anything, so that the time from the signal to the stop does not grow
@@ -213,6 +213,9 @@ fn dump_inner(
                 owner: Some(owner),
                 keep_previous: opts.keep_previous,
                 as_user: opts.as_user.clone(),
+                // Compressed once the processes run again, or are killed,
+                // not while frozen (see `image::writer::deferred`).
+                defer_compression: true,
             },
         )
     };
@@ -248,7 +251,7 @@ fn dump_inner(
                 crate::precopy::private_bytes(&pids) >= crate::precopy::MIN_PRECOPY_BYTES
             }
         };
-    if snapshots_wanted && precopy && !opts.compress {
+    if snapshots_wanted && precopy {
         let mut writer = create_writer(process::owner(pid)?)?;
         precopies = PreCopies::run(&pids, &mut writer);
         precopy_writer = Some(writer);
@@ -324,7 +327,10 @@ fn dump_inner(
     let mut precopy_stored = 0;
     let mut held_stored = 0;
     let mut reap_pause = Duration::ZERO;
-    let finish = |meta: &mut Metadata, writer: ImageWriter| -> Result<u64> {
+    let finish = |meta: &mut Metadata,
+                  writer: ImageWriter,
+                  durable: Option<&mut dyn FnMut()>|
+     -> Result<u64> {
         // Before our write tracking goes: its release takes the mmap lock
         // that reading smaps needs, for as long.
         for (pid, maps) in &verify_after {
@@ -362,6 +368,7 @@ fn dump_inner(
                 tracking
                     .as_deref_mut()
                     .map(|t| (&mut t.held, &mut held_stored)),
+                durable,
             );
             // Joined before the processes are frozen again (reaping their
             // snapshots): nothing of ours is left in them by then.
@@ -381,23 +388,35 @@ fn dump_inner(
             frozen.resume();
             let frozen_for = frozen_at.elapsed();
             drop(boost);
-            (finish(&mut meta, writer)?, frozen_for)
+            (finish(&mut meta, writer, None)?, frozen_for)
         }
         AfterDump::LeaveStopped => {
             repair.release();
             frozen.leave_stopped();
             let frozen_for = frozen_at.elapsed();
             drop(boost);
-            (finish(&mut meta, writer)?, frozen_for)
+            (finish(&mut meta, writer, None)?, frozen_for)
         }
         AfterDump::Kill => {
-            // If finishing fails, `frozen` is dropped on the error path and
-            // the processes run on: no checkpoint, but nothing lost.
-            let bytes = finish(&mut meta, writer)?;
-            // Every process at once: each frees its memory meanwhile.
-            let (descendants, threads) = frozen.kill_nowait();
-            let frozen_for = frozen_at.elapsed();
-            drop(boost);
+            // Killed once the image is durable (uncompressed, if it is to
+            // be compressed: that goes on after the kill). If finishing
+            // fails before, `frozen` is dropped on the error path and the
+            // processes run on: no checkpoint, but nothing lost.
+            let (mut frozen, mut boost, mut killed) = (Some(frozen), Some(boost), None);
+            let mut kill = || {
+                if let Some(frozen) = frozen.take() {
+                    // Every process at once: each frees its memory
+                    // meanwhile.
+                    killed = Some((frozen.kill_nowait(), frozen_at.elapsed()));
+                    drop(boost.take());
+                }
+            };
+            let bytes = finish(&mut meta, writer, Some(&mut kill))?;
+            let Some(((descendants, threads), frozen_for)) = killed else {
+                return Err(Error::Other(
+                    "internal: the image was finished without the kill".into(),
+                ));
+            };
             if descendants.is_empty() {
                 // A lone process is dead from here on (SIGKILL ends its
                 // stop in death) and its PID is its parent's to free:
@@ -534,6 +553,7 @@ fn finish_image(
     precopy_stored: &mut u64,
     written: &mut snapshot::Written,
     held: Option<(&mut crate::memory::heldpages::HeldPages, &mut u64)>,
+    durable: Option<&mut dyn FnMut()>,
 ) -> Result<u64> {
     let mut phase = Phases::start();
     // The mapped files are hashed on another thread beside the pages
@@ -550,6 +570,12 @@ fn finish_image(
         let pages = (|| -> Result<()> {
             *precopy_stored = crate::precopy::write_all(plans, meta, &mut writer)?;
             phase.done("after the freeze: pre-copied pages finished");
+            // Nothing is rewritten in place from here on; the processes
+            // run (a tree to be killed is still frozen: its image is
+            // compressed once it is killed).
+            if durable.is_none() {
+                writer.compress_from_now();
+            }
             *written = snapshot::write_all(snapshots, meta, &mut writer)?;
             phase.done("after the freeze: snapshot pages written");
             if let Some((held, stored)) = held {
@@ -566,7 +592,10 @@ fn finish_image(
     pages?;
     finish_files(files?, opts, &mut writer, meta)?;
     phase.done("file hashes, embedded files");
-    let bytes = writer.finish(meta)?;
+    let bytes = match durable {
+        Some(durable) => writer.finish_durable_first(meta, durable)?,
+        None => writer.finish_updating(meta)?,
+    };
     phase.done("metadata, sync, rename");
     Ok(bytes)
 }

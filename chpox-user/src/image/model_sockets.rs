@@ -163,3 +163,16 @@ pub fn data_refs(kind: &FdKind) -> Vec<&DataRef> {
         _ => Vec::new(),
     }
 }
+
+/// [`data_refs`], to change them.
+pub fn data_refs_mut(kind: &mut FdKind) -> Vec<&mut DataRef> {
+    match kind {
+        FdKind::Unix(s) => s.queued.iter_mut().collect(),
+        FdKind::Inet(s) => s
+            .tcp
+            .iter_mut()
+            .flat_map(|t| t.send_queue.iter_mut().chain(t.recv_queue.iter_mut()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}

@@ -31,6 +31,7 @@ mod refs;
 pub use metadata::decode_metadata;
 use metadata::read_metadata;
 use refs::{Site, check_ref, for_each_ref, validate};
+pub(crate) use refs::{all_refs, for_each_ref_mut};
 
 /// Bulk data is read, checksummed and decompressed in pieces of this size,
 /// so that verifying or sampling a huge blob needs little memory.

@@ -26,6 +26,7 @@ fn opts(compress: bool) -> WriteOptions {
         owner: None,
         keep_previous: 0,
         as_user: None,
+        defer_compression: false,
     }
 }
 
@@ -286,6 +287,7 @@ fn owner_can_be_ourselves() {
             owner: Some(me),
             keep_previous: 0,
             as_user: None,
+            defer_compression: false,
         },
     )
     .unwrap();
@@ -772,3 +774,4 @@ fn single_process_metadata_from_before_trees_decodes() {
 }
 
 mod budget;
+mod deferred;

@@ -77,6 +77,7 @@ pub(crate) fn write_sample_image_with(
             owner: None,
             keep_previous: 0,
             as_user: None,
+            defer_compression: false,
         },
     )
     .expect("create sample image");

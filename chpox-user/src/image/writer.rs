@@ -22,6 +22,7 @@ use super::format::{self, ALIGN, HEADER_SIZE, Header};
 use super::model::{Compression, DataRef, Metadata};
 
 mod area;
+mod deferred;
 mod dir;
 mod patch;
 
@@ -55,6 +56,12 @@ pub struct WriteOptions {
     /// rather than ours (see `crate::creds`): a root agent writing for a
     /// user must not reach where the user may not.
     pub as_user: Option<crate::creds::UserCreds>,
+    /// With `compress`: write blobs uncompressed until
+    /// [`ImageWriter::compress_from_now`], so that they can be mapped,
+    /// rewritten in place, and written while the process is frozen as fast
+    /// as in an uncompressed image; [`ImageWriter::finish_updating`] then
+    /// compresses them (see `deferred`).
+    pub defer_compression: bool,
 }
 
 /// Writes one image; see the module documentation.
@@ -70,7 +77,11 @@ pub struct ImageWriter {
     temp_name: OsString,
     /// Shared with a blob's zstd encoder, which needs to own its output.
     file: Arc<File>,
+    /// Whether the blobs written now are compressed.
     compress: bool,
+    /// Whether the image is to be compressed (`compress` is false while
+    /// compression is deferred).
+    compress_image: bool,
     /// Bytes written so far, which is also the file offset of the next
     /// write: the file is only ever appended to (the header is pwritten).
     pos: u64,
@@ -196,7 +207,8 @@ impl ImageWriter {
             final_name,
             temp_name,
             file: Arc::new(file),
-            compress: opts.compress,
+            compress: opts.compress && !opts.defer_compression,
+            compress_image: opts.compress,
             pos: 0,
             state: State::Broken,
             published: false,
@@ -411,8 +423,30 @@ impl ImageWriter {
         Ok(r)
     }
 
-    /// Writes `bytes` as one blob.
+    /// Writes `bytes` as one blob. While compression is deferred, a blob
+    /// of at most 64 KiB (a descriptor's buffer) is compressed at once.
     pub fn add_data(&mut self, bytes: &[u8]) -> Result<DataRef, ImageError> {
+        if self.compress_image && !self.compress && bytes.len() <= deferred::SMALL_BLOB {
+            // A descriptor's buffer (a pipe's 64 KiB) compresses in
+            // microseconds: not worth moving again at the end.
+            let z = compress_blob(bytes).map_err(|e| self.err(e))?;
+            let crc = crc32c::crc32c(&z);
+            return self.add_prepared(&z, bytes.len() as u64, crc, Compression::Zstd);
+        }
+        self.begin_data()?;
+        self.write_data(bytes)?;
+        self.end_data()
+    }
+
+    /// Writes `bytes` as one uncompressed blob, for a caller that will
+    /// rewrite parts of it in place ([`rewrite`](Self::rewrite)): refused
+    /// by a writer that compresses now.
+    pub fn add_plain(&mut self, bytes: &[u8]) -> Result<DataRef, ImageError> {
+        if self.compress {
+            return Err(ImageError::WriterState {
+                reason: "an uncompressed blob asked of a compressing writer",
+            });
+        }
         self.begin_data()?;
         self.write_data(bytes)?;
         self.end_data()
@@ -443,14 +477,13 @@ impl ImageWriter {
                 });
             }
         }
-        let expected = if self.compress {
-            Compression::Zstd
-        } else {
-            Compression::None
+        // While compression is deferred, a blob compressed already may go
+        // in beside the plain ones.
+        let allowed = match compression {
+            Compression::Zstd => self.compress_image,
+            Compression::None => !self.compress && stored.len() as u64 == raw_len,
         };
-        if compression != expected
-            || (compression == Compression::None && stored.len() as u64 != raw_len)
-        {
+        if !allowed {
             return Err(ImageError::WriterState {
                 reason: "a prepared blob does not match the image's compression",
             });
@@ -474,7 +507,28 @@ impl ImageWriter {
 
     /// Writes the metadata and the header, makes the file durable, and
     /// renames it to the final path. Returns the image's size in bytes.
-    pub fn finish(mut self, meta: &Metadata) -> Result<u64, ImageError> {
+    /// A writer that deferred compression compresses a copy of `meta`'s
+    /// blobs first (see [`finish_updating`](Self::finish_updating)).
+    pub fn finish(self, meta: &Metadata) -> Result<u64, ImageError> {
+        if self.compress_image && deferred::any_plain(meta) {
+            let mut meta = meta.clone();
+            return self.finish_updating(&mut meta);
+        }
+        self.seal(meta)
+    }
+
+    /// [`finish`](Self::finish), and if compression was deferred, first
+    /// every uncompressed blob compressed into a new temporary file (on
+    /// every core), `meta`'s references updated to it.
+    pub fn finish_updating(mut self, meta: &mut Metadata) -> Result<u64, ImageError> {
+        if self.compress_image {
+            self.compress_deferred(meta)?;
+        }
+        self.seal(meta)
+    }
+
+    fn seal(mut self, meta: &Metadata) -> Result<u64, ImageError> {
+        self.compress = self.compress_image;
         match std::mem::replace(&mut self.state, State::Broken) {
             State::Idle => {}
             State::Blob(_) => {

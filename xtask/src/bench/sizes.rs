@@ -135,7 +135,7 @@ pub fn size_table(cases: &[SizeCase]) {
         cases.first().map_or(0, |c| c.running.len())
     );
     println!(
-        "  {:>6} | {:>22} | {:>9} | {:>15} | {:>20} | {:>20} | {:>20} | {:>7} | {:>26}",
+        "  {:>6} | {:>22} | {:>9} | {:>15} | {:>20} | {:>20} | {:>20} | {:>7} | {:>40} | {:>17}",
         "MiB",
         "frozen med/p99 ms",
         "reap ms",
@@ -144,7 +144,8 @@ pub fn size_table(cases: &[SizeCase]) {
         "dump wall --kill s",
         "restore wall s",
         "dd s",
-        "--compress wall s, size"
+        "--compress wall s, size",
+        "--compress frozen"
     );
     for c in cases {
         let bytes = (c.mib << 20) as f64;
@@ -164,8 +165,14 @@ pub fn size_table(cases: &[SizeCase]) {
         let zratio = c.compressed.first().map_or(f64::NAN, |d| {
             d.image_bytes as f64 / d.stored_bytes.max(1) as f64
         });
+        let zfrozen: Vec<f64> = c.compressed.iter().map(|d| d.frozen).collect();
+        let (zfrozen_med, zfrozen_p99) = if zfrozen.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            (med(&zfrozen), percentile(zfrozen, 0.99))
+        };
         println!(
-            "  {:>6} | {:>7.1}/{:>6.1} ({:>4.2}×mc) | {:>9.2} | {:>6.1}/{:>6.1} ms | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>4.2}×ft) | {:>7.3} | {:>7.3} ({:>5.2}×dd), {:>5.3}",
+            "  {:>6} | {:>7.1}/{:>6.1} ({:>4.2}×mc) | {:>9.2} | {:>6.1}/{:>6.1} ms | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>5.2}×dd) | {:>8.3} ({:>4.2}×ft) | {:>7.3} | {:>7.3} ({:>5.2}×dd, {:>4.2}×plain), {:>5.3} | {:>6.1}/{:>6.1} ms",
             c.mib,
             frozen_med * 1e3,
             frozen_p99 * 1e3,
@@ -182,10 +189,13 @@ pub fn size_table(cases: &[SizeCase]) {
             dd,
             compressed,
             compressed / dd,
-            zratio
+            compressed / running,
+            zratio,
+            zfrozen_med * 1e3,
+            zfrozen_p99 * 1e3
         );
     }
     println!(
-        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; size: compressed image / stored pages; reap: the second, brief freeze in which the process reaps its snapshot; attach: the brief freeze before a pre-copy)"
+        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; ×plain: / the uncompressed dump wall; size: compressed image / stored pages; --compress frozen: med/p99 of the compressed dumps' freeze; reap: the second, brief freeze in which the process reaps its snapshot; attach: the brief freeze before a pre-copy)"
     );
 }

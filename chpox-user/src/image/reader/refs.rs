@@ -115,6 +115,56 @@ pub(super) fn for_each_ref<'a, E>(
     Ok(())
 }
 
+/// Every DataRef of `meta`, in the order of [`for_each_ref`].
+pub(crate) fn all_refs(meta: &Metadata) -> Vec<DataRef> {
+    let mut refs = Vec::new();
+    let _ = for_each_ref(meta, |_, r| {
+        refs.push(*r);
+        Ok::<(), ()>(())
+    });
+    refs
+}
+
+/// Calls `f` on every DataRef of `meta` to change it, in the order of
+/// [`for_each_ref`] (the two list the same sites: keep them together), so
+/// that a writer can move or re-encode every blob the metadata refers to.
+pub(crate) fn for_each_ref_mut<E>(
+    meta: &mut Metadata,
+    mut f: impl FnMut(&mut DataRef) -> Result<(), E>,
+) -> Result<(), E> {
+    for vma in meta.processes_mut().flat_map(|p| &mut p.vmas) {
+        for run in &mut vma.pages {
+            f(&mut run.data)?;
+        }
+    }
+    for file in &mut meta.files {
+        if let Some(r) = &mut file.embedded {
+            f(r)?;
+        }
+    }
+    for entry in meta.processes_mut().flat_map(|p| &mut p.fds) {
+        match &mut entry.kind {
+            FdKind::Fifo { data: Some(r), .. }
+            | FdKind::UnixPair {
+                queued: Some(r), ..
+            }
+            | FdKind::RegularFile {
+                embedded: Some(r), ..
+            }
+            | FdKind::Memfd {
+                content: Some(r), ..
+            }
+            | FdKind::Pipe { data: Some(r), .. } => f(r)?,
+            kind => {
+                for r in crate::image::model_sockets::data_refs_mut(kind) {
+                    f(r)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks that blob `r` lies in the data area `[data_start, data_end)` (which
 /// the caller has checked to be inside the file) and claims sane sizes.
 pub(super) fn check_ref(
@@ -246,4 +296,31 @@ pub(super) fn validate(
         }
     }
     Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The two walks visit the same references in the same order.
+    #[test]
+    fn both_walks_agree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut meta =
+            crate::image::testutil::write_sample_image(&dir.path().join("img"), false).meta;
+        let mut seen = Vec::new();
+        for_each_ref(&meta, |_, r| {
+            seen.push(*r);
+            Ok::<(), ()>(())
+        })
+        .expect("walk");
+        let mut changed = Vec::new();
+        for_each_ref_mut(&mut meta, |r| {
+            changed.push(*r);
+            Ok::<(), ()>(())
+        })
+        .expect("walk");
+        assert!(seen.len() >= 7, "{seen:?}");
+        assert_eq!(seen, changed);
+    }
 }

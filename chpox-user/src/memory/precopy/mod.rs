@@ -24,7 +24,8 @@
 //!
 //! So the checkpoint's instant is the freeze after the pre-copy, not the
 //! moment the dump was asked for: a pre-copy is for dumps that leave the
-//! process running and are not compressed.
+//! process running (a compressed one is written uncompressed first and
+//! compressed at its end, see `image::writer::deferred`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -633,7 +634,8 @@ pub fn write_all(
                         o
                     }
                     Source::New(bytes) => {
-                        let r = writer.add_data(&bytes)?;
+                        // Plain, as the rest: runs are cut from it.
+                        let r = writer.add_plain(&bytes)?;
                         rewritten.push((r.offset, r.offset + bytes.len() as u64));
                         r.offset
                     }
