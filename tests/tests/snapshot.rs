@@ -520,3 +520,26 @@ fn a_killed_process_keeps_its_uncompressed_image_if_compression_fails() {
     }
     panic!("the compressed file never appeared, four times");
 }
+
+/// Pages of the snapshot the process itself may not read (PROT_NONE,
+/// write-only) are stored all the same, as the process holds them.
+#[test]
+fn snapshot_stores_pages_the_process_may_not_read() {
+    let dir = tempdir();
+    let target = Target::spawn("protpages", &["8"], dir.path());
+    let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+    let (none, wo, small) = (
+        target.ready_hex("none"),
+        target.ready_hex("wo"),
+        target.ready_u64("small"),
+    );
+    let image = dir.path().join("prot.img");
+    let report = dump_json(target.pid, &image, &["--no-precopy"]);
+    assert_eq!(report["snapshots"], 1, "{report}");
+    let reader = ImageReader::open(&image).expect("image opens");
+    reader.verify_all().expect("checksums");
+    common::check_pattern(&reader, addr, len);
+    common::check_pattern(&reader, none, small);
+    common::check_pattern(&reader, wo, small);
+    drop(target);
+}

@@ -161,6 +161,20 @@ pub fn copy_runs(
     runs: &[(u64, u64)],
     writer: &mut ImageWriter,
 ) -> Result<Vec<DataRef>> {
+    copy_runs_then(pid, source, runs, writer, &|| {})
+}
+
+/// [`copy_runs`], calling `read_done` (on whichever thread read last) as
+/// soon as every page is read out of `pid`, while the last ones may still
+/// be on their way into the file: `pid` is not needed any more from then
+/// on (a snapshot can go, see `snapshot`).
+pub fn copy_runs_then(
+    pid: i32,
+    source: Source,
+    runs: &[(u64, u64)],
+    writer: &mut ImageWriter,
+    read_done: &(dyn Fn() + Sync),
+) -> Result<Vec<DataRef>> {
     if runs.is_empty() {
         return Ok(Vec::new());
     }
@@ -192,12 +206,15 @@ pub fn copy_runs(
         // than the copy (0.1–4 ms each measured, a dozen per process).
         let mut buf = Vec::new();
         let prepared = prepare(pid, source, &mem, &pieces[only.clone()], &mut buf, compress)?;
+        read_done();
         let mut refs = Vec::with_capacity(runs.len());
         write_chunk(&pieces[only.clone()], prepared, &buf, writer, &mut refs)?;
         return Ok(refs);
     }
     let workers = workers.min(chunks.len());
     let next = AtomicUsize::new(0);
+    // Chunks read so far: `read_done` once all are.
+    let read = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
     let (done_tx, done_rx) = mpsc::sync_channel::<Done>(buffers * workers);
     std::thread::scope(|scope| {
@@ -207,6 +224,7 @@ pub fn copy_runs(
             back.push(back_tx);
             let done_tx = done_tx.clone();
             let (next, abort, chunks, pieces, mem) = (&next, &abort, &chunks, &pieces, &mem);
+            let read = &read;
             scope.spawn(move || {
                 // One being filled while the others are written.
                 let mut spare = vec![Vec::new(); buffers];
@@ -220,6 +238,9 @@ pub fn copy_runs(
                     };
                     let prepared =
                         prepare(pid, source, mem, &pieces[chunk.clone()], &mut buf, compress);
+                    if prepared.is_ok() && read.fetch_add(1, Ordering::AcqRel) + 1 == chunks.len() {
+                        read_done();
+                    }
                     let done = Done {
                         index,
                         worker,
