@@ -274,3 +274,55 @@ fn a_deleted_file_open_twice_comes_back_as_one_file_with_its_mode() {
         ["OK mode and content", "OK one file", "OK mapped", "DONE"]
     );
 }
+
+// ---------------------------------------------------------------------------
+// A signal that comes after the restore interrupts the restored sleep
+
+/// Python sleeps an hour; SIGUSR1 makes it print and exit. `time.sleep`
+/// runs the handler only once the sleep returns EINTR.
+const SLEEPER: &str = r#"
+import signal, sys, time
+def done(*_):
+    print("WOKEN", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, done)
+print("READY", flush=True)
+time.sleep(3600)
+print("SLEPT", flush=True)
+"#;
+
+/// Checkpointed stopped (SIGSTOP in its sleep), the process comes back
+/// stopped; SIGUSR1 is sent, then SIGCONT. As the original would, the
+/// restored process must leave its sleep through the handler. It used to
+/// be let go on its `syscall` instruction: the handler ran first and the
+/// sleep then started over for an hour (what a loaded machine did to a
+/// signal sent right after any restore).
+#[test]
+fn a_signal_after_the_restore_interrupts_the_restored_sleep() {
+    become_subreaper();
+    let dir = tempdir();
+    let mut t = common::python(SLEEPER, &[], dir.path());
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(t.pid, libc::SIGSTOP) }, 0);
+    common::dumps::wait_for_state(t.pid, 'T');
+    let image = dir.path().join("sleeper.img");
+    checkpoint_kill(&mut t, &image, &[]);
+
+    let pid = restore_detached(&image, &[]);
+    let mut guard = common::procs::Guard::default();
+    guard.watch_tree(pid);
+    common::dumps::wait_for_state(pid, 'T');
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGUSR1), 0);
+        assert_eq!(libc::kill(pid, libc::SIGCONT), 0);
+    }
+    poll_until(
+        "the restored sleeper to run its handler",
+        Duration::from_secs(20),
+        || t.stdout(),
+        || t.stdout().contains("WOKEN"),
+    );
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 0, "{}", t.stdout());
+}

@@ -551,6 +551,14 @@ fn build(
     )?;
     c.into_thread().give_back()?;
     registers::load(pid, main)?;
+    if ctx.lazy.is_none() {
+        registers::step_into_syscalls(
+            held.iter()
+                .copied()
+                .zip(others)
+                .chain(std::iter::once((pid, main))),
+        )?;
+    }
     phases::mark("registers loaded");
     Ok(())
 }

@@ -14,6 +14,15 @@
 //! Pointing the call at a separate remainder instead would change argument
 //! registers the kernel promises to preserve, which compiled code may rely
 //! on after the call.
+//!
+//! A thread in a blocking call that restarts unseen is then stepped into
+//! the call (to its syscall-entry stop) before it is let go: a signal that comes after the restore must find
+//! it *in* the call, which the handler then interrupts (EINTR), as it
+//! would have the original. Let go on the `syscall` instruction instead, a
+//! signal arriving before the thread first runs (a loaded machine, or a
+//! process restored stopped and then sent a signal before SIGCONT) runs
+//! its handler and the call starts over afterwards: Python's `time.sleep`
+//! went on sleeping with the handler's work never done.
 
 use crate::error::Result;
 use crate::image::model::{GpRegs, SyscallState, ThreadState};
@@ -82,6 +91,99 @@ pub fn load(tid: i32, state: &ThreadState) -> Result<()> {
     let current = ptrace::get_xstate(tid)?;
     ptrace::set_xstate(tid, &fit_xsave(&state.xsave, &current))?;
     ptrace::set_sigmask(tid, state.sigmask)?;
+    Ok(())
+}
+
+/// Step every thread of `threads` (TID, state) loaded to go back into a
+/// syscall to that call's entry (see the module documentation). Once the
+/// whole process is restored: a signal delivered on the way runs its
+/// handler in the finished process. Not for a lazy restore: stepping may
+/// touch the thread's memory (a signal frame, code in an anonymous
+/// mapping) before the page server that fills it runs.
+pub fn step_into_syscalls<'a>(
+    threads: impl IntoIterator<Item = (i32, &'a ThreadState)>,
+) -> Result<()> {
+    for (tid, state) in threads {
+        if let SyscallState::Restartable { nr, .. } = state.syscall
+            && restarts_unseen(nr)
+        {
+            step_into_syscall(tid, nr)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether syscall `nr`, woken at its start by our release (a detach wakes
+/// the thread as a signal would, with no signal), starts over unseen by
+/// the program: the blocking calls that answer a pending signal with a
+/// restart (`-ERESTARTSYS`, `-ERESTARTNOHAND`, or a restart block, as
+/// sleeps and timed waits do). Not `epoll_wait` and the like, which would
+/// return a spurious EINTR: those keep being let go on their instruction.
+fn restarts_unseen(nr: u64) -> bool {
+    [
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_select,
+        libc::SYS_pselect6,
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_pause,
+        libc::SYS_rt_sigsuspend,
+        libc::SYS_futex,
+        libc::SYS_wait4,
+        libc::SYS_waitid,
+        libc::SYS_accept,
+        libc::SYS_accept4,
+        libc::SYS_connect,
+        libc::SYS_recvfrom,
+        libc::SYS_recvmsg,
+        libc::SYS_sendto,
+        libc::SYS_sendmsg,
+        libc::SYS_flock,
+    ]
+    .iter()
+    .any(|&n| n as u64 == nr)
+}
+
+/// Run stopped thread `tid`, whose registers point at a `syscall`
+/// instruction for call `nr`, to that call's entry stop. A signal
+/// delivered on the way is passed on (its handler runs, the thread comes
+/// back to the instruction, as without us); a group-stop on the way ends
+/// the stepping there (the thread stops as the process was asked to, and
+/// runs the call when continued, as before this step existed).
+fn step_into_syscall(tid: i32, nr: u64) -> Result<()> {
+    use nix::sys::ptrace as raw;
+    use nix::unistd::Pid;
+    let mut deliver = None;
+    for _ in 0..16 {
+        raw::syscall(Pid::from_raw(tid), deliver).map_err(|source| crate::Error::Ptrace {
+            op: "syscall",
+            tid,
+            source,
+        })?;
+        match ptrace::wait_stop(tid)? {
+            ptrace::Stop::Syscall => {
+                let at = ptrace::get_regs(tid)?;
+                if at.orig_rax == nr {
+                    return Ok(());
+                }
+                return Err(crate::Error::RemoteProtocol {
+                    tid,
+                    what: format!(
+                        "stepped into syscall {} instead of {nr} while restoring",
+                        at.orig_rax as i64
+                    ),
+                });
+            }
+            ptrace::Stop::Signal(sig) => deliver = Some(sig),
+            ptrace::Stop::Event => return Ok(()),
+            ptrace::Stop::Exited => return Ok(()),
+        }
+    }
     Ok(())
 }
 
