@@ -301,6 +301,24 @@ fn precopy_leaves_a_process_its_own_userfaultfd() {
     );
 }
 
+/// Remove the second temporary file (`.img.chpox-tmp.PID.1`) of the dump
+/// running as `dumper` in `dir` as soon as it appears; false if the dump
+/// ended first.
+fn remove_second_temporary(dir: &Path, dumper: u32) -> bool {
+    let second = dir.join(format!(".img.chpox-tmp.{dumper}.1"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::fs::remove_file(&second).is_ok() {
+            return true;
+        }
+        if !Path::new(&format!("/proc/{dumper}")).exists() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    false
+}
+
 /// Names in `dir` that start with `.`: temporary files of a dump.
 fn temporaries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -420,19 +438,7 @@ fn a_compressed_dump_that_cannot_publish_leaves_the_previous_image() {
             .spawn()
             .expect("start chpox");
         // The second temporary file (counter 1) is the compressed image.
-        let second = dir.path().join(format!(".img.chpox-tmp.{}.1", dumper.id()));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut removed = false;
-        while Instant::now() < deadline {
-            if std::fs::remove_file(&second).is_ok() {
-                removed = true;
-                break;
-            }
-            if !Path::new(&format!("/proc/{}", dumper.id())).exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        let removed = remove_second_temporary(dir.path(), dumper.id());
         let out = dumper.wait_with_output().expect("dump finishes");
         if !removed {
             assert!(
@@ -481,19 +487,7 @@ fn a_killed_process_keeps_its_uncompressed_image_if_compression_fails() {
             .expect("start chpox");
         // The compressed image's temporary file (counter 1; 0 became the
         // uncompressed image).
-        let second = dir.path().join(format!(".img.chpox-tmp.{}.1", dumper.id()));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut removed = false;
-        while Instant::now() < deadline {
-            if std::fs::remove_file(&second).is_ok() {
-                removed = true;
-                break;
-            }
-            if !Path::new(&format!("/proc/{}", dumper.id())).exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        let removed = remove_second_temporary(dir.path(), dumper.id());
         let out = dumper.wait_with_output().expect("dump finishes");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");

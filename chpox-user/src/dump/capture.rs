@@ -230,12 +230,7 @@ fn read_heads(
         info.stopped = frozen.was_stopped();
         heads.push(ProcessHead {
             info,
-            tids: threads.tids,
-            thread_states: threads.thread_states,
-            shared_pending: threads.shared_pending,
-            precopied: threads.precopied,
-            syscall_ip: threads.syscall_ip,
-            gadgets: threads.gadgets,
+            threads,
             actions: Vec::new(),
         });
     }
@@ -267,12 +262,7 @@ impl ProcTexts {
 /// [`remote_state_all`] has run, what only it can tell.
 struct ProcessHead {
     info: crate::image::model::ProcessInfo,
-    tids: Vec<i32>,
-    thread_states: Vec<crate::image::model::ThreadState>,
-    shared_pending: Vec<crate::image::model::PendingSignal>,
-    precopied: Option<crate::precopy::PreCopied>,
-    syscall_ip: u64,
-    gadgets: Option<crate::safe_return::Gadgets>,
+    threads: ThreadsHead,
     actions: Vec<crate::image::model::SigAction>,
 }
 
@@ -345,12 +335,15 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
     let pid = frozen.pid();
     let ProcessHead {
         info,
-        tids,
-        thread_states,
-        syscall_ip,
-        gadgets,
+        threads:
+            ThreadsHead {
+                tids,
+                thread_states,
+                syscall_ip,
+                gadgets,
+                ..
+            },
         actions,
-        ..
     } = head;
     let (gadgets, syscall_ip) = (gadgets.as_ref(), *syscall_ip);
     // Each thread is borrowed once, here, first since the freeze: what
@@ -425,13 +418,16 @@ fn capture_process(
     let mut phase = Phases::start();
     let ProcessHead {
         mut info,
-        thread_states,
-        shared_pending,
-        precopied,
-        syscall_ip,
-        gadgets,
+        threads:
+            ThreadsHead {
+                thread_states,
+                shared_pending,
+                precopied,
+                syscall_ip,
+                gadgets,
+                ..
+            },
         actions,
-        ..
     } = head;
     // The address space as read before the remote calls, which leave it
     // as they found it: they map one scratch page in the process and
