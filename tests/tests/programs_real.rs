@@ -487,17 +487,21 @@ seq 1 40 | xargs -P2 -I{} sh -c 'sleep 0.02; echo $(( {} * 3 ))' | sort -n | md5
 echo "END $total"
 "#;
 
+/// `program SCRIPT` in `dir`, its stdout and stderr to files named after
+/// `name`, until its READY line.
+fn run_script(program: &str, script: &Path, dir: &Path, name: &str) -> Target {
+    let mut cmd = Command::new(program);
+    cmd.arg(script).current_dir(dir);
+    only_stdio(&mut cmd);
+    Target::spawn_command(cmd, name, dir)
+}
+
 #[test]
 fn a_bash_script_with_a_coprocess_and_pipelines_finishes_the_same() {
     let dir = tempdir();
     let script = dir.path().join("job.sh");
     fs::write(&script, SCRIPT).expect("write the script");
-    let run = |name: &str| {
-        let mut cmd = Command::new("bash");
-        cmd.arg(&script).current_dir(dir.path());
-        only_stdio(&mut cmd);
-        Target::spawn_command(cmd, name, dir.path())
-    };
+    let run = |name: &str| run_script("bash", &script, dir.path(), name);
     let mut plain = run("plain");
     plain.wait_success(EXIT_TIMEOUT);
     let want = plain.lines_after_ready();
@@ -566,12 +570,7 @@ fn node_worker_threads_dumped_and_killed_finish_the_same() {
     let dir = tempdir();
     let script = dir.path().join("workers.js");
     fs::write(&script, WORKERS).expect("write the script");
-    let run = |name: &str| {
-        let mut cmd = Command::new("node");
-        cmd.arg(&script).current_dir(dir.path());
-        only_stdio(&mut cmd);
-        Target::spawn_command(cmd, name, dir.path())
-    };
+    let run = |name: &str| run_script("node", &script, dir.path(), name);
     let sorted = |t: &Target| {
         let mut lines = t.lines_after_ready();
         lines.sort();

@@ -221,13 +221,7 @@ fn compressed_image_restores_with_a_new_pid() {
     checkpoint(&mut t, &image, &["--compress"]);
     // Published uncompressed before the kill, compressed after it.
     let reader = chpox::image::ImageReader::open(&image).expect("image");
-    let runs: Vec<_> = reader
-        .metadata()
-        .root
-        .vmas
-        .iter()
-        .flat_map(|v| &v.pages)
-        .collect();
+    let runs = common::root_page_runs(&reader);
     assert!(!runs.is_empty());
     assert!(
         runs.iter()

@@ -301,6 +301,20 @@ fn precopy_leaves_a_process_its_own_userfaultfd() {
     );
 }
 
+/// `chpox dump PID -o IMAGE --unsupported-fd null EXTRA`, started, its
+/// stderr piped.
+fn spawn_dump(pid: i32, image: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(chpox_bin())
+        .args(["dump", &pid.to_string(), "-o"])
+        .arg(image)
+        .args(["--unsupported-fd", "null"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chpox")
+}
+
 /// Remove the second temporary file (`.img.chpox-tmp.PID.1`) of the dump
 /// running as `dumper` in `dir` as soon as it appears; false if the dump
 /// ended first.
@@ -356,13 +370,7 @@ fn compressed_precopy_is_the_frozen_memory_under_writes_by_every_thread() {
         target.signal(libc::SIGCONT);
         let reader = ImageReader::open(&image).expect("image opens");
         reader.verify_all().expect("checksums");
-        let runs: Vec<_> = reader
-            .metadata()
-            .root
-            .vmas
-            .iter()
-            .flat_map(|v| &v.pages)
-            .collect();
+        let runs = common::root_page_runs(&reader);
         assert!(!runs.is_empty());
         for run in runs {
             assert_eq!(
@@ -429,14 +437,7 @@ fn a_compressed_dump_that_cannot_publish_leaves_the_previous_image() {
     dump_json(target.pid, &image, &["--no-precopy"]);
     let before = std::fs::read(&image).expect("first image");
     for _attempt in 0..4 {
-        let dumper = Command::new(chpox_bin())
-            .args(["dump", &target.pid.to_string(), "-o"])
-            .arg(&image)
-            .args(["--unsupported-fd", "null", "--precopy", "--compress"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start chpox");
+        let dumper = spawn_dump(target.pid, &image, &["--precopy", "--compress"]);
         // The second temporary file (counter 1) is the compressed image.
         let removed = remove_second_temporary(dir.path(), dumper.id());
         let out = dumper.wait_with_output().expect("dump finishes");
@@ -477,14 +478,7 @@ fn a_killed_process_keeps_its_uncompressed_image_if_compression_fails() {
     for _attempt in 0..4 {
         let mut target = Target::spawn("mempattern", &["256"], dir.path());
         let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
-        let dumper = Command::new(chpox_bin())
-            .args(["dump", &target.pid.to_string(), "-o"])
-            .arg(&image)
-            .args(["--unsupported-fd", "null", "--kill", "--compress"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start chpox");
+        let dumper = spawn_dump(target.pid, &image, &["--kill", "--compress"]);
         // The compressed image's temporary file (counter 1; 0 became the
         // uncompressed image).
         let removed = remove_second_temporary(dir.path(), dumper.id());
@@ -496,12 +490,8 @@ fn a_killed_process_keeps_its_uncompressed_image_if_compression_fails() {
         reader.verify_all().expect("checksums");
         common::check_pattern(&reader, addr, len);
         assert_eq!(temporaries(dir.path()), Vec::<String>::new());
-        let compressed = reader
-            .metadata()
-            .root
-            .vmas
+        let compressed = common::root_page_runs(&reader)
             .iter()
-            .flat_map(|v| &v.pages)
             .all(|r| r.data.compression == chpox::image::model::Compression::Zstd);
         if !removed {
             assert!(compressed, "not compressed, yet nothing failed: {stderr}");

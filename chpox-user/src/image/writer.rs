@@ -468,15 +468,7 @@ impl ImageWriter {
         crc32c: u32,
         compression: Compression,
     ) -> Result<DataRef, ImageError> {
-        match &self.state {
-            State::Idle => {}
-            State::Broken => return Err(broken()),
-            State::Blob(_) | State::Mapped => {
-                return Err(ImageError::WriterState {
-                    reason: "add_prepared while a blob or mapped area is open",
-                });
-            }
-        }
+        self.require_idle("add_prepared while a blob or mapped area is open")?;
         // While compression is deferred, a blob compressed already may go
         // in beside the plain ones.
         let allowed = match compression {
@@ -658,6 +650,16 @@ impl ImageWriter {
         ) && e != Errno::ENOENT
         {
             tracing::warn!(error = %e, "could not keep the previous image");
+        }
+    }
+
+    /// No blob or mapped area open and no earlier failure: what `doing`
+    /// (named in the error) needs.
+    fn require_idle(&self, doing: &'static str) -> Result<(), ImageError> {
+        match &self.state {
+            State::Idle => Ok(()),
+            State::Broken => Err(broken()),
+            State::Blob(_) | State::Mapped => Err(ImageError::WriterState { reason: doing }),
         }
     }
 

@@ -422,6 +422,17 @@ pub fn free_pid() -> i32 {
     pid
 }
 
+/// The page runs of the image's root process, every mapping's in order.
+pub fn root_page_runs(reader: &chpox::image::ImageReader) -> Vec<&chpox::image::model::PageRun> {
+    reader
+        .metadata()
+        .root
+        .vmas
+        .iter()
+        .flat_map(|v| &v.pages)
+        .collect()
+}
+
 /// The image holds exactly `mempattern`'s pattern at `addr..addr+len`.
 pub fn check_pattern(reader: &chpox::image::ImageReader, addr: u64, len: u64) {
     // An incremental image: with what it takes from its parent.

@@ -35,7 +35,7 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use nix::unistd::UnlinkatFlags;
 
 use super::dir::create_temp;
-use super::{ImageWriter, State, ZEROS, ZSTD_LEVEL, broken, compress_blob};
+use super::{ImageWriter, State, ZEROS, ZSTD_LEVEL, compress_blob};
 use crate::image::error::ImageError;
 use crate::image::format::HEADER_SIZE;
 use crate::image::model::{Compression, DataRef, Metadata};
@@ -86,15 +86,7 @@ impl ImageWriter {
     /// new temporary file that replaces the one written so far. Nothing to
     /// do if every blob is compressed already.
     pub(super) fn compress_deferred(&mut self, meta: &mut Metadata) -> Result<(), ImageError> {
-        match &self.state {
-            State::Idle => {}
-            State::Broken => return Err(broken()),
-            State::Blob(_) | State::Mapped => {
-                return Err(ImageError::WriterState {
-                    reason: "finish while a blob or mapped area is open",
-                });
-            }
-        }
+        self.require_idle("finish while a blob or mapped area is open")?;
         let refs = all_refs(meta);
         let plain_bytes: u64 = refs
             .iter()

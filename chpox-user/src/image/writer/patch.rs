@@ -6,7 +6,7 @@
 
 use std::os::unix::fs::FileExt;
 
-use super::{ImageWriter, State, broken};
+use super::ImageWriter;
 use crate::image::error::ImageError;
 use crate::image::model::{Compression, DataRef};
 
@@ -15,15 +15,7 @@ impl ImageWriter {
     /// earlier as uncompressed blobs. The blobs' checksums are stale until
     /// they are made again with [`blob_at`](Self::blob_at).
     pub fn rewrite(&mut self, offset: u64, bytes: &[u8]) -> Result<(), ImageError> {
-        match &self.state {
-            State::Idle => {}
-            State::Broken => return Err(broken()),
-            State::Blob(_) | State::Mapped => {
-                return Err(ImageError::WriterState {
-                    reason: "rewrite while a blob or mapped area is open",
-                });
-            }
-        }
+        self.require_idle("rewrite while a blob or mapped area is open")?;
         if self.compress || offset + bytes.len() as u64 > self.pos {
             return Err(ImageError::WriterState {
                 reason: "rewrite of compressed data or past what was written",
