@@ -155,7 +155,7 @@ enum Command {
         json: bool,
         /// Do not copy pages while the process runs before freezing it
         /// (the pre-copy that keeps the freeze short, by default for
-        /// 256 MiB of private memory or more); the checkpoint is then the
+        /// 32 MiB of private memory or more); the checkpoint is then the
         /// moment of the call, and the freeze copies page tables.
         #[arg(long)]
         no_precopy: bool,

@@ -363,9 +363,19 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
     let mut leader =
         RemoteThread::borrow_guarded_saved_async(frozen, pid, gadgets, syscall_ip, leader_saved)
             .await?;
+    // Results go to the leader's return frame, unless it has none or some
+    // memory is locked: only a fresh mapping tells mlockall(MCL_FUTURE).
     let scratch_len = PAGE_SIZE;
-    let scratch = leader.map_scratch_async(scratch_len).await?;
-    process::dump_mlockall(info, pid, scratch)?;
+    let mut mapped = None;
+    let scratch = match leader.frame_scratch() {
+        Some(in_frame) if !process::memory_locked(status) => in_frame,
+        _ => {
+            let at = leader.map_scratch_async(scratch_len).await?;
+            mapped = Some(at);
+            process::dump_mlockall(info, pid, at)?;
+            at
+        }
+    };
     *actions = signals::dump_actions(&mut leader, scratch, status).await?;
     process::dump_remote_state(info, &mut leader, scratch).await?;
     info.timers = crate::timers::dump(pid, &mut leader, scratch).await?;
@@ -384,12 +394,24 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
                 thread_saved,
             )
             .await?;
-            state.sigaltstack = signals::dump_altstack(&mut thread, scratch).await?;
-            state.clear_child_tid = threads::dump_clear_child_tid(&mut thread, scratch).await?;
+            let thread_scratch = match (thread.frame_scratch(), mapped) {
+                (Some(in_frame), _) => in_frame,
+                (None, Some(at)) => at,
+                (None, None) => {
+                    let at = leader.map_scratch_async(scratch_len).await?;
+                    mapped = Some(at);
+                    at
+                }
+            };
+            state.sigaltstack = signals::dump_altstack(&mut thread, thread_scratch).await?;
+            state.clear_child_tid =
+                threads::dump_clear_child_tid(&mut thread, thread_scratch).await?;
             thread.give_back()?;
         }
     }
-    leader.unmap_async(scratch, scratch_len).await?;
+    if let Some(at) = mapped {
+        leader.unmap_async(at, scratch_len).await?;
+    }
     leader.give_back()?;
     Ok(())
 }

@@ -292,6 +292,15 @@ impl<'f> RemoteThread<'f> {
         self.frozen.pid()
     }
 
+    /// Room in the thread's stack for one call's results, with no mapping
+    /// made for them (which costs two more calls): the siginfo part of its
+    /// return frame, [`safe_return::FRAME_SCRATCH_LEN`] bytes that
+    /// rt_sigreturn does not read. Guarded borrows only.
+    pub fn frame_scratch(&self) -> Option<u64> {
+        self.frame
+            .map(|frame| frame + safe_return::FRAME_SCRATCH_AT)
+    }
+
     /// The thread's `sigaltstack` `stack_t`, as read when it was borrowed
     /// (guarded borrows only): asking again, frozen, says the same.
     pub fn altstack_at_borrow(&self) -> Option<[u8; 24]> {
@@ -312,18 +321,17 @@ impl<'f> RemoteThread<'f> {
         set_regs(tid, self.call_regs(nr, args))?;
         self.ran = true;
         self.step_to_syscall_stop("entry").await?;
-        let at_entry = get_regs(tid)?;
-        if at_entry.orig_rax != nr as u64 {
+        self.step_to_syscall_stop("exit").await?;
+        // The exit stop still tells which call ran (orig_rax): one
+        // register read per call rather than one at each stop.
+        let at_exit = get_regs(tid)?;
+        if at_exit.orig_rax != nr as u64 {
             return Err(Error::RemoteProtocol {
                 tid,
-                what: format!(
-                    "entered syscall {} instead of {nr}",
-                    at_entry.orig_rax as i64
-                ),
+                what: format!("ran syscall {} instead of {nr}", at_exit.orig_rax as i64),
             });
         }
-        self.step_to_syscall_stop("exit").await?;
-        Ok(get_regs(tid)?.rax as i64)
+        Ok(at_exit.rax as i64)
     }
 
     /// Like `syscall`, turning a negative result into an error naming `call`.

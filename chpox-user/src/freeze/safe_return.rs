@@ -89,18 +89,13 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
     regions.sort_by_key(|(_, _, name)| !(name.contains("/libc") || name.contains("/ld-")));
     let (mut syscall_ret, mut sigreturn) = (None, None);
     for (start, end, _) in regions {
-        let len = (end - start).min(16 << 20) as usize;
-        let mut code = vec![0u8; len];
-        if read_memory(pid, start, &mut code).is_err() {
-            continue;
-        }
-        let find = |pattern: &[u8]| {
-            code.windows(pattern.len())
-                .position(|w| w == pattern)
-                .map(|i| start + i as u64)
-        };
-        syscall_ret = syscall_ret.or_else(|| find(SYSCALL_RET));
-        sigreturn = sigreturn.or_else(|| SIGRETURNS.iter().find_map(|p| find(p)));
+        search_code(
+            pid,
+            start,
+            end.min(start + (16 << 20)),
+            &mut syscall_ret,
+            &mut sigreturn,
+        );
         if let (Some(syscall_ret), Some(sigreturn)) = (syscall_ret, sigreturn) {
             return Some(Gadgets {
                 syscall_ret,
@@ -110,6 +105,53 @@ pub fn find_gadgets(pid: i32) -> Option<Gadgets> {
         }
     }
     None
+}
+
+/// Bytes of code read at a time by [`search_code`].
+const CODE_WINDOW: usize = 64 << 10;
+
+/// Fill in whichever of the two gadgets is still missing from the code at
+/// `[start, end)` of `pid`. The code is read a window at a time into one
+/// buffer and the search stops once both are found: the C library's first
+/// hundred KiB usually hold them, and reading all of it into fresh memory
+/// cost ~1 ms before every dump.
+fn search_code(
+    pid: i32,
+    start: u64,
+    end: u64,
+    syscall_ret: &mut Option<u64>,
+    sigreturn: &mut Option<u64>,
+) {
+    // A gadget may straddle two windows: the tail of each is kept.
+    let keep = SIGRETURNS
+        .iter()
+        .map(|p| p.len())
+        .chain([SYSCALL_RET.len()])
+        .max()
+        .unwrap_or(1)
+        - 1;
+    let mut buf = vec![0u8; keep + CODE_WINDOW];
+    let (mut kept, mut at) = (0usize, start);
+    while at < end && (syscall_ret.is_none() || sigreturn.is_none()) {
+        let len = ((end - at) as usize).min(CODE_WINDOW);
+        if read_memory(pid, at, &mut buf[kept..kept + len]).is_err() {
+            return;
+        }
+        let window = &buf[..kept + len];
+        let base = at - kept as u64;
+        let find = |pattern: &[u8]| memchr::memmem::find(window, pattern).map(|i| base + i as u64);
+        if syscall_ret.is_none() {
+            *syscall_ret = find(SYSCALL_RET);
+        }
+        if sigreturn.is_none() {
+            *sigreturn = SIGRETURNS.iter().find_map(|p| find(p));
+        }
+        let filled = kept + len;
+        let carry = keep.min(filled);
+        buf.copy_within(filled - carry..filled, 0);
+        kept = carry;
+        at += len as u64;
+    }
 }
 
 /// `gadgets` found in `pid` earlier (before a freeze, where the search
@@ -179,7 +221,7 @@ fn stack_mappings(maps: &str) -> Vec<(u64, u64)> {
 }
 
 /// Bytes the frame takes below the red zone, before the XSAVE area.
-const FRAME_HEAD: usize = 8 + UCONTEXT_SIZE + 128;
+const FRAME_HEAD: usize = 8 + UCONTEXT_SIZE + FRAME_SCRATCH_LEN as usize;
 /// `struct ucontext` on x86-64: flags, link, stack_t (24), sigcontext
 /// (256), sigset (8).
 const UCONTEXT_SIZE: usize = 8 + 8 + 24 + 256 + 8;
@@ -188,6 +230,9 @@ pub const FRAME_STACK_AT: u64 = 8 + 16;
 /// Where `info` (the siginfo, which rt_sigreturn does not read) lies: our
 /// first call writes the alternate stack there.
 pub const FRAME_SCRATCH_AT: u64 = (8 + UCONTEXT_SIZE) as u64;
+/// The size of `info` (a siginfo), free for results once the first call's
+/// alternate stack is read from it.
+pub const FRAME_SCRATCH_LEN: u64 = 128;
 const UC_FP_XSTATE: u64 = 1;
 const UC_SIGCONTEXT_SS: u64 = 2;
 const UC_STRICT_RESTORE_SS: u64 = 4;
@@ -317,5 +362,28 @@ mod tests {
                 (0x7ffc_0000_0000, 0x7ffc_0002_1000)
             ]
         );
+    }
+
+    #[test]
+    fn gadgets_across_windows_are_found_at_their_first_place() {
+        // Our own memory stands for the code: the syscall-ret straddles the
+        // first window's end, the sigreturn lies in the third window, and a
+        // later copy of each must not be the one reported.
+        let mut code = vec![0u8; 3 * CODE_WINDOW + 100];
+        let ret_at = CODE_WINDOW - 1;
+        code[ret_at..ret_at + 3].copy_from_slice(SYSCALL_RET);
+        let sig_at = 2 * CODE_WINDOW + 7;
+        code[sig_at..sig_at + SIGRETURNS[1].len()].copy_from_slice(SIGRETURNS[1]);
+        code[3 * CODE_WINDOW..3 * CODE_WINDOW + 3].copy_from_slice(SYSCALL_RET);
+        let start = code.as_ptr() as u64;
+        let pid = std::process::id() as i32;
+        let (mut ret, mut sig) = (None, None);
+        search_code(pid, start, start + code.len() as u64, &mut ret, &mut sig);
+        assert_eq!(ret, Some(start + ret_at as u64));
+        assert_eq!(sig, Some(start + sig_at as u64));
+        // Stops at the end it is given.
+        let (mut ret, mut sig) = (None, None);
+        search_code(pid, start, start + ret_at as u64 + 2, &mut ret, &mut sig);
+        assert_eq!((ret, sig), (None, None));
     }
 }

@@ -355,12 +355,7 @@ pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<(
     const MCL_FUTURE: u32 = 2;
     const MCL_ONFAULT: u32 = 4;
     let status = read_proc(&format!("/proc/{pid}/status"))?;
-    let locked_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmLck:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    if locked_kb == 0 {
+    if !memory_locked(&status) {
         return Ok(());
     }
     let smaps = read_proc(&format!("/proc/{pid}/smaps"))?;
@@ -385,6 +380,18 @@ pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Whether a process whose /proc/PID/status reads `status` has locked
+/// memory (VmLck): a fresh mapping may then be locked by
+/// mlockall(MCL_FUTURE) (see [`dump_mlockall`]); without any, it is not
+/// in force. Unreadable counts as locked.
+pub fn memory_locked(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .is_none_or(|kb| kb != 0)
 }
 
 /// One line for `chpox inspect`, if any attribute differs from a new
