@@ -1,8 +1,10 @@
 //! The scratch page a dump maps in a frozen process for its remote calls
-//! leaves no trace in the image, even where it merges with the process's
-//! own mappings: a dump reads /proc/PID/maps once, before the remote
-//! calls, and records those mappings (the calls unmap the page again,
-//! which splits the merged mapping back into the same pieces).
+//! (only where memory is locked; elsewhere the results go to the borrowed
+//! thread's stack) leaves no trace in the image, even where it merges
+//! with the process's own mappings: a dump reads /proc/PID/maps once,
+//! before the remote calls, and records those mappings (the calls unmap
+//! the page again, which splits the merged mapping back into the same
+//! pieces).
 
 mod common;
 
@@ -34,8 +36,16 @@ fn maps_lines(pid: i32) -> Vec<(u64, u64, String)> {
 
 #[test]
 fn a_mapping_the_scratch_page_merges_with_is_recorded_as_the_process_has_it() {
+    // Locked: the dump maps the scratch page into the hole. Not locked:
+    // it maps nothing, and the mappings are recorded all the same.
+    for args in [&["locked"][..], &[]] {
+        mappings_recorded_as_the_process_has_them(args);
+    }
+}
+
+fn mappings_recorded_as_the_process_has_them(args: &[&str]) {
     let dir = tempdir();
-    let mut t = Target::spawn("scratchhole", &[], dir.path());
+    let mut t = Target::spawn("scratchhole", args, dir.path());
     let (low, hole) = (t.ready_hex("low"), t.ready_hex("hole"));
     assert_eq!(
         t.ready_u64("lands"),

@@ -301,6 +301,54 @@ fn precopy_leaves_a_process_its_own_userfaultfd() {
     );
 }
 
+/// Shared_Dirty of `pid` in kB (/proc/PID/smaps_rollup): its pages mapped
+/// by other processes too.
+fn shared_dirty_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .expect("smaps_rollup")
+        .lines()
+        .find_map(|l| l.strip_prefix("Shared_Dirty:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("Shared_Dirty")
+}
+
+/// A pre-copy reads the pages a forked Python still shares copy-on-write
+/// with its child without pinning them: a pin makes the kernel give the
+/// process its own copy of each, and the tree's memory would grow by all
+/// it shares. (Its own pages it reads with `process_vm_readv`.)
+#[test]
+fn precopy_leaves_pages_shared_with_a_forked_child_shared() {
+    let dir = tempdir();
+    let script = r#"
+import os, time
+data = bytearray(os.urandom(1 << 20)) * 48
+child = os.fork()
+if child == 0:
+    time.sleep(3600)
+    os._exit(0)
+print("READY child=%d" % child, flush=True)
+time.sleep(3600)
+"#;
+    let target = common::python(script, &[], dir.path());
+    let child = target.ready_u64("child") as i32;
+    let before = shared_dirty_kb(target.pid);
+    assert!(before >= 40 << 10, "the fork shares only {before} kB");
+    let image = dir.path().join("forked.img");
+    let report = dump_json(target.pid, &image, &["--precopy"]);
+    assert_eq!(report["precopied"], 2, "{report}");
+    let after = shared_dirty_kb(target.pid);
+    // SAFETY: a plain kill of the test's own grandchild.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    assert!(
+        after * 10 >= before * 9,
+        "the dump unshared the parent's pages: Shared_Dirty {before} kB before, {after} kB after"
+    );
+    ImageReader::open(&image)
+        .expect("image opens")
+        .verify_all()
+        .expect("checksums");
+}
+
 /// `chpox dump PID -o IMAGE --unsupported-fd null EXTRA`, started, its
 /// stderr piped.
 fn spawn_dump(pid: i32, image: &Path, extra: &[&str]) -> std::process::Child {

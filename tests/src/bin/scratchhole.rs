@@ -1,9 +1,12 @@
-//! `scratchhole`
+//! `scratchhole [locked]`
 //!
 //! Leaves a one-page hole between two pieces of one anonymous read-write
 //! mapping, exactly where the next one-page `mmap(NULL, …)` goes: the
 //! scratch page a dump maps in the process for its remote calls lands in
 //! it, merging the three into one mapping until the dump unmaps it again.
+//! A dump maps that page only in a process with locked memory (to tell
+//! `mlockall(MCL_FUTURE)`): with `locked`, one page of a mapping of its
+//! own, made first, is `mlock`ed.
 //!
 //! Maps three pages, writes all of them (so both pieces share one
 //! anon_vma and may merge again), unmaps the middle one, and checks that a
@@ -18,6 +21,21 @@ const PAGE: usize = 4096;
 
 fn main() {
     stop_on_signal(libc::SIGUSR1);
+    if std::env::args().nth(1).as_deref() == Some("locked") {
+        // SAFETY: a fresh private anonymous page, locked; checked.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED, "mmap");
+        check(unsafe { libc::mlock(page, PAGE) }, "mlock");
+    }
     // SAFETY: a fresh private anonymous mapping; checked below.
     let base = unsafe {
         libc::mmap(
