@@ -73,10 +73,11 @@ fn interrupted_dump_leaves_target_running(signal: i32) {
     let dir = tempfile::tempdir().expect("tempdir");
     let images = dir.path().join("images");
     std::fs::create_dir(&images).expect("mkdir");
-    // Large enough that the freeze lasts long enough to be hit.
+    // Its 100 idle threads make the freeze long enough to be hit (the
+    // snapshot's fork of 512 MiB alone lasts a few ms).
     let mut target = Target::spawn(
         "mempattern",
-        &["512", "--finish-after-rounds", "40"],
+        &["512", "--finish-after-rounds", "40", "--threads", "100"],
         dir.path(),
     );
     let image = images.join("img");
@@ -90,8 +91,8 @@ fn interrupted_dump_leaves_target_running(signal: i32) {
     .expect("signal chpox");
     if signal != libc::SIGKILL {
         // Held back: chpox is still alive and still holds the target a
-        // moment later (copying 512 MiB takes far longer than this). An
-        // unheld Ctrl-C would have ended chpox, and its hold, at once.
+        // moment later (borrowing 100 threads takes far longer than this).
+        // An unheld Ctrl-C would have ended chpox, and its hold, at once.
         std::thread::sleep(Duration::from_millis(3));
         assert_eq!(
             tracer_of(target.pid),

@@ -238,6 +238,7 @@ fn dump_inner(
     };
     let mut warming = (!opts.freeze_first).then(|| {
         std::thread::spawn(move || {
+            crate::ptrace::leave_terminal_signals_to_the_freezer();
             yield_to_copy();
             crate::files::warm_hashes(&warm_pids)
         })

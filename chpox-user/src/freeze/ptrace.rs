@@ -230,25 +230,49 @@ struct HoldTerminalSignals {
     previous: Option<nix::sys::signal::SigSet>,
 }
 
+/// The signals [`HoldTerminalSignals`] holds back.
+fn terminal_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGTSTP,
+    ] {
+        set.add(sig);
+    }
+    set
+}
+
 impl HoldTerminalSignals {
     fn new() -> Self {
         use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
-        let mut set = SigSet::empty();
-        for sig in [
-            Signal::SIGINT,
-            Signal::SIGTERM,
-            Signal::SIGHUP,
-            Signal::SIGQUIT,
-            Signal::SIGTSTP,
-        ] {
-            set.add(sig);
-        }
         let mut previous = SigSet::empty();
-        let ok = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut previous)).is_ok();
+        let ok = pthread_sigmask(
+            SigmaskHow::SIG_BLOCK,
+            Some(&terminal_signals()),
+            Some(&mut previous),
+        )
+        .is_ok();
         HoldTerminalSignals {
             previous: ok.then_some(previous),
         }
     }
+}
+
+/// For a helper thread started before a freeze that may outlive its start
+/// (hashing files beside a dump): block the terminal signals in it for
+/// good. A signal sent to the process goes to a thread that does not
+/// block it; taken by such a helper while the freezing thread holds it
+/// back, a Ctrl-C would end chpox with the target frozen mid-remote-call.
+/// (Threads started while frozen inherit the held mask.)
+pub fn leave_terminal_signals_to_the_freezer() {
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&terminal_signals()),
+        None,
+    );
 }
 
 impl Drop for HoldTerminalSignals {

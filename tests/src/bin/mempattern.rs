@@ -1,4 +1,4 @@
-//! `mempattern [<mib>] [--finish-after-rounds R]`
+//! `mempattern [<mib>] [--finish-after-rounds R] [--threads T]`
 //!
 //! Maps `<mib>` MiB (default 64) of private anonymous memory (a VMA of its
 //! own: `PROT_NONE` guard pages on both sides) and fills the
@@ -11,6 +11,9 @@
 //! rounds it verifies the whole region, prints
 //! `DONE sum=<hex wrapping sum of all words>` and exits 0; the output is
 //! the same for every run with the same arguments.
+//!
+//! With `--threads T`, `T` more threads sleep for good (a dump's freeze
+//! then lasts long: it reads and borrows every thread).
 
 use std::time::Duration;
 
@@ -32,6 +35,19 @@ fn main() {
         if a == "--finish-after-rounds" {
             let r = args.next().expect("--finish-after-rounds needs a value");
             rounds = Some(r.parse().expect("--finish-after-rounds: not a number"));
+        } else if a == "--threads" {
+            let t: usize = args
+                .next()
+                .expect("--threads needs a value")
+                .parse()
+                .expect("--threads: not a number");
+            for _ in 0..t {
+                std::thread::spawn(|| {
+                    loop {
+                        std::thread::park();
+                    }
+                });
+            }
         } else {
             mib = a.parse().expect("<mib>: not a number");
         }
