@@ -245,6 +245,18 @@ impl EarlyMaps {
         Ok((self.read_now(pid)?, false))
     }
 
+    /// The mappings of frozen `pid` with their early flags, if `maps` and
+    /// `status` (its texts, read while frozen) show them unchanged since
+    /// the early read; None otherwise (then to be read now).
+    pub fn unchanged_maps_in(
+        &self,
+        pid: i32,
+        maps: &str,
+        status: &str,
+    ) -> Result<Option<Vec<MapEntry>>> {
+        self.unchanged_in(pid, Some((maps, status)))
+    }
+
     fn unchanged(&self, pid: i32) -> Result<Option<Vec<MapEntry>>> {
         self.unchanged_in(pid, None)
     }
