@@ -146,6 +146,51 @@ fn ctrl_c_while_the_target_is_frozen() {
     interrupted_dump_leaves_target_running(libc::SIGINT);
 }
 
+/// A Ctrl-C while the target is frozen is held back also when chpox's
+/// thread hashing the mapped files is still at work: a Python process
+/// maps a 512 MiB file (hashed beside the dump, for a second or more) and
+/// has 100 threads (a long freeze). Taken by that thread instead of the
+/// freezing one, the signal would end chpox at once, mid-freeze.
+#[test]
+fn ctrl_c_while_frozen_and_files_still_hashed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = r#"
+import mmap, sys, threading, time
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.truncate(512 << 20)
+f = open(path, "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+done = threading.Event()
+for _ in range(100):
+    threading.Thread(target=done.wait, daemon=True).start()
+print("READY", flush=True)
+time.sleep(3600)
+"#;
+    let big = dir.path().join("big");
+    let mut target = common::python(script, &[big.to_str().expect("utf-8")], dir.path());
+    let image = dir.path().join("img");
+    let mut dumper = start_dump(target.pid, &image);
+    wait_until_frozen(target.pid, &dumper);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dumper.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("signal chpox");
+    std::thread::sleep(Duration::from_millis(3));
+    assert_eq!(
+        tracer_of(target.pid),
+        Some(dumper.id() as i32),
+        "the Ctrl-C ended chpox while the target was frozen"
+    );
+    dumper.wait().expect("wait chpox");
+    assert_released(target.pid);
+    assert!(
+        target.child.try_wait().expect("try_wait").is_none(),
+        "the target ended"
+    );
+}
+
 /// A 200-thread process whose dump is killed at many points of the freeze,
 /// in particular while chpox runs system calls inside its threads: the
 /// process must run on as if nothing happened (its threads check their own
