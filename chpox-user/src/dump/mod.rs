@@ -239,7 +239,6 @@ fn dump_inner(
     let mut warming = (!opts.freeze_first).then(|| {
         std::thread::spawn(move || {
             crate::ptrace::leave_terminal_signals_to_the_freezer();
-            yield_to_copy();
             crate::files::warm_hashes(&warm_pids)
         })
     });
@@ -694,14 +693,6 @@ impl Boost {
             Boost(Some(old))
         }
     }
-}
-
-/// Lowers the calling thread's priority (nice 19) for good: for work
-/// beside a page copy that is needed only once the copy ends (mapped
-/// files' hashes, smaps), which must not take the copy's cores from it.
-pub(crate) fn yield_to_copy() {
-    // SAFETY: a plain syscall on the calling thread (who 0).
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
 }
 
 impl Drop for Boost {

@@ -163,10 +163,7 @@ impl PreCopies {
                     // page walk of tens of ms per GiB, done on another
                     // thread beside the copy instead of after it.
                     let (copied, early) = std::thread::scope(|scope| {
-                        let early = scope.spawn(move || {
-                            crate::dump::yield_to_copy();
-                            EarlyMaps::read(&[pid])
-                        });
+                        let early = scope.spawn(move || EarlyMaps::read(&[pid]));
                         let copied = copy_while_running(tracker, &maps, &registered, writer);
                         (copied, early.join().unwrap_or_default())
                     });
