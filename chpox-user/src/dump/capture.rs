@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::debug;
 
+use super::plan::{MemoryPlan, plan_memory, plan_precopied};
 use super::{DumpOptions, Phases};
 use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
@@ -108,7 +109,21 @@ pub(super) fn capture_tree(
     let fds = fds?;
     let mut heads = heads?;
     phase.done("/proc, threads, remote syscalls, descriptors");
-    let planned_for = plan_precopied(tree, &mut heads, &texts, snapshots_wanted, early)?;
+    // The pre-copied processes that run on after the dump.
+    let precopied: Vec<(usize, i32, crate::precopy::PreCopied)> = if snapshots_wanted {
+        tree.members()
+            .iter()
+            .zip(heads.iter_mut())
+            .enumerate()
+            .filter(|(_, (frozen, _))| !frozen.was_stopped())
+            .filter_map(|(i, (frozen, head))| {
+                Some((i, frozen.pid(), head.threads.precopied.take()?))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let planned_for = plan_precopied(heads.len(), precopied, &texts, early)?;
     phase.done("pre-copy scans");
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
@@ -253,9 +268,9 @@ fn read_heads(
 /// before its remote calls, whose scratch page they leave out (see
 /// `capture_process`); what else the status tells (dispositions,
 /// no_new_privs, shadow stack) only the process itself changes.
-struct ProcTexts {
-    maps: String,
-    status: String,
+pub(super) struct ProcTexts {
+    pub(super) maps: String,
+    pub(super) status: String,
 }
 
 impl ProcTexts {
@@ -423,158 +438,6 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
     }
     leader.give_back()?;
     Ok(())
-}
-
-/// A frozen process's mappings and, if it was pre-copied, the plan of its
-/// pages: what [`capture_process`] starts from, made without its threads
-/// (no remote call), so also on another thread (see [`plan_precopied`]).
-struct MemoryPlan {
-    maps: Vec<memory::MapEntry>,
-    /// The flags of `maps` are the early ones (see `earlymaps`).
-    early_flags: bool,
-    /// Which of `maps` the pre-copy tracked (their pages come from `plan`).
-    claimed: Vec<bool>,
-    plan: Option<Planned>,
-    /// The pre-copy, kept while `plan` refers to it.
-    precopied: Option<crate::precopy::PreCopied>,
-}
-
-/// The memory plans of the tree's pre-copied processes (which run on after
-/// the dump), half of them on a second thread: each is a page-table walk
-/// of its tracked memory and a read of the pages written since its
-/// pre-copy (~0.15 ms per 128 MiB), and once the remote calls are done
-/// nothing else needs the other core. (Beside the remote calls it cost
-/// more than it saved: the tracees run their calls on that core.)
-/// Indexed like the members; None where the process is planned by
-/// [`capture_process`] itself.
-fn plan_precopied(
-    tree: &FrozenTree,
-    heads: &mut [ProcessHead],
-    texts: &[ProcTexts],
-    snapshots_wanted: bool,
-    early: &EarlyMaps,
-) -> Result<Vec<Option<MemoryPlan>>> {
-    let mut planned: Vec<Option<MemoryPlan>> = heads.iter().map(|_| None).collect();
-    if !snapshots_wanted {
-        return Ok(planned);
-    }
-    let mut jobs: Vec<(usize, i32, crate::precopy::PreCopied)> = tree
-        .members()
-        .iter()
-        .zip(heads.iter_mut())
-        .enumerate()
-        .filter(|(_, (frozen, _))| !frozen.was_stopped())
-        .filter_map(|(i, (frozen, head))| Some((i, frozen.pid(), head.threads.precopied.take()?)))
-        .collect();
-    let plan_all = |jobs: Vec<(usize, i32, crate::precopy::PreCopied)>| {
-        jobs.into_iter()
-            .map(|(i, pid, p)| {
-                (
-                    i,
-                    plan_memory(pid, false, Some(p), &texts[i], Some(i), early),
-                )
-            })
-            .collect::<Vec<_>>()
-    };
-    let second = jobs.split_off(jobs.len() / 2);
-    let results = if jobs.is_empty() {
-        plan_all(second)
-    } else {
-        std::thread::scope(|scope| {
-            let beside = scope.spawn(|| plan_all(second));
-            let mut results = plan_all(jobs);
-            match beside.join() {
-                Ok(more) => results.extend(more),
-                Err(_) => results.push((
-                    0,
-                    Err(Error::Other("internal: a memory plan panicked".into())),
-                )),
-            }
-            results
-        })
-    };
-    for (i, result) in results {
-        if let Some(slot) = planned.get_mut(i) {
-            *slot = Some(result?);
-        }
-    }
-    Ok(planned)
-}
-
-/// Plan frozen `pid`'s memory (see [`MemoryPlan`]): its mappings, from
-/// `texts` where they are those of the early read, else read now; which
-/// of them its pre-copy tracked; and the pages written since its
-/// pre-copy, read now.
-fn plan_memory(
-    pid: i32,
-    was_stopped: bool,
-    precopied: Option<crate::precopy::PreCopied>,
-    texts: &ProcTexts,
-    snapshot_as: Option<usize>,
-    early: &EarlyMaps,
-) -> Result<MemoryPlan> {
-    // The address space as read before the remote calls, which leave it
-    // as they found it: they map one scratch page in the process at most
-    // and unmap exactly it again, and nothing else maps or unmaps in a
-    // frozen process (a merge of the page with a neighbour is undone by
-    // the unmap, to the same lines). A process to be snapshotted keeps the
-    // flags read before the freeze when its mappings are unchanged
-    // (`earlymaps`).
-    let snapshot_wanted = snapshot_as.is_some() && !was_stopped;
-    let (mut maps, early_flags) = if snapshot_wanted {
-        match early.unchanged_maps_in(pid, &texts.maps, &texts.status)? {
-            Some(maps) => (maps, true),
-            None => (early.read_now(pid)?, false),
-        }
-    } else {
-        (early.read_now(pid)?, false)
-    };
-    // Mappings a pre-copy tracked: planned from their earlier copy.
-    let mut precopied = precopied.filter(|_| snapshot_wanted);
-    let mut claimed = vec![false; maps.len()];
-    if let Some(p) = &precopied {
-        for (c, m) in claimed.iter_mut().zip(maps.iter_mut()) {
-            *c = p.claim(m);
-        }
-    }
-    memory::refuse_missing_page_handlers(pid, &maps)?;
-    let plan = match (precopied.as_mut(), snapshot_as) {
-        (Some(p), Some(index)) => {
-            let tracked: Vec<(usize, &memory::MapEntry)> = maps
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| claimed[i])
-                .collect();
-            // Mappings made since the attach are copied while frozen: too
-            // many of them, and the snapshot is the shorter freeze.
-            let untracked: u64 = maps
-                .iter()
-                .zip(&claimed)
-                .filter(|&(m, &c)| !c && snapshot::fork_copies(m, m.kind()))
-                .map(|(m, _)| m.len() / PAGE_SIZE)
-                .sum();
-            if untracked > crate::precopy::FROZEN_COPY_LIMIT_PAGES {
-                None
-            } else {
-                p.plan(index, &tracked)?
-            }
-        }
-        _ => None,
-    };
-    if plan.is_none() {
-        claimed.iter_mut().for_each(|c| *c = false);
-        // Dumped the ordinary way: our protection markers must not show
-        // in its pagemap (as "swapped" pages). Dropping the tracker
-        // removes them (a page-table walk, in this rare case while frozen).
-        precopied = None;
-    }
-    Ok(MemoryPlan {
-        maps,
-        early_flags,
-        claimed,
-        plan,
-        precopied,
-    })
 }
 
 /// Read the rest of one frozen process, whose `head` is read: its memory

@@ -25,6 +25,7 @@ use crate::snapshot::{self, Snapshot};
 use crate::tree::{self, FrozenTree};
 
 mod capture;
+mod plan;
 
 use capture::capture_tree;
 
