@@ -125,6 +125,48 @@ fn quote(p: &Path) -> String {
     format!("'{}'", p.display())
 }
 
+/// The totals ("/N MiB") a progress bar drew in `shown`, in MiB.
+fn drawn_totals_mib(shown: &str) -> Vec<f64> {
+    shown
+        .split('/')
+        .skip(1)
+        .filter_map(|rest| rest.split_once(" MiB").map(|(n, _)| n.trim()))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// A compressed dump's image passes twice (written, then compressed once
+/// the process runs on): its progress bar counts both, so it does not sit
+/// full while the longer half goes on.
+#[test]
+fn a_compressed_dump_counts_its_compression_in_its_progress() {
+    let dir = tempdir();
+    let t = Target::spawn("mempattern", &["64"], dir.path());
+    let img = dir.path().join("img");
+    let env = [("CHPOX_PROGRESS_DELAY_MS", "0")];
+    let dump = |extra: &str| {
+        format!(
+            "{} dump {} -o {} --unsupported-fd null {extra} >/dev/null",
+            quote(&chpox_bin()),
+            t.pid,
+            quote(&img)
+        )
+    };
+    let plain = drawn_totals_mib(&on_terminal(&dump(""), &env));
+    let compressed = drawn_totals_mib(&on_terminal(&dump("--compress"), &env));
+    // The total from the first frame on (a bar that outgrows its total
+    // draws a larger one as it goes, full all along).
+    let first = |v: &[f64]| v.first().copied().unwrap_or(0.0);
+    assert!(
+        (60.0..80.0).contains(&first(&plain)),
+        "a plain dump of 64 MiB: totals {plain:?}"
+    );
+    assert!(
+        (120.0..160.0).contains(&first(&compressed)),
+        "a compressed dump of 64 MiB: totals {compressed:?}"
+    );
+}
+
 /// A progress bar on a terminal (here after 0 ms instead of a second, so
 /// the test does not depend on how fast the dump is), none on a pipe or
 /// with --quiet.

@@ -384,7 +384,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = {
                 let _bar = chpox::cli::progress::Bar::start_with("dump", || {
-                    chpox::cli::progress::dump_total(pid, no_children)
+                    // Compressed, the image is written, then compressed
+                    // once the process runs again: two passes.
+                    let passes = if compress { 2 } else { 1 };
+                    chpox::cli::progress::dump_total(pid, no_children) * passes
                 });
                 dump(pid, &opts).with_context(|| format!("cannot checkpoint PID {pid}"))?
             };

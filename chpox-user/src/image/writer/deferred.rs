@@ -234,6 +234,7 @@ impl ImageWriter {
         for (index, r) in refs.iter().enumerate() {
             if r.compression != Compression::None {
                 out.push(self.copy_stored(old, r)?);
+                crate::progress::add(r.raw_len);
                 continue;
             }
             let result = loop {
@@ -247,13 +248,15 @@ impl ImageWriter {
             };
             let (stored, crc) = result?;
             out.push(self.append(&stored, r.raw_len, crc, Compression::Zstd)?);
+            // The image's bytes pass twice (written, then compressed): a
+            // compressed dump's progress counts both passes.
+            crate::progress::add(r.raw_len);
             progress.one_more();
         }
         Ok(out)
     }
 
-    /// Appends `stored` as a blob (no progress counted: the bytes were
-    /// counted when first written).
+    /// Appends `stored` as a blob (its progress is counted by the caller).
     fn append(
         &mut self,
         stored: &[u8],
