@@ -125,6 +125,16 @@ fn quote(p: &Path) -> String {
     format!("'{}'", p.display())
 }
 
+/// The shell command of a dump of `pid` to `img` with `extra`, its
+/// report to /dev/null (what is left is what stderr shows).
+fn dump_command(pid: i32, img: &Path, extra: &str) -> String {
+    format!(
+        "{} dump {pid} -o {} --unsupported-fd null {extra} >/dev/null",
+        quote(&chpox_bin()),
+        quote(img)
+    )
+}
+
 /// The totals ("/N MiB") a progress bar drew in `shown`, in MiB.
 fn drawn_totals_mib(shown: &str) -> Vec<f64> {
     shown
@@ -144,14 +154,7 @@ fn a_compressed_dump_counts_its_compression_in_its_progress() {
     let t = Target::spawn("mempattern", &["64"], dir.path());
     let img = dir.path().join("img");
     let env = [("CHPOX_PROGRESS_DELAY_MS", "0")];
-    let dump = |extra: &str| {
-        format!(
-            "{} dump {} -o {} --unsupported-fd null {extra} >/dev/null",
-            quote(&chpox_bin()),
-            t.pid,
-            quote(&img)
-        )
-    };
+    let dump = |extra: &str| dump_command(t.pid, &img, extra);
     let plain = drawn_totals_mib(&on_terminal(&dump(""), &env));
     let compressed = drawn_totals_mib(&on_terminal(&dump("--compress"), &env));
     // The total from the first frame on (a bar that outgrows its total
@@ -175,14 +178,7 @@ fn progress_shows_on_a_terminal_only() {
     let dir = tempdir();
     let t = Target::spawn("mempattern", &["64"], dir.path());
     let img = dir.path().join("img");
-    let dump = |extra: &str| {
-        format!(
-            "{} dump {} -o {} --unsupported-fd null {extra} >/dev/null",
-            quote(&chpox_bin()),
-            t.pid,
-            quote(&img)
-        )
-    };
+    let dump = |extra: &str| dump_command(t.pid, &img, extra);
     let env = [("CHPOX_PROGRESS_DELAY_MS", "0")];
     let shown = on_terminal(&dump(""), &env);
     assert!(

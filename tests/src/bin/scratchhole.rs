@@ -19,53 +19,39 @@ use chpox_tests::{check, say, stop_on_signal, wait_for_stop};
 
 const PAGE: usize = 4096;
 
-fn main() {
-    stop_on_signal(libc::SIGUSR1);
-    if std::env::args().nth(1).as_deref() == Some("locked") {
-        // SAFETY: a fresh private anonymous page, locked; checked.
-        let page = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(page, libc::MAP_FAILED, "mmap");
-        check(unsafe { libc::mlock(page, PAGE) }, "mlock");
-    }
-    // SAFETY: a fresh private anonymous mapping; checked below.
-    let base = unsafe {
+/// `len` bytes of fresh private anonymous read-write memory wherever the
+/// kernel puts the next mapping of that size.
+fn map_anywhere(len: usize) -> *mut libc::c_void {
+    // SAFETY: a new mapping, overlapping nothing of ours; checked.
+    let at = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            3 * PAGE,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
-    assert_ne!(base, libc::MAP_FAILED, "mmap");
-    let base = base.cast::<u8>();
+    assert_ne!(at, libc::MAP_FAILED, "mmap");
+    at
+}
+
+fn main() {
+    stop_on_signal(libc::SIGUSR1);
+    if std::env::args().nth(1).as_deref() == Some("locked") {
+        let page = map_anywhere(PAGE);
+        // SAFETY: a page of our own, just mapped.
+        check(unsafe { libc::mlock(page, PAGE) }, "mlock");
+    }
+    let base = map_anywhere(3 * PAGE).cast::<u8>();
     // SAFETY: the three pages are ours.
     unsafe { std::ptr::write_bytes(base, 0x5a, 3 * PAGE) };
     // SAFETY: the middle page of our own mapping.
     let hole = unsafe { base.add(PAGE) };
     check(unsafe { libc::munmap(hole.cast(), PAGE) }, "munmap");
-    // SAFETY: a fresh one-page mapping, unmapped again at once.
-    let probe = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(probe, libc::MAP_FAILED, "mmap");
+    // Unmapped again at once.
+    let probe = map_anywhere(PAGE);
     let lands = probe.cast::<u8>() == hole;
     check(unsafe { libc::munmap(probe, PAGE) }, "munmap");
     say!(
