@@ -84,3 +84,103 @@ fn restore_says_nothing_when_the_files_are_as_they_were() {
     signal(pid, libc::SIGKILL);
     wait_pid_free(pid);
 }
+
+/// Maps `data` (its whole content) and idles.
+const MAPPER: &str = r#"import mmap, time
+f = open("data", "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+print("READY", flush=True)
+while True:
+    time.sleep(0.1)
+"#;
+
+/// `chpox dump` of `pid` to `image` with the file hash cache in `cache`;
+/// returns the hash recorded for `file`.
+fn dumped_hash(
+    pid: i32,
+    image: &std::path::Path,
+    cache: &std::path::Path,
+    file: &std::path::Path,
+) -> String {
+    let out = std::process::Command::new(common::chpox_bin())
+        .args(["dump", &pid.to_string(), "-o", path_str(image)])
+        .env("CHPOX_CACHE_DIR", cache)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run chpox");
+    assert!(out.status.success(), "{}", show(&out));
+    let meta = common::dumps::open_image(image);
+    let wanted = std::fs::canonicalize(file).expect("canonical path");
+    meta.files
+        .iter()
+        .find(|f| std::path::Path::new(&f.path) == wanted)
+        .unwrap_or_else(|| panic!("{} not among the image's files", wanted.display()))
+        .blake3
+        .clone()
+}
+
+/// Dumps keep the hashes of the files they recorded for the next dump
+/// (`chpox dump` is a new process each time): a file rewritten since, with
+/// its size and even its modification time as they were, is hashed
+/// again (its change time tells), and a cache file that others may write
+/// is not believed.
+#[test]
+fn the_file_hash_cache_keeps_hashes_only_for_unchanged_files() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    std::fs::write(&data, [b'a'; 8192]).expect("write data");
+    let t = python(MAPPER, &[], dir.path());
+    let cache = dir.path().join("cache");
+    let image = dir.path().join("m.img");
+    let hash_of = |bytes: &[u8]| chpox::files::hash_bytes(bytes);
+
+    assert_eq!(
+        dumped_hash(t.pid, &image, &cache, &data),
+        hash_of(&[b'a'; 8192])
+    );
+    let kept = std::fs::read_to_string(cache.join("file-hashes")).expect("cache written");
+    assert!(kept.contains(&hash_of(&[b'a'; 8192])), "{kept}");
+
+    // Rewritten in place, same size, mtime set back: a new content.
+    let mtime = std::fs::metadata(&data)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .expect("open");
+    f.write_all(&[b'b'; 8192]).expect("rewrite");
+    f.set_modified(mtime).expect("set mtime back");
+    drop(f);
+    assert_eq!(
+        dumped_hash(t.pid, &image, &cache, &data),
+        hash_of(&[b'b'; 8192])
+    );
+
+    // A planted hash in a cache file anyone may write is not used.
+    let key_of = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).expect("metadata");
+        format!(
+            "{} {} {} {} {}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            m.ctime() * 1_000_000_000 + m.ctime_nsec()
+        )
+    };
+    let planted = format!("{} {}\n", key_of(&data), "0".repeat(64));
+    let file = cache.join("file-hashes");
+    std::fs::write(&file, &planted).expect("plant");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    assert_eq!(
+        dumped_hash(t.pid, &image, &cache, &data),
+        hash_of(&[b'b'; 8192])
+    );
+    // Ours alone again, the planted line is believed: the key is right.
+    std::fs::write(&file, &planted).expect("plant");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert_eq!(dumped_hash(t.pid, &image, &cache, &data), "0".repeat(64));
+}

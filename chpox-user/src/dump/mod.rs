@@ -602,6 +602,8 @@ fn finish_image(
         None => writer.finish_updating(meta)?,
     };
     phase.done("metadata, sync, rename");
+    // The hashes this dump computed, for the next dump of these files.
+    crate::files::hashcache::save();
     Ok(bytes)
 }
 

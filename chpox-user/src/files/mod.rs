@@ -21,13 +21,14 @@
 
 // Files deleted while open or mapped: their content goes in the image.
 pub mod deleted;
+// Hashes of files seen before, in memory and on disk.
+pub mod hashcache;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
 
 use crate::creds::UserCreds;
 use crate::error::{Error, Result};
@@ -35,17 +36,6 @@ use crate::image::ImageWriter;
 use crate::image::error::one_line;
 use crate::image::model::{FileRef, FileRole, ProcessInfo};
 use crate::memory::MapEntry;
-
-/// What identifies a file's content without reading it: if all of these
-/// match, the cached hash is still right.
-type ContentKey = (u64, u64, u64, i64, i64);
-
-/// Hashes of files seen before. The agent checkpoints the same process
-/// again and again, and its libraries do not change between checkpoints.
-fn hash_cache() -> &'static Mutex<HashMap<ContentKey, String>> {
-    static CACHE: OnceLock<Mutex<HashMap<ContentKey, String>>> = OnceLock::new();
-    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
-}
 
 fn file_err(path: &Path, source: std::io::Error) -> Error {
     Error::File {
@@ -121,16 +111,6 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
-fn content_key(meta: &std::fs::Metadata) -> ContentKey {
-    (
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-    )
-}
-
 /// Hash the regular files the processes `pids` map now into the cache
 /// that hashing them for an image looks in (see [`FileTable::hash_all`]):
 /// for a dump to run beside its other work, so that the hashes are done
@@ -150,38 +130,29 @@ pub fn warm_hashes(pids: &[i32]) {
             let Ok(before) = std::fs::metadata(path) else {
                 continue;
             };
-            let key = content_key(&before);
-            if !before.is_file() || !seen.insert(key) {
-                continue;
-            }
-            if hash_cache().lock().is_ok_and(|c| c.contains_key(&key)) {
+            let key = hashcache::content_key(&before);
+            if !before.is_file() || !seen.insert(key) || hashcache::contains(&key) {
                 continue;
             }
             let Ok(hex) = File::open(path).and_then(hash_reader) else {
                 continue;
             };
-            if std::fs::metadata(path).is_ok_and(|after| content_key(&after) == key)
-                && let Ok(mut cache) = hash_cache().lock()
-            {
-                cache.insert(key, hex);
+            if std::fs::metadata(path).is_ok_and(|after| hashcache::content_key(&after) == key) {
+                hashcache::insert(key, hex);
             }
         }
     }
 }
 
 fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
-    let key = content_key(meta);
-    if let Ok(cache) = hash_cache().lock()
-        && let Some(h) = cache.get(&key)
-    {
-        return Ok(h.clone());
+    let key = hashcache::content_key(meta);
+    if let Some(hex) = hashcache::get(&key) {
+        return Ok(hex);
     }
     let hex = File::open(path)
         .and_then(hash_reader)
         .map_err(|e| file_err(path, e))?;
-    if let Ok(mut cache) = hash_cache().lock() {
-        cache.insert(key, hex.clone());
-    }
+    hashcache::insert(key, hex.clone());
     Ok(hex)
 }
 
@@ -531,8 +502,8 @@ mod tests {
         warm_hashes(&[std::process::id() as i32]);
         // SAFETY: the mapping made above, of that length.
         unsafe { libc::munmap(addr, content.len()) };
-        let key = content_key(&std::fs::metadata(&path).expect("metadata"));
-        let cached = hash_cache().lock().expect("cache").get(&key).cloned();
+        let key = hashcache::content_key(&std::fs::metadata(&path).expect("metadata"));
+        let cached = hashcache::get(&key);
         assert_eq!(cached, Some(hash_reader(&content[..]).expect("hash")));
     }
 

@@ -1,0 +1,250 @@
+//! The content hashes of files seen before, kept in memory and on disk.
+//!
+//! Every dump records a BLAKE3 hash of each mapped file, and hashing them
+//! (a C library, the program, a runtime's modules: megabytes to hundreds
+//! of megabytes) cost a 64 MiB dump ~4 ms of its ~35. The agent kept its
+//! hashes from one checkpoint to the next in memory; `chpox dump`, a new
+//! process each time, hashed everything again. So the hashes are also
+//! kept in a file, `file-hashes` in the cache directory (see
+//! [`cache_dir`]), read when first needed and written back after a dump
+//! that added to it.
+//!
+//! A hash is used only for a file whose device, inode, size, modification
+//! time and change time are all those it was computed for. The change
+//! time cannot be set by a user, and changes with every write, so a file
+//! rewritten and given its old mtime back is hashed again. The file is
+//! used only if it and its directory belong to us and no one else may
+//! write them: a hash planted there would be recorded as a file's
+//! identity.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use tracing::debug;
+
+/// What identifies a file's content without reading it: device, inode,
+/// size, mtime and ctime (nanoseconds). If all match, its hash is right.
+pub type ContentKey = (u64, u64, u64, i64, i64);
+
+/// Most hashes kept on disk; the oldest go first.
+const MAX_KEPT: usize = 4096;
+
+pub fn content_key(meta: &std::fs::Metadata) -> ContentKey {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        ns(meta.mtime(), meta.mtime_nsec()),
+        ns(meta.ctime(), meta.ctime_nsec()),
+    )
+}
+
+fn ns(secs: i64, nanos: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+}
+
+struct Cache {
+    hashes: HashMap<ContentKey, String>,
+    /// Keys in the order they came (the file's, then new ones): what is
+    /// kept when there are too many.
+    order: Vec<ContentKey>,
+    /// Hashes added since the file was read.
+    added: usize,
+}
+
+fn cache() -> &'static Mutex<Cache> {
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let mut cache = Cache {
+            hashes: HashMap::new(),
+            order: Vec::new(),
+            added: 0,
+        };
+        if let Some(text) = cache_file().and_then(|path| read_own(&path)) {
+            for (key, hash) in text.lines().filter_map(parse_line) {
+                if cache.hashes.insert(key, hash).is_none() {
+                    cache.order.push(key);
+                }
+            }
+            debug!(
+                hashes = cache.order.len(),
+                "file hashes read from the cache"
+            );
+        }
+        Mutex::new(cache)
+    })
+}
+
+/// The hash of the content `key` stands for, if known.
+pub fn get(key: &ContentKey) -> Option<String> {
+    cache().lock().ok()?.hashes.get(key).cloned()
+}
+
+pub fn contains(key: &ContentKey) -> bool {
+    cache().lock().is_ok_and(|c| c.hashes.contains_key(key))
+}
+
+pub fn insert(key: ContentKey, hash: String) {
+    if let Ok(mut c) = cache().lock()
+        && c.hashes.insert(key, hash).is_none()
+    {
+        c.order.push(key);
+        c.added += 1;
+    }
+}
+
+/// Write the hashes back to the cache file if any were added: best
+/// effort (a cache that cannot be written only costs the next dump the
+/// hashing), through a new file renamed over the old one, so that two
+/// dumps at once leave one whole file.
+pub fn save() {
+    let Some(path) = cache_file() else {
+        return;
+    };
+    let text = {
+        let Ok(mut c) = cache().lock() else {
+            return;
+        };
+        if c.added == 0 {
+            return;
+        }
+        c.added = 0;
+        let skip = c.order.len().saturating_sub(MAX_KEPT);
+        c.order[skip..]
+            .iter()
+            .filter_map(|k| Some(format_line(k, c.hashes.get(k)?)))
+            .collect::<String>()
+    };
+    let temp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&temp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        debug!(path = %path.display(), error = %e, "cannot write the file hash cache");
+    }
+}
+
+fn format_line(k: &ContentKey, hash: &str) -> String {
+    format!("{} {} {} {} {} {hash}\n", k.0, k.1, k.2, k.3, k.4)
+}
+
+/// One line of the cache file; None for anything else than five numbers
+/// and a 64-digit hex hash.
+fn parse_line(line: &str) -> Option<(ContentKey, String)> {
+    let mut f = line.split(' ');
+    let key = (
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+    );
+    let hash = f.next()?;
+    let hex = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex && f.next().is_none()).then(|| (key, hash.to_ascii_lowercase()))
+}
+
+/// Where the cache lives: `$CHPOX_CACHE_DIR`, else /var/cache/chpox for
+/// root and `$XDG_CACHE_HOME/chpox` (`~/.cache/chpox`) for anyone else;
+/// made (mode 0700) if missing. None if it cannot be, or is not ours
+/// alone.
+fn cache_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("CHPOX_CACHE_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ if nix::unistd::geteuid().is_root() => PathBuf::from("/var/cache/chpox"),
+        _ => match std::env::var_os("XDG_CACHE_HOME") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("chpox"),
+            _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache/chpox"),
+        },
+    };
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    ours_alone(&std::fs::symlink_metadata(&dir).ok()?).then_some(dir)
+}
+
+fn cache_file() -> Option<PathBuf> {
+    Some(cache_dir()?.join("file-hashes"))
+}
+
+/// Owned by us, writable by no one else, not a link.
+fn ours_alone(meta: &std::fs::Metadata) -> bool {
+    meta.uid() == nix::unistd::geteuid().as_raw()
+        && meta.permissions().mode() & 0o022 == 0
+        && !meta.file_type().is_symlink()
+}
+
+/// The text of `path` if it is a file of ours alone (see [`ours_alone`]).
+fn read_own(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || !ours_alone(&meta) {
+        debug!(path = %path.display(), "file hash cache not ours alone: not used");
+        return None;
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip_and_anything_else_is_skipped() {
+        let key = (2049, 1234, 4096, 1_700_000_000_123_456_789, -5);
+        let hash = "ab".repeat(32);
+        let line = format_line(&key, &hash);
+        assert_eq!(parse_line(line.trim_end()), Some((key, hash.clone())));
+        for bad in [
+            "",
+            "1 2 3 4 5",
+            "1 2 3 4 5 abc",
+            &format!("1 2 3 4 x {hash}"),
+            &format!("1 2 3 4 5 {hash} extra"),
+            &format!("1 2 3 4 5 {}", "zz".repeat(32)),
+        ] {
+            assert_eq!(parse_line(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_key_has_the_change_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"one").expect("write");
+        let meta = std::fs::metadata(&path).expect("metadata");
+        let before = content_key(&meta);
+        // Same size, the same mtime set back: only ctime tells.
+        std::fs::write(&path, b"two").expect("write");
+        let mtime = std::time::UNIX_EPOCH
+            + std::time::Duration::new(meta.mtime() as u64, meta.mtime_nsec() as u32);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(mtime))
+            .expect("set mtime");
+        let after = content_key(&std::fs::metadata(&path).expect("metadata"));
+        assert_eq!(
+            (before.0, before.1, before.2, before.3),
+            (after.0, after.1, after.2, after.3)
+        );
+        assert_ne!(before.4, after.4, "ctime unchanged by a write");
+    }
+}
