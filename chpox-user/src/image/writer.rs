@@ -685,16 +685,18 @@ impl Drop for ImageWriter {
         if self.published {
             return;
         }
-        if let Err(e) = nix::unistd::unlinkat(
+        match nix::unistd::unlinkat(
             &self.dir,
             self.temp_name.as_os_str(),
             UnlinkatFlags::NoRemoveDir,
         ) {
-            tracing::warn!(
+            // Gone already (someone removed it): nothing is left behind.
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => tracing::warn!(
                 "cannot remove temporary file {:?} next to {}: {e}",
                 self.temp_name,
                 self.final_path.display()
-            );
+            ),
         }
     }
 }

@@ -532,10 +532,10 @@ struct RemoveOnDrop {
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Err(e) =
-            nix::unistd::unlinkat(&self.dir, self.name.as_os_str(), UnlinkatFlags::NoRemoveDir)
-        {
-            tracing::warn!("cannot remove temporary file {:?}: {e}", self.name);
+        match nix::unistd::unlinkat(&self.dir, self.name.as_os_str(), UnlinkatFlags::NoRemoveDir) {
+            // Gone already (someone removed it): nothing is left behind.
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => tracing::warn!("cannot remove temporary file {:?}: {e}", self.name),
         }
     }
 }
