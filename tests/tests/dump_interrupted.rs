@@ -33,12 +33,25 @@ fn start_dump_with(pid: i32, image: &Path, extra: &[&str]) -> Child {
 }
 
 /// Wait until `dumper` holds `target` frozen (it is the tracer).
-fn wait_until_frozen(target: i32, dumper: &Child) {
+fn wait_until_frozen(target: i32, dumper: &mut Child) {
+    assert!(
+        seen_frozen(target, dumper),
+        "chpox ended without our seeing it hold the target"
+    );
+}
+
+/// Whether `dumper` was seen holding `target` frozen before it ended (a
+/// brief freeze can pass between two looks).
+fn seen_frozen(target: i32, dumper: &mut Child) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while tracer_of(target) != Some(dumper.id() as i32) {
+        if dumper.try_wait().expect("try_wait").is_some() {
+            return false;
+        }
         assert!(Instant::now() < deadline, "chpox never seized the target");
         std::thread::sleep(Duration::from_micros(200));
     }
+    true
 }
 
 /// The target is released (not traced, not stopped) within a few seconds.
@@ -83,7 +96,7 @@ fn interrupted_dump_leaves_target_running(signal: i32) {
     let image = images.join("img");
 
     let mut dumper = start_dump(target.pid, &image);
-    wait_until_frozen(target.pid, &dumper);
+    wait_until_frozen(target.pid, &mut dumper);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(dumper.id() as i32),
         nix::sys::signal::Signal::try_from(signal).expect("signal"),
@@ -171,7 +184,7 @@ time.sleep(3600)
     let mut target = common::python(script, &[big.to_str().expect("utf-8")], dir.path());
     let image = dir.path().join("img");
     let mut dumper = start_dump(target.pid, &image);
-    wait_until_frozen(target.pid, &dumper);
+    wait_until_frozen(target.pid, &mut dumper);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(dumper.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -248,9 +261,21 @@ fn a_multithreaded_target_killed_during_its_dump_never_hangs_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("img");
     for round in 0..30u64 {
-        let mut target = Target::spawn("busythreads", &["8"], dir.path());
-        let mut dumper = start_dump(target.pid, &image);
-        wait_until_frozen(target.pid, &dumper);
+        // A freeze passed unseen (a short one, on a loaded machine) proves
+        // nothing: that round again, with a new target.
+        let (mut target, mut dumper) = (1..=5)
+            .find_map(|_| {
+                let mut target = Target::spawn("busythreads", &["8"], dir.path());
+                let mut dumper = start_dump(target.pid, &image);
+                if seen_frozen(target.pid, &mut dumper) {
+                    return Some((target, dumper));
+                }
+                let _ = target.child.kill();
+                let _ = target.child.wait();
+                common::wait_pid_free(target.pid);
+                None
+            })
+            .unwrap_or_else(|| panic!("round {round}: five dumps froze unseen"));
         // From the freeze to well into the remote system calls.
         std::thread::sleep(Duration::from_micros(round * round * 40));
         target.child.kill().expect("kill the target");
