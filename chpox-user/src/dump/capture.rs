@@ -396,7 +396,7 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
         _ => {
             let at = leader.map_scratch_async(scratch_len).await?;
             mapped = Some(at);
-            process::dump_mlockall(info, pid, at)?;
+            process::dump_mlockall(info, pid, at, status)?;
             at
         }
     };

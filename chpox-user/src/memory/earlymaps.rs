@@ -70,20 +70,7 @@ fn same_line(a: &MapEntry, b: &MapEntry) -> bool {
 
 /// `VmLck:` of `/proc/PID/status`, in bytes.
 fn locked_bytes(pid: i32) -> Option<u64> {
-    locked_bytes_in(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
-}
-
-/// `VmLck:` of `status`, the text of a /proc/PID/status, in bytes.
-fn locked_bytes_in(status: &str) -> Option<u64> {
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmLck:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    crate::process::locked_bytes_in(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
 impl EarlyMaps {
@@ -290,7 +277,7 @@ impl EarlyMaps {
             .map(MapEntry::len)
             .sum();
         let locked_now = match texts {
-            Some((_, status)) => locked_bytes_in(status),
+            Some((_, status)) => crate::process::locked_bytes_in(status),
             None => locked_bytes(pid),
         };
         if locked_now != Some(locked) {

@@ -350,12 +350,12 @@ pub async fn dump_attrs(
 /// `mlockall(MCL_FUTURE)` leaves no mark in /proc but on the mappings made
 /// after it: the scratch mapping the dump has just made in the process
 /// (at `scratch`) is locked exactly when it is in force, and locked on
-/// fault with MCL_ONFAULT. smaps is read only when some memory is locked.
-pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<()> {
+/// fault with MCL_ONFAULT. smaps is read only when some memory is locked
+/// (`status`: its /proc/PID/status, read while frozen).
+pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64, status: &str) -> Result<()> {
     const MCL_FUTURE: u32 = 2;
     const MCL_ONFAULT: u32 = 4;
-    let status = read_proc(&format!("/proc/{pid}/status"))?;
-    if !memory_locked(&status) {
+    if !memory_locked(status) {
         return Ok(());
     }
     let smaps = read_proc(&format!("/proc/{pid}/smaps"))?;
@@ -387,11 +387,20 @@ pub fn dump_mlockall(info: &mut ProcessInfo, pid: i32, scratch: u64) -> Result<(
 /// mlockall(MCL_FUTURE) (see [`dump_mlockall`]); without any, it is not
 /// in force. Unreadable counts as locked.
 pub fn memory_locked(status: &str) -> bool {
-    status
+    locked_bytes_in(status).is_none_or(|bytes| bytes != 0)
+}
+
+/// `VmLck:` of `status`, the text of a /proc/PID/status, in bytes.
+pub fn locked_bytes_in(status: &str) -> Option<u64> {
+    let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmLck:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .is_none_or(|kb| kb != 0)
+        .find_map(|l| l.strip_prefix("VmLck:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// One line for `chpox inspect`, if any attribute differs from a new
