@@ -8,11 +8,11 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::dumps::tracer_of;
-use common::{Target, chpox_bin, chpox_ok};
+use common::{Target, chpox_ok};
 
 fn start_dump(pid: i32, image: &Path) -> Child {
     start_dump_with(pid, image, &["--no-precopy"])
@@ -21,15 +21,7 @@ fn start_dump(pid: i32, image: &Path) -> Child {
 /// These tests interrupt a long freeze: without pre-copy (whose freezes
 /// are brief), unless `extra` asks for it.
 fn start_dump_with(pid: i32, image: &Path, extra: &[&str]) -> Child {
-    Command::new(chpox_bin())
-        .args(["dump", &pid.to_string(), "-o"])
-        .arg(image)
-        .args(["--unsupported-fd", "null"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chpox")
+    common::dumps::spawn_dump(pid, image, extra, Stdio::null())
 }
 
 /// Wait until `dumper` holds `target` frozen (it is the tracer).

@@ -352,15 +352,7 @@ time.sleep(3600)
 /// `chpox dump PID -o IMAGE --unsupported-fd null EXTRA`, started, its
 /// stderr piped.
 fn spawn_dump(pid: i32, image: &Path, extra: &[&str]) -> std::process::Child {
-    Command::new(chpox_bin())
-        .args(["dump", &pid.to_string(), "-o"])
-        .arg(image)
-        .args(["--unsupported-fd", "null"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start chpox")
+    common::dumps::spawn_dump(pid, image, extra, Stdio::piped())
 }
 
 /// Remove the second temporary file (`.img.chpox-tmp.PID.1`) of the dump

@@ -137,6 +137,21 @@ pub fn dump_ok(pid: i32, image: &Path, extra: &[&str]) -> String {
     chpox_ok(&args)
 }
 
+/// `chpox dump PID -o IMAGE --unsupported-fd null EXTRA...` as root,
+/// started (not waited for), stdout to /dev/null, stderr to `stderr`.
+pub fn spawn_dump(pid: i32, image: &Path, extra: &[&str], stderr: Stdio) -> Child {
+    Command::new(chpox_bin())
+        .args(dump_args(
+            pid,
+            image,
+            &[&["--unsupported-fd", "null"][..], extra].concat(),
+        ))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start chpox")
+}
+
 /// `chpox ARGS...` run as `nobody`, from a copy in `dir` if need be.
 pub fn run_chpox_as_nobody(args: &[String], dir: &Path) -> Output {
     let chpox = runnable_by_nobody(&chpox_bin(), dir);
