@@ -78,6 +78,11 @@ pub mod names {
     pub const VMA_FLAGS_PROGRAM: &str = "chpox_vma_flags";
     pub const GLOBAL_VMA_OFFSETS: &str = "VMA_OFFSETS";
     pub const GLOBAL_SIGACTION_OFFSETS: &str = "SIGACTION_OFFSETS";
+    /// The kernel keeps 15 characters of a program's name, which others
+    /// find it by (`trigger::bpf::iter::find_loaded`); `v1` is the layout
+    /// of its records, to be raised with any change to them.
+    pub const TASK_STATE_PROGRAM: &str = "chpox_tstate_v1";
+    pub const GLOBAL_TASK_STATE_OFFSETS: &str = "TASK_STATE_OFFSETS";
 }
 
 /// Value of the `REGISTRY` hash map, keyed by the registered process's
@@ -321,6 +326,115 @@ pub struct VmaRecord {
     pub flags: u64,
 }
 
+/// Where the `task` iterator (`chpox_tstate_v1`) finds what a frozen
+/// process would otherwise be asked with remote syscalls: dispositions,
+/// prctl values, brk, itimers, alternate stacks, `clear_child_tid`. Taken
+/// from the kernel's BTF at load time; read with `bpf_probe_read_kernel`
+/// (a wrong offset reads a wrong value but cannot fault).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskStateOffsets {
+    /// In `task_struct`.
+    pub pid: u32,
+    pub tgid: u32,
+    pub mm: u32,
+    pub signal: u32,
+    pub sighand: u32,
+    pub pdeath_signal: u32,
+    pub clear_child_tid: u32,
+    pub sas_ss_sp: u32,
+    pub sas_ss_size: u32,
+    pub sas_ss_flags: u32,
+    /// `sighand_struct.action`, and `sizeof(struct k_sigaction)`.
+    pub action: u32,
+    pub ksigaction_size: u32,
+    /// In `k_sigaction`.
+    pub sa_handler: u32,
+    pub sa_flags: u32,
+    pub sa_restorer: u32,
+    pub sa_mask: u32,
+    /// In `mm_struct`: `brk`, and the first word of `flags`.
+    pub brk: u32,
+    pub mm_flags: u32,
+    /// In `signal_struct`: the 32-bit word holding the
+    /// `is_child_subreaper` bit, and that bit's number in it.
+    pub subreaper_word: u32,
+    pub subreaper_bit: u32,
+    /// `real_timer.node.expires`, `it_real_incr`, and `it` (two
+    /// `cpu_itimer`s of two u64 each).
+    pub real_expires: u32,
+    pub real_incr: u32,
+    pub cpu_itimers: u32,
+    /// `signal_struct.oom_score_adj` (short) and `rlim` (16 `rlimit`s of
+    /// two u64 each).
+    pub oom_score_adj: u32,
+    pub rlim: u32,
+    /// `task_struct.personality` (u32) and `seccomp.mode` (int).
+    pub personality: u32,
+    pub seccomp_mode: u32,
+    /// 1 once set from BTF; the iterator writes nothing while 0.
+    pub valid: u32,
+}
+
+impl TaskStateOffsets {
+    pub const DEFAULT: TaskStateOffsets = TaskStateOffsets {
+        pid: 0,
+        tgid: 0,
+        mm: 0,
+        signal: 0,
+        sighand: 0,
+        pdeath_signal: 0,
+        clear_child_tid: 0,
+        sas_ss_sp: 0,
+        sas_ss_size: 0,
+        sas_ss_flags: 0,
+        action: 0,
+        ksigaction_size: 0,
+        sa_handler: 0,
+        sa_flags: 0,
+        sa_restorer: 0,
+        sa_mask: 0,
+        brk: 0,
+        mm_flags: 0,
+        subreaper_word: 0,
+        subreaper_bit: 0,
+        real_expires: 0,
+        real_incr: 0,
+        cpu_itimers: 0,
+        oom_score_adj: 0,
+        rlim: 0,
+        personality: 0,
+        seccomp_mode: 0,
+        valid: 0,
+    };
+}
+
+/// What `chpox_tstate_v1` writes: for each thread a [`TASK_STATE_THREAD`]
+/// record; for the thread group leader also one [`TASK_STATE_PROCESS`],
+/// 64 [`TASK_STATE_ACTION`] records (signals 1 to 64) and 16
+/// [`TASK_STATE_RLIMIT`] records (resources 0 to 15), in that order.
+pub const TASK_STATE_THREAD: u32 = 1;
+/// `words`: brk, mm flags, whether a subreaper, real timer expiry, real
+/// timer interval, the two `cpu_itimer`s (expires, incr each),
+/// oom_score_adj, personality.
+pub const TASK_STATE_PROCESS: u32 = 2;
+/// `words`: signal number, handler, flags, restorer, mask.
+pub const TASK_STATE_ACTION: u32 = 3;
+/// `words`: resource, soft limit, hard limit.
+pub const TASK_STATE_RLIMIT: u32 = 4;
+
+/// One record of `chpox_tstate_v1`. `words` of a thread record:
+/// `clear_child_tid`, `sas_ss_sp`, `sas_ss_size`, `sas_ss_flags`,
+/// `pdeath_signal`, tgid, seccomp mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskStateRecord {
+    pub kind: u32,
+    /// The thread the record is of.
+    pub tid: u32,
+    pub words: [u64; 12],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)] structs of plain integers with
@@ -334,6 +448,7 @@ mod pod {
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::SigactionOffsets {}
     unsafe impl aya::Pod for super::VmaOffsets {}
+    unsafe impl aya::Pod for super::TaskStateOffsets {}
 }
 
 #[cfg(test)]
@@ -354,6 +469,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 32);
         assert_eq!(core::mem::size_of::<VmaOffsets>(), 16);
         assert_eq!(core::mem::size_of::<VmaRecord>(), 24);
+        assert_eq!(core::mem::size_of::<TaskStateOffsets>(), 112);
+        assert_eq!(core::mem::size_of::<TaskStateRecord>(), 104);
     }
 
     #[test]

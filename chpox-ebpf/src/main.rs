@@ -81,7 +81,8 @@ use chpox_common::{
     CLONE_THREAD, EVENT_CHECKPOINT, EVENT_DISPOSITION, EVENT_EXIT, Event, ExitOffsets,
     MAX_REGISTRATIONS, MAX_THREADS, MAX_TREE_MEMBERS, NewTaskOffsets, RESULT_STOPPED_BY_GUARD,
     Registration, STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN,
-    SigactionOffsets, SignalOffsets, SlotState, TaskOffsets, VmaOffsets, VmaRecord,
+    SigactionOffsets, SignalOffsets, SlotState, TASK_STATE_ACTION, TASK_STATE_PROCESS,
+    TASK_STATE_RLIMIT, TASK_STATE_THREAD, TaskOffsets, TaskStateOffsets, TaskStateRecord, VmaOffsets, VmaRecord,
     flags::INCLUDE_CHILDREN, would_ignore,
 };
 
@@ -138,6 +139,12 @@ static SIGACTION_OFFSETS: SigactionOffsets = SigactionOffsets::DEFAULT;
 /// BTF at load time (for the `task_vma` iterator).
 #[unsafe(no_mangle)]
 static VMA_OFFSETS: VmaOffsets = VmaOffsets::DEFAULT;
+
+/// Offsets in `task_struct`, `signal_struct`, `sighand_struct` and
+/// `mm_struct`, set from the kernel's BTF at load time (for the `task`
+/// iterator).
+#[unsafe(no_mangle)]
+static TASK_STATE_OFFSETS: TaskStateOffsets = TaskStateOffsets::DEFAULT;
 
 /// How often a lost compare-and-swap on `state` is retried. Only the agent
 /// and other CPUs' signals change the state, so two tries nearly always do.
@@ -618,6 +625,153 @@ pub fn chpox_vma_flags(ctx: *mut core::ffi::c_void) -> i32 {
         );
     }
     0
+}
+
+/// The `task` iterator: for each thread of the process the link names,
+/// what a checkpoint would otherwise ask each frozen process with remote
+/// syscalls (see [`TaskStateRecord`]), so that a tree's processes are not
+/// made to run a dozen syscalls each while frozen. The context is the
+/// kernel's `struct bpf_iter__task`: `meta` and `task` (NULL once the walk
+/// is over). Values are copied raw; the reader interprets them.
+#[unsafe(link_section = "iter/task")]
+#[unsafe(no_mangle)]
+pub fn chpox_tstate_v1(ctx: *mut core::ffi::c_void) -> i32 {
+    // SAFETY: a plain read of our own read-only global.
+    let off = unsafe { read_volatile(&TASK_STATE_OFFSETS) };
+    if off.valid == 0 {
+        return 0;
+    }
+    let args = ctx as *const u64;
+    // SAFETY: the iterator's context is two pointer-sized arguments; the
+    // verifier types each from the kernel's BTF and checks these loads.
+    let (meta, task) = unsafe { (read_volatile(args), read_volatile(args.wrapping_add(1))) };
+    if meta == 0 || task == 0 {
+        return 0;
+    }
+    // SAFETY: `meta` points to the kernel's `struct bpf_iter_meta`, whose
+    // first field is the `seq_file` the helper writes to.
+    let seq = unsafe { read_volatile(meta as *const *mut aya_ebpf::bindings::seq_file) };
+    let _ = task_state(seq, task as *const u8, &off);
+    0
+}
+
+/// A kernel value of type `T` at `base + offset`.
+#[inline(always)]
+fn kernel_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel cannot fault; a wrong offset or a
+    // stale pointer reads a wrong value or fails.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+#[inline(always)]
+fn emit(seq: *mut aya_ebpf::bindings::seq_file, record: &TaskStateRecord) {
+    // SAFETY: `seq` is the iterator's own output; the record lives on our
+    // stack.
+    unsafe {
+        aya_ebpf::helpers::bpf_seq_write(
+            seq,
+            (record as *const TaskStateRecord).cast(),
+            core::mem::size_of::<TaskStateRecord>() as u32,
+        );
+    }
+}
+
+#[inline(always)]
+fn task_state(
+    seq: *mut aya_ebpf::bindings::seq_file,
+    task: *const u8,
+    off: &TaskStateOffsets,
+) -> Result<(), i32> {
+    let tid: i32 = kernel_at(task, off.pid)?;
+    let tgid: i32 = kernel_at(task, off.tgid)?;
+    let pdeath: i32 = kernel_at(task, off.pdeath_signal)?;
+    let sas_flags: u32 = kernel_at(task, off.sas_ss_flags)?;
+    let mut record = TaskStateRecord {
+        kind: TASK_STATE_THREAD,
+        tid: tid as u32,
+        words: [
+            kernel_at::<u64>(task, off.clear_child_tid)?,
+            kernel_at::<u64>(task, off.sas_ss_sp)?,
+            kernel_at::<u64>(task, off.sas_ss_size)?,
+            sas_flags as u64,
+            pdeath as u32 as u64,
+            tgid as u32 as u64,
+            kernel_at::<i32>(task, off.seccomp_mode)? as u32 as u64,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ],
+    };
+    emit(seq, &record);
+    if tid != tgid {
+        return Ok(());
+    }
+    let mm: u64 = kernel_at(task, off.mm)?;
+    let signal: u64 = kernel_at(task, off.signal)?;
+    let sighand: u64 = kernel_at(task, off.sighand)?;
+    if mm == 0 || signal == 0 || sighand == 0 {
+        return Ok(());
+    }
+    let (mm, signal) = (mm as *const u8, signal as *const u8);
+    let itimers = off.cpu_itimers;
+    record.kind = TASK_STATE_PROCESS;
+    record.words = [
+        kernel_at::<u64>(mm, off.brk)?,
+        kernel_at::<u64>(mm, off.mm_flags)?,
+        ((kernel_at::<u32>(signal, off.subreaper_word)? >> (off.subreaper_bit & 31)) & 1) as u64,
+        kernel_at::<u64>(signal, off.real_expires)?,
+        kernel_at::<u64>(signal, off.real_incr)?,
+        kernel_at::<u64>(signal, itimers)?,
+        kernel_at::<u64>(signal, itimers + 8)?,
+        kernel_at::<u64>(signal, itimers + 16)?,
+        kernel_at::<u64>(signal, itimers + 24)?,
+        kernel_at::<i16>(signal, off.oom_score_adj)? as i64 as u64,
+        kernel_at::<u32>(task, off.personality)? as u64,
+        0,
+    ];
+    emit(seq, &record);
+    let actions = (sighand as *const u8).wrapping_add(off.action as usize);
+    record.kind = TASK_STATE_ACTION;
+    for signo in 1..=64u32 {
+        let k = actions.wrapping_add(((signo - 1) * off.ksigaction_size) as usize);
+        record.words = [
+            signo as u64,
+            kernel_at::<u64>(k, off.sa_handler)?,
+            kernel_at::<u64>(k, off.sa_flags)?,
+            kernel_at::<u64>(k, off.sa_restorer)?,
+            kernel_at::<u64>(k, off.sa_mask)?,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        emit(seq, &record);
+    }
+    record.kind = TASK_STATE_RLIMIT;
+    for resource in 0..16u32 {
+        let at = off.rlim + resource * 16;
+        record.words = [
+            resource as u64,
+            kernel_at::<u64>(signal, at)?,
+            kernel_at::<u64>(signal, at + 8)?,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        emit(seq, &record);
+    }
+    Ok(())
 }
 
 /// The few atomic operations the program needs, on raw pointers into map

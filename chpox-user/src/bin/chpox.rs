@@ -374,6 +374,13 @@ fn run(cli: Cli) -> Result<()> {
                 member_hint: None,
                 freeze_first: false,
                 vma_flags: None,
+                // For comparing the two ways: CHPOX_REMOTE_STATE asks every
+                // process with remote syscalls, as without an agent.
+                kernel_state: if std::env::var_os("CHPOX_REMOTE_STATE").is_some() {
+                    None
+                } else {
+                    chpox::trigger::bpf::kernel_state_from_agent()
+                },
                 precopy: if no_precopy {
                     chpox::dump::Precopy::Off
                 } else if precopy {

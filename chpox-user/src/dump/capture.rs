@@ -57,23 +57,21 @@ pub(super) fn capture_tree(
     }
     let fs_with_parent = tree::check_unshared(tree)?;
     phase.done("owners, shared tables");
-    // Each process's /proc/PID/maps and status, read once for the ring
-    // check, the gadgets, the dispositions, attributes and mappings (see
-    // `EarlyMaps::unchanged_maps_in`), rather than once for each.
-    let texts = tree
-        .members()
-        .iter()
-        .map(|f| ProcTexts::read(f.pid()))
-        .collect::<Result<Vec<_>>>()?;
     // The descriptors are read from /proc alone: on the other core,
-    // beside the ptrace work on the threads and the remote calls below
-    // (0.1 ms per process here, 0.5–2.5 ms more with sockets).
+    // beside the ptrace work on the threads below (0.1 ms per process
+    // here, 0.5–2.5 ms more with sockets).
     let pids: Vec<i32> = tree.members().iter().map(Frozen::pid).collect();
-    let maps_texts: Vec<&str> = texts.iter().map(|t| t.maps.as_str()).collect();
     let policy = opts.unsupported_fd;
     let tcp = opts.tcp;
     let (infos_tx, infos_rx) = std::sync::mpsc::channel();
+    // Each process's /proc/PID/maps and status, read once for the ring
+    // check, the gadgets, the dispositions, attributes and mappings (see
+    // `EarlyMaps::unchanged_maps_in`), rather than once for each: by this
+    // thread, while the other reads the rest of /proc.
+    let texts_cell = std::sync::OnceLock::<Vec<ProcTexts>>::new();
+    let (texts_tx, texts_rx) = std::sync::mpsc::channel::<()>();
     let (fds, heads) = std::thread::scope(|scope| {
+        let texts_cell = &texts_cell;
         let descriptors = scope.spawn(move || {
             let mut phase = Phases::start();
             // What /proc says of each process first: the remote calls
@@ -84,11 +82,15 @@ pub(super) fn capture_tree(
                 .collect::<Result<Vec<_>>>();
             let _ = infos_tx.send(infos);
             phase.done("/proc of the processes (beside)");
+            // No texts: reading them failed, and that error is reported.
+            let (Ok(()), Some(texts)) = (texts_rx.recv(), texts_cell.get()) else {
+                return Ok(Vec::new());
+            };
             let sockets = fds::sockets::tables::SocketTables::new(tcp);
             let fds = pids
                 .iter()
-                .zip(maps_texts)
-                .map(|(&pid, maps)| fds::scan_fds(pid, policy, &sockets, maps))
+                .zip(texts)
+                .map(|(&pid, texts)| fds::scan_fds(pid, policy, &sockets, &texts.maps))
                 .collect::<Result<Vec<_>>>();
             phase.done(if sockets.queried() {
                 "sock_diag, descriptors (beside)"
@@ -97,7 +99,17 @@ pub(super) fn capture_tree(
             });
             fds
         });
-        let heads = read_heads(tree, opts, early, precopies, &texts, infos_rx);
+        let precopies = &mut *precopies;
+        let heads = (move || {
+            let read = tree
+                .members()
+                .iter()
+                .map(|f| ProcTexts::read(f.pid()))
+                .collect::<Result<Vec<_>>>()?;
+            let texts = texts_cell.get_or_init(move || read);
+            let _ = texts_tx.send(());
+            read_heads(tree, opts, early, precopies, texts, infos_rx)
+        })();
         let fds = descriptors.join().unwrap_or_else(|_| {
             Err(Error::Other(
                 "internal: the descriptor scan panicked".into(),
@@ -108,6 +120,9 @@ pub(super) fn capture_tree(
     // The descriptors' failure first: it names what the user can change.
     let fds = fds?;
     let mut heads = heads?;
+    let texts = texts_cell
+        .into_inner()
+        .ok_or_else(|| Error::Other("internal: /proc texts were not read".into()))?;
     phase.done("/proc, threads, remote syscalls, descriptors");
     // The pre-copied processes that run on after the dump.
     let precopied: Vec<(usize, i32, crate::precopy::PreCopied)> = if snapshots_wanted {
@@ -238,11 +253,22 @@ fn read_heads(
     for (frozen, texts) in tree.members().iter().zip(texts) {
         threads.push(read_threads(frozen, early, precopies, texts)?);
     }
+    // While the other thread still reads /proc.
+    let kernel: Vec<KernelFields> = tree
+        .members()
+        .iter()
+        .map(|frozen| {
+            let pid = frozen.pid();
+            let fields = opts.kernel_state.as_ref()?.read(pid)?;
+            Some((fields, crate::timers::any_posix(pid)))
+        })
+        .collect();
     let infos = infos
         .recv()
         .map_err(|_| Error::Other("internal: /proc was not read beside".into()))??;
     let mut heads = Vec::with_capacity(texts.len());
-    for ((frozen, mut info), threads) in tree.members().iter().zip(infos).zip(threads) {
+    let each = tree.members().iter().zip(infos).zip(threads).zip(kernel);
+    for (((frozen, mut info), threads), kernel) in each {
         // Only the root's start time is known to the caller.
         let expect_start = heads.is_empty().then_some(opts.expect_start_time).flatten();
         if expect_start.is_some_and(|t| t != info.start_time_ticks) {
@@ -256,6 +282,7 @@ fn read_heads(
             info,
             threads,
             actions: Vec::new(),
+            kernel,
         });
     }
     phase.done("/proc, threads");
@@ -288,7 +315,14 @@ struct ProcessHead {
     info: crate::image::model::ProcessInfo,
     threads: ThreadsHead,
     actions: Vec<crate::image::model::SigAction>,
+    /// What the kernel holds of it, read while frozen, if it could be.
+    kernel: KernelFields,
 }
+
+/// A process's [`process::kernelstate::ProcessFields`], and whether it has
+/// POSIX timers (which only remote calls read), when the dump has the
+/// iterator.
+type KernelFields = Option<(process::kernelstate::ProcessFields, bool)>;
 
 /// What a frozen process's threads say (ptrace), and its shared pending
 /// signals and code gadgets: its [`ProcessHead`] but for /proc's part.
@@ -354,7 +388,9 @@ fn remote_state_all(
 
 /// What only the process can tell (remote syscalls): dispositions, brk,
 /// personality, timers, prctl values in the leader; the alternate stack
-/// and clear_child_tid in every thread.
+/// and clear_child_tid in every thread. Without any remote syscall where
+/// what the kernel holds of it was read and says it all
+/// (`process::kernelstate`).
 async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> Result<()> {
     let pid = frozen.pid();
     let ProcessHead {
@@ -368,7 +404,22 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
                 ..
             },
         actions,
+        kernel,
     } = head;
+    if let Some((fields, posix_timers)) = kernel.take()
+        && let Some(from_kernel) =
+            process::kernelstate::apply(&fields, info, tids, thread_states, status, posix_timers)
+    {
+        *actions = from_kernel;
+        if process::kernelstate::no_seccomp(&fields, tids) {
+            info.attrs.no_new_privs = process::no_new_privs(status);
+            info.attrs.seccomp_filters = Vec::new();
+        } else {
+            process::dump_proc_attrs(info, pid, tids, status)?;
+        }
+        debug!(pid, "state read from the kernel: no remote syscall");
+        return Ok(());
+    }
     let (gadgets, syscall_ip) = (gadgets.as_ref(), *syscall_ip);
     // Each thread is borrowed once, here, first since the freeze: what
     // `read_process` read of it is what it has.
@@ -475,6 +526,7 @@ fn capture_process(
                 ..
             },
         actions,
+        ..
     } = head;
     let MemoryPlan {
         mut maps,

@@ -69,6 +69,9 @@ pub struct DumpOptions {
     /// Where flags read while frozen come from instead of smaps (the
     /// agent's eBPF iterator, see `vmflags`).
     pub vma_flags: Option<std::sync::Arc<crate::memory::vmflags::KernelVmaFlags>>,
+    /// Where what remote syscalls would ask of each frozen process comes
+    /// from instead (an eBPF iterator, see `process::kernelstate`).
+    pub kernel_state: Option<std::sync::Arc<crate::process::kernelstate::KernelState>>,
 }
 
 /// When a dump pre-copies (see [`DumpOptions::precopy`]).
@@ -101,6 +104,7 @@ impl DumpOptions {
             precopy: Precopy::Off,
             freeze_first: false,
             vma_flags: None,
+            kernel_state: None,
         }
     }
 }

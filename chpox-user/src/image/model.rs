@@ -304,7 +304,7 @@ pub struct Credentials {
     pub groups: Vec<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rlimit {
     /// `RLIMIT_*` number.
     pub resource: u32,

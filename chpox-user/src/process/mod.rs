@@ -10,6 +10,7 @@
 // The rest of a process's state, one kind per file, each with its dump
 // and restore halves.
 pub mod creds;
+pub mod kernelstate;
 pub mod registers;
 pub mod signals;
 pub mod threads;
@@ -28,7 +29,7 @@ use crate::remote::{RemoteThread, read_memory};
 /// PF_KTHREAD in /proc/PID/stat's flags.
 const PF_KTHREAD: u32 = 0x0020_0000;
 
-const RLIMIT_NAMES: [&str; 16] = [
+pub(crate) const RLIMIT_NAMES: [&str; 16] = [
     "cpu",
     "fsize",
     "data",
@@ -208,28 +209,34 @@ pub async fn dump_remote_state(
     }
     // brk(0) cannot succeed in moving the break, so it just reports it.
     info.mm.brk = thread.call("brk", libc::SYS_brk, [0; 6]).await?;
+    if !dump_proc_state(info, thread.pid())? {
+        // personality(0xffffffff) queries without changing.
+        info.personality = thread
+            .call(
+                "personality",
+                libc::SYS_personality,
+                [0xffff_ffff, 0, 0, 0, 0, 0],
+            )
+            .await? as u32;
+    }
+    Ok(())
+}
+
+/// The personality and resource limits of frozen `pid`, from /proc (16
+/// remote prlimit64 calls cost more frozen time than everything else
+/// together on a busy machine). False if the personality could not be
+/// read there: only `personality(0xffffffff)` in the process tells it then.
+pub fn dump_proc_state(info: &mut ProcessInfo, pid: i32) -> Result<bool> {
     // /proc/PID/personality prints the value personality(0xffffffff)
-    // returns (one remote call less); the call where it cannot be read.
-    let from_proc = read_proc(&format!("/proc/{}/personality", thread.pid()))
+    // returns.
+    let from_proc = read_proc(&format!("/proc/{pid}/personality"))
         .ok()
         .and_then(|t| u32::from_str_radix(t.trim(), 16).ok());
-    info.personality = match from_proc {
-        Some(p) => p,
-        // personality(0xffffffff) queries without changing.
-        None => {
-            thread
-                .call(
-                    "personality",
-                    libc::SYS_personality,
-                    [0xffff_ffff, 0, 0, 0, 0, 0],
-                )
-                .await? as u32
-        }
-    };
-    // From /proc: 16 remote prlimit64 calls cost more frozen time than
-    // everything else here together on a busy machine.
-    info.rlimits = read_rlimits(thread.pid())?;
-    Ok(())
+    if let Some(p) = from_proc {
+        info.personality = p;
+    }
+    info.rlimits = read_rlimits(pid)?;
+    Ok(from_proc.is_some())
 }
 
 /// Every resource limit of `pid`, from `/proc/PID/limits` (one line per
@@ -237,6 +244,21 @@ pub async fn dump_remote_state(
 fn read_rlimits(pid: i32) -> Result<Vec<Rlimit>> {
     let path = format!("/proc/{pid}/limits");
     parse_rlimits(&read_proc(&path)?, &path)
+}
+
+/// Resource limits from their (soft, hard) values in resource order.
+pub fn rlimits_from(values: &[(u64, u64)]) -> Vec<Rlimit> {
+    RLIMIT_NAMES
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(resource, (name, &(soft, hard)))| Rlimit {
+            resource: resource as u32,
+            name: (*name).to_string(),
+            soft,
+            hard,
+        })
+        .collect()
 }
 
 fn parse_rlimits(text: &str, path: &str) -> Result<Vec<Rlimit>> {
@@ -288,23 +310,16 @@ fn status_number(status: &str, key: &str) -> Option<i64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Small per-process attributes: oom_score_adj from /proc, the prctl
-/// flags with remote prctl calls, and the seccomp filters of every thread
-/// (which must be one chain for all: they are reinstalled with
-/// SECCOMP_FILTER_FLAG_TSYNC).
-/// `status` is the text of its /proc/PID/status, read while it has been
-/// frozen (no_new_privs is set only by the process).
+/// Small per-process attributes: those of [`dump_proc_attrs`], and the
+/// prctl flags with remote prctl calls.
 pub async fn dump_attrs(
     info: &mut ProcessInfo,
     thread: &mut RemoteThread<'_>,
     tids: &[i32],
     status: &str,
 ) -> Result<()> {
-    let pid = thread.pid();
+    dump_proc_attrs(info, thread.pid(), tids, status)?;
     let attrs = &mut info.attrs;
-    attrs.oom_score_adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
-        .ok()
-        .and_then(|v| v.trim().parse().ok());
     // These prctl calls return the value itself.
     attrs.dumpable = Some(
         thread
@@ -315,8 +330,6 @@ pub async fn dump_attrs(
             )
             .await? as u32,
     );
-    // The rest from /proc: each remote call costs frozen time.
-    attrs.no_new_privs = status_number(status, "NoNewPrivs:").is_some_and(|v| v != 0);
     // 1, or 3 with PR_THP_DISABLE_EXCEPT_ADVISED, which status does not show.
     attrs.thp_disable = thread
         .call(
@@ -325,6 +338,21 @@ pub async fn dump_attrs(
             [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
         )
         .await? as u32;
+    Ok(())
+}
+
+/// The attributes /proc and ptrace tell of frozen `pid`: oom_score_adj,
+/// no_new_privs, and the seccomp filters of every thread (`tids`), which
+/// must be one chain for all (they are reinstalled with
+/// SECCOMP_FILTER_FLAG_TSYNC).
+/// `status` is the text of its /proc/PID/status, read while it has been
+/// frozen (no_new_privs is set only by the process).
+pub fn dump_proc_attrs(info: &mut ProcessInfo, pid: i32, tids: &[i32], status: &str) -> Result<()> {
+    let attrs = &mut info.attrs;
+    attrs.oom_score_adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    attrs.no_new_privs = no_new_privs(status);
     let mut chains = Vec::with_capacity(tids.len());
     for &tid in tids {
         let status = read_proc(&format!("/proc/{pid}/task/{tid}/status"))?;
@@ -345,6 +373,11 @@ pub async fn dump_attrs(
     }
     attrs.seccomp_filters = chains.into_iter().next().unwrap_or_default();
     Ok(())
+}
+
+/// `NoNewPrivs:` of `status`, the text of a /proc/PID/status.
+pub fn no_new_privs(status: &str) -> bool {
+    status_number(status, "NoNewPrivs:").is_some_and(|v| v != 0)
 }
 
 /// `mlockall(MCL_FUTURE)` leaves no mark in /proc but on the mappings made

@@ -43,6 +43,23 @@ pub fn from_kernel(signo: i32, k: &[u8; KERNEL_SIGACTION_SIZE]) -> SigAction {
     }
 }
 
+/// The signals whose disposition must be read (bit `signo - 1`): those the
+/// process catches or ignores (`SigCgt`, `SigIgn` of `status`, its
+/// /proc/PID/status), and SIGCHLD, whose SA_NOCLDSTOP/SA_NOCLDWAIT act even
+/// with SIG_DFL. The others are SIG_DFL, where the kernel uses neither
+/// mask nor flags.
+pub fn asked_dispositions(status: &str) -> u64 {
+    let mask = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            // Unknown: ask about every signal.
+            .unwrap_or(u64::MAX)
+    };
+    mask("SigCgt:") | mask("SigIgn:") | 1 << (libc::SIGCHLD - 1)
+}
+
 /// The disposition of every signal that has one (all but SIGKILL, SIGSTOP).
 ///
 /// Each remote call costs frozen time, so only signals the process catches
@@ -57,15 +74,7 @@ pub async fn dump_actions(
     scratch: u64,
     status: &str,
 ) -> Result<Vec<SigAction>> {
-    let mask = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            // Unknown: ask about every signal.
-            .unwrap_or(u64::MAX)
-    };
-    let not_default = mask("SigCgt:") | mask("SigIgn:") | 1 << (libc::SIGCHLD - 1);
+    let not_default = asked_dispositions(status);
     let mut actions = Vec::with_capacity(62);
     let mut buf = [0u8; KERNEL_SIGACTION_SIZE];
     for signo in 1..=64i32 {

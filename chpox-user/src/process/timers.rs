@@ -45,6 +45,15 @@ pub struct ListedTimer {
     pub clock: i32,
 }
 
+/// Whether frozen `pid` has POSIX timers (or /proc/PID/timers cannot be
+/// read, which leaves it to [`dump`] to say why).
+pub fn any_posix(pid: i32) -> bool {
+    crate::error::read_proc(&format!("/proc/{pid}/timers"))
+        .ok()
+        .and_then(|text| parse_proc_timers(&text).ok())
+        .is_none_or(|listed| !listed.is_empty())
+}
+
 /// Parse `/proc/PID/timers`: blocks of `ID:`, `signal: SIG/VALUE`,
 /// `notify: KIND/pid.N` or `KIND/tid.N`, `ClockID:`.
 pub fn parse_proc_timers(text: &str) -> std::result::Result<Vec<ListedTimer>, String> {

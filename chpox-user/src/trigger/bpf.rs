@@ -14,11 +14,13 @@ use aya::programs::{Lsm, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use chpox_common::{
     Event, ExitOffsets, MAX_REGISTRATIONS, NewTaskOffsets, Registration, SigactionOffsets,
-    SignalOffsets, SlotState, TaskOffsets, VmaOffsets, names,
+    SignalOffsets, SlotState, TaskOffsets, TaskStateOffsets, VmaOffsets, names,
 };
 use tracing::{debug, info, warn};
 
 pub mod btf;
+pub mod iter;
+pub mod task_iter;
 pub mod vma_iter;
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -197,6 +199,8 @@ pub struct Bpf {
     pub watch: bool,
     /// The `task_vma` iterator, for mappings' flags without smaps.
     pub vma_iter: Option<Arc<vma_iter::VmaIter>>,
+    /// The `task` iterator, for what remote syscalls would ask.
+    pub task_iter: Option<Arc<task_iter::TaskStateIter>>,
 }
 
 impl Bpf {
@@ -233,6 +237,10 @@ impl Bpf {
             .as_ref()
             .map_err(|e| e.to_string())
             .and_then(|b| b.vma_offsets().map_err(|e| e.to_string()));
+        let task_state_offsets = kernel_btf
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|b| b.task_state_offsets().map_err(|e| e.to_string()));
         let sigaction_offsets = read_format(SIGACTION_TRACEPOINT).and_then(|format| {
             let field = |name| required_offset(&format, SIGACTION_TRACEPOINT, name);
             Ok(SigactionOffsets {
@@ -259,6 +267,13 @@ impl Bpf {
             .override_global(
                 names::GLOBAL_TASK_OFFSETS,
                 task_offsets.as_ref().unwrap_or(&TaskOffsets::DEFAULT),
+                true,
+            )
+            .override_global(
+                names::GLOBAL_TASK_STATE_OFFSETS,
+                task_state_offsets
+                    .as_ref()
+                    .unwrap_or(&TaskStateOffsets::DEFAULT),
                 true,
             )
             .load(&bytes)
@@ -304,6 +319,13 @@ impl Bpf {
             Ok(i) => Some(Arc::new(i)),
             Err(e) => {
                 warn!(error = %e, "no task_vma iterator: frozen processes' memory flags are read from smaps");
+                None
+            }
+        };
+        let task_iter = match task_state_offsets.and_then(|_| load_task_iter(&mut ebpf)) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => {
+                warn!(error = %e, "no task iterator: frozen processes are asked with remote syscalls");
                 None
             }
         };
@@ -356,6 +378,7 @@ impl Bpf {
             guard,
             watch,
             vma_iter,
+            task_iter,
         })
     }
 
@@ -415,6 +438,50 @@ fn load_vma_iter(ebpf: &mut Ebpf) -> Result<vma_iter::VmaIter, String> {
         .try_clone_to_owned()
         .map_err(|e| e.to_string())?;
     Ok(vma_iter::VmaIter::new(fd))
+}
+
+fn load_task_iter(ebpf: &mut Ebpf) -> Result<task_iter::TaskStateIter, String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+    let iter: &mut aya::programs::Iter = ebpf
+        .program_mut(names::TASK_STATE_PROGRAM)
+        .ok_or_else(|| format!("program {} missing", names::TASK_STATE_PROGRAM))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    iter.load("task", &btf)
+        .map_err(|e| format!("{}: {e}", names::TASK_STATE_PROGRAM))?;
+    let fd = iter
+        .fd()
+        .map_err(|e| e.to_string())?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())?;
+    Ok(task_iter::TaskStateIter::new(fd))
+}
+
+/// For `chpox dump`: the `task` iterator a running agent loaded, found
+/// among the kernel's loaded programs by its name (which carries the
+/// layout of its records). Without an agent, or unless root, none: the
+/// remote syscalls ask, and nothing is loaded here (loading takes ~60 ms
+/// of CPU, more than a small dump's whole work).
+pub fn kernel_state_from_agent() -> Option<Arc<crate::process::kernelstate::KernelState>> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let prog = match iter::find_loaded(names::TASK_STATE_PROGRAM) {
+        Ok(Some(prog)) => prog,
+        Ok(None) => {
+            debug!("no agent's task iterator loaded: remote syscalls ask");
+            return None;
+        }
+        Err(e) => {
+            debug!(error = %e, "cannot look for the agent's task iterator: remote syscalls ask");
+            return None;
+        }
+    };
+    let iter = task_iter::TaskStateIter::new(prog);
+    Some(crate::process::kernelstate::KernelState::new(Box::new(
+        move |pid| iter.read(pid),
+    )))
 }
 
 const SIGACTION_TRACEPOINT: &str = "syscalls/sys_enter_rt_sigaction";

@@ -189,6 +189,7 @@ impl Agent {
         // The signal or the timer chose the instant: stop first.
         opts.freeze_first = true;
         opts.vma_flags = self.vma_flags.clone();
+        opts.kernel_state = self.kernel_state.clone();
         // Checked by the dump once the process is frozen: a recycled PID
         // is refused, not checkpointed.
         opts.expect_start_time = Some(entry.start_time);

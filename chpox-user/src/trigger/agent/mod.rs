@@ -285,6 +285,9 @@ pub struct Agent {
     /// Mappings' flags of frozen processes without smaps, through the
     /// eBPF `task_vma` iterator (`memory::vmflags`), where it loaded.
     vma_flags: Option<Arc<crate::memory::vmflags::KernelVmaFlags>>,
+    /// What remote syscalls would ask of frozen processes, through the
+    /// eBPF `task` iterator (`process::kernelstate`), where it loaded.
+    kernel_state: Option<Arc<crate::process::kernelstate::KernelState>>,
 }
 
 /// The registrations as they were at one change, to be written to disk
@@ -672,6 +675,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let vma_flags = bpf.vma_iter.clone().map(|iter| {
         crate::memory::vmflags::KernelVmaFlags::new(Box::new(move |pid| iter.read(pid)))
     });
+    let kernel_state = bpf.task_iter.clone().map(|iter| {
+        crate::process::kernelstate::KernelState::new(Box::new(move |pid| iter.read(pid)))
+    });
     let agent = Arc::new(Agent {
         config: config.clone(),
         state: Mutex::new(State {
@@ -693,6 +699,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         timer_changed: tokio::sync::Notify::new(),
         tree,
         vma_flags,
+        kernel_state,
     });
     agent.restore_registrations();
 

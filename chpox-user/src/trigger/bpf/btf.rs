@@ -7,7 +7,7 @@
 //! numbered from 1, each a 12-byte `btf_type` and a kind-specific tail,
 //! then the string section).
 
-use chpox_common::{TaskOffsets, VmaOffsets};
+use chpox_common::{TaskOffsets, TaskStateOffsets, VmaOffsets};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -207,6 +207,62 @@ impl Btf {
         None
     }
 
+    /// Bit offset of `member` in struct `id` (bitfields too), looking into
+    /// anonymous structs and unions.
+    fn member_bits(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
+        let t = self.types.get(self.resolve(id) as usize)?;
+        if !matches!(t.kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
+            return None;
+        }
+        for m in &t.members {
+            let name = self.name(m.name);
+            if name == member.as_bytes() {
+                return Some(m.offset);
+            }
+            if name.is_empty()
+                && let Some(inner) = self.member_bits(m.ty, member, depth + 1)
+            {
+                return Some(m.offset + inner);
+            }
+        }
+        None
+    }
+
+    /// The type of `member` of struct `id` (found as `member_offset` does).
+    fn member_type(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
+        let t = self.types.get(self.resolve(id) as usize)?;
+        if !matches!(t.kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
+            return None;
+        }
+        for m in &t.members {
+            let name = self.name(m.name);
+            if name == member.as_bytes() {
+                return Some(m.ty);
+            }
+            if name.is_empty()
+                && let Some(inner) = self.member_type(m.ty, member, depth + 1)
+            {
+                return Some(inner);
+            }
+        }
+        None
+    }
+
+    /// Byte offset of a path of members: `real_timer.node.expires` of
+    /// `signal_struct` is `["real_timer", "node", "expires"]`.
+    fn path_offset(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
+        let missing = || BtfError::Missing(format!("{strukt}.{}", path.join(".")));
+        let mut id = self.named(strukt)?;
+        let mut total = 0;
+        for (i, member) in path.iter().enumerate() {
+            total += self.member_offset(id, member, 0).ok_or_else(missing)?;
+            if i + 1 < path.len() {
+                id = self.member_type(id, member, 0).ok_or_else(missing)?;
+            }
+        }
+        Ok(total)
+    }
+
     fn offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
         let id = self.named(strukt)?;
         self.member_offset(id, member, 0)
@@ -234,6 +290,48 @@ impl Btf {
 }
 
 impl Btf {
+    /// Where the `task` iterator reads what remote syscalls would ask.
+    pub fn task_state_offsets(&self) -> Result<TaskStateOffsets, BtfError> {
+        let subreaper = {
+            let id = self.named("signal_struct")?;
+            self.member_bits(id, "is_child_subreaper", 0)
+                .ok_or_else(|| BtfError::Missing("signal_struct.is_child_subreaper".into()))?
+        };
+        let sa = self.offset("k_sigaction", "sa")?;
+        Ok(TaskStateOffsets {
+            pid: self.offset("task_struct", "pid")?,
+            tgid: self.offset("task_struct", "tgid")?,
+            mm: self.offset("task_struct", "mm")?,
+            signal: self.offset("task_struct", "signal")?,
+            sighand: self.offset("task_struct", "sighand")?,
+            pdeath_signal: self.offset("task_struct", "pdeath_signal")?,
+            clear_child_tid: self.offset("task_struct", "clear_child_tid")?,
+            sas_ss_sp: self.offset("task_struct", "sas_ss_sp")?,
+            sas_ss_size: self.offset("task_struct", "sas_ss_size")?,
+            sas_ss_flags: self.offset("task_struct", "sas_ss_flags")?,
+            action: self.offset("sighand_struct", "action")?,
+            ksigaction_size: self.size("k_sigaction")?,
+            sa_handler: sa + self.offset("sigaction", "sa_handler")?,
+            sa_flags: sa + self.offset("sigaction", "sa_flags")?,
+            sa_restorer: sa + self.offset("sigaction", "sa_restorer")?,
+            sa_mask: sa + self.offset("sigaction", "sa_mask")?,
+            brk: self.offset("mm_struct", "brk")?,
+            // An unsigned long before 6.18, a struct of one bitmap since:
+            // its first word holds the same bits either way.
+            mm_flags: self.offset("mm_struct", "flags")?,
+            subreaper_word: subreaper / 32 * 4,
+            subreaper_bit: subreaper % 32,
+            real_expires: self.path_offset("signal_struct", &["real_timer", "node", "expires"])?,
+            real_incr: self.offset("signal_struct", "it_real_incr")?,
+            cpu_itimers: self.offset("signal_struct", "it")?,
+            oom_score_adj: self.offset("signal_struct", "oom_score_adj")?,
+            rlim: self.offset("signal_struct", "rlim")?,
+            personality: self.offset("task_struct", "personality")?,
+            seccomp_mode: self.path_offset("task_struct", &["seccomp", "mode"])?,
+            valid: 1,
+        })
+    }
+
     /// Where the `task_vma` iterator reads a mapping's bounds and flags.
     pub fn vma_offsets(&self) -> Result<VmaOffsets, BtfError> {
         Ok(VmaOffsets {
@@ -347,6 +445,32 @@ mod tests {
         let off = btf.task_offsets().expect("offsets");
         assert!(off.ksigaction_size >= 24, "{off:?}");
         assert_ne!(off.tgid, off.pid);
+    }
+
+    #[test]
+    fn this_kernel_has_the_fields_the_task_state_iterator_reads() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            return;
+        };
+        let off = btf.task_state_offsets().expect("offsets");
+        assert_eq!(off.valid, 1);
+        assert!(
+            off.subreaper_bit < 32 && off.subreaper_word % 4 == 0,
+            "{off:?}"
+        );
+        // sa_handler, sa_flags, sa_restorer, sa_mask: one word each, in order.
+        assert_eq!(
+            (off.sa_flags, off.sa_restorer, off.sa_mask),
+            (off.sa_handler + 8, off.sa_handler + 16, off.sa_handler + 24),
+            "{off:?}"
+        );
+        assert!(off.sa_mask + 8 <= off.ksigaction_size, "{off:?}");
+        // The timer's expiry lies inside the real timer, before the interval.
+        assert!(off.real_expires < off.real_incr && off.real_incr < off.cpu_itimers);
+        assert_eq!(
+            (off.sas_ss_size, off.sas_ss_flags),
+            (off.sas_ss_sp + 8, off.sas_ss_sp + 16)
+        );
     }
 
     #[test]

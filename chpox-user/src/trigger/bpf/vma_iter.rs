@@ -1,46 +1,17 @@
 //! Reading one process's mappings through the eBPF `task_vma` iterator
 //! (`chpox_vma_flags`): bounds and raw `vm_flags`, for `memory::vmflags`.
-//!
-//! aya attaches an iterator to every task of the system; a checkpoint
-//! wants one process, so each read makes its own link with the kernel's
-//! per-task parameter (`bpf_iter_link_info.task.tid`, Linux 6.1+), opens
-//! an iterator on it and reads it to the end: the kernel then visits only
-//! that task's mappings.
+//! The iterator is opened on the process's leader alone (`iter`).
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use chpox_common::VmaRecord;
 
-/// `BPF_LINK_CREATE`, `BPF_ITER_CREATE` (bpf(2) commands) and
-/// `BPF_TRACE_ITER` (the attach type of iterators).
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_ITER_CREATE: libc::c_long = 33;
-const BPF_TRACE_ITER: u32 = 28;
 const MAX_BYTES: u64 = 16 << 20;
 
 /// The loaded iterator program.
 pub struct VmaIter {
     prog: OwnedFd,
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the size
-    // given, which the kernel only reads; a non-negative result is a new
-    // descriptor that we alone own.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above: a fresh descriptor, owned from here on.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 impl VmaIter {
@@ -51,23 +22,13 @@ impl VmaIter {
     /// Every mapping of the thread group whose leader is `pid`, in address
     /// order: (start, end, vm_flags).
     pub fn read(&self, pid: i32) -> std::io::Result<Vec<(u64, u64, u64)>> {
-        // union bpf_iter_link_info: task.tid, task.pid, task.pid_fd. The
-        // leader's tid alone: its mm is the process's (a process whose
+        // The leader's tid alone: its mm is the process's (a process whose
         // leader has exited yields nothing, which the caller's check
         // against /proc/PID/maps refuses).
-        let info: [u32; 4] = [pid as u32, 0, 0, 0];
-        let mut attr = [0u64; 8];
-        // link_create: prog_fd, target_fd (u32 each), attach_type, flags
-        // (u32 each), iter_info (pointer), iter_info_len (u32).
-        attr[0] = self.prog.as_raw_fd() as u64;
-        attr[1] = BPF_TRACE_ITER as u64;
-        attr[2] = info.as_ptr() as u64;
-        attr[3] = std::mem::size_of_val(&info) as u64;
-        let link = bpf(BPF_LINK_CREATE, &mut attr)?;
-        let mut attr = [0u64; 8];
-        attr[0] = link.as_raw_fd() as u64;
-        let iter = bpf(BPF_ITER_CREATE, &mut attr)?;
-        read_one_pass(std::fs::File::from(iter))
+        read_one_pass(super::iter::open(
+            &self.prog,
+            super::iter::Scope::Thread(pid),
+        )?)
     }
 }
 
