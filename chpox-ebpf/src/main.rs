@@ -82,8 +82,8 @@ use chpox_common::{
     MAX_REGISTRATIONS, MAX_THREADS, MAX_TREE_MEMBERS, NewTaskOffsets, RESULT_STOPPED_BY_GUARD,
     Registration, STATE_IDLE, STATE_REQUESTED, STATE_RUNNING, STATE_RUNNING_AGAIN,
     SigactionOffsets, SignalOffsets, SlotState, TASK_STATE_ACTION, TASK_STATE_PROCESS,
-    TASK_STATE_RLIMIT, TASK_STATE_THREAD, TaskOffsets, TaskStateOffsets, TaskStateRecord, VmaOffsets, VmaRecord,
-    flags::INCLUDE_CHILDREN, would_ignore,
+    TASK_STATE_RLIMIT, TASK_STATE_THREAD, TaskOffsets, TaskStateOffsets, TaskStateRecord,
+    VmaOffsets, VmaRecord, flags::INCLUDE_CHILDREN, would_ignore,
 };
 
 /// Registered processes, by tgid.

@@ -13,25 +13,25 @@ use chpox::image::model::Metadata;
 use common::agent::{Agent, scratch};
 use common::{Target, chpox_bin, tempdir};
 
-const FROM_KERNEL: &str = "state read from the kernel: no remote syscall";
-
 /// Dump `pid` to `image`, the kernel's way or (`remote`) the remote
 /// syscalls' way; returns its metadata and whether the kernel's way was
 /// taken.
 fn dump(pid: i32, image: &Path, remote: bool) -> (Metadata, bool) {
     let mut cmd = Command::new(chpox_bin());
-    cmd.args(["dump", &pid.to_string(), "-o"])
-        .arg(image)
-        .args(["--unsupported-fd", "null"])
-        .env("CHPOX_LOG", "chpox=debug");
+    cmd.args(["dump", &pid.to_string(), "-o"]).arg(image).args([
+        "--unsupported-fd",
+        "null",
+        "--json",
+    ]);
     if remote {
         cmd.env("CHPOX_REMOTE_STATE", "1");
     }
     let out = cmd.output().expect("run chpox dump");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "chpox dump failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dump --json");
     let reader = ImageReader::open(image).expect("image opens");
-    (reader.metadata().clone(), stderr.contains(FROM_KERNEL))
+    (reader.metadata().clone(), report["state_from_kernel"] == 1)
 }
 
 #[test]

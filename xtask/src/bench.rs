@@ -268,6 +268,8 @@ struct DumpSample {
     resident_bytes: u64,
     stored_bytes: u64,
     processes: usize,
+    /// Processes whose state came from the kernel's structures.
+    state_from_kernel: usize,
 }
 
 /// Run `chpox restore --detach image` with `args` and return the wall time
@@ -386,6 +388,7 @@ fn dump_with(pid: i32, image: &Path, extra: &[&str]) -> Result<DumpSample> {
         resident_bytes: num("resident_bytes"),
         stored_bytes: num("pages_stored") * 4096,
         processes: num("processes") as usize,
+        state_from_kernel: num("state_from_kernel") as usize,
     })
 }
 
@@ -417,6 +420,9 @@ struct Summary {
     dd: f64,
     memcpy: f64,
     touch: f64,
+    /// Processes of the fewest in any dump whose state was read from the
+    /// kernel's structures (an agent's iterator).
+    from_kernel: usize,
 }
 
 impl Summary {
@@ -517,6 +523,12 @@ impl Case {
             dd: median(self.dd.clone()),
             memcpy: median(self.memcpy.clone()),
             touch: median(self.touch.clone()),
+            from_kernel: self
+                .dumps
+                .iter()
+                .map(|d| d.state_from_kernel)
+                .min()
+                .unwrap_or(0),
         }
     }
 
@@ -625,12 +637,17 @@ pub fn run_tree(procs: usize, mib: u64, rounds: usize, dir: &Path) -> Result<Cas
 pub fn compare(cases: &[&Case]) {
     let sums: Vec<Summary> = cases.iter().map(|c| c.summary()).collect();
     type Row = (&'static str, fn(&Summary) -> String);
-    let rows: [Row; 13] = [
+    let rows: [Row; 14] = [
         ("processes", |s| s.processes.to_string()),
+        ("state from the kernel", |s| {
+            format!("{}/{}", s.from_kernel, s.processes)
+        }),
         ("dump wall time        s", |s| format!("{:.3}", s.total)),
-        ("frozen median         s", |s| format!("{:.3}", s.frozen)),
-        ("frozen p99            s", |s| {
-            format!("{:.3}", s.frozen_p99)
+        ("frozen median        ms", |s| {
+            format!("{:.2}", s.frozen * 1e3)
+        }),
+        ("frozen p99           ms", |s| {
+            format!("{:.2}", s.frozen_p99 * 1e3)
         }),
         ("attach pause         ms", |s| {
             format!("{:.2}", s.attach * 1e3)
@@ -669,6 +686,13 @@ pub fn compare(cases: &[&Case]) {
         }
         println!();
     }
+    if let [single, tree] = &sums[..] {
+        println!(
+            "  tree frozen / single frozen: {:.2} (median), {:.2} (p99)",
+            tree.frozen / single.frozen,
+            tree.frozen_p99 / single.frozen_p99
+        );
+    }
 }
 
 /// Kills and reaps a helper process when the benchmark ends, however it ends.
@@ -684,30 +708,17 @@ impl Drop for Reaped {
     }
 }
 
-/// Latency from the trigger signal to a frozen target, over `triggers`
-/// checkpoints of a small registered process, through the real agent and
-/// eBPF program. `chpox checkpoint` has the agent send the signal and
-/// reports the tracepoint-to-frozen time the agent measured.
-pub fn trigger_latency(triggers: usize) -> Result<()> {
-    // The goal is a latency independent of the process's size.
-    for mib in [16, 1024] {
-        trigger_latency_of(triggers, mib, None)?;
-    }
-    // And of the tree's: 8 processes of 2 MiB, whose children the agent
-    // finds through the eBPF program's list, not a scan of /proc.
-    trigger_latency_of(triggers, 2, Some(8))
-}
-
-/// `triggers` checkpoints through chpox-agent of a `mib` MiB process (or
-/// of a `tree`-process `memtree` of `mib` MiB each): from the trigger's
-/// tracepoint timestamp to the last thread stopped, and how long the
-/// process stayed frozen.
-fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<()> {
-    let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}-{mib}", std::process::id()));
-    let images = Path::new("/dev/shm").join(format!("chpox-bench-{}-{mib}", std::process::id()));
+/// A chpox-agent of the benchmark's own (run directory returned, images
+/// in /dev/shm), stopped when the returned guard is dropped. While one
+/// runs, `chpox dump` reads frozen processes' state through its eBPF
+/// `task` iterator instead of remote syscalls, as on a machine set up as
+/// README says (`cargo xtask start` leaves an agent running).
+pub fn start_agent(tag: &str) -> Result<BenchAgent> {
+    let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}-{tag}", std::process::id()));
+    let images = Path::new("/dev/shm").join(format!("chpox-bench-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&images)?;
     let log = std::fs::File::create(run_dir.with_extension("log"))?;
-    let _agent = Reaped(
+    let agent = Reaped(
         Command::new(release_bin("chpox-agent"))
             .arg("--run-dir")
             .arg(&run_dir)
@@ -730,6 +741,49 @@ fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    Ok(BenchAgent {
+        agent: Some(agent),
+        run_dir,
+        images,
+    })
+}
+
+/// A running [`start_agent`]; dropping it stops the agent and removes its
+/// images.
+pub struct BenchAgent {
+    agent: Option<Reaped>,
+    pub run_dir: std::path::PathBuf,
+    images: std::path::PathBuf,
+}
+
+impl Drop for BenchAgent {
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        let _ = std::fs::remove_dir_all(&self.images);
+    }
+}
+
+/// Latency from the trigger signal to a frozen target, over `triggers`
+/// checkpoints of a small registered process, through the real agent and
+/// eBPF program. `chpox checkpoint` has the agent send the signal and
+/// reports the tracepoint-to-frozen time the agent measured.
+pub fn trigger_latency(triggers: usize) -> Result<()> {
+    // The goal is a latency independent of the process's size.
+    for mib in [16, 1024] {
+        trigger_latency_of(triggers, mib, None)?;
+    }
+    // And of the tree's: 8 processes of 2 MiB, whose children the agent
+    // finds through the eBPF program's list, not a scan of /proc.
+    trigger_latency_of(triggers, 2, Some(8))
+}
+
+/// `triggers` checkpoints through chpox-agent of a `mib` MiB process (or
+/// of a `tree`-process `memtree` of `mib` MiB each): from the trigger's
+/// tracepoint timestamp to the last thread stopped, and how long the
+/// process stayed frozen.
+fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<()> {
+    let agent = start_agent(&format!("{mib}"))?;
+    let run_dir = agent.run_dir.clone();
     let mut command = Command::new(release_bin("chpox"));
     command
         .env("CHPOX_RUN_DIR", &run_dir)
@@ -773,7 +827,6 @@ fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<
         latency.push(reply["signal_to_frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
         frozen.push(reply["frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
     }
-    let _ = std::fs::remove_dir_all(&images);
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     match tree {
         Some(procs) => println!(

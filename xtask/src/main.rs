@@ -85,6 +85,11 @@ enum Task {
         /// copy-on-write snapshot alone, to compare the two.
         #[arg(long)]
         no_precopy: bool,
+        /// Measure dumps without a running chpox-agent (by default the
+        /// bench runs one, as `cargo xtask start` leaves one: dumps then
+        /// read processes' state through its eBPF iterator).
+        #[arg(long)]
+        no_agent: bool,
     },
     /// Build (release) and install chpox: the program (also as chpoxctl,
     /// ld-chpox and chpox-agent), the eBPF object in PREFIX/lib/chpox, man
@@ -327,10 +332,20 @@ fn main() -> Result<()> {
             no_incremental,
             only_incremental,
             no_precopy,
+            no_agent,
         } => {
             require_root("the benchmark")?;
             bench::NO_PRECOPY.store(no_precopy, std::sync::atomic::Ordering::Relaxed);
             build_all()?;
+            let agent = if no_agent {
+                println!("no chpox-agent: dumps ask processes with remote syscalls");
+                None
+            } else {
+                println!(
+                    "with a chpox-agent running: dumps read processes' state through its eBPF iterator"
+                );
+                Some(bench::start_agent("dumps")?)
+            };
             let rounds = rounds.max(1);
             if only_incremental {
                 return bench_incr::run(incremental_mib.max(1), rounds, &dir);
@@ -352,6 +367,8 @@ fn main() -> Result<()> {
                 let tree = bench::run_tree(tree_procs.max(1), tree_mib.max(1), rounds, &dir)?;
                 bench::compare(&[&single, &tree]);
             }
+            // The trigger measurements start agents of their own.
+            drop(agent);
             bench::trigger_latency(triggers.max(1))?;
             if !no_incremental {
                 bench_incr::run(incremental_mib.max(1), rounds, &dir)?;

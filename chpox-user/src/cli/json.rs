@@ -36,6 +36,9 @@ pub struct DumpJson<'a> {
     pub precopied: usize,
     /// The longest brief freeze that attached write tracking for a pre-copy.
     pub precopy_pause_us: u64,
+    /// Processes whose state was read from the kernel's structures (a
+    /// running agent's iterator) rather than asked with remote syscalls.
+    pub state_from_kernel: usize,
 }
 
 impl<'a> From<&'a DumpReport> for DumpJson<'a> {
@@ -58,6 +61,7 @@ impl<'a> From<&'a DumpReport> for DumpJson<'a> {
             reap_pause_us: r.reap_pause.as_micros() as u64,
             precopied: r.precopied,
             precopy_pause_us: r.precopy_pause.as_micros() as u64,
+            state_from_kernel: r.state_from_kernel,
         }
     }
 }

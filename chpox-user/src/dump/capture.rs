@@ -39,6 +39,8 @@ pub(super) struct Captured {
     pub(super) verify_after: Vec<(i32, Vec<memory::MapEntry>)>,
     pub(super) pages_stored: u64,
     pub(super) resident_pages: u64,
+    /// Processes whose state came from the kernel's structures.
+    pub(super) state_from_kernel: usize,
 }
 
 /// Read everything while the tree is frozen; bulk data goes to `writer`.
@@ -119,7 +121,7 @@ pub(super) fn capture_tree(
     });
     // The descriptors' failure first: it names what the user can change.
     let fds = fds?;
-    let mut heads = heads?;
+    let (mut heads, state_from_kernel) = heads?;
     let texts = texts_cell
         .into_inner()
         .ok_or_else(|| Error::Other("internal: /proc texts were not read".into()))?;
@@ -233,6 +235,7 @@ pub(super) fn capture_tree(
         verify_after,
         pages_stored,
         resident_pages,
+        state_from_kernel,
     })
 }
 
@@ -247,7 +250,7 @@ fn read_heads(
     precopies: &mut PreCopies,
     texts: &[ProcTexts],
     infos: std::sync::mpsc::Receiver<Result<Vec<crate::image::model::ProcessInfo>>>,
-) -> Result<Vec<ProcessHead>> {
+) -> Result<(Vec<ProcessHead>, usize)> {
     let mut phase = Phases::start();
     let mut threads = Vec::with_capacity(texts.len());
     for (frozen, texts) in tree.members().iter().zip(texts) {
@@ -286,9 +289,9 @@ fn read_heads(
         });
     }
     phase.done("/proc, threads");
-    remote_state_all(tree.members(), &mut heads, texts)?;
+    let from_kernel = remote_state_all(tree.members(), &mut heads, texts)?;
     phase.done("remote syscalls");
-    Ok(heads)
+    Ok((heads, from_kernel))
 }
 
 /// A frozen process's /proc/PID/maps and /proc/PID/status, read once,
@@ -373,25 +376,28 @@ fn remote_state_all(
     members: &[Frozen],
     heads: &mut [ProcessHead],
     texts: &[ProcTexts],
-) -> Result<()> {
-    let seqs: Vec<crate::overlap::Sequence<'_, Result<()>>> = members
+) -> Result<usize> {
+    let seqs: Vec<crate::overlap::Sequence<'_, Result<bool>>> = members
         .iter()
         .zip(heads.iter_mut())
         .zip(texts)
         .map(|((frozen, head), texts)| {
             Box::pin(remote_state(frozen, head, &texts.status))
-                as crate::overlap::Sequence<'_, Result<()>>
+                as crate::overlap::Sequence<'_, Result<bool>>
         })
         .collect();
-    crate::overlap::run_all(seqs).into_iter().collect()
+    let from_kernel = crate::overlap::run_all(seqs)
+        .into_iter()
+        .collect::<Result<Vec<bool>>>()?;
+    Ok(from_kernel.into_iter().filter(|&k| k).count())
 }
 
 /// What only the process can tell (remote syscalls): dispositions, brk,
 /// personality, timers, prctl values in the leader; the alternate stack
 /// and clear_child_tid in every thread. Without any remote syscall where
 /// what the kernel holds of it was read and says it all
-/// (`process::kernelstate`).
-async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> Result<()> {
+/// (`process::kernelstate`): then true.
+async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> Result<bool> {
     let pid = frozen.pid();
     let ProcessHead {
         info,
@@ -418,7 +424,7 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
             process::dump_proc_attrs(info, pid, tids, status)?;
         }
         debug!(pid, "state read from the kernel: no remote syscall");
-        return Ok(());
+        return Ok(true);
     }
     let (gadgets, syscall_ip) = (gadgets.as_ref(), *syscall_ip);
     // Each thread is borrowed once, here, first since the freeze: what
@@ -488,7 +494,7 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
         leader.unmap_async(at, scratch_len).await?;
     }
     leader.give_back()?;
-    Ok(())
+    Ok(false)
 }
 
 /// Read the rest of one frozen process, whose `head` is read: its memory

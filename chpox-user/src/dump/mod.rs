@@ -163,6 +163,11 @@ pub struct DumpReport {
     /// kernel's bits (`DumpOptions::vma_flags`) rather than smaps.
     #[serde(default)]
     pub flags_without_smaps: usize,
+    /// Processes whose state was read from the kernel's structures (the
+    /// agent's iterator, `DumpOptions::kernel_state`) rather than asked
+    /// with remote syscalls.
+    #[serde(default)]
+    pub state_from_kernel: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -471,6 +476,7 @@ fn dump_inner(
         precopy_pause: precopies_pause,
         precopied,
         flags_without_smaps: early.read_from_kernel(),
+        state_from_kernel: captured.state_from_kernel,
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).

@@ -198,4 +198,10 @@ pub fn size_table(cases: &[SizeCase]) {
     println!(
         "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; ×plain: / the uncompressed dump wall; size: compressed image / stored pages; --compress frozen: med/p99 of the compressed dumps' freeze; reap: the second, brief freeze in which the process reaps its snapshot; attach: the brief freeze before a pre-copy)"
     );
+    let dumps: Vec<&DumpSample> = cases.iter().flat_map(|c| &c.running).collect();
+    println!(
+        "  state from the kernel's structures (an agent's iterator) in {} of {} dumps leaving the process running",
+        dumps.iter().filter(|d| d.state_from_kernel > 0).count(),
+        dumps.len()
+    );
 }

@@ -272,6 +272,7 @@ impl Agent {
                     members_from_ebpf = report.members_from_hint,
                     members_from_scan = report.members_from_scan,
                     flags_without_smaps = report.flags_without_smaps,
+                    state_from_kernel = report.state_from_kernel,
                     "checkpoint written"
                 );
                 Ok(Written {
