@@ -81,7 +81,7 @@ pub mod names {
     /// The kernel keeps 15 characters of a program's name, which others
     /// find it by (`trigger::bpf::iter::find_loaded`); `v1` is the layout
     /// of its records, to be raised with any change to them.
-    pub const TASK_STATE_PROGRAM: &str = "chpox_tstate_v1";
+    pub const TASK_STATE_PROGRAM: &str = "chpox_tstate_v2";
     pub const GLOBAL_TASK_STATE_OFFSETS: &str = "TASK_STATE_OFFSETS";
 }
 
@@ -326,7 +326,7 @@ pub struct VmaRecord {
     pub flags: u64,
 }
 
-/// Where the `task` iterator (`chpox_tstate_v1`) finds what a frozen
+/// Where the `task` iterator (`chpox_tstate_v2`) finds what a frozen
 /// process would otherwise be asked with remote syscalls: dispositions,
 /// prctl values, brk, itimers, alternate stacks, `clear_child_tid`. Taken
 /// from the kernel's BTF at load time; read with `bpf_probe_read_kernel`
@@ -369,9 +369,12 @@ pub struct TaskStateOffsets {
     /// two u64 each).
     pub oom_score_adj: u32,
     pub rlim: u32,
-    /// `task_struct.personality` (u32) and `seccomp.mode` (int).
+    /// `task_struct.personality` (u32), `seccomp.mode` (int) and `comm`
+    /// (16 bytes).
     pub personality: u32,
     pub seccomp_mode: u32,
+    pub comm: u32,
+    pub _pad: u32,
     /// 1 once set from BTF; the iterator writes nothing while 0.
     pub valid: u32,
 }
@@ -405,14 +408,17 @@ impl TaskStateOffsets {
         rlim: 0,
         personality: 0,
         seccomp_mode: 0,
+        comm: 0,
+        _pad: 0,
         valid: 0,
     };
 }
 
-/// What `chpox_tstate_v1` writes: for each thread a [`TASK_STATE_THREAD`]
+/// What `chpox_tstate_v2` writes: for each thread a [`TASK_STATE_THREAD`]
 /// record; for the thread group leader also one [`TASK_STATE_PROCESS`],
-/// 64 [`TASK_STATE_ACTION`] records (signals 1 to 64) and 16
-/// [`TASK_STATE_RLIMIT`] records (resources 0 to 15), in that order.
+/// a [`TASK_STATE_ACTION`] record for each signal (1 to 64, in order)
+/// whose disposition is not all zeros (SIG_DFL, no flags, no mask), and
+/// 16 [`TASK_STATE_RLIMIT`] records (resources 0 to 15), in that order.
 pub const TASK_STATE_THREAD: u32 = 1;
 /// `words`: brk, mm flags, whether a subreaper, real timer expiry, real
 /// timer interval, the two `cpu_itimer`s (expires, incr each),
@@ -423,9 +429,9 @@ pub const TASK_STATE_ACTION: u32 = 3;
 /// `words`: resource, soft limit, hard limit.
 pub const TASK_STATE_RLIMIT: u32 = 4;
 
-/// One record of `chpox_tstate_v1`. `words` of a thread record:
+/// One record of `chpox_tstate_v2`. `words` of a thread record:
 /// `clear_child_tid`, `sas_ss_sp`, `sas_ss_size`, `sas_ss_flags`,
-/// `pdeath_signal`, tgid, seccomp mode.
+/// `pdeath_signal`, tgid, seccomp mode, then `comm` in two words.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskStateRecord {
@@ -469,7 +475,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<TaskOffsets>(), 32);
         assert_eq!(core::mem::size_of::<VmaOffsets>(), 16);
         assert_eq!(core::mem::size_of::<VmaRecord>(), 24);
-        assert_eq!(core::mem::size_of::<TaskStateOffsets>(), 112);
+        assert_eq!(core::mem::size_of::<TaskStateOffsets>(), 120);
         assert_eq!(core::mem::size_of::<TaskStateRecord>(), 104);
     }
 

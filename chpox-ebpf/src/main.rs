@@ -635,7 +635,7 @@ pub fn chpox_vma_flags(ctx: *mut core::ffi::c_void) -> i32 {
 /// is over). Values are copied raw; the reader interprets them.
 #[unsafe(link_section = "iter/task")]
 #[unsafe(no_mangle)]
-pub fn chpox_tstate_v1(ctx: *mut core::ffi::c_void) -> i32 {
+pub fn chpox_tstate_v2(ctx: *mut core::ffi::c_void) -> i32 {
     // SAFETY: a plain read of our own read-only global.
     let off = unsafe { read_volatile(&TASK_STATE_OFFSETS) };
     if off.valid == 0 {
@@ -697,8 +697,8 @@ fn task_state(
             pdeath as u32 as u64,
             tgid as u32 as u64,
             kernel_at::<i32>(task, off.seccomp_mode)? as u32 as u64,
-            0,
-            0,
+            kernel_at::<u64>(task, off.comm)?,
+            kernel_at::<u64>(task, off.comm + 8)?,
             0,
             0,
             0,
@@ -736,12 +736,23 @@ fn task_state(
     record.kind = TASK_STATE_ACTION;
     for signo in 1..=64u32 {
         let k = actions.wrapping_add(((signo - 1) * off.ksigaction_size) as usize);
-        record.words = [
-            signo as u64,
+        let (handler, flags, restorer, mask) = (
             kernel_at::<u64>(k, off.sa_handler)?,
             kernel_at::<u64>(k, off.sa_flags)?,
             kernel_at::<u64>(k, off.sa_restorer)?,
             kernel_at::<u64>(k, off.sa_mask)?,
+        );
+        // Most are all zeros (SIG_DFL): the reader takes a missing one
+        // for that.
+        if handler | flags | restorer | mask == 0 {
+            continue;
+        }
+        record.words = [
+            signo as u64,
+            handler,
+            flags,
+            restorer,
+            mask,
             0,
             0,
             0,

@@ -121,5 +121,6 @@ fn the_kernels_structures_say_what_remote_syscalls_say() {
         assert_eq!(kt.tid, rt.tid);
         assert_eq!(kt.sigaltstack, rt.sigaltstack, "thread {}", kt.tid);
         assert_eq!(kt.clear_child_tid, rt.clear_child_tid, "thread {}", kt.tid);
+        assert_eq!(kt.comm, rt.comm, "thread {}", kt.tid);
     }
 }

@@ -66,6 +66,7 @@ pub(super) fn capture_tree(
     let policy = opts.unsupported_fd;
     let tcp = opts.tcp;
     let (infos_tx, infos_rx) = std::sync::mpsc::channel();
+    let beside_infos = pids.len() - pids.len() / 2;
     // Each process's /proc/PID/maps and status, read once for the ring
     // check, the gadgets, the dispositions, attributes and mappings (see
     // `EarlyMaps::unchanged_maps_in`), rather than once for each: by this
@@ -76,11 +77,12 @@ pub(super) fn capture_tree(
         let texts_cell = &texts_cell;
         let descriptors = scope.spawn(move || {
             let mut phase = Phases::start();
-            // What /proc says of each process first: the remote calls
-            // wait for it.
-            let infos = pids
+            // What /proc says of the first processes first: the other
+            // thread waits for it (and reads the others', whose status it
+            // has read already: the two threads share the work).
+            let infos = pids[..beside_infos]
                 .iter()
-                .map(|&pid| process::dump_proc_info(pid))
+                .map(|&pid| process::dump_proc_info(pid, None))
                 .collect::<Result<Vec<_>>>();
             let _ = infos_tx.send(infos);
             phase.done("/proc of the processes (beside)");
@@ -89,11 +91,20 @@ pub(super) fn capture_tree(
                 return Ok(Vec::new());
             };
             let sockets = fds::sockets::tables::SocketTables::new(tcp);
-            let fds = pids
+            let scanned = pids
                 .iter()
                 .zip(texts)
                 .map(|(&pid, texts)| fds::scan_fds(pid, policy, &sockets, &texts.maps))
                 .collect::<Result<Vec<_>>>();
+            // Which of them share a description: here, with the files'
+            // ids the scan has, rather than on the other thread later.
+            let fds = scanned.map(|mut scanned| {
+                tree::link_descriptions(&pids, &mut scanned);
+                scanned
+                    .into_iter()
+                    .map(|entries| entries.into_iter().map(|(e, _)| e).collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            });
             phase.done(if sockets.queried() {
                 "sock_diag, descriptors (beside)"
             } else {
@@ -110,7 +121,7 @@ pub(super) fn capture_tree(
                 .collect::<Result<Vec<_>>>()?;
             let texts = texts_cell.get_or_init(move || read);
             let _ = texts_tx.send(());
-            read_heads(tree, opts, early, precopies, texts, infos_rx)
+            read_heads(tree, opts, early, precopies, texts, infos_rx, beside_infos)
         })();
         let fds = descriptors.join().unwrap_or_else(|_| {
             Err(Error::Other(
@@ -122,9 +133,12 @@ pub(super) fn capture_tree(
     // The descriptors' failure first: it names what the user can change.
     let fds = fds?;
     let (mut heads, state_from_kernel) = heads?;
-    let texts = texts_cell
+    let mut texts = texts_cell
         .into_inner()
         .ok_or_else(|| Error::Other("internal: /proc texts were not read".into()))?;
+    for (t, head) in texts.iter_mut().zip(&heads) {
+        t.started = Some(head.info.start_time_ticks);
+    }
     phase.done("/proc, threads, remote syscalls, descriptors");
     // The pre-copied processes that run on after the dump.
     let precopied: Vec<(usize, i32, crate::precopy::PreCopied)> = if snapshots_wanted {
@@ -191,11 +205,10 @@ pub(super) fn capture_tree(
     let pages_stored = pages.pages_stored;
     phase.done("processes");
     fds::classify(&mut procs, opts.unsupported_fd)?;
-    tree::link_descriptions(&mut procs);
     let reader =
         crate::files::embed_reader(opts.as_user.as_ref(), procs.first().map(|p| &p.process));
     fds::embed(&mut procs, writer, reader.as_ref())?;
-    phase.done("pipes, shared descriptions, deleted files");
+    phase.done("pipes, deleted files");
 
     let mut procs = procs.into_iter();
     let root = procs
@@ -239,8 +252,10 @@ pub(super) fn capture_tree(
     })
 }
 
-/// /proc first, then what only the processes can tell, all of them at
-/// once (`overlap`: each remote call waits for its tracee to be
+/// /proc first (the /proc/PID texts of every process, and what else /proc
+/// says of those after the first `infos_beside`, whose part the other
+/// thread reads and sends as `infos`), then what only the processes can
+/// tell, all of them at once (`overlap`: each remote call waits for its tracee to be
 /// scheduled, and the waits of different processes overlap); their memory
 /// is read after, one after the other.
 fn read_heads(
@@ -250,12 +265,9 @@ fn read_heads(
     precopies: &mut PreCopies,
     texts: &[ProcTexts],
     infos: std::sync::mpsc::Receiver<Result<Vec<crate::image::model::ProcessInfo>>>,
+    infos_beside: usize,
 ) -> Result<(Vec<ProcessHead>, usize)> {
     let mut phase = Phases::start();
-    let mut threads = Vec::with_capacity(texts.len());
-    for (frozen, texts) in tree.members().iter().zip(texts) {
-        threads.push(read_threads(frozen, early, precopies, texts)?);
-    }
     // While the other thread still reads /proc.
     let kernel: Vec<KernelFields> = tree
         .members()
@@ -266,9 +278,20 @@ fn read_heads(
             Some((fields, crate::timers::any_posix(pid)))
         })
         .collect();
-    let infos = infos
+    let mut threads = Vec::with_capacity(texts.len());
+    for ((frozen, texts), kernel) in tree.members().iter().zip(texts).zip(&kernel) {
+        let fields = kernel.as_ref().map(|(fields, _)| fields);
+        threads.push(read_threads(frozen, early, precopies, texts, fields)?);
+    }
+    let mine = tree.members()[infos_beside..]
+        .iter()
+        .zip(&texts[infos_beside..])
+        .map(|(frozen, texts)| process::dump_proc_info(frozen.pid(), Some(&texts.status)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut infos = infos
         .recv()
         .map_err(|_| Error::Other("internal: /proc was not read beside".into()))??;
+    infos.extend(mine);
     let mut heads = Vec::with_capacity(texts.len());
     let each = tree.members().iter().zip(infos).zip(threads).zip(kernel);
     for (((frozen, mut info), threads), kernel) in each {
@@ -301,6 +324,9 @@ fn read_heads(
 pub(super) struct ProcTexts {
     pub(super) maps: String,
     pub(super) status: String,
+    /// Its start time, once /proc/PID/stat has been read (by
+    /// `dump_proc_info`).
+    pub(super) started: Option<u64>,
 }
 
 impl ProcTexts {
@@ -308,6 +334,7 @@ impl ProcTexts {
         Ok(ProcTexts {
             maps: crate::error::read_proc(&format!("/proc/{pid}/maps"))?,
             status: crate::error::read_proc(&format!("/proc/{pid}/status"))?,
+            started: None,
         })
     }
 }
@@ -338,19 +365,24 @@ struct ThreadsHead {
     gadgets: Option<crate::safe_return::Gadgets>,
 }
 
-/// The threads of one frozen process.
+/// The threads of one frozen process (their names from `kernel` where the
+/// kernel's structures were read).
 fn read_threads(
     frozen: &Frozen,
     early: &EarlyMaps,
     precopies: &mut PreCopies,
     texts: &ProcTexts,
+    kernel: Option<&process::kernelstate::ProcessFields>,
 ) -> Result<ThreadsHead> {
     let pid = frozen.pid();
     let mut phase = Phases::start();
     let tids = frozen.tids();
     let mut thread_states = tids
         .iter()
-        .map(|&tid| threads::dump_thread(pid, tid))
+        .map(|&tid| {
+            let comm = kernel.and_then(|k| process::kernelstate::comm(k, tid));
+            threads::dump_thread(pid, tid, comm)
+        })
         .collect::<Result<Vec<_>>>()?;
     let shared_pending = signals::dump_shared_pending(pid)?;
     let precopied = precopies.take(pid);
@@ -557,7 +589,9 @@ fn capture_process(
     // reaps a snapshot would meet the SIGSTOP that keeps it stopped.
     // Our own write tracking is no userfaultfd of the process's; an
     // increment copies its few pages while frozen.
-    let fork_maps = match &tracking {
+    // Only where a snapshot may be taken (a pre-copied process has its
+    // plan): the copy is not free for a tree's every process.
+    let fork_maps = || match &tracking {
         Some((_, Plan::Incremental(_))) => None,
         Some((t, Plan::Full)) => Some(t.hide_own(pid, &maps)),
         None => Some(maps.clone()),
@@ -566,9 +600,7 @@ fn capture_process(
         Some(index)
             if plan.is_none()
                 && !frozen.was_stopped()
-                && fork_maps
-                    .as_ref()
-                    .is_some_and(|m| snapshot::may_fork(pid, m)) =>
+                && fork_maps().is_some_and(|m| snapshot::may_fork(pid, &m)) =>
         {
             let mut leader =
                 RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;

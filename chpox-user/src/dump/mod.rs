@@ -294,10 +294,18 @@ fn dump_inner(
     let frozen_at_monotonic_ns = frozen.stopped_at_ns();
     let (members_from_hint, members_from_scan) = (frozen.from_hint, frozen.from_scan);
     let owner = process::owner(pid)?;
+    // Start times only where write tracking keys its state by them: each
+    // is a read of /proc/PID/stat while frozen.
     let members: Vec<(i32, u64)> = frozen
         .members()
         .iter()
-        .map(|f| (f.pid(), snapshot::start_time(f.pid()).unwrap_or(0)))
+        .map(|f| {
+            let started = tracking
+                .as_ref()
+                .and_then(|_| snapshot::start_time(f.pid()))
+                .unwrap_or(0);
+            (f.pid(), started)
+        })
         .collect();
     let plan = tracking.as_deref_mut().map(|t| t.plan(&members));
     let mut writer = match precopy_writer {

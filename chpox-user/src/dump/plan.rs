@@ -98,7 +98,7 @@ pub(super) fn plan_memory(
     // (`earlymaps`).
     let snapshot_wanted = snapshot_as.is_some() && !was_stopped;
     let (mut maps, early_flags) = if snapshot_wanted {
-        match early.unchanged_maps_in(pid, &texts.maps, &texts.status)? {
+        match early.unchanged_maps_in(pid, &texts.maps, &texts.status, texts.started)? {
             Some(maps) => (maps, true),
             None => (early.read_now(pid)?, false),
         }

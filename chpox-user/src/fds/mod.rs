@@ -215,14 +215,21 @@ fn open_fd_numbers(pid: i32) -> Result<Vec<i32>> {
     Ok(fds)
 }
 
-/// Every descriptor of `pid`, whose /proc/PID/maps reads `maps`. The
-/// content of deleted regular files is not read yet; [`embed`] does that.
+/// A descriptor's file as `stat` of /proc/PID/fd/N gives it (device,
+/// inode): descriptors of one description are descriptors of one file
+/// (see `tree::link_descriptions`).
+pub type FileId = (u64, u64);
+
+/// Every descriptor of `pid`, whose /proc/PID/maps reads `maps`, with its
+/// file's id where `stat` gave one. The content of deleted regular files
+/// is not read yet; [`embed`] does that.
 pub fn scan_fds(
     pid: i32,
     policy: UnsupportedFd,
     sockets: &sockets::tables::SocketTables,
     maps: &str,
-) -> Result<Vec<FdEntry>> {
+) -> Result<Vec<(FdEntry, Option<FileId>)>> {
+    use std::os::unix::fs::MetadataExt;
     let mut entries = Vec::new();
     let mut unsupported = Vec::new();
     for fd in open_fd_numbers(pid)? {
@@ -264,26 +271,28 @@ pub fn scan_fds(
                 continue;
             }
         };
-        entries.push(FdEntry {
-            fd,
-            flags: info.flags,
-            cloexec,
-            kind,
-            description: 0,
-            locks,
-        });
+        entries.push((
+            FdEntry {
+                fd,
+                flags: info.flags,
+                cloexec,
+                kind,
+                description: 0,
+                locks,
+            },
+            meta.map(|m| (m.dev(), m.ino())),
+        ));
     }
     if !unsupported.is_empty() {
         return Err(Error::UnsupportedFds(unsupported.join(", ")));
     }
     // Rings without a descriptor (AIO), before anything reads that memory.
     uring::check_rings_in(pid, maps)?;
-    entries.sort_by_key(|e| e.fd);
+    entries.sort_by_key(|(e, _)| e.fd);
     Ok(entries)
 }
 
-/// Everything that needs the whole tree, before its descriptions are
-/// linked (`tree::link_descriptions`): which pipes and socket pairs are
+/// Everything that needs the whole tree: which pipes and socket pairs are
 /// the tree's own.
 pub fn classify(procs: &mut [ProcessImage], policy: UnsupportedFd) -> Result<()> {
     for k in KINDS {

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use tracing::debug;
 
 use crate::error::{Error, Result};
-use crate::image::model::{ProcessImage, Zombie};
+use crate::image::model::Zombie;
 use crate::ptrace::Frozen;
 
 /// What /proc says of one process, for the tree.
@@ -468,30 +468,30 @@ pub fn check_unshared(tree: &FrozenTree) -> Result<Vec<i32>> {
 /// descriptors that share one (`dup`, inherited through `fork`) get the
 /// same id, so restore makes one description for all of them (one offset,
 /// one set of status flags). Candidates are the descriptors of the same
-/// file (device, inode); the kernel says which of them are one description.
-pub fn link_descriptions(procs: &mut [ProcessImage]) {
-    use std::os::unix::fs::MetadataExt;
+/// file (the `FileId` the scan found); the kernel says which of them are
+/// one description. `fds` are those of the processes `pids`, in order.
+pub fn link_descriptions(
+    pids: &[i32],
+    fds: &mut [Vec<(crate::image::model::FdEntry, Option<crate::fds::FileId>)>],
+) {
     /// A descriptor that stands for its description: (PID, fd, id).
     type Seen = (i32, i32, u64);
     // (dev, ino) -> each description of that file seen so far
-    let mut seen: HashMap<(u64, u64), Vec<Seen>> = HashMap::new();
+    let mut seen: HashMap<crate::fds::FileId, Vec<Seen>> = HashMap::new();
     let mut next_id = 1u64;
-    for p in procs.iter_mut() {
-        let pid = p.process.pid;
-        for e in &mut p.fds {
-            let id = std::fs::metadata(format!("/proc/{pid}/fd/{}", e.fd))
-                .ok()
-                .and_then(|m| {
-                    let same_file = seen.entry((m.dev(), m.ino())).or_default();
-                    let found = same_file
-                        .iter()
-                        .find(|&&(op, ofd, _)| same_description(pid, e.fd, op, ofd))
-                        .map(|&(_, _, id)| id);
-                    found.or_else(|| {
-                        same_file.push((pid, e.fd, next_id));
-                        None
-                    })
-                });
+    for (&pid, entries) in pids.iter().zip(fds.iter_mut()) {
+        for (e, file) in entries.iter_mut() {
+            let id = file.and_then(|file| {
+                let same_file = seen.entry(file).or_default();
+                let found = same_file
+                    .iter()
+                    .find(|&&(op, ofd, _)| same_description(pid, e.fd, op, ofd))
+                    .map(|&(_, _, id)| id);
+                found.or_else(|| {
+                    same_file.push((pid, e.fd, next_id));
+                    None
+                })
+            });
             e.description = id.unwrap_or_else(|| {
                 next_id += 1;
                 next_id - 1

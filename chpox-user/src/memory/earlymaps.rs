@@ -226,7 +226,7 @@ impl EarlyMaps {
         maps: &str,
         status: &str,
     ) -> Result<(Vec<MapEntry>, bool)> {
-        if let Some(maps) = self.unchanged_in(pid, Some((maps, status)))? {
+        if let Some(maps) = self.unchanged_in(pid, Some((maps, status)), None)? {
             return Ok((maps, true));
         }
         Ok((self.read_now(pid)?, false))
@@ -234,27 +234,35 @@ impl EarlyMaps {
 
     /// The mappings of frozen `pid` with their early flags, if `maps` and
     /// `status` (its texts, read while frozen) show them unchanged since
-    /// the early read; None otherwise (then to be read now).
+    /// the early read; None otherwise (then to be read now). `started`:
+    /// its start time, where read while frozen already.
     pub fn unchanged_maps_in(
         &self,
         pid: i32,
         maps: &str,
         status: &str,
+        started: Option<u64>,
     ) -> Result<Option<Vec<MapEntry>>> {
-        self.unchanged_in(pid, Some((maps, status)))
+        self.unchanged_in(pid, Some((maps, status)), started)
     }
 
     fn unchanged(&self, pid: i32) -> Result<Option<Vec<MapEntry>>> {
-        self.unchanged_in(pid, None)
+        self.unchanged_in(pid, None, None)
     }
 
     /// Whether the mappings of `pid` (`texts`: its maps and status, else
-    /// read now) are those of the early read.
-    fn unchanged_in(&self, pid: i32, texts: Option<(&str, &str)>) -> Result<Option<Vec<MapEntry>>> {
-        let Some((started, early)) = self.by_pid.get(&pid) else {
+    /// read now) are those of the early read, by the same process
+    /// (`started`: its start time, else read now).
+    fn unchanged_in(
+        &self,
+        pid: i32,
+        texts: Option<(&str, &str)>,
+        started: Option<u64>,
+    ) -> Result<Option<Vec<MapEntry>>> {
+        let Some((started_early, early)) = self.by_pid.get(&pid) else {
             return Ok(None);
         };
-        if start_time(pid) != Some(*started) {
+        if started.or_else(|| start_time(pid)) != Some(*started_early) {
             return Ok(None);
         }
         let mut now = match texts {

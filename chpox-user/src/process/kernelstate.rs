@@ -23,7 +23,7 @@ use std::sync::Arc;
 use crate::image::model::{AltStack, ProcessInfo, SigAction, ThreadState, Timers};
 
 /// One thread, as the kernel holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThreadFields {
     pub tid: i32,
     pub clear_child_tid: u64,
@@ -33,6 +33,8 @@ pub struct ThreadFields {
     pub pdeath_signal: i32,
     /// `seccomp.mode`: 0 none, 1 strict, 2 filter.
     pub seccomp_mode: i32,
+    /// As `/proc/PID/task/TID/comm` shows it.
+    pub comm: String,
 }
 
 /// One disposition, as the kernel holds it (`k_sigaction.sa`).
@@ -157,6 +159,15 @@ fn altstack(t: &ThreadFields, sp: u64) -> Option<AltStack> {
     })
 }
 
+/// The name of thread `tid`, if the walk saw it.
+pub fn comm(fields: &ProcessFields, tid: i32) -> Option<String> {
+    fields
+        .threads
+        .iter()
+        .find(|t| t.tid == tid)
+        .map(|t| t.comm.clone())
+}
+
 /// Whether no thread of the process has a seccomp filter or strict mode:
 /// then /proc and ptrace need not be asked for filters.
 pub fn no_seccomp(fields: &ProcessFields, tids: &[i32]) -> bool {
@@ -253,6 +264,7 @@ mod tests {
             sas_ss_flags: 0,
             pdeath_signal: 0,
             seccomp_mode: 0,
+            comm: "t".into(),
         }
     }
 

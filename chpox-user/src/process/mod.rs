@@ -102,10 +102,17 @@ pub fn owner(pid: i32) -> Result<(u32, u32)> {
 
 /// What /proc tells about the process. `brk`, rlimits and personality are
 /// filled in by `dump_remote_state`.
-pub fn dump_proc_info(pid: i32) -> Result<ProcessInfo> {
+/// `status_text`: its /proc/PID/status, where read already (while frozen).
+pub fn dump_proc_info(pid: i32, status_text: Option<&str>) -> Result<ProcessInfo> {
     let proc = Process::new(pid).map_err(|e| proc_err(pid, e))?;
     let stat = proc.stat().map_err(|e| proc_err(pid, e))?;
-    let status = proc.status().map_err(|e| proc_err(pid, e))?;
+    let status = match status_text {
+        Some(text) => {
+            <procfs::process::Status as procfs::FromBufRead>::from_buf_read(text.as_bytes())
+        }
+        None => proc.status(),
+    }
+    .map_err(|e| proc_err(pid, e))?;
     let cmdline = proc.cmdline().map_err(|e| proc_err(pid, e))?;
     let exe = read_link(&format!("/proc/{pid}/exe"))?;
     let cwd = read_link(&format!("/proc/{pid}/cwd"))?;

@@ -11,7 +11,9 @@ use crate::error::Result;
 use crate::image::model::{RobustList, ThreadState};
 use crate::{process, ptrace, registers, signals};
 
-pub fn dump_thread(pid: i32, tid: i32) -> Result<ThreadState> {
+/// `comm` is the thread's name where known already (from the kernel's
+/// structures, see `kernelstate`); else read from /proc.
+pub fn dump_thread(pid: i32, tid: i32, comm: Option<String>) -> Result<ThreadState> {
     let regs = registers::dump_thread_regs(tid)?;
     Ok(ThreadState {
         tid,
@@ -22,7 +24,10 @@ pub fn dump_thread(pid: i32, tid: i32) -> Result<ThreadState> {
         sigaltstack: None,
         pending: signals::dump_thread_pending(tid)?,
         rseq: ptrace::rseq_config(tid)?,
-        comm: process::thread_comm(pid, tid)?,
+        comm: match comm {
+            Some(comm) => comm,
+            None => process::thread_comm(pid, tid)?,
+        },
         clear_child_tid: None,
         robust_list: robust_list(tid)?,
     })

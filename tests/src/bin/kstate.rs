@@ -12,8 +12,8 @@
 //!   disabled, personality ADDR_NO_RANDOMIZE, RLIMIT_NOFILE 1000/2000,
 //!   RLIMIT_CORE 0, oom_score_adj 123, a break moved by an odd amount;
 //! * three threads: the main one with a 64 KiB alternate stack, one with
-//!   an alternate stack that disarms itself (SS_AUTODISARM), one with none
-//!   (Rust's own switched off).
+//!   an alternate stack that disarms itself (SS_AUTODISARM) and the name
+//!   `kstate-alt`, one with none (Rust's own switched off).
 //!
 //! Prints `READY pid=… brk=0x…`, then sleeps until killed.
 
@@ -98,7 +98,8 @@ fn main() {
     altstack(64 * 1024, 0);
     let (tx, rx) = std::sync::mpsc::channel();
     let with_stack = tx.clone();
-    std::thread::spawn(move || {
+    let named = std::thread::Builder::new().name("kstate-alt".into());
+    let _ = named.spawn(move || {
         altstack(32 * 1024, SS_AUTODISARM);
         let _ = with_stack.send(());
         loop {

@@ -328,6 +328,8 @@ impl Btf {
             rlim: self.offset("signal_struct", "rlim")?,
             personality: self.offset("task_struct", "personality")?,
             seccomp_mode: self.path_offset("task_struct", &["seccomp", "mode"])?,
+            comm: self.offset("task_struct", "comm")?,
+            _pad: 0,
             valid: 1,
         })
     }

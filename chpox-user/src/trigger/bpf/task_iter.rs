@@ -1,5 +1,5 @@
 //! Reading what the kernel holds of one frozen process through the eBPF
-//! `task` iterator (`chpox_tstate_v1`), for `process::kernelstate`:
+//! `task` iterator (`chpox_tstate_v2`), for `process::kernelstate`:
 //! every thread's record, then the leader's process record and its 64
 //! dispositions (see `chpox_common::TaskStateRecord`).
 
@@ -86,6 +86,7 @@ fn read_one_pass(mut file: impl Read) -> std::io::Result<Vec<TaskStateRecord>> {
 fn decode(records: Vec<TaskStateRecord>, pid: i32) -> std::io::Result<ProcessFields> {
     let mut fields = ProcessFields::default();
     let mut process_seen = false;
+    let mut last_signal = 0;
     for r in records {
         let w = r.words;
         match r.kind {
@@ -104,10 +105,12 @@ fn decode(records: Vec<TaskStateRecord>, pid: i32) -> std::io::Result<ProcessFie
                     sas_ss_flags: w[3] as u32,
                     pdeath_signal: w[4] as i32,
                     seccomp_mode: w[6] as i32,
+                    comm: comm_of(w[7], w[8]),
                 });
             }
             TASK_STATE_PROCESS => {
                 process_seen = true;
+                fields.actions = vec![ActionFields::default(); 64];
                 fields.brk = w[0];
                 fields.mm_flags = w[1];
                 fields.child_subreaper = w[2] != 0;
@@ -117,18 +120,20 @@ fn decode(records: Vec<TaskStateRecord>, pid: i32) -> std::io::Result<ProcessFie
                 fields.oom_score_adj = w[9] as i64 as i32;
                 fields.personality = w[10] as u32;
             }
-            TASK_STATE_ACTION if process_seen => {
-                if w[0] != fields.actions.len() as u64 + 1 {
+            TASK_STATE_ACTION if process_seen && fields.rlimits.is_empty() => {
+                let signo = w[0] as usize;
+                if !(1..=64).contains(&signo) || signo <= last_signal {
                     return Err(std::io::Error::other(
                         "task iterator wrote dispositions out of order",
                     ));
                 }
-                fields.actions.push(ActionFields {
+                last_signal = signo;
+                fields.actions[signo - 1] = ActionFields {
                     handler: w[1],
                     flags: w[2],
                     restorer: w[3],
                     mask: w[4],
-                });
+                };
             }
             TASK_STATE_RLIMIT if process_seen => {
                 if w[0] != fields.rlimits.len() as u64 {
@@ -145,13 +150,23 @@ fn decode(records: Vec<TaskStateRecord>, pid: i32) -> std::io::Result<ProcessFie
             }
         }
     }
-    if !process_seen {
-        // The leader has exited (a zombie leader has no mm): the remote
-        // calls, which refuse such a process by name, decide.
+    if !process_seen || fields.rlimits.len() != 16 {
+        // The leader has exited (a zombie leader has no mm), or its walk
+        // stopped short: the remote calls, which refuse such a process by
+        // name, decide.
         fields.actions.clear();
         fields.rlimits.clear();
     }
     Ok(fields)
+}
+
+/// A task's `comm`, from the two words that hold it: up to its NUL.
+fn comm_of(a: u64, b: u64) -> String {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&a.to_ne_bytes());
+    bytes[8..].copy_from_slice(&b.to_ne_bytes());
+    let len = bytes.iter().position(|&c| c == 0).unwrap_or(16);
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
 }
 
 #[cfg(test)]
@@ -179,6 +194,8 @@ mod tests {
             let mut words = [0; 12];
             words[0] = 0x1000 + tid as u64;
             words[5] = pid as u64;
+            words[7] = u64::from_ne_bytes(*b"kstate-w");
+            words[8] = u64::from_ne_bytes(*b"orker\0\0\0");
             out.push(TaskStateRecord {
                 kind: TASK_STATE_THREAD,
                 tid,
@@ -190,7 +207,8 @@ mod tests {
                     tid,
                     words: [0x5000, 1, 1, 0, 0, 0, 0, 0, 0, -1000i64 as u64, 8, 0],
                 });
-                for signo in 1..=64u64 {
+                // SIG_DFL ones all zeros are left out.
+                for signo in (1..=64u64).filter(|s| s % 3 != 0) {
                     let mut words = [0; 12];
                     words[0] = signo;
                     words[1] = signo * 16;
@@ -228,10 +246,23 @@ mod tests {
         assert!(fields.child_subreaper);
         assert_eq!(fields.actions.len(), 64);
         assert_eq!(fields.actions[9].handler, 160);
+        assert_eq!(
+            fields.actions[8],
+            ActionFields::default(),
+            "signal 9 left out"
+        );
+        assert_eq!(fields.threads[0].comm, "kstate-worker");
         assert_eq!((fields.oom_score_adj, fields.personality), (-1000, 8));
         assert_eq!(fields.rlimits[5], (5, u64::MAX));
         assert!(decode(one.clone(), 8).is_err(), "another process's threads");
         assert!(read_one_pass(&bytes(&one)[..50]).is_err());
+        // A walk cut short before its limits claims no disposition.
+        let short: Vec<_> = one
+            .iter()
+            .filter(|r| r.kind != TASK_STATE_RLIMIT)
+            .copied()
+            .collect();
+        assert!(decode(short, 7).expect("decode").actions.is_empty());
     }
 
     #[test]
