@@ -72,6 +72,18 @@ while True:
     time.sleep(3600)
 "#;
 
+/// Held by each test of this file: the first counts the machine's
+/// segments around a refused restore, which the others' making and
+/// removing theirs at the same time would change.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed holding it poisoned it; the next still runs.
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A key of this test run's own.
 fn key() -> String {
     format!("{:x}", 0x5e00_0000 | (std::process::id() & 0xff_ffff))
@@ -139,6 +151,7 @@ fn end_tree(root: i32) {
 
 #[test]
 fn segments_come_back_with_their_key_id_pieces_and_sharing() {
+    let _one = one_at_a_time();
     let s = common::agent::scratch();
     let key = key();
     let _cleanup = Cleanup(key.clone());
@@ -186,6 +199,7 @@ fn segments_come_back_with_their_key_id_pieces_and_sharing() {
 
 #[test]
 fn a_segment_attached_outside_the_tree_is_refused_and_the_tree_runs_on() {
+    let _one = one_at_a_time();
     let s = common::agent::scratch();
     let key = key().replace("5e", "5f");
     let _cleanup = Cleanup(key.clone());
@@ -242,6 +256,7 @@ fn a_segment_attached_outside_the_tree_is_refused_and_the_tree_runs_on() {
 /// brings the segments back like a full image.
 #[test]
 fn an_increment_through_the_agent_keeps_the_segments() {
+    let _one = one_at_a_time();
     let s = common::agent::scratch();
     let agent = common::agent::Agent::start(&s);
     let key = key().replace("5e", "5d");
@@ -272,6 +287,7 @@ fn an_increment_through_the_agent_keeps_the_segments() {
 /// refused by name, the process running on.
 #[test]
 fn a_segment_attached_in_part_is_refused_by_name() {
+    let _one = one_at_a_time();
     let s = common::agent::scratch();
     let key = key().replace("5e", "5c");
     let _cleanup = Cleanup(key.clone());
