@@ -4,7 +4,7 @@
 //! checkpoint state, shared with the program through a memory mapping so
 //! both sides can compare-and-swap it) and `EVENTS` (the ring buffer).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -422,40 +422,30 @@ impl Bpf {
     }
 }
 
-fn load_vma_iter(ebpf: &mut Ebpf) -> Result<vma_iter::VmaIter, String> {
+/// Load iterator `program` of the object for the kernel's iterator
+/// `target` (`task`, `task_vma`); its descriptor, which keeps it loaded.
+fn load_iter(ebpf: &mut Ebpf, program: &str, target: &str) -> Result<OwnedFd, String> {
     let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
     let iter: &mut aya::programs::Iter = ebpf
-        .program_mut(names::VMA_FLAGS_PROGRAM)
-        .ok_or_else(|| format!("program {} missing", names::VMA_FLAGS_PROGRAM))?
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing"))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    iter.load("task_vma", &btf)
-        .map_err(|e| format!("{}: {e}", names::VMA_FLAGS_PROGRAM))?;
-    let fd = iter
-        .fd()
+    iter.load(target, &btf)
+        .map_err(|e| format!("{program}: {e}"))?;
+    iter.fd()
         .map_err(|e| e.to_string())?
         .as_fd()
         .try_clone_to_owned()
-        .map_err(|e| e.to_string())?;
-    Ok(vma_iter::VmaIter::new(fd))
+        .map_err(|e| e.to_string())
+}
+
+fn load_vma_iter(ebpf: &mut Ebpf) -> Result<vma_iter::VmaIter, String> {
+    load_iter(ebpf, names::VMA_FLAGS_PROGRAM, "task_vma").map(vma_iter::VmaIter::new)
 }
 
 fn load_task_iter(ebpf: &mut Ebpf) -> Result<task_iter::TaskStateIter, String> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
-    let iter: &mut aya::programs::Iter = ebpf
-        .program_mut(names::TASK_STATE_PROGRAM)
-        .ok_or_else(|| format!("program {} missing", names::TASK_STATE_PROGRAM))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
-    iter.load("task", &btf)
-        .map_err(|e| format!("{}: {e}", names::TASK_STATE_PROGRAM))?;
-    let fd = iter
-        .fd()
-        .map_err(|e| e.to_string())?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| e.to_string())?;
-    Ok(task_iter::TaskStateIter::new(fd))
+    load_iter(ebpf, names::TASK_STATE_PROGRAM, "task").map(task_iter::TaskStateIter::new)
 }
 
 /// For `chpox dump`: the `task` iterator a running agent loaded, found

@@ -186,9 +186,9 @@ impl Btf {
         id
     }
 
-    /// Byte offset of `member` in struct `id`, looking into anonymous
-    /// structs and unions as C does.
-    fn member_offset(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
+    /// `member` of struct `id`, looking into anonymous structs and unions
+    /// as C does: its offset in bits (bitfields too) and its type.
+    fn member(&self, id: u32, member: &str, depth: u32) -> Option<(u32, u32)> {
         let t = self.types.get(self.resolve(id) as usize)?;
         if !matches!(t.kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
             return None;
@@ -196,56 +196,21 @@ impl Btf {
         for m in &t.members {
             let name = self.name(m.name);
             if name == member.as_bytes() {
-                return (m.offset % 8 == 0).then_some(m.offset / 8);
+                return Some((m.offset, m.ty));
             }
             if name.is_empty()
-                && let Some(inner) = self.member_offset(m.ty, member, depth + 1)
+                && let Some((inner, ty)) = self.member(m.ty, member, depth + 1)
             {
-                return Some(m.offset / 8 + inner);
+                return Some((m.offset + inner, ty));
             }
         }
         None
     }
 
-    /// Bit offset of `member` in struct `id` (bitfields too), looking into
-    /// anonymous structs and unions.
-    fn member_bits(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
-        let t = self.types.get(self.resolve(id) as usize)?;
-        if !matches!(t.kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
-            return None;
-        }
-        for m in &t.members {
-            let name = self.name(m.name);
-            if name == member.as_bytes() {
-                return Some(m.offset);
-            }
-            if name.is_empty()
-                && let Some(inner) = self.member_bits(m.ty, member, depth + 1)
-            {
-                return Some(m.offset + inner);
-            }
-        }
-        None
-    }
-
-    /// The type of `member` of struct `id` (found as `member_offset` does).
-    fn member_type(&self, id: u32, member: &str, depth: u32) -> Option<u32> {
-        let t = self.types.get(self.resolve(id) as usize)?;
-        if !matches!(t.kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
-            return None;
-        }
-        for m in &t.members {
-            let name = self.name(m.name);
-            if name == member.as_bytes() {
-                return Some(m.ty);
-            }
-            if name.is_empty()
-                && let Some(inner) = self.member_type(m.ty, member, depth + 1)
-            {
-                return Some(inner);
-            }
-        }
-        None
+    /// Byte offset of `member` in struct `id` (None for a bitfield).
+    fn member_offset(&self, id: u32, member: &str) -> Option<u32> {
+        let (bits, _) = self.member(id, member, 0)?;
+        (bits % 8 == 0).then_some(bits / 8)
     }
 
     /// Byte offset of a path of members: `real_timer.node.expires` of
@@ -255,9 +220,9 @@ impl Btf {
         let mut id = self.named(strukt)?;
         let mut total = 0;
         for (i, member) in path.iter().enumerate() {
-            total += self.member_offset(id, member, 0).ok_or_else(missing)?;
+            total += self.member_offset(id, member).ok_or_else(missing)?;
             if i + 1 < path.len() {
-                id = self.member_type(id, member, 0).ok_or_else(missing)?;
+                id = self.member(id, member, 0).ok_or_else(missing)?.1;
             }
         }
         Ok(total)
@@ -265,7 +230,7 @@ impl Btf {
 
     fn offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
         let id = self.named(strukt)?;
-        self.member_offset(id, member, 0)
+        self.member_offset(id, member)
             .ok_or_else(|| BtfError::Missing(format!("{strukt}.{member}")))
     }
 
@@ -294,8 +259,9 @@ impl Btf {
     pub fn task_state_offsets(&self) -> Result<TaskStateOffsets, BtfError> {
         let subreaper = {
             let id = self.named("signal_struct")?;
-            self.member_bits(id, "is_child_subreaper", 0)
+            self.member(id, "is_child_subreaper", 0)
                 .ok_or_else(|| BtfError::Missing("signal_struct.is_child_subreaper".into()))?
+                .0
         };
         let sa = self.offset("k_sigaction", "sa")?;
         Ok(TaskStateOffsets {

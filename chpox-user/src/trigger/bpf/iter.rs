@@ -6,6 +6,7 @@
 //! iterator on it and reads it: the kernel then visits only that task (or
 //! that process's threads).
 
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// `BPF_LINK_CREATE`, `BPF_ITER_CREATE` (bpf(2) commands) and
@@ -128,4 +129,55 @@ pub fn open(prog: &OwnedFd, scope: Scope) -> std::io::Result<std::fs::File> {
     attr[0] = link.as_raw_fd() as u64;
     let iter = bpf(BPF_ITER_CREATE, &mut attr)?;
     Ok(std::fs::File::from(iter))
+}
+
+/// Read an iterator's output (`file`) as records of `size` bytes, each
+/// handed to `take`, until the output ends or `take` returns false (the
+/// record begins the walk again: a walk limited to one task may start
+/// over once done). `what` names the iterator in errors; more than
+/// `max_bytes` is one.
+pub fn read_records(
+    mut file: impl Read,
+    size: usize,
+    max_bytes: u64,
+    what: &str,
+    mut take: impl FnMut(&[u8]) -> bool,
+) -> std::io::Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > max_bytes {
+            return Err(std::io::Error::other(format!(
+                "{what} wrote more than {} MiB for one process",
+                max_bytes >> 20
+            )));
+        }
+        pending.extend_from_slice(&buf[..n]);
+        let whole = pending.len() / size * size;
+        for r in pending[..whole].chunks_exact(size) {
+            if !take(r) {
+                return Ok(());
+            }
+        }
+        pending.drain(..whole);
+    }
+    if !pending.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "{what} wrote a partial record"
+        )));
+    }
+    Ok(())
+}
+
+/// The `i`th 64-bit word of a record.
+pub fn word(record: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&record[i * 8..i * 8 + 8]);
+    u64::from_ne_bytes(w)
 }

@@ -35,51 +35,27 @@ impl TaskStateIter {
 /// The records of one walk over the threads: a walk limited to one
 /// process may start again once over, and a thread seen twice begins the
 /// next one.
-fn read_one_pass(mut file: impl Read) -> std::io::Result<Vec<TaskStateRecord>> {
+fn read_one_pass(file: impl Read) -> std::io::Result<Vec<TaskStateRecord>> {
     const SIZE: usize = std::mem::size_of::<TaskStateRecord>();
     let mut records: Vec<TaskStateRecord> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
+    super::iter::read_records(file, SIZE, MAX_BYTES, "task iterator", |r| {
+        let u32_at = |i: usize| u32::from_ne_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+        let mut record = TaskStateRecord {
+            kind: u32_at(0),
+            tid: u32_at(4),
+            words: [0; 12],
+        };
+        for (i, w) in record.words.iter_mut().enumerate() {
+            // The words follow the two u32s, one word in.
+            *w = super::iter::word(r, i + 1);
         }
-        total += n as u64;
-        if total > MAX_BYTES {
-            return Err(std::io::Error::other(
-                "task iterator wrote more than 16 MiB for one process",
-            ));
+        if record.kind == TASK_STATE_THREAD && !seen.insert(record.tid) {
+            return false;
         }
-        pending.extend_from_slice(&buf[..n]);
-        let whole = pending.len() / SIZE * SIZE;
-        for r in pending[..whole].chunks_exact(SIZE) {
-            let u32_at = |i: usize| u32::from_ne_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
-            let mut record = TaskStateRecord {
-                kind: u32_at(0),
-                tid: u32_at(4),
-                words: [0; 12],
-            };
-            for (i, w) in record.words.iter_mut().enumerate() {
-                let at = 8 + i * 8;
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&r[at..at + 8]);
-                *w = u64::from_ne_bytes(b);
-            }
-            if record.kind == TASK_STATE_THREAD && !seen.insert(record.tid) {
-                return Ok(records);
-            }
-            records.push(record);
-        }
-        pending.drain(..whole);
-    }
-    if !pending.is_empty() {
-        return Err(std::io::Error::other(
-            "task iterator wrote a partial record",
-        ));
-    }
+        records.push(record);
+        true
+    })?;
     Ok(records)
 }
 

@@ -37,45 +37,19 @@ impl VmaIter {
 /// `read` starts it again from the first mapping. A walk goes up in
 /// address order, so a record that does not lie above the one before it
 /// begins the next walk.
-fn read_one_pass(mut file: impl Read) -> std::io::Result<Vec<(u64, u64, u64)>> {
+fn read_one_pass(file: impl Read) -> std::io::Result<Vec<(u64, u64, u64)>> {
     const SIZE: usize = std::mem::size_of::<VmaRecord>();
     let mut records: Vec<(u64, u64, u64)> = Vec::new();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
+    // vm.max_map_count (65530 by default) records are 1.5 MiB.
+    super::iter::read_records(file, SIZE, MAX_BYTES, "task_vma iterator", |r| {
+        let word = |i| super::iter::word(r, i);
+        let record = (word(0), word(1), word(2));
+        if records.last().is_some_and(|last| record.0 < last.1) {
+            return false;
         }
-        total += n as u64;
-        if total > MAX_BYTES {
-            // vm.max_map_count (65530 by default) records are 1.5 MiB.
-            return Err(std::io::Error::other(
-                "task_vma iterator wrote more than 16 MiB for one process",
-            ));
-        }
-        pending.extend_from_slice(&buf[..n]);
-        let whole = pending.len() / SIZE * SIZE;
-        for r in pending[..whole].chunks_exact(SIZE) {
-            let word = |i: usize| {
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&r[i * 8..i * 8 + 8]);
-                u64::from_ne_bytes(w)
-            };
-            let record = (word(0), word(1), word(2));
-            if records.last().is_some_and(|last| record.0 < last.1) {
-                return Ok(records);
-            }
-            records.push(record);
-        }
-        pending.drain(..whole);
-    }
-    if !pending.is_empty() {
-        return Err(std::io::Error::other(
-            "task_vma iterator wrote a partial record",
-        ));
-    }
+        records.push(record);
+        true
+    })?;
     Ok(records)
 }
 
