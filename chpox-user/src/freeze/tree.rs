@@ -194,8 +194,17 @@ impl FrozenTree {
         if let Some(hint) = hint {
             // A member can fork until it is stopped; its children are in
             // the hint before the fork returns, so ask again until nothing
-            // new comes.
-            while tree.grow(&mut known, &entries_of(&(hint.0)(root)))? {}
+            // new comes. Only the PIDs not known yet are read (a /proc
+            // read each, while the tree is partly frozen).
+            loop {
+                let unknown: Vec<i32> = (hint.0)(root)
+                    .into_iter()
+                    .filter(|pid| !known.contains(pid))
+                    .collect();
+                if unknown.is_empty() || !tree.grow(&mut known, &entries_of(&unknown))? {
+                    break;
+                }
+            }
         }
         tree.from_hint = tree.members.len() - 1;
         loop {
