@@ -11,18 +11,18 @@ use std::process::Command;
 use chpox::image::ImageReader;
 use chpox::image::model::Metadata;
 use common::agent::{Agent, scratch};
-use common::{Target, chpox_bin, tempdir};
+use common::restore::restore_and_wait;
+use common::{Target, chpox_bin, tempdir, wait_pid_free};
 
 /// Dump `pid` to `image`, the kernel's way or (`remote`) the remote
-/// syscalls' way; returns its metadata and whether the kernel's way was
-/// taken.
-fn dump(pid: i32, image: &Path, remote: bool) -> (Metadata, bool) {
+/// syscalls' way, with `extra` arguments; returns its metadata and
+/// whether the kernel's way was taken.
+fn dump_with(pid: i32, image: &Path, remote: bool, extra: &[&str]) -> (Metadata, bool) {
     let mut cmd = Command::new(chpox_bin());
-    cmd.args(["dump", &pid.to_string(), "-o"]).arg(image).args([
-        "--unsupported-fd",
-        "null",
-        "--json",
-    ]);
+    cmd.args(["dump", &pid.to_string(), "-o"])
+        .arg(image)
+        .args(["--unsupported-fd", "null", "--json"])
+        .args(extra);
     if remote {
         cmd.env("CHPOX_REMOTE_STATE", "1");
     }
@@ -32,6 +32,52 @@ fn dump(pid: i32, image: &Path, remote: bool) -> (Metadata, bool) {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dump --json");
     let reader = ImageReader::open(image).expect("image opens");
     (reader.metadata().clone(), report["state_from_kernel"] == 1)
+}
+
+fn dump(pid: i32, image: &Path, remote: bool) -> (Metadata, bool) {
+    dump_with(pid, image, remote, &[])
+}
+
+/// Python sets a handler and an ignored signal, and a second thread; once
+/// restored (and told to go on by a file appearing) it signals itself and
+/// exits 0 only if its handler ran and the kernel still ignores SIGHUP.
+const PYTHON: &str = r#"
+import os, signal, sys, threading, time
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+threading.Thread(target=lambda: time.sleep(3600), daemon=True).start()
+print("READY", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.1)
+ignored = next(int(l.split()[1], 16) for l in open("/proc/self/status") if l.startswith("SigIgn:"))
+sys.exit(0 if got == [signal.SIGUSR1] and ignored & (1 << (signal.SIGHUP - 1)) else 3)
+"#;
+
+#[test]
+fn python_read_the_kernels_way_comes_back_with_its_handlers() {
+    let s = scratch();
+    let _agent = Agent::start(&s);
+    let dir = tempdir();
+    let go = dir.path().join("go");
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", PYTHON]).arg(&go);
+    let mut target = Target::spawn_command(cmd, "python3", dir.path());
+    let image = dir.path().join("python.img");
+    let (meta, from_kernel) = dump_with(target.pid, &image, false, &["--kill"]);
+    assert!(from_kernel, "the dump did not read the kernel's structures");
+    assert!(
+        meta.root.threads.len() >= 2,
+        "{:?}",
+        meta.root.threads.len()
+    );
+    target.child.wait().expect("reap the original");
+    wait_pid_free(target.pid);
+    std::fs::write(&go, "").expect("go file");
+    let (code, stderr) = restore_and_wait(&image, &[], dir.path());
+    assert_eq!(code, 0, "the restored Python lost a disposition: {stderr}");
 }
 
 #[test]
