@@ -89,22 +89,11 @@ pub fn find_loaded(name: &str) -> std::io::Result<Option<OwnedFd>> {
     }
 }
 
+/// bpf(2) with `attr`, for commands that return a new descriptor.
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the size
-    // given, which the kernel only reads; a non-negative result is a new
-    // descriptor that we alone own.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above: a fresh descriptor, owned from here on.
+    let fd = bpf_call(cmd, attr)?;
+    // SAFETY: a non-negative result of these commands is a new descriptor
+    // that we alone own from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
