@@ -101,7 +101,7 @@ pub fn owner(pid: i32) -> Result<(u32, u32)> {
 }
 
 /// What /proc tells about the process. `brk`, rlimits and personality are
-/// filled in by `dump_remote_state`.
+/// filled in by `dump_remote_state` (or `kernelstate::apply`).
 /// `status_text`: its /proc/PID/status, where read already (while frozen).
 pub fn dump_proc_info(pid: i32, status_text: Option<&str>) -> Result<ProcessInfo> {
     let proc = Process::new(pid).map_err(|e| proc_err(pid, e))?;
@@ -216,34 +216,28 @@ pub async fn dump_remote_state(
     }
     // brk(0) cannot succeed in moving the break, so it just reports it.
     info.mm.brk = thread.call("brk", libc::SYS_brk, [0; 6]).await?;
-    if !dump_proc_state(info, thread.pid())? {
-        // personality(0xffffffff) queries without changing.
-        info.personality = thread
-            .call(
-                "personality",
-                libc::SYS_personality,
-                [0xffff_ffff, 0, 0, 0, 0, 0],
-            )
-            .await? as u32;
-    }
-    Ok(())
-}
-
-/// The personality and resource limits of frozen `pid`, from /proc (16
-/// remote prlimit64 calls cost more frozen time than everything else
-/// together on a busy machine). False if the personality could not be
-/// read there: only `personality(0xffffffff)` in the process tells it then.
-pub fn dump_proc_state(info: &mut ProcessInfo, pid: i32) -> Result<bool> {
     // /proc/PID/personality prints the value personality(0xffffffff)
-    // returns.
-    let from_proc = read_proc(&format!("/proc/{pid}/personality"))
+    // returns (one remote call less); the call where it cannot be read.
+    let from_proc = read_proc(&format!("/proc/{}/personality", thread.pid()))
         .ok()
         .and_then(|t| u32::from_str_radix(t.trim(), 16).ok());
-    if let Some(p) = from_proc {
-        info.personality = p;
-    }
-    info.rlimits = read_rlimits(pid)?;
-    Ok(from_proc.is_some())
+    info.personality = match from_proc {
+        Some(p) => p,
+        // personality(0xffffffff) queries without changing.
+        None => {
+            thread
+                .call(
+                    "personality",
+                    libc::SYS_personality,
+                    [0xffff_ffff, 0, 0, 0, 0, 0],
+                )
+                .await? as u32
+        }
+    };
+    // From /proc: 16 remote prlimit64 calls cost more frozen time than
+    // everything else here together on a busy machine.
+    info.rlimits = read_rlimits(thread.pid())?;
+    Ok(())
 }
 
 /// Every resource limit of `pid`, from `/proc/PID/limits` (one line per
