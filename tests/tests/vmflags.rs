@@ -158,3 +158,44 @@ fn flags_read_without_smaps_are_smaps_flags_also_after_a_change() {
         nix::sys::signal::Signal::SIGKILL,
     );
 }
+
+/// `chpox dump` beside a running agent: its pre-copy reads smaps while the
+/// process runs, with the kernel's bits before and after, and checks the
+/// flags after the freeze by the bits alone. The image must hold smaps's
+/// flags, also those madvise set on a whole mapping.
+#[test]
+fn a_pre_copied_dump_beside_the_agent_checks_flags_by_the_kernels_bits() {
+    become_subreaper();
+    let s = scratch();
+    let _agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("precopied.chpox");
+    let mut t = python(SCRIPT, &[], &s.logs);
+    let region = t.wait_for_line("REGION ", Duration::from_secs(30));
+    let region = u64::from_str_radix(region.trim_start_matches("REGION ").trim(), 16)
+        .expect("region address");
+    send(t.pid, libc::SIGUSR1);
+    t.wait_for_line("ADVISED", Duration::from_secs(30));
+    let out = common::chpox_ok(&[
+        "dump",
+        &t.pid.to_string(),
+        "-o",
+        path_str(&img),
+        "--json",
+        "--precopy",
+        "--unsupported-fd",
+        "null",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("dump --json");
+    assert_eq!(report["precopied"], 1, "{report}");
+    assert_eq!(report["flags_checked_without_smaps"], 1, "{report}");
+    let image = image_flags(&img);
+    assert_eq!(image, smaps_flags(t.pid), "flags of a pre-copied dump");
+    let flags = image.get(&region).expect("the region is in the image");
+    assert!(
+        flags.iter().any(|f| f == "dd") && flags.iter().any(|f| f == "wf"),
+        "{flags:?}"
+    );
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+}

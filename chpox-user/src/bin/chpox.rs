@@ -373,7 +373,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 member_hint: None,
                 freeze_first: false,
-                vma_flags: None,
+                vma_flags: chpox::trigger::bpf::vma_flags_from_agent(),
                 // For comparing the two ways: CHPOX_REMOTE_STATE asks every
                 // process with remote syscalls, as without an agent.
                 kernel_state: if std::env::var_os("CHPOX_REMOTE_STATE").is_some() {

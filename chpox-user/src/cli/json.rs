@@ -39,6 +39,9 @@ pub struct DumpJson<'a> {
     /// Processes whose state was read from the kernel's structures (a
     /// running agent's iterator) rather than asked with remote syscalls.
     pub state_from_kernel: usize,
+    /// Pre-copied processes whose mappings' flags were checked after the
+    /// freeze from the kernel's bits rather than smaps.
+    pub flags_checked_without_smaps: usize,
 }
 
 impl<'a> From<&'a DumpReport> for DumpJson<'a> {
@@ -62,6 +65,7 @@ impl<'a> From<&'a DumpReport> for DumpJson<'a> {
             precopied: r.precopied,
             precopy_pause_us: r.precopy_pause.as_micros() as u64,
             state_from_kernel: r.state_from_kernel,
+            flags_checked_without_smaps: r.flags_checked_without_smaps,
         }
     }
 }

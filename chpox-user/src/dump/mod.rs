@@ -168,6 +168,10 @@ pub struct DumpReport {
     /// with remote syscalls.
     #[serde(default)]
     pub state_from_kernel: usize,
+    /// Pre-copied processes whose flags were checked after the freeze from
+    /// the kernel's bits rather than smaps (`EarlyMaps::verify_after`).
+    #[serde(default)]
+    pub flags_checked_without_smaps: usize,
 }
 
 /// Dump `pid` to `opts.output`.
@@ -267,16 +271,17 @@ fn dump_inner(
         };
     if snapshots_wanted && precopy {
         let mut writer = create_writer(process::owner(pid)?)?;
-        precopies = PreCopies::run(&pids, &mut writer);
+        precopies = PreCopies::run(&pids, &mut writer, opts.vma_flags.as_deref());
         precopy_writer = Some(writer);
     }
     let precopies_pause = precopies.longest_pause;
     before.done("before the freeze: pre-copy");
     // VmFlags now, so that smaps need not be read while frozen (a
     // pre-copy read them meanwhile).
-    let mut early = precopies.take_early();
+    let mut early = precopies
+        .take_early()
+        .with_kernel_flags(opts.vma_flags.clone());
     early.refresh(&pids);
-    let early = early.with_kernel_flags(opts.vma_flags.clone());
     before.done("before the freeze: smaps");
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
@@ -356,7 +361,7 @@ fn dump_inner(
         // Before our write tracking goes: its release takes the mmap lock
         // that reading smaps needs, for as long.
         for (pid, maps) in &verify_after {
-            crate::earlymaps::verify_after(*pid, maps)?;
+            early.verify_after(*pid, maps)?;
         }
         // The processes run again: write tracking is no longer needed.
         // Unregistering un-protects every tracked page, a page-table walk
@@ -485,6 +490,7 @@ fn dump_inner(
         precopied,
         flags_without_smaps: early.read_from_kernel(),
         state_from_kernel: captured.state_from_kernel,
+        flags_checked_without_smaps: early.checked_without_smaps(),
     };
     // Callers warn about children left out, once (the agent per
     // registration, the CLI per dump).

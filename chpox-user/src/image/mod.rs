@@ -1,6 +1,7 @@
 //! The checkpoint image: one file, versioned header, 4 KiB-aligned bulk data,
 //! checksummed CBOR metadata. See `format.rs` for the byte layout.
 
+pub mod crc;
 pub mod error;
 pub mod format;
 pub mod model;
@@ -17,4 +18,4 @@ pub(crate) mod testutil;
 pub use error::ImageError;
 pub use format::Header;
 pub use reader::{ImageReader, VerifyReport};
-pub use writer::{ClosedArea, ImageWriter, MappedArea, WriteOptions};
+pub use writer::{AllocateAhead, ClosedArea, ImageWriter, MappedArea, WriteOptions};

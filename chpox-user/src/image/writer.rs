@@ -21,11 +21,13 @@ use super::error::ImageError;
 use super::format::{self, ALIGN, HEADER_SIZE, Header};
 use super::model::{Compression, DataRef, Metadata};
 
+mod ahead;
 mod area;
 mod deferred;
 mod dir;
 mod patch;
 
+pub use ahead::AllocateAhead;
 pub use area::{ClosedArea, MappedArea};
 use dir::{create_temp, open_dir, remove_stale_temps, split_path};
 
@@ -89,8 +91,8 @@ pub struct ImageWriter {
     /// Set once the temporary file has been renamed to the final path, after
     /// which there is nothing to clean up.
     published: bool,
-    /// The file was extended by `preallocate`; `finish` cuts it back to
-    /// what was written.
+    /// The file was extended by `map_area` or `allocate_ahead`; `finish`
+    /// cuts it back to what was written.
     preallocated: bool,
     keep_previous: u32,
     as_user: Option<crate::creds::UserCreds>,
@@ -364,7 +366,7 @@ impl ImageWriter {
         };
         let n = bytes.len() as u64;
         check_blob_len(*len, n)?;
-        let (new_len, new_crc) = (*len + n, crc32c::crc32c_combine(*crc, crc32c, bytes.len()));
+        let (new_len, new_crc) = (*len + n, crate::image::crc::combine(*crc, crc32c, n));
         if let Err(e) = (&*self.file).write_all(bytes) {
             self.state = State::Broken;
             return Err(self.err(e));

@@ -51,6 +51,12 @@ pub struct EarlyMaps {
     kernel: Option<std::sync::Arc<KernelVmaFlags>>,
     /// Processes whose flags, read while frozen, came from `kernel`.
     from_kernel: std::sync::atomic::AtomicUsize,
+    /// The kernel's raw bits behind each early smaps read, where `kernel`
+    /// gave the same before and after it: what
+    /// [`verify_after`](Self::verify_after) compares without smaps.
+    raw: HashMap<i32, Vec<(u64, u64, u64)>>,
+    /// Processes [`verify_after`](Self::verify_after) checked by `raw`.
+    checked_by_bits: std::sync::atomic::AtomicUsize,
 }
 
 /// Whether two map entries are the same `maps` line.
@@ -76,24 +82,36 @@ fn locked_bytes(pid: i32) -> Option<u64> {
 impl EarlyMaps {
     /// Read `smaps` of every process in `pids` (running). A process that
     /// cannot be read is left out: its `smaps` is read while frozen.
-    pub fn read(pids: &[i32]) -> EarlyMaps {
+    /// With `kernel`, its raw bits are read around each smaps read: where
+    /// they held throughout, they name the flags (learned) and are kept
+    /// for [`verify_after`](Self::verify_after).
+    pub fn read(pids: &[i32], kernel: Option<&KernelVmaFlags>) -> EarlyMaps {
         // The code search (a few reads of text) beside the page walks of
         // smaps: neither needs the other.
         std::thread::scope(|scope| {
             let code = scope.spawn(|| EarlyMaps::read_code(pids));
             let mut by_pid = HashMap::new();
+            let mut raws = HashMap::new();
             for &pid in pids {
                 let Some(started) = start_time(pid) else {
                     continue;
                 };
+                let raw_before = kernel.and_then(|k| k.raw(pid).ok());
                 if let Ok(maps) = memory::read_maps(pid)
                     && start_time(pid) == Some(started)
                 {
+                    if let (Some(k), Some(before)) = (kernel, raw_before)
+                        && k.raw(pid).is_ok_and(|after| after == before)
+                        && k.learn(&maps, &before)
+                    {
+                        raws.insert(pid, before);
+                    }
                     by_pid.insert(pid, (started, maps));
                 }
             }
             let mut early = code.join().unwrap_or_default();
             early.by_pid = by_pid;
+            early.raw = raws;
             early
         })
     }
@@ -141,6 +159,13 @@ impl EarlyMaps {
         }
     }
 
+    /// How many processes' flags [`verify_after`](Self::verify_after)
+    /// checked without smaps.
+    pub fn checked_without_smaps(&self) -> usize {
+        self.checked_by_bits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many processes' flags, read while frozen, came without smaps.
     pub fn read_from_kernel(&self) -> usize {
         self.from_kernel.load(std::sync::atomic::Ordering::Relaxed)
@@ -148,8 +173,12 @@ impl EarlyMaps {
 
     /// Take over what `other` read (a process read by both keeps `other`'s).
     pub fn absorb(&mut self, other: EarlyMaps) {
+        for pid in other.by_pid.keys() {
+            self.raw.remove(pid);
+        }
         self.by_pid.extend(other.by_pid);
         self.code.extend(other.code);
+        self.raw.extend(other.raw);
     }
 
     /// Read the processes of `pids` not read yet, or whose mappings changed
@@ -163,7 +192,8 @@ impl EarlyMaps {
             .filter(|&pid| !matches!(self.unchanged(pid), Ok(Some(_))))
             .collect();
         if !stale.is_empty() {
-            self.absorb(EarlyMaps::read(&stale));
+            let read = EarlyMaps::read(&stale, self.kernel.as_deref());
+            self.absorb(read);
         }
     }
 
@@ -306,13 +336,48 @@ pub fn verify_from_copy(target: i32, copy: i32, expected: &[MapEntry]) -> Result
     compare_with_copy(target, &memory::read_maps(copy)?, expected)
 }
 
-/// Check, once `pid` runs again, that every mapping of `expected` (flags
-/// read before the freeze) that is still there as it was has the same
-/// flags now. Used where no snapshot exists to check against (a pre-copy
-/// dump): a flag changed on a mapping between the early read and the
-/// freeze shows unless it changed back, or the mapping went, before this
-/// check; a change after the freeze fails the dump too (a retry helps).
-pub fn verify_after(pid: i32, expected: &[MapEntry]) -> Result<()> {
+impl EarlyMaps {
+    /// Check, once `pid` runs again, that every mapping of `expected`
+    /// (flags read before the freeze) that is still there as it was has
+    /// the same flags now. Used where no snapshot exists to check against
+    /// (a pre-copy dump): a flag changed on a mapping between the early
+    /// read and the freeze shows unless it changed back, or the mapping
+    /// went, before this check; a change after the freeze fails the dump
+    /// too (a retry helps).
+    ///
+    /// Where the kernel's raw bits were kept with the early read and every
+    /// mapping still at the same bounds still has the same bits, the flags
+    /// are the same (they are a function of the bits) without a page walk
+    /// of smaps; any other difference is judged by smaps, as without them.
+    pub fn verify_after(&self, pid: i32, expected: &[MapEntry]) -> Result<()> {
+        if let (Some(kernel), Some(early)) = (&self.kernel, self.raw.get(&pid))
+            && let Ok(now) = kernel.raw(pid)
+            && same_bits_where_same_bounds(early, &now)
+        {
+            self.checked_by_bits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
+        debug!(pid, "flags checked after the freeze by smaps");
+        verify_after_by_smaps(pid, expected)
+    }
+}
+
+/// Whether every mapping of `now` whose bounds are those of one of
+/// `early` (both in address order) has its bits.
+fn same_bits_where_same_bounds(early: &[(u64, u64, u64)], now: &[(u64, u64, u64)]) -> bool {
+    let mut now = now.iter().peekable();
+    early.iter().all(|&(start, end, bits)| {
+        while now.next_if(|n| n.0 < start).is_some() {}
+        match now.peek() {
+            Some(&&(s, e, b)) if (s, e) == (start, end) => b == bits,
+            _ => true,
+        }
+    })
+}
+
+/// [`EarlyMaps::verify_after`] by smaps.
+fn verify_after_by_smaps(pid: i32, expected: &[MapEntry]) -> Result<()> {
     let now = memory::read_maps(pid)?;
     let mut it = now.iter().peekable();
     for m in expected {
@@ -374,6 +439,33 @@ mod tests {
         let mut e = memory::parse_smaps(&line, "test").unwrap().remove(0);
         e.vm_flags = flags.iter().map(|s| s.to_string()).collect();
         e
+    }
+
+    #[test]
+    fn bits_are_compared_only_where_the_bounds_are_the_same() {
+        let early = [
+            (0x1000, 0x2000, 7),
+            (0x3000, 0x5000, 3),
+            (0x8000, 0x9000, 1),
+        ];
+        assert!(same_bits_where_same_bounds(&early, &early));
+        // A mapping gone, one split, one new: none of them compared.
+        let moved = [
+            (0x1000, 0x2000, 7),
+            (0x3000, 0x4000, 9),
+            (0x6000, 0x7000, 5),
+        ];
+        assert!(same_bits_where_same_bounds(&early, &moved));
+        assert!(same_bits_where_same_bounds(&early, &[]));
+        // The same bounds with another bit: changed.
+        let flipped = [
+            (0x1000, 0x2000, 7),
+            (0x3000, 0x5000, 3),
+            (0x8000, 0x9000, 0x2001),
+        ];
+        assert!(!same_bits_where_same_bounds(&early, &flipped));
+        let first = [(0x1000, 0x2000, 6)];
+        assert!(!same_bits_where_same_bounds(&early, &first));
     }
 
     #[test]

@@ -83,6 +83,12 @@ impl KernelVmaFlags {
         Ok((maps, false))
     }
 
+    /// Bounds and raw `vm_flags` of each mapping of `pid`, as the kernel
+    /// holds them now (microseconds: no page walk).
+    pub fn raw(&self, pid: i32) -> std::io::Result<Vec<(u64, u64, u64)>> {
+        (self.read)(pid)
+    }
+
     /// Give `maps` (from `/proc/PID/maps`) the learned flags of `raw`;
     /// false if any line has no record or no learned pattern.
     fn fill(&self, maps: &mut [MapEntry], raw: &[(u64, u64, u64)]) -> bool {
@@ -111,10 +117,11 @@ impl KernelVmaFlags {
         records.next().is_none()
     }
 
-    /// Remember the patterns of `raw` that `maps` (read from smaps at the
-    /// same frozen moment) name. Learned only when the two agree line for
+    /// Remember the patterns of `raw` that `maps` (read from smaps while
+    /// `raw` held: frozen, or the same bits read before and after) name. Learned only when the two agree line for
     /// line, so no pattern is ever paired with another mapping's flags.
-    fn learn(&self, maps: &[MapEntry], raw: &[(u64, u64, u64)]) {
+    /// Returns whether they agreed.
+    pub fn learn(&self, maps: &[MapEntry], raw: &[(u64, u64, u64)]) -> bool {
         let vmas: Vec<&MapEntry> = maps.iter().filter(|m| m.path != GATE).collect();
         if vmas.len() != raw.len()
             || vmas
@@ -123,7 +130,7 @@ impl KernelVmaFlags {
                 .any(|(m, &(s, e, _))| (m.start, m.end) != (s, e))
         {
             debug!("task_vma records and smaps disagree: nothing learned");
-            return;
+            return false;
         }
         let mut learned = lock(&self.learned);
         for (m, &(_, _, bits)) in vmas.iter().zip(raw) {
@@ -132,6 +139,7 @@ impl KernelVmaFlags {
         if let Some(g) = maps.iter().find(|m| m.path == GATE) {
             lock(&self.gate).get_or_insert_with(|| g.vm_flags.clone());
         }
+        true
     }
 }
 

@@ -537,10 +537,9 @@ fn check_parts(runs: &[Run], parts: &mut [Part]) -> Result<()> {
         let slot = &mut crcs[p.run];
         *slot = Some(match *slot {
             None if p.at == 0 => (p.len, p.crc),
-            Some((len, crc)) if len == p.at => (
-                len + p.len,
-                crc32c::crc32c_combine(crc, p.crc, p.len as usize),
-            ),
+            Some((len, crc)) if len == p.at => {
+                (len + p.len, crate::image::crc::combine(crc, p.crc, p.len))
+            }
             _ => {
                 return Err(Error::Other(
                     "internal: page run copied out of order".into(),

@@ -448,28 +448,42 @@ fn load_task_iter(ebpf: &mut Ebpf) -> Result<task_iter::TaskStateIter, String> {
     load_iter(ebpf, names::TASK_STATE_PROGRAM, "task").map(task_iter::TaskStateIter::new)
 }
 
-/// For `chpox dump`: the `task` iterator a running agent loaded, found
-/// among the kernel's loaded programs by its name (which carries the
-/// layout of its records). Without an agent, or unless root, none: the
-/// remote syscalls ask, and nothing is loaded here (loading takes ~60 ms
-/// of CPU, more than a small dump's whole work).
-pub fn kernel_state_from_agent() -> Option<Arc<crate::process::kernelstate::KernelState>> {
+/// For `chpox dump`: the iterator program `name` a running agent loaded,
+/// found among the kernel's loaded programs by its name (which carries the
+/// layout of its records). Without an agent, or unless root, none: nothing
+/// is loaded here (loading takes ~60 ms of CPU, more than a small dump's
+/// whole work).
+fn agent_iterator(name: &str) -> Option<OwnedFd> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }
-    let prog = match iter::find_loaded(names::TASK_STATE_PROGRAM) {
-        Ok(Some(prog)) => prog,
+    match iter::find_loaded(name) {
+        Ok(Some(prog)) => Some(prog),
         Ok(None) => {
-            debug!("no agent's task iterator loaded: remote syscalls ask");
-            return None;
+            debug!(name, "no agent's iterator loaded");
+            None
         }
         Err(e) => {
-            debug!(error = %e, "cannot look for the agent's task iterator: remote syscalls ask");
-            return None;
+            debug!(name, error = %e, "cannot look for the agent's iterator");
+            None
         }
-    };
-    let iter = task_iter::TaskStateIter::new(prog);
+    }
+}
+
+/// For `chpox dump`: the agent's `task` iterator, or none (then remote
+/// syscalls ask).
+pub fn kernel_state_from_agent() -> Option<Arc<crate::process::kernelstate::KernelState>> {
+    let iter = task_iter::TaskStateIter::new(agent_iterator(names::TASK_STATE_PROGRAM)?);
     Some(crate::process::kernelstate::KernelState::new(Box::new(
+        move |pid| iter.read(pid),
+    )))
+}
+
+/// For `chpox dump`: the agent's `task_vma` iterator, or none (then
+/// smaps tells every flag).
+pub fn vma_flags_from_agent() -> Option<Arc<crate::memory::vmflags::KernelVmaFlags>> {
+    let iter = vma_iter::VmaIter::new(agent_iterator(names::VMA_FLAGS_PROGRAM)?);
+    Some(crate::memory::vmflags::KernelVmaFlags::new(Box::new(
         move |pid| iter.read(pid),
     )))
 }

@@ -38,10 +38,11 @@ use crate::dirty::{
 };
 use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
-use crate::image::ImageWriter;
 use crate::image::model::{
     DataRef, Metadata, PageRun, RestartKind, SyscallState, ThreadState, VmaKind,
 };
+use crate::image::{AllocateAhead, ImageWriter};
+use crate::memory::vmflags::KernelVmaFlags;
 use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::ptrace::Frozen;
 use crate::remote::RemoteThread;
@@ -149,12 +150,21 @@ fn may_precopy(pid: i32) -> bool {
 impl PreCopies {
     /// Pre-copy every process of `pids` (running) into `writer`. A process
     /// that cannot be pre-copied is left out (and dumped the ordinary way).
-    pub fn run(pids: &[i32], writer: &mut ImageWriter) -> PreCopies {
+    /// `kernel`: the raw flags read beside each smaps read (see
+    /// [`EarlyMaps::read`]).
+    pub fn run(
+        pids: &[i32],
+        writer: &mut ImageWriter,
+        kernel: Option<&KernelVmaFlags>,
+    ) -> PreCopies {
         let mut all = PreCopies::default();
         for &pid in pids {
             if !may_precopy(pid) {
                 continue;
             }
+            // The image file's space while the attach and the first scan
+            // keep the writer waiting (see `image::writer::ahead`).
+            let ahead = writer.allocate_ahead(private_bytes(&[pid]));
             match attach(pid) {
                 Ok((tracker, maps, registered, sleeping, pause)) => {
                     all.longest_pause = all.longest_pause.max(pause);
@@ -163,8 +173,8 @@ impl PreCopies {
                     // page walk of tens of ms per GiB, done on another
                     // thread beside the copy instead of after it.
                     let (copied, early) = std::thread::scope(|scope| {
-                        let early = scope.spawn(move || EarlyMaps::read(&[pid]));
-                        let copied = copy_while_running(tracker, &maps, &registered, writer);
+                        let early = scope.spawn(move || EarlyMaps::read(&[pid], kernel));
+                        let copied = copy_while_running(tracker, &maps, &registered, writer, ahead);
                         (copied, early.join().unwrap_or_default())
                     });
                     // Registered without flags (see `attach`): device
@@ -304,6 +314,7 @@ fn copy_while_running(
     maps: &[MapEntry],
     registered: &[(u64, u64)],
     writer: &mut ImageWriter,
+    ahead: AllocateAhead,
 ) -> Result<PreCopied> {
     let pid = tracker.pid();
     let started = Instant::now();
@@ -327,6 +338,7 @@ fn copy_while_running(
         covered.push((map.start, map.end));
     }
     let scanned = started.elapsed();
+    ahead.stop();
     let refs = crate::pagecopy::copy_runs(pid, crate::pagecopy::Source::Running, &runs, writer)?;
     let copied: Vec<(u64, u64, DataRef)> = runs
         .iter()
