@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::debug;
 
-use super::plan::{MemoryPlan, plan_memory, plan_precopied};
+use super::plan::{MemoryPlan, PlansBeside, plan_memory};
 use super::{DumpOptions, Phases};
 use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
@@ -154,8 +154,6 @@ pub(super) fn capture_tree(
     } else {
         Vec::new()
     };
-    let planned_for = plan_precopied(heads.len(), precopied, &texts, early)?;
-    phase.done("pre-copy scans");
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
     let mut procs = Vec::with_capacity(fds.len());
@@ -164,44 +162,51 @@ pub(super) fn capture_tree(
     let mut plans = Vec::new();
     let mut verify_after = Vec::new();
     let mut resident_pages = 0;
-    let each = tree
-        .members()
-        .iter()
-        .zip(fds)
-        .zip(heads)
-        .zip(&texts)
-        .zip(planned_for);
-    for ((((frozen, fds), head), texts), planned) in each {
-        if !procs.is_empty() {
-            pages.next_process(frozen.pid())?;
-        }
-        let (image, resident, snapshot, plan) = capture_process(
-            frozen,
-            head,
-            planned,
-            texts,
-            writer,
-            &mut pages,
-            fds,
-            &mut files,
-            &mut shmem,
-            snapshots_wanted.then_some(procs.len()),
-            tracking.as_mut().map(|(t, p)| (&mut **t, *p)),
-            early,
-            precopies,
-        )?;
-        resident_pages += resident;
-        snapshots.extend(snapshot);
-        if let Some((plan, maps)) = plan {
-            plans.push(plan);
-            if let Some(maps) = maps {
-                verify_after.push((frozen.pid(), maps));
+    let texts = &texts;
+    std::thread::scope(|scope| -> Result<()> {
+        let mut planned_for = PlansBeside::start(scope, heads.len(), precopied, texts, early);
+        phase.done("pre-copy scans (the other thread's go on beside)");
+        let each = tree
+            .members()
+            .iter()
+            .zip(fds)
+            .zip(heads)
+            .zip(texts)
+            .enumerate();
+        for (i, (((frozen, fds), head), texts)) in each {
+            let planned = planned_for.take(i)?;
+            if !procs.is_empty() {
+                pages.next_process(frozen.pid())?;
             }
+            let (image, resident, snapshot, plan) = capture_process(
+                frozen,
+                head,
+                planned,
+                texts,
+                writer,
+                &mut pages,
+                fds,
+                &mut files,
+                &mut shmem,
+                snapshots_wanted.then_some(procs.len()),
+                tracking.as_mut().map(|(t, p)| (&mut **t, *p)),
+                early,
+                precopies,
+            )?;
+            resident_pages += resident;
+            snapshots.extend(snapshot);
+            if let Some((plan, maps)) = plan {
+                plans.push(plan);
+                if let Some(maps) = maps {
+                    verify_after.push((frozen.pid(), maps));
+                }
+            }
+            let mut image = image;
+            image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
+            procs.push(image);
         }
-        let mut image = image;
-        image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
-        procs.push(image);
-    }
+        Ok(())
+    })?;
     let pages_stored = pages.pages_stored;
     phase.done("processes");
     fds::classify(&mut procs, opts.unsupported_fd)?;

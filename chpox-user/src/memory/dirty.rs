@@ -91,9 +91,8 @@ struct PmScanArg {
 }
 
 /// Room for the regions of one `PAGEMAP_SCAN` of `[start, end)`: at most
-/// one per page, at most [`SCAN_BATCH`]. Sized to the range because a
-/// full batch (384 KiB, written whole by `vec!`) for each small mapping
-/// cost a frozen process of 30 mappings about 0.2 ms.
+/// one per page, at most [`SCAN_BATCH`]. Sized to the range, so that the
+/// allocation of a small mapping's walk stays small.
 fn batch(start: u64, end: u64) -> usize {
     let pages = end.saturating_sub(start).div_ceil(crate::memory::PAGE_SIZE);
     usize::try_from(pages).map_or(SCAN_BATCH, |p| p.clamp(1, SCAN_BATCH))
@@ -402,6 +401,37 @@ impl Tracker {
         .into()
     }
 
+    /// One `PAGEMAP_SCAN` of `arg`'s range into `buf`'s capacity (none:
+    /// no regions asked for); `buf` then holds what the kernel reported,
+    /// and the count is returned. The room is never initialised by us: a
+    /// walk usually reports a few regions, and writing a whole batch first
+    /// (384 KiB, fresh pages on a thread's first walk) cost a frozen
+    /// process ~30 us per large mapping and ~200 us on a thread's first.
+    fn scan_into(&self, arg: &mut PmScanArg, buf: &mut Vec<Region>) -> crate::Result<usize> {
+        buf.clear();
+        let room = buf.capacity();
+        arg.vec = if room == 0 {
+            0
+        } else {
+            buf.as_mut_ptr() as u64
+        };
+        arg.vec_len = room as u64;
+        let (from, end) = (arg.start, arg.end);
+        let n = pagemap_scan(&self.pagemap, arg).map_err(|e| self.scan_error(from, end, e))?;
+        if n > room {
+            return Err(self.scan_error(
+                from,
+                end,
+                io::Error::other("the kernel reported more regions than it had room for"),
+            ));
+        }
+        // SAFETY: the kernel wrote `n` (at most the capacity, checked)
+        // whole `struct page_region`s from the start of the buffer, and
+        // `Region` is that struct: plain u64s, any bits valid.
+        unsafe { buf.set_len(n) };
+        Ok(n)
+    }
+
     /// What a failed `PAGEMAP_SCAN` of `[from, end)` means: the process
     /// gone or exec'd, the range no longer registered, or an I/O error.
     fn scan_error(&self, from: u64, end: u64, e: std::io::Error) -> crate::Error {
@@ -429,7 +459,8 @@ impl Tracker {
         protect: bool,
         mut out: Option<(&mut Vec<Region>, u64)>,
     ) -> crate::Result<()> {
-        let mut buf = vec![Region::default(); if out.is_some() { batch(start, end) } else { 0 }];
+        let mut buf: Vec<Region> =
+            Vec::with_capacity(if out.is_some() { batch(start, end) } else { 0 });
         let mut from = start;
         while from < end {
             let mut arg = PmScanArg {
@@ -437,27 +468,20 @@ impl Tracker {
                 flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
                 start: from,
                 end,
-                vec: if buf.is_empty() {
-                    0
-                } else {
-                    buf.as_mut_ptr() as u64
-                },
-                vec_len: buf.len() as u64,
                 category_mask: PAGE_IS_WRITTEN,
                 return_mask: out.as_ref().map_or(PAGE_IS_WRITTEN, |o| o.1),
                 ..PmScanArg::default()
             };
-            let n =
-                pagemap_scan(&self.pagemap, &mut arg).map_err(|e| self.scan_error(from, end, e))?;
+            let n = self.scan_into(&mut arg, &mut buf)?;
             if let Some((out, _)) = out.as_mut() {
-                out.extend_from_slice(&buf[..n]);
+                out.extend_from_slice(&buf);
             }
             // The kernel walks on by itself while our vector has room, and
             // stops early only when it is full; `walk_end` is where, then.
             // After a complete walk it may still hold an earlier stop of
             // the kernel's own loop (6.18), which would report regions
             // twice: the walk is done when the vector was not filled.
-            if n < buf.len() || buf.is_empty() {
+            if n < buf.capacity() || buf.capacity() == 0 {
                 return Ok(());
             }
             if arg.walk_end <= from {
@@ -535,7 +559,7 @@ impl Tracker {
         file: bool,
     ) -> crate::Result<Vec<Region>> {
         let mut out = Vec::new();
-        let mut buf = vec![Region::default(); batch(start, end)];
+        let mut buf = Vec::with_capacity(batch(start, end));
         let mut from = start;
         while from < end {
             let mut arg = PmScanArg {
@@ -543,8 +567,6 @@ impl Tracker {
                 flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
                 start: from,
                 end,
-                vec: buf.as_mut_ptr() as u64,
-                vec_len: buf.len() as u64,
                 // No category required: every page is reported.
                 return_mask: PAGE_IS_WRITTEN
                     | PAGE_IS_PRESENT
@@ -553,9 +575,8 @@ impl Tracker {
                     | if file { PAGE_IS_FILE } else { 0 },
                 ..PmScanArg::default()
             };
-            let n =
-                pagemap_scan(&self.pagemap, &mut arg).map_err(|e| self.scan_error(from, end, e))?;
-            out.extend_from_slice(&buf[..n]);
+            self.scan_into(&mut arg, &mut buf)?;
+            out.extend_from_slice(&buf);
             if arg.walk_end <= from {
                 return Err(self.scan_error(
                     from,
