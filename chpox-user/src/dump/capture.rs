@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::debug;
 
+use super::asfrozen::AsFrozen;
 use super::plan::{MemoryPlan, PlansBeside, plan_memory};
 use super::{DumpOptions, Phases};
 use crate::earlymaps::EarlyMaps;
@@ -14,6 +15,7 @@ use crate::fds;
 use crate::files::FileTable;
 use crate::image::ImageWriter;
 use crate::image::model::{HostInfo, Metadata, ProcessImage, SignalState, Vma, VmaKind};
+use crate::image::model_fds::FdEntry;
 use crate::incremental::{Plan, Tracking};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::precopy::{Planned, PreCopies};
@@ -43,6 +45,16 @@ pub(super) struct Captured {
     pub(super) state_from_kernel: usize,
 }
 
+/// What the dump gathered before the tree was frozen and while it froze.
+pub(super) struct Gathered<'a> {
+    /// The mappings' flags and code, read before the freeze.
+    pub(super) early: &'a EarlyMaps,
+    /// The pages copied while the processes ran.
+    pub(super) precopies: &'a mut PreCopies,
+    /// /proc and kernel state, read as each process froze.
+    pub(super) as_frozen: AsFrozen,
+}
+
 /// Read everything while the tree is frozen; bulk data goes to `writer`.
 pub(super) fn capture_tree(
     tree: &FrozenTree,
@@ -50,96 +62,59 @@ pub(super) fn capture_tree(
     writer: &mut ImageWriter,
     snapshots_wanted: bool,
     mut tracking: Option<(&mut Tracking, &Plan)>,
-    early: &EarlyMaps,
-    precopies: &mut PreCopies,
+    gathered: Gathered<'_>,
 ) -> Result<Captured> {
+    let Gathered {
+        early,
+        precopies,
+        as_frozen,
+    } = gathered;
     let mut phase = Phases::start();
     if let Some(user) = &opts.as_user {
         tree::check_owned_by(tree, user)?;
     }
     let fs_with_parent = tree::check_unshared(tree)?;
     phase.done("owners, shared tables");
-    // The descriptors are read from /proc alone: on the other core,
-    // beside the ptrace work on the threads below (0.1 ms per process
-    // here, 0.5–2.5 ms more with sockets).
     let pids: Vec<i32> = tree.members().iter().map(Frozen::pid).collect();
-    let policy = opts.unsupported_fd;
-    let tcp = opts.tcp;
-    let (infos_tx, infos_rx) = std::sync::mpsc::channel();
-    let beside_infos = pids.len() - pids.len() / 2;
-    // Each process's /proc/PID/maps and status, read once for the ring
-    // check, the gadgets, the dispositions, attributes and mappings (see
-    // `EarlyMaps::unchanged_maps_in`), rather than once for each: by this
-    // thread, while the other reads the rest of /proc.
-    let texts_cell = std::sync::OnceLock::<Vec<ProcTexts>>::new();
-    let (texts_tx, texts_rx) = std::sync::mpsc::channel::<()>();
-    let (fds, heads) = std::thread::scope(|scope| {
-        let texts_cell = &texts_cell;
+    let read = as_frozen.collect(pids.len())?;
+    phase.done("/proc and kernel state, read as each process froze");
+    let mut texts = Vec::with_capacity(read.len());
+    let mut infos = Vec::with_capacity(read.len());
+    let mut kernel = Vec::with_capacity(read.len());
+    for e in read {
+        texts.push(e.texts);
+        infos.push(e.info);
+        kernel.push(e.kernel);
+    }
+    // The descriptors are read from /proc alone: on the other core,
+    // beside the ptrace work on the threads below, and then on both
+    // (0.06 ms per process here, 0.5–2.5 ms more with sockets).
+    let scan = DescriptorScan::new(&pids, opts);
+    let (beside, heads) = std::thread::scope(|scope| {
+        let (scan, texts) = (&scan, &texts);
         let descriptors = scope.spawn(move || {
             let mut phase = Phases::start();
-            // What /proc says of the first processes first: the other
-            // thread waits for it (and reads the others', whose status it
-            // has read already: the two threads share the work).
-            let infos = pids[..beside_infos]
-                .iter()
-                .map(|&pid| process::dump_proc_info(pid, None))
-                .collect::<Result<Vec<_>>>();
-            let _ = infos_tx.send(infos);
-            phase.done("/proc of the processes (beside)");
-            // No texts: reading them failed, and that error is reported.
-            let (Ok(()), Some(texts)) = (texts_rx.recv(), texts_cell.get()) else {
-                return Ok(Vec::new());
-            };
-            let sockets = fds::sockets::tables::SocketTables::new(tcp);
-            let scanned = pids
-                .iter()
-                .zip(texts)
-                .map(|(&pid, texts)| fds::scan_fds(pid, policy, &sockets, &texts.maps))
-                .collect::<Result<Vec<_>>>();
-            // Which of them share a description: here, with the files'
-            // ids the scan has, rather than on the other thread later.
-            let fds = scanned.map(|mut scanned| {
-                tree::link_descriptions(&pids, &mut scanned);
-                scanned
-                    .into_iter()
-                    .map(|entries| entries.into_iter().map(|(e, _)| e).collect::<Vec<_>>())
-                    .collect::<Vec<_>>()
-            });
-            phase.done(if sockets.queried() {
-                "sock_diag, descriptors (beside)"
-            } else {
-                "descriptors, no socket (beside)"
-            });
-            fds
+            scan.run(texts);
+            phase.done("descriptors (beside)");
         });
-        let precopies = &mut *precopies;
-        let heads = (move || {
-            let read = tree
-                .members()
-                .iter()
-                .map(|f| ProcTexts::read(f.pid()))
-                .collect::<Result<Vec<_>>>()?;
-            let texts = texts_cell.get_or_init(move || read);
-            let _ = texts_tx.send(());
-            read_heads(tree, opts, early, precopies, texts, infos_rx, beside_infos)
-        })();
-        let fds = descriptors.join().unwrap_or_else(|_| {
-            Err(Error::Other(
-                "internal: the descriptor scan panicked".into(),
-            ))
-        });
-        (fds, heads)
+        let heads = read_heads(tree, opts, early, precopies, texts, infos, kernel);
+        // Whatever descriptors are left, with the other thread.
+        scan.run(texts);
+        (descriptors.join(), heads)
     });
+    let fds = match beside {
+        Ok(()) => scan.finish(),
+        Err(_) => Err(Error::Other(
+            "internal: the descriptor scan panicked".into(),
+        )),
+    };
     // The descriptors' failure first: it names what the user can change.
     let fds = fds?;
     let (mut heads, state_from_kernel) = heads?;
-    let mut texts = texts_cell
-        .into_inner()
-        .ok_or_else(|| Error::Other("internal: /proc texts were not read".into()))?;
     for (t, head) in texts.iter_mut().zip(&heads) {
         t.started = Some(head.info.start_time_ticks);
     }
-    phase.done("/proc, threads, remote syscalls, descriptors");
+    phase.done("threads, remote syscalls, descriptors");
     // The pre-copied processes that run on after the dump.
     let precopied: Vec<(usize, i32, crate::precopy::PreCopied)> = if snapshots_wanted {
         tree.members()
@@ -269,34 +244,15 @@ fn read_heads(
     early: &EarlyMaps,
     precopies: &mut PreCopies,
     texts: &[ProcTexts],
-    infos: std::sync::mpsc::Receiver<Result<Vec<crate::image::model::ProcessInfo>>>,
-    infos_beside: usize,
+    infos: Vec<crate::image::model::ProcessInfo>,
+    kernel: Vec<KernelFields>,
 ) -> Result<(Vec<ProcessHead>, usize)> {
     let mut phase = Phases::start();
-    // While the other thread still reads /proc.
-    let kernel: Vec<KernelFields> = tree
-        .members()
-        .iter()
-        .map(|frozen| {
-            let pid = frozen.pid();
-            let fields = opts.kernel_state.as_ref()?.read(pid)?;
-            Some((fields, crate::timers::any_posix(pid)))
-        })
-        .collect();
     let mut threads = Vec::with_capacity(texts.len());
     for ((frozen, texts), kernel) in tree.members().iter().zip(texts).zip(&kernel) {
         let fields = kernel.as_ref().map(|(fields, _)| fields);
         threads.push(read_threads(frozen, early, precopies, texts, fields)?);
     }
-    let mine = tree.members()[infos_beside..]
-        .iter()
-        .zip(&texts[infos_beside..])
-        .map(|(frozen, texts)| process::dump_proc_info(frozen.pid(), Some(&texts.status)))
-        .collect::<Result<Vec<_>>>()?;
-    let mut infos = infos
-        .recv()
-        .map_err(|_| Error::Other("internal: /proc was not read beside".into()))??;
-    infos.extend(mine);
     let mut heads = Vec::with_capacity(texts.len());
     let each = tree.members().iter().zip(infos).zip(threads).zip(kernel);
     for (((frozen, mut info), threads), kernel) in each {
@@ -316,10 +272,68 @@ fn read_heads(
             kernel,
         });
     }
-    phase.done("/proc, threads");
+    phase.done("threads");
     let from_kernel = remote_state_all(tree.members(), &mut heads, texts)?;
     phase.done("remote syscalls");
     Ok((heads, from_kernel))
+}
+
+/// One process's descriptors, with the file each refers to (for
+/// [`tree::link_descriptions`]).
+type ScannedFds = Vec<(FdEntry, Option<fds::FileId>)>;
+
+/// The descriptors of every process of a frozen tree, read by whichever
+/// thread takes the next process (see `capture_tree`).
+struct DescriptorScan<'a> {
+    pids: &'a [i32],
+    policy: fds::UnsupportedFd,
+    sockets: fds::sockets::tables::SocketTables,
+    next: std::sync::atomic::AtomicUsize,
+    scanned: Vec<std::sync::OnceLock<Result<ScannedFds>>>,
+}
+
+impl<'a> DescriptorScan<'a> {
+    fn new(pids: &'a [i32], opts: &DumpOptions) -> DescriptorScan<'a> {
+        DescriptorScan {
+            pids,
+            policy: opts.unsupported_fd,
+            sockets: fds::sockets::tables::SocketTables::new(opts.tcp),
+            next: std::sync::atomic::AtomicUsize::new(0),
+            scanned: pids.iter().map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// Scan processes not taken yet until none is left; `texts` are theirs.
+    fn run(&self, texts: &[ProcTexts]) {
+        loop {
+            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (Some(&pid), Some(texts), Some(slot)) =
+                (self.pids.get(i), texts.get(i), self.scanned.get(i))
+            else {
+                return;
+            };
+            let _ = slot.set(fds::scan_fds(pid, self.policy, &self.sockets, &texts.maps));
+        }
+    }
+
+    /// Every process's descriptors (the first failure, in the tree's
+    /// order), with which of them share a description.
+    fn finish(self) -> Result<Vec<Vec<FdEntry>>> {
+        let mut scanned = self
+            .scanned
+            .into_iter()
+            .map(|s| {
+                s.into_inner().unwrap_or_else(|| {
+                    Err(Error::Other("internal: descriptors not scanned".into()))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        tree::link_descriptions(self.pids, &mut scanned);
+        Ok(scanned
+            .into_iter()
+            .map(|entries| entries.into_iter().map(|(e, _)| e).collect())
+            .collect())
+    }
 }
 
 /// A frozen process's /proc/PID/maps and /proc/PID/status, read once,
@@ -335,7 +349,7 @@ pub(super) struct ProcTexts {
 }
 
 impl ProcTexts {
-    fn read(pid: i32) -> Result<ProcTexts> {
+    pub(super) fn read(pid: i32) -> Result<ProcTexts> {
         Ok(ProcTexts {
             maps: crate::error::read_proc(&format!("/proc/{pid}/maps"))?,
             status: crate::error::read_proc(&format!("/proc/{pid}/status"))?,
@@ -357,7 +371,7 @@ struct ProcessHead {
 /// A process's [`process::kernelstate::ProcessFields`], and whether it has
 /// POSIX timers (which only remote calls read), when the dump has the
 /// iterator.
-type KernelFields = Option<(process::kernelstate::ProcessFields, bool)>;
+pub(super) type KernelFields = Option<(process::kernelstate::ProcessFields, bool)>;
 
 /// What a frozen process's threads say (ptrace), and its shared pending
 /// signals and code gadgets: its [`ProcessHead`] but for /proc's part.

@@ -24,6 +24,7 @@ use crate::ptrace::Frozen;
 use crate::snapshot::{self, Snapshot};
 use crate::tree::{self, FrozenTree};
 
+mod asfrozen;
 mod capture;
 mod plan;
 
@@ -283,6 +284,9 @@ fn dump_inner(
         .with_kernel_flags(opts.vma_flags.clone());
     early.refresh(&pids);
     before.done("before the freeze: smaps");
+    // Reads /proc of each process as soon as it is frozen (see
+    // `asfrozen`); its thread starts before the freeze.
+    let as_frozen = asfrozen::AsFrozen::start(opts.kernel_state.clone());
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
     let boost = Boost::raise();
@@ -295,7 +299,7 @@ fn dump_inner(
         tree::MemberHint(std::sync::Arc::new(move |_| listed.clone()))
     });
     let hint = opts.member_hint.as_ref().or(listed_hint.as_ref());
-    let frozen = FrozenTree::freeze_hinted(pid, opts.children, hint)?;
+    let frozen = FrozenTree::freeze_hinted(pid, opts.children, hint, &|pid| as_frozen.frozen(pid))?;
     let frozen_at_monotonic_ns = frozen.stopped_at_ns();
     let (members_from_hint, members_from_scan) = (frozen.from_hint, frozen.from_scan);
     let owner = process::owner(pid)?;
@@ -327,8 +331,11 @@ fn dump_inner(
         &mut writer,
         snapshots_wanted,
         tracking.as_deref_mut().zip(plan.as_ref()),
-        &early,
-        &mut precopies,
+        capture::Gathered {
+            early: &early,
+            precopies: &mut precopies,
+            as_frozen,
+        },
     )
     .map_err(|e| name_the_exit(e, &members))?;
     let copies: Vec<i32> = captured.snapshots.iter().map(|s| s.child()).collect();

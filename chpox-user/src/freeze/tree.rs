@@ -157,7 +157,7 @@ pub struct FrozenTree {
 impl FrozenTree {
     /// Freeze `root` and, with `children`, all its descendants.
     pub fn freeze(root: i32, children: bool) -> Result<FrozenTree> {
-        Self::freeze_hinted(root, children, None)
+        Self::freeze_hinted(root, children, None, &|_| {})
     }
 
     /// [`FrozenTree::freeze`], finding the descendants first among the
@@ -167,13 +167,18 @@ impl FrozenTree {
     /// frozen member, as with a scan. Then a scan of /proc, made once every
     /// member the hint led to is stopped, confirms the tree (and finds its
     /// zombies, and anything the hint missed, which is then frozen too).
+    /// `on_frozen` is told each member's PID as soon as it is frozen, in
+    /// the order of [`members`](Self::members).
     pub fn freeze_hinted(
         root: i32,
         children: bool,
         hint: Option<&MemberHint>,
+        on_frozen: &dyn Fn(i32),
     ) -> Result<FrozenTree> {
+        let root_frozen = Frozen::freeze(root)?;
+        on_frozen(root);
         let mut tree = FrozenTree {
-            members: vec![Frozen::freeze(root)?],
+            members: vec![root_frozen],
             zombies: Vec::new(),
             children_left_out: Vec::new(),
             from_hint: 0,
@@ -201,7 +206,7 @@ impl FrozenTree {
                     .into_iter()
                     .filter(|pid| !known.contains(pid))
                     .collect();
-                if unknown.is_empty() || !tree.grow(&mut known, &entries_of(&unknown))? {
+                if unknown.is_empty() || !tree.grow(&mut known, &entries_of(&unknown), on_frozen)? {
                     break;
                 }
             }
@@ -209,7 +214,7 @@ impl FrozenTree {
         tree.from_hint = tree.members.len() - 1;
         loop {
             let children = tree.children_not_in(&known);
-            if !tree.grow(&mut known, &children)? {
+            if !tree.grow(&mut known, &children, on_frozen)? {
                 break;
             }
         }
@@ -228,7 +233,12 @@ impl FrozenTree {
     /// Freeze (or record as zombies) the children, in `table`, of frozen
     /// members that are not `known` yet, parents before children. Whether
     /// any were new.
-    fn grow(&mut self, known: &mut HashSet<i32>, table: &[ProcEntry]) -> Result<bool> {
+    fn grow(
+        &mut self,
+        known: &mut HashSet<i32>,
+        table: &[ProcEntry],
+        on_frozen: &dyn Fn(i32),
+    ) -> Result<bool> {
         let mut by_parent: HashMap<i32, Vec<&ProcEntry>> = HashMap::new();
         for e in table {
             by_parent.entry(e.ppid).or_default().push(e);
@@ -269,6 +279,7 @@ impl FrozenTree {
             let pid = f.pid();
             if let Some(f) = gone_or(f.finish(), pid, known)? {
                 self.members.push(f);
+                on_frozen(pid);
             }
         }
         Ok(true)

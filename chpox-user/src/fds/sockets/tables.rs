@@ -3,14 +3,17 @@
 //! none, and the queries (every UNIX, TCP and UDP socket of the namespace)
 //! cost about half a millisecond of frozen time.
 
-use std::cell::OnceCell;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use super::{inet, unix};
 use crate::error::Result;
 
 pub struct SocketTables {
     tcp: inet::TcpPolicy,
-    queried: OnceCell<(unix::UnixTable, inet::InetTable)>,
+    queried: OnceLock<(unix::UnixTable, inet::InetTable)>,
+    /// Held while asking, so that two threads scanning descriptors ask
+    /// the kernel once.
+    asking: Mutex<()>,
     /// What non-socket descriptors are probed with: no socket is theirs.
     none: (unix::UnixTable, inet::InetTable),
 }
@@ -20,7 +23,8 @@ impl SocketTables {
     pub fn new(tcp: inet::TcpPolicy) -> Self {
         SocketTables {
             tcp,
-            queried: OnceCell::new(),
+            queried: OnceLock::new(),
+            asking: Mutex::new(()),
             none: Default::default(),
         }
     }
@@ -34,8 +38,11 @@ impl SocketTables {
             return Ok((&self.none.0, &self.none.1));
         }
         if self.queried.get().is_none() {
-            let tables = (unix::query()?, inet::query(self.tcp)?);
-            let _ = self.queried.set(tables);
+            let _asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.queried.get().is_none() {
+                let tables = (unix::query()?, inet::query(self.tcp)?);
+                let _ = self.queried.set(tables);
+            }
         }
         let (u, i) = self.queried.get().unwrap_or(&self.none);
         Ok((u, i))

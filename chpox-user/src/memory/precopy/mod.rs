@@ -164,7 +164,12 @@ impl PreCopies {
             }
             // The image file's space while the attach and the first scan
             // keep the writer waiting (see `image::writer::ahead`).
-            let ahead = writer.allocate_ahead(private_bytes(&[pid]));
+            // Its thread runs during the attach pause: a Ctrl-C taken
+            // there would end chpox with the process frozen.
+            let ahead = writer.allocate_ahead(
+                private_bytes(&[pid]),
+                crate::ptrace::leave_terminal_signals_to_the_freezer,
+            );
             match attach(pid) {
                 Ok((tracker, maps, registered, sleeping, pause)) => {
                     all.longest_pause = all.longest_pause.max(pause);
