@@ -199,3 +199,42 @@ fn a_pre_copied_dump_beside_the_agent_checks_flags_by_the_kernels_bits() {
     t.child.kill().expect("kill");
     t.child.wait().expect("reap");
 }
+
+/// The agent learns a registered process's flag patterns while it runs:
+/// at its registration, and after a checkpoint whose write tracking gave
+/// its mappings new ones. So even its first checkpoints read no smaps
+/// while it is frozen (a page walk of ~17 ms per GiB).
+#[test]
+fn a_registered_process_is_frozen_without_smaps_from_its_first_checkpoint() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("learned.chpox");
+    let mut t = python(SCRIPT, &[], &s.logs);
+    t.wait_for_line("READY", Duration::from_secs(30));
+    let pid_s = t.pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
+    let mut from_kernel = Vec::new();
+    for _ in 0..3 {
+        // The learning runs beside, a page walk of a small process.
+        std::thread::sleep(Duration::from_millis(500));
+        agent.chpox_ok(&["checkpoint", &pid_s]);
+        from_kernel.push(
+            agent
+                .events("checkpoint written")
+                .last()
+                .and_then(|e| e.get("flags_without_smaps").cloned())
+                .expect("the agent logs where the flags came from"),
+        );
+    }
+    assert_eq!(from_kernel, ["1", "1", "1"], "{}", agent.describe());
+    assert_eq!(
+        image_flags(&img),
+        smaps_flags(t.pid),
+        "flags learned while running"
+    );
+    agent.chpox_ok(&["unregister", &pid_s]);
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+}

@@ -89,6 +89,32 @@ impl KernelVmaFlags {
         (self.read)(pid)
     }
 
+    /// Learn, while `pid` runs, the patterns of its mappings not known
+    /// yet, so that its next freeze need not walk smaps: smaps read
+    /// between two reads of the bits, kept only if those agree. Nothing
+    /// is read when every pattern is known. Whether they all are now.
+    pub fn learn_while_running(&self, pid: i32) -> bool {
+        let Ok(before) = (self.read)(pid) else {
+            return false;
+        };
+        if self.knows(&before) {
+            return true;
+        }
+        let Ok(maps) = memory::read_maps(pid) else {
+            return false;
+        };
+        match (self.read)(pid) {
+            Ok(after) if after == before => self.learn(&maps, &before),
+            _ => false,
+        }
+    }
+
+    /// Whether every pattern of `raw`, and the gate's flags, are known.
+    fn knows(&self, raw: &[(u64, u64, u64)]) -> bool {
+        let learned = lock(&self.learned);
+        lock(&self.gate).is_some() && raw.iter().all(|r| learned.contains_key(&r.2))
+    }
+
     /// Give `maps` (from `/proc/PID/maps`) the learned flags of `raw`;
     /// false if any line has no record or no learned pattern.
     fn fill(&self, maps: &mut [MapEntry], raw: &[(u64, u64, u64)]) -> bool {
@@ -201,6 +227,28 @@ mod tests {
         // The gate's flags were never seen.
         let mut with_gate = vec![smaps[0].clone(), entry(0xff600000, 0xff601000, GATE, &[])];
         assert!(!k.fill(&mut with_gate, &[(0x1000, 0x3000, 1)]));
+    }
+
+    #[test]
+    fn a_running_process_is_learned_only_when_its_bits_hold_still() {
+        let k = source();
+        // No mapping here (the source reads none) and no gate seen yet:
+        // nothing known, and smaps of ourselves to learn from.
+        let me = std::process::id() as i32;
+        assert!(!k.knows(&[]));
+        assert!(
+            !k.learn_while_running(me),
+            "our smaps has lines the empty source does not"
+        );
+        let smaps = memory::read_maps(me).expect("smaps");
+        let raw: Vec<(u64, u64, u64)> = smaps
+            .iter()
+            .filter(|m| m.path != GATE)
+            .map(|m| (m.start, m.end, 7))
+            .collect();
+        assert!(k.learn(&smaps, &raw));
+        assert!(k.knows(&[(0, 1, 7)]));
+        assert!(!k.knows(&[(0, 1, 8)]));
     }
 
     #[test]

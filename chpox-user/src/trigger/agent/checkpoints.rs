@@ -1,6 +1,8 @@
 //! From a trigger to an image: the events of the eBPF program, the
 //! checkpoints they ask for, and what a full ring buffer made us miss.
 
+use std::sync::atomic::Ordering;
+
 use super::*;
 
 impl Agent {
@@ -177,6 +179,32 @@ impl Agent {
         }
     }
 
+    /// Learn the flag patterns of `pids` on a thread of its own while they
+    /// run (`KernelVmaFlags::learn_while_running`): a freeze that meets a
+    /// pattern not known reads smaps while frozen, a page walk of ~17 ms
+    /// per GiB. At most one such thread at a time; a request while it
+    /// runs is dropped (the next checkpoint asks again).
+    pub(super) fn learn_flags_soon(&self, pids: Vec<i32>) {
+        let Some(flags) = self.vma_flags.clone() else {
+            return;
+        };
+        if self.learning_flags.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let busy = Arc::clone(&self.learning_flags);
+        let spawned = std::thread::Builder::new()
+            .name("learn-flags".into())
+            .spawn(move || {
+                for pid in pids {
+                    flags.learn_while_running(pid);
+                }
+                busy.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.learning_flags.store(false, Ordering::Release);
+        }
+    }
+
     /// Write checkpoint number `generation` (counting since registration).
     pub(super) fn checkpoint_once(
         &self,
@@ -253,6 +281,14 @@ impl Agent {
         }
         match result {
             Ok(report) => {
+                // Its write tracking (attached by a full checkpoint) gives
+                // its mappings new flag patterns: learned now, not at the
+                // next freeze (one read of the bits when none is new).
+                let mut pids = vec![pid];
+                if opts.children {
+                    pids.extend(self.tree.members_of(pid));
+                }
+                self.learn_flags_soon(pids);
                 let latency_ns = report
                     .frozen_at_monotonic_ns
                     .saturating_sub(event.timestamp_ns);

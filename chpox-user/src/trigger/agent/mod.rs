@@ -288,6 +288,8 @@ pub struct Agent {
     /// What remote syscalls would ask of frozen processes, through the
     /// eBPF `task` iterator (`process::kernelstate`), where it loaded.
     kernel_state: Option<Arc<crate::process::kernelstate::KernelState>>,
+    /// A thread learns `vma_flags` patterns (see [`Agent::learn_flags_soon`]).
+    learning_flags: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The registrations as they were at one change, to be written to disk
@@ -700,6 +702,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tree,
         vma_flags,
         kernel_state,
+        learning_flags: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     });
     agent.restore_registrations();
 

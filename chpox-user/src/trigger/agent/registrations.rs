@@ -281,6 +281,9 @@ impl Agent {
         drop(state);
         self.write_snapshot(snapshot);
         self.timer_changed.notify_one();
+        // Its mappings' flag patterns, so that its first freeze need not
+        // walk smaps.
+        self.learn_flags_soon(vec![pid]);
         if let Some(held) = self.log_registration(caller) {
             info!(pid, comm, uid, signal, flags, output = %output.display(), every = every_ms.map(|ms| format_duration(Duration::from_millis(ms))), unsupported_fd_null, suppressed = held, "registered");
         }
