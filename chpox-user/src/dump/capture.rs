@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::debug;
 
 use super::asfrozen::AsFrozen;
+use super::descriptors::DescriptorScan;
 use super::plan::{MemoryPlan, PlansBeside, plan_memory};
 use super::{DumpOptions, Phases};
 use crate::earlymaps::EarlyMaps;
@@ -15,7 +16,6 @@ use crate::fds;
 use crate::files::FileTable;
 use crate::image::ImageWriter;
 use crate::image::model::{HostInfo, Metadata, ProcessImage, SignalState, Vma, VmaKind};
-use crate::image::model_fds::FdEntry;
 use crate::incremental::{Plan, Tracking};
 use crate::memory::{self, PAGE_SIZE, PageDumper};
 use crate::precopy::{Planned, PreCopies};
@@ -276,64 +276,6 @@ fn read_heads(
     let from_kernel = remote_state_all(tree.members(), &mut heads, texts)?;
     phase.done("remote syscalls");
     Ok((heads, from_kernel))
-}
-
-/// One process's descriptors, with the file each refers to (for
-/// [`tree::link_descriptions`]).
-type ScannedFds = Vec<(FdEntry, Option<fds::FileId>)>;
-
-/// The descriptors of every process of a frozen tree, read by whichever
-/// thread takes the next process (see `capture_tree`).
-struct DescriptorScan<'a> {
-    pids: &'a [i32],
-    policy: fds::UnsupportedFd,
-    sockets: fds::sockets::tables::SocketTables,
-    next: std::sync::atomic::AtomicUsize,
-    scanned: Vec<std::sync::OnceLock<Result<ScannedFds>>>,
-}
-
-impl<'a> DescriptorScan<'a> {
-    fn new(pids: &'a [i32], opts: &DumpOptions) -> DescriptorScan<'a> {
-        DescriptorScan {
-            pids,
-            policy: opts.unsupported_fd,
-            sockets: fds::sockets::tables::SocketTables::new(opts.tcp),
-            next: std::sync::atomic::AtomicUsize::new(0),
-            scanned: pids.iter().map(|_| std::sync::OnceLock::new()).collect(),
-        }
-    }
-
-    /// Scan processes not taken yet until none is left; `texts` are theirs.
-    fn run(&self, texts: &[ProcTexts]) {
-        loop {
-            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (Some(&pid), Some(texts), Some(slot)) =
-                (self.pids.get(i), texts.get(i), self.scanned.get(i))
-            else {
-                return;
-            };
-            let _ = slot.set(fds::scan_fds(pid, self.policy, &self.sockets, &texts.maps));
-        }
-    }
-
-    /// Every process's descriptors (the first failure, in the tree's
-    /// order), with which of them share a description.
-    fn finish(self) -> Result<Vec<Vec<FdEntry>>> {
-        let mut scanned = self
-            .scanned
-            .into_iter()
-            .map(|s| {
-                s.into_inner().unwrap_or_else(|| {
-                    Err(Error::Other("internal: descriptors not scanned".into()))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        tree::link_descriptions(self.pids, &mut scanned);
-        Ok(scanned
-            .into_iter()
-            .map(|entries| entries.into_iter().map(|(e, _)| e).collect())
-            .collect())
-    }
 }
 
 /// A frozen process's /proc/PID/maps and /proc/PID/status, read once,

@@ -26,6 +26,7 @@ use crate::tree::{self, FrozenTree};
 
 mod asfrozen;
 mod capture;
+mod descriptors;
 mod plan;
 
 use capture::capture_tree;
