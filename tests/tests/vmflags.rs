@@ -73,6 +73,15 @@ while True:
     time.sleep(3600)
 "#;
 
+/// [`SCRIPT`] started, and the address of its region once it is ready.
+fn start_script(logs: &std::path::Path) -> (common::Target, u64) {
+    let mut t = python(SCRIPT, &[], logs);
+    let region = t.wait_for_line("REGION ", Duration::from_secs(30));
+    let region = u64::from_str_radix(region.trim_start_matches("REGION ").trim(), 16)
+        .expect("region address");
+    (t, region)
+}
+
 #[test]
 fn flags_read_without_smaps_are_smaps_flags_also_after_a_change() {
     become_subreaper();
@@ -80,10 +89,7 @@ fn flags_read_without_smaps_are_smaps_flags_also_after_a_change() {
     let agent = Agent::start(&s);
     let dir = s.dir("out", 0o755);
     let img = dir.join("flags.chpox");
-    let mut t = python(SCRIPT, &[], &s.logs);
-    let region = t.wait_for_line("REGION ", Duration::from_secs(30));
-    let region = u64::from_str_radix(region.trim_start_matches("REGION ").trim(), 16)
-        .expect("region address");
+    let (mut t, region) = start_script(&s.logs);
     let pid = t.pid;
     let pid_s = pid.to_string();
     agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
@@ -170,10 +176,7 @@ fn a_pre_copied_dump_beside_the_agent_checks_flags_by_the_kernels_bits() {
     let _agent = Agent::start(&s);
     let dir = s.dir("out", 0o755);
     let img = dir.join("precopied.chpox");
-    let mut t = python(SCRIPT, &[], &s.logs);
-    let region = t.wait_for_line("REGION ", Duration::from_secs(30));
-    let region = u64::from_str_radix(region.trim_start_matches("REGION ").trim(), 16)
-        .expect("region address");
+    let (mut t, region) = start_script(&s.logs);
     send(t.pid, libc::SIGUSR1);
     t.wait_for_line("ADVISED", Duration::from_secs(30));
     let out = common::chpox_ok(&[
