@@ -219,8 +219,14 @@ impl Drop for AsFrozen {
 /// The calling thread runs only where a core would be idle
 /// (`SCHED_IDLE`): while the tree is being frozen, each process stops only
 /// once it runs (to take our interrupt), and a helper that kept a core
-/// from it delayed the last stop of a tree of 8 by ~1 ms.
+/// from it delayed the last stop of a tree of 8 by ~1 ms. Only with
+/// CAP_SYS_NICE: without it a thread cannot leave `SCHED_IDLE` again (at
+/// the default RLIMIT_NICE), and the dump would wait for a member its
+/// starved helper is reading.
 fn run_only_when_idle() {
+    if !may_raise_priority() {
+        return;
+    }
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: a plain syscall on the calling thread (pid 0) with a valid
     // sched_param; failure leaves its policy as it was.
@@ -244,6 +250,18 @@ fn run_as_urgently(tid: i32) {
     }
 }
 
+/// Whether this thread holds CAP_SYS_NICE (bit 23 of `CapEff`).
+fn may_raise_priority() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +280,12 @@ mod tests {
             assert!(e.texts.maps.contains("[stack]"), "{}", e.texts.maps);
             assert!(e.kernel.is_none());
         }
+    }
+
+    #[test]
+    fn root_may_raise_a_threads_priority_again() {
+        // The tests run as root (see README), which holds CAP_SYS_NICE.
+        assert_eq!(may_raise_priority(), nix::unistd::geteuid().is_root());
     }
 
     #[test]
