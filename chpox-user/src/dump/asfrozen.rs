@@ -118,13 +118,12 @@ impl AsFrozen {
             changed: Condvar::new(),
             kernel,
         });
-        let helper = {
+        // A Ctrl-C taken by the helper would end chpox mid-freeze.
+        let helper = crate::ptrace::spawn_leaving_terminal_signals_to_the_freezer(|| {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("as-frozen".into())
                 .spawn(move || {
-                    // A Ctrl-C taken here would end chpox mid-freeze.
-                    crate::ptrace::leave_terminal_signals_to_the_freezer();
                     run_only_when_idle();
                     let tid = nix::unistd::gettid().as_raw();
                     let closed = {
@@ -139,7 +138,7 @@ impl AsFrozen {
                     while shared.read_next(true) {}
                 })
                 .ok()
-        };
+        });
         AsFrozen { shared, helper }
     }
 

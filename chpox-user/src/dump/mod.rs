@@ -253,9 +253,8 @@ fn dump_inner(
         pids.clone()
     };
     let mut warming = (!opts.freeze_first).then(|| {
-        std::thread::spawn(move || {
-            crate::ptrace::leave_terminal_signals_to_the_freezer();
-            crate::files::warm_hashes(&warm_pids)
+        crate::ptrace::spawn_leaving_terminal_signals_to_the_freezer(|| {
+            std::thread::spawn(move || crate::files::warm_hashes(&warm_pids))
         })
     });
     // A pre-copy goes into the image before the freeze. Never with

@@ -259,18 +259,17 @@ impl HoldTerminalSignals {
     }
 }
 
-/// For a helper thread started before a freeze that may outlive its start
-/// (hashing files beside a dump): block the terminal signals in it for
-/// good. A signal sent to the process goes to a thread that does not
-/// block it; taken by such a helper while the freezing thread holds it
-/// back, a Ctrl-C would end chpox with the target frozen mid-remote-call.
-/// (Threads started while frozen inherit the held mask.)
-pub fn leave_terminal_signals_to_the_freezer() {
-    let _ = nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_BLOCK,
-        Some(&terminal_signals()),
-        None,
-    );
+/// Start helper threads that may outlive the start of a freeze (hashing
+/// files, reading /proc beside it): `spawn` runs with the terminal signals
+/// held back in the calling thread, so the threads it starts block them
+/// from their first instruction, for good. A signal sent to the process
+/// goes to a thread that does not block it; taken by such a helper while
+/// the freezing thread holds it back, a Ctrl-C would end chpox with the
+/// target frozen mid-remote-call. (Blocking them in the new thread itself
+/// left a window: a thread not scheduled yet when the freeze began.)
+pub fn spawn_leaving_terminal_signals_to_the_freezer<T>(spawn: impl FnOnce() -> T) -> T {
+    let _held = HoldTerminalSignals::new();
+    spawn()
 }
 
 impl Drop for HoldTerminalSignals {

@@ -29,9 +29,8 @@ impl ImageWriter {
     /// Allocate up to `most` bytes from the end of what is written, on
     /// another thread, until stopped. What the image does not use is cut
     /// off when it is finished; a filesystem that cannot preallocate just
-    /// stops. `prepare` runs first on that thread (the dump keeps terminal
-    /// signals away from it).
-    pub fn allocate_ahead(&mut self, most: u64, prepare: fn()) -> AllocateAhead {
+    /// stops.
+    pub fn allocate_ahead(&mut self, most: u64) -> AllocateAhead {
         let stop = Arc::new(AtomicBool::new(false));
         if most == 0 || self.compress || !matches!(self.state, super::State::Idle) {
             return AllocateAhead { stop, thread: None };
@@ -40,10 +39,7 @@ impl ImageWriter {
         let (file, from, flag) = (Arc::clone(&self.file), self.pos, Arc::clone(&stop));
         let thread = std::thread::Builder::new()
             .name("allocate-ahead".into())
-            .spawn(move || {
-                prepare();
-                allocate(&file, from, most, &flag)
-            })
+            .spawn(move || allocate(&file, from, most, &flag))
             .ok();
         AllocateAhead { stop, thread }
     }

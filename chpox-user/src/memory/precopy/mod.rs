@@ -166,10 +166,9 @@ impl PreCopies {
             // keep the writer waiting (see `image::writer::ahead`).
             // Its thread runs during the attach pause: a Ctrl-C taken
             // there would end chpox with the process frozen.
-            let ahead = writer.allocate_ahead(
-                private_bytes(&[pid]),
-                crate::ptrace::leave_terminal_signals_to_the_freezer,
-            );
+            let ahead = crate::ptrace::spawn_leaving_terminal_signals_to_the_freezer(|| {
+                writer.allocate_ahead(private_bytes(&[pid]))
+            });
             match attach(pid) {
                 Ok((tracker, maps, registered, sleeping, pause)) => {
                     all.longest_pause = all.longest_pause.max(pause);
