@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use tracing::debug;
 
 use crate::error::{Error, Result};
-use crate::memory::vmflags::KernelVmaFlags;
+use crate::memory::vmflags::{KernelVmaFlags, RawMaps};
 use crate::memory::{self, MapEntry};
 
 /// Flags a fork does not copy: mlock (`lo`) and userfaultfd registrations
@@ -54,7 +54,7 @@ pub struct EarlyMaps {
     /// The kernel's raw bits behind each early smaps read, where `kernel`
     /// gave the same before and after it: what
     /// [`verify_after`](Self::verify_after) compares without smaps.
-    raw: HashMap<i32, Vec<(u64, u64, u64)>>,
+    raw: HashMap<i32, RawMaps>,
     /// Processes [`verify_after`](Self::verify_after) checked by `raw`.
     checked_by_bits: std::sync::atomic::AtomicUsize,
 }
@@ -96,15 +96,15 @@ impl EarlyMaps {
                 let Some(started) = start_time(pid) else {
                     continue;
                 };
-                let raw_before = kernel.and_then(|k| k.raw(pid).ok());
-                if let Ok(maps) = memory::read_maps(pid)
+                let read = match kernel {
+                    Some(k) => k.smaps_while_running(pid),
+                    None => memory::read_maps(pid).map(|maps| (maps, None)),
+                };
+                if let Ok((maps, raw)) = read
                     && start_time(pid) == Some(started)
                 {
-                    if let (Some(k), Some(before)) = (kernel, raw_before)
-                        && k.raw(pid).is_ok_and(|after| after == before)
-                        && k.learn(&maps, &before)
-                    {
-                        raws.insert(pid, before);
+                    if let Some(raw) = raw {
+                        raws.insert(pid, raw);
                     }
                     by_pid.insert(pid, (started, maps));
                 }

@@ -27,7 +27,10 @@ use crate::memory::{self, MapEntry};
 
 /// Bounds and raw `vm_flags` of each mapping of a process, in address
 /// order, as the kernel holds them.
-pub type ReadRaw = dyn Fn(i32) -> std::io::Result<Vec<(u64, u64, u64)>> + Send + Sync;
+pub type ReadRaw = dyn Fn(i32) -> std::io::Result<RawMaps> + Send + Sync;
+
+/// (start, end, vm_flags) of each mapping, in address order.
+pub type RawMaps = Vec<(u64, u64, u64)>;
 
 /// The flags of frozen processes from the kernel's bits (see the module
 /// documentation). One per agent: what it learns holds for the kernel.
@@ -85,28 +88,32 @@ impl KernelVmaFlags {
 
     /// Bounds and raw `vm_flags` of each mapping of `pid`, as the kernel
     /// holds them now (microseconds: no page walk).
-    pub fn raw(&self, pid: i32) -> std::io::Result<Vec<(u64, u64, u64)>> {
+    pub fn raw(&self, pid: i32) -> std::io::Result<RawMaps> {
         (self.read)(pid)
     }
 
+    /// smaps of `pid`, which runs, read between two reads of its bits; and
+    /// those bits where they held and named the same mappings (their
+    /// patterns are then learned).
+    pub fn smaps_while_running(&self, pid: i32) -> Result<(Vec<MapEntry>, Option<RawMaps>)> {
+        let before = (self.read)(pid).ok();
+        let maps = memory::read_maps(pid)?;
+        let held = before
+            .filter(|b| (self.read)(pid).is_ok_and(|after| after == *b) && self.learn(&maps, b));
+        Ok((maps, held))
+    }
+
     /// Learn, while `pid` runs, the patterns of its mappings not known
-    /// yet, so that its next freeze need not walk smaps: smaps read
-    /// between two reads of the bits, kept only if those agree. Nothing
-    /// is read when every pattern is known. Whether they all are now.
+    /// yet, so that its next freeze need not walk smaps (see
+    /// [`smaps_while_running`](Self::smaps_while_running)). Nothing is
+    /// read but the bits when every pattern is known. Whether they all are
+    /// now.
     pub fn learn_while_running(&self, pid: i32) -> bool {
-        let Ok(before) = (self.read)(pid) else {
-            return false;
-        };
-        if self.knows(&before) {
+        if (self.read)(pid).is_ok_and(|raw| self.knows(&raw)) {
             return true;
         }
-        let Ok(maps) = memory::read_maps(pid) else {
-            return false;
-        };
-        match (self.read)(pid) {
-            Ok(after) if after == before => self.learn(&maps, &before),
-            _ => false,
-        }
+        self.smaps_while_running(pid)
+            .is_ok_and(|(_, held)| held.is_some())
     }
 
     /// Whether every pattern of `raw`, and the gate's flags, are known.
