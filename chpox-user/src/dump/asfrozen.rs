@@ -44,8 +44,11 @@ struct State {
     closed: bool,
     /// By member index.
     read: Vec<Option<Result<Early>>>,
-    /// The helper's thread id, once it runs at idle priority.
+    /// The helper's thread id, once it runs.
     helper_tid: Option<i32>,
+    /// The dump's thread put the helper at idle priority (and must raise
+    /// it again before it waits for it).
+    idled: bool,
 }
 
 struct Shared {
@@ -53,6 +56,8 @@ struct Shared {
     /// A member was handed over, read, or the freeze ended.
     changed: Condvar,
     kernel: Option<Arc<KernelState>>,
+    /// Whether the helper may be put at idle priority (see `run_as_if_idle`).
+    may_idle: bool,
 }
 
 /// The early reads of one dump: [`frozen`](Self::frozen) as each member
@@ -117,6 +122,7 @@ impl AsFrozen {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             kernel,
+            may_idle: may_raise_priority(),
         });
         // A Ctrl-C taken by the helper would end chpox mid-freeze.
         let helper = crate::ptrace::spawn_leaving_terminal_signals_to_the_freezer(|| {
@@ -124,17 +130,11 @@ impl AsFrozen {
             std::thread::Builder::new()
                 .name("as-frozen".into())
                 .spawn(move || {
-                    run_only_when_idle();
-                    let tid = nix::unistd::gettid().as_raw();
-                    let closed = {
-                        let mut state = lock(&shared.state);
-                        state.helper_tid = Some(tid);
-                        state.closed
-                    };
-                    // The freeze ended before we ran: no idle time left.
-                    if closed {
-                        run_as_urgently(tid);
-                    }
+                    // Only published: its priority is the dump's thread's
+                    // business (a helper that idled itself could do so
+                    // after that thread had stopped looking, and starve
+                    // while it is joined).
+                    lock(&shared.state).helper_tid = Some(nix::unistd::gettid().as_raw());
                     while shared.read_next(true) {}
                 })
                 .ok()
@@ -148,6 +148,12 @@ impl AsFrozen {
         let index = state.frozen;
         state.frozen += 1;
         state.waiting.push_back((index, pid));
+        if let Some(tid) = state.helper_tid
+            && self.shared.may_idle
+            && !state.idled
+        {
+            state.idled = run_as_if_idle(tid);
+        }
         drop(state);
         self.shared.changed.notify_all();
     }
@@ -160,10 +166,8 @@ impl AsFrozen {
             let mut state = lock(&self.shared.state);
             state.closed = true;
             // The freeze is over: the helper reads beside this thread now,
-            // as urgently as it (if it has not run yet, it sees `closed`).
-            if let Some(tid) = state.helper_tid {
-                run_as_urgently(tid);
-            }
+            // as urgently as it.
+            raise_if_idled(&mut state);
             if state.frozen != members {
                 return Err(Error::Other(format!(
                     "internal: {} members handed over early, {members} frozen",
@@ -204,9 +208,7 @@ impl Drop for AsFrozen {
         {
             let mut state = lock(&self.shared.state);
             state.closed = true;
-            if let Some(tid) = state.helper_tid {
-                run_as_urgently(tid);
-            }
+            raise_if_idled(&mut state);
         }
         self.shared.changed.notify_all();
         if let Some(helper) = self.helper.take() {
@@ -215,42 +217,54 @@ impl Drop for AsFrozen {
     }
 }
 
-/// The calling thread runs only where a core would be idle
-/// (`SCHED_IDLE`): while the tree is being frozen, each process stops only
-/// once it runs (to take our interrupt), and a helper that kept a core
-/// from it delayed the last stop of a tree of 8 by ~1 ms. Only with
-/// CAP_SYS_NICE: without it a thread cannot leave `SCHED_IDLE` again (at
-/// the default RLIMIT_NICE), and the dump would wait for a member its
-/// starved helper is reading.
-fn run_only_when_idle() {
-    if !may_raise_priority() {
-        return;
-    }
+/// Thread `tid` (our helper) runs only where a core would be idle
+/// (`SCHED_IDLE`), whether it took it: while the tree is being frozen,
+/// each process stops only once it runs (to take our interrupt), and a
+/// helper that kept a core from it delayed the last stop of a tree of 8 by
+/// ~1 ms. Only with CAP_SYS_NICE (`may_idle`): without it a thread cannot
+/// leave `SCHED_IDLE` again (at the default RLIMIT_NICE), and the dump
+/// would wait for a member its starved helper is reading. On a loaded
+/// machine an idle thread may not run for seconds: the dump's thread
+/// raises it ([`raise_if_idled`]) before it ever waits for it.
+fn run_as_if_idle(tid: i32) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: a plain syscall on the calling thread (pid 0) with a valid
-    // sched_param; failure leaves its policy as it was.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    // SAFETY: a plain syscall on one of our own threads, alive until it is
+    // joined (after `raise_if_idled`), with a valid sched_param; failure
+    // leaves its policy as it was.
+    let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
     if r != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "helper left at its priority");
     }
+    r == 0
 }
 
-/// Thread `tid` (our helper) back to the normal policy at the dump's
-/// raised priority (see `Boost`), where allowed: the frozen tree waits for
-/// what it reads.
-fn run_as_urgently(tid: i32) {
+/// The helper back to the normal policy at the dump's raised priority
+/// (see `Boost`), if it was put at idle priority: the frozen tree waits
+/// for what it reads.
+fn raise_if_idled(state: &mut State) {
+    let (Some(tid), true) = (state.helper_tid, state.idled) else {
+        return;
+    };
+    state.idled = false;
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscalls on one of our own threads, alive until
-    // `collect` joins it, with a valid sched_param; failures leave it as
-    // it was (then it still runs whenever a core is free).
+    // SAFETY: plain syscalls on one of our own threads, alive until it is
+    // joined, with a valid sched_param; we hold CAP_SYS_NICE (`may_idle`),
+    // so they succeed.
     unsafe {
         libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param);
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -20);
     }
 }
 
-/// Whether this thread holds CAP_SYS_NICE (bit 23 of `CapEff`).
+/// Whether chpox holds CAP_SYS_NICE (bit 23 of `CapEff`), asked once:
+/// chpox never changes its own capabilities, and the answer is wanted on
+/// the way to each freeze.
 fn may_raise_priority() -> bool {
+    static HELD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HELD.get_or_init(holds_cap_sys_nice)
+}
+
+fn holds_cap_sys_nice() -> bool {
     const CAP_SYS_NICE: u32 = 23;
     std::fs::read_to_string("/proc/thread-self/status")
         .ok()
@@ -285,6 +299,39 @@ mod tests {
     fn root_may_raise_a_threads_priority_again() {
         // The tests run as root (see README), which holds CAP_SYS_NICE.
         assert_eq!(may_raise_priority(), nix::unistd::geteuid().is_root());
+    }
+
+    /// What a failed freeze on a loaded machine does: the helper was put
+    /// at idle priority, every core is busy, and the dump gives up. The
+    /// helper must be raised before it is joined (it once was not, and a
+    /// dump waited for good on a helper that never ran).
+    #[test]
+    fn a_helper_put_at_idle_priority_is_raised_before_it_is_joined() {
+        let reads = AsFrozen::start(None);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lock(&reads.shared.state).helper_tid.is_none() {
+            assert!(std::time::Instant::now() < deadline, "helper never ran");
+            std::thread::yield_now();
+        }
+        reads.frozen(std::process::id() as i32);
+        let tid = lock(&reads.shared.state).helper_tid;
+        let tid = tid.expect("published");
+        let policy = |tid: i32| {
+            // SAFETY: a query of one of our own threads' policy.
+            unsafe { libc::sched_getscheduler(tid) }
+        };
+        if may_raise_priority() {
+            assert!(lock(&reads.shared.state).idled);
+        }
+        {
+            let mut state = lock(&reads.shared.state);
+            raise_if_idled(&mut state);
+            assert!(!state.idled);
+        }
+        // Raised, or gone already (it had nothing left to read).
+        let now = policy(tid);
+        assert!(now == libc::SCHED_OTHER || now == -1, "policy {now}");
+        drop(reads);
     }
 
     #[test]
