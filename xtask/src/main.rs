@@ -10,8 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod bench_incr;
-mod bench_restore;
+
 mod ebpf;
 mod install;
 
@@ -348,7 +347,7 @@ fn main() -> Result<()> {
             };
             let rounds = rounds.max(1);
             if only_incremental {
-                return bench_incr::run(incremental_mib.max(1), rounds, &dir);
+                return bench::incremental::run(incremental_mib.max(1), rounds, &dir);
             }
             let opts = bench::SizeOptions {
                 rounds,
@@ -371,7 +370,7 @@ fn main() -> Result<()> {
             drop(agent);
             bench::trigger_latency(triggers.max(1))?;
             if !no_incremental {
-                bench_incr::run(incremental_mib.max(1), rounds, &dir)?;
+                bench::incremental::run(incremental_mib.max(1), rounds, &dir)?;
             }
             Ok(())
         }
@@ -421,7 +420,7 @@ fn main() -> Result<()> {
         Task::BenchRestore { sizes, rounds, dir } => {
             require_root("the benchmark")?;
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-            bench_restore::run(&sizes, rounds, &dir)
+            bench::restore::run(&sizes, rounds, &dir)
         }
         Task::InstallEbpfPrerequisites => ebpf::install_prerequisites(),
         Task::BuildEbpf { debug } => {

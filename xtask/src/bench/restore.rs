@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{dd_secs, first_touch_gbps, median, memcpy_gbps, release_bin};
+use super::{dd_secs, first_touch_gbps, median, memcpy_gbps, release_bin};
 
 /// CRIU's restore wall over dd's, from issue 12's table, by MiB.
 fn criu_over_dd(mib: u64) -> Option<f64> {
@@ -242,7 +242,7 @@ struct Samples {
 /// One size: `rounds` of eager and lazy restores, alternating, each next
 /// to the bounds.
 fn measure(mib: u64, rounds: usize, dir: &Path) -> Result<Samples> {
-    let image = crate::bench::bench_file(dir, &format!("restore-{mib}.img"));
+    let image = super::bench_file(dir, &format!("restore-{mib}.img"));
     dumped_mempattern(mib, &image)?;
     let bytes = mib << 20;
     let mut s = Samples::default();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{dd_secs, median, release_bin};
+use super::{dd_secs, median, release_bin};
 
 /// Kills and reaps a helper process when the benchmark ends.
 struct Reaped(Child);

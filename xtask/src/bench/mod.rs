@@ -15,170 +15,28 @@
 //! dump and while frozen. Each case is held against the bounds measured in
 //! its own rounds, and the two are printed side by side at the end.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
 use crate::workspace_root;
 
+mod agent;
+mod bounds;
+pub mod incremental;
+pub mod restore;
 mod sizes;
+mod targets;
 
+pub use agent::{start_agent, trigger_latency};
+pub(crate) use bounds::{bench_file, dd_secs, first_touch_gbps, memcpy_gbps};
 pub use sizes::{SizeOptions, run_size, size_table};
+use targets::{Tree, spawn_mempattern, spawn_memtree, start_mempattern};
 
 pub(crate) fn release_bin(name: &str) -> std::path::PathBuf {
     workspace_root().join("target/release").join(name)
-}
-
-struct Target(Child);
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_mempattern(mib: u64) -> Result<(Target, i32)> {
-    let (child, pid) = start_mempattern(mib)?;
-    Ok((Target(child), pid))
-}
-
-/// `mempattern` with `mib` MiB, once ready; the caller reaps it.
-fn start_mempattern(mib: u64) -> Result<(Child, i32)> {
-    let mut child = Command::new(release_bin("mempattern"))
-        .arg(mib.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start mempattern; run `cargo build --release -p chpox-tests`")?;
-    let pid = child.id() as i32;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    let read = BufReader::new(stdout).read_line(&mut line);
-    if read.is_err() || !line.starts_with("READY") {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("mempattern did not get ready: {line:?}");
-    }
-    Ok((child, pid))
-}
-
-/// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22):
-/// with the PID, one process. `None` if there is no such process.
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: count from the last
-    // ')'. Field 3 (state) comes first after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The processes of a tree, each known by PID and start time, so that a PID
-/// another process has taken meanwhile is never signalled. Killed on drop.
-struct Tree {
-    /// The root while it is our child: nobody else reaps it.
-    root: Option<Child>,
-    members: Vec<(i32, u64)>,
-}
-
-impl Tree {
-    /// The processes `pids` as they are now, every one of which must exist.
-    fn identify(root: Option<Child>, pids: &[i32]) -> Result<Tree> {
-        let mut tree = Tree {
-            root,
-            members: Vec::with_capacity(pids.len()),
-        };
-        for &pid in pids {
-            let start =
-                start_time(pid).with_context(|| format!("PID {pid} of the tree is gone"))?;
-            tree.members.push((pid, start));
-        }
-        Ok(tree)
-    }
-
-    fn pids(&self) -> Vec<i32> {
-        self.members.iter().map(|&(pid, _)| pid).collect()
-    }
-
-    /// SIGKILL to every member that is still the same process, and reap the
-    /// root if it is ours. Does not wait for the others.
-    fn signal(&mut self) {
-        for &(pid, start) in &self.members {
-            if start_time(pid) == Some(start) {
-                // SAFETY: kill has no memory-safety preconditions. Failure
-                // (ESRCH) means it went in the meantime, which is the goal.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        if let Some(mut root) = self.root.take() {
-            let _ = root.kill();
-            let _ = root.wait();
-        }
-    }
-
-    /// Kill the tree and wait until every PID of it is free: a tree is
-    /// restored under its own PIDs only. The orphans are reaped by PID 1,
-    /// which may take a second.
-    fn kill(&mut self) -> Result<()> {
-        self.signal();
-        let members = std::mem::take(&mut self.members);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let left: Vec<i32> = members
-                .iter()
-                .map(|&(pid, _)| pid)
-                .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
-                .collect();
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("PIDs {left:?} of a killed tree are still in use after 15 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        self.signal();
-    }
-}
-
-/// `memtree`: `procs` processes with `mib` MiB of their own dirty memory
-/// each, ready to be dumped.
-fn spawn_memtree(procs: usize, mib: u64) -> Result<Tree> {
-    let mut child = Command::new(release_bin("memtree"))
-        .args([procs.to_string(), mib.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start memtree; run `cargo build --release -p chpox-tests`")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    // Until the PIDs are known, the root alone is ours to kill; its children
-    // exit by themselves once it is gone.
-    let mut tree = Tree {
-        root: Some(child),
-        members: Vec::new(),
-    };
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let pids: Vec<i32> = line
-        .strip_prefix("READY pids=")
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(|list| list.split(',').filter_map(|p| p.parse().ok()).collect())
-        .with_context(|| format!("memtree did not get ready: {line:?}"))?;
-    if pids.len() != procs {
-        bail!(
-            "memtree reported {} processes, not {procs}: {line:?}",
-            pids.len()
-        );
-    }
-    Tree::identify(tree.root.take(), &pids)
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
@@ -191,70 +49,10 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[idx.min(v.len() - 1)]
-}
-
-/// memcpy over buffers that are already touched: the copy itself.
-pub(crate) fn memcpy_gbps() -> f64 {
-    let len = 256 << 20;
-    let src = vec![1u8; len];
-    let mut dst = vec![2u8; len];
-    dst.copy_from_slice(&src);
-    let t = Instant::now();
-    for _ in 0..4 {
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&mut dst);
-    }
-    (4 * len) as f64 / t.elapsed().as_secs_f64() / 1e9
-}
-
-/// Writing to freshly mapped anonymous memory: page faults and zeroing.
-pub(crate) fn first_touch_gbps(bytes: usize) -> f64 {
-    let t = Instant::now();
-    let mut v: Vec<u8> = Vec::with_capacity(bytes);
-    // SAFETY: capacity is `bytes`; write_bytes initialises all of it before
-    // set_len makes it visible.
-    unsafe {
-        std::ptr::write_bytes(v.as_mut_ptr(), 0x5a, bytes);
-        v.set_len(bytes);
-    }
-    std::hint::black_box(&v);
-    let secs = t.elapsed().as_secs_f64();
-    drop(v);
-    bytes as f64 / secs / 1e9
-}
-
-/// A scratch file of this bench run in `dir`: named by our PID, so that
-/// two benches at once do not remove each other's files.
-pub(crate) fn bench_file(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("chpox-bench-{}-{name}", std::process::id()))
-}
-
-/// `dd` of `bytes` into a new file in `dir`.
-pub(crate) fn dd_secs(dir: &Path, bytes: u64) -> Result<f64> {
-    let file = bench_file(dir, "dd");
-    let _ = std::fs::remove_file(&file);
-    let count = bytes.div_ceil(8 << 20);
-    let t = Instant::now();
-    let status = Command::new("dd")
-        .args([
-            "if=/dev/zero",
-            &format!("of={}", file.display()),
-            "bs=8M",
-            &format!("count={count}"),
-            "status=none",
-        ])
-        .status()
-        .context("cannot run dd")?;
-    let secs = t.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(&file);
-    if !status.success() {
-        bail!("dd into {} failed", dir.display());
-    }
-    Ok(secs)
 }
 
 struct DumpSample {
@@ -326,13 +124,7 @@ fn restore_tree(image: &Path, pids: &[i32]) -> Result<f64> {
     let (secs, root) = restore_image(image, &[])?;
     // Whatever of the tree came back, so that it is killed also when the
     // check below fails.
-    let mut restored = Tree {
-        root: None,
-        members: pids
-            .iter()
-            .filter_map(|&pid| Some((pid, start_time(pid)?)))
-            .collect(),
-    };
+    let mut restored = Tree::those_alive(pids);
     if root != pids[0] || restored.members.len() != pids.len() {
         bail!(
             "chpox restore brought back root {root} and {:?}, not the tree {pids:?}",
@@ -693,162 +485,4 @@ pub fn compare(cases: &[&Case]) {
             tree.frozen_p99 / single.frozen_p99
         );
     }
-}
-
-/// Kills and reaps a helper process when the benchmark ends, however it ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        // SIGTERM first so the agent removes its socket.
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A chpox-agent of the benchmark's own (run directory returned, images
-/// in /dev/shm), stopped when the returned guard is dropped. While one
-/// runs, `chpox dump` reads frozen processes' state through its eBPF
-/// `task` iterator instead of remote syscalls, as on a machine set up as
-/// README says (`cargo xtask start` leaves an agent running).
-pub fn start_agent(tag: &str) -> Result<BenchAgent> {
-    let run_dir = std::env::temp_dir().join(format!("chpox-bench-{}-{tag}", std::process::id()));
-    let images = Path::new("/dev/shm").join(format!("chpox-bench-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&images)?;
-    let log = std::fs::File::create(run_dir.with_extension("log"))?;
-    let agent = Reaped(
-        Command::new(release_bin("chpox-agent"))
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .arg("--image-dir")
-            .arg(&images)
-            // One image at a time in /dev/shm.
-            .args(["--keep", "0", "--config", "/dev/null"])
-            .stderr(log)
-            .spawn()
-            .context("cannot start chpox-agent")?,
-    );
-    let socket = run_dir.join("agent.sock");
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while !socket.exists() {
-        if Instant::now() > deadline {
-            bail!(
-                "chpox-agent did not start; see {}",
-                run_dir.with_extension("log").display()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Ok(BenchAgent {
-        agent: Some(agent),
-        run_dir,
-        images,
-    })
-}
-
-/// A running [`start_agent`]; dropping it stops the agent and removes its
-/// images.
-pub struct BenchAgent {
-    agent: Option<Reaped>,
-    pub run_dir: std::path::PathBuf,
-    images: std::path::PathBuf,
-}
-
-impl Drop for BenchAgent {
-    fn drop(&mut self) {
-        drop(self.agent.take());
-        let _ = std::fs::remove_dir_all(&self.images);
-    }
-}
-
-/// Latency from the trigger signal to a frozen target, over `triggers`
-/// checkpoints of a small registered process, through the real agent and
-/// eBPF program. `chpox checkpoint` has the agent send the signal and
-/// reports the tracepoint-to-frozen time the agent measured.
-pub fn trigger_latency(triggers: usize) -> Result<()> {
-    // The goal is a latency independent of the process's size.
-    for mib in [16, 1024] {
-        trigger_latency_of(triggers, mib, None)?;
-    }
-    // And of the tree's: 8 processes of 2 MiB, whose children the agent
-    // finds through the eBPF program's list, not a scan of /proc.
-    trigger_latency_of(triggers, 2, Some(8))
-}
-
-/// `triggers` checkpoints through chpox-agent of a `mib` MiB process (or
-/// of a `tree`-process `memtree` of `mib` MiB each): from the trigger's
-/// tracepoint timestamp to the last thread stopped, and how long the
-/// process stayed frozen.
-fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<()> {
-    let agent = start_agent(&format!("{mib}"))?;
-    let run_dir = agent.run_dir.clone();
-    let mut command = Command::new(release_bin("chpox"));
-    command
-        .env("CHPOX_RUN_DIR", &run_dir)
-        // Whatever descriptors the bench inherits are not the point.
-        .args(["run", "--unsupported-fd=null", "--"]);
-    match tree {
-        Some(procs) => command
-            .arg(release_bin("memtree"))
-            .args([procs.to_string(), mib.to_string()]),
-        None => command.arg(release_bin("mempattern")).arg(mib.to_string()),
-    };
-    let target = Reaped(
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("cannot start chpox run")?,
-    );
-    let pid = target.0.id().to_string();
-    let (mut latency, mut frozen) = (Vec::new(), Vec::new());
-    let mut failures = 0;
-    while latency.len() < triggers {
-        let out = Command::new(release_bin("chpox"))
-            .env("CHPOX_RUN_DIR", &run_dir)
-            .args(["checkpoint", &pid, "--json", "--timeout", "60"])
-            .output()?;
-        if !out.status.success() {
-            // The target may not be registered (or filled) yet.
-            failures += 1;
-            if failures > 100 {
-                bail!(
-                    "checkpoints keep failing: {}; see {}",
-                    String::from_utf8_lossy(&out.stderr).trim(),
-                    run_dir.with_extension("log").display()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            continue;
-        }
-        let reply: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        latency.push(reply["signal_to_frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
-        frozen.push(reply["frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
-    }
-    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    match tree {
-        Some(procs) => println!(
-            "trigger latency: {} checkpoints of a tree of {procs} processes of {mib} MiB through chpox-agent",
-            latency.len()
-        ),
-        None => println!(
-            "trigger latency: {} checkpoints of a {mib} MiB process through chpox-agent",
-            latency.len()
-        ),
-    }
-    println!(
-        "  tracepoint → frozen   median {:7.2} ms   p99 {:7.2} ms   max {:7.2} ms",
-        median(latency.clone()),
-        percentile(latency.clone(), 0.99),
-        max(&latency)
-    );
-    println!(
-        "  frozen for            median {:7.2} ms   p99 {:7.2} ms   max {:7.2} ms",
-        median(frozen.clone()),
-        percentile(frozen.clone(), 0.99),
-        max(&frozen)
-    );
-    Ok(())
 }
