@@ -15,9 +15,10 @@
 //! - [`inet`]: TCP and UDP sockets; established TCP connections through
 //!   [`tcp_repair`] (`--tcp-established`) or reset (`--tcp-close`);
 //! - the socket kinds above and what they share are in [`sockets`];
-//! - [`eventfd`], [`timerfd`], [`signalfd`], [`epoll`], [`inotify`],
-//!   [`memfd`], [`pidfd`];
-//! - [`uring`]: io_uring and AIO, refused by name;
+//! - [`memfd`]: memfd_create files, with their content;
+//! - [`events`]: the kernel's event objects, [`eventfd`], [`timerfd`],
+//!   [`signalfd`], [`epoll`], [`inotify`], [`pidfd`], and [`uring`]
+//!   (io_uring and AIO, refused by name);
 //! - [`locks`]: flock, POSIX and OFD locks held through any of them.
 //!
 //! Adding a kind: a new file with its `KIND` (how to recognise it at dump
@@ -38,23 +39,18 @@
 //! once, by the restorer, and handed to every process and number that held
 //! it, so what `fork` and `dup` shared stays shared.
 
-pub mod epoll;
-pub mod eventfd;
+pub mod events;
 pub mod external;
 pub mod fifo;
 pub mod file;
-pub mod inotify;
 pub mod locks;
 pub mod memfd;
-pub mod pidfd;
 pub mod pipe;
 pub mod restore;
-pub mod signalfd;
 pub mod sockets;
-pub mod timerfd;
 pub mod tty;
-pub mod uring;
 
+use events::{epoll, eventfd, inotify, pidfd, signalfd, timerfd, uring};
 use std::fs::Metadata as FileMeta;
 
 use crate::creds::UserCreds;

@@ -13,7 +13,7 @@
 //!
 //! A userfaultfd serves the memory of the process that made it, so the
 //! descriptor is made inside the frozen target by a remote syscall, taken
-//! with `pidfd_getfd` and closed there (`restore::uffd::from_remote`): the
+//! with `pidfd_getfd` and closed there (`restore::memory::uffd::from_remote`): the
 //! process never sees it, and every ioctl we issue acts on its memory.
 //! Closing our descriptor ([`Tracker::detach`], or drop) unregisters
 //! everything and drops the protection.
@@ -47,7 +47,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::remote::RemoteThread;
-use crate::restore::uffd;
+use crate::restore::memory::uffd;
 
 /// Page categories of `PAGEMAP_SCAN` (`<linux/fs.h>`; the headers of this
 /// machine's libc lack them).

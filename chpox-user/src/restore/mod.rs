@@ -74,9 +74,7 @@
 //!   found by looking for each thread's TID in its thread-control block
 //!   (see [`threads`]).
 
-pub mod checks;
 pub mod child;
-pub mod fill;
 pub mod inject;
 pub mod lazy;
 pub mod memory;
@@ -87,9 +85,7 @@ pub mod signals;
 pub mod spawn;
 pub mod threads;
 pub mod tree;
-pub mod uffd;
 pub mod validate;
-pub mod vdso;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -103,6 +99,7 @@ use crate::image::ImageReader;
 use crate::image::model::{Metadata, ProcessImage};
 use crate::ptrace::Frozen;
 use crate::remote::{self, RemoteThread};
+use memory::{fill, vdso};
 
 pub use spawn::PidMode;
 

@@ -34,7 +34,7 @@
 //!
 //! Reading every page to verify it before the process may start is what
 //! `--lazy` avoids: each page run is verified the first time any of it is
-//! to be copied in (see [`crate::restore::checks`]), and a thread of the server
+//! to be copied in (see [`crate::restore::lazy::checks`]), and a thread of the server
 //! verifies the rest meanwhile. A bad run is never copied: the restored
 //! processes (and the children they forked meanwhile) are killed, the
 //! server waits until they are gone, and says which run was bad. During
@@ -64,6 +64,7 @@ use std::time::Instant;
 
 use tracing::{debug, error, info};
 
+pub mod checks;
 pub mod parent;
 mod pending;
 mod server;
@@ -74,10 +75,10 @@ use server::{poll, spawn_server};
 use crate::error::{Error, Result};
 use crate::image::model::{Compression, Vma, VmaKind};
 use crate::memory::PAGE_SIZE;
-use crate::restore::checks::{BadRun, RunChecks};
 use crate::restore::child::Child;
-use crate::restore::fill::{ImageMap, Piece};
-use crate::restore::uffd::{self, Copied, Event};
+use crate::restore::lazy::checks::{BadRun, RunChecks};
+use crate::restore::memory::fill::{ImageMap, Piece};
+use crate::restore::memory::uffd::{self, Copied, Event};
 
 /// Copied around a faulting page: neighbours are likely next.
 const FAULT_WINDOW: u64 = 64 << 10;
@@ -241,7 +242,7 @@ impl Lazy {
         &self,
         c: &mut Child<'_>,
         vmas: &[&Vma],
-        parent: Option<&crate::restore::fill::ParentImage>,
+        parent: Option<&crate::restore::memory::fill::ParentImage>,
         image_pid: i32,
     ) -> Result<()> {
         if vmas.is_empty() {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::image::model::{DataRef, Vma};
-use crate::restore::fill::{ImageMap, ParentImage, Piece};
+use crate::restore::memory::fill::{ImageMap, ParentImage, Piece};
 
 /// A page run: the address it is for, and where its bytes are.
 type RunAt = (u64, DataRef);

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::restore::fill::Piece;
+use crate::restore::memory::fill::Piece;
 
 #[derive(Debug, Clone, Default)]
 pub struct Pending {

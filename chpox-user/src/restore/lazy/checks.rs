@@ -11,9 +11,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use super::fill::ImageMap;
 use crate::error::{Error, Result};
 use crate::image::model::{Compression, DataRef};
+use crate::restore::memory::fill::ImageMap;
 
 const UNKNOWN: u8 = 0;
 const GOOD: u8 = 1;

@@ -17,9 +17,9 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
-use super::restore::{Descriptions, key, one};
-use super::{Embed, Kind, Probe, no_key};
 use crate::error::{Error, Result, parse_err};
+use crate::fds::restore::{Descriptions, key, one};
+use crate::fds::{Embed, Kind, Probe, no_key};
 use crate::image::model::{EpollTarget, FdEntry, FdKind};
 use crate::restore::child::{ARGS_AT, Child};
 
@@ -245,7 +245,7 @@ pub fn installed(
             if t.pid != pid_in_image && t.pid != 0 {
                 continue;
             }
-            let k = super::restore::Key::Object("epoll entry", e.description, i as u64);
+            let k = crate::fds::restore::Key::Object("epoll entry", e.description, i as u64);
             if e.description != 0 && !d.first_time(k) {
                 continue;
             }

@@ -11,10 +11,10 @@
 
 use tracing::debug;
 
-use super::child::Child;
-use super::memory::child_maps;
+use super::child_maps;
 use crate::error::{Error, Result};
 use crate::image::model::{Vma, VmaKind};
+use crate::restore::child::Child;
 
 const MREMAP_MAYMOVE: u64 = 1;
 const MREMAP_FIXED: u64 = 2;
@@ -95,7 +95,7 @@ fn remap(c: &mut Child<'_>, kind: VmaKind, from: u64, len: u64, to: u64) -> Resu
             "cannot move {} from {from:#x} to {to:#x}: {}",
             label(kind),
             if got < 0 {
-                super::child::errno_of(got).to_string()
+                crate::restore::child::errno_of(got).to_string()
             } else {
                 format!("landed at {got:#x}")
             }

@@ -15,13 +15,17 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use tracing::debug;
 
-use super::Context;
-use super::child::{Child, errno_of};
-use super::validate::FileSource;
+pub mod fill;
+pub mod uffd;
+pub mod vdso;
+
 use crate::error::{Error, Result};
 use crate::image::model::{Compression, DataRef, Vma, VmaKind};
 use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::remote::{self, RemoteThread};
+use crate::restore::Context;
+use crate::restore::child::{Child, errno_of};
+use crate::restore::validate::FileSource;
 
 /// Scratch for syscall arguments: a path, an auxv, a few structs.
 pub const SCRATCH_LEN: u64 = 16 * PAGE_SIZE;
@@ -204,15 +208,15 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
     // `fill::Copier`) once every mapping is made.
     let copier = match ctx.lazy {
         Some(_) => None,
-        None => super::fill::Copier::new(c)?,
+        None => fill::Copier::new(c)?,
     };
     for vma in &meta.vmas {
         if vma.kind.is_special() {
             continue;
         }
         let deferred = match (ctx.lazy, &copier) {
-            (Some(_), _) => super::lazy::eligible(vma),
-            (None, Some(_)) => super::fill::Copier::takes(vma),
+            (Some(_), _) => crate::restore::lazy::eligible(vma),
+            (None, Some(_)) => fill::Copier::takes(vma),
             (None, None) => false,
         };
         if deferred {
@@ -255,7 +259,7 @@ pub fn map_all(c: &mut Child<'_>, ctx: &Context<'_>) -> Result<Mapped> {
             });
         }
     }
-    super::phases::mark("mappings made");
+    crate::restore::phases::mark("mappings made");
     if let Some(lazy) = ctx.lazy {
         // Before anything of the restore may touch them: a page touched
         // while unregistered would be zero-filled and its content lost.
@@ -418,7 +422,7 @@ pub fn fill_fd(
 ) -> Result<()> {
     if data.compression == Compression::None {
         // The offset sendfile advances lives in the child's memory.
-        let off_addr = c.put(super::child::INOUT_AT, &data.offset.to_ne_bytes())?;
+        let off_addr = c.put(crate::restore::child::INOUT_AT, &data.offset.to_ne_bytes())?;
         let mut left = data.raw_len;
         while left > 0 {
             let n = c.call(
@@ -451,7 +455,7 @@ pub fn fill_fd(
 }
 
 /// Map `vma`, from descriptor and offset `fd` if given, and fill its pages
-/// if `fill` (else they come lazily, see `super::lazy`).
+/// if `fill` (else they come lazily, see `crate::restore::lazy`).
 fn map_one(
     c: &mut Child<'_>,
     ctx: &Context<'_>,
@@ -512,7 +516,7 @@ fn map_one(
         )?;
     }
     if fill {
-        super::fill::fill_runs(c, ctx, vma)?;
+        fill::fill_runs(c, ctx, vma)?;
     }
     if map_prot != prot {
         c.call(

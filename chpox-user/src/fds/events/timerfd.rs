@@ -12,9 +12,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
-use super::restore::{file_err, key, one};
-use super::{Kind, Probe, field, no_key};
 use crate::error::{Error, Result, parse_err};
+use crate::fds::restore::{file_err, key, one};
+use crate::fds::{Kind, Probe, field, no_key};
 use crate::image::model::FdKind;
 
 const NS: u64 = 1_000_000_000;

@@ -19,12 +19,12 @@
 
 use std::os::fd::BorrowedFd;
 
-use super::Context;
-use super::child::{Child, errno_of};
 use crate::error::{Error, Result};
 use crate::image::model::{Compression, PageRun, Vma};
 use crate::memory::PAGE_SIZE;
 use crate::remote;
+use crate::restore::Context;
+use crate::restore::child::{Child, errno_of};
 
 /// Largest count one read moves (MAX_RW_COUNT).
 const MAX_RW: u64 = 0x7fff_f000;
@@ -113,7 +113,7 @@ pub fn fill_runs(c: &mut Child<'_>, ctx: &Context<'_>, vma: &Vma) -> Result<()> 
         let inherited = parent.pieces(ctx.image.process.pid, vma)?;
         if ctx.lazy.is_some() {
             // Not verified up front with --lazy (see `lazy::parent`).
-            super::lazy::parent::verify_pieces(parent, &inherited)?;
+            crate::restore::lazy::parent::verify_pieces(parent, &inherited)?;
         }
         write_from_image(c.pid(), parent.fd(), &inherited)?;
     }
@@ -383,7 +383,7 @@ impl Copier {
             && !vma.shared
             && !flag("wf")
             && !flag("ht");
-        (super::lazy::eligible(vma) || inherited_only) && !flag("hg")
+        (crate::restore::lazy::eligible(vma) || inherited_only) && !flag("hg")
     }
 
     /// Fill `vmas` (mapped, empty) from the image.
@@ -476,13 +476,13 @@ impl ParentImage {
     pub fn open(
         image: &std::path::Path,
         parent: &crate::image::model::ParentRef,
-        trust: &super::validate::Trust,
+        trust: &crate::restore::validate::Trust,
         trust_image: bool,
     ) -> Result<ParentImage> {
         let (reader, file, path) = crate::incremental::open_parent(image, parent)?;
         // The parent's pages become the process's memory as the image's
         // do: it must be as trustworthy (root's, or the same user's).
-        let theirs = super::validate::trust(&file, trust_image)?;
+        let theirs = crate::restore::validate::trust(&file, trust_image)?;
         if let Some(o) = theirs.owner()
             && trust.owner().map(|t| t.uid) != Some(o.uid)
         {
@@ -515,7 +515,7 @@ impl ParentImage {
     }
 
     /// The parent's stored pages that `vma` (of process `pid`) inherits.
-    pub(super) fn pieces(&self, pid: i32, vma: &Vma) -> Result<Vec<Piece>> {
+    pub(in crate::restore) fn pieces(&self, pid: i32, vma: &Vma) -> Result<Vec<Piece>> {
         Ok(
             crate::incremental::inherited_pieces(self.reader.metadata(), pid, vma)?
                 .into_iter()

@@ -3,9 +3,9 @@
 //! refused by name, whatever `--unsupported-fd` says (a ring left mapped
 //! without its instance would not be a checkpoint either).
 
-use super::restore::one;
-use super::{Kind, no_key};
 use crate::error::{Error, Result, read_proc};
+use crate::fds::restore::one;
+use crate::fds::{Kind, no_key};
 
 pub static KIND: Kind = Kind {
     probe: |p| {

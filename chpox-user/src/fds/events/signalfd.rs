@@ -6,9 +6,9 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
-use super::restore::{file_err, key, one};
-use super::{Kind, field, no_key};
 use crate::error::{Error, parse_err};
+use crate::fds::restore::{file_err, key, one};
+use crate::fds::{Kind, field, no_key};
 use crate::image::model::FdKind;
 
 pub static KIND: Kind = Kind {

@@ -7,9 +7,9 @@
 //! new one for a pidfd of itself when it got another PID). Until then the
 //! number holds /dev/null.
 
-use super::restore::{Descriptions, dev_null, key, one};
-use super::{Kind, Probe, UnsupportedFd, field, no_key};
 use crate::error::{Error, Result, parse_err};
+use crate::fds::restore::{Descriptions, dev_null, key, one};
+use crate::fds::{Kind, Probe, UnsupportedFd, field, no_key};
 use crate::image::model::{FdEntry, FdKind, ProcessImage};
 use crate::restore::child::Child;
 

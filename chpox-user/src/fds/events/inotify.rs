@@ -15,9 +15,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
-use super::restore::{file_err, key, one};
-use super::{Kind, Probe, no_key};
 use crate::error::{Error, Result, parse_err};
+use crate::fds::restore::{file_err, key, one};
+use crate::fds::{Kind, Probe, no_key};
 use crate::image::model::{FdKind, InotifyWatch};
 
 pub static KIND: Kind = Kind {
@@ -193,7 +193,7 @@ fn probe(p: &Probe<'_>) -> Result<Option<FdKind>> {
     watches.sort_by_key(|w| w.wd);
     // Events cannot be put into a new instance: a queue is said to be
     // lost rather than lost in silence.
-    if let Ok(copy) = super::sockets::sock_diag::steal(p.pid, p.fd) {
+    if let Ok(copy) = crate::fds::sockets::sock_diag::steal(p.pid, p.fd) {
         let mut queued: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int into `queued`.
         let ret = unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut queued) };
