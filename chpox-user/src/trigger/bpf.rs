@@ -88,14 +88,20 @@ pub fn mount_filesystems() -> Result<(), BpfError> {
             continue;
         }
         info!(path, "mounting {fs}");
-        nix::mount::mount(
+        match nix::mount::mount(
             Some("none"),
             path,
             Some(fs),
             nix::mount::MsFlags::empty(),
             None::<&str>,
-        )
-        .map_err(|source| BpfError::Mount { fs, path, source })?;
+        ) {
+            Ok(()) => {}
+            // Another agent or tool, starting at the same moment on a
+            // machine booted without it, mounted it first (seen: EBUSY
+            // for the second of two agents started at once).
+            Err(_) if is_mounted(path, fs) => {}
+            Err(source) => return Err(BpfError::Mount { fs, path, source }),
+        }
     }
     Ok(())
 }
