@@ -33,7 +33,8 @@ fn load(dir: &std::path::Path) -> (MutexGuard<'static, ()>, Target) {
 }
 
 /// Wait for `dumper` to end; a dump still running after `limit` is hung
-/// (a dump of these small targets takes milliseconds even here).
+/// (a dump of these small targets takes a few seconds at most even here,
+/// most of it waiting for the targets to be scheduled and stop).
 fn assert_ends(dumper: &mut Child, limit: Duration, what: &str) {
     let deadline = Instant::now() + limit;
     while dumper.try_wait().expect("try_wait chpox").is_none() {
