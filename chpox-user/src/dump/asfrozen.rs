@@ -167,7 +167,7 @@ impl AsFrozen {
             state.closed = true;
             // The freeze is over: the helper reads beside this thread now,
             // as urgently as it.
-            raise_if_idled(&mut state);
+            raise_helper(&mut state, self.shared.may_idle);
             if state.frozen != members {
                 return Err(Error::Other(format!(
                     "internal: {} members handed over early, {members} frozen",
@@ -208,7 +208,7 @@ impl Drop for AsFrozen {
         {
             let mut state = lock(&self.shared.state);
             state.closed = true;
-            raise_if_idled(&mut state);
+            raise_helper(&mut state, self.shared.may_idle);
         }
         self.shared.changed.notify_all();
         if let Some(helper) = self.helper.take() {
@@ -225,11 +225,11 @@ impl Drop for AsFrozen {
 /// leave `SCHED_IDLE` again (at the default RLIMIT_NICE), and the dump
 /// would wait for a member its starved helper is reading. On a loaded
 /// machine an idle thread may not run for seconds: the dump's thread
-/// raises it ([`raise_if_idled`]) before it ever waits for it.
+/// raises it ([`raise_helper`]) before it ever waits for it.
 fn run_as_if_idle(tid: i32) -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: a plain syscall on one of our own threads, alive until it is
-    // joined (after `raise_if_idled`), with a valid sched_param; failure
+    // joined (after `raise_helper`), with a valid sched_param; failure
     // leaves its policy as it was.
     let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
     if r != 0 {
@@ -238,17 +238,18 @@ fn run_as_if_idle(tid: i32) -> bool {
     r == 0
 }
 
-/// The helper back to the normal policy at the dump's raised priority
-/// (see `Boost`), if it was put at idle priority: the frozen tree waits
-/// for what it reads.
-fn raise_if_idled(state: &mut State) {
-    let (Some(tid), true) = (state.helper_tid, state.idled) else {
+/// The helper at the normal policy and the dump's raised priority (see
+/// `Boost`), whether it was put at idle priority or published its id too
+/// late for that (it was born at the priority the dump had before its
+/// `Boost`): the frozen tree waits for what it reads.
+fn raise_helper(state: &mut State, may_raise: bool) {
+    let Some(tid) = state.helper_tid.filter(|_| may_raise) else {
         return;
     };
     state.idled = false;
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: plain syscalls on one of our own threads, alive until it is
-    // joined, with a valid sched_param; we hold CAP_SYS_NICE (`may_idle`),
+    // joined, with a valid sched_param; we hold CAP_SYS_NICE (`may_raise`),
     // so they succeed.
     unsafe {
         libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param);
@@ -320,18 +321,45 @@ mod tests {
             // SAFETY: a query of one of our own threads' policy.
             unsafe { libc::sched_getscheduler(tid) }
         };
+        // The helper waits for more members until the freeze is over.
         if may_raise_priority() {
             assert!(lock(&reads.shared.state).idled);
+            assert_eq!(policy(tid), libc::SCHED_IDLE);
         }
         {
             let mut state = lock(&reads.shared.state);
-            raise_if_idled(&mut state);
+            raise_helper(&mut state, reads.shared.may_idle);
             assert!(!state.idled);
         }
-        // Raised, or gone already (it had nothing left to read).
-        let now = policy(tid);
-        assert!(now == libc::SCHED_OTHER || now == -1, "policy {now}");
+        assert_eq!(policy(tid), libc::SCHED_OTHER);
         drop(reads);
+    }
+
+    /// A helper that published its id only after the last member was
+    /// handed over was never put at idle priority; it runs at the
+    /// priority the dump had before its boost, and is raised all the same.
+    #[test]
+    fn a_helper_never_idled_is_raised_too() {
+        if !may_raise_priority() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _ = tx.send(nix::unistd::gettid().as_raw());
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().expect("tid");
+        let mut state = State {
+            helper_tid: Some(tid),
+            ..State::default()
+        };
+        raise_helper(&mut state, true);
+        // SAFETY: a query of one of our own threads' nice value.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+        assert_eq!(nice, -20);
+        let _ = done_tx.send(());
+        let _ = thread.join();
     }
 
     #[test]
