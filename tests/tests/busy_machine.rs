@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::Target;
-use common::dumps::{assert_running_untraced, spawn_dump, tracer_of};
+use common::dumps::{assert_running_untraced, seen_frozen, spawn_dump};
 use common::procs::Guard;
 use common::tree::Image;
 
@@ -45,20 +45,6 @@ fn assert_ends(dumper: &mut Child, limit: Duration, what: &str) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// Whether `dumper` was seen holding `target` frozen before it ended (a
-/// brief freeze can pass between two looks).
-fn seen_frozen(target: i32, dumper: &mut Child) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tracer_of(target) != Some(dumper.id() as i32) {
-        if dumper.try_wait().expect("try_wait").is_some() {
-            return false;
-        }
-        assert!(Instant::now() < deadline, "chpox never seized the target");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    true
 }
 
 /// The target killed (SIGKILL, as the OOM killer or a user would) at many

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::dumps::tracer_of;
+use common::dumps::{seen_frozen, tracer_of};
 use common::{Target, chpox_ok};
 
 fn start_dump(pid: i32, image: &Path) -> Child {
@@ -29,20 +29,6 @@ fn wait_until_frozen(target: i32, dumper: &mut Child) {
         seen_frozen(target, dumper),
         "chpox ended without our seeing it hold the target"
     );
-}
-
-/// Whether `dumper` was seen holding `target` frozen before it ended (a
-/// brief freeze can pass between two looks).
-fn seen_frozen(target: i32, dumper: &mut Child) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tracer_of(target) != Some(dumper.id() as i32) {
-        if dumper.try_wait().expect("try_wait").is_some() {
-            return false;
-        }
-        assert!(Instant::now() < deadline, "chpox never seized the target");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    true
 }
 
 /// The target is released (not traced, not stopped) within a few seconds.

@@ -278,6 +278,20 @@ pub fn assert_untraced(pid: i32) {
     );
 }
 
+/// Whether `dumper` was seen holding `target` frozen before it ended (a
+/// brief freeze can pass between two looks).
+pub fn seen_frozen(target: i32, dumper: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tracer_of(target) != Some(dumper.id() as i32) {
+        if dumper.try_wait().expect("try_wait").is_some() {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "chpox never seized the target");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    true
+}
+
 /// The process is alive, not stopped or traced: running or sleeping.
 pub fn assert_running_untraced(pid: i32) {
     assert_untraced(pid);
