@@ -56,8 +56,6 @@ struct Shared {
     /// A member was handed over, read, or the freeze ended.
     changed: Condvar,
     kernel: Option<Arc<KernelState>>,
-    /// Whether the helper may be put at idle priority (see `run_as_if_idle`).
-    may_idle: bool,
 }
 
 /// The early reads of one dump: [`frozen`](Self::frozen) as each member
@@ -122,7 +120,6 @@ impl AsFrozen {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             kernel,
-            may_idle: may_raise_priority(),
         });
         // A Ctrl-C taken by the helper would end chpox mid-freeze.
         let helper = crate::ptrace::spawn_leaving_terminal_signals_to_the_freezer(|| {
@@ -149,8 +146,8 @@ impl AsFrozen {
         state.frozen += 1;
         state.waiting.push_back((index, pid));
         if let Some(tid) = state.helper_tid
-            && self.shared.may_idle
             && !state.idled
+            && may_raise_priority()
         {
             state.idled = run_as_if_idle(tid);
         }
@@ -167,7 +164,7 @@ impl AsFrozen {
             state.closed = true;
             // The freeze is over: the helper reads beside this thread now,
             // as urgently as it.
-            raise_helper(&mut state, self.shared.may_idle);
+            raise_helper(&mut state);
             if state.frozen != members {
                 return Err(Error::Other(format!(
                     "internal: {} members handed over early, {members} frozen",
@@ -208,7 +205,7 @@ impl Drop for AsFrozen {
         {
             let mut state = lock(&self.shared.state);
             state.closed = true;
-            raise_helper(&mut state, self.shared.may_idle);
+            raise_helper(&mut state);
         }
         self.shared.changed.notify_all();
         if let Some(helper) = self.helper.take() {
@@ -221,9 +218,10 @@ impl Drop for AsFrozen {
 /// (`SCHED_IDLE`), whether it took it: while the tree is being frozen,
 /// each process stops only once it runs (to take our interrupt), and a
 /// helper that kept a core from it delayed the last stop of a tree of 8 by
-/// ~1 ms. Only with CAP_SYS_NICE (`may_idle`): without it a thread cannot
-/// leave `SCHED_IDLE` again (at the default RLIMIT_NICE), and the dump
-/// would wait for a member its starved helper is reading. On a loaded
+/// ~1 ms. Only with CAP_SYS_NICE (`may_raise_priority`): without it a
+/// thread cannot leave `SCHED_IDLE` again (at the default RLIMIT_NICE),
+/// and the dump would wait for a member its starved helper is reading.
+/// On a loaded
 /// machine an idle thread may not run for seconds: the dump's thread
 /// raises it ([`raise_helper`]) before it ever waits for it.
 fn run_as_if_idle(tid: i32) -> bool {
@@ -242,14 +240,14 @@ fn run_as_if_idle(tid: i32) -> bool {
 /// `Boost`), whether it was put at idle priority or published its id too
 /// late for that (it was born at the priority the dump had before its
 /// `Boost`): the frozen tree waits for what it reads.
-fn raise_helper(state: &mut State, may_raise: bool) {
-    let Some(tid) = state.helper_tid.filter(|_| may_raise) else {
+fn raise_helper(state: &mut State) {
+    let Some(tid) = state.helper_tid.filter(|_| may_raise_priority()) else {
         return;
     };
     state.idled = false;
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: plain syscalls on one of our own threads, alive until it is
-    // joined, with a valid sched_param; we hold CAP_SYS_NICE (`may_raise`),
+    // joined, with a valid sched_param; we hold CAP_SYS_NICE (checked),
     // so they succeed.
     unsafe {
         libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param);
@@ -328,7 +326,7 @@ mod tests {
         }
         {
             let mut state = lock(&reads.shared.state);
-            raise_helper(&mut state, reads.shared.may_idle);
+            raise_helper(&mut state);
             assert!(!state.idled);
         }
         assert_eq!(policy(tid), libc::SCHED_OTHER);
@@ -354,7 +352,7 @@ mod tests {
             helper_tid: Some(tid),
             ..State::default()
         };
-        raise_helper(&mut state, true);
+        raise_helper(&mut state);
         // SAFETY: a query of one of our own threads' nice value.
         let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
         assert_eq!(nice, -20);

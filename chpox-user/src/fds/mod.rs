@@ -50,8 +50,9 @@ pub mod restore;
 pub mod sockets;
 pub mod tty;
 
-use events::{epoll, eventfd, inotify, pidfd, signalfd, timerfd, uring};
 use std::fs::Metadata as FileMeta;
+
+use events::{epoll, eventfd, inotify, pidfd, signalfd, timerfd, uring};
 
 use crate::creds::UserCreds;
 use crate::error::{Error, Result, parse_err, read_proc};
