@@ -241,6 +241,99 @@ fn periodic_checkpoints_are_incremental_and_restore() {
     assert_eq!(restore_and_verify(&report, &img), sum);
 }
 
+/// A tracked mapping grown in place by `mremap` keeps our registration
+/// past the range we registered. The next full checkpoint must still take
+/// its copy-on-write snapshot (not copy everything while frozen, taking
+/// our tracking for the process's own userfaultfd), the mapping must be
+/// tracked again after it (not stored whole by every increment), and the
+/// increment restores it.
+#[test]
+fn a_mapping_grown_in_place_stays_tracked() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("grow.chpox");
+    let report = s.path("grow.report");
+    let mut t = Target::spawn("mapgrow", &[path_str(&report)], &s.logs);
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    let ready = common::agent::poll(
+        "mapgrow READY",
+        STATE_TIMEOUT,
+        || format!("{:?}", lines(&report)),
+        || lines(&report).into_iter().find(|l| l.starts_with("READY ")),
+    );
+    let addr = u64::from_str_radix(ready.trim_start_matches("READY 0x"), 16).expect("address");
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
+    let checkpoint = || -> serde_json::Value {
+        let out = agent.chpox_ok(&["checkpoint", &pid_s, "--json", "--timeout", "60"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    checkpoint();
+    assert!(
+        metadata(&img).parent.is_none(),
+        "the first checkpoint is full"
+    );
+
+    send(pid, libc::SIGUSR1);
+    poll_until(
+        "mapgrow GROWN",
+        STATE_TIMEOUT,
+        || format!("{:?}", lines(&report)),
+        || lines(&report).iter().any(|l| l == "GROWN"),
+    );
+    // No base: the next checkpoint is full, with the tracking attached.
+    fs::remove_file(dir.join("grow.chpox.base")).expect("remove the base");
+    let full = checkpoint();
+    assert!(metadata(&img).parent.is_none(), "full again: {full}");
+    assert!(
+        full["snapshots"].as_u64().unwrap_or(0) >= 1,
+        "the full checkpoint took no snapshot: {full}"
+    );
+
+    let incr = checkpoint();
+    let m = metadata(&img);
+    assert!(m.parent.is_some(), "incremental: {incr}");
+    let grown = m
+        .root
+        .vmas
+        .iter()
+        .find(|v| v.start == addr)
+        .unwrap_or_else(|| panic!("no mapping at {addr:#x}"));
+    assert_eq!(grown.end - grown.start, 64 * 4096, "{grown:?}");
+    let stored: u64 = grown.pages.iter().map(|r| r.npages).sum();
+    let inherited: u64 = grown.inherited.iter().map(|r| r.1).sum();
+    assert_eq!(
+        (stored, inherited),
+        (0, 64),
+        "an unwritten mapping grown in place is not tracked"
+    );
+
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    let copy = restore_detached(&img, &[]);
+    let before = lines(&report).len();
+    send(copy, libc::SIGUSR2);
+    let verdict = common::agent::poll(
+        "mapgrow VERIFY",
+        STATE_TIMEOUT,
+        || format!("{:?}", lines(&report)),
+        || {
+            lines(&report)
+                .get(before..)?
+                .iter()
+                .find(|l| l.starts_with("VERIFY"))
+                .cloned()
+        },
+    );
+    send(copy, libc::SIGKILL);
+    wait_pid(copy, Duration::from_secs(30));
+    common::wait_pid_free(copy);
+    assert_eq!(verdict, "VERIFY ok=1", "the restored mapping differs");
+}
+
 /// `redis-cli -p PORT ARGS…`, its output trimmed.
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")

@@ -81,6 +81,7 @@ pub struct CheckpointJson<'a> {
     pub signal_to_frozen_us: u64,
     pub frozen_us: u64,
     pub children_not_saved: &'a [i32],
+    pub snapshots: usize,
 }
 
 impl<'a> CheckpointJson<'a> {
@@ -95,6 +96,7 @@ impl<'a> CheckpointJson<'a> {
                 frozen_us,
                 processes,
                 children_not_saved,
+                snapshots,
             } => Some(CheckpointJson {
                 pid: *pid,
                 image,
@@ -104,6 +106,7 @@ impl<'a> CheckpointJson<'a> {
                 signal_to_frozen_us: *signal_to_frozen_us,
                 frozen_us: *frozen_us,
                 children_not_saved,
+                snapshots: *snapshots,
             }),
             _ => None,
         }

@@ -649,7 +649,9 @@ fn capture_process(
             // Tracked since the base: what was written is stored, the rest
             // comes from the base (no pagemap walk).
             let (runs, from_base) =
-                crate::incremental::split_tracked(map, kind, w, base, |s, e| pages.pagemap(s, e))?;
+                crate::incremental::split_tracked(map, kind, w, base, |windows| {
+                    pages.pagemap_windows(windows)
+                })?;
             inherited = from_base;
             store_runs(&runs, &mut held, vmas.len(), pages, writer)?
         } else {

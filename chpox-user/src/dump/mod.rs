@@ -221,8 +221,8 @@ fn dump_inner(
     // A process to be killed stays frozen until its image is written: no
     // snapshot, its pages are copied straight away.
     let snapshots_wanted = opts.after != AfterDump::Kill;
-    let create_writer = |owner| {
-        ImageWriter::create(
+    let create_writer = |owner, spare| {
+        ImageWriter::create_in(
             &opts.output,
             WriteOptions {
                 compress: opts.compress,
@@ -233,6 +233,7 @@ fn dump_inner(
                 // not while frozen (see `image::writer::deferred`).
                 defer_compression: true,
             },
+            spare,
         )
     };
     let pids = if !snapshots_wanted || opts.freeze_first {
@@ -271,7 +272,7 @@ fn dump_inner(
             }
         };
     if snapshots_wanted && precopy {
-        let mut writer = create_writer(process::owner(pid)?)?;
+        let mut writer = create_writer(process::owner(pid)?, None)?;
         precopies = PreCopies::run(&pids, &mut writer, opts.vma_flags.as_deref());
         precopy_writer = Some(writer);
     }
@@ -319,7 +320,14 @@ fn dump_inner(
     let plan = tracking.as_deref_mut().map(|t| t.plan(&members));
     let mut writer = match precopy_writer {
         Some(w) => w,
-        None => create_writer(owner)?,
+        // An increment is written into the file its tracking made ready.
+        None => create_writer(
+            owner,
+            match (&plan, tracking.as_deref_mut()) {
+                (Some(crate::incremental::Plan::Incremental(_)), Some(t)) => t.spare.take(),
+                _ => None,
+            },
+        )?,
     };
     keep_from_user_unless_theirs(&frozen, owner, opts, &writer)?;
     // Connections saved in TCP repair mode stay in it until the tree is
@@ -472,6 +480,7 @@ fn dump_inner(
     let pages_stored = captured.pages_stored + written.pages_stored + precopy_stored + held_stored;
     if let (Some(t), Some(plan)) = (tracking, &plan) {
         t.done(plan, &opts.output, &meta, pages_stored, &members)?;
+        t.prepare_spare(&opts.output, opts.as_user.as_ref());
     }
     let report = DumpReport {
         pid,

@@ -18,4 +18,4 @@ pub(crate) mod testutil;
 pub use error::ImageError;
 pub use format::Header;
 pub use reader::{ImageReader, VerifyReport};
-pub use writer::{AllocateAhead, ClosedArea, ImageWriter, MappedArea, WriteOptions};
+pub use writer::{AllocateAhead, ClosedArea, ImageWriter, MappedArea, SpareFile, WriteOptions};

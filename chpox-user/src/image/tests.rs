@@ -183,6 +183,56 @@ fn image_without_blobs() {
     assert_eq!(r.read_memory(HEAP_VMA.0, 1).unwrap(), None);
 }
 
+/// Blobs written at once with their own checksums read back one by one,
+/// compressed or not, and a spare file made ready for the image is used
+/// and cut to the image's size.
+#[test]
+fn consecutive_blobs_in_a_spare_file() {
+    for compress in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inc.img");
+        let spare = SpareFile::prepare(&path, 1 << 20, None).unwrap();
+        let spare_inode = spare.inode();
+        let mut w = ImageWriter::create_in(&path, opts(compress), Some(spare)).unwrap();
+        let lens = [4096usize, 8192, 4096];
+        let bytes: Vec<u8> = (0..lens.iter().sum::<usize>())
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for len in lens {
+            pieces.push((len, crc32c::crc32c(&bytes[at..at + len])));
+            at += len;
+        }
+        let misfit = w.add_consecutive(&bytes, &pieces[..2]).unwrap_err();
+        assert!(matches!(misfit, ImageError::WriterState { .. }), "{misfit}");
+        let refs = w.add_consecutive(&bytes, &pieces).unwrap();
+        let size = w.finish(&sample_metadata()).unwrap();
+        assert_eq!(dir_entries(dir.path()), ["inc.img".to_string()].into());
+        let written = fs::metadata(&path).unwrap();
+        assert_eq!(written.len(), size);
+        assert_eq!(std::os::unix::fs::MetadataExt::ino(&written), spare_inode);
+        let r = ImageReader::open(&path).unwrap();
+        let mut at = 0;
+        for (data, len) in refs.iter().zip(lens) {
+            assert_eq!(r.read_data(data).unwrap(), &bytes[at..at + len]);
+            at += len;
+        }
+    }
+}
+
+/// A spare file made in another directory is not used there.
+#[test]
+fn spare_file_of_another_directory_is_left_alone() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let spare = SpareFile::prepare(&a.path().join("x.img"), 1 << 16, None).unwrap();
+    let path = b.path().join("y.img");
+    let w = ImageWriter::create_in(&path, opts(false), Some(spare)).unwrap();
+    w.finish(&sample_metadata()).unwrap();
+    assert!(dir_entries(a.path()).is_empty());
+    assert_eq!(dir_entries(b.path()), ["y.img".to_string()].into());
+}
+
 #[test]
 fn dropped_writer_leaves_previous_image_intact() {
     let dir = tempfile::tempdir().unwrap();

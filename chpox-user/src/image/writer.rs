@@ -26,10 +26,12 @@ mod area;
 mod deferred;
 mod dir;
 mod patch;
+mod spare;
 
 pub use ahead::AllocateAhead;
 pub use area::{ClosedArea, MappedArea};
-use dir::{create_temp, open_dir, remove_stale_temps, split_path};
+use dir::{create_temp, link_temp, open_dir, remove_stale_temps, split_path};
+pub use spare::SpareFile;
 
 /// zstd level for blobs and metadata. Page data is large and restore speed
 /// matters more than the last few percent of size; level 1 compresses at
@@ -150,6 +152,17 @@ impl ImageWriter {
     /// `final_path`. The parent directory must exist; an existing regular
     /// file at `final_path` is replaced only when `finish` succeeds.
     pub fn create(final_path: &Path, opts: WriteOptions) -> Result<ImageWriter, ImageError> {
+        Self::create_in(final_path, opts, None)
+    }
+
+    /// [`create`](Self::create), written into `spare` (made ready for it
+    /// beforehand, see `spare`) where it was made in the image's
+    /// directory.
+    pub fn create_in(
+        final_path: &Path,
+        opts: WriteOptions,
+        spare: Option<SpareFile>,
+    ) -> Result<ImageWriter, ImageError> {
         let (dir_path, final_name) = split_path(final_path)?;
         // Whose file rights apply: symbolic links are followed only where
         // nobody else could have planted them (see `open_dir`).
@@ -158,7 +171,8 @@ impl ImageWriter {
             None => nix::unistd::geteuid().as_raw(),
         };
 
-        let open_and_create = || -> Result<(File, File, OsString), ImageError> {
+        let mut spare = spare;
+        let mut open_and_create = || -> Result<(File, Arc<File>, OsString, bool), ImageError> {
             let dir = open_dir(&dir_path, acting_uid).map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => ImageError::NoDirectory {
                     path: final_path.to_path_buf(),
@@ -192,11 +206,17 @@ impl ImageWriter {
                 Err(e) => return Err(ImageError::writing(final_path, e.into())),
             }
             remove_stale_temps(&dir, &final_name);
+            if let Some(file) = spare.take().and_then(|s| s.take_for(&dir)) {
+                match link_temp(&dir, &file, &final_name) {
+                    Ok(temp_name) => return Ok((dir, file, temp_name, true)),
+                    Err(e) => tracing::debug!(error = %e, "spare file not used"),
+                }
+            }
             let (file, temp_name) =
                 create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?;
-            Ok((dir, file, temp_name))
+            Ok((dir, Arc::new(file), temp_name, false))
         };
-        let (dir, file, temp_name) = match &opts.as_user {
+        let (dir, file, temp_name, preallocated) = match &opts.as_user {
             Some(user) => crate::creds::as_user(user, open_and_create)
                 .map_err(|e| ImageError::writing(final_path, e))??,
             None => open_and_create()?,
@@ -208,13 +228,14 @@ impl ImageWriter {
             dir,
             final_name,
             temp_name,
-            file: Arc::new(file),
+            file,
             compress: opts.compress && !opts.defer_compression,
             compress_image: opts.compress,
             pos: 0,
             state: State::Broken,
             published: false,
-            preallocated: false,
+            // A spare file is allocated past what the image may need.
+            preallocated,
             keep_previous: opts.keep_previous,
             as_user: opts.as_user.clone(),
         };
@@ -457,6 +478,60 @@ impl ImageWriter {
     /// Whether blobs are zstd-compressed (see [`compress_blob`]).
     pub fn compresses(&self) -> bool {
         self.compress
+    }
+
+    /// Writes `bytes` as consecutive blobs, one per piece of `pieces`
+    /// (length, a multiple of 4096, and the CRC-32C the caller computed),
+    /// which together are `bytes`. In an image stored uncompressed that is
+    /// a few large writes instead of one per blob: an increment's pages
+    /// are thousands of runs of a page or two, and a write per run took
+    /// most of the time spent writing them.
+    pub fn add_consecutive(
+        &mut self,
+        bytes: &[u8],
+        pieces: &[(usize, u32)],
+    ) -> Result<Vec<DataRef>, ImageError> {
+        let total: usize = pieces.iter().map(|p| p.0).sum();
+        if total != bytes.len() || pieces.iter().any(|p| !(p.0 as u64).is_multiple_of(ALIGN)) {
+            return Err(ImageError::WriterState {
+                reason: "consecutive blobs that do not tile their bytes in aligned pieces",
+            });
+        }
+        if self.compress_image {
+            let mut refs = Vec::with_capacity(pieces.len());
+            let mut at = 0;
+            for &(len, _) in pieces {
+                refs.push(self.add_data(&bytes[at..at + len])?);
+                at += len;
+            }
+            return Ok(refs);
+        }
+        self.require_idle("add_consecutive while a blob or mapped area is open")?;
+        for &(len, _) in pieces {
+            check_blob_len(0, len as u64)?;
+        }
+        self.state = State::Broken;
+        self.pad_to_alignment()?;
+        let mut refs = Vec::with_capacity(pieces.len());
+        let mut offset = self.pos;
+        for &(len, crc32c) in pieces {
+            refs.push(DataRef {
+                offset,
+                stored_len: len as u64,
+                raw_len: len as u64,
+                crc32c,
+                compression: Compression::None,
+            });
+            offset += len as u64;
+        }
+        // In pieces of 8 MiB, for the progress shown meanwhile.
+        for chunk in bytes.chunks(8 << 20) {
+            (&*self.file).write_all(chunk).map_err(|e| self.err(e))?;
+            self.pos += chunk.len() as u64;
+            crate::progress::add(chunk.len() as u64);
+        }
+        self.state = State::Idle;
+        Ok(refs)
     }
 
     /// Writes one blob prepared elsewhere (the page copy compresses and

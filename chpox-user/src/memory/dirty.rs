@@ -69,6 +69,9 @@ const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 /// What [`Tracker::scan`] returns of each region.
 const RETURN_ALL: u64 =
     PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_FILE;
+/// What [`Tracker::scan_all_written`] returns of the written regions of a
+/// mapping whose presence it reports (see [`reports_presence`]).
+const RETURN_PRESENCE: u64 = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
 /// Regions per ioctl; a scan continues from where the kernel stopped.
 const SCAN_BATCH: usize = 16 * 1024;
 
@@ -125,6 +128,24 @@ impl Region {
     pub fn zero_page(&self) -> bool {
         self.categories & PAGE_IS_PFNZERO != 0
     }
+
+    pub fn swapped(&self) -> bool {
+        self.categories & PAGE_IS_SWAPPED != 0
+    }
+}
+
+/// Whether [`Tracker::scan_all_written`] tells, of the written pages of a
+/// mapping of `kind`, which are present and which swapped (the rest are
+/// holes). Of an anonymous mapping, for 1.5 ms more over 4 GiB (3.5
+/// against 2 ms with 1 % of its pages written): saves reading the pagemap
+/// at each written page, about 1 µs a read, 12 ms for an increment of
+/// 11 500 scattered pages, while frozen. Not of a private file mapping:
+/// telling its own copies from page-cache pages (`PAGE_IS_FILE`) makes the
+/// kernel look up every page of the range, 60 ms over 4 GiB.
+/// A swapped page is only a hint, to be read from the pagemap: a guard
+/// page (`MADV_GUARD_INSTALL`) is reported as written and swapped too.
+pub fn reports_presence(kind: crate::image::model::VmaKind) -> bool {
+    kind == crate::image::model::VmaKind::Anonymous
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,12 +268,7 @@ impl Tracker {
                 kept.push((map.start, map.end));
                 continue;
             }
-            if map
-                .vm_flags
-                .iter()
-                .any(|f| f == "uw" || f == "um" || f == "ui")
-            {
-                // Someone else's userfaultfd.
+            if Self::foreign_modes(map) {
                 tracing::debug!(
                     pid = self.pid,
                     start = map.start,
@@ -261,8 +277,21 @@ impl Tracker {
                 );
                 continue;
             }
+            // Registered already (`uw`) but not a range of ours: ours grown
+            // in place (`mremap`), or merged from two of ours; registering
+            // it again with our userfaultfd succeeds then, and fails with
+            // EBUSY where it is the process's own.
             match uffd::register_wp(self.uffd.as_fd(), map.start, map.len()) {
                 Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Self::registered(map) => {
+                    tracing::debug!(
+                        pid = self.pid,
+                        start = map.start,
+                        end = map.end,
+                        "mapping registered by the process's own userfaultfd: untracked"
+                    );
+                    continue;
+                }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINVAL)) => {
                     tracing::debug!(pid = self.pid, start = map.start, end = map.end,
                         error = %e, "mapping cannot be write-tracked: untracked");
@@ -322,7 +351,8 @@ impl Tracker {
     }
 
     /// [`scan_written`](Self::scan_written) of every tracked mapping of
-    /// `maps`, by index in `maps`.
+    /// `maps`, by index in `maps`; of a mapping that
+    /// [`reports_presence`], with the written pages' presence.
     pub fn scan_all_written(
         &mut self,
         maps: &[MapEntry],
@@ -331,7 +361,14 @@ impl Tracker {
         let mut out = Vec::new();
         for (i, map) in maps.iter().enumerate() {
             if self.tracks(map) {
-                out.push((i, self.scan_written(map.start, map.end, protect)?));
+                let mask = if reports_presence(map.kind()) {
+                    RETURN_PRESENCE
+                } else {
+                    PAGE_IS_WRITTEN
+                };
+                let mut regions = Vec::new();
+                self.walk(map.start, map.end, protect, Some((&mut regions, mask)))?;
+                out.push((i, regions));
             }
         }
         Ok(out)
@@ -352,16 +389,38 @@ impl Tracker {
     /// `maps` without the `uw` flag on the mappings this tracker follows:
     /// what the process's own use of userfaultfd looks like (e.g. for
     /// `snapshot::may_fork`, which must not mistake our tracking for it).
+    ///
+    /// A mapping registered but not in a range of ours (ours grown in
+    /// place by `mremap` since the last [`track`](Self::track)) is ours
+    /// if our userfaultfd may register it: a mapping registered with
+    /// another is refused (EBUSY), and one registered with ours already
+    /// stays as it is. Taken for the process's own, it made a full
+    /// checkpoint copy a 4 GiB process while frozen, for 2 s.
     pub fn hide_own(&self, maps: &[MapEntry]) -> Vec<MapEntry> {
         maps.iter()
             .map(|m| {
                 let mut m = m.clone();
-                if self.tracks(&m) {
+                let ours = self.tracks(&m)
+                    || (Self::registered(&m)
+                        && !Self::foreign_modes(&m)
+                        && uffd::register_wp(self.uffd.as_fd(), m.start, m.len()).is_ok());
+                if ours {
                     m.vm_flags.retain(|f| f != "uw");
                 }
                 m
             })
             .collect()
+    }
+
+    /// Registered for write-protect faults, by us or by the process.
+    fn registered(map: &MapEntry) -> bool {
+        map.vm_flags.iter().any(|f| f == "uw")
+    }
+
+    /// Registered for missing or minor faults: the process's own
+    /// userfaultfd (ours asks for write-protect alone).
+    fn foreign_modes(map: &MapEntry) -> bool {
+        map.vm_flags.iter().any(|f| f == "um" || f == "ui")
     }
 
     /// Fails with [`DirtyError::Lost`] once the tracker no longer follows

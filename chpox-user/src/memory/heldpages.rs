@@ -124,31 +124,53 @@ impl HeldPages {
         // Nothing held (the buffer was still being grown): the sums of the
         // last write that held pages stay, to compare the next one with.
         let held_any = !self.held.is_empty();
-        for held in std::mem::take(&mut self.held) {
-            let vma = meta
-                .processes_mut()
-                .nth(held.process)
-                .and_then(|p| p.vmas.get_mut(held.vma))
-                .ok_or_else(|| Error::Other("internal: pages held for no mapping".into()))?;
-            let mut at = held.at;
-            for (addr, npages) in held.runs {
+        let held = std::mem::take(&mut self.held);
+        // Each run a blob, its checksum made of its pages' (which the
+        // next increment compares with), all written at once: the runs
+        // lie in the buffer in order.
+        let mut pieces = Vec::new();
+        for h in &held {
+            let mut at = h.at;
+            for &(addr, npages) in &h.runs {
                 let len = (npages * PAGE_SIZE) as usize;
                 let raw = buf
                     .get(at..at + len)
                     .ok_or_else(|| Error::Other("internal: held pages past the buffer".into()))?;
                 at += len;
+                let mut run_sum = 0;
                 for (i, page) in raw.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    let key = (held.pid, addr + i as u64 * PAGE_SIZE);
+                    let key = (h.pid, addr + i as u64 * PAGE_SIZE);
                     let sum = crc32c::crc32c(page);
                     unchanged += u64::from(self.page_sums.get(&key) == Some(&sum));
                     sums.insert(key, sum);
+                    run_sum = if i == 0 {
+                        sum
+                    } else {
+                        crate::image::crc::combine(run_sum, sum, PAGE_SIZE)
+                    };
                 }
-                let data = writer.add_data(raw)?;
+                pieces.push((len, run_sum));
+            }
+        }
+        let bytes = buf
+            .get(..self.used)
+            .ok_or_else(|| Error::Other("internal: held pages past the buffer".into()))?;
+        let mut refs = writer.add_consecutive(bytes, &pieces)?.into_iter();
+        drop(buf);
+        for h in held {
+            let vma = meta
+                .processes_mut()
+                .nth(h.process)
+                .and_then(|p| p.vmas.get_mut(h.vma))
+                .ok_or_else(|| Error::Other("internal: pages held for no mapping".into()))?;
+            for (addr, npages) in h.runs {
+                let data = refs
+                    .next()
+                    .ok_or_else(|| Error::Other("internal: a held run was not written".into()))?;
                 vma.pages.push(PageRun { addr, npages, data });
                 pages += npages;
             }
         }
-        drop(buf);
         if held_any {
             self.page_sums = sums;
         }
@@ -162,6 +184,12 @@ impl HeldPages {
     /// match only brings a new base sooner).
     pub fn unchanged_pages(&self) -> u64 {
         self.unchanged
+    }
+
+    /// Bytes of pages the last increment that held any held (0 before
+    /// any).
+    pub fn last_held_bytes(&self) -> usize {
+        self.last_used
     }
 
     /// A new base: the next increment's pages are new to it.

@@ -409,16 +409,43 @@ pub(crate) fn read_frozen(pid: i32, runs: &[(u64, u64)], dest: &mut [u8]) -> Res
         return Ok(());
     }
     let mem = Memory::open(pid, Source::VmReadv)?;
-    let mut at = 0usize;
-    for batch in runs.chunks(MAX_IOVECS) {
-        let len: usize = batch.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
-        let dest = dest
-            .get_mut(at..at + len)
-            .ok_or_else(|| Error::Other("internal: pages read past their buffer".into()))?;
-        read_runs(pid, Source::VmReadv, &mem, batch, dest)?;
-        at += len;
+    let read = |runs: &[(u64, u64)], dest: &mut [u8]| -> Result<()> {
+        let mut at = 0usize;
+        for batch in runs.chunks(MAX_IOVECS) {
+            let len: usize = batch.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
+            let dest = dest
+                .get_mut(at..at + len)
+                .ok_or_else(|| Error::Other("internal: pages read past their buffer".into()))?;
+            read_runs(pid, Source::VmReadv, &mem, batch, dest)?;
+            at += len;
+        }
+        Ok(())
+    };
+    // Scattered pages (an increment's) are read at about 2 GB/s, the
+    // kernel's walk to each page being the bound, not the copy: on two
+    // threads, half each, while the tree is frozen and nothing else of
+    // ours runs.
+    const SPLIT_FROM: usize = 4 << 20;
+    if dest.len() < SPLIT_FROM || runs.len() < 2 {
+        return read(runs, dest);
     }
-    Ok(())
+    let (mut split, mut half) = (0, 0usize);
+    while split < runs.len() && half < dest.len() / 2 {
+        half += (runs[split].1 * PAGE_SIZE) as usize;
+        split += 1;
+    }
+    let ((first, second), (to_first, to_second)) = (
+        runs.split_at(split),
+        dest.split_at_mut(half.min(dest.len())),
+    );
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| read(second, to_second));
+        let mine = read(first, to_first);
+        let theirs = other
+            .join()
+            .map_err(|_| Error::Other("internal: a page read panicked".into()))?;
+        mine.and(theirs)
+    })
 }
 
 /// Where a process's pages are read from: /proc/PID/mem, and for a

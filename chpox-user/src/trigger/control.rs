@@ -202,6 +202,11 @@ pub enum Response {
         /// without FLAGS 8).
         #[serde(default)]
         children_not_saved: Vec<i32>,
+        /// Processes whose pages were written from a copy-on-write
+        /// snapshot once they ran again (the others were copied while
+        /// frozen).
+        #[serde(default)]
+        snapshots: usize,
     },
     Libs {
         libs: Vec<PathBuf>,

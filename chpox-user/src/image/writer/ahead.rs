@@ -36,12 +36,7 @@ impl ImageWriter {
             return AllocateAhead { stop, thread: None };
         }
         self.preallocated = true;
-        let (file, from, flag) = (Arc::clone(&self.file), self.pos, Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
-            .name("allocate-ahead".into())
-            .spawn(move || allocate(&file, from, most, &flag))
-            .ok();
-        AllocateAhead { stop, thread }
+        AllocateAhead::start(Arc::clone(&self.file), self.pos, most)
     }
 }
 
@@ -60,6 +55,18 @@ fn allocate(file: &File, from: u64, most: u64, stop: &AtomicBool) {
 }
 
 impl AllocateAhead {
+    /// Allocate `most` bytes of `file` from offset `from` on a thread of
+    /// its own, until done or stopped.
+    pub(super) fn start(file: Arc<File>, from: u64, most: u64) -> AllocateAhead {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("allocate-ahead".into())
+            .spawn(move || allocate(&file, from, most, &flag))
+            .ok();
+        AllocateAhead { stop, thread }
+    }
+
     /// Stop allocating; returns once the allocation in progress is over,
     /// so that the writer's next write does not wait behind it.
     pub fn stop(mut self) {

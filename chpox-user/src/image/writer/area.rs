@@ -145,7 +145,8 @@ impl ImageWriter {
         }
         self.preallocated = true;
         // SAFETY: the mapping covers our own temporary file, created O_EXCL
-        // with mode 0600 and reachable by no other name until `finish`, so
+        // (or unnamed, then linked: `spare`) with mode 0600 and reachable
+        // by no other name until `finish`, so
         // nothing else truncates or writes it while mapped; the range was
         // just allocated above, so no access can hit a hole past EOF.
         let map = unsafe {

@@ -219,12 +219,51 @@ fn may_follow(
     ))
 }
 
-/// Creates `.<name>.chpox-tmp.<pid>.<n>` in `dir`.
+/// Creates `.<name>.chpox-tmp.<pid>.<n>` in `dir`, readable and writable
+/// by its owner alone.
 ///
 /// O_EXCL|O_NOFOLLOW: an existing file or a link planted under the temporary
 /// name makes the open fail instead of redirecting our writes; we then try
 /// the next name.
 pub(super) fn create_temp(dir: &File, final_name: &OsStr) -> io::Result<(File, OsString)> {
+    with_temp_name(final_name, |temp| {
+        nix::fcntl::openat(
+            dir,
+            temp,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map(File::from)
+    })
+}
+
+/// Gives `file`, an unnamed file (`O_TMPFILE`) made in `dir`, a temporary
+/// name next to `final_name` there, as [`create_temp`] would have.
+pub(super) fn link_temp(dir: &File, file: &File, final_name: &OsStr) -> io::Result<OsString> {
+    use std::os::fd::AsRawFd;
+    // An unnamed file is linked through its /proc/self/fd link (followed);
+    // `AT_EMPTY_PATH` would need CAP_DAC_READ_SEARCH, which a writer
+    // acting as a user does not have.
+    let own = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let ((), temp) = with_temp_name(final_name, |temp| {
+        nix::unistd::linkat(
+            nix::fcntl::AT_FDCWD,
+            own.as_str(),
+            dir,
+            temp,
+            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+        )
+    })?;
+    Ok(temp)
+}
+
+/// Calls `make` with temporary names for `final_name`
+/// (`.<name>.chpox-tmp.<pid>.<n>`) until one is not taken (EEXIST: a link
+/// neither follows nor replaces what is there).
+fn with_temp_name<T>(
+    final_name: &OsStr,
+    mut make: impl FnMut(&OsStr) -> Result<T, Errno>,
+) -> io::Result<(T, OsString)> {
     let name_bytes = final_name.as_bytes();
     let short = name_bytes.get(..MAX_NAME_IN_TEMP).unwrap_or(name_bytes);
     let pid = std::process::id();
@@ -235,13 +274,8 @@ pub(super) fn create_temp(dir: &File, final_name: &OsStr) -> io::Result<(File, O
         temp.extend_from_slice(short);
         temp.extend_from_slice(format!(".chpox-tmp.{pid}.{n}").as_bytes());
         let temp = OsString::from_vec(temp);
-        match nix::fcntl::openat(
-            dir,
-            temp.as_os_str(),
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        ) {
-            Ok(fd) => return Ok((File::from(fd), temp)),
+        match make(temp.as_os_str()) {
+            Ok(made) => return Ok((made, temp)),
             Err(Errno::EEXIST) => last_err = Errno::EEXIST.into(),
             Err(e) => return Err(e.into()),
         }

@@ -318,6 +318,7 @@ impl Agent {
                     frozen_us: report.frozen.as_micros() as u64,
                     processes: report.processes,
                     children_not_saved: report.children_not_saved,
+                    snapshots: report.snapshots,
                 })
             }
             // Logged by the caller, once per reason; `chpox list` says it

@@ -239,6 +239,8 @@ struct Written {
     processes: usize,
     /// Children of the process left out (a single-process checkpoint).
     children_not_saved: Vec<i32>,
+    /// Processes written from a copy-on-write snapshot.
+    snapshots: usize,
 }
 
 type Outcome = Result<(Written, u64), String>;
@@ -521,6 +523,7 @@ impl Agent {
                 frozen_us: w.frozen_us,
                 processes: w.processes,
                 children_not_saved: w.children_not_saved,
+                snapshots: w.snapshots,
             },
             Ok(Ok(Err(message))) => Response::Error { message },
             Ok(Err(_)) => Response::Error {
