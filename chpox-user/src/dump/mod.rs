@@ -243,6 +243,9 @@ fn dump_inner(
     } else {
         vec![pid]
     };
+    if !opts.freeze_first {
+        process::warm_cpu_model();
+    }
     before.done("before the freeze: checks, descendants");
     // The mapped files' hashes, which the image needs only at its end, are
     // computed from here on beside the rest (see `files::warm_hashes`);

@@ -564,15 +564,29 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// The CPU's model name, read once per process: /proc/cpuinfo takes
+/// 40–100 µs to read (the kernel asks every CPU its frequency), and the
+/// image's host description is made while the processes are frozen. See
+/// also [`warm_cpu_model`].
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+    static MODEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("model name"))
+                        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                })
+                .unwrap_or_default()
         })
-        .unwrap_or_default()
+        .clone()
+}
+
+/// Read [`cpu_model`] now, before a freeze, rather than while frozen.
+pub fn warm_cpu_model() {
+    let _ = cpu_model();
 }
 
 /// Seconds since the Unix epoch.

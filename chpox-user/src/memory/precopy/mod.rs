@@ -390,8 +390,16 @@ pub struct Planned {
     /// Its pages present in the planned mappings.
     pub resident: u64,
     vmas: Vec<PlannedVma>,
-    /// The pre-copy blobs, by file offset, to reuse untouched ones.
-    blobs: HashMap<u64, DataRef>,
+    /// The pre-copy blobs, sorted by file offset, to reuse untouched ones.
+    blobs: Vec<DataRef>,
+}
+
+/// The blob of `blobs` (sorted by offset) that starts at `offset`.
+fn blob_starting_at(blobs: &[DataRef], offset: u64) -> Option<&DataRef> {
+    blobs
+        .binary_search_by_key(&offset, |b| b.offset)
+        .ok()
+        .and_then(|i| blobs.get(i))
 }
 
 /// The written regions `written` of `[start, end)` (sorted), and between
@@ -623,7 +631,15 @@ impl PreCopied {
             process,
             resident,
             vmas,
-            blobs: self.copied.iter().map(|c| (c.2.offset, c.2)).collect(),
+            blobs: {
+                // Copied in address order, which is file order: sorted
+                // already, and checked cheaply.
+                let mut blobs: Vec<DataRef> = self.copied.iter().map(|c| c.2).collect();
+                if !blobs.is_sorted_by_key(|b| b.offset) {
+                    blobs.sort_unstable_by_key(|b| b.offset);
+                }
+                blobs
+            },
         }))
     }
 }
@@ -675,7 +691,7 @@ pub fn write_all(
                 .ok_or_else(|| Error::Other("internal: a pre-copy of no mapping".into()))?;
             for (addr, npages, offset) in runs_of_pieces(&placed, &plan.blobs) {
                 let len = npages * PAGE_SIZE;
-                let data = match plan.blobs.get(&offset) {
+                let data = match blob_starting_at(&plan.blobs, offset) {
                     Some(d) if d.stored_len == len && !touched(offset, len) => *d,
                     _ => writer.blob_at(offset, len)?,
                 };
@@ -688,31 +704,41 @@ pub fn write_all(
 
 /// Runs of pages contiguous both in memory and in the file, cut where a
 /// pre-copy blob starts (so untouched blobs are reused whole) and at chunk
-/// size.
-fn runs_of_pieces(
-    placed: &[(u64, u64, u64)],
-    blobs: &HashMap<u64, DataRef>,
-) -> Vec<(u64, u64, u64)> {
+/// size. `blobs` sorted by offset. Steps from one cut to the next, not
+/// page by page (262 144 pages a GiB).
+fn runs_of_pieces(placed: &[(u64, u64, u64)], blobs: &[DataRef]) -> Vec<(u64, u64, u64)> {
+    let chunk = crate::pagecopy::CHUNK_PAGES;
     let mut runs: Vec<(u64, u64, u64)> = Vec::new();
     for &(addr, n, offset) in placed {
         let mut done = 0;
         while done < n {
             let a = addr + done * PAGE_SIZE;
             let o = offset + done * PAGE_SIZE;
-            let extends = runs.last().is_some_and(|&(ra, rn, ro)| {
-                ra + rn * PAGE_SIZE == a
-                    && ro + rn * PAGE_SIZE == o
-                    && rn < crate::pagecopy::CHUNK_PAGES
-                    && !blobs.contains_key(&o)
-            });
-            if extends {
-                if let Some(last) = runs.last_mut() {
-                    last.1 += 1;
-                }
-            } else {
-                runs.push((a, 1, o));
+            // Pages from here to the next blob start (which cuts).
+            let next = blobs.partition_point(|b| b.offset <= o);
+            let mut take = n - done;
+            if let Some(b) = blobs.get(next) {
+                take = take.min((b.offset - o).div_ceil(PAGE_SIZE));
             }
-            done += 1;
+            let starts_blob = blob_starting_at(blobs, o).is_some();
+            let taken = match runs.last_mut() {
+                Some((ra, rn, ro))
+                    if *ra + *rn * PAGE_SIZE == a
+                        && *ro + *rn * PAGE_SIZE == o
+                        && *rn < chunk
+                        && !starts_blob =>
+                {
+                    let t = take.min(chunk - *rn);
+                    *rn += t;
+                    t
+                }
+                _ => {
+                    let t = take.min(chunk);
+                    runs.push((a, t, o));
+                    t
+                }
+            };
+            done += taken;
         }
     }
     runs

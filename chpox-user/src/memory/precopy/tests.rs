@@ -97,11 +97,7 @@ fn unchanged_fills_the_copied_pages_between_written_ones() {
 #[test]
 fn pieces_become_runs_along_blobs() {
     let pg = PAGE_SIZE;
-    let blobs: HashMap<u64, DataRef> = [
-        (0x10000, blob_of(0x10000, 2)),
-        (0x12000, blob_of(0x12000, 2)),
-    ]
-    .into();
+    let blobs = [blob_of(0x10000, 2), blob_of(0x12000, 2)];
     // Two blobs side by side in memory and file, and a new page after.
     let placed = [
         (0x1000, 3, 0x10000),
@@ -116,4 +112,62 @@ fn pieces_become_runs_along_blobs() {
             (0x1000 + 4 * pg, 1, 0x90000)
         ]
     );
+}
+
+/// The runs cut from one step to the next are those a page-by-page walk
+/// cuts, over many layouts: blobs of every size, pieces that cross them,
+/// runs longer than a chunk.
+#[test]
+fn pieces_become_the_runs_a_page_walk_makes() {
+    let pg = PAGE_SIZE;
+    let chunk = crate::pagecopy::CHUNK_PAGES;
+    let by_page = |placed: &[(u64, u64, u64)], blobs: &[DataRef]| {
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        for &(addr, n, offset) in placed {
+            for i in 0..n {
+                let (a, o) = (addr + i * pg, offset + i * pg);
+                match runs.last_mut() {
+                    Some((ra, rn, ro))
+                        if *ra + *rn * pg == a
+                            && *ro + *rn * pg == o
+                            && *rn < chunk
+                            && !blobs.iter().any(|b| b.offset == o) =>
+                    {
+                        *rn += 1
+                    }
+                    _ => runs.push((a, 1, o)),
+                }
+            }
+        }
+        runs
+    };
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |m: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % m
+    };
+    for _ in 0..200 {
+        let mut blobs = Vec::new();
+        let mut at = 0x10_0000;
+        for _ in 0..next(6) {
+            let pages = 1 + next(3 * chunk);
+            blobs.push(blob_of(at, pages));
+            at += (pages + next(3)) * pg;
+        }
+        let mut placed = Vec::new();
+        let (mut addr, mut offset) = (0x4000_0000, 0x10_0000 - next(4) * pg);
+        for _ in 0..1 + next(5) {
+            let n = 1 + next(2 * chunk + 7);
+            placed.push((addr, n, offset));
+            addr += (n + next(2)) * pg;
+            offset += (n + next(2)) * pg;
+        }
+        assert_eq!(
+            runs_of_pieces(&placed, &blobs),
+            by_page(&placed, &blobs),
+            "{placed:x?}"
+        );
+    }
 }

@@ -639,6 +639,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         );
     }
     let fd_limit = raise_fd_limit();
+    // Checkpoints freeze first and describe the host while frozen.
+    crate::process::warm_cpu_model();
     let limits = Limits::new(&config, fd_limit);
     info!(
         fd_limit,
