@@ -246,6 +246,8 @@ fn dump_inner(
     if !opts.freeze_first {
         process::warm_cpu_model();
     }
+    // Once per chpox process: at most microseconds after the first dump.
+    crate::ptrace::warm_xstate_buffer();
     before.done("before the freeze: checks, descendants");
     // The mapped files' hashes, which the image needs only at its end, are
     // computed from here on beside the rest (see `files::warm_hashes`);

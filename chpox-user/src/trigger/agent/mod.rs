@@ -641,6 +641,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     // Checkpoints freeze first and describe the host while frozen.
     crate::process::warm_cpu_model();
+    crate::ptrace::warm_xstate_buffer();
     let limits = Limits::new(&config, fd_limit);
     info!(
         fd_limit,
