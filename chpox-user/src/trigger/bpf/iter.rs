@@ -130,13 +130,42 @@ pub fn read_records(
     size: usize,
     max_bytes: u64,
     what: &str,
-    mut take: impl FnMut(&[u8]) -> bool,
+    take: impl FnMut(&[u8]) -> bool,
 ) -> std::io::Result<()> {
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    // The buffers of the thread's last read, their pages touched: a dump
+    // reads each frozen process, and fresh 64 KiB faulted in each time.
+    thread_local! {
+        static BUFFERS: std::cell::Cell<(Vec<u8>, Vec<u8>)> =
+            const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    }
+    let (mut buf, mut pending) = BUFFERS.take();
+    buf.resize(64 * 1024, 0);
+    pending.clear();
+    let result = read_records_into(
+        &mut file,
+        size,
+        max_bytes,
+        what,
+        take,
+        &mut buf,
+        &mut pending,
+    );
+    BUFFERS.set((buf, pending));
+    result
+}
+
+fn read_records_into(
+    file: &mut impl Read,
+    size: usize,
+    max_bytes: u64,
+    what: &str,
+    mut take: impl FnMut(&[u8]) -> bool,
+    buf: &mut [u8],
+    pending: &mut Vec<u8>,
+) -> std::io::Result<()> {
     let mut total = 0u64;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read(buf)?;
         if n == 0 {
             break;
         }
