@@ -44,6 +44,17 @@ pub fn say(line: impl Display) {
     out.flush().expect("flush stdout");
 }
 
+/// Appends `line` and a newline to the report file at `path` (created if
+/// missing), for a test that polls it. Panics if it cannot.
+pub fn append_line(path: &str, line: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open report");
+    writeln!(f, "{line}").expect("write report");
+}
+
 /// [`say`] with `format!` arguments: `say!("READY addr={addr:#x}")`.
 #[macro_export]
 macro_rules! say {

@@ -269,12 +269,7 @@ impl Tracker {
                 continue;
             }
             if Self::foreign_modes(map) {
-                tracing::debug!(
-                    pid = self.pid,
-                    start = map.start,
-                    end = map.end,
-                    "mapping registered by the process's own userfaultfd: untracked"
-                );
+                self.leave_to_the_process(map);
                 continue;
             }
             // Registered already (`uw`) but not a range of ours: ours grown
@@ -284,12 +279,7 @@ impl Tracker {
             match uffd::register_wp(self.uffd.as_fd(), map.start, map.len()) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Self::registered(map) => {
-                    tracing::debug!(
-                        pid = self.pid,
-                        start = map.start,
-                        end = map.end,
-                        "mapping registered by the process's own userfaultfd: untracked"
-                    );
+                    self.leave_to_the_process(map);
                     continue;
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINVAL)) => {
@@ -410,6 +400,17 @@ impl Tracker {
                 m
             })
             .collect()
+    }
+
+    /// A mapping registered with the process's own userfaultfd stays
+    /// untracked (its pages count as written at every checkpoint).
+    fn leave_to_the_process(&self, map: &MapEntry) {
+        tracing::debug!(
+            pid = self.pid,
+            start = map.start,
+            end = map.end,
+            "mapping registered by the process's own userfaultfd: untracked"
+        );
     }
 
     /// Registered for write-protect faults, by us or by the process.

@@ -10,7 +10,6 @@
 //! refused). On SIGUSR2 it checks every word and appends `VERIFY ok=1`
 //! (or `ok=0`).
 
-use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -19,24 +18,15 @@ use chpox_tests::{check, install_handler, mmap_anon_isolated, say};
 const PAGE: usize = 4096;
 const HALF: usize = 32 * PAGE;
 
-static GROW_ASKED: AtomicU32 = AtomicU32::new(0);
-static VERIFIES_ASKED: AtomicU32 = AtomicU32::new(0);
+/// Times SIGUSR1 (grow) and SIGUSR2 (verify) arrived.
+static ASKED: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
 
-extern "C" fn on_usr1(_: libc::c_int) {
-    GROW_ASKED.fetch_add(1, Ordering::SeqCst);
-}
-
-extern "C" fn on_usr2(_: libc::c_int) {
-    VERIFIES_ASKED.fetch_add(1, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    ASKED[usize::from(sig == libc::SIGUSR2)].fetch_add(1, Ordering::SeqCst);
 }
 
 fn report(path: &str, line: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("open report");
-    writeln!(f, "{line}").expect("write report");
+    chpox_tests::append_line(path, line);
 }
 
 /// The word at `index` of the region, after `grown` or before.
@@ -59,8 +49,8 @@ fn fill(base: *mut u64, pages: std::ops::Range<usize>, grown: bool) {
 
 fn main() {
     let path = std::env::args().nth(1).expect("usage: mapgrow REPORT");
-    install_handler(libc::SIGUSR1, on_usr1, libc::SA_RESTART, &[]);
-    install_handler(libc::SIGUSR2, on_usr2, libc::SA_RESTART, &[]);
+    install_handler(libc::SIGUSR1, on_signal, libc::SA_RESTART, &[]);
+    install_handler(libc::SIGUSR2, on_signal, libc::SA_RESTART, &[]);
     // Guard pages around: no neighbour merges into the mapping.
     let base = mmap_anon_isolated(2 * HALF, 0);
     // SAFETY: the upper half of the mapping just made.
@@ -74,7 +64,7 @@ fn main() {
     report(&path, &format!("READY {:#x}", base as usize));
     say!("READY");
     loop {
-        if !grown && GROW_ASKED.load(Ordering::SeqCst) > 0 {
+        if !grown && ASKED[0].load(Ordering::SeqCst) > 0 {
             // SAFETY: our own reservation, then our own mapping grown over
             // the room it left, in place (no MREMAP_MAYMOVE).
             let got = unsafe {
@@ -90,7 +80,7 @@ fn main() {
             fill(words, 0..1, true);
             report(&path, "GROWN");
         }
-        let asked = VERIFIES_ASKED.load(Ordering::SeqCst);
+        let asked = ASKED[1].load(Ordering::SeqCst);
         if verified < asked {
             verified = asked;
             let pages = if grown { 64 } else { 32 };

@@ -17,7 +17,6 @@
 //! The sum covers every word of every region in order: two processes with
 //! the same sum after the same steps have the same memory.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -216,12 +215,7 @@ fn verify(regions: &[Region], brk: &Region) -> Result<u64, usize> {
 }
 
 fn report(path: &str, line: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("open report");
-    writeln!(f, "{line}").expect("write report");
+    chpox_tests::append_line(path, line);
 }
 
 fn main() {
