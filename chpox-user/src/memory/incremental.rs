@@ -370,9 +370,7 @@ impl Tracking {
         }
         Ok(())
     }
-}
 
-impl Tracking {
     /// After a checkpoint written to `output`: have a file the size of the
     /// last increment allocated beside it until the next, unless one is
     /// there already. Best effort: without it the image is written to a
@@ -453,8 +451,9 @@ const PAGEMAP_GAP: u64 = 16 * PAGE_SIZE;
 /// mapping's are present (`dirty::reports_presence`); of the others, and
 /// of the pages it reports swapped, `pagemap` tells, for them alone (the
 /// entries of each of the windows it is given, one after the other) — a
-/// large mapping is never walked whole while frozen. Inherited: the pages not written since, that the base stored
-/// (`base_runs`). A page written and now absent is a hole.
+/// large mapping is never walked whole while frozen. Inherited: the pages
+/// not written since, that the base stored (`base_runs`). A page written
+/// and now absent is a hole.
 pub(crate) fn split_tracked(
     map: &MapEntry,
     kind: crate::image::model::VmaKind,
