@@ -436,34 +436,22 @@ impl PageDumper {
     }
 
     /// The pagemap entries of each window `[start, end)`, one window after
-    /// the other. Many small windows (an increment's scattered written
-    /// pages, a read of about a microsecond each) are read on two threads.
+    /// the other (an increment's written pages whose state the scan did
+    /// not tell: few since it tells presence in anonymous mappings).
     pub fn pagemap_windows(&mut self, windows: &[(u64, u64)]) -> Result<Vec<u64>> {
-        /// Below this many windows a thread costs more than it saves.
-        const SPLIT_FROM: usize = 512;
-        let read = |windows: &[(u64, u64)]| -> Result<Vec<u64>> {
-            let total = windows.iter().map(|w| (w.1 - w.0) / PAGE_SIZE).sum::<u64>();
-            let mut out = Vec::with_capacity(total as usize);
-            let mut buf = Vec::new();
-            for &(start, end) in windows {
-                read_pagemap(self.pid, &self.pagemap, &mut buf, start, end, &mut out)?;
-            }
-            Ok(out)
-        };
-        if windows.len() < SPLIT_FROM {
-            return read(windows);
+        let total = windows.iter().map(|w| (w.1 - w.0) / PAGE_SIZE).sum::<u64>();
+        let mut out = Vec::with_capacity(total as usize);
+        for &(start, end) in windows {
+            read_pagemap(
+                self.pid,
+                &self.pagemap,
+                &mut self.pagemap_buf,
+                start,
+                end,
+                &mut out,
+            )?;
         }
-        let (first, second) = windows.split_at(windows.len() / 2);
-        std::thread::scope(|scope| {
-            let other = scope.spawn(|| read(second));
-            let mut out = read(first)?;
-            out.extend(
-                other
-                    .join()
-                    .map_err(|_| Error::Other("internal: a pagemap read panicked".into()))??,
-            );
-            Ok(out)
-        })
+        Ok(out)
     }
 
     /// The pagemap entries for [start, end).
