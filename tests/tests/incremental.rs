@@ -334,6 +334,53 @@ fn a_mapping_grown_in_place_stays_tracked() {
     assert_eq!(verdict, "VERIFY ok=1", "the restored mapping differs");
 }
 
+/// A 4 GiB mapping, sparsely written: the scans of it (walked in parts,
+/// on two threads, from 1 GiB up) must see pages written anywhere along
+/// it, pairs straddling the cuts between parts included, and the
+/// increment restores them.
+#[test]
+fn written_pages_all_along_a_4_gib_mapping_reach_the_increment() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("sparse.chpox");
+    let mut t = Target::spawn("sparse", &["4"], &s.logs);
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    assert!(
+        metadata(&img).parent.is_none(),
+        "the first checkpoint is full"
+    );
+
+    // 64 pages rewritten, one every 64 MiB, and the 63 just below them.
+    send(pid, libc::SIGUSR2);
+    t.wait_for_line("STEP 1", STATE_TIMEOUT);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    let m = metadata(&img);
+    assert!(m.parent.is_some(), "the second checkpoint is incremental");
+    let stored = stored_pages(&m);
+    assert!(
+        (127..1000).contains(&stored),
+        "the increment stored {stored} pages; 127 were written along the mapping"
+    );
+
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    let copy = restore_detached(&img, &[]);
+    send(copy, libc::SIGUSR1);
+    assert_eq!(
+        wait_pid(copy, Duration::from_secs(60)),
+        0,
+        "{:?}",
+        t.lines()
+    );
+    assert_eq!(t.lines_after_ready(), ["STEP 1", "DONE ok"]);
+}
+
 /// `redis-cli -p PORT ARGS…`, its output trimmed.
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")

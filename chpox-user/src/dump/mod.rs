@@ -248,6 +248,7 @@ fn dump_inner(
     }
     // Once per chpox process: at most microseconds after the first dump.
     crate::ptrace::warm_xstate_buffer();
+    crate::dirty::warm();
     before.done("before the freeze: checks, descendants");
     // The mapped files' hashes, which the image needs only at its end, are
     // computed from here on beside the rest (see `files::warm_hashes`);

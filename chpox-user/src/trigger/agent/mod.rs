@@ -642,6 +642,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Checkpoints freeze first and describe the host while frozen.
     crate::process::warm_cpu_model();
     crate::ptrace::warm_xstate_buffer();
+    crate::dirty::warm();
     let limits = Limits::new(&config, fd_limit);
     info!(
         fd_limit,

@@ -43,11 +43,23 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::remote::RemoteThread;
 use crate::restore::memory::uffd;
+
+mod walk;
+
+use walk::{
+    PmScanArg, SPLIT_WALK_FROM, WALK_PART, append_joined, pagemap_scan, two_cores, walk_every,
+    walk_in_parts, walk_range,
+};
+
+/// Learn, before any freeze, what the walks need to know of this machine.
+pub fn warm() {
+    two_cores();
+}
 
 /// Page categories of `PAGEMAP_SCAN` (`<linux/fs.h>`; the headers of this
 /// machine's libc lack them).
@@ -59,48 +71,12 @@ pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 pub const PAGE_IS_HUGE: u64 = 1 << 6;
 
-/// `PM_SCAN_WP_MATCHING`: write-protect the pages reported.
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-/// `PM_SCAN_CHECK_WPASYNC`: fail (EPERM) on a mapping not registered for
-/// asynchronous write-protect, rather than skip it silently.
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 /// What [`Tracker::scan`] returns of each region.
 const RETURN_ALL: u64 =
     PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_FILE;
 /// What [`Tracker::scan_all_written`] returns of the written regions of a
 /// mapping whose presence it reports (see [`reports_presence`]).
 const RETURN_PRESENCE: u64 = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-/// Regions per ioctl; a scan continues from where the kernel stopped.
-const SCAN_BATCH: usize = 16 * 1024;
-
-/// `struct pm_scan_arg`.
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-/// Room for the regions of one `PAGEMAP_SCAN` of `[start, end)`: at most
-/// one per page, at most [`SCAN_BATCH`]. Sized to the range, so that the
-/// allocation of a small mapping's walk stays small.
-fn batch(start: u64, end: u64) -> usize {
-    let pages = end.saturating_sub(start).div_ceil(crate::memory::PAGE_SIZE);
-    usize::try_from(pages).map_or(SCAN_BATCH, |p| p.clamp(1, SCAN_BATCH))
-}
-
 /// `struct page_region`: `[start, end)` whose pages share `categories`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -461,37 +437,6 @@ impl Tracker {
         .into()
     }
 
-    /// One `PAGEMAP_SCAN` of `arg`'s range into `buf`'s capacity (none:
-    /// no regions asked for); `buf` then holds what the kernel reported,
-    /// and the count is returned. The room is never initialised by us: a
-    /// walk usually reports a few regions, and writing a whole batch first
-    /// (384 KiB, fresh pages on a thread's first walk) cost a frozen
-    /// process ~30 us per large mapping and ~200 us on a thread's first.
-    fn scan_into(&self, arg: &mut PmScanArg, buf: &mut Vec<Region>) -> crate::Result<usize> {
-        buf.clear();
-        let room = buf.capacity();
-        arg.vec = if room == 0 {
-            0
-        } else {
-            buf.as_mut_ptr() as u64
-        };
-        arg.vec_len = room as u64;
-        let (from, end) = (arg.start, arg.end);
-        let n = pagemap_scan(&self.pagemap, arg).map_err(|e| self.scan_error(from, end, e))?;
-        if n > room {
-            return Err(self.scan_error(
-                from,
-                end,
-                io::Error::other("the kernel reported more regions than it had room for"),
-            ));
-        }
-        // SAFETY: the kernel wrote `n` (at most the capacity, checked)
-        // whole `struct page_region`s from the start of the buffer, and
-        // `Region` is that struct: plain u64s, any bits valid.
-        unsafe { buf.set_len(n) };
-        Ok(n)
-    }
-
     /// What a failed `PAGEMAP_SCAN` of `[from, end)` means: the process
     /// gone or exec'd, the range no longer registered, or an I/O error.
     fn scan_error(&self, from: u64, end: u64, e: std::io::Error) -> crate::Error {
@@ -511,63 +456,30 @@ impl Tracker {
 
     /// One `PAGEMAP_SCAN` walk over `[start, end)`, continued until the
     /// whole range is done; written regions appended to `out` (None: only
-    /// protect).
+    /// protect). A long range is walked in parts on two threads (see
+    /// [`walk_in_parts`]).
     fn walk(
         &mut self,
         start: u64,
         end: u64,
         protect: bool,
-        mut out: Option<(&mut Vec<Region>, u64)>,
+        out: Option<(&mut Vec<Region>, u64)>,
     ) -> crate::Result<()> {
-        let mut buf: Vec<Region> =
-            Vec::with_capacity(if out.is_some() { batch(start, end) } else { 0 });
-        let mut from = start;
-        while from < end {
-            let mut arg = PmScanArg {
-                size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
-                start: from,
-                end,
-                category_mask: PAGE_IS_WRITTEN,
-                return_mask: out.as_ref().map_or(PAGE_IS_WRITTEN, |o| o.1),
-                ..PmScanArg::default()
-            };
-            let n = self.scan_into(&mut arg, &mut buf)?;
-            if let Some((out, _)) = out.as_mut() {
-                out.extend_from_slice(&buf);
-            }
-            // The kernel walks on by itself while our vector has room, and
-            // stops early only when it is full; `walk_end` is where, then.
-            // After a complete walk it may still hold an earlier stop of
-            // the kernel's own loop (6.18), which would report regions
-            // twice: the walk is done when the vector was not filled.
-            if n < buf.capacity() || buf.capacity() == 0 {
-                return Ok(());
-            }
-            if arg.walk_end <= from {
-                // No progress would loop forever; the kernel always moves.
-                return Err(self.scan_error(
-                    from,
-                    end,
-                    io::Error::other("the walk did not advance"),
-                ));
-            }
-            from = arg.walk_end;
+        let (out, mask) = match out {
+            Some((out, mask)) => (Some(out), Some(mask)),
+            None => (None, None),
+        };
+        let walked = if end.saturating_sub(start) >= SPLIT_WALK_FROM && two_cores() {
+            walk_in_parts(&self.pagemap, start, end, WALK_PART, protect, mask)
+        } else {
+            let mut regions = Vec::new();
+            walk_range(&self.pagemap, start, end, protect, mask, &mut regions).map(|()| regions)
+        };
+        let regions = walked.map_err(|f| self.scan_error(f.from, f.end, f.error))?;
+        if let Some(out) = out {
+            append_joined(out, regions);
         }
         Ok(())
-    }
-}
-
-/// One `PAGEMAP_SCAN` ioctl; the number of regions written to `arg.vec`.
-fn pagemap_scan(pagemap: &File, arg: &mut PmScanArg) -> io::Result<usize> {
-    // SAFETY: `arg` is a `struct pm_scan_arg` with its own size, alive and
-    // ours for the call; `arg.vec` is null with length 0, or points to
-    // `arg.vec_len` writable `struct page_region`s owned by the caller.
-    let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, arg as *mut PmScanArg) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
     }
 }
 
@@ -618,35 +530,9 @@ impl Tracker {
         protect: bool,
         file: bool,
     ) -> crate::Result<Vec<Region>> {
-        let mut out = Vec::new();
-        let mut buf = Vec::with_capacity(batch(start, end));
-        let mut from = start;
-        while from < end {
-            let mut arg = PmScanArg {
-                size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
-                start: from,
-                end,
-                // No category required: every page is reported.
-                return_mask: PAGE_IS_WRITTEN
-                    | PAGE_IS_PRESENT
-                    | PAGE_IS_SWAPPED
-                    | PAGE_IS_PFNZERO
-                    | if file { PAGE_IS_FILE } else { 0 },
-                ..PmScanArg::default()
-            };
-            self.scan_into(&mut arg, &mut buf)?;
-            out.extend_from_slice(&buf);
-            if arg.walk_end <= from {
-                return Err(self.scan_error(
-                    from,
-                    end,
-                    io::Error::other("the walk did not advance"),
-                ));
-            }
-            from = arg.walk_end;
-        }
-        Ok(out)
+        let mask = RETURN_ALL & !if file { 0 } else { PAGE_IS_FILE };
+        walk_every(&self.pagemap, start, end, protect, mask)
+            .map_err(|f| self.scan_error(f.from, f.end, f.error))
     }
 }
 
@@ -658,7 +544,7 @@ mod tests {
     fn kernel_struct_sizes() {
         assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
         assert_eq!(std::mem::size_of::<Region>(), 24);
-        assert_eq!(PAGEMAP_SCAN >> 16 & 0x3fff, 96);
+        assert_eq!(walk::PAGEMAP_SCAN >> 16 & 0x3fff, 96);
     }
 
     #[test]
@@ -763,8 +649,28 @@ mod tests {
             for i in (0..2048).step_by(2) {
                 *base.add(i * PAGE_SIZE as usize) = 3;
             }
+            // Walked in parts on two threads (parts of 7 pages cut
+            // regions), the same regions as in one walk.
+            for i in 100..140 {
+                *base.add(i * PAGE_SIZE as usize) = 4;
+            }
+            let end = start + len as u64;
+            let mut whole = Vec::new();
+            assert!(
+                walk_range(&t.pagemap, start, end, false, Some(RETURN_ALL), &mut whole).is_ok()
+            );
+            let parts = walk_in_parts(
+                &t.pagemap,
+                start,
+                end,
+                7 * PAGE_SIZE,
+                false,
+                Some(RETURN_ALL),
+            );
+            assert!(parts.as_ref().is_ok_and(|p| *p == whole), "{whole:?}");
+            assert!(whole.iter().any(|r| r.pages() > 7), "{whole:?}");
             let got = t.scan(start, start + len as u64, true).expect("scan");
-            assert_eq!(got.len(), 1024);
+            assert_eq!(got.len(), 50 + 1 + 953);
             assert!(got.windows(2).all(|w| w[0].end < w[1].start));
             t.check_alive().expect("alive");
             t.detach();
