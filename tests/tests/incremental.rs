@@ -381,6 +381,55 @@ fn written_pages_all_along_a_4_gib_mapping_reach_the_increment() {
     assert_eq!(t.lines_after_ready(), ["STEP 1", "DONE ok"]);
 }
 
+/// Four threads rewriting 128 MiB flat out: an increment would read all
+/// of it while the process is frozen, where a full checkpoint's snapshot
+/// only copies its page tables. The agent takes a full one, says why,
+/// and its image is the memory of one instant.
+#[test]
+fn a_process_that_rewrote_its_memory_since_the_base_gets_a_full_checkpoint() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("cow.chpox");
+    let mut t = Target::spawn("cowwriters", &["4", "32"], &s.logs);
+    let (addr, len) = (t.ready_hex("addr"), t.ready_u64("len"));
+    let pid_s = t.pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img)]);
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    assert!(
+        metadata(&img).parent.is_none(),
+        "the first checkpoint is full"
+    );
+    // A pass over 32 MiB takes each thread tens of milliseconds.
+    std::thread::sleep(Duration::from_secs(1));
+    agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+    assert!(
+        metadata(&img).parent.is_none(),
+        "the second checkpoint is full\n{}",
+        agent.describe()
+    );
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("full checkpoint") && l.contains("written since the base")),
+        "the reason is logged:\n{log}"
+    );
+    let reader = ImageReader::open(&img).expect("image opens");
+    let region = reader
+        .read_memory(addr, len as usize)
+        .expect("read")
+        .expect("every page stored");
+    let threads: usize = t.ready_value("threads").parse().expect("threads");
+    let slice: usize = t.ready_value("slice").parse().expect("slice");
+    if let Err(e) = common::dumps::point_in_time(&region, threads, slice) {
+        panic!("{e}");
+    }
+    agent.chpox_ok(&["unregister", &pid_s]);
+    t.signal(libc::SIGUSR1);
+    t.wait_success(Duration::from_secs(60));
+}
+
 /// `redis-cli -p PORT ARGS…`, its output trimmed.
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")

@@ -230,10 +230,18 @@ fn restore_with_agent(agent: &Agent, image: &Path, logs: &Path) -> (i32, String)
         .stderr(fs::File::create(&err).expect("restore stderr file"))
         .spawn()
         .expect("spawn chpox restore");
+    let root = chpox::image::ImageReader::open(image).map_or(0, |r| r.metadata().root.process.pid);
     let status = poll(
         "the restored job to finish",
         BUILD_TIMEOUT,
-        || fs::read_to_string(&err).unwrap_or_default(),
+        || {
+            format!(
+                "{}\n--- the restored tree ---\n{}{}",
+                fs::read_to_string(&err).unwrap_or_default(),
+                common::tree::describe_waits(root),
+                agent.describe()
+            )
+        },
         || child.try_wait().expect("try_wait chpox restore"),
     );
     (

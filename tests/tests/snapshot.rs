@@ -29,43 +29,6 @@ fn dump_json(pid: i32, image: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(&chpox_ok(&args)).expect("dump --json")
 }
 
-/// Every slice of `cowwriters` reads `g+1` up to one point and `g` after
-/// it (see the program). Returns the first violation.
-fn point_in_time(region: &[u8], threads: usize, slice: usize) -> Result<(), String> {
-    for t in 0..threads {
-        let tag = (t as u64 + 1) << 48;
-        let words: Vec<u64> = region[t * slice..(t + 1) * slice]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        let pass = |w: usize| -> Result<u64, String> {
-            let v = words[w];
-            if v >> 48 != tag >> 48 {
-                return Err(format!(
-                    "thread {t} word {w}: {v:#x} lacks the thread's tag"
-                ));
-            }
-            Ok(v & ((1 << 48) - 1))
-        };
-        let first = pass(0)?;
-        let mut step_at = None;
-        for w in 1..words.len() {
-            let p = pass(w)?;
-            let before = pass(w - 1)?;
-            if p == before {
-                continue;
-            }
-            if p + 1 != before || step_at.is_some() {
-                return Err(format!(
-                    "thread {t}: pass {before} then {p} at word {w} (first {first}, earlier step at {step_at:?}): not one instant"
-                ));
-            }
-            step_at = Some(w);
-        }
-    }
-    Ok(())
-}
-
 /// Four threads rewrite 64 MiB flat out during the dump; the image holds
 /// the memory of one instant, plain and compressed.
 #[test]
@@ -85,7 +48,7 @@ fn snapshot_is_one_instant_under_writes_by_every_thread() {
             .read_memory(addr, len as usize)
             .expect("read")
             .expect("every page stored");
-        if let Err(e) = point_in_time(&region, threads, slice) {
+        if let Err(e) = common::dumps::point_in_time(&region, threads, slice) {
             panic!("{name}: {e}");
         }
     }
@@ -187,7 +150,7 @@ fn precopy_is_one_instant_under_writes_by_every_thread() {
             .read_memory(addr, len as usize)
             .expect("read")
             .expect("every page stored");
-        if let Err(e) = point_in_time(&region, threads, slice) {
+        if let Err(e) = common::dumps::point_in_time(&region, threads, slice) {
             panic!("round {round}: {e}");
         }
         if let Some(at) = region.iter().zip(&live).position(|(a, b)| a != b) {
@@ -424,7 +387,7 @@ fn compressed_precopy_is_the_frozen_memory_under_writes_by_every_thread() {
             .read_memory(addr, len as usize)
             .expect("read")
             .expect("every page stored");
-        if let Err(e) = point_in_time(&region, threads, slice) {
+        if let Err(e) = common::dumps::point_in_time(&region, threads, slice) {
             panic!("round {round}: {e}");
         }
         if let Some(at) = region.iter().zip(&live).position(|(a, b)| a != b) {

@@ -1,4 +1,5 @@
-//! Helpers of the dump tests (`dump_errors.rs`, `dump_outcome.rs`): scratch
+//! Helpers of the dump tests (`dump_errors.rs`, `dump_outcome.rs`,
+//! `snapshot.rs`): scratch
 //! directories, running `chpox dump` as root or as `nobody`, the one-line
 //! errors it must give, and the state it must leave the target in.
 
@@ -433,4 +434,41 @@ pub fn assert_piped_sleeper_finishes(
     let status = child.0.wait().expect("wait sleeper");
     assert!(status.success(), "sleeper exited with {status}: {rest:?}");
     assert_eq!(rest, "DONE slept\n");
+}
+
+/// Every slice of `cowwriters` reads `g+1` up to one point and `g` after
+/// it (see the program). Returns the first violation.
+pub fn point_in_time(region: &[u8], threads: usize, slice: usize) -> Result<(), String> {
+    for t in 0..threads {
+        let tag = (t as u64 + 1) << 48;
+        let words: Vec<u64> = region[t * slice..(t + 1) * slice]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let pass = |w: usize| -> Result<u64, String> {
+            let v = words[w];
+            if v >> 48 != tag >> 48 {
+                return Err(format!(
+                    "thread {t} word {w}: {v:#x} lacks the thread's tag"
+                ));
+            }
+            Ok(v & ((1 << 48) - 1))
+        };
+        let first = pass(0)?;
+        let mut step_at = None;
+        for w in 1..words.len() {
+            let p = pass(w)?;
+            let before = pass(w - 1)?;
+            if p == before {
+                continue;
+            }
+            if p + 1 != before || step_at.is_some() {
+                return Err(format!(
+                    "thread {t}: pass {before} then {p} at word {w} (first {first}, earlier step at {step_at:?}): not one instant"
+                ));
+            }
+            step_at = Some(w);
+        }
+    }
+    Ok(())
 }

@@ -47,6 +47,27 @@ pub fn describe_tree(root: i32) -> String {
         .collect()
 }
 
+/// Where every thread of `root`'s tree waits (its kernel wait channel and
+/// system call), for the failure message of a job that never ends.
+pub fn describe_waits(root: i32) -> String {
+    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = describe_tree(root);
+    for pid in tree_pids(root) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            out += &format!(
+                "  {pid}/{tid} wchan={} syscall={}\n",
+                read(format!("/proc/{pid}/task/{tid}/wchan")),
+                read(format!("/proc/{pid}/task/{tid}/syscall")).trim()
+            );
+        }
+    }
+    out
+}
+
 /// Whether `pid` is blocked in a sleeping system call.
 pub fn asleep(pid: i32) -> bool {
     let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();

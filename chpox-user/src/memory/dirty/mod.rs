@@ -52,8 +52,8 @@ use crate::restore::memory::uffd;
 mod walk;
 
 use walk::{
-    PmScanArg, SPLIT_WALK_FROM, WALK_PART, append_joined, pagemap_scan, two_cores, walk_every,
-    walk_in_parts, walk_range,
+    PmScanArg, SPLIT_WALK_FROM, WALK_PART, Walk, append_joined, pagemap_scan, two_cores,
+    walk_every, walk_in_parts, walk_range,
 };
 
 /// Learn, before any freeze, what the walks need to know of this machine.
@@ -456,8 +456,7 @@ impl Tracker {
 
     /// One `PAGEMAP_SCAN` walk over `[start, end)`, continued until the
     /// whole range is done; written regions appended to `out` (None: only
-    /// protect). A long range is walked in parts on two threads (see
-    /// [`walk_in_parts`]).
+    /// protect).
     fn walk(
         &mut self,
         start: u64,
@@ -469,17 +468,56 @@ impl Tracker {
             Some((out, mask)) => (Some(out), Some(mask)),
             None => (None, None),
         };
-        let walked = if end.saturating_sub(start) >= SPLIT_WALK_FROM && two_cores() {
-            walk_in_parts(&self.pagemap, start, end, WALK_PART, protect, mask)
-        } else {
-            let mut regions = Vec::new();
-            walk_range(&self.pagemap, start, end, protect, mask, &mut regions).map(|()| regions)
+        let walk = Walk {
+            protect,
+            mask,
+            max_pages: 0,
+            lenient: false,
         };
-        let regions = walked.map_err(|f| self.scan_error(f.from, f.end, f.error))?;
+        let regions = self.walk_regions(start, end, walk)?;
         if let Some(out) = out {
             append_joined(out, regions);
         }
         Ok(())
+    }
+
+    /// The regions `walk` reports of `[start, end)`: a long range is
+    /// walked in parts on two threads (see [`walk_in_parts`]).
+    fn walk_regions(&self, start: u64, end: u64, walk: Walk) -> crate::Result<Vec<Region>> {
+        if end.saturating_sub(start) >= SPLIT_WALK_FROM && two_cores() {
+            walk_in_parts(&self.pagemap, start, end, WALK_PART, walk)
+        } else {
+            let mut regions = Vec::new();
+            walk_range(&self.pagemap, start, end, walk, &mut regions).map(|()| regions)
+        }
+        .map_err(|f| self.scan_error(f.from, f.end, f.error))
+    }
+
+    /// Pages written since the last protect in the ranges this tracker
+    /// registered, counted up to about `limit` (the walks stop once they
+    /// have seen that many): what an increment would read while the
+    /// process is frozen. A mapping in a range that is not registered any
+    /// more (unmapped and mapped again since) counts all its present
+    /// pages, as an increment stores it whole.
+    pub fn written_pages(&self, limit: u64) -> crate::Result<u64> {
+        let mut seen = 0u64;
+        for &(start, end) in &self.ranges {
+            if seen >= limit {
+                break;
+            }
+            let walk = Walk {
+                protect: false,
+                mask: Some(PAGE_IS_WRITTEN),
+                max_pages: limit - seen,
+                lenient: true,
+            };
+            seen += self
+                .walk_regions(start, end, walk)?
+                .iter()
+                .map(Region::pages)
+                .sum::<u64>();
+        }
+        Ok(seen)
     }
 }
 
@@ -656,18 +694,19 @@ mod tests {
             }
             let end = start + len as u64;
             let mut whole = Vec::new();
-            assert!(
-                walk_range(&t.pagemap, start, end, false, Some(RETURN_ALL), &mut whole).is_ok()
-            );
-            let parts = walk_in_parts(
-                &t.pagemap,
-                start,
-                end,
-                7 * PAGE_SIZE,
-                false,
-                Some(RETURN_ALL),
-            );
+            let walk = Walk {
+                protect: false,
+                mask: Some(RETURN_ALL),
+                max_pages: 0,
+                lenient: false,
+            };
+            assert!(walk_range(&t.pagemap, start, end, walk, &mut whole).is_ok());
+            let parts = walk_in_parts(&t.pagemap, start, end, 7 * PAGE_SIZE, walk);
             assert!(parts.as_ref().is_ok_and(|p| *p == whole), "{whole:?}");
+            // Counted: the 1024 pages written twice above and the 20 odd
+            // ones between 100 and 140, or, limited, at least the limit.
+            assert_eq!(t.written_pages(u64::MAX).ok(), Some(1044));
+            assert!(t.written_pages(300).is_ok_and(|n| (300..1044).contains(&n)));
             assert!(whole.iter().any(|r| r.pages() > 7), "{whole:?}");
             let got = t.scan(start, start + len as u64, true).expect("scan");
             assert_eq!(got.len(), 50 + 1 + 953);

@@ -59,6 +59,21 @@ pub(super) fn two_cores() -> bool {
     *TWO.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
+/// What one walk does.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Walk {
+    /// Write-protect again the written pages it passes.
+    pub(super) protect: bool,
+    /// The categories to report of each written region; None: nothing
+    /// reported (the kernel's fast path), only protected.
+    pub(super) mask: Option<u64>,
+    /// Stop once this many written pages were reported (0: no limit).
+    pub(super) max_pages: u64,
+    /// Walk a mapping not registered for asynchronous write-protect too
+    /// (every present page of it counts as written) rather than fail.
+    pub(super) lenient: bool,
+}
+
 /// A failed `PAGEMAP_SCAN` of `[from, end)`.
 pub(super) struct ScanFailure {
     pub(super) from: u64,
@@ -76,8 +91,7 @@ pub(super) fn walk_in_parts(
     start: u64,
     end: u64,
     part: u64,
-    protect: bool,
-    mask: Option<u64>,
+    walk: Walk,
 ) -> Result<Vec<Region>, ScanFailure> {
     let parts: Arc<Vec<(u64, u64)>> = Arc::new(
         (0..)
@@ -97,10 +111,10 @@ pub(super) fn walk_in_parts(
         let _ = crate::ptrace::spawn_leaving_terminal_signals_to_the_freezer(|| {
             std::thread::Builder::new()
                 .name("page-walk".into())
-                .spawn(move || take_parts(&own, &parts, &next, protect, mask, &done_tx))
+                .spawn(move || take_parts(&own, &parts, &next, walk, &done_tx))
         });
     }
-    take_parts(pagemap, &parts, &next, protect, mask, &done_tx);
+    take_parts(pagemap, &parts, &next, walk, &done_tx);
     drop(done_tx);
     let mut walked: Vec<Option<Result<Vec<Region>, ScanFailure>>> =
         parts.iter().map(|_| None).collect();
@@ -127,8 +141,7 @@ fn take_parts(
     pagemap: &File,
     parts: &[(u64, u64)],
     next: &AtomicUsize,
-    protect: bool,
-    mask: Option<u64>,
+    walk: Walk,
     done: &mpsc::Sender<(usize, Result<Vec<Region>, ScanFailure>)>,
 ) {
     loop {
@@ -137,7 +150,7 @@ fn take_parts(
             return;
         };
         let mut regions = Vec::new();
-        let result = walk_range(pagemap, from, end, protect, mask, &mut regions).map(|()| regions);
+        let result = walk_range(pagemap, from, end, walk, &mut regions).map(|()| regions);
         if done.send((index, result)).is_err() {
             return;
         }
@@ -159,39 +172,56 @@ pub(super) fn append_joined(out: &mut Vec<Region>, regions: Vec<Region>) {
 }
 
 /// One walk over `[start, end)`, continued until the whole range is
-/// done; with `mask`, the regions (their categories limited to it) are
-/// appended to `out`, without, pages are only protected.
+/// done (or `walk.max_pages` reported); with `walk.mask`, the written
+/// regions (their categories limited to it) are appended to `out`.
 pub(super) fn walk_range(
     pagemap: &File,
     start: u64,
     end: u64,
-    protect: bool,
-    mask: Option<u64>,
+    walk: Walk,
     out: &mut Vec<Region>,
 ) -> Result<(), ScanFailure> {
-    let mut buf: Vec<Region> =
-        Vec::with_capacity(if mask.is_some() { batch(start, end) } else { 0 });
+    let mut buf: Vec<Region> = Vec::with_capacity(if walk.mask.is_some() {
+        batch(start, end)
+    } else {
+        0
+    });
     let mut from = start;
+    let mut reported = 0u64;
     while from < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
+            flags: if walk.lenient {
+                0
+            } else {
+                PM_SCAN_CHECK_WPASYNC
+            } | if walk.protect { PM_SCAN_WP_MATCHING } else { 0 },
             start: from,
             end,
+            max_pages: if walk.max_pages == 0 {
+                0
+            } else {
+                walk.max_pages.saturating_sub(reported).max(1)
+            },
             category_mask: PAGE_IS_WRITTEN,
-            return_mask: mask.unwrap_or(PAGE_IS_WRITTEN),
+            return_mask: walk.mask.unwrap_or(PAGE_IS_WRITTEN),
             ..PmScanArg::default()
         };
         let n = scan_once(pagemap, &mut arg, &mut buf)?;
-        if mask.is_some() {
+        if walk.mask.is_some() {
             out.extend_from_slice(&buf);
+            reported += buf.iter().map(Region::pages).sum::<u64>();
         }
         // The kernel walks on by itself while our vector has room, and
-        // stops early only when it is full; `walk_end` is where, then.
-        // After a complete walk it may still hold an earlier stop of
-        // the kernel's own loop (6.18), which would report regions
-        // twice: the walk is done when the vector was not filled.
-        if n < buf.capacity() || buf.capacity() == 0 {
+        // stops early only when it is full (or has reported `max_pages`);
+        // `walk_end` is where, then. After a complete walk it may still
+        // hold an earlier stop of the kernel's own loop (6.18), which
+        // would report regions twice: the walk is done when the vector
+        // was not filled.
+        if n < buf.capacity()
+            || buf.capacity() == 0
+            || (walk.max_pages != 0 && reported >= walk.max_pages)
+        {
             return Ok(());
         }
         if arg.walk_end <= from {
