@@ -53,7 +53,7 @@ mod walk;
 
 use walk::{
     PmScanArg, SPLIT_WALK_FROM, WALK_PART, Walk, append_joined, pagemap_scan, two_cores,
-    walk_every, walk_in_parts, walk_range,
+    walk_in_parts, walk_range,
 };
 
 /// Learn, before any freeze, what the walks need to know of this machine.
@@ -473,6 +473,7 @@ impl Tracker {
             mask,
             max_pages: 0,
             lenient: false,
+            every_page: false,
         };
         let regions = self.walk_regions(start, end, walk)?;
         if let Some(out) = out {
@@ -510,6 +511,7 @@ impl Tracker {
                 mask: Some(PAGE_IS_WRITTEN),
                 max_pages: limit - seen,
                 lenient: true,
+                every_page: false,
             };
             seen += self
                 .walk_regions(start, end, walk)?
@@ -568,9 +570,17 @@ impl Tracker {
         protect: bool,
         file: bool,
     ) -> crate::Result<Vec<Region>> {
-        let mask = RETURN_ALL & !if file { 0 } else { PAGE_IS_FILE };
-        walk_every(&self.pagemap, start, end, protect, mask)
-            .map_err(|f| self.scan_error(f.from, f.end, f.error))
+        let walk = Walk {
+            protect,
+            mask: Some(RETURN_ALL & !if file { 0 } else { PAGE_IS_FILE }),
+            max_pages: 0,
+            lenient: false,
+            every_page: true,
+        };
+        let mut regions = Vec::new();
+        walk_range(&self.pagemap, start, end, walk, &mut regions)
+            .map_err(|f| self.scan_error(f.from, f.end, f.error))?;
+        Ok(regions)
     }
 }
 
@@ -699,6 +709,7 @@ mod tests {
                 mask: Some(RETURN_ALL),
                 max_pages: 0,
                 lenient: false,
+                every_page: false,
             };
             assert!(walk_range(&t.pagemap, start, end, walk, &mut whole).is_ok());
             let parts = walk_in_parts(&t.pagemap, start, end, 7 * PAGE_SIZE, walk);

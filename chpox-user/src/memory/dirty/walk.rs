@@ -72,6 +72,8 @@ pub(super) struct Walk {
     /// Walk a mapping not registered for asynchronous write-protect too
     /// (every present page of it counts as written) rather than fail.
     pub(super) lenient: bool,
+    /// Report every page, not only the written ones.
+    pub(super) every_page: bool,
 }
 
 /// A failed `PAGEMAP_SCAN` of `[from, end)`.
@@ -173,7 +175,8 @@ pub(super) fn append_joined(out: &mut Vec<Region>, regions: Vec<Region>) {
 
 /// One walk over `[start, end)`, continued until the whole range is
 /// done (or `walk.max_pages` reported); with `walk.mask`, the written
-/// regions (their categories limited to it) are appended to `out`.
+/// regions (or all, with `walk.every_page`; their categories limited to
+/// the mask) are appended to `out`.
 pub(super) fn walk_range(
     pagemap: &File,
     start: u64,
@@ -203,7 +206,7 @@ pub(super) fn walk_range(
             } else {
                 walk.max_pages.saturating_sub(reported).max(1)
             },
-            category_mask: PAGE_IS_WRITTEN,
+            category_mask: if walk.every_page { 0 } else { PAGE_IS_WRITTEN },
             return_mask: walk.mask.unwrap_or(PAGE_IS_WRITTEN),
             ..PmScanArg::default()
         };
@@ -282,40 +285,4 @@ pub(super) fn pagemap_scan(pagemap: &File, arg: &mut PmScanArg) -> io::Result<us
     } else {
         Ok(r as usize)
     }
-}
-
-/// Every page of `[start, end)` (no category required), as regions with
-/// the categories of `mask`; with `protect`, every page is protected again
-/// in the same walk.
-pub(super) fn walk_every(
-    pagemap: &File,
-    start: u64,
-    end: u64,
-    protect: bool,
-    mask: u64,
-) -> Result<Vec<Region>, ScanFailure> {
-    let mut out = Vec::new();
-    let mut buf = Vec::with_capacity(batch(start, end));
-    let mut from = start;
-    while from < end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
-            start: from,
-            end,
-            return_mask: mask,
-            ..PmScanArg::default()
-        };
-        scan_once(pagemap, &mut arg, &mut buf)?;
-        out.extend_from_slice(&buf);
-        if arg.walk_end <= from {
-            return Err(ScanFailure {
-                from,
-                end,
-                error: io::Error::other("the walk did not advance"),
-            });
-        }
-        from = arg.walk_end;
-    }
-    Ok(out)
 }
