@@ -13,8 +13,11 @@
 //! generation 3 (a chain would have it in 2 only), which costs the pages
 //! written since the base, and a full checkpoint is taken once those reach
 //! half of the base ([`FULL_AFTER_FRACTION`]), once the pages stored
-//! again unchanged reach half of it, or every `full_every`-th time. No background job, no chain to fold, no window in which a restore
-//! would read three files.
+//! again unchanged reach half of it, when so many were written that
+//! reading them while frozen would take longer than a snapshot
+//! (`Tracking::too_much_written`), or every `full_every`-th time. No
+//! background job, no chain to fold, no window in which a restore would
+//! read three files.
 //!
 //! A page is taken from the base ("inherited") only if it is present and
 //! was not written since (see `dirty`); everything else is stored from the
