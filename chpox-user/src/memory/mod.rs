@@ -456,16 +456,7 @@ impl PageDumper {
 
     /// The pagemap entries for [start, end).
     pub fn pagemap(&mut self, start: u64, end: u64) -> Result<Vec<u64>> {
-        let mut out = Vec::with_capacity(((end - start) / PAGE_SIZE) as usize);
-        read_pagemap(
-            self.pid,
-            &self.pagemap,
-            &mut self.pagemap_buf,
-            start,
-            end,
-            &mut out,
-        )?;
-        Ok(out)
+        self.pagemap_windows(&[(start, end)])
     }
 
     /// The process whose pages this reads now.
