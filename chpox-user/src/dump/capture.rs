@@ -8,7 +8,7 @@ use tracing::debug;
 
 use super::asfrozen::AsFrozen;
 use super::descriptors::DescriptorScan;
-use super::plan::{MemoryPlan, PlansBeside, plan_memory};
+use super::plan::{MemoryPlan, PlanPool, plan_memory};
 use super::{DumpOptions, Phases};
 use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
@@ -86,102 +86,123 @@ pub(super) fn capture_tree(
         infos.push(e.info);
         kernel.push(e.kernel);
     }
-    // The descriptors are read from /proc alone: on the other core,
-    // beside the ptrace work on the threads below, and then on both
-    // (0.06 ms per process here, 0.5–2.5 ms more with sockets).
-    let scan = DescriptorScan::new(&pids, opts);
-    let (beside, heads) = std::thread::scope(|scope| {
-        let (scan, texts) = (&scan, &texts);
-        let descriptors = scope.spawn(move || {
-            let mut phase = Phases::start();
-            scan.run(texts);
-            phase.done("descriptors (beside)");
-        });
-        let heads = read_heads(tree, opts, early, precopies, texts, infos, kernel);
-        // Whatever descriptors are left, with the other thread.
-        scan.run(texts);
-        (descriptors.join(), heads)
-    });
-    let fds = match beside {
-        Ok(()) => scan.finish(),
-        Err(_) => Err(Error::Other(
-            "internal: the descriptor scan panicked".into(),
-        )),
-    };
-    // The descriptors' failure first: it names what the user can change.
-    let fds = fds?;
-    let (mut heads, state_from_kernel) = heads?;
-    for (t, head) in texts.iter_mut().zip(&heads) {
-        t.started = Some(head.info.start_time_ticks);
+    for (t, info) in texts.iter_mut().zip(&infos) {
+        t.started = Some(info.start_time_ticks);
     }
-    phase.done("threads, remote syscalls, descriptors");
-    // The pre-copied processes that run on after the dump.
-    let precopied: Vec<(usize, i32, crate::precopy::PreCopied)> = if snapshots_wanted {
-        tree.members()
-            .iter()
-            .zip(heads.iter_mut())
-            .enumerate()
-            .filter(|(_, (frozen, _))| !frozen.was_stopped())
-            .filter_map(|(i, (frozen, head))| {
-                Some((i, frozen.pid(), head.threads.precopied.take()?))
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // The pre-copies: planned by the pool (for a pre-copied process that
+    // runs on after the dump), or by `capture_process`, which drops them.
+    let members = tree.members();
+    let mut sleeps = Vec::with_capacity(members.len());
+    let mut jobs = Vec::new();
+    let mut unplanned = Vec::with_capacity(members.len());
+    for (i, frozen) in members.iter().enumerate() {
+        let mut precopied = precopies.take(frozen.pid());
+        sleeps.push(
+            precopied
+                .as_mut()
+                .map(crate::precopy::PreCopied::take_restarted_sleeps),
+        );
+        match precopied {
+            Some(p) if snapshots_wanted && !frozen.was_stopped() => {
+                jobs.push((i, frozen.pid(), p));
+                unplanned.push(None);
+            }
+            other => unplanned.push(other),
+        }
+    }
+    // What needs no ptrace is done by two threads: the descriptors, read
+    // from /proc alone (0.06 ms per process here, 0.5–2.5 ms more with
+    // sockets), on the other core from the start, beside the ptrace work
+    // on the threads below, then on both; then the memory plans, on both.
+    let scan = DescriptorScan::new(&pids, opts);
+    let plans = PlanPool::new(members.len(), jobs, &texts, early);
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
-    let mut procs = Vec::with_capacity(fds.len());
+    let mut procs = Vec::with_capacity(members.len());
     let mut pages = PageDumper::new(tree.root())?;
     let mut snapshots = Vec::new();
-    let mut plans = Vec::new();
+    let mut plans_made = Vec::new();
     let mut verify_after = Vec::new();
     let mut resident_pages = 0;
     let texts = &texts;
-    std::thread::scope(|scope| -> Result<()> {
-        let mut planned_for = PlansBeside::start(scope, heads.len(), precopied, texts, early);
-        phase.done("pre-copy scans (the other thread's go on beside)");
-        let each = tree
-            .members()
-            .iter()
-            .zip(fds)
-            .zip(heads)
-            .zip(texts)
-            .enumerate();
-        for (i, (((frozen, fds), head), texts)) in each {
-            let planned = planned_for.take(i)?;
-            if !procs.is_empty() {
-                pages.next_process(frozen.pid())?;
-            }
-            let (image, resident, snapshot, plan) = capture_process(
-                frozen,
-                head,
-                planned,
-                texts,
-                writer,
-                &mut pages,
-                fds,
-                &mut files,
-                &mut shmem,
-                snapshots_wanted.then_some(procs.len()),
-                tracking.as_mut().map(|(t, p)| (&mut **t, *p)),
-                early,
-                precopies,
-            )?;
-            resident_pages += resident;
-            snapshots.extend(snapshot);
-            if let Some((plan, maps)) = plan {
-                plans.push(plan);
-                if let Some(maps) = maps {
-                    verify_after.push((frozen.pid(), maps));
-                }
-            }
-            let mut image = image;
-            image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
-            procs.push(image);
+    let state_from_kernel = std::thread::scope(|scope| -> Result<usize> {
+        let (scan, plans) = (&scan, &plans);
+        let beside = scope.spawn(move || {
+            let mut phase = Phases::start();
+            scan.run(texts);
+            phase.done("descriptors (beside)");
+            plans.run();
+            phase.done("memory plans (beside)");
+        });
+        let heads = read_heads(tree, opts, early, texts, infos, kernel, &sleeps);
+        if heads.is_err() {
+            plans.abandon();
+        } else {
+            plans.open();
         }
-        Ok(())
+        // Whatever descriptors are left, with the other thread.
+        scan.run(texts);
+        let scanned = scan.wait(&beside);
+        phase.done("threads, remote syscalls, descriptors");
+        let result = (|| {
+            // The descriptors' failure first: it names what the user can
+            // change.
+            scanned?;
+            let fds = scan.take_all()?;
+            let (heads, state_from_kernel) = heads?;
+            let each = members
+                .iter()
+                .zip(heads)
+                .zip(fds)
+                .zip(texts)
+                .zip(unplanned)
+                .enumerate();
+            for (i, ((((frozen, head), fds), texts), precopied)) in each {
+                let planned = plans.take(i, &beside)?;
+                if !procs.is_empty() {
+                    pages.next_process(frozen.pid())?;
+                }
+                let (image, resident, snapshot, plan) = capture_process(
+                    frozen,
+                    head,
+                    planned,
+                    precopied,
+                    texts,
+                    writer,
+                    &mut pages,
+                    fds,
+                    &mut files,
+                    &mut shmem,
+                    snapshots_wanted.then_some(procs.len()),
+                    tracking.as_mut().map(|(t, p)| (&mut **t, *p)),
+                    early,
+                    precopies,
+                )?;
+                resident_pages += resident;
+                snapshots.extend(snapshot);
+                if let Some((plan, maps)) = plan {
+                    plans_made.push(plan);
+                    if let Some(maps) = maps {
+                        verify_after.push((frozen.pid(), maps));
+                    }
+                }
+                let mut image = image;
+                image.process.shares_fs_with_parent = fs_with_parent.contains(&frozen.pid());
+                procs.push(image);
+            }
+            Ok(state_from_kernel)
+        })();
+        if result.is_err() {
+            plans.abandon();
+        }
+        if beside.join().is_err() && result.is_ok() {
+            return Err(Error::Other(
+                "internal: the dump's other thread panicked".into(),
+            ));
+        }
+        result
     })?;
+    let plans = plans_made;
     let pages_stored = pages.pages_stored;
     phase.done("processes");
     fds::classify(&mut procs, opts.unsupported_fd)?;
@@ -242,16 +263,17 @@ fn read_heads(
     tree: &FrozenTree,
     opts: &DumpOptions,
     early: &EarlyMaps,
-    precopies: &mut PreCopies,
     texts: &[ProcTexts],
     infos: Vec<crate::image::model::ProcessInfo>,
     kernel: Vec<KernelFields>,
+    sleeps: &[Option<crate::precopy::RestartedSleeps>],
 ) -> Result<(Vec<ProcessHead>, usize)> {
     let mut phase = Phases::start();
     let mut threads = Vec::with_capacity(texts.len());
-    for ((frozen, texts), kernel) in tree.members().iter().zip(texts).zip(&kernel) {
+    let each = tree.members().iter().zip(texts).zip(&kernel).zip(sleeps);
+    for (((frozen, texts), kernel), sleeps) in each {
         let fields = kernel.as_ref().map(|(fields, _)| fields);
-        threads.push(read_threads(frozen, early, precopies, texts, fields)?);
+        threads.push(read_threads(frozen, early, sleeps.as_ref(), texts, fields)?);
     }
     let mut heads = Vec::with_capacity(texts.len());
     let each = tree.members().iter().zip(infos).zip(threads).zip(kernel);
@@ -321,17 +343,17 @@ struct ThreadsHead {
     tids: Vec<i32>,
     thread_states: Vec<crate::image::model::ThreadState>,
     shared_pending: Vec<crate::image::model::PendingSignal>,
-    precopied: Option<crate::precopy::PreCopied>,
     syscall_ip: u64,
     gadgets: Option<crate::safe_return::Gadgets>,
 }
 
 /// The threads of one frozen process (their names from `kernel` where the
-/// kernel's structures were read).
+/// kernel's structures were read; `sleeps`: those its pre-copy's attach
+/// pause restarted, if it had one).
 fn read_threads(
     frozen: &Frozen,
     early: &EarlyMaps,
-    precopies: &mut PreCopies,
+    sleeps: Option<&crate::precopy::RestartedSleeps>,
     texts: &ProcTexts,
     kernel: Option<&process::kernelstate::ProcessFields>,
 ) -> Result<ThreadsHead> {
@@ -346,9 +368,8 @@ fn read_threads(
         })
         .collect::<Result<Vec<_>>>()?;
     let shared_pending = signals::dump_shared_pending(pid)?;
-    let precopied = precopies.take(pid);
-    if let Some(p) = &precopied {
-        p.fix_restarted_sleeps(&tids, &mut thread_states);
+    if let Some(sleeps) = sleeps {
+        sleeps.fix(&tids, &mut thread_states);
     }
     let (syscall_ip, gadgets) = early.code_in(pid, &texts.maps, &texts.status)?;
     phase.done("threads, gadgets");
@@ -356,7 +377,6 @@ fn read_threads(
         tids,
         thread_states,
         shared_pending,
-        precopied,
         syscall_ip,
         gadgets,
     })
@@ -500,6 +520,7 @@ fn capture_process(
     frozen: &Frozen,
     head: ProcessHead,
     planned: Option<MemoryPlan>,
+    precopied: Option<crate::precopy::PreCopied>,
     texts: &ProcTexts,
     writer: &mut ImageWriter,
     pages: &mut PageDumper,
@@ -519,7 +540,6 @@ fn capture_process(
             ThreadsHead {
                 thread_states,
                 shared_pending,
-                precopied,
                 syscall_ip,
                 gadgets,
                 ..
@@ -663,7 +683,8 @@ fn capture_process(
         if kind == VmaKind::SharedAnonymous {
             shmem.record(map);
         }
-        debug!(
+        // Not debug: a line per mapping of every process, while frozen.
+        tracing::trace!(
             start = map.start,
             end = map.end,
             ?kind,

@@ -264,6 +264,10 @@ fn dump_inner(
             std::thread::spawn(move || crate::files::warm_hashes(&warm_pids))
         })
     });
+    // Reads /proc of each process as soon as it is frozen (see
+    // `asfrozen`); its thread starts before the freeze, and before the
+    // pre-copy, if any, so that it is warm by the time the freeze comes.
+    let as_frozen = asfrozen::AsFrozen::start(opts.kernel_state.clone(), !opts.freeze_first);
     // A pre-copy goes into the image before the freeze. Never with
     // incremental tracking: both would write-protect the same memory.
     let mut precopy_writer = None;
@@ -291,9 +295,6 @@ fn dump_inner(
         .with_kernel_flags(opts.vma_flags.clone());
     early.refresh(&pids);
     before.done("before the freeze: smaps");
-    // Reads /proc of each process as soon as it is frozen (see
-    // `asfrozen`); its thread starts before the freeze.
-    let as_frozen = asfrozen::AsFrozen::start(opts.kernel_state.clone());
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
     let boost = Boost::raise();

@@ -1,7 +1,10 @@
 //! A frozen process's memory plan: its mappings and, for a pre-copied
 //! process, which of its pages come from the copy made while it ran and
 //! which are read now. Made without the process's threads (no remote
-//! call), so a tree's are made on two threads at once.
+//! call), so a tree's are made on two threads at once ([`PlanPool`]).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use super::capture::ProcTexts;
 use crate::earlymaps::EarlyMaps;
@@ -26,116 +29,169 @@ pub(super) struct MemoryPlan {
 
 /// The memory plans of the tree's pre-copied processes (which run on after
 /// the dump): each is a page-table walk of its tracked memory and a read
-/// of the pages written since its pre-copy (~0.15 ms per 128 MiB). Once
-/// the remote calls are done nothing else needs the other core, so most
-/// are made there, while this thread makes the first few and then
-/// assembles each process's image as its plan comes ([`take`]): the
-/// assemblies run beside the other thread's plans instead of after them
-/// (tree of 8 × 128 MiB: plans and assemblies 1.21 ms before, 1.05 ms). (Beside the remote calls it cost
-/// more than it saved: the tracees run their calls on that core.)
+/// of the pages written since its pre-copy (~0.15 ms per 128 MiB). Made by
+/// both of the dump's threads, each taking the next plan not taken yet,
+/// as soon as the remote calls are over (beside them it cost more than
+/// it saved: the tracees run their calls on the other core). The other
+/// thread comes to them from the descriptors; the dump's thread
+/// assembles each process's image in order as its plan is made
+/// ([`take`]), and makes the next plan not taken whenever the one it needs
+/// is not made yet.
 ///
-/// [`take`]: PlansBeside::take
-pub(super) struct PlansBeside<'scope> {
-    ready: Vec<Option<Result<MemoryPlan>>>,
-    /// Plans still to come from the other thread, in the order it makes
-    /// them (ascending member index).
-    coming: std::collections::VecDeque<usize>,
-    from_beside: Option<std::sync::mpsc::Receiver<(usize, Result<MemoryPlan>)>>,
-    /// Joined when dropped, so that a panic there becomes an error here
-    /// rather than the scope's panic.
-    thread: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
+/// [`take`]: PlanPool::take
+pub(super) struct PlanPool<'a> {
+    texts: &'a [ProcTexts],
+    early: &'a EarlyMaps,
+    /// In ascending member order, each taken once.
+    jobs: Vec<Mutex<Option<PlanJob>>>,
+    next: AtomicUsize,
+    /// Which members have a plan made here.
+    planned: Vec<bool>,
+    state: Mutex<PoolState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// The remote calls are over (or the dump failed): plans may start.
+    open: bool,
+    /// By member index, once made.
+    made: Vec<Option<Result<MemoryPlan>>>,
 }
 
 /// A pre-copied process to plan: (index among the members, PID, pre-copy).
 pub(super) type PlanJob = (usize, i32, crate::precopy::PreCopied);
 
-impl<'scope> PlansBeside<'scope> {
-    /// Start planning `jobs` (ascending member index) of a tree of
-    /// `members`: the first part here, now, the rest on a thread of
-    /// `scope`.
-    pub(super) fn start<'env>(
-        scope: &'scope std::thread::Scope<'scope, 'env>,
+fn lock(state: &Mutex<PoolState>) -> MutexGuard<'_, PoolState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<'a> PlanPool<'a> {
+    /// The plans of `jobs` (ascending member index) of a tree of
+    /// `members`, none started yet.
+    pub(super) fn new(
         members: usize,
-        mut jobs: Vec<PlanJob>,
-        texts: &'env [ProcTexts],
-        early: &'env EarlyMaps,
-    ) -> PlansBeside<'scope> {
-        let plan = move |(i, pid, p): PlanJob| {
-            (
-                i,
-                plan_memory(pid, false, Some(p), &texts[i], Some(i), early),
-            )
-        };
-        let mut ready: Vec<Option<Result<MemoryPlan>>> = (0..members).map(|_| None).collect();
-        // This thread's share: its plans plus every assembly should take
-        // as long as the other thread's plans (a plan ~150 us, an
-        // assembly ~60 us, a thread's first plan ~100 us more). On a tree
-        // of 8, 3 here froze 3.00 ms and 2 here 3.15 ms (medians of 15):
-        // 3/8 of the plans. A lone process is planned here, without a
-        // thread.
-        let here = if jobs.len() < 2 {
-            jobs.len()
-        } else {
-            jobs.len() * 3 / 8
-        };
-        let beside = jobs.split_off(here);
-        let coming = beside.iter().map(|j| j.0).collect();
-        let (from_beside, thread) = if beside.is_empty() {
-            (None, None)
-        } else {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let thread = scope.spawn(move || {
-                for job in beside {
-                    // The receiver gone: the dump failed, nothing to do.
-                    if tx.send(plan(job)).is_err() {
-                        return;
-                    }
-                }
-            });
-            (Some(rx), Some(thread))
-        };
-        for (i, result) in jobs.into_iter().map(plan) {
-            if let Some(slot) = ready.get_mut(i) {
-                *slot = Some(result);
+        jobs: Vec<PlanJob>,
+        texts: &'a [ProcTexts],
+        early: &'a EarlyMaps,
+    ) -> PlanPool<'a> {
+        let mut planned = vec![false; members];
+        for job in &jobs {
+            if let Some(p) = planned.get_mut(job.0) {
+                *p = true;
             }
         }
-        PlansBeside {
-            ready,
-            coming,
-            from_beside,
-            thread,
+        PlanPool {
+            texts,
+            early,
+            jobs: jobs.into_iter().map(|j| Mutex::new(Some(j))).collect(),
+            next: AtomicUsize::new(0),
+            planned,
+            state: Mutex::new(PoolState {
+                open: false,
+                made: (0..members).map(|_| None).collect(),
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// The remote calls are over: plans may be made.
+    pub(super) fn open(&self) {
+        lock(&self.state).open = true;
+        self.changed.notify_all();
+    }
+
+    /// The dump failed: no plan is started any more (one being made is
+    /// finished), and a thread waiting to make one returns.
+    pub(super) fn abandon(&self) {
+        self.next.store(self.jobs.len(), Ordering::Relaxed);
+        self.open();
+    }
+
+    /// Make plans not taken yet until none is left, once open.
+    pub(super) fn run(&self) {
+        {
+            let mut state = lock(&self.state);
+            while !state.open {
+                state = self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        while self.make_next() {}
+    }
+
+    /// Make the next plan not taken yet; false if none is left.
+    fn make_next(&self) -> bool {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = self.jobs.get(i) else {
+                return false;
+            };
+            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let Some((index, pid, precopied)) = taken else {
+                continue;
+            };
+            let plan = plan_memory(
+                pid,
+                false,
+                Some(precopied),
+                &self.texts[index],
+                Some(index),
+                self.early,
+            );
+            if let Some(made) = lock(&self.state).made.get_mut(index) {
+                *made = Some(plan);
+            }
+            self.changed.notify_all();
+            return true;
         }
     }
 
     /// The plan of member `i`, once made; None where [`capture_process`]
-    /// plans the process itself (not pre-copied).
+    /// plans the process itself (not pre-copied). `beside`: the other
+    /// thread making plans; if it ended (a panic) with the plan unmade,
+    /// that is an error rather than a wait for good.
     ///
     /// [`capture_process`]: super::capture
-    pub(super) fn take(&mut self, i: usize) -> Result<Option<MemoryPlan>> {
-        while self.coming.contains(&i) {
-            let received = self.from_beside.as_ref().and_then(|rx| rx.recv().ok());
-            let Some((index, result)) = received else {
-                if let Some(thread) = self.thread.take() {
-                    let _ = thread.join();
-                }
-                return Err(Error::Other("internal: a memory plan panicked".into()));
-            };
-            self.coming.retain(|&c| c != index);
-            if let Some(slot) = self.ready.get_mut(index) {
-                *slot = Some(result);
+    pub(super) fn take(
+        &self,
+        i: usize,
+        beside: &std::thread::ScopedJoinHandle<'_, ()>,
+    ) -> Result<Option<MemoryPlan>> {
+        if !self.planned.get(i).copied().unwrap_or(false) {
+            return Ok(None);
+        }
+        loop {
+            if let Some(made) = lock(&self.state).made.get_mut(i).and_then(Option::take) {
+                return made.map(Some);
+            }
+            // Not made yet: rather than wait, make the next one not taken
+            // (the pool is open once the caller assembles).
+            if !self.make_next() {
+                break;
             }
         }
-        self.ready.get_mut(i).and_then(Option::take).transpose()
-    }
-}
-
-impl Drop for PlansBeside<'_> {
-    fn drop(&mut self) {
-        // Its remaining plans are not wanted: the receiver goes first, so
-        // the thread stops after the plan it is making.
-        self.from_beside = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(made) = state.made.get_mut(i).and_then(Option::take) {
+                return made.map(Some);
+            }
+            if beside.is_finished() && self.next.load(Ordering::Relaxed) >= self.jobs.len() {
+                // Every plan was taken; the one for `i` can only have
+                // been lost with a panic on the other thread.
+                let again = state.made.get_mut(i).and_then(Option::take);
+                return match again {
+                    Some(made) => made.map(Some),
+                    None => Err(Error::Other("internal: a memory plan panicked".into())),
+                };
+            }
+            state = self
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }

@@ -114,9 +114,16 @@ pub struct PreCopied {
     /// only these may be planned from the copy.
     covered: Vec<(u64, u64)>,
     /// Threads the attach pause found in a sleep the kernel continues
-    /// through `restart_syscall`: tid → (syscall, instruction pointer).
-    sleeping: HashMap<i32, (u64, u64)>,
+    /// through `restart_syscall`.
+    sleeping: RestartedSleeps,
 }
+
+/// Threads a pre-copy's attach pause found in a sleep the kernel continues
+/// through `restart_syscall`: tid → (syscall, instruction pointer). Apart
+/// from its [`PreCopied`], whose plan may be made on another thread while
+/// the threads are read.
+#[derive(Default)]
+pub struct RestartedSleeps(HashMap<i32, (u64, u64)>);
 
 /// The pre-copies of a tree, by PID.
 #[derive(Default)]
@@ -193,7 +200,7 @@ impl PreCopies {
                     all.early.absorb(early);
                     match copied {
                         Ok(mut p) => {
-                            p.sleeping = sleeping;
+                            p.sleeping = RestartedSleeps(sleeping);
                             all.by_pid.insert(pid, p);
                         }
                         Err(e) => debug!(pid, error = %e, "pre-copy failed; dumped without"),
@@ -361,7 +368,7 @@ fn copy_while_running(
         tracker,
         copied,
         covered,
-        sleeping: HashMap::new(),
+        sleeping: RestartedSleeps::default(),
     })
 }
 
@@ -455,19 +462,30 @@ fn read_pages(mem: &std::fs::File, pid: i32, addr: u64, npages: u64) -> Result<V
     Ok(buf)
 }
 
-impl PreCopied {
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
+/// The parts of `regions` (sorted, not overlapping) between `start` and
+/// `end`.
+fn within(regions: &[Region], start: u64, end: u64) -> Vec<Region> {
+    let from = regions.partition_point(|r| r.end <= start);
+    regions[from..]
+        .iter()
+        .take_while(|r| r.start < end)
+        .map(|r| Region {
+            start: r.start.max(start),
+            end: r.end.min(end),
+            categories: r.categories,
+        })
+        .collect()
+}
 
+impl RestartedSleeps {
     /// A thread the attach pause interrupted in a sleep, and that is still
     /// in it at the freeze, sits in `restart_syscall` now, which a restored
     /// process could not continue (it has no restart block): it is
     /// recorded in the syscall it was in, which a restore runs again with
     /// the time left, as for any interrupted sleep.
-    pub fn fix_restarted_sleeps(&self, tids: &[i32], states: &mut [ThreadState]) {
+    pub fn fix(&self, tids: &[i32], states: &mut [ThreadState]) {
         for (tid, state) in tids.iter().zip(states) {
-            let Some(&(nr, rip)) = self.sleeping.get(tid) else {
+            let Some(&(nr, rip)) = self.0.get(tid) else {
                 continue;
             };
             if state.regs.rip == rip
@@ -483,6 +501,17 @@ impl PreCopied {
                 };
             }
         }
+    }
+}
+
+impl PreCopied {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Its [`RestartedSleeps`], to be fixed once its threads are read.
+    pub fn take_restarted_sleeps(&mut self) -> RestartedSleeps {
+        std::mem::take(&mut self.sleeping)
     }
 
     /// Whether mapping `map` of the frozen process is tracked and was
@@ -512,13 +541,27 @@ impl PreCopied {
         let mut fresh = 0u64;
         // Present pages with data (not counting the zero page).
         let mut resident = 0u64;
-        for &(vma_index, map) in maps {
-            let kind = map.kind();
-            let regions = if kind == VmaKind::PrivateFile {
+        // Mappings side by side (a library's, a heap's neighbours) are
+        // scanned together, one walk each run: a tree of 8 small
+        // processes made ~30 scans each, ~3 us apiece, while frozen.
+        let mut per_vma: Vec<(usize, VmaKind, Vec<Region>)> = Vec::with_capacity(maps.len());
+        let mut first = 0;
+        while let Some(&(_, map)) = maps.get(first) {
+            let file = map.kind() == VmaKind::PrivateFile;
+            let mut last = first;
+            while let Some(&(_, next)) = maps.get(last + 1) {
+                if (next.kind() == VmaKind::PrivateFile) != file || next.start != maps[last].1.end {
+                    break;
+                }
+                last += 1;
+            }
+            let run = &maps[first..=last];
+            let (start, end) = (map.start, maps[last].1.end);
+            let regions = if file {
                 // Whether a page is the process's own copy or the file's
                 // takes a page lookup per page: only here, where mappings
                 // are small (a library's data).
-                self.tracker.scan_every(map.start, map.end, false, true)?
+                self.tracker.scan_every(start, end, false, true)?
             } else {
                 // Written pages only: the kernel's fast walk. A page zapped
                 // since is written and not present; every page not written
@@ -532,11 +575,24 @@ impl PreCopied {
                 // takes the kernel's slow path (~14 ms/GiB): find the
                 // written stretches first, then their categories.
                 let mut written = Vec::new();
-                for w in self.tracker.scan_written(map.start, map.end, false)? {
+                for w in self.tracker.scan_written(start, end, false)? {
                     written.extend(self.tracker.scan(w.start, w.end, false)?);
                 }
-                with_unchanged(&self.copied, map.start, map.end, written)
+                written
             };
+            for &(vma_index, map) in run {
+                // The kernel joins like stretches across mappings.
+                let own = within(&regions, map.start, map.end);
+                let own = if file {
+                    own
+                } else {
+                    with_unchanged(&self.copied, map.start, map.end, own)
+                };
+                per_vma.push((vma_index, map.kind(), own));
+            }
+            first = last + 1;
+        }
+        for (vma_index, kind, regions) in per_vma {
             for r in regions {
                 if r.present() {
                     resident += r.pages();

@@ -171,3 +171,31 @@ fn pieces_become_the_runs_a_page_walk_makes() {
         );
     }
 }
+
+#[test]
+fn a_walk_over_mappings_side_by_side_is_cut_at_their_bounds() {
+    let region = |start: u64, end: u64, categories: u64| Region {
+        start: start * PAGE_SIZE,
+        end: end * PAGE_SIZE,
+        categories,
+    };
+    // One stretch the kernel joined across the bound at page 4, one inside
+    // the second mapping, one crossing into the third.
+    let walked = [region(2, 6, 1), region(7, 8, 2), region(9, 12, 3)];
+    let pages = |rs: Vec<Region>| -> Vec<(u64, u64, u64)> {
+        rs.iter()
+            .map(|r| (r.start / PAGE_SIZE, r.end / PAGE_SIZE, r.categories))
+            .collect()
+    };
+    assert_eq!(pages(within(&walked, 0, 4 * PAGE_SIZE)), vec![(2, 4, 1)]);
+    assert_eq!(
+        pages(within(&walked, 4 * PAGE_SIZE, 10 * PAGE_SIZE)),
+        vec![(4, 6, 1), (7, 8, 2), (9, 10, 3)]
+    );
+    assert_eq!(
+        pages(within(&walked, 10 * PAGE_SIZE, 16 * PAGE_SIZE)),
+        vec![(10, 12, 3)]
+    );
+    assert!(within(&walked, 12 * PAGE_SIZE, 16 * PAGE_SIZE).is_empty());
+    assert!(within(&[], 0, PAGE_SIZE).is_empty());
+}
