@@ -134,6 +134,9 @@ pub(super) fn capture_tree(
             plans.run();
             phase.done("memory plans (beside)");
         });
+        // Whatever ends this scope, a panic here included, the other
+        // thread must not be left waiting for the plans to open.
+        let _abandoned_at_the_end = plans.abandon_when_dropped();
         let heads = read_heads(tree, opts, early, texts, infos, kernel, &sleeps);
         if heads.is_err() {
             plans.abandon();

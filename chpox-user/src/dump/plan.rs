@@ -59,6 +59,15 @@ struct PoolState {
     made: Vec<Option<Result<MemoryPlan>>>,
 }
 
+/// Abandons its [`PlanPool`] when dropped.
+pub(super) struct AbandonOnDrop<'p, 'a>(&'p PlanPool<'a>);
+
+impl Drop for AbandonOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
+}
+
 /// A pre-copied process to plan: (index among the members, PID, pre-copy).
 pub(super) type PlanJob = (usize, i32, crate::precopy::PreCopied);
 
@@ -106,6 +115,11 @@ impl<'a> PlanPool<'a> {
     pub(super) fn abandon(&self) {
         self.next.store(self.jobs.len(), Ordering::Relaxed);
         self.open();
+    }
+
+    /// [`abandon`](Self::abandon) once the result is dropped.
+    pub(super) fn abandon_when_dropped(&self) -> AbandonOnDrop<'_, 'a> {
+        AbandonOnDrop(self)
     }
 
     /// Make plans not taken yet until none is left, once open.
