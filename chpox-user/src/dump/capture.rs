@@ -594,12 +594,15 @@ fn capture_process(
         }
         _ => None,
     };
-    let mut verify_later = None;
+    // Where the early flags are checked once the processes run again,
+    // `maps` goes there when the mappings are stored (not a copy of every
+    // mapping's flags, while frozen).
+    let mut verify = EarlyFlags::Checked;
     if early_flags {
         match snapshot.as_mut() {
-            Some(s) => s.verify_flags_later(maps.clone()),
+            Some(_) => verify = EarlyFlags::BySnapshot,
             // Checked against the process itself once it runs again.
-            None if plan.is_some() => verify_later = Some(maps.clone()),
+            None if plan.is_some() => verify = EarlyFlags::ByProcess,
             // Nothing to check the early flags against: read them now.
             None => {
                 maps = early.read_now(pid)?;
@@ -717,6 +720,16 @@ fn capture_process(
         });
     }
 
+    let mut verify_later = None;
+    match verify {
+        EarlyFlags::Checked => {}
+        EarlyFlags::BySnapshot => {
+            if let Some(s) = snapshot.as_mut() {
+                s.verify_flags_later(maps);
+            }
+        }
+        EarlyFlags::ByProcess => verify_later = Some(maps),
+    }
     phase.done("pagemap, files, page copy");
     let image = ProcessImage {
         process: info,
@@ -737,6 +750,17 @@ fn capture_process(
         snapshot,
         plan.map(|p| (p, verify_later)),
     ))
+}
+
+/// Where the flags of a process's mappings, read before the freeze, are
+/// checked (see `earlymaps`).
+enum EarlyFlags {
+    /// Not early, or read again while frozen.
+    Checked,
+    /// Against its snapshot, once its pages are written.
+    BySnapshot,
+    /// Against the process itself, once it runs again.
+    ByProcess,
 }
 
 /// Store `runs` of the frozen process `pages` is set to, its mapping

@@ -419,18 +419,7 @@ const KCMP_FS: libc::c_long = 3;
 /// `kcmp`: whether the kernel objects of kind `what` (index `a` of `pa`,
 /// `b` of `pb` for descriptors) are one.
 fn kcmp_same(pa: i32, pb: i32, what: libc::c_long, a: i32, b: i32) -> bool {
-    // SAFETY: kcmp takes integers only and touches no memory of ours.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pa as libc::c_long,
-            pb as libc::c_long,
-            what,
-            a as libc::c_long,
-            b as libc::c_long,
-        )
-    };
-    ret == 0
+    kcmp(pa, pb, what, a, b) == Some(KcmpOrder::Same)
 }
 
 /// Whether fd `a` of `pa` and fd `b` of `pb` are one open file description.
@@ -454,22 +443,21 @@ pub fn check_unshared(tree: &FrozenTree) -> Result<Vec<i32>> {
     };
     let mut shared = Vec::new();
     let mut fs_with_parent = Vec::new();
-    for (i, &a) in pids.iter().enumerate() {
-        for &b in &pids[i + 1..] {
-            for (what, name) in [
-                (KCMP_VM, "memory (CLONE_VM)"),
-                (KCMP_FILES, "descriptor table (CLONE_FILES)"),
-                (KCMP_FS, "working directory and umask (CLONE_FS)"),
-            ] {
-                if !kcmp_same(a, b, what, 0, 0) {
-                    continue;
-                }
-                if what == KCMP_FS && parent_of(b) == Some(a) {
-                    fs_with_parent.push(b);
-                } else if what == KCMP_FS && fs_with_parent.contains(&b) {
-                    // Shared with its parent, which shares it with `a`.
-                } else {
-                    shared.push(format!("PID {a} and PID {b} share their {name}"));
+    for (what, name) in [
+        (KCMP_VM, "memory (CLONE_VM)"),
+        (KCMP_FILES, "descriptor table (CLONE_FILES)"),
+        (KCMP_FS, "working directory and umask (CLONE_FS)"),
+    ] {
+        for group in sharing(&pids, what) {
+            for (i, &a) in group.iter().enumerate() {
+                for &b in &group[i + 1..] {
+                    if what == KCMP_FS && parent_of(b) == Some(a) {
+                        fs_with_parent.push(b);
+                    } else if what == KCMP_FS && fs_with_parent.contains(&b) {
+                        // Shared with its parent, which shares it with `a`.
+                    } else {
+                        shared.push(format!("PID {a} and PID {b} share their {name}"));
+                    }
                 }
             }
         }
@@ -481,6 +469,79 @@ pub fn check_unshared(tree: &FrozenTree) -> Result<Vec<i32>> {
             "{}; chpox cannot restore processes that share these yet (checkpoint the process alone with --no-children)",
             shared.join(", ")
         )))
+    }
+}
+
+/// The groups of two or more of `pids` that share their kernel object of
+/// kind `what`, each in the order of `pids`. The kernel orders these
+/// objects (`kcmp` answers less or greater, not only equal): each PID
+/// finds its group by a binary search among those seen, ~n log n calls
+/// rather than one per pair (84 calls for a tree of 8, all while frozen;
+/// 6 048 for a tree of 64).
+fn sharing(pids: &[i32], what: libc::c_long) -> Vec<Vec<i32>> {
+    // Groups sorted by the kernel's order of their object.
+    let mut sorted: Vec<Vec<i32>> = Vec::new();
+    for &pid in pids {
+        let (mut low, mut high) = (0, sorted.len());
+        let mut place = None;
+        while low < high {
+            let mid = (low + high) / 2;
+            match kcmp(sorted[mid][0], pid, what, 0, 0) {
+                Some(KcmpOrder::Same) => {
+                    place = Some(Ok(mid));
+                    break;
+                }
+                Some(KcmpOrder::Less) => low = mid + 1,
+                Some(KcmpOrder::Greater) => high = mid,
+                // No order (a process gone): asked of every group.
+                None => {
+                    place = Some(
+                        sorted
+                            .iter()
+                            .position(|g| kcmp_same(g[0], pid, what, 0, 0))
+                            .ok_or(sorted.len()),
+                    );
+                    break;
+                }
+            }
+        }
+        match place.unwrap_or(Err(low)) {
+            Ok(group) => sorted[group].push(pid),
+            Err(at) => sorted.insert(at, vec![pid]),
+        }
+    }
+    sorted.retain(|g| g.len() > 1);
+    sorted
+}
+
+/// How `kcmp` orders two kernel objects.
+#[derive(Debug, PartialEq, Eq)]
+enum KcmpOrder {
+    Same,
+    Less,
+    Greater,
+}
+
+/// `kcmp` of the objects of kind `what` (index `a` of `pa`, `b` of `pb`
+/// for descriptors); None where the kernel gives no order (an error, or
+/// unequal without one).
+fn kcmp(pa: i32, pb: i32, what: libc::c_long, a: i32, b: i32) -> Option<KcmpOrder> {
+    // SAFETY: kcmp takes integers only and touches no memory of ours.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pa as libc::c_long,
+            pb as libc::c_long,
+            what,
+            a as libc::c_long,
+            b as libc::c_long,
+        )
+    };
+    match ret {
+        0 => Some(KcmpOrder::Same),
+        1 => Some(KcmpOrder::Less),
+        2 => Some(KcmpOrder::Greater),
+        _ => None,
     }
 }
 
@@ -539,6 +600,55 @@ fn gone_or<T>(result: Result<T>, pid: i32, known: &mut HashSet<i32>) -> Result<O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This test's process and one of its threads share their memory and
+    /// descriptor table; a child shares neither; a PID that is no process
+    /// (no order from the kernel) is grouped with none and hides nothing.
+    #[test]
+    fn sharing_groups_the_pids_whose_kernel_object_is_one() {
+        let me = std::process::id() as i32;
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().expect("the thread's id");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("start sleep");
+        let other = child.id() as i32;
+        let gone = i32::MAX;
+        for what in [KCMP_VM, KCMP_FILES] {
+            assert_eq!(sharing(&[me, other, tid], what), vec![vec![me, tid]]);
+            assert_eq!(sharing(&[other, tid, me], what), vec![vec![tid, me]]);
+            assert_eq!(sharing(&[me, gone, other, tid], what), vec![vec![me, tid]]);
+            assert_eq!(sharing(&[other, me], what), Vec::<Vec<i32>>::new());
+        }
+        // Among many that share nothing, the pair is still found wherever
+        // the kernel's order puts them.
+        let mut children: Vec<std::process::Child> = (0..5)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .expect("start sleep")
+            })
+            .collect();
+        let mut many: Vec<i32> = children.iter().map(|c| c.id() as i32).collect();
+        many.insert(1, me);
+        many.push(tid);
+        for what in [KCMP_VM, KCMP_FILES] {
+            assert_eq!(sharing(&many, what), vec![vec![me, tid]]);
+        }
+        for c in children.iter_mut().chain(std::iter::once(&mut child)) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = done_tx.send(());
+        let _ = thread.join();
+    }
 
     #[test]
     fn stat_fields_after_a_command_name_with_parentheses_and_spaces() {

@@ -373,7 +373,9 @@ pub fn runs_of(start: u64, needed: impl Iterator<Item = bool>) -> Vec<(u64, u64)
 /// ([`next_process`](Self::next_process)).
 pub struct PageDumper {
     pid: i32,
-    pagemap: File,
+    /// Opened at the first read: a pre-copied process's pages are planned
+    /// without it, and a tree's every open counted while frozen.
+    pagemap: Option<File>,
     pagemap_buf: Vec<u8>,
     pub pages_stored: u64,
 }
@@ -422,7 +424,7 @@ impl PageDumper {
     pub fn new(pid: i32) -> Result<Self> {
         Ok(PageDumper {
             pid,
-            pagemap: open_proc(pid, "pagemap")?,
+            pagemap: None,
             pagemap_buf: Vec::new(),
             pages_stored: 0,
         })
@@ -430,7 +432,7 @@ impl PageDumper {
 
     /// Go on with the next process of the tree, `pid`.
     pub fn next_process(&mut self, pid: i32) -> Result<()> {
-        self.pagemap = open_proc(pid, "pagemap")?;
+        self.pagemap = None;
         self.pid = pid;
         Ok(())
     }
@@ -441,10 +443,15 @@ impl PageDumper {
     pub fn pagemap_windows(&mut self, windows: &[(u64, u64)]) -> Result<Vec<u64>> {
         let total = windows.iter().map(|w| (w.1 - w.0) / PAGE_SIZE).sum::<u64>();
         let mut out = Vec::with_capacity(total as usize);
+        let pagemap = match self.pagemap.take() {
+            Some(file) => file,
+            None => open_proc(self.pid, "pagemap")?,
+        };
+        let pagemap = &*self.pagemap.insert(pagemap);
         for &(start, end) in windows {
             read_pagemap(
                 self.pid,
-                &self.pagemap,
+                pagemap,
                 &mut self.pagemap_buf,
                 start,
                 end,

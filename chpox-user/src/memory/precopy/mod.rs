@@ -116,6 +116,11 @@ pub struct PreCopied {
     /// Threads the attach pause found in a sleep the kernel continues
     /// through `restart_syscall`.
     sleeping: RestartedSleeps,
+    /// Its /proc/PID/mem, opened while it ran (the pages written since its
+    /// copy are read through it while frozen): of the memory the tracker
+    /// watches, as the tracker's pagemap is (an exec since would leave
+    /// nothing tracked to read).
+    mem: Option<std::fs::File>,
 }
 
 /// Threads a pre-copy's attach pause found in a sleep the kernel continues
@@ -369,6 +374,8 @@ fn copy_while_running(
         copied,
         covered,
         sleeping: RestartedSleeps::default(),
+        // Opened again while frozen if it cannot be now.
+        mem: std::fs::File::open(format!("/proc/{pid}/mem")).ok(),
     })
 }
 
@@ -659,8 +666,13 @@ impl PreCopied {
             );
             return Ok(None);
         }
-        let path = format!("/proc/{}/mem", self.pid);
-        let mem = std::fs::File::open(&path).map_err(|source| Error::Proc { path, source })?;
+        let mem = match self.mem.take() {
+            Some(mem) => mem,
+            None => {
+                let path = format!("/proc/{}/mem", self.pid);
+                std::fs::File::open(&path).map_err(|source| Error::Proc { path, source })?
+            }
+        };
         let mut vmas = Vec::with_capacity(pieces_of.len());
         for (vma_index, pieces) in pieces_of {
             let mut planned = Vec::with_capacity(pieces.len());
