@@ -37,6 +37,9 @@ pub mod progress;
 pub mod restore;
 pub mod trigger;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 pub use error::{Error, Result};
 pub use files::deleted;
 pub use freeze::{overlap, ptrace, remote, safe_return, tree};

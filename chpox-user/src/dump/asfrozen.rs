@@ -354,13 +354,8 @@ mod tests {
         if !may_raise_priority() {
             return;
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let _ = tx.send(nix::unistd::gettid().as_raw());
-            let _ = done_rx.recv();
-        });
-        let tid = rx.recv().expect("tid");
+        let parked = crate::testing::ParkedThread::start();
+        let tid = parked.tid;
         let mut state = State {
             helper_tid: Some(tid),
             ..State::default()
@@ -369,8 +364,7 @@ mod tests {
         // SAFETY: a query of one of our own threads' nice value.
         let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
         assert_eq!(nice, -20);
-        let _ = done_tx.send(());
-        let _ = thread.join();
+        drop(parked);
     }
 
     #[test]

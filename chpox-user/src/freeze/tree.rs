@@ -607,13 +607,8 @@ mod tests {
     #[test]
     fn sharing_groups_the_pids_whose_kernel_object_is_one() {
         let me = std::process::id() as i32;
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let _ = tid_tx.send(nix::unistd::gettid().as_raw());
-            let _ = done_rx.recv();
-        });
-        let tid = tid_rx.recv().expect("the thread's id");
+        let parked = crate::testing::ParkedThread::start();
+        let tid = parked.tid;
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
@@ -646,8 +641,7 @@ mod tests {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = done_tx.send(());
-        let _ = thread.join();
+        drop(parked);
     }
 
     #[test]
