@@ -409,12 +409,7 @@ fn a_process_that_rewrote_its_memory_since_the_base_gets_a_full_checkpoint() {
         "the second checkpoint is full\n{}",
         agent.describe()
     );
-    let log = agent.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("full checkpoint") && l.contains("written since the base")),
-        "the reason is logged:\n{log}"
-    );
+    assert_full_checkpoint_logged(&agent, "written since the base");
     let reader = ImageReader::open(&img).expect("image opens");
     let region = reader
         .read_memory(addr, len as usize)
@@ -738,12 +733,7 @@ fn pages_stored_again_unchanged_bring_a_new_base() {
         "a new base after the tail was stored three to five times\n{}",
         agent.describe()
     );
-    let log = agent.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("full checkpoint") && l.contains("unchanged pages again")),
-        "the reason is logged:\n{log}"
-    );
+    assert_full_checkpoint_logged(&agent, "unchanged pages again");
     let m = next(&mut t);
     assert!(m.parent.is_some(), "and increments after it");
     let stored = stored_pages(&m);
@@ -853,4 +843,14 @@ fn a_lazy_restore_of_an_increment_serves_both_files_and_verifies_the_parent() {
         );
         common::wait_pid_free(pid);
     }
+}
+
+/// The agent's log gives `reason` for a full checkpoint.
+fn assert_full_checkpoint_logged(agent: &Agent, reason: &str) {
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("full checkpoint") && l.contains(reason)),
+        "the reason is logged:\n{log}"
+    );
 }

@@ -119,7 +119,7 @@ pub(super) fn capture_tree(
     let mut files = FileTable::new();
     let mut shmem = memory::SharedObjects::default();
     let mut procs = Vec::with_capacity(members.len());
-    let mut pages = PageDumper::new(tree.root())?;
+    let mut pages = PageDumper::new(tree.root());
     let mut snapshots = Vec::new();
     let mut plans_made = Vec::new();
     let mut verify_after = Vec::new();
@@ -163,7 +163,7 @@ pub(super) fn capture_tree(
             for (i, ((((frozen, head), fds), texts), precopied)) in each {
                 let planned = plans.take(i, &beside)?;
                 if !procs.is_empty() {
-                    pages.next_process(frozen.pid())?;
+                    pages.next_process(frozen.pid());
                 }
                 let (image, resident, snapshot, plan) = capture_process(
                     frozen,

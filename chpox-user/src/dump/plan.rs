@@ -192,14 +192,11 @@ impl<'a> PlanPool<'a> {
             if let Some(made) = state.made.get_mut(i).and_then(Option::take) {
                 return made.map(Some);
             }
-            if beside.is_finished() && self.next.load(Ordering::Relaxed) >= self.jobs.len() {
-                // Every plan was taken; the one for `i` can only have
-                // been lost with a panic on the other thread.
-                let again = state.made.get_mut(i).and_then(Option::take);
-                return match again {
-                    Some(made) => made.map(Some),
-                    None => Err(Error::Other("internal: a memory plan panicked".into())),
-                };
+            if beside.is_finished() {
+                // Every plan was taken (this thread takes none any more)
+                // and the other thread, which needed this lock to hand
+                // it over, ended without it: lost with a panic there.
+                return Err(Error::Other("internal: a memory plan panicked".into()));
             }
             state = self
                 .changed

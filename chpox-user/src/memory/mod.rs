@@ -421,20 +421,19 @@ fn open_proc(pid: i32, what: &str) -> Result<File> {
 }
 
 impl PageDumper {
-    pub fn new(pid: i32) -> Result<Self> {
-        Ok(PageDumper {
+    pub fn new(pid: i32) -> Self {
+        PageDumper {
             pid,
             pagemap: None,
             pagemap_buf: Vec::new(),
             pages_stored: 0,
-        })
+        }
     }
 
     /// Go on with the next process of the tree, `pid`.
-    pub fn next_process(&mut self, pid: i32) -> Result<()> {
+    pub fn next_process(&mut self, pid: i32) {
         self.pagemap = None;
         self.pid = pid;
-        Ok(())
     }
 
     /// The pagemap entries of each window `[start, end)`, one window after

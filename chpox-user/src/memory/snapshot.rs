@@ -252,7 +252,7 @@ impl Snapshot {
         writer: &mut ImageWriter,
         read_done: &(dyn Fn() + Sync),
     ) -> Result<(Vec<(u64, u64)>, Vec<DataRef>, Vec<usize>, u64, u64)> {
-        let mut pagemap = PageDumper::new(self.child)?;
+        let mut pagemap = PageDumper::new(self.child);
         let mut runs = Vec::new();
         let mut resident = 0u64;
         // Which deferred VMA each run belongs to.
