@@ -221,6 +221,45 @@ fn consecutive_blobs_in_a_spare_file() {
     }
 }
 
+/// A writer waiting for its next bytes allocates the file ahead in
+/// steps, only as far as asked and never past a spare file's allocation
+/// twice; what the image does not use is cut off, and a compressed image
+/// (whose size is unknown) allocates nothing.
+#[test]
+fn allocation_while_waiting_stops_where_asked_and_is_cut_off() {
+    for (compress, spare) in [(false, false), (false, true), (true, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.img");
+        let spare = spare.then(|| SpareFile::prepare(&path, 2 << 20, None).unwrap());
+        let mut w = ImageWriter::create_in(&path, opts(compress), spare).unwrap();
+        let until = w.position() + (3 << 20) + 4096;
+        let mut steps = 0;
+        while w.allocate_while_waiting(until) {
+            steps += 1;
+            assert!(steps <= 4, "allocated past {until}");
+        }
+        // The temporary file, the directory's only entry until `finish`.
+        let temp = fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap();
+        let on_disk = temp.metadata().unwrap().len();
+        match (compress, steps) {
+            (true, 0) => {}
+            // A fresh file: 1 MiB steps up to `until`, the last one short.
+            (false, 4) => assert_eq!(on_disk, until),
+            // The spare's 2 MiB (from offset 0) are not allocated again.
+            (false, 2) => assert_eq!(on_disk, until),
+            other => panic!("compress, steps: {other:?}"),
+        }
+        assert!(!w.allocate_while_waiting(until));
+        let bytes = vec![7u8; 8192];
+        let data = w.add_data(&bytes).unwrap();
+        let size = w.finish(&sample_metadata()).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), size);
+        assert!(size < until, "compress={compress}: {size} not cut back");
+        let r = ImageReader::open(&path).unwrap();
+        assert_eq!(r.read_data(&data).unwrap(), bytes);
+    }
+}
+
 /// A spare file made in another directory is not used there.
 #[test]
 fn spare_file_of_another_directory_is_left_alone() {

@@ -96,6 +96,12 @@ pub struct ImageWriter {
     /// The file was extended by `map_area` or `allocate_ahead`; `finish`
     /// cuts it back to what was written.
     preallocated: bool,
+    /// The end of the file space known allocated (by `allocate_ahead`, a
+    /// spare file's preparation or `allocate_while_waiting`).
+    allocated_to: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether `allocate_while_waiting` may allocate (it stops at the
+    /// filesystem's first refusal).
+    allocate_when_waiting: bool,
     keep_previous: u32,
     as_user: Option<crate::creds::UserCreds>,
 }
@@ -147,6 +153,10 @@ impl Write for StoredOut {
     }
 }
 
+/// A new image's directory, temporary file and its name, and how far a
+/// spare file it went into was allocated ahead.
+type Opened = (File, Arc<File>, OsString, Option<u64>);
+
 impl ImageWriter {
     /// Starts an image that [`finish`](Self::finish) will put at
     /// `final_path`. The parent directory must exist; an existing regular
@@ -172,7 +182,7 @@ impl ImageWriter {
         };
 
         let mut spare = spare;
-        let mut open_and_create = || -> Result<(File, Arc<File>, OsString, bool), ImageError> {
+        let mut open_and_create = || -> Result<Opened, ImageError> {
             let dir = open_dir(&dir_path, acting_uid).map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => ImageError::NoDirectory {
                     path: final_path.to_path_buf(),
@@ -206,17 +216,17 @@ impl ImageWriter {
                 Err(e) => return Err(ImageError::writing(final_path, e.into())),
             }
             remove_stale_temps(&dir, &final_name);
-            if let Some(file) = spare.take().and_then(|s| s.take_for(&dir)) {
+            if let Some((file, allocated)) = spare.take().and_then(|s| s.take_for(&dir)) {
                 match link_temp(&dir, &file, &final_name) {
-                    Ok(temp_name) => return Ok((dir, file, temp_name, true)),
+                    Ok(temp_name) => return Ok((dir, file, temp_name, Some(allocated))),
                     Err(e) => tracing::debug!(error = %e, "spare file not used"),
                 }
             }
             let (file, temp_name) =
                 create_temp(&dir, &final_name).map_err(|e| ImageError::writing(final_path, e))?;
-            Ok((dir, Arc::new(file), temp_name, false))
+            Ok((dir, Arc::new(file), temp_name, None))
         };
-        let (dir, file, temp_name, preallocated) = match &opts.as_user {
+        let (dir, file, temp_name, spare_allocated) = match &opts.as_user {
             Some(user) => crate::creds::as_user(user, open_and_create)
                 .map_err(|e| ImageError::writing(final_path, e))??,
             None => open_and_create()?,
@@ -235,7 +245,11 @@ impl ImageWriter {
             state: State::Broken,
             published: false,
             // A spare file is allocated past what the image may need.
-            preallocated,
+            preallocated: spare_allocated.is_some(),
+            allocated_to: Arc::new(std::sync::atomic::AtomicU64::new(
+                spare_allocated.unwrap_or(0),
+            )),
+            allocate_when_waiting: true,
             keep_previous: opts.keep_previous,
             as_user: opts.as_user.clone(),
         };
@@ -283,6 +297,11 @@ impl ImageWriter {
                 source: e.into(),
             }),
         }
+    }
+
+    /// Bytes written so far: the file offset of the next write.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     /// Starts a blob at the next 4096-aligned offset.

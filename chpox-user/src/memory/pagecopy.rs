@@ -6,7 +6,9 @@
 //! beside it on the other cores: worker threads copy the pages out of the
 //! process (`process_vm_readv`, many runs per call), checksum them, and
 //! compress them when the image is compressed, chunk by chunk, while the
-//! calling thread writes the chunks in order. A run is one blob; runs are
+//! calling thread writes the chunks in order (and, when none is ready,
+//! allocates the file's next pages, see `image::writer::ahead`, so that
+//! its later writes only copy). A run is one blob; runs are
 //! at most [`CHUNK_PAGES`] long so a compressed run is one zstd frame
 //! compressed on one core.
 //!
@@ -286,13 +288,26 @@ fn write_in_order(
     let mut refs = Vec::with_capacity(nruns);
     let mut waiting: BTreeMap<usize, Done> = BTreeMap::new();
     let mut next = 0;
-    // Where the writer's time goes: waiting for workers, or writing.
-    let (mut waited, mut wrote) = (Duration::ZERO, Duration::ZERO);
+    // How far the file will reach once every piece is written (blobs
+    // start page-aligned: pages are whole, so nothing else is added).
+    let until = writer.position() + pieces.iter().map(|p| p.npages * PAGE_SIZE).sum::<u64>();
+    // Where the writer's time goes: waiting for workers (allocating the
+    // file's next pages meanwhile), or writing.
+    let (mut waited, mut allocated, mut wrote) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let stopped = || Error::Other("internal: a page copy worker stopped early".into());
     while next < chunks.len() {
         let t = Instant::now();
-        let done = done_rx
-            .recv()
-            .map_err(|_| Error::Other("internal: a page copy worker stopped early".into()))?;
+        let done = match done_rx.try_recv() {
+            Ok(done) => done,
+            Err(mpsc::TryRecvError::Disconnected) => return Err(stopped()),
+            Err(mpsc::TryRecvError::Empty) => {
+                if writer.allocate_while_waiting(until) {
+                    allocated += t.elapsed();
+                    continue;
+                }
+                done_rx.recv().map_err(|_| stopped())?
+            }
+        };
         waited += t.elapsed();
         let t = Instant::now();
         waiting.insert(done.index, done);
@@ -314,6 +329,7 @@ fn write_in_order(
         chunks = chunks.len(),
         compress,
         waited_us = waited.as_micros() as u64,
+        allocated_us = allocated.as_micros() as u64,
         wrote_us = wrote.as_micros() as u64,
         "pages written"
     );

@@ -125,6 +125,7 @@ impl ImageWriter {
             .map_err(|e| self.err(e))?;
         self.pos = HEADER_SIZE as u64;
         self.preallocated = false;
+        self.allocated_to = Arc::new(std::sync::atomic::AtomicU64::new(0));
         self.compress = true;
         self.state = State::Idle;
 

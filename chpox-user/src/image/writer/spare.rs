@@ -80,12 +80,12 @@ impl SpareFile {
         })
     }
 
-    /// The file, allocated as far as it got, for an image written in the
-    /// directory `dir`; None for another directory.
-    pub(super) fn take_for(self, dir: &File) -> Option<Arc<File>> {
-        self.allocating.stop();
+    /// The file, and how far it was allocated, for an image written in
+    /// the directory `dir`; None for another directory.
+    pub(super) fn take_for(self, dir: &File) -> Option<(Arc<File>, u64)> {
+        let reached = self.allocating.stop_at();
         let st = nix::sys::stat::fstat(dir).ok()?;
-        ((st.st_dev, st.st_ino) == self.dir).then_some(self.file)
+        ((st.st_dev, st.st_ino) == self.dir).then_some((self.file, reached))
     }
 
     /// The file's inode number (tests: which file an image was written to).
