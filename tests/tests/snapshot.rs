@@ -125,14 +125,30 @@ fn a_process_killed_during_the_write_leaves_the_previous_image() {
 /// not: the image is still one instant, and it was made by a pre-copy.
 #[test]
 fn precopy_is_one_instant_under_writes_by_every_thread() {
-    let dir = tempdir();
     // 4 × 2 MiB: all of it may be written since the pre-copy and still be
     // few enough pages to read while frozen.
-    let mut target = Target::spawn("cowwriters", &["4", "2", "300"], dir.path());
+    precopy_is_one_instant(&["4", "2", "300"], 3);
+}
+
+/// The same with 4 × 80 MiB: enough to be scanned and copied in batches,
+/// each batch scanned while the one before is copied, and the threads
+/// write across the batches' bounds meanwhile.
+#[test]
+fn precopy_in_batches_is_one_instant_under_writes_by_every_thread() {
+    // ~2000 pages a second: fewer than the freeze may read even behind a
+    // debug build's slower copy.
+    precopy_is_one_instant(&["4", "80", "2000"], 2);
+}
+
+/// `cowwriters` with `args`, dumped `rounds` times with a pre-copy and
+/// left stopped: each image holds the memory it was left stopped with.
+fn precopy_is_one_instant(args: &[&str], rounds: usize) {
+    let dir = tempdir();
+    let mut target = Target::spawn("cowwriters", args, dir.path());
     let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
     let threads: usize = target.ready_value("threads").parse().expect("threads");
     let slice: usize = target.ready_value("slice").parse().expect("slice");
-    for round in 0..3 {
+    for round in 0..rounds {
         let image = dir.path().join(format!("pre{round}.img"));
         // Left stopped, its memory is still that of the freeze: the image
         // must equal it, not merely look like some instant.

@@ -199,3 +199,44 @@ fn a_walk_over_mappings_side_by_side_is_cut_at_their_bounds() {
     assert!(within(&walked, 12 * PAGE_SIZE, 16 * PAGE_SIZE).is_empty());
     assert!(within(&[], 0, PAGE_SIZE).is_empty());
 }
+
+#[test]
+fn batches_cover_the_registered_mappings_in_growing_spans() {
+    let line = |l: &str| crate::memory::parse_smaps(l, "test").unwrap().remove(0);
+    let maps = vec![
+        // 8 MiB, registered.
+        line("7f0000000000-7f0000800000 rw-p 00000000 00:00 0 "),
+        // 4 KiB, not registered.
+        line("7f0000800000-7f0000801000 r--p 00000000 00:00 0 "),
+        // 1 GiB, registered.
+        line("7f1000000000-7f1040000000 rw-p 00000000 00:00 0 "),
+    ];
+    let registered: Vec<(u64, u64)> = [&maps[0], &maps[2]]
+        .iter()
+        .map(|m| (m.start, m.end))
+        .collect();
+    let batches = scan_batches(&maps, &registered, FIRST_SCAN_SPAN);
+    let spans: Vec<u64> = batches
+        .iter()
+        .map(|b| b.iter().map(|&(_, s, e)| e - s).sum())
+        .collect();
+    const MIB: u64 = 1 << 20;
+    // 16, 64, 256 MiB, then what is left of 1032 MiB.
+    assert_eq!(spans, [16 * MIB, 64 * MIB, 256 * MIB, 696 * MIB]);
+    // In address order, end to end within each mapping, nothing else.
+    let parts: Vec<ScanPart> = batches.concat();
+    assert_eq!(parts[0], (0, maps[0].start, maps[0].end));
+    assert_eq!(parts[1], (2, maps[2].start, maps[2].start + 8 * MIB));
+    assert!(parts.windows(2).all(|w| w[0].2 <= w[1].1));
+    assert!(parts[1..].windows(2).all(|w| w[0].2 == w[1].1));
+    assert_eq!(parts.last().map(|p| p.2), Some(maps[2].end));
+    assert!(parts.iter().all(|&(i, ..)| i != 1));
+    // Unbatched: one batch of both mappings whole.
+    assert_eq!(
+        scan_batches(&maps, &registered, u64::MAX),
+        vec![vec![
+            (0, maps[0].start, maps[0].end),
+            (2, maps[2].start, maps[2].end)
+        ]]
+    );
+}
