@@ -1,3 +1,4 @@
+use super::running::{FIRST_SCAN_SPAN, ScanPart, maybe_device, scan_batches};
 use super::*;
 use crate::image::model::Compression;
 
