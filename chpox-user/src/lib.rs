@@ -15,12 +15,14 @@
 //! (`ptrace`, whole `tree`s, `remote` syscalls); `image` is the on-disk
 //! format; `trigger` is the path from a signal to a checkpoint (`bpf`,
 //! `agent`, `control`), apart from the engine; `cli`, `job`, `check`,
-//! `inspect` and `progress` serve the command line.
+//! `inspect` and `progress` serve the command line; `cache` keeps what
+//! one run learned for the next.
 //!
 //! The modules inside those folders are also reachable from the crate
 //! root (`chpox::timers`, `chpox::ptrace`, `chpox::agent`…), the names
 //! they are known by everywhere.
 
+pub mod cache;
 pub mod check;
 pub mod cli;
 pub mod dump;

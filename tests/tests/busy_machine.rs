@@ -39,12 +39,45 @@ fn assert_ends(dumper: &mut Child, limit: Duration, what: &str) {
     let deadline = Instant::now() + limit;
     while dumper.try_wait().expect("try_wait chpox").is_none() {
         if Instant::now() > deadline {
+            let threads = where_threads_are(dumper.id() as i32);
             let _ = dumper.kill();
             let _ = dumper.wait();
-            panic!("chpox dump still runs {limit:?} after {what}");
+            panic!("chpox dump still runs {limit:?} after {what}; its threads:\n{threads}");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Each thread of `pid`: name, state, scheduling policy and nice value
+/// (`stat`), what it waits in (`wchan`) and its kernel stack: where a hung
+/// dump hangs.
+fn where_threads_are(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(/proc/{pid}/task unreadable)");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // After the name: state is field 3, nice 19, policy 41.
+        let fields: Vec<&str> = stat
+            .rfind(')')
+            .map(|i| stat[i + 1..].split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).copied().unwrap_or("?");
+        out.push_str(&format!(
+            "{} {:?} state {} nice {} policy {} wchan {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            field(3),
+            field(19),
+            field(41),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    out
 }
 
 /// The target killed (SIGKILL, as the OOM killer or a user would) at many

@@ -241,3 +241,75 @@ fn a_registered_process_is_frozen_without_smaps_from_its_first_checkpoint() {
     t.child.kill().expect("kill");
     t.child.wait().expect("reap");
 }
+
+/// `chpox dump --json --no-precopy` of `pid` to `image`, with `extra`
+/// arguments and its caches in `cache`: the report.
+fn dump_with_cache(
+    pid: i32,
+    image: &std::path::Path,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> serde_json::Value {
+    let out = std::process::Command::new(common::chpox_bin())
+        .args(["dump", &pid.to_string(), "-o", path_str(image)])
+        .args(["--json", "--no-precopy", "--unsupported-fd", "null"])
+        .args(extra)
+        .env("CHPOX_CACHE_DIR", cache)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run chpox");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("dump --json")
+}
+
+/// What one `chpox dump` learned of the kernel's flag patterns (from the
+/// smaps it read) is kept for the next one, a new process: a dump that
+/// kills its process then reads no smaps while it is frozen, and the
+/// image still holds exactly smaps's flags, also madvise's on a whole
+/// mapping. Patterns kept for another kernel are not used.
+#[test]
+fn flag_patterns_learned_by_one_dump_spare_the_next_its_smaps_read() {
+    become_subreaper();
+    let s = scratch();
+    let _agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let cache = s.dir("cache", 0o700);
+    let kept_file = cache.join("vm-flag-names");
+    let advised = || {
+        let (mut t, region) = start_script(&s.logs);
+        send(t.pid, libc::SIGUSR1);
+        t.wait_for_line("ADVISED", Duration::from_secs(30));
+        (t, region)
+    };
+
+    let (mut first, _) = advised();
+    dump_with_cache(first.pid, &dir.join("learn.chpox"), &cache, &[]);
+    let kept = std::fs::read_to_string(&kept_file).expect("patterns kept");
+    assert!(kept.starts_with("kernel "), "{kept}");
+    // The same patterns said to come from another kernel: smaps is read.
+    let other = kept.replacen("kernel ", "kernel 0.0.0-other ", 1);
+    std::fs::write(&kept_file, other).expect("rewrite the cache");
+    let report = dump_with_cache(first.pid, &dir.join("other.chpox"), &cache, &["--kill"]);
+    assert_eq!(
+        report["flags_without_smaps"], 0,
+        "another kernel's: {report}"
+    );
+    first.child.wait().expect("reap");
+    let kept = std::fs::read_to_string(&kept_file).expect("patterns kept again");
+    assert!(!kept.contains("0.0.0-other"), "{kept}");
+
+    let (mut second, region) = advised();
+    let before = smaps_flags(second.pid);
+    let img = dir.join("killed.chpox");
+    let report = dump_with_cache(second.pid, &img, &cache, &["--kill"]);
+    assert_eq!(report["flags_without_smaps"], 1, "{report}");
+    second.child.wait().expect("reap");
+    let image = image_flags(&img);
+    assert_eq!(image, before, "flags from the kept patterns");
+    let flags = image.get(&region).expect("the region is in the image");
+    assert!(flags.iter().any(|f| f == "dd"), "{flags:?}");
+}

@@ -42,6 +42,9 @@ pub struct DumpJson<'a> {
     /// Pre-copied processes whose mappings' flags were checked after the
     /// freeze from the kernel's bits rather than smaps.
     pub flags_checked_without_smaps: usize,
+    /// Processes whose mappings' flags, read while frozen, came from the
+    /// kernel's bits (named by patterns learned before) rather than smaps.
+    pub flags_without_smaps: usize,
 }
 
 impl<'a> From<&'a DumpReport> for DumpJson<'a> {
@@ -66,6 +69,7 @@ impl<'a> From<&'a DumpReport> for DumpJson<'a> {
             precopy_pause_us: r.precopy_pause.as_micros() as u64,
             state_from_kernel: r.state_from_kernel,
             flags_checked_without_smaps: r.flags_checked_without_smaps,
+            flags_without_smaps: r.flags_without_smaps,
         }
     }
 }

@@ -649,8 +649,12 @@ fn finish_image(
         None => writer.finish_updating(meta)?,
     };
     phase.done("metadata, sync, rename");
-    // The hashes this dump computed, for the next dump of these files.
+    // The hashes this dump computed, for the next dump of these files,
+    // and the flag patterns it learned, for the next dump on this kernel.
     crate::files::hashcache::save();
+    if let Some(flags) = &opts.vma_flags {
+        flags.save();
+    }
     Ok(bytes)
 }
 

@@ -6,7 +6,7 @@
 //! hashes from one checkpoint to the next in memory; `chpox dump`, a new
 //! process each time, hashed everything again. So the hashes are also
 //! kept in a file, `file-hashes` in the cache directory (see
-//! [`cache_dir`]), read when first needed and written back after a dump
+//! `crate::cache`), read when first needed and written back after a dump
 //! that added to it.
 //!
 //! A hash is used only for a file whose device, inode, size, modification
@@ -18,9 +18,8 @@
 //! identity.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 use tracing::debug;
@@ -63,7 +62,7 @@ fn cache() -> &'static Mutex<Cache> {
             order: Vec::new(),
             added: 0,
         };
-        if let Some(text) = cache_file().and_then(|path| read_own(&path)) {
+        if let Some(text) = cache_file().and_then(|path| crate::cache::read_own(&path)) {
             for (key, hash) in text.lines().filter_map(parse_line) {
                 if cache.hashes.insert(key, hash).is_none() {
                     cache.order.push(key);
@@ -118,19 +117,7 @@ pub fn save() {
             .filter_map(|k| Some(format_line(k, c.hashes.get(k)?)))
             .collect::<String>()
     };
-    let temp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&temp)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .and_then(|()| std::fs::rename(&temp, &path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temp);
-        debug!(path = %path.display(), error = %e, "cannot write the file hash cache");
-    }
+    crate::cache::write(&path, &text);
 }
 
 fn format_line(k: &ContentKey, hash: &str) -> String {
@@ -153,53 +140,8 @@ fn parse_line(line: &str) -> Option<(ContentKey, String)> {
     (hex && f.next().is_none()).then(|| (key, hash.to_ascii_lowercase()))
 }
 
-/// Where the cache lives: `$CHPOX_CACHE_DIR`, else /var/cache/chpox for
-/// root and `$XDG_CACHE_HOME/chpox` (`~/.cache/chpox`) for anyone else;
-/// made (mode 0700) if missing. None if it cannot be, or is not ours
-/// alone.
-fn cache_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("CHPOX_CACHE_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ if nix::unistd::geteuid().is_root() => PathBuf::from("/var/cache/chpox"),
-        _ => match std::env::var_os("XDG_CACHE_HOME") {
-            Some(d) if !d.is_empty() => PathBuf::from(d).join("chpox"),
-            _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache/chpox"),
-        },
-    };
-    let _ = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir);
-    ours_alone(&std::fs::symlink_metadata(&dir).ok()?).then_some(dir)
-}
-
 fn cache_file() -> Option<PathBuf> {
-    Some(cache_dir()?.join("file-hashes"))
-}
-
-/// Owned by us, writable by no one else, not a link.
-fn ours_alone(meta: &std::fs::Metadata) -> bool {
-    meta.uid() == nix::unistd::geteuid().as_raw()
-        && meta.permissions().mode() & 0o022 == 0
-        && !meta.file_type().is_symlink()
-}
-
-/// The text of `path` if it is a file of ours alone (see [`ours_alone`]).
-fn read_own(path: &Path) -> Option<String> {
-    use std::io::Read;
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.is_file() || !ours_alone(&meta) {
-        debug!(path = %path.display(), "file hash cache not ours alone: not used");
-        return None;
-    }
-    let mut text = String::new();
-    file.read_to_string(&mut text).ok()?;
-    Some(text)
+    crate::cache::file("file-hashes")
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! `smaps` is the only place the kernel shows VmFlags, and reading it walks
 //! every page table entry to count Rss (tens of milliseconds per GiB): far
 //! too long for the frozen window. So a dump that leaves the process running
-//! reads `smaps` just before the freeze, and while frozen only
+//! reads `smaps` just before the freeze (or, beside an agent, names the
+//! kernel's flag bits by patterns learned before, see `vmflags`, without a
+//! page walk), and while frozen only
 //! `/proc/PID/maps` (no page walk). A mapping whose line is unchanged keeps
 //! the flags read before. If any line changed (a mapping came, went, moved
 //! or changed protection), or the locked total (`VmLck`) no longer matches

@@ -16,6 +16,13 @@
 //! from the patterns; anything else (a new pattern, a mismatch, an
 //! iterator that fails) reads smaps, as without the iterator. Nothing is
 //! guessed: no bit is ever translated on its own.
+//!
+//! What was learned is kept for the next run (`vm-flag-names` in the cache
+//! directory, see `crate::cache`), for this kernel alone: the file names
+//! the kernel it was learned on (release and build), and is not used on
+//! any other. `chpox dump`, a new process each time, otherwise read smaps
+//! (a page walk, ~10 ms per GiB) at least once per dump: while frozen when
+//! the dump kills the process, or beside a pre-copy's copy.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +48,8 @@ pub struct KernelVmaFlags {
     /// The `[vsyscall]` line's flags: the gate area is no mapping of the
     /// process (the iterator does not see it), and never changes.
     gate: Mutex<Option<Vec<String>>>,
+    /// Learned something since the cache file was read.
+    added: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for KernelVmaFlags {
@@ -52,12 +61,51 @@ impl std::fmt::Debug for KernelVmaFlags {
 const GATE: &str = "[vsyscall]";
 
 impl KernelVmaFlags {
+    /// Nothing learned yet.
     pub fn new(read: Box<ReadRaw>) -> Arc<KernelVmaFlags> {
         Arc::new(KernelVmaFlags {
             read,
             learned: Mutex::new(HashMap::new()),
             gate: Mutex::new(None),
+            added: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// What earlier runs learned on this kernel, from the cache file (see
+    /// the module documentation); [`save`](Self::save) keeps what this
+    /// one adds.
+    pub fn from_cache(read: Box<ReadRaw>) -> Arc<KernelVmaFlags> {
+        let flags = Self::new(read);
+        let kernel = kernel_identity();
+        let text = cache_file().and_then(|path| crate::cache::read_own(&path));
+        if let (Some(kernel), Some(text)) = (kernel, text) {
+            match parse_cache(&text, &kernel) {
+                Some((learned, gate)) => {
+                    debug!(
+                        patterns = learned.len(),
+                        "VMA flag names read from the cache"
+                    );
+                    *lock(&flags.learned) = learned;
+                    *lock(&flags.gate) = gate;
+                }
+                None => debug!("VMA flag names cached for another kernel, or unreadable"),
+            }
+        }
+        flags
+    }
+
+    /// Write what was learned to the cache file, if anything was added
+    /// since it was read.
+    pub fn save(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.added.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let (Some(path), Some(kernel)) = (cache_file(), kernel_identity()) else {
+            return;
+        };
+        let text = format_cache(&kernel, &lock(&self.learned), lock(&self.gate).as_deref());
+        crate::cache::write(&path, &text);
     }
 
     /// The mappings of frozen `pid` with their VmFlags, and whether these
@@ -95,8 +143,16 @@ impl KernelVmaFlags {
     /// smaps of `pid`, which runs, read between two reads of its bits; and
     /// those bits where they held and named the same mappings (their
     /// patterns are then learned).
+    /// Where every pattern is known already, no smaps: the `maps` lines
+    /// named by them, when the bits held across that read too.
     pub fn smaps_while_running(&self, pid: i32) -> Result<(Vec<MapEntry>, Option<RawMaps>)> {
         let before = (self.read)(pid).ok();
+        if let Some(b) = before.as_ref().filter(|b| self.knows(b)) {
+            let mut maps = memory::read_maps_lines(pid)?;
+            if self.fill(&mut maps, b) && (self.read)(pid).is_ok_and(|after| after == *b) {
+                return Ok((maps, before));
+            }
+        }
         let maps = memory::read_maps(pid)?;
         let held = before
             .filter(|b| (self.read)(pid).is_ok_and(|after| after == *b) && self.learn(&maps, b));
@@ -166,14 +222,95 @@ impl KernelVmaFlags {
             return false;
         }
         let mut learned = lock(&self.learned);
+        let mut added = false;
         for (m, &(_, _, bits)) in vmas.iter().zip(raw) {
-            learned.entry(bits).or_insert_with(|| m.vm_flags.clone());
+            learned.entry(bits).or_insert_with(|| {
+                added = true;
+                m.vm_flags.clone()
+            });
         }
         if let Some(g) = maps.iter().find(|m| m.path == GATE) {
-            lock(&self.gate).get_or_insert_with(|| g.vm_flags.clone());
+            lock(&self.gate).get_or_insert_with(|| {
+                added = true;
+                g.vm_flags.clone()
+            });
+        }
+        if added {
+            self.added.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         true
     }
+}
+
+fn cache_file() -> Option<std::path::PathBuf> {
+    crate::cache::file("vm-flag-names")
+}
+
+/// The running kernel's release and build (`uname -r`, `uname -v`): flag
+/// names learned on it hold for it alone.
+fn kernel_identity() -> Option<String> {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/kernel/{f}")).ok();
+    let (release, build) = (read("osrelease")?, read("version")?);
+    Some(format!("{} {}", release.trim(), build.trim()))
+}
+
+/// The cache file's text: `kernel <identity>`, then one line per pattern,
+/// `<raw bits in hex> <name>...`, and `gate <name>...`.
+fn format_cache(
+    kernel: &str,
+    learned: &HashMap<u64, Vec<String>>,
+    gate: Option<&[String]>,
+) -> String {
+    let mut patterns: Vec<(&u64, &Vec<String>)> = learned.iter().collect();
+    patterns.sort();
+    let mut text = format!("kernel {kernel}\n");
+    for (bits, names) in patterns {
+        text.push_str(&format!("{bits:x}"));
+        names.iter().for_each(|n| text.push_str(&format!(" {n}")));
+        text.push('\n');
+    }
+    if let Some(gate) = gate {
+        text.push_str("gate");
+        gate.iter().for_each(|n| text.push_str(&format!(" {n}")));
+        text.push('\n');
+    }
+    text
+}
+
+/// The patterns and gate flags of a cache file written on `kernel`; None
+/// for another kernel's, or for anything not as [`format_cache`] writes
+/// (a file that does not parse is not trusted in part).
+#[allow(clippy::type_complexity)]
+fn parse_cache(
+    text: &str,
+    kernel: &str,
+) -> Option<(HashMap<u64, Vec<String>>, Option<Vec<String>>)> {
+    let mut lines = text.lines();
+    if lines.next()?.strip_prefix("kernel ")? != kernel {
+        return None;
+    }
+    // smaps prints two-letter names of lowercase letters and digits.
+    let name = |n: &str| {
+        (n.len() == 2
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        .then(|| n.to_string())
+    };
+    let (mut learned, mut gate) = (HashMap::new(), None);
+    for line in lines {
+        let mut words = line.split(' ');
+        let key = words.next()?;
+        let names: Vec<String> = words.map(name).collect::<Option<_>>()?;
+        if key == "gate" {
+            gate = Some(names);
+        } else if learned
+            .insert(u64::from_str_radix(key, 16).ok()?, names)
+            .is_some()
+        {
+            return None;
+        }
+    }
+    Some((learned, gate))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -268,5 +405,37 @@ mod tests {
         // The second record is another mapping than smaps's second line.
         k.learn(&smaps, &[(0x1000, 0x3000, 1), (0x6000, 0x7000, 2)]);
         assert!(lock(&k.learned).is_empty());
+    }
+
+    #[test]
+    fn the_cache_file_round_trips_for_its_kernel_only() {
+        let learned: HashMap<u64, Vec<String>> = [
+            (0x100073, vec!["rd".to_string(), "wr".to_string()]),
+            (
+                0x875,
+                vec!["rd".to_string(), "ex".to_string(), "mr".to_string()],
+            ),
+        ]
+        .into();
+        let gate = vec!["ex".to_string()];
+        let text = format_cache("6.18.0 #1 SMP", &learned, Some(&gate));
+        assert_eq!(
+            parse_cache(&text, "6.18.0 #1 SMP"),
+            Some((learned.clone(), Some(gate.clone())))
+        );
+        assert_eq!(parse_cache(&text, "6.18.0 #2 SMP"), None, "another build");
+        let no_gate = format_cache("k", &learned, None);
+        assert_eq!(parse_cache(&no_gate, "k"), Some((learned, None)));
+        for bad in [
+            "",
+            "k\n875 rd",
+            "kernel k\n875 rd ex\n875 rd",
+            "kernel k\nzz rd",
+            "kernel k\n875 RD",
+            "kernel k\n875 rdx",
+            "kernel k\n875  rd",
+        ] {
+            assert_eq!(parse_cache(bad, "k"), None, "{bad:?}");
+        }
     }
 }

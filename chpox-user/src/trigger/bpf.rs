@@ -489,9 +489,9 @@ pub fn kernel_state_from_agent() -> Option<Arc<crate::process::kernelstate::Kern
 /// smaps tells every flag).
 pub fn vma_flags_from_agent() -> Option<Arc<crate::memory::vmflags::KernelVmaFlags>> {
     let iter = vma_iter::VmaIter::new(agent_iterator(names::VMA_FLAGS_PROGRAM)?);
-    Some(crate::memory::vmflags::KernelVmaFlags::new(Box::new(
-        move |pid| iter.read(pid),
-    )))
+    Some(crate::memory::vmflags::KernelVmaFlags::from_cache(
+        Box::new(move |pid| iter.read(pid)),
+    ))
 }
 
 const SIGACTION_TRACEPOINT: &str = "syscalls/sys_enter_rt_sigaction";

@@ -682,7 +682,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let states = bpf.states();
     let tree = bpf.tree();
     let vma_flags = bpf.vma_iter.clone().map(|iter| {
-        crate::memory::vmflags::KernelVmaFlags::new(Box::new(move |pid| iter.read(pid)))
+        crate::memory::vmflags::KernelVmaFlags::from_cache(Box::new(move |pid| iter.read(pid)))
     });
     let kernel_state = bpf.task_iter.clone().map(|iter| {
         crate::process::kernelstate::KernelState::new(Box::new(move |pid| iter.read(pid)))
