@@ -5,9 +5,10 @@
 //! the allocated pages 7 ms, `write` alone 22 ms). Both take the inode
 //! lock, so allocating beside the writer gains nothing once it writes; but
 //! a writer often waits:
-//! - a pre-copy spends its first milliseconds freezing the process and
-//!   scanning its page tables before the first page is ready to write:
-//!   a thread allocates meanwhile ([`ImageWriter::allocate_ahead`]);
+//! - a pre-copy spends its first milliseconds scanning the process's page
+//!   tables before the first page is ready to write: a thread allocates
+//!   meanwhile ([`ImageWriter::allocate_ahead`]; not during the attach
+//!   pause before, where it took a core from the paused process);
 //! - once writing into allocated pages, the writer outruns the workers
 //!   that copy the pages out of the process (`pagecopy`): it allocates the
 //!   next step itself whenever none is ready
