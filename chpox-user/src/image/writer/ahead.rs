@@ -74,15 +74,7 @@ impl ImageWriter {
             return false;
         }
         let len = STEP.min(until - from);
-        let (Ok(offset), Ok(ilen)) = (i64::try_from(from), i64::try_from(len)) else {
-            return false;
-        };
-        match nix::fcntl::fallocate(
-            &*self.file,
-            nix::fcntl::FallocateFlags::empty(),
-            offset,
-            ilen,
-        ) {
+        match allocate_step(&self.file, from, len) {
             Ok(()) => {
                 self.preallocated = true;
                 self.allocated_to.store(from + len, Ordering::Relaxed);
@@ -97,17 +89,25 @@ impl ImageWriter {
     }
 }
 
+/// Allocate `len` bytes of `file` from offset `from`.
+fn allocate_step(file: &File, from: u64, len: u64) -> std::io::Result<()> {
+    let too_far = |_| std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let (offset, len) = (
+        i64::try_from(from).map_err(too_far)?,
+        i64::try_from(len).map_err(too_far)?,
+    );
+    nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), offset, len)?;
+    Ok(())
+}
+
 fn allocate(file: &File, from: u64, most: u64, stop: &AtomicBool, reached: &AtomicU64) {
     let mut done = 0;
     while done < most && !stop.load(Ordering::Relaxed) {
         let len = STEP.min(most - done);
-        let (Ok(offset), Ok(len)) = (i64::try_from(from + done), i64::try_from(len)) else {
-            return;
-        };
-        if nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), offset, len).is_err() {
+        if allocate_step(file, from + done, len).is_err() {
             return;
         }
-        done += len as u64;
+        done += len;
         reached.fetch_max(from + done, Ordering::Relaxed);
     }
 }

@@ -46,7 +46,7 @@ use crate::image::model::{
 };
 use crate::memory::vmflags::KernelVmaFlags;
 use crate::memory::{MapEntry, PAGE_SIZE};
-use running::{BATCHED_FROM, attach, copy_while_running, registered_device};
+use running::{attach, copy_while_running, registered_device};
 
 /// Most fresh pages copied while frozen (16 MiB, a few milliseconds);
 /// beyond, the process is snapshotted instead.
@@ -193,9 +193,8 @@ impl PreCopies {
                     // thread beside the copy instead of after it.
                     let (copied, early) = std::thread::scope(|scope| {
                         let early = scope.spawn(move || EarlyMaps::read(&[pid], kernel));
-                        let batched = private >= BATCHED_FROM;
                         let copied =
-                            copy_while_running(tracker, &maps, &registered, writer, ahead, batched);
+                            copy_while_running(tracker, &maps, &registered, writer, ahead, private);
                         (copied, early.join().unwrap_or_default())
                     });
                     // Registered without flags (see `attach`): device

@@ -108,7 +108,7 @@ pub(super) const FIRST_SCAN_SPAN: u64 = 16 << 20;
 /// fills, and each batch's start and drain cost more than that (64 MiB,
 /// alternating dumps, medians of 12: 38.5 ms in one batch, 43 ms in
 /// three; 1 GiB, medians of 10: 427 ms in one, 419 ms in four).
-pub(super) const BATCHED_FROM: u64 = 256 << 20;
+const BATCHED_FROM: u64 = 256 << 20;
 
 /// One stretch of a registered mapping to scan: (index in `maps`, start,
 /// end).
@@ -174,7 +174,8 @@ fn scan_batch(
 }
 
 /// Protect and copy every page of the mappings of `maps` registered as
-/// `registered`: all at once, or `batched`, each batch scanned on another
+/// `registered`, of a process with `private` bytes of private memory: all
+/// at once, or from [`BATCHED_FROM`] in batches, each scanned on another
 /// thread while the one before is copied.
 pub(super) fn copy_while_running(
     mut tracker: Tracker,
@@ -182,15 +183,16 @@ pub(super) fn copy_while_running(
     registered: &[(u64, u64)],
     writer: &mut ImageWriter,
     ahead: AllocateAhead,
-    batched: bool,
+    private: u64,
 ) -> Result<PreCopied> {
     let pid = tracker.pid();
     let started = Instant::now();
-    let batches = if batched {
-        scan_batches(maps, registered, FIRST_SCAN_SPAN)
+    let first_span = if private >= BATCHED_FROM {
+        FIRST_SCAN_SPAN
     } else {
-        scan_batches(maps, registered, u64::MAX)
+        u64::MAX
     };
+    let batches = scan_batches(maps, registered, first_span);
     let mut failed = Vec::new();
     let mut next_runs = match batches.first() {
         Some(first) => scan_batch(&mut tracker, maps, first, &mut failed),
