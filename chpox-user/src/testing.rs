@@ -35,3 +35,18 @@ impl Drop for ParkedThread {
         }
     }
 }
+
+/// Spend `cpu` of the calling thread's CPU time (not wall time): work
+/// that takes as long as the scheduler keeps the thread from a core.
+pub(crate) fn spend_cpu_time(cpu: std::time::Duration) {
+    use nix::time::{ClockId, clock_gettime};
+    let now = || {
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map(std::time::Duration::from)
+            .unwrap_or_default()
+    };
+    let until = now() + cpu;
+    while now() < until {
+        std::hint::spin_loop();
+    }
+}
