@@ -54,17 +54,26 @@ pub fn run_size(mib: u64, opts: &SizeOptions, dir: &Path) -> Result<SizeCase> {
     {
         let (_target, pid) = spawn_mempattern(mib)?;
         for round in 0..opts.rounds {
+            // Each dump and the dd beside it go first in every other
+            // round; so do the plain and the compressed dump, which are
+            // compared with each other (what a dump follows, a dd's
+            // 4 GiB freed or a restore's, moves its times).
+            let compressed = |case: &mut SizeCase| -> Result<()> {
+                if opts.compress {
+                    case.compressed
+                        .push(dump_with(pid, &zimage, &["--compress"])?);
+                    let _ = std::fs::remove_file(&zimage);
+                }
+                Ok(())
+            };
             if round % 2 == 0 {
                 case.running.push(dump_once(pid, &image)?);
                 case.dd.push(dd_secs(dir, bytes)?);
+                compressed(&mut case)?;
             } else {
+                compressed(&mut case)?;
                 case.dd.push(dd_secs(dir, bytes)?);
                 case.running.push(dump_once(pid, &image)?);
-            }
-            if opts.compress {
-                case.compressed
-                    .push(dump_with(pid, &zimage, &["--compress"])?);
-                let _ = std::fs::remove_file(&zimage);
             }
             case.restores.push(restore_once(&image)?);
             case.memcpy.push(memcpy_gbps());
