@@ -103,8 +103,11 @@ fn an_incremental_chain_after_many_generations_restores_like_a_full_image() {
     let (mut t, report) = churn(&s, "32");
     let pid = t.pid;
     let pid_s = pid.to_string();
-    // Generations 1 and 5 full (the second with the processes tracked
-    // already: everything protected again), the others increments.
+    // Generations 1 and 5 full, the others increments. The second full
+    // one is taken from the base: what was written since is read as for
+    // an increment, everything is protected again while frozen, and the
+    // pages the increment would inherit are copied from the base into it
+    // afterwards (no snapshot of the whole memory).
     agent.chpox_ok(&[
         "register",
         &pid_s,
@@ -126,7 +129,21 @@ fn an_incremental_chain_after_many_generations_restores_like_a_full_image() {
         let m = metadata(&img);
         if g % 4 == 1 {
             assert!(m.parent.is_none(), "generation {g} is full");
-            full_pages = stored_pages(&m);
+            assert!(
+                m.processes()
+                    .flat_map(|p| &p.vmas)
+                    .all(|v| v.inherited.is_empty()),
+                "generation {g} inherits nothing"
+            );
+            let stored = stored_pages(&m);
+            if g > 1 {
+                // All of the first's pages and those added since.
+                assert!(
+                    stored >= full_pages,
+                    "generation {g} stored {stored} pages, the first {full_pages}"
+                );
+            }
+            full_pages = stored;
         } else {
             let parent = m.parent.as_ref().expect("generation {g} is incremental");
             let base = metadata(&dir.join("churn.chpox.base"));
@@ -137,12 +154,22 @@ fn an_incremental_chain_after_many_generations_restores_like_a_full_image() {
             let stored = stored_pages(&m);
             assert!(
                 stored * 2 < full_pages,
-                "generation {g} stored {stored} pages, the full one {full_pages}"
+                "generation {g} stored {stored} pages, the full one {full_pages}; its mappings (start, end, pages stored, inherited): {:x?}",
+                m.processes()
+                    .flat_map(|p| &p.vmas)
+                    .map(|v| (
+                        v.start,
+                        v.end,
+                        v.pages.iter().map(|r| r.npages).sum::<u64>(),
+                        v.inherited.iter().map(|&(_, n)| n).sum::<u64>()
+                    ))
+                    .collect::<Vec<_>>()
             );
         }
     }
     let summary = common::chpox_ok(&["inspect", path_str(&img)]);
     assert!(summary.contains("incremental"), "{summary}");
+    assert_full_checkpoint_logged(&agent, "the unchanged pages from the base");
 
     // A full image of the same moment, by a one-shot dump.
     let full = dir.join("full.chpox");
@@ -164,6 +191,12 @@ fn an_incremental_chain_after_many_generations_restores_like_a_full_image() {
         restore_and_verify(&report, &dir.join("churn.chpox.1")),
         sums[sums.len() - 2],
         "the increment before"
+    );
+    // The base is generation 5, the full image taken from the first.
+    assert_eq!(
+        restore_and_verify(&report, &dir.join("churn.chpox.base")),
+        sums[4],
+        "generation 5, full from the base"
     );
 
     // The restored copy goes on from there: steps after the restore work

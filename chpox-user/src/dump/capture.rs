@@ -576,7 +576,7 @@ fn capture_process(
     // Only where a snapshot may be taken (a pre-copied process has its
     // plan): the copy is not free for a tree's every process.
     let fork_maps = || match &tracking {
-        Some((_, Plan::Incremental(_))) => None,
+        Some((_, Plan::Incremental(_) | Plan::FromBase(_))) => None,
         Some((t, Plan::Full)) => Some(t.hide_own(pid, &maps)),
         None => Some(maps.clone()),
     };
@@ -618,21 +618,25 @@ fn capture_process(
     phase.done("snapshot");
     // Write tracking, while still frozen: a full checkpoint protects every
     // page (writes from now on are the next increment's); an incremental
-    // one learns what was written since the base.
+    // one learns what was written since the base; a full one from the
+    // base does both, in that order.
     let mut held = None;
+    let attach = || {
+        let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
+        let tracker = crate::dirty::Tracker::attach(&mut leader);
+        leader.give_back()?;
+        tracker
+    };
     let written = match tracking {
         Some((t, Plan::Full)) => {
-            t.protect(pid, info.start_time_ticks, &maps, || {
-                let mut leader =
-                    RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
-                let tracker = crate::dirty::Tracker::attach(&mut leader);
-                leader.give_back()?;
-                tracker
-            })?;
+            t.protect(pid, info.start_time_ticks, &maps, attach)?;
             None
         }
-        Some((t, Plan::Incremental(_))) => {
+        Some((t, plan @ (Plan::Incremental(_) | Plan::FromBase(_)))) => {
             let written = t.written(pid, info.start_time_ticks, &maps)?;
+            if matches!(plan, Plan::FromBase(_)) {
+                t.protect(pid, info.start_time_ticks, &maps, attach)?;
+            }
             // Written after the processes run again (`heldpages`), when
             // they do before the image is finished.
             held = snapshot_as.map(|index| (index, &mut t.held));

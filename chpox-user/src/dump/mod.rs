@@ -358,7 +358,13 @@ fn dump_inner(
     let mut meta = captured.meta;
     let image_id = crate::incremental::new_image_id();
     meta.image_id = Some(image_id.clone());
-    let pages_inherited = crate::incremental::pages_inherited(&meta);
+    // A full image from the base takes its inherited pages in, later.
+    let pages_inherited = match &plan {
+        Some(crate::incremental::Plan::Incremental(_)) => {
+            crate::incremental::pages_inherited(&meta)
+        }
+        _ => 0,
+    };
     if let Some(crate::incremental::Plan::Incremental(base)) = &plan {
         meta.parent = Some(crate::image::model::ParentRef {
             image_id: base.image_id.clone(),
@@ -375,6 +381,11 @@ fn dump_inner(
     let mut written = snapshot::Written::default();
     let mut precopy_stored = 0;
     let mut held_stored = 0;
+    let mut from_base_copied = 0;
+    let from_base = match &plan {
+        Some(crate::incremental::Plan::FromBase(base)) => Some(base.clone()),
+        _ => None,
+    };
     let mut reap_pause = Duration::ZERO;
     let finish = |meta: &mut Metadata,
                   writer: ImageWriter,
@@ -417,6 +428,7 @@ fn dump_inner(
                 tracking
                     .as_deref_mut()
                     .map(|t| (&mut t.held, &mut held_stored)),
+                from_base.as_ref().map(|b| (b, &mut from_base_copied)),
                 durable,
             );
             // Joined before the processes are frozen again (reaping their
@@ -484,7 +496,11 @@ fn dump_inner(
         }
     };
     debug!(us = started.elapsed().as_micros() as u64, "image finished");
-    let pages_stored = captured.pages_stored + written.pages_stored + precopy_stored + held_stored;
+    let pages_stored = captured.pages_stored
+        + written.pages_stored
+        + precopy_stored
+        + held_stored
+        + from_base_copied;
     if let (Some(t), Some(plan)) = (tracking, &plan) {
         t.done(plan, &opts.output, &meta, pages_stored, &members)?;
         t.prepare_spare(&opts.output, opts.as_user.as_ref());
@@ -605,6 +621,7 @@ fn finish_image(
     precopy_stored: &mut u64,
     written: &mut snapshot::Written,
     held: Option<(&mut crate::memory::heldpages::HeldPages, &mut u64)>,
+    from_base: Option<(&crate::incremental::Base, &mut u64)>,
     durable: Option<&mut dyn FnMut()>,
 ) -> Result<u64> {
     let mut phase = Phases::start();
@@ -633,6 +650,10 @@ fn finish_image(
             if let Some((held, stored)) = held {
                 *stored = held.write_all(meta, &mut writer)?;
                 phase.done("after the freeze: held pages written");
+            }
+            if let Some((base, copied)) = from_base {
+                *copied = crate::incremental::absorb_base(meta, &mut writer, base)?;
+                phase.done("after the freeze: unchanged pages copied from the base");
             }
             Ok(())
         })();
