@@ -474,13 +474,8 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 /// few hundred of which change between checkpoints. The increments are a
 /// small part of the full image, and the newest restores the very
 /// dataset (Redis's own digest of every key and value).
-#[test]
-fn redis_restored_from_an_increment_has_the_same_dataset() {
-    become_subreaper();
-    let s = scratch();
-    let agent = Agent::start(&s);
-    let dir = s.dir("out", 0o755);
-    let img = dir.join("redis.chpox");
+/// A Redis server in `dir` holding 300 000 keys, and its port.
+fn redis_with_keys(s: &Scratch, dir: &Path) -> (Target, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -490,10 +485,9 @@ fn redis_restored_from_an_increment_has_the_same_dataset() {
         .arg(format!(
             "echo READY; exec redis-server --save '' --appendonly no --port {port} --bind 127.0.0.1 --daemonize no --enable-debug-command yes"
         ))
-        .current_dir(&dir);
+        .current_dir(dir);
     common::agent::no_inherited_fds(&mut cmd);
-    let mut t = Target::spawn_command(cmd, "redis", &s.logs);
-    let pid = t.pid;
+    let t = Target::spawn_command(cmd, "redis", &s.logs);
     poll_until(
         "redis answers",
         STATE_TIMEOUT,
@@ -504,19 +498,47 @@ fn redis_restored_from_an_increment_has_the_same_dataset() {
         redis_cli(port, &["DEBUG", "POPULATE", "300000", "key", "64"]),
         "OK"
     );
+    (t, port)
+}
+
+/// Generation `g`'s changes to Redis: a few hundred keys set, one big
+/// new key, one deleted; Redis's digest of every key and value after.
+fn redis_generation(port: u16, g: usize) -> String {
+    for i in 0..300 {
+        let key = format!("key:{}", (i * 997 + g * 131) % 300_000);
+        redis_cli(port, &["SET", &key, &format!("generation {g} value {i}")]);
+    }
+    redis_cli(port, &["SET", &format!("new:{g}"), &"x".repeat(100_000)]);
+    redis_cli(port, &["DEL", &format!("key:{}", 1000 + g)]);
+    redis_cli(port, &["DEBUG", "DIGEST"])
+}
+
+/// Restore `image` of Redis serving `port`: its digest must be `digest`.
+fn restored_redis_digest_is(image: &Path, port: u16, digest: &str, what: &str) {
+    let restored = restore_detached(image, &[]);
+    assert_eq!(redis_cli(port, &["DEBUG", "DIGEST"]), digest, "{what}");
+    assert_eq!(redis_cli(port, &["SET", "after", "restore"]), "OK");
+    send(restored, libc::SIGKILL);
+    wait_pid(restored, Duration::from_secs(30));
+    common::wait_pid_free(restored);
+}
+
+#[test]
+fn redis_restored_from_an_increment_has_the_same_dataset() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("redis.chpox");
+    let (mut t, port) = redis_with_keys(&s, &dir);
+    let pid = t.pid;
     let pid_s = pid.to_string();
     // Connections that come and go between checkpoints come back reset.
     agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img), "--tcp-close"]);
     let mut digest = String::new();
     let mut full_bytes = 0;
     for g in 0..5 {
-        for i in 0..300 {
-            let key = format!("key:{}", (i * 997 + g * 131) % 300_000);
-            redis_cli(port, &["SET", &key, &format!("generation {g} value {i}")]);
-        }
-        redis_cli(port, &["SET", &format!("new:{g}"), &"x".repeat(100_000)]);
-        redis_cli(port, &["DEL", &format!("key:{}", 1000 + g)]);
-        digest = redis_cli(port, &["DEBUG", "DIGEST"]);
+        digest = redis_generation(port, g);
         agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
         let bytes = fs::metadata(&img).expect("image").len();
         let m = metadata(&img);
@@ -541,6 +563,55 @@ fn redis_restored_from_an_increment_has_the_same_dataset() {
     assert_eq!(redis_cli(port, &["SET", "after", "restore"]), "OK");
     send(restored, libc::SIGKILL);
     wait_pid(restored, Duration::from_secs(30));
+}
+
+/// Redis again, every third checkpoint full (`--full-every 3`): the
+/// third is taken from the base (the unchanged pages copied from it once
+/// Redis runs again), holds no parent, restores Redis's very dataset of
+/// that moment, and the increment after it, built on it, does too.
+#[test]
+fn redis_full_checkpoint_from_the_base_has_the_same_dataset() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("redis.chpox");
+    let (mut t, port) = redis_with_keys(&s, &dir);
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&[
+        "register",
+        &pid_s,
+        "-o",
+        path_str(&img),
+        "--tcp-close",
+        "--full-every",
+        "3",
+    ]);
+    let mut digests = Vec::new();
+    for g in 0..5 {
+        digests.push(redis_generation(port, g));
+        agent.chpox_ok(&["checkpoint", &pid_s, "--timeout", "60"]);
+        let m = metadata(&img);
+        assert_eq!(
+            m.parent.is_none(),
+            g % 3 == 0,
+            "generation {g}: {:?}",
+            m.parent
+        );
+    }
+    assert_full_checkpoint_logged(&agent, "the unchanged pages from the base");
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    // The base is generation 3, the full checkpoint from the first.
+    restored_redis_digest_is(
+        &dir.join("redis.chpox.base"),
+        port,
+        &digests[3],
+        "generation 3",
+    );
+    restored_redis_digest_is(&img, port, &digests[4], "generation 4, on it");
 }
 
 /// A registered tree (root and two children, each with its own 16 MiB):
