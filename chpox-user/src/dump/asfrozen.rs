@@ -100,8 +100,9 @@ impl Shared {
         }
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: plain syscalls with a valid sched_param on one of our
-        // own threads, which exits only once the dump has closed its
-        // queue (a thread gone gives ESRCH); we hold CAP_SYS_NICE
+        // own threads, alive: the helper ends only once the queue is
+        // closed and empty, and it is raised only before that, while it
+        // holds the lock, or while it owes a member. We hold CAP_SYS_NICE
         // (checked), so they succeed.
         unsafe {
             libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param);
@@ -284,12 +285,16 @@ impl Drop for AsFrozen {
         // A failed freeze: nothing handed over is wanted now, and the
         // helper ends once it sees that. It is raised but not joined: one
         // that idled itself just after the raise would keep this thread
-        // waiting as long as the scheduler keeps it from a core.
+        // waiting as long as the scheduler keeps it from a core. After
+        // `collect` (which closed and raised) there is nothing to do: the
+        // helper may be gone already.
         {
             let mut state = self.shared.lock_urgently();
-            state.closed = true;
-            state.waiting.clear();
-            self.shared.raise_helper();
+            if !state.closed {
+                state.closed = true;
+                state.waiting.clear();
+                self.shared.raise_helper();
+            }
         }
         self.shared.changed.notify_all();
         self.helper = None;
