@@ -5,7 +5,9 @@
 //! in the same round (goals: 5 % and 2 %), with `dd` of the full image's
 //! bytes into the same directory beside them. A second increment (another
 //! 1 %, so 2 % since the full image it builds on) shows what the design
-//! costs as increments follow each other.
+//! costs as increments follow each other. The third checkpoint after the
+//! full one is full again (`--full-every 3`), taken from the base: its
+//! pause against the first full checkpoint's snapshot.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -86,6 +88,8 @@ struct Samples {
     inc_frozen: Vec<f64>,
     inc2: Vec<f64>,
     inc2_bytes: Vec<f64>,
+    from_base: Vec<f64>,
+    from_base_frozen: Vec<f64>,
     dd: Vec<f64>,
 }
 
@@ -137,7 +141,8 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
     let image = images.join("memchurn.chpox");
     let out = Command::new(release_bin("chpox"))
         .env("CHPOX_RUN_DIR", &run_dir)
-        .args(["register", &pid.to_string(), "--unsupported-fd=null", "-o"])
+        .args(["register", &pid.to_string(), "--unsupported-fd=null"])
+        .args(["--full-every", "3", "-o"])
         .arg(&image)
         .output()?;
     if !out.status.success() {
@@ -177,6 +182,10 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
         let (secs, bytes, _) = checkpoint(&run_dir, pid, &image)?;
         s.inc2.push(secs);
         s.inc2_bytes.push(bytes as f64);
+        step(&mut steps)?;
+        let (secs, _, frozen) = checkpoint(&run_dir, pid, &image)?;
+        s.from_base.push(secs);
+        s.from_base_frozen.push(frozen);
     }
     drop(target);
     let _ = std::fs::remove_dir_all(&images);
@@ -205,6 +214,12 @@ pub fn run(mib: u64, rounds: usize, dir: &Path) -> Result<()> {
         i2b / 1048576.0,
         100.0 * inc2 / full,
         100.0 * i2b / fb
+    );
+    println!(
+        "  full again  wall {:7.3} s   from the base (3 % changed since): frozen {:7.1} ms against the first's {:.1} ms",
+        m(&s.from_base),
+        m(&s.from_base_frozen),
+        m(&s.full_frozen)
     );
     Ok(())
 }
