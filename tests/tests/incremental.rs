@@ -470,10 +470,6 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// A real program nobody wrote for chpox: Redis holding 300 000 keys, a
-/// few hundred of which change between checkpoints. The increments are a
-/// small part of the full image, and the newest restores the very
-/// dataset (Redis's own digest of every key and value).
 /// A Redis server in `dir` holding 300 000 keys, and its port.
 fn redis_with_keys(s: &Scratch, dir: &Path) -> (Target, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -523,6 +519,10 @@ fn restored_redis_digest_is(image: &Path, port: u16, digest: &str, what: &str) {
     common::wait_pid_free(restored);
 }
 
+/// A real program nobody wrote for chpox: Redis holding 300 000 keys, a
+/// few hundred of which change between checkpoints. The increments are a
+/// small part of the full image, and the newest restores the very
+/// dataset (Redis's own digest of every key and value).
 #[test]
 fn redis_restored_from_an_increment_has_the_same_dataset() {
     become_subreaper();
