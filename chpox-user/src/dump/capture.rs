@@ -629,13 +629,14 @@ fn capture_process(
     };
     let written = match tracking {
         Some((t, Plan::Full)) => {
-            t.protect(pid, info.start_time_ticks, &maps, attach)?;
+            t.protect(pid, info.start_time_ticks, &maps, attach, false)?;
             None
         }
         Some((t, plan @ (Plan::Incremental(_) | Plan::FromBase(_)))) => {
-            let written = t.written(pid, info.start_time_ticks, &maps)?;
-            if matches!(plan, Plan::FromBase(_)) {
-                t.protect(pid, info.start_time_ticks, &maps, attach)?;
+            let from_base = matches!(plan, Plan::FromBase(_));
+            let written = t.written(pid, info.start_time_ticks, &maps, from_base)?;
+            if from_base {
+                t.protect(pid, info.start_time_ticks, &maps, attach, true)?;
             }
             // Written after the processes run again (`heldpages`), when
             // they do before the image is finished.

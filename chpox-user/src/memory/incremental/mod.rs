@@ -323,12 +323,17 @@ impl Tracking {
     /// tracker if it has none (through `attach`, which borrows a thread),
     /// register what is new and protect everything. A process that cannot
     /// be tracked is only logged: its pages are stored whole every time.
+    /// `rescanned`: [`written`](Self::written) just protected again what
+    /// was written in the mappings tracked already, so only what is
+    /// registered now needs protecting (a walk of all of them less, while
+    /// frozen).
     pub(crate) fn protect(
         &mut self,
         pid: i32,
         start_time: u64,
         maps: &[MapEntry],
         attach: impl FnOnce() -> Result<Tracker>,
+        rescanned: bool,
     ) -> Result<()> {
         // Another process under the PID, or the same after an exec (the
         // tracker follows memory that is gone): a new tracker.
@@ -355,18 +360,25 @@ impl Tracking {
                 Err(err) => return Err(err),
             },
         };
+        // `track` protects every page of what it registers.
         t.tracker.track(maps)?;
+        if rescanned {
+            return Ok(());
+        }
         t.tracker.protect_all(maps)
     }
 
     /// Incremental plan: the written regions since the base of each
     /// tracked mapping of `pid` (by index in `maps`). None: the process is
-    /// not tracked since the base (born since), and is stored whole.
+    /// not tracked since the base (born since), and is stored whole. With
+    /// `protect_again` (a full image from the base), the same walk
+    /// protects those pages again: every tracked page is then protected.
     pub(crate) fn written(
         &mut self,
         pid: i32,
         start_time: u64,
         maps: &[MapEntry],
+        protect_again: bool,
     ) -> Result<Option<Written>> {
         let Some(t) = self.procs.get_mut(&pid) else {
             return Ok(None);
@@ -377,7 +389,7 @@ impl Tracking {
         Ok(Some(Written {
             regions: t
                 .tracker
-                .scan_all_written(maps, false)?
+                .scan_all_written(maps, protect_again)?
                 .into_iter()
                 .collect(),
             base_runs: t.base_runs.clone(),
