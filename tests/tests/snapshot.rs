@@ -127,22 +127,26 @@ fn a_process_killed_during_the_write_leaves_the_previous_image() {
 fn precopy_is_one_instant_under_writes_by_every_thread() {
     // 4 × 2 MiB: all of it may be written since the pre-copy and still be
     // few enough pages to read while frozen.
-    precopy_is_one_instant(&["4", "2", "300"], 3);
+    precopy_is_one_instant(&["4", "2", "300"], 3, false);
 }
 
 /// The same with 4 × 80 MiB: enough to be scanned and copied in batches,
 /// each batch scanned while the one before is copied, and the threads
-/// write across the batches' bounds meanwhile.
+/// write across the batches' bounds meanwhile. What they write during the
+/// copy is copied again before the freeze (over the earlier copy, in
+/// place, so the checksums of those blobs are computed anew).
 #[test]
 fn precopy_in_batches_is_one_instant_under_writes_by_every_thread() {
     // ~2000 pages a second: fewer than the freeze may read even behind a
-    // debug build's slower copy.
-    precopy_is_one_instant(&["4", "80", "2000"], 2);
+    // debug build's slower copy, and hundreds written during it.
+    precopy_is_one_instant(&["4", "80", "2000"], 2, true);
 }
 
 /// `cowwriters` with `args`, dumped `rounds` times with a pre-copy and
 /// left stopped: each image holds the memory it was left stopped with.
-fn precopy_is_one_instant(args: &[&str], rounds: usize) {
+/// With `copied_again`, each dump must have copied pages again before the
+/// freeze.
+fn precopy_is_one_instant(args: &[&str], rounds: usize, copied_again: bool) {
     let dir = tempdir();
     let mut target = Target::spawn("cowwriters", args, dir.path());
     let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
@@ -155,6 +159,10 @@ fn precopy_is_one_instant(args: &[&str], rounds: usize) {
         let report = dump_json(target.pid, &image, &["--leave-stopped", "--precopy"]);
         assert_eq!(report["precopied"], 1, "{report}");
         assert_eq!(report["snapshots"], 0, "{report}");
+        if copied_again {
+            let again = report["precopy_pages_copied_again"].as_u64();
+            assert!(again.is_some_and(|n| n > 0), "{report}");
+        }
         let mut live = vec![0u8; len as usize];
         std::fs::File::open(format!("/proc/{}/mem", target.pid))
             .and_then(|m| std::os::unix::fs::FileExt::read_exact_at(&m, &mut live, addr))

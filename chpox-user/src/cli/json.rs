@@ -36,6 +36,10 @@ pub struct DumpJson<'a> {
     pub precopied: usize,
     /// The longest brief freeze that attached write tracking for a pre-copy.
     pub precopy_pause_us: u64,
+    /// Pages the pre-copied processes wrote while their pages were copied,
+    /// copied again before the freeze; and pages read while frozen.
+    pub precopy_pages_copied_again: u64,
+    pub precopy_pages_read_frozen: u64,
     /// Processes whose state was read from the kernel's structures (a
     /// running agent's iterator) rather than asked with remote syscalls.
     pub state_from_kernel: usize,
@@ -67,6 +71,8 @@ impl<'a> From<&'a DumpReport> for DumpJson<'a> {
             reap_pause_us: r.reap_pause.as_micros() as u64,
             precopied: r.precopied,
             precopy_pause_us: r.precopy_pause.as_micros() as u64,
+            precopy_pages_copied_again: r.precopy_pages_copied_again,
+            precopy_pages_read_frozen: r.precopy_pages_read_frozen,
             state_from_kernel: r.state_from_kernel,
             flags_checked_without_smaps: r.flags_checked_without_smaps,
             flags_without_smaps: r.flags_without_smaps,

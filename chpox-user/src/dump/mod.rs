@@ -161,6 +161,13 @@ pub struct DumpReport {
     /// pages written since while frozen.
     #[serde(default)]
     pub precopied: usize,
+    /// Of those processes, the pages written while their pages were copied
+    /// and copied again before the freeze, and the pages read while
+    /// frozen.
+    #[serde(default)]
+    pub precopy_pages_copied_again: u64,
+    #[serde(default)]
+    pub precopy_pages_read_frozen: u64,
     /// Processes whose mappings' flags, read while frozen, came from the
     /// kernel's bits (`DumpOptions::vma_flags`) rather than smaps.
     #[serde(default)]
@@ -377,6 +384,8 @@ fn dump_inner(
     let snapshot_count = snapshots.len();
     let plans = captured.plans;
     let precopied = plans.len();
+    let precopy_pages_copied_again = plans.iter().map(|p| p.pages_copied_again).sum();
+    let precopy_pages_read_frozen = plans.iter().map(|p| p.pages_read_frozen).sum();
     let verify_after = captured.verify_after;
     let mut written = snapshot::Written::default();
     let mut precopy_stored = 0;
@@ -527,6 +536,8 @@ fn dump_inner(
         members_from_scan,
         precopy_pause: precopies_pause,
         precopied,
+        precopy_pages_copied_again,
+        precopy_pages_read_frozen,
         flags_without_smaps: early.read_from_kernel(),
         state_from_kernel: captured.state_from_kernel,
         flags_checked_without_smaps: early.checked_without_smaps(),

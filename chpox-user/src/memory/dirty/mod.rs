@@ -292,8 +292,9 @@ impl Tracker {
     /// see [`tracks`](Self::tracks)) since the last protect, with their
     /// present/swapped/zero-page categories; with `protect`, those pages
     /// are protected again in the same walk, so the next scan reports
-    /// writes from now on. Call while the process is frozen: a write
-    /// between the scan and the reading of the page would be lost.
+    /// writes from now on. Call while the process is frozen, or scan
+    /// again once it is: a write between the scan and the reading of the
+    /// page is reported only by the next scan.
     pub fn scan(&mut self, start: u64, end: u64, protect: bool) -> crate::Result<Vec<Region>> {
         let mut out = Vec::new();
         self.walk(start, end, protect, Some((&mut out, RETURN_ALL)))?;

@@ -7,7 +7,10 @@
 //! 2. While it runs: one `PAGEMAP_SCAN` per mapping write-protects every
 //!    page and says which hold data; those pages are copied into the image
 //!    (uncompressed blobs). A page written after the walk protected it is
-//!    reported written at the freeze, whatever its copy holds.
+//!    reported written at the freeze, whatever its copy holds. The pages
+//!    written meanwhile are then protected and copied again, a few passes
+//!    while they keep coming (`running::copy_written_again`), so that the
+//!    freeze reads only what is written after the last pass.
 //! 3. Frozen (with the tree, as any dump): a second scan per mapping, no
 //!    page walk beyond the page tables. A page present and not written
 //!    since the first scan holds what was copied; every other page that
@@ -46,7 +49,7 @@ use crate::image::model::{
 };
 use crate::memory::vmflags::KernelVmaFlags;
 use crate::memory::{MapEntry, PAGE_SIZE};
-use running::{attach, copy_while_running, registered_device};
+use running::{CopiedAgain, attach, copy_while_running, registered_device};
 
 /// Most fresh pages copied while frozen (16 MiB, a few milliseconds);
 /// beyond, the process is snapshotted instead.
@@ -122,6 +125,9 @@ pub struct PreCopied {
     /// watches, as the tracker's pagemap is (an exec since would leave
     /// nothing tracked to read).
     mem: Option<std::fs::File>,
+    /// What was copied again before the freeze, written while the copy
+    /// went on.
+    again: CopiedAgain,
 }
 
 /// Threads a pre-copy's attach pause found in a sleep the kernel continues
@@ -277,6 +283,13 @@ pub struct Planned {
     vmas: Vec<PlannedVma>,
     /// The pre-copy blobs, sorted by file offset, to reuse untouched ones.
     blobs: Vec<DataRef>,
+    /// File ranges written over before the freeze (see
+    /// `running::copy_written_again`): blobs they touch are checksummed
+    /// again.
+    rewritten_before: Vec<(u64, u64)>,
+    /// Pages copied again before the freeze, and read while frozen.
+    pub pages_copied_again: u64,
+    pub pages_read_frozen: u64,
 }
 
 /// The blob of `blobs` (sorted by offset) that starts at `offset`.
@@ -570,6 +583,9 @@ impl PreCopied {
             process,
             resident,
             vmas,
+            rewritten_before: std::mem::take(&mut self.again.rewritten),
+            pages_copied_again: self.again.pages,
+            pages_read_frozen: fresh,
             blobs: {
                 // Copied in address order, which is file order: sorted
                 // already, and checked cheaply.
@@ -593,7 +609,7 @@ pub fn write_all(
 ) -> Result<u64> {
     let mut stored = 0u64;
     for plan in plans {
-        let mut rewritten: Vec<(u64, u64)> = Vec::new();
+        let mut rewritten = plan.rewritten_before;
         let mut per_vma = Vec::with_capacity(plan.vmas.len());
         for vma in plan.vmas {
             // (address, pages, file offset) of each piece once written.
@@ -618,7 +634,13 @@ pub fn write_all(
             }
             per_vma.push((vma.vma_index, placed));
         }
-        let touched = |o: u64, len: u64| rewritten.iter().any(|&(s, e)| s < o + len && o < e);
+        // Sorted and joined, so that each run looks once (thousands of
+        // single pages may have been written over).
+        let rewritten = joined(rewritten);
+        let touched = |o: u64, len: u64| {
+            let i = rewritten.partition_point(|&(_, e)| e <= o);
+            rewritten.get(i).is_some_and(|&(s, _)| s < o + len)
+        };
         let proc_image = meta
             .processes_mut()
             .nth(plan.process)
@@ -639,6 +661,19 @@ pub fn write_all(
         }
     }
     Ok(stored)
+}
+
+/// `ranges` sorted, overlapping and adjacent ones joined.
+fn joined(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// Runs of pages contiguous both in memory and in the file, cut where a
