@@ -80,6 +80,10 @@ enum Task {
         /// Run only the incremental part.
         #[arg(long, conflicts_with = "no_incremental")]
         only_incremental: bool,
+        /// MiB of the job that writes its memory all the while it is
+        /// dumped (pre-copy against snapshot); 0 skips it.
+        #[arg(long, default_value_t = 1024)]
+        writing_mib: u64,
         /// Dump without pre-copy (`chpox dump --no-precopy`): the
         /// copy-on-write snapshot alone, to compare the two.
         #[arg(long)]
@@ -330,6 +334,7 @@ fn main() -> Result<()> {
             incremental_mib,
             no_incremental,
             only_incremental,
+            writing_mib,
             no_precopy,
             no_agent,
         } => {
@@ -365,6 +370,9 @@ fn main() -> Result<()> {
                 let single = bench::run(single_mib, rounds, &dir)?;
                 let tree = bench::run_tree(tree_procs.max(1), tree_mib.max(1), rounds, &dir)?;
                 bench::compare(&[&single, &tree]);
+            }
+            if writing_mib > 0 && !no_precopy {
+                bench::writing::run(writing_mib, rounds, &dir)?;
             }
             // The trigger measurements start agents of their own.
             drop(agent);

@@ -67,6 +67,50 @@ pub fn combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
     mul_mod(zeros_operator(len_b), crc_a) ^ crc_b
 }
 
+/// What rewriting part of a blob does to the blob's CRC-32C: the CRC of
+/// the old bytes and of the new ones, joined, and where they end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Patch {
+    /// The file offset just past the rewritten bytes.
+    pub end: u64,
+    /// How many bytes were rewritten.
+    pub len: u64,
+    /// `crc32c(old) ^ crc32c(new)`.
+    pub delta: u32,
+}
+
+impl Patch {
+    /// The patch of rewriting `old` with `new` (as long) at file `offset`.
+    pub fn new(offset: u64, old: &[u8], new: &[u8]) -> Patch {
+        Patch {
+            end: offset + new.len() as u64,
+            len: new.len() as u64,
+            delta: crc32c::crc32c(old) ^ crc32c::crc32c(new),
+        }
+    }
+}
+
+/// The CRC-32C of the `len` bytes at file offset `start`, whose CRC was
+/// `crc` before `patches` (each wholly inside) rewrote parts of them, in
+/// any order, overlapping or not. CRC-32C is linear: for strings of equal
+/// length, `crc(a) ^ crc(b)` is the CRC of `a ^ b` without its
+/// pre- and post-inversion, and zeros before a string change nothing of
+/// that, zeros after it shift it. So each patch adds its delta shifted by
+/// the bytes after it, and the blob need not be read again (it was, whole,
+/// for a page rewritten anywhere in it: 278 ms after the freeze for 1 GiB
+/// with a few thousand pages written during its pre-copy).
+pub fn patched(crc: u32, start: u64, len: u64, patches: &[Patch]) -> Option<u32> {
+    let end = start + len;
+    let mut out = crc;
+    for p in patches {
+        if p.end > end || p.end < start + p.len {
+            return None;
+        }
+        out ^= mul_mod(zeros_operator(end - p.end), p.delta);
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +148,51 @@ mod tests {
                 "{la}+{lb}"
             );
         }
+    }
+
+    #[test]
+    fn patched_crcs_are_those_of_the_rewritten_bytes() {
+        let start = 3 * 4096;
+        let original = bytes(64 * 4096, 5);
+        let crc = crc32c::crc32c(&original);
+        // (offset within, length): a page at each end, one inside, one
+        // rewritten twice over, and one overlapping it.
+        let rewrites = [
+            (0usize, 4096usize),
+            (63 * 4096, 4096),
+            (17 * 4096, 3 * 4096),
+            (17 * 4096, 4096),
+            (18 * 4096, 4 * 4096),
+            (40 * 4096, 100),
+        ];
+        let mut now = original.clone();
+        let mut patches = Vec::new();
+        for (i, &(at, len)) in rewrites.iter().enumerate() {
+            let new = bytes(len, 100 + i as u64);
+            let offset = start + at as u64;
+            patches.push(Patch::new(offset, &now[at..at + len], &new));
+            now[at..at + len].copy_from_slice(&new);
+            assert_eq!(
+                patched(crc, start, now.len() as u64, &patches),
+                Some(crc32c::crc32c(&now)),
+                "after rewrite {i}"
+            );
+        }
+        // Rewriting bytes as they were changes nothing.
+        let same = Patch::new(start, &now[..4096], &now[..4096]);
+        assert_eq!(
+            patched(crc32c::crc32c(&now), start, now.len() as u64, &[same]),
+            Some(crc32c::crc32c(&now))
+        );
+    }
+
+    #[test]
+    fn a_patch_outside_the_blob_is_refused() {
+        let p = Patch::new(4096, &[0; 4096], &[1; 4096]);
+        assert_eq!(patched(7, 8192, 4096, &[p]), None);
+        assert_eq!(patched(7, 0, 4096, &[p]), None);
+        assert!(patched(7, 4096, 4096, &[p]).is_some());
+        assert!(patched(7, 0, 8192, &[p]).is_some());
     }
 
     #[test]

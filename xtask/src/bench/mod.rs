@@ -29,6 +29,7 @@ pub mod incremental;
 pub mod restore;
 mod sizes;
 mod targets;
+pub mod writing;
 
 pub use agent::{start_agent, trigger_latency};
 pub(crate) use bounds::{bench_file, dd_secs, first_touch_gbps, memcpy_gbps};
@@ -68,6 +69,12 @@ struct DumpSample {
     processes: usize,
     /// Processes whose state came from the kernel's structures.
     state_from_kernel: usize,
+    /// Processes snapshotted (forked) rather than pre-copied.
+    snapshots: u64,
+    /// Pages written during a pre-copy and copied again before the
+    /// freeze, and pages read while frozen.
+    copied_again: u64,
+    read_frozen: u64,
 }
 
 /// Run `chpox restore --detach image` with `args` and return the wall time
@@ -181,6 +188,9 @@ fn dump_with(pid: i32, image: &Path, extra: &[&str]) -> Result<DumpSample> {
         stored_bytes: num("pages_stored") * 4096,
         processes: num("processes") as usize,
         state_from_kernel: num("state_from_kernel") as usize,
+        snapshots: num("snapshots"),
+        copied_again: num("precopy_pages_copied_again"),
+        read_frozen: num("precopy_pages_read_frozen"),
     })
 }
 

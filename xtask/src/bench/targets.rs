@@ -44,6 +44,28 @@ pub(super) fn start_mempattern(mib: u64) -> Result<(Child, i32)> {
     Ok((child, pid))
 }
 
+/// `cowwriters`: `threads` threads each rewriting its own `mib` MiB page
+/// after page, sleeping `pause_us` after each page, once ready (every
+/// thread through its slice once).
+pub(super) fn spawn_cowwriters(threads: u64, mib: u64, pause_us: u64) -> Result<(Target, i32)> {
+    let mut child = Command::new(release_bin("cowwriters"))
+        .args([threads.to_string(), mib.to_string(), pause_us.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start cowwriters; run `cargo build --release -p chpox-tests`")?;
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    let read = BufReader::new(stdout).read_line(&mut line);
+    if read.is_err() || !line.starts_with("READY") {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("cowwriters did not get ready: {line:?}");
+    }
+    Ok((Target(child), pid))
+}
+
 /// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22):
 /// with the PID, one process. `None` if there is no such process.
 fn start_time(pid: i32) -> Option<u64> {

@@ -1,29 +1,39 @@
 //! Rewriting pages of blobs already written: a pre-copy dump (`precopy`)
 //! copies a process's pages while it runs, then, once it is frozen, copies
 //! again only the pages written since, over their earlier copies in place.
-//! The blobs keep their offsets and sizes; their checksums are computed
-//! again from the file once every rewrite is done ([`ImageWriter::blob_at`]).
+//! The blobs keep their offsets and sizes; each rewrite says what it did to
+//! a checksum (a [`Patch`]), so a whole blob's new checksum follows from its
+//! old one (`crc::patched`); any other part of the blobs is checksummed
+//! again from the file ([`ImageWriter::blob_at`]).
 
 use std::os::unix::fs::FileExt;
 
 use super::ImageWriter;
+use crate::image::crc::Patch;
 use crate::image::error::ImageError;
 use crate::image::model::{Compression, DataRef};
 
 impl ImageWriter {
     /// Overwrite `bytes` at `offset` of the file, inside data written
     /// earlier as uncompressed blobs. The blobs' checksums are stale until
-    /// they are made again with [`blob_at`](Self::blob_at).
-    pub fn rewrite(&mut self, offset: u64, bytes: &[u8]) -> Result<(), ImageError> {
+    /// they are patched (`crc::patched`, with the returned patch) or made
+    /// again with [`blob_at`](Self::blob_at). The bytes written over are
+    /// read first, for the patch: a read of what the write writes.
+    pub fn rewrite(&mut self, offset: u64, bytes: &[u8]) -> Result<Patch, ImageError> {
         self.require_idle("rewrite while a blob or mapped area is open")?;
         if self.compress || offset + bytes.len() as u64 > self.pos {
             return Err(ImageError::WriterState {
                 reason: "rewrite of compressed data or past what was written",
             });
         }
+        let mut old = vec![0u8; bytes.len()];
+        self.file
+            .read_exact_at(&mut old, offset)
+            .map_err(|e| self.err(e))?;
         self.file
             .write_all_at(bytes, offset)
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        Ok(Patch::new(offset, &old, bytes))
     }
 
     /// A reference to `len` uncompressed bytes at `offset` (written

@@ -21,9 +21,11 @@
 //!    snapshotted (`snapshot`) as without pre-copy.
 //! 4. After it runs again: fresh pages that were copied before are
 //!    written over their earlier copy in place, others as new blobs; the
-//!    mapping's runs are cut from the blobs and any run that is not an
-//!    untouched pre-copy blob is checksummed again from the file. The image
-//!    format is the ordinary one: one instant, the freeze.
+//!    mapping's runs are cut from the blobs. A run that is a whole
+//!    pre-copy blob keeps its checksum, patched for what was written over
+//!    it (`image::crc::patched`); any other run is checksummed again from
+//!    the file. The image format is the ordinary one: one instant, the
+//!    freeze.
 //!
 //! So the checkpoint's instant is the freeze after the pre-copy, not the
 //! moment the dump was asked for: a pre-copy is for dumps that leave the
@@ -44,6 +46,7 @@ use crate::dirty::{
 use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
 use crate::image::ImageWriter;
+use crate::image::crc::Patch;
 use crate::image::model::{
     DataRef, Metadata, PageRun, RestartKind, SyscallState, ThreadState, VmaKind,
 };
@@ -283,10 +286,9 @@ pub struct Planned {
     vmas: Vec<PlannedVma>,
     /// The pre-copy blobs, sorted by file offset, to reuse untouched ones.
     blobs: Vec<DataRef>,
-    /// File ranges written over before the freeze (see
-    /// `running::copy_written_again`): blobs they touch are checksummed
-    /// again.
-    rewritten_before: Vec<(u64, u64)>,
+    /// What writing over earlier copies before the freeze did to their
+    /// blobs' checksums (see `running::copy_written_again`).
+    patches_before: Vec<Patch>,
     /// Pages copied again before the freeze, and read while frozen.
     pub pages_copied_again: u64,
     pub pages_read_frozen: u64,
@@ -583,7 +585,7 @@ impl PreCopied {
             process,
             resident,
             vmas,
-            rewritten_before: std::mem::take(&mut self.again.rewritten),
+            patches_before: std::mem::take(&mut self.again.patches),
             pages_copied_again: self.again.pages,
             pages_read_frozen: fresh,
             blobs: {
@@ -609,7 +611,7 @@ pub fn write_all(
 ) -> Result<u64> {
     let mut stored = 0u64;
     for plan in plans {
-        let mut rewritten = plan.rewritten_before;
+        let mut patches = plan.patches_before;
         let mut per_vma = Vec::with_capacity(plan.vmas.len());
         for vma in plan.vmas {
             // (address, pages, file offset) of each piece once written.
@@ -618,15 +620,14 @@ pub fn write_all(
                 let offset = match source {
                     Source::Copied(o) => o,
                     Source::Rewrite(o, bytes) => {
-                        writer.rewrite(o, &bytes)?;
-                        rewritten.push((o, o + bytes.len() as u64));
+                        patches.push(writer.rewrite(o, &bytes)?);
                         o
                     }
                     Source::New(bytes) => {
-                        // Plain, as the rest: runs are cut from it.
-                        let r = writer.add_plain(&bytes)?;
-                        rewritten.push((r.offset, r.offset + bytes.len() as u64));
-                        r.offset
+                        // Plain, as the rest: runs are cut from it (and
+                        // checksummed from the file, being no pre-copy
+                        // blob).
+                        writer.add_plain(&bytes)?.offset
                     }
                 };
                 stored += n;
@@ -634,13 +635,7 @@ pub fn write_all(
             }
             per_vma.push((vma.vma_index, placed));
         }
-        // Sorted and joined, so that each run looks once (thousands of
-        // single pages may have been written over).
-        let rewritten = joined(rewritten);
-        let touched = |o: u64, len: u64| {
-            let i = rewritten.partition_point(|&(_, e)| e <= o);
-            rewritten.get(i).is_some_and(|&(s, _)| s < o + len)
-        };
+        let patched = patches_by_blob(&plan.blobs, patches);
         let proc_image = meta
             .processes_mut()
             .nth(plan.process)
@@ -652,8 +647,25 @@ pub fn write_all(
                 .ok_or_else(|| Error::Other("internal: a pre-copy of no mapping".into()))?;
             for (addr, npages, offset) in runs_of_pieces(&placed, &plan.blobs) {
                 let len = npages * PAGE_SIZE;
-                let data = match blob_starting_at(&plan.blobs, offset) {
-                    Some(d) if d.stored_len == len && !touched(offset, len) => *d,
+                // A whole pre-copy blob keeps its checksum, patched if
+                // pages of it were written over; any other run is
+                // checksummed from the file.
+                let whole = plan
+                    .blobs
+                    .binary_search_by_key(&offset, |b| b.offset)
+                    .ok()
+                    .filter(|&i| plan.blobs[i].stored_len == len);
+                let crc = whole.and_then(|i| match patched.get(&i) {
+                    None => Some(plan.blobs[i].crc32c),
+                    Some(p) => p.as_deref().and_then(|p| {
+                        crate::image::crc::patched(plan.blobs[i].crc32c, offset, len, p)
+                    }),
+                });
+                let data = match (whole, crc) {
+                    (Some(i), Some(crc32c)) => DataRef {
+                        crc32c,
+                        ..plan.blobs[i]
+                    },
                     _ => writer.blob_at(offset, len)?,
                 };
                 vma.pages.push(PageRun { addr, npages, data });
@@ -663,17 +675,28 @@ pub fn write_all(
     Ok(stored)
 }
 
-/// `ranges` sorted, overlapping and adjacent ones joined.
-fn joined(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (s, e) in ranges {
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
+/// The patches of each blob of `blobs` (sorted by offset, not
+/// overlapping) that they touch, by index; `None` for a blob that a patch
+/// overlaps without lying wholly inside it (checksummed from the file).
+fn patches_by_blob(blobs: &[DataRef], patches: Vec<Patch>) -> HashMap<usize, Option<Vec<Patch>>> {
+    let mut by_blob: HashMap<usize, Option<Vec<Patch>>> = HashMap::new();
+    for p in patches {
+        let start = p.end - p.len;
+        // The first blob that ends past the patch's start.
+        let first = blobs.partition_point(|b| b.offset + b.stored_len <= start);
+        for (i, b) in blobs.iter().enumerate().skip(first) {
+            if b.offset >= p.end {
+                break;
+            }
+            let inside = b.offset <= start && p.end <= b.offset + b.stored_len;
+            let entry = by_blob.entry(i).or_insert_with(|| Some(Vec::new()));
+            match (entry.as_mut(), inside) {
+                (Some(list), true) => list.push(p),
+                _ => *entry = None,
+            }
         }
     }
-    out
+    by_blob
 }
 
 /// Runs of pages contiguous both in memory and in the file, cut where a

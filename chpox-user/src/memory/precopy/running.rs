@@ -11,6 +11,7 @@ use super::{PreCopied, RestartedSleeps, needed_runs, needs_storing};
 use crate::dirty::{Region, Tracker};
 use crate::earlymaps::EarlyMaps;
 use crate::error::{Error, Result};
+use crate::image::crc::Patch;
 use crate::image::model::{DataRef, RestartKind, SyscallState, VmaKind};
 use crate::image::{AllocateAhead, ImageWriter};
 use crate::memory::{MapEntry, PAGE_SIZE};
@@ -281,9 +282,8 @@ const AGAIN_UNTIL_PAGES: u64 = 256;
 /// What the passes over written pages did before the freeze.
 #[derive(Default)]
 pub(super) struct CopiedAgain {
-    /// File ranges written over an earlier copy: the checksums of the
-    /// blobs they touch are stale.
-    pub(super) rewritten: Vec<(u64, u64)>,
+    /// What writing over earlier copies did to their blobs' checksums.
+    pub(super) patches: Vec<Patch>,
     /// Pages copied again, or for the first time, by the passes.
     pub(super) pages: u64,
     pub(super) passes: usize,
@@ -316,10 +316,13 @@ fn copy_written_again(
 ) -> Result<CopiedAgain> {
     let pid = tracker.pid();
     let mut again = CopiedAgain::default();
+    // Pages the pass before found written.
+    let mut previous = u64::MAX;
     for _ in 0..MOST_PASSES_AGAIN {
         let mut found = 0u64;
-        // (address, pages, earlier copy's offset) to write over.
-        let mut over: Vec<(u64, u64, u64)> = Vec::new();
+        // (address, pages, earlier copy's offset) to write over, and the
+        // mapping's index in `maps`.
+        let mut over: Vec<(usize, (u64, u64, u64))> = Vec::new();
         let mut new_runs: Vec<(u64, u64)> = Vec::new();
         for (i, map) in maps.iter().enumerate() {
             if map.kind() != VmaKind::Anonymous
@@ -350,15 +353,28 @@ fn copy_written_again(
                     continue;
                 }
             };
+            let mut pieces = Vec::new();
             for r in regions {
                 found += r.pages();
-                split_by_copies(copied, &r, &mut over, &mut new_runs);
+                split_by_copies(copied, &r, &mut pieces, &mut new_runs);
             }
+            over.extend(pieces.into_iter().map(|p| (i, p)));
         }
-        for &(addr, npages, offset) in &over {
-            let bytes = super::read_pages(mem, pid, addr, npages)?;
-            writer.rewrite(offset, &bytes)?;
-            again.rewritten.push((offset, offset + npages * PAGE_SIZE));
+        for &(i, (addr, npages, offset)) in &over {
+            if failed.contains(&i) {
+                continue;
+            }
+            // Unmapped meanwhile: the mapping is left to the freeze, where
+            // it is no longer what was tracked, or read whole.
+            let bytes = match super::read_pages(mem, pid, addr, npages) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    debug!(pid, addr, error = %e, "pre-copy: a page written meanwhile is gone");
+                    failed.push(i);
+                    continue;
+                }
+            };
+            again.patches.push(writer.rewrite(offset, &bytes)?);
             again.pages += npages;
         }
         if !new_runs.is_empty() {
@@ -370,9 +386,12 @@ fn copy_written_again(
             copied.sort_unstable_by_key(|c| c.0);
         }
         again.passes += 1;
-        if found < AGAIN_UNTIL_PAGES {
+        // Few enough for the freeze, or a process writing about as fast
+        // as the passes copy (another would gain little).
+        if found < AGAIN_UNTIL_PAGES || found > previous / 2 {
             break;
         }
+        previous = found;
     }
     Ok(again)
 }

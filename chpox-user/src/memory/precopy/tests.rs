@@ -241,3 +241,31 @@ fn batches_cover_the_registered_mappings_in_growing_spans() {
         ]]
     );
 }
+
+#[test]
+fn patches_go_to_the_blobs_they_lie_in() {
+    const P: u64 = PAGE_SIZE;
+    // Three blobs of two pages side by side, a gap, and one more.
+    let blobs = [
+        blob_of(0, 2),
+        blob_of(2 * P, 2),
+        blob_of(4 * P, 2),
+        blob_of(10 * P, 2),
+    ];
+    let patch = |at: u64, pages: u64| Patch {
+        end: at + pages * P,
+        len: pages * P,
+        delta: at as u32 ^ 0x5a5a,
+    };
+    let (inside, again, straddling, in_gap) =
+        (patch(P, 1), patch(0, 2), patch(3 * P, 2), patch(7 * P, 1));
+    let by_blob = patches_by_blob(&blobs, vec![inside, again, straddling, in_gap]);
+    // Both patches of the first blob, in order; the two blobs the third
+    // patch straddles are checksummed from the file; the gap's patch
+    // touches no blob, and the last blob none.
+    assert_eq!(by_blob.get(&0), Some(&Some(vec![inside, again])));
+    assert_eq!(by_blob.get(&1), Some(&None));
+    assert_eq!(by_blob.get(&2), Some(&None));
+    assert_eq!(by_blob.get(&3), None);
+    assert_eq!(by_blob.len(), 3);
+}
