@@ -26,34 +26,29 @@ pub(super) fn spawn_mempattern(mib: u64) -> Result<(Target, i32)> {
 
 /// `mempattern` with `mib` MiB, once ready; the caller reaps it.
 pub(super) fn start_mempattern(mib: u64) -> Result<(Child, i32)> {
-    let mut child = Command::new(release_bin("mempattern"))
-        .arg(mib.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start mempattern; run `cargo build --release -p chpox-tests`")?;
-    let pid = child.id() as i32;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    let read = BufReader::new(stdout).read_line(&mut line);
-    if read.is_err() || !line.starts_with("READY") {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("mempattern did not get ready: {line:?}");
-    }
-    Ok((child, pid))
+    start_ready("mempattern", &[mib.to_string()])
 }
 
 /// `cowwriters`: `threads` threads each rewriting its own `mib` MiB page
 /// after page, sleeping `pause_us` after each page, once ready (every
 /// thread through its slice once).
 pub(super) fn spawn_cowwriters(threads: u64, mib: u64, pause_us: u64) -> Result<(Target, i32)> {
-    let mut child = Command::new(release_bin("cowwriters"))
-        .args([threads.to_string(), mib.to_string(), pause_us.to_string()])
+    let args = [threads.to_string(), mib.to_string(), pause_us.to_string()];
+    let (child, pid) = start_ready("cowwriters", &args)?;
+    Ok((Target(child), pid))
+}
+
+/// The test program `name` with `args`, once it printed its READY line;
+/// the caller reaps it.
+fn start_ready(name: &str, args: &[String]) -> Result<(Child, i32)> {
+    let mut child = Command::new(release_bin(name))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .context("cannot start cowwriters; run `cargo build --release -p chpox-tests`")?;
+        .with_context(|| {
+            format!("cannot start {name}; run `cargo build --release -p chpox-tests`")
+        })?;
     let pid = child.id() as i32;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut line = String::new();
@@ -61,9 +56,9 @@ pub(super) fn spawn_cowwriters(threads: u64, mib: u64, pause_us: u64) -> Result<
     if read.is_err() || !line.starts_with("READY") {
         let _ = child.kill();
         let _ = child.wait();
-        bail!("cowwriters did not get ready: {line:?}");
+        bail!("{name} did not get ready: {line:?}");
     }
-    Ok((Target(child), pid))
+    Ok((child, pid))
 }
 
 /// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22):
