@@ -297,8 +297,9 @@ pub(super) struct CopiedAgain {
 ///
 /// Each pass protects the written pages again in the walk that reports
 /// them (anonymous mappings only: private file mappings are left to the
-/// freeze, which looks at their every page) and then reads them: a page written after the walk is reported written at the freeze,
-/// whatever its copy holds, as after the first copy. Since a page that is
+/// freeze, which looks at their every page) and then reads them: a page
+/// written after the walk is reported written at the freeze, whatever its
+/// copy holds, as after the first copy. Since a page that is
 /// protected and not written later is taken from its copy at the freeze
 /// (or, with no copy, taken for one that never held data), every page a
 /// pass protects gets a copy that is current: written over its earlier
