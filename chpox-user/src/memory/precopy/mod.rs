@@ -342,6 +342,22 @@ fn with_unchanged(
     out
 }
 
+/// The pages from `addr` up to `end` that lie in one copied run of
+/// `copied` (sorted by address), with the file offset of `addr`'s copy;
+/// or, when no run holds `addr`, the pages up to the next run (or `end`),
+/// with no offset.
+fn copied_stretch(copied: &[(u64, u64, DataRef)], addr: u64, end: u64) -> (u64, Option<u64>) {
+    let i = copied.partition_point(|c| c.0 + c.1 * PAGE_SIZE <= addr);
+    match copied.get(i) {
+        Some(&(a, n, ref d)) if a <= addr => {
+            let stop = (a + n * PAGE_SIZE).min(end);
+            ((stop - addr) / PAGE_SIZE, Some(d.offset + (addr - a)))
+        }
+        Some(&(a, _, _)) => ((a.min(end) - addr) / PAGE_SIZE, None),
+        None => ((end - addr) / PAGE_SIZE, None),
+    }
+}
+
 /// Read `npages` pages at `addr` of frozen `pid` through its `mem`
 /// (which reads `PROT_NONE` memory too, and pins nothing).
 fn read_pages(mem: &std::fs::File, pid: i32, addr: u64, npages: u64) -> Result<Vec<u8>> {
@@ -515,18 +531,7 @@ impl PreCopied {
             let present = r.categories & PAGE_IS_PRESENT != 0;
             let mut addr = r.start;
             while addr < r.end {
-                // The copied run holding `addr`, if any.
-                let i = self
-                    .copied
-                    .partition_point(|c| c.0 + c.1 * PAGE_SIZE <= addr);
-                let (n, offset) = match self.copied.get(i) {
-                    Some(&(a, n, ref d)) if a <= addr => {
-                        let end = (a + n * PAGE_SIZE).min(r.end);
-                        ((end - addr) / PAGE_SIZE, Some(d.offset + (addr - a)))
-                    }
-                    Some(&(a, _, _)) => ((a.min(r.end) - addr) / PAGE_SIZE, None),
-                    None => ((r.end - addr) / PAGE_SIZE, None),
-                };
+                let (n, offset) = copied_stretch(&self.copied, addr, r.end);
                 if !written && !present && offset.is_none() {
                     // A marker where no page ever was: nothing to store.
                     addr += n * PAGE_SIZE;

@@ -408,15 +408,7 @@ fn split_by_copies(
 ) {
     let mut addr = r.start;
     while addr < r.end {
-        let i = copied.partition_point(|c| c.0 + c.1 * PAGE_SIZE <= addr);
-        let (n, offset) = match copied.get(i) {
-            Some(&(a, n, ref d)) if a <= addr => {
-                let end = (a + n * PAGE_SIZE).min(r.end);
-                ((end - addr) / PAGE_SIZE, Some(d.offset + (addr - a)))
-            }
-            Some(&(a, _, _)) => ((a.min(r.end) - addr) / PAGE_SIZE, None),
-            None => ((r.end - addr) / PAGE_SIZE, None),
-        };
+        let (n, offset) = super::copied_stretch(copied, addr, r.end);
         match offset {
             Some(offset) => over.push((addr, n, offset)),
             None if needs_storing(VmaKind::Anonymous, r.categories) => match new_runs.last_mut() {
