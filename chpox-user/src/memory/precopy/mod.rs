@@ -358,8 +358,9 @@ fn copied_stretch(copied: &[(u64, u64, DataRef)], addr: u64, end: u64) -> (u64, 
     }
 }
 
-/// Read `npages` pages at `addr` of frozen `pid` through its `mem`
-/// (which reads `PROT_NONE` memory too, and pins nothing).
+/// Read `npages` pages at `addr` of `pid` (frozen, or running for a pass
+/// over written pages) through its `mem` (which reads `PROT_NONE` memory
+/// too, and pins nothing).
 fn read_pages(mem: &std::fs::File, pid: i32, addr: u64, npages: u64) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; (npages * PAGE_SIZE) as usize];
