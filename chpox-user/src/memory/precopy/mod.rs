@@ -294,12 +294,10 @@ pub struct Planned {
     pub pages_read_frozen: u64,
 }
 
-/// The blob of `blobs` (sorted by offset) that starts at `offset`.
-fn blob_starting_at(blobs: &[DataRef], offset: u64) -> Option<&DataRef> {
-    blobs
-        .binary_search_by_key(&offset, |b| b.offset)
-        .ok()
-        .and_then(|i| blobs.get(i))
+/// The index of the blob of `blobs` (sorted by offset) that starts at
+/// `offset`.
+fn blob_starting_at(blobs: &[DataRef], offset: u64) -> Option<usize> {
+    blobs.binary_search_by_key(&offset, |b| b.offset).ok()
 }
 
 /// The written regions `written` of `[start, end)` (sorted), and between
@@ -656,10 +654,7 @@ pub fn write_all(
                 // A whole pre-copy blob keeps its checksum, patched if
                 // pages of it were written over; any other run is
                 // checksummed from the file.
-                let whole = plan
-                    .blobs
-                    .binary_search_by_key(&offset, |b| b.offset)
-                    .ok()
+                let whole = blob_starting_at(&plan.blobs, offset)
                     .filter(|&i| plan.blobs[i].stored_len == len);
                 let crc = whole.and_then(|i| match patched.get(&i) {
                     None => Some(plan.blobs[i].crc32c),
