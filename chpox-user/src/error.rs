@@ -79,16 +79,23 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Read a /proc file, naming it in the error.
+/// Read a /proc file, naming it in the error: through its held copy if
+/// it is held (see `process::heldfiles`).
 pub(crate) fn read_proc(path: &str) -> Result<String> {
-    let mut text = String::with_capacity(PROC_READ_CAPACITY);
-    read_proc_into(path, |r| std::io::Read::read_to_string(r, &mut text))?;
-    Ok(text)
+    String::from_utf8(read_proc_bytes(path)?).map_err(|_| Error::Proc {
+        path: path.to_string(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        ),
+    })
 }
 
 pub(crate) fn read_proc_bytes(path: &str) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(PROC_READ_CAPACITY);
-    read_proc_into(path, |r| std::io::Read::read_to_end(r, &mut bytes))?;
+    if crate::process::heldfiles::read(path, &mut bytes).is_none() {
+        read_proc_into(path, |r| std::io::Read::read_to_end(r, &mut bytes))?;
+    }
     Ok(bytes)
 }
 

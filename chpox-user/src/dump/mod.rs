@@ -266,6 +266,9 @@ fn dump_inner(
     } else {
         pids.clone()
     };
+    // What is read of each process while frozen, opened now (see
+    // `heldfiles`); not when the freeze comes first, which it would delay.
+    let _held = (!opts.freeze_first).then(|| process::heldfiles::Held::open(&warm_pids));
     let mut warming = (!opts.freeze_first).then(|| {
         crate::ptrace::spawn_leaving_terminal_signals_to_the_freezer(|| {
             std::thread::spawn(move || crate::files::warm_hashes(&warm_pids))

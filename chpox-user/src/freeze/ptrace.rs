@@ -94,7 +94,7 @@ pub fn wait_traced(tid: i32) -> nix::Result<WaitStatus> {
 
 /// The thread is a zombie, or gone.
 pub(crate) fn thread_is_dead(tid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{tid}/stat")) {
+    match crate::error::read_proc(&format!("/proc/{tid}/stat")) {
         // The state follows the parenthesised name, which may hold spaces.
         Ok(stat) => stat
             .rsplit_once(')')
@@ -110,7 +110,7 @@ pub(crate) fn thread_is_dead(tid: i32) -> bool {
 pub(crate) fn process_is_exiting(pid: i32) -> bool {
     const PF_EXITING: u64 = 0x4;
     const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Ok(stat) = crate::error::read_proc(&format!("/proc/{pid}/stat")) else {
         return true;
     };
     // Fields after the parenthesised name (which may hold spaces): state,
@@ -125,7 +125,7 @@ pub(crate) fn process_is_exiting(pid: i32) -> bool {
     if state.is_none_or(|s| matches!(s, 'Z' | 'X')) || flags.is_some_and(|f| f & PF_EXITING != 0) {
         return true;
     }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+    let Ok(status) = crate::error::read_proc(&format!("/proc/{pid}/status")) else {
         return true;
     };
     status
@@ -657,15 +657,11 @@ fn detach_once_stopped(tid: i32) {
 /// The one-letter state from /proc/PID/stat (R, S, D, T, t, Z, X, I).
 pub fn process_state(pid: i32) -> Result<char> {
     let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
+    let stat = crate::error::read_proc(&path).map_err(|e| match e {
+        Error::Proc { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Error::NoSuchProcess(pid)
-        } else {
-            Error::Proc {
-                path: path.clone(),
-                source,
-            }
         }
+        other => other,
     })?;
     // The command name may contain spaces and parentheses; the state is the
     // first field after the *last* ')'.

@@ -34,30 +34,21 @@ fn scan_all() -> Vec<ProcEntry> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut buf = String::with_capacity(512);
     dir.filter_map(|e| {
         let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        entry_of(pid, &mut buf)
+        entry_of(pid)
     })
     .collect()
 }
 
 /// The processes `pids` that still exist.
 fn entries_of(pids: &[i32]) -> Vec<ProcEntry> {
-    let mut buf = String::with_capacity(512);
-    pids.iter()
-        .filter_map(|&pid| entry_of(pid, &mut buf))
-        .collect()
+    pids.iter().filter_map(|&pid| entry_of(pid)).collect()
 }
 
-fn entry_of(pid: i32, buf: &mut String) -> Option<ProcEntry> {
-    use std::io::Read;
-    buf.clear();
-    std::fs::File::open(format!("/proc/{pid}/stat"))
-        .ok()?
-        .read_to_string(buf)
-        .ok()?;
-    parse_stat(pid, buf)
+fn entry_of(pid: i32) -> Option<ProcEntry> {
+    let stat = crate::error::read_proc(&format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(pid, &stat)
 }
 
 /// `/proc/PID/stat`: the fields after the command name (which may hold
@@ -295,12 +286,11 @@ impl FrozenTree {
     /// its stop and not frozen yet is listed too; its own children are
     /// read once it is frozen, by the next round of `grow`.
     fn children_not_in(&self, known: &HashSet<i32>) -> Vec<ProcEntry> {
-        let mut buf = String::with_capacity(512);
         let mut out = Vec::new();
         for member in &self.members {
             for tid in member.tids() {
                 let path = format!("/proc/{}/task/{tid}/children", member.pid());
-                let Ok(text) = std::fs::read_to_string(&path) else {
+                let Ok(text) = crate::error::read_proc(&path) else {
                     continue;
                 };
                 for child in text.split_ascii_whitespace() {
@@ -310,7 +300,7 @@ impl FrozenTree {
                     if known.contains(&child) || out.iter().any(|e: &ProcEntry| e.pid == child) {
                         continue;
                     }
-                    out.extend(entry_of(child, &mut buf));
+                    out.extend(entry_of(child));
                 }
             }
         }

@@ -10,6 +10,7 @@
 // The rest of a process's state, one kind per file, each with its dump
 // and restore halves.
 pub mod creds;
+pub mod heldfiles;
 pub mod kernelstate;
 pub mod registers;
 pub mod signals;
@@ -54,6 +55,19 @@ fn proc_err(pid: i32, e: procfs::ProcError) -> Error {
         procfs::ProcError::PermissionDenied(_) => Error::PermissionDenied { pid, hint: "" },
         other => Error::Other(format!("reading /proc/{pid}: {other}")),
     }
+}
+
+/// /proc/PID/NAME, whole; a process gone is named as such.
+fn read_of(pid: i32, name: &str) -> Result<Vec<u8>> {
+    read_proc_bytes(&format!("/proc/{pid}/{name}")).map_err(|e| match e {
+        Error::Proc { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound
+                || source.raw_os_error() == Some(libc::ESRCH) =>
+        {
+            Error::NoSuchProcess(pid)
+        }
+        other => other,
+    })
 }
 
 /// Refuse, with a clear reason, a PID that cannot be checkpointed, before
@@ -104,14 +118,22 @@ pub fn owner(pid: i32) -> Result<(u32, u32)> {
 /// filled in by `dump_remote_state` (or `kernelstate::apply`).
 /// `status`: its /proc/PID/status, read already (while frozen).
 pub fn dump_proc_info(pid: i32, status: &str) -> Result<ProcessInfo> {
-    let proc = Process::new(pid).map_err(|e| proc_err(pid, e))?;
-    let stat = proc.stat().map_err(|e| proc_err(pid, e))?;
+    // Read as /proc's texts are (held open while frozen, `heldfiles`),
+    // parsed as procfs parses them.
+    let stat = read_of(pid, "stat")?;
+    let stat = <procfs::process::Stat as procfs::FromRead>::from_read(&stat[..])
+        .map_err(|e| proc_err(pid, e))?;
     let creds = StatusCreds::parse(status).ok_or_else(|| {
         Error::Other(format!(
             "/proc/{pid}/status lacks the Umask, Uid, Gid or Groups line chpox reads"
         ))
     })?;
-    let cmdline = proc.cmdline().map_err(|e| proc_err(pid, e))?;
+    let cmdline = String::from_utf8(read_of(pid, "cmdline")?)
+        .map_err(|_| Error::Other(format!("/proc/{pid}/cmdline is not UTF-8")))?
+        .split('\0')
+        .filter(|arg| !arg.is_empty())
+        .map(str::to_string)
+        .collect();
     let exe = read_link(&format!("/proc/{pid}/exe"))?;
     let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
     let cwd_deleted = cwd.ends_with(" (deleted)")
