@@ -102,8 +102,10 @@ pub(crate) fn read_proc_bytes(path: &str) -> Result<Vec<u8>> {
 /// Room for most /proc files in one `read`: `fs::read_to_string` asks a
 /// /proc file (whose size says 0) for 32 bytes, then 32, 64, 128…, each a
 /// syscall that formats the file again up to there; many of these are
-/// read while the processes are frozen.
-const PROC_READ_CAPACITY: usize = 16 * 1024;
+/// read while the processes are frozen. A page: a seq_file gives no more
+/// per read anyway, and more room only spreads what a frozen tree's
+/// texts keep over more fresh pages, each a fault (see `dump::heap`).
+const PROC_READ_CAPACITY: usize = 4096;
 
 fn read_proc_into(
     path: &str,

@@ -342,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
             no_precopy,
             precopy,
         } => {
+            chpox::dump::warm_heap_for_one_dump();
             let opts = DumpOptions {
                 output,
                 after: if kill {

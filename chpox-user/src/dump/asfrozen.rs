@@ -28,6 +28,10 @@ use crate::error::{Error, Result};
 use crate::image::model::ProcessInfo;
 use crate::process::{self, kernelstate::KernelState};
 
+/// What the helper's heap is warmed with: the texts of a tree of 8 take
+/// ~100 KiB.
+const HELPER_WARM_BYTES: usize = 256 << 10;
+
 /// One frozen process as read early.
 pub(super) struct Early {
     pub(super) texts: ProcTexts,
@@ -115,6 +119,9 @@ impl Shared {
     fn help(&self, warm: bool) {
         if warm {
             let _ = read_early(std::process::id() as i32, self.kernel.as_deref());
+            // This thread's own heap, touched once so that what the tree's
+            // texts take while frozen is no fresh page (see `heap`).
+            super::heap::touch_and_free(HELPER_WARM_BYTES);
         }
         let tid = nix::unistd::gettid().as_raw();
         self.helper_tid.store(tid, Ordering::Release);

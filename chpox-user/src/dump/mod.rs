@@ -27,7 +27,10 @@ use crate::tree::{self, FrozenTree};
 mod asfrozen;
 mod capture;
 mod descriptors;
+mod heap;
 mod plan;
+
+pub use heap::warm_heap_for_one_dump;
 
 use capture::capture_tree;
 

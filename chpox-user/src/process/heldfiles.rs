@@ -26,6 +26,14 @@ static HELD: LazyLock<Mutex<ByPath>> = LazyLock::new(|| Mutex::new(HashMap::new(
 /// What is read of each process while frozen, by /proc/PID/NAME.
 const NAMES: [&str; 6] = ["stat", "status", "maps", "cmdline", "auxv", "timers"];
 
+/// Bytes asked for per read.
+const READ_STEP: usize = 4096;
+
+/// The most files one [`Held`] holds: descriptors of ours, under a soft
+/// limit that may be 1024 (a tree of hundreds, or a process with
+/// thousands of descriptors, has the rest read by path).
+const MAX_HELD: usize = 512;
+
 fn held() -> MutexGuard<'static, ByPath> {
     HELD.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -40,23 +48,45 @@ impl Held {
     /// Open the files of `pids` that can be opened (a process gone, or a
     /// file it lacks, is simply not held).
     pub fn open(pids: &[i32]) -> Held {
-        let mut paths = Vec::with_capacity(pids.len() * NAMES.len());
+        let mut held = Held {
+            paths: Vec::with_capacity(pids.len() * NAMES.len()),
+        };
         for pid in pids {
             // Its main thread's children too, which a tree's freeze reads
             // to find them.
             let children = format!("task/{pid}/children");
             for name in NAMES.iter().copied().chain([children.as_str()]) {
-                let path = format!("/proc/{pid}/{name}");
-                if let Ok(file) = File::open(&path) {
-                    held()
-                        .entry(path.clone())
-                        .and_modify(|(_, holders)| *holders += 1)
-                        .or_insert((Arc::new(file), 1));
-                    paths.push(path);
-                }
+                held.hold(format!("/proc/{pid}/{name}"));
             }
         }
-        Held { paths }
+        // The fdinfo of each descriptor open now. Read while frozen, it
+        // tells what that descriptor is then (the kernel looks it up at
+        // each read), in one call where opening it by path took three.
+        for pid in pids {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for fd in fds.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
+                if held.paths.len() >= MAX_HELD {
+                    return held;
+                }
+                held.hold(format!("/proc/{pid}/fdinfo/{fd}"));
+            }
+        }
+        held
+    }
+
+    fn hold(&mut self, path: String) {
+        if self.paths.len() >= MAX_HELD {
+            return;
+        }
+        if let Ok(file) = File::open(&path) {
+            held()
+                .entry(path.clone())
+                .and_modify(|(_, holders)| *holders += 1)
+                .or_insert((Arc::new(file), 1));
+            self.paths.push(path);
+        }
     }
 }
 
@@ -82,11 +112,14 @@ pub(crate) fn read(path: &str, buf: &mut Vec<u8>) -> Option<()> {
     buf.clear();
     let mut offset = 0u64;
     loop {
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(buf.capacity().max(4096));
+        if buf.capacity() - buf.len() < READ_STEP {
+            buf.reserve(buf.capacity().max(READ_STEP));
         }
         let filled = buf.len();
-        buf.resize(buf.capacity(), 0);
+        // A page at a time, which is what a seq_file gives per read
+        // anyway: zeroing all the room there is first touched pages a
+        // small file never needed.
+        buf.resize(filled + READ_STEP, 0);
         // From offset 0 a /proc file is made anew (seq_file starts over):
         // what it says now, not when it was opened.
         match file.read_at(&mut buf[filled..], offset) {
@@ -148,6 +181,35 @@ mod tests {
         assert!(read(&path, &mut buf).is_some(), "still held once");
         drop(twice);
         assert!(read(&path, &mut buf).is_none());
+    }
+
+    /// A held fdinfo says what its descriptor is when read, not when it
+    /// was opened.
+    #[test]
+    fn a_held_fdinfo_follows_its_descriptor() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let me = std::process::id() as i32;
+        let first = tempfile::tempfile().expect("temp file");
+        let second = tempfile::tempfile().expect("temp file");
+        let fd = first.as_raw_fd();
+        let held = Held::open(&[me]);
+        let path = format!("/proc/{me}/fdinfo/{fd}");
+        let ino_read = |buf: &[u8]| {
+            String::from_utf8_lossy(buf)
+                .lines()
+                .find_map(|l| l.strip_prefix("ino:").map(|v| v.trim().to_string()))
+        };
+        let mut buf = Vec::new();
+        assert!(read(&path, &mut buf).is_some());
+        let ino = |f: &File| f.metadata().expect("stat").ino().to_string();
+        assert_eq!(ino_read(&buf), Some(ino(&first)));
+        // SAFETY: dup2 onto a descriptor we own (`first`'s), which then
+        // refers to `second`'s file until `first` closes it.
+        assert!(unsafe { libc::dup2(second.as_raw_fd(), fd) } >= 0);
+        assert!(read(&path, &mut buf).is_some());
+        assert_eq!(ino_read(&buf), Some(ino(&second)));
+        drop(held);
     }
 
     #[test]
