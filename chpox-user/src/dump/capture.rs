@@ -273,10 +273,10 @@ fn read_heads(
 ) -> Result<(Vec<ProcessHead>, usize)> {
     let mut phase = Phases::start();
     let mut threads = Vec::with_capacity(texts.len());
-    let each = tree.members().iter().zip(texts).zip(&kernel).zip(sleeps);
-    for (((frozen, texts), kernel), sleeps) in each {
+    let each = tree.members().iter().zip(&kernel).zip(sleeps);
+    for ((frozen, kernel), sleeps) in each {
         let fields = kernel.as_ref().map(|(fields, _)| fields);
-        threads.push(read_threads(frozen, early, sleeps.as_ref(), texts, fields)?);
+        threads.push(read_threads(frozen, sleeps.as_ref(), fields)?);
     }
     let mut heads = Vec::with_capacity(texts.len());
     let each = tree.members().iter().zip(infos).zip(threads).zip(kernel);
@@ -298,7 +298,7 @@ fn read_heads(
         });
     }
     phase.done("threads");
-    let from_kernel = remote_state_all(tree.members(), &mut heads, texts)?;
+    let from_kernel = remote_state_all(tree.members(), &mut heads, texts, early)?;
     phase.done("remote syscalls");
     Ok((heads, from_kernel))
 }
@@ -341,13 +341,32 @@ struct ProcessHead {
 pub(super) type KernelFields = Option<(process::kernelstate::ProcessFields, bool)>;
 
 /// What a frozen process's threads say (ptrace), and its shared pending
-/// signals and code gadgets: its [`ProcessHead`] but for /proc's part.
+/// signals: its [`ProcessHead`] but for /proc's part.
 struct ThreadsHead {
     tids: Vec<i32>,
     thread_states: Vec<crate::image::model::ThreadState>,
     shared_pending: Vec<crate::image::model::PendingSignal>,
-    syscall_ip: u64,
-    gadgets: Option<crate::safe_return::Gadgets>,
+    /// Its code that remote calls run, once [`code_of`] found it.
+    code: Option<Code>,
+}
+
+/// A process's `syscall` instruction, and its gadgets if it has any (see
+/// `safe_return`): what a remote call needs.
+type Code = (u64, Option<crate::safe_return::Gadgets>);
+
+/// Process `pid`'s [`Code`], found at the first need (13–25 us each of a
+/// tree's processes here, while frozen, and not needed at all where the
+/// kernel's state is read and nothing is snapshotted or tracked).
+fn code_of<'c>(
+    code: &'c mut Option<Code>,
+    early: &EarlyMaps,
+    pid: i32,
+    texts: &ProcTexts,
+) -> Result<&'c Code> {
+    Ok(match code {
+        Some(found) => found,
+        None => code.insert(early.code_in(pid, &texts.maps, &texts.status)?),
+    })
 }
 
 /// The threads of one frozen process (their names from `kernel` where the
@@ -355,9 +374,7 @@ struct ThreadsHead {
 /// pause restarted, if it had one).
 fn read_threads(
     frozen: &Frozen,
-    early: &EarlyMaps,
     sleeps: Option<&crate::precopy::RestartedSleeps>,
-    texts: &ProcTexts,
     kernel: Option<&process::kernelstate::ProcessFields>,
 ) -> Result<ThreadsHead> {
     let pid = frozen.pid();
@@ -374,14 +391,12 @@ fn read_threads(
     if let Some(sleeps) = sleeps {
         sleeps.fix(&tids, &mut thread_states);
     }
-    let (syscall_ip, gadgets) = early.code_in(pid, &texts.maps, &texts.status)?;
-    phase.done("threads, gadgets");
+    phase.done("threads of a process");
     Ok(ThreadsHead {
         tids,
         thread_states,
         shared_pending,
-        syscall_ip,
-        gadgets,
+        code: None,
     })
 }
 
@@ -392,13 +407,14 @@ fn remote_state_all(
     members: &[Frozen],
     heads: &mut [ProcessHead],
     texts: &[ProcTexts],
+    early: &EarlyMaps,
 ) -> Result<usize> {
     let seqs: Vec<crate::overlap::Sequence<'_, Result<bool>>> = members
         .iter()
         .zip(heads.iter_mut())
         .zip(texts)
         .map(|((frozen, head), texts)| {
-            Box::pin(remote_state(frozen, head, &texts.status))
+            Box::pin(remote_state(frozen, head, texts, early))
                 as crate::overlap::Sequence<'_, Result<bool>>
         })
         .collect();
@@ -413,16 +429,21 @@ fn remote_state_all(
 /// and clear_child_tid in every thread. Without any remote syscall where
 /// what the kernel holds of it was read and says it all
 /// (`process::kernelstate`): then true.
-async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> Result<bool> {
+async fn remote_state(
+    frozen: &Frozen,
+    head: &mut ProcessHead,
+    texts: &ProcTexts,
+    early: &EarlyMaps,
+) -> Result<bool> {
     let pid = frozen.pid();
+    let status = texts.status.as_str();
     let ProcessHead {
         info,
         threads:
             ThreadsHead {
                 tids,
                 thread_states,
-                syscall_ip,
-                gadgets,
+                code,
                 ..
             },
         actions,
@@ -442,6 +463,7 @@ async fn remote_state(frozen: &Frozen, head: &mut ProcessHead, status: &str) -> 
         debug!(pid, "state read from the kernel: no remote syscall");
         return Ok(true);
     }
+    let (syscall_ip, gadgets) = code_of(code, early, pid, texts)?;
     let (gadgets, syscall_ip) = (gadgets.as_ref(), *syscall_ip);
     // Each thread is borrowed once, here, first since the freeze: what
     // `read_process` read of it is what it has.
@@ -543,8 +565,7 @@ fn capture_process(
             ThreadsHead {
                 thread_states,
                 shared_pending,
-                syscall_ip,
-                gadgets,
+                mut code,
                 ..
             },
         actions,
@@ -586,9 +607,10 @@ fn capture_process(
                 && !frozen.was_stopped()
                 && fork_maps().is_some_and(|m| snapshot::may_fork(pid, &m)) =>
         {
+            let (syscall_ip, gadgets) = code_of(&mut code, early, pid, texts)?;
             let mut leader =
-                RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
-            let taken = Snapshot::take(&mut leader, index, syscall_ip, gadgets.clone());
+                RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), *syscall_ip)?;
+            let taken = Snapshot::take(&mut leader, index, *syscall_ip, gadgets.clone());
             leader.give_back()?;
             taken?
         }
@@ -621,6 +643,11 @@ fn capture_process(
     // one learns what was written since the base; a full one from the
     // base does both, in that order.
     let mut held = None;
+    // Found now only where tracking may attach with it.
+    let (syscall_ip, gadgets) = match tracking {
+        Some(_) => code_of(&mut code, early, pid, texts)?.clone(),
+        None => (0, None),
+    };
     let attach = || {
         let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
         let tracker = crate::dirty::Tracker::attach(&mut leader);
