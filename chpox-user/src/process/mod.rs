@@ -106,12 +106,12 @@ pub fn check_dumpable(pid: i32) -> Result<()> {
     Ok(())
 }
 
-/// Owner (real uid, real gid) of a process: the owner of its image.
+/// Owner (real uid, real gid) of a process: the owner of its image. Read
+/// as the rest of its status is (a dump asks it of the frozen process).
 pub fn owner(pid: i32) -> Result<(u32, u32)> {
-    let status = Process::new(pid)
-        .and_then(|p| p.status())
-        .map_err(|e| proc_err(pid, e))?;
-    Ok((status.ruid, status.rgid))
+    let status = String::from_utf8_lossy(&read_of(pid, "status")?).into_owned();
+    let creds = StatusCreds::of(pid, &status)?;
+    Ok((creds.uid[0], creds.gid[0]))
 }
 
 /// What /proc tells about the process. `brk`, rlimits and personality are
@@ -123,11 +123,7 @@ pub fn dump_proc_info(pid: i32, status: &str) -> Result<ProcessInfo> {
     let stat = read_of(pid, "stat")?;
     let stat = <procfs::process::Stat as procfs::FromRead>::from_read(&stat[..])
         .map_err(|e| proc_err(pid, e))?;
-    let creds = StatusCreds::parse(status).ok_or_else(|| {
-        Error::Other(format!(
-            "/proc/{pid}/status lacks the Umask, Uid, Gid or Groups line chpox reads"
-        ))
-    })?;
+    let creds = StatusCreds::of(pid, status)?;
     let cmdline = String::from_utf8(read_of(pid, "cmdline")?)
         .map_err(|_| Error::Other(format!("/proc/{pid}/cmdline is not UTF-8")))?
         .split('\0')
@@ -336,6 +332,15 @@ struct StatusCreds {
 }
 
 impl StatusCreds {
+    /// Those of `status`, process `pid`'s.
+    fn of(pid: i32, status: &str) -> Result<StatusCreds> {
+        StatusCreds::parse(status).ok_or_else(|| {
+            Error::Other(format!(
+                "/proc/{pid}/status lacks the Umask, Uid, Gid or Groups line chpox reads"
+            ))
+        })
+    }
+
     fn parse(status: &str) -> Option<StatusCreds> {
         let (mut umask, mut uid, mut gid, mut groups) = (None, None, None, None);
         let four = |v: &str| -> Option<[u32; 4]> {
