@@ -67,7 +67,14 @@ pub static CHAR_DEVICE: Kind = Kind {
 fn probe_regular(p: &Probe<'_>) -> Result<Option<FdKind>> {
     Ok(match p.meta {
         Some(m) if m.file_type().is_file() => Some(FdKind::RegularFile {
-            path: p.target.to_string(),
+            // A file unlinked under a name that does not say so (the
+            // kernel adds " (deleted)" to most) is marked here, where its
+            // link count is known, for `embed_deleted`.
+            path: if m.nlink() == 0 && !p.target.ends_with(" (deleted)") {
+                format!("{} (deleted)", p.target)
+            } else {
+                p.target.to_string()
+            },
             pos: p.info.pos,
             embedded: None,
             dev: m.dev(),
@@ -153,16 +160,13 @@ pub fn embed_deleted(
             ..
         } = &mut entry.kind
         {
-            let link_path = format!("/proc/{pid}/fd/{}", entry.fd);
-            let nlink = std::fs::metadata(&link_path)
-                .map(|m| m.nlink())
-                .unwrap_or(1);
-            if let Some(stripped) = path.strip_suffix(" (deleted)") {
-                *path = stripped.to_string();
-            } else if nlink != 0 {
+            // Marked deleted by the scan (`probe_regular`), which read its
+            // link count.
+            let Some(stripped) = path.strip_suffix(" (deleted)") else {
                 continue;
-            }
-            let link_path = std::path::PathBuf::from(link_path);
+            };
+            *path = stripped.to_string();
+            let link_path = std::path::PathBuf::from(format!("/proc/{pid}/fd/{}", entry.fd));
             *mode = crate::deleted::mode_of(&link_path);
             // One copy per file (see `crate::deleted`).
             if let Some(data) = seen.get(&(*dev, *ino)) {
