@@ -286,6 +286,11 @@ impl Drop for HoldTerminalSignals {
 
 pub(crate) fn list_threads(pid: i32) -> Result<Vec<i32>> {
     let path = format!("/proc/{pid}/task");
+    if let Some(names) = crate::process::heldfiles::list(&path) {
+        let mut tids: Vec<i32> = names.iter().filter_map(|n| n.parse().ok()).collect();
+        tids.sort_unstable();
+        return Ok(tids);
+    }
     let entries = std::fs::read_dir(&path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             Error::Exited(pid)
