@@ -287,17 +287,11 @@ mod tests {
         };
         let before = tids(list(&path).expect("held"));
         assert!(before.contains(&me), "{before:?}");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let _ = tx.send(nix::unistd::gettid().as_raw());
-            let _ = stop_rx.recv();
-        });
-        let tid = rx.recv().expect("tid");
+        let parked = crate::testing::ParkedThread::start();
+        let tid = parked.tid;
         let during = tids(list(&path).expect("held"));
         assert!(during.contains(&tid), "{during:?}");
-        let _ = stop_tx.send(());
-        let _ = thread.join();
+        drop(parked);
         // A thread gone is no longer listed: once its exit is over, which
         // may be just after the join returns.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
