@@ -220,18 +220,23 @@ impl FileTable {
         self.shared_state.get(index).copied().unwrap_or(false)
     }
 
+    /// File `i`, met again in `role`: the executable is also mapped; the
+    /// stronger role wins, and any name that says the file is deleted is
+    /// believed.
+    fn registered_again(&mut self, i: usize, role: FileRole, deleted: bool) -> usize {
+        if role == FileRole::Executable {
+            self.files[i].role = role;
+        }
+        self.files[i].deleted |= deleted;
+        i
+    }
+
     fn add_open(&mut self, path: &str, file: File, role: FileRole, deleted: bool) -> Result<usize> {
         use std::os::fd::AsRawFd;
         let source = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         let meta = file.metadata().map_err(|e| file_err(&source, e))?;
         if let Some(&i) = self.by_id.get(&(meta.dev(), meta.ino())) {
-            // The executable is also mapped; the stronger role wins, and
-            // any name that says the file is deleted is believed.
-            if role == FileRole::Executable {
-                self.files[i].role = role;
-            }
-            self.files[i].deleted |= deleted;
-            return Ok(i);
+            return Ok(self.registered_again(i, role, deleted));
         }
         // glibc's sem_open makes the semaphore under a temporary name,
         // maps it, links it under its real name and removes the temporary
@@ -352,9 +357,7 @@ impl FileTable {
         if let Ok(meta) = std::fs::metadata(&source)
             && let Some(&i) = self.by_id.get(&(meta.dev(), meta.ino()))
         {
-            self.files[i].role = FileRole::Executable;
-            self.files[i].deleted |= deleted;
-            return Ok(i);
+            return Ok(self.registered_again(i, FileRole::Executable, deleted));
         }
         self.add(path, source, FileRole::Executable, deleted)
     }

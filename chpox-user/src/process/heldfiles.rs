@@ -31,13 +31,17 @@ type DirsByPath = HashMap<String, (Arc<Mutex<nix::dir::Dir>>, usize)>;
 
 static DIRS: LazyLock<Mutex<DirsByPath>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// What is read of each process while frozen, by /proc/PID/NAME.
-const NAMES: [&str; 6] = ["stat", "status", "maps", "cmdline", "auxv", "timers"];
+/// What is read of each process while frozen, by /proc/PID/NAME. Only
+/// files that find the process's memory when read: maps and auxv take
+/// the memory the process has when they are opened, so once it calls
+/// `execve` a held maps would read as empty and a held auxv as the old
+/// program's, and both are read by path.
+const NAMES: [&str; 4] = ["stat", "status", "cmdline", "timers"];
 
 /// Bytes asked for per read.
 const READ_STEP: usize = 4096;
 
-/// The most files one [`Held`] holds: descriptors of ours, under a soft
+/// The most files and directories one [`Held`] holds: descriptors of ours, under a soft
 /// limit that may be 1024 (a tree of hundreds, or a process with
 /// thousands of descriptors, has the rest read by path).
 const MAX_HELD: usize = 512;
@@ -82,7 +86,7 @@ impl Held {
                 continue;
             };
             for fd in fds.filter_map(|e| e.ok()?.file_name().into_string().ok()) {
-                if held.paths.len() >= MAX_HELD {
+                if held.full() {
                     return held;
                 }
                 held.hold(format!("/proc/{pid}/fdinfo/{fd}"));
@@ -91,8 +95,16 @@ impl Held {
         held
     }
 
+    /// As many held as [`MAX_HELD`] allows.
+    fn full(&self) -> bool {
+        self.paths.len() + self.dirs.len() >= MAX_HELD
+    }
+
     fn hold_dir(&mut self, path: String) {
         use nix::{fcntl::OFlag, sys::stat::Mode};
+        if self.full() {
+            return;
+        }
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         if let Ok(dir) = nix::dir::Dir::open(path.as_str(), flags, Mode::empty()) {
             dirs()
@@ -104,7 +116,7 @@ impl Held {
     }
 
     fn hold(&mut self, path: String) {
-        if self.paths.len() >= MAX_HELD {
+        if self.full() {
             return;
         }
         if let Ok(file) = File::open(&path) {
@@ -206,38 +218,37 @@ mod tests {
 
     #[test]
     fn a_held_file_reads_as_it_is_now_and_goes_when_let_go() {
+        use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
         let _alone = alone();
-        let me = std::process::id() as i32;
-        let path = format!("/proc/{me}/maps");
+        // This thread's own status (its blocked signals are its own).
+        let tid = nix::unistd::gettid().as_raw();
+        let path = format!("/proc/{tid}/status");
         let mut buf = Vec::new();
         assert!(read(&path, &mut buf).is_none());
-        let held = Held::open(&[me]);
-        let twice = Held::open(&[me]);
-        // A mapping made after the file was opened is in what it reads.
-        let len = 3 * 4096;
-        // SAFETY: a fresh anonymous mapping, unmapped below, no one else
-        // uses it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+        let held = Held::open(&[tid]);
+        let twice = Held::open(&[tid]);
+        let blocked = |buf: &[u8]| {
+            String::from_utf8_lossy(buf)
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:").map(|v| v.trim().to_string()))
         };
-        assert_ne!(p, libc::MAP_FAILED);
         assert!(read(&path, &mut buf).is_some());
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let start = format!("{:x}-", p as usize);
-        assert!(text.lines().any(|l| l.starts_with(&start)), "{text}");
-        // SAFETY: the mapping made above, not used after.
-        unsafe { libc::munmap(p, len) };
+        let before = blocked(&buf);
+        // A signal blocked after the file was opened is in what it reads.
+        let mut usr2 = SigSet::empty();
+        usr2.add(Signal::SIGUSR2);
+        let was_blocked = SigSet::thread_get_mask().is_ok_and(|m| m.contains(Signal::SIGUSR2));
+        assert!(pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&usr2), None).is_ok());
+        assert!(read(&path, &mut buf).is_some());
+        let after = blocked(&buf);
+        if !was_blocked {
+            assert!(pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&usr2), None).is_ok());
+            assert_ne!(before, after);
+        }
         // Into a buffer too small for it, which grows.
-        let mut status = Vec::with_capacity(16);
-        assert!(read(&format!("/proc/{me}/status"), &mut status).is_some());
-        assert!(String::from_utf8_lossy(&status).contains("VmRSS:"));
+        let mut small = Vec::with_capacity(16);
+        assert!(read(&path, &mut small).is_some());
+        assert!(String::from_utf8_lossy(&small).contains("VmRSS:"));
         drop(held);
         assert!(read(&path, &mut buf).is_some(), "still held once");
         drop(twice);
@@ -304,6 +315,40 @@ mod tests {
         }
         drop(held);
         assert!(list(&path).is_none());
+    }
+
+    /// A process that runs another program after its files were held
+    /// reads as the new program, never as its old memory.
+    #[test]
+    fn a_process_that_execs_is_read_as_its_new_program() {
+        let _alone = alone();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read line; exec sleep 60"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pid = child.id() as i32;
+        let held = Held::open(&[pid]);
+        let exe_of = || std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+        let sh = exe_of();
+        drop(child.stdin.take());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while exe_of() == sh {
+            assert!(std::time::Instant::now() < deadline, "sh never ran sleep");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let sleep = exe_of().to_string_lossy().into_owned();
+        let maps = crate::error::read_proc(&format!("/proc/{pid}/maps")).expect("maps");
+        assert!(maps.contains(&sleep), "{maps}");
+        let auxv = crate::error::read_proc_bytes(&format!("/proc/{pid}/auxv")).expect("auxv");
+        assert!(!auxv.is_empty());
+        let stat = crate::error::read_proc(&format!("/proc/{pid}/stat")).expect("stat");
+        assert!(stat.contains("(sleep)"), "{stat}");
+        let cmdline = crate::error::read_proc_bytes(&format!("/proc/{pid}/cmdline")).expect("cmd");
+        assert!(cmdline.starts_with(b"sleep\0"), "{cmdline:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+        drop(held);
     }
 
     #[test]
