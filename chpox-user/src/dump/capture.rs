@@ -643,13 +643,11 @@ fn capture_process(
     // one learns what was written since the base; a full one from the
     // base does both, in that order.
     let mut held = None;
-    // Found now only where tracking may attach with it.
-    let (syscall_ip, gadgets) = match tracking {
-        Some(_) => code_of(&mut code, early, pid, texts)?.clone(),
-        None => (0, None),
-    };
+    // Only a process tracked for the first time is attached to, and only
+    // then is its code wanted.
     let attach = || {
-        let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), syscall_ip)?;
+        let (syscall_ip, gadgets) = code_of(&mut code, early, pid, texts)?;
+        let mut leader = RemoteThread::borrow_guarded(frozen, pid, gadgets.as_ref(), *syscall_ip)?;
         let tracker = crate::dirty::Tracker::attach(&mut leader);
         leader.give_back()?;
         tracker

@@ -41,9 +41,9 @@ const NAMES: [&str; 4] = ["stat", "status", "cmdline", "timers"];
 /// Bytes asked for per read.
 const READ_STEP: usize = 4096;
 
-/// The most files and directories one [`Held`] holds: descriptors of ours, under a soft
-/// limit that may be 1024 (a tree of hundreds, or a process with
-/// thousands of descriptors, has the rest read by path).
+/// The most files and directories one [`Held`] holds: descriptors of
+/// ours, under a soft limit that may be 1024 (a tree of hundreds, or a
+/// process with thousands of descriptors, has the rest read by path).
 const MAX_HELD: usize = 512;
 
 fn held() -> MutexGuard<'static, ByPath> {
@@ -107,10 +107,7 @@ impl Held {
         }
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
         if let Ok(dir) = nix::dir::Dir::open(path.as_str(), flags, Mode::empty()) {
-            dirs()
-                .entry(path.clone())
-                .and_modify(|(_, holders)| *holders += 1)
-                .or_insert((Arc::new(Mutex::new(dir)), 1));
+            add_holder(&mut dirs(), &path, Mutex::new(dir));
             self.dirs.push(path);
         }
     }
@@ -120,10 +117,7 @@ impl Held {
             return;
         }
         if let Ok(file) = File::open(&path) {
-            held()
-                .entry(path.clone())
-                .and_modify(|(_, holders)| *holders += 1)
-                .or_insert((Arc::new(file), 1));
+            add_holder(&mut held(), &path, file);
             self.paths.push(path);
         }
     }
@@ -134,6 +128,14 @@ impl Drop for Held {
         let_go(&mut held(), &self.paths);
         let_go(&mut dirs(), &self.dirs);
     }
+}
+
+/// One holder more for `path`: the first one keeps `opened`, a later one
+/// the copy opened before (and `opened` is closed).
+fn add_holder<T>(held: &mut HashMap<String, (Arc<T>, usize)>, path: &str, opened: T) {
+    held.entry(path.to_string())
+        .and_modify(|(_, holders)| *holders += 1)
+        .or_insert((Arc::new(opened), 1));
 }
 
 /// One holder fewer for each of `paths`; the last one closes it.
