@@ -382,6 +382,56 @@ while True:
     assert_eq!(code, 0, "the restored Python found its dict torn: {stderr}");
 }
 
+/// A small tree (a Python of a few MiB and its forked child, both
+/// rewriting a counter array all along) is pre-copied by default, though
+/// it is far below the size from which a single process is: each
+/// snapshot would be a fork taken while the whole tree is frozen. Killed
+/// and restored, each process finds its array consistent with the
+/// running total it kept beside it.
+#[test]
+fn a_small_tree_is_precopied_by_default_and_restores_consistent() {
+    let dir = tempdir();
+    let stop = dir.path().join("stop");
+    let script = r#"
+import os, sys, time
+stop = sys.argv[1]
+child = os.fork()
+counts = [0] * 65536
+total = 0
+step = 0
+if child != 0:
+    print("READY child=%d" % child, flush=True)
+while True:
+    step += 1
+    if step % 1024 == 0:
+        if os.path.exists(stop):
+            if child != 0:
+                _, status = os.waitpid(child, 0)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    sys.exit(4)
+            sys.exit(0 if sum(counts) == total else 3)
+        time.sleep(0.002)
+    counts[(step * 7919) % len(counts)] += 1
+    total += 1
+"#;
+    let mut target = common::python(script, &[common::path_str(&stop)], dir.path());
+    let child = target.ready_u64("child") as i32;
+    let image = dir.path().join("tree.img");
+    let report = dump_json(target.pid, &image, &[]);
+    assert_eq!(report["processes"], 2, "{report}");
+    assert_eq!(report["precopied"], 2, "{report}");
+    assert_eq!(report["snapshots"], 0, "{report}");
+    // SAFETY: a plain kill of the test's own grandchild.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    target.signal(libc::SIGKILL);
+    target.wait_exit(Duration::from_secs(10));
+    common::wait_pid_free(target.pid);
+    common::wait_pid_free(child);
+    std::fs::write(&stop, "").expect("stop file");
+    let (code, stderr) = common::restore::restore_and_wait(&image, &[], dir.path());
+    assert_eq!(code, 0, "the restored tree found its counts torn: {stderr}");
+}
+
 /// `chpox dump PID -o IMAGE --unsupported-fd null EXTRA`, started, its
 /// stderr piped.
 fn spawn_dump(pid: i32, image: &Path, extra: &[&str]) -> std::process::Child {

@@ -154,8 +154,9 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Do not copy pages while the process runs before freezing it
-        /// (the pre-copy that keeps the freeze short, by default for
-        /// 32 MiB of private memory or more); the checkpoint is then the
+        /// (the pre-copy that keeps the freeze short, by default for a
+        /// tree of more than one process, or for one process of 32 MiB of
+        /// private memory or more); the checkpoint is then the
         /// moment of the call, and the freeze copies page tables.
         #[arg(long)]
         no_precopy: bool,

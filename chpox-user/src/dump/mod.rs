@@ -83,8 +83,9 @@ pub struct DumpOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precopy {
     Off,
-    /// When the tree holds at least `precopy::MIN_PRECOPY_BYTES` of
-    /// private memory (below, the snapshot freezes as briefly).
+    /// For a tree of more than one process, or one process of at least
+    /// `precopy::MIN_PRECOPY_BYTES` of private memory (below, the
+    /// snapshot freezes as briefly); see `precopy::worth_precopying`.
     Auto,
     Always,
 }
@@ -290,9 +291,7 @@ fn dump_inner(
         && match opts.precopy {
             Precopy::Off => false,
             Precopy::Always => true,
-            Precopy::Auto => {
-                crate::precopy::private_bytes(&pids) >= crate::precopy::MIN_PRECOPY_BYTES
-            }
+            Precopy::Auto => crate::precopy::worth_precopying(&pids),
         };
     if snapshots_wanted && precopy {
         let mut writer = create_writer(process::owner(pid)?, None)?;
