@@ -380,7 +380,16 @@ fn same_bits_where_same_bounds(early: &[(u64, u64, u64)], now: &[(u64, u64, u64)
 
 /// [`EarlyMaps::verify_after`] by smaps.
 fn verify_after_by_smaps(pid: i32, expected: &[MapEntry]) -> Result<()> {
-    let now = memory::read_maps(pid)?;
+    let now = memory::read_maps(pid).map_err(|e| {
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            e
+        } else {
+            Error::Other(format!(
+                "PID {pid} exited right after the freeze, before the flags of its memory \
+                 could be checked against those read before it; no checkpoint written; try again"
+            ))
+        }
+    })?;
     let mut it = now.iter().peekable();
     for m in expected {
         while it.next_if(|c| c.end <= m.start).is_some() {}
