@@ -73,8 +73,10 @@ pub const MIN_PRECOPY_BYTES: u64 = 32 << 20;
 /// the whole tree is frozen (~0.8 ms here even for a process of 2 MiB),
 /// where a pre-copied one only has its written pages found (~0.15 ms),
 /// its attach pause being its own, not the tree's. 8 processes of 2 MiB,
-/// 15 alternating dumps: frozen 6.8 ms (p90 10.0) snapshotted against
-/// 3.0 ms (p90 4.2) pre-copied, the dump 32.8 against 37.7 ms.
+/// 15 alternating dumps with an agent running: frozen 6.8 ms (p90 10.0)
+/// snapshotted against 3.0 ms (p90 4.2) pre-copied, the dump 32.8
+/// against 37.7 ms; without an agent, and with the flags of processes
+/// that small read while frozen (`dump::capture`), 9.5 against 7.2 ms.
 pub fn worth_precopying(pids: &[i32]) -> bool {
     pids.len() > 1 || private_bytes(pids) >= MIN_PRECOPY_BYTES
 }
