@@ -288,6 +288,85 @@ fn precopy_leaves_a_process_its_own_userfaultfd() {
     );
 }
 
+/// A pre-copy's write tracking is released by a process of its own once
+/// the image is finished, without `chpox dump` waiting for it: dumps
+/// following one another with no pause are each whole (one that starts
+/// while the tracking of the last is still being released finds the
+/// process's mappings still registered), the process runs on unharmed,
+/// and no mapping of it stays registered afterwards.
+#[test]
+fn precopy_tracking_released_after_the_dump_returns_leaves_nothing_behind() {
+    let dir = tempdir();
+    let target = Target::spawn("mempattern", &["256"], dir.path());
+    let (addr, len) = (target.ready_hex("addr"), target.ready_u64("len"));
+    for round in 0..4 {
+        let image = dir.path().join(format!("again{round}.img"));
+        let report = dump_json_output_closed_at_exit(target.pid, &image);
+        if round == 0 {
+            assert_eq!(report["precopied"], 1, "{report}");
+        }
+        let reader = ImageReader::open(&image).expect("image opens");
+        reader.verify_all().expect("checksums");
+        common::check_pattern(&reader, addr, len);
+    }
+    let registered = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .expect("smaps")
+            .lines()
+            .filter_map(|l| l.strip_prefix("VmFlags:"))
+            .any(|flags| flags.split_whitespace().any(|f| f == "uw"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registered(target.pid) {
+        assert!(
+            Instant::now() < deadline,
+            "PID {}'s memory is still registered for write tracking 10 s after the last dump",
+            target.pid
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its rolling check goes over the whole region in 1.6 s.
+    std::thread::sleep(Duration::from_secs(2));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", target.pid)).unwrap_or_default();
+    let state = stat
+        .rsplit(") ")
+        .next()
+        .and_then(|rest| rest.chars().next());
+    assert!(
+        matches!(state, Some('S' | 'R')),
+        "the process is not running on: {stat:?}; {}",
+        target.stdout()
+    );
+    assert!(!target.stdout().contains("CORRUPT"), "{}", target.stdout());
+}
+
+/// `chpox dump --precopy --json` of `pid`, its output read through a
+/// pipe: the pipe must end when the command exits (a process left behind
+/// holding it would keep a shell's `$(chpox dump …)` waiting).
+fn dump_json_output_closed_at_exit(pid: i32, image: &Path) -> serde_json::Value {
+    use std::io::Read;
+    let mut dump = Command::new(chpox_bin())
+        .args(["dump", &pid.to_string(), "-o"])
+        .arg(image)
+        .args(["--unsupported-fd", "null", "--json", "--precopy"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn chpox dump");
+    let mut out = dump.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = out.read_to_string(&mut text);
+        let _ = tx.send(text);
+    });
+    let status = dump.wait().expect("wait for chpox dump");
+    assert!(status.success(), "chpox dump failed: {status}");
+    let text = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("chpox dump's output still open 10 s after it exited");
+    serde_json::from_str(&text).expect("dump --json")
+}
+
 /// Shared_Dirty of `pid` in kB (/proc/PID/smaps_rollup): its pages mapped
 /// by other processes too.
 fn shared_dirty_kb(pid: i32) -> u64 {

@@ -412,8 +412,17 @@ fn dump_inner(
         }
         // The processes run again: write tracking is no longer needed.
         // Unregistering un-protects every tracked page, a page-table walk
-        // (~50 ms per GiB): on another thread, beside the rest of the image.
-        let released = std::mem::take(&mut precopies);
+        // (25–45 ms per GiB). With no snapshot to reap, it is left to a
+        // process of its own once the image is finished, and not waited
+        // for. A reap freezes its process briefly, and must not wait for
+        // that walk to let go of the process's memory: with snapshots, it
+        // is done on another thread, beside the rest of the image, and
+        // waited for before the reaps.
+        let (released, mut released_elsewhere) = if snapshots.is_empty() {
+            (PreCopies::default(), std::mem::take(&mut precopies))
+        } else {
+            (std::mem::take(&mut precopies), PreCopies::default())
+        };
         let (bytes, snapshots) = std::thread::scope(|scope| {
             // No thread to start (and wait for, on a busy machine) when
             // nothing was tracked.
@@ -452,6 +461,7 @@ fn dump_inner(
             }
             (result, snapshots)
         });
+        released_elsewhere.release_elsewhere();
         let bytes = bytes?;
         reap_pause = snapshot::reap_all(snapshots);
         Ok(bytes)

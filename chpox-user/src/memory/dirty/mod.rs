@@ -49,7 +49,10 @@ use crate::memory::{MapEntry, PAGE_SIZE};
 use crate::remote::RemoteThread;
 use crate::restore::memory::uffd;
 
+mod release;
 mod walk;
+
+pub use release::release_elsewhere;
 
 use walk::{
     PmScanArg, SPLIT_WALK_FROM, WALK_PART, Walk, append_joined, pagemap_scan, two_cores,

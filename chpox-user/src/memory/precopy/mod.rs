@@ -272,6 +272,14 @@ impl PreCopies {
         self.by_pid.clear();
         self.done.clear();
     }
+
+    /// [`release`](Self::release) in a process of its own, not waited
+    /// for (see [`crate::dirty::release_elsewhere`]).
+    pub fn release_elsewhere(&mut self) {
+        let mut trackers = std::mem::take(&mut self.done);
+        trackers.extend(self.by_pid.drain().map(|(_, p)| p.tracker));
+        crate::dirty::release_elsewhere(trackers);
+    }
 }
 
 /// Where the bytes of a stretch of a mapping's pages come from.
