@@ -27,6 +27,9 @@ pub struct SizeCase {
     running: Vec<DumpSample>,
     compressed: Vec<DumpSample>,
     killed: Vec<f64>,
+    /// dd beside each `--kill` dump, in its round: those dumps come last,
+    /// after the running ones, and the VM's speed drifts meanwhile.
+    killed_dd: Vec<f64>,
     restores: Vec<f64>,
     dd: Vec<f64>,
     memcpy: Vec<f64>,
@@ -46,6 +49,7 @@ pub fn run_size(mib: u64, opts: &SizeOptions, dir: &Path) -> Result<SizeCase> {
         running: Vec::new(),
         compressed: Vec::new(),
         killed: Vec::new(),
+        killed_dd: Vec::new(),
         restores: Vec::new(),
         dd: Vec::new(),
         memcpy: Vec::new(),
@@ -108,6 +112,11 @@ pub fn run_size(mib: u64, opts: &SizeOptions, dir: &Path) -> Result<SizeCase> {
                 let mut child = child;
                 child.wait()
             });
+            // The dd goes first in every other round, as beside the
+            // running dumps.
+            if round % 2 == 1 {
+                case.killed_dd.push(dd_secs(dir, bytes)?);
+            }
             let result = dump_with(pid, &image, &["--kill"]);
             if result.is_err() {
                 // SAFETY: kill has no memory-safety preconditions; the PID
@@ -117,10 +126,14 @@ pub fn run_size(mib: u64, opts: &SizeOptions, dir: &Path) -> Result<SizeCase> {
             let _ = reaper.join();
             let _ = std::fs::remove_file(&image);
             let dump = result?;
+            if round % 2 == 0 {
+                case.killed_dd.push(dd_secs(dir, bytes)?);
+            }
             eprintln!(
-                "{mib} MiB --kill round {}: dump {:.3} s",
+                "{mib} MiB --kill round {}: dump {:.3} s, dd {:.3} s",
                 round + 1,
-                dump.total
+                dump.total,
+                case.killed_dd[round]
             );
             case.killed.push(dump.total);
         }
@@ -169,6 +182,7 @@ pub fn size_table(cases: &[SizeCase]) {
         let (attach_med, attach_p99) = (med(&attach), percentile(attach, 0.99));
         let running = med(&c.running.iter().map(|d| d.total).collect::<Vec<_>>());
         let killed = med(&c.killed);
+        let killed_dd = med(&c.killed_dd);
         let restore = med(&c.restores);
         let compressed = med(&c.compressed.iter().map(|d| d.total).collect::<Vec<_>>());
         let zratio = c.compressed.first().map_or(f64::NAN, |d| {
@@ -192,7 +206,7 @@ pub fn size_table(cases: &[SizeCase]) {
             running,
             running / dd,
             killed,
-            killed / dd,
+            killed / killed_dd,
             restore,
             restore / touch_s,
             dd,
@@ -205,7 +219,7 @@ pub fn size_table(cases: &[SizeCase]) {
         );
     }
     println!(
-        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory; ×ft: restore / first touch of the same bytes; ×plain: / the uncompressed dump wall; size: compressed image / stored pages; --compress frozen: med/p99 of the compressed dumps' freeze; reap: the second, brief freeze in which the process reaps its snapshot; attach: the brief freeze before a pre-copy)"
+        "  (×mc: frozen / memcpy of the same bytes; ×dd: / dd of the same bytes into the same directory (for --kill, the dd of the --kill rounds, which come last); ×ft: restore / first touch of the same bytes; ×plain: / the uncompressed dump wall; size: compressed image / stored pages; --compress frozen: med/p99 of the compressed dumps' freeze; reap: the second, brief freeze in which the process reaps its snapshot; attach: the brief freeze before a pre-copy)"
     );
     let dumps: Vec<&DumpSample> = cases.iter().flat_map(|c| &c.running).collect();
     println!(
