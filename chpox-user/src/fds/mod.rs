@@ -334,9 +334,36 @@ pub fn no_key(_: i32, _: &FdEntry) -> Option<restore::Key> {
     None
 }
 
+/// The `close_range` spans, (first, last) inclusive, that close every
+/// descriptor number but `keep` (any order, repeats allowed).
+pub fn spans_closing_all_but(keep: &[u64]) -> Vec<(u64, u64)> {
+    let mut keep = keep.to_vec();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut spans = Vec::with_capacity(keep.len() + 1);
+    let mut from = 0u64;
+    for k in keep {
+        if k > from {
+            spans.push((from, k - 1));
+        }
+        from = k + 1;
+    }
+    spans.push((from, u64::from(u32::MAX)));
+    spans
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_closing_all_but_skip_exactly_the_kept() {
+        assert_eq!(spans_closing_all_but(&[]), vec![(0, u64::from(u32::MAX))]);
+        assert_eq!(
+            spans_closing_all_but(&[7, 0, 3, 4, 7]),
+            vec![(1, 2), (5, 6), (8, u64::from(u32::MAX))]
+        );
+    }
 
     #[test]
     fn fdinfo_is_parsed() {

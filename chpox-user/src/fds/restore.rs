@@ -454,15 +454,9 @@ pub fn restore_fds(
         )?);
     }
     let (image_high, receive_high) = (keep[0] as i32, keep[1] as i32);
-    keep.sort_unstable();
-    let mut from = 0u64;
-    for &k in &keep {
-        if k > from {
-            close_range(c, from, k - 1)?;
-        }
-        from = k + 1;
+    for (first, last) in super::spans_closing_all_but(&keep) {
+        close_range(c, first, last)?;
     }
-    close_range(c, from, u64::from(u32::MAX))?;
     let all = fds;
     let mut fds: Vec<&FdEntry> = fds.iter().collect();
     // In order, so each received descriptor lands at or below its number.

@@ -59,14 +59,19 @@ pub fn release_elsewhere(trackers: Vec<Tracker>) {
 /// for end of file on `read_end`, closes `uffds` and exits.
 fn fork_releaser(uffds: &[RawFd], read_end: &OwnedFd) -> nix::Result<()> {
     let read_fd = read_end.as_raw_fd();
-    let mut keep: Vec<RawFd> = uffds.iter().copied().chain([read_fd]).collect();
-    keep.sort_unstable();
+    let kept: Vec<u64> = uffds
+        .iter()
+        .chain([&read_fd])
+        .map(|&fd| fd as u64)
+        .collect();
+    let spans = crate::fds::spans_closing_all_but(&kept);
     // SAFETY: the child of a multithreaded process may only make
     // async-signal-safe calls: it makes raw syscalls alone (`fork`,
     // `close_range`, `read`, `close`, `_exit`), with no allocation, lock
-    // or Rust runtime code, on memory prepared before the fork (`keep`).
+    // or Rust runtime code, on memory prepared before the fork (`spans`,
+    // `uffds`).
     match unsafe { nix::unistd::fork() }? {
-        nix::unistd::ForkResult::Child => unsafe { intermediate_child(&keep, read_fd) },
+        nix::unistd::ForkResult::Child => unsafe { intermediate_child(&spans, uffds, read_fd) },
         nix::unistd::ForkResult::Parent { child } => {
             // The intermediate child exits right after its own fork.
             nix::sys::wait::waitpid(child, None)?;
@@ -79,36 +84,30 @@ fn fork_releaser(uffds: &[RawFd], read_end: &OwnedFd) -> nix::Result<()> {
 ///
 /// # Safety
 /// Only after `fork` in the child: raw syscalls alone, then `_exit`.
-unsafe fn intermediate_child(keep: &[RawFd], read_fd: RawFd) -> ! {
+unsafe fn intermediate_child(spans: &[(u64, u64)], uffds: &[RawFd], read_fd: RawFd) -> ! {
     // SAFETY: raw syscalls on our own descriptors and memory; this process
     // ends in `_exit` on every path, running no destructor.
     unsafe {
         if libc::syscall(libc::SYS_fork) == 0 {
-            releaser(keep, read_fd);
+            releaser(spans, uffds, read_fd);
         }
         libc::_exit(0)
     }
 }
 
-/// The releaser: every descriptor but `keep` closed (a pipe's write end it
-/// inherited, such as the caller's stdout read by a shell's `$(…)`, must
-/// not be held open after the caller exits), then the wait, then the close
-/// that releases.
+/// The releaser: every descriptor but `uffds` and `read_fd` closed
+/// (`spans`: a pipe's write end it inherited, such as the caller's stdout
+/// read by a shell's `$(…)`, must not be held open after the caller
+/// exits), then the wait, then the close that releases.
 ///
 /// # Safety
 /// Only in a process forked from the caller: raw syscalls alone.
-unsafe fn releaser(keep: &[RawFd], read_fd: RawFd) -> ! {
+unsafe fn releaser(spans: &[(u64, u64)], uffds: &[RawFd], read_fd: RawFd) -> ! {
     // SAFETY: as in `intermediate_child`.
     unsafe {
-        let mut from: libc::c_uint = 0;
-        for &fd in keep {
-            let fd = fd as libc::c_uint;
-            if fd > from {
-                libc::syscall(libc::SYS_close_range, from, fd - 1, 0);
-            }
-            from = fd + 1;
+        for &(first, last) in spans {
+            libc::syscall(libc::SYS_close_range, first, last, 0);
         }
-        libc::syscall(libc::SYS_close_range, from, libc::c_uint::MAX, 0);
         let mut byte = 0u8;
         loop {
             let n = libc::read(read_fd, (&raw mut byte).cast(), 1);
@@ -116,7 +115,7 @@ unsafe fn releaser(keep: &[RawFd], read_fd: RawFd) -> ! {
                 break;
             }
         }
-        for &fd in keep {
+        for &fd in uffds {
             libc::close(fd);
         }
         libc::_exit(0)
