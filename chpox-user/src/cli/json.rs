@@ -92,6 +92,7 @@ pub struct CheckpointJson<'a> {
     pub frozen_us: u64,
     pub children_not_saved: &'a [i32],
     pub snapshots: usize,
+    pub pages_read_before_freeze: u64,
 }
 
 impl<'a> CheckpointJson<'a> {
@@ -107,6 +108,7 @@ impl<'a> CheckpointJson<'a> {
                 processes,
                 children_not_saved,
                 snapshots,
+                pages_read_before_freeze,
             } => Some(CheckpointJson {
                 pid: *pid,
                 image,
@@ -117,6 +119,7 @@ impl<'a> CheckpointJson<'a> {
                 frozen_us: *frozen_us,
                 children_not_saved,
                 snapshots: *snapshots,
+                pages_read_before_freeze: *pages_read_before_freeze,
             }),
             _ => None,
         }

@@ -717,17 +717,30 @@ fn capture_process(
         {
             // Tracked since the base: what was written is stored, the rest
             // comes from the base (no pagemap walk).
-            let (runs, from_base) =
-                crate::incremental::split_tracked(map, kind, w, base, |windows| {
-                    pages.pagemap_windows(windows)
-                })?;
+            let (scanned, earlier) = written.as_ref().map_or((&[][..], &[][..]), |w| {
+                (
+                    w.earlier_scanned
+                        .get(&map_index)
+                        .map_or(&[][..], |r| &r[..]),
+                    &w.earlier[..],
+                )
+            });
+            let (runs, from_base) = crate::incremental::split_tracked(
+                map,
+                kind,
+                w,
+                scanned,
+                earlier,
+                base,
+                |windows| pages.pagemap_windows(windows),
+            )?;
             inherited = from_base;
-            store_runs(&runs, &mut held, vmas.len(), pages, writer)?
+            store_runs(&runs, Some(w), &mut held, vmas.len(), pages, writer)?
         } else {
             let pagemap = pages.pagemap(map.start, map.end)?;
             resident_pages += pagemap.iter().filter(|&&e| e >> 63 != 0).count() as u64;
             let runs = memory::select_runs(pid, map, kind, &pagemap);
-            store_runs(&runs, &mut held, vmas.len(), pages, writer)?
+            store_runs(&runs, None, &mut held, vmas.len(), pages, writer)?
         };
         if kind == VmaKind::SharedAnonymous {
             shmem.record(map);
@@ -808,16 +821,18 @@ enum EarlyFlags {
 
 /// Store `runs` of the frozen process `pages` is set to, its mapping
 /// number `vma`: held until the processes run again where an increment
-/// holds its pages (`heldpages`), else written now.
+/// holds its pages (`heldpages`), else written now. `fresh`: of a mapping
+/// tracked since the base, what its tracker reports written.
 fn store_runs(
     runs: &[(u64, u64)],
+    fresh: Option<&[crate::dirty::Region]>,
     held: &mut Option<(usize, &mut crate::memory::heldpages::HeldPages)>,
     vma: usize,
     pages: &mut PageDumper,
     writer: &mut ImageWriter,
 ) -> Result<Vec<crate::image::model::PageRun>> {
     if let Some((process, h)) = held
-        && h.hold(pages.pid(), *process, vma, runs)?
+        && h.hold(pages.pid(), *process, vma, runs, fresh)?
     {
         return Ok(Vec::new());
     }

@@ -172,6 +172,12 @@ pub struct DumpReport {
     pub precopy_pages_copied_again: u64,
     #[serde(default)]
     pub precopy_pages_read_frozen: u64,
+    /// Pages of an increment read before the freeze (see
+    /// `incremental::preread`), and read again for being written meanwhile.
+    #[serde(default)]
+    pub pages_read_before_freeze: u64,
+    #[serde(default)]
+    pub pages_read_again_before_freeze: u64,
     /// Processes whose mappings' flags, read while frozen, came from the
     /// kernel's bits (`DumpOptions::vma_flags`) rather than smaps.
     #[serde(default)]
@@ -307,6 +313,14 @@ fn dump_inner(
         .with_kernel_flags(opts.vma_flags.clone());
     early.refresh(&pids);
     before.done("before the freeze: smaps");
+    // An increment with many pages to read while frozen has them read
+    // now instead (see `incremental::preread`), unless the processes are
+    // to be killed, frozen until their image is written anyway.
+    let preread = match tracking.as_deref_mut() {
+        Some(t) if snapshots_wanted => t.read_before_freeze(),
+        _ => crate::incremental::PreRead::default(),
+    };
+    before.done("before the freeze: an increment's pages read");
     // From before the first thread stops, so that a tree's freeze (one
     // process after the other) counts whole.
     let boost = Boost::raise();
@@ -553,6 +567,8 @@ fn dump_inner(
         precopied,
         precopy_pages_copied_again,
         precopy_pages_read_frozen,
+        pages_read_before_freeze: preread.pages,
+        pages_read_again_before_freeze: preread.pages_again,
         flags_without_smaps: early.read_from_kernel(),
         state_from_kernel: captured.state_from_kernel,
         flags_checked_without_smaps: early.checked_without_smaps(),

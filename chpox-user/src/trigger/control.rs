@@ -207,6 +207,11 @@ pub enum Response {
         /// frozen).
         #[serde(default)]
         snapshots: usize,
+        /// Pages of an increment read before the freeze, while the
+        /// processes ran (`incremental::preread`): the freeze came that
+        /// much later after the trigger, to be that much shorter.
+        #[serde(default)]
+        pages_read_before_freeze: u64,
     },
     Libs {
         libs: Vec<PathBuf>,

@@ -13,7 +13,11 @@
 //! written lately and others not for a while.
 //!
 //! Prints `READY addr=0x<hex> len=<bytes> threads=<n> slice=<bytes>`, then
-//! runs until SIGUSR1: the threads stop, and it prints `DONE passes=<n>`.
+//! runs until SIGUSR1: each thread ends the pass it is in, and every word
+//! of its slice must then hold that pass (a copy restored from a
+//! checkpoint whose pages were not of one instant ends a pass over pages
+//! of another): it prints `DONE passes=<n>` and exits 0, or names the
+//! first word that does not and exits 3.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,7 +34,8 @@ pub fn tag(t: u64) -> u64 {
     (t + 1) << 48
 }
 
-fn writer(t: u64, base: usize, words: usize, page_pause: Duration) {
+/// Writes thread `t`'s slice until told to stop; the last pass it ended.
+fn writer(t: u64, base: usize, words: usize, page_pause: Duration) -> u64 {
     let slice = (base + t as usize * words * 8) as *mut u64;
     let mut pass = 1u64;
     while !STOP.load(Ordering::Relaxed) {
@@ -50,6 +55,7 @@ fn writer(t: u64, base: usize, words: usize, page_pause: Duration) {
         }
         pass += 1;
     }
+    pass - 1
 }
 
 fn main() {
@@ -77,8 +83,21 @@ fn main() {
     );
     wait_for_stop(Duration::from_millis(20));
     STOP.store(true, Ordering::Relaxed);
-    for h in handles {
-        h.join().expect("writer panicked");
+    let ended: Vec<u64> = handles
+        .into_iter()
+        .map(|h| h.join().expect("writer panicked"))
+        .collect();
+    for (t, &pass) in ended.iter().enumerate() {
+        let slice = (base + t * words * 8) as *const u64;
+        for w in 0..words {
+            // SAFETY: the slice lies within the region mapped above, and
+            // its writer has ended.
+            let v = unsafe { slice.add(w).read_volatile() };
+            if v != tag(t as u64) | pass {
+                say!("DONE BAD thread {t} ended pass {pass} but word {w} holds {v:#x}");
+                std::process::exit(3);
+            }
+        }
     }
     say!("DONE passes={}", PASSES.load(Ordering::Relaxed));
 }

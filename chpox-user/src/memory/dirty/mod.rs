@@ -498,6 +498,27 @@ impl Tracker {
         .map_err(|f| self.scan_error(f.from, f.end, f.error))
     }
 
+    /// The written regions (`PAGE_IS_WRITTEN` alone) since the last
+    /// protect in every range this tracker registered, protecting them
+    /// again in the same walk: for a process that runs (no maps read). A
+    /// mapping no longer registered in such a range is skipped (the
+    /// kernel's own leniency with `PM_SCAN_WP_MATCHING`): the freeze finds
+    /// it untracked and stores it whole.
+    pub fn scan_registered_written(&self) -> crate::Result<Vec<Region>> {
+        let mut out = Vec::new();
+        for &(start, end) in &self.ranges {
+            let walk = Walk {
+                protect: true,
+                mask: Some(PAGE_IS_WRITTEN),
+                max_pages: 0,
+                lenient: true,
+                every_page: false,
+            };
+            append_joined(&mut out, self.walk_regions(start, end, walk)?);
+        }
+        Ok(out)
+    }
+
     /// Pages written since the last protect in the ranges this tracker
     /// registered, counted up to about `limit` (the walks stop once they
     /// have seen that many): what an increment would read while the

@@ -38,8 +38,8 @@ mod source;
 mod tests;
 
 pub use source::Source;
-pub(crate) use source::read_frozen;
 use source::{MAX_IOVECS, Memory, read_runs};
+pub(crate) use source::{read_frozen, read_running};
 
 /// Longest run, and most bytes per chunk: 8 MiB keeps two buffers per
 /// worker small and a chunk's copy long enough to amortise the syscall.

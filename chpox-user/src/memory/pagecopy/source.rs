@@ -38,12 +38,23 @@ pub enum Source {
 /// Read `runs` of frozen process `pid` into `dest` (laid out in order,
 /// exactly as long as the runs), without writing them anywhere.
 pub(crate) fn read_frozen(pid: i32, runs: &[(u64, u64)], dest: &mut [u8]) -> Result<()> {
+    read_into(pid, Source::VmReadv, runs, dest)
+}
+
+/// [`read_frozen`] of a process that runs meanwhile (see
+/// [`Source::Running`]): a run it unmapped meanwhile reads as zeros, a
+/// page it shares copy-on-write stays shared.
+pub(crate) fn read_running(pid: i32, runs: &[(u64, u64)], dest: &mut [u8]) -> Result<()> {
+    read_into(pid, Source::Running, runs, dest)
+}
+
+fn read_into(pid: i32, source: Source, runs: &[(u64, u64)], dest: &mut [u8]) -> Result<()> {
     // Most mappings of an increment hold no written page: opening
     // /proc/PID/mem for nothing cost ~5 us per mapping, frozen.
     if runs.is_empty() {
         return Ok(());
     }
-    let mem = Memory::open(pid, Source::VmReadv)?;
+    let mem = Memory::open(pid, source)?;
     let read = |runs: &[(u64, u64)], dest: &mut [u8]| -> Result<()> {
         let mut at = 0usize;
         for batch in runs.chunks(MAX_IOVECS) {
@@ -51,7 +62,7 @@ pub(crate) fn read_frozen(pid: i32, runs: &[(u64, u64)], dest: &mut [u8]) -> Res
             let dest = dest
                 .get_mut(at..at + len)
                 .ok_or_else(|| Error::Other("internal: pages read past their buffer".into()))?;
-            read_runs(pid, Source::VmReadv, &mem, batch, dest)?;
+            read_runs(pid, source, &mem, batch, dest)?;
             at += len;
         }
         Ok(())

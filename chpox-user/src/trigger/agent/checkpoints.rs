@@ -305,6 +305,7 @@ impl Agent {
                     frozen_us = report.frozen.as_micros() as u64,
                     total_us = report.total.as_micros() as u64,
                     signal_to_frozen_us = latency_ns / 1000,
+                    pages_read_before_freeze = report.pages_read_before_freeze,
                     members_from_ebpf = report.members_from_hint,
                     members_from_scan = report.members_from_scan,
                     flags_without_smaps = report.flags_without_smaps,
@@ -319,6 +320,7 @@ impl Agent {
                     processes: report.processes,
                     children_not_saved: report.children_not_saved,
                     snapshots: report.snapshots,
+                    pages_read_before_freeze: report.pages_read_before_freeze,
                 })
             }
             // Logged by the caller, once per reason; `chpox list` says it

@@ -241,6 +241,8 @@ struct Written {
     children_not_saved: Vec<i32>,
     /// Processes written from a copy-on-write snapshot.
     snapshots: usize,
+    /// Pages of an increment read before the freeze.
+    pages_read_before_freeze: u64,
 }
 
 type Outcome = Result<(Written, u64), String>;
@@ -524,6 +526,7 @@ impl Agent {
                 processes: w.processes,
                 children_not_saved: w.children_not_saved,
                 snapshots: w.snapshots,
+                pages_read_before_freeze: w.pages_read_before_freeze,
             },
             Ok(Ok(Err(message))) => Response::Error { message },
             Ok(Err(_)) => Response::Error {
