@@ -80,8 +80,14 @@ enum Task {
         /// Run only the incremental part.
         #[arg(long, conflicts_with = "no_incremental")]
         only_incremental: bool,
+        /// Run only the agent's checkpoints: the trigger latencies and the
+        /// writing job's.
+        #[arg(long, conflicts_with = "only_incremental")]
+        only_triggers: bool,
         /// MiB of the job that writes its memory all the while it is
-        /// dumped (pre-copy against snapshot); 0 skips it.
+        /// dumped (pre-copy against snapshot), and checkpointed once a
+        /// second through the agent after the trigger measurements; 0
+        /// skips both.
         #[arg(long, default_value_t = 1024)]
         writing_mib: u64,
         /// Dump without pre-copy (`chpox dump --no-precopy`): the
@@ -334,6 +340,7 @@ fn main() -> Result<()> {
             incremental_mib,
             no_incremental,
             only_incremental,
+            only_triggers,
             writing_mib,
             no_precopy,
             no_agent,
@@ -353,6 +360,10 @@ fn main() -> Result<()> {
             let rounds = rounds.max(1);
             if only_incremental {
                 return bench::incremental::run(incremental_mib.max(1), rounds, &dir);
+            }
+            if only_triggers {
+                drop(agent);
+                return bench::trigger_latency(triggers.max(1), writing_mib);
             }
             let opts = bench::SizeOptions {
                 rounds,
@@ -376,7 +387,7 @@ fn main() -> Result<()> {
             }
             // The trigger measurements start agents of their own.
             drop(agent);
-            bench::trigger_latency(triggers.max(1))?;
+            bench::trigger_latency(triggers.max(1), writing_mib)?;
             if !no_incremental {
                 bench::incremental::run(incremental_mib.max(1), rounds, &dir)?;
             }

@@ -81,21 +81,42 @@ impl Drop for BenchAgent {
 /// checkpoints of a small registered process, through the real agent and
 /// eBPF program. `chpox checkpoint` has the agent send the signal and
 /// reports the tracepoint-to-frozen time the agent measured.
-pub fn trigger_latency(triggers: usize) -> Result<()> {
+pub fn trigger_latency(triggers: usize, writing_mib: u64) -> Result<()> {
     // The goal is a latency independent of the process's size.
     for mib in [16, 1024] {
-        trigger_latency_of(triggers, mib, None)?;
+        trigger_latency_of(triggers, mib, Job::Sleeping)?;
     }
     // And of the tree's: 8 processes of 2 MiB, whose children the agent
     // finds through the eBPF program's list, not a scan of /proc.
-    trigger_latency_of(triggers, 2, Some(8))
+    trigger_latency_of(triggers, 2, Job::Tree(8))?;
+    // A job that keeps writing its memory, checkpointed every second:
+    // its increments are read before the freeze (`incremental::preread`).
+    if writing_mib > 0 {
+        trigger_latency_of(WRITING_CHECKPOINTS, writing_mib, Job::Writing)?;
+    }
+    Ok(())
+}
+
+/// Checkpoints of the writing job, one a second.
+const WRITING_CHECKPOINTS: usize = 20;
+
+/// What the agent checkpoints.
+#[derive(Clone, Copy)]
+enum Job {
+    /// `mempattern`: fills its memory, then sleeps.
+    Sleeping,
+    /// `memtree` of this many processes.
+    Tree(usize),
+    /// `cowwriters`: 4 threads rewriting their quarter page after page
+    /// (about 70 MB/s here), checkpointed every second.
+    Writing,
 }
 
 /// `triggers` checkpoints through chpox-agent of a `mib` MiB process (or
-/// of a `tree`-process `memtree` of `mib` MiB each): from the trigger's
+/// of a tree of processes of `mib` MiB each): from the trigger's
 /// tracepoint timestamp to the last thread stopped, and how long the
 /// process stayed frozen.
-fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<()> {
+fn trigger_latency_of(triggers: usize, mib: u64, job: Job) -> Result<()> {
     let agent = start_agent(&format!("{mib}"))?;
     let run_dir = agent.run_dir.clone();
     let mut command = Command::new(release_bin("chpox"));
@@ -103,11 +124,16 @@ fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<
         .env("CHPOX_RUN_DIR", &run_dir)
         // Whatever descriptors the bench inherits are not the point.
         .args(["run", "--unsupported-fd=null", "--"]);
-    match tree {
-        Some(procs) => command
+    match job {
+        Job::Tree(procs) => command
             .arg(release_bin("memtree"))
             .args([procs.to_string(), mib.to_string()]),
-        None => command.arg(release_bin("mempattern")).arg(mib.to_string()),
+        Job::Sleeping => command.arg(release_bin("mempattern")).arg(mib.to_string()),
+        Job::Writing => {
+            command
+                .arg(release_bin("cowwriters"))
+                .args(["4", &(mib / 4).max(1).to_string(), "200"])
+        }
     };
     let target = Reaped(
         command
@@ -118,8 +144,12 @@ fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<
     );
     let pid = target.0.id().to_string();
     let (mut latency, mut frozen) = (Vec::new(), Vec::new());
+    let (mut read_before, mut snapshots) = (Vec::new(), 0);
     let mut failures = 0;
     while latency.len() < triggers {
+        if matches!(job, Job::Writing) {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
         let out = Command::new(release_bin("chpox"))
             .env("CHPOX_RUN_DIR", &run_dir)
             .args(["checkpoint", &pid, "--json", "--timeout", "60"])
@@ -140,16 +170,24 @@ fn trigger_latency_of(triggers: usize, mib: u64, tree: Option<usize>) -> Result<
         let reply: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         latency.push(reply["signal_to_frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
         frozen.push(reply["frozen_us"].as_f64().unwrap_or(0.0) / 1e3);
+        read_before.push(reply["pages_read_before_freeze"].as_f64().unwrap_or(0.0) * 4096.0 / 1e6);
+        snapshots += usize::from(reply["snapshots"].as_u64().unwrap_or(0) > 0);
     }
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    match tree {
-        Some(procs) => println!(
+    match job {
+        Job::Tree(procs) => println!(
             "trigger latency: {} checkpoints of a tree of {procs} processes of {mib} MiB through chpox-agent",
             latency.len()
         ),
-        None => println!(
+        Job::Sleeping => println!(
             "trigger latency: {} checkpoints of a {mib} MiB process through chpox-agent",
             latency.len()
+        ),
+        Job::Writing => println!(
+            "trigger latency: {} checkpoints, one a second, of a {mib} MiB job writing all the while through chpox-agent ({snapshots} snapshots; MB read before the freeze: median {:.1}, max {:.1})",
+            latency.len(),
+            median(read_before.clone()),
+            max(&read_before)
         ),
     }
     println!(
