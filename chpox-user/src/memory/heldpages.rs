@@ -130,14 +130,11 @@ impl HeldPages {
             // nothing.
             buf.resize(end, 0);
         }
-        for &(addr, pages, at) in &pieces {
-            if let Some(at) = at {
-                let dest = buf
-                    .get_mut(at..at + (pages * PAGE_SIZE) as usize)
-                    .ok_or_else(|| Error::Other("internal: pages read past the buffer".into()))?;
-                crate::pagecopy::read_running(pid, &[(addr, pages)], dest)?;
-            }
-        }
+        let again: Vec<(u64, u64, usize)> = pieces
+            .iter()
+            .filter_map(|&(addr, pages, at)| Some((addr, pages, at?)))
+            .collect();
+        crate::pagecopy::read_running_to(pid, &again, &mut buf)?;
         crate::pagecopy::read_running(pid, &new, &mut buf[self.preread_end..end])?;
         let mut at = self.preread_end;
         for &(addr, pages) in &new {

@@ -519,6 +519,22 @@ impl Tracker {
         Ok(out)
     }
 
+    /// Pages written since the last protect in the mappings still
+    /// registered in the ranges of this tracker, counted up to about
+    /// `limit`, in one walk: what [`scan_registered_written`] would
+    /// report, for the price of a look (unlike [`written_pages`], a
+    /// mapping mapped again since does not count).
+    ///
+    /// [`scan_registered_written`]: Self::scan_registered_written
+    /// [`written_pages`]: Self::written_pages
+    pub fn written_pages_registered(&self, limit: u64) -> crate::Result<u64> {
+        let (Some(first), Some(last)) = (self.ranges.first(), self.ranges.last()) else {
+            return Ok(0);
+        };
+        walk::count_written_in_tracked(&self.pagemap, first.0, last.1, limit.max(1))
+            .map_err(|f| self.scan_error(f.from, f.end, f.error))
+    }
+
     /// Pages written since the last protect in the ranges this tracker
     /// registered, counted up to about `limit` (the walks stop once they
     /// have seen that many): what an increment would read while the

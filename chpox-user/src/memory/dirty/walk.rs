@@ -240,6 +240,40 @@ pub(super) fn walk_range(
     Ok(())
 }
 
+/// Written pages of `[start, end)` in mappings registered for
+/// asynchronous write-protect (by anyone), counted up to about `limit`:
+/// one walk over the whole span, whatever lies between the mappings, in
+/// a small vector. For a process that runs: a walk per mapping took
+/// ~70 us for a small process's twenty, before its freeze.
+pub(super) fn count_written_in_tracked(
+    pagemap: &File,
+    start: u64,
+    end: u64,
+    limit: u64,
+) -> Result<u64, ScanFailure> {
+    let mut buf: Vec<Region> = Vec::with_capacity(64);
+    let mut from = start;
+    let mut counted = 0u64;
+    while from < end && counted < limit {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: from,
+            end,
+            max_pages: limit - counted,
+            category_mask: PAGE_IS_WRITTEN | super::PAGE_IS_WPALLOWED,
+            return_mask: PAGE_IS_WRITTEN,
+            ..PmScanArg::default()
+        };
+        let n = scan_once(pagemap, &mut arg, &mut buf)?;
+        counted += buf.iter().map(Region::pages).sum::<u64>();
+        if n < buf.capacity() || arg.walk_end <= from {
+            break;
+        }
+        from = arg.walk_end;
+    }
+    Ok(counted)
+}
+
 /// One `PAGEMAP_SCAN` of `arg`'s range into `buf`'s capacity (none: no
 /// regions asked for); `buf` then holds what the kernel reported, and the
 /// count is returned. The room is never initialised by us: a walk usually

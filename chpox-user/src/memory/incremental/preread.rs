@@ -74,7 +74,7 @@ impl Tracking {
             expected += range_pages(&self.unread_before(pid, &t.written_before));
             expected += t
                 .tracker
-                .written_pages(PREREAD_FROM_PAGES.saturating_sub(expected).max(1))
+                .written_pages_registered(PREREAD_FROM_PAGES.saturating_sub(expected))
                 .unwrap_or(0);
             if expected >= PREREAD_FROM_PAGES {
                 break;

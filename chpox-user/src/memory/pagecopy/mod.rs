@@ -39,7 +39,7 @@ mod tests;
 
 pub use source::Source;
 use source::{MAX_IOVECS, Memory, read_runs};
-pub(crate) use source::{read_frozen, read_running};
+pub(crate) use source::{read_frozen, read_running, read_running_to};
 
 /// Longest run, and most bytes per chunk: 8 MiB keeps two buffers per
 /// worker small and a chunk's copy long enough to amortise the syscall.

@@ -48,6 +48,26 @@ pub(crate) fn read_running(pid: i32, runs: &[(u64, u64)], dest: &mut [u8]) -> Re
     read_into(pid, Source::Running, runs, dest)
 }
 
+/// [`read_running`] of `pieces` (address, pages, offset in `dest`), each
+/// into its own place: one opening of the process's files for all.
+pub(crate) fn read_running_to(
+    pid: i32,
+    pieces: &[(u64, u64, usize)],
+    dest: &mut [u8],
+) -> Result<()> {
+    if pieces.is_empty() {
+        return Ok(());
+    }
+    let mem = Memory::open(pid, Source::Running)?;
+    for &(addr, pages, at) in pieces {
+        let place = dest
+            .get_mut(at..at + (pages * PAGE_SIZE) as usize)
+            .ok_or_else(|| Error::Other("internal: pages read past their buffer".into()))?;
+        read_runs(pid, Source::Running, &mem, &[(addr, pages)], place)?;
+    }
+    Ok(())
+}
+
 fn read_into(pid: i32, source: Source, runs: &[(u64, u64)], dest: &mut [u8]) -> Result<()> {
     // Most mappings of an increment hold no written page: opening
     // /proc/PID/mem for nothing cost ~5 us per mapping, frozen.
