@@ -458,6 +458,63 @@ fn a_process_that_rewrote_its_memory_since_the_base_gets_a_full_checkpoint() {
     t.wait_success(Duration::from_secs(60));
 }
 
+/// `memchurn` with 512 MiB: from the third generation on, the pages
+/// written since the base are more than an increment reads while frozen,
+/// and are read before the freeze; the next increment takes what that
+/// reading holds and was not written since, and reads the rest. Each
+/// step also discards a page the step before wrote: one read before the
+/// freeze must come back a hole. Every increment restores to the memory
+/// the process had.
+#[test]
+fn increments_read_before_the_freeze_restore_like_the_process() {
+    become_subreaper();
+    let s = scratch();
+    let agent = Agent::start(&s);
+    let dir = s.dir("out", 0o755);
+    let img = dir.join("churn.chpox");
+    let (mut t, report) = churn(&s, "512");
+    let pid = t.pid;
+    let pid_s = pid.to_string();
+    agent.chpox_ok(&["register", &pid_s, "-o", path_str(&img), "--keep", "2"]);
+    let mut sums = Vec::new();
+    let mut read_before = Vec::new();
+    for g in 1..=6 {
+        step(&report, pid, g);
+        sums.push(verify(&report, pid));
+        let reply: serde_json::Value = serde_json::from_str(&agent.chpox_ok(&[
+            "checkpoint",
+            &pid_s,
+            "--json",
+            "--timeout",
+            "120",
+        ]))
+        .expect("checkpoint --json");
+        read_before.push(reply["pages_read_before_freeze"].as_u64().expect("field"));
+        assert_eq!(
+            metadata(&img).parent.is_some(),
+            g > 1,
+            "generation {g}: only the first is full"
+        );
+    }
+    assert!(
+        read_before.iter().filter(|&&p| p > 0).count() >= 2,
+        "pages read before the freeze, by generation: {read_before:?}"
+    );
+    t.child.kill().expect("kill");
+    t.child.wait().expect("reap");
+    common::wait_pid_free(pid);
+    assert_eq!(
+        restore_and_verify(&report, &img),
+        sums[5],
+        "generation 6 ({read_before:?})"
+    );
+    assert_eq!(
+        restore_and_verify(&report, &dir.join("churn.chpox.1")),
+        sums[4],
+        "generation 5 ({read_before:?})"
+    );
+}
+
 /// A job that writes its memory all the while, a page at a time (4
 /// threads, ~60 MB/s here): by each checkpoint thousands of pages were
 /// written since the base. The agent reads them before the freeze, and

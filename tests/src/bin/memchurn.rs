@@ -4,7 +4,8 @@
 //! incremental checkpoint must follow. It maps a main region of MIB MiB
 //! (default 32) and fills it, then on each SIGUSR1 takes one step:
 //! rewrites about 1 % of the pages of every region, discards a few pages
-//! with `MADV_DONTNEED` (and reads one back as the zero page), maps a new
+//! with `MADV_DONTNEED` (and reads one back as the zero page) and one the
+//! step before wrote, maps a new
 //! region, unmaps an old one, moves one with `mremap` (to a fixed place
 //! on even steps, growing it in place or elsewhere on odd ones), and grows
 //! the program break. Every page's content is a function of its region,
@@ -132,6 +133,16 @@ fn step(regions: &mut Vec<Region>, next_id: &mut u64, brk: &mut Region, k: u32) 
         // SAFETY: inside the mapping; reads the zero page in.
         let v = unsafe { regions[i].page_ptr(p + 1).read_volatile() };
         assert_eq!(v, 0);
+    }
+    // A page the step before wrote, discarded without being written
+    // since: however an increment read it before, it stores a hole.
+    if k > 1
+        && let Some((i, p)) = regions
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| Some((i, r.version.iter().position(|&v| v == k - 1)?)))
+    {
+        regions[i].discard(p, 1);
     }
     // A new region; every third step a larger one.
     let pages = if k.is_multiple_of(3) {

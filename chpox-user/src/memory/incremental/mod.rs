@@ -428,9 +428,9 @@ impl Tracking {
             .scan_all_written(maps, protect_again)?
             .into_iter()
             .collect();
-        // The state of the pages written before: one walk of their page
-        // tables (~2 ns a page) where the pagemap would cost ~100 ns a
-        // page, 10 ms for an increment of 400 MB.
+        // The state of the pages written before: from walks of their page
+        // tables (~3 ns a page) where the pagemap costs ~100 ns a page,
+        // 10 ms for an increment of 400 MB.
         let mut earlier_scanned = HashMap::new();
         if !t.written_before.is_empty() {
             for (&i, fresh) in &regions {
@@ -438,23 +438,11 @@ impl Tracking {
                 if !crate::dirty::reports_presence(map.kind()) {
                     continue;
                 }
-                let mut scanned = Vec::new();
-                for (s, e) in minus(
+                let ranges = minus(
                     &clip(&t.written_before, map.start, map.end),
                     fresh.iter().map(|r| (r.start, r.end)),
-                ) {
-                    for r in t.tracker.scan_every(s, e, false, false)? {
-                        let mut categories = crate::dirty::PAGE_IS_WRITTEN;
-                        if r.present() && !r.zero_page() {
-                            categories |= crate::dirty::PAGE_IS_PRESENT;
-                        }
-                        if r.swapped() {
-                            categories |= crate::dirty::PAGE_IS_SWAPPED;
-                        }
-                        scanned.push(Region { categories, ..r });
-                    }
-                }
-                earlier_scanned.insert(i, scanned);
+                );
+                earlier_scanned.insert(i, states_of(&t.tracker, &ranges)?);
             }
         }
         Ok(Some(Written {
@@ -575,6 +563,67 @@ impl Tracking {
 
 /// (address, page count) runs.
 pub(crate) type Runs = Vec<(u64, u64)>;
+
+/// The state of the pages of `ranges` (sorted, apart, inside one tracked
+/// mapping of `tracker`), as written regions that say whether they are
+/// present (not as the zero page) or swapped. A walk per range costs
+/// ~3 us, a walk over their whole span ~4 ns a page: 10 000 scattered
+/// pages of a 4 GiB mapping took 30 ms a range at a time.
+fn states_of(tracker: &Tracker, ranges: &[(u64, u64)]) -> Result<Vec<Region>> {
+    let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+        return Ok(Vec::new());
+    };
+    let span_pages = (last.1 - first.0) / PAGE_SIZE;
+    let not_present = if span_pages < ranges.len() as u64 * 750 {
+        tracker.absent_or_zero(first.0, last.1)?
+    } else {
+        let mut all = Vec::new();
+        for &(s, e) in ranges {
+            all.extend(tracker.absent_or_zero(s, e)?);
+        }
+        all
+    };
+    // Both sorted: each range cut where it meets pages not present.
+    let written = crate::dirty::PAGE_IS_WRITTEN;
+    let present = written | crate::dirty::PAGE_IS_PRESENT;
+    let mut out = Vec::with_capacity(ranges.len());
+    let mut k = 0;
+    for &(s, e) in ranges {
+        while k < not_present.len() && not_present[k].end <= s {
+            k += 1;
+        }
+        let mut at = s;
+        let mut j = k;
+        while j < not_present.len() && not_present[j].start < e {
+            let r = &not_present[j];
+            let (rs, re) = (r.start.max(s), r.end.min(e));
+            if at < rs {
+                out.push(Region {
+                    start: at,
+                    end: rs,
+                    categories: present,
+                });
+            }
+            out.push(Region {
+                start: rs,
+                end: re,
+                // Swapped: its state is read from the pagemap; gone or
+                // the zero page: a hole.
+                categories: written | (r.categories & crate::dirty::PAGE_IS_SWAPPED),
+            });
+            at = re;
+            j += 1;
+        }
+        if at < e {
+            out.push(Region {
+                start: at,
+                end: e,
+                categories: present,
+            });
+        }
+    }
+    Ok(out)
+}
 
 /// Pages in byte ranges.
 fn range_pages(ranges: &[(u64, u64)]) -> u64 {
@@ -921,6 +970,49 @@ mod tests {
         // Page 3's state came from the scan; the rest from the pagemap,
         // 2-5 and 8-9 in one read (close together).
         assert_eq!(reads, vec![(at(2), at(10))]);
+
+        // The same, with a walk of the page tables having told the state
+        // of 4-5 (4 present, 5 gone) and 8-9 (8 present): only 2 is left
+        // to the pagemap.
+        let scanned = [
+            Region {
+                start: at(4),
+                end: at(5),
+                categories: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+            },
+            Region {
+                start: at(5),
+                end: at(6),
+                categories: PAGE_IS_WRITTEN,
+            },
+            Region {
+                start: at(8),
+                end: at(9),
+                categories: PAGE_IS_WRITTEN | PAGE_IS_PRESENT,
+            },
+            Region {
+                start: at(9),
+                end: at(10),
+                categories: PAGE_IS_WRITTEN,
+            },
+        ];
+        let mut reads = Vec::new();
+        let (store, inherited) = split_tracked(
+            &map,
+            VmaKind::Anonymous,
+            &written,
+            &scanned,
+            &earlier,
+            &[(at(0), at(10))],
+            |windows| {
+                reads.extend_from_slice(windows);
+                Ok(windows.iter().map(|_| present).collect())
+            },
+        )
+        .expect("split");
+        assert_eq!(store, vec![(at(2), 3), (at(8), 1)]);
+        assert_eq!(inherited, vec![(at(0), 2), (at(6), 2)]);
+        assert_eq!(reads, vec![(at(2), at(3))]);
     }
 
     #[test]
