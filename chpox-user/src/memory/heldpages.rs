@@ -115,11 +115,7 @@ impl HeldPages {
         };
         let entries = self.preread.entry(pid).or_default();
         let pieces = pieces_of(runs, entries, &[]);
-        let new: Vec<(u64, u64)> = pieces
-            .iter()
-            .filter(|p| p.2.is_none())
-            .map(|p| (p.0, p.1))
-            .collect();
+        let new = to_read_now(&pieces);
         let len: usize = new.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
         let end = self.preread_end + len;
         if end > MAX_HELD_BYTES {
@@ -182,11 +178,7 @@ impl HeldPages {
             (Some(entries), Some(fresh)) => pieces_of(runs, entries, fresh),
             _ => runs.iter().map(|&(a, n)| (a, n, None)).collect(),
         };
-        let to_read: Vec<(u64, u64)> = pieces
-            .iter()
-            .filter(|p| p.2.is_none())
-            .map(|p| (p.0, p.1))
-            .collect();
+        let to_read = to_read_now(&pieces);
         let len: usize = to_read.iter().map(|r| (r.1 * PAGE_SIZE) as usize).sum();
         let end = self.used + len;
         if end > MAX_HELD_BYTES {
@@ -428,6 +420,15 @@ fn pieces_of(
         }
     }
     out
+}
+
+/// The pieces of [`pieces_of`] no reading holds, as (address, pages) runs.
+fn to_read_now(pieces: &[(u64, u64, Option<usize>)]) -> Vec<(u64, u64)> {
+    pieces
+        .iter()
+        .filter(|p| p.2.is_none())
+        .map(|p| (p.0, p.1))
+        .collect()
 }
 
 #[cfg(test)]

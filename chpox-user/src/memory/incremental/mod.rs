@@ -839,13 +839,11 @@ pub(crate) fn split_tracked(
 mod tests {
     use super::*;
 
-    #[test]
-    fn increments_store_what_was_written_and_inherit_what_the_base_stored() {
-        use crate::dirty::PAGE_IS_WRITTEN;
-        let p = PAGE_SIZE;
-        let map = MapEntry {
-            start: 0x10000,
-            end: 0x10000 + 10 * p,
+    /// A private anonymous read-write mapping of `[start, end)`.
+    fn private_anon(start: u64, end: u64) -> MapEntry {
+        MapEntry {
+            start,
+            end,
             read: true,
             write: true,
             exec: false,
@@ -856,8 +854,15 @@ mod tests {
             path: String::new(),
             deleted: false,
             vm_flags: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn increments_store_what_was_written_and_inherit_what_the_base_stored() {
+        use crate::dirty::PAGE_IS_WRITTEN;
+        let p = PAGE_SIZE;
         let at = |i: u64| 0x10000 + i * p;
+        let map = private_anon(at(0), at(10));
         let region = |a: u64, b: u64, c: u64| Region {
             start: at(a),
             end: at(b),
@@ -920,20 +925,7 @@ mod tests {
         use crate::image::model::VmaKind;
         let p = PAGE_SIZE;
         let at = |i: u64| 0x10000 + i * p;
-        let map = MapEntry {
-            start: at(0),
-            end: at(10),
-            read: true,
-            write: true,
-            exec: false,
-            shared: false,
-            offset: 0,
-            dev: (0, 0),
-            inode: 0,
-            path: String::new(),
-            deleted: false,
-            vm_flags: Vec::new(),
-        };
+        let map = private_anon(at(0), at(10));
         // Written since the last protect: page 3, present. Written before
         // it: pages 2-5 (3 among them) and 8-11 (past the mapping's end);
         // of those the pagemap has 2, 4 and 8 present, 5 gone.
