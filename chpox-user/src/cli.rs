@@ -235,8 +235,13 @@ pub fn restore(args: &RestoreArgs) -> Result<i32> {
     }
     if args.detach {
         println!("{}", restored.pid);
+        if let Some(hold) = restored.page_server_hold {
+            hold.until_exit();
+        }
         return Ok(0);
     }
+    // The page server may fill memory in the background now.
+    drop(restored.page_server_hold);
     // Like a shell waiting for a foreground job: the terminal's Ctrl-C and
     // Ctrl-\ are for the restored process (same process group), not for us.
     // SAFETY: SIG_IGN installs no handler.

@@ -184,3 +184,88 @@ fn the_file_hash_cache_keeps_hashes_only_for_unchanged_files() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     assert_eq!(dumped_hash(t.pid, &image, &cache, &data), "0".repeat(64));
 }
+
+/// `chpox restore --detach IMAGE` with the file hash cache in `cache`.
+fn restore_with_cache(image: &std::path::Path, cache: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(common::chpox_bin())
+        .args(["restore", "--detach", path_str(image)])
+        .env("CHPOX_CACHE_DIR", cache)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run chpox")
+}
+
+/// Restores compare the files the memory maps with the image through the
+/// same cache: a file unchanged since it was hashed is not read again (a
+/// restore right after its dump, or of the same image again), one hashed
+/// by the restore is remembered, and one rewritten since (same size, mtime
+/// set back) is hashed again and refused.
+#[test]
+fn restores_use_the_file_hash_cache_and_still_refuse_a_changed_file() {
+    let dir = tempdir();
+    let data = dir.path().join("data");
+    std::fs::write(&data, [b'a'; 8192]).expect("write data");
+    let mut t = python(MAPPER, &[], dir.path());
+    let image = dir.path().join("m.img");
+    chpox_ok(&["dump", &t.pid.to_string(), "-o", path_str(&image), "--kill"]);
+    t.child.wait().expect("reap the original");
+    wait_pid_free(t.pid);
+    let hash = chpox::files::hash_bytes(&[b'a'; 8192]);
+
+    // A cache of its own: the restore hashes the files and keeps them.
+    let cache = dir.path().join("restore-cache");
+    let out = restore_with_cache(&image, &cache);
+    assert!(out.status.success(), "restore: {}", show(&out));
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("restore --detach prints the PID");
+    signal(pid, libc::SIGKILL);
+    wait_pid_free(pid);
+    let kept = std::fs::read_to_string(cache.join("file-hashes")).expect("cache written");
+    assert!(
+        kept.contains(&hash),
+        "the restore kept no hash of data: {kept}"
+    );
+
+    // Rewritten in place, same size, mtime set back: read again, refused.
+    let mtime = std::fs::metadata(&data)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .expect("open");
+    f.write_all(&[b'b'; 8192]).expect("rewrite");
+    f.set_modified(mtime).expect("set mtime back");
+    drop(f);
+    let out = restore_with_cache(&image, &cache);
+    assert!(!out.status.success(), "a changed file was not noticed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("same size, different content"),
+        "refused for another reason: {err}"
+    );
+
+    // What the cache says of this very identity is what the restore goes
+    // by, without reading the file: the proof that it skips the reading.
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(&data).expect("metadata");
+    let line = format!(
+        "{} {} {} {} {} {hash}\n",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        m.ctime() * 1_000_000_000 + m.ctime_nsec()
+    );
+    std::fs::write(cache.join("file-hashes"), line).expect("write the cache");
+    let out = restore_with_cache(&image, &cache);
+    assert!(out.status.success(), "restore: {}", show(&out));
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("restore --detach prints the PID");
+    signal(pid, libc::SIGKILL);
+    wait_pid_free(pid);
+}

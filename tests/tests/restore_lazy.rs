@@ -259,9 +259,39 @@ fn lazy_threads_come_back_under_new_tids() {
     ]);
     t.child.wait().expect("reap the original");
     let restored = restore_detached(&image, &["--lazy", "--pid", "any"]);
+    assert_not_pinned(restored);
     signal(restored, libc::SIGUSR1);
     assert_eq!(wait_pid(restored, EXIT_TIMEOUT), 0, "{:?}", t.lines());
     assert_eq!(t.lines_after_ready(), ["DONE", "T0=ok", "T1=ok", "T2=ok"]);
+}
+
+/// The CPUs a task may run on, as /proc says.
+fn cpus_allowed(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+        .expect("Cpus_allowed_list in status")
+}
+
+/// A lazy restore runs on one CPU with the process it rebuilds (see
+/// `restore::pin`): every thread must be let go with the CPUs it would
+/// have had, those of the restorer (ours).
+fn assert_not_pinned(pid: i32) {
+    let ours = cpus_allowed(&std::fs::read_to_string("/proc/self/status").expect("our status"));
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    let mut seen = 0;
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).expect("task status");
+        assert_eq!(
+            cpus_allowed(&status),
+            ours,
+            "task {:?} of PID {pid}",
+            task.file_name()
+        );
+        seen += 1;
+    }
+    assert!(seen > 1, "the restored process has {seen} thread(s)");
 }
 
 /// A damaged page run that the process reads the moment it runs: it is

@@ -54,8 +54,9 @@ struct Cache {
     added: usize,
 }
 
+static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+
 fn cache() -> &'static Mutex<Cache> {
-    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
     CACHE.get_or_init(|| {
         let mut cache = Cache {
             hashes: HashMap::new(),
@@ -100,11 +101,18 @@ pub fn insert(key: ContentKey, hash: String) {
 /// hashing), through a new file renamed over the old one, so that two
 /// dumps at once leave one whole file.
 pub fn save() {
+    // Never looked in: nothing was added, and the file need not be read.
+    let Some(cache) = CACHE.get() else {
+        return;
+    };
+    if cache.lock().map_or(true, |c| c.added == 0) {
+        return;
+    }
     let Some(path) = cache_file() else {
         return;
     };
     let text = {
-        let Ok(mut c) = cache().lock() else {
+        let Ok(mut c) = cache.lock() else {
             return;
         };
         if c.added == 0 {

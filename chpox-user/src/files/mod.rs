@@ -145,14 +145,22 @@ pub fn warm_hashes(pids: &[i32]) {
 }
 
 fn hash_file(path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+    cached_hash(path, meta).map_err(|e| file_err(path, e))
+}
+
+/// The BLAKE3 hash (hex) of the file at `path`, whose metadata `meta` was
+/// just read: from the cache when a file of that very identity was hashed
+/// before (see [`hashcache`]), else read, and remembered if the file did
+/// not change while it was read.
+pub fn cached_hash(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<String> {
     let key = hashcache::content_key(meta);
     if let Some(hex) = hashcache::get(&key) {
         return Ok(hex);
     }
-    let hex = File::open(path)
-        .and_then(hash_reader)
-        .map_err(|e| file_err(path, e))?;
-    hashcache::insert(key, hex.clone());
+    let hex = File::open(path).and_then(hash_reader)?;
+    if std::fs::metadata(path).is_ok_and(|after| hashcache::content_key(&after) == key) {
+        hashcache::insert(key, hex.clone());
+    }
     Ok(hex)
 }
 

@@ -41,6 +41,7 @@ pub enum Compression {
 /// their entries (an open file description, a pipe's inode, a shared
 /// memory object), so restore makes each once and hands it to all.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "MetadataFields")]
 pub struct Metadata {
     pub chpox_version: String,
     /// Wall-clock time of the checkpoint, nanoseconds since the Unix epoch.
@@ -78,6 +79,62 @@ pub struct Metadata {
     /// inherits (see `Vma::inherited`).
     #[serde(default)]
     pub parent: Option<ParentRef>,
+}
+
+/// [`Metadata`] as decoded: the root's fields where they are, at the top
+/// level. Decoding a `#[serde(flatten)]` field buffers every entry of the
+/// map (each key, each page run) as generic values and decodes them again:
+/// 3.5 ms for the 66 KiB of a 4 GiB process's metadata, which every
+/// restore, `--lazy` ones included, reads before anything else.
+#[derive(Deserialize)]
+struct MetadataFields {
+    chpox_version: String,
+    created_unix_ns: u64,
+    host: HostInfo,
+    process: ProcessInfo,
+    threads: Vec<ThreadState>,
+    vmas: Vec<Vma>,
+    fds: Vec<FdEntry>,
+    signals: SignalState,
+    #[serde(default)]
+    descendants: Vec<ProcessImage>,
+    #[serde(default)]
+    zombies: Vec<Zombie>,
+    #[serde(default)]
+    children_not_saved: Vec<i32>,
+    files: Vec<FileRef>,
+    after_dump: AfterDump,
+    #[serde(default)]
+    registration: Option<SavedRegistration>,
+    #[serde(default)]
+    image_id: Option<String>,
+    #[serde(default)]
+    parent: Option<ParentRef>,
+}
+
+impl From<MetadataFields> for Metadata {
+    fn from(m: MetadataFields) -> Metadata {
+        Metadata {
+            chpox_version: m.chpox_version,
+            created_unix_ns: m.created_unix_ns,
+            host: m.host,
+            root: ProcessImage {
+                process: m.process,
+                threads: m.threads,
+                vmas: m.vmas,
+                fds: m.fds,
+                signals: m.signals,
+            },
+            descendants: m.descendants,
+            zombies: m.zombies,
+            children_not_saved: m.children_not_saved,
+            files: m.files,
+            after_dump: m.after_dump,
+            registration: m.registration,
+            image_id: m.image_id,
+            parent: m.parent,
+        }
+    }
 }
 
 /// The parent of an incremental image.

@@ -79,6 +79,7 @@ pub mod inject;
 pub mod lazy;
 pub mod memory;
 pub mod phases;
+pub mod pin;
 pub mod process;
 pub mod registers;
 pub mod signals;
@@ -132,7 +133,7 @@ impl Default for RestoreOptions {
 }
 
 /// A restored process, running, a child of the calling process.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Restored {
     pub pid: i32,
     /// Whether it got the PID it had at checkpoint time.
@@ -148,6 +149,10 @@ pub struct Restored {
     pub in_namespace: bool,
     /// The root's PID at checkpoint time.
     pub saved_pid: i32,
+    /// With `--lazy`: the page server fills memory in the background once
+    /// this is dropped (it serves faults from the start; see
+    /// `lazy::hold`). Drop it when done with the restore.
+    pub page_server_hold: Option<lazy::hold::ServerHold>,
 }
 
 /// Restore the process in `image`. On success it runs, as a child of the
@@ -248,6 +253,8 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 .map(|p| std::os::fd::AsRawFd::as_raw_fd(&p.file)),
         )
     });
+    let mut page_server_hold = None;
+    let mut pinned = None;
     let built = (|| -> Result<()> {
         let layout = match &init_frozen {
             Some(init) => {
@@ -258,6 +265,9 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
             }
             None => {
                 let spawned = spawn::spawn(root_pid, pid_mode)?;
+                if opts.lazy {
+                    pinned = pin::Pin::new(spawned.pid);
+                }
                 members.push(Frozen::adopt(spawned.pid, vec![spawned.pid]));
                 same_pid = spawned.same_pid;
                 if !same_pid && opts.pid != PidMode::Any {
@@ -320,9 +330,14 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
             }
             phases::mark("file contents compared");
         }
+        // Before the page server is forked (it would inherit the pin) and
+        // before any process runs.
+        if let Some(pin) = pinned.take() {
+            pin.release(members.iter().flat_map(Frozen::tids));
+        }
         if let Some(lazy) = &lazy {
             let pids: Vec<i32> = members.iter().map(|m| m.pid()).collect();
-            lazy.finish(&pids)?;
+            page_server_hold = lazy.finish(&pids)?;
             phases::mark("page server started");
         }
         Ok(())
@@ -382,6 +397,7 @@ pub fn restore(image: &Path, opts: &RestoreOptions) -> Result<Restored> {
         wait_pid,
         in_namespace: pid_ns,
         saved_pid: root_pid,
+        page_server_hold,
     })
 }
 

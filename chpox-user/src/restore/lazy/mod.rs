@@ -65,6 +65,7 @@ use std::time::Instant;
 use tracing::{debug, error, info};
 
 pub mod checks;
+pub mod hold;
 pub mod parent;
 mod pending;
 mod server;
@@ -310,9 +311,11 @@ impl Lazy {
 
     /// The processes `pids` are rebuilt: hand their memory to a page server
     /// process that outlives us. Nothing to do if nothing was registered.
-    pub fn finish(&self, pids: &[i32]) -> Result<()> {
+    /// The server fills memory in the background once the hold returned is
+    /// dropped (see [`hold`]).
+    pub fn finish(&self, pids: &[i32]) -> Result<Option<hold::ServerHold>> {
         let Some(s) = self.serving.borrow_mut().take() else {
-            return Ok(());
+            return Ok(None);
         };
         let _ = s.tx.send(Msg::Stop);
         nix::unistd::write(&s.wake, &[1u8]).map_err(|e| os("eventfd", e.into()))?;
@@ -327,7 +330,7 @@ impl Lazy {
                 victims.push(pidfd_open(pid).map_err(|e| os("pidfd_open", e))?);
             }
         }
-        spawn_server(server, self.image_fd)
+        spawn_server(server, self.image_fd).map(Some)
     }
 }
 

@@ -325,7 +325,8 @@ fn new_child(parent: i32, spaces: &[Space]) -> i32 {
 /// load the double fork's wait for the intermediate child cost several ms
 /// of the time to running). It is our child until we exit (`--detach`:
 /// right away, then init's); a thread reaps it if we outlive it.
-pub(super) fn spawn_server(server: Server, image_fd: RawFd) -> Result<()> {
+pub(super) fn spawn_server(server: Server, image_fd: RawFd) -> Result<hold::ServerHold> {
+    let (release, held) = hold::new()?;
     // SAFETY: the restorer has no other thread now (the build thread was
     // joined, the verification thread runs for eager restores only); the
     // child runs the server and ends with _exit, never returning into the
@@ -338,25 +339,20 @@ pub(super) fn spawn_server(server: Server, image_fd: RawFd) -> Result<()> {
         ));
     }
     if pid == 0 {
-        let code = server_main(server, image_fd);
+        drop(release);
+        let code = server_main(server, held, image_fd);
         // SAFETY: ending the server without running the restorer's
         // destructors (they would kill the processes it restored).
         unsafe { libc::_exit(code) };
     }
     // Our copies of the userfaultfds close here; the server's remain.
     drop(server);
-    // No zombie while a restore without --detach waits for its process.
-    // A failure to start the thread leaves one until we exit, nothing worse.
-    let _ = std::thread::Builder::new()
-        .name("chpox-lazy-reap".into())
-        .spawn(move || {
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-        });
-    Ok(())
+    drop(held);
+    Ok(release.for_server(pid))
 }
 
 /// The page server process: detach, serve, verify; the exit code.
-fn server_main(mut server: Server, image_fd: RawFd) -> i32 {
+fn server_main(mut server: Server, mut held: hold::Held, image_fd: RawFd) -> i32 {
     let started = Instant::now();
     // SAFETY: setsid, signal and prctl take integers; failures leave the
     // server in its parent's session or with default dispositions, which
@@ -374,7 +370,7 @@ fn server_main(mut server: Server, image_fd: RawFd) -> i32 {
             0,
         );
     }
-    close_others(&server, image_fd);
+    close_others(&server, held.raw_fd(), image_fd);
     info!(
         pid = std::process::id(),
         mib = server.bytes >> 20,
@@ -390,14 +386,17 @@ fn server_main(mut server: Server, image_fd: RawFd) -> i32 {
         // The runs not served yet, on the other core: most are known good
         // before they are needed, and a bad one not touched for long still
         // stops the process early.
-        let verifier = s.spawn(|| {
-            let found = runs.check_all(&image, &stop);
+        let mut verifier_held = held.try_clone();
+        let (runs, image, victims, stop) = (&runs, &image, &victims, &stop);
+        let verifier = s.spawn(move || {
+            verifier_held.wait(hold::HOLD_AT_MOST);
+            let found = runs.check_all(image, stop);
             if let Ok(Some(_)) = found {
-                kill_all(&victims);
+                kill_all(victims);
             }
             found
         });
-        let served = serve_detached(&mut server);
+        let served = serve_detached(&mut server, &mut held);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let verified = verifier
             .join()
@@ -429,7 +428,7 @@ fn server_main(mut server: Server, image_fd: RawFd) -> i32 {
 /// of the restored job kept open here would keep its reader from seeing
 /// EOF), and point stdin and stdout at /dev/null. Stderr stays: errors go
 /// there.
-fn close_others(server: &Server, image_fd: RawFd) {
+fn close_others(server: &Server, held: Option<RawFd>, image_fd: RawFd) {
     // The reader reads through a descriptor of its own, of the same file.
     let image = nix::sys::stat::fstat(
         // SAFETY: the image's descriptor is open in this process.
@@ -444,6 +443,7 @@ fn close_others(server: &Server, image_fd: RawFd) {
         image.is_some() && st.map(|st| (st.st_dev, st.st_ino)) == image
     };
     let mut keep: Vec<RawFd> = vec![2, image_fd];
+    keep.extend(held);
     keep.extend(server.spaces.iter().map(|s| s.uffd.as_raw_fd()));
     keep.extend(
         server
@@ -480,9 +480,9 @@ fn close_others(server: &Server, image_fd: RawFd) {
     }
 }
 
-/// Serve faults first, copy the rest between them, until every space is
-/// done.
-fn serve_detached(server: &mut Server) -> Result<()> {
+/// Serve faults first, copy the rest between them once the restorer lets
+/// go (see `hold`), until every space is done.
+fn serve_detached(server: &mut Server, held: &mut hold::Held) -> Result<()> {
     let mut next = 0usize;
     loop {
         server.release_done()?;
@@ -498,13 +498,25 @@ fn serve_detached(server: &mut Server) -> Result<()> {
                 revents: 0,
             })
             .collect();
+        // While held, the restorer's closing its end wakes us too.
+        fds.extend(held.raw_fd().map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
         let busy = server
             .spaces
             .iter()
             .any(|s| !s.dead && !s.pending.is_empty());
-        poll(&mut fds, if busy { 0 } else { 100 })?;
+        let background = busy && held.released();
+        let timeout = match (background, busy) {
+            (true, _) => 0,
+            (false, true) => held.timeout_ms(),
+            (false, false) => 100,
+        };
+        poll(&mut fds, timeout)?;
         server.handle_events()?;
-        if busy {
+        if background {
             server.background(&mut next)?;
         }
     }

@@ -3,7 +3,6 @@
 //! files descriptors name.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 
 use super::{FileSource, Owner, beyond_owner};
@@ -90,6 +89,7 @@ impl ContentChecks {
         for f in &self.files {
             check_content(f, &mut warnings).map_err(|r| r.into_error(f))?;
         }
+        crate::files::hashcache::save();
         Ok(warnings)
     }
 }
@@ -150,6 +150,8 @@ pub(super) fn check_files(
         };
         out.push(source);
     }
+    // What `check_file` hashed (the rest is saved once compared, `run`).
+    crate::files::hashcache::save();
     Ok(out)
 }
 
@@ -229,7 +231,11 @@ fn check_content(f: &FileRef, warnings: &mut Vec<String>) -> std::result::Result
             md.size()
         )));
     }
-    let hash = hash_path(&f.path).map_err(read_error)?;
+    // A file hashed before under the same identity (device, inode, size,
+    // mtime, ctime: a restore right after its dump, or one more restore of
+    // the same image) is not read again: hashing a program and its
+    // libraries took a core for several ms of `--lazy`'s time to running.
+    let hash = crate::files::cached_hash(std::path::Path::new(&f.path), &md).map_err(read_error)?;
     if hash != f.blake3 {
         return Err(Refusal::Other(
             "changed since the checkpoint (same size, different content)".into(),
@@ -245,10 +251,6 @@ fn check_content(f: &FileRef, warnings: &mut Vec<String>) -> std::result::Result
         ));
     }
     Ok(())
-}
-
-fn hash_path(path: &str) -> std::io::Result<String> {
-    File::open(path).and_then(crate::files::hash_reader)
 }
 
 /// The working directory and the files descriptors name must exist (and,
