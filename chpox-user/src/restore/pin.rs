@@ -7,7 +7,9 @@
 //! in a VM); on one CPU it is a switch between two tasks. `--lazy`'s time
 //! to running is mostly these hand-offs: pinned, the rebuild took ~8 ms
 //! rather than ~11 (1 GiB, medians of 10). Eager restores are not pinned:
-//! they fill memory with both cores (see `memory::fill`).
+//! they fill memory with both cores (see `memory::fill`); what a `--lazy`
+//! restore still fills before the process runs (shared or file-backed
+//! memory, compressed runs) is filled on the one CPU.
 //!
 //! The child inherits the pin, and so do the threads and processes it
 //! makes; each gets our own mask back before it runs ([`Pin::release`]),
