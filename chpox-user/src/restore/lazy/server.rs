@@ -498,6 +498,9 @@ fn serve_detached(server: &mut Server, held: &mut hold::Held) -> Result<()> {
                 revents: 0,
             })
             .collect();
+        // Asked first: once closed, the restorer's end must not stay in
+        // the poll set, where it would end every wait at once.
+        let released = held.released();
         // While held, the restorer's closing its end wakes us too.
         fds.extend(held.raw_fd().map(|fd| libc::pollfd {
             fd,
@@ -508,7 +511,7 @@ fn serve_detached(server: &mut Server, held: &mut hold::Held) -> Result<()> {
             .spaces
             .iter()
             .any(|s| !s.dead && !s.pending.is_empty());
-        let background = busy && held.released();
+        let background = busy && released;
         let timeout = match (background, busy) {
             (true, _) => 0,
             (false, true) => held.timeout_ms(),
