@@ -77,12 +77,7 @@ fn restore_says_nothing_when_the_files_are_as_they_were() {
     assert!(out.status.success(), "restore: {}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("changed since"), "{err}");
-    let pid: i32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("restore --detach prints the PID");
-    signal(pid, libc::SIGKILL);
-    wait_pid_free(pid);
+    kill_restored(&out);
 }
 
 /// Maps `data` (its whole content) and idles.
@@ -142,35 +137,14 @@ fn the_file_hash_cache_keeps_hashes_only_for_unchanged_files() {
     assert!(kept.contains(&hash_of(&[b'a'; 8192])), "{kept}");
 
     // Rewritten in place, same size, mtime set back: a new content.
-    let mtime = std::fs::metadata(&data)
-        .and_then(|m| m.modified())
-        .expect("mtime");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data)
-        .expect("open");
-    f.write_all(&[b'b'; 8192]).expect("rewrite");
-    f.set_modified(mtime).expect("set mtime back");
-    drop(f);
+    rewrite_keeping_mtime(&data, b'b');
     assert_eq!(
         dumped_hash(t.pid, &image, &cache, &data),
         hash_of(&[b'b'; 8192])
     );
 
     // A planted hash in a cache file anyone may write is not used.
-    let key_of = |p: &std::path::Path| {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(p).expect("metadata");
-        format!(
-            "{} {} {} {} {}",
-            m.dev(),
-            m.ino(),
-            m.size(),
-            m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            m.ctime() * 1_000_000_000 + m.ctime_nsec()
-        )
-    };
-    let planted = format!("{} {}\n", key_of(&data), "0".repeat(64));
+    let planted = cache_line(&data, &"0".repeat(64));
     let file = cache.join("file-hashes");
     std::fs::write(&file, &planted).expect("plant");
     use std::os::unix::fs::PermissionsExt;
@@ -183,6 +157,46 @@ fn the_file_hash_cache_keeps_hashes_only_for_unchanged_files() {
     std::fs::write(&file, &planted).expect("plant");
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     assert_eq!(dumped_hash(t.pid, &image, &cache, &data), "0".repeat(64));
+}
+
+/// Rewrite `file` in place with `byte`s, keeping its size and putting its
+/// modification time back: only its change time tells.
+fn rewrite_keeping_mtime(file: &std::path::Path, byte: u8) {
+    let mtime = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let len = std::fs::metadata(file).expect("metadata").len() as usize;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .expect("open");
+    f.write_all(&vec![byte; len]).expect("rewrite");
+    f.set_modified(mtime).expect("set mtime back");
+}
+
+/// A line of the file hash cache saying that `file`, as it is now, has
+/// the content hash `hash`.
+fn cache_line(file: &std::path::Path, hash: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).expect("metadata");
+    format!(
+        "{} {} {} {} {} {hash}\n",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        m.ctime() * 1_000_000_000 + m.ctime_nsec()
+    )
+}
+
+/// Kill the process `chpox restore --detach` printed the PID of.
+fn kill_restored(out: &std::process::Output) {
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("restore --detach prints the PID");
+    signal(pid, libc::SIGKILL);
+    wait_pid_free(pid);
 }
 
 /// `chpox restore --detach IMAGE` with the file hash cache in `cache`.
@@ -216,12 +230,7 @@ fn restores_use_the_file_hash_cache_and_still_refuse_a_changed_file() {
     let cache = dir.path().join("restore-cache");
     let out = restore_with_cache(&image, &cache);
     assert!(out.status.success(), "restore: {}", show(&out));
-    let pid: i32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("restore --detach prints the PID");
-    signal(pid, libc::SIGKILL);
-    wait_pid_free(pid);
+    kill_restored(&out);
     let kept = std::fs::read_to_string(cache.join("file-hashes")).expect("cache written");
     assert!(
         kept.contains(&hash),
@@ -229,16 +238,7 @@ fn restores_use_the_file_hash_cache_and_still_refuse_a_changed_file() {
     );
 
     // Rewritten in place, same size, mtime set back: read again, refused.
-    let mtime = std::fs::metadata(&data)
-        .and_then(|m| m.modified())
-        .expect("mtime");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&data)
-        .expect("open");
-    f.write_all(&[b'b'; 8192]).expect("rewrite");
-    f.set_modified(mtime).expect("set mtime back");
-    drop(f);
+    rewrite_keeping_mtime(&data, b'b');
     let out = restore_with_cache(&image, &cache);
     assert!(!out.status.success(), "a changed file was not noticed");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -249,23 +249,8 @@ fn restores_use_the_file_hash_cache_and_still_refuse_a_changed_file() {
 
     // What the cache says of this very identity is what the restore goes
     // by, without reading the file: the proof that it skips the reading.
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(&data).expect("metadata");
-    let line = format!(
-        "{} {} {} {} {} {hash}\n",
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-        m.ctime() * 1_000_000_000 + m.ctime_nsec()
-    );
-    std::fs::write(cache.join("file-hashes"), line).expect("write the cache");
+    std::fs::write(cache.join("file-hashes"), cache_line(&data, &hash)).expect("write the cache");
     let out = restore_with_cache(&image, &cache);
     assert!(out.status.success(), "restore: {}", show(&out));
-    let pid: i32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("restore --detach prints the PID");
-    signal(pid, libc::SIGKILL);
-    wait_pid_free(pid);
+    kill_restored(&out);
 }
