@@ -83,10 +83,6 @@ pub fn get(key: &ContentKey) -> Option<String> {
     cache().lock().ok()?.hashes.get(key).cloned()
 }
 
-pub fn contains(key: &ContentKey) -> bool {
-    cache().lock().is_ok_and(|c| c.hashes.contains_key(key))
-}
-
 pub fn insert(key: ContentKey, hash: String) {
     if let Ok(mut c) = cache().lock()
         && c.hashes.insert(key, hash).is_none()
@@ -105,12 +101,6 @@ pub fn save() {
     let Some(cache) = CACHE.get() else {
         return;
     };
-    if cache.lock().map_or(true, |c| c.added == 0) {
-        return;
-    }
-    let Some(path) = cache_file() else {
-        return;
-    };
     let text = {
         let Ok(mut c) = cache.lock() else {
             return;
@@ -124,6 +114,9 @@ pub fn save() {
             .iter()
             .filter_map(|k| Some(format_line(k, c.hashes.get(k)?)))
             .collect::<String>()
+    };
+    let Some(path) = cache_file() else {
+        return;
     };
     crate::cache::write(&path, &text);
 }

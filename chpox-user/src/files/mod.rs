@@ -130,15 +130,8 @@ pub fn warm_hashes(pids: &[i32]) {
             let Ok(before) = std::fs::metadata(path) else {
                 continue;
             };
-            let key = hashcache::content_key(&before);
-            if !before.is_file() || !seen.insert(key) || hashcache::contains(&key) {
-                continue;
-            }
-            let Ok(hex) = File::open(path).and_then(hash_reader) else {
-                continue;
-            };
-            if std::fs::metadata(path).is_ok_and(|after| hashcache::content_key(&after) == key) {
-                hashcache::insert(key, hex);
+            if before.is_file() && seen.insert(hashcache::content_key(&before)) {
+                let _ = cached_hash(path, &before);
             }
         }
     }

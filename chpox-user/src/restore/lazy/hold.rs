@@ -19,11 +19,6 @@ use super::{Result, os};
 /// being filled that much later, no more.
 pub const HOLD_AT_MOST: Duration = Duration::from_millis(100);
 
-/// The restorer's end of the hold, before the server exists.
-pub(super) struct Release {
-    write: OwnedFd,
-}
-
 /// The restorer's end, with the page server (our child) it holds.
 ///
 /// Dropped: the server's background work starts, and a thread reaps the
@@ -35,16 +30,15 @@ pub struct ServerHold {
     server: i32,
 }
 
-impl Release {
-    pub(super) fn for_server(self, server: i32) -> ServerHold {
+impl ServerHold {
+    /// The restorer's end `write` of a hold on the page server `server`.
+    pub(super) fn new(write: OwnedFd, server: i32) -> ServerHold {
         ServerHold {
-            write: Some(self.write),
+            write: Some(write),
             server,
         }
     }
-}
 
-impl ServerHold {
     /// Keep the hold until we exit, and leave the server to be reaped by
     /// whoever inherits it: for a restorer about to exit. Dropping the hold
     /// instead woke the server's background work, which took our CPU for
@@ -83,12 +77,13 @@ pub(super) struct Held {
     until: Instant,
 }
 
-/// A new hold: the restorer's end and the server's.
-pub(super) fn new() -> Result<(Release, Held)> {
+/// A new hold: the restorer's end (for [`ServerHold::new`]) and the
+/// server's.
+pub(super) fn new() -> Result<(OwnedFd, Held)> {
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| os("pipe", e.into()))?;
     Ok((
-        Release { write },
+        write,
         Held {
             fd: Some(read),
             until: Instant::now() + HOLD_AT_MOST,

@@ -326,7 +326,7 @@ fn new_child(parent: i32, spaces: &[Space]) -> i32 {
 /// of the time to running). It is our child until we exit (`--detach`:
 /// right away, then init's); a thread reaps it if we outlive it.
 pub(super) fn spawn_server(server: Server, image_fd: RawFd) -> Result<hold::ServerHold> {
-    let (release, held) = hold::new()?;
+    let (write, held) = hold::new()?;
     // SAFETY: the restorer has no other thread now (the build thread was
     // joined, the verification thread runs for eager restores only); the
     // child runs the server and ends with _exit, never returning into the
@@ -339,7 +339,7 @@ pub(super) fn spawn_server(server: Server, image_fd: RawFd) -> Result<hold::Serv
         ));
     }
     if pid == 0 {
-        drop(release);
+        drop(write);
         let code = server_main(server, held, image_fd);
         // SAFETY: ending the server without running the restorer's
         // destructors (they would kill the processes it restored).
@@ -348,7 +348,7 @@ pub(super) fn spawn_server(server: Server, image_fd: RawFd) -> Result<hold::Serv
     // Our copies of the userfaultfds close here; the server's remain.
     drop(server);
     drop(held);
-    Ok(release.for_server(pid))
+    Ok(hold::ServerHold::new(write, pid))
 }
 
 /// The page server process: detach, serve, verify; the exit code.
